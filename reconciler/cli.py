@@ -1,0 +1,128 @@
+"""Command line: argument parsing only.
+
+Every subcommand of DESIGN section 7 is declared here and dispatched to a
+``main(args) -> int`` function in the module that owns the work, imported
+lazily so ``reconciler validate`` does not pay for git or HTTP imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> module whose main(args) runs it
+_HANDLERS: dict[str, str] = {
+    "validate": "reconciler.commands.validate",
+    "plan": "reconciler.commands.plan",
+    "hq": "reconciler.hq",
+    "relay": "reconciler.relay.loop",
+    "agent": "reconciler.agent.agent",
+    "status": "reconciler.commands.status",
+    "rerun": "reconciler.commands.rerun",
+    "demo": "reconciler.commands.demo",
+}
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
+    return key, value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reconciler",
+        description="GitOps software distribution to all lower clients of a relay hierarchy.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="validate the specs of a desired-state repo (CI)")
+    p.add_argument("repo", nargs="?", default=".", metavar="REPO", help="repo directory (default: .)")
+    p.add_argument("--format", choices=["text", "json", "github"], default="text",
+                   help="text lines, a JSON document, or GitHub workflow annotations")
+
+    p = sub.add_parser("plan", help="preview what every client would do (blast radius)")
+    p.add_argument("repo", nargs="?", default=".", metavar="REPO", help="repo directory (default: .)")
+    p.add_argument("--inventory", required=True, metavar="FILE",
+                   help='JSON file {"clients": [{"id", "relay", "facts", "labels", "installed"}]}')
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    p.add_argument("--now", metavar="RFC3339", help="evaluate schedules at this time (default: now)")
+
+    p = sub.add_parser("hq", help="run the headquarters reconciler")
+    p.add_argument("--origin", required=True, metavar="URL", help="git origin holding main and the status refs")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="HQ's working directory")
+    p.add_argument("--branch", default="main", help="branch holding the specs (default: main)")
+    p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
+                   help="fallback poll interval in seconds (default: 30)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="serve /healthz and the git webhook here")
+    p.add_argument("--webhook-secret-file", metavar="F", help="HMAC-SHA256 secret for POST /v1/hooks/git")
+    p.add_argument("--once", action="store_true", help="do one full pass and exit")
+
+    p = sub.add_parser("relay", help="run a relay reconciler serving its clients")
+    p.add_argument("--name", required=True, help="this relay's name in the topology")
+    p.add_argument("--origin", required=True, metavar="URL", help="git origin")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="relay's working directory (SQLite, cache)")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address of the client API")
+    p.add_argument("--parent-url", metavar="URL", help="parent relay to fetch artifacts from first")
+    p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
+                   help="fallback poll interval for status/hq in seconds (default: 30)")
+    p.add_argument("--publish-interval", type=_positive_float, default=10.0, metavar="S",
+                   help="publish status/<relay> at most this often, in seconds (default: 10)")
+
+    p = sub.add_parser("agent", help="run the agent on a client machine")
+    p.add_argument("--id", required=True, help="this client's id")
+    p.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL")
+    p.add_argument("--root", required=True, metavar="DIR", help="agent root: packages, receipts, journal, token")
+    p.add_argument("--label", action="append", type=_key_value, default=[], metavar="K=V",
+                   help="a label reported to the relay (repeatable)")
+    p.add_argument("--fact", action="append", type=_key_value, default=[], metavar="K=V",
+                   help="override a reported fact: os, arch, freeDiskMB (repeatable)")
+    p.add_argument("--poll-interval", type=_positive_float, metavar="S",
+                   help="seconds between check-ins (default: what the relay says)")
+    p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
+
+    p = sub.add_parser("status", help="show the HQ report from the status refs")
+    p.add_argument("--origin", metavar="URL", help="git origin (default: the current repo's origin)")
+    p.add_argument("--job", metavar="NAME", help="show only this job")
+    p.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="output format")
+    p.add_argument("--wait", action="store_true", help="wait until the system has settled")
+    p.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
+                   help="give up waiting after S seconds (default: 300)")
+
+    p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients")
+    p.add_argument("job", metavar="JOB", help="job name (metadata.name)")
+    p.add_argument("repo", nargs="?", default=".", metavar="REPO", help="repo directory (default: .)")
+
+    p = sub.add_parser("demo", help="run HQ, relays and agents locally on the example repo")
+    p.add_argument("--clients", type=int, default=12, metavar="N", help="number of agents (default: 12)")
+    p.add_argument("--workdir", metavar="DIR", help="working directory (default: a new temp dir)")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="format of the final report")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(_HANDLERS[args.command])
+    try:
+        code: int = module.main(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
