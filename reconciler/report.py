@@ -1,0 +1,945 @@
+"""Status files: the relays' reports, HQ's aggregate of them, and summary.md.
+
+Pure: values in, bytes out (and back). No git, network, disk or clock; the
+callers (the relay loop, ``hq``, ``reconciler status``) pass the current
+commit, the rows and the timestamps, and publish or print the result.
+
+Two decisions shape it:
+
+* **Deterministic bytes.** Keys and rows are sorted, every ``ClientState`` is
+  present in every ``counts``, and the only timestamps are the ones the caller
+  says changed (a row's ``updatedAt``; ``relay.yaml``'s ``updatedAt`` is the
+  newest of them, never the wall clock). An unchanged fleet therefore renders
+  byte-identical files, git sees no change and nobody commits.
+* **Bounded HQ reports.** ``relay.yaml`` carries, besides the fields of
+  DESIGN section 5, a per-job digest (state, counts and the first
+  :data:`FAILURE_LIMIT` failures). HQ aggregates those digests only, so its
+  work and its files grow with relays and jobs, never with clients; the full
+  rows stay in ``relays/<relay>/jobs/<job>.yaml`` for whoever wants them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import yaml
+
+from reconciler.plan import ClientState, Installed, JobState, Plan, Row
+from reconciler.specs import DestinationType, Job, SpecError, Specs, subtree
+
+FAILURE_LIMIT = 50
+"""Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
+
+LIST_LIMIT = 50
+"""Names kept in other bounded lists (relays still waiting, validation errors in summary.md)."""
+
+MESSAGE_LIMIT = 500
+"""Characters of a row message kept in digests (the relay job file keeps what the relay gave)."""
+
+STATES: tuple[ClientState, ...] = tuple(ClientState)
+FAILURE_STATES = frozenset({ClientState.FAILED, ClientState.CONFLICT})
+ACTIVE_STATES = frozenset({ClientState.PENDING, ClientState.IN_PROGRESS})
+SCHEDULED_PREFIX = "scheduled for"
+
+HQ_REF = "hq"
+ACCEPTED_FILE = "accepted.yaml"
+VALIDATION_FILE = "validation.yaml"
+RELAYS_FILE = "relays.yaml"
+SUMMARY_FILE = "summary.md"
+HQ_JOBS_DIR = "jobs/"
+
+_Dumper: type[Any] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class ReportError(ValueError):
+    """A status file is missing, unreadable or not in the expected shape."""
+
+
+# ------------------------------------------------------------------ values
+
+
+@dataclass(frozen=True)
+class InventoryEntry:
+    """One client as last reported, for inventory.json."""
+
+    id: str
+    facts: Mapping[str, str | int]
+    labels: Mapping[str, str]
+    installed: tuple[Installed, ...]
+    online: bool
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One (job, client) row as published by a relay."""
+
+    client: str
+    state: ClientState
+    installed_version: str | None
+    attempts: int
+    message: str
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RelayJobStatus:
+    """One job on one relay: its state, counts, and rows (all, or the first failures)."""
+
+    job: str
+    state: JobState
+    counts: Mapping[str, int]
+    rows: tuple[StatusRow, ...] = ()  # relays/<r>/jobs/<job>.yaml: every row; relay.yaml digest: first failures
+
+
+@dataclass(frozen=True)
+class RelayStatus:
+    """What HQ aggregates from one ``status/<relay>`` ref (relay.yaml)."""
+
+    relay: str
+    observed_commit: str | None
+    clients: int
+    updated_at: datetime | None
+    errors: tuple[str, ...]
+    jobs: Mapping[str, RelayJobStatus]  # digest: rows are the first FAILURE_LIMIT failures
+
+
+@dataclass(frozen=True)
+class Accepted:
+    accepted_commit: str | None
+    accepted_at: datetime | None
+    main_commit: str | None
+    main_valid: bool | None
+
+
+@dataclass(frozen=True)
+class Failure:
+    job: str
+    relay: str
+    client: str
+    state: ClientState
+    installed_version: str | None
+    attempts: int
+    message: str
+
+
+@dataclass(frozen=True)
+class DestinationReport:
+    """A job on one destination relay, covering its whole subtree."""
+
+    relay: str
+    relays: tuple[str, ...]  # the subtree: the relay and every relay below it
+    state: JobState
+    counts: Mapping[str, int]
+    waiting_for: tuple[str, ...] = ()  # relays of the subtree without status for the accepted commit (bounded)
+    waiting_count: int = 0
+
+
+@dataclass(frozen=True)
+class JobReport:
+    job: str
+    job_type: str
+    package: str
+    version: str | None
+    destination_type: str
+    destinations: tuple[str, ...]
+    state: JobState
+    counts: Mapping[str, int]
+    relays: tuple[DestinationReport, ...]
+    failures: tuple[Failure, ...]  # first FAILURE_LIMIT by (relay, client)
+    failure_count: int
+    waiting_for: tuple[str, ...] = ()  # bounded
+    waiting_count: int = 0
+
+    @property
+    def clients(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class RelayReport:
+    """One relay of the topology as HQ last saw its ref."""
+
+    relay: str
+    parent: str
+    reported: bool
+    observed_commit: str | None
+    current: bool  # observed_commit is the accepted commit
+    clients: int
+    updated_at: datetime | None
+    errors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HqReport:
+    """Everything on ``status/hq``."""
+
+    branch: str
+    accepted: Accepted
+    validation_errors: tuple[SpecError, ...]
+    jobs: tuple[JobReport, ...]
+    relays: tuple[RelayReport, ...]
+
+
+# ------------------------------------------------------------- small helpers
+
+
+def format_time(when: datetime | None) -> str | None:
+    """RFC 3339 UTC at second precision (naive datetimes are taken as UTC)."""
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: Any) -> datetime | None:
+    if text is None or text == "":
+        return None
+    if isinstance(text, datetime):
+        return text if text.tzinfo else text.replace(tzinfo=timezone.utc)
+    if not isinstance(text, str):
+        raise ReportError(f"expected an RFC 3339 time, got {text!r}")
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ReportError(f"expected an RFC 3339 time, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def zero_counts() -> dict[str, int]:
+    return {state.value: 0 for state in STATES}
+
+
+def count_states(states: Iterable[ClientState | str]) -> dict[str, int]:
+    counts = zero_counts()
+    for state in states:
+        counts[ClientState(state).value] += 1
+    return counts
+
+
+def add_counts(total: dict[str, int], more: Mapping[str, int]) -> None:
+    for key, value in more.items():
+        total[key] = total.get(key, 0) + int(value)
+
+
+def job_state(counts: Mapping[str, int], *, suspended: bool = False, halted: bool = False,
+              waiting: bool = False, invalid: bool = False) -> JobState:
+    """Roll client counts up to a job state (DESIGN section 4).
+
+    Precedence: Invalid, Suspended, NoTargets, Halted, InProgress (any
+    Pending/InProgress row, or ``waiting`` for a relay that has not reported
+    the accepted commit yet), Failed (any Failed/Conflict), Completed. A job
+    that reaches no client yet but still waits for a relay is InProgress, not
+    NoTargets: the missing relay may well have clients.
+    """
+    if invalid:
+        return JobState.INVALID
+    if suspended:
+        return JobState.SUSPENDED
+    total = sum(counts.values())
+    if total == 0 and not waiting:
+        return JobState.NO_TARGETS
+    if halted:
+        return JobState.HALTED
+    if waiting or counts.get(ClientState.PENDING.value, 0) or counts.get(ClientState.IN_PROGRESS.value, 0):
+        return JobState.IN_PROGRESS
+    if counts.get(ClientState.FAILED.value, 0) or counts.get(ClientState.CONFLICT.value, 0):
+        return JobState.FAILED
+    return JobState.COMPLETED
+
+
+def is_waiting_row(state: ClientState | str, message: str) -> bool:
+    """Pending/InProgress and not merely waiting for a future schedule."""
+    return ClientState(state) in ACTIVE_STATES and not message.startswith(SCHEDULED_PREFIX)
+
+
+def _cut(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def dump_yaml(data: Any) -> bytes:
+    text: str = yaml.dump(data, Dumper=_Dumper, sort_keys=True, default_flow_style=False,
+                          allow_unicode=True, width=1_000_000)
+    return text.encode("utf-8")
+
+
+def load_yaml(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = yaml.load(data.decode("utf-8"), Loader=_Loader)
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ReportError(f"{what}: not readable YAML: {str(e).splitlines()[0] if str(e) else e}") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{what}: expected a mapping")
+    return value
+
+
+def _counts_of(value: Any, what: str) -> dict[str, int]:
+    counts = zero_counts()
+    if not isinstance(value, dict):
+        raise ReportError(f"{what}: counts must be a mapping")
+    for key, number in value.items():
+        if key not in counts or not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            raise ReportError(f"{what}: bad count {key!r}: {number!r}")
+        counts[key] = number
+    return counts
+
+
+def _enum(kind: type[Any], value: Any, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ReportError(f"{what}: unknown state {value!r}") from None
+
+
+# ------------------------------------------------------------ relay status
+
+
+def relay_prefix(relay: str) -> str:
+    return f"relays/{relay}/"
+
+
+def _row_json(row: StatusRow) -> dict[str, Any]:
+    return {
+        "client": row.client,
+        "state": row.state.value,
+        "installedVersion": row.installed_version,
+        "attempts": row.attempts,
+        "message": row.message,
+        "updatedAt": format_time(row.updated_at),
+    }
+
+
+def _status_rows(rows: Iterable[Row], updated_at: Mapping[tuple[str, str], datetime]) -> list[StatusRow]:
+    return sorted(
+        (StatusRow(r.client, ClientState(r.state), r.installed_version, r.attempts, r.message,
+                   updated_at.get((r.job, r.client))) for r in rows),
+        key=lambda r: r.client,
+    )
+
+
+def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | None,
+                        updated_at: Mapping[tuple[str, str], datetime],
+                        inventory: Sequence[InventoryEntry], errors: Sequence[str]) -> dict[str, bytes]:
+    """The files of ``status/<relay>``: relay.yaml, jobs/<job>.yaml per job reaching the relay, inventory.json.
+
+    ``updated_at`` maps (job, client) to when that row's state last changed;
+    relay.yaml's ``updatedAt`` is the newest of them (None without rows), so
+    unchanged input gives byte-identical output. ``plan`` None (the relay could
+    not plan, e.g. before HQ accepted a commit) writes no job files.
+    """
+    prefix = relay_prefix(relay)
+    files: dict[str, bytes] = {}
+    digests: dict[str, Any] = {}
+    newest: datetime | None = None
+    if plan is not None:
+        by_job: dict[str, list[Row]] = {}
+        for rollup in plan.jobs:
+            by_job.setdefault(rollup.job, [])
+        for row in plan.rows:
+            by_job.setdefault(row.job, []).append(row)
+        states = {rollup.job: JobState(rollup.state) for rollup in plan.jobs}
+        for job in sorted(by_job):
+            rows = _status_rows(by_job[job], updated_at)
+            counts = count_states(r.state for r in rows)
+            state = states.get(job) or job_state(counts)
+            for r in rows:
+                if r.updated_at is not None:
+                    stamp = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=timezone.utc)
+                    newest = stamp if newest is None or stamp > newest else newest
+            files[f"{prefix}jobs/{job}.yaml"] = dump_yaml({
+                "job": job,
+                "relay": relay,
+                "observedCommit": observed_commit,
+                "state": state.value,
+                "counts": counts,
+                "rows": [_row_json(r) for r in rows],
+            })
+            failures = [r for r in rows if r.state in FAILURE_STATES][:FAILURE_LIMIT]
+            digests[job] = {
+                "state": state.value,
+                "counts": counts,
+                "failures": [
+                    {**_row_json(r), "message": _cut(r.message)} for r in failures
+                ],
+            }
+    files[f"{prefix}relay.yaml"] = dump_yaml({
+        "relay": relay,
+        "observedCommit": observed_commit,
+        "clients": len(inventory),
+        "updatedAt": format_time(newest),
+        "errors": [_cut(e) for e in errors],
+        "jobs": digests,
+    })
+    clients = [
+        {
+            "id": entry.id,
+            "facts": dict(sorted(entry.facts.items())),
+            "labels": dict(sorted(entry.labels.items())),
+            "installed": [{"name": i.name, "version": i.version}
+                          for i in sorted(entry.installed, key=lambda i: (i.name, i.version))],
+            "online": entry.online,
+        }
+        for entry in sorted(inventory, key=lambda e: e.id)
+    ]
+    files[f"{prefix}inventory.json"] = (
+        json.dumps({"relay": relay, "clients": clients}, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    ).encode("utf-8")
+    return files
+
+
+def _parse_row(raw: Any, what: str) -> StatusRow:
+    if not isinstance(raw, dict) or not isinstance(raw.get("client"), str):
+        raise ReportError(f"{what}: a row needs a client")
+    attempts = raw.get("attempts", 0)
+    if not isinstance(attempts, int) or isinstance(attempts, bool):
+        raise ReportError(f"{what}: attempts of {raw['client']} must be an integer")
+    installed = raw.get("installedVersion")
+    return StatusRow(
+        client=raw["client"],
+        state=_enum(ClientState, raw.get("state"), what),
+        installed_version=None if installed is None else str(installed),
+        attempts=attempts,
+        message=str(raw.get("message") or ""),
+        updated_at=parse_time(raw.get("updatedAt")),
+    )
+
+
+def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:
+    """Read a relay's ``relays/<relay>/relay.yaml`` (other files in ``files`` are ignored).
+
+    Raises :class:`ReportError` when it is missing or malformed.
+    """
+    candidates = [p for p in files if p.startswith("relays/") and p.endswith("/relay.yaml") and p.count("/") == 2]
+    if len(candidates) != 1:
+        raise ReportError("expected exactly one relays/<relay>/relay.yaml")
+    path = candidates[0]
+    doc = load_yaml(files[path], path)
+    relay = doc.get("relay")
+    if not isinstance(relay, str) or path != f"{relay_prefix(relay)}relay.yaml":
+        raise ReportError(f"{path}: relay {relay!r} does not match the file's path")
+    raw_jobs = doc.get("jobs") or {}
+    if not isinstance(raw_jobs, dict):
+        raise ReportError(f"{path}: jobs must be a mapping")
+    jobs: dict[str, RelayJobStatus] = {}
+    for name, digest in sorted(raw_jobs.items()):
+        what = f"{path}: job {name}"
+        if not isinstance(digest, dict):
+            raise ReportError(f"{what}: expected a mapping")
+        failures = digest.get("failures") or []
+        if not isinstance(failures, list):
+            raise ReportError(f"{what}: failures must be a list")
+        jobs[str(name)] = RelayJobStatus(
+            job=str(name),
+            state=_enum(JobState, digest.get("state"), what),
+            counts=_counts_of(digest.get("counts", {}), what),
+            rows=tuple(_parse_row(r, what) for r in failures),
+        )
+    errors = doc.get("errors") or []
+    clients = doc.get("clients", 0)
+    if not isinstance(clients, int) or isinstance(clients, bool):
+        raise ReportError(f"{path}: clients must be an integer")
+    observed = doc.get("observedCommit")
+    return RelayStatus(
+        relay=relay,
+        observed_commit=None if observed is None else str(observed),
+        clients=clients,
+        updated_at=parse_time(doc.get("updatedAt")),
+        errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (str(errors),),
+        jobs=jobs,
+    )
+
+
+def parse_relay_job(data: bytes, what: str = "job status") -> tuple[str, str | None, RelayJobStatus]:
+    """Read ``relays/<relay>/jobs/<job>.yaml``: (relay, observed commit, the job with every row)."""
+    doc = load_yaml(data, what)
+    job, relay = doc.get("job"), doc.get("relay")
+    if not isinstance(job, str) or not isinstance(relay, str):
+        raise ReportError(f"{what}: job and relay are required")
+    rows = doc.get("rows") or []
+    if not isinstance(rows, list):
+        raise ReportError(f"{what}: rows must be a list")
+    observed = doc.get("observedCommit")
+    status = RelayJobStatus(
+        job=job,
+        state=_enum(JobState, doc.get("state"), what),
+        counts=_counts_of(doc.get("counts", {}), what),
+        rows=tuple(_parse_row(r, what) for r in rows),
+    )
+    return relay, None if observed is None else str(observed), status
+
+
+# ----------------------------------------------------------- accepted.yaml
+
+
+def render_accepted(accepted: Accepted, branch: str) -> bytes:
+    return dump_yaml({
+        "acceptedCommit": accepted.accepted_commit,
+        "acceptedAt": format_time(accepted.accepted_at),
+        "branch": branch,
+        "mainCommit": accepted.main_commit,
+        "mainValid": accepted.main_valid,
+    })
+
+
+def parse_accepted(data: bytes) -> Accepted:
+    """Read status/hq ``accepted.yaml`` (acceptedCommit, acceptedAt, mainCommit, mainValid)."""
+    doc = load_yaml(data, ACCEPTED_FILE)
+    valid = doc.get("mainValid")
+    commit, main = doc.get("acceptedCommit"), doc.get("mainCommit")
+    return Accepted(
+        accepted_commit=None if commit is None else str(commit),
+        accepted_at=parse_time(doc.get("acceptedAt")),
+        main_commit=None if main is None else str(main),
+        main_valid=valid if isinstance(valid, bool) else None,
+    )
+
+
+def parse_branch(data: bytes) -> str:
+    branch = load_yaml(data, ACCEPTED_FILE).get("branch")
+    return branch if isinstance(branch, str) and branch else "main"
+
+
+# --------------------------------------------------------- validation.yaml
+
+
+def render_validation(main_commit: str | None, errors: Sequence[SpecError]) -> bytes:
+    return dump_yaml({
+        "mainCommit": main_commit,
+        "valid": None if main_commit is None else not errors,
+        "errors": [
+            {"path": e.path, "line": e.line, "column": e.column, "message": e.message}
+            for e in sorted(errors)
+        ],
+    })
+
+
+def parse_validation(data: bytes) -> tuple[str | None, tuple[SpecError, ...]]:
+    doc = load_yaml(data, VALIDATION_FILE)
+    errors = []
+    for raw in doc.get("errors") or []:
+        if not isinstance(raw, dict):
+            raise ReportError(f"{VALIDATION_FILE}: an error must be a mapping")
+        errors.append(SpecError(str(raw.get("path", "")), int(raw.get("line", 1)), int(raw.get("column", 1)),
+                                str(raw.get("message", ""))))
+    main = doc.get("mainCommit")
+    return (None if main is None else str(main)), tuple(errors)
+
+
+# ------------------------------------------------------------ aggregation
+
+
+def job_relays(specs: Specs, job: Job) -> frozenset[str]:
+    """Relays a job reaches: the destinations' subtrees, or (named clients) every relay."""
+    if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
+        reached: set[str] = set()
+        for destination in job.destinations:
+            reached |= subtree(specs.topology, destination)
+        return frozenset(reached)
+    return frozenset(r.name for r in specs.topology.relays)
+
+
+def _bounded(names: Iterable[str]) -> tuple[tuple[str, ...], int]:
+    ordered = sorted(names)
+    return tuple(ordered[:LIST_LIMIT]), len(ordered)
+
+
+def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
+              validation_errors: Sequence[SpecError], relays: Mapping[str, RelayStatus]) -> HqReport:
+    """HQ's roll-up of every relay's status for the accepted specs.
+
+    A relay that has not published status for the accepted commit is
+    *waiting*: its last known counts are still shown (stale data beats none),
+    and every job reaching it is InProgress until it catches up. Status refs
+    of relays that are not in the topology are ignored.
+    """
+    accepted_commit = accepted.accepted_commit
+    jobs: list[JobReport] = []
+    relay_reports: list[RelayReport] = []
+    if specs is not None:
+        names = {r.name for r in specs.topology.relays}
+        current = {n for n in names if n in relays and relays[n].observed_commit == accepted_commit}
+        for job in specs.jobs:
+            jobs.append(_job_report(specs, job, relays, current))
+        for relay in sorted(specs.topology.relays, key=lambda r: r.name):
+            status = relays.get(relay.name)
+            relay_reports.append(RelayReport(
+                relay=relay.name,
+                parent=relay.parent,
+                reported=status is not None,
+                observed_commit=status.observed_commit if status else None,
+                current=relay.name in current,
+                clients=status.clients if status else 0,
+                updated_at=status.updated_at if status else None,
+                errors=tuple(_cut(e) for e in status.errors[:LIST_LIMIT]) if status else (),
+            ))
+    return HqReport(branch=branch, accepted=accepted, validation_errors=tuple(sorted(validation_errors)),
+                    jobs=tuple(jobs), relays=tuple(relay_reports))
+
+
+def _job_report(specs: Specs, job: Job, relays: Mapping[str, RelayStatus], current: set[str]) -> JobReport:
+    reached = job_relays(specs, job)
+
+    def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str]]:
+        counts = zero_counts()
+        halted = False
+        waiting: set[str] = set()
+        for name in members:
+            if name not in current:
+                waiting.add(name)
+            status = relays.get(name)
+            digest = status.jobs.get(job.name) if status else None
+            if digest is not None:
+                add_counts(counts, digest.counts)
+                halted = halted or digest.state is JobState.HALTED
+        return counts, halted, waiting
+
+    destinations: list[DestinationReport] = []
+    if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
+        for destination in sorted(set(job.destinations)):
+            members = subtree(specs.topology, destination)
+            counts, halted, waiting = rollup(members)
+            shown, total = _bounded(waiting)
+            destinations.append(DestinationReport(
+                relay=destination, relays=tuple(sorted(members)),
+                state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting)),
+                counts=counts, waiting_for=shown, waiting_count=total))
+    else:
+        for name in sorted(reached):
+            status = relays.get(name)
+            digest = status.jobs.get(job.name) if status else None
+            if digest is None or not sum(digest.counts.values()):
+                continue
+            counts, halted, waiting = rollup([name])
+            shown, total = _bounded(waiting)
+            destinations.append(DestinationReport(
+                relay=name, relays=(name,),
+                state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting)),
+                counts=counts, waiting_for=shown, waiting_count=total))
+    counts, halted, waiting = rollup(reached)
+    failures: list[Failure] = []
+    for name in sorted(reached):
+        status = relays.get(name)
+        digest = status.jobs.get(job.name) if status else None
+        if digest is None:
+            continue
+        for row in digest.rows:
+            if row.state in FAILURE_STATES:
+                failures.append(Failure(job.name, name, row.client, row.state, row.installed_version,
+                                        row.attempts, _cut(row.message)))
+    failures.sort(key=lambda f: (f.relay, f.client))
+    shown, total = _bounded(waiting)
+    return JobReport(
+        job=job.name,
+        job_type=job.job_type.value,
+        package=job.package_name,
+        version=job.package_version,
+        destination_type=job.destination_type.value,
+        destinations=tuple(job.destinations),
+        state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting)),
+        counts=counts,
+        relays=tuple(destinations),
+        failures=tuple(failures[:FAILURE_LIMIT]),
+        failure_count=counts[ClientState.FAILED.value] + counts[ClientState.CONFLICT.value],
+        waiting_for=shown,
+        waiting_count=total,
+    )
+
+
+# ------------------------------------------------------------- HQ files
+
+
+def _failure_json(f: Failure) -> dict[str, Any]:
+    return {"relay": f.relay, "client": f.client, "state": f.state.value,
+            "installedVersion": f.installed_version, "attempts": f.attempts, "message": f.message}
+
+
+def render_job_report(report: JobReport, accepted_commit: str | None) -> bytes:
+    return dump_yaml({
+        "job": report.job,
+        "acceptedCommit": accepted_commit,
+        "jobType": report.job_type,
+        "package": {"name": report.package, "version": report.version},
+        "destinationType": report.destination_type,
+        "destinations": list(report.destinations),
+        "state": report.state.value,
+        "clients": report.clients,
+        "counts": dict(report.counts),
+        "relays": [
+            {"relay": d.relay, "subtree": list(d.relays), "state": d.state.value, "counts": dict(d.counts),
+             "waitingFor": list(d.waiting_for), "waitingCount": d.waiting_count}
+            for d in report.relays
+        ],
+        "waitingFor": list(report.waiting_for),
+        "waitingCount": report.waiting_count,
+        "failures": [_failure_json(f) for f in report.failures],
+        "failureCount": report.failure_count,
+    })
+
+
+def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
+    doc = load_yaml(data, what)
+    package = doc.get("package") or {}
+    version = package.get("version")
+    return JobReport(
+        job=str(doc.get("job")),
+        job_type=str(doc.get("jobType", "")),
+        package=str(package.get("name", "")),
+        version=None if version is None else str(version),
+        destination_type=str(doc.get("destinationType", "")),
+        destinations=tuple(str(d) for d in doc.get("destinations") or ()),
+        state=_enum(JobState, doc.get("state"), what),
+        counts=_counts_of(doc.get("counts", {}), what),
+        relays=tuple(
+            DestinationReport(
+                relay=str(d.get("relay")), relays=tuple(d.get("subtree") or ()),
+                state=_enum(JobState, d.get("state"), what), counts=_counts_of(d.get("counts", {}), what),
+                waiting_for=tuple(d.get("waitingFor") or ()), waiting_count=int(d.get("waitingCount", 0)))
+            for d in doc.get("relays") or ()
+        ),
+        failures=tuple(
+            Failure(str(doc.get("job")), str(f.get("relay")), str(f.get("client")),
+                    _enum(ClientState, f.get("state"), what),
+                    None if f.get("installedVersion") is None else str(f.get("installedVersion")),
+                    int(f.get("attempts", 0)), str(f.get("message") or ""))
+            for f in doc.get("failures") or ()
+        ),
+        failure_count=int(doc.get("failureCount", 0)),
+        waiting_for=tuple(doc.get("waitingFor") or ()),
+        waiting_count=int(doc.get("waitingCount", 0)),
+    )
+
+
+def render_relays(report: HqReport) -> bytes:
+    return dump_yaml({
+        "acceptedCommit": report.accepted.accepted_commit,
+        "relays": [
+            {"relay": r.relay, "parent": r.parent, "reported": r.reported, "observedCommit": r.observed_commit,
+             "current": r.current, "clients": r.clients, "updatedAt": format_time(r.updated_at),
+             "errors": list(r.errors)}
+            for r in report.relays
+        ],
+    })
+
+
+def parse_relays(data: bytes) -> tuple[RelayReport, ...]:
+    doc = load_yaml(data, RELAYS_FILE)
+    return tuple(
+        RelayReport(relay=str(r.get("relay")), parent=str(r.get("parent", "")), reported=bool(r.get("reported")),
+                    observed_commit=r.get("observedCommit"), current=bool(r.get("current")),
+                    clients=int(r.get("clients", 0)), updated_at=parse_time(r.get("updatedAt")),
+                    errors=tuple(str(e) for e in r.get("errors") or ()))
+        for r in doc.get("relays") or ()
+    )
+
+
+def render_hq_status(report: HqReport) -> dict[str, bytes]:
+    """The complete tree of ``status/hq``."""
+    files = {
+        ACCEPTED_FILE: render_accepted(report.accepted, report.branch),
+        VALIDATION_FILE: render_validation(report.accepted.main_commit, report.validation_errors),
+        RELAYS_FILE: render_relays(report),
+        SUMMARY_FILE: render_summary(report).encode("utf-8"),
+    }
+    for job in report.jobs:
+        files[f"{HQ_JOBS_DIR}{job.job}.yaml"] = render_job_report(job, report.accepted.accepted_commit)
+    return files
+
+
+def parse_hq_status(files: Mapping[str, bytes]) -> HqReport:
+    """Read back a ``status/hq`` tree (raises ReportError without accepted.yaml)."""
+    if ACCEPTED_FILE not in files:
+        raise ReportError(f"status/hq has no {ACCEPTED_FILE}")
+    accepted = parse_accepted(files[ACCEPTED_FILE])
+    errors: tuple[SpecError, ...] = ()
+    if VALIDATION_FILE in files:
+        _, errors = parse_validation(files[VALIDATION_FILE])
+    jobs = tuple(
+        parse_job_report(files[path], path)
+        for path in sorted(files)
+        if path.startswith(HQ_JOBS_DIR) and path.endswith(".yaml")
+    )
+    relays = parse_relays(files[RELAYS_FILE]) if RELAYS_FILE in files else ()
+    return HqReport(branch=parse_branch(files[ACCEPTED_FILE]), accepted=accepted, validation_errors=errors,
+                    jobs=jobs, relays=relays)
+
+
+# ------------------------------------------------------------- summary.md
+
+SUMMARY_COLUMNS: tuple[ClientState, ...] = (
+    ClientState.SUCCEEDED, ClientState.IN_PROGRESS, ClientState.PENDING,
+    ClientState.FAILED, ClientState.SKIPPED, ClientState.CONFLICT,
+)
+
+_MD_SPECIAL = re.compile(r"([\\`*_|<>\[\]])")
+
+
+def _md(text: str, limit: int = 200) -> str:
+    """One table cell: a single line, markdown-inert, bounded."""
+    text = " ".join(text.split())
+    text = _cut(text, limit)
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def short(commit: str | None) -> str:
+    return commit[:12] if commit else "none"
+
+
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" +{len(names) - limit} more" if len(names) > limit else "")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
+    """A GitHub table whose columns are also padded, so it reads in a terminal."""
+    widths = [max(len(h), 3, *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|"
+    return [line(header), rule, *(line(r) for r in rows)]
+
+
+def package_label(job: JobReport) -> str:
+    version = job.version or "any version"
+    verb = "" if job.job_type == "install" else f"{job.job_type} "
+    return f"{verb}{job.package} {version}"
+
+
+def render_summary(report: HqReport, only_job: str | None = None) -> str:
+    """summary.md: jobs table, failures, validation errors, relays behind, accepted commit.
+
+    Bounded at any fleet size: one row per job, at most FAILURE_LIMIT failure
+    rows and LIST_LIMIT validation errors and relays, the rest counted.
+    """
+    accepted = report.accepted
+    jobs = [j for j in report.jobs if only_job is None or j.job == only_job]
+    out: list[str] = ["# Software distribution status", ""]
+    if accepted.main_valid is False:
+        out.append(f"> **main `{short(accepted.main_commit)}` is invalid and is not applied**; "
+                   f"the accepted commit `{short(accepted.accepted_commit)}` stays in force. See validation errors below.")
+        out.append("")
+    elif accepted.main_commit is None:
+        out += [f"> Branch `{report.branch}` not found on the origin.", ""]
+
+    out += [f"## Jobs ({len(jobs)})", ""]
+    if jobs:
+        header = ["Job", "Package", "Destinations", "Clients", *(s.value for s in SUMMARY_COLUMNS), "State"]
+        rows = []
+        for job in jobs:
+            state = job.state.value
+            if job.waiting_count:
+                state += f" (waiting for {job.waiting_count} relay{'s' if job.waiting_count != 1 else ''})"
+            rows.append([
+                _md(job.job), _md(package_label(job)), _md(_names(job.destinations)), str(job.clients),
+                *(str(job.counts.get(s.value, 0)) for s in SUMMARY_COLUMNS), state,
+            ])
+        out += _table(header, rows, [False, False, False, True, *([True] * len(SUMMARY_COLUMNS)), False])
+    elif accepted.accepted_commit is None:
+        out.append("No commit has been accepted yet.")
+    else:
+        out.append("No jobs in the accepted commit.")
+    out.append("")
+
+    failures = [f for j in jobs for f in j.failures]
+    failure_total = sum(j.failure_count for j in jobs)
+    out += [f"## Failures ({failure_total})", ""]
+    if failure_total:
+        shown = failures[:FAILURE_LIMIT]
+        out += _table(
+            ["Job", "Relay", "Client", "State", "Attempts", "Message"],
+            [[_md(f.job), _md(f.relay), _md(f.client), f.state.value, str(f.attempts), _md(f.message)]
+             for f in shown],
+            [False, False, False, False, True, False],
+        )
+        if failure_total > len(shown):
+            out.append("")
+            out.append(f"… and {failure_total - len(shown)} more (full rows: `relays/<relay>/jobs/<job>.yaml` "
+                       "on each relay's status ref)")
+    else:
+        out.append("None.")
+    out.append("")
+
+    errors = report.validation_errors
+    out += [f"## Validation errors ({len(errors)})", ""]
+    if errors:
+        out.append(f"main `{short(accepted.main_commit)}`:")
+        out.append("")
+        for e in errors[:LIST_LIMIT]:
+            out.append(f"- `{_md(e.path, 300)}:{e.line}:{e.column}` {_md(e.message, 300)}")
+        if len(errors) > LIST_LIMIT:
+            out.append(f"- … and {len(errors) - LIST_LIMIT} more (see `validation.yaml`)")
+    else:
+        out.append("None." if accepted.main_commit else "main not evaluated.")
+    out.append("")
+
+    behind = [r for r in report.relays if not r.current]
+    broken = [r for r in report.relays if r.errors]
+    if behind or broken:
+        out += ["## Relays", ""]
+        if behind:
+            out.append(f"{len(behind)} of {len(report.relays)} relays have not reported the accepted commit:")
+            out.append("")
+            for r in behind[:LIST_LIMIT]:
+                seen = f"reports `{short(r.observed_commit)}`" if r.reported else "no status yet"
+                out.append(f"- {_md(r.relay)}: {seen}")
+            if len(behind) > LIST_LIMIT:
+                out.append(f"- … and {len(behind) - LIST_LIMIT} more")
+            out.append("")
+        for r in broken[:LIST_LIMIT]:
+            out.append(f"- {_md(r.relay)} error: {_md(r.errors[0], 300)}")
+        if broken:
+            out.append("")
+
+    out += ["## Accepted commit", ""]
+    if accepted.accepted_commit:
+        when = format_time(accepted.accepted_at) or "unknown time"
+        out.append(f"`{accepted.accepted_commit}` on `{_md(report.branch)}`, accepted {when}.")
+    else:
+        out.append("None yet.")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------- file → schema
+
+STATUS_SCHEMAS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^relays/[^/]+/relay\.yaml$"), "status-relay"),
+    (re.compile(r"^relays/[^/]+/jobs/[^/]+\.yaml$"), "status-relay-job"),
+    (re.compile(r"^relays/[^/]+/inventory\.json$"), "status-inventory"),
+    (re.compile(r"^accepted\.yaml$"), "status-accepted"),
+    (re.compile(r"^validation\.yaml$"), "status-validation"),
+    (re.compile(r"^relays\.yaml$"), "status-relays"),
+    (re.compile(r"^jobs/[^/]+\.yaml$"), "status-job"),
+)
+
+
+def schema_name(path: str) -> str | None:
+    """The ``schemas/<name>.schema.json`` a status file follows (None for summary.md)."""
+    for pattern, name in STATUS_SCHEMAS:
+        if pattern.match(path):
+            return name
+    return None
+
+
+def load_status_file(path: str, data: bytes) -> Any:
+    """Plain value of a status file, for schema validation."""
+    if path.endswith(".json"):
+        return json.loads(data)
+    return load_yaml(data, path)
+
+
+__all__ = [
+    "ACCEPTED_FILE", "Accepted", "DestinationReport", "FAILURE_LIMIT", "Failure", "HqReport", "InventoryEntry",
+    "JobReport", "RELAYS_FILE", "RelayJobStatus", "RelayReport", "RelayStatus", "ReportError", "SUMMARY_FILE",
+    "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row", "job_relays",
+    "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job", "parse_relay_status",
+    "parse_validation", "render_accepted", "render_hq_status", "render_relay_status", "render_summary",
+    "render_validation", "schema_name",
+]
