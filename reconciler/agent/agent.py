@@ -1,0 +1,554 @@
+"""The client agent: check in with the relay, run the actions it hands out, report back.
+
+One *step* is one check-in (facts, labels, confirmed inventory and every
+finished-but-unacknowledged result) followed by running the reply's actions in
+order. Results are not posted separately: they ride on the next check-in and
+are re-sent until a check-in reply arrives, so a relay that is down, restarted
+or slow loses nothing. That makes the agent's disk the only state that
+matters, and every piece of it is written atomically (see ``journal.py`` and
+``installers.py``): an agent killed at any moment converges when restarted.
+
+Relay failures are classified at the HTTP boundary: unreachable or 5xx
+(:class:`RelayUnavailable`, back off exponentially up to the poll interval),
+401/403 (:class:`RelayRefused`, our token is not accepted; logged loudly,
+backed off, and no state is deleted, since only an operator knows whether the
+relay or the client is wrong), any other refusal (:class:`RelayError`).
+
+``Agent`` is usable in-process (tests, load generators, ``reconciler demo``):
+``step()`` does one round, ``run_once()`` and ``run_forever(stop)`` drive it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from reconciler.agent.installers import (
+    ArtifactRef,
+    InstallError,
+    InstallerSpec,
+    Layout,
+    Outcome,
+    check_segment,
+    install,
+    uninstall,
+)
+from reconciler.agent.installers import inventory as confirmed_inventory
+from reconciler.agent.journal import FINISHED, Journal, format_time, utc_now, write_atomic
+
+log = logging.getLogger("reconciler.agent")
+
+DEFAULT_POLL_SECONDS = 30.0
+MIN_POLL_SECONDS = 1.0
+BACKOFF_BASE_SECONDS = 1.0
+HTTP_TIMEOUT = (10.0, 60.0)  # connect, read
+MAX_RESULTS_PER_CHECKIN = 100  # keeps the body far below the relay's 1 MiB limit
+MESSAGE_LIMIT = 2200  # "exit code N: " plus the ~2000-character output tail
+ONCE_MAX_ROUNDS = 5
+CACHE_MAX_AGE_SECONDS = 7 * 24 * 3600
+CHUNK = 1 << 20
+
+CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+FACT_KEYS = ("os", "arch", "hostname", "freeDiskMB")
+OS_VALUES = ("linux", "windows", "darwin")
+ARCH_VALUES = ("x86_64", "arm64", "x86")
+_ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "x64": "x86_64", "aarch64": "arm64",
+                 "arm64": "arm64", "armv8": "arm64", "armv8l": "arm64", "i386": "x86", "i486": "x86",
+                 "i586": "x86", "i686": "x86", "x86": "x86"}
+
+
+# ---------------------------------------------------------------- errors
+
+
+class AgentConfigError(ValueError):
+    """Bad command-line input (client id, ``--fact``): a usage error, exit 2."""
+
+
+class RelayError(Exception):
+    """The relay did not accept a request; ``status`` is the HTTP status if there was one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class RelayUnavailable(RelayError):
+    """Unreachable, timed out, 5xx or a garbled reply: try again later."""
+
+
+class RelayRefused(RelayError):
+    """401/403: the relay does not accept our token; needs an operator, but we keep trying."""
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _short_error(exc: BaseException) -> str:
+    """A one-line reason from a requests exception, without urllib3's nested reprs."""
+    text = str(exc)
+    match = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if match:
+        return match.group(0).strip()
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    return _cut(f"{type(exc).__name__}: {text}", 200)
+
+
+def redact(url: str) -> str:
+    """The URL without user:password, safe for logs and status messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def _error_body(response: requests.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return _cut(response.text.strip(), 200)
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return _cut(data["error"], 200)
+    return _cut(json.dumps(data), 200)
+
+
+# ---------------------------------------------------------------- facts
+
+
+def normalize_os(system: str) -> str:
+    """``platform.system()`` as the protocol spells it."""
+    return system.strip().lower()
+
+
+def normalize_arch(machine: str) -> str:
+    """``platform.machine()`` as the protocol spells it (``x86_64``, ``arm64``, ``x86``)."""
+    key = machine.strip().lower()
+    return _ARCH_ALIASES.get(key, key)
+
+
+def detect_facts(root: Path) -> dict[str, Any]:
+    """What this machine is, measured now (free disk changes between check-ins)."""
+    return {
+        "os": normalize_os(platform.system()),
+        "arch": normalize_arch(platform.machine()),
+        "hostname": socket.gethostname(),
+        "freeDiskMB": shutil.disk_usage(root).free // 2**20,
+    }
+
+
+def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate ``--fact K=V`` overrides; used to simulate other machines on one host."""
+    items = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs or [])
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key not in FACT_KEYS:
+            raise AgentConfigError(f"unknown fact {key!r}: only {', '.join(FACT_KEYS)} can be overridden")
+        if key == "freeDiskMB":
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                raise AgentConfigError(f"fact freeDiskMB must be an integer, got {value!r}") from None
+            if number < 0:
+                raise AgentConfigError(f"fact freeDiskMB must be >= 0, got {value!r}")
+            out[key] = number
+        elif key == "os" and value not in OS_VALUES:
+            raise AgentConfigError(f"fact os must be one of {', '.join(OS_VALUES)}, got {value!r}")
+        elif key == "arch" and value not in ARCH_VALUES:
+            raise AgentConfigError(f"fact arch must be one of {', '.join(ARCH_VALUES)}, got {value!r}")
+        else:
+            out[key] = str(value)
+    return out
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(session: requests.Session, url: str, part: Path, offset: int,
+              headers: Mapping[str, str], sha: str) -> None:
+    """Append the rest of the artifact to ``part`` (or rewrite it if the relay ignores Range)."""
+    request_headers = dict(headers)
+    if offset:
+        request_headers["Range"] = f"bytes={offset}-"
+    try:
+        with session.get(url, headers=request_headers, stream=True, timeout=HTTP_TIMEOUT) as response:
+            if response.status_code == 416 and offset:
+                return  # the part is already complete (or too long); the hash decides
+            if response.status_code == 404:
+                raise InstallError(f"artifact {sha} not found on the relay")
+            if response.status_code not in (200, 206):
+                raise InstallError(f"downloading artifact {sha}: HTTP {response.status_code}: "
+                                   f"{_error_body(response)}")
+            append = response.status_code == 206 and offset > 0
+            if append:
+                match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+                if not match or int(match.group(1)) != offset:
+                    raise InstallError(f"downloading artifact {sha}: relay answered an unexpected range")
+            with open(part, "ab" if append else "wb") as handle:
+                for chunk in response.iter_content(CHUNK):
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except requests.RequestException as exc:
+        raise InstallError(f"downloading artifact {sha}: {_short_error(exc)}") from exc
+
+
+def fetch_artifact(session: requests.Session, relay_url: str, ref: ArtifactRef, layout: Layout,
+                   headers: Mapping[str, str] | None = None) -> Path:
+    """A verified local copy of an artifact: from the cache, or downloaded with resume.
+
+    A cached file is hashed again before use (the disk may have changed it).
+    A resumed download that fails verification is retried once from the start,
+    since the bad bytes may be an old partial file; a fresh one that fails is
+    the relay's fault and fails the action.
+    """
+    final = layout.cached_artifact(ref.sha256)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_file():
+        if sha256_file(final) == ref.sha256:
+            os.utime(final)  # recently used: keep it through cache pruning
+            return final
+        log.warning("cached artifact %s is corrupt; downloading it again", ref.sha256)
+        final.unlink()
+    part = final.with_name(final.name + ".part")
+    url = f"{relay_url}/v1/artifacts/{ref.sha256}"
+    digest = ""
+    for _attempt in range(2):
+        offset = part.stat().st_size if part.is_file() else 0
+        if ref.size is not None and offset > ref.size:
+            part.unlink()
+            offset = 0
+        if ref.size is None or offset < ref.size:
+            _download(session, url, part, offset, headers or {}, ref.sha256)
+        digest = sha256_file(part) if part.is_file() else hashlib.sha256(b"").hexdigest()
+        if digest == ref.sha256:
+            os.replace(part, final)
+            return final
+        part.unlink(missing_ok=True)
+        if offset == 0:
+            break
+    raise InstallError(f"sha256 mismatch: expected {ref.sha256} got {digest}")
+
+
+def prune_cache(layout: Layout, max_age: float = CACHE_MAX_AGE_SECONDS) -> None:
+    """Forget downloads unused for a week; a reinstall just fetches again from the relay."""
+    if not layout.cache.is_dir():
+        return
+    horizon = time.time() - max_age
+    for path in layout.cache.iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime < horizon:
+                path.unlink()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- agent
+
+
+@dataclass(frozen=True)
+class CheckinReply:
+    """The parts of a check-in reply the agent acts on."""
+
+    actions: tuple[Any, ...]
+    poll_seconds: float | None
+    acknowledged: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did: whether the relay answered, and the actions and results it involved."""
+
+    reached: bool
+    status_code: int | None = None
+    error: str | None = None
+    actions: int = 0
+    ran: int = 0
+    results: tuple[dict[str, Any], ...] = ()
+    reported: int = 0
+    poll_seconds: float = DEFAULT_POLL_SECONDS
+
+
+class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefix every line with the client id: one process may run many agents (demo, load tests)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"[{self.extra['client']}] {msg}", kwargs  # type: ignore[index]
+
+
+class Agent:
+    """One client: its root directory, its relay, and the loop that keeps them in step."""
+
+    def __init__(self, client_id: str, relay_url: str, root: Path,
+                 labels: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                 fact_overrides: Mapping[str, Any] | Iterable[tuple[str, str]] | None = None,
+                 session: requests.Session | None = None, *, poll_interval: float | None = None,
+                 now: Callable[[], datetime] = utc_now) -> None:
+        if not isinstance(client_id, str) or not CLIENT_ID.match(client_id):
+            raise AgentConfigError(f"invalid client id {client_id!r}: use lowercase letters, digits, '.' and '-'")
+        if not relay_url.startswith(("http://", "https://")):
+            raise AgentConfigError(f"relay URL must start with http:// or https://, got {redact(relay_url)!r}")
+        self.client_id = client_id
+        self.relay_url = relay_url.rstrip("/")
+        self.layout = Layout(Path(root).absolute())
+        self.layout.create()
+        pairs = labels.items() if isinstance(labels, Mapping) else (labels or [])
+        self.labels: dict[str, str] = {str(k): str(v) for k, v in pairs}
+        self.fact_overrides = parse_fact_overrides(fact_overrides)
+        self.session = session or requests.Session()
+        self.poll_interval = poll_interval
+        self.relay_poll_seconds: float | None = None
+        self.failures = 0
+        self._now = now
+        self.journal = Journal(self.layout.journal, now)
+        self.log = _ClientLog(log, {"client": client_id})
+        prune_cache(self.layout)
+
+    # -- state
+
+    @property
+    def token(self) -> str | None:
+        """The per-client token from registration, if we have registered."""
+        try:
+            return self.layout.token.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _store_token(self, token: str) -> None:
+        write_atomic(self.layout.token, token.encode("utf-8"), mode=0o600)
+
+    @property
+    def poll_seconds(self) -> float:
+        """Seconds between check-ins: ``--poll-interval``, else the relay's, else 30."""
+        return float(self.poll_interval or self.relay_poll_seconds or DEFAULT_POLL_SECONDS)
+
+    def facts(self) -> dict[str, Any]:
+        """Measured facts with the ``--fact`` overrides applied."""
+        facts = detect_facts(self.layout.root)
+        facts.update(self.fact_overrides)
+        return facts
+
+    def inventory(self) -> list[dict[str, str]]:
+        """Installed packages per the receipts, each confirmed (``detect``, files present)."""
+        return confirmed_inventory(self.layout)
+
+    def _headers(self) -> dict[str, str]:
+        token = self.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    # -- relay
+
+    def checkin(self) -> CheckinReply:
+        """POST one check-in; on a reply, store a new token and acknowledge the results sent."""
+        results = self.journal.pending_results(limit=MAX_RESULTS_PER_CHECKIN)
+        body = {"facts": self.facts(), "labels": self.labels, "inventory": self.inventory(),
+                "results": results}
+        url = f"{self.relay_url}/v1/clients/{self.client_id}/checkin"
+        try:
+            response = self.session.post(url, json=body, headers=self._headers(), timeout=HTTP_TIMEOUT)
+        except requests.RequestException as exc:
+            raise RelayUnavailable(f"relay {redact(self.relay_url)} unreachable: {_short_error(exc)}") from exc
+        status = response.status_code
+        if status in (401, 403):
+            raise RelayRefused(
+                f"relay refused our token ({status}: {_error_body(response)}); if the relay lost its "
+                f"registrations, an operator must delete {self.layout.token} to register again", status)
+        if status >= 500:
+            raise RelayUnavailable(f"relay error {status}: {_error_body(response)}", status)
+        if status != 200:
+            raise RelayError(f"relay refused the check-in ({status}): {_error_body(response)}", status)
+        try:
+            reply = response.json()
+        except ValueError as exc:
+            raise RelayUnavailable("relay sent a reply that is not JSON", status) from exc
+        if not isinstance(reply, dict) or not isinstance(reply.get("actions", []), list):
+            raise RelayUnavailable("relay sent a reply without an actions list", status)
+        poll = reply.get("pollSeconds")
+        poll_seconds = None
+        if isinstance(poll, (int, float)) and not isinstance(poll, bool) and poll > 0:
+            poll_seconds = max(float(poll), MIN_POLL_SECONDS)
+        token = reply.get("token")
+        if isinstance(token, str) and token and token != self.token:
+            self._store_token(token)
+            self.log.info("registered with relay %s", redact(self.relay_url))
+        self.journal.acknowledge(r["operationId"] for r in results)
+        return CheckinReply(tuple(reply.get("actions") or ()), poll_seconds, len(results))
+
+    def fetch(self, ref: ArtifactRef) -> Path:
+        """A verified copy of the artifact in ``cache/``."""
+        return fetch_artifact(self.session, self.relay_url, ref, self.layout, self._headers())
+
+    # -- actions
+
+    def _execute(self, action: Mapping[str, Any]) -> Outcome:
+        """Carry out one action; raises :class:`InstallError` with the message for the relay."""
+        kind = action.get("action")
+        package = action.get("package")
+        if not isinstance(package, dict):
+            raise InstallError("action has no package")
+        name = check_segment(package.get("name"), "package name")
+        raw_version = package.get("version")
+        operation_id = str(action["operationId"])
+        if kind == "uninstall":
+            only = None if raw_version is None else check_segment(raw_version, "package version")
+            return uninstall(self.layout, name, only, operation_id)
+        if kind not in ("install", "upgrade", "downgrade"):
+            raise InstallError(f"unknown action {kind!r}")
+        version = check_segment(raw_version, "package version")
+        installer = InstallerSpec.from_dict(action.get("installer"))
+        ref = ArtifactRef.from_dict(action.get("artifact"))
+        previous = action.get("previousVersion")
+        artifact = self.fetch(ref)
+        if previous:
+            self.log.info("%s %s: replacing %s with %s", kind, name, previous, version)
+        return install(self.layout, name, version, installer, artifact, ref, operation_id, self._now())
+
+    def run_action(self, action: Any) -> dict[str, Any] | None:
+        """Run one action exactly once per operationId, journalled; returns its result.
+
+        An operation the journal knows as finished is not run again: its stored
+        result is queued to be re-sent. ``None`` for an action without an
+        operationId, which cannot be reported and is skipped.
+        """
+        operation_id = action.get("operationId") if isinstance(action, dict) else None
+        if not isinstance(operation_id, str) or not operation_id:
+            self.log.warning("skipping an action without operationId: %s", _cut(repr(action), 200))
+            return None
+        entry = self.journal.get(operation_id)
+        if entry is not None and entry.state == FINISHED and entry.result is not None:
+            self.log.info("operation %s already finished (%s); re-sending its result",
+                          operation_id, entry.result.get("status"))
+            self.journal.requeue(operation_id)
+            return dict(entry.result)
+        self.journal.start(operation_id, action)
+        try:
+            outcome = self._execute(action)
+            status, message = "succeeded", outcome.message
+            exit_code: int | None = outcome.exit_code
+        except InstallError as exc:
+            status, exit_code, message = "failed", exc.exit_code, exc.message
+        except Exception as exc:  # always record an outcome: a bug must not wedge the operation
+            self.log.exception("operation %s crashed", operation_id)
+            status, exit_code, message = "failed", None, f"agent error: {type(exc).__name__}: {exc}"
+        result = {"operationId": operation_id, "status": status, "exitCode": exit_code,
+                  "message": _cut(message, MESSAGE_LIMIT), "finishedAt": format_time(self._now())}
+        self.journal.finish(operation_id, result)
+        self.log.info("operation %s %s: %s", operation_id, status, _cut(message.splitlines()[0]
+                                                                          if message else "", 200))
+        return result
+
+    # -- loop
+
+    def step(self) -> StepResult:
+        """One check-in, then the reply's actions in order. Never raises for relay trouble."""
+        try:
+            reply = self.checkin()
+        except RelayError as exc:
+            self.failures += 1
+            level = logging.ERROR if isinstance(exc, RelayRefused) else logging.WARNING
+            self.log.log(level, "check-in failed: %s", exc.message)
+            return StepResult(False, exc.status, exc.message, poll_seconds=self.poll_seconds)
+        self.failures = 0
+        if reply.poll_seconds is not None:
+            self.relay_poll_seconds = reply.poll_seconds
+        results: list[dict[str, Any]] = []
+        ran = 0
+        for action in reply.actions:
+            operation_id = action.get("operationId") if isinstance(action, dict) else None
+            entry = self.journal.get(operation_id) if isinstance(operation_id, str) else None
+            answered_from_journal = entry is not None and entry.state == FINISHED
+            result = self.run_action(action)
+            if result is not None:
+                results.append(result)
+                ran += 0 if answered_from_journal else 1
+        if ran:
+            prune_cache(self.layout)
+        return StepResult(True, 200, None, len(reply.actions), ran, tuple(results), reply.acknowledged,
+                          self.poll_seconds)
+
+    def next_delay(self) -> float:
+        """Seconds until the next check-in: the poll interval, or a jittered backoff after failures."""
+        if self.failures == 0:
+            return self.poll_seconds
+        backoff = min(self.poll_seconds, BACKOFF_BASE_SECONDS * 2.0 ** min(self.failures - 1, 30))
+        return backoff * random.uniform(0.8, 1.0)  # a fleet must not retry in lockstep
+
+    def run_once(self) -> int:
+        """Check in, run the actions, report; 1 if the relay could not be reached at all.
+
+        Keeps going while check-ins hand out new work (up to a few rounds), so
+        the results of the last actions are reported before exiting.
+        """
+        result = self.step()
+        if not result.reached:
+            return 1
+        for _ in range(ONCE_MAX_ROUNDS):
+            if not result.actions and not self.journal.pending_results():
+                break
+            result = self.step()
+            if not result.reached:
+                self.log.warning("results will be reported at the next check-in")
+                break
+        return 0
+
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        """Check in every poll interval until ``stop`` is set; report new results at once."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            delay: float
+            try:
+                result = self.step()
+                delay = 0.0 if result.ran else self.next_delay()
+            except Exception:  # a full disk or a bug: log, back off, try again
+                self.log.exception("step failed")
+                self.failures += 1
+                delay = self.next_delay()
+            stop.wait(delay)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``reconciler agent``: run one client until killed, or one round with ``--once``."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
+                      fact_overrides=list(args.fact), poll_interval=args.poll_interval)
+    except AgentConfigError as exc:
+        print(f"reconciler agent: {exc}", file=sys.stderr)
+        return 2
+    if args.once:
+        return agent.run_once()
+    agent.run_forever()
+    return 0

@@ -1,0 +1,245 @@
+"""The agent's operation journal, and the atomic-write primitive all agent state uses.
+
+The relay may send the same action more than once (a lost reply, a retry, a
+restarted relay), so every action carries an ``operationId`` and the agent
+journals what it did with it. One JSON file per operation under
+``<root>/journal/``:
+
+``started``
+    written *before* the installer runs. An operation found in this state was
+    interrupted (the agent was killed mid-way); when the relay sends it again it
+    is simply run again. Installs converge (the package directory is replaced,
+    the receipt rewritten), so a second run is safe, whereas skipping it would
+    leave the client half-installed with nobody knowing.
+``finished``
+    holds the result. A finished operation is never run again: a repeat is
+    answered from the journal. ``acknowledged`` turns true once a check-in that
+    carried the result got a reply; until then the result is re-sent at every
+    check-in (the relay treats repeats as no-ops).
+
+Every file is written atomically (temp file, fsync, ``os.replace``, fsync of
+the directory), so a ``kill -9`` leaves either the old or the new content. A
+file that is unreadable anyway (disk corruption, a hand edit) is moved aside to
+``*.corrupt`` and the operation counts as unknown, i.e. it runs again when
+sent: that is the same outcome as a crash before it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("reconciler.agent")
+
+STARTED: Literal["started"] = "started"
+FINISHED: Literal["finished"] = "finished"
+
+# Acknowledged entries older than this are dropped; the relay never re-sends an
+# operation that long after it got the result.
+RETENTION = timedelta(days=30)
+
+
+def utc_now() -> datetime:
+    """The wall clock in UTC; the default clock of the journal and the agent."""
+    return datetime.now(timezone.utc)
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 with a ``Z`` suffix and whole seconds, as the protocol shows."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime | None:
+    """Inverse of :func:`format_time`; ``None`` for anything unparsable."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable. Windows cannot open directories; NTFS journals renames."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never half.
+
+    ``mode`` is applied at creation, so a secret (the token, 0600) is never
+    readable by others, not even for a moment.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.name != "nt":
+            os.chmod(tmp, mode)  # the umask may have narrowed it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
+    """:func:`write_atomic` for a JSON document (sorted keys: diffable by a human)."""
+    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode)
+
+
+def quarantine(path: Path, reason: str) -> None:
+    """Move an unreadable state file aside for inspection instead of deleting or trusting it."""
+    target = path.with_name(path.name + ".corrupt")
+    log.warning("%s is unreadable (%s); moved to %s", path, reason, target.name)
+    try:
+        os.replace(path, target)
+    except OSError:
+        path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journalled operation, as stored (``result`` only once finished)."""
+
+    operation_id: str
+    state: Literal["started", "finished"]
+    started_at: str
+    action: Mapping[str, Any]
+    result: Mapping[str, Any] | None = None
+    acknowledged: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operationId": self.operation_id,
+            "state": self.state,
+            "startedAt": self.started_at,
+            "action": dict(self.action),
+            "result": dict(self.result) if self.result is not None else None,
+            "acknowledged": self.acknowledged,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Entry:
+        """Parse a stored entry; ``ValueError`` for any shape we did not write."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        op = data.get("operationId")
+        state = data.get("state")
+        started_at = data.get("startedAt")
+        action = data.get("action")
+        result = data.get("result")
+        if not isinstance(op, str) or not op:
+            raise ValueError("missing operationId")
+        if state not in (STARTED, FINISHED):
+            raise ValueError(f"unknown state {state!r}")
+        if not isinstance(started_at, str) or not isinstance(action, dict):
+            raise ValueError("missing startedAt or action")
+        if state == FINISHED:
+            if not isinstance(result, dict) or result.get("operationId") != op:
+                raise ValueError("finished without a result")
+        return cls(op, state, started_at, action, result if state == FINISHED else None,
+                   bool(data.get("acknowledged", False)))
+
+
+class Journal:
+    """Operations by id, kept in memory and mirrored to one file each under ``directory``.
+
+    Loaded once at start: a client sees tens of operations, and reading them at
+    every check-in would cost more than it protects against (the agent is the
+    only writer).
+    """
+
+    def __init__(self, directory: Path, now: Any = utc_now) -> None:
+        self.directory = directory
+        self._now = now
+        self._entries: dict[str, Entry] = {}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._load()
+
+    def path_for(self, operation_id: str) -> Path:
+        """The file of an operation: a hash, since ids come from the network."""
+        digest = hashlib.sha256(operation_id.encode("utf-8")).hexdigest()[:32]
+        return self.directory / f"{digest}.json"
+
+    def _load(self) -> None:
+        horizon = self._now() - RETENTION
+        for path in sorted(self.directory.iterdir()):
+            if path.name.startswith(".") and ".tmp-" in path.name:
+                path.unlink(missing_ok=True)  # an atomic write cut short by a crash
+                continue
+            if path.suffix != ".json" or not path.is_file():
+                continue
+            try:
+                entry = Entry.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                quarantine(path, str(exc))
+                continue
+            if path != self.path_for(entry.operation_id):
+                quarantine(path, "file name does not match its operationId")
+                continue
+            finished = parse_time(str((entry.result or {}).get("finishedAt", "")))
+            if entry.acknowledged and finished is not None and finished < horizon:
+                path.unlink(missing_ok=True)
+                continue
+            self._entries[entry.operation_id] = entry
+
+    def _store(self, entry: Entry) -> None:
+        write_json_atomic(self.path_for(entry.operation_id), entry.to_dict())
+        self._entries[entry.operation_id] = entry
+
+    def get(self, operation_id: str) -> Entry | None:
+        """The journalled state of an operation, or ``None`` if never seen (or unreadable)."""
+        return self._entries.get(operation_id)
+
+    def start(self, operation_id: str, action: Mapping[str, Any]) -> None:
+        """Record that the operation is about to run; durable before any side effect."""
+        self._store(Entry(operation_id, STARTED, format_time(self._now()), dict(action)))
+
+    def finish(self, operation_id: str, result: Mapping[str, Any]) -> None:
+        """Record the outcome; from now on the operation is answered from here."""
+        previous = self._entries.get(operation_id)
+        started_at = previous.started_at if previous else format_time(self._now())
+        action = previous.action if previous else {}
+        self._store(Entry(operation_id, FINISHED, started_at, action, dict(result), False))
+
+    def requeue(self, operation_id: str) -> None:
+        """Send a finished result again: the relay asked for the operation once more."""
+        entry = self._entries.get(operation_id)
+        if entry is not None and entry.state == FINISHED and entry.acknowledged:
+            self._store(replace(entry, acknowledged=False))
+
+    def pending_results(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Finished results the relay has not acknowledged, oldest first."""
+        pending = [dict(e.result) for e in self._entries.values()
+                   if e.state == FINISHED and not e.acknowledged and e.result is not None]
+        pending.sort(key=lambda r: (str(r.get("finishedAt", "")), str(r["operationId"])))
+        return pending if limit is None else pending[:limit]
+
+    def acknowledge(self, operation_ids: Iterable[str]) -> None:
+        """The relay replied to a check-in carrying these results: stop re-sending them."""
+        for op in operation_ids:
+            entry = self._entries.get(op)
+            if entry is not None and entry.state == FINISHED and not entry.acknowledged:
+                self._store(replace(entry, acknowledged=True))
+
+    def entries(self) -> list[Entry]:
+        """All known operations (for inspection and tests)."""
+        return list(self._entries.values())
