@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", type=_key_value, default=[], metavar="K=V",
                    help="a label reported to the relay (repeatable)")
     p.add_argument("--fact", action="append", type=_key_value, default=[], metavar="K=V",
-                   help="override a reported fact: os, arch, freeDiskMB (repeatable)")
+                   help="override a reported fact: os, arch, hostname, freeDiskMB (repeatable)")
     p.add_argument("--poll-interval", type=_positive_float, metavar="S",
                    help="seconds between check-ins (default: what the relay says)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")

@@ -333,3 +333,21 @@ def test_file_format_is_executable(layout: Layout, tmp_path: Path) -> None:
                                  "fileName": "run.sh"})
     outcome = install(layout, "sh", "1", command(["./run.sh"]), blob, ref, "op-1")
     assert outcome.message == "from-file-artifact"
+
+
+def test_command_sees_client_identity_and_platform_facts(tmp_path: Path) -> None:
+    """Installer scripts can branch on the client's reported os/arch (overrides included)."""
+    from reconciler.agent.agent import Agent
+
+    agent = Agent("pc-env-001", "http://127.0.0.1:9", tmp_path / "root",
+                  fact_overrides=[("arch", "arm64"), ("os", "windows")])
+    env = dict(agent.layout.client_env)
+    assert env == {"RECONCILER_ARCH": "arm64", "RECONCILER_CLIENT_ID": "pc-env-001", "RECONCILER_OS": "windows"}
+    out = tmp_path / "env.txt"
+    script = tmp_path / "show.py"
+    script.write_text(
+        "import os\n"
+        f"open({str(out)!r}, 'w').write(os.environ['RECONCILER_ARCH'] + ' ' + os.environ['RECONCILER_CLIENT_ID'])\n")
+    from reconciler.agent.installers import run_command
+    result = run_command(["${PYTHON}", str(script)], tmp_path, agent.layout, "x", "1", 10)
+    assert out.read_text() == "arm64 pc-env-001", result

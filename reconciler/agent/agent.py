@@ -321,11 +321,17 @@ class Agent:
             raise AgentConfigError(f"relay URL must start with http:// or https://, got {redact(relay_url)!r}")
         self.client_id = client_id
         self.relay_url = relay_url.rstrip("/")
-        self.layout = Layout(Path(root).absolute())
-        self.layout.create()
         pairs = labels.items() if isinstance(labels, Mapping) else (labels or [])
         self.labels: dict[str, str] = {str(k): str(v) for k, v in pairs}
         self.fact_overrides = parse_fact_overrides(fact_overrides)
+        platform_facts = {"os": normalize_os(platform.system()), "arch": normalize_arch(platform.machine()),
+                          **self.fact_overrides}
+        client_env = {"RECONCILER_CLIENT_ID": client_id}
+        for fact, variable in (("os", "RECONCILER_OS"), ("arch", "RECONCILER_ARCH")):
+            if fact in platform_facts:
+                client_env[variable] = str(platform_facts[fact])
+        self.layout = Layout(Path(root).absolute(), tuple(sorted(client_env.items())))
+        self.layout.create()
         self.session = session or requests.Session()
         self.poll_interval = poll_interval
         self.relay_poll_seconds: float | None = None

@@ -37,8 +37,9 @@ which keeps a package spec portable between Windows and Linux clients:
     ``packages/<name>/<version>`` of the package concerned.
 
 The same values are in the environment as ``RECONCILER_ROOT`` and
-``RECONCILER_PACKAGE_DIR`` (plus ``RECONCILER_PACKAGE_NAME`` and
-``RECONCILER_PACKAGE_VERSION``).
+``RECONCILER_PACKAGE_DIR`` (plus ``RECONCILER_PACKAGE_NAME``,
+``RECONCILER_PACKAGE_VERSION``, and the client's ``RECONCILER_CLIENT_ID``,
+``RECONCILER_OS`` and ``RECONCILER_ARCH`` as reported, overrides included).
 
 A receipt is written only after a successful install, atomically; its presence
 is what "installed" means. A receipt whose installer has a ``detect`` argv is
@@ -104,6 +105,10 @@ class Layout:
     """Where everything lives under the agent root; the only place paths are built."""
 
     root: Path
+    # Who this client is, given to installer commands as RECONCILER_CLIENT_ID,
+    # RECONCILER_OS and RECONCILER_ARCH (so a script can branch on the platform,
+    # and --fact overrides reach it in simulations).
+    client_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def token(self) -> Path:
@@ -392,6 +397,7 @@ def run_command(argv: Sequence[str], cwd: Path, layout: Layout, name: str, versi
     package_dir = layout.package_dir(name, version)
     args = substitute(argv, layout.root, package_dir)
     env = dict(os.environ)
+    env.update(dict(layout.client_env))
     env.update({"RECONCILER_ROOT": str(layout.root), "RECONCILER_PACKAGE_DIR": str(package_dir),
                 "RECONCILER_PACKAGE_NAME": name, "RECONCILER_PACKAGE_VERSION": version})
     kwargs: dict[str, Any] = {}
