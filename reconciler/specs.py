@@ -37,10 +37,12 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from reconciler.resources import schemas_dir
+from reconciler.versions import version_key
 
 API_VERSION = "reconciler/v1"
 MAX_FILE_BYTES = 1024 * 1024
-MAX_NODES = 50_000
+MAX_NODES = 50_000  # nodes that aliases may add by expansion
+MAX_DEPTH = 64  # nesting of mappings and sequences
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 RESERVED_RELAY_NAMES = frozenset({"hq"})
 DEFAULT_TIMEOUT_SECONDS = 600
@@ -239,6 +241,7 @@ class _Document:
     value: Any
     positions: dict[str, tuple[int, int]]  # JSON pointer -> (line, column) of the value node
     key_positions: dict[str, tuple[int, int]]  # JSON pointer -> (line, column) of the mapping key
+    raw_scalars: dict[str, str] = field(default_factory=dict)  # JSON pointer -> YAML text of a non-string scalar
 
     def at(self, pointer: str) -> tuple[int, int]:
         """Position of ``pointer``, or of its nearest existing parent."""
@@ -259,17 +262,16 @@ def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
 
-def _mark(node: yaml.Node) -> tuple[int, int]:
+def _mark(node: Any) -> tuple[int, int]:
+    """1-based (line, column) where a YAML node or event starts."""
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
 _BOOL = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
-    """Plain Python value of a scalar; timestamps stay strings (their text)."""
-    tag = node.tag
-    value = node.value
+def _scalar(tag: str, value: str) -> Any:
+    """Plain Python value of a resolved scalar; timestamps stay strings (their text)."""
     if tag == "tag:yaml.org,2002:int":
         text = value.replace("_", "")
         try:
@@ -292,76 +294,208 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     return value
 
 
-def _to_value(path: str, root: yaml.Node) -> _Document:
+@dataclass
+class _Anchor:
+    value: Any
+    raw: str | None  # the text of an anchored scalar (usable as a mapping key)
+    entries: list[tuple[str, tuple[int, int], bool]]  # (relative pointer, position, is key position)
+    size: int  # nodes the anchored node expands to
+
+
+class _Frame:
+    """A mapping or sequence being built from the event stream."""
+
+    __slots__ = ("container", "pointer", "keep", "mark", "key", "skip", "seen", "anchor", "log_start", "nodes_start",
+                 "is_key")
+
+    def __init__(self, container: Any, pointer: str, keep: bool, mark: tuple[int, int], is_key: bool) -> None:
+        self.container = container
+        self.pointer = pointer
+        self.keep = keep  # False inside a duplicate key's value or a non-scalar key: built, then dropped
+        self.mark = mark
+        self.is_key = is_key
+        self.key: str | None = None  # mapping: the key whose value comes next (None: a key comes next)
+        self.skip = False  # mapping: drop the value of the current key
+        self.seen: dict[str, int] = {}  # mapping: key -> line of its first definition
+        self.anchor: str | None = None
+        self.log_start = 0
+        self.nodes_start = 0
+
+
+_NON_SCALAR_KEY = "\x00"
+
+
+def _build(path: str, loader: Any) -> _Document:
+    """Build plain values from the YAML event stream, recording every node's position.
+
+    We consume parser events instead of composed nodes so that nothing here
+    recurses (a deeply nested file cannot overflow the stack), aliases are
+    counted as they are expanded (a "billion laughs" file stops after
+    MAX_NODES expanded nodes, in bounded time and memory), and duplicate keys
+    are reported where they are written.
+    """
     positions: dict[str, tuple[int, int]] = {}
     key_positions: dict[str, tuple[int, int]] = {}
+    raw_scalars: dict[str, str] = {}
     errors: list[SpecError] = []
-    budget = [MAX_NODES]
+    log: list[tuple[str, tuple[int, int], bool]] = []  # every position, in order, for anchors to copy
+    anchors: dict[str, _Anchor] = {}
+    stack: list[_Frame] = []
+    nodes = 0
+    expanded = 0
+    root: list[Any] = []
 
-    def walk(node: yaml.Node, pointer: str) -> Any:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _FileErrors([SpecError(
-                path, *_mark(root),
-                f"document expands to more than {MAX_NODES} nodes (alias expansion bomb?)")])
-        positions.setdefault(pointer, _mark(node))
-        if isinstance(node, yaml.MappingNode):
-            result: dict[str, Any] = {}
-            first_seen: dict[str, int] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    errors.append(SpecError(path, *_mark(key_node), "mapping keys must be plain strings", pointer))
-                    continue
-                key = str(key_node.value)
-                child = f"{pointer}/{_escape(key)}"
-                if key in first_seen:
+    def fail(mark: tuple[int, int], message: str) -> _FileErrors:
+        return _FileErrors([SpecError(path, *mark, message)])
+
+    def record(pointer: str, mark: tuple[int, int], is_key: bool, keep: bool) -> None:
+        log.append((pointer, mark, is_key))
+        if keep:
+            (key_positions if is_key else positions).setdefault(pointer, mark)
+
+    def place(value: Any, raw: str | None, mark: tuple[int, int]) -> None:
+        """Hand a finished node to its parent."""
+        if not stack:
+            root.append(value)
+            return
+        parent = stack[-1]
+        if isinstance(parent.container, list):
+            parent.container.append(value)
+            return
+        if parent.key is None:  # this node is a key
+            if raw is None:
+                if parent.keep:
+                    errors.append(SpecError(path, *mark, "mapping keys must be plain strings", parent.pointer))
+                parent.key, parent.skip = _NON_SCALAR_KEY, True
+                return
+            child = f"{parent.pointer}/{_escape(raw)}"
+            if raw in parent.seen:
+                if parent.keep:
                     errors.append(SpecError(
-                        path, *_mark(key_node),
-                        f"duplicate key {key!r} (first defined on line {first_seen[key]})", child))
-                    continue
-                first_seen[key] = _mark(key_node)[0]
-                key_positions[child] = _mark(key_node)
-                result[key] = walk(value_node, child)
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            return [walk(item, f"{pointer}/{index}") for index, item in enumerate(node.value)]
-        assert isinstance(node, yaml.ScalarNode)
-        return _scalar(node)
+                        path, *mark, f"duplicate key {raw!r} (first defined on line {parent.seen[raw]})", child))
+                parent.key, parent.skip = raw, True
+                return
+            parent.seen[raw] = mark[0]
+            record(child, mark, True, parent.keep)
+            parent.key, parent.skip = raw, False
+            return
+        if not parent.skip:
+            parent.container[parent.key] = value
+        parent.key = None
 
-    value = walk(root, "")
+    def slot() -> tuple[str, bool, bool]:
+        """(pointer, keep, is_key) of the node that starts now."""
+        if not stack:
+            return "", True, False
+        parent = stack[-1]
+        if isinstance(parent.container, list):
+            return f"{parent.pointer}/{len(parent.container)}", parent.keep, False
+        if parent.key is None:
+            return parent.pointer, False, True
+        return f"{parent.pointer}/{_escape(parent.key)}", parent.keep and not parent.skip, False
+
+    loader.get_event()  # StreamStartEvent
+    if loader.check_event(yaml.StreamEndEvent):
+        raise fail((1, 1), "file holds no YAML document")
+    loader.get_event()  # DocumentStartEvent
+    while True:
+        event = loader.get_event()
+        cls = type(event)
+        if cls is yaml.DocumentEndEvent:
+            break
+        mark = _mark(event)
+        if cls is yaml.ScalarEvent:
+            pointer, keep, is_key = slot()
+            nodes += 1
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+            value = _scalar(tag, event.value)
+            if not is_key:
+                record(pointer, mark, False, keep)
+                if keep and not isinstance(value, str):
+                    raw_scalars[pointer] = event.value
+            if event.anchor is not None:
+                anchors[event.anchor] = _Anchor(value, event.value, [("", mark, False)], 1)
+            place(value, event.value, mark)
+        elif cls is yaml.MappingStartEvent or cls is yaml.SequenceStartEvent:
+            if len(stack) >= MAX_DEPTH:
+                raise fail(mark, f"YAML nesting is deeper than {MAX_DEPTH} levels")
+            pointer, keep, is_key = slot()
+            nodes += 1
+            frame = _Frame({} if cls is yaml.MappingStartEvent else [], pointer, keep, mark, is_key)
+            if event.anchor is not None:
+                frame.anchor, frame.log_start, frame.nodes_start = event.anchor, len(log), nodes - 1
+            if not is_key:
+                record(pointer, mark, False, keep)
+            stack.append(frame)
+        elif cls is yaml.MappingEndEvent or cls is yaml.SequenceEndEvent:
+            frame = stack.pop()
+            if frame.anchor is not None:
+                cut = len(frame.pointer)
+                entries = [(p[cut:], m, k) for p, m, k in log[frame.log_start:]]
+                anchors[frame.anchor] = _Anchor(frame.container, None, entries, nodes - frame.nodes_start)
+            place(frame.container, None, frame.mark)
+        elif cls is yaml.AliasEvent:
+            anchor = anchors.get(event.anchor)
+            if anchor is None:
+                raise fail(mark, f"YAML syntax error: found undefined alias {event.anchor!r}")
+            expanded += anchor.size
+            if expanded > MAX_NODES:
+                raise fail(mark, f"aliases expand to more than {MAX_NODES} nodes (alias expansion bomb?)")
+            nodes += anchor.size
+            pointer, keep, is_key = slot()
+            if not is_key:
+                for rel, entry_mark, entry_is_key in anchor.entries:
+                    record(pointer + rel, entry_mark, entry_is_key, keep)
+            place(anchor.value, anchor.raw, mark)
+        else:  # pragma: no cover - the parser emits nothing else inside a document
+            raise fail(mark, f"unexpected YAML event {cls.__name__}")
+    if not loader.check_event(yaml.StreamEndEvent):
+        extra = loader.get_event()
+        raise fail(_mark(extra), "file holds more than one YAML document; put one spec per file")
     if errors:
         raise _FileErrors(errors)
-    return _Document(path, value, positions, key_positions)
+    return _Document(path, root[0] if root else None, positions, key_positions, raw_scalars)
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of character ``index`` in ``text``."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _codepoint(character: int | str) -> str:
+    return f"U+{character if isinstance(character, int) else ord(character[:1] or chr(0)):04X}"
 
 
 def _compose(path: str, data: bytes) -> _Document:
     if len(data) > MAX_FILE_BYTES:
-        raise _FileErrors([SpecError(path, 1, 1, f"file is larger than {MAX_FILE_BYTES // 1024} KiB")])
+        raise _FileErrors([SpecError(path, 1, 1, f"file is larger than {MAX_FILE_BYTES // 1024} KiB ({MAX_FILE_BYTES} bytes)")])
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise _FileErrors([SpecError(path, line, column, f"file is not valid UTF-8 (byte 0x{data[e.start]:02x})")]) from None
+        start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        valid = data[start:e.start].decode("utf-8")  # everything before the bad byte decoded fine
+        line, column = _position(valid, len(valid))
+        raise _FileErrors([SpecError(path, line, column, f"file is not valid UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8")]) from None
     loader = _Loader(text)
     try:
-        root = loader.get_node() if loader.check_node() else None
-        if root is None:
-            raise _FileErrors([SpecError(path, 1, 1, "file holds no YAML document")])
-        if loader.check_node():
-            extra = loader.get_node()
-            line, column = _mark(extra) if extra is not None else (1, 1)
-            raise _FileErrors([SpecError(path, line, column, "file holds more than one YAML document; put one spec per file")])
+        return _build(path, loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = e.problem or e.context or "invalid YAML"
-        raise _FileErrors([SpecError(path, line, column, f"YAML syntax error: {problem}")]) from None
+        message = f"YAML syntax error: {e.problem or e.context or 'invalid YAML'}"
+        if e.problem and e.context and e.context_mark and (e.context_mark.line, e.context_mark.column) != (mark.line, mark.column):
+            message += f" ({e.context} started at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        raise _FileErrors([SpecError(path, line, column, message)]) from None
+    except yaml.reader.ReaderError as e:
+        line, column = _position(text, min(e.position, len(text)))
+        raise _FileErrors([SpecError(path, line, column, f"YAML syntax error: {e.reason} (character {_codepoint(e.character)})")]) from None
     except yaml.YAMLError as e:
         raise _FileErrors([SpecError(path, 1, 1, f"YAML error: {e}")]) from None
     finally:
         loader.dispose()
-    return _to_value(path, root)
 
 
 # ---------------------------------------------------------------- schemas
@@ -388,18 +522,34 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _schema_message(error: ValidationError, pointer: str) -> str:
+# What the schemas' patterns mean, in words; a pattern not listed here is shown as is.
+_PATTERN_MEANINGS = {
+    NAME_PATTERN.pattern: "is not a valid name: use lower-case letters, digits, '.' and '-', "
+                          "starting and ending with a letter or digit, at most 63 characters",
+    "^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$": "is not a valid version: use letters, digits and '._+~-', "
+                                           "starting with a letter or digit, at most 64 characters",
+    "^[0-9a-f]{64}$": "is not a SHA-256 digest: 64 lower-case hexadecimal digits",
+    "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$":
+        "is not an RFC 3339 date-time with an offset, such as \"2027-04-01T09:00:00+09:00\"",
+    "^(100|[1-9]?[0-9])%$": "is not a percentage from \"0%\" to \"100%\"",
+    "^https?://": "is not an http:// or https:// URL",
+}
+
+
+def _schema_message(error: ValidationError, pointer: str, raw: str | None = None) -> str:
     field_name = pointer.rsplit("/", 1)[-1] or "document"
     where = pointer or "/"
     kind = error.validator
     if kind == "type":
         expected = error.validator_value
-        message = f"{where}: expected {expected}, got {_describe(error.instance)}"
-        if expected == "string" and isinstance(error.instance, (int, float)):
-            message += " (quote it in YAML, e.g. \"23.01\")"
+        got = raw if raw is not None else _describe(error.instance)
+        message = f"{where}: expected {expected}, got {got}"
+        if expected == "string" and isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool):
+            message += f" (YAML reads it as a number; quote it: \"{raw if raw is not None else error.instance}\")"
         return message
     if kind == "pattern":
-        return f"{where}: {_describe(error.instance)} does not match {error.validator_value}"
+        meaning = _PATTERN_MEANINGS.get(error.validator_value, f"does not match {error.validator_value}")
+        return f"{where}: {_describe(error.instance)} {meaning}"
     if kind == "enum":
         allowed = ", ".join(str(v) for v in error.validator_value)
         return f"{where}: {_describe(error.instance)} is not one of: {allowed}"
@@ -437,10 +587,17 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
             if pointer.endswith("/artifact"):
                 found.append(doc.error(pointer, f"{pointer}: {_artifact_message(error.instance)}"))
                 continue
+            if pointer.endswith("/maxFailures"):
+                found.append(doc.error(pointer, f"{pointer}: must be a count (0 or more) or a percentage "
+                                                f"from \"0%\" to \"100%\", got {_describe(error.instance)}"))
+                continue
             if error.context:
-                deepest = best_match(error.context)
+                # The alternatives of the instance's own type say what is wrong with it;
+                # "expected integer" from a string-only branch would mislead.
+                relevant = [e for e in error.context if e.validator != "type"] or list(error.context)
+                deepest = best_match(relevant)
                 sub_pointer = _pointer(deepest.absolute_path)
-                found.append(doc.error(sub_pointer, _schema_message(deepest, sub_pointer)))
+                found.append(doc.error(sub_pointer, _schema_message(deepest, sub_pointer, doc.raw_scalars.get(sub_pointer))))
                 continue
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = set(error.schema.get("properties", {}))
@@ -452,9 +609,14 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
         if error.validator == "required" and isinstance(error.instance, dict):
             for key in error.validator_value:
                 if key not in error.instance:
-                    found.append(doc.error(pointer, f"{pointer or '/'}: missing required field {key!r}"))
+                    found.append(doc.error(pointer, f"{pointer or '/'}: missing required field {key!r}", at_key=True))
             continue
-        found.append(doc.error(pointer, _schema_message(error, pointer)))
+        message = _schema_message(error, pointer, doc.raw_scalars.get(pointer))
+        if pointer.startswith("/spec/destinations/") and kind is Kind.JOB:
+            spec = doc.value.get("spec")
+            clients = isinstance(spec, dict) and spec.get("destinationType") == DestinationType.CLIENTS.value
+            message = message.replace("is not a valid name", "is not a valid client id" if clients else "is not a valid relay name")
+        found.append(doc.error(pointer, message))
     return sorted(set(found))
 
 
@@ -527,8 +689,8 @@ def _build_topology(doc: _Document) -> tuple[Topology, list[SpecError]]:
     # Every relay must reach HQ by following parents; otherwise it sits on a
     # cycle or hangs below one. Self-parents and unknown parents are reported above.
     for index, relay in enumerate(relays):
-        if relay.parent == relay.name or (relay.parent != hq and relay.parent not in parents):
-            continue
+        if relay.name == hq or relay.parent == relay.name or (relay.parent != hq and relay.parent not in parents):
+            continue  # reported above; a relay with HQ's name would also look like a cycle through HQ
         chain = [relay.name]
         current = relay.parent
         while current != hq and current in parents and current not in chain:
@@ -633,7 +795,21 @@ def is_spec_path(path: str) -> bool:
     return path.startswith((PACKAGES_DIR, JOBS_DIR)) and path.endswith(SPEC_SUFFIXES)
 
 
+def _package_identity(doc: _Document | None) -> tuple[str, str] | None:
+    """(name, version) of a package file, even one that failed validation, if it says."""
+    spec = doc.value.get("spec") if doc is not None and isinstance(doc.value, dict) else None
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("version"), str):
+        return spec["name"], spec["version"]
+    return None
+
+
 def _parse_file(path: str, data: bytes) -> tuple[_Document | None, list[SpecError]]:
+    doc, errors = _parse_file_checked(path, data)
+    return (doc if not errors else None), errors
+
+
+def _parse_file_checked(path: str, data: bytes) -> tuple[_Document | None, list[SpecError]]:
+    """The composed document (if the YAML is readable) and the file's own errors."""
     try:
         doc = _compose(path, data)
     except _FileErrors as e:
@@ -654,8 +830,7 @@ def _parse_file(path: str, data: bytes) -> tuple[_Document | None, list[SpecErro
     if kind != expected.value:
         home = {"Topology": "topology.yaml", "Package": "packages/", "Job": "jobs/"}[kind]
         return None, [doc.error("/kind", f"kind {kind} does not belong in {path}; {kind} specs live in {home}")]
-    errors = _schema_errors(doc, expected)
-    return (doc if not errors else None), errors
+    return doc, _schema_errors(doc, expected)
 
 
 # ----------------------------------------------------------- whole repo
@@ -674,12 +849,21 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
     packages: list[tuple[_Document, Package]] = []
     jobs: list[tuple[_Document, Job]] = []
 
+    # (name, version) of every package file that says so, valid or not: a job
+    # naming a package whose file has an error gets that file's error, not a
+    # second "no such package" one.
+    declared: set[tuple[str, str]] = set()
+
     for path in sorted(files):
         if not is_spec_path(path):
             continue
-        doc, file_errors = _parse_file(path, files[path])
+        doc, file_errors = _parse_file_checked(path, files[path])
         errors.extend(file_errors)
-        if doc is None:
+        if _expected_kind(path) is Kind.PACKAGE:
+            identity = _package_identity(doc)
+            if identity is not None:
+                declared.add(identity)
+        if doc is None or file_errors:
             continue
         docs[path] = doc
         kind = _expected_kind(path)
@@ -717,15 +901,16 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
         else:
             first_version[key] = doc.path
 
-    names = {p.name for _, p in packages}
+    declared_names = {name for name, _ in declared}
     for doc, job in jobs:
-        pointer = "/spec/package"
-        if job.package_version is not None and (job.package_name, job.package_version) not in first_version:
-            known = sorted(p.version for _, p in packages if p.name == job.package_name)
-            hint = f" (known versions: {', '.join(known)})" if known else ""
-            errors.append(doc.error(f"{pointer}/version", f"{pointer}: no package {job.package_name} {job.package_version}{hint}"))
-        elif job.package_name not in names:
-            errors.append(doc.error(f"{pointer}/name", f"{pointer}/name: no package named {job.package_name!r}"))
+        if job.package_name not in declared_names:
+            errors.append(doc.error("/spec/package/name", f"/spec/package/name: no package named {job.package_name!r}"))
+        elif job.package_version is not None and (job.package_name, job.package_version) not in declared:
+            known = sorted({v for n, v in declared if n == job.package_name}, key=version_key)
+            errors.append(doc.error(
+                "/spec/package/version",
+                f"/spec/package/version: no package {job.package_name} {job.package_version} "
+                f"(known versions: {', '.join(known)})"))
         if topology is not None and job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
             relay_names = {r.name for r in topology.relays}
             for index, destination in enumerate(job.destinations):

@@ -1,0 +1,160 @@
+"""The bad-input corpus: every way a desired-state repo can be rejected.
+
+Each directory under ``tests/bad/`` is a tiny repo holding one mistake (or,
+for ``three-bad-files``, several) and an ``expected.txt`` with the exact
+error lines ``path:line:column: error: <stable part of the message>``. Path,
+line and column must match exactly, in order; the message must contain the
+stable part. Lines starting with ``#`` explain the case.
+
+Two cases need files git cannot be trusted with, so the test makes them in
+the copy it loads: a file over 1 MiB, and a symlink leading out of the repo.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from reconciler.specs import MAX_FILE_BYTES, SpecError, load_repo, parse_repo, read_spec_files
+
+BAD = Path(__file__).parent / "bad"
+CASES = sorted(p.name for p in BAD.iterdir() if p.is_dir())
+EXPECTED_LINE = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+):(?P<column>\d+): error: (?P<message>.+)$")
+
+
+def _pad_past_limit(repo: Path) -> None:
+    target = repo / "packages" / "app-1.0.yaml"
+    text = target.read_text(encoding="utf-8")
+    padding = "# " + "x" * 78 + "\n"
+    count = (MAX_FILE_BYTES - len(text)) // len(padding) + 1
+    target.write_text(text + padding * count, encoding="utf-8")
+    assert target.stat().st_size > MAX_FILE_BYTES
+
+
+def _symlink_outside(repo: Path) -> None:
+    outside = repo.parent / "outside"
+    outside.mkdir()
+    (outside / "payload.txt").write_text("not part of the repo\n", encoding="utf-8")
+    (repo / "artifacts" / "escape").symlink_to(Path("..") / ".." / "outside", target_is_directory=True)
+    assert (repo / "artifacts" / "escape" / "payload.txt").exists()
+
+
+SETUP: dict[str, Callable[[Path], None]] = {
+    "file-too-large": _pad_past_limit,
+    "artifact-symlink-outside": _symlink_outside,
+}
+
+
+def _expected(case: str) -> list[tuple[str, int, int, str]]:
+    rows = []
+    for raw in (BAD / case / "expected.txt").read_text(encoding="utf-8").splitlines():
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        match = EXPECTED_LINE.match(raw)
+        assert match, f"{case}/expected.txt: malformed line {raw!r}"
+        rows.append((match["path"], int(match["line"]), int(match["column"]), match["message"]))
+    return rows
+
+
+def _materialise(case: str, tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    shutil.copytree(BAD / case, repo, ignore=shutil.ignore_patterns("expected.txt"))
+    if case in SETUP:
+        SETUP[case](repo)
+    return repo
+
+
+def test_the_corpus_is_large_and_every_case_expects_an_error() -> None:
+    assert len(CASES) >= 45
+    for case in CASES:
+        assert _expected(case), f"{case}: expected.txt names no error"
+    assert set(SETUP) <= set(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_rejected_at_the_right_place(case: str, tmp_path: Path) -> None:
+    repo = _materialise(case, tmp_path)
+    result = load_repo(repo)
+
+    assert not result.valid
+    assert result.specs is None
+    actual = list(result.errors)
+    expected = _expected(case)
+    shown = "\n".join(str(e) for e in actual)
+    assert len(actual) == len(expected), f"{case}: got\n{shown}"
+    for error, (path, line, column, message) in zip(actual, expected):
+        assert (error.path, error.line, error.column) == (path, line, column), f"{case}: got\n{shown}"
+        assert message in error.message, f"{case}: got\n{shown}"
+        assert str(error).startswith(f"{path}:{line}:{column}: error: ")
+    assert actual == sorted(actual, key=lambda e: (e.path, e.line, e.column))
+
+
+def test_schema_errors_carry_the_json_pointer_of_the_field(tmp_path: Path) -> None:
+    result = load_repo(_materialise("schema-negative-backoff", tmp_path))
+    assert [e.pointer for e in result.errors] == ["/spec/retry/backoffSeconds"]
+    assert result.errors[0].to_json() == {
+        "path": "jobs/install-app.yaml", "line": 11, "column": 21,
+        "pointer": "/spec/retry/backoffSeconds",
+        "message": result.errors[0].message,
+    }
+
+
+def test_a_broken_file_among_good_ones_is_the_only_error(tmp_path: Path) -> None:
+    # The job in three-bad-files/jobs/install-app-2.yaml names the package whose
+    # artifact path is wrong: it must not get a second "no package" error.
+    result = load_repo(_materialise("three-bad-files", tmp_path))
+    assert {e.path for e in result.errors} == {"jobs/install-app.yaml", "packages/app-1.0.yaml", "topology.yaml"}
+
+
+def test_an_alias_bomb_is_stopped_quickly(tmp_path: Path) -> None:
+    levels = ["  a: &a [" + ", ".join(["lol"] * 10) + "]"]
+    for index in range(1, 20):  # 10**20 nodes if expanded
+        prev, name = chr(ord("a") + index - 1), chr(ord("a") + index)
+        levels.append(f"  {name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    text = "apiVersion: reconciler/v1\nkind: Job\nmetadata:\n  name: bomb\nx:\n" + "\n".join(levels) + "\n"
+    start = time.perf_counter()
+    result = parse_repo({"jobs/bomb.yaml": text.encode()}, lambda path: None)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0
+    bomb = [e for e in result.errors if e.path == "jobs/bomb.yaml"]
+    assert len(bomb) == 1 and "alias expansion bomb" in bomb[0].message
+
+
+def test_nesting_as_deep_as_a_file_allows_is_an_error_not_a_crash() -> None:
+    depth = (MAX_FILE_BYTES - 100) // 2
+    text = "apiVersion: reconciler/v1\nkind: Job\nspec: " + "[" * depth + "]" * depth + "\n"
+    start = time.perf_counter()
+    result = parse_repo({"jobs/deep.yaml": text.encode()}, lambda path: None)
+    assert time.perf_counter() - start < 5.0
+    deep = [e for e in result.errors if e.path == "jobs/deep.yaml"]
+    assert len(deep) == 1 and "nesting is deeper than" in deep[0].message
+    assert deep[0].line == 3
+
+
+def test_load_repo_and_parse_repo_agree_on_the_corpus(tmp_path: Path) -> None:
+    # parse_repo is the pure core HQ runs on files read from git; load_repo is
+    # its directory shell. Same input, same errors.
+    for case in ("yaml-duplicate-key", "three-bad-files", "topology-cycle", "job-unknown-package-version"):
+        repo = _materialise(case, tmp_path / case)
+        seen: list[str] = []
+
+        def check(relpath: str, repo: Path = repo, seen: list[str] = seen) -> str | None:
+            seen.append(relpath)
+            return None if (repo / relpath).exists() else "does not exist"
+
+        assert parse_repo(read_spec_files(repo), check).errors == load_repo(repo).errors
+        assert all(not p.startswith("/") for p in seen)
+
+
+def test_every_error_names_a_file_in_the_repo_or_the_missing_topology(tmp_path: Path) -> None:
+    for case in CASES:
+        repo = _materialise(case, tmp_path / case)
+        for error in load_repo(repo).errors:
+            assert isinstance(error, SpecError)
+            assert error.line >= 1 and error.column >= 1
+            assert (repo / error.path).is_file() or error.path == "topology.yaml", f"{case}: {error}"
