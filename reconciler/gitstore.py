@@ -1,0 +1,999 @@
+"""Every read and write of git goes through this module.
+
+Each reconciler keeps a bare mirror of its origin at ``<workdir>/repo.git``:
+``fetch`` copies origin's branches into the mirror's own ``refs/heads/*``
+(so ``git -C repo.git log status/hq`` works there exactly as on the origin),
+specs are read straight from commits with ``ls-tree`` plus one ``cat-file
+--batch`` process (never a checkout), and status is published by building a
+commit with plumbing in a throw-away index and pushing it without force.
+
+Decisions behind it:
+
+* **Credentials never reach disk, argv or a message.** The origin URL is handed
+  to git through ``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n`` environment entries
+  as ``remote.origin.url`` (readable only by our own user), so it is neither
+  stored in the mirror's config nor visible in ``ps``; every failure is wrapped
+  in :class:`GitError` whose text went through :func:`redact_url`.
+* **Single writer per ref, but no blind trust.** ``publish`` asks the origin for
+  the ref's tip (``ls-remote``) before building, so a stale local copy can
+  neither make it report "unchanged" wrongly nor overwrite anything: the push
+  is never forced, and a rejected push is rebuilt on the new tip and retried
+  with jittered backoff.
+* **The mirror is a cache.** It is created atomically (``git init`` in a
+  temporary directory, then ``rename``), so a killed process never leaves a
+  half-made clone behind; one that is unusable anyway is moved aside and
+  recreated, and stale ``*.lock`` files from a killed git are removed when a
+  store opens it (one process per workdir).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+log = logging.getLogger(__name__)
+
+STATUS_PREFIX: Final = "status/"
+
+DEFAULT_IDENTITY: Final = ("reconciler", "reconciler@localhost")
+
+_REPO_DIR: Final = "repo.git"
+_MAX_MESSAGE: Final = 2000
+_CHUNK: Final = 1 << 20
+# Oversized blobs up to this size are streamed through the batch (and cut);
+# bigger ones get a process of their own that is killed after the head.
+_STREAM_LIMIT: Final = 8 << 20
+_EMPTY_TREE: Final = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+
+# Inherited variables that would point git at some other repository or index
+# (for instance when we run inside a git hook).
+_SCRUBBED_ENV: Final = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_NAMESPACE",
+    "GIT_COMMON_DIR",
+    "GIT_CEILING_DIRECTORIES",
+    "GIT_QUARANTINE_PATH",
+)
+
+_URL_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]]+")
+_SCHEME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SHA_RE: Final = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
+_REF_RE: Final = re.compile(r"^[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*$")
+
+
+class GitError(Exception):
+    """A git operation failed. The message never contains credentials."""
+
+
+class PushRejected(GitError):
+    """The origin kept rejecting a non-forced push after every retry."""
+
+
+# --------------------------------------------------------------------------
+# URLs and redaction
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its user-info and query values replaced by ``***``.
+
+    ``https://user:tok@host/x.git`` -> ``https://***@host/x.git``;
+    ``https://host/x.git?token=abc`` -> ``https://host/x.git?token=***``.
+    Local paths and scp-like ``git@host:path`` (no secret in them) are returned
+    unchanged.
+    """
+    if not _SCHEME_RE.match(url):
+        return url
+    scheme, rest = url.split("://", 1)
+    # Split off the authority by hand: urllib would choke on odd ports or
+    # brackets, and a redactor must never raise.
+    end = len(rest)
+    for sep in "/?#":
+        pos = rest.find(sep)
+        if pos != -1:
+            end = min(end, pos)
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    query_start = tail.find("?")
+    if query_start != -1:
+        frag_start = tail.find("#", query_start)
+        query_end = len(tail) if frag_start == -1 else frag_start
+        query = tail[query_start + 1 : query_end]
+        redacted = "&".join(
+            (part.split("=", 1)[0] + "=***") if "=" in part else part
+            for part in query.split("&")
+        )
+        tail = tail[: query_start + 1] + redacted + tail[query_end:]
+    return f"{scheme}://{authority}{tail}"
+
+
+def _url_secrets(url: str) -> list[str]:
+    """Strings of ``url`` that must never appear in a message, raw or decoded."""
+    if not _SCHEME_RE.match(url):
+        return []
+    parts = urllib.parse.urlsplit(url)
+    found: list[str] = []
+    if parts.password:
+        found.append(parts.password)
+    elif parts.username and len(parts.username) >= 8:
+        found.append(parts.username)  # https://<token>@host form
+    for _, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=False):
+        found.append(value)
+    out: list[str] = []
+    for secret in found:
+        for form in (secret, urllib.parse.quote(secret, safe=""), urllib.parse.unquote(secret)):
+            if len(form) >= 3 and form not in out:
+                out.append(form)
+    return sorted(out, key=len, reverse=True)
+
+
+def _redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    text = _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def local_origin_path(origin: str) -> Path | None:
+    """The filesystem path of a local or ``file://`` origin, else None.
+
+    Follows git's own rule: ``scheme://`` is a URL (only ``file`` is local);
+    ``host:path`` with no slash before the first colon is scp-like ssh.
+    """
+    if origin.startswith("file://"):
+        parts = urllib.parse.urlsplit(origin)
+        if parts.netloc not in ("", "localhost"):
+            return None
+        return Path(urllib.parse.unquote(parts.path))
+    if _SCHEME_RE.match(origin):
+        return None
+    colon = origin.find(":")
+    if colon != -1:
+        slash = origin.find("/")
+        is_drive = colon == 1 and origin[0].isalpha()  # C:\repo
+        if not is_drive and (slash == -1 or slash > colon):
+            return None
+    return Path(origin).expanduser().absolute()
+
+
+# --------------------------------------------------------------------------
+# Paths and refs
+
+
+def _check_branch(ref: str) -> str:
+    """Validate a branch name (without ``refs/heads/``); ValueError if unsafe."""
+    if (
+        not _REF_RE.match(ref)
+        or ref.startswith("-")
+        or ".." in ref
+        or any(c.startswith(".") or c.endswith(".lock") for c in ref.split("/"))
+        or ref.endswith(".")
+    ):
+        raise ValueError(f"invalid branch name {ref!r}")
+    return ref
+
+
+def _norm_path(path: str) -> str:
+    """Repo-relative posix path without ``./`` or trailing ``/``; "" is the root."""
+    if path.startswith("/") or "\0" in path:
+        raise ValueError(f"not a repo-relative path: {path!r}")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"path leaves the repository: {path!r}")
+    return "/".join(parts)
+
+
+def _check_publish_path(path: str) -> str:
+    parts = path.split("/")
+    if (
+        not path
+        or "\0" in path
+        or any(p in ("", ".", "..") or p.lower() == ".git" for p in parts)
+    ):
+        raise ValueError(f"invalid file path for a status commit: {path!r}")
+    return path
+
+
+def _safe_component(name: str) -> str:
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise GitError(f"refusing to export unsafe tree entry name {name!r}")
+    return name
+
+
+class _TreeEntry:
+    __slots__ = ("mode", "type", "sha", "size", "path")
+
+    def __init__(self, mode: str, type_: str, sha: str, size: int | None, path: str) -> None:
+        self.mode = mode
+        self.type = type_
+        self.sha = sha
+        self.size = size
+        self.path = path
+
+    @property
+    def kind(self) -> str:
+        if self.mode == "040000":
+            return "dir"
+        if self.mode == "120000":
+            return "symlink"
+        if self.mode == "160000":
+            return "submodule"
+        return "file"
+
+
+def _parse_ls_tree(out: bytes, with_size: bool) -> list[_TreeEntry]:
+    entries: list[_TreeEntry] = []
+    for record in out.split(b"\0"):
+        if not record:
+            continue
+        meta, _, raw_path = record.partition(b"\t")
+        fields = meta.decode("ascii").split()
+        size: int | None = None
+        if with_size:
+            size = None if fields[3] == "-" else int(fields[3])
+        entries.append(
+            _TreeEntry(fields[0], fields[1], fields[2], size, raw_path.decode("utf-8", "surrogateescape"))
+        )
+    return entries
+
+
+# --------------------------------------------------------------------------
+# The store
+
+
+class GitStore:
+    """A reconciler's view of its origin: a bare mirror it fetches, reads and pushes from.
+
+    ``origin`` is a local path, a ``file://`` URL or any URL git understands
+    (credentials in it, in git's credential helpers or in git config).
+    Thread-safe: every method runs its own git processes.
+    """
+
+    def __init__(
+        self,
+        origin: str,
+        workdir: Path,
+        *,
+        push_attempts: int = 5,
+        backoff_seconds: float = 0.05,
+        network_timeout: float = 300.0,
+    ) -> None:
+        self.origin = origin
+        self.workdir = Path(workdir)
+        self.repo_path = self.workdir / _REPO_DIR
+        self.push_attempts = max(1, push_attempts)
+        self.backoff_seconds = backoff_seconds
+        self.network_timeout = network_timeout
+        self._secrets = _url_secrets(origin)
+        self._lock = threading.Lock()
+        self._ready = False
+        self._identity: dict[str, str] | None = None
+        self._env = self._make_env()
+
+    def __repr__(self) -> str:
+        return f"GitStore(origin={redact_url(self.origin)!r}, workdir={str(self.workdir)!r})"
+
+    # -- process plumbing ---------------------------------------------------
+
+    def _make_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+        env["GIT_TERMINAL_PROMPT"] = "0"
+        env["LC_ALL"] = "C"
+        env["LANGUAGE"] = "C"
+        # The origin (with any credentials) reaches git only through the
+        # environment: never argv (visible in ps), never the mirror's config.
+        try:
+            n = int(env.get("GIT_CONFIG_COUNT", "0"))
+        except ValueError:
+            n = 0
+        origin_url = self.origin
+        local = local_origin_path(self.origin)
+        if local is not None and not self.origin.startswith("file://"):
+            origin_url = str(local)
+        env[f"GIT_CONFIG_KEY_{n}"] = "remote.origin.url"
+        env[f"GIT_CONFIG_VALUE_{n}"] = origin_url
+        env["GIT_CONFIG_COUNT"] = str(n + 1)
+        return env
+
+    def _fail(self, what: str, detail: str | bytes) -> GitError:
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        detail = " ".join(line.strip() for line in detail.splitlines() if line.strip())
+        if len(detail) > _MAX_MESSAGE:
+            detail = detail[:_MAX_MESSAGE] + " …"
+        msg = f"git {what} failed: {detail or 'no output'} (origin {redact_url(self.origin)})"
+        return GitError(_redact_text(msg, self._secrets))
+
+    def _git(
+        self,
+        *args: str,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+        network: bool = False,
+        git_dir: Path | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        cmd = ["git", f"--git-dir={git_dir or self.repo_path}", *args]
+        full_env = self._env if env is None else {**self._env, **env}
+        try:
+            proc = subprocess.run(
+                cmd,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                capture_output=True,
+                env=full_env,
+                timeout=self.network_timeout if network else None,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise self._fail(args[0], f"timed out after {e.timeout:.0f}s") from None
+        except OSError as e:
+            raise self._fail(args[0], str(e)) from None
+        if check and proc.returncode != 0:
+            raise self._fail(args[0], proc.stderr or proc.stdout)
+        return proc
+
+    def _out(self, *args: str, input: bytes | None = None, env: Mapping[str, str] | None = None) -> str:
+        return self._git(*args, input=input, env=env).stdout.decode("utf-8", "surrogateescape").strip()
+
+    # -- the mirror ---------------------------------------------------------
+
+    def _ensure_repo(self) -> None:
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise GitError(f"cannot create workdir {self.workdir}: {e}") from None
+            self._remove_stale_temp_dirs()
+            if self.repo_path.exists() and not self._usable(self.repo_path):
+                trash = self.workdir / f".{_REPO_DIR}.broken-{uuid.uuid4().hex[:8]}"
+                log.warning("git mirror %s is unusable; recreating it", self.repo_path)
+                os.replace(self.repo_path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            if not self.repo_path.exists():
+                self._create_repo()
+            else:
+                self._remove_stale_locks()
+            self._ready = True
+
+    def _usable(self, path: Path) -> bool:
+        if not (path / "HEAD").is_file() or not (path / "objects").is_dir():
+            return False
+        proc = self._git("rev-parse", "--is-bare-repository", check=False, git_dir=path)
+        return proc.returncode == 0 and proc.stdout.strip() == b"true"
+
+    def _create_repo(self) -> None:
+        tmp = self.workdir / f".{_REPO_DIR}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self._git("init", "--quiet", "--bare", "--initial-branch=main", str(tmp), git_dir=tmp)
+            # Auto-gc runs inside the git command that triggered it: nothing
+            # outlives the reconciler, and a kill stops it with its parent.
+            self._git("config", "gc.autoDetach", "false", git_dir=tmp)
+            os.rename(tmp, self.repo_path)  # atomic: the mirror exists whole or not at all
+        except OSError as e:
+            if not self._usable(self.repo_path):  # else: someone else just made it
+                raise GitError(f"cannot create git mirror {self.repo_path}: {e}") from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remove_stale_temp_dirs(self) -> None:
+        for path in self.workdir.glob(f".{_REPO_DIR}.*.tmp"):
+            try:
+                pid = int(path.name.split(".")[3])
+            except (IndexError, ValueError):
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_stale_locks(self) -> None:
+        # A git killed mid-update leaves "<ref>.lock" behind and every later
+        # update of that ref would fail; the mirror is ours alone, so any lock
+        # found at open time is stale.
+        candidates = list((self.repo_path / "refs").rglob("*.lock"))
+        candidates += [self.repo_path / n for n in ("packed-refs.lock", "HEAD.lock", "config.lock", "shallow.lock")]
+        for lock in candidates:
+            try:
+                lock.unlink()
+                log.info("removed stale git lock %s", lock)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove stale git lock %s: %s", lock, e)
+
+    # -- refs ---------------------------------------------------------------
+
+    def fetch(self) -> None:
+        """Copy every origin branch into the mirror's refs/heads, pruning deleted ones."""
+        self._ensure_repo()
+        self._git(
+            "fetch", "--quiet", "--prune", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
+            "origin", "+refs/heads/*:refs/heads/*",
+            network=True,
+        )
+
+    def ref_sha(self, ref: str) -> str | None:
+        """Commit sha of origin's branch ``ref`` as of the last fetch, None if absent."""
+        _check_branch(ref)
+        self._ensure_repo()
+        proc = self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{ref}^{{commit}}", check=False)
+        if proc.returncode != 0:
+            return None
+        return proc.stdout.decode("ascii").strip()
+
+    def list_status_refs(self) -> dict[str, str]:
+        """``{name: sha}`` for every ``status/<name>`` branch as of the last fetch."""
+        self._ensure_repo()
+        prefix = f"refs/heads/{STATUS_PREFIX}"
+        out = self._out("for-each-ref", "--format=%(objectname) %(refname)", prefix)
+        refs: dict[str, str] = {}
+        for line in out.splitlines():
+            sha, _, name = line.partition(" ")
+            refs[name[len(prefix):]] = sha
+        return refs
+
+    # -- reading at a commit ------------------------------------------------
+
+    def _commit(self, commit: str) -> str:
+        """Resolve ``commit`` (a sha or a mirrored branch name) to a commit sha."""
+        if not commit or commit.startswith("-"):
+            raise GitError(f"invalid commit {commit!r}")
+        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}", check=False)
+        if proc.returncode != 0:
+            raise GitError(f"commit {commit!r} is not in the mirror of {redact_url(self.origin)} (fetch first?)")
+        return proc.stdout.decode("ascii").strip()
+
+    def _entry(self, commit: str, path: str) -> _TreeEntry | None:
+        self._ensure_repo()
+        sha = self._commit(commit)
+        path = _norm_path(path)
+        if not path:
+            tree = self._out("rev-parse", f"{sha}^{{tree}}")
+            return _TreeEntry("040000", "tree", tree, None, "")
+        out = self._git("ls-tree", "-z", "--full-tree", sha, "--", path).stdout
+        for entry in _parse_ls_tree(out, with_size=False):
+            if entry.path == path:
+                return entry
+        return None
+
+    def read_files(
+        self, commit: str, prefixes: Sequence[str] = ("",), max_size: int | None = None
+    ) -> dict[str, bytes]:
+        """Regular files at ``commit`` whose path starts with one of ``prefixes``.
+
+        Prefixes are plain string prefixes of the repo-relative posix path
+        (``"packages/"``, ``"topology.yaml"``; ``""`` is everything). Symlinks
+        and submodules are not file content and are left out (see
+        :meth:`path_kind`). A file larger than ``max_size`` comes back cut to
+        ``max_size + 1`` bytes, so the caller can report "too large" without
+        the whole blob being read.
+        """
+        if isinstance(prefixes, str):
+            prefixes = (prefixes,)
+        self._ensure_repo()
+        sha = self._commit(commit)
+        out = self._git("ls-tree", "-r", "-l", "-z", "--full-tree", sha).stdout
+        wanted = [
+            e
+            for e in _parse_ls_tree(out, with_size=True)
+            if e.mode in ("100644", "100755", "100664")
+            and any(e.path.startswith(p) for p in prefixes)
+        ]
+        limit = None if max_size is None else max_size + 1
+        result: dict[str, bytes] = {}
+        batched: list[_TreeEntry] = []
+        for entry in wanted:
+            if limit is not None and entry.size is not None and entry.size > max(limit, _STREAM_LIMIT):
+                # Really big (an artifact): read its head in a process of its
+                # own and kill it, rather than pipe the whole blob through.
+                result[entry.path] = self._read_head(entry.sha, limit)
+            else:
+                batched.append(entry)
+        unique = sorted({e.sha for e in batched})
+        blobs: dict[str, bytearray] = {s: bytearray() for s in unique}
+
+        def sink(index: int, size: int) -> Callable[[bytes], object]:
+            buf = blobs[unique[index]]
+            if limit is None or size <= limit:
+                return buf.extend
+
+            def keep_head(chunk: bytes) -> None:
+                if len(buf) < limit:
+                    buf.extend(chunk[: limit - len(buf)])
+
+            return keep_head
+
+        self._cat_batch(unique, sink)
+        for entry in batched:
+            result[entry.path] = bytes(blobs[entry.sha])
+        return dict(sorted(result.items()))
+
+    def read_file(self, commit: str, path: str) -> bytes | None:
+        """Content of the regular file ``path`` at ``commit``; None if there is none."""
+        entry = self._entry(commit, path)
+        if entry is None or entry.kind != "file":
+            return None
+        return self._git("cat-file", "blob", entry.sha).stdout
+
+    def path_kind(self, commit: str, path: str) -> str | None:
+        """``"file"``, ``"dir"``, ``"symlink"`` (or ``"submodule"``) at ``commit``; None if absent."""
+        entry = self._entry(commit, path)
+        return None if entry is None else entry.kind
+
+    def symlink_target(self, commit: str, path: str) -> str | None:
+        """The target of the symlink at ``path``; None if ``path`` is not a symlink."""
+        entry = self._entry(commit, path)
+        if entry is None or entry.kind != "symlink":
+            return None
+        return self._git("cat-file", "blob", entry.sha).stdout.decode("utf-8", "surrogateescape")
+
+    def export_path(self, commit: str, path: str, dest: Path) -> None:
+        """Write the file, symlink or directory tree at ``path`` to ``dest``.
+
+        Executable bits and symlinks are preserved (a link's target is written
+        as is; whoever unpacks it decides whether it may escape). A directory
+        is written into ``dest`` (created if needed); a file or symlink
+        replaces ``dest``. Submodules cannot be exported.
+        """
+        entry = self._entry(commit, path)
+        if entry is None:
+            raise GitError(f"{path!r} does not exist at {commit}")
+        dest = Path(dest)
+        try:
+            if entry.kind == "dir":
+                self._export_tree(entry.sha, dest)
+            elif entry.kind in ("file", "symlink"):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._export_entries([(entry, dest)], atomic=True)
+            else:
+                raise GitError(f"{path!r} at {commit} is a submodule and cannot be exported")
+        except OSError as e:
+            raise GitError(f"cannot export {path!r} to {dest}: {e}") from None
+
+    def _export_tree(self, tree: str, dest: Path) -> None:
+        out = self._git("ls-tree", "-r", "-z", tree).stdout
+        dest.mkdir(parents=True, exist_ok=True)
+        targets: list[tuple[_TreeEntry, Path]] = []
+        for entry in _parse_ls_tree(out, with_size=False):
+            if entry.kind == "submodule":
+                raise GitError(f"submodule {entry.path!r} cannot be exported")
+            parts = [_safe_component(p) for p in entry.path.split("/")]
+            target = dest.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            targets.append((entry, target))
+        self._export_entries(targets, atomic=False)
+
+    def _export_entries(self, targets: list[tuple[_TreeEntry, Path]], atomic: bool) -> None:
+        # Files first, symlinks last: nothing is ever written through a link
+        # this export created.
+        files = [t for t in targets if t[0].kind == "file"]
+        links = [t for t in targets if t[0].kind == "symlink"]
+        current: list[BinaryIO] = []  # the one file being written, if any
+        written: list[tuple[Path, Path, int]] = []
+
+        def sink(index: int, size: int) -> Callable[[bytes], object]:
+            entry, target = files[index]
+            if current:
+                current.pop().close()
+            if not atomic and (target.is_symlink() or target.is_dir()):
+                raise GitError(f"cannot export over {target}")
+            write_to = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp") if atomic else target
+            written.append((write_to, target, 0o755 if entry.mode == "100755" else 0o644))
+            current.append(open(write_to, "wb"))  # noqa: SIM115 - closed by the next sink call or below
+            return current[0].write
+
+        try:
+            self._cat_batch([e.sha for e, _ in files], sink)
+        except BaseException:
+            if atomic:
+                for write_to, target, _ in written:
+                    write_to.unlink(missing_ok=True)
+            raise
+        finally:
+            if current:
+                current.pop().close()
+        for write_to, target, mode in written:
+            os.chmod(write_to, mode)
+            if write_to != target:
+                os.replace(write_to, target)
+        if links:
+            link_targets: list[bytearray] = [bytearray() for _ in links]
+            self._cat_batch([e.sha for e, _ in links], lambda i, size: link_targets[i].extend)
+            for (_, target), raw in zip(links, link_targets):
+                if target.is_symlink() or target.is_file():
+                    target.unlink()
+                os.symlink(bytes(raw).decode("utf-8", "surrogateescape"), target)
+
+    def _cat_batch(self, shas: Sequence[str], sink: Callable[[int, int], Callable[[bytes], object]]) -> None:
+        """Stream blobs through one ``git cat-file --batch``; ``sink(i, size)`` returns a writer."""
+        if not shas:
+            return
+        cmd = ["git", f"--git-dir={self.repo_path}", "cat-file", "--batch"]
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self._env
+            )
+        except OSError as e:
+            raise self._fail("cat-file", str(e)) from None
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        request = "".join(f"{s}\n" for s in shas).encode("ascii")
+        stdin = proc.stdin
+
+        def feed() -> None:  # a thread, so a large request cannot deadlock against git's output
+            try:
+                stdin.write(request)
+            except OSError:
+                pass
+            finally:
+                try:
+                    stdin.close()
+                except OSError:
+                    pass
+
+        feeder = threading.Thread(target=feed, name="git-cat-file-feed", daemon=True)
+        feeder.start()
+        ok = False
+        try:
+            for index, sha in enumerate(shas):
+                header = proc.stdout.readline().decode("ascii", "replace").split()
+                if len(header) != 3 or header[0] != sha:
+                    raise self._fail("cat-file", f"object {sha} unreadable: {' '.join(header) or 'no output'}")
+                size = int(header[2])
+                write = sink(index, size)
+                remaining = size
+                while remaining:
+                    chunk = proc.stdout.read(min(remaining, _CHUNK))
+                    if not chunk:
+                        raise self._fail("cat-file", f"object {sha} cut short")
+                    write(chunk)
+                    remaining -= len(chunk)
+                proc.stdout.read(1)  # the newline after each object
+            ok = True
+        finally:
+            if not ok:
+                proc.kill()
+            feeder.join()
+            proc.stdout.close()
+            stderr = proc.stderr.read()
+            proc.stderr.close()
+            code = proc.wait()
+        if code != 0:
+            raise self._fail("cat-file", stderr)
+
+    def _read_head(self, sha: str, n: int) -> bytes:
+        """The first ``n`` bytes of a blob, without streaming the rest of it."""
+        cmd = ["git", f"--git-dir={self.repo_path}", "cat-file", "blob", sha]
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self._env
+            )
+        except OSError as e:
+            raise self._fail("cat-file", str(e)) from None
+        assert proc.stdout is not None
+        try:
+            data = bytearray()
+            while len(data) < n:
+                chunk = proc.stdout.read(n - len(data))
+                if not chunk:
+                    break
+                data.extend(chunk)
+        finally:
+            proc.kill()
+            proc.stdout.close()
+            proc.wait()
+        if len(data) < n:
+            raise self._fail("cat-file", f"object {sha} shorter than its listed size")
+        return bytes(data)
+
+    def commit_info(self, commit: str) -> tuple[str, datetime]:
+        """(subject, committer time as an aware UTC datetime) of ``commit``."""
+        self._ensure_repo()
+        sha = self._commit(commit)
+        out = self._git("log", "-1", "--no-show-signature", "--format=%ct%x00%s", sha, "--").stdout
+        stamp, _, subject = out.rstrip(b"\n").partition(b"\0")
+        when = datetime.fromtimestamp(int(stamp), tz=timezone.utc)
+        return subject.decode("utf-8", "replace"), when
+
+    # -- publishing ---------------------------------------------------------
+
+    def publish(self, ref: str, files: Mapping[str, bytes], message: str) -> str | None:
+        """Make ``files`` the complete tree of origin's branch ``ref``; return the new commit.
+
+        Returns None, committing and pushing nothing, when origin's tip of
+        ``ref`` already has exactly this tree. Only ``status/*`` refs may be
+        written. The push is never forced: when it is rejected the commit is
+        rebuilt on the new tip (re-checking "unchanged") and retried with
+        jittered exponential backoff; :class:`PushRejected` after
+        ``push_attempts`` tries.
+        """
+        _check_branch(ref)
+        if not ref.startswith(STATUS_PREFIX) or ref == STATUS_PREFIX:
+            raise ValueError(f"publish writes only {STATUS_PREFIX}* refs, not {ref!r}")
+        for path in files:
+            _check_publish_path(path)
+        dirs = {path.rsplit("/", i)[0] for path in files for i in range(1, path.count("/") + 1)}
+        if clash := sorted(dirs & set(files)):
+            raise ValueError(f"{clash[0]!r} cannot be both a file and a directory")
+        self._ensure_repo()
+        tree = self._write_tree(files)
+        last_error = ""
+        for attempt in range(self.push_attempts):
+            if attempt:
+                delay = self.backoff_seconds * (2 ** (attempt - 1))
+                time.sleep(delay * random.uniform(0.5, 1.5))
+            tip = self._sync_ref(ref)
+            if tip is not None and self._out("rev-parse", f"{tip}^{{tree}}") == tree:
+                return None
+            commit = self._commit_tree(tree, tip, message)
+            rejected, detail = self._push(commit, ref)
+            if not rejected:
+                self._git("update-ref", f"refs/heads/{ref}", commit)
+                log.info("published %s to %s", commit[:12], ref)
+                return commit
+            last_error = detail
+            log.info("push of %s rejected (attempt %d/%d), rebuilding on the new tip", ref, attempt + 1, self.push_attempts)
+        raise PushRejected(
+            _redact_text(
+                f"push to {ref} on {redact_url(self.origin)} rejected {self.push_attempts} times: {last_error}",
+                self._secrets,
+            )
+        )
+
+    def _write_tree(self, files: Mapping[str, bytes]) -> str:
+        if not files:
+            return self._out("hash-object", "-w", "-t", "tree", "--stdin", input=b"") or _EMPTY_TREE
+        with tempfile.TemporaryDirectory(prefix="publish-", dir=self.workdir) as tmp:
+            paths = sorted(files)
+            blob_files = []
+            for i, path in enumerate(paths):
+                blob = Path(tmp, f"blob{i}")
+                blob.write_bytes(files[path])
+                blob_files.append(str(blob))
+            shas = self._out(
+                "hash-object", "-w", "--no-filters", "--stdin-paths",
+                input=("\n".join(blob_files) + "\n").encode(),
+            ).split()
+            index_env = {"GIT_INDEX_FILE": str(Path(tmp, "index"))}
+            info = b"".join(
+                f"100644 {sha}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"
+                for sha, path in zip(shas, paths)
+            )
+            self._git("update-index", "--add", "-z", "--index-info", input=info, env=index_env)
+            return self._out("write-tree", env=index_env)
+
+    def _sync_ref(self, ref: str) -> str | None:
+        """Origin's current tip of ``ref``, mirrored locally; None if origin has no such branch."""
+        out = self._git("ls-remote", "--heads", "origin", f"refs/heads/{ref}", network=True).stdout
+        remote: str | None = None
+        for line in out.decode("utf-8", "replace").splitlines():
+            sha, _, name = line.partition("\t")
+            if name == f"refs/heads/{ref}":
+                remote = sha
+        local = self.ref_sha(ref)
+        if remote is None:
+            if local is not None:
+                self._git("update-ref", "-d", f"refs/heads/{ref}")
+            return None
+        if remote != local:
+            self._git(
+                "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
+                "origin", f"+refs/heads/{ref}:refs/heads/{ref}",
+                network=True,
+            )
+            return self.ref_sha(ref)
+        return remote
+
+    def _commit_tree(self, tree: str, parent: str | None, message: str) -> str:
+        args = ["commit-tree", "--no-gpg-sign", tree]
+        if parent is not None:
+            args += ["-p", parent]
+        args += ["-F", "-"]
+        return self._out(*args, input=message.encode("utf-8"), env=self._identity_env())
+
+    def _identity_env(self) -> dict[str, str]:
+        if self._identity is None:
+            identity: dict[str, str] = {}
+            for key, field, default in (
+                ("name", "NAME", DEFAULT_IDENTITY[0]),
+                ("email", "EMAIL", DEFAULT_IDENTITY[1]),
+            ):
+                configured = self._git("config", "--get", f"user.{key}", check=False).stdout.strip()
+                if configured:
+                    continue
+                for role in ("AUTHOR", "COMMITTER"):
+                    var = f"GIT_{role}_{field}"
+                    if not self._env.get(var):
+                        identity[var] = default
+            self._identity = identity
+        return self._identity
+
+    def _push(self, commit: str, ref: str) -> tuple[bool, str]:
+        """Push without force. (True, detail) if origin rejected it; raise on any other failure."""
+        proc = self._git(
+            "push", "--porcelain", "--no-verify", "--no-signed", "--quiet",
+            "origin", f"{commit}:refs/heads/{ref}",
+            check=False, network=True,
+        )
+        if proc.returncode == 0:
+            return False, ""
+        stdout = proc.stdout.decode("utf-8", "replace")
+        stderr = proc.stderr.decode("utf-8", "replace")
+        status = [line for line in stdout.splitlines() if line.startswith("!\t")]
+        if status:
+            return True, _redact_text(" ".join(status[0].split("\t")[2:]) or "rejected", self._secrets)
+        raise self._fail("push", stderr or stdout)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------
+# Change watching
+
+
+def _git_dir_of(path: Path) -> Path:
+    dot_git = path / ".git"
+    return dot_git if dot_git.is_dir() else path
+
+
+class _RefsHandler(FileSystemEventHandler):
+    """Turns writes under ``refs/`` or to ``packed-refs`` into a wake-up."""
+
+    # opened / closed_no_write are someone merely reading a ref (our own fetch)
+    _WRITES: Final = frozenset({"created", "deleted", "modified", "moved", "closed"})
+
+    def __init__(self, git_dir: Path, wake: Callable[[], None], lost: Callable[[], None]) -> None:
+        super().__init__()
+        self._refs = str(git_dir / "refs")
+        self._roots = {str(git_dir), self._refs}
+        self._wake = wake
+        self._lost = lost
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in self._WRITES:
+            return
+        src = os.fsdecode(event.src_path)
+        if event.event_type in ("deleted", "moved") and src in self._roots:
+            self._lost()  # the origin was removed or replaced: watch again at the next wait
+            return
+        for path in (src, os.fsdecode(event.dest_path) if event.dest_path else ""):
+            if not path or path.endswith(".lock"):
+                continue  # git's lock files come and go before the ref itself changes
+            if path == self._refs or path.startswith(self._refs + os.sep) or os.path.basename(path) == "packed-refs":
+                self._wake()
+                return
+
+
+class ChangeWatcher:
+    """Wakes a reconcile loop: watchdog on a local origin's refs (reacts at once), an explicit trigger (webhook), or the poll interval as fallback.
+
+    A wake-up is a ``threading.Event``: anything that happens between two
+    ``wait`` calls is kept until the next one, and it is cleared when ``wait``
+    returns, before the caller fetches, so no change can slip between the
+    wake-up and the fetch. If a local origin is deleted and recreated, the
+    watch is re-established at the next ``wait`` (and that counts as a change).
+    """
+
+    def __init__(self, origin: str, poll_interval: float) -> None:
+        self.origin = origin
+        self.poll_interval = poll_interval
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._observer: BaseObserver | None = None
+        self._watched: tuple[int, int] | None = None
+        self._watch_lost = False  # the watched directory itself went away
+        self._started = False
+        self._local = local_origin_path(origin)
+
+    def start(self) -> None:
+        """Watch a local origin's refs; without a local origin, only trigger and poll wake."""
+        with self._lock:
+            self._started = True
+            if self._local is not None:
+                self._rewatch()
+
+    def trigger(self) -> None:
+        """Wake the loop now (thread-safe; the webhook handler calls this)."""
+        self._event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a change, a trigger or ``timeout`` (default: the poll interval).
+
+        True if woken by a change or trigger, False on timeout.
+        """
+        if self._started and self._local is not None:
+            with self._lock:
+                if self._stale():
+                    self._rewatch()
+                    self._event.set()  # the origin appeared or was replaced: that is a change
+        woke = self._event.wait(self.poll_interval if timeout is None else timeout)
+        self._event.clear()
+        return woke
+
+    def stop(self) -> None:
+        """Stop watching; a ``wait`` in progress returns at once."""
+        with self._lock:
+            self._started = False
+            self._stop_observer()
+        self._event.set()
+
+    # -- internals ------------------------------------------------------------
+
+    def _identity(self) -> tuple[int, int] | None:
+        assert self._local is not None
+        try:
+            st = os.stat(_git_dir_of(self._local) / "refs")
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _stale(self) -> bool:
+        # The inode alone is not enough: a recreated directory may reuse it.
+        return self._watch_lost or self._identity() != self._watched
+
+    def _rewatch(self) -> None:
+        self._stop_observer()
+        self._watch_lost = False
+        assert self._local is not None
+        git_dir = _git_dir_of(self._local)
+        identity = self._identity()
+        if identity is None:
+            return  # no origin yet: poll, and look again at the next wait
+        handler = _RefsHandler(git_dir, self._event.set, self._lose_watch)
+        observer = Observer()
+        try:
+            observer.schedule(handler, str(git_dir / "refs"), recursive=True)
+            observer.schedule(handler, str(git_dir), recursive=False)  # packed-refs
+            observer.daemon = True
+            observer.start()
+        except OSError as e:
+            log.warning("cannot watch %s (%s); polling every %ss", git_dir, e, self.poll_interval)
+            return
+        self._observer = observer
+        self._watched = identity
+        self._watch_lost = False
+
+    def _lose_watch(self) -> None:
+        self._watch_lost = True
+        self._event.set()
+
+    def _stop_observer(self) -> None:
+        observer, self._observer = self._observer, None
+        self._watched = None
+        if observer is not None:
+            try:
+                observer.stop()
+                observer.join(timeout=5)
+            except Exception:  # noqa: BLE001 - a dying watch must not break shutdown
+                log.debug("error stopping watchdog observer", exc_info=True)
