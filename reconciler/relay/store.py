@@ -1,0 +1,423 @@
+"""The relay's durable state: SQLite in WAL mode in the relay's workdir.
+
+What lives here is what the relay cannot recompute from git: the clients it
+has registered (token hashes, last reported facts, labels and inventory), every
+operation it dispatched with its outcome, the latest attempt per (job, client)
+(the plan engine's ``History``), and when each row's state last changed (the
+``updatedAt`` of the status files, which must not move while nothing happens).
+
+Decisions behind it:
+
+* **Acknowledged means committed.** The server writes a check-in (the results
+  it acknowledges, the operations it hands out) in one transaction and commits
+  it before the reply is sent. WAL with ``synchronous=NORMAL`` makes a commit
+  durable against the process being killed (``kill -9``, a crash): the WAL is
+  written before ``COMMIT`` returns and only its fsync is deferred. A power
+  loss can roll back the last few commits; run with ``synchronous=FULL``
+  (environment ``RECONCILER_SQLITE_SYNCHRONOUS=FULL``) where that matters
+  more than check-in latency.
+* **One connection per thread, one writer at a time.** SQLite connections are
+  not shared between threads; readers never block in WAL mode. Writers are
+  serialised by a process-wide lock before ``BEGIN IMMEDIATE``, so concurrent
+  check-ins queue on a cheap Python lock instead of SQLite's sleeping busy
+  handler.
+* **Versioned migrations.** ``schema_version`` holds the number of migrations
+  applied; :data:`MIGRATIONS` is append-only. A database written by a newer
+  program is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reconciler.plan import ActionKind, Attempt, Installed, Outcome
+
+DB_NAME = "relay.sqlite3"
+MESSAGE_LIMIT = 4000  # characters of an operation's message kept
+
+
+class StoreError(Exception):
+    """The relay database cannot be used (newer schema, unreadable file)."""
+
+
+# ------------------------------------------------------------------ values
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """One registered client as last reported."""
+
+    id: str
+    token_hash: str
+    facts: Mapping[str, Any]
+    labels: Mapping[str, str]
+    inventory: tuple[Installed, ...]
+    first_seen: datetime
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
+class RowState:
+    state: str
+    since: datetime
+
+
+@dataclass(frozen=True)
+class FinishedOperation:
+    """An operation whose result was recorded by this check-in (not a repeat)."""
+
+    operation_id: str
+    job: str
+    attempt: int
+    outcome: Outcome
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def token_matches(token: str, token_hash: str) -> bool:
+    return hmac.compare_digest(hash_token(token), token_hash)
+
+
+def _ts(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _inventory(raw: str) -> tuple[Installed, ...]:
+    return tuple(Installed(e["name"], e["version"]) for e in json.loads(raw))
+
+
+def inventory_json(installed: Iterable[Installed]) -> str:
+    return _dumps([{"name": i.name, "version": i.version} for i in sorted(installed, key=lambda i: i.name)])
+
+
+# ------------------------------------------------------------------ schema
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE clients (
+            id          TEXT PRIMARY KEY,
+            token_hash  TEXT NOT NULL,
+            facts       TEXT NOT NULL DEFAULT '{}',
+            labels      TEXT NOT NULL DEFAULT '{}',
+            inventory   TEXT NOT NULL DEFAULT '[]',
+            first_seen  REAL NOT NULL,
+            last_seen   REAL NOT NULL
+        ) WITHOUT ROWID""")
+    db.execute("""
+        CREATE TABLE operations (
+            operation_id  TEXT PRIMARY KEY,
+            job           TEXT NOT NULL,
+            client        TEXT NOT NULL,
+            revision      TEXT NOT NULL,
+            rerun         INTEGER NOT NULL,
+            attempt       INTEGER NOT NULL,
+            action        TEXT NOT NULL,
+            version       TEXT,
+            outcome       TEXT NOT NULL,
+            dispatched_at REAL NOT NULL,
+            finished_at   REAL,
+            exit_code     INTEGER,
+            message       TEXT NOT NULL DEFAULT ''
+        )""")
+    db.execute("CREATE INDEX operations_by_client ON operations (client, job)")
+    # The plan engine's History: the latest operation per (job, client).
+    db.execute("""
+        CREATE TABLE latest_attempts (
+            client        TEXT NOT NULL,
+            job           TEXT NOT NULL,
+            operation_id  TEXT NOT NULL,
+            PRIMARY KEY (client, job)
+        ) WITHOUT ROWID""")
+    # When each status row entered its current state (updatedAt).
+    db.execute("""
+        CREATE TABLE row_states (
+            client  TEXT NOT NULL,
+            job     TEXT NOT NULL,
+            state   TEXT NOT NULL,
+            since   REAL NOT NULL,
+            PRIMARY KEY (client, job)
+        ) WITHOUT ROWID""")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1,)
+"""Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
+
+_ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
+                    "o.outcome, o.dispatched_at, o.finished_at, o.message")
+
+
+def _attempt(row: Sequence[Any]) -> Attempt:
+    return Attempt(
+        operation_id=row[0], job=row[1], client=row[2], revision=row[3], rerun=row[4], attempt=row[5],
+        action=ActionKind(row[6]), version=row[7], outcome=Outcome(row[8]),
+        dispatched_at=_dt(row[9]),  # type: ignore[arg-type]
+        finished_at=_dt(row[10]), message=row[11],
+    )
+
+
+# ------------------------------------------------------------------ the store
+
+
+class Store:
+    """The relay database. Thread-safe: each thread gets its own connection."""
+
+    def __init__(self, workdir: Path, *, synchronous: str | None = None) -> None:
+        self.path = Path(workdir) / DB_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mode = (synchronous or os.environ.get("RECONCILER_SQLITE_SYNCHRONOUS") or "NORMAL").upper()
+        if mode not in ("NORMAL", "FULL", "EXTRA"):
+            raise StoreError(f"unsupported synchronous mode {mode!r} (NORMAL, FULL or EXTRA)")
+        self._synchronous = mode
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self.write_lock = threading.Lock()
+        self._migrate()
+
+    # -- connections ---------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            db.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open relay database {self.path}: {e}") from None
+        with self._connections_lock:
+            self._connections.append(db)
+        return db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._connect()
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        """Close every thread's connection (call once the server and loop have stopped)."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed on normal exit (before the caller replies), rolled back on error."""
+        db = self.db
+        with self.write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query inside sees one consistent state."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            db.execute("SELECT 1 FROM schema_version").fetchall()  # pins the snapshot now
+            yield db
+        finally:
+            db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else int(row[0])
+            if row is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (0)")
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path} has schema version {version}, newer than this program knows "
+                    f"({len(MIGRATIONS)}); upgrade the relay or use a new workdir")
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                MIGRATIONS[number - 1](db)
+                db.execute("UPDATE schema_version SET version = ?", (number,))
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT version FROM schema_version").fetchone()[0])
+
+    # -- clients -------------------------------------------------------------
+
+    def token_hash(self, client_id: str) -> str | None:
+        row = self.db.execute("SELECT token_hash FROM clients WHERE id = ?", (client_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def register(self, db: sqlite3.Connection, client_id: str, now: datetime) -> str | None:
+        """Create a client and return its new token; None if it exists already (inside :meth:`write`)."""
+        token = new_token()
+        cursor = db.execute(
+            "INSERT INTO clients (id, token_hash, first_seen, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (id) DO NOTHING",
+            (client_id, hash_token(token), _ts(now), _ts(now)))
+        return token if cursor.rowcount == 1 else None
+
+    def record_report(self, db: sqlite3.Connection, client_id: str, facts: Mapping[str, Any],
+                      labels: Mapping[str, str], inventory: Iterable[Installed], now: datetime) -> bool:
+        """Store what a client reported; True if facts, labels or inventory changed."""
+        facts_json, labels_json, inventory_text = _dumps(facts), _dumps(labels), inventory_json(inventory)
+        cursor = db.execute(
+            "UPDATE clients SET facts = ?, labels = ?, inventory = ?, last_seen = ? WHERE id = ? "
+            "AND (facts IS NOT ? OR labels IS NOT ? OR inventory IS NOT ?)",
+            (facts_json, labels_json, inventory_text, _ts(now), client_id, facts_json, labels_json,
+             inventory_text))
+        if cursor.rowcount:
+            return True
+        db.execute("UPDATE clients SET last_seen = ? WHERE id = ?", (_ts(now), client_id))
+        return False
+
+    def clients(self, db: sqlite3.Connection | None = None) -> list[ClientRecord]:
+        rows = (db or self.db).execute(
+            "SELECT id, token_hash, facts, labels, inventory, first_seen, last_seen FROM clients ORDER BY id")
+        return [
+            ClientRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), _inventory(r[4]),
+                         _dt(r[5]), _dt(r[6]))  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    def client(self, client_id: str, db: sqlite3.Connection | None = None) -> ClientRecord | None:
+        r = (db or self.db).execute(
+            "SELECT id, token_hash, facts, labels, inventory, first_seen, last_seen FROM clients WHERE id = ?",
+            (client_id,)).fetchone()
+        if r is None:
+            return None
+        return ClientRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), _inventory(r[4]),
+                            _dt(r[5]), _dt(r[6]))  # type: ignore[arg-type]
+
+    def client_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM clients").fetchone()[0])
+
+    # -- operations ----------------------------------------------------------
+
+    def record_results(self, db: sqlite3.Connection, client_id: str,
+                       results: Iterable[Mapping[str, Any]], now: datetime) -> list[FinishedOperation]:
+        """Record the outcomes of this client's dispatched operations.
+
+        A result for an operation that already has one, that belongs to another
+        client or that the relay never dispatched is ignored: the agent re-sends
+        results until a reply reaches it, so repeats are normal.
+        """
+        finished: list[FinishedOperation] = []
+        for result in results:
+            outcome = Outcome.SUCCEEDED if result["status"] == "succeeded" else Outcome.FAILED
+            message = str(result.get("message") or "")[:MESSAGE_LIMIT]
+            row = db.execute(
+                "UPDATE operations SET outcome = ?, finished_at = ?, exit_code = ?, message = ? "
+                "WHERE operation_id = ? AND client = ? AND outcome = ? RETURNING job, attempt",
+                (outcome.value, _ts(now), result.get("exitCode"), message, result["operationId"], client_id,
+                 Outcome.DISPATCHED.value)).fetchone()
+            if row is not None:
+                finished.append(FinishedOperation(result["operationId"], row[0], row[1], outcome))
+        return finished
+
+    def operation_exists(self, db: sqlite3.Connection, operation_id: str) -> bool:
+        return db.execute("SELECT 1 FROM operations WHERE operation_id = ?", (operation_id,)).fetchone() is not None
+
+    def record_dispatch(self, db: sqlite3.Connection, attempt: Attempt) -> bool:
+        """Record a newly dispatched operation as the latest attempt of its (job, client).
+
+        False (and nothing written) if the operation is already known: the
+        action is being handed out again, not started anew.
+        """
+        cursor = db.execute(
+            "INSERT INTO operations (operation_id, job, client, revision, rerun, attempt, action, version, "
+            "outcome, dispatched_at, finished_at, exit_code, message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, '') ON CONFLICT (operation_id) DO NOTHING",
+            (attempt.operation_id, attempt.job, attempt.client, attempt.revision, attempt.rerun, attempt.attempt,
+             attempt.action.value, attempt.version, attempt.outcome.value, _ts(attempt.dispatched_at)))
+        if cursor.rowcount != 1:
+            return False
+        db.execute(
+            "INSERT INTO latest_attempts (client, job, operation_id) VALUES (?, ?, ?) "
+            "ON CONFLICT (client, job) DO UPDATE SET operation_id = excluded.operation_id",
+            (attempt.client, attempt.job, attempt.operation_id))
+        return True
+
+    def history_of(self, client_id: str, db: sqlite3.Connection | None = None) -> dict[tuple[str, str], Attempt]:
+        """Latest attempt per job of one client (an index range scan, not a table scan)."""
+        rows = (db or self.db).execute(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM latest_attempts l JOIN operations o "
+            "ON o.operation_id = l.operation_id WHERE l.client = ?", (client_id,))
+        return {(r[1], r[2]): _attempt(r) for r in rows}
+
+    def history(self, db: sqlite3.Connection | None = None) -> dict[tuple[str, str], Attempt]:
+        """Latest attempt per (job, client) of every client."""
+        rows = (db or self.db).execute(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM latest_attempts l JOIN operations o "
+            "ON o.operation_id = l.operation_id")
+        return {(r[1], r[2]): _attempt(r) for r in rows}
+
+    def operation(self, operation_id: str) -> Attempt | None:
+        row = self.db.execute(f"SELECT {_ATTEMPT_COLUMNS} FROM operations o WHERE o.operation_id = ?",
+                              (operation_id,)).fetchone()
+        return None if row is None else _attempt(row)
+
+    def operations_of(self, client_id: str) -> list[Attempt]:
+        """Every operation of one client, oldest first (diagnostics and tests)."""
+        rows = self.db.execute(f"SELECT {_ATTEMPT_COLUMNS} FROM operations o WHERE o.client = ? "
+                               "ORDER BY o.dispatched_at, o.operation_id", (client_id,))
+        return [_attempt(r) for r in rows]
+
+    # -- row states ----------------------------------------------------------
+
+    def row_states_of(self, client_id: str, db: sqlite3.Connection | None = None) -> dict[str, RowState]:
+        rows = (db or self.db).execute("SELECT job, state, since FROM row_states WHERE client = ?", (client_id,))
+        return {r[0]: RowState(r[1], _dt(r[2])) for r in rows}  # type: ignore[arg-type]
+
+    def row_states(self, db: sqlite3.Connection | None = None) -> dict[tuple[str, str], RowState]:
+        rows = (db or self.db).execute("SELECT job, client, state, since FROM row_states")
+        return {(r[0], r[1]): RowState(r[2], _dt(r[3])) for r in rows}  # type: ignore[arg-type]
+
+    def set_row_states(self, db: sqlite3.Connection, changes: Iterable[tuple[str, str, str, datetime]]) -> None:
+        """Upsert (job, client, state, since) rows; callers pass only rows whose state changed."""
+        db.executemany(
+            "INSERT INTO row_states (client, job, state, since) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (client, job) DO UPDATE SET state = excluded.state, since = excluded.since",
+            [(client, job, state, _ts(since)) for job, client, state, since in changes])
+
+    def delete_row_states(self, db: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> None:
+        """Forget rows of jobs that no longer reach the relay (or clients it no longer plans)."""
+        db.executemany("DELETE FROM row_states WHERE client = ? AND job = ?",
+                       [(client, job) for job, client in keys])
