@@ -1,0 +1,727 @@
+"""The relay's client API: a WSGI app (served by waitress) speaking docs/PROTOCOL.md.
+
+A check-in is the hot path, and it touches only the calling client's rows:
+authenticate, record its facts, labels, inventory and results, plan that one
+client against the relay's in-memory :class:`~reconciler.plan.RelayIndex` and
+per-job rollout counters, record the operations handed out, commit, reply.
+Nothing in it scans all clients; the loop's full pass does that, off the
+request path.
+
+Two rules shape the code:
+
+* **Client input never causes a 5xx or a traceback.** Every request is
+  validated against the protocol before anything is written (unknown and
+  mistyped fields, bad ids, bodies over 1 MiB, wrong Content-Type, malformed
+  JSON); any refusal is a 4xx with ``{"error": "..."}``. A 500 means a relay
+  bug, is logged with its traceback, and still answers in JSON.
+* **A reply acknowledges only what is committed.** The results it accepts and
+  the operations it hands out are in SQLite (one transaction, committed)
+  before the first byte of the reply is written, so a relay killed at any
+  moment never forgets an operation a client may be running.
+
+``pollSeconds`` is 30 unless the environment sets ``RECONCILER_POLL_SECONDS``
+(tests and the demo use a second or two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reconciler.plan import (
+    Action,
+    ActionKind,
+    Attempt,
+    Client,
+    ClientState,
+    Installed,
+    Outcome,
+    RelayIndex,
+    RolloutUsage,
+    Row,
+    plan_client,
+)
+from reconciler.relay.store import Store, token_matches
+
+log = logging.getLogger("reconciler.relay")
+
+MAX_BODY = 1024 * 1024
+DEFAULT_POLL_SECONDS = 30.0
+POLL_SECONDS_ENV = "RECONCILER_POLL_SECONDS"
+WEBHOOK_SECRET_ENV = "RECONCILER_WEBHOOK_SECRET_FILE"
+
+CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+PACKAGE_NAME = CLIENT_ID
+PACKAGE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
+OPERATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+RANGE = re.compile(r"^bytes=(\d{1,18})-(\d{0,18})$")
+CHECKIN_PATH = re.compile(r"^/v1/clients/([^/]*)/checkin$")
+ARTIFACT_PATH = re.compile(r"^/v1/artifacts/([^/]*)$")
+
+OS_VALUES = ("linux", "windows", "darwin")
+ARCH_VALUES = ("x86_64", "arm64", "x86")
+MAX_LABELS = 64
+MAX_INVENTORY = 2000
+MAX_RESULTS = 1000
+MAX_MESSAGE = 64 * 1024
+CHUNK = 256 * 1024
+
+
+def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
+    """``RECONCILER_POLL_SECONDS`` if it is a positive number, else ``default``."""
+    raw = os.environ.get(POLL_SECONDS_ENV)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number", POLL_SECONDS_ENV, raw)
+        return default
+    return value if value > 0 else default
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ------------------------------------------------------------------ shared state
+
+
+@dataclass(frozen=True)
+class StagedArtifact:
+    """An artifact in the relay's cache, as an action describes it."""
+
+    sha256: str
+    size: int
+    format: str  # "tar" or "file"
+    file_name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sha256": self.sha256, "size": self.size, "format": self.format}
+        if self.file_name is not None:
+            out["fileName"] = self.file_name
+        return out
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the relay serves from: one accepted commit's index and staged artifacts.
+
+    Replaced as a whole by the loop (one reference assignment), so a check-in
+    never sees the index of one commit with the artifacts of another.
+    """
+
+    commit: str | None = None
+    index: RelayIndex | None = None
+    artifacts: Mapping[tuple[str, str], StagedArtifact] = field(default_factory=dict)
+    # (name, version) -> why it is not in the cache (rows wait with this message)
+    unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+
+class RelayState:
+    """In-memory state shared by the server threads and the loop.
+
+    ``usage`` holds the per-job rollout counters the check-in path plans with.
+    The loop's full pass recomputes them from a database snapshot; changes
+    made by check-ins while the pass runs are kept in ``_delta`` and added on
+    top, so a dispatch is never lost between two passes. Every change happens
+    under the store's write lock.
+    """
+
+    def __init__(self, name: str, store: Store, poll_seconds: float = DEFAULT_POLL_SECONDS,
+                 on_change: Callable[[], None] | None = None,
+                 on_git_hook: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.store = store
+        self.poll_seconds = poll_seconds
+        self.generation = Generation()
+        self.usage: dict[str, RolloutUsage] = {}
+        self._delta: dict[str, list[int]] | None = None
+        self.on_change = on_change or (lambda: None)
+        self.on_git_hook = on_git_hook or (lambda: None)
+        self.client_count = 0
+        self.errors: tuple[str, ...] = ()
+
+    # -- rollout counters (caller holds store.write_lock) ----------------------
+
+    def _bump(self, job: str, in_progress: int, failed: int) -> None:
+        current = self.usage.get(job, RolloutUsage())
+        self.usage[job] = replace(current, in_progress=max(0, current.in_progress + in_progress),
+                                  failed=max(0, current.failed + failed))
+        if self._delta is not None:
+            delta = self._delta.setdefault(job, [0, 0])
+            delta[0] += in_progress
+            delta[1] += failed
+
+    def dispatched(self, job: str) -> None:
+        self._bump(job, 1, 0)
+
+    def finished(self, job: str, attempt: int, outcome: Outcome) -> None:
+        failed = 0
+        index = self.generation.index
+        if outcome is Outcome.FAILED and index is not None:
+            limit = next((j.retry_limit for j in index.specs.jobs if j.name == job), 1)
+            failed = 1 if attempt >= max(1, limit) else 0
+        self._bump(job, -1, failed)
+
+    def begin_usage_pass(self) -> None:
+        """Start recording check-in changes (call under the write lock, right before the snapshot)."""
+        self._delta = {}
+
+    def end_usage_pass(self, computed: Mapping[str, RolloutUsage]) -> None:
+        """Install the pass's counters plus what check-ins changed since its snapshot."""
+        with self.store.write_lock:
+            delta = self._delta or {}
+            usage = dict(computed)
+            for job, (in_progress, failed) in delta.items():
+                base = usage.get(job, RolloutUsage())
+                usage[job] = replace(base, in_progress=max(0, base.in_progress + in_progress),
+                                     failed=max(0, base.failed + failed))
+            self.usage = usage
+            self._delta = None
+
+
+def usage_from_rows(rows: Iterable[Row], online: Mapping[str, bool]) -> dict[str, RolloutUsage]:
+    """Per-job rollout counters from a full plan: online in-progress clients, failed rows, targets."""
+    counts: dict[str, list[int]] = {}
+    for row in rows:
+        c = counts.setdefault(row.job, [0, 0, 0])
+        if row.state is ClientState.IN_PROGRESS and online.get(row.client, False):
+            c[0] += 1
+        elif row.state is ClientState.FAILED:
+            c[1] += 1
+        if row.state is not ClientState.SKIPPED:
+            c[2] += 1
+    return {job: RolloutUsage(in_progress=c[0], failed=c[1], targets=c[2]) for job, c in counts.items()}
+
+
+def hold_unavailable(rows: Sequence[Row], actions: Sequence[Action], generation: Generation,
+                     ) -> tuple[tuple[Row, ...], tuple[Action, ...]]:
+    """Drop actions whose artifact is not in the cache; their rows wait as Pending with the reason.
+
+    A client must never be handed an action it cannot download: it would fail
+    and burn a retry on the relay's problem, not its own.
+    """
+    held: dict[str, str] = {}
+    kept: list[Action] = []
+    for action in actions:
+        reason = _unavailable_reason(action, generation)
+        if reason is None:
+            kept.append(action)
+        else:
+            held[action.operation_id] = reason
+    if not held:
+        return tuple(rows), tuple(actions)
+    new_rows = tuple(
+        replace(row, state=ClientState.PENDING, message=held[row.operation_id])
+        if row.operation_id in held and row.state is ClientState.IN_PROGRESS else row
+        for row in rows)
+    return new_rows, tuple(kept)
+
+
+def _unavailable_reason(action: Action, generation: Generation) -> str | None:
+    if action.kind is ActionKind.UNINSTALL:
+        return None
+    if action.package is None:
+        return f"package {action.name} {action.version} has no spec at the accepted commit"
+    key = (action.package.name, action.package.version)
+    if key in generation.artifacts:
+        return None
+    why = generation.unavailable.get(key, "not staged yet")
+    return f"waiting for artifact of {key[0]} {key[1]}: {why}"
+
+
+# ------------------------------------------------------------------ validation
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+def _bad(message: str) -> HttpError:
+    return HttpError(400, message)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise _bad("request body is not UTF-8") from None
+    except RecursionError:
+        raise _bad("request body is nested too deeply") from None
+    except ValueError as e:
+        raise _bad(f"request body is not valid JSON: {e}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_keys(obj: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise _bad(f"{where}: unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+@dataclass(frozen=True)
+class CheckinRequest:
+    facts: dict[str, Any]
+    labels: dict[str, str]
+    inventory: tuple[Installed, ...]
+    results: tuple[dict[str, Any], ...]
+
+
+def parse_checkin(doc: Any) -> CheckinRequest:
+    """Validate a check-in body per docs/PROTOCOL.md; HttpError(400) naming the first problem."""
+    if not isinstance(doc, dict):
+        raise _bad("check-in body must be a JSON object")
+    _check_keys(doc, ("facts", "labels", "inventory", "results"), "body")
+    for required in ("facts", "inventory"):
+        if required not in doc:
+            raise _bad(f"body: missing field {required!r}")
+
+    facts = doc["facts"]
+    if not isinstance(facts, dict):
+        raise _bad("facts: must be an object")
+    _check_keys(facts, ("os", "arch", "hostname", "freeDiskMB"), "facts")
+    if "os" in facts and facts["os"] not in OS_VALUES:
+        raise _bad(f"facts.os: must be one of {', '.join(OS_VALUES)}")
+    if "arch" in facts and facts["arch"] not in ARCH_VALUES:
+        raise _bad(f"facts.arch: must be one of {', '.join(ARCH_VALUES)}")
+    if "hostname" in facts and (not isinstance(facts["hostname"], str) or len(facts["hostname"]) > 255):
+        raise _bad("facts.hostname: must be a string of at most 255 characters")
+    if "freeDiskMB" in facts and (not _is_int(facts["freeDiskMB"]) or not 0 <= facts["freeDiskMB"] < 2**53):
+        raise _bad("facts.freeDiskMB: must be an integer >= 0")
+
+    labels = doc.get("labels", {})
+    if not isinstance(labels, dict):
+        raise _bad("labels: must be an object of strings")
+    if len(labels) > MAX_LABELS:
+        raise _bad(f"labels: at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not key or len(key) > 128:
+            raise _bad("labels: keys must be 1 to 128 characters")
+        if not isinstance(value, str) or len(value) > 256:
+            raise _bad(f"labels.{key}: must be a string of at most 256 characters")
+
+    inventory = doc["inventory"]
+    if not isinstance(inventory, list):
+        raise _bad("inventory: must be a list")
+    if len(inventory) > MAX_INVENTORY:
+        raise _bad(f"inventory: at most {MAX_INVENTORY} entries")
+    installed: dict[str, Installed] = {}
+    for i, entry in enumerate(inventory):
+        where = f"inventory[{i}]"
+        if not isinstance(entry, dict):
+            raise _bad(f"{where}: must be an object with name and version")
+        _check_keys(entry, ("name", "version"), where)
+        name, version = entry.get("name"), entry.get("version")
+        if not isinstance(name, str) or not PACKAGE_NAME.match(name):
+            raise _bad(f"{where}.name: must be a package name")
+        if not isinstance(version, str) or not PACKAGE_VERSION.match(version):
+            raise _bad(f"{where}.version: must be a version string")
+        if name in installed:
+            raise _bad(f"{where}: package {name!r} listed twice (one entry per package name)")
+        installed[name] = Installed(name, version)
+
+    results = doc.get("results", [])
+    if not isinstance(results, list):
+        raise _bad("results: must be a list")
+    if len(results) > MAX_RESULTS:
+        raise _bad(f"results: at most {MAX_RESULTS} per check-in")
+    checked: list[dict[str, Any]] = []
+    for i, result in enumerate(results):
+        where = f"results[{i}]"
+        if not isinstance(result, dict):
+            raise _bad(f"{where}: must be an object")
+        _check_keys(result, ("operationId", "status", "exitCode", "message", "finishedAt"), where)
+        op = result.get("operationId")
+        if not isinstance(op, str) or not OPERATION_ID.match(op):
+            raise _bad(f"{where}.operationId: must be an operation id")
+        if result.get("status") not in ("succeeded", "failed"):
+            raise _bad(f"{where}.status: must be 'succeeded' or 'failed'")
+        code = result.get("exitCode")
+        if code is not None and (not _is_int(code) or not -2**31 <= code < 2**32):
+            raise _bad(f"{where}.exitCode: must be an integer or null")
+        message = result.get("message", "")
+        if message is None:
+            message = ""
+        if not isinstance(message, str) or len(message) > MAX_MESSAGE:
+            raise _bad(f"{where}.message: must be a string of at most {MAX_MESSAGE} characters")
+        finished_at = result.get("finishedAt")
+        if finished_at is not None and not _valid_time(finished_at):
+            raise _bad(f"{where}.finishedAt: must be an RFC 3339 time")
+        checked.append({"operationId": op, "status": result["status"], "exitCode": code, "message": message})
+    return CheckinRequest(dict(facts), dict(labels), tuple(sorted(installed.values(), key=lambda i: i.name)),
+                          tuple(checked))
+
+
+def _valid_time(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 40:
+        return False
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+def _bearer(environ: Mapping[str, Any]) -> str | None:
+    header = environ.get("HTTP_AUTHORIZATION")
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not TOKEN.match(token.strip()):
+        raise HttpError(401, "malformed Authorization header: expected 'Bearer <token>'",
+                        [("WWW-Authenticate", 'Bearer realm="reconciler"')])
+    return token.strip()
+
+
+# ------------------------------------------------------------------ the app
+
+
+def action_json(action: Action, artifact: StagedArtifact | None) -> dict[str, Any]:
+    package = action.package
+    installer: dict[str, Any] | None = None
+    if package is not None:
+        spec = package.installer
+        installer = {"type": spec.type.value, "install": list(spec.install), "uninstall": list(spec.uninstall),
+                     "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
+    return {
+        "operationId": action.operation_id,
+        "job": action.job,
+        "action": action.kind.value,
+        "package": {"name": action.name, "version": action.version},
+        "previousVersion": action.previous_version,
+        "artifact": None if artifact is None else artifact.to_json(),
+        "installer": installer,
+    }
+
+
+_STATUS_TEXT = {200: "200 OK", 202: "202 Accepted", 206: "206 Partial Content", 400: "400 Bad Request",
+                401: "401 Unauthorized", 403: "403 Forbidden", 404: "404 Not Found",
+                405: "405 Method Not Allowed", 409: "409 Conflict", 411: "411 Length Required",
+                413: "413 Content Too Large", 415: "415 Unsupported Media Type",
+                416: "416 Range Not Satisfiable", 500: "500 Internal Server Error",
+                503: "503 Service Unavailable"}
+
+
+class RelayApp:
+    """The WSGI application. ``cache_dir`` is the content-addressed ``cache/sha256`` directory."""
+
+    def __init__(self, state: RelayState, cache_dir: Path, *, webhook_secret: bytes | None = None,
+                 now: Callable[[], datetime] = utc_now) -> None:
+        self.state = state
+        self.store = state.store
+        self.cache_dir = Path(cache_dir)
+        self.webhook_secret = webhook_secret
+        self.now = now
+
+    # -- plumbing ------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return self._route(environ, start_response)
+        except HttpError as e:
+            return self._json(start_response, e.status, {"error": e.message}, e.headers)
+        except Exception:
+            log.exception("relay error handling %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            return self._json(start_response, 500, {"error": "internal relay error (logged on the relay)"})
+
+    def _json(self, start_response: Callable[..., Any], status: int, value: Any,
+              headers: Sequence[tuple[str, str]] = ()) -> list[bytes]:
+        body = json.dumps(value, separators=(",", ":")).encode("utf-8")
+        start_response(_STATUS_TEXT.get(status, f"{status} Error"), [
+            ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"), *headers])
+        return [body]
+
+    def _route(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        match = CHECKIN_PATH.match(path)
+        if match:
+            self._allow(method, ("POST",))
+            return self._json(start_response, 200, self.checkin(match.group(1), environ))
+        match = ARTIFACT_PATH.match(path)
+        if match:
+            self._allow(method, ("GET", "HEAD"))
+            return self.artifact(match.group(1), environ, start_response)
+        if path == "/healthz":
+            self._allow(method, ("GET", "HEAD"))
+            generation = self.state.generation
+            return self._json(start_response, 200, {
+                "ok": True, "relay": self.state.name, "acceptedCommit": generation.commit,
+                "clients": self.state.client_count, "errors": list(self.state.errors)})
+        if path == "/v1/hooks/git":
+            self._allow(method, ("POST",))
+            self.git_hook(environ)
+            return self._json(start_response, 202, {"ok": True})
+        raise HttpError(404, f"no such endpoint: {path[:200]}")
+
+    @staticmethod
+    def _allow(method: str, allowed: Sequence[str]) -> None:
+        if method not in allowed:
+            raise HttpError(405, f"method {method[:20]} not allowed here (use {', '.join(allowed)})",
+                            [("Allow", ", ".join(allowed))])
+
+    @staticmethod
+    def _body(environ: Mapping[str, Any], *, json_required: bool) -> bytes:
+        if json_required:
+            ctype = environ.get("CONTENT_TYPE", "")
+            if ctype.split(";", 1)[0].strip().lower() != "application/json":
+                raise HttpError(415, "Content-Type must be application/json")
+        raw_length = environ.get("CONTENT_LENGTH") or ""
+        if raw_length:
+            if not raw_length.isdigit():
+                raise _bad("invalid Content-Length")
+            length = int(raw_length)
+            if length > MAX_BODY:
+                raise HttpError(413, f"request body is larger than {MAX_BODY} bytes")
+        else:
+            length = MAX_BODY + 1
+        body: bytes = environ["wsgi.input"].read(length)
+        if len(body) > MAX_BODY:
+            raise HttpError(413, f"request body is larger than {MAX_BODY} bytes")
+        return body
+
+    # -- check-in ------------------------------------------------------------
+
+    def checkin(self, client_id: str, environ: Mapping[str, Any]) -> dict[str, Any]:
+        if not CLIENT_ID.match(client_id):
+            raise _bad("invalid client id: use 1-63 lowercase letters, digits, '.' and '-'")
+        token = _bearer(environ)
+        request = parse_checkin(parse_json(self._body(environ, json_required=True)))
+        # Authenticate before taking the write lock: a refused client costs one indexed read.
+        known_hash = self.store.token_hash(client_id)
+        if known_hash is not None:
+            if token is None:
+                raise HttpError(401, f"client {client_id} is registered: send its token "
+                                "(Authorization: Bearer <token>)",
+                                [("WWW-Authenticate", 'Bearer realm="reconciler"')])
+            if not token_matches(token, known_hash):
+                raise HttpError(403, f"this token does not belong to client {client_id}")
+        now = self.now()
+        state = self.state
+        generation = state.generation
+        changed = False
+        new_token: str | None = None
+        with self.store.write() as db:
+            if known_hash is None:
+                # First check-in (or a relay that lost its database): trust on first use.
+                new_token = self.store.register(db, client_id, now)
+                if new_token is None:
+                    raise HttpError(409, f"client {client_id} registered concurrently; check in again with its token")
+                changed = True
+            changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
+            for done in self.store.record_results(db, client_id, request.results, now):
+                state.finished(done.job, done.attempt, done.outcome)
+                changed = True
+            actions: tuple[Action, ...] = ()
+            if generation.index is not None:
+                client = Client(
+                    id=client_id, relay=state.name, os=request.facts.get("os"), arch=request.facts.get("arch"),
+                    free_disk_mb=request.facts.get("freeDiskMB"),
+                    labels=tuple(sorted(request.labels.items())), installed=request.inventory, online=True)
+                history = self.store.history_of(client_id, db)
+                planned = plan_client(generation.index, client, history, state.usage, now)
+                rows, actions = hold_unavailable(planned.rows, planned.actions, generation)
+                for action in actions:
+                    attempt = Attempt(
+                        operation_id=action.operation_id, job=action.job, client=client_id,
+                        revision=action.revision, rerun=action.rerun, attempt=action.attempt, action=action.kind,
+                        version=action.version, outcome=Outcome.DISPATCHED, dispatched_at=now)
+                    if self.store.record_dispatch(db, attempt):
+                        state.dispatched(action.job)
+                        changed = True
+                previous = self.store.row_states_of(client_id, db)
+                moved = [(row.job, client_id, row.state.value, now) for row in rows
+                         if previous.get(row.job) is None or previous[row.job].state != row.state.value]
+                if moved:
+                    self.store.set_row_states(db, moved)
+        # Committed: everything this reply acknowledges and hands out is on disk.
+        if changed:
+            state.on_change()
+        reply: dict[str, Any] = {
+            "pollSeconds": state.poll_seconds,
+            "actions": [action_json(a, self._artifact_for(a, generation)) for a in actions],
+        }
+        if new_token is not None:
+            reply["token"] = new_token
+        return reply
+
+    @staticmethod
+    def _artifact_for(action: Action, generation: Generation) -> StagedArtifact | None:
+        if action.kind is ActionKind.UNINSTALL or action.package is None:
+            return None
+        return generation.artifacts.get((action.package.name, action.package.version))
+
+    # -- artifacts -----------------------------------------------------------
+
+    def artifact(self, sha: str, environ: Mapping[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if not SHA256.match(sha):
+            raise _bad("artifact id must be 64 lowercase hex digits (its sha256)")
+        path = self.cache_dir / sha
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed by the file wrapper
+        except FileNotFoundError:
+            raise HttpError(404, f"artifact {sha} is not in this relay's cache") from None
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            start, end = 0, size - 1
+            status = 200
+            headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
+                       ("ETag", f'"{sha}"'), ("Cache-Control", "public, max-age=31536000, immutable")]
+            raw_range = environ.get("HTTP_RANGE")
+            if raw_range:
+                match = RANGE.match(raw_range.strip())
+                if not match:
+                    raise HttpError(416, "only a single 'bytes=N-' or 'bytes=N-M' range is supported",
+                                    [("Content-Range", f"bytes */{size}")])
+                start = int(match.group(1))
+                if match.group(2):
+                    end = min(int(match.group(2)), size - 1)
+                if start >= size or start > end:
+                    raise HttpError(416, f"range starts beyond the artifact's {size} bytes",
+                                    [("Content-Range", f"bytes */{size}")])
+                status = 206
+                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+            length = max(0, end - start + 1)
+            headers.append(("Content-Length", str(length)))
+            start_response(_STATUS_TEXT[status], headers)
+            if environ.get("REQUEST_METHOD") == "HEAD":
+                handle.close()
+                return [b""]
+            handle.seek(start)
+            wrapper = environ.get("wsgi.file_wrapper")
+            if wrapper is not None and end == size - 1:
+                return wrapper(handle, CHUNK)  # type: ignore[no-any-return]
+            return _read_range(handle, length)
+        except BaseException:
+            handle.close()
+            raise
+
+    # -- git webhook ---------------------------------------------------------
+
+    def git_hook(self, environ: Mapping[str, Any]) -> None:
+        body = self._body(environ, json_required=False)
+        if self.webhook_secret is not None:
+            signature = environ.get("HTTP_X_HUB_SIGNATURE_256") or ""
+            if not verify_signature(self.webhook_secret, body, signature):
+                raise HttpError(401, "missing or wrong X-Hub-Signature-256 (HMAC-SHA256 of the body)")
+        self.state.on_git_hook()
+
+
+def _read_range(handle: Any, length: int) -> Iterator[bytes]:
+    try:
+        remaining = length
+        while remaining > 0:
+            chunk = handle.read(min(CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        handle.close()
+
+
+def verify_signature(secret: bytes, body: bytes, header: str) -> bool:
+    """GitHub-style ``X-Hub-Signature-256: sha256=<hex HMAC of the body>``."""
+    try:
+        from reconciler.webhook import verify_signature as shared
+    except ImportError:
+        shared = None
+    if shared is not None:
+        return bool(shared(secret, body, header))
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), header.strip().encode("ascii", "replace"))
+
+
+def load_webhook_secret() -> bytes | None:
+    """The secret named by ``RECONCILER_WEBHOOK_SECRET_FILE``, or None (hook unauthenticated)."""
+    path = os.environ.get(WEBHOOK_SECRET_ENV)
+    if not path:
+        return None
+    secret = Path(path).read_bytes().strip()
+    return secret or None
+
+
+# ------------------------------------------------------------------ serving
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; port 0 picks a free one) -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class ServerHandle:
+    """A waitress server on its own thread, with the address it actually bound."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], listen: str, *, threads: int = 8) -> None:
+        from waitress.server import create_server
+
+        host, port = parse_listen(listen)
+        self.server: Any = create_server(
+            app, host=host, port=port, threads=threads, ident="reconciler-relay",
+            # Bodies above 1 MiB get our own JSON 413; waitress only guards against
+            # absurd uploads (it buffers a body before the app sees it).
+            max_request_body_size=16 * MAX_BODY, connection_limit=2000, backlog=1024,
+            channel_timeout=120, expose_tracebacks=False, asyncore_loop_timeout=0.25)
+        bound_host = self.server.effective_host
+        if ":" in bound_host:
+            bound_host = f"[{bound_host}]"
+        self.url = f"http://{bound_host}:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, name="relay-http", daemon=True)
+
+    def start(self) -> ServerHandle:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the listening socket and every connection, then stop the worker threads."""
+        server = self.server
+        logging.getLogger("waitress").setLevel(logging.CRITICAL)
+        try:
+            while server._map:
+                for dispatcher in list(server._map.values()):
+                    dispatcher.handle_close()
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        except Exception:  # noqa: BLE001 - shutting down: nothing left to protect
+            log.debug("error stopping the HTTP server", exc_info=True)
+        self.thread.join(timeout=5)

@@ -1,0 +1,223 @@
+"""The relay's HTTP API on a real waitress server on 127.0.0.1: auth, validation, artifacts, hooks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from e2e_helpers import assert_json_error, checkin_body, malformed_requests, send_raw
+from reconciler.relay.server import (
+    Generation,
+    RelayApp,
+    RelayState,
+    ServerHandle,
+    StagedArtifact,
+    parse_listen,
+    poll_seconds_from_env,
+)
+from reconciler.relay.store import Store
+
+
+@dataclass
+class Relay:
+    url: str
+    store: Store
+    state: RelayState
+    cache: Path
+    changes: list[str]
+
+
+def _start(tmp_path: Path, secret: bytes | None = None) -> tuple[Relay, ServerHandle]:
+    store = Store(tmp_path / "relay")
+    changes: list[str] = []
+    state = RelayState("relay-a", store, poll_seconds=7, on_change=lambda: changes.append("change"),
+                       on_git_hook=lambda: changes.append("hook"))
+    cache = tmp_path / "relay" / "cache" / "sha256"
+    cache.mkdir(parents=True)
+    server = ServerHandle(RelayApp(state, cache, webhook_secret=secret), "127.0.0.1:0").start()
+    return Relay(server.url, store, state, cache, changes), server
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    r, server = _start(tmp_path)
+    yield r
+    server.stop()
+    r.store.close()
+
+
+def checkin(relay: Relay, client: str, token: str | None = None, **kwargs: object) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(f"{relay.url}/v1/clients/{client}/checkin", json=checkin_body(**kwargs),  # type: ignore[arg-type]
+                         headers=headers, timeout=10)
+
+
+def test_listen_address_parsing() -> None:
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_listen("[::1]:8080") == ("::1", 8080)
+    for bad in ("8080", ":80", "host:", "host:99999", "host:http"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_poll_seconds_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECONCILER_POLL_SECONDS", raising=False)
+    assert poll_seconds_from_env() == 30
+    monkeypatch.setenv("RECONCILER_POLL_SECONDS", "1.5")
+    assert poll_seconds_from_env() == 1.5
+    monkeypatch.setenv("RECONCILER_POLL_SECONDS", "soon")
+    assert poll_seconds_from_env() == 30
+
+
+def test_healthz(relay: Relay) -> None:
+    response = requests.get(f"{relay.url}/healthz", timeout=5)
+    assert response.status_code == 200
+    assert response.json()["ok"] is True and response.json()["relay"] == "relay-a"
+
+
+def test_registration_then_token_required(relay: Relay) -> None:
+    first = checkin(relay, "pc-1")
+    assert first.status_code == 200, first.text
+    token = first.json()["token"]
+    assert first.json() == {"token": token, "pollSeconds": 7, "actions": []}
+    assert relay.changes == ["change"]
+
+    missing = checkin(relay, "pc-1")
+    assert_json_error(missing, 401, "no token")
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+
+    other = checkin(relay, "pc-2").json()["token"]
+    assert_json_error(checkin(relay, "pc-1", other), 403, "another client's token")
+    assert_json_error(checkin(relay, "pc-1", "x" * 43), 403, "made-up token")
+
+    again = checkin(relay, "pc-1", token)
+    assert again.status_code == 200 and "token" not in again.json()
+
+
+def test_unregistered_client_with_a_token_registers_afresh(relay: Relay) -> None:
+    """A relay that lost its database re-registers clients: the agent stores the new token."""
+    response = checkin(relay, "pc-9", "y" * 43)
+    assert response.status_code == 200 and response.json()["token"]
+
+
+def test_report_is_stored(relay: Relay) -> None:
+    token = checkin(relay, "pc-1").json()["token"]
+    response = checkin(relay, "pc-1", token, inventory=[{"name": "app", "version": "1.0"}], os="windows")
+    assert response.status_code == 200
+    record = relay.store.client("pc-1")
+    assert record is not None and record.facts["os"] == "windows"
+    assert [(i.name, i.version) for i in record.inventory] == [("app", "1.0")]
+
+
+def test_results_for_unknown_operations_are_ignored(relay: Relay) -> None:
+    token = checkin(relay, "pc-1").json()["token"]
+    result = {"operationId": "op-nope", "status": "failed", "exitCode": 1, "message": "x",
+              "finishedAt": "2026-11-23T10:00:00Z"}
+    assert checkin(relay, "pc-1", token, results=[result]).status_code == 200
+    assert relay.store.operation("op-nope") is None
+
+
+def test_no_accepted_commit_means_no_actions(relay: Relay) -> None:
+    assert relay.state.generation == Generation()
+    response = checkin(relay, "pc-1")
+    assert response.json()["actions"] == []
+
+
+def test_malformed_requests_get_json_4xx_and_the_relay_keeps_serving(relay: Relay) -> None:
+    cases = malformed_requests("pc-new")
+    assert len(cases) >= 30
+    session = requests.Session()
+    for label, method, path, headers, body, expected in cases:
+        assert_json_error(send_raw(relay.url, method, path, headers, body, session), expected, label)
+    assert relay.store.client("pc-new") is None, "a refused request registered the client"
+    assert checkin(relay, "pc-new").status_code == 200
+
+
+def test_malformed_requests_from_a_registered_client(relay: Relay) -> None:
+    token = checkin(relay, "pc-1").json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    for label, method, path, headers, body, expected in malformed_requests("pc-1"):
+        if "Authorization" in headers:
+            continue
+        response = send_raw(relay.url, method, path, {**headers, **auth}, body)
+        assert_json_error(response, expected, label)
+
+
+def _stage(relay: Relay, content: bytes) -> str:
+    sha = hashlib.sha256(content).hexdigest()
+    (relay.cache / sha).write_bytes(content)
+    return sha
+
+
+def test_artifact_download_and_resume(relay: Relay) -> None:
+    content = bytes(range(256)) * 4096  # 1 MiB
+    sha = _stage(relay, content)
+    full = requests.get(f"{relay.url}/v1/artifacts/{sha}", timeout=10)
+    assert full.status_code == 200 and full.content == content
+    assert full.headers["Content-Type"] == "application/octet-stream"
+    assert full.headers["Accept-Ranges"] == "bytes"
+
+    part = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={"Range": "bytes=1000-"}, timeout=10)
+    assert part.status_code == 206 and part.content == content[1000:]
+    assert part.headers["Content-Range"] == f"bytes 1000-{len(content) - 1}/{len(content)}"
+
+    middle = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={"Range": "bytes=10-19"}, timeout=10)
+    assert middle.status_code == 206 and middle.content == content[10:20]
+
+    beyond = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={"Range": f"bytes={len(content)}-"},
+                          timeout=10)
+    assert_json_error(beyond, 416, "range beyond the end")
+    assert beyond.headers["Content-Range"] == f"bytes */{len(content)}"
+
+    head = requests.head(f"{relay.url}/v1/artifacts/{sha}", timeout=10)
+    assert head.status_code == 200 and head.headers["Content-Length"] == str(len(content))
+
+
+def test_empty_artifact(relay: Relay) -> None:
+    sha = _stage(relay, b"")
+    response = requests.get(f"{relay.url}/v1/artifacts/{sha}", timeout=10)
+    assert response.status_code == 200 and response.content == b""
+
+
+def test_git_hook_without_secret(relay: Relay) -> None:
+    response = requests.post(f"{relay.url}/v1/hooks/git", data=b"{}", timeout=5)
+    assert response.status_code == 202 and relay.changes == ["hook"]
+
+
+def test_git_hook_with_secret(tmp_path: Path) -> None:
+    r, server = _start(tmp_path, secret=b"s3cret")
+    try:
+        body = json.dumps({"ref": "refs/heads/status/hq"}).encode()
+        assert_json_error(requests.post(f"{r.url}/v1/hooks/git", data=body, timeout=5), 401, "unsigned hook")
+        bad = {"X-Hub-Signature-256": "sha256=" + "0" * 64}
+        assert_json_error(requests.post(f"{r.url}/v1/hooks/git", data=body, headers=bad, timeout=5), 401,
+                          "wrong signature")
+        assert r.changes == []
+        good = {"X-Hub-Signature-256": "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()}
+        assert requests.post(f"{r.url}/v1/hooks/git", data=body, headers=good, timeout=5).status_code == 202
+        assert r.changes == ["hook"]
+    finally:
+        server.stop()
+        r.store.close()
+
+
+def test_staged_artifact_json() -> None:
+    assert StagedArtifact("a" * 64, 3, "file", "setup.sh").to_json() == {
+        "sha256": "a" * 64, "size": 3, "format": "file", "fileName": "setup.sh"}
+    assert "fileName" not in StagedArtifact("a" * 64, 3, "tar").to_json()
+
+
+def test_server_stops_and_frees_its_port(tmp_path: Path) -> None:
+    r, server = _start(tmp_path)
+    assert requests.get(f"{r.url}/healthz", timeout=5).status_code == 200
+    server.stop()
+    r.store.close()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{r.url}/healthz", timeout=2)
