@@ -702,26 +702,40 @@ class ServerHandle:
             # Bodies above 1 MiB get our own JSON 413; waitress only guards against
             # absurd uploads (it buffers a body before the app sees it).
             max_request_body_size=16 * MAX_BODY, connection_limit=2000, backlog=1024,
-            channel_timeout=120, expose_tracebacks=False, asyncore_loop_timeout=0.25)
+            channel_timeout=120, expose_tracebacks=False)
         bound_host = self.server.effective_host
         if ":" in bound_host:
             bound_host = f"[{bound_host}]"
         self.url = f"http://{bound_host}:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self.server.run, name="relay-http", daemon=True)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="relay-http", daemon=True)
 
     def start(self) -> ServerHandle:
         self.thread.start()
         return self
 
-    def stop(self) -> None:
-        """Close the listening socket and every connection, then stop the worker threads."""
+    def _serve(self) -> None:
+        from waitress import wasyncore
+
         server = self.server
-        logging.getLogger("waitress").setLevel(logging.CRITICAL)
         try:
-            while server._map:
+            while not self._stopping.is_set():
+                wasyncore.loop(timeout=1.0, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
+        finally:
+            # Sockets are closed on the thread that polls them, never under its feet.
+            logging.getLogger("waitress").setLevel(logging.CRITICAL)
+            try:
                 for dispatcher in list(server._map.values()):
                     dispatcher.handle_close()
-            server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-        except Exception:  # noqa: BLE001 - shutting down: nothing left to protect
-            log.debug("error stopping the HTTP server", exc_info=True)
-        self.thread.join(timeout=5)
+                server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+            except Exception:  # noqa: BLE001 - shutting down: nothing left to protect
+                log.debug("error stopping the HTTP server", exc_info=True)
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection and stop the worker threads."""
+        self._stopping.set()
+        try:
+            self.server.pull_trigger()
+        except OSError:
+            pass
+        self.thread.join(timeout=10)
