@@ -1,0 +1,124 @@
+"""``reconciler validate`` as CI runs it: a real subprocess, real directories.
+
+Contract (DESIGN section 7): exit 0 valid, 1 invalid, 2 usage or I/O error;
+text lines ``path:line:column: error: message`` then a count; ``--format
+json`` for tools; ``--format github`` workflow annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = PROJECT_ROOT / "example-repo"
+BAD = Path(__file__).parent / "bad"
+ERROR_LINE = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+):(?P<column>\d+): error: (?P<message>.+)$")
+
+
+def validate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "reconciler", "validate", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def bad_repo(tmp_path: Path) -> Path:
+    """Three bad files: a job, a package and the topology."""
+    repo = tmp_path / "repo"
+    shutil.copytree(BAD / "three-bad-files", repo, ignore=shutil.ignore_patterns("expected.txt"))
+    return repo
+
+
+def test_example_repo_is_valid(tmp_path: Path) -> None:
+    proc = validate(str(EXAMPLE), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "valid: no errors"
+    assert proc.stderr == ""
+
+
+def test_repo_defaults_to_the_current_directory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE, repo)
+    assert validate(cwd=repo).returncode == 0
+    (repo / "jobs" / "install-7zip.yaml").write_text("kind: [\n", encoding="utf-8")
+    proc = validate(cwd=repo)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("jobs/install-7zip.yaml:2:1: error: YAML syntax error")
+
+
+def test_invalid_repo_prints_one_line_per_error_and_a_count(bad_repo: Path) -> None:
+    proc = validate("repo", cwd=bad_repo.parent)
+    assert proc.returncode == 1
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "3 errors"
+    parsed = [ERROR_LINE.match(line) for line in lines[:-1]]
+    assert all(parsed), lines
+    assert [(m["path"], int(m["line"]), int(m["column"])) for m in parsed if m] == [
+        ("jobs/install-app.yaml", 6, 12),
+        ("packages/app-1.0.yaml", 9, 11),
+        ("topology.yaml", 13, 15),
+    ]
+    assert "unknown parent 'relay-osak'" in lines[2]
+
+
+def test_a_single_error_is_counted_in_the_singular(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(BAD / "topology-self-parent", repo, ignore=shutil.ignore_patterns("expected.txt"))
+    proc = validate(str(repo), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1] == "1 error"
+
+
+def test_json_format(bad_repo: Path) -> None:
+    proc = validate(str(bad_repo), "--format", "json", cwd=bad_repo.parent)
+    assert proc.returncode == 1
+    document = json.loads(proc.stdout)
+    assert set(document) == {"valid", "errors"}
+    assert document["valid"] is False
+    assert len(document["errors"]) == 3
+    for error in document["errors"]:
+        assert set(error) == {"path", "line", "column", "pointer", "message"}
+        assert isinstance(error["line"], int) and isinstance(error["column"], int)
+    first = document["errors"][0]
+    assert (first["path"], first["line"], first["column"], first["pointer"]) == ("jobs/install-app.yaml", 6, 12, "/spec/jobType")
+    assert "'reinstall' is not one of" in first["message"]
+
+
+def test_json_format_on_a_valid_repo(tmp_path: Path) -> None:
+    proc = validate(str(EXAMPLE), "--format=json", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == {"valid": True, "errors": []}
+
+
+def test_github_format(bad_repo: Path) -> None:
+    proc = validate("repo", "--format", "github", cwd=bad_repo.parent)
+    assert proc.returncode == 1
+    annotations = [line for line in proc.stdout.splitlines() if line.startswith("::")]
+    assert len(annotations) == 3
+    assert annotations[0].startswith("::error file=repo/jobs/install-app.yaml,line=6,col=12::/spec/jobType: ")
+    assert annotations[2].startswith("::error file=repo/topology.yaml,line=13,col=15::")
+    pattern = re.compile(r"^::error file=[^,:]+,line=\d+,col=\d+::.+$")
+    assert all(pattern.match(line) for line in annotations), annotations
+
+
+def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    proc = validate(str(tmp_path / "no-such-repo"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no-such-repo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_format_is_a_usage_error(tmp_path: Path) -> None:
+    proc = validate(str(EXAMPLE), "--format", "xml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--format" in proc.stderr
+    assert proc.stdout == ""
