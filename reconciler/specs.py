@@ -9,9 +9,11 @@ means the same thing on disk, in CI and at an accepted commit.
 Two decisions shape it:
 
 * Every error carries ``path:line:column`` of the YAML node it is about. We
-  compose the YAML ourselves into plain values while recording the position of
-  every JSON pointer, then run the JSON Schema on the plain values and map the
-  schema's error paths back to positions.
+  build plain values from the YAML parser's events ourselves while recording
+  the position of every JSON pointer, then run the JSON Schema on the plain
+  values and map the schema's error paths back to positions. Building from
+  events, without recursion, also bounds what a hostile file can cost: nesting
+  depth and alias expansion are counted as they happen.
 * One bad file never hides another's errors: each file is checked on its own,
   cross-file checks run over the files that parsed, and all errors come back
   sorted by path and line.
@@ -305,15 +307,13 @@ class _Anchor:
 class _Frame:
     """A mapping or sequence being built from the event stream."""
 
-    __slots__ = ("container", "pointer", "keep", "mark", "key", "skip", "seen", "anchor", "log_start", "nodes_start",
-                 "is_key")
+    __slots__ = ("container", "pointer", "keep", "mark", "key", "skip", "seen", "anchor", "log_start", "nodes_start")
 
-    def __init__(self, container: Any, pointer: str, keep: bool, mark: tuple[int, int], is_key: bool) -> None:
+    def __init__(self, container: Any, pointer: str, keep: bool, mark: tuple[int, int]) -> None:
         self.container = container
         self.pointer = pointer
         self.keep = keep  # False inside a duplicate key's value or a non-scalar key: built, then dropped
         self.mark = mark
-        self.is_key = is_key
         self.key: str | None = None  # mapping: the key whose value comes next (None: a key comes next)
         self.skip = False  # mapping: drop the value of the current key
         self.seen: dict[str, int] = {}  # mapping: key -> line of its first definition
@@ -423,7 +423,7 @@ def _build(path: str, loader: Any) -> _Document:
                 raise fail(mark, f"YAML nesting is deeper than {MAX_DEPTH} levels")
             pointer, keep, is_key = slot()
             nodes += 1
-            frame = _Frame({} if cls is yaml.MappingStartEvent else [], pointer, keep, mark, is_key)
+            frame = _Frame({} if cls is yaml.MappingStartEvent else [], pointer, keep, mark)
             if event.anchor is not None:
                 frame.anchor, frame.log_start, frame.nodes_start = event.anchor, len(log), nodes - 1
             if not is_key:
@@ -542,10 +542,10 @@ def _schema_message(error: ValidationError, pointer: str, raw: str | None = None
     kind = error.validator
     if kind == "type":
         expected = error.validator_value
-        got = raw if raw is not None else _describe(error.instance)
+        got = raw if raw else _describe(error.instance)  # an empty raw text is a null
         message = f"{where}: expected {expected}, got {got}"
         if expected == "string" and isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool):
-            message += f" (YAML reads it as a number; quote it: \"{raw if raw is not None else error.instance}\")"
+            message += f" (YAML reads it as a number; quote it: \"{raw or error.instance}\")"
         return message
     if kind == "pattern":
         meaning = _PATTERN_MEANINGS.get(error.validator_value, f"does not match {error.validator_value}")
@@ -616,7 +616,8 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
             spec = doc.value.get("spec")
             clients = isinstance(spec, dict) and spec.get("destinationType") == DestinationType.CLIENTS.value
             message = message.replace("is not a valid name", "is not a valid client id" if clients else "is not a valid relay name")
-        found.append(doc.error(pointer, message))
+        # An empty value ("spec:" and nothing after it) is best shown at its key.
+        found.append(doc.error(pointer, message, at_key=doc.raw_scalars.get(pointer) == ""))
     return sorted(set(found))
 
 
@@ -804,11 +805,6 @@ def _package_identity(doc: _Document | None) -> tuple[str, str] | None:
 
 
 def _parse_file(path: str, data: bytes) -> tuple[_Document | None, list[SpecError]]:
-    doc, errors = _parse_file_checked(path, data)
-    return (doc if not errors else None), errors
-
-
-def _parse_file_checked(path: str, data: bytes) -> tuple[_Document | None, list[SpecError]]:
     """The composed document (if the YAML is readable) and the file's own errors."""
     try:
         doc = _compose(path, data)
@@ -857,7 +853,7 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
     for path in sorted(files):
         if not is_spec_path(path):
             continue
-        doc, file_errors = _parse_file_checked(path, files[path])
+        doc, file_errors = _parse_file(path, files[path])
         errors.extend(file_errors)
         if _expected_kind(path) is Kind.PACKAGE:
             identity = _package_identity(doc)
