@@ -1,0 +1,1168 @@
+"""Plan engine: desired state per client, the diff to actual, and the actions.
+
+A pure function (no git, network, disk or clock: the caller passes ``now``)
+from the accepted specs, one relay, its clients' reported facts and
+inventory, and the relay's record of past attempts, to one row per
+(job, client) with its state, and the actions that close the gap.
+
+INTERFACE CONTRACT (the relay is written against these names):
+
+* ``index_relay(specs, relay) -> RelayIndex`` once per accepted commit.
+* ``plan_client(index, client, history, usage, now) -> ClientPlan`` on every
+  check-in: only that client's data plus the per-job rollout usage counters.
+  Its actions are handed out in the check-in reply, so rows that get a new
+  action are ``InProgress``.
+* ``plan_relay(index, clients, history, now) -> Plan`` for a full pass
+  (status publishing, ``reconciler plan``). It previews: a row that would
+  start at the client's next check-in is ``Pending`` with its action.
+* ``rollup(job, rows) -> JobRollup`` per job.
+
+The rules (DESIGN section 4), per client and job, in this order:
+
+1. **Reach.** ``allLowerClients`` jobs reach every client of a relay that is
+   a destination or lies below one (``specs.ancestors``); ``clients`` jobs
+   reach the named clients on whatever relay they are.
+2. **Suspend** -> ``Suspended`` ("job is suspended").
+3. **Schedule.** Before ``notBefore`` -> ``Pending`` "scheduled for <time>".
+   After ``notAfter`` nothing new starts: a row whose desired state holds is
+   ``Succeeded``, one in progress stays ``InProgress``, one out of retries
+   stays ``Failed``, every other row is ``Skipped`` "schedule window closed
+   at <time>". Such a job takes no part in conflicts and provides no
+   dependency.
+4. **Requirements** of the package (install jobs only: removing software
+   needs no capability) -> ``Skipped`` with every unmet reason, e.g.
+   "requires os windows, client has linux". A fact the client did not report
+   is not met.
+5. **Conflicts** among the jobs left active for one software name: two jobs
+   conflict when they want different outcomes (install of different
+   versions; install vs uninstall of any version or of that version). Each
+   such row is ``Conflict`` naming every job it conflicts with ("conflicts
+   with job X (wants vpn-client 5.2)"), and nothing is done there. Jobs that
+   want the same outcome do not conflict; the change is made once (see
+   *dedupe* below).
+6. **Versions** (``versions.compare_versions``). Install: absent -> install,
+   older -> upgrade, same -> ``Succeeded``, newer -> ``Skipped`` "newer
+   version X present" unless ``allowDowngrade`` (-> downgrade). Uninstall:
+   present -> uninstall of the installed version, absent -> ``Succeeded``;
+   an uninstall naming a version leaves another version alone
+   (``Succeeded``).
+7. **dependsOn** (install rows with something to do): a dependency
+   installed at ``minVersion`` or newer, and not being removed by an
+   uninstall job, is met. Otherwise, when an install job reaching the client
+   would provide a satisfying version (and is not Skipped, Conflict,
+   Suspended or past its window for this client) the row waits, ``Pending``
+   "waiting for dependency X", unless that provider starts in this very plan:
+   then both go out together, the dependency first. Without such a provider
+   the row is ``Skipped`` "dependency X not provided" (also for a dependency
+   cycle, which could never finish).
+8. **History** (latest attempt per job and client, only of the job's current
+   *plan revision*, see below; older revisions are ignored, so a newer spec
+   pre-empts pending retries of the old one). Dispatched and within
+   ``timeout + RESULT_MARGIN_SECONDS`` -> ``InProgress``, and the same action
+   (same operation id) is emitted again: the agent answers repeats from its
+   journal, so a client killed mid-install gets it back. Past that deadline
+   the attempt counts as failed, "no result from client within N s",
+   finished at the deadline. Failed with attempts left -> ``Pending`` "retry
+   k/limit at <time>" until ``finished + backoff * 2**(attempt-1)``, then
+   attempt k. Out of attempts -> ``Failed`` with the attempt's message, unless
+   ``spec.rerun`` was raised since: then attempt 1 again. Succeeded but the
+   client no longer reports the desired state -> drift, planned again as
+   attempt 1 of a fresh operation. A ``retry.limit`` of 0 means one attempt.
+9. **Rollout** per job on the relay, for rows about to start: with
+   ``maxFailures`` exceeded (``failed > count``, or ``failed > N%`` of the
+   job's non-Skipped rows) -> ``Pending`` "rollout halted: ..." (the job is
+   ``Halted`` until a rerun brings the Failed rows back); with
+   ``maxConcurrent`` clients in progress -> ``Pending`` "waiting for a rollout
+   slot". Only online clients hold slots.
+
+Dedupe: when two jobs would make the same change on one client (same action,
+software and version), one action goes out, under the first job with the
+change already in progress, else the first by name; the other rows show the
+same state and operation id with the message "same change as job X".
+
+Actions of one client run in this order: uninstalls, then dependencies before
+dependents, then by job name.
+
+Identities. The *plan revision* of a job is sha256 over the job's revision
+and its package's revision, so editing either (the package revision covers
+its artifact) is a new revision, while raising ``rerun`` or suspending is
+not. An ``operationId`` is ``"op-"`` + 24 hex digits of sha256 over (job,
+plan revision, rerun, client, software name, version, attempt, and the
+operation id of the attempt it follows, if any): deterministic, stable for
+the same inputs, and never equal to an earlier operation of the same job and
+client (a drift re-install after a success, or a spec reverted to an earlier
+revision, gets a new id, so the agent's journal cannot answer it with an old
+result).
+
+Performance. A relay plans 10^6 (job, client) pairs in about a second:
+jobs are indexed per relay once (:class:`RelayIndex`); requirements are
+evaluated once per distinct (package, os, arch, disk bucket, relevant labels);
+the history-free part of a client's plan is memoised per distinct (facts,
+inventory of the relevant software, named jobs) within a pass; rows are built
+from prepared field dictionaries, and operation ids are hashed only for rows
+that get a new action.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import StrEnum
+from operator import attrgetter
+from typing import Any, NewType
+
+from reconciler.specs import (
+    DEFAULT_TIMEOUT_SECONDS,
+    DestinationType,
+    Job,
+    JobType,
+    Package,
+    Requirements,
+    Specs,
+    ancestors,
+)
+from reconciler.versions import at_least, compare_versions, same_version
+
+ClientId = NewType("ClientId", str)
+OperationId = NewType("OperationId", str)
+
+# An action with no result within the installer timeout plus this margin
+# counts as a failed attempt ("no result from client within N s").
+RESULT_MARGIN_SECONDS = 60
+
+# Retry delays double per attempt; cap them so a large retry.limit cannot
+# overflow a datetime (about three years).
+MAX_BACKOFF_SECONDS = 10**8
+
+
+class ClientState(StrEnum):
+    PENDING = "Pending"
+    IN_PROGRESS = "InProgress"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+    CONFLICT = "Conflict"
+    SUSPENDED = "Suspended"
+
+
+class JobState(StrEnum):
+    INVALID = "Invalid"
+    SUSPENDED = "Suspended"
+    NO_TARGETS = "NoTargets"
+    HALTED = "Halted"
+    IN_PROGRESS = "InProgress"
+    FAILED = "Failed"
+    COMPLETED = "Completed"
+
+
+class ActionKind(StrEnum):
+    INSTALL = "install"
+    UPGRADE = "upgrade"
+    DOWNGRADE = "downgrade"
+    UNINSTALL = "uninstall"
+
+
+class Outcome(StrEnum):
+    DISPATCHED = "dispatched"  # handed to the client, no result yet
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Installed:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Client:
+    """What the relay knows of one client, as last reported."""
+
+    id: str
+    relay: str
+    os: str | None = None
+    arch: str | None = None
+    free_disk_mb: int | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # sorted
+    installed: tuple[Installed, ...] = ()  # sorted by name, one per name
+    online: bool = True  # offline clients hold no rollout slot
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The latest operation the relay dispatched for one (job, client)."""
+
+    operation_id: str
+    job: str
+    client: str
+    revision: str  # plan revision (job + package) the attempt belongs to
+    rerun: int  # the job's spec.rerun when dispatched
+    attempt: int  # 1-based number within (revision, rerun)
+    action: ActionKind
+    version: str | None  # package version acted on
+    outcome: Outcome
+    dispatched_at: datetime
+    finished_at: datetime | None = None
+    message: str = ""
+
+
+History = Mapping[tuple[str, str], Attempt]
+"""Latest attempt per (job name, client id)."""
+
+
+@dataclass(frozen=True)
+class Action:
+    operation_id: str
+    job: str
+    client: str
+    kind: ActionKind
+    package: Package | None  # the package spec to install; for uninstall, the job's package if known
+    name: str  # software name
+    version: str | None  # version to install, or the installed version to remove
+    previous_version: str | None  # for upgrade/downgrade: the installed version to remove first
+    revision: str
+    rerun: int
+    attempt: int
+    timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class Row:
+    """The state of one job on one client.
+
+    ``attempts`` is the number of the latest attempt of the job's current
+    plan revision (0 when none). ``operation_id`` is set for a row with an
+    action (the operation handed out or in progress) and for ``Failed`` rows
+    and rows waiting to retry (the operation whose failure they show).
+    """
+
+    job: str
+    relay: str
+    client: str
+    state: ClientState
+    action: ActionKind | None  # what is (or would be) done now; None when nothing
+    name: str  # software name
+    version: str | None  # desired version (None: uninstall of any version)
+    installed_version: str | None
+    attempts: int
+    message: str
+    operation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRollup:
+    job: str
+    state: JobState
+    counts: Mapping[str, int]  # ClientState value -> number of rows, every state present
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    client: str
+    rows: tuple[Row, ...]  # sorted by job
+    actions: tuple[Action, ...]  # in execution order
+
+
+@dataclass(frozen=True)
+class Plan:
+    relay: str
+    rows: tuple[Row, ...]  # sorted by (job, client)
+    actions: tuple[Action, ...]  # by client id, each client's in execution order
+    jobs: tuple[JobRollup, ...]  # sorted by job; every job that reaches the relay
+
+
+@dataclass(frozen=True)
+class RolloutUsage:
+    """Per job on one relay: clients in progress (online only) and failed, for rollout limits."""
+
+    in_progress: int = 0
+    failed: int = 0  # rows in state Failed
+    targets: int = 0  # rows that are not Skipped, for percentage maxFailures
+
+
+@dataclass(frozen=True)
+class RelayIndex:
+    """Specs pre-indexed for one relay (built once per accepted commit).
+
+    ``compiled`` and ``cache`` are the engine's own: per-job precomputed
+    values, and memo tables that only ever hold pure functions' results.
+    """
+
+    relay: str
+    specs: Specs
+    relay_jobs: tuple[Job, ...]  # allLowerClients jobs reaching this relay (itself or an ancestor named)
+    client_jobs: Mapping[str, tuple[Job, ...]]  # clients jobs by client id
+    packages: Mapping[tuple[str, str], Package]  # (name, version) -> package
+    revisions: Mapping[str, str]  # job name -> plan revision (job revision + package revision)
+    compiled: Mapping[str, _CompiledJob] = field(default_factory=dict, compare=False, repr=False)
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def plan_revision(job: Job, package: Package | None) -> str:
+    """sha256 over the job's revision and its package's revision ("" when none)."""
+    basis = f"{job.revision}\n{package.revision if package is not None else ''}"
+    return hashlib.sha256(basis.encode()).hexdigest()
+
+
+def operation_id(job: str, revision: str, rerun: int, client: str, name: str, version: str | None,
+                 attempt: int, previous: str = "") -> str:
+    """The deterministic operation id (see the module docstring)."""
+    text = "\x1f".join((job, revision, str(rerun), client, name, version or "", str(attempt), previous))
+    return "op-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, second precision unless the time has a fraction: ``2027-04-01T00:00:00Z``."""
+    utc = _aware(moment).astimezone(timezone.utc)
+    if utc.microsecond:
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _aware(moment: datetime) -> datetime:
+    """Naive times are taken as UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def parse_max_failures(value: int | str | None) -> tuple[int | None, int | None]:
+    """(count, percent): ``3`` -> (3, None); ``"10%"`` -> (None, 10); None -> (None, None)."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        return None, int(value.strip().rstrip("%"))
+    return int(value), None
+
+
+def failures_exceeded(failed: int, targets: int, max_failures: int | str | None) -> bool:
+    """Whether ``failed`` rows exceed ``maxFailures`` (a count, or a share of ``targets``)."""
+    count, percent = parse_max_failures(max_failures)
+    if count is not None:
+        return failed > count
+    if percent is not None:
+        return failed * 100 > percent * targets
+    return False
+
+
+def _halt_message(failed: int, targets: int, max_failures: int | str | None) -> str:
+    count, percent = parse_max_failures(max_failures)
+    if percent is not None:
+        return f"rollout halted: {failed} of {targets} failed, more than maxFailures {percent}%"
+    return f"rollout halted: {failed} failed, more than maxFailures {count}"
+
+
+_new = object.__new__
+_setattr = object.__setattr__
+
+
+def _make(cls: type[Any], fields: dict[str, Any]) -> Any:
+    """A frozen dataclass instance from a complete field dict, without ``__init__``'s cost.
+
+    Equal (``==``, ``hash``, ``repr``, ``dataclasses.replace``) to one built
+    by the constructor; ``fields`` must name every field and is taken over.
+    """
+    obj = _new(cls)
+    _setattr(obj, "__dict__", fields)
+    return obj
+
+
+def _wants(name: str, version: str | None, install: bool) -> str:
+    if install:
+        return f"{name} {version}"
+    return f"{name} {version} removed" if version is not None else f"{name} removed"
+
+
+# ------------------------------------------------------------------ index
+
+
+class _CompiledJob:
+    """A job with everything a pass needs precomputed (internal)."""
+
+    __slots__ = (
+        "job", "name", "slot", "install", "software", "version", "package", "revision",
+        "requirements", "depends_on", "order", "limit", "backoff", "rerun", "suspend",
+        "not_before", "not_after", "allow_downgrade", "max_concurrent", "max_failures",
+        "has_failure_limit", "rank", "prefix", "missing",
+    )
+
+    def __init__(self, job: Job, slot: int, package: Package | None, revision: str) -> None:
+        self.job = job
+        self.name = job.name
+        self.slot = slot
+        self.install = job.job_type is JobType.INSTALL
+        self.software = job.package_name
+        self.version = job.package_version
+        self.package = package
+        self.revision = revision
+        self.requirements: Requirements | None = package.requirements if (self.install and package) else None
+        self.depends_on = package.depends_on if (self.install and package) else ()
+        self.limit = max(1, job.retry_limit)
+        self.backoff = job.backoff_seconds
+        self.rerun = job.rerun
+        self.suspend = job.suspend
+        self.not_before = _aware(job.not_before) if job.not_before is not None else None
+        self.not_after = _aware(job.not_after) if job.not_after is not None else None
+        self.allow_downgrade = job.allow_downgrade
+        self.max_concurrent = job.max_concurrent
+        self.max_failures = job.max_failures
+        self.has_failure_limit = job.max_failures is not None
+        self.rank = 0
+        self.order: tuple[int, int, str] = (0, 0, job.name)
+        self.prefix = f"{job.name}\x1f{revision}\x1f{job.rerun}\x1f"
+        # An install job whose package is not in the specs (only in unvalidated specs).
+        self.missing = self.install and package is None
+
+
+def index_relay(specs: Specs, relay: str) -> RelayIndex:
+    """Index the specs for one relay: the jobs that reach it, packages, revisions."""
+    chain = set(ancestors(specs.topology, relay))
+    packages = {(p.name, p.version): p for p in specs.packages}
+    relay_jobs: list[Job] = []
+    by_client: dict[str, list[Job]] = {}
+    for job in specs.jobs:
+        if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
+            if chain.intersection(job.destinations):
+                relay_jobs.append(job)
+        else:
+            for client_id in job.destinations:
+                by_client.setdefault(client_id, []).append(job)
+    reaching = sorted({*relay_jobs, *(j for jobs in by_client.values() for j in jobs)},
+                      key=attrgetter("name"))
+    revisions: dict[str, str] = {}
+    compiled: dict[str, _CompiledJob] = {}
+    for slot, job in enumerate(reaching):
+        package = packages.get((job.package_name, job.package_version)) if job.package_version else None
+        revisions[job.name] = plan_revision(job, package)
+        compiled[job.name] = _CompiledJob(job, slot, package, revisions[job.name])
+    _rank_by_dependencies(compiled)
+    return RelayIndex(
+        relay=relay,
+        specs=specs,
+        relay_jobs=tuple(sorted(relay_jobs, key=attrgetter("name"))),
+        client_jobs={c: tuple(sorted(jobs, key=attrgetter("name"))) for c, jobs in by_client.items()},
+        packages=packages,
+        revisions=revisions,
+        compiled=compiled,
+    )
+
+
+def _rank_by_dependencies(compiled: Mapping[str, _CompiledJob]) -> None:
+    """Order jobs: uninstalls, then by dependency depth of their software, then by name.
+
+    The depth of a software name is 0 when its packages depend on nothing
+    provided here, else one more than its deepest dependency; a cycle is cut
+    where the walk first meets it (the rows on it are then Skipped).
+    """
+    needs: dict[str, set[str]] = {}
+    for cj in compiled.values():
+        if cj.install:
+            needs.setdefault(cj.software, set()).update(d.name for d in cj.depends_on)
+    depth: dict[str, int] = {}
+    visiting: set[str] = set()
+
+    def walk(name: str) -> int:
+        if name in depth:
+            return depth[name]
+        if name in visiting or name not in needs:
+            return -1
+        visiting.add(name)
+        value = 1 + max((walk(d) for d in sorted(needs[name])), default=-1)
+        visiting.discard(name)
+        depth[name] = value
+        return value
+
+    for name in sorted(needs):
+        walk(name)
+    for cj in compiled.values():
+        cj.rank = depth.get(cj.software, 0) if cj.install else 0
+        cj.order = (1 if cj.install else 0, cj.rank, cj.name)
+
+
+class _Context:
+    """Per-index derived tables, built lazily once and kept in ``index.cache``."""
+
+    def __init__(self, index: RelayIndex) -> None:
+        compiled = index.compiled or index_relay(index.specs, index.relay).compiled
+        self.relay = index.relay
+        self.packages = index.packages
+        self.compiled = compiled
+        self.by_slot = sorted(compiled.values(), key=attrgetter("slot"))
+        self.relay_jobs = tuple(sorted((compiled[j.name] for j in index.relay_jobs if j.name in compiled),
+                                       key=attrgetter("order")))
+        self.client_jobs = index.client_jobs
+        self.job_sets: dict[tuple[str, ...], tuple[_CompiledJob, ...]] = {}
+        names: set[str] = set()
+        label_keys: set[str] = set()
+        thresholds: set[int] = set()
+        for cj in compiled.values():
+            names.add(cj.software)
+            names.update(d.name for d in cj.depends_on)
+            if cj.requirements is not None:
+                label_keys.update(k for k, _ in cj.requirements.labels)
+                if cj.requirements.min_free_disk_mb is not None:
+                    thresholds.add(cj.requirements.min_free_disk_mb)
+        self.names = tuple(sorted(names))
+        self.label_keys = tuple(sorted(label_keys))
+        self.thresholds = sorted(thresholds)
+        self.max_threshold = self.thresholds[-1] if self.thresholds else None
+        self.requirement_cache: dict[Any, tuple[str | None, ...]] = {}
+
+    def jobs_for(self, client_id: str) -> tuple[_CompiledJob, ...]:
+        named = self.client_jobs.get(client_id)
+        if not named:
+            return self.relay_jobs
+        key = tuple(j.name for j in named)
+        jobs = self.job_sets.get(key)
+        if jobs is None:
+            chosen = {cj.name: cj for cj in self.relay_jobs}
+            chosen.update((j.name, self.compiled[j.name]) for j in named if j.name in self.compiled)
+            jobs = tuple(sorted(chosen.values(), key=attrgetter("order")))
+            self.job_sets[key] = jobs
+        return jobs
+
+
+def _context(index: RelayIndex) -> _Context:
+    ctx: _Context | None = index.cache.get("context")
+    if ctx is None:
+        ctx = _Context(index)
+        index.cache["context"] = ctx
+    return ctx
+
+
+# ------------------------------------------------------------ requirements
+
+
+def _requirement_reasons(req: Requirements, os_: str | None, arch: str | None,
+                         labels: Mapping[str, str], disk_ok: bool) -> tuple[str | None, ...]:
+    """Unmet requirements in order os, arch, disk, labels; ``None`` stands for unmet free disk.
+
+    The disk reason names the client's own figure, so it is filled in per
+    client (:func:`_disk_reason`) while the rest is cached per fact set.
+    """
+    reasons: list[str | None] = []
+    if req.os and os_ not in req.os:
+        has = f"client has {os_}" if os_ is not None else "client did not report os"
+        reasons.append(f"requires os {' or '.join(req.os)}, {has}")
+    if req.arch and arch not in req.arch:
+        has = f"client has {arch}" if arch is not None else "client did not report arch"
+        reasons.append(f"requires arch {' or '.join(req.arch)}, {has}")
+    if not disk_ok:
+        reasons.append(None)
+    for key, value in req.labels:
+        actual = labels.get(key)
+        if actual != value:
+            has = f"client has {key}={actual}" if actual is not None else f"client has no label {key}"
+            reasons.append(f"requires label {key}={value}, {has}")
+    return tuple(reasons)
+
+
+def _disk_reason(minimum: int, disk: int | None) -> str:
+    """The free-disk reason, with the client's own figure."""
+    has = f"client has {disk} MB" if disk is not None else "client did not report freeDiskMB"
+    return f"requires {minimum} MB free disk, {has}"
+
+
+# -------------------------------------------------------- static decisions
+
+
+class _Decision:
+    """One job on one client before history and rollout (internal).
+
+    ``final`` rows are decided (``template`` holds their Row fields). Otherwise
+    there is a gap to close with ``kind`` (``version``; ``previous`` for an
+    upgrade or downgrade) unless history or rollout says otherwise.
+    """
+
+    __slots__ = ("cj", "final", "state", "template", "kind", "version", "previous", "installed",
+                 "waits", "closed", "package", "timeout")
+
+    def __init__(self, cj: _CompiledJob, installed: str | None) -> None:
+        self.cj = cj
+        self.final = True
+        self.state = ClientState.PENDING
+        self.template: dict[str, Any] = {}
+        self.kind: ActionKind | None = None
+        self.version: str | None = None
+        self.previous: str | None = None
+        self.installed = installed
+        self.waits: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (dependency, provider positions)
+        self.closed = False
+        self.package: Package | None = None
+        self.timeout = DEFAULT_TIMEOUT_SECONDS
+
+
+def _template(relay: str, cj: _CompiledJob, state: ClientState, installed: str | None, message: str,
+              action: ActionKind | None = None) -> dict[str, Any]:
+    return {"job": cj.name, "relay": relay, "client": "", "state": state, "action": action,
+            "name": cj.software, "version": cj.version, "installed_version": installed,
+            "attempts": 0, "message": message, "operation_id": None}
+
+
+def _settle(relay: str, d: _Decision, state: ClientState, message: str) -> None:
+    d.final = True
+    d.state = state
+    d.template = _template(relay, d.cj, state, d.installed, message)
+
+
+_BEFORE, _OPEN, _AFTER = 0, 1, 2
+
+
+def _phase(cj: _CompiledJob, now: datetime) -> int:
+    if cj.not_before is not None and now < cj.not_before:
+        return _BEFORE
+    if cj.not_after is not None and now >= cj.not_after:
+        return _AFTER
+    return _OPEN
+
+
+def _conflicts(a: _CompiledJob, b: _CompiledJob) -> bool:
+    if a.install and b.install:
+        return not same_version(a.version or "", b.version or "")
+    if a.install or b.install:
+        inst, unin = (a, b) if a.install else (b, a)
+        return unin.version is None or same_version(inst.version or "", unin.version)
+    return False
+
+
+def _static(ctx: _Context, jobs: tuple[_CompiledJob, ...], phases: Sequence[int], client: Client,
+            inst: Mapping[str, str]) -> list[_Decision]:
+    """Steps 2-7 of the rules for one client: everything that needs no history."""
+    relay = ctx.relay
+    decisions = [_Decision(cj, inst.get(cj.software)) for cj in jobs]
+    eligible = [False] * len(jobs)  # may provide a dependency
+    active: dict[str, list[int]] = {}
+    labels: dict[str, str] | None = None
+    for i, cj in enumerate(jobs):
+        d = decisions[i]
+        if cj.suspend:
+            _settle(relay, d, ClientState.SUSPENDED, "job is suspended")
+            continue
+        phase = phases[cj.slot]
+        if cj.missing:
+            _settle(relay, d, ClientState.SKIPPED, f"package {cj.software} {cj.version} is not defined")
+            continue
+        req = cj.requirements
+        reasons: tuple[str | None, ...] = ()
+        if req is not None and (req.os or req.arch or req.labels or req.min_free_disk_mb is not None):
+            disk = client.free_disk_mb
+            bucket = -1 if disk is None else bisect_right(ctx.thresholds, disk)
+            if labels is None:
+                labels = dict(client.labels)
+            label_view = tuple(labels.get(k) for k in ctx.label_keys)
+            key = (cj.package.spec_name if cj.package else cj.name, client.os, client.arch, bucket, label_view)
+            cached = ctx.requirement_cache.get(key)
+            if cached is None:
+                minimum = req.min_free_disk_mb
+                disk_ok = minimum is None or (disk is not None and disk >= minimum)
+                cached = _requirement_reasons(req, client.os, client.arch, labels, disk_ok)
+                if len(ctx.requirement_cache) > 100_000:
+                    ctx.requirement_cache.clear()
+                ctx.requirement_cache[key] = cached
+            reasons = cached
+        if phase == _BEFORE:
+            assert cj.not_before is not None
+            _settle(relay, d, ClientState.PENDING, f"scheduled for {rfc3339(cj.not_before)}")
+            eligible[i] = cj.install and not reasons
+            continue
+        if reasons:
+            minimum = req.min_free_disk_mb if req is not None else None
+            _settle(relay, d, ClientState.SKIPPED, "; ".join(
+                r if r is not None else _disk_reason(minimum or 0, client.free_disk_mb) for r in reasons))
+            continue
+        if phase == _AFTER:
+            d.closed = True
+        else:
+            active.setdefault(cj.software, []).append(i)
+
+    # Step 5: conflicts among the active jobs of one software name.
+    open_rows: set[int] = set()
+    for positions in active.values():
+        open_rows.update(positions)
+        if len(positions) < 2:
+            continue
+        for i in positions:
+            others = sorted((k for k in positions if k != i and _conflicts(jobs[i], jobs[k])),
+                            key=lambda k: jobs[k].name)
+            if others:
+                named = ", ".join(
+                    f"job {jobs[k].name} (wants {_wants(jobs[k].software, jobs[k].version, jobs[k].install)})"
+                    for k in others)
+                _settle(relay, decisions[i], ClientState.CONFLICT, f"conflicts with {named}")
+    conflicted = {i for i in open_rows if decisions[i].state is ClientState.CONFLICT and decisions[i].final}
+    open_rows -= conflicted
+
+    # Step 6: versions, for active and closed rows.
+    removing: set[str] = set()
+    for i, cj in enumerate(jobs):
+        d = decisions[i]
+        if not (d.closed or i in open_rows):
+            continue
+        installed = d.installed
+        if cj.install:
+            assert cj.version is not None
+            if installed is None:
+                _gap(ctx, d, ActionKind.INSTALL, cj.version, None)
+            else:
+                order = compare_versions(installed, cj.version)
+                if order < 0:
+                    _gap(ctx, d, ActionKind.UPGRADE, cj.version, installed)
+                elif order == 0:
+                    _settle(relay, d, ClientState.SUCCEEDED, "")
+                elif cj.allow_downgrade:
+                    _gap(ctx, d, ActionKind.DOWNGRADE, cj.version, installed)
+                else:
+                    _settle(relay, d, ClientState.SKIPPED, f"newer version {installed} present")
+            if not d.closed:
+                eligible[i] = True
+        else:
+            if installed is None:
+                _settle(relay, d, ClientState.SUCCEEDED, "")
+            elif cj.version is None or same_version(installed, cj.version):
+                _gap(ctx, d, ActionKind.UNINSTALL, installed, None)
+                if not d.closed:
+                    removing.add(cj.software)
+            else:
+                _settle(relay, d, ClientState.SUCCEEDED,
+                        f"{cj.software} {installed} present; this job removes {cj.version} only")
+    for i in conflicted:
+        eligible[i] = False
+    for i, d in enumerate(decisions):
+        if eligible[i] and d.final and d.state is ClientState.SKIPPED:
+            eligible[i] = False
+
+    # Step 7: dependencies of install rows with a gap, providers first (jobs are in that order).
+    for i, cj in enumerate(jobs):
+        d = decisions[i]
+        if d.final or d.closed or not cj.depends_on:
+            continue
+        waits: list[tuple[str, tuple[int, ...]]] = []
+        for dep in cj.depends_on:
+            have = inst.get(dep.name)
+            if have is not None and dep.name not in removing and (
+                    dep.min_version is None or at_least(have, dep.min_version)):
+                continue
+            providers = tuple(
+                k for k, other in enumerate(jobs)
+                if k < i and eligible[k] and other.software == dep.name
+                and (dep.min_version is None or at_least(other.version or "", dep.min_version)))
+            if not providers:
+                cycle = any(k > i and eligible[k] and other.software == dep.name
+                            for k, other in enumerate(jobs))
+                note = " (dependency cycle)" if cycle else ""
+                _settle(relay, d, ClientState.SKIPPED, f"dependency {dep.name} not provided{note}")
+                eligible[i] = False
+                break
+            waits.append((dep.name, providers))
+        else:
+            d.waits = tuple(waits)
+    return decisions
+
+
+def _gap(ctx: _Context, d: _Decision, kind: ActionKind, version: str, previous: str | None) -> None:
+    cj = d.cj
+    d.final = False
+    d.kind = kind
+    d.version = version
+    d.previous = previous
+    if kind is ActionKind.UNINSTALL:
+        d.package = ctx.packages.get((cj.software, version)) or cj.package
+    else:
+        d.package = cj.package
+    d.timeout = d.package.installer.timeout_seconds if d.package is not None else DEFAULT_TIMEOUT_SECONDS
+
+
+# ------------------------------------------------------------ history step
+
+
+_PROGRESS, _FAILED, _RETRY, _READY, _CLOSED = range(5)
+# _READY step: (_READY, attempt number, previous operation id, attempts so far, message)
+_FRESH = (_READY, 1, "", 0, "")
+
+
+def _timeout_of(ctx: _Context, cj: _CompiledJob, attempt: Attempt) -> int:
+    package = ctx.packages.get((cj.software, attempt.version or "")) or cj.package
+    return package.installer.timeout_seconds if package is not None else DEFAULT_TIMEOUT_SECONDS
+
+
+def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime) -> tuple[Any, ...]:
+    """What the latest attempt means for a row with a gap (rule 8)."""
+    cj = d.cj
+    if a is None:
+        return _CLOSED_STEP if d.closed else _FRESH
+    if a.revision != cj.revision:
+        return _CLOSED_STEP if d.closed else (_READY, 1, a.operation_id, 0, "")
+    if a.outcome is Outcome.DISPATCHED:
+        waited = _timeout_of(ctx, cj, a) + RESULT_MARGIN_SECONDS
+        deadline = _aware(a.dispatched_at) + timedelta(seconds=waited)
+        if now < deadline:
+            return (_PROGRESS, a)
+        failed_at = deadline
+        message = f"no result from client within {waited} s"
+    elif a.outcome is Outcome.SUCCEEDED:
+        if d.closed:
+            return _CLOSED_STEP
+        have = f"{cj.software} {d.installed}" if d.installed is not None else f"{cj.software} missing"
+        return (_READY, 1, a.operation_id, a.attempt, f"drift: client reports {have}")
+    else:
+        failed_at = _aware(a.finished_at or a.dispatched_at)
+        message = a.message
+    if a.attempt >= cj.limit:
+        if a.rerun < cj.rerun:
+            if d.closed:
+                return _CLOSED_STEP
+            return (_READY, 1, a.operation_id, a.attempt, f"rerun {cj.rerun}: attempt 1/{cj.limit}")
+        return (_FAILED, a, message or f"attempt {a.attempt}/{cj.limit} failed")
+    if d.closed:
+        return _CLOSED_STEP
+    delay = min(cj.backoff * 2 ** min(a.attempt - 1, 60), MAX_BACKOFF_SECONDS)
+    retry_at = failed_at + timedelta(seconds=delay)
+    if now < retry_at:
+        return (_RETRY, a, retry_at, message)
+    return (_READY, a.attempt + 1, a.operation_id, a.attempt, f"retry {a.attempt + 1}/{cj.limit}")
+
+
+_CLOSED_STEP = (_CLOSED,)
+
+
+# ------------------------------------------------------------ finishing
+
+
+class _Gate:
+    """Rollout counters of one pass: per job slot, in progress and whether halted."""
+
+    __slots__ = ("in_progress", "halted", "take")
+
+    def __init__(self, size: int, take: bool) -> None:
+        self.in_progress = [0] * size
+        self.halted: list[str | None] = [None] * size
+        self.take = take  # count new starts against maxConcurrent (plan_relay)
+
+
+def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps: Sequence[Any] | None,
+            hist: Mapping[str, Attempt] | None, gate: _Gate, dispatch: bool,
+            ) -> tuple[list[tuple[int, Row]], list[Action]]:
+    """Rows and actions of one client: history steps, dependencies, rollout, dedupe."""
+    cid = client.id
+    rows: list[tuple[int, Any]] = []  # (job slot, Row fields or Row)
+    start_state = ClientState.IN_PROGRESS if dispatch else ClientState.PENDING
+    count = len(decisions)
+    starting = [False] * count  # the row's change goes out in this plan
+    pending: list[tuple[int, dict[str, Any], _Decision, int, str, str]] = []  # new starts
+    emitted: list[tuple[int, dict[str, Any], Action]] = []  # re-emitted in-progress actions
+    for i, d in enumerate(decisions):
+        cj = d.cj
+        if d.final:
+            fields = d.template.copy()
+            fields["client"] = cid
+            if hist is not None:
+                recorded = hist.get(cj.name)
+                if recorded is not None and recorded.revision == cj.revision:
+                    fields["attempts"] = recorded.attempt
+            rows.append((cj.slot, fields))
+            continue
+        step: tuple[Any, ...] = steps[i] if steps is not None else (_CLOSED_STEP if d.closed else _FRESH)
+        fields = {"job": cj.name, "relay": ctx.relay, "client": cid, "state": ClientState.PENDING,
+                  "action": None, "name": cj.software, "version": cj.version,
+                  "installed_version": d.installed, "attempts": 0, "message": "", "operation_id": None}
+        rows.append((cj.slot, fields))
+        tag = step[0]
+        if tag is _READY:
+            fields["attempts"] = step[3]
+            blocked = None
+            for dep, providers in d.waits:
+                if not any(starting[k] for k in providers):
+                    blocked = f"waiting for dependency {dep}"
+                    break
+            if blocked is None:
+                blocked = gate.halted[cj.slot]
+            if blocked is None and cj.max_concurrent is not None \
+                    and gate.in_progress[cj.slot] >= cj.max_concurrent:
+                blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
+            if blocked is not None:
+                fields["message"] = blocked
+                continue
+            starting[i] = True
+            fields["state"] = start_state
+            fields["action"] = d.kind
+            fields["message"] = step[4]
+            pending.append((i, fields, d, step[1], step[2], step[4]))
+        elif tag is _PROGRESS:
+            a: Attempt = step[1]
+            fields["state"] = ClientState.IN_PROGRESS
+            fields["action"] = a.action
+            fields["attempts"] = a.attempt
+            fields["operation_id"] = a.operation_id
+            fields["message"] = f"attempt {a.attempt}/{cj.limit} dispatched at {rfc3339(a.dispatched_at)}"
+            emitted.append((i, fields, _reemit(ctx, cj, d, a, cid)))
+        elif tag is _CLOSED:
+            assert cj.not_after is not None
+            fields["state"] = ClientState.SKIPPED
+            fields["message"] = f"schedule window closed at {rfc3339(cj.not_after)}"
+            if hist is not None:
+                recorded = hist.get(cj.name)
+                if recorded is not None and recorded.revision == cj.revision:
+                    fields["attempts"] = recorded.attempt
+        elif tag is _FAILED:
+            a = step[1]
+            fields["state"] = ClientState.FAILED
+            fields["attempts"] = a.attempt
+            fields["message"] = step[2]
+            fields["operation_id"] = a.operation_id
+        else:  # _RETRY
+            a = step[1]
+            fields["attempts"] = a.attempt
+            fields["operation_id"] = a.operation_id
+            text = f"retry {a.attempt + 1}/{cj.limit} at {rfc3339(step[2])}"
+            fields["message"] = f"{text}; last attempt: {step[3]}" if step[3] else text
+    actions: list[tuple[tuple[int, int, str], Action]] = []
+    if pending or emitted:
+        owners: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+        for i, fields, action in emitted:
+            actions.append((decisions[i].cj.order, action))
+            owners.setdefault((action.kind, action.name, action.version), (action.job, fields))
+        for i, fields, d, number, previous, _ in sorted(pending, key=lambda p: p[2].cj.name):
+            cj = d.cj
+            key = (d.kind, cj.software, d.version)
+            owner = owners.get(key)
+            if owner is not None:
+                fields["state"] = owner[1]["state"]
+                fields["operation_id"] = owner[1]["operation_id"]
+                fields["message"] = f"same change as job {owner[0]}"
+                continue
+            op = "op-" + hashlib.sha256(
+                f"{cj.prefix}{cid}\x1f{cj.software}\x1f{d.version or ''}\x1f{number}\x1f{previous}".encode()
+            ).hexdigest()[:24]
+            fields["operation_id"] = op
+            owners[key] = (cj.name, fields)
+            actions.append((cj.order, _make(Action, {
+                "operation_id": op, "job": cj.name, "client": cid, "kind": d.kind, "package": d.package,
+                "name": cj.software, "version": d.version, "previous_version": d.previous,
+                "revision": cj.revision, "rerun": cj.rerun, "attempt": number, "timeout_seconds": d.timeout,
+            })))
+            if gate.take and client.online:
+                gate.in_progress[cj.slot] += 1
+        actions.sort(key=lambda pair: pair[0])
+    return [(slot, _make(Row, fields)) for slot, fields in rows], [a for _, a in actions]
+
+
+def _reemit(ctx: _Context, cj: _CompiledJob, d: _Decision, a: Attempt, cid: str) -> Action:
+    """The action of an attempt still in progress, exactly as it was handed out."""
+    kind = a.action
+    if kind is ActionKind.UNINSTALL:
+        package = ctx.packages.get((cj.software, a.version or "")) or cj.package
+        previous = None
+    else:
+        package = cj.package
+        previous = d.installed if kind is not ActionKind.INSTALL else None
+    timeout = package.installer.timeout_seconds if package is not None else DEFAULT_TIMEOUT_SECONDS
+    return Action(operation_id=a.operation_id, job=cj.name, client=cid, kind=kind, package=package,
+                  name=cj.software, version=a.version, previous_version=previous, revision=cj.revision,
+                  rerun=a.rerun, attempt=a.attempt, timeout_seconds=timeout)
+
+
+# ------------------------------------------------------------ public API
+
+
+def _now(now: datetime) -> datetime:
+    return _aware(now)
+
+
+def _inventory(client: Client) -> dict[str, str]:
+    return {item.name: item.version for item in client.installed}
+
+
+def plan_client(index: RelayIndex, client: Client, history: History,
+                usage: Mapping[str, RolloutUsage], now: datetime) -> ClientPlan:
+    """Plan one client at check-in; ``usage`` holds the relay's per-job rollout counters.
+
+    ``history`` needs only this client's entries (it may hold others). Rows
+    that get a new action are ``InProgress``: the caller hands the actions out
+    in this reply and records them as dispatched.
+    """
+    now = _now(now)
+    ctx = _context(index)
+    jobs = ctx.jobs_for(client.id)
+    if not jobs:
+        return ClientPlan(client.id, (), ())
+    phases = [_OPEN] * len(ctx.by_slot)
+    for cj in jobs:
+        phases[cj.slot] = _phase(cj, now)
+    decisions = _static(ctx, jobs, phases, client, _inventory(client))
+    hist = {cj.name: a for cj in jobs if (a := history.get((cj.name, client.id))) is not None}
+    steps = [None if d.final else _history_step(ctx, d, hist.get(d.cj.name), now) for d in decisions]
+    gate = _Gate(len(ctx.by_slot), take=False)
+    for cj in jobs:
+        u = usage.get(cj.name)
+        if u is None:
+            continue
+        gate.in_progress[cj.slot] = u.in_progress
+        if cj.has_failure_limit and failures_exceeded(u.failed, u.targets, cj.max_failures):
+            gate.halted[cj.slot] = _halt_message(u.failed, u.targets, cj.max_failures)
+    rows, actions = _finish(ctx, client, decisions, steps, hist or None, gate, dispatch=True)
+    return ClientPlan(client.id, tuple(sorted((r for _, r in rows), key=attrgetter("job"))), tuple(actions))
+
+
+def plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime) -> Plan:
+    """Plan every client of the relay (rows of ``Client.relay`` are reported as ``index.relay``).
+
+    Level-triggered: failed and in-progress counts come from this pass's own
+    rows; new starts take rollout slots in client id order.
+    """
+    now = _now(now)
+    ctx = _context(index)
+    size = len(ctx.by_slot)
+    phases = [_phase(cj, now) for cj in ctx.by_slot]
+    by_client: dict[str, dict[str, Attempt]] = {}
+    for (job_name, client_id), attempt in history.items():
+        by_client.setdefault(client_id, {})[job_name] = attempt
+
+    # Pass 1: the history-free decisions (memoised per distinct client shape),
+    # history steps, and the counters rollout needs.
+    in_progress = [0] * size
+    failed = [0] * size
+    targets = [0] * size
+    counting = [cj.slot for cj in ctx.by_slot if cj.has_failure_limit or cj.max_concurrent is not None]
+    track = [False] * size
+    for s in counting:
+        track[s] = True
+    memo: dict[Any, tuple[list[_Decision], tuple[int, ...]]] = {}
+    names = ctx.names
+    label_keys = ctx.label_keys
+    max_threshold = ctx.max_threshold
+    prepared: list[tuple[Client, list[_Decision], list[Any] | None, dict[str, Attempt] | None]] = []
+    for client in sorted(clients, key=attrgetter("id")):
+        jobs = ctx.jobs_for(client.id)
+        if not jobs:
+            continue
+        inst = {item.name: item.version for item in client.installed}
+        disk = client.free_disk_mb
+        if label_keys:
+            labels = dict(client.labels)
+            label_view: tuple[str | None, ...] = tuple(labels.get(k) for k in label_keys)
+        else:
+            label_view = ()
+        key = (id(jobs), client.os, client.arch, label_view,
+               disk if (disk is None or max_threshold is None or disk < max_threshold) else -1,
+               tuple(map(inst.get, names)))
+        entry = memo.get(key)
+        if entry is None:
+            decisions = _static(ctx, jobs, phases, client, inst)
+            entry = (decisions, tuple(d.cj.slot for d in decisions
+                                      if track[d.cj.slot] and not (d.final and d.state is ClientState.SKIPPED)
+                                      and not (not d.final and d.closed)))
+            memo[key] = entry
+        decisions = entry[0]
+        hist = by_client.get(client.id)
+        if hist is None:
+            for s in entry[1]:
+                targets[s] += 1
+            prepared.append((client, decisions, None, None))
+            continue
+        steps: list[Any] = [None if d.final else _history_step(ctx, d, hist.get(d.cj.name), now)
+                            for d in decisions]
+        for d, step in zip(decisions, steps):
+            s = d.cj.slot
+            if not track[s]:
+                continue
+            if step is None:
+                if d.state is not ClientState.SKIPPED:
+                    targets[s] += 1
+                continue
+            tag = step[0]
+            if tag is _CLOSED:
+                continue
+            targets[s] += 1
+            if tag is _FAILED:
+                failed[s] += 1
+            elif tag is _PROGRESS and client.online:
+                in_progress[s] += 1
+        prepared.append((client, decisions, steps, hist))
+
+    gate = _Gate(size, take=True)
+    gate.in_progress = in_progress
+    for cj in ctx.by_slot:
+        if cj.has_failure_limit and failures_exceeded(failed[cj.slot], targets[cj.slot], cj.max_failures):
+            gate.halted[cj.slot] = _halt_message(failed[cj.slot], targets[cj.slot], cj.max_failures)
+
+    # Pass 2: rows and actions, clients in id order.
+    per_job: list[list[Row]] = [[] for _ in range(size)]
+    appenders = [lst.append for lst in per_job]
+    actions: list[Action] = []
+    fast: dict[int, list[tuple[int, dict[str, Any]]] | None] = {}
+    _copy = dict.copy
+    for client, decisions, client_steps, hist in prepared:
+        if client_steps is None:
+            # No history: rows decided statically are copied from their templates.
+            if id(decisions) in fast:
+                templates = fast[id(decisions)]
+            else:
+                templates = ([(d.cj.slot, d.template) for d in decisions]
+                             if all(d.final for d in decisions) else None)
+                fast[id(decisions)] = templates
+            if templates is not None:
+                cid = client.id
+                for slot, template in templates:
+                    fields = _copy(template)
+                    fields["client"] = cid
+                    obj = _new(Row)
+                    _setattr(obj, "__dict__", fields)
+                    appenders[slot](obj)
+                continue
+        rows, new_actions = _finish(ctx, client, decisions, client_steps, hist, gate, dispatch=False)
+        for slot, row in rows:
+            appenders[slot](row)
+        actions.extend(new_actions)
+
+    all_rows: list[Row] = []
+    rollups: list[JobRollup] = []
+    relay_job_names = {j.name for j in index.relay_jobs}
+    for cj in sorted(ctx.by_slot, key=attrgetter("name")):
+        job_rows = per_job[cj.slot]
+        if not job_rows and cj.name not in relay_job_names:
+            continue  # a clients job naming none of this relay's clients does not reach it
+        all_rows.extend(job_rows)
+        rollups.append(rollup(cj.name, job_rows, suspended=cj.suspend, max_failures=cj.max_failures))
+    return Plan(relay=index.relay, rows=tuple(all_rows), actions=tuple(actions), jobs=tuple(rollups))
+
+
+def count_states(rows: Iterable[Row]) -> dict[str, int]:
+    """Rows per state, every ClientState value present."""
+    counts = dict.fromkeys((s.value for s in ClientState), 0)
+    for row in rows:
+        counts[row.state] += 1
+    return counts
+
+
+def rollup(job: str, rows: Sequence[Row], *, suspended: bool = False,
+           max_failures: int | str | None = None) -> JobRollup:
+    """A job's state on a relay from its rows (DESIGN section 4), and the counts by state.
+
+    In order: ``Suspended`` (the job is suspended), ``NoTargets`` (no rows),
+    ``Halted`` (Failed rows exceed ``max_failures``, the job's
+    ``rollout.maxFailures``, counted against its non-Skipped rows),
+    ``InProgress`` (any row Pending or InProgress, including rows waiting for
+    a future schedule), ``Failed`` (any Failed or Conflict), else
+    ``Completed``. (``Invalid`` is HQ's, for a commit that did not validate.)
+    """
+    counts = count_states(rows)
+    total = len(rows)
+    pending = counts[ClientState.PENDING] + counts[ClientState.IN_PROGRESS]
+    if suspended or (total and counts[ClientState.SUSPENDED] == total):
+        state = JobState.SUSPENDED
+    elif total == 0:
+        state = JobState.NO_TARGETS
+    elif max_failures is not None and failures_exceeded(
+            counts[ClientState.FAILED], total - counts[ClientState.SKIPPED], max_failures):
+        state = JobState.HALTED
+    elif pending:
+        state = JobState.IN_PROGRESS
+    elif counts[ClientState.FAILED] or counts[ClientState.CONFLICT]:
+        state = JobState.FAILED
+    else:
+        state = JobState.COMPLETED
+    return JobRollup(job=job, state=state, counts=counts)
