@@ -1,0 +1,486 @@
+"""The relay's content-addressed artifact cache: ``<workdir>/cache/sha256/<hash>``.
+
+Every package that reaches the relay (or any relay below it, so children can
+pull from it) is staged here before a client is told to install it, and
+served from here by ``GET /v1/artifacts/<sha256>``:
+
+* an in-repo **file** is staged as-is (format ``file``, ``fileName`` = its
+  basename);
+* an in-repo **directory** is packed as a deterministic uncompressed tar
+  (entries sorted, mtime 0, uid/gid 0, no user or group names, modes
+  normalised to 0644/0755), so every relay packing the same tree gets the same
+  bytes and the same sha256; a symlink that leaves the directory is refused;
+* a **url** artifact is fetched with requests, streamed to disk and verified
+  against the spec's sha256 (a mismatch is refused). With ``--parent-url`` the
+  parent relay's cache is asked first, so the far origin serves each artifact
+  once per top-level relay, not once per relay. A ``.tar`` URL is served as a
+  tar after checking that no entry leaves the archive (zip-slip).
+
+Files appear in the cache only by atomic rename after verification, so a
+relay killed while staging never serves a partial artifact, and a present
+file is trusted on restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Protocol
+
+import requests
+
+from reconciler.relay.server import StagedArtifact
+from reconciler.specs import DestinationType, Job, JobType, Package, Specs, ancestors, subtree
+
+log = logging.getLogger("reconciler.relay")
+
+CHUNK = 1 << 20
+HTTP_TIMEOUT = (10.0, 300.0)
+MAX_SYMLINK_HOPS = 8
+PARENT_GRACE_SECONDS = 60.0
+"""How long a child relay waits for its parent to stage an artifact before going to the URL itself."""
+
+
+class ArtifactError(Exception):
+    """The artifact cannot be staged (refused or unavailable); the message says why."""
+
+
+class ArtifactPending(ArtifactError):
+    """Not staged yet, but expected soon (the parent relay is still staging it): try again shortly."""
+
+
+class GitReader(Protocol):
+    def path_kind(self, commit: str, path: str) -> str | None: ...
+    def symlink_target(self, commit: str, path: str) -> str | None: ...
+    def export_path(self, commit: str, path: str, dest: Path) -> None: ...
+
+
+# ------------------------------------------------------------------ which packages
+
+
+def jobs_reaching(specs: Specs, relay: str) -> tuple[Job, ...]:
+    """Jobs that can reach a client of ``relay`` or of any relay below it.
+
+    ``allLowerClients`` jobs naming an ancestor of the relay (or the relay
+    itself) or a relay of its subtree; every ``clients`` job (a named client
+    may check in at any relay).
+    """
+    below = subtree(specs.topology, relay)
+    above = set(ancestors(specs.topology, relay))
+    reaching = []
+    for job in specs.jobs:
+        if job.destination_type is DestinationType.CLIENTS:
+            reaching.append(job)
+        elif any(d in above or d in below for d in job.destinations):
+            reaching.append(job)
+    return tuple(reaching)
+
+
+def packages_to_stage(specs: Specs, relay: str) -> tuple[Package, ...]:
+    """Packages installed by the jobs reaching the relay's subtree, with their dependencies' packages."""
+    by_name: dict[str, list[Package]] = {}
+    for package in specs.packages:
+        by_name.setdefault(package.name, []).append(package)
+    wanted: dict[tuple[str, str], Package] = {}
+    queue: list[Package] = []
+    for job in jobs_reaching(specs, relay):
+        if job.job_type is JobType.INSTALL and job.package_version is not None:
+            queue += [p for p in by_name.get(job.package_name, ()) if p.version == job.package_version]
+    while queue:
+        package = queue.pop()
+        key = (package.name, package.version)
+        if key in wanted:
+            continue
+        wanted[key] = package
+        for dependency in package.depends_on:
+            queue += by_name.get(dependency.name, ())
+    return tuple(sorted(wanted.values(), key=lambda p: (p.name, p.version)))
+
+
+def with_artifact_revisions(specs: Specs, staged: Mapping[tuple[str, str], StagedArtifact]) -> Specs:
+    """Specs whose package revisions also cover the artifact's content.
+
+    An admin who fixes a script inside an artifact directory changes no
+    package YAML, yet every client must get the new content: folding the
+    artifact's sha256 into the revision makes the plan treat it as a new
+    revision (retries reset, the fix is dispatched).
+    """
+    packages = []
+    for package in specs.packages:
+        artifact = staged.get((package.name, package.version))
+        if artifact is None:
+            packages.append(package)
+            continue
+        revision = hashlib.sha256(f"{package.revision}\n{artifact.sha256}".encode()).hexdigest()
+        packages.append(replace(package, revision=revision))
+    return replace(specs, packages=tuple(packages))
+
+
+# ------------------------------------------------------------------ hashing writer
+
+
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ deterministic tar
+
+
+def _escapes(link_path: str, target: str) -> bool:
+    """Whether a symlink at ``link_path`` (relative to the artifact root) points outside it."""
+    if not target or target.startswith("/") or "\\" in target or (len(target) > 1 and target[1] == ":"):
+        return True
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
+    return joined == ".." or joined.startswith("../") or joined.startswith("/")
+
+
+def pack_directory(root: Path, out: BinaryIO) -> tuple[str, int]:
+    """Write ``root`` as a deterministic tar to ``out``; (sha256, size). ArtifactError on an escaping link."""
+    entries: list[tuple[tuple[str, ...], str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            full = base / name
+            rel = full.relative_to(root).as_posix()
+            entries.append((tuple(rel.split("/")), rel, full))
+    entries.sort()
+    real_root = root.resolve()
+    writer = _HashingWriter(out)
+    with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        for _, rel, full in entries:
+            st = os.lstat(full)
+            info = tarfile.TarInfo(rel)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(full)
+                real = full.resolve()  # through every link on the way, not just this one
+                if _escapes(rel, target) or (real != real_root and real_root not in real.parents):
+                    raise ArtifactError(f"symlink {rel} -> {target} leaves the artifact directory")
+                info.type = tarfile.SYMTYPE
+                info.linkname = target
+                info.mode = 0o755
+                tar.addfile(info)
+            elif stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.type = tarfile.REGTYPE
+                info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+                info.size = st.st_size
+                with open(full, "rb") as handle:
+                    tar.addfile(info, handle)
+            else:
+                raise ArtifactError(f"{rel} is neither a file, a directory nor a symlink")
+    return writer.digest.hexdigest(), writer.size
+
+
+def check_tar(path: Path) -> None:
+    """Refuse a tar with an entry that would land outside the unpack directory (zip-slip) or is a device."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                name = member.name
+                parts = PurePosixPath(name).parts
+                if name.startswith("/") or "\\" in name or ".." in parts or (len(name) > 1 and name[1] == ":"):
+                    raise ArtifactError(f"archive entry {name!r} would be written outside the package directory")
+                if member.issym() and _escapes(name, member.linkname):
+                    raise ArtifactError(f"archive symlink {name!r} -> {member.linkname!r} leaves the package")
+                if member.islnk() and _escapes("", member.linkname):  # hard link names are archive-relative
+                    raise ArtifactError(f"archive hard link {name!r} -> {member.linkname!r} leaves the package")
+                if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+                    raise ArtifactError(f"archive entry {name!r} is a device, fifo or other special file")
+    except tarfile.TarError as e:
+        raise ArtifactError(f"not a valid tar archive: {e}") from None
+
+
+# ------------------------------------------------------------------ the cache
+
+
+@dataclass(frozen=True)
+class StageResult:
+    staged: dict[tuple[str, str], StagedArtifact]
+    errors: dict[tuple[str, str], str]  # refused or failed: needs a fix (or a later retry)
+    pending: dict[tuple[str, str], str]  # will very likely succeed on the next try
+
+
+class ArtifactCache:
+    """Stages artifacts into ``<workdir>/cache/sha256`` and remembers what each in-repo path packed to."""
+
+    def __init__(self, workdir: Path, git: GitReader, *, parent_url: str | None = None,
+                 session: requests.Session | None = None, clock: Any = time.monotonic) -> None:
+        self.root = Path(workdir) / "cache"
+        self.dir = self.root / "sha256"
+        self.tmp = self.root / "tmp"
+        self.memo_dir = self.root / "trees"
+        for d in (self.dir, self.tmp, self.memo_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():  # a previous run killed mid-staging
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        self.git = git
+        self.parent_url = parent_url.rstrip("/") if parent_url else None
+        self.session = session or requests.Session()
+        self.clock = clock
+        self._parent_missing_since: dict[str, float] = {}
+
+    def path(self, sha: str) -> Path:
+        return self.dir / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    # -- staging -------------------------------------------------------------
+
+    def stage_all(self, commit: str, packages: Iterable[Package]) -> StageResult:
+        staged: dict[tuple[str, str], StagedArtifact] = {}
+        errors: dict[tuple[str, str], str] = {}
+        pending: dict[tuple[str, str], str] = {}
+        for package in packages:
+            key = (package.name, package.version)
+            try:
+                staged[key] = self.stage(commit, package)
+            except ArtifactPending as e:
+                pending[key] = str(e)
+            except ArtifactError as e:
+                errors[key] = str(e)
+                log.error("artifact of %s %s refused: %s", package.name, package.version, e)
+            except Exception as e:  # noqa: BLE001 - one bad artifact must not stop the others
+                errors[key] = f"{type(e).__name__}: {e}"
+                log.exception("staging the artifact of %s %s failed", package.name, package.version)
+        return StageResult(staged, errors, pending)
+
+    def stage(self, commit: str, package: Package) -> StagedArtifact:
+        artifact = package.artifact
+        if artifact.url is not None:
+            return self.stage_url(artifact.url, (artifact.sha256 or "").lower())
+        if artifact.path is not None:
+            return self.stage_repo_path(commit, artifact.path)
+        raise ArtifactError("package has neither an artifact path nor a url")
+
+    def _memo(self, commit: str, path: str) -> Path | None:
+        """Memo file keyed by the git object id of ``path`` (same tree, same tar: skip re-packing)."""
+        entry_of = getattr(self.git, "_entry", None)  # GitStore has no public object-id accessor yet
+        if entry_of is None:
+            return None
+        try:
+            entry = entry_of(commit, path)
+        except Exception:  # noqa: BLE001 - the memo is an optimisation only
+            return None
+        object_id = getattr(entry, "sha", None)
+        if not isinstance(object_id, str):
+            return None
+        return self.memo_dir / f"{object_id}-{getattr(entry, 'mode', '')}.json"
+
+    def stage_repo_path(self, commit: str, path: str) -> StagedArtifact:
+        resolved = self._resolve(commit, path)
+        kind = self.git.path_kind(commit, resolved)
+        memo = self._memo(commit, resolved)
+        file_name = PurePosixPath(path).name
+        if memo is not None and memo.is_file():
+            try:
+                known = json.loads(memo.read_text())
+                if self.has(known["sha256"]):
+                    return StagedArtifact(known["sha256"], int(known["size"]), known["format"],
+                                          file_name if known["format"] == "file" else None)
+            except (ValueError, KeyError, TypeError):
+                pass
+        work = Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp))
+        try:
+            if kind == "file":
+                exported = work / "file"
+                self.git.export_path(commit, resolved, exported)
+                sha, size = sha256_file(exported), exported.stat().st_size
+                self._install(exported, sha)
+                result = StagedArtifact(sha, size, "file", file_name)
+            elif kind == "dir":
+                tree = work / "tree"
+                self.git.export_path(commit, resolved, tree)
+                packed = work / "packed.tar"
+                with open(packed, "wb") as out:
+                    sha, size = pack_directory(tree, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                self._install(packed, sha)
+                result = StagedArtifact(sha, size, "tar")
+            elif kind is None:
+                raise ArtifactError(f"artifact path {path!r} does not exist at {commit[:12]}")
+            else:
+                raise ArtifactError(f"artifact path {path!r} is a {kind}, not a file or directory")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if memo is not None:
+            _write_atomic(memo, json.dumps({"sha256": result.sha256, "size": result.size,
+                                            "format": result.format}).encode())
+        return result
+
+    def _resolve(self, commit: str, path: str) -> str:
+        """Follow symlinks (within the repo) to the file or directory an artifact path names."""
+        current = path
+        for _ in range(MAX_SYMLINK_HOPS):
+            if self.git.path_kind(commit, current) != "symlink":
+                return current
+            target = self.git.symlink_target(commit, current) or ""
+            if _escapes(current, target):
+                raise ArtifactError(f"artifact path {path!r} leaves the repository through a symlink")
+            current = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
+        raise ArtifactError(f"artifact path {path!r}: too many levels of symlinks")
+
+    def stage_url(self, url: str, sha: str) -> StagedArtifact:
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ArtifactError(f"artifact sha256 {sha!r} is not 64 hex digits")
+        file_name = _url_file_name(url)
+        fmt = "tar" if file_name.lower().endswith(".tar") else "file"
+        if not self.has(sha):
+            self._fetch(url, sha)
+        if fmt == "tar":
+            check_tar(self.path(sha))
+        size = self.path(sha).stat().st_size
+        return StagedArtifact(sha, size, fmt, file_name if fmt == "file" else None)
+
+    def _fetch(self, url: str, sha: str) -> None:
+        if self.parent_url is not None:
+            status = self._try_parent(sha)
+            if status == "ok":
+                self._parent_missing_since.pop(sha, None)
+                return
+            if status == "missing":
+                first = self._parent_missing_since.setdefault(sha, self.clock())
+                if self.clock() - first < PARENT_GRACE_SECONDS:
+                    raise ArtifactPending("the parent relay has not staged it yet")
+                log.warning("parent relay still lacks %s after %.0fs; fetching it from its URL",
+                            sha, PARENT_GRACE_SECONDS)
+        self._download(url, sha, source=_redact(url))
+
+    def _try_parent(self, sha: str) -> str:
+        """'ok' (now cached), 'missing' (parent answered 404) or 'error' (unreachable, bad data)."""
+        try:
+            self._download(f"{self.parent_url}/v1/artifacts/{sha}", sha, source="the parent relay")
+            return "ok"
+        except _NotFound:
+            return "missing"
+        except ArtifactError as e:
+            log.warning("parent relay could not provide %s (%s); using the artifact's URL", sha, e)
+            return "error"
+
+    def _download(self, url: str, sha: str, *, source: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        handle, temp_name = tempfile.mkstemp(prefix="download-", dir=self.tmp)
+        temp = Path(temp_name)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                writer = _HashingWriter(out)
+                if parsed.scheme == "file":
+                    try:
+                        with open(urllib.parse.unquote(parsed.path), "rb") as src:
+                            for chunk in iter(lambda: src.read(CHUNK), b""):
+                                writer.write(chunk)
+                    except OSError as e:
+                        raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
+                elif parsed.scheme in ("http", "https"):
+                    self._http_get(url, writer, source)
+                else:
+                    raise ArtifactError(f"unsupported artifact URL scheme {parsed.scheme!r} (http, https, file)")
+                out.flush()
+                os.fsync(out.fileno())
+            got = writer.digest.hexdigest()
+            if got != sha:
+                raise ArtifactError(f"sha256 mismatch for the download from {source}: expected {sha}, got {got}; "
+                                    "refused")
+            self._install(temp, sha)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _http_get(self, url: str, writer: _HashingWriter, source: str) -> None:
+        try:
+            with self.session.get(url, stream=True, timeout=HTTP_TIMEOUT) as response:
+                if response.status_code == 404:
+                    raise _NotFound(f"{source} answered 404")
+                if response.status_code != 200:
+                    raise ArtifactError(f"{source} answered HTTP {response.status_code}")
+                for chunk in response.iter_content(CHUNK):
+                    writer.write(chunk)
+        except requests.RequestException as e:
+            raise ArtifactError(f"cannot download from {source}: {type(e).__name__}") from None
+
+    def _install(self, path: Path, sha: str) -> None:
+        target = self.path(sha)
+        if target.is_file():
+            return
+        os.chmod(path, 0o644)
+        os.replace(path, target)
+        _fsync_dir(self.dir)
+
+
+class _NotFound(ArtifactError):
+    pass
+
+
+def _url_file_name(url: str) -> str:
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    if not name or name in (".", "..") or "\\" in name or "\0" in name or len(name) > 255:
+        return "artifact"
+    return name
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
