@@ -776,7 +776,7 @@ SUMMARY_COLUMNS: tuple[ClientState, ...] = (
     ClientState.FAILED, ClientState.SKIPPED, ClientState.CONFLICT,
 )
 
-_MD_SPECIAL = re.compile(r"([\\`*_|<>\[\]])")
+_MD_SPECIAL = re.compile(r"([`|<>])")
 
 
 def _md(text: str, limit: int = 200) -> str:

@@ -1,0 +1,435 @@
+"""``reconciler status``: the HQ report from the status refs, and ``--wait`` until settled.
+
+Reads only git: ``status/hq`` for the accepted commit, validation and the
+per-job roll-ups, and each ``status/<relay>`` for the full client rows (JSON,
+``--job``) and for ``--wait``, which looks at the relays' own refs rather
+than HQ's aggregate so it never waits for an extra HQ pass.
+
+The origin is mirrored into a cache directory keyed by the (redacted) origin
+URL, so repeated calls fetch only what changed. ``--wait`` is woken by the
+change watcher (at once for a local origin) with a short poll as fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from reconciler import report
+from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, local_origin_path, redact_url
+from reconciler.hq import HQ_REF, load_specs
+from reconciler.plan import ClientState
+from reconciler.report import HqReport, JobReport, RelayJobStatus, RelayStatus, ReportError, StatusRow
+from reconciler.specs import Specs
+
+WAIT_POLL_SECONDS = 1.0
+
+
+class StatusError(Exception):
+    """The status cannot be shown (no origin, git failure); exit 2."""
+
+
+# ------------------------------------------------------------------ origin
+
+
+def default_origin(cwd: Path | None = None) -> str:
+    """The ``origin`` remote of the git repository in ``cwd`` (a relative local path made absolute)."""
+    where = str(cwd or Path.cwd())
+    try:
+        url = subprocess.run(["git", "-C", where, "remote", "get-url", "origin"], capture_output=True,
+                             text=True, check=True, stdin=subprocess.DEVNULL).stdout.strip()
+        top = subprocess.run(["git", "-C", where, "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True, stdin=subprocess.DEVNULL).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        raise StatusError("no --origin given and the current directory is not a git repository "
+                          "with a remote named origin") from None
+    if not url:
+        raise StatusError("the current repository's origin remote has no URL; pass --origin")
+    local = local_origin_path(url)
+    if local is not None and not url.startswith("file://") and not Path(url).expanduser().is_absolute():
+        return str((Path(top) / url).resolve())
+    return url
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "reconciler" / "status"
+
+
+@contextmanager
+def mirror_dir(origin: str) -> Iterator[Path]:
+    """A workdir for the origin's mirror: the shared cache when free, else a throw-away one.
+
+    GitStore assumes one process per workdir, so the cache is locked; a second
+    ``status`` running at the same time mirrors into a temporary directory.
+    """
+    key = hashlib.sha256(redact_url(origin).encode("utf-8")).hexdigest()[:16]
+    path = cache_root() / key
+    handle = None
+    try:
+        import fcntl
+
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / ".lock", "w")  # noqa: SIM115 - held for the whole run
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):
+        if handle is not None:
+            handle.close()
+            handle = None
+    if handle is not None:
+        try:
+            yield path
+        finally:
+            handle.close()
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="reconciler-status-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+@dataclass
+class Snapshot:
+    """Everything ``status`` shows, as of one fetch."""
+
+    main_commit: str | None  # origin's current tip of HQ's branch
+    hq: HqReport | None
+    summary: str | None  # status/hq summary.md
+    specs: Specs | None  # at the accepted commit
+    relays: dict[str, RelayStatus]
+    rows: dict[str, dict[str, tuple[str | None, RelayJobStatus]]]  # job -> relay -> (observed, rows)
+    problems: list[str] = field(default_factory=list)
+
+
+class Reader:
+    """Reads snapshots from a store, re-reading only refs that moved."""
+
+    def __init__(self, store: GitStore) -> None:
+        self.store = store
+        self._relays: dict[str, tuple[str, RelayStatus, dict[str, tuple[str | None, RelayJobStatus]]]] = {}
+        self._hq: tuple[str, HqReport, str | None] | None = None
+        self._specs: tuple[str, Specs | None] | None = None
+
+    def read(self) -> Snapshot:
+        store = self.store
+        store.fetch()
+        problems: list[str] = []
+        refs = store.list_status_refs()
+        hq: HqReport | None = None
+        summary: str | None = None
+        hq_sha = refs.get(report.HQ_REF)
+        if hq_sha is not None:
+            if self._hq is None or self._hq[0] != hq_sha:
+                files = store.read_files(hq_sha)
+                try:
+                    parsed = report.parse_hq_status(files)
+                except ReportError as e:
+                    problems.append(f"{HQ_REF} unreadable: {e}")
+                    parsed = None
+                if parsed is not None:
+                    text = files.get(report.SUMMARY_FILE)
+                    self._hq = (hq_sha, parsed, text.decode("utf-8", "replace") if text else None)
+            if self._hq is not None and self._hq[0] == hq_sha:
+                _, hq, summary = self._hq
+        branch = hq.branch if hq else "main"
+        main = store.ref_sha(branch)
+        specs_now: Specs | None = None
+        accepted = hq.accepted.accepted_commit if hq else None
+        if accepted:
+            if self._specs is None or self._specs[0] != accepted:
+                try:
+                    result = load_specs(store, accepted)
+                    self._specs = (accepted, result.specs)
+                except GitError as e:
+                    problems.append(f"cannot read the accepted commit {accepted[:12]}: {e}")
+                    self._specs = None
+            if self._specs is not None:
+                specs_now = self._specs[1]
+        relay_refs = {name: sha for name, sha in refs.items() if name != report.HQ_REF}
+        for gone in set(self._relays) - set(relay_refs):
+            del self._relays[gone]
+        for name, sha in sorted(relay_refs.items()):
+            if name in self._relays and self._relays[name][0] == sha:
+                continue
+            self._relays[name] = (sha, *self._read_relay(name, sha))
+        relays = {name: status for name, (_, status, _) in self._relays.items()}
+        rows: dict[str, dict[str, tuple[str | None, RelayJobStatus]]] = {}
+        for name, (_, _, jobs) in sorted(self._relays.items()):
+            for job, entry in jobs.items():
+                rows.setdefault(job, {})[name] = entry
+        return Snapshot(main, hq, summary, specs_now, relays, rows, problems)
+
+    def _read_relay(self, name: str, sha: str) -> tuple[RelayStatus, dict[str, tuple[str | None, RelayJobStatus]]]:
+        prefix = report.relay_prefix(name)
+        try:
+            files = self.store.read_files(sha, prefixes=(f"{prefix}relay.yaml", f"{prefix}jobs/"))
+            status = report.parse_relay_status({p: d for p, d in files.items() if p == f"{prefix}relay.yaml"})
+        except (GitError, ReportError) as e:
+            return RelayStatus(name, None, 0, None, (f"status unreadable: {e}",), {}), {}
+        jobs: dict[str, tuple[str | None, RelayJobStatus]] = {}
+        for path, data in files.items():
+            if path.startswith(f"{prefix}jobs/") and path.endswith(".yaml"):
+                try:
+                    _, observed, job = report.parse_relay_job(data, f"{STATUS_PREFIX}{name}:{path}")
+                except ReportError:
+                    continue
+                jobs[job.job] = (observed, job)
+        return status, jobs
+
+
+# ----------------------------------------------------------------- settled
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
+    """Why the system has not settled; empty when it has (DESIGN section 7, ``status --wait``)."""
+    reasons = list(snap.problems)
+    hq = snap.hq
+    if hq is None:
+        return reasons + [f"HQ has not published {HQ_REF} yet"]
+    if snap.main_commit is not None and hq.accepted.main_commit != snap.main_commit:
+        reasons.append(f"HQ has not evaluated {hq.branch} {report.short(snap.main_commit)} yet "
+                       f"({HQ_REF} is for {report.short(hq.accepted.main_commit)})")
+    accepted = hq.accepted.accepted_commit
+    if accepted is None or snap.specs is None:
+        return reasons
+    jobs = [j for j in snap.specs.jobs if only_job is None or j.name == only_job]
+    behind: dict[str, str] = {}
+    for job in jobs:
+        for relay in sorted(report.job_relays(snap.specs, job)):
+            status = snap.relays.get(relay)
+            if status is None:
+                behind[relay] = f"relay {relay} has not published status yet"
+            elif status.observed_commit != accepted:
+                behind[relay] = (f"relay {relay} has not published status for the accepted commit "
+                                 f"{report.short(accepted)} (it reports {report.short(status.observed_commit)})")
+    reasons += [behind[r] for r in sorted(behind)]
+    for job in jobs:
+        reached = report.job_relays(snap.specs, job)
+        for relay, (observed, status) in sorted(snap.rows.get(job.name, {}).items()):
+            if relay not in reached or relay in behind or observed != accepted:
+                continue
+            active = [r for r in status.rows if report.is_waiting_row(r.state, r.message)]
+            if active:
+                names = ", ".join(r.client for r in active[:5]) + (", …" if len(active) > 5 else "")
+                reasons.append(f"job {job.name}: {_plural(len(active), 'client')} Pending or InProgress "
+                               f"on {relay} ({names})")
+    return reasons
+
+
+# ------------------------------------------------------------------ output
+
+
+def _client_rows(snap: Snapshot, job: JobReport) -> list[tuple[str, StatusRow]]:
+    out: list[tuple[str, StatusRow]] = []
+    for relay, (_, status) in sorted(snap.rows.get(job.job, {}).items()):
+        out.extend((relay, row) for row in status.rows)
+    out.sort(key=lambda item: (item[1].client, item[0]))
+    return out
+
+
+def render_json(snap: Snapshot, only_job: str | None) -> str:
+    hq = snap.hq
+    jobs = [j for j in (hq.jobs if hq else ()) if only_job is None or j.job == only_job]
+    doc = {
+        "acceptedCommit": hq.accepted.accepted_commit if hq else None,
+        "mainCommit": hq.accepted.main_commit if hq else None,
+        "valid": hq.accepted.main_valid if hq else None,
+        "validationErrors": [
+            {"path": e.path, "line": e.line, "column": e.column, "message": e.message}
+            for e in (hq.validation_errors if hq else ())
+        ],
+        "jobs": [
+            {
+                "name": job.job,
+                "state": job.state.value,
+                "counts": dict(job.counts),
+                "relays": [{"relay": d.relay, "state": d.state.value, "counts": dict(d.counts)} for d in job.relays],
+                "clients": [
+                    {"client": row.client, "relay": relay, "state": row.state.value,
+                     "installedVersion": row.installed_version, "attempts": row.attempts, "message": row.message}
+                    for relay, row in _client_rows(snap, job)
+                ],
+            }
+            for job in jobs
+        ],
+    }
+    return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False)
+
+
+_SHORT_STATES = (
+    ("OK", ClientState.SUCCEEDED), ("RUN", ClientState.IN_PROGRESS), ("PEND", ClientState.PENDING),
+    ("FAIL", ClientState.FAILED), ("SKIP", ClientState.SKIPPED), ("CONF", ClientState.CONFLICT),
+)
+
+
+def _columns(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _one_line(text: str, limit: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_text(snap: Snapshot, only_job: str | None) -> str:
+    hq = snap.hq
+    if hq is None:
+        return f"No {HQ_REF} on the origin yet: HQ has not run a pass."
+    accepted = hq.accepted
+    validity = {True: "valid", False: f"INVALID ({_plural(len(hq.validation_errors), 'error')}, not applied)",
+                None: "not found"}[accepted.main_valid]
+    when = report.format_time(accepted.accepted_at) or "?"
+    out = [f"Accepted commit {report.short(accepted.accepted_commit)} (accepted {when}); "
+           f"{hq.branch} {report.short(accepted.main_commit)} {validity}"]
+    if snap.main_commit is not None and snap.main_commit != accepted.main_commit:
+        out.append(f"(origin's {hq.branch} is now {report.short(snap.main_commit)}; HQ has not evaluated it yet)")
+    out.append("")
+    jobs = [j for j in hq.jobs if only_job is None or j.job == only_job]
+    if jobs:
+        header = ["JOB", "PACKAGE", "CLIENTS", *(s for s, _ in _SHORT_STATES), "STATE"]
+        rows = [header]
+        for job in jobs:
+            state = job.state.value + (f" (waiting for {_plural(job.waiting_count, 'relay')})"
+                                       if job.waiting_count else "")
+            rows.append([job.job, report.package_label(job), str(job.clients),
+                         *(str(job.counts.get(s.value, 0)) for _, s in _SHORT_STATES), state])
+        out += _columns(rows, [False, False, True, *([True] * len(_SHORT_STATES)), False])
+    else:
+        out.append("No jobs." if accepted.accepted_commit else "No commit has been accepted yet.")
+    if only_job is not None and jobs:
+        job = jobs[0]
+        out += ["", f"Destinations of {job.job} ({job.destination_type}: {', '.join(job.destinations)}):"]
+        rows = [["RELAY", "SUBTREE", "CLIENTS", *(s for s, _ in _SHORT_STATES), "STATE"]]
+        for d in job.relays:
+            rows.append([d.relay, _one_line(", ".join(d.relays), 40), str(sum(d.counts.values())),
+                         *(str(d.counts.get(s.value, 0)) for _, s in _SHORT_STATES), d.state.value])
+        out += ["  " + line for line in _columns(rows, [False, False, True, *([True] * len(_SHORT_STATES)), False])]
+        clients = _client_rows(snap, job)
+        out += ["", f"Clients ({len(clients)}):"]
+        if clients:
+            rows = [["CLIENT", "RELAY", "STATE", "INSTALLED", "ATTEMPTS", "MESSAGE"]]
+            for relay, row in clients:
+                rows.append([row.client, relay, row.state.value, row.installed_version or "-", str(row.attempts),
+                             _one_line(row.message)])
+            out += ["  " + line for line in _columns(rows, [False, False, False, False, True, False])]
+    failures = [f for j in jobs for f in j.failures]
+    total = sum(j.failure_count for j in jobs)
+    if total and only_job is None:
+        out += ["", f"Failures ({total}):"]
+        for f in failures[: report.FAILURE_LIMIT]:
+            out.append(f"  {f.job}  {f.relay}/{f.client}  {f.state.value}  "
+                       f"{_plural(f.attempts, 'attempt')}  {_one_line(f.message)}")
+        if total > len(failures[: report.FAILURE_LIMIT]):
+            out.append(f"  … and {total - len(failures[: report.FAILURE_LIMIT])} more")
+    if hq.validation_errors:
+        out += ["", f"Validation errors in {hq.branch} {report.short(accepted.main_commit)}:"]
+        for e in hq.validation_errors[: report.LIST_LIMIT]:
+            out.append(f"  {e.path}:{e.line}:{e.column}: {_one_line(e.message, 200)}")
+        if len(hq.validation_errors) > report.LIST_LIMIT:
+            out.append(f"  … and {len(hq.validation_errors) - report.LIST_LIMIT} more")
+    behind = [r for r in hq.relays if not r.current]
+    if behind:
+        names = ", ".join(r.relay for r in behind[:10]) + (", …" if len(behind) > 10 else "")
+        out += ["", f"Relays without status for the accepted commit ({len(behind)}): {names}"]
+    return "\n".join(out)
+
+
+def render(snap: Snapshot, fmt: str, only_job: str | None) -> str:
+    if fmt == "json":
+        return render_json(snap, only_job)
+    if fmt == "markdown":
+        if snap.hq is None:
+            return f"No `{HQ_REF}` on the origin yet: HQ has not run a pass.\n"
+        if only_job is None and snap.summary is not None:
+            return snap.summary
+        return report.render_summary(snap.hq, only_job)
+    return render_text(snap, only_job) + "\n"
+
+
+# -------------------------------------------------------------------- main
+
+
+def _emit(text: str, stream: TextIO) -> None:
+    stream.write(text if text.endswith("\n") else text + "\n")
+    stream.flush()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        origin = args.origin or default_origin()
+    except StatusError as e:
+        print(f"reconciler status: {e}", file=sys.stderr)
+        return 2
+    with mirror_dir(origin) as workdir:
+        store = GitStore(origin, workdir)
+        reader = Reader(store)
+        try:
+            return _run(args, origin, reader)
+        except GitError as e:
+            print(f"reconciler status: {e}", file=sys.stderr)
+            return 2
+
+
+def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
+    snap = reader.read()
+    if args.job and snap.hq is not None and not any(j.job == args.job for j in snap.hq.jobs):
+        known = ", ".join(j.job for j in snap.hq.jobs) or "none"
+        print(f"reconciler status: no job {args.job!r} in the accepted commit "
+              f"{report.short(snap.hq.accepted.accepted_commit)} (jobs: {known})", file=sys.stderr)
+        return 1
+    if not args.wait:
+        _emit(render(snap, args.format, args.job), sys.stdout)
+        return 0
+    deadline = time.monotonic() + args.timeout
+    watcher = ChangeWatcher(origin, WAIT_POLL_SECONDS)
+    watcher.start()
+    last: list[str] | None = None
+    try:
+        while True:
+            reasons = waiting_reasons(snap, args.job)
+            if not reasons:
+                _emit(render(snap, args.format, args.job), sys.stdout)
+                return 0
+            if sys.stderr.isatty() and reasons != last:
+                print(f"waiting: {reasons[0]}" + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""),
+                      file=sys.stderr)
+            last = reasons
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            watcher.wait(min(WAIT_POLL_SECONDS, remaining))
+            snap = reader.read()
+    finally:
+        watcher.stop()
+    _emit(render(snap, args.format, args.job), sys.stdout)
+    print(f"reconciler status: timed out after {args.timeout:g}s; still waiting for:", file=sys.stderr)
+    for reason in reasons[: report.LIST_LIMIT]:
+        print(f"  - {reason}", file=sys.stderr)
+    if len(reasons) > report.LIST_LIMIT:
+        print(f"  - … and {len(reasons) - report.LIST_LIMIT} more", file=sys.stderr)
+    return 1

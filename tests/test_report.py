@@ -1,0 +1,424 @@
+"""Status files and HQ aggregation (pure: plain values in, bytes out, no git)."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from reconciler import report
+from reconciler.plan import ClientState, Installed, JobRollup, JobState, Plan, Row
+from reconciler.report import Accepted, InventoryEntry
+from reconciler.resources import example_repo_dir, schemas_dir
+from reconciler.specs import SpecError, Specs, load_repo
+
+C1 = "1" * 40
+C2 = "2" * 40
+T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
+
+
+@lru_cache(maxsize=None)
+def _validator(name: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((schemas_dir() / f"{name}.schema.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def assert_valid_status_files(files: dict[str, bytes]) -> int:
+    """Validate every status file against its schema; return how many were checked."""
+    checked = 0
+    for path, data in sorted(files.items()):
+        name = report.schema_name(path)
+        if name is None:
+            assert path == report.SUMMARY_FILE, f"{path} has no schema"
+            continue
+        errors = sorted(_validator(name).iter_errors(report.load_status_file(path, data)), key=str)
+        assert not errors, f"{path} does not match {name}: {errors[0].message} at {list(errors[0].absolute_path)}"
+        checked += 1
+    return checked
+
+
+@lru_cache(maxsize=None)
+def example_specs() -> Specs:
+    result = load_repo(example_repo_dir())
+    assert result.specs is not None, result.errors
+    return result.specs
+
+
+def relay_files(relay: str, commit: str | None, rows: dict[str, list[tuple[str, ClientState, str]]],
+                *, halted: set[str] = frozenset(), updated: datetime = T0) -> dict[str, bytes]:
+    """status/<relay> files for ``{job: [(client, state, message)]}``."""
+    plan_rows = []
+    rollups = []
+    updated_at = {}
+    clients = set()
+    for job, entries in rows.items():
+        for client, state, message in entries:
+            plan_rows.append(Row(job, relay, client, state, None, "pkg", "1.0",
+                                 "1.0" if state is ClientState.SUCCEEDED else None,
+                                 1 if state in (ClientState.SUCCEEDED, ClientState.FAILED) else 0, message))
+            updated_at[(job, client)] = updated
+            clients.add(client)
+        counts = report.count_states(s for _, s, _ in entries)
+        state = JobState.HALTED if job in halted else report.job_state(counts)
+        rollups.append(JobRollup(job, state, counts))
+    plan = Plan(relay, tuple(sorted(plan_rows, key=lambda r: (r.job, r.client))), (), tuple(sorted(rollups, key=lambda r: r.job)))
+    inventory = [InventoryEntry(c, {"os": "linux", "arch": "x86_64", "freeDiskMB": 1000}, {}, (), True) for c in sorted(clients)]
+    return report.render_relay_status(relay, commit, plan, updated_at, inventory, [])
+
+
+def statuses(*file_sets: dict[str, bytes]) -> dict[str, report.RelayStatus]:
+    out = {}
+    for files in file_sets:
+        status = report.parse_relay_status(files)
+        out[status.relay] = status
+    return out
+
+
+OK, RUN, PEND, FAIL = ClientState.SUCCEEDED, ClientState.IN_PROGRESS, ClientState.PENDING, ClientState.FAILED
+
+
+# --------------------------------------------------------------- relay files
+
+
+def _sample_plan() -> tuple[Plan, dict[tuple[str, str], datetime], list[InventoryEntry]]:
+    rows = (
+        Row("install-7zip", "relay-kanto", "pc-2", FAIL, None, "7zip", "23.01", None, 3, "exit 1: disk | full"),
+        Row("install-7zip", "relay-kanto", "pc-1", OK, None, "7zip", "23.01", "23.01", 1, "installed"),
+        Row("install-putty", "relay-kanto", "pc-1", PEND, None, "putty", "0.81", None, 0, "scheduled for 2030-01-01T00:00:00Z"),
+    )
+    jobs = (
+        JobRollup("install-7zip", JobState.FAILED, report.count_states([FAIL, OK])),
+        JobRollup("install-putty", JobState.IN_PROGRESS, report.count_states([PEND])),
+    )
+    updated = {("install-7zip", "pc-1"): T0, ("install-7zip", "pc-2"): T0 + timedelta(minutes=5),
+               ("install-putty", "pc-1"): T0 - timedelta(days=1)}
+    inventory = [
+        InventoryEntry("pc-2", {"os": "windows", "freeDiskMB": 10}, {"dept": "sales"}, (), False),
+        InventoryEntry("pc-1", {"os": "linux", "arch": "x86_64"}, {}, (Installed("7zip", "23.01"), Installed("a", "1")), True),
+    ]
+    return Plan("relay-kanto", rows, (), jobs), updated, inventory
+
+
+def test_relay_status_files_and_fields() -> None:
+    plan, updated, inventory = _sample_plan()
+    files = report.render_relay_status("relay-kanto", C1, plan, updated, inventory, ["artifact x: sha256 mismatch"])
+    assert sorted(files) == [
+        "relays/relay-kanto/inventory.json",
+        "relays/relay-kanto/jobs/install-7zip.yaml",
+        "relays/relay-kanto/jobs/install-putty.yaml",
+        "relays/relay-kanto/relay.yaml",
+    ]
+    relay = report.load_status_file("relays/relay-kanto/relay.yaml", files["relays/relay-kanto/relay.yaml"])
+    assert relay["relay"] == "relay-kanto"
+    assert relay["observedCommit"] == C1
+    assert relay["clients"] == 2
+    assert relay["updatedAt"] == "2026-11-23T10:05:00Z"  # the newest row, not the wall clock
+    assert relay["errors"] == ["artifact x: sha256 mismatch"]
+    job = report.load_status_file("x.yaml", files["relays/relay-kanto/jobs/install-7zip.yaml"])
+    assert job["state"] == "Failed"
+    assert job["counts"] == {"Pending": 0, "InProgress": 0, "Succeeded": 1, "Failed": 1, "Skipped": 0,
+                             "Conflict": 0, "Suspended": 0}
+    assert [r["client"] for r in job["rows"]] == ["pc-1", "pc-2"]
+    assert job["rows"][1] == {"client": "pc-2", "state": "Failed", "installedVersion": None, "attempts": 3,
+                              "message": "exit 1: disk | full", "updatedAt": "2026-11-23T10:05:00Z"}
+    inventory_doc = json.loads(files["relays/relay-kanto/inventory.json"])
+    assert [c["id"] for c in inventory_doc["clients"]] == ["pc-1", "pc-2"]
+    assert inventory_doc["clients"][0]["installed"] == [{"name": "7zip", "version": "23.01"}, {"name": "a", "version": "1"}]
+    assert assert_valid_status_files(files) == 4
+
+
+def test_relay_status_is_byte_identical_for_the_same_state_in_any_order() -> None:
+    plan, updated, inventory = _sample_plan()
+    first = report.render_relay_status("relay-kanto", C1, plan, updated, inventory, [])
+    shuffled = Plan(plan.relay, tuple(reversed(plan.rows)), (), tuple(reversed(plan.jobs)))
+    again = report.render_relay_status("relay-kanto", C1, shuffled, dict(reversed(list(updated.items()))),
+                                       list(reversed(inventory)), [])
+    assert again == first
+    # Keys are sorted: each mapping's keys appear in order.
+    text = first["relays/relay-kanto/relay.yaml"].decode()
+    top = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]
+    assert top == sorted(top)
+
+
+def test_relay_status_without_plan_or_rows() -> None:
+    files = report.render_relay_status("relay-osaka", None, None, {}, [], ["HQ has not accepted a commit"])
+    assert sorted(files) == ["relays/relay-osaka/inventory.json", "relays/relay-osaka/relay.yaml"]
+    status = report.parse_relay_status(files)
+    assert status.observed_commit is None and status.updated_at is None and status.jobs == {}
+    assert status.errors == ("HQ has not accepted a commit",)
+    assert_valid_status_files(files)
+
+
+def test_relay_digest_round_trip_and_bounded_failures() -> None:
+    rows = {"install-7zip": [(f"pc-{i:04d}", FAIL, f"failure {i}") for i in range(300)]
+            + [("pc-ok", OK, "")]}
+    files = relay_files("relay-osaka", C1, rows)
+    status = report.parse_relay_status(files)
+    digest = status.jobs["install-7zip"]
+    assert digest.state is JobState.FAILED
+    assert digest.counts["Failed"] == 300 and digest.counts["Succeeded"] == 1
+    assert [r.client for r in digest.rows] == [f"pc-{i:04d}" for i in range(report.FAILURE_LIMIT)]
+    relay, observed, full = report.parse_relay_job(files["relays/relay-osaka/jobs/install-7zip.yaml"])
+    assert (relay, observed, len(full.rows)) == ("relay-osaka", C1, 301)
+    assert_valid_status_files(files)
+
+
+@pytest.mark.parametrize("bad", [
+    {},
+    {"relays/a/relay.yaml": b"relay: b\n"},
+    {"relays/a/relay.yaml": b"- not a mapping\n"},
+    {"relays/a/relay.yaml": b"relay: a\njobs: {j: {state: Sleeping, counts: {}}}\n"},
+    {"relays/a/relay.yaml": b"relay: a\njobs: {j: {state: Failed, counts: {Failed: -1}}}\n"},
+    {"relays/a/relay.yaml": b"\xff\xfe"},
+])
+def test_parse_relay_status_rejects_malformed_files(bad: dict[str, bytes]) -> None:
+    with pytest.raises(report.ReportError):
+        report.parse_relay_status(bad)
+
+
+def test_accepted_round_trip_and_tolerance() -> None:
+    accepted = Accepted(C1, T0, C2, False)
+    data = report.render_accepted(accepted, "main")
+    assert report.parse_accepted(data) == accepted
+    assert report.parse_accepted(b"acceptedCommit: null\n") == Accepted(None, None, None, None)
+    assert_valid_status_files({report.ACCEPTED_FILE: data})
+
+
+# ------------------------------------------------------------------- rollup
+
+
+@pytest.mark.parametrize("counts, flags, expected", [
+    ({}, {}, JobState.NO_TARGETS),
+    ({}, {"waiting": True}, JobState.IN_PROGRESS),
+    ({"Succeeded": 3}, {}, JobState.COMPLETED),
+    ({"Succeeded": 3, "Skipped": 2}, {}, JobState.COMPLETED),
+    ({"Skipped": 2}, {}, JobState.COMPLETED),
+    ({"Succeeded": 3, "Failed": 1}, {}, JobState.FAILED),
+    ({"Conflict": 1}, {}, JobState.FAILED),
+    ({"Failed": 1, "Pending": 1}, {}, JobState.IN_PROGRESS),
+    ({"Failed": 1}, {"waiting": True}, JobState.IN_PROGRESS),
+    ({"InProgress": 1}, {"halted": True}, JobState.HALTED),
+    ({}, {"halted": True}, JobState.NO_TARGETS),
+    ({"Failed": 1}, {"suspended": True}, JobState.SUSPENDED),
+    ({"Failed": 1}, {"invalid": True, "suspended": True}, JobState.INVALID),
+])
+def test_job_state(counts: dict[str, int], flags: dict[str, bool], expected: JobState) -> None:
+    assert report.job_state({**report.zero_counts(), **counts}, **flags) is expected
+
+
+# --------------------------------------------------------------- aggregation
+
+
+def _fleet(commit: str = C1) -> dict[str, report.RelayStatus]:
+    return statuses(
+        relay_files("relay-kanto", commit, {
+            "install-7zip": [("pc-k1", OK, ""), ("pc-k2", FAIL, "exit 2")],
+            "install-teams-meeting": [("pc-k1", OK, ""), ("pc-k2", OK, "")],
+        }),
+        relay_files("relay-yokohama", commit, {
+            "install-7zip": [("pc-y1", OK, ""), ("pc-y2", RUN, "installing")],
+            "install-putty": [("pc-y1", OK, ""), ("pc-y2", OK, "")],
+            "install-teams-meeting": [("pc-y1", OK, "")],
+        }),
+        relay_files("relay-osaka", commit, {
+            "install-teams-meeting": [("pc-o1", FAIL, "no space")],
+            "install-office-addin": [("pc-osaka-001", OK, "")],
+        }),
+        relay_files("relay-fukuoka", commit, {"install-teams-meeting": [("pc-f1", OK, "")]}),
+    )
+
+
+def _job(hq: report.HqReport, name: str) -> report.JobReport:
+    return next(j for j in hq.jobs if j.job == name)
+
+
+def test_aggregate_covers_nested_subtree_per_destination() -> None:
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), _fleet())
+    seven = _job(hq, "install-7zip")  # destination relay-kanto, relay-yokohama nested under it
+    assert [d.relay for d in seven.relays] == ["relay-kanto"]
+    kanto = seven.relays[0]
+    assert kanto.relays == ("relay-kanto", "relay-yokohama")
+    assert (kanto.counts["Succeeded"], kanto.counts["Failed"], kanto.counts["InProgress"]) == (2, 1, 1)
+    assert kanto.state is JobState.IN_PROGRESS and seven.state is JobState.IN_PROGRESS
+    assert [(f.relay, f.client, f.message) for f in seven.failures] == [("relay-kanto", "pc-k2", "exit 2")]
+    assert seven.failure_count == 1 and seven.waiting_count == 0
+
+    teams = _job(hq, "install-teams-meeting")  # relay-kanto, relay-osaka, relay-fukuoka
+    by_relay = {d.relay: d for d in teams.relays}
+    assert by_relay["relay-kanto"].counts["Succeeded"] == 3  # kanto 2 + yokohama 1
+    assert by_relay["relay-kanto"].state is JobState.COMPLETED
+    assert by_relay["relay-osaka"].state is JobState.FAILED
+    assert by_relay["relay-fukuoka"].state is JobState.COMPLETED
+    assert teams.clients == 5 and teams.state is JobState.FAILED
+
+    putty = _job(hq, "install-putty")  # relay-yokohama only
+    assert putty.state is JobState.COMPLETED and putty.counts["Succeeded"] == 2
+
+    addin = _job(hq, "install-office-addin")  # named clients: a row per relay holding one
+    assert [d.relay for d in addin.relays] == ["relay-osaka"]
+    assert addin.state is JobState.COMPLETED
+
+    vcredist = _job(hq, "install-vcredist")  # reaches relays that report no rows for it
+    assert vcredist.state is JobState.NO_TARGETS and vcredist.clients == 0
+
+
+def test_overlapping_destinations_are_counted_once() -> None:
+    specs = example_specs()
+    from dataclasses import replace
+    job = replace(next(j for j in specs.jobs if j.name == "install-7zip"), destinations=("relay-kanto", "relay-yokohama"))
+    specs = replace(specs, jobs=tuple(job if j.name == job.name else j for j in specs.jobs))
+    hq = report.aggregate(specs, Accepted(C1, T0, C1, True), "main", (), _fleet())
+    seven = _job(hq, "install-7zip")
+    assert seven.clients == 4  # not 6: relay-yokohama is in both subtrees
+    assert {d.relay: sum(d.counts.values()) for d in seven.relays} == {"relay-kanto": 4, "relay-yokohama": 2}
+
+
+def test_relays_behind_the_accepted_commit_keep_jobs_in_progress() -> None:
+    fleet = _fleet()
+    fleet["relay-yokohama"] = report.parse_relay_status(
+        relay_files("relay-yokohama", C2, {"install-putty": [("pc-y1", OK, "")]}))
+    del fleet["relay-fukuoka"]
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet)
+    putty = _job(hq, "install-putty")
+    assert putty.state is JobState.IN_PROGRESS
+    assert putty.waiting_for == ("relay-yokohama",) and putty.counts["Succeeded"] == 1  # stale counts still shown
+    teams = _job(hq, "install-teams-meeting")
+    assert teams.waiting_for == ("relay-fukuoka", "relay-yokohama")
+    assert {d.relay: d.waiting_for for d in teams.relays}["relay-fukuoka"] == ("relay-fukuoka",)
+    behind = {r.relay: r for r in hq.relays if not r.current}
+    assert sorted(behind) == ["relay-fukuoka", "relay-yokohama"]
+    assert behind["relay-fukuoka"].reported is False
+
+
+def test_halted_and_suspended_roll_up() -> None:
+    from dataclasses import replace
+    fleet = _fleet()
+    fleet["relay-yokohama"] = report.parse_relay_status(relay_files(
+        "relay-yokohama", C1, {"install-7zip": [("pc-y1", FAIL, "x"), ("pc-y2", PEND, "")]}, halted={"install-7zip"}))
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet)
+    assert _job(hq, "install-7zip").state is JobState.HALTED
+    specs = example_specs()
+    suspended = tuple(replace(j, suspend=True) if j.name == "install-putty" else j for j in specs.jobs)
+    hq = report.aggregate(replace(specs, jobs=suspended), Accepted(C1, T0, C1, True), "main", (), fleet)
+    assert _job(hq, "install-putty").state is JobState.SUSPENDED
+
+
+def test_no_accepted_commit_means_no_jobs() -> None:
+    errors = (SpecError("jobs/a.yaml", 3, 5, "bad"),)
+    hq = report.aggregate(None, Accepted(None, None, C2, False), "main", errors, {})
+    assert hq.jobs == () and hq.relays == ()
+    files = report.render_hq_status(hq)
+    assert sorted(files) == ["accepted.yaml", "relays.yaml", "summary.md", "validation.yaml"]
+    assert "No commit has been accepted yet." in files["summary.md"].decode()
+    assert_valid_status_files(files)
+
+
+# --------------------------------------------------------------- HQ files
+
+
+def _big_hq(failures_per_relay: int = 300) -> report.HqReport:
+    fleet = {}
+    for relay in ("relay-kanto", "relay-yokohama", "relay-osaka", "relay-fukuoka"):
+        rows = [(f"pc-{relay[6:]}-{i:04d}", FAIL, f"exit {i % 7}: failed | see log\nsecond line")
+                for i in range(failures_per_relay)]
+        fleet[relay] = report.parse_relay_status(relay_files(relay, C1, {"install-teams-meeting": rows}))
+    errors = tuple(SpecError(f"jobs/bad-{i:03d}.yaml", i + 1, 3, f"problem {i}") for i in range(120))
+    return report.aggregate(example_specs(), Accepted(C1, T0, C2, False), "main", errors, fleet)
+
+
+def test_hq_files_validate_and_round_trip() -> None:
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), _fleet())
+    files = report.render_hq_status(hq)
+    assert sorted(files) == sorted(["accepted.yaml", "validation.yaml", "relays.yaml", "summary.md",
+                                    *(f"jobs/{j.name}.yaml" for j in example_specs().jobs)])
+    assert assert_valid_status_files(files) == len(files) - 1
+    back = report.parse_hq_status(files)
+    assert back == hq
+    assert report.render_hq_status(back) == files
+
+
+def test_hq_job_file_is_bounded() -> None:
+    hq = _big_hq()
+    teams = _job(hq, "install-teams-meeting")
+    assert teams.failure_count == 1200
+    assert len(teams.failures) == report.FAILURE_LIMIT
+    assert [f.relay for f in teams.failures] == ["relay-fukuoka"] * report.FAILURE_LIMIT  # sorted by (relay, client)
+    files = report.render_hq_status(hq)
+    assert_valid_status_files(files)
+    assert len(files["jobs/install-teams-meeting.yaml"]) < 20_000
+
+
+def test_summary_sections_and_bounds() -> None:
+    text = report.render_summary(_big_hq())
+    lines = text.splitlines()
+    headings = [line for line in lines if line.startswith("## ")]
+    assert headings == ["## Jobs (7)", "## Failures (1200)", "## Validation errors (120)", "## Accepted commit"]
+    assert "main `222222222222` is invalid and is not applied" in text
+    table = lines[lines.index("## Jobs (7)") + 2]
+    assert [c.strip() for c in table.strip("|").split("|")] == [
+        "Job", "Package", "Destinations", "Clients", "Succeeded", "InProgress", "Pending", "Failed", "Skipped",
+        "Conflict", "State"]
+    failure_rows = [line for line in lines[lines.index("## Failures (1200)"):lines.index("## Validation errors (120)")]
+                    if line.startswith("| pc-") or line.startswith("| install-")]
+    assert len(failure_rows) == report.FAILURE_LIMIT
+    assert "… and 1150 more" in text
+    assert r"failed \| see log second line" in text  # a pipe cannot break the table, a newline cannot either
+    assert "- `jobs/bad-000.yaml:1:3` problem 0" in text
+    assert "- … and 70 more (see `validation.yaml`)" in text
+    assert text.rstrip().endswith(f"`{C1}` on `main`, accepted 2026-11-23T10:00:00Z.")
+    # Every table row of a table has the same width, so it reads in a terminal too.
+    jobs_table = [line for line in lines[lines.index("## Jobs (7)") + 2:] if line.startswith("|")][:9]
+    assert len({len(line) for line in jobs_table}) == 1
+
+
+def test_summary_size_does_not_grow_with_the_fleet() -> None:
+    small = len(report.render_summary(_big_hq(60)))
+    large = len(report.render_summary(_big_hq(3000)))
+    assert large - small < 200  # only the counts' digits differ
+
+
+def test_summary_for_one_job() -> None:
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), _fleet())
+    text = report.render_summary(hq, "install-7zip")
+    assert "## Jobs (1)" in text and "install-putty" not in text and "pc-k2" in text
+
+
+def test_aggregation_is_deterministic_regardless_of_input_order() -> None:
+    fleet = _fleet()
+    items = list(fleet.items())
+    random.Random(4).shuffle(items)
+    a = report.render_hq_status(report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet))
+    b = report.render_hq_status(report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), dict(items)))
+    assert a == b
+
+
+def test_every_status_schema_has_an_id_and_descriptions() -> None:
+    names = sorted(p.name for p in Path(schemas_dir()).glob("status-*.schema.json"))
+    assert names == sorted(f"{n}.schema.json" for _, n in report.STATUS_SCHEMAS)
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node:
+                for key, sub in node["properties"].items():
+                    assert "description" in sub or "$ref" in sub, f"{where}/{key} lacks a description"
+                    walk(sub, f"{where}/{key}")
+            for key in ("items", "additionalProperties"):
+                if isinstance(node.get(key), dict):
+                    walk(node[key], f"{where}/{key}")
+            for key, sub in node.get("$defs", {}).items():
+                walk(sub, f"{where}/$defs/{key}")
+
+    for name in names:
+        schema = json.loads((Path(schemas_dir()) / name).read_text(encoding="utf-8"))
+        stem = name.removesuffix(".schema.json")
+        assert schema["$id"] == f"urn:reconciler:schema:v1:{stem}"
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert schema["description"] and schema["additionalProperties"] is False
+        walk(schema, stem)

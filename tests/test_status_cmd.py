@@ -1,0 +1,208 @@
+"""``reconciler status`` against a real origin, with relay status refs written by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reconciler.plan import ClientState
+from test_hq import ROOT, Origin, env, hq_pass, publish_relay, run_cli
+
+OK, RUN, PEND, FAIL, SKIP = (ClientState.SUCCEEDED, ClientState.IN_PROGRESS, ClientState.PENDING,
+                             ClientState.FAILED, ClientState.SKIPPED)
+RELAYS = ("relay-kanto", "relay-yokohama", "relay-osaka", "relay-fukuoka")
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Origin:
+    return Origin(tmp_path)
+
+
+def settled_rows(relay: str) -> dict[str, list[tuple[str, ClientState, str]]]:
+    rows = {
+        "relay-kanto": {"install-7zip": [("pc-kanto-001", OK, "installed"), ("pc-kanto-002", FAIL, "exit 3: disk full")]},
+        "relay-yokohama": {"install-7zip": [("pc-yoko-001", OK, ""), ("pc-yoko-002", SKIP, "requires os windows")],
+                           "install-putty": [("pc-yoko-001", PEND, "scheduled for 2030-01-01T00:00:00Z")]},
+        "relay-osaka": {"install-teams-meeting": [("pc-osaka-001", OK, "")]},
+        "relay-fukuoka": {},
+    }
+    return rows[relay]
+
+
+def publish_all(origin: Origin, tmp_path: Path, rows_of=settled_rows, commit: str | None = None,
+                relays: tuple[str, ...] = RELAYS) -> None:
+    for relay in relays:
+        publish_relay(origin, tmp_path / "relays", relay, commit or origin.head, rows_of(relay))
+
+
+def status(origin: Origin, tmp_path: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    if cwd is None:
+        return run_cli("status", "--origin", str(origin.bare), *args,
+                       extra_env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    return subprocess.run([sys.executable, "-m", "reconciler", "status", *args], cwd=cwd,
+                          env=env(XDG_CACHE_HOME=str(tmp_path / "cache")), capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def fleet(origin: Origin, tmp_path: Path) -> Origin:
+    hq = hq_pass(origin, tmp_path / "hq")
+    publish_all(origin, tmp_path)
+    hq.run_pass()
+    return origin
+
+
+def test_json_report(fleet: Origin, tmp_path: Path) -> None:
+    proc = status(fleet, tmp_path, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert list(doc) == ["acceptedCommit", "mainCommit", "valid", "validationErrors", "jobs"]
+    assert (doc["acceptedCommit"], doc["mainCommit"], doc["valid"], doc["validationErrors"]) == (
+        fleet.head, fleet.head, True, [])
+    jobs = {j["name"]: j for j in doc["jobs"]}
+    seven = jobs["install-7zip"]
+    assert list(seven) == ["name", "state", "counts", "relays", "clients"]
+    assert seven["state"] == "Failed"
+    assert seven["counts"]["Succeeded"] == 2 and seven["counts"]["Skipped"] == 1 and seven["counts"]["Failed"] == 1
+    assert seven["relays"] == [{"relay": "relay-kanto", "state": "Failed", "counts": seven["counts"]}]
+    assert seven["clients"] == [
+        {"client": "pc-kanto-001", "relay": "relay-kanto", "state": "Succeeded", "installedVersion": "1.0",
+         "attempts": 1, "message": "installed"},
+        {"client": "pc-kanto-002", "relay": "relay-kanto", "state": "Failed", "installedVersion": None,
+         "attempts": 1, "message": "exit 3: disk full"},
+        {"client": "pc-yoko-001", "relay": "relay-yokohama", "state": "Succeeded", "installedVersion": "1.0",
+         "attempts": 1, "message": ""},
+        {"client": "pc-yoko-002", "relay": "relay-yokohama", "state": "Skipped", "installedVersion": None,
+         "attempts": 0, "message": "requires os windows"},
+    ]
+    assert jobs["install-vcredist"]["state"] == "NoTargets" and jobs["install-vcredist"]["clients"] == []
+
+    only = json.loads(status(fleet, tmp_path, "--format", "json", "--job", "install-putty").stdout)
+    assert [j["name"] for j in only["jobs"]] == ["install-putty"]
+
+
+def test_text_and_markdown(fleet: Origin, tmp_path: Path) -> None:
+    text = status(fleet, tmp_path)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith(f"Accepted commit {fleet.head[:12]}")
+    header = next(line for line in lines if line.startswith("JOB"))
+    assert header.split() == ["JOB", "PACKAGE", "CLIENTS", "OK", "RUN", "PEND", "FAIL", "SKIP", "CONF", "STATE"]
+    assert any(line.startswith("install-7zip") and line.split()[-1] == "Failed" for line in lines)
+    assert "exit 3: disk full" in text.stdout
+
+    markdown = status(fleet, tmp_path, "--format", "markdown")
+    summary = subprocess.run(["git", "show", "status/hq:summary.md"], cwd=fleet.bare, capture_output=True,
+                             text=True, check=True).stdout
+    assert markdown.stdout == summary
+
+    one = status(fleet, tmp_path, "--job", "install-7zip")
+    assert one.returncode == 0
+    assert "Clients (4):" in one.stdout and "pc-yoko-002" in one.stdout and "install-putty" not in one.stdout
+
+    unknown = status(fleet, tmp_path, "--job", "install-nothing")
+    assert unknown.returncode == 1
+    assert "no job 'install-nothing'" in unknown.stderr and "install-7zip" in unknown.stderr
+
+
+def test_default_origin_is_the_current_repository_remote(fleet: Origin, tmp_path: Path) -> None:
+    proc = status(fleet, tmp_path, "--format", "json", cwd=fleet.work)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["acceptedCommit"] == fleet.head
+    elsewhere = tmp_path / "not-a-repo"
+    elsewhere.mkdir()
+    proc = status(fleet, tmp_path, cwd=elsewhere)
+    assert proc.returncode == 2 and "--origin" in proc.stderr
+
+
+def test_wait_exits_0_when_settled(fleet: Origin, tmp_path: Path) -> None:
+    # Failed and Skipped rows are settled; the Pending row waits for a future schedule.
+    started = time.monotonic()
+    proc = status(fleet, tmp_path, "--wait", "--timeout", "30", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 20
+    assert json.loads(proc.stdout)["acceptedCommit"] == fleet.head
+
+
+def test_wait_times_out_saying_what_it_waits_for(origin: Origin, tmp_path: Path) -> None:
+    hq = hq_pass(origin, tmp_path / "hq")
+
+    def busy(relay: str) -> dict[str, list[tuple[str, ClientState, str]]]:
+        rows = settled_rows(relay)
+        if relay == "relay-yokohama":
+            rows = {**rows, "install-7zip": [("pc-yoko-001", RUN, "installing"), ("pc-yoko-002", PEND, "")]}
+        return rows
+
+    publish_all(origin, tmp_path, busy, relays=("relay-kanto", "relay-yokohama", "relay-osaka"))
+    hq.run_pass()
+    proc = status(origin, tmp_path, "--wait", "--timeout", "1")
+    assert proc.returncode == 1
+    assert "timed out after 1s; still waiting for:" in proc.stderr
+    assert "relay relay-fukuoka has not published status yet" in proc.stderr
+    assert "job install-7zip: 2 clients Pending or InProgress on relay-yokohama (pc-yoko-001, pc-yoko-002)" in proc.stderr
+    assert "install-putty" not in proc.stderr  # its only row waits for a schedule
+    assert proc.stdout.startswith("Accepted commit")  # the report is still printed
+
+    # A relay still on an older accepted commit is waited for too.
+    old = origin.head
+    origin.commit("change", lambda w: (w / "README.md").write_text("changed\n"))
+    hq.run_pass()
+    publish_all(origin, tmp_path, busy, commit=old, relays=("relay-fukuoka",))
+    proc = status(origin, tmp_path, "--wait", "--timeout", "1")
+    assert proc.returncode == 1
+    assert f"relay relay-fukuoka has not published status for the accepted commit {origin.head[:12]} " \
+           f"(it reports {old[:12]})" in proc.stderr
+
+
+def test_wait_notices_hq_has_not_evaluated_main(fleet: Origin, tmp_path: Path) -> None:
+    head = fleet.commit("change", lambda w: (w / "README.md").write_text("changed\n"))
+    proc = status(fleet, tmp_path, "--wait", "--timeout", "1")
+    assert proc.returncode == 1
+    assert f"HQ has not evaluated main {head[:12]} yet" in proc.stderr
+    assert status(fleet, tmp_path, "--wait", "--timeout", "1", "--job", "install-7zip").returncode == 1
+
+
+def test_wait_without_hq(origin: Origin, tmp_path: Path) -> None:
+    proc = status(origin, tmp_path, "--wait", "--timeout", "1")
+    assert proc.returncode == 1 and "HQ has not published status/hq yet" in proc.stderr
+    assert "HQ has not run a pass" in status(origin, tmp_path).stdout
+
+
+def test_wait_returns_as_soon_as_the_system_settles(origin: Origin, tmp_path: Path) -> None:
+    hq = hq_pass(origin, tmp_path / "hq")
+    publish_all(origin, tmp_path, relays=("relay-kanto", "relay-yokohama", "relay-osaka"))
+    hq.run_pass()
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "status", "--origin", str(origin.bare), "--wait",
+                             "--timeout", "60", "--format", "json"], cwd=ROOT,
+                            env=env(XDG_CACHE_HOME=str(tmp_path / "cache-wait")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.5)  # still waiting for relay-fukuoka
+        publish_all(origin, tmp_path, relays=("relay-fukuoka",))
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert time.monotonic() - started < 10
+        assert json.loads(out)["acceptedCommit"] == origin.head
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_concurrent_status_commands_share_nothing_unsafely(fleet: Origin, tmp_path: Path) -> None:
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-m", "reconciler", "status", "--origin", str(fleet.bare),
+                               "--format", "json"], cwd=ROOT, env=env(**cache), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["acceptedCommit"] == fleet.head
+    assert os.listdir(tmp_path / "cache" / "reconciler" / "status")
