@@ -179,6 +179,11 @@ class RelayState:
         """Start recording check-in changes (call under the write lock, right before the snapshot)."""
         self._delta = {}
 
+    def abort_usage_pass(self) -> None:
+        """The pass failed: keep the counters as the check-ins left them."""
+        with self.store.write_lock:
+            self._delta = None
+
     def end_usage_pass(self, computed: Mapping[str, RolloutUsage]) -> None:
         """Install the pass's counters plus what check-ins changed since its snapshot."""
         with self.store.write_lock:
@@ -225,7 +230,7 @@ def hold_unavailable(rows: Sequence[Row], actions: Sequence[Action], generation:
         return tuple(rows), tuple(actions)
     new_rows = tuple(
         replace(row, state=ClientState.PENDING, message=held[row.operation_id])
-        if row.operation_id in held and row.state is ClientState.IN_PROGRESS else row
+        if row.operation_id in held and row.state in (ClientState.IN_PROGRESS, ClientState.PENDING) else row
         for row in rows)
     return new_rows, tuple(kept)
 

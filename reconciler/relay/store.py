@@ -251,12 +251,23 @@ class Store:
             db.execute("COMMIT")
 
     @contextmanager
-    def snapshot(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every query inside sees one consistent state."""
+    def snapshot(self, at_pin: Callable[[], None] | None = None) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query inside sees one consistent state.
+
+        ``at_pin`` runs under the write lock at the instant the snapshot is
+        taken, so it can mark exactly which writes the snapshot includes.
+        """
         db = self.db
-        db.execute("BEGIN")
+        with self.write_lock:
+            db.execute("BEGIN")
+            try:
+                db.execute("SELECT 1 FROM schema_version").fetchall()  # pins the snapshot now
+                if at_pin is not None:
+                    at_pin()
+            except BaseException:
+                db.execute("COMMIT")
+                raise
         try:
-            db.execute("SELECT 1 FROM schema_version").fetchall()  # pins the snapshot now
             yield db
         finally:
             db.execute("COMMIT")
@@ -416,6 +427,22 @@ class Store:
             "INSERT INTO row_states (client, job, state, since) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (client, job) DO UPDATE SET state = excluded.state, since = excluded.since",
             [(client, job, state, _ts(since)) for job, client, state, since in changes])
+
+    def replace_row_states(self, db: sqlite3.Connection,
+                           changes: Iterable[tuple[str, str, str, datetime, str | None]]) -> None:
+        """Compare-and-set (job, client, state, since, expected): write only where the stored state is
+        still ``expected`` (None: no row yet), so a full pass planned from an older snapshot never
+        overwrites what a check-in recorded meanwhile."""
+        new_rows, moved = [], []
+        for job, client, state, since, expected in changes:
+            if expected is None:
+                new_rows.append((client, job, state, _ts(since)))
+            else:
+                moved.append((state, _ts(since), client, job, expected))
+        db.executemany("INSERT INTO row_states (client, job, state, since) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (client, job) DO NOTHING", new_rows)
+        db.executemany("UPDATE row_states SET state = ?, since = ? WHERE client = ? AND job = ? AND state = ?",
+                       moved)
 
     def delete_row_states(self, db: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> None:
         """Forget rows of jobs that no longer reach the relay (or clients it no longer plans)."""
