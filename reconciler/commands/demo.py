@@ -292,6 +292,22 @@ def wait_settled(origin: Path, children: Children, timeout: float) -> None:
         raise DemoError(f"the fleet did not settle within {timeout:.0f} s: {(stderr or stdout).strip()[-800:]}")
 
 
+def wait_registered(origin: Path, children: Children, expected: set[str], timeout: float) -> None:
+    """Wait until every agent shows up in the report, so a relay that published
+    before its clients checked in cannot make the fleet look settled."""
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        children.check_alive()
+        report = read_status(origin) or {}
+        seen = {row["client"] for job in report.get("jobs", []) for row in job.get("clients", [])}
+        if expected <= seen:
+            return
+        time.sleep(0.5)
+    missing = ", ".join(sorted(expected - seen))
+    raise DemoError(f"these clients never appeared in the status report: {missing}")
+
+
 def converged(report: dict[str, Any]) -> tuple[bool, list[str]]:
     """True when every row is final as the specs imply (future-scheduled rows may wait)."""
     problems: list[str] = []
@@ -367,6 +383,7 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
 
         say(log, "waiting for the fleet to settle ...")
         with Progress(origin, log, enabled=True):
+            wait_registered(origin, children, {a.id for a in agents}, SETTLE_TIMEOUT_SECONDS)
             wait_settled(origin, children, SETTLE_TIMEOUT_SECONDS)
         first = read_status(origin) or {}
         failed = sorted({row["client"] for job in first.get("jobs", []) if job["name"] == FIXED_JOB
