@@ -153,8 +153,9 @@ class RelayProcess:
 
     def __init__(self, name: str, origin: str, workdir: Path, *, parent_url: str | None = None,
                  poll_interval: float = 30.0, publish_interval: float = 0.5, poll_seconds: float = 1.0,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 listen: str = "127.0.0.1:0", extra_env: Mapping[str, str] | None = None) -> None:
         self.name = name
+        self.listen = listen
         self.origin = origin
         self.workdir = workdir
         self.parent_url = parent_url
@@ -170,7 +171,7 @@ class RelayProcess:
         listen_file = self.workdir / "listen.url"
         listen_file.unlink(missing_ok=True)
         args = [sys.executable, "-m", "reconciler", "relay", "--name", self.name, "--origin", self.origin,
-                "--workdir", str(self.workdir), "--listen", "127.0.0.1:0",
+                "--workdir", str(self.workdir), "--listen", self.listen,
                 "--poll-interval", str(self.poll_interval), "--publish-interval", str(self.publish_interval)]
         if self.parent_url:
             args += ["--parent-url", self.parent_url]
