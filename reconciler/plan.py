@@ -105,6 +105,7 @@ that get a new action.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
@@ -371,12 +372,6 @@ def _make(cls: type[Any], fields: dict[str, Any]) -> Any:
     return obj
 
 
-def _wants(name: str, version: str | None, install: bool) -> str:
-    if install:
-        return f"{name} {version}"
-    return f"{name} {version} removed" if version is not None else f"{name} removed"
-
-
 # ------------------------------------------------------------------ index
 
 
@@ -483,6 +478,25 @@ def _rank_by_dependencies(compiled: Mapping[str, _CompiledJob]) -> None:
         cj.order = (1 if cj.install else 0, cj.rank, cj.name)
 
 
+class _JobSet:
+    """The jobs reaching one kind of client, in processing order, and what links them."""
+
+    __slots__ = ("jobs", "pairs", "shared", "dependents", "tracked")
+
+    def __init__(self, jobs: tuple[_CompiledJob, ...]) -> None:
+        self.jobs = jobs
+        self.pairs = tuple((cj.slot, cj.software) for cj in jobs)
+        seen: set[str] = set()
+        shared: set[str] = set()
+        for cj in jobs:
+            (shared if cj.software in seen else seen).add(cj.software)
+        self.shared = frozenset(shared)  # software names wanted by more than one job: conflicts possible
+        self.dependents = tuple(i for i, cj in enumerate(jobs) if cj.depends_on)
+        # positions of jobs with rollout limits (their targets are counted)
+        self.tracked = tuple(i for i, cj in enumerate(jobs)
+                             if cj.has_failure_limit or cj.max_concurrent is not None)
+
+
 class _Context:
     """Per-index derived tables, built lazily once and kept in ``index.cache``."""
 
@@ -492,38 +506,67 @@ class _Context:
         self.packages = index.packages
         self.compiled = compiled
         self.by_slot = sorted(compiled.values(), key=attrgetter("slot"))
-        self.relay_jobs = tuple(sorted((compiled[j.name] for j in index.relay_jobs if j.name in compiled),
-                                       key=attrgetter("order")))
+        self.relay_set = _JobSet(tuple(sorted(
+            (compiled[j.name] for j in index.relay_jobs if j.name in compiled), key=attrgetter("order"))))
+        self.relay_names = frozenset(cj.name for cj in self.relay_set.jobs)
         self.client_jobs = index.client_jobs
-        self.job_sets: dict[tuple[str, ...], tuple[_CompiledJob, ...]] = {}
-        names: set[str] = set()
+        self.job_sets: dict[tuple[str, ...], _JobSet] = {}
         label_keys: set[str] = set()
         thresholds: set[int] = set()
         for cj in compiled.values():
-            names.add(cj.software)
-            names.update(d.name for d in cj.depends_on)
             if cj.requirements is not None:
                 label_keys.update(k for k, _ in cj.requirements.labels)
                 if cj.requirements.min_free_disk_mb is not None:
                     thresholds.add(cj.requirements.min_free_disk_mb)
-        self.names = tuple(sorted(names))
         self.label_keys = tuple(sorted(label_keys))
+        self.label_index = {key: k for k, key in enumerate(self.label_keys)}
         self.thresholds = sorted(thresholds)
-        self.max_threshold = self.thresholds[-1] if self.thresholds else None
-        self.requirement_cache: dict[Any, tuple[str | None, ...]] = {}
+        # (schedule phases, fact key) -> per job slot: installed version -> decision
+        self.levels: dict[Any, list[dict[str | None, _Decision]]] = {}
 
-    def jobs_for(self, client_id: str) -> tuple[_CompiledJob, ...]:
+    def jobs_for(self, client_id: str) -> _JobSet:
         named = self.client_jobs.get(client_id)
         if not named:
-            return self.relay_jobs
+            return self.relay_set
         key = tuple(j.name for j in named)
-        jobs = self.job_sets.get(key)
-        if jobs is None:
-            chosen = {cj.name: cj for cj in self.relay_jobs}
+        jobset = self.job_sets.get(key)
+        if jobset is None:
+            chosen = {cj.name: cj for cj in self.relay_set.jobs}
             chosen.update((j.name, self.compiled[j.name]) for j in named if j.name in self.compiled)
-            jobs = tuple(sorted(chosen.values(), key=attrgetter("order")))
-            self.job_sets[key] = jobs
-        return jobs
+            jobset = _JobSet(tuple(sorted(chosen.values(), key=attrgetter("order"))))
+            self.job_sets[key] = jobset
+        return jobset
+
+    def facts(self, client: Client) -> tuple[Any, ...]:
+        """The client's facts as far as any requirement here can tell them apart.
+
+        Free disk counts by bucket between the thresholds in use; below the
+        highest one the exact figure is kept too, because a Skipped row's
+        message quotes it.
+        """
+        disk = client.free_disk_mb
+        bucket = -1 if disk is None else bisect_right(self.thresholds, disk)
+        exact = disk if bucket < len(self.thresholds) else None
+        view: tuple[str | None, ...] = ()
+        if self.label_keys:
+            found: list[str | None] = [None] * len(self.label_keys)
+            where = self.label_index
+            for key, value in client.labels:
+                k = where.get(key)
+                if k is not None:
+                    found[k] = value
+            view = tuple(found)
+        return (client.os, client.arch, bucket, exact, view)
+
+    def level(self, phases: tuple[int, ...], facts: tuple[Any, ...]) -> list[dict[str | None, _Decision]]:
+        key = (phases, facts)
+        level = self.levels.get(key)
+        if level is None:
+            if len(self.levels) > 20_000:
+                self.levels.clear()  # bounded memory with a very varied fleet
+            level = [{} for _ in self.by_slot]
+            self.levels[key] = level
+        return level
 
 
 def _context(index: RelayIndex) -> _Context:
@@ -537,79 +580,108 @@ def _context(index: RelayIndex) -> _Context:
 # ------------------------------------------------------------ requirements
 
 
-def _requirement_reasons(req: Requirements, os_: str | None, arch: str | None,
-                         labels: Mapping[str, str], disk_ok: bool) -> tuple[str | None, ...]:
-    """Unmet requirements in order os, arch, disk, labels; ``None`` stands for unmet free disk.
-
-    The disk reason names the client's own figure, so it is filled in per
-    client (:func:`_disk_reason`) while the rest is cached per fact set.
-    """
-    reasons: list[str | None] = []
+def _requirement_reasons(req: Requirements, client: Client) -> list[str]:
+    """Every unmet requirement, in the order os, arch, free disk, labels."""
+    reasons: list[str] = []
+    os_, arch, disk = client.os, client.arch, client.free_disk_mb
     if req.os and os_ not in req.os:
         has = f"client has {os_}" if os_ is not None else "client did not report os"
         reasons.append(f"requires os {' or '.join(req.os)}, {has}")
     if req.arch and arch not in req.arch:
         has = f"client has {arch}" if arch is not None else "client did not report arch"
         reasons.append(f"requires arch {' or '.join(req.arch)}, {has}")
-    if not disk_ok:
-        reasons.append(None)
-    for key, value in req.labels:
-        actual = labels.get(key)
-        if actual != value:
-            has = f"client has {key}={actual}" if actual is not None else f"client has no label {key}"
-            reasons.append(f"requires label {key}={value}, {has}")
-    return tuple(reasons)
-
-
-def _disk_reason(minimum: int, disk: int | None) -> str:
-    """The free-disk reason, with the client's own figure."""
-    has = f"client has {disk} MB" if disk is not None else "client did not report freeDiskMB"
-    return f"requires {minimum} MB free disk, {has}"
+    minimum = req.min_free_disk_mb
+    if minimum is not None and (disk is None or disk < minimum):
+        has = f"client has {disk} MB" if disk is not None else "client did not report freeDiskMB"
+        reasons.append(f"requires {minimum} MB free disk, {has}")
+    if req.labels:
+        labels = dict(client.labels)
+        for key, value in req.labels:
+            actual = labels.get(key)
+            if actual != value:
+                has = f"client has {key}={actual}" if actual is not None else f"client has no label {key}"
+                reasons.append(f"requires label {key}={value}, {has}")
+    return reasons
 
 
 # -------------------------------------------------------- static decisions
 
 
-class _Decision:
-    """One job on one client before history and rollout (internal).
+_STATES = tuple(ClientState)
+_STATE_INDEX = {state: i for i, state in enumerate(_STATES)}
+_NSTATES = len(_STATES)
+_BEFORE, _OPEN, _AFTER = 0, 1, 2
 
-    ``final`` rows are decided (``template`` holds their Row fields). Otherwise
-    there is a gap to close with ``kind`` (``version``; ``previous`` for an
-    upgrade or downgrade) unless history or rollout says otherwise.
+
+class _Decision:
+    """One job on one client before history and rollout (internal; shared, never mutated once built).
+
+    ``final`` rows are decided: ``template`` holds their Row fields (client
+    left blank). Otherwise there is a gap to close with ``kind`` on
+    ``version`` (``previous`` for an upgrade or downgrade), subject to
+    history, dependencies and rollout.
     """
 
-    __slots__ = ("cj", "final", "state", "template", "kind", "version", "previous", "installed",
-                 "waits", "closed", "package", "timeout")
+    __slots__ = ("cj", "slot", "name", "revision", "final", "state", "count", "target", "template",
+                 "kind", "version", "previous", "installed", "waits", "closed", "active", "eligible",
+                 "package", "timeout")
 
     def __init__(self, cj: _CompiledJob, installed: str | None) -> None:
         self.cj = cj
+        self.slot = cj.slot
+        self.name = cj.name
+        self.revision = cj.revision
         self.final = True
         self.state = ClientState.PENDING
+        self.count = 0  # index into the pass's flat state counters
+        self.target = -1  # job slot whose rollout counts this row as a target, or -1
         self.template: dict[str, Any] = {}
         self.kind: ActionKind | None = None
         self.version: str | None = None
         self.previous: str | None = None
         self.installed = installed
         self.waits: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (dependency, provider positions)
-        self.closed = False
+        self.closed = False  # past notAfter: nothing new starts
+        self.active = False  # takes part in conflicts
+        self.eligible = False  # may provide a dependency
         self.package: Package | None = None
         self.timeout = DEFAULT_TIMEOUT_SECONDS
 
+    def copy(self) -> _Decision:
+        clone = _Decision(self.cj, self.installed)
+        for name in _Decision.__slots__:
+            setattr(clone, name, getattr(self, name))
+        return clone
 
-def _template(relay: str, cj: _CompiledJob, state: ClientState, installed: str | None, message: str,
-              action: ActionKind | None = None) -> dict[str, Any]:
-    return {"job": cj.name, "relay": relay, "client": "", "state": state, "action": action,
-            "name": cj.software, "version": cj.version, "installed_version": installed,
+    def settle(self, relay: str, state: ClientState, message: str) -> _Decision:
+        self.final = True
+        self.state = state
+        self.count = self.slot * _NSTATES + _STATE_INDEX[state]
+        tracked = self.cj.has_failure_limit or self.cj.max_concurrent is not None
+        self.target = self.slot if tracked and state is not ClientState.SKIPPED else -1
+        self.template = {
+            "job": self.name, "relay": relay, "client": "", "state": state, "action": None,
+            "name": self.cj.software, "version": self.cj.version, "installed_version": self.installed,
             "attempts": 0, "message": message, "operation_id": None}
+        return self
 
-
-def _settle(relay: str, d: _Decision, state: ClientState, message: str) -> None:
-    d.final = True
-    d.state = state
-    d.template = _template(relay, d.cj, state, d.installed, message)
-
-
-_BEFORE, _OPEN, _AFTER = 0, 1, 2
+    def gap(self, ctx: _Context, kind: ActionKind, version: str, previous: str | None) -> _Decision:
+        cj = self.cj
+        self.final = False
+        self.kind = kind
+        self.version = version
+        self.previous = previous
+        if kind is ActionKind.UNINSTALL:
+            self.package = ctx.packages.get((cj.software, version)) or cj.package
+        else:
+            self.package = cj.package
+        if self.package is not None:
+            self.timeout = self.package.installer.timeout_seconds
+        self.template = {
+            "job": self.name, "relay": ctx.relay, "client": "", "state": ClientState.PENDING, "action": None,
+            "name": cj.software, "version": cj.version, "installed_version": self.installed,
+            "attempts": 0, "message": "", "operation_id": None}
+        return self
 
 
 def _phase(cj: _CompiledJob, now: datetime) -> int:
@@ -618,6 +690,49 @@ def _phase(cj: _CompiledJob, now: datetime) -> int:
     if cj.not_after is not None and now >= cj.not_after:
         return _AFTER
     return _OPEN
+
+
+def _decide_one(ctx: _Context, cj: _CompiledJob, phase: int, client: Client, installed: str | None) -> _Decision:
+    """Rules 2-4 and 6 for one job: what needs no other job and no history.
+
+    Cached per (schedule phase, facts, installed version): the result only
+    depends on the facts :meth:`_Context.facts` keeps.
+    """
+    relay = ctx.relay
+    d = _Decision(cj, installed)
+    if cj.suspend:
+        return d.settle(relay, ClientState.SUSPENDED, "job is suspended")
+    if cj.missing:
+        return d.settle(relay, ClientState.SKIPPED, f"package {cj.software} {cj.version} is not defined")
+    reasons = _requirement_reasons(cj.requirements, client) if cj.requirements is not None else []
+    if phase == _BEFORE:
+        assert cj.not_before is not None
+        d.eligible = cj.install and not reasons
+        return d.settle(relay, ClientState.PENDING, f"scheduled for {rfc3339(cj.not_before)}")
+    if reasons:
+        return d.settle(relay, ClientState.SKIPPED, "; ".join(reasons))
+    d.closed = phase == _AFTER
+    d.active = not d.closed
+    if cj.install:
+        assert cj.version is not None
+        d.eligible = d.active
+        if installed is None:
+            return d.gap(ctx, ActionKind.INSTALL, cj.version, None)
+        order = compare_versions(installed, cj.version)
+        if order < 0:
+            return d.gap(ctx, ActionKind.UPGRADE, cj.version, installed)
+        if order == 0:
+            return d.settle(relay, ClientState.SUCCEEDED, "")
+        if cj.allow_downgrade:
+            return d.gap(ctx, ActionKind.DOWNGRADE, cj.version, installed)
+        d.eligible = False
+        return d.settle(relay, ClientState.SKIPPED, f"newer version {installed} present")
+    if installed is None:
+        return d.settle(relay, ClientState.SUCCEEDED, "")
+    if cj.version is None or same_version(installed, cj.version):
+        return d.gap(ctx, ActionKind.UNINSTALL, installed, None)
+    return d.settle(relay, ClientState.SUCCEEDED,
+                    f"{cj.software} {installed} present; this job removes {cj.version} only")
 
 
 def _conflicts(a: _CompiledJob, b: _CompiledJob) -> bool:
@@ -629,159 +744,94 @@ def _conflicts(a: _CompiledJob, b: _CompiledJob) -> bool:
     return False
 
 
-def _static(ctx: _Context, jobs: tuple[_CompiledJob, ...], phases: Sequence[int], client: Client,
-            inst: Mapping[str, str]) -> list[_Decision]:
-    """Steps 2-7 of the rules for one client: everything that needs no history."""
-    relay = ctx.relay
-    decisions = [_Decision(cj, inst.get(cj.software)) for cj in jobs]
-    eligible = [False] * len(jobs)  # may provide a dependency
-    active: dict[str, list[int]] = {}
-    labels: dict[str, str] | None = None
-    for i, cj in enumerate(jobs):
-        d = decisions[i]
-        if cj.suspend:
-            _settle(relay, d, ClientState.SUSPENDED, "job is suspended")
-            continue
-        phase = phases[cj.slot]
-        if cj.missing:
-            _settle(relay, d, ClientState.SKIPPED, f"package {cj.software} {cj.version} is not defined")
-            continue
-        req = cj.requirements
-        reasons: tuple[str | None, ...] = ()
-        if req is not None and (req.os or req.arch or req.labels or req.min_free_disk_mb is not None):
-            disk = client.free_disk_mb
-            bucket = -1 if disk is None else bisect_right(ctx.thresholds, disk)
-            if labels is None:
-                labels = dict(client.labels)
-            label_view = tuple(labels.get(k) for k in ctx.label_keys)
-            key = (cj.package.spec_name if cj.package else cj.name, client.os, client.arch, bucket, label_view)
-            cached = ctx.requirement_cache.get(key)
-            if cached is None:
-                minimum = req.min_free_disk_mb
-                disk_ok = minimum is None or (disk is not None and disk >= minimum)
-                cached = _requirement_reasons(req, client.os, client.arch, labels, disk_ok)
-                if len(ctx.requirement_cache) > 100_000:
-                    ctx.requirement_cache.clear()
-                ctx.requirement_cache[key] = cached
-            reasons = cached
-        if phase == _BEFORE:
-            assert cj.not_before is not None
-            _settle(relay, d, ClientState.PENDING, f"scheduled for {rfc3339(cj.not_before)}")
-            eligible[i] = cj.install and not reasons
-            continue
-        if reasons:
-            minimum = req.min_free_disk_mb if req is not None else None
-            _settle(relay, d, ClientState.SKIPPED, "; ".join(
-                r if r is not None else _disk_reason(minimum or 0, client.free_disk_mb) for r in reasons))
-            continue
-        if phase == _AFTER:
-            d.closed = True
-        else:
-            active.setdefault(cj.software, []).append(i)
+def _wants(cj: _CompiledJob) -> str:
+    if cj.install:
+        return f"{cj.software} {cj.version}"
+    return f"{cj.software} {cj.version} removed" if cj.version is not None else f"{cj.software} removed"
 
-    # Step 5: conflicts among the active jobs of one software name.
-    open_rows: set[int] = set()
-    for positions in active.values():
-        open_rows.update(positions)
+
+def _decisions(ctx: _Context, jobset: _JobSet, level: list[dict[str | None, _Decision]],
+               phases: Sequence[int], client: Client, inst: Mapping[str, str]) -> list[_Decision]:
+    """Rules 2-7 for every job reaching the client, in processing order."""
+    get = inst.get
+    found = [level[slot].get(get(software)) for slot, software in jobset.pairs]
+    if None in found:
+        for i, cj in enumerate(jobset.jobs):
+            if found[i] is None:
+                installed = get(cj.software)
+                found[i] = level[cj.slot][installed] = _decide_one(ctx, cj, phases[cj.slot], client, installed)
+    decisions: list[_Decision] = found  # type: ignore[assignment]
+    if jobset.shared:
+        _resolve_conflicts(ctx, jobset, decisions)
+    if jobset.dependents and not all(decisions[i].final for i in jobset.dependents):
+        _resolve_dependencies(ctx, decisions, inst)
+    return decisions
+
+
+def _resolve_conflicts(ctx: _Context, jobset: _JobSet, decisions: list[_Decision]) -> None:
+    """Rule 5: jobs wanting different outcomes for one software name."""
+    groups: dict[str, list[int]] = {}
+    for i, d in enumerate(decisions):
+        if d.active and d.cj.software in jobset.shared:
+            groups.setdefault(d.cj.software, []).append(i)
+    for positions in groups.values():
         if len(positions) < 2:
             continue
+        changed: dict[int, str] = {}
         for i in positions:
-            others = sorted((k for k in positions if k != i and _conflicts(jobs[i], jobs[k])),
-                            key=lambda k: jobs[k].name)
+            others = sorted((decisions[k].cj for k in positions
+                             if k != i and _conflicts(decisions[i].cj, decisions[k].cj)),
+                            key=attrgetter("name"))
             if others:
-                named = ", ".join(
-                    f"job {jobs[k].name} (wants {_wants(jobs[k].software, jobs[k].version, jobs[k].install)})"
-                    for k in others)
-                _settle(relay, decisions[i], ClientState.CONFLICT, f"conflicts with {named}")
-    conflicted = {i for i in open_rows if decisions[i].state is ClientState.CONFLICT and decisions[i].final}
-    open_rows -= conflicted
+                changed[i] = "conflicts with " + ", ".join(f"job {o.name} (wants {_wants(o)})" for o in others)
+        for i, message in changed.items():
+            d = _Decision(decisions[i].cj, decisions[i].installed)
+            decisions[i] = d.settle(ctx.relay, ClientState.CONFLICT, message)
 
-    # Step 6: versions, for active and closed rows.
-    removing: set[str] = set()
-    for i, cj in enumerate(jobs):
-        d = decisions[i]
-        if not (d.closed or i in open_rows):
-            continue
-        installed = d.installed
-        if cj.install:
-            assert cj.version is not None
-            if installed is None:
-                _gap(ctx, d, ActionKind.INSTALL, cj.version, None)
-            else:
-                order = compare_versions(installed, cj.version)
-                if order < 0:
-                    _gap(ctx, d, ActionKind.UPGRADE, cj.version, installed)
-                elif order == 0:
-                    _settle(relay, d, ClientState.SUCCEEDED, "")
-                elif cj.allow_downgrade:
-                    _gap(ctx, d, ActionKind.DOWNGRADE, cj.version, installed)
-                else:
-                    _settle(relay, d, ClientState.SKIPPED, f"newer version {installed} present")
-            if not d.closed:
-                eligible[i] = True
-        else:
-            if installed is None:
-                _settle(relay, d, ClientState.SUCCEEDED, "")
-            elif cj.version is None or same_version(installed, cj.version):
-                _gap(ctx, d, ActionKind.UNINSTALL, installed, None)
-                if not d.closed:
-                    removing.add(cj.software)
-            else:
-                _settle(relay, d, ClientState.SUCCEEDED,
-                        f"{cj.software} {installed} present; this job removes {cj.version} only")
-    for i in conflicted:
-        eligible[i] = False
+
+def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mapping[str, str]) -> None:
+    """Rule 7, providers first (the order guarantees it; a cycle finds its provider later)."""
+    removing = {d.cj.software for d in decisions if d.active and not d.final and not d.cj.install}
+    eligible = [d.eligible for d in decisions]
     for i, d in enumerate(decisions):
-        if eligible[i] and d.final and d.state is ClientState.SKIPPED:
-            eligible[i] = False
-
-    # Step 7: dependencies of install rows with a gap, providers first (jobs are in that order).
-    for i, cj in enumerate(jobs):
-        d = decisions[i]
+        cj = d.cj
         if d.final or d.closed or not cj.depends_on:
             continue
         waits: list[tuple[str, tuple[int, ...]]] = []
+        missing: str | None = None
         for dep in cj.depends_on:
             have = inst.get(dep.name)
             if have is not None and dep.name not in removing and (
                     dep.min_version is None or at_least(have, dep.min_version)):
                 continue
-            providers = tuple(
-                k for k, other in enumerate(jobs)
-                if k < i and eligible[k] and other.software == dep.name
-                and (dep.min_version is None or at_least(other.version or "", dep.min_version)))
+
+            def provides(k: int, dep_name: str = dep.name, minimum: str | None = dep.min_version) -> bool:
+                other = decisions[k].cj
+                return eligible[k] and other.software == dep_name and (
+                    minimum is None or at_least(other.version or "", minimum))
+
+            providers = tuple(k for k in range(i) if provides(k))
             if not providers:
-                cycle = any(k > i and eligible[k] and other.software == dep.name
-                            for k, other in enumerate(jobs))
-                note = " (dependency cycle)" if cycle else ""
-                _settle(relay, d, ClientState.SKIPPED, f"dependency {dep.name} not provided{note}")
-                eligible[i] = False
+                cycle = any(provides(k) for k in range(i + 1, len(decisions)))
+                missing = f"dependency {dep.name} not provided" + (" (dependency cycle)" if cycle else "")
                 break
             waits.append((dep.name, providers))
-        else:
-            d.waits = tuple(waits)
-    return decisions
-
-
-def _gap(ctx: _Context, d: _Decision, kind: ActionKind, version: str, previous: str | None) -> None:
-    cj = d.cj
-    d.final = False
-    d.kind = kind
-    d.version = version
-    d.previous = previous
-    if kind is ActionKind.UNINSTALL:
-        d.package = ctx.packages.get((cj.software, version)) or cj.package
-    else:
-        d.package = cj.package
-    d.timeout = d.package.installer.timeout_seconds if d.package is not None else DEFAULT_TIMEOUT_SECONDS
+        if missing is not None:
+            eligible[i] = False
+            decisions[i] = _Decision(cj, d.installed).settle(ctx.relay, ClientState.SKIPPED, missing)
+        elif waits:
+            waiting = d.copy()
+            waiting.waits = tuple(waits)
+            decisions[i] = waiting
 
 
 # ------------------------------------------------------------ history step
 
 
 _PROGRESS, _FAILED, _RETRY, _READY, _CLOSED = range(5)
-# _READY step: (_READY, attempt number, previous operation id, attempts so far, message)
-_FRESH = (_READY, 1, "", 0, "")
+# A _READY step is (_READY, attempt number, previous operation id, attempts so far, message).
+_FRESH: tuple[Any, ...] = (_READY, 1, "", 0, "")
+_CLOSED_STEP: tuple[Any, ...] = (_CLOSED,)
 
 
 def _timeout_of(ctx: _Context, cj: _CompiledJob, attempt: Attempt) -> int:
@@ -790,11 +840,12 @@ def _timeout_of(ctx: _Context, cj: _CompiledJob, attempt: Attempt) -> int:
 
 
 def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime) -> tuple[Any, ...]:
-    """What the latest attempt means for a row with a gap (rule 8)."""
+    """Rule 8: what the latest attempt means for a row with a gap."""
     cj = d.cj
     if a is None:
         return _CLOSED_STEP if d.closed else _FRESH
     if a.revision != cj.revision:
+        # An attempt of an older spec: ignored (a newer spec pre-empts its retries).
         return _CLOSED_STEP if d.closed else (_READY, 1, a.operation_id, 0, "")
     if a.outcome is Outcome.DISPATCHED:
         waited = _timeout_of(ctx, cj, a) + RESULT_MARGIN_SECONDS
@@ -826,57 +877,51 @@ def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime)
     return (_READY, a.attempt + 1, a.operation_id, a.attempt, f"retry {a.attempt + 1}/{cj.limit}")
 
 
-_CLOSED_STEP = (_CLOSED,)
-
-
 # ------------------------------------------------------------ finishing
 
 
 class _Gate:
-    """Rollout counters of one pass: per job slot, in progress and whether halted."""
+    """Rollout state of one pass per job slot: clients in progress, and why starts are halted."""
 
     __slots__ = ("in_progress", "halted", "take")
 
     def __init__(self, size: int, take: bool) -> None:
         self.in_progress = [0] * size
         self.halted: list[str | None] = [None] * size
-        self.take = take  # count new starts against maxConcurrent (plan_relay)
+        self.take = take  # count this pass's new starts against maxConcurrent (plan_relay)
 
 
-def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps: Sequence[Any] | None,
-            hist: Mapping[str, Attempt] | None, gate: _Gate, dispatch: bool,
-            ) -> tuple[list[tuple[int, Row]], list[Action]]:
-    """Rows and actions of one client: history steps, dependencies, rollout, dedupe."""
+def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps: Sequence[Any],
+            history: History, gate: _Gate, dispatch: bool) -> tuple[list[tuple[int, Row]], list[Action]]:
+    """Rows and actions of one client with a gap somewhere: rules 7-9, dedupe, action order."""
     cid = client.id
-    rows: list[tuple[int, Any]] = []  # (job slot, Row fields or Row)
     start_state = ClientState.IN_PROGRESS if dispatch else ClientState.PENDING
-    count = len(decisions)
-    starting = [False] * count  # the row's change goes out in this plan
-    pending: list[tuple[int, dict[str, Any], _Decision, int, str, str]] = []  # new starts
-    emitted: list[tuple[int, dict[str, Any], Action]] = []  # re-emitted in-progress actions
+    rows: list[tuple[int, Row]] = []
+    starting = [False] * len(decisions)  # the row's change goes out in this plan
+    new: list[tuple[int, dict[str, Any], int, str]] = []  # (position, fields, attempt, previous op)
+    repeated: list[tuple[int, dict[str, Any], Action]] = []  # in-progress actions handed out again
     for i, d in enumerate(decisions):
         cj = d.cj
+        # Rows are filled in place: a row is only handed out once this function returns.
+        row = _new(Row)
+        rows.append((d.slot, row))
+        fields = row.__dict__
+        fields.update(d.template)
+        fields["client"] = cid
         if d.final:
-            fields = d.template.copy()
-            fields["client"] = cid
-            if hist is not None:
-                recorded = hist.get(cj.name)
+            if history:
+                recorded = history.get((cj.name, cid))
                 if recorded is not None and recorded.revision == cj.revision:
                     fields["attempts"] = recorded.attempt
-            rows.append((cj.slot, fields))
             continue
-        step: tuple[Any, ...] = steps[i] if steps is not None else (_CLOSED_STEP if d.closed else _FRESH)
-        fields = {"job": cj.name, "relay": ctx.relay, "client": cid, "state": ClientState.PENDING,
-                  "action": None, "name": cj.software, "version": cj.version,
-                  "installed_version": d.installed, "attempts": 0, "message": "", "operation_id": None}
-        rows.append((cj.slot, fields))
+        step = steps[i]
         tag = step[0]
-        if tag is _READY:
+        if tag == _READY:
             fields["attempts"] = step[3]
-            blocked = None
-            for dep, providers in d.waits:
+            blocked: str | None = None
+            for dependency, providers in d.waits:
                 if not any(starting[k] for k in providers):
-                    blocked = f"waiting for dependency {dep}"
+                    blocked = f"waiting for dependency {dependency}"
                     break
             if blocked is None:
                 blocked = gate.halted[cj.slot]
@@ -890,42 +935,44 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields["state"] = start_state
             fields["action"] = d.kind
             fields["message"] = step[4]
-            pending.append((i, fields, d, step[1], step[2], step[4]))
-        elif tag is _PROGRESS:
+            new.append((i, fields, step[1], step[2]))
+        elif tag == _PROGRESS:
             a: Attempt = step[1]
             fields["state"] = ClientState.IN_PROGRESS
             fields["action"] = a.action
             fields["attempts"] = a.attempt
             fields["operation_id"] = a.operation_id
             fields["message"] = f"attempt {a.attempt}/{cj.limit} dispatched at {rfc3339(a.dispatched_at)}"
-            emitted.append((i, fields, _reemit(ctx, cj, d, a, cid)))
-        elif tag is _CLOSED:
+            repeated.append((i, fields, _repeat(ctx, d, a, cid)))
+        elif tag == _CLOSED:
             assert cj.not_after is not None
             fields["state"] = ClientState.SKIPPED
             fields["message"] = f"schedule window closed at {rfc3339(cj.not_after)}"
-            if hist is not None:
-                recorded = hist.get(cj.name)
-                if recorded is not None and recorded.revision == cj.revision:
-                    fields["attempts"] = recorded.attempt
-        elif tag is _FAILED:
-            a = step[1]
+            recorded = history.get((cj.name, cid)) if history else None
+            if recorded is not None and recorded.revision == cj.revision:
+                fields["attempts"] = recorded.attempt
+        elif tag == _FAILED:
+            failed: Attempt = step[1]
             fields["state"] = ClientState.FAILED
-            fields["attempts"] = a.attempt
+            fields["attempts"] = failed.attempt
             fields["message"] = step[2]
-            fields["operation_id"] = a.operation_id
+            fields["operation_id"] = failed.operation_id
         else:  # _RETRY
-            a = step[1]
-            fields["attempts"] = a.attempt
-            fields["operation_id"] = a.operation_id
-            text = f"retry {a.attempt + 1}/{cj.limit} at {rfc3339(step[2])}"
+            last: Attempt = step[1]
+            fields["attempts"] = last.attempt
+            fields["operation_id"] = last.operation_id
+            text = f"retry {last.attempt + 1}/{cj.limit} at {rfc3339(step[2])}"
             fields["message"] = f"{text}; last attempt: {step[3]}" if step[3] else text
-    actions: list[tuple[tuple[int, int, str], Action]] = []
-    if pending or emitted:
+
+    ordered: list[tuple[tuple[int, int, str], Action]] = []
+    if new or repeated:
+        # Dedupe: one action per change; an in-progress one owns it, else the first job by name.
         owners: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
-        for i, fields, action in emitted:
-            actions.append((decisions[i].cj.order, action))
+        for i, fields, action in repeated:
+            ordered.append((decisions[i].cj.order, action))
             owners.setdefault((action.kind, action.name, action.version), (action.job, fields))
-        for i, fields, d, number, previous, _ in sorted(pending, key=lambda p: p[2].cj.name):
+        for i, fields, number, previous in sorted(new, key=lambda n: decisions[n[0]].name):
+            d = decisions[i]
             cj = d.cj
             key = (d.kind, cj.software, d.version)
             owner = owners.get(key)
@@ -939,19 +986,20 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             ).hexdigest()[:24]
             fields["operation_id"] = op
             owners[key] = (cj.name, fields)
-            actions.append((cj.order, _make(Action, {
+            ordered.append((cj.order, _make(Action, {
                 "operation_id": op, "job": cj.name, "client": cid, "kind": d.kind, "package": d.package,
                 "name": cj.software, "version": d.version, "previous_version": d.previous,
                 "revision": cj.revision, "rerun": cj.rerun, "attempt": number, "timeout_seconds": d.timeout,
             })))
             if gate.take and client.online:
                 gate.in_progress[cj.slot] += 1
-        actions.sort(key=lambda pair: pair[0])
-    return [(slot, _make(Row, fields)) for slot, fields in rows], [a for _, a in actions]
+        ordered.sort(key=lambda pair: pair[0])
+    return rows, [action for _, action in ordered]
 
 
-def _reemit(ctx: _Context, cj: _CompiledJob, d: _Decision, a: Attempt, cid: str) -> Action:
-    """The action of an attempt still in progress, exactly as it was handed out."""
+def _repeat(ctx: _Context, d: _Decision, a: Attempt, cid: str) -> Action:
+    """The action of an attempt still in progress, as it was handed out."""
+    cj = d.cj
     kind = a.action
     if kind is ActionKind.UNINSTALL:
         package = ctx.packages.get((cj.software, a.version or "")) or cj.package
@@ -968,10 +1016,6 @@ def _reemit(ctx: _Context, cj: _CompiledJob, d: _Decision, a: Attempt, cid: str)
 # ------------------------------------------------------------ public API
 
 
-def _now(now: datetime) -> datetime:
-    return _aware(now)
-
-
 def _inventory(client: Client) -> dict[str, str]:
     return {item.name: item.version for item in client.installed}
 
@@ -984,149 +1028,131 @@ def plan_client(index: RelayIndex, client: Client, history: History,
     that get a new action are ``InProgress``: the caller hands the actions out
     in this reply and records them as dispatched.
     """
-    now = _now(now)
+    now = _aware(now)
     ctx = _context(index)
-    jobs = ctx.jobs_for(client.id)
-    if not jobs:
+    jobset = ctx.jobs_for(client.id)
+    if not jobset.jobs:
         return ClientPlan(client.id, (), ())
-    phases = [_OPEN] * len(ctx.by_slot)
-    for cj in jobs:
-        phases[cj.slot] = _phase(cj, now)
-    decisions = _static(ctx, jobs, phases, client, _inventory(client))
-    hist = {cj.name: a for cj in jobs if (a := history.get((cj.name, client.id))) is not None}
-    steps = [None if d.final else _history_step(ctx, d, hist.get(d.cj.name), now) for d in decisions]
+    phases = tuple(_phase(cj, now) for cj in ctx.by_slot)
+    inst = _inventory(client)
+    decisions = _decisions(ctx, jobset, ctx.level(phases, ctx.facts(client)), phases, client, inst)
+    steps = [None if d.final else _history_step(ctx, d, history.get((d.name, client.id)), now)
+             for d in decisions]
     gate = _Gate(len(ctx.by_slot), take=False)
-    for cj in jobs:
+    for cj in jobset.jobs:
         u = usage.get(cj.name)
         if u is None:
             continue
         gate.in_progress[cj.slot] = u.in_progress
         if cj.has_failure_limit and failures_exceeded(u.failed, u.targets, cj.max_failures):
             gate.halted[cj.slot] = _halt_message(u.failed, u.targets, cj.max_failures)
-    rows, actions = _finish(ctx, client, decisions, steps, hist or None, gate, dispatch=True)
+    rows, actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=True)
     return ClientPlan(client.id, tuple(sorted((r for _, r in rows), key=attrgetter("job"))), tuple(actions))
 
 
 def plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime) -> Plan:
-    """Plan every client of the relay (rows of ``Client.relay`` are reported as ``index.relay``).
+    """Plan every client of the relay (rows name ``index.relay``, whatever ``Client.relay`` says).
 
-    Level-triggered: failed and in-progress counts come from this pass's own
-    rows; new starts take rollout slots in client id order.
+    Level-triggered: the failed and in-progress counts that rollout limits
+    use come from this pass's own rows; new starts take slots in client id
+    order (an offline client's start takes none: it holds no slot until it
+    checks in).
     """
-    now = _now(now)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a pass allocates ~10^6 acyclic objects: collections would only cost time
+    try:
+        return _plan_relay(index, clients, history, _aware(now))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime) -> Plan:
     ctx = _context(index)
     size = len(ctx.by_slot)
-    phases = [_phase(cj, now) for cj in ctx.by_slot]
-    by_client: dict[str, dict[str, Attempt]] = {}
-    for (job_name, client_id), attempt in history.items():
-        by_client.setdefault(client_id, {})[job_name] = attempt
+    phases = tuple(_phase(cj, now) for cj in ctx.by_slot)
+    hget = history.get if history else None
+    levels: dict[tuple[Any, ...], list[dict[str | None, _Decision]]] = {}
 
-    # Pass 1: the history-free decisions (memoised per distinct client shape),
-    # history steps, and the counters rollout needs.
+    # Pass 1: decisions, history steps of rows with a gap, and the counters rollout needs.
     in_progress = [0] * size
     failed = [0] * size
     targets = [0] * size
-    counting = [cj.slot for cj in ctx.by_slot if cj.has_failure_limit or cj.max_concurrent is not None]
-    track = [False] * size
-    for s in counting:
-        track[s] = True
-    memo: dict[Any, tuple[list[_Decision], tuple[int, ...]]] = {}
-    names = ctx.names
-    label_keys = ctx.label_keys
-    max_threshold = ctx.max_threshold
-    prepared: list[tuple[Client, list[_Decision], list[Any] | None, dict[str, Attempt] | None]] = []
+    prepared: list[tuple[Client, list[_Decision], list[Any] | None]] = []
     for client in sorted(clients, key=attrgetter("id")):
-        jobs = ctx.jobs_for(client.id)
-        if not jobs:
+        jobset = ctx.jobs_for(client.id)
+        if not jobset.jobs:
             continue
+        facts = ctx.facts(client)
+        level = levels.get(facts)
+        if level is None:
+            level = levels[facts] = ctx.level(phases, facts)
         inst = {item.name: item.version for item in client.installed}
-        disk = client.free_disk_mb
-        if label_keys:
-            labels = dict(client.labels)
-            label_view: tuple[str | None, ...] = tuple(labels.get(k) for k in label_keys)
-        else:
-            label_view = ()
-        key = (id(jobs), client.os, client.arch, label_view,
-               disk if (disk is None or max_threshold is None or disk < max_threshold) else -1,
-               tuple(map(inst.get, names)))
-        entry = memo.get(key)
-        if entry is None:
-            decisions = _static(ctx, jobs, phases, client, inst)
-            entry = (decisions, tuple(d.cj.slot for d in decisions
-                                      if track[d.cj.slot] and not (d.final and d.state is ClientState.SKIPPED)
-                                      and not (not d.final and d.closed)))
-            memo[key] = entry
-        decisions = entry[0]
-        hist = by_client.get(client.id)
-        if hist is None:
-            for s in entry[1]:
-                targets[s] += 1
-            prepared.append((client, decisions, None, None))
-            continue
-        steps: list[Any] = [None if d.final else _history_step(ctx, d, hist.get(d.cj.name), now)
-                            for d in decisions]
-        for d, step in zip(decisions, steps):
-            s = d.cj.slot
-            if not track[s]:
-                continue
-            if step is None:
-                if d.state is not ClientState.SKIPPED:
-                    targets[s] += 1
-                continue
-            tag = step[0]
-            if tag is _CLOSED:
-                continue
-            targets[s] += 1
-            if tag is _FAILED:
-                failed[s] += 1
-            elif tag is _PROGRESS and client.online:
-                in_progress[s] += 1
-        prepared.append((client, decisions, steps, hist))
+        decisions = _decisions(ctx, jobset, level, phases, client, inst)
+        for i in jobset.tracked:
+            d = decisions[i]
+            if d.final and d.target >= 0:
+                targets[d.target] += 1
+        steps: list[Any] | None = None
+        if not all([d.final for d in decisions]):
+            steps = [None] * len(decisions)
+            for i, d in enumerate(decisions):
+                if d.final:
+                    continue
+                step = steps[i] = _history_step(ctx, d, hget((d.name, client.id)) if hget else None, now)
+                tag = step[0]
+                if tag != _CLOSED:
+                    targets[d.slot] += 1
+                    if tag == _FAILED:
+                        failed[d.slot] += 1
+                    elif tag == _PROGRESS and client.online:
+                        in_progress[d.slot] += 1
+        prepared.append((client, decisions, steps))
 
     gate = _Gate(size, take=True)
     gate.in_progress = in_progress
     for cj in ctx.by_slot:
-        if cj.has_failure_limit and failures_exceeded(failed[cj.slot], targets[cj.slot], cj.max_failures):
-            gate.halted[cj.slot] = _halt_message(failed[cj.slot], targets[cj.slot], cj.max_failures)
+        s = cj.slot
+        if cj.has_failure_limit and failures_exceeded(failed[s], targets[s], cj.max_failures):
+            gate.halted[s] = _halt_message(failed[s], targets[s], cj.max_failures)
 
-    # Pass 2: rows and actions, clients in id order.
+    # Pass 2: rows and actions, clients in id order. Rows decided without
+    # history are copied from their decision's template.
     per_job: list[list[Row]] = [[] for _ in range(size)]
-    appenders = [lst.append for lst in per_job]
+    append = [rows.append for rows in per_job]
+    counts = [0] * (size * _NSTATES)
     actions: list[Action] = []
-    fast: dict[int, list[tuple[int, dict[str, Any]]] | None] = {}
-    _copy = dict.copy
-    for client, decisions, client_steps, hist in prepared:
-        if client_steps is None:
-            # No history: rows decided statically are copied from their templates.
-            if id(decisions) in fast:
-                templates = fast[id(decisions)]
-            else:
-                templates = ([(d.cj.slot, d.template) for d in decisions]
-                             if all(d.final for d in decisions) else None)
-                fast[id(decisions)] = templates
-            if templates is not None:
-                cid = client.id
-                for slot, template in templates:
-                    fields = _copy(template)
-                    fields["client"] = cid
-                    obj = _new(Row)
-                    _setattr(obj, "__dict__", fields)
-                    appenders[slot](obj)
-                continue
-        rows, new_actions = _finish(ctx, client, decisions, client_steps, hist, gate, dispatch=False)
+    for client, decisions, steps in prepared:
+        cid = client.id
+        if steps is None:
+            for d in decisions:
+                row = _new(Row)
+                fields = row.__dict__
+                fields.update(d.template)
+                fields["client"] = cid
+                if hget is not None:
+                    recorded = hget((d.name, cid))
+                    if recorded is not None and recorded.revision == d.revision:
+                        fields["attempts"] = recorded.attempt
+                append[d.slot](row)
+                counts[d.count] += 1
+            continue
+        rows, new_actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=False)
         for slot, row in rows:
-            appenders[slot](row)
+            append[slot](row)
+            counts[slot * _NSTATES + _STATE_INDEX[row.state]] += 1
         actions.extend(new_actions)
 
     all_rows: list[Row] = []
     rollups: list[JobRollup] = []
-    relay_job_names = {j.name for j in index.relay_jobs}
     for cj in sorted(ctx.by_slot, key=attrgetter("name")):
         job_rows = per_job[cj.slot]
-        if not job_rows and cj.name not in relay_job_names:
+        if not job_rows and cj.name not in ctx.relay_names:
             continue  # a clients job naming none of this relay's clients does not reach it
         all_rows.extend(job_rows)
-        rollups.append(rollup(cj.name, job_rows, suspended=cj.suspend, max_failures=cj.max_failures))
+        base = cj.slot * _NSTATES
+        by_state = {state.value: counts[base + k] for k, state in enumerate(_STATES)}
+        rollups.append(_rollup(cj.name, by_state, suspended=cj.suspend, max_failures=cj.max_failures))
     return Plan(relay=index.relay, rows=tuple(all_rows), actions=tuple(actions), jobs=tuple(rollups))
 
 
@@ -1142,16 +1168,18 @@ def rollup(job: str, rows: Sequence[Row], *, suspended: bool = False,
            max_failures: int | str | None = None) -> JobRollup:
     """A job's state on a relay from its rows (DESIGN section 4), and the counts by state.
 
-    In order: ``Suspended`` (the job is suspended), ``NoTargets`` (no rows),
-    ``Halted`` (Failed rows exceed ``max_failures``, the job's
-    ``rollout.maxFailures``, counted against its non-Skipped rows),
+    In order: ``Suspended`` (the job is suspended, or every row is),
+    ``NoTargets`` (no rows), ``Halted`` (Failed rows exceed ``max_failures``,
+    the job's ``rollout.maxFailures``, counted against its non-Skipped rows),
     ``InProgress`` (any row Pending or InProgress, including rows waiting for
     a future schedule), ``Failed`` (any Failed or Conflict), else
     ``Completed``. (``Invalid`` is HQ's, for a commit that did not validate.)
     """
-    counts = count_states(rows)
-    total = len(rows)
-    pending = counts[ClientState.PENDING] + counts[ClientState.IN_PROGRESS]
+    return _rollup(job, count_states(rows), suspended=suspended, max_failures=max_failures)
+
+
+def _rollup(job: str, counts: dict[str, int], *, suspended: bool, max_failures: int | str | None) -> JobRollup:
+    total = sum(counts.values())
     if suspended or (total and counts[ClientState.SUSPENDED] == total):
         state = JobState.SUSPENDED
     elif total == 0:
@@ -1159,7 +1187,7 @@ def rollup(job: str, rows: Sequence[Row], *, suspended: bool = False,
     elif max_failures is not None and failures_exceeded(
             counts[ClientState.FAILED], total - counts[ClientState.SKIPPED], max_failures):
         state = JobState.HALTED
-    elif pending:
+    elif counts[ClientState.PENDING] or counts[ClientState.IN_PROGRESS]:
         state = JobState.IN_PROGRESS
     elif counts[ClientState.FAILED] or counts[ClientState.CONFLICT]:
         state = JobState.FAILED
