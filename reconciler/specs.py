@@ -819,7 +819,7 @@ def _parse_file(path: str, data: bytes) -> tuple[_Document | None, list[SpecErro
         got = f"unknown apiVersion {_describe(api)}" if api is not None else "missing apiVersion"
         return None, [doc.error(where, f"{got}; expected {API_VERSION!r}")]
     kind = doc.value.get("kind")
-    if kind not in {k.value for k in Kind}:
+    if not isinstance(kind, str) or kind not in {k.value for k in Kind}:
         where = "/kind" if "kind" in doc.value else ""
         got = f"unknown kind {_describe(kind)}" if kind is not None else "missing kind"
         return None, [doc.error(where, f"{got}; expected one of Topology, Package, Job")]
