@@ -1,0 +1,315 @@
+"""``reconciler plan``: what every client would do under a repo's specs (the blast radius).
+
+An admin runs it on a pull request, against an inventory file of clients
+(DESIGN section 7), before anything reaches a relay::
+
+    reconciler plan example-repo --inventory examples/inventory.json [--format json] [--now T]
+
+Each relay of the topology is planned with the engine the relays run
+(:func:`reconciler.plan.plan_relay`), as if every client checked in now with
+no history: a row with an action is what its next check-in would start.
+Exit 0 with the plan; 1 when the specs are invalid (the errors exactly as
+``reconciler validate`` prints them, on stderr); 2 when the repo, the
+inventory or ``--now`` cannot be used (every problem named by its field,
+e.g. ``inventory.json: clients[3].installed[0].version: expected a string``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reconciler.commands.validate import render as render_validation
+from reconciler.plan import Client, Installed, Plan, Row, index_relay, plan_relay
+from reconciler.specs import Specs, load_repo
+
+CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online")
+FACT_FIELDS = ("os", "arch", "freeDiskMB", "hostname")
+MAX_ERRORS = 20
+
+
+class InventoryError(Exception):
+    """The inventory file cannot be used; ``problems`` name each bad field."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+# ------------------------------------------------------------------ inventory
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory") -> tuple[Client, ...]:
+    """Clients from a decoded inventory document; raises :class:`InventoryError` naming every bad field."""
+    problems: list[str] = []
+
+    def bad(where: str, message: str) -> None:
+        problems.append(f"{source}: {where}: {message}")
+
+    def expect(where: str, value: Any, kind: type | tuple[type, ...], what: str) -> bool:
+        if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+            return True
+        bad(where, f"expected {what}, got {_type_name(value)}")
+        return False
+
+    if not isinstance(data, dict):
+        raise InventoryError([f"{source}: expected an object {{\"clients\": [...]}}, got {_type_name(data)}"])
+    for key in sorted(set(data) - {"clients"}):
+        bad(key, "unknown field (the inventory holds only \"clients\")")
+    if "clients" not in data:
+        raise InventoryError([*problems, f"{source}: clients: missing required field"])
+    raw_clients = data["clients"]
+    if not expect("clients", raw_clients, list, "an array"):
+        raise InventoryError(problems)
+    known_relays = set(relays)
+    clients: list[Client] = []
+    first_at: dict[str, int] = {}
+    for index, raw in enumerate(raw_clients):
+        at = f"clients[{index}]"
+        if not expect(at, raw, dict, "an object"):
+            continue
+        for key in sorted(set(raw) - set(CLIENT_FIELDS)):
+            bad(f"{at}.{key}", f"unknown field (allowed: {', '.join(CLIENT_FIELDS)})")
+        ok = True
+        for key in ("id", "relay"):
+            if key not in raw:
+                bad(f"{at}.{key}", "missing required field")
+                ok = False
+            elif not expect(f"{at}.{key}", raw[key], str, "a string"):
+                ok = False
+        if ok:
+            if not CLIENT_ID.match(raw["id"]):
+                bad(f"{at}.id", f"{raw['id']!r} is not a valid client id "
+                    "(1-63 lowercase letters, digits, '.' and '-')")
+                ok = False
+            elif raw["id"] in first_at:
+                bad(f"{at}.id", f"duplicate client id {raw['id']!r} (first at clients[{first_at[raw['id']]}])")
+                ok = False
+            else:
+                first_at[raw["id"]] = index
+            if raw["relay"] not in known_relays:
+                listed = ", ".join(sorted(known_relays)) or "none"
+                bad(f"{at}.relay", f"unknown relay {raw['relay']!r} (relays in the topology: {listed})")
+                ok = False
+        facts: dict[str, Any] = {}
+        raw_facts = raw.get("facts", {})
+        if expect(f"{at}.facts", raw_facts, dict, "an object"):
+            for key in sorted(set(raw_facts) - set(FACT_FIELDS)):
+                bad(f"{at}.facts.{key}", f"unknown fact (allowed: {', '.join(FACT_FIELDS)})")
+            for key in ("os", "arch", "hostname"):
+                value = raw_facts.get(key)
+                if value is not None and not expect(f"{at}.facts.{key}", value, str, "a string"):
+                    ok = False
+                facts[key] = value
+            disk = raw_facts.get("freeDiskMB")
+            if disk is not None:
+                if not expect(f"{at}.facts.freeDiskMB", disk, int, "an integer"):
+                    ok = False
+                elif disk < 0:
+                    bad(f"{at}.facts.freeDiskMB", f"must be at least 0, got {disk}")
+                    ok = False
+            facts["freeDiskMB"] = disk
+        else:
+            ok = False
+        labels: list[tuple[str, str]] = []
+        raw_labels = raw.get("labels", {})
+        if expect(f"{at}.labels", raw_labels, dict, "an object"):
+            for key, value in raw_labels.items():
+                if expect(f"{at}.labels.{key}", value, str, "a string"):
+                    labels.append((key, value))
+                else:
+                    ok = False
+        else:
+            ok = False
+        installed: dict[str, str] = {}
+        raw_installed = raw.get("installed", [])
+        if expect(f"{at}.installed", raw_installed, list, "an array"):
+            for k, item in enumerate(raw_installed):
+                where = f"{at}.installed[{k}]"
+                if not expect(where, item, dict, "an object"):
+                    ok = False
+                    continue
+                for key in sorted(set(item) - {"name", "version"}):
+                    bad(f"{where}.{key}", "unknown field (allowed: name, version)")
+                for key in ("name", "version"):
+                    if key not in item:
+                        bad(f"{where}.{key}", "missing required field")
+                        ok = False
+                    elif not expect(f"{where}.{key}", item[key], str, "a string"):
+                        ok = False
+                name, version = item.get("name"), item.get("version")
+                if isinstance(name, str) and isinstance(version, str):
+                    if name in installed:
+                        bad(f"{where}.name", f"{name!r} is listed twice (a client has one version per software)")
+                        ok = False
+                    installed[name] = version
+        else:
+            ok = False
+        online = raw.get("online", True)
+        if not expect(f"{at}.online", online, bool, "a boolean"):
+            ok = False
+        if ok:
+            clients.append(Client(
+                id=raw["id"], relay=raw["relay"], os=facts.get("os"), arch=facts.get("arch"),
+                free_disk_mb=facts.get("freeDiskMB"), labels=tuple(sorted(labels)),
+                installed=tuple(Installed(n, v) for n, v in sorted(installed.items())), online=online))
+    if problems:
+        if len(problems) > MAX_ERRORS:
+            problems = [*problems[:MAX_ERRORS], f"{source}: ... and {len(problems) - MAX_ERRORS} more problems"]
+        raise InventoryError(problems)
+    return tuple(clients)
+
+
+def read_inventory(path: Path, relays: Sequence[str], source: str | None = None) -> tuple[Client, ...]:
+    """Read and check an inventory file (raises :class:`InventoryError`)."""
+    name = source if source is not None else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InventoryError([f"{name}: cannot read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError:
+        raise InventoryError([f"{name}: not UTF-8 text"]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InventoryError([f"{name}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"]) from None
+    return parse_inventory(data, relays, name)
+
+
+# ------------------------------------------------------------------ planning
+
+
+def parse_now(text: str | None) -> datetime:
+    """``--now``: an RFC 3339 time (naive means UTC); None is the current time."""
+    if text is None:
+        return datetime.now(timezone.utc)
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise ValueError(f"--now: {text!r} is not an RFC 3339 time (e.g. 2027-04-01T09:00:00+09:00)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def plan_inventory(specs: Specs, clients: Sequence[Client], now: datetime) -> tuple[Plan, ...]:
+    """Plan every relay of the topology for the inventory's clients, with no history."""
+    by_relay: dict[str, list[Client]] = {}
+    for client in clients:
+        by_relay.setdefault(client.relay, []).append(client)
+    return tuple(plan_relay(index_relay(specs, relay.name), by_relay.get(relay.name, ()), {}, now)
+                 for relay in sorted(specs.topology.relays, key=lambda r: r.name))
+
+
+def _acted_version(row: Row, actions: Mapping[str, str | None]) -> str | None:
+    """The version a row's action works on (an uninstall's is the installed one), else the desired one."""
+    if row.action is not None and row.operation_id is not None and row.operation_id in actions:
+        return actions[row.operation_id]
+    if row.action is not None and row.version is None:
+        return row.installed_version
+    return row.version
+
+
+def plan_rows(plans: Sequence[Plan]) -> list[dict[str, Any]]:
+    """The JSON rows, sorted by job, relay, client."""
+    rows: list[dict[str, Any]] = []
+    for plan in plans:
+        versions = {a.operation_id: a.version for a in plan.actions}
+        for row in plan.rows:
+            rows.append({
+                "job": row.job, "relay": row.relay, "client": row.client, "state": row.state.value,
+                "action": row.action.value if row.action is not None else None,
+                "package": {"name": row.name, "version": _acted_version(row, versions)},
+                "message": row.message,
+            })
+    rows.sort(key=lambda r: (r["job"], r["relay"], r["client"]))
+    return rows
+
+
+def render_json(plans: Sequence[Plan]) -> str:
+    return json.dumps({"rows": plan_rows(plans)}, indent=2, sort_keys=True)
+
+
+def render_text(plans: Sequence[Plan], clients: Sequence[Client]) -> str:
+    """One table per relay (job, client, state, action, package, message), then the job states."""
+    per_relay: dict[str, int] = {}
+    for client in clients:
+        per_relay[client.relay] = per_relay.get(client.relay, 0) + 1
+    by_plan: dict[str, list[dict[str, Any]]] = {}
+    for row in plan_rows(plans):
+        by_plan.setdefault(row["relay"], []).append(row)
+    out: list[str] = []
+    total_actions = 0
+    for plan in plans:
+        count = per_relay.get(plan.relay, 0)
+        rows = by_plan.get(plan.relay, [])
+        total_actions += len(plan.actions)
+        out.append(f"relay {plan.relay}: {count} client{'s' if count != 1 else ''}, "
+                   f"{len(plan.actions)} action{'s' if len(plan.actions) != 1 else ''}")
+        if rows:
+            table = [("JOB", "CLIENT", "STATE", "ACTION", "PACKAGE", "MESSAGE")]
+            for r in rows:
+                package = r["package"]["name"] + (f" {r['package']['version']}" if r["package"]["version"] else "")
+                table.append((r["job"], r["client"], r["state"], r["action"] or "-", package, r["message"]))
+            widths = [max(len(line[k]) for line in table) for k in range(5)]
+            for line in table:
+                cells = [line[k].ljust(widths[k]) for k in range(5)]
+                out.append(("  " + "  ".join(cells) + "  " + line[5]).rstrip())
+        if plan.jobs:
+            states = ", ".join(f"{j.job} {j.state.value}" for j in plan.jobs)
+            out.append(f"  jobs: {states}")
+        out.append("")
+    clients_acting = len({a.client for p in plans for a in p.actions})
+    out.append(f"{total_actions} action{'s' if total_actions != 1 else ''} on {clients_acting} "
+               f"client{'s' if clients_acting != 1 else ''}")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ command
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = load_repo(Path(args.repo))
+    except OSError as e:
+        print(f"reconciler plan: cannot read {args.repo}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if not result.valid or result.specs is None:
+        print(render_validation(result, "text", args.repo), file=sys.stderr)
+        return 1
+    specs = result.specs
+    try:
+        now = parse_now(args.now)
+    except ValueError as e:
+        print(f"reconciler plan: {e}", file=sys.stderr)
+        return 2
+    try:
+        clients = read_inventory(Path(args.inventory), [r.name for r in specs.topology.relays], args.inventory)
+    except InventoryError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    plans = plan_inventory(specs, clients, now)
+    print(render_json(plans) if args.format == "json" else render_text(plans, clients))
+    return 0
