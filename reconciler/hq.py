@@ -136,6 +136,7 @@ class Hq:
         self._specs: tuple[str, Specs | None] | None = None  # (commit, specs)
         self._relays: dict[str, tuple[str, RelayStatus]] = {}  # name -> (ref sha, status)
         self._published: dict[str, bytes] | None = None
+        self._inputs: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
 
     # -- state from git ------------------------------------------------------
@@ -193,13 +194,18 @@ class Hq:
         relays, changed = self._read_relays(specs_now)
         if changed:
             notes.append(f"read {changed} relay report{'s' if changed != 1 else ''}")
-        accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid)
-        hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays)
-        files = report.render_hq_status(hq_report)
+        # Same inputs as the last pass that rendered: the output cannot differ.
+        inputs = (main, self.main_valid, self.accepted_commit, self.accepted_at,
+                  tuple(sorted((name, sha) for name, (sha, _) in self._relays.items())))
         published = None
-        if files != self._published:
-            published = self.store.publish(HQ_REF, files, self._message(hq_report))
-            self._published = files
+        if inputs != self._inputs or self._published is None:
+            accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid)
+            hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays)
+            files = report.render_hq_status(hq_report)
+            if files != self._published:
+                published = self.store.publish(HQ_REF, files, self._message(hq_report))
+                self._published = files
+            self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes)
 
     def _evaluate(self, main: str | None) -> str:
@@ -244,10 +250,10 @@ class Hq:
     def _read_relay(self, name: str, sha: str) -> RelayStatus:
         path = f"{report.relay_prefix(name)}relay.yaml"
         try:
-            files = self.store.read_files(sha, prefixes=(path,))
-            if path not in files:
+            data = self.store.read_file(sha, path)  # one file: fewer git processes than read_files
+            if data is None:
                 raise ReportError(f"{STATUS_PREFIX}{name} has no {path}")
-            return report.parse_relay_status({path: files[path]})
+            return report.parse_relay_status({path: data})
         except (GitError, ReportError) as e:
             log.warning("status of relay %s unreadable: %s", name, e)
             return RelayStatus(name, None, 0, None, (f"status unreadable: {e}",), {})
