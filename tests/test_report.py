@@ -11,6 +11,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reconciler import report
 from reconciler.plan import ClientState, Installed, JobRollup, JobState, Plan, Row
@@ -145,6 +147,48 @@ def test_relay_status_is_byte_identical_for_the_same_state_in_any_order() -> Non
     text = first["relays/relay-kanto/relay.yaml"].decode()
     top = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]
     assert top == sorted(top)
+
+
+TRICKY_TEXT = [
+    "", "installed", "pc-1", "23.01", "1e3", "yes", "No", "NULL", "null", "~", "y", "on", "0x1f", "-a", "a-",
+    "exit 1: disk | full", "a #b", "a#b", "'quoted'", '"double"', "x\ny", "x\n\n  y\n", " lead", "trail ",
+    "tab\there", "é ü 日本", "emoji 🙂", "\u0085nel", "line\u2028sep", "\x07bell", "\ufeffbom", "[list]", "{map}",
+    "*alias", "&anchor", "!tag", "%pct", "@at", "`tick`", "? q", ": c", "- d", "2026-11-23T10:00:00Z",
+    "2026-11-23", ".inf", "=", "<<", "a" * 300, "scheduled for 2030-01-01T00:00:00Z",
+]
+
+
+def _relay_job_doc(rows: list[report.StatusRow], commit: str | None = C1) -> dict[str, Any]:
+    return {"job": "install-7zip", "relay": "relay-kanto", "observedCommit": commit, "state": "Failed",
+            "counts": report.count_states(r.state for r in rows),
+            "rows": [report._row_json(r) for r in rows]}
+
+
+def test_fast_relay_job_writer_matches_yaml_dump() -> None:
+    rows = [report.StatusRow(f"pc-{i:03d}", list(ClientState)[i % 7], text or None, i % 4, text,
+                             None if i % 5 == 0 else T0 + timedelta(seconds=i))
+            for i, text in enumerate(TRICKY_TEXT)]
+    for subset in (rows, rows[:1], []):
+        fast = report._dump_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
+                                      report.count_states(r.state for r in subset), subset)
+        assert fast == report.dump_yaml(_relay_job_doc(subset))
+    fast = report._dump_relay_job("install-7zip", "relay-kanto", None, JobState.FAILED, report.count_states([]), [])
+    assert fast == report.dump_yaml(_relay_job_doc([], None))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=40), st.one_of(st.none(), st.text(max_size=12)),
+                          st.integers(min_value=0, max_value=10**6)), max_size=5))
+def test_fast_relay_job_writer_matches_yaml_dump_for_any_text(cases: list[tuple[str, str | None, int]]) -> None:
+    rows = []
+    for i, (message, version, attempts) in enumerate(cases):
+        rows.append(report.StatusRow(f"pc-{i}", ClientState.FAILED, version, attempts, message, T0))
+    fast = report._dump_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
+                                  report.count_states(r.state for r in rows), rows)
+    assert fast == report.dump_yaml(_relay_job_doc(rows))
+    back = report.parse_relay_job(fast)[2]
+    assert [(r.message, r.installed_version, r.attempts) for r in back.rows] == [
+        (m, v, a) for m, v, a in cases]
 
 
 def test_relay_status_without_plan_or_rows() -> None:

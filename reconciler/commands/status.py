@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,25 +107,39 @@ def mirror_dir(origin: str) -> Iterator[Path]:
 
 @dataclass
 class Snapshot:
-    """Everything ``status`` shows, as of one fetch."""
+    """Everything ``status`` shows, as of one fetch.
+
+    ``rows`` holds the full client rows only of the (relay, job) pairs asked
+    for with :meth:`Reader.load_rows`: the text and markdown reports need
+    none, ``--wait`` only those of jobs with Pending or InProgress clients.
+    """
 
     main_commit: str | None  # origin's current tip of HQ's branch
     hq: HqReport | None
     summary: str | None  # status/hq summary.md
     specs: Specs | None  # at the accepted commit
-    relays: dict[str, RelayStatus]
-    rows: dict[str, dict[str, tuple[str | None, RelayJobStatus]]]  # job -> relay -> (observed, rows)
+    relays: dict[str, RelayStatus]  # relay.yaml of every status/<relay> ref
+    relay_shas: dict[str, str]
+    rows: dict[str, dict[str, tuple[str | None, RelayJobStatus]]] = field(default_factory=dict)  # job -> relay -> (observed, rows)
     problems: list[str] = field(default_factory=list)
 
 
 class Reader:
     """Reads snapshots from a store, re-reading only refs that moved."""
 
-    def __init__(self, store: GitStore) -> None:
+    def __init__(self, store: GitStore, workers: int = 8) -> None:
         self.store = store
-        self._relays: dict[str, tuple[str, RelayStatus, dict[str, tuple[str | None, RelayJobStatus]]]] = {}
+        self.workers = workers
+        self._relays: dict[str, tuple[str, RelayStatus]] = {}
+        self._rows: dict[tuple[str, str], tuple[str | None, RelayJobStatus] | None] = {}  # (sha, job) ->
         self._hq: tuple[str, HqReport, str | None] | None = None
         self._specs: tuple[str, Specs | None] | None = None
+
+    def _map(self, fn: Any, items: list[Any]) -> list[Any]:
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(items)), thread_name_prefix="status-read") as pool:
+            return list(pool.map(fn, items))
 
     def read(self) -> Snapshot:
         store = self.store
@@ -164,33 +179,60 @@ class Reader:
         relay_refs = {name: sha for name, sha in refs.items() if name != report.HQ_REF}
         for gone in set(self._relays) - set(relay_refs):
             del self._relays[gone]
-        for name, sha in sorted(relay_refs.items()):
-            if name in self._relays and self._relays[name][0] == sha:
-                continue
-            self._relays[name] = (sha, *self._read_relay(name, sha))
-        relays = {name: status for name, (_, status, _) in self._relays.items()}
-        rows: dict[str, dict[str, tuple[str | None, RelayJobStatus]]] = {}
-        for name, (_, _, jobs) in sorted(self._relays.items()):
-            for job, entry in jobs.items():
-                rows.setdefault(job, {})[name] = entry
-        return Snapshot(main, hq, summary, specs_now, relays, rows, problems)
+        stale = sorted(n for n, sha in relay_refs.items() if n not in self._relays or self._relays[n][0] != sha)
+        for name, status in zip(stale, self._map(lambda n: self._read_relay(n, relay_refs[n]), stale)):
+            self._relays[name] = (relay_refs[name], status)
+        current = set(relay_refs.values())
+        self._rows = {key: value for key, value in self._rows.items() if key[0] in current}
+        relays = {name: status for name, (_, status) in self._relays.items()}
+        return Snapshot(main, hq, summary, specs_now, relays, relay_refs, problems=problems)
 
-    def _read_relay(self, name: str, sha: str) -> tuple[RelayStatus, dict[str, tuple[str | None, RelayJobStatus]]]:
-        prefix = report.relay_prefix(name)
+    def _read_relay(self, name: str, sha: str) -> RelayStatus:
+        path = f"{report.relay_prefix(name)}relay.yaml"
         try:
-            files = self.store.read_files(sha, prefixes=(f"{prefix}relay.yaml", f"{prefix}jobs/"))
-            status = report.parse_relay_status({p: d for p, d in files.items() if p == f"{prefix}relay.yaml"})
+            data = self.store.read_file(sha, path)
+            if data is None:
+                raise ReportError(f"{STATUS_PREFIX}{name} has no {path}")
+            return report.parse_relay_status({path: data})
         except (GitError, ReportError) as e:
-            return RelayStatus(name, None, 0, None, (f"status unreadable: {e}",), {}), {}
-        jobs: dict[str, tuple[str | None, RelayJobStatus]] = {}
-        for path, data in files.items():
-            if path.startswith(f"{prefix}jobs/") and path.endswith(".yaml"):
-                try:
-                    _, observed, job = report.parse_relay_job(data, f"{STATUS_PREFIX}{name}:{path}")
-                except ReportError:
-                    continue
-                jobs[job.job] = (observed, job)
-        return status, jobs
+            return RelayStatus(name, None, 0, None, (f"status unreadable: {e}",), {})
+
+    def load_rows(self, snap: Snapshot, wanted: Iterable[tuple[str, str]]) -> None:
+        """Read the full rows of the (relay, job) pairs ``wanted`` into ``snap.rows``."""
+        pairs = sorted({(relay, job) for relay, job in wanted if relay in snap.relay_shas})
+        todo = [(relay, job) for relay, job in pairs if (snap.relay_shas[relay], job) not in self._rows]
+
+        def read(pair: tuple[str, str]) -> tuple[str | None, RelayJobStatus] | None:
+            relay, job = pair
+            path = f"{report.relay_prefix(relay)}jobs/{job}.yaml"
+            try:
+                data = self.store.read_file(snap.relay_shas[relay], path)
+                if data is None:
+                    return None
+                _, observed, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{relay}:{path}")
+                return observed, status
+            except (GitError, ReportError):
+                return None
+
+        for pair, entry in zip(todo, self._map(read, todo)):
+            self._rows[(snap.relay_shas[pair[0]], pair[1])] = entry
+        for relay, job in pairs:
+            entry = self._rows.get((snap.relay_shas[relay], job))
+            if entry is not None:
+                snap.rows.setdefault(job, {})[relay] = entry
+
+
+def rows_for_report(snap: Snapshot, only_job: str | None) -> list[tuple[str, str]]:
+    """(relay, job) pairs whose rows the JSON report or ``--job`` show: every relay with the job."""
+    jobs = {j.job for j in (snap.hq.jobs if snap.hq else ()) if only_job is None or j.job == only_job}
+    return [(relay, job) for relay, status in snap.relays.items() for job in status.jobs if job in jobs]
+
+
+def rows_for_wait(snap: Snapshot, only_job: str | None) -> list[tuple[str, str]]:
+    """(relay, job) pairs ``--wait`` must look into: those with Pending or InProgress clients."""
+    active = (ClientState.PENDING.value, ClientState.IN_PROGRESS.value)
+    return [(relay, job) for relay, status in snap.relays.items() for job, digest in status.jobs.items()
+            if (only_job is None or job == only_job) and any(digest.counts.get(s, 0) for s in active)]
 
 
 # ----------------------------------------------------------------- settled
@@ -223,12 +265,18 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
                 behind[relay] = (f"relay {relay} has not published status for the accepted commit "
                                  f"{report.short(accepted)} (it reports {report.short(status.observed_commit)})")
     reasons += [behind[r] for r in sorted(behind)]
+    active_states = (ClientState.PENDING.value, ClientState.IN_PROGRESS.value)
     for job in jobs:
         reached = report.job_relays(snap.specs, job)
-        for relay, (observed, status) in sorted(snap.rows.get(job.name, {}).items()):
-            if relay not in reached or relay in behind or observed != accepted:
+        for relay in sorted(reached - set(behind)):
+            digest = snap.relays[relay].jobs.get(job.name)
+            if digest is None or not any(digest.counts.get(s, 0) for s in active_states):
                 continue
-            active = [r for r in status.rows if report.is_waiting_row(r.state, r.message)]
+            entry = snap.rows.get(job.name, {}).get(relay)
+            if entry is None or entry[0] != accepted:
+                reasons.append(f"job {job.name}: rows of {relay} unreadable or not for the accepted commit")
+                continue
+            active = [r for r in entry[1].rows if report.is_waiting_row(r.state, r.message)]
             if active:
                 names = ", ".join(r.client for r in active[:5]) + (", …" if len(active) > 5 else "")
                 reasons.append(f"job {job.name}: {_plural(len(active), 'client')} Pending or InProgress "
@@ -395,8 +443,17 @@ def main(args: argparse.Namespace) -> int:
             return 2
 
 
-def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
+def _read(reader: Reader, args: argparse.Namespace) -> Snapshot:
     snap = reader.read()
+    wanted = rows_for_report(snap, args.job) if args.format == "json" or args.job else []
+    if args.wait:
+        wanted += rows_for_wait(snap, args.job)
+    reader.load_rows(snap, wanted)
+    return snap
+
+
+def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
+    snap = _read(reader, args)
     if args.job and snap.hq is not None and not any(j.job == args.job for j in snap.hq.jobs):
         known = ", ".join(j.job for j in snap.hq.jobs) or "none"
         print(f"reconciler status: no job {args.job!r} in the accepted commit "
@@ -423,7 +480,7 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
             if remaining <= 0:
                 break
             watcher.wait(min(WAIT_POLL_SECONDS, remaining))
-            snap = reader.read()
+            snap = _read(reader, args)
     finally:
         watcher.stop()
     _emit(render(snap, args.format, args.job), sys.stdout)
