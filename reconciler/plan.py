@@ -382,7 +382,7 @@ class _CompiledJob:
         "job", "name", "slot", "install", "software", "version", "package", "revision",
         "requirements", "depends_on", "order", "limit", "backoff", "rerun", "suspend",
         "not_before", "not_after", "allow_downgrade", "max_concurrent", "max_failures",
-        "has_failure_limit", "rank", "prefix", "missing",
+        "has_failure_limit", "prefix", "missing",
     )
 
     def __init__(self, job: Job, slot: int, package: Package | None, revision: str) -> None:
@@ -406,11 +406,15 @@ class _CompiledJob:
         self.max_concurrent = job.max_concurrent
         self.max_failures = job.max_failures
         self.has_failure_limit = job.max_failures is not None
-        self.rank = 0
-        self.order: tuple[int, int, str] = (0, 0, job.name)
+        # processing order: uninstalls first (an install may wait for a removal), then by name
+        self.order: tuple[int, str] = (1 if self.install else 0, job.name)
         self.prefix = f"{job.name}\x1f{revision}\x1f{job.rerun}\x1f"
         # An install job whose package is not in the specs (only in unvalidated specs).
         self.missing = self.install and package is None
+
+    def order_key(self, depth: int) -> tuple[int, int, str]:
+        """Where this job's action runs among a client's: uninstalls, dependencies first, by name."""
+        return (self.order[0], depth, self.name)
 
 
 def index_relay(specs: Specs, relay: str) -> RelayIndex:
@@ -434,7 +438,6 @@ def index_relay(specs: Specs, relay: str) -> RelayIndex:
         package = packages.get((job.package_name, job.package_version)) if job.package_version else None
         revisions[job.name] = plan_revision(job, package)
         compiled[job.name] = _CompiledJob(job, slot, package, revisions[job.name])
-    _rank_by_dependencies(compiled)
     return RelayIndex(
         relay=relay,
         specs=specs,
@@ -444,38 +447,6 @@ def index_relay(specs: Specs, relay: str) -> RelayIndex:
         revisions=revisions,
         compiled=compiled,
     )
-
-
-def _rank_by_dependencies(compiled: Mapping[str, _CompiledJob]) -> None:
-    """Order jobs: uninstalls, then by dependency depth of their software, then by name.
-
-    The depth of a software name is 0 when its packages depend on nothing
-    provided here, else one more than its deepest dependency; a cycle is cut
-    where the walk first meets it (the rows on it are then Skipped).
-    """
-    needs: dict[str, set[str]] = {}
-    for cj in compiled.values():
-        if cj.install:
-            needs.setdefault(cj.software, set()).update(d.name for d in cj.depends_on)
-    depth: dict[str, int] = {}
-    visiting: set[str] = set()
-
-    def walk(name: str) -> int:
-        if name in depth:
-            return depth[name]
-        if name in visiting or name not in needs:
-            return -1
-        visiting.add(name)
-        value = 1 + max((walk(d) for d in sorted(needs[name])), default=-1)
-        visiting.discard(name)
-        depth[name] = value
-        return value
-
-    for name in sorted(needs):
-        walk(name)
-    for cj in compiled.values():
-        cj.rank = depth.get(cj.software, 0) if cj.install else 0
-        cj.order = (1 if cj.install else 0, cj.rank, cj.name)
 
 
 class _JobSet:
@@ -640,7 +611,8 @@ class _Decision:
         self.version: str | None = None
         self.previous: str | None = None
         self.installed = installed
-        self.waits: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (dependency, provider positions)
+        # (message while waiting, positions of the rows that must start first)
+        self.waits: tuple[tuple[str, tuple[int, ...]], ...] = ()
         self.closed = False  # past notAfter: nothing new starts
         self.active = False  # takes part in conflicts
         self.eligible = False  # may provide a dependency
@@ -769,7 +741,7 @@ def _decisions(ctx: _Context, jobset: _JobSet, level: list[dict[str | None, _Dec
 
 
 def _resolve_conflicts(ctx: _Context, jobset: _JobSet, decisions: list[_Decision]) -> None:
-    """Rule 5: jobs wanting different outcomes for one software name."""
+    """Rule 5: jobs wanting different outcomes for one software name (and removal before install)."""
     groups: dict[str, list[int]] = {}
     for i, d in enumerate(decisions):
         if d.active and d.cj.software in jobset.shared:
@@ -787,41 +759,73 @@ def _resolve_conflicts(ctx: _Context, jobset: _JobSet, decisions: list[_Decision
         for i, message in changed.items():
             d = _Decision(decisions[i].cj, decisions[i].installed)
             decisions[i] = d.settle(ctx.relay, ClientState.CONFLICT, message)
+        # Remove, then install: when an uninstall job removes the installed version, another
+        # job's install of a different version starts from nothing, right after the removal.
+        removers = [k for k in positions if not decisions[k].final and not decisions[k].cj.install]
+        if not removers:
+            continue
+        remover = decisions[removers[0]]
+        for i in positions:
+            d = decisions[i]
+            if not d.cj.install or d.installed is None or d.closed:
+                continue
+            if d.final and d.state is not ClientState.SKIPPED:
+                continue  # a Conflict
+            assert d.cj.version is not None
+            fresh = _Decision(d.cj, d.installed)
+            fresh.active = fresh.eligible = True
+            fresh.gap(ctx, ActionKind.INSTALL, d.cj.version, None)
+            fresh.waits = ((f"waiting for job {remover.name} to remove {remover.cj.software} {remover.version}",
+                            (removers[0],)),)
+            decisions[i] = fresh
 
 
 def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mapping[str, str]) -> None:
-    """Rule 7, providers first (the order guarantees it; a cycle finds its provider later)."""
+    """Rule 7 for the install rows with a gap: met, waiting for a providing row, or not provided.
+
+    A provider that turns out not to be provided itself stops providing, so
+    this runs to a fixpoint. Which provider starts first is decided later
+    (:func:`_finish`), since that depends on history and rollout.
+    """
     removing = {d.cj.software for d in decisions if d.active and not d.final and not d.cj.install}
     eligible = [d.eligible for d in decisions]
-    for i, d in enumerate(decisions):
-        cj = d.cj
-        if d.final or d.closed or not cj.depends_on:
-            continue
-        waits: list[tuple[str, tuple[int, ...]]] = []
-        missing: str | None = None
-        for dep in cj.depends_on:
-            have = inst.get(dep.name)
-            if have is not None and dep.name not in removing and (
-                    dep.min_version is None or at_least(have, dep.min_version)):
+    candidates = [i for i, d in enumerate(decisions) if not d.final and not d.closed and d.cj.depends_on]
+    waits_of: dict[int, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+    settled: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for i in candidates:
+            if i in settled:
                 continue
-
-            def provides(k: int, dep_name: str = dep.name, minimum: str | None = dep.min_version) -> bool:
-                other = decisions[k].cj
-                return eligible[k] and other.software == dep_name and (
-                    minimum is None or at_least(other.version or "", minimum))
-
-            providers = tuple(k for k in range(i) if provides(k))
-            if not providers:
-                cycle = any(provides(k) for k in range(i + 1, len(decisions)))
-                missing = f"dependency {dep.name} not provided" + (" (dependency cycle)" if cycle else "")
-                break
-            waits.append((dep.name, providers))
-        if missing is not None:
-            eligible[i] = False
-            decisions[i] = _Decision(cj, d.installed).settle(ctx.relay, ClientState.SKIPPED, missing)
-        elif waits:
-            waiting = d.copy()
-            waiting.waits = tuple(waits)
+            d = decisions[i]
+            waits: list[tuple[str, tuple[int, ...]]] = []
+            missing: str | None = None
+            for dep in d.cj.depends_on:
+                have = inst.get(dep.name)
+                if have is not None and dep.name not in removing and (
+                        dep.min_version is None or at_least(have, dep.min_version)):
+                    continue
+                providers = tuple(
+                    k for k, other in enumerate(decisions)
+                    if k != i and eligible[k] and other.cj.software == dep.name
+                    and (dep.min_version is None or at_least(other.cj.version or "", dep.min_version)))
+                if not providers:
+                    missing = f"dependency {dep.name} not provided"
+                    break
+                waits.append((f"waiting for dependency {dep.name}", providers))
+            if missing is not None:
+                eligible[i] = False
+                settled.add(i)
+                decisions[i] = _Decision(d.cj, d.installed).settle(ctx.relay, ClientState.SKIPPED, missing)
+                waits_of.pop(i, None)
+                changed = True
+            else:
+                waits_of[i] = tuple(waits)
+    for i, found in waits_of.items():
+        if found:
+            waiting = decisions[i].copy()
+            waiting.waits = decisions[i].waits + found
             decisions[i] = waiting
 
 
@@ -900,6 +904,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
     starting = [False] * len(decisions)  # the row's change goes out in this plan
     new: list[tuple[int, dict[str, Any], int, str]] = []  # (position, fields, attempt, previous op)
     repeated: list[tuple[int, dict[str, Any], Action]] = []  # in-progress actions handed out again
+    ready: list[tuple[int, dict[str, Any], tuple[Any, ...]]] = []  # rows that would start
     for i, d in enumerate(decisions):
         cj = d.cj
         # Rows are filled in place: a row is only handed out once this function returns.
@@ -918,24 +923,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         tag = step[0]
         if tag == _READY:
             fields["attempts"] = step[3]
-            blocked: str | None = None
-            for dependency, providers in d.waits:
-                if not any(starting[k] for k in providers):
-                    blocked = f"waiting for dependency {dependency}"
-                    break
-            if blocked is None:
-                blocked = gate.halted[cj.slot]
-            if blocked is None and cj.max_concurrent is not None \
-                    and gate.in_progress[cj.slot] >= cj.max_concurrent:
-                blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
-            if blocked is not None:
-                fields["message"] = blocked
-                continue
-            starting[i] = True
-            fields["state"] = start_state
-            fields["action"] = d.kind
-            fields["message"] = step[4]
-            new.append((i, fields, step[1], step[2]))
+            ready.append((i, fields, step))
         elif tag == _PROGRESS:
             a: Attempt = step[1]
             fields["state"] = ClientState.IN_PROGRESS
@@ -964,12 +952,43 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             text = f"retry {last.attempt + 1}/{cj.limit} at {rfc3339(step[2])}"
             fields["message"] = f"{text}; last attempt: {step[3]}" if step[3] else text
 
+    depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: dependencies go first
+    while ready:
+        # A row starts once every row it waits for starts in this plan (then rollout decides);
+        # rows freed by a start are retried until nothing moves.
+        held: list[tuple[int, dict[str, Any], tuple[Any, ...]]] = []
+        moved = False
+        for i, fields, step in ready:
+            d = decisions[i]
+            cj = d.cj
+            if any(not any(starting[k] for k in providers) for _, providers in d.waits):
+                held.append((i, fields, step))
+                continue
+            moved = True
+            blocked = gate.halted[cj.slot]
+            if blocked is None and cj.max_concurrent is not None \
+                    and gate.in_progress[cj.slot] >= cj.max_concurrent:
+                blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
+            if blocked is not None:
+                fields["message"] = blocked
+                continue
+            starting[i] = True
+            depth[i] = max((1 + depth[k] for _, providers in d.waits for k in providers if starting[k]), default=0)
+            fields["state"] = start_state
+            fields["action"] = d.kind
+            fields["message"] = step[4]
+            new.append((i, fields, step[1], step[2]))
+        if not moved:
+            _explain_waits(decisions, held, starting)
+            break
+        ready = held
+
     ordered: list[tuple[tuple[int, int, str], Action]] = []
     if new or repeated:
         # Dedupe: one action per change; an in-progress one owns it, else the first job by name.
         owners: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
         for i, fields, action in repeated:
-            ordered.append((decisions[i].cj.order, action))
+            ordered.append((decisions[i].cj.order_key(0), action))
             owners.setdefault((action.kind, action.name, action.version), (action.job, fields))
         for i, fields, number, previous in sorted(new, key=lambda n: decisions[n[0]].name):
             d = decisions[i]
@@ -986,7 +1005,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             ).hexdigest()[:24]
             fields["operation_id"] = op
             owners[key] = (cj.name, fields)
-            ordered.append((cj.order, _make(Action, {
+            ordered.append((cj.order_key(depth[i]), _make(Action, {
                 "operation_id": op, "job": cj.name, "client": cid, "kind": d.kind, "package": d.package,
                 "name": cj.software, "version": d.version, "previous_version": d.previous,
                 "revision": cj.revision, "rerun": cj.rerun, "attempt": number, "timeout_seconds": d.timeout,
@@ -995,6 +1014,27 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
                 gate.in_progress[cj.slot] += 1
         ordered.sort(key=lambda pair: pair[0])
     return rows, [action for _, action in ordered]
+
+
+def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, dict[str, Any], tuple[Any, ...]]],
+                   starting: Sequence[bool]) -> None:
+    """Messages of rows left waiting: the first unmet wait, marked when it can never end (a cycle)."""
+    waiting = {i for i, _, _ in held}
+    # A row waits on something real when a row it waits for was decided otherwise (in
+    # progress, scheduled, no rollout slot...) or itself waits on something real; the rest
+    # only wait on each other.
+    real: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for i in waiting - real:
+            unmet = [p for _, p in decisions[i].waits if not any(starting[k] for k in p)]
+            if any(k not in waiting or k in real for providers in unmet for k in providers):
+                real.add(i)
+                changed = True
+    for i, fields, _ in held:
+        message = next(m for m, providers in decisions[i].waits if not any(starting[k] for k in providers))
+        fields["message"] = message if i in real else f"{message} (dependency cycle)"
 
 
 def _repeat(ctx: _Context, d: _Decision, a: Attempt, cid: str) -> Action:

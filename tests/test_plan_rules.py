@@ -293,11 +293,25 @@ def test_conflict_names_every_other_job() -> None:
     }
 
 
-def test_uninstall_of_another_version_does_not_conflict() -> None:
-    specs = build(*VPN, job("vpn-a", "vpn-client", "5.1"), job("vpn-old", "vpn-client", "5.0", uninstall=True))
-    got = states(run(specs, [client("pc-1", installed={"vpn-client": "5.0"})]))
-    assert got == {("vpn-a", "pc-1"): ("Pending", "upgrade", ""),
-                   ("vpn-old", "pc-1"): ("Pending", "uninstall", "")}
+@pytest.mark.parametrize("installed", ["5.0", "5.2"])
+def test_uninstall_of_another_version_does_not_conflict_it_goes_first(installed: str) -> None:
+    # removing the installed version, then installing the wanted one, in one go
+    specs = build(*VPN, job("vpn-a", "vpn-client", "5.1"),
+                  job("vpn-old", "vpn-client", installed, uninstall=True))
+    plan = run(specs, [client("pc-1", installed={"vpn-client": installed})])
+    assert states(plan) == {("vpn-a", "pc-1"): ("Pending", "install", ""),
+                            ("vpn-old", "pc-1"): ("Pending", "uninstall", "")}
+    assert [(a.job, a.kind.value, a.version, a.previous_version) for a in plan.actions] == [
+        ("vpn-old", "uninstall", installed, None), ("vpn-a", "install", "5.1", None)]
+
+
+def test_install_waits_while_the_removal_before_it_cannot_start() -> None:
+    specs = build(*VPN, job("vpn-a", "vpn-client", "5.1"),
+                  job("vpn-old", "vpn-client", "5.2", uninstall=True, rollout={"maxConcurrent": 1}))
+    plan = run(specs, [client("pc-1", installed={"vpn-client": "5.2"}),
+                       client("pc-2", installed={"vpn-client": "5.2"})])
+    assert states(plan)[("vpn-a", "pc-2")] == ("Pending", None, "waiting for job vpn-old to remove vpn-client 5.2")
+    assert [(a.client, a.job) for a in plan.actions] == [("pc-1", "vpn-old"), ("pc-1", "vpn-a")]
 
 
 @pytest.mark.parametrize("blocked", [{"suspend": True}, {"schedule": {"notBefore": "2027-01-01T00:00:00Z"}},
@@ -451,13 +465,31 @@ def test_provider_skipped_by_requirements_does_not_count() -> None:
                    ("install-vcredist", "pc-1"): ("Skipped", None, "requires os windows, client has linux")}
 
 
-def test_dependency_cycle_is_skipped_not_stuck() -> None:
+def test_dependency_cycle_waits_and_says_so() -> None:
     specs = build(pkg("a", "1", dependsOn=[{"name": "b"}]), pkg("b", "1", dependsOn=[{"name": "a"}]),
                   job("install-a", "a", "1"), job("install-b", "b", "1"))
-    got = states(run(specs, [client("pc-1")]))
-    assert {k: v[0] for k, v in got.items()} == {("install-a", "pc-1"): "Skipped",
-                                                 ("install-b", "pc-1"): "Skipped"}
-    assert all("not provided" in v[2] for v in got.values())
+    assert states(run(specs, [client("pc-1")])) == {
+        ("install-a", "pc-1"): ("Pending", None, "waiting for dependency b (dependency cycle)"),
+        ("install-b", "pc-1"): ("Pending", None, "waiting for dependency a (dependency cycle)")}
+    # with one side installed there is no cycle left to wait on
+    plan = run(specs, [client("pc-1", installed={"a": "1"})])
+    assert [a.job for a in plan.actions] == ["install-b"]
+
+
+def test_a_dependency_chain_goes_out_in_order() -> None:
+    specs = build(pkg("a", "1", dependsOn=[{"name": "b"}]), pkg("b", "1", dependsOn=[{"name": "c"}]),
+                  pkg("c", "1"), job("install-a", "a", "1"), job("install-b", "b", "1"), job("install-c", "c", "1"))
+    assert [a.job for a in run(specs, [client("pc-1")]).actions] == ["install-c", "install-b", "install-a"]
+
+
+def test_a_provider_skipped_on_this_client_does_not_order_the_others() -> None:
+    # c-1.0 (needs d) is Skipped here; d's own need of c is met by the c-2.0 job in the same plan
+    specs = build(pkg("c", "1.0", requirements={"os": ["linux"]}, dependsOn=[{"name": "d"}]),
+                  pkg("c", "2.0"), pkg("d", "1.5", dependsOn=[{"name": "c", "minVersion": "1.5"}]),
+                  job("install-c1", "c", "1.0"), job("install-c2", "c", "2.0", to=["pc-1"], clients=True),
+                  job("install-d", "d", "1.5"))
+    plan = run(specs, [client("pc-1")])
+    assert [a.job for a in plan.actions] == ["install-c2", "install-d"]
 
 
 def test_dependency_being_removed_is_not_met() -> None:
