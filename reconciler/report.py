@@ -853,7 +853,7 @@ _MD_SPECIAL = re.compile(r"([`|<>])")
 
 
 def _md(text: str, limit: int = 200) -> str:
-    """One table cell: a single line, markdown-inert, bounded."""
+    """One table cell: a single line, bounded; pipes, backticks and angle brackets escaped."""
     text = " ".join(text.split())
     text = _cut(text, limit)
     return _MD_SPECIAL.sub(r"\\\1", text)
@@ -1014,5 +1014,5 @@ __all__ = [
     "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row", "job_relays",
     "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job", "parse_relay_status",
     "parse_validation", "render_accepted", "render_hq_status", "render_relay_status", "render_summary",
-    "render_validation", "schema_name",
+    "render_validation", "relay_subtree", "schema_name", "subtrees",
 ]
