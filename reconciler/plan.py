@@ -382,7 +382,7 @@ class _CompiledJob:
         "job", "name", "slot", "install", "software", "version", "package", "revision",
         "requirements", "depends_on", "order", "limit", "backoff", "rerun", "suspend",
         "not_before", "not_after", "allow_downgrade", "max_concurrent", "max_failures",
-        "has_failure_limit", "prefix", "missing",
+        "has_failure_limit", "hasher", "missing",
     )
 
     def __init__(self, job: Job, slot: int, package: Package | None, revision: str) -> None:
@@ -408,7 +408,8 @@ class _CompiledJob:
         self.has_failure_limit = job.max_failures is not None
         # processing order: uninstalls first (an install may wait for a removal), then by name
         self.order: tuple[int, str] = (1 if self.install else 0, job.name)
-        self.prefix = f"{job.name}\x1f{revision}\x1f{job.rerun}\x1f"
+        # sha256 state after the operation id's leading fields (see operation_id)
+        self.hasher = hashlib.sha256(f"{job.name}\x1f{revision}\x1f{job.rerun}\x1f".encode())
         # An install job whose package is not in the specs (only in unvalidated specs).
         self.missing = self.install and package is None
 
@@ -452,7 +453,7 @@ def index_relay(specs: Specs, relay: str) -> RelayIndex:
 class _JobSet:
     """The jobs reaching one kind of client, in processing order, and what links them."""
 
-    __slots__ = ("jobs", "pairs", "shared", "dependents", "tracked")
+    __slots__ = ("jobs", "pairs", "shared", "dependents", "tracked", "names")
 
     def __init__(self, jobs: tuple[_CompiledJob, ...]) -> None:
         self.jobs = jobs
@@ -466,6 +467,8 @@ class _JobSet:
         # positions of jobs with rollout limits (their targets are counted)
         self.tracked = tuple(i for i, cj in enumerate(jobs)
                              if cj.has_failure_limit or cj.max_concurrent is not None)
+        # software whose installed version the cross-job rules read
+        self.names = tuple(sorted({cj.software for cj in jobs} | {d.name for cj in jobs for d in cj.depends_on}))
 
 
 class _Context:
@@ -494,6 +497,8 @@ class _Context:
         self.thresholds = sorted(thresholds)
         # (schedule phases, fact key) -> per job slot: installed version -> decision
         self.levels: dict[Any, list[dict[str | None, _Decision]]] = {}
+        # (job set, decisions, installed versions) -> the decisions after the cross-job rules
+        self.cross: dict[tuple[Any, ...], tuple[tuple[_Decision, ...], list[_Decision]]] = {}
 
     def jobs_for(self, client_id: str) -> _JobSet:
         named = self.client_jobs.get(client_id)
@@ -535,6 +540,7 @@ class _Context:
         if level is None:
             if len(self.levels) > 20_000:
                 self.levels.clear()  # bounded memory with a very varied fleet
+                self.cross.clear()
             level = [{} for _ in self.by_slot]
             self.levels[key] = level
         return level
@@ -733,10 +739,22 @@ def _decisions(ctx: _Context, jobset: _JobSet, level: list[dict[str | None, _Dec
                 installed = get(cj.software)
                 found[i] = level[cj.slot][installed] = _decide_one(ctx, cj, phases[cj.slot], client, installed)
     decisions: list[_Decision] = found  # type: ignore[assignment]
+    if not jobset.shared and (not jobset.dependents or all(decisions[i].final for i in jobset.dependents)):
+        return decisions
+    # Rules 5 and 7 look across jobs; their outcome depends on the decisions and on the
+    # installed versions of the software involved only, so it is cached with them.
+    key = (id(jobset), *map(id, decisions), *map(get, jobset.names))
+    cached = ctx.cross.get(key)
+    if cached is not None:
+        return cached[1]
+    originals = tuple(decisions)  # kept with the entry, so the ids in its key stay theirs
     if jobset.shared:
         _resolve_conflicts(ctx, jobset, decisions)
     if jobset.dependents and not all(decisions[i].final for i in jobset.dependents):
         _resolve_dependencies(ctx, decisions, inst)
+    if len(ctx.cross) > 100_000:
+        ctx.cross.clear()
+    ctx.cross[key] = (originals, decisions)
     return decisions
 
 
@@ -896,8 +914,13 @@ class _Gate:
 
 
 def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps: Sequence[Any],
-            history: History, gate: _Gate, dispatch: bool) -> tuple[list[tuple[int, Row]], list[Action]]:
-    """Rows and actions of one client with a gap somewhere: rules 7-9, dedupe, action order."""
+            history: History, gate: _Gate, dispatch: bool, shared: bool = True,
+            ) -> tuple[list[tuple[int, Row]], list[Action]]:
+    """Rows and actions of one client with a gap somewhere: rules 7-9, dedupe, action order.
+
+    ``shared`` says whether two of the client's jobs may want one software
+    (only then can two rows make the same change).
+    """
     cid = client.id
     start_state = ClientState.IN_PROGRESS if dispatch else ClientState.PENDING
     rows: list[tuple[int, Row]] = []
@@ -953,27 +976,39 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields["message"] = f"{text}; last attempt: {step[3]}" if step[3] else text
 
     depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: dependencies go first
+    halted = gate.halted
+    in_progress = gate.in_progress
     while ready:
         # A row starts once every row it waits for starts in this plan (then rollout decides);
         # rows freed by a start are retried until nothing moves.
         held: list[tuple[int, dict[str, Any], tuple[Any, ...]]] = []
         moved = False
-        for i, fields, step in ready:
+        for entry in ready:
+            i, fields, step = entry
             d = decisions[i]
             cj = d.cj
-            if any(not any(starting[k] for k in providers) for _, providers in d.waits):
-                held.append((i, fields, step))
-                continue
+            below = 0
+            if d.waits:
+                free = True
+                for _, providers in d.waits:
+                    started = [depth[k] for k in providers if starting[k]]
+                    if not started:
+                        free = False
+                        break
+                    below = max(below, 1 + max(started))
+                if not free:
+                    held.append(entry)
+                    continue
             moved = True
-            blocked = gate.halted[cj.slot]
-            if blocked is None and cj.max_concurrent is not None \
-                    and gate.in_progress[cj.slot] >= cj.max_concurrent:
+            slot = cj.slot
+            blocked = halted[slot]
+            if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
                 blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
             if blocked is not None:
                 fields["message"] = blocked
                 continue
             starting[i] = True
-            depth[i] = max((1 + depth[k] for _, providers in d.waits for k in providers if starting[k]), default=0)
+            depth[i] = below
             fields["state"] = start_state
             fields["action"] = d.kind
             fields["message"] = step[4]
@@ -983,16 +1018,23 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             break
         ready = held
 
+    if not new and not repeated:
+        return rows, []
     ordered: list[tuple[tuple[int, int, str], Action]] = []
-    if new or repeated:
-        # Dedupe: one action per change; an in-progress one owns it, else the first job by name.
-        owners: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
-        for i, fields, action in repeated:
-            ordered.append((decisions[i].cj.order_key(0), action))
+    # Dedupe (only possible when jobs share a software name): one action per change; an
+    # in-progress one owns it, else the first job by name.
+    owners: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] | None = {} if shared else None
+    for i, fields, action in repeated:
+        ordered.append((decisions[i].cj.order_key(0), action))
+        if owners is not None:
             owners.setdefault((action.kind, action.name, action.version), (action.job, fields))
-        for i, fields, number, previous in sorted(new, key=lambda n: decisions[n[0]].name):
-            d = decisions[i]
-            cj = d.cj
+    if owners is not None and len(new) > 1:
+        new.sort(key=lambda n: decisions[n[0]].name)
+    take = gate.take and client.online
+    for i, fields, number, previous in new:
+        d = decisions[i]
+        cj = d.cj
+        if owners is not None:
             key = (d.kind, cj.software, d.version)
             owner = owners.get(key)
             if owner is not None:
@@ -1000,18 +1042,20 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
                 fields["operation_id"] = owner[1]["operation_id"]
                 fields["message"] = f"same change as job {owner[0]}"
                 continue
-            op = "op-" + hashlib.sha256(
-                f"{cj.prefix}{cid}\x1f{cj.software}\x1f{d.version or ''}\x1f{number}\x1f{previous}".encode()
-            ).hexdigest()[:24]
-            fields["operation_id"] = op
             owners[key] = (cj.name, fields)
-            ordered.append((cj.order_key(depth[i]), _make(Action, {
-                "operation_id": op, "job": cj.name, "client": cid, "kind": d.kind, "package": d.package,
-                "name": cj.software, "version": d.version, "previous_version": d.previous,
-                "revision": cj.revision, "rerun": cj.rerun, "attempt": number, "timeout_seconds": d.timeout,
-            })))
-            if gate.take and client.online:
-                gate.in_progress[cj.slot] += 1
+        digest = cj.hasher.copy()
+        digest.update(f"{cid}\x1f{cj.software}\x1f{d.version or ''}\x1f{number}\x1f{previous}".encode())
+        op = "op-" + digest.hexdigest()[:24]
+        fields["operation_id"] = op
+        action = _new(Action)
+        action.__dict__.update({
+            "operation_id": op, "job": cj.name, "client": cid, "kind": d.kind, "package": d.package,
+            "name": cj.software, "version": d.version, "previous_version": d.previous,
+            "revision": cj.revision, "rerun": cj.rerun, "attempt": number, "timeout_seconds": d.timeout})
+        ordered.append(((cj.order[0], depth[i], cj.name), action))
+        if take:
+            in_progress[cj.slot] += 1
+    if len(ordered) > 1:
         ordered.sort(key=lambda pair: pair[0])
     return rows, [action for _, action in ordered]
 
@@ -1086,7 +1130,8 @@ def plan_client(index: RelayIndex, client: Client, history: History,
         gate.in_progress[cj.slot] = u.in_progress
         if cj.has_failure_limit and failures_exceeded(u.failed, u.targets, cj.max_failures):
             gate.halted[cj.slot] = _halt_message(u.failed, u.targets, cj.max_failures)
-    rows, actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=True)
+    rows, actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=True,
+                            shared=bool(jobset.shared))
     return ClientPlan(client.id, tuple(sorted((r for _, r in rows), key=attrgetter("job"))), tuple(actions))
 
 
@@ -1139,7 +1184,10 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
             for i, d in enumerate(decisions):
                 if d.final:
                     continue
-                step = steps[i] = _history_step(ctx, d, hget((d.name, client.id)) if hget else None, now)
+                if hget is None:
+                    step = steps[i] = _CLOSED_STEP if d.closed else _FRESH
+                else:
+                    step = steps[i] = _history_step(ctx, d, hget((d.name, client.id)), now)
                 tag = step[0]
                 if tag != _CLOSED:
                     targets[d.slot] += 1
@@ -1177,7 +1225,8 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
                 append[d.slot](row)
                 counts[d.count] += 1
             continue
-        rows, new_actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=False)
+        rows, new_actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=False,
+                                    shared=bool(ctx.jobs_for(cid).shared))
         for slot, row in rows:
             append[slot](row)
             counts[slot * _NSTATES + _STATE_INDEX[row.state]] += 1
