@@ -221,3 +221,33 @@ def test_server_stops_and_frees_its_port(tmp_path: Path) -> None:
     r.store.close()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{r.url}/healthz", timeout=2)
+
+
+def test_status_rendered_in_the_helper_process_is_byte_identical() -> None:
+    """The relay renders large fleets' status files in a helper process from compact tuples."""
+    from datetime import datetime, timezone
+
+    from reconciler import report
+    from reconciler.plan import ActionKind, ClientState, Installed, JobRollup, JobState, Plan, Row
+    from reconciler.relay.loop import Renderer, _pack, _render_packed
+
+    when = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
+    rows = tuple(Row(job="install-app", relay="relay-a", client=f"pc-{i}", state=state, action=action, name="app",
+                     version="1.0", installed_version=None, attempts=i % 3, message=f"m{i}", operation_id=None)
+                 for i, (state, action) in enumerate([(ClientState.SUCCEEDED, None),
+                                                      (ClientState.PENDING, ActionKind.INSTALL),
+                                                      (ClientState.FAILED, None)]))
+    the_plan = Plan("relay-a", rows, (), (JobRollup("install-app", JobState.FAILED,
+                                                    report.count_states(r.state for r in rows)),))
+    updated = {("install-app", "pc-0"): when}
+    inventory = [report.InventoryEntry("pc-0", {"os": "linux", "freeDiskMB": 5}, {"a": "b"},
+                                       (Installed("app", "1.0"),), True)]
+    direct = report.render_relay_status("relay-a", "c" * 40, the_plan, updated, inventory, ["oops"])
+    packed = _pack("relay-a", "c" * 40, the_plan, updated, inventory, ["oops"])
+    assert _render_packed(packed) == direct
+    renderer = Renderer(remote_rows=1)
+    try:
+        assert renderer.render("relay-a", "c" * 40, the_plan, updated, inventory, ["oops"]) == direct
+        assert renderer._pool is not None and not renderer._broken
+    finally:
+        renderer.close()

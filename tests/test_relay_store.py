@@ -83,10 +83,17 @@ def test_report_is_recorded_and_change_detected(store: Store) -> None:
         assert store.record_report(db, "pc-1", {"os": "linux"}, {"dept": "sales"},
                                    [Installed("app", "1.0")], T0)
         assert not store.record_report(db, "pc-1", {"os": "linux"}, {"dept": "sales"},
+                                       [Installed("app", "1.0")], T0 + timedelta(seconds=1))
+        # A fact (free disk) moving is stored but is not a change worth a status pass.
+        assert not store.record_report(db, "pc-1", {"os": "linux", "freeDiskMB": 5}, {"dept": "sales"},
                                        [Installed("app", "1.0")], T0 + timedelta(seconds=5))
+        assert store.record_report(db, "pc-1", {"os": "linux", "freeDiskMB": 5}, {"dept": "eng"},
+                                   [Installed("app", "1.0")], T0 + timedelta(seconds=5))
+        assert store.record_report(db, "pc-1", {"os": "linux", "freeDiskMB": 5}, {"dept": "sales"},
+                                   [Installed("app", "1.0")], T0 + timedelta(seconds=5))
     record = store.client("pc-1")
     assert record is not None
-    assert record.facts == {"os": "linux"} and record.labels == {"dept": "sales"}
+    assert record.facts == {"os": "linux", "freeDiskMB": 5} and record.labels == {"dept": "sales"}
     assert record.inventory == (Installed("app", "1.0"),)
     assert record.first_seen == T0 and record.last_seen == T0 + timedelta(seconds=5)
     assert [c.id for c in store.clients()] == ["pc-1"]

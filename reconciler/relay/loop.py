@@ -60,6 +60,8 @@ HQ_REF = STATUS_PREFIX + report.HQ_REF
 MIN_ONLINE_SECONDS = 90.0
 RESTAGE_SECONDS = 5.0  # retry artifacts that could not be staged (parent still staging, network) this often
 LISTEN_FILE = "listen.url"
+WRITE_CHUNK = 2000  # row states per write transaction in a full pass
+REMOTE_RENDER_ROWS = 5000  # render status files in a helper process from this many rows on
 
 
 def utc_now() -> datetime:
@@ -79,12 +81,97 @@ class Accepted:
     error: str | None
 
 
+class Renderer:
+    """Renders the status files; a large fleet's are rendered in a helper process.
+
+    The YAML emitter holds the GIL for the whole of each (multi-megabyte) file,
+    which would stall every check-in thread for a good part of a second at
+    10,000 clients. A single spawned worker does the rendering instead; only
+    compact tuples cross the process boundary. If the worker cannot be used,
+    rendering falls back to this process.
+    """
+
+    def __init__(self, remote_rows: int | None = None) -> None:
+        if remote_rows is None:  # RECONCILER_REMOTE_RENDER_ROWS lets tests exercise the helper with few rows
+            raw = os.environ.get("RECONCILER_REMOTE_RENDER_ROWS", "")
+            remote_rows = int(raw) if raw.isdigit() else REMOTE_RENDER_ROWS
+        self.remote_rows = remote_rows
+        self._pool: Any = None
+        self._broken = False
+
+    def render(self, relay: str, commit: str | None, the_plan: plan.Plan | None,
+               updated_at: dict[tuple[str, str], datetime], inventory: list[report.InventoryEntry],
+               errors: list[str]) -> dict[str, bytes]:
+        rows = len(the_plan.rows) if the_plan is not None else 0
+        if rows + len(inventory) < self.remote_rows or self._broken:
+            return report.render_relay_status(relay, commit, the_plan, updated_at, inventory, errors)
+        payload = _pack(relay, commit, the_plan, updated_at, inventory, errors)
+        try:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            files: dict[str, bytes] = self._pool.submit(_render_packed, payload).result(timeout=600)
+            return files
+        except Exception as e:  # noqa: BLE001 - a broken helper must not stop publishing
+            log.warning("status renderer process failed (%s); rendering in the relay process from now on", e)
+            self._broken = True
+            self.close()
+            return report.render_relay_status(relay, commit, the_plan, updated_at, inventory, errors)
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pack(relay: str, commit: str | None, the_plan: plan.Plan | None,
+          updated_at: dict[tuple[str, str], datetime], inventory: list[report.InventoryEntry],
+          errors: list[str]) -> tuple[Any, ...]:
+    """Plain tuples of strings and numbers: a fraction of the cost of pickling dataclasses and enums."""
+    packed_plan = None
+    if the_plan is not None:
+        rows = [(r.job, r.relay, r.client, r.state.value, r.action.value if r.action is not None else None, r.name,
+                 r.version, r.installed_version, r.attempts, r.message, r.operation_id,
+                 stamp.timestamp() if (stamp := updated_at.get((r.job, r.client))) is not None else None)
+                for r in the_plan.rows]
+        jobs = [(j.job, j.state.value, dict(j.counts)) for j in the_plan.jobs]
+        packed_plan = (the_plan.relay, rows, jobs)
+    clients = [(e.id, dict(e.facts), dict(e.labels), [(i.name, i.version) for i in e.installed], e.online)
+               for e in inventory]
+    return relay, commit, packed_plan, clients, list(errors)
+
+
+def _render_packed(payload: tuple[Any, ...]) -> dict[str, bytes]:
+    """In the helper process: rebuild the values and render (see :class:`Renderer`)."""
+    relay, commit, packed_plan, clients, errors = payload
+    the_plan = None
+    updated_at: dict[tuple[str, str], datetime] = {}
+    if packed_plan is not None:
+        plan_relay_name, rows, jobs = packed_plan
+        built = []
+        for job, row_relay, client, state, action, name, version, installed, attempts, message, op, ts in rows:
+            built.append(plan.Row(job=job, relay=row_relay, client=client, state=plan.ClientState(state),
+                                  action=plan.ActionKind(action) if action is not None else None, name=name,
+                                  version=version, installed_version=installed, attempts=attempts,
+                                  message=message, operation_id=op))
+            if ts is not None:
+                updated_at[(job, client)] = datetime.fromtimestamp(ts, tz=timezone.utc)
+        rollups = tuple(plan.JobRollup(job, plan.JobState(state), counts) for job, state, counts in jobs)
+        the_plan = plan.Plan(relay=plan_relay_name, rows=tuple(built), actions=(), jobs=rollups)
+    inventory = [report.InventoryEntry(id=i, facts=facts, labels=labels,
+                                       installed=tuple(plan.Installed(n, v) for n, v in installed), online=online)
+                 for i, facts, labels, installed, online in clients]
+    return report.render_relay_status(relay, commit, the_plan, updated_at, inventory, errors)
+
+
 class RelayLoop:
     """One relay's reconcile loop; ``sync`` and ``full_pass`` are usable on their own in tests."""
 
     def __init__(self, name: str, git: GitStore, store: Store, cache: ArtifactCache, state: RelayState, *,
                  publish_interval: float = 10.0, clock: Callable[[], datetime] = utc_now,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, renderer: Renderer | None = None) -> None:
         self.name = name
         self.git = git
         self.store = store
@@ -101,6 +188,9 @@ class RelayLoop:
         self.published_files: dict[str, bytes] | None = None
         self.last_publish = float("-inf")
         self._specs: Specs | None = None
+        self._fingerprint: int | None = None
+        self.row_state_changes = 0
+        self.renderer = renderer or Renderer()
 
     # -- following HQ --------------------------------------------------------
 
@@ -193,6 +283,14 @@ class RelayLoop:
 
     def full_pass(self) -> dict[str, bytes]:
         """Plan every client, refresh rollout counters and row states; return the status files."""
+        started = time.perf_counter()
+        files = self._full_pass()
+        elapsed = time.perf_counter() - started
+        if elapsed > 1.0:
+            log.info("full pass over %d clients took %.1fs", self.state.client_count, elapsed)
+        return files
+
+    def _full_pass(self) -> dict[str, bytes]:
         now = self.clock()
         generation = self.state.generation
         errors = [*self.sync_errors, *self.artifact_errors]
@@ -207,6 +305,7 @@ class RelayLoop:
         self.state.client_count = len(records)
         the_plan: plan.Plan | None = None
         updated_at: dict[tuple[str, str], datetime] = {}
+        self.row_state_changes = 0
         try:
             if generation.index is not None:
                 clients = [
@@ -229,7 +328,24 @@ class RelayLoop:
         inventory = [report.InventoryEntry(id=r.id, facts=dict(r.facts), labels=dict(r.labels),
                                            installed=r.inventory, online=online[r.id]) for r in records]
         self.state.errors = tuple(errors)
-        return report.render_relay_status(self.name, generation.commit, the_plan, updated_at, inventory, errors)
+        # Rendering is O(fleet) and the costliest part of a pass: skip it when nothing it shows changed.
+        fingerprint = hash((
+            generation.commit, the_plan.rows if the_plan is not None else None,
+            tuple((j.job, j.state, tuple(sorted(j.counts.items()))) for j in the_plan.jobs)
+            if the_plan is not None else None, tuple(errors),
+            tuple((r.id, tuple(sorted(r.facts.items())), tuple(sorted(r.labels.items())), r.inventory, online[r.id])
+                  for r in records)))
+        if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
+            return self.last_files
+        files = self.renderer.render(self.name, generation.commit, the_plan, updated_at, inventory, errors)
+        self._fingerprint = fingerprint
+        return files
+
+    def error_files(self, error: BaseException) -> dict[str, bytes]:
+        """Status files when a pass failed outright: at least the commit and the error get published."""
+        errors = [*self.sync_errors, *self.artifact_errors, f"status pass failed: {type(error).__name__}: {error}"]
+        self._fingerprint = None
+        return report.render_relay_status(self.name, self.state.generation.commit, None, {}, [], errors)
 
     def _record_row_states(self, rows: tuple[plan.Row, ...], stored: dict[tuple[str, str], Any],
                            now: datetime) -> dict[tuple[str, str], datetime]:
@@ -245,10 +361,14 @@ class RelayLoop:
                 changes.append((row.job, row.client, row.state.value, now,
                                 None if previous is None else previous.state))
         stale = [key for key in stored if key not in updated_at]
-        if changes or stale:
+        # Small transactions: check-ins wait for the write lock between chunks, never for a whole fleet.
+        for start in range(0, len(changes), WRITE_CHUNK):
             with self.store.write() as db:
-                self.store.replace_row_states(db, changes)
-                self.store.delete_row_states(db, stale)
+                self.store.replace_row_states(db, changes[start:start + WRITE_CHUNK])
+        for start in range(0, len(stale), WRITE_CHUNK):
+            with self.store.write() as db:
+                self.store.delete_row_states(db, stale[start:start + WRITE_CHUNK])
+        self.row_state_changes = len(changes) + len(stale)
         return updated_at
 
     # -- publishing ----------------------------------------------------------
@@ -281,13 +401,6 @@ class RelayLoop:
         if sha:
             log.info("published status/%s %s", self.name, sha[:12])
         return sha
-
-    def step(self, *, fetch: bool) -> None:
-        """One round: sync if asked, a full pass, publish if due (tests drive the relay with this)."""
-        if fetch:
-            self.sync()
-        self.last_files = self.full_pass()
-        self.publish()
 
 
 # ------------------------------------------------------------------ the process
@@ -440,8 +553,12 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
                 wake.dirty = False
                 try:
                     loop.last_files = loop.full_pass()
-                except Exception:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - publish the error rather than nothing
                     log.exception("full pass failed")
+                    try:
+                        loop.last_files = loop.error_files(e)
+                    except Exception:  # noqa: BLE001
+                        log.exception("rendering the error status failed")
                 last_pass = time.monotonic()
                 next_pass = last_pass + pass_interval
             try:
@@ -461,6 +578,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
         log.info("relay %s stopping", name)
         watcher.stop()
         server.stop()
+        loop.renderer.close()
         store.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -573,6 +573,7 @@ class RelayApp:
                          if previous.get(row.job) is None or previous[row.job].state != row.state.value]
                 if moved:
                     self.store.set_row_states(db, moved)
+                    changed = True
         # Committed: everything this reply acknowledges and hands out is on disk.
         if changed:
             state.on_change()
@@ -691,6 +692,9 @@ class ServerHandle:
         from waitress.server import create_server
 
         host, port = parse_listen(listen)
+        # Waitress warns "Task queue depth is N" for every request queued behind busy workers:
+        # normal under load, and thousands of lines a second would cost more than the queueing.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self.server: Any = create_server(
             app, host=host, port=port, threads=threads, ident="reconciler-relay",
             # Bodies above 1 MiB get our own JSON 413; waitress only guards against

@@ -307,17 +307,17 @@ class Store:
 
     def record_report(self, db: sqlite3.Connection, client_id: str, facts: Mapping[str, Any],
                       labels: Mapping[str, str], inventory: Iterable[Installed], now: datetime) -> bool:
-        """Store what a client reported; True if facts, labels or inventory changed."""
+        """Store what a client reported; True if its labels or inventory changed.
+
+        Facts are stored too but do not count as a change: free disk space
+        moves at nearly every check-in, and whatever a fact changes in the
+        plan shows up in the client's rows (which the caller compares).
+        """
         facts_json, labels_json, inventory_text = _dumps(facts), _dumps(labels), inventory_json(inventory)
-        cursor = db.execute(
-            "UPDATE clients SET facts = ?, labels = ?, inventory = ?, last_seen = ? WHERE id = ? "
-            "AND (facts IS NOT ? OR labels IS NOT ? OR inventory IS NOT ?)",
-            (facts_json, labels_json, inventory_text, _ts(now), client_id, facts_json, labels_json,
-             inventory_text))
-        if cursor.rowcount:
-            return True
-        db.execute("UPDATE clients SET last_seen = ? WHERE id = ?", (_ts(now), client_id))
-        return False
+        before = db.execute("SELECT labels, inventory FROM clients WHERE id = ?", (client_id,)).fetchone()
+        db.execute("UPDATE clients SET facts = ?, labels = ?, inventory = ?, last_seen = ? WHERE id = ?",
+                   (facts_json, labels_json, inventory_text, _ts(now), client_id))
+        return before is not None and (before[0] != labels_json or before[1] != inventory_text)
 
     def clients(self, db: sqlite3.Connection | None = None) -> list[ClientRecord]:
         rows = (db or self.db).execute(

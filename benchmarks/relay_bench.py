@@ -1,0 +1,295 @@
+"""Relay check-in throughput and latency: one ``reconciler relay`` process, many simulated clients.
+
+Builds a throw-away origin (a topology with one relay, ``--jobs`` install jobs
+reaching all its clients), lets ``reconciler hq --once`` accept it, starts
+``reconciler relay`` on 127.0.0.1 with an ephemeral port, registers
+``--clients`` clients, then drives steady-state check-ins (facts, labels and
+an inventory that already satisfies every job, as in a converged fleet) from
+one process: ``--concurrency`` threads, each with its own keep-alive HTTP
+connection, picking clients round-robin. It prints check-ins per second and
+p50/p90/p99/max latency per fleet size.
+
+Usage::
+
+    python benchmarks/relay_bench.py                      # 1,000 and 10,000 clients
+    python benchmarks/relay_bench.py --clients 1000 --duration 5 --concurrency 8
+
+The load generator is deliberately light (``http.client``, bodies serialised
+once per client) so that on a small machine most of the CPU goes to the
+relay being measured; both share the machine, so the figures are a lower
+bound for a relay on its own host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_RATE = 500.0
+TARGET_P99_MS = 100.0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    for key, value in (("GIT_AUTHOR_NAME", "bench"), ("GIT_AUTHOR_EMAIL", "bench@example.invalid"),
+                       ("GIT_COMMITTER_NAME", "bench"), ("GIT_COMMITTER_EMAIL", "bench@example.invalid")):
+        env.setdefault(key, value)
+    return env
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, env=_env())
+
+
+def build_origin(base: Path, jobs: int) -> Path:
+    origin = base / "origin.git"
+    work = base / "work"
+    subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], check=True, env=_env())
+    subprocess.run(["git", "init", "-q", "--initial-branch=main", str(work)], check=True, env=_env())
+    files = {"topology.yaml": """\
+        apiVersion: reconciler/v1
+        kind: Topology
+        metadata: {name: bench}
+        spec:
+          headquarters: hq-bench
+          relays:
+            - {name: relay-bench, parent: hq-bench}
+        """}
+    for i in range(jobs):
+        files[f"artifacts/app{i}/app.txt"] = f"app {i}\n"
+        files[f"packages/app{i}.yaml"] = f"""\
+            apiVersion: reconciler/v1
+            kind: Package
+            metadata: {{name: app{i}-1.0}}
+            spec:
+              name: app{i}
+              version: "1.0"
+              artifact: {{path: artifacts/app{i}}}
+              installer: {{type: files}}
+              requirements: {{os: [linux]}}
+            """
+        files[f"jobs/install-app{i}.yaml"] = f"""\
+            apiVersion: reconciler/v1
+            kind: Job
+            metadata: {{name: install-app{i}}}
+            spec:
+              jobType: install
+              package: {{name: app{i}, version: "1.0"}}
+              destinationType: allLowerClients
+              destinations: [relay-bench]
+              rollout: {{maxConcurrent: 50, maxFailures: "10%"}}
+            """
+    for rel, text in files.items():
+        target = work / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(textwrap.dedent(text))
+    _git(work, "add", "-A")
+    _git(work, "commit", "-q", "-m", "bench specs")
+    _git(work, "remote", "add", "origin", str(origin))
+    _git(work, "push", "-q", "origin", "main")
+    subprocess.run([sys.executable, "-m", "reconciler", "hq", "--origin", str(origin), "--workdir",
+                    str(base / "hq"), "--once"], check=True, capture_output=True, env=_env())
+    return origin
+
+
+def start_relay(base: Path, origin: Path, publish_interval: float) -> tuple[subprocess.Popen[bytes], str]:
+    workdir = base / "relay"
+    log = open(base / "relay.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "relay", "--name", "relay-bench", "--origin",
+                             str(origin), "--workdir", str(workdir), "--listen", "127.0.0.1:0",
+                             "--publish-interval", str(publish_interval)],
+                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.monotonic() + 60
+    url_file = workdir / "listen.url"
+    while not url_file.is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"relay did not start:\n{(base / 'relay.log').read_text()}")
+        time.sleep(0.05)
+    url = url_file.read_text().strip()
+    while True:  # wait until it serves the accepted commit
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        conn.request("GET", "/healthz")
+        health = json.loads(conn.getresponse().read())
+        conn.close()
+        if health.get("acceptedCommit"):
+            return proc, url
+        if time.monotonic() > deadline:
+            raise SystemExit("relay never reached the accepted commit")
+        time.sleep(0.1)
+
+
+def wait_published(origin: Path, size: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = subprocess.run(["git", f"--git-dir={origin}", "show",
+                               "status/relay-bench:relays/relay-bench/relay.yaml"], capture_output=True, text=True)
+        if proc.returncode == 0 and f"clients: {size}\n" in proc.stdout:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the relay did not publish status for {size} clients within {timeout}s")
+
+
+class Client:
+    __slots__ = ("id", "token", "body")
+
+    def __init__(self, client_id: str, jobs: int) -> None:
+        self.id = client_id
+        self.token = ""
+        doc = {"facts": {"os": "linux", "arch": "x86_64", "hostname": client_id, "freeDiskMB": 50_000},
+               "labels": {"dept": "sales" if hash(client_id) % 2 else "eng"},
+               "inventory": [{"name": f"app{i}", "version": "1.0"} for i in range(jobs)],
+               "results": []}
+        self.body = json.dumps(doc).encode()
+
+
+def _checkin(conn: http.client.HTTPConnection, client: Client) -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if client.token:
+        headers["Authorization"] = f"Bearer {client.token}"
+    conn.request("POST", f"/v1/clients/{client.id}/checkin", body=client.body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"check-in of {client.id}: HTTP {response.status}: {data[:200]!r}")
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+def run_load(host: str, clients: list[Client], concurrency: int, duration: float | None,
+             register: bool) -> tuple[list[float], float, int]:
+    """Check clients in; returns (latencies in seconds, elapsed, errors)."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0]
+    cursor = [0]
+    lock = threading.Lock()
+    stop_at = None if duration is None else time.perf_counter() + duration
+
+    def worker(slot: int) -> None:
+        conn = http.client.HTTPConnection(host, timeout=30)
+        mine = latencies[slot]
+        while True:
+            with lock:
+                index = cursor[0]
+                cursor[0] += 1
+            if register and index >= len(clients):
+                break
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                break
+            client = clients[index % len(clients)]
+            started = time.perf_counter()
+            try:
+                reply = _checkin(conn, client)
+            except (OSError, http.client.HTTPException, RuntimeError) as e:
+                errors[0] += 1
+                if errors[0] <= 5:
+                    print(f"  error: {e}", file=sys.stderr)
+                conn.close()
+                conn = http.client.HTTPConnection(host, timeout=30)
+                continue
+            mine.append(time.perf_counter() - started)
+            if register:
+                client.token = reply["token"]
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    return [x for chunk in latencies for x in chunk], elapsed, errors[0]
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        origin = build_origin(base, args.jobs)
+        proc, url = start_relay(base, origin, args.publish_interval)
+        host = url.removeprefix("http://")
+        clients = [Client(f"pc-{i:06d}", args.jobs) for i in range(size)]
+        lat, elapsed, errors = run_load(host, clients, args.concurrency, None, register=True)
+        print(f"{size:>6} clients: registered in {elapsed:.1f}s ({size / elapsed:.0f}/s), errors {errors}")
+        if not args.no_settle:
+            # Steady state: the relay has planned, recorded and published the whole new fleet once.
+            settled = time.perf_counter()
+            wait_published(origin, size)
+            print(f"{size:>6} clients: first full status published {time.perf_counter() - settled:.1f}s later")
+        run_load(host, clients, args.concurrency, min(2.0, args.duration), register=False)  # warm-up
+        profiler = None
+        if args.profile:
+            profiler = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--duration",
+                                         str(int(args.duration)), "--format", "speedscope", "--output",
+                                         f"{args.profile}-{size}.json", "--nonblocking"])
+        lat, elapsed, errors = run_load(host, clients, args.concurrency, args.duration, register=False)
+        if profiler is not None:
+            profiler.wait(timeout=120)
+        result = {
+            "clients": size, "checkins": len(lat), "seconds": elapsed, "rate": len(lat) / elapsed,
+            "p50_ms": statistics.median(lat) * 1000, "p90_ms": _percentile(lat, 90) * 1000,
+            "p99_ms": _percentile(lat, 99) * 1000, "max_ms": max(lat) * 1000, "errors": errors,
+        }
+        ok = result["rate"] >= TARGET_RATE and result["p99_ms"] < TARGET_P99_MS and not errors
+        print(f"{size:>6} clients: {result['rate']:.0f} check-ins/s over {elapsed:.1f}s "
+              f"({result['checkins']} check-ins, concurrency {args.concurrency}), "
+              f"p50 {result['p50_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+              f"max {result['max_ms']:.1f} ms, errors {errors} -> {'OK' if ok else 'MISSED'} "
+              f"(target >= {TARGET_RATE:.0f}/s, p99 < {TARGET_P99_MS:.0f} ms)")
+        return result
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if args.keep:
+            print(f"  kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="1000,10000", help="comma-separated fleet sizes (default 1000,10000)")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent connections (default 16)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of measured load per size")
+    parser.add_argument("--jobs", type=int, default=5, help="install jobs reaching every client (default 5)")
+    parser.add_argument("--publish-interval", type=float, default=10.0, help="relay --publish-interval")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    parser.add_argument("--no-settle", action="store_true",
+                        help="measure right after registration, while the relay's first full pass runs")
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="record the relay with py-spy during the measured load (PREFIX-<size>.json)")
+    args = parser.parse_args()
+    print(f"relay benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.jobs} jobs, "
+          f"concurrency {args.concurrency}")
+    results = [bench(int(size), args) for size in args.clients.split(",")]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0 if all(r["rate"] >= TARGET_RATE and r["p99_ms"] < TARGET_P99_MS and not r["errors"]
+                    for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
