@@ -261,29 +261,10 @@ def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
         files = report.render_hq_status(hq_report)
         pure_s = time.monotonic() - t
         assert read == relays and len(files) == jobs + 4
-        # For comparison: the same reads through one batched ``git cat-file``
-        # (gitstore offers per-commit reads only: three git processes per ref).
-        t = time.monotonic()
-        shas = store.list_status_refs()
-        request = "".join(f"{shas[n]}:relays/{n}/relay.yaml\n" for n, _ in names).encode()
-        out = subprocess.run(["git", f"--git-dir={store.repo_path}", "cat-file", "--batch"], input=request,
-                             capture_output=True, check=True).stdout
-        pos, parsed = 0, 0
-        for n, _ in names:
-            header_end = out.index(b"\n", pos)
-            size = int(out[pos:header_end].split()[2])
-            blob = out[header_end + 1: header_end + 1 + size]
-            pos = header_end + 1 + size + 1
-            report.parse_relay_status({f"relays/{n}/relay.yaml": blob})
-            parsed += 1
-        batch_s = time.monotonic() - t
-        assert parsed == relays
         print(f"    fetch (mirror the origin):          {fetch_s:6.2f} s")
         print(f"    aggregate (cold): read + parse      {read_s:6.2f} s  ({relays} relay.yaml from git)")
         print(f"                      aggregate+render  {pure_s:6.2f} s")
         print(f"                      total             {read_s + pure_s:6.2f} s  (target < 5 s)")
-        print(f"    same read + parse with one batched git cat-file: {batch_s:6.2f} s "
-              f"(total would be {batch_s + pure_s:.2f} s)")
 
         # A real first pass, end to end, on another fresh workdir.
         t = time.monotonic()

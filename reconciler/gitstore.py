@@ -539,6 +539,46 @@ class GitStore:
             return None
         return self._git("cat-file", "blob", entry.sha).stdout
 
+    def read_paths(self, requests: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """Contents of many ``(commit, path)`` files through one ``git cat-file --batch``.
+
+        HQ reads one small file from each of hundreds of relay refs per pass;
+        one process for all of them instead of a few per ref keeps that pass
+        cheap. Entries that are absent or not a file come back as None.
+        """
+        if not requests:
+            return []
+        self._ensure_repo()
+        names = []
+        for commit, path in requests:
+            clean = _norm_path(path)
+            if "\n" in commit or "\n" in clean:
+                raise ValueError(f"newline in {commit!r}:{clean!r}")
+            names.append(f"{commit}:{clean}")
+        cmd = ["git", f"--git-dir={self.repo_path}", "cat-file", "--batch"]
+        try:
+            proc = subprocess.run(cmd, input="".join(f"{n}\n" for n in names).encode("utf-8", "surrogateescape"),
+                                  capture_output=True, env=self._env, timeout=self.network_timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise self._fail("cat-file", str(e)) from None
+        if proc.returncode != 0:
+            raise self._fail("cat-file", proc.stderr)
+        out = proc.stdout
+        pos = 0
+        results: list[bytes | None] = []
+        for name in names:
+            end = out.index(b"\n", pos)
+            header = out[pos:end].split()
+            pos = end + 1
+            if len(header) != 3:  # "<name> missing" or "ambiguous"
+                results.append(None)
+                continue
+            size = int(header[2])
+            content = out[pos:pos + size]
+            pos += size + 1
+            results.append(bytes(content) if header[1] == b"blob" else None)
+        return results
+
     def path_kind(self, commit: str, path: str) -> str | None:
         """``"file"``, ``"dir"``, ``"symlink"`` (or ``"submodule"``) at ``commit``; None if absent."""
         entry = self._entry(commit, path)

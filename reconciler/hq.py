@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +37,6 @@ log = logging.getLogger("reconciler.hq")
 HQ_REF = STATUS_PREFIX + report.HQ_REF
 SPEC_PREFIXES = (*specs.TOPOLOGY_FILES, specs.PACKAGES_DIR, specs.JOBS_DIR)
 MAX_SYMLINK_HOPS = 40
-READ_WORKERS = 8
 
 
 # ------------------------------------------------------------ specs at a commit
@@ -120,12 +118,10 @@ class PassResult:
 class Hq:
     """HQ's reconcile state between passes (a cache: the truth is in git)."""
 
-    def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now,
-                 read_workers: int = READ_WORKERS) -> None:
+    def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now) -> None:
         self.store = store
         self.branch = branch
         self.clock = clock
-        self.read_workers = read_workers
         self._restored = False
         self._evaluated = False
         self.main_commit: str | None = None
@@ -241,20 +237,22 @@ class Hq:
         stale = sorted(name for name, sha in refs.items()
                        if name not in self._relays or self._relays[name][0] != sha)
         if stale:
-            workers = max(1, min(self.read_workers, len(stale)))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hq-read") as pool:
-                for name, status in zip(stale, pool.map(lambda n: self._read_relay(n, refs[n]), stale)):
-                    self._relays[name] = (refs[name], status)
+            paths = [f"{report.relay_prefix(name)}relay.yaml" for name in stale]
+            try:
+                contents = self.store.read_paths([(refs[n], p) for n, p in zip(stale, paths)])
+            except GitError as e:
+                log.warning("relay status refs unreadable: %s", e)
+                contents = [None] * len(stale)
+            for name, path, data in zip(stale, paths, contents):
+                self._relays[name] = (refs[name], self._parse_relay(name, path, data))
         return {name: status for name, (_, status) in self._relays.items()}, len(stale)
 
-    def _read_relay(self, name: str, sha: str) -> RelayStatus:
-        path = f"{report.relay_prefix(name)}relay.yaml"
+    def _parse_relay(self, name: str, path: str, data: bytes | None) -> RelayStatus:
         try:
-            data = self.store.read_file(sha, path)  # one file: fewer git processes than read_files
             if data is None:
                 raise ReportError(f"{STATUS_PREFIX}{name} has no {path}")
             return report.parse_relay_status({path: data})
-        except (GitError, ReportError) as e:
+        except ReportError as e:
             log.warning("status of relay %s unreadable: %s", name, e)
             return RelayStatus(name, None, 0, None, (f"status unreadable: {e}",), {})
 

@@ -594,3 +594,23 @@ def test_watcher_times_out_without_events() -> None:
 
 def test_status_prefix_constant() -> None:
     assert STATUS_PREFIX == "status/"
+
+
+def test_read_paths_reads_many_refs_in_one_batch(tmp_path: Path) -> None:
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    writer = GitStore(str(origin), tmp_path / "writer")
+    first = writer.publish("status/a", {"relays/a/relay.yaml": b"a: 1\n", "dir/x": b"x"}, "a")
+    second = writer.publish("status/b", {"relays/b/relay.yaml": b"b: 2\n"}, "b")
+    assert first and second
+    reader = GitStore(str(origin), tmp_path / "reader")
+    reader.fetch()
+    got = reader.read_paths([
+        ("status/a", "relays/a/relay.yaml"),
+        ("status/b", "relays/b/relay.yaml"),
+        ("status/b", "relays/a/relay.yaml"),  # absent on that ref
+        ("status/a", "dir"),  # a directory, not a file
+        (second, "relays/b/relay.yaml"),  # by sha
+    ])
+    assert got == [b"a: 1\n", b"b: 2\n", None, None, b"b: 2\n"]
+    assert reader.read_paths([]) == []
