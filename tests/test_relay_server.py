@@ -89,6 +89,9 @@ def test_registration_then_token_required(relay: Relay) -> None:
     assert first.json() == {"token": token, "pollSeconds": 7, "actions": []}
     assert relay.changes == ["change"]
 
+    again = checkin(relay, "pc-1", token)
+    assert again.status_code == 200 and "token" not in again.json()
+
     missing = checkin(relay, "pc-1")
     assert_json_error(missing, 401, "no token")
     assert missing.headers["WWW-Authenticate"].startswith("Bearer")
@@ -96,9 +99,19 @@ def test_registration_then_token_required(relay: Relay) -> None:
     other = checkin(relay, "pc-2").json()["token"]
     assert_json_error(checkin(relay, "pc-1", other), 403, "another client's token")
     assert_json_error(checkin(relay, "pc-1", "x" * 43), 403, "made-up token")
+    assert checkin(relay, "pc-1", token).status_code == 200
 
-    again = checkin(relay, "pc-1", token)
-    assert again.status_code == 200 and "token" not in again.json()
+
+def test_lost_registration_reply_does_not_lock_the_client_out(relay: Relay) -> None:
+    """Until a client has used its token, a token-less check-in gets a new one (the old one stops working)."""
+    lost = checkin(relay, "pc-1").json()["token"]
+    retry = checkin(relay, "pc-1")
+    assert retry.status_code == 200
+    token = retry.json()["token"]
+    assert token != lost
+    assert_json_error(checkin(relay, "pc-1", lost), 403, "the token whose reply was lost")
+    assert checkin(relay, "pc-1", token).status_code == 200
+    assert_json_error(checkin(relay, "pc-1"), 401, "no token once confirmed")
 
 
 def test_unregistered_client_with_a_token_registers_afresh(relay: Relay) -> None:

@@ -66,6 +66,30 @@ def test_full_synchronous_mode_can_be_chosen(tmp_path: Path) -> None:
         Store(tmp_path, synchronous="OFF")
 
 
+def test_migration_from_version_1_keeps_clients_confirmed(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    MIGRATIONS[0](db)
+    db.execute("INSERT INTO clients (id, token_hash, first_seen, last_seen) VALUES ('pc-1', 'h', 0, 0)")
+    db.close()
+    s = Store(tmp_path)
+    assert s.schema_version() == len(MIGRATIONS) and s.credentials("pc-1") == ("h", True)
+    s.close()
+
+
+def test_unconfirmed_registration_can_be_reissued_until_confirmed(store: Store) -> None:
+    with store.write() as db:
+        first = store.register(db, "pc-1", T0)
+        assert first and store.credentials("pc-1") == (hash_token(first), False)
+        second = store.reissue(db, "pc-1")
+        assert second and second != first
+        assert not store.confirm(db, "pc-1", hash_token(first))
+        assert store.confirm(db, "pc-1", hash_token(second))
+        assert store.reissue(db, "pc-1") is None
+    assert store.credentials("pc-1") == (hash_token(second), True)
+
+
 def test_register_once_and_token_is_stored_hashed(store: Store) -> None:
     with store.write() as db:
         token = store.register(db, "pc-1", T0)

@@ -14,6 +14,13 @@ Two rules shape the code:
   mistyped fields, bad ids, bodies over 1 MiB, wrong Content-Type, malformed
   JSON); any refusal is a 4xx with ``{"error": "..."}``. A 500 means a relay
   bug, is logged with its traceback, and still answers in JSON.
+* **Registration is trust on first use, confirmed by use.** The first check-in
+  of an unknown id registers it and the reply carries its token. Once the
+  client has checked in with that token, a check-in without it is 401 and one
+  with another token 403. Until then a token-less check-in gets a fresh token
+  (the old one stops working): otherwise a reply lost after the relay
+  committed the registration (a relay killed at that instant, a dropped
+  connection) would lock the client out for good.
 * **A reply acknowledges only what is committed.** The results it accepts and
   the operations it hands out are in SQLite (one transaction, committed)
   before the first byte of the reply is written, so a relay killed at any
@@ -400,6 +407,11 @@ def _valid_time(value: Any) -> bool:
     return True
 
 
+def _unauthorized(client_id: str) -> HttpError:
+    return HttpError(401, f"client {client_id} is registered: send its token (Authorization: Bearer <token>)",
+                     [("WWW-Authenticate", 'Bearer realm="reconciler"')])
+
+
 def _bearer(environ: Mapping[str, Any]) -> str | None:
     header = environ.get("HTTP_AUTHORIZATION")
     if header is None:
@@ -408,7 +420,7 @@ def _bearer(environ: Mapping[str, Any]) -> str | None:
     if scheme.lower() != "bearer" or not TOKEN.match(token.strip()):
         raise HttpError(401, "malformed Authorization header: expected 'Bearer <token>'",
                         [("WWW-Authenticate", 'Bearer realm="reconciler"')])
-    return token.strip()
+    return str(token).strip()
 
 
 # ------------------------------------------------------------------ the app
@@ -527,26 +539,36 @@ class RelayApp:
         token = _bearer(environ)
         request = parse_checkin(parse_json(self._body(environ, json_required=True)))
         # Authenticate before taking the write lock: a refused client costs one indexed read.
-        known_hash = self.store.token_hash(client_id)
-        if known_hash is not None:
+        credentials = self.store.credentials(client_id)
+        reissue = confirm = False
+        if credentials is not None:
+            known_hash, confirmed = credentials
             if token is None:
-                raise HttpError(401, f"client {client_id} is registered: send its token "
-                                "(Authorization: Bearer <token>)",
-                                [("WWW-Authenticate", 'Bearer realm="reconciler"')])
-            if not token_matches(token, known_hash):
+                if confirmed:
+                    raise _unauthorized(client_id)
+                reissue = True  # the reply that carried its token may have been lost
+            elif not token_matches(token, known_hash):
                 raise HttpError(403, f"this token does not belong to client {client_id}")
+            else:
+                confirm = not confirmed
         now = self.now()
         state = self.state
         generation = state.generation
         changed = False
         new_token: str | None = None
         with self.store.write() as db:
-            if known_hash is None:
+            if credentials is None:
                 # First check-in (or a relay that lost its database): trust on first use.
                 new_token = self.store.register(db, client_id, now)
                 if new_token is None:
                     raise HttpError(409, f"client {client_id} registered concurrently; check in again with its token")
                 changed = True
+            elif reissue:
+                new_token = self.store.reissue(db, client_id)
+                if new_token is None:
+                    raise _unauthorized(client_id)
+            elif confirm and not self.store.confirm(db, client_id, credentials[0]):
+                raise HttpError(403, f"this token does not belong to client {client_id}")
             changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
             for done in self.store.record_results(db, client_id, request.results, now):
                 state.finished(done.job, done.attempt, done.outcome)

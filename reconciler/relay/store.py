@@ -169,7 +169,16 @@ def _v1(db: sqlite3.Connection) -> None:
         ) WITHOUT ROWID""")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1,)
+def _v2(db: sqlite3.Connection) -> None:
+    # A registration is confirmed by the first check-in that presents its token.
+    # Until then a token-less check-in is answered with a fresh token: the reply
+    # carrying the first one may never have arrived (a relay killed between its
+    # commit and its reply), and the client must not be locked out for that.
+    # Clients registered before this migration have used their tokens.
+    db.execute("ALTER TABLE clients ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
 """Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
 
 _ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
@@ -296,14 +305,32 @@ class Store:
         row = self.db.execute("SELECT token_hash FROM clients WHERE id = ?", (client_id,)).fetchone()
         return None if row is None else str(row[0])
 
+    def credentials(self, client_id: str) -> tuple[str, bool] | None:
+        """(token hash, confirmed) of a registered client; None if unknown."""
+        row = self.db.execute("SELECT token_hash, confirmed FROM clients WHERE id = ?", (client_id,)).fetchone()
+        return None if row is None else (str(row[0]), bool(row[1]))
+
     def register(self, db: sqlite3.Connection, client_id: str, now: datetime) -> str | None:
         """Create a client and return its new token; None if it exists already (inside :meth:`write`)."""
         token = new_token()
         cursor = db.execute(
-            "INSERT INTO clients (id, token_hash, first_seen, last_seen) VALUES (?, ?, ?, ?) "
+            "INSERT INTO clients (id, token_hash, first_seen, last_seen, confirmed) VALUES (?, ?, ?, ?, 0) "
             "ON CONFLICT (id) DO NOTHING",
             (client_id, hash_token(token), _ts(now), _ts(now)))
         return token if cursor.rowcount == 1 else None
+
+    def reissue(self, db: sqlite3.Connection, client_id: str) -> str | None:
+        """A new token for a registration never confirmed; None once it is confirmed."""
+        token = new_token()
+        cursor = db.execute("UPDATE clients SET token_hash = ? WHERE id = ? AND confirmed = 0",
+                            (hash_token(token), client_id))
+        return token if cursor.rowcount == 1 else None
+
+    def confirm(self, db: sqlite3.Connection, client_id: str, token_hash: str) -> bool:
+        """Mark the registration confirmed (its token was used); False if the token changed meanwhile."""
+        cursor = db.execute("UPDATE clients SET confirmed = 1 WHERE id = ? AND token_hash = ?",
+                            (client_id, token_hash))
+        return cursor.rowcount == 1
 
     def record_report(self, db: sqlite3.Connection, client_id: str, facts: Mapping[str, Any],
                       labels: Mapping[str, str], inventory: Iterable[Installed], now: datetime) -> bool:
