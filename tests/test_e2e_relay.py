@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from e2e_helpers import (
+    FileServer,
     Origin,
     RelayProcess,
     assert_json_error,
@@ -35,7 +36,6 @@ from e2e_helpers import (
     wait_for,
 )
 from reconciler.agent.agent import Agent
-from test_relay_artifacts import FileServer
 
 pytestmark = pytest.mark.slow
 

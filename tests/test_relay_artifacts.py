@@ -7,15 +7,13 @@ import io
 import os
 import subprocess
 import tarfile
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from e2e_helpers import Origin
+from e2e_helpers import FileServer, Origin
 from reconciler.gitstore import GitStore
 from reconciler.relay.artifacts import (
     PARENT_GRACE_SECONDS,
@@ -31,40 +29,6 @@ from reconciler.relay.server import StagedArtifact
 from reconciler.specs import Artifact, Installer, InstallerType, Package, parse_repo
 
 # ------------------------------------------------------------------ fixtures
-
-
-class FileServer:
-    """A tiny HTTP server on 127.0.0.1 serving fixed bytes per path and counting hits."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.hits: dict[str, int] = {}
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
-                data = outer.files.get(self.path)
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -442,3 +406,14 @@ def test_packages_to_stage_cover_the_subtree_and_dependencies() -> None:
     assert names("site-a") == ["a", "d", "e"]
     assert names("site-b") == ["a", "b", "d", "e"]
     assert names("other") == ["c", "d", "e"]
+
+
+def test_prune_removes_only_old_unused_artifacts(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path / "relay", None)  # type: ignore[arg-type]
+    for name in ("a" * 64, "b" * 64, "c" * 64):
+        cache.path(name).write_bytes(b"x")
+    old = 1_000_000_000
+    os.utime(cache.path("a" * 64), (old, old))
+    os.utime(cache.path("b" * 64), (old, old))
+    assert cache.prune(keep={"b" * 64}, max_age_seconds=3600) == 1
+    assert not cache.has("a" * 64) and cache.has("b" * 64) and cache.has("c" * 64)

@@ -279,6 +279,7 @@ class ArtifactCache:
             key = (package.name, package.version)
             try:
                 staged[key] = self.stage(commit, package)
+                self.touch(staged[key].sha256)
             except ArtifactPending as e:
                 pending[key] = str(e)
             except ArtifactError as e:
@@ -441,6 +442,37 @@ class ArtifactCache:
                     writer.write(chunk)
         except requests.RequestException as e:
             raise ArtifactError(f"cannot download from {source}: {type(e).__name__}") from None
+
+    def prune(self, keep: Iterable[str], max_age_seconds: float) -> int:
+        """Delete cached artifacts not in ``keep`` and untouched for ``max_age_seconds``.
+
+        Staging touches every artifact of the current commit, so only what no
+        recent commit needed goes (a child relay or a slow client may still be
+        catching up on the previous one).
+        """
+        keep = set(keep)
+        horizon = time.time() - max_age_seconds
+        removed = 0
+        for path in self.dir.iterdir():
+            try:
+                if path.name not in keep and path.stat().st_mtime < horizon:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        for memo in self.memo_dir.iterdir():
+            try:
+                if memo.stat().st_mtime < horizon:
+                    memo.unlink()
+            except OSError:
+                pass
+        return removed
+
+    def touch(self, sha: str) -> None:
+        try:
+            os.utime(self.path(sha))
+        except OSError:
+            pass
 
     def _install(self, path: Path, sha: str) -> None:
         target = self.path(sha)

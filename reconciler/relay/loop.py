@@ -60,6 +60,9 @@ HQ_REF = STATUS_PREFIX + report.HQ_REF
 MIN_ONLINE_SECONDS = 90.0
 RESTAGE_SECONDS = 5.0  # retry artifacts that could not be staged (parent still staging, network) this often
 LISTEN_FILE = "listen.url"
+HOUSEKEEPING_SECONDS = 3600.0
+OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
+CACHE_RETENTION_SECONDS = 7 * 24 * 3600.0  # unused artifacts kept this long after their last use
 WRITE_CHUNK = 2000  # row states per write transaction in a full pass
 REMOTE_RENDER_ROWS = 5000  # render status files in a helper process from this many rows on
 
@@ -371,6 +374,14 @@ class RelayLoop:
         self.row_state_changes = len(changes) + len(stale)
         return updated_at
 
+    def housekeeping(self) -> None:
+        """Prune old finished operations and artifacts no current package uses."""
+        removed = self.store.prune_operations(self.clock() - OPERATION_RETENTION)
+        keep = {a.sha256 for a in self.state.generation.artifacts.values()}
+        dropped = self.cache.prune(keep, CACHE_RETENTION_SECONDS)
+        if removed or dropped:
+            log.info("housekeeping: pruned %d old operations and %d unused artifacts", removed, dropped)
+
     # -- publishing ----------------------------------------------------------
 
     def publish_due_in(self) -> float | None:
@@ -537,9 +548,16 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     next_pass = 0.0
     last_pass = float("-inf")
     next_restage = float("inf")
+    next_housekeeping = time.monotonic() + 60.0
     try:
         while not stop.is_set():
             now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_SECONDS
+                try:
+                    loop.housekeeping()
+                except Exception:  # noqa: BLE001
+                    log.exception("housekeeping failed")
             fetch, wake.fetch = wake.fetch, False
             if fetch or now >= next_restage:
                 try:
@@ -565,7 +583,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
                 loop.publish()
             except Exception:  # noqa: BLE001
                 log.exception("publishing failed")
-            deadlines = [next_pass, next_restage]
+            deadlines = [next_pass, next_restage, next_housekeeping]
             if wake.dirty:
                 deadlines.append(last_pass + args.publish_interval)
             due = loop.publish_due_in()

@@ -597,10 +597,14 @@ class RelayApp:
                     self.store.set_row_states(db, moved)
                     changed = True
         # Committed: everything this reply acknowledges and hands out is on disk.
+        if new_token is not None:
+            log.info("client %s %s", client_id, "registered" if credentials is None else "got a new token "
+                     "(its registration reply was lost)")
         if changed:
             state.on_change()
+        poll = state.poll_seconds
         reply: dict[str, Any] = {
-            "pollSeconds": state.poll_seconds,
+            "pollSeconds": int(poll) if float(poll).is_integer() else poll,
             "actions": [action_json(a, self._artifact_for(a, generation)) for a in actions],
         }
         if new_token is not None:

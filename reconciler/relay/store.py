@@ -438,6 +438,19 @@ class Store:
                                "ORDER BY o.dispatched_at, o.operation_id", (client_id,))
         return [_attempt(r) for r in rows]
 
+    def prune_operations(self, older_than: datetime) -> int:
+        """Forget finished operations older than ``older_than`` that are no longer anyone's latest attempt.
+
+        The latest attempt per (job, client) is always kept (it is the plan's
+        history); a result arriving later for a pruned operation is ignored
+        like any unknown one.
+        """
+        with self.write() as db:
+            cursor = db.execute(
+                "DELETE FROM operations WHERE finished_at IS NOT NULL AND finished_at < ? "
+                "AND operation_id NOT IN (SELECT operation_id FROM latest_attempts)", (_ts(older_than),))
+            return cursor.rowcount
+
     # -- row states ----------------------------------------------------------
 
     def row_states_of(self, client_id: str, db: sqlite3.Connection | None = None) -> dict[str, RowState]:
