@@ -264,3 +264,104 @@ def test_status_rendered_in_the_helper_process_is_byte_identical() -> None:
         assert renderer._pool is not None and not renderer._broken
     finally:
         renderer.close()
+
+
+# ------------------------------------------------------------------ planning at check-in
+
+
+def _specs(max_concurrent: int | None = None):  # type: ignore[no-untyped-def]
+    from reconciler.specs import parse_repo
+
+    rollout = f"\n  rollout: {{maxConcurrent: {max_concurrent}}}" if max_concurrent else ""
+    result = parse_repo({
+        "topology.yaml": b"apiVersion: reconciler/v1\nkind: Topology\nmetadata: {name: t}\n"
+                         b"spec: {headquarters: hq-x, relays: [{name: relay-a, parent: hq-x}]}\n",
+        "packages/app.yaml": b"apiVersion: reconciler/v1\nkind: Package\nmetadata: {name: app-1.0}\n"
+                             b"spec:\n  name: app\n  version: '1.0'\n  artifact: {path: artifacts/app}\n"
+                             b"  installer: {type: command, install: [sh, install.sh], uninstall: [sh, rm.sh],"
+                             b" timeoutSeconds: 120}\n",
+        "jobs/install-app.yaml": ("apiVersion: reconciler/v1\nkind: Job\nmetadata: {name: install-app}\n"
+                                  "spec:\n  jobType: install\n  package: {name: app, version: '1.0'}\n"
+                                  f"  destinationType: allLowerClients\n  destinations: [relay-a]{rollout}\n").encode(),
+    }, lambda path: None)
+    assert result.specs is not None, result.errors
+    return result.specs
+
+
+def _serve_plan(relay: Relay, *, staged: bool = True, max_concurrent: int | None = None) -> None:
+    from reconciler.plan import index_relay
+
+    artifact = StagedArtifact("ab" * 32, 10240, "tar")
+    relay.state.generation = Generation(
+        commit="c" * 40, index=index_relay(_specs(max_concurrent), "relay-a"),
+        artifacts={("app", "1.0"): artifact} if staged else {},
+        unavailable={} if staged else {("app", "1.0"): "sha256 mismatch (refused)"})
+
+
+def _result(op: str, status: str = "succeeded") -> dict[str, object]:
+    return {"operationId": op, "status": status, "exitCode": 0 if status == "succeeded" else 1,
+            "message": "done", "finishedAt": "2026-11-23T10:00:00Z"}
+
+
+def test_checkin_hands_out_actions_once_and_records_results(relay: Relay) -> None:
+    _serve_plan(relay)
+    first = checkin(relay, "pc-1").json()
+    token = first["token"]
+    [action] = first["actions"]
+    assert action == {
+        "operationId": action["operationId"], "job": "install-app", "action": "install",
+        "package": {"name": "app", "version": "1.0"}, "previousVersion": None,
+        "artifact": {"sha256": "ab" * 32, "size": 10240, "format": "tar"},
+        "installer": {"type": "command", "install": ["sh", "install.sh"], "uninstall": ["sh", "rm.sh"],
+                      "detect": [], "timeoutSeconds": 120},
+    }
+    op = action["operationId"]
+    stored = relay.store.operation(op)
+    assert stored is not None and stored.outcome.value == "dispatched" and stored.attempt == 1
+    assert relay.state.usage["install-app"].in_progress == 1
+    assert relay.store.row_states_of("pc-1")["install-app"].state == "InProgress"
+
+    # No result yet (the agent was restarted mid-install): the same operation again, not a new one.
+    again = checkin(relay, "pc-1", token).json()["actions"]
+    assert [a["operationId"] for a in again] == [op]
+    assert len(relay.store.operations_of("pc-1")) == 1 and relay.state.usage["install-app"].in_progress == 1
+
+    done = checkin(relay, "pc-1", token, results=[_result(op)], inventory=[{"name": "app", "version": "1.0"}])
+    assert done.json()["actions"] == []
+    assert relay.store.operation(op).outcome.value == "succeeded"  # type: ignore[union-attr]
+    assert relay.state.usage["install-app"].in_progress == 0
+    assert relay.store.row_states_of("pc-1")["install-app"].state == "Succeeded"
+    # The agent re-sends the result until it sees a reply: a no-op.
+    assert checkin(relay, "pc-1", token, results=[_result(op, "failed")],
+                   inventory=[{"name": "app", "version": "1.0"}]).status_code == 200
+    assert relay.store.operation(op).outcome.value == "succeeded"  # type: ignore[union-attr]
+
+
+def test_rollout_slots_are_shared_across_check_ins(relay: Relay) -> None:
+    _serve_plan(relay, max_concurrent=1)
+    first = checkin(relay, "pc-1").json()
+    assert len(first["actions"]) == 1
+    assert checkin(relay, "pc-2").json()["actions"] == []  # waiting for a rollout slot
+    assert relay.store.row_states_of("pc-2")["install-app"].state == "Pending"
+    op = first["actions"][0]["operationId"]
+    checkin(relay, "pc-1", first["token"], results=[_result(op)], inventory=[{"name": "app", "version": "1.0"}])
+    assert len(checkin(relay, "pc-2").json()["actions"]) == 1
+
+
+def test_usage_changes_during_a_full_pass_are_kept(relay: Relay) -> None:
+    from reconciler.plan import RolloutUsage
+
+    _serve_plan(relay, max_concurrent=5)
+    with relay.store.snapshot(at_pin=relay.state.begin_usage_pass):
+        pass
+    checkin(relay, "pc-1")  # dispatches while the pass is "running"
+    relay.state.end_usage_pass({"install-app": RolloutUsage(in_progress=2, failed=1, targets=9)})
+    assert relay.state.usage["install-app"] == RolloutUsage(in_progress=3, failed=1, targets=9)
+
+
+def test_actions_whose_artifact_is_unavailable_are_held(relay: Relay) -> None:
+    _serve_plan(relay, staged=False)
+    response = checkin(relay, "pc-1").json()
+    assert response["actions"] == [] and relay.store.operations_of("pc-1") == []
+    assert relay.store.row_states_of("pc-1")["install-app"].state == "Pending"
+    assert relay.state.usage.get("install-app") is None or relay.state.usage["install-app"].in_progress == 0
