@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------ waiting
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+def wait_for(condition: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.05,
              what: str = "condition") -> T:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -715,7 +715,7 @@ class ServerHandle:
     """A waitress server on its own thread, with the address it actually bound."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], listen: str, *, threads: int = 8) -> None:
-        from waitress.server import create_server
+        from waitress.server import create_server  # type: ignore[import-untyped]
 
         host, port = parse_listen(listen)
         # Waitress warns "Task queue depth is N" for every request queued behind busy workers:
@@ -739,7 +739,7 @@ class ServerHandle:
         return self
 
     def _serve(self) -> None:
-        from waitress import wasyncore
+        from waitress import wasyncore  # type: ignore[import-untyped]
 
         server = self.server
         try:
