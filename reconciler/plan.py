@@ -1158,6 +1158,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     phases = tuple(_phase(cj, now) for cj in ctx.by_slot)
     hget = history.get if history else None
     levels: dict[tuple[Any, ...], list[dict[str | None, _Decision]]] = {}
+    shapes: dict[tuple[Any, ...], tuple[list[_Decision], tuple[int, ...], bool]] = {}
 
     # Pass 1: decisions, history steps of rows with a gap, and the counters rollout needs.
     in_progress = [0] * size
@@ -1173,13 +1174,18 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         if level is None:
             level = levels[facts] = ctx.level(phases, facts)
         inst = {item.name: item.version for item in client.installed}
-        decisions = _decisions(ctx, jobset, level, phases, client, inst)
-        for i in jobset.tracked:
-            d = decisions[i]
-            if d.final and d.target >= 0:
-                targets[d.target] += 1
+        # Clients alike (job set, facts, versions of the software concerned) share decisions.
+        shape = (id(jobset), id(level), *map(inst.get, jobset.names))
+        entry = shapes.get(shape)
+        if entry is None:
+            decisions = _decisions(ctx, jobset, level, phases, client, inst)
+            entry = shapes[shape] = (decisions, tuple(d.target for d in decisions if d.final and d.target >= 0),
+                                     all(d.final for d in decisions))
+        decisions, counted, settled = entry
+        for s in counted:
+            targets[s] += 1
         steps: list[Any] | None = None
-        if not all([d.final for d in decisions]):
+        if not settled:
             steps = [None] * len(decisions)
             for i, d in enumerate(decisions):
                 if d.final:
@@ -1210,20 +1216,29 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     append = [rows.append for rows in per_job]
     counts = [0] * (size * _NSTATES)
     actions: list[Action] = []
+    # Settled rows of one shape: their template, job, revision and list, counted by shape.
+    settled_rows: dict[int, tuple[list[_Decision], list[tuple[dict[str, Any], str, str, Any]]]] = {}
+    uses: dict[int, int] = {}
     for client, decisions, steps in prepared:
         cid = client.id
         if steps is None:
-            for d in decisions:
+            key = id(decisions)
+            known = settled_rows.get(key)
+            if known is None:
+                known = settled_rows[key] = (
+                    decisions, [(d.template, d.name, d.revision, append[d.slot]) for d in decisions])
+                uses[key] = 0
+            uses[key] += 1
+            for template, job_name, revision, add in known[1]:
                 row = _new(Row)
                 fields = row.__dict__
-                fields.update(d.template)
+                fields.update(template)
                 fields["client"] = cid
                 if hget is not None:
-                    recorded = hget((d.name, cid))
-                    if recorded is not None and recorded.revision == d.revision:
+                    recorded = hget((job_name, cid))
+                    if recorded is not None and recorded.revision == revision:
                         fields["attempts"] = recorded.attempt
-                append[d.slot](row)
-                counts[d.count] += 1
+                add(row)
             continue
         rows, new_actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=False,
                                     shared=bool(ctx.jobs_for(cid).shared))
@@ -1231,6 +1246,10 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
             append[slot](row)
             counts[slot * _NSTATES + _STATE_INDEX[row.state]] += 1
         actions.extend(new_actions)
+
+    for key, (decisions, _) in settled_rows.items():
+        for d in decisions:
+            counts[d.count] += uses[key]
 
     all_rows: list[Row] = []
     rollups: list[JobRollup] = []
