@@ -257,7 +257,7 @@ def test_url_sha256_mismatch_is_refused(files: FileServer, tmp_path: Path) -> No
     wanted = hashlib.sha256(b"original").hexdigest()
     result = cache.stage_all("c", [package(url=f"{files.url}/dl/tool.msi", sha256=wanted)])
     assert result.staged == {} and "sha256 mismatch" in result.errors[("app", "1.0")]
-    assert "refused" in result.errors[("app", "1.0")]
+    assert "refused" in result.errors[("app", "1.0")] and not result.transient
     assert not cache.has(wanted) and list(cache.tmp.iterdir()) == []
 
 
@@ -271,6 +271,8 @@ def test_url_errors_are_reported(files: FileServer, tmp_path: Path) -> None:
     ])
     assert set(result.errors) == {("missing", "1.0"), ("refused", "1.0"), ("ftp", "1.0")}
     assert "unsupported" in result.errors[("ftp", "1.0")]
+    # Network trouble is retried for the same commit; a wrong spec waits for a new commit.
+    assert result.transient == {("missing", "1.0"), ("refused", "1.0")}
 
 
 def test_url_tar_is_checked_for_zip_slip(files: FileServer, tmp_path: Path) -> None:

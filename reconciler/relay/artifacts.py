@@ -57,6 +57,10 @@ class ArtifactError(Exception):
     """The artifact cannot be staged (refused or unavailable); the message says why."""
 
 
+class ArtifactRefused(ArtifactError):
+    """The artifact itself is wrong (sha256 mismatch, zip-slip, escaping link): only a new commit fixes it."""
+
+
 class ArtifactPending(ArtifactError):
     """Not staged yet, but expected soon (the parent relay is still staging it): try again shortly."""
 
@@ -195,7 +199,7 @@ def pack_directory(root: Path, out: BinaryIO) -> tuple[str, int]:
                 target = os.readlink(full)
                 real = full.resolve()  # through every link on the way, not just this one
                 if _escapes(rel, target) or (real != real_root and real_root not in real.parents):
-                    raise ArtifactError(f"symlink {rel} -> {target} leaves the artifact directory")
+                    raise ArtifactRefused(f"symlink {rel} -> {target} leaves the artifact directory")
                 info.type = tarfile.SYMTYPE
                 info.linkname = target
                 info.mode = 0o755
@@ -211,7 +215,7 @@ def pack_directory(root: Path, out: BinaryIO) -> tuple[str, int]:
                 with open(full, "rb") as handle:
                     tar.addfile(info, handle)
             else:
-                raise ArtifactError(f"{rel} is neither a file, a directory nor a symlink")
+                raise ArtifactRefused(f"{rel} is neither a file, a directory nor a symlink")
     return writer.digest.hexdigest(), writer.size
 
 
@@ -223,15 +227,15 @@ def check_tar(path: Path) -> None:
                 name = member.name
                 parts = PurePosixPath(name).parts
                 if name.startswith("/") or "\\" in name or ".." in parts or (len(name) > 1 and name[1] == ":"):
-                    raise ArtifactError(f"archive entry {name!r} would be written outside the package directory")
+                    raise ArtifactRefused(f"archive entry {name!r} would be written outside the package directory")
                 if member.issym() and _escapes(name, member.linkname):
-                    raise ArtifactError(f"archive symlink {name!r} -> {member.linkname!r} leaves the package")
+                    raise ArtifactRefused(f"archive symlink {name!r} -> {member.linkname!r} leaves the package")
                 if member.islnk() and _escapes("", member.linkname):  # hard link names are archive-relative
-                    raise ArtifactError(f"archive hard link {name!r} -> {member.linkname!r} leaves the package")
+                    raise ArtifactRefused(f"archive hard link {name!r} -> {member.linkname!r} leaves the package")
                 if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-                    raise ArtifactError(f"archive entry {name!r} is a device, fifo or other special file")
+                    raise ArtifactRefused(f"archive entry {name!r} is a device, fifo or other special file")
     except tarfile.TarError as e:
-        raise ArtifactError(f"not a valid tar archive: {e}") from None
+        raise ArtifactRefused(f"not a valid tar archive: {e}") from None
 
 
 # ------------------------------------------------------------------ the cache
@@ -240,8 +244,9 @@ def check_tar(path: Path) -> None:
 @dataclass(frozen=True)
 class StageResult:
     staged: dict[tuple[str, str], StagedArtifact]
-    errors: dict[tuple[str, str], str]  # refused or failed: needs a fix (or a later retry)
-    pending: dict[tuple[str, str], str]  # will very likely succeed on the next try
+    errors: dict[tuple[str, str], str]  # refused (needs a new commit) or failed (network: retry later)
+    pending: dict[tuple[str, str], str]  # waiting for the parent relay: retry soon
+    transient: frozenset[tuple[str, str]] = frozenset()  # the errors worth retrying for the same commit
 
 
 class ArtifactCache:
@@ -275,6 +280,7 @@ class ArtifactCache:
         staged: dict[tuple[str, str], StagedArtifact] = {}
         errors: dict[tuple[str, str], str] = {}
         pending: dict[tuple[str, str], str] = {}
+        transient: set[tuple[str, str]] = set()
         for package in packages:
             key = (package.name, package.version)
             try:
@@ -282,13 +288,18 @@ class ArtifactCache:
                 self.touch(staged[key].sha256)
             except ArtifactPending as e:
                 pending[key] = str(e)
-            except ArtifactError as e:
+            except ArtifactRefused as e:
                 errors[key] = str(e)
                 log.error("artifact of %s %s refused: %s", package.name, package.version, e)
+            except ArtifactError as e:
+                errors[key] = str(e)
+                transient.add(key)
+                log.warning("artifact of %s %s not staged (will retry): %s", package.name, package.version, e)
             except Exception as e:  # noqa: BLE001 - one bad artifact must not stop the others
                 errors[key] = f"{type(e).__name__}: {e}"
+                transient.add(key)
                 log.exception("staging the artifact of %s %s failed", package.name, package.version)
-        return StageResult(staged, errors, pending)
+        return StageResult(staged, errors, pending, frozenset(transient))
 
     def stage(self, commit: str, package: Package) -> StagedArtifact:
         artifact = package.artifact
@@ -296,7 +307,7 @@ class ArtifactCache:
             return self.stage_url(artifact.url, (artifact.sha256 or "").lower())
         if artifact.path is not None:
             return self.stage_repo_path(commit, artifact.path)
-        raise ArtifactError("package has neither an artifact path nor a url")
+        raise ArtifactRefused("package has neither an artifact path nor a url")
 
     def _memo(self, commit: str, path: str) -> Path | None:
         """Memo file keyed by the git object id of ``path`` (same tree, same tar: skip re-packing)."""
@@ -344,9 +355,9 @@ class ArtifactCache:
                 self._install(packed, sha)
                 result = StagedArtifact(sha, size, "tar")
             elif kind is None:
-                raise ArtifactError(f"artifact path {path!r} does not exist at {commit[:12]}")
+                raise ArtifactRefused(f"artifact path {path!r} does not exist at {commit[:12]}")
             else:
-                raise ArtifactError(f"artifact path {path!r} is a {kind}, not a file or directory")
+                raise ArtifactRefused(f"artifact path {path!r} is a {kind}, not a file or directory")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if memo is not None:
@@ -362,13 +373,13 @@ class ArtifactCache:
                 return current
             target = self.git.symlink_target(commit, current) or ""
             if _escapes(current, target):
-                raise ArtifactError(f"artifact path {path!r} leaves the repository through a symlink")
+                raise ArtifactRefused(f"artifact path {path!r} leaves the repository through a symlink")
             current = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
-        raise ArtifactError(f"artifact path {path!r}: too many levels of symlinks")
+        raise ArtifactRefused(f"artifact path {path!r}: too many levels of symlinks")
 
     def stage_url(self, url: str, sha: str) -> StagedArtifact:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise ArtifactError(f"artifact sha256 {sha!r} is not 64 hex digits")
+            raise ArtifactRefused(f"artifact sha256 {sha!r} is not 64 hex digits")
         file_name = _url_file_name(url)
         fmt = "tar" if file_name.lower().endswith(".tar") else "file"
         if not self.has(sha):
@@ -420,12 +431,12 @@ class ArtifactCache:
                 elif parsed.scheme in ("http", "https"):
                     self._http_get(url, writer, source)
                 else:
-                    raise ArtifactError(f"unsupported artifact URL scheme {parsed.scheme!r} (http, https, file)")
+                    raise ArtifactRefused(f"unsupported artifact URL scheme {parsed.scheme!r} (http, https, file)")
                 out.flush()
                 os.fsync(out.fileno())
             got = writer.digest.hexdigest()
             if got != sha:
-                raise ArtifactError(f"sha256 mismatch for the download from {source}: expected {sha}, got {got}; "
+                raise ArtifactRefused(f"sha256 mismatch for the download from {source}: expected {sha}, got {got}; "
                                     "refused")
             self._install(temp, sha)
         finally:

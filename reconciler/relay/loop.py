@@ -58,7 +58,8 @@ log = logging.getLogger("reconciler.relay")
 
 HQ_REF = STATUS_PREFIX + report.HQ_REF
 MIN_ONLINE_SECONDS = 90.0
-RESTAGE_SECONDS = 5.0  # retry artifacts that could not be staged (parent still staging, network) this often
+RESTAGE_SECONDS = 5.0  # retry artifacts the parent relay is still staging this often
+RESTAGE_MAX_SECONDS = 300.0  # failed downloads are retried with doubling delays up to this
 LISTEN_FILE = "listen.url"
 HOUSEKEEPING_SECONDS = 3600.0
 OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
@@ -186,7 +187,8 @@ class RelayLoop:
         self.sync_errors: tuple[str, ...] = ()
         self.artifact_errors: tuple[str, ...] = ()
         self.publish_error: str | None = None
-        self.restage_needed = False
+        self.retry_at: float | None = None  # monotonic time to retry staging for the same commit
+        self._retry_delay = RESTAGE_SECONDS
         self.last_files: dict[str, bytes] | None = None
         self.published_files: dict[str, bytes] | None = None
         self.last_publish = float("-inf")
@@ -259,10 +261,13 @@ class RelayLoop:
                     self.state.generation = Generation(commit=accepted.commit)
                     changed = True
                 self._specs = accepted.specs
-            elif accepted.commit != current.commit or self.restage_needed or current.index is None:
-                self.state.generation = self._build(accepted.commit, accepted.specs)
+            elif accepted.commit != current.commit or current.index is None or self.retry_due():
+                generation = self._build(accepted.commit, accepted.specs)
                 self._specs = accepted.specs
-                changed = True
+                if (generation.commit != current.commit or current.index is None
+                        or generation.artifacts != current.artifacts or generation.unavailable != current.unavailable):
+                    self.state.generation = generation
+                    changed = True
         self.sync_errors = tuple(errors)
         return changed
 
@@ -272,12 +277,23 @@ class RelayLoop:
         unavailable = {**result.errors, **result.pending}
         self.artifact_errors = tuple(
             f"artifact of {name} {version}: {message}" for (name, version), message in sorted(result.errors.items()))
-        self.restage_needed = bool(unavailable)
+        if commit != self.state.generation.commit:
+            self._retry_delay = RESTAGE_SECONDS
+        if result.pending:
+            self.retry_at = self.monotonic() + RESTAGE_SECONDS
+        elif result.transient:
+            self.retry_at = self.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RESTAGE_MAX_SECONDS)
+        else:
+            self.retry_at = None  # staged, or refused: only a new commit can change that
         index = plan.index_relay(with_artifact_revisions(specs, result.staged), self.name)
         if commit != self.state.generation.commit:
             log.info("relay %s now at accepted commit %s (%d packages staged%s)", self.name, commit[:12],
                      len(result.staged), f", {len(unavailable)} unavailable" if unavailable else "")
         return Generation(commit=commit, index=index, artifacts=result.staged, unavailable=unavailable)
+
+    def retry_due(self) -> bool:
+        return self.retry_at is not None and self.monotonic() >= self.retry_at
 
     # -- the full pass -------------------------------------------------------
 
@@ -547,7 +563,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     pass_interval = max(args.publish_interval, min(poll_seconds, 60.0))
     next_pass = 0.0
     last_pass = float("-inf")
-    next_restage = float("inf")
+    next_restage: float = float("inf")
     next_housekeeping = time.monotonic() + 60.0
     try:
         while not stop.is_set():
@@ -559,13 +575,13 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
                 except Exception:  # noqa: BLE001
                     log.exception("housekeeping failed")
             fetch, wake.fetch = wake.fetch, False
-            if fetch or now >= next_restage:
+            if fetch or loop.retry_due():
                 try:
                     if loop.sync(fetch=fetch):
                         wake.dirty = True
                 except Exception:  # noqa: BLE001 - a bug in one round must not end the service
                     log.exception("following HQ failed")
-                next_restage = now + RESTAGE_SECONDS if loop.restage_needed else float("inf")
+            next_restage = loop.retry_at if loop.retry_at is not None else float("inf")
             throttle = last_pass + args.publish_interval
             if (wake.dirty and now >= throttle) or now >= next_pass:
                 wake.dirty = False
