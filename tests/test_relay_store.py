@@ -229,9 +229,11 @@ def test_prune_keeps_latest_attempts_and_recent_operations(store: Store) -> None
         store.record_dispatch(db, attempt("op-old", n=1, at=T0))
         store.record_dispatch(db, attempt("op-latest", n=2, at=T0 + timedelta(minutes=1)))
         store.record_dispatch(db, attempt("op-open", job="other", at=T0))
+        store.record_dispatch(db, attempt("op-lost", job="third", at=T0 - timedelta(days=2)))  # never answered
+        store.record_dispatch(db, attempt("op-third", job="third", n=2, at=T0))
         store.record_results(db, "pc-1", [{"operationId": "op-old", "status": "failed", "message": "x"},
                                           {"operationId": "op-latest", "status": "succeeded", "message": ""}],
                              T0 + timedelta(minutes=2))
-    assert store.prune_operations(T0) == 0  # nothing finished before T0
-    assert store.prune_operations(T0 + timedelta(days=1)) == 1
-    assert [a.operation_id for a in store.operations_of("pc-1")] == ["op-open", "op-latest"]
+    assert store.prune_operations(T0 - timedelta(days=3)) == 0
+    assert store.prune_operations(T0 + timedelta(days=1)) == 2  # op-old and the superseded op-lost
+    assert [a.operation_id for a in store.operations_of("pc-1")] == ["op-open", "op-third", "op-latest"]

@@ -439,7 +439,7 @@ class Store:
         return [_attempt(r) for r in rows]
 
     def prune_operations(self, older_than: datetime) -> int:
-        """Forget finished operations older than ``older_than`` that are no longer anyone's latest attempt.
+        """Forget operations older than ``older_than`` that are no longer anyone's latest attempt.
 
         The latest attempt per (job, client) is always kept (it is the plan's
         history); a result arriving later for a pruned operation is ignored
@@ -447,7 +447,7 @@ class Store:
         """
         with self.write() as db:
             cursor = db.execute(
-                "DELETE FROM operations WHERE finished_at IS NOT NULL AND finished_at < ? "
+                "DELETE FROM operations WHERE COALESCE(finished_at, dispatched_at) < ? "
                 "AND operation_id NOT IN (SELECT operation_id FROM latest_attempts)", (_ts(older_than),))
             return cursor.rowcount
 
