@@ -234,10 +234,15 @@ class Action:
 class Row:
     """The state of one job on one client.
 
-    ``attempts`` is the number of the latest attempt of the job's current
-    plan revision (0 when none). ``operation_id`` is set for a row with an
-    action (the operation handed out or in progress) and for ``Failed`` rows
-    and rows waiting to retry (the operation whose failure they show).
+    ``attempts`` counts the attempts of the current series (the job's plan
+    revision and rerun) for a row with work under way or failed: in
+    progress, waiting to retry, ``Failed``, or about to start (then the
+    attempts before this one). A settled row (``Succeeded``, ``Skipped``,
+    ``Conflict``, ``Suspended``, waiting for its schedule) shows 0: it is
+    built without looking at history, which keeps a relay pass over 10^6
+    rows fast. ``operation_id`` is set for a row with an action (the
+    operation handed out or in progress) and for ``Failed`` rows and rows
+    waiting to retry (the operation whose failure they show).
     """
 
     job: str
@@ -914,7 +919,7 @@ class _Gate:
 
 
 def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps: Sequence[Any],
-            history: History, gate: _Gate, dispatch: bool, shared: bool = True,
+            gate: _Gate, dispatch: bool, shared: bool = True,
             ) -> tuple[list[tuple[int, Row]], list[Action]]:
     """Rows and actions of one client with a gap somewhere: rules 7-9, dedupe, action order.
 
@@ -937,10 +942,6 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         fields.update(d.template)
         fields["client"] = cid
         if d.final:
-            if history:
-                recorded = history.get((cj.name, cid))
-                if recorded is not None and recorded.revision == cj.revision:
-                    fields["attempts"] = recorded.attempt
             continue
         step = steps[i]
         tag = step[0]
@@ -959,9 +960,6 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             assert cj.not_after is not None
             fields["state"] = ClientState.SKIPPED
             fields["message"] = f"schedule window closed at {rfc3339(cj.not_after)}"
-            recorded = history.get((cj.name, cid)) if history else None
-            if recorded is not None and recorded.revision == cj.revision:
-                fields["attempts"] = recorded.attempt
         elif tag == _FAILED:
             failed: Attempt = step[1]
             fields["state"] = ClientState.FAILED
@@ -1130,7 +1128,7 @@ def plan_client(index: RelayIndex, client: Client, history: History,
         gate.in_progress[cj.slot] = u.in_progress
         if cj.has_failure_limit and failures_exceeded(u.failed, u.targets, cj.max_failures):
             gate.halted[cj.slot] = _halt_message(u.failed, u.targets, cj.max_failures)
-    rows, actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=True,
+    rows, actions = _finish(ctx, client, decisions, steps, gate, dispatch=True,
                             shared=bool(jobset.shared))
     return ClientPlan(client.id, tuple(sorted((r for _, r in rows), key=attrgetter("job"))), tuple(actions))
 
@@ -1165,19 +1163,21 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     failed = [0] * size
     targets = [0] * size
     prepared: list[tuple[Client, list[_Decision], list[Any] | None]] = []
+    named_jobs = ctx.client_jobs
+    relay_set = ctx.relay_set
     for client in sorted(clients, key=attrgetter("id")):
-        jobset = ctx.jobs_for(client.id)
+        jobset = ctx.jobs_for(client.id) if client.id in named_jobs else relay_set
         if not jobset.jobs:
             continue
         facts = ctx.facts(client)
-        level = levels.get(facts)
-        if level is None:
-            level = levels[facts] = ctx.level(phases, facts)
         inst = {item.name: item.version for item in client.installed}
         # Clients alike (job set, facts, versions of the software concerned) share decisions.
-        shape = (id(jobset), id(level), *map(inst.get, jobset.names))
+        shape = (id(jobset), facts, *map(inst.get, jobset.names))
         entry = shapes.get(shape)
         if entry is None:
+            level = levels.get(facts)
+            if level is None:
+                level = levels[facts] = ctx.level(phases, facts)
             decisions = _decisions(ctx, jobset, level, phases, client, inst)
             entry = shapes[shape] = (decisions, tuple(d.target for d in decisions if d.final and d.target >= 0),
                                      all(d.final for d in decisions))
@@ -1216,8 +1216,8 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     append = [rows.append for rows in per_job]
     counts = [0] * (size * _NSTATES)
     actions: list[Action] = []
-    # Settled rows of one shape: their template, job, revision and list, counted by shape.
-    settled_rows: dict[int, tuple[list[_Decision], list[tuple[dict[str, Any], str, str, Any]]]] = {}
+    # Settled rows of one shape: their template and list, counted by shape.
+    settled_rows: dict[int, tuple[list[_Decision], list[tuple[dict[str, Any], Any]]]] = {}
     uses: dict[int, int] = {}
     for client, decisions, steps in prepared:
         cid = client.id
@@ -1225,22 +1225,17 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
             key = id(decisions)
             known = settled_rows.get(key)
             if known is None:
-                known = settled_rows[key] = (
-                    decisions, [(d.template, d.name, d.revision, append[d.slot]) for d in decisions])
+                known = settled_rows[key] = (decisions, [(d.template, append[d.slot]) for d in decisions])
                 uses[key] = 0
             uses[key] += 1
-            for template, job_name, revision, add in known[1]:
+            for template, add in known[1]:
                 row = _new(Row)
                 fields = row.__dict__
                 fields.update(template)
                 fields["client"] = cid
-                if hget is not None:
-                    recorded = hget((job_name, cid))
-                    if recorded is not None and recorded.revision == revision:
-                        fields["attempts"] = recorded.attempt
                 add(row)
             continue
-        rows, new_actions = _finish(ctx, client, decisions, steps, history, gate, dispatch=False,
+        rows, new_actions = _finish(ctx, client, decisions, steps, gate, dispatch=False,
                                     shared=bool(ctx.jobs_for(cid).shared))
         for slot, row in rows:
             append[slot](row)
