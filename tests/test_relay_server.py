@@ -365,3 +365,12 @@ def test_actions_whose_artifact_is_unavailable_are_held(relay: Relay) -> None:
     assert response["actions"] == [] and relay.store.operations_of("pc-1") == []
     assert relay.store.row_states_of("pc-1")["install-app"].state == "Pending"
     assert relay.state.usage.get("install-app") is None or relay.state.usage["install-app"].in_progress == 0
+
+
+def test_published_free_disk_is_rounded_to_whole_gib() -> None:
+    from reconciler.relay.loop import published_facts
+
+    facts = {"os": "linux", "freeDiskMB": 51_300}
+    assert published_facts(facts) == {"os": "linux", "freeDiskMB": 51_200}
+    assert published_facts({"freeDiskMB": 51_999}) == published_facts({"freeDiskMB": 51_300})
+    assert facts["freeDiskMB"] == 51_300 and published_facts({"os": "darwin"}) == {"os": "darwin"}

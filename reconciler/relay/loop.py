@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -71,6 +71,23 @@ REMOTE_RENDER_ROWS = 5000  # render status files in a helper process from this m
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+DISK_GRANULARITY_MB = 1024
+
+
+def published_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """Facts as inventory.json shows them: free disk rounded down to whole GiB.
+
+    Free disk space moves a little at nearly every check-in; published as
+    reported, it would make every pass a new status commit for a fleet where
+    nothing happened. Planning (``minFreeDiskMB``) uses the exact figure.
+    """
+    out = dict(facts)
+    disk = out.get("freeDiskMB")
+    if isinstance(disk, int) and not isinstance(disk, bool):
+        out["freeDiskMB"] = disk // DISK_GRANULARITY_MB * DISK_GRANULARITY_MB
+    return out
 
 
 class StartupError(Exception):
@@ -354,7 +371,7 @@ class RelayLoop:
             errors.append(f"planning failed: {type(e).__name__}: {e}")
             self.state.abort_usage_pass()
             the_plan = None
-        inventory = [report.InventoryEntry(id=r.id, facts=dict(r.facts), labels=dict(r.labels),
+        inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
                                            installed=r.inventory, online=online[r.id]) for r in records]
         self.state.errors = tuple(errors)
         # Rendering is O(fleet) and the costliest part of a pass: skip it when nothing it shows changed.
@@ -362,8 +379,8 @@ class RelayLoop:
             generation.commit, the_plan.rows if the_plan is not None else None,
             tuple((j.job, j.state, tuple(sorted(j.counts.items()))) for j in the_plan.jobs)
             if the_plan is not None else None, tuple(errors),
-            tuple((r.id, tuple(sorted(r.facts.items())), tuple(sorted(r.labels.items())), r.inventory, online[r.id])
-                  for r in records)))
+            tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed, e.online)
+                  for e in inventory)))
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
         files = self.renderer.render(self.name, generation.commit, the_plan, updated_at, inventory, errors)
