@@ -245,6 +245,32 @@ def test_requirement_messages_quote_each_clients_own_disk() -> None:
                                               "requires 1024 MB free disk, client has 800 MB", ""]
 
 
+def test_cached_decisions_tell_clients_apart_by_every_fact() -> None:
+    """Clients differing in one fact each, planned in one pass and one by one on the same index."""
+    specs = build(pkg("app", "1.0", requirements={"os": ["windows"], "arch": ["x86_64"], "minFreeDiskMB": 100,
+                                                  "labels": {"dept": "sales"}}), APP_JOB)
+    base = {"os": "windows", "arch": "x86_64", "disk": 500, "labels": {"dept": "sales", "host": "a"}}
+    variants = {
+        "pc-1": {},
+        "pc-2": {"labels": {"dept": "eng", "host": "b"}},
+        "pc-3": {"os": "linux"},
+        "pc-4": {"arch": "arm64"},
+        "pc-5": {"disk": 50},
+        "pc-6": {"labels": {"host": "c"}},
+        "pc-7": {"labels": {"dept": "sales", "host": "d"}},
+    }
+    clients = [client(cid, **{**base, **change}) for cid, change in variants.items()]
+    expected = {
+        "pc-1": "", "pc-2": "requires label dept=sales, client has dept=eng",
+        "pc-3": "requires os windows, client has linux", "pc-4": "requires arch x86_64, client has arm64",
+        "pc-5": "requires 100 MB free disk, client has 50 MB", "pc-6": "requires label dept=sales, client has no label dept",
+        "pc-7": ""}
+    index = index_relay(specs, "site")
+    for _ in range(2):  # a second pass reuses the index's caches
+        assert {r.client: r.message for r in plan_relay(index, clients, {}, NOW).rows} == expected
+        assert {c.id: plan_client(index, c, {}, {}, NOW).rows[0].message for c in reversed(clients)} == expected
+
+
 def test_requirements_do_not_gate_an_uninstall() -> None:
     specs = build(pkg("app", "1.0", requirements={"os": ["windows"]}),
                   job("remove-app", "app", uninstall=True))
@@ -416,6 +442,17 @@ def test_dependency_without_a_providing_job(installed: dict[str, str],
                                             expected: tuple[str, str | None, str]) -> None:
     specs = build(ADDIN, VCREDIST, ADDIN_JOB)
     assert states(run(specs, [client("pc-1", installed=installed)]))[("install-addin", "pc-1")] == expected
+
+
+def test_clients_alike_but_for_a_dependency_are_told_apart() -> None:
+    specs = build(pkg("report", "1.0", dependsOn=[{"name": "dotnet", "minVersion": "8"}]),
+                  job("install-report", "report", "1.0"))
+    index = index_relay(specs, "site")
+    clients = [client("pc-1", installed={"dotnet": "8.0"}), client("pc-2"), client("pc-3", installed={"dotnet": "6"}),
+               client("pc-4", installed={"dotnet": "9"})]
+    for _ in range(2):
+        assert {r.client: r.state.value for r in plan_relay(index, clients, {}, NOW).rows} == {
+            "pc-1": "Pending", "pc-2": "Skipped", "pc-3": "Skipped", "pc-4": "Pending"}
 
 
 def test_dependency_and_dependent_go_out_together_dependency_first() -> None:
