@@ -28,6 +28,7 @@ from typing import Any
 
 from reconciler import report, specs
 from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, redact_url
+from reconciler.logs import configure_logging
 from reconciler.report import Accepted, RelayStatus, ReportError
 from reconciler.specs import LoadResult, SpecError, Specs
 from reconciler.webhook import ListenError, Server, make_app, read_secret_file
@@ -274,19 +275,8 @@ class Hq:
 # ------------------------------------------------------------------- shell
 
 
-def _configure_logging() -> None:
-    root = logging.getLogger("reconciler")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    # The git layer's own info lines (each publish) would double our one line per pass.
-    logging.getLogger("reconciler.gitstore").setLevel(logging.WARNING)
-
-
 def main(args: argparse.Namespace) -> int:
-    _configure_logging()
+    configure_logging()
     secret: bytes | None = None
     if args.webhook_secret_file:
         try:

@@ -41,6 +41,7 @@ from typing import Any
 
 from reconciler import plan, report
 from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, redact_url
+from reconciler.logs import configure_logging
 from reconciler.relay.artifacts import ArtifactCache, packages_to_stage, with_artifact_revisions
 from reconciler.relay.server import (
     Generation,
@@ -460,16 +461,6 @@ class RelayLoop:
 # ------------------------------------------------------------------ the process
 
 
-def _configure_logging() -> None:
-    root = logging.getLogger("reconciler")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.getLogger("reconciler.gitstore").setLevel(logging.WARNING)
-
-
 def _lock_workdir(workdir: Path) -> Any:
     """Hold an exclusive lock on ``<workdir>/relay.lock``: two relays must never share a database."""
     handle = open(workdir / "relay.lock", "a+")  # noqa: SIM115 - held for the process's life
@@ -510,7 +501,7 @@ class _Wakeup:
 
 
 def main(args: argparse.Namespace) -> int:
-    _configure_logging()
+    configure_logging()
     name: str = args.name
     if not NAME_PATTERN.match(name):
         print(f"reconciler relay: invalid relay name {name!r}", file=sys.stderr)
