@@ -486,7 +486,7 @@ def _compose(path: str, data: bytes) -> _Document:
         mark = e.problem_mark or e.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         message = f"YAML syntax error: {e.problem or e.context or 'invalid YAML'}"
-        if e.problem and e.context and e.context_mark and (e.context_mark.line, e.context_mark.column) != (mark.line, mark.column):
+        if e.problem and e.context and e.context_mark and mark and (e.context_mark.line, e.context_mark.column) != (mark.line, mark.column):
             message += f" ({e.context} started at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
         raise _FileErrors([SpecError(path, line, column, message)]) from None
     except yaml.reader.ReaderError as e:
@@ -548,10 +548,12 @@ def _schema_message(error: ValidationError, pointer: str, raw: str | None = None
             message += f" (YAML reads it as a number; quote it: \"{raw or error.instance}\")"
         return message
     if kind == "pattern":
-        meaning = _PATTERN_MEANINGS.get(error.validator_value, f"does not match {error.validator_value}")
+        pattern = str(error.validator_value)
+        meaning = _PATTERN_MEANINGS.get(pattern, f"does not match {pattern}")
         return f"{where}: {_describe(error.instance)} {meaning}"
     if kind == "enum":
-        allowed = ", ".join(str(v) for v in error.validator_value)
+        choices: Any = error.validator_value
+        allowed = ", ".join(str(v) for v in choices)
         return f"{where}: {_describe(error.instance)} is not one of: {allowed}"
     if kind == "const":
         return f"{where}: must be {_describe(error.validator_value)}, got {_describe(error.instance)}"
@@ -600,14 +602,16 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
                 found.append(doc.error(sub_pointer, _schema_message(deepest, sub_pointer, doc.raw_scalars.get(sub_pointer))))
                 continue
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-            allowed = set(error.schema.get("properties", {}))
+            schema: Any = error.schema
+            allowed = set(schema.get("properties", {}))
             for key in sorted(set(error.instance) - allowed):
                 child = f"{pointer}/{_escape(key)}"
                 hint = ", ".join(sorted(allowed))
                 found.append(doc.error(child, f"{child}: unknown field {key!r} (allowed: {hint})", at_key=True))
             continue
         if error.validator == "required" and isinstance(error.instance, dict):
-            for key in error.validator_value:
+            required: Any = error.validator_value
+            for key in required:
                 if key not in error.instance:
                     found.append(doc.error(pointer, f"{pointer or '/'}: missing required field {key!r}", at_key=True))
             continue
@@ -864,9 +868,9 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
         docs[path] = doc
         kind = _expected_kind(path)
         if kind is Kind.TOPOLOGY:
-            topology, topo_errors = _build_topology(doc)
+            built_topology, topo_errors = _build_topology(doc)
             errors.extend(topo_errors)
-            topologies.append((doc, topology))
+            topologies.append((doc, built_topology))
         elif kind is Kind.PACKAGE:
             package, pkg_errors = _build_package(doc, check_artifact)
             errors.extend(pkg_errors)

@@ -148,7 +148,7 @@ class Server:
     """A waitress server on a daemon thread; ``port`` is the bound port (useful with port 0)."""
 
     def __init__(self, app: WSGIApp, listen: str, *, threads: int = 4, name: str = "http") -> None:
-        from waitress.server import create_server
+        from waitress.server import create_server  # type: ignore[import-untyped]
 
         host, port = parse_listen(listen)
         self._server: Any = create_server(app, host=host, port=port, threads=threads,
@@ -175,7 +175,7 @@ class Server:
 
     def close(self) -> None:
         """Stop accepting, close every connection and end the serving thread."""
-        from waitress import wasyncore
+        from waitress import wasyncore  # type: ignore[import-untyped]
 
         self._server.task_dispatcher.shutdown()
         wasyncore.close_all(self._server._map, ignore_all=True)  # an empty map ends the loop
