@@ -375,6 +375,7 @@ def _halt_message(failed: int, targets: int, max_failures: int | str | None) -> 
 # constructor makes (==, hash, repr, dataclasses.replace all agree), and no
 # one sees it before it is complete.
 _new = object.__new__
+_setattr = object.__setattr__
 
 
 # ------------------------------------------------------------------ index
@@ -932,7 +933,9 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
     starting = [False] * len(decisions)  # the row's change goes out in this plan
     new: list[tuple[int, dict[str, Any], int, str]] = []  # (position, fields, attempt, previous op)
     repeated: list[tuple[int, dict[str, Any], Action]] = []  # in-progress actions handed out again
-    ready: list[tuple[int, dict[str, Any], tuple[Any, ...]]] = []  # rows that would start
+    ready: list[tuple[int, dict[str, Any], tuple[Any, ...]]] = []  # rows that would start once others do
+    halted = gate.halted
+    in_progress = gate.in_progress
     for i, d in enumerate(decisions):
         cj = d.cj
         # Rows are filled in place: a row is only handed out once this function returns.
@@ -947,7 +950,22 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         tag = step[0]
         if tag == _READY:
             fields["attempts"] = step[3]
-            ready.append((i, fields, step))
+            if d.waits:
+                ready.append((i, fields, step))
+                continue
+            # Nothing to wait for: only rollout can hold it back.
+            slot = d.slot
+            blocked = halted[slot]
+            if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
+                blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
+            if blocked is not None:
+                fields["message"] = blocked
+                continue
+            starting[i] = True
+            fields["state"] = start_state
+            fields["action"] = d.kind
+            fields["message"] = step[4]
+            new.append((i, fields, step[1], step[2]))
         elif tag == _PROGRESS:
             a: Attempt = step[1]
             fields["state"] = ClientState.IN_PROGRESS
@@ -974,8 +992,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields["message"] = f"{text}; last attempt: {step[3]}" if step[3] else text
 
     depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: dependencies go first
-    halted = gate.halted
-    in_progress = gate.in_progress
+    deep = False
     while ready:
         # A row starts once every row it waits for starts in this plan (then rollout decides);
         # rows freed by a start are retried until nothing moves.
@@ -1007,6 +1024,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
                 continue
             starting[i] = True
             depth[i] = below
+            deep = True
             fields["state"] = start_state
             fields["action"] = d.kind
             fields["message"] = step[4]
@@ -1046,14 +1064,15 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         op = "op-" + digest.hexdigest()[:24]
         fields["operation_id"] = op
         action = _new(Action)
-        action.__dict__.update({
+        _setattr(action, "__dict__", {
             "operation_id": op, "job": cj.name, "client": cid, "kind": d.kind, "package": d.package,
             "name": cj.software, "version": d.version, "previous_version": d.previous,
             "revision": cj.revision, "rerun": cj.rerun, "attempt": number, "timeout_seconds": d.timeout})
         ordered.append(((cj.order[0], depth[i], cj.name), action))
         if take:
             in_progress[cj.slot] += 1
-    if len(ordered) > 1:
+    if len(ordered) > 1 and (deep or repeated or owners is not None):
+        # (otherwise the actions are in processing order already: uninstalls, then by name)
         ordered.sort(key=lambda pair: pair[0])
     return rows, [action for _, action in ordered]
 
@@ -1096,6 +1115,57 @@ def _repeat(ctx: _Context, d: _Decision, a: Attempt, cid: str) -> Action:
 
 
 # ------------------------------------------------------------ public API
+
+
+_UNSEEN: Any = object()
+
+
+class _Replay:
+    """One client's rows and new actions, to make again for another client of the same shape.
+
+    Only for clients without history (every new action is attempt 1 with no
+    previous operation), so only the client id and the operation ids differ.
+    """
+
+    __slots__ = ("rows", "actions")
+
+    def __init__(self, ctx: _Context, rows: list[tuple[int, Row]], actions: list[Action]) -> None:
+        position = {a.operation_id: k for k, a in enumerate(actions)}
+        # (job slot, Row fields, index of the action whose operation id the row shows, or -1)
+        self.rows = [(slot, dict(row.__dict__), position.get(row.operation_id or "", -1)) for slot, row in rows]
+        # (Action fields, sha256 state after the leading fields, the text after the client, job slot)
+        self.actions = []
+        for a in actions:
+            cj = ctx.compiled[a.job]
+            assert a.attempt == 1
+            self.actions.append((dict(a.__dict__), cj.hasher, f"\x1f{a.name}\x1f{a.version or ''}\x1f1\x1f",
+                                 cj.slot))
+
+    def play(self, cid: str, online: bool, append: Sequence[Any], counts: list[int], out: list[Action],
+             in_progress: list[int]) -> None:
+        ops: list[str] = []
+        for fields, hasher, tail, slot in self.actions:
+            digest = hasher.copy()
+            digest.update(f"{cid}{tail}".encode())
+            op = "op-" + digest.hexdigest()[:24]
+            ops.append(op)
+            made = fields.copy()
+            made["operation_id"] = op
+            made["client"] = cid
+            action = _new(Action)
+            _setattr(action, "__dict__", made)
+            out.append(action)
+            if online:
+                in_progress[slot] += 1
+        for slot, fields, ref in self.rows:
+            made = fields.copy()
+            made["client"] = cid
+            if ref >= 0:
+                made["operation_id"] = ops[ref]
+            row = _new(Row)
+            _setattr(row, "__dict__", made)
+            append[slot](row)
+            counts[slot * _NSTATES + _STATE_INDEX[made["state"]]] += 1
 
 
 def _inventory(client: Client) -> dict[str, str]:
@@ -1162,7 +1232,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     in_progress = [0] * size
     failed = [0] * size
     targets = [0] * size
-    prepared: list[tuple[Client, list[_Decision], list[Any] | None]] = []
+    prepared: list[tuple[Client, list[_Decision], list[Any] | None, bool]] = []
     named_jobs = ctx.client_jobs
     relay_set = ctx.relay_set
     for client in sorted(clients, key=attrgetter("id")):
@@ -1185,15 +1255,18 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         for s in counted:
             targets[s] += 1
         steps: list[Any] | None = None
+        fresh = True  # no history for any row with a gap
         if not settled:
             steps = [None] * len(decisions)
             for i, d in enumerate(decisions):
                 if d.final:
                     continue
-                if hget is None:
+                recorded = hget((d.name, client.id)) if hget is not None else None
+                if recorded is None:
                     step = steps[i] = _CLOSED_STEP if d.closed else _FRESH
                 else:
-                    step = steps[i] = _history_step(ctx, d, hget((d.name, client.id)), now)
+                    fresh = False
+                    step = steps[i] = _history_step(ctx, d, recorded, now)
                 tag = step[0]
                 if tag != _CLOSED:
                     targets[d.slot] += 1
@@ -1201,7 +1274,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
                         failed[d.slot] += 1
                     elif tag == _PROGRESS and client.online:
                         in_progress[d.slot] += 1
-        prepared.append((client, decisions, steps))
+        prepared.append((client, decisions, steps, fresh))
 
     gate = _Gate(size, take=True)
     gate.in_progress = in_progress
@@ -1219,7 +1292,13 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     # Settled rows of one shape: their template and list, counted by shape.
     settled_rows: dict[int, tuple[list[_Decision], list[tuple[dict[str, Any], Any]]]] = {}
     uses: dict[int, int] = {}
-    for client, decisions, steps in prepared:
+    # Clients of one shape without history get the same rows and actions but for their id
+    # (and operation ids), as long as the rollout slots they could take are as free: the first
+    # one's result is replayed for the others.
+    replays: dict[tuple[Any, ...], _Replay | None] = {}
+    limited: dict[int, tuple[tuple[int, int], ...]] = {}
+    in_progress = gate.in_progress
+    for client, decisions, steps, fresh in prepared:
         cid = client.id
         if steps is None:
             key = id(decisions)
@@ -1235,12 +1314,29 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
                 fields["client"] = cid
                 add(row)
             continue
+        replay_key: tuple[Any, ...] | None = None
+        if fresh:
+            caps = limited.get(id(decisions))
+            if caps is None:
+                caps = limited[id(decisions)] = tuple(
+                    (d.slot, d.cj.max_concurrent) for d in decisions
+                    if not d.final and d.cj.max_concurrent is not None)
+            replay_key = (id(decisions), *(in_progress[slot] < cap for slot, cap in caps))
+            replay = replays.get(replay_key, _UNSEEN)
+            if replay is _UNSEEN:
+                replays[replay_key] = None  # worth a replay only once a shape comes back
+                replay_key = None
+            elif replay is not None:
+                replay.play(cid, client.online, append, counts, actions, in_progress)
+                continue
         rows, new_actions = _finish(ctx, client, decisions, steps, gate, dispatch=False,
                                     shared=bool(ctx.jobs_for(cid).shared))
         for slot, row in rows:
             append[slot](row)
             counts[slot * _NSTATES + _STATE_INDEX[row.state]] += 1
         actions.extend(new_actions)
+        if replay_key is not None:
+            replays[replay_key] = _Replay(ctx, rows, new_actions)
 
     for key, (decisions, _) in settled_rows.items():
         for d in decisions:

@@ -6,6 +6,7 @@ destinations, suspended, scheduled, downgrades, uninstalls) and clients with
 random facts and inventories. The properties:
 
 * the same input gives the same plan, whatever the order of the clients;
+* without rollout limits, a relay's plan is its clients' plans side by side;
 * convergence: applying every action to the inventory and planning again
   (no history) leaves no action and no Pending row except rows waiting for
   a future schedule or for a dependency that waits for one;
@@ -176,6 +177,19 @@ def test_same_input_same_plan(fleet: Fleet) -> None:
     first = plan_all(fleet)
     assert plan_all(fleet) == first
     assert plan_all(fleet, list(reversed(fleet.clients))) == first
+
+
+@PROPERTY
+@given(fleets())
+def test_without_rollout_limits_each_client_is_planned_on_its_own(fleet: Fleet) -> None:
+    # twins (same facts and inventory, another id) exercise the reuse of a client's plan
+    twins = tuple(replace(c, id=f"{c.id}-twin") for c in fleet.clients)
+    clients = fleet.clients + twins
+    for relay, together in plan_all(fleet, clients).items():
+        index = index_relay(fleet.specs, relay)
+        alone = [plan_relay(index, [c], {}, NOW) for c in sorted(clients, key=lambda c: c.id) if c.relay == relay]
+        assert together.rows == tuple(sorted((r for p in alone for r in p.rows), key=lambda r: (r.job, r.client)))
+        assert together.actions == tuple(a for p in alone for a in p.actions)
 
 
 WAITING = re.compile(r"^(scheduled for |waiting for dependency )")
