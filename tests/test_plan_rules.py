@@ -467,7 +467,7 @@ def test_dependent_waits_while_the_provider_is_not_starting(provider_state: str)
     extra: dict[str, Any] = {}
     if provider_state == "scheduled":
         extra = {"schedule": {"notBefore": "2027-01-01T00:00:00Z"}}
-    if provider_state == "slot":
+    if provider_state == "slot":  # pc-1 takes the only slot
         extra = {"rollout": {"maxConcurrent": 1}}
     specs = build(ADDIN, VCREDIST, ADDIN_JOB, job("install-vcredist", "vcredist", "14.38", **extra))
     history: dict[tuple[str, str], Attempt] = {}
@@ -477,8 +477,6 @@ def test_dependent_waits_while_the_provider_is_not_starting(provider_state: str)
     if provider_state == "retry wait":
         history[("install-vcredist", "pc-2")] = attempt(specs, "install-vcredist", "pc-2", n=1,
                                                         at=NOW - timedelta(seconds=30))
-    if provider_state == "slot":  # pc-1 takes the only slot
-        pass
     plan = run(specs, [client("pc-1"), client("pc-2")], history)
     assert states(plan)[("install-addin", "pc-2")] == ("Pending", None, "waiting for dependency vcredist")
     assert not any(a.client == "pc-2" and a.job == "install-addin" for a in plan.actions)
