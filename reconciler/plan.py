@@ -1178,7 +1178,12 @@ def plan_client(index: RelayIndex, client: Client, history: History,
 
     ``history`` needs only this client's entries (it may hold others). Rows
     that get a new action are ``InProgress``: the caller hands the actions out
-    in this reply and records them as dispatched.
+    in this reply and records them as dispatched. ``usage[job]`` is what the
+    relay counts on its rows (as :func:`plan_relay` does): ``in_progress``
+    online clients InProgress, ``failed`` rows Failed, ``targets`` rows not
+    Skipped; a job missing from it counts as all zero. A new start needs
+    ``in_progress < maxConcurrent`` and ``maxFailures`` not exceeded; the
+    caller adds the starts to ``in_progress``.
     """
     now = _aware(now)
     ctx = _context(index)
