@@ -225,7 +225,9 @@ def progress_line(report: dict[str, Any]) -> str:
         if failed:
             text += f" ({failed} failed)"
         parts.append(text)
-    return " | ".join(parts) if parts else "waiting for HQ to accept main"
+    if not any(sum(job.get("counts", {}).values()) for job in report.get("jobs", [])):
+        return "waiting for the relays to report their clients"
+    return " | ".join(parts)
 
 
 class Progress:
