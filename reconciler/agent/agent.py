@@ -7,6 +7,10 @@ are re-sent until a check-in reply arrives, so a relay that is down, restarted
 or slow loses nothing. That makes the agent's disk the only state that
 matters, and every piece of it is written atomically (see ``journal.py`` and
 ``installers.py``): an agent killed at any moment converges when restarted.
+That includes an installer command still running when the agent was killed
+(it runs in its own session, so it outlives the agent): the restarted agent
+waits for it, up to its timeout, then kills it, before running anything, so
+the same installer never runs twice at once.
 
 Relay failures are classified at the HTTP boundary: unreachable or 5xx
 (:class:`RelayUnavailable`, back off exponentially up to the poll interval),
@@ -48,12 +52,15 @@ from reconciler.agent.installers import (
     InstallerSpec,
     Layout,
     Outcome,
+    ProcessHook,
+    ProcessRecord,
     check_segment,
     install,
+    settle_orphan,
     uninstall,
 )
 from reconciler.agent.installers import inventory as confirmed_inventory
-from reconciler.agent.journal import FINISHED, Journal, format_time, utc_now, write_atomic
+from reconciler.agent.journal import FINISHED, Entry, Journal, format_time, utc_now, write_atomic
 
 log = logging.getLogger("reconciler.agent")
 
@@ -340,6 +347,7 @@ class Agent:
         self.journal = Journal(self.layout.journal, now)
         self.log = _ClientLog(log, {"client": client_id})
         prune_cache(self.layout)
+        self.settle_interrupted()
 
     # -- state
 
@@ -417,6 +425,43 @@ class Agent:
 
     # -- actions
 
+    def settle_interrupted(self) -> None:
+        """At start-up: wait out (or kill) installer commands a killed agent left running.
+
+        Done before the first check-in, because that already runs ``detect``
+        commands, and any action after it might touch the same package. The
+        operations stay ``started``: the relay sends them again, and they run
+        again then, with nothing left over from the first attempt.
+        """
+        for entry in self.journal.interrupted():
+            try:
+                self._settle(entry)
+            except InstallError as exc:  # the operation fails when it is sent again
+                self.log.error("operation %s: %s", entry.operation_id, exc.message)
+
+    def _settle(self, entry: Entry | None) -> None:
+        """Make sure the command a started operation recorded no longer runs, then forget it.
+
+        Its exit status died with the killed agent (only a parent can collect
+        it), so the operation is run again afterwards; installs converge.
+        """
+        if entry is None or entry.process is None:
+            return
+        try:
+            record = ProcessRecord.from_dict(entry.process)
+        except ValueError as exc:
+            self.log.warning("operation %s: unreadable process record (%s); ignored", entry.operation_id, exc)
+        else:
+            self.log.info("operation %s interrupted: %s", entry.operation_id,
+                          settle_orphan(record))
+        self.journal.record_process(entry.operation_id, None)
+
+    def _track(self, operation_id: str) -> ProcessHook:
+        """Journal each command of an operation while it runs (see :meth:`_settle`)."""
+        def track(record: ProcessRecord | None) -> None:
+            self.journal.record_process(operation_id, record.to_dict() if record is not None else None)
+        return track
+
     def _execute(self, action: Mapping[str, Any]) -> Outcome:
         """Carry out one action; raises :class:`InstallError` with the message for the relay."""
         kind = action.get("action")
@@ -428,7 +473,7 @@ class Agent:
         operation_id = str(action["operationId"])
         if kind == "uninstall":
             only = None if raw_version is None else check_segment(raw_version, "package version")
-            return uninstall(self.layout, name, only, operation_id)
+            return uninstall(self.layout, name, only, operation_id, self._track(operation_id))
         if kind not in ("install", "upgrade", "downgrade"):
             raise InstallError(f"unknown action {kind!r}")
         version = check_segment(raw_version, "package version")
@@ -438,14 +483,17 @@ class Agent:
         artifact = self.fetch(ref)
         if previous:
             self.log.info("%s %s: replacing %s with %s", kind, name, previous, version)
-        return install(self.layout, name, version, installer, artifact, ref, operation_id, self._now())
+        return install(self.layout, name, version, installer, artifact, ref, operation_id, self._now(),
+                       self._track(operation_id))
 
     def run_action(self, action: Any) -> dict[str, Any] | None:
         """Run one action exactly once per operationId, journalled; returns its result.
 
         An operation the journal knows as finished is not run again: its stored
-        result is queued to be re-sent. ``None`` for an action without an
-        operationId, which cannot be reported and is skipped.
+        result is queued to be re-sent. One left ``started`` runs again, but
+        only once the command it was running is gone (:meth:`_settle`).
+        ``None`` for an action without an operationId, which cannot be
+        reported and is skipped.
         """
         operation_id = action.get("operationId") if isinstance(action, dict) else None
         if not isinstance(operation_id, str) or not operation_id:
@@ -457,6 +505,10 @@ class Agent:
                           operation_id, entry.result.get("status"))
             self.journal.requeue(operation_id)
             return dict(entry.result)
+        try:
+            self._settle(entry)
+        except InstallError as exc:
+            return self._finish(operation_id, "failed", None, exc.message)
         self.journal.start(operation_id, action)
         try:
             outcome = self._execute(action)
@@ -467,6 +519,10 @@ class Agent:
         except Exception as exc:  # always record an outcome: a bug must not wedge the operation
             self.log.exception("operation %s crashed", operation_id)
             status, exit_code, message = "failed", None, f"agent error: {type(exc).__name__}: {exc}"
+        return self._finish(operation_id, status, exit_code, message)
+
+    def _finish(self, operation_id: str, status: str, exit_code: int | None, message: str) -> dict[str, Any]:
+        """Journal an operation's result (to be reported at the next check-in) and log it."""
         result = {"operationId": operation_id, "status": status, "exitCode": exit_code,
                   "message": _cut(message, MESSAGE_LIMIT), "finishedAt": format_time(self._now())}
         self.journal.finish(operation_id, result)

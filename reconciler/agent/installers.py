@@ -7,6 +7,7 @@ Layout under the agent root (see :class:`Layout`)::
     packages/<name>/<version>/    the unpacked artifact
     cache/<sha256>                verified downloads (``<sha256>.part`` while in flight)
     journal/                      operations (see ``journal.py``)
+    detect-process.json           the ``detect`` command running right now, if any
 
 Two installer types (DESIGN section 6):
 
@@ -41,6 +42,18 @@ The same values are in the environment as ``RECONCILER_ROOT`` and
 ``RECONCILER_PACKAGE_VERSION``, and the client's ``RECONCILER_CLIENT_ID``,
 ``RECONCILER_OS`` and ``RECONCILER_ARCH`` as reported, overrides included).
 
+Because a command runs in its own session, it survives a ``kill -9`` of the
+agent. So every command is recorded while it runs (pid, start time, timeout:
+:class:`ProcessRecord`, in the operation's journal entry or, for ``detect``,
+in ``detect-process.json``), and :func:`settle_orphan` lets a restarted agent
+wait for such an orphan, up to the command's timeout, then kill its group,
+before it runs anything again. The start time (Linux: ``/proc/<pid>/stat``
+field 22, with the boot id) is what keeps a recycled pid from being waited
+for or killed. Elsewhere only the pid is recorded: on other POSIX systems a
+process counts as the orphan if it has that pid and still leads its own
+session (as the orphan did), which a recycled pid rarely does; on Windows an
+orphan cannot be recognised at all, so it is not waited for (a known gap).
+
 A receipt is written only after a successful install, atomically; its presence
 is what "installed" means. A receipt whose installer has a ``detect`` argv is
 confirmed by running it (exit 0 = present), and a ``files`` package whose
@@ -60,19 +73,22 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from reconciler.agent.journal import format_time, quarantine, utc_now, write_json_atomic
+from reconciler.agent.journal import format_time, parse_time, quarantine, utc_now, write_json_atomic
 
 log = logging.getLogger("reconciler.agent")
 
 OUTPUT_TAIL_CHARS = 2000
 DEFAULT_TIMEOUT_SECONDS = 600.0
 DETECT_TIMEOUT_SECONDS = 60.0
+ORPHAN_POLL_SECONDS = 0.05  # how often a restarted agent looks whether an orphaned command ended
+KILL_GRACE_SECONDS = 10.0  # how long a SIGKILLed orphan may take to go
 
 # Names and versions become directory names: one path segment, no leading dot
 # (dot-entries are the agent's own staging directories).
@@ -129,6 +145,10 @@ class Layout:
     @property
     def journal(self) -> Path:
         return self.root / "journal"
+
+    @property
+    def detect_process(self) -> Path:
+        return self.root / "detect-process.json"
 
     def receipt(self, name: str) -> Path:
         return self.receipts / f"{check_segment(name, 'package name')}.json"
@@ -330,15 +350,47 @@ def is_present(layout: Layout, receipt: Receipt) -> bool:
     cwd = package_dir if package_dir.is_dir() else layout.root
     try:
         result = run_command(receipt.installer.detect, cwd, layout, receipt.name, receipt.version,
-                             min(receipt.installer.timeout_seconds, DETECT_TIMEOUT_SECONDS))
+                             min(receipt.installer.timeout_seconds, DETECT_TIMEOUT_SECONDS),
+                             lambda record: _track_detect(layout, record))
     except InstallError as exc:
         log.info("detect for %s %s failed: %s", receipt.name, receipt.version, exc.message)
         return False
     return result.exit_code == 0 and not result.timed_out
 
 
+def _track_detect(layout: Layout, record: ProcessRecord | None) -> None:
+    """Record the running ``detect`` command: it belongs to no operation, so it gets its own file."""
+    if record is None:
+        layout.detect_process.unlink(missing_ok=True)
+    else:
+        write_json_atomic(layout.detect_process, record.to_dict())
+
+
+def settle_detect(layout: Layout) -> None:
+    """Before detecting again, wait out (or kill) a ``detect`` a killed agent left running.
+
+    A process that survives SIGKILL is beyond the agent: it is logged, and its
+    record kept so the next check-in tries again.
+    """
+    path = layout.detect_process
+    try:
+        record = ProcessRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        quarantine(path, str(exc))
+        return
+    try:
+        log.info("interrupted detect command: %s", settle_orphan(record))
+    except InstallError as exc:
+        log.error("%s", exc.message)
+        return
+    path.unlink(missing_ok=True)
+
+
 def inventory(layout: Layout) -> list[dict[str, str]]:
     """What is installed, confirmed: the ``inventory`` of a check-in."""
+    settle_detect(layout)
     return [{"name": r.name, "version": r.version} for r in read_receipts(layout) if is_present(layout, r)]
 
 
@@ -374,6 +426,135 @@ def _tail(handle: BinaryIO, limit: int = OUTPUT_TAIL_CHARS) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A running installer command, as recorded while the agent waits on it.
+
+    ``start_time`` identifies the process beyond its pid, which the system
+    hands out again once the process is gone: ``<boot id>:<start ticks>`` on
+    Linux, ``None`` where there is no cheap way to read it (module docstring).
+    ``started_at`` and ``timeout_seconds`` let a restarted agent give an orphan
+    what is left of its timeout, not a new one.
+    """
+
+    pid: int
+    start_time: str | None
+    started_at: str
+    timeout_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "startTime": self.start_time, "startedAt": self.started_at,
+                "timeoutSeconds": self.timeout_seconds}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ProcessRecord:
+        """Parse a stored record; ``ValueError`` for any shape we did not write."""
+        if not isinstance(data, dict):
+            raise ValueError("process record is not an object")
+        pid, start_time = data.get("pid"), data.get("startTime")
+        started_at, timeout = data.get("startedAt"), data.get("timeoutSeconds")
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ValueError(f"invalid pid {pid!r}")
+        if start_time is not None and not isinstance(start_time, str):
+            raise ValueError(f"invalid startTime {start_time!r}")
+        if not isinstance(started_at, str):
+            raise ValueError(f"invalid startedAt {started_at!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"invalid timeoutSeconds {timeout!r}")
+        return cls(pid, start_time, started_at, float(timeout))
+
+
+# Called with the record once a command has started, and with None once it has ended.
+ProcessHook = Callable[[ProcessRecord | None], None]
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, "<boot id>:<start ticks>")`` from Linux ``/proc``; ``None`` if unreadable or gone.
+
+    The boot id makes the identity unique across reboots too: start ticks
+    count from boot, and early boot runs much the same way every time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    # field 2 (comm) is in parentheses and may hold spaces or ")"; field 3 follows the last ")"
+    fields = stat[stat.rfind(")") + 1:].split()
+    if len(fields) < 20:
+        return None
+    return fields[0], f"{boot_id}:{fields[19]}"  # fields 3 (state) and 22 (starttime)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The identity of process ``pid`` that survives pid reuse; ``None`` off Linux (or if gone)."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat is not None else None
+
+
+def is_running(record: ProcessRecord) -> bool:
+    """Whether the recorded process still runs; a recycled pid or a zombie does not count.
+
+    A zombie is an orphan that has ended: its parent is now init (or whatever
+    adopted it), which may reap it late or, in some containers, never.
+    """
+    if record.start_time is not None:
+        stat = _proc_stat(record.pid)
+        return stat is not None and stat[0] not in ("Z", "X", "x") and stat[1] == record.start_time
+    if os.name == "nt":
+        return False  # a Windows pid cannot be matched to the recorded process (module docstring)
+    try:
+        # commands start a new session, so the orphan leads its own session; a recycled pid rarely does
+        return os.getsid(record.pid) == record.pid
+    except OSError:
+        return False
+
+
+def settle_orphan(record: ProcessRecord) -> str:
+    """Make sure a recorded command no longer runs, so it never runs beside its own re-run.
+
+    Waits for it while what is left of its timeout runs (measured from the
+    recorded start), then kills its process group: it started a new session,
+    so it leads that group and the group holds whatever it forked. A process
+    whose identity does not match the record is someone else's and is left
+    alone. Returns what happened, for the log; :class:`InstallError` if the
+    process survives SIGKILL (then running the operation again is refused).
+    """
+    if not is_running(record):
+        if record.start_time is None and os.name == "nt":
+            return f"pid {record.pid} cannot be checked on Windows; assumed gone"
+        return f"pid {record.pid} is no longer running"
+    started = parse_time(record.started_at)
+    # wall-clock time on both sides (not an agent's injected clock): this is about a real process
+    elapsed = (utc_now() - started).total_seconds() if started is not None else 0.0
+    remaining = min(max(record.timeout_seconds - elapsed, 0.0), record.timeout_seconds)
+    log.warning("an interrupted installer command (pid %d) is still running; waiting up to %.0f s for it "
+                "before killing it", record.pid, remaining)
+    deadline = time.monotonic() + remaining
+    while is_running(record):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return _kill_orphan(record)
+        time.sleep(min(ORPHAN_POLL_SECONDS, left))
+    return f"pid {record.pid} ended by itself"
+
+
+def _kill_orphan(record: ProcessRecord) -> str:
+    """SIGKILL the orphan's group (it leads it: new session) and see it go."""
+    if os.name != "nt":
+        try:
+            os.killpg(record.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # ended between the check and the kill
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while is_running(record):
+        if time.monotonic() >= deadline:
+            raise InstallError(f"an interrupted installer command (pid {record.pid}) survived SIGKILL; "
+                               f"not running another beside it")
+        time.sleep(ORPHAN_POLL_SECONDS)
+    return f"pid {record.pid} killed after its {record.timeout_seconds:g} s timeout"
+
+
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     """Kill the command and everything it started; an installer often forks helpers."""
     if os.name == "nt":
@@ -388,11 +569,14 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_command(argv: Sequence[str], cwd: Path, layout: Layout, name: str, version: str,
-                timeout: float) -> CommandResult:
+                timeout: float, track: ProcessHook | None = None) -> CommandResult:
     """Run an installer command without a shell, in ``cwd``, killed after ``timeout`` seconds.
 
     Output goes to a temporary file rather than a pipe: a helper left running in
     the background could otherwise hold the pipe open and hang the agent.
+    ``track`` is told about the process before the agent waits on it and again
+    once it has ended; if recording fails, the command is killed, since an
+    unrecorded command is one a restarted agent could run a second time.
     """
     package_dir = layout.package_dir(name, version)
     args = substitute(argv, layout.root, package_dir)
@@ -411,6 +595,13 @@ def run_command(argv: Sequence[str], cwd: Path, layout: Layout, name: str, versi
                                     stderr=subprocess.STDOUT, **kwargs)
         except OSError as exc:
             raise InstallError(f"cannot run {args[0]!r}: {exc.strerror or exc}") from exc
+        if track is not None:
+            try:  # the child is not reaped before wait(), so its start time is still readable
+                track(ProcessRecord(proc.pid, process_start_time(proc.pid), format_time(utc_now()), timeout))
+            except BaseException:
+                _kill_tree(proc)
+                proc.wait()
+                raise
         try:
             code: int | None = proc.wait(timeout=timeout)
             timed_out = False
@@ -418,6 +609,8 @@ def run_command(argv: Sequence[str], cwd: Path, layout: Layout, name: str, versi
             _kill_tree(proc)
             proc.wait()
             code, timed_out = None, True
+        if track is not None:
+            track(None)
         return CommandResult(code, _tail(out), timed_out)
 
 
@@ -560,14 +753,16 @@ def _place(staging: Path, target: Path, operation_id: str) -> None:
 
 
 def install(layout: Layout, name: str, version: str, installer: InstallerSpec, artifact: Path,
-            ref: ArtifactRef, operation_id: str, now: datetime | None = None) -> Outcome:
+            ref: ArtifactRef, operation_id: str, now: datetime | None = None,
+            track: ProcessHook | None = None) -> Outcome:
     """Install ``name`` ``version`` from a verified artifact; the receipt is written last.
 
     Whatever version of ``name`` is installed now (per its receipt) is removed
     first, so install, upgrade and downgrade are one operation: the receipt is
     the truth about what is there, ``previousVersion`` only what the relay
     believed. The new artifact is unpacked and checked *before* the old version
-    goes, so a refused archive changes nothing.
+    goes, so a refused archive changes nothing. ``track`` records each command
+    while it runs (see :func:`run_command`).
     """
     target = layout.package_dir(name, version)
     name_dir = target.parent
@@ -578,7 +773,7 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec, a
         count = unpack(artifact, ref, staging)
         current = read_receipt(layout, name)
         if current is not None and current.version != version:
-            uninstall(layout, name, None, operation_id)
+            uninstall(layout, name, None, operation_id, track)
         _place(staging, target, operation_id)
     except BaseException:
         _remove_tree(staging)
@@ -587,7 +782,7 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec, a
     if installer.type == "command":
         try:
             result = _checked(run_command(installer.install, target, layout, name, version,
-                                          installer.timeout_seconds), installer.timeout_seconds)
+                                          installer.timeout_seconds, track), installer.timeout_seconds)
         except BaseException:
             # not installed: no receipt, no directory (a stale receipt of this version goes too)
             layout.receipt(name).unlink(missing_ok=True)
@@ -599,7 +794,8 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec, a
     return Outcome(0, message)
 
 
-def uninstall(layout: Layout, name: str, version: str | None, operation_id: str) -> Outcome:
+def uninstall(layout: Layout, name: str, version: str | None, operation_id: str,
+              track: ProcessHook | None = None) -> Outcome:
     """Remove an installed package as its receipt says; no receipt means nothing to do.
 
     With ``version`` given, only that version is removed: an uninstall meant for
@@ -617,7 +813,7 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
         timeout = receipt.installer.timeout_seconds
         try:
             output = _checked(run_command(receipt.installer.uninstall, cwd, layout, name, receipt.version,
-                                          timeout), timeout).message
+                                          timeout, track), timeout).message
         except InstallError as exc:
             raise InstallError(f"uninstalling {name} {receipt.version}: {exc.message}", exc.exit_code) from exc
     # receipt first: a crash now leaves an orphaned directory, never a receipt without files

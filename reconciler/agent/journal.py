@@ -11,6 +11,16 @@ journals what it did with it. One JSON file per operation under
     is simply run again. Installs converge (the package directory is replaced,
     the receipt rewritten), so a second run is safe, whereas skipping it would
     leave the client half-installed with nobody knowing.
+
+    While an installer command runs, the entry also holds ``process``: the
+    command's pid, the start time that tells it apart from a later process
+    given the same pid (Linux only; see ``installers.py`` for elsewhere), when
+    it started and its timeout. Commands run in their
+    own session so a timeout can kill the whole group, which also means they
+    outlive a killed agent. The restarted agent therefore waits for such an
+    orphan (up to its timeout, then kills its group) before anything runs
+    again: re-running beside it would run the same installer twice at once.
+    Entries written before this field existed simply have no ``process``.
 ``finished``
     holds the result. A finished operation is never run again: a repeat is
     answered from the journal. ``acknowledged`` turns true once a check-in that
@@ -125,9 +135,12 @@ class Entry:
     action: Mapping[str, Any]
     result: Mapping[str, Any] | None = None
     acknowledged: bool = False
+    # the installer command running for this operation right now (see the module docstring);
+    # its fields are ``installers.ProcessRecord``'s, which the journal stores without interpreting
+    process: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "operationId": self.operation_id,
             "state": self.state,
             "startedAt": self.started_at,
@@ -135,6 +148,9 @@ class Entry:
             "result": dict(self.result) if self.result is not None else None,
             "acknowledged": self.acknowledged,
         }
+        if self.process is not None:  # absent otherwise: files read the same as before the field existed
+            out["process"] = dict(self.process)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> Entry:
@@ -155,8 +171,11 @@ class Entry:
         if state == FINISHED:
             if not isinstance(result, dict) or result.get("operationId") != op:
                 raise ValueError("finished without a result")
+        process = data.get("process")
+        if process is not None and not isinstance(process, dict):
+            raise ValueError("process is not an object")
         return cls(op, state, started_at, action, result if state == FINISHED else None,
-                   bool(data.get("acknowledged", False)))
+                   bool(data.get("acknowledged", False)), process if state == STARTED else None)
 
 
 class Journal:
@@ -212,6 +231,23 @@ class Journal:
     def start(self, operation_id: str, action: Mapping[str, Any]) -> None:
         """Record that the operation is about to run; durable before any side effect."""
         self._store(Entry(operation_id, STARTED, format_time(self._now()), dict(action)))
+
+    def record_process(self, operation_id: str, process: Mapping[str, Any] | None) -> None:
+        """Note the installer command now running for a started operation (``None``: it ended).
+
+        Written before the agent waits on the command, so a restarted agent
+        knows there may be an orphan to wait for before running anything again.
+        """
+        entry = self._entries.get(operation_id)
+        if entry is None or entry.state != STARTED:
+            return
+        if process is None and entry.process is None:
+            return
+        self._store(replace(entry, process=dict(process) if process is not None else None))
+
+    def interrupted(self) -> list[Entry]:
+        """Started operations that recorded a running installer: a previous agent died waiting on it."""
+        return [e for e in self._entries.values() if e.state == STARTED and e.process is not None]
 
     def finish(self, operation_id: str, result: Mapping[str, Any]) -> None:
         """Record the outcome; from now on the operation is answered from here."""
