@@ -60,7 +60,8 @@ from reconciler.agent.installers import (
     uninstall,
 )
 from reconciler.agent.installers import inventory as confirmed_inventory
-from reconciler.agent.journal import FINISHED, Entry, Journal, format_time, utc_now, write_atomic
+from reconciler.agent.journal import FINISHED, Entry, Journal, format_time, utc_now
+from reconciler.fileio import sha256_file, write_atomic
 
 log = logging.getLogger("reconciler.agent")
 
@@ -194,12 +195,6 @@ def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | 
 # ---------------------------------------------------------------- artifacts
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download(session: requests.Session, url: str, part: Path, offset: int,

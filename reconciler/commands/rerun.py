@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from reconciler import specs
+from reconciler.fileio import write_atomic
 
 _Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOP_KEY = re.compile(r"^([A-Za-z_][\w-]*)\s*:(.*)$")
@@ -124,18 +123,6 @@ def _without_rerun(doc: Any) -> Any:
     return {**doc, "spec": {k: v for k, v in doc["spec"].items() if k != "rerun"}}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    mode = path.stat().st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rerun(repo: Path, job: str) -> tuple[Path, str, str]:
@@ -159,10 +146,10 @@ def rerun(repo: Path, job: str) -> tuple[Path, str, str]:
     # Errors the file already had are the admin's business; the edit must add none
     # (compared by message: an inserted line moves the positions of later errors).
     before = {e.message for e in specs.load_repo(repo).errors if e.path == rel}
-    _write_atomic(path, (b"\xef\xbb\xbf" if bom else b"") + new.encode("utf-8"))
+    write_atomic(path, (b"\xef\xbb\xbf" if bom else b"") + new.encode("utf-8"), mode=None)
     after = [e for e in specs.load_repo(repo).errors if e.path == rel and e.message not in before]
     if after:
-        _write_atomic(path, raw)
+        write_atomic(path, raw, mode=None)
         details = "\n".join(f"  {e}" for e in after)
         raise RerunError(f"{path}: the edited file does not validate; left unchanged:\n{details}")
     return path, old, new

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, Protocol
 
 import requests
 
+from reconciler.fileio import fsync_dir, sha256_file, write_atomic
 from reconciler.relay.server import StagedArtifact
 from reconciler.specs import DestinationType, Job, JobType, Package, Specs, ancestors, subtree
 
@@ -156,12 +157,6 @@ class _HashingWriter:
         self.handle.flush()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ deterministic tar
@@ -361,7 +356,7 @@ class ArtifactCache:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if memo is not None:
-            _write_atomic(memo, json.dumps({"sha256": result.sha256, "size": result.size,
+            write_atomic(memo, json.dumps({"sha256": result.sha256, "size": result.size,
                                             "format": result.format}).encode())
         return result
 
@@ -491,7 +486,7 @@ class ArtifactCache:
             return
         os.chmod(path, 0o644)
         os.replace(path, target)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
 
 class _NotFound(ArtifactError):
@@ -513,17 +508,3 @@ def _redact(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_bytes(data)
-    os.replace(temp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
