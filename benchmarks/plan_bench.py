@@ -20,11 +20,11 @@ Each figure is the median of ``--runs`` runs of the sum of the 50
 timed and printed apart), after one first pass on fresh
 indexes that is reported on its own (it also fills the per-index caches a
 relay keeps for the life of an accepted commit). Targets on the 2-core
-reference machine: steady 10^6 pairs under 2 s, one client under 1 ms. The
-machine's load average is printed too: a shared machine makes wall times
-noisy.
+reference machine: 10^6 pairs under 2 s for either fleet, one client under
+1 ms. The machine's load average is printed too: a shared machine makes wall
+times noisy, so compare versions in the same time window.
 
-    python benchmarks/plan_bench.py [--runs 5] [--clients 100000] [--profile]
+    python benchmarks/plan_bench.py [--runs 5] [--clients 100000] [--profile [steady|fresh]]
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def build_fleet(specs: Specs, clients: int, *, steady: bool, seed: int = 7,
                 roll = rng.random()
                 if roll < 0.03:
                     continue  # drifted: removed behind the agent's back, re-planned
-                outcome, finished, message = Outcome.SUCCEEDED, NOW - timedelta(days=3), ""
+                finished: datetime | None = NOW - timedelta(days=3)
+                outcome, message = Outcome.SUCCEEDED, ""
                 if roll < 0.04:
                     outcome, finished = Outcome.DISPATCHED, None
                 elif roll < 0.045:
@@ -215,7 +216,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clients", type=int, default=100_000)
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of one steady pass")
+    parser.add_argument("--profile", nargs="?", const="steady", choices=("steady", "fresh"),
+                        help="print a cProfile of one pass over that fleet (default steady)")
     args = parser.parse_args()
 
     specs = build_specs()
@@ -227,7 +229,7 @@ def main() -> int:
     for label, steady in (("steady", True), ("fresh", False)):
         fleet, history = build_fleet(specs, args.clients, steady=steady)
         entries = sum(len(h) for h in history.values())
-        if args.profile and steady:
+        if args.profile == label:
             profiler = cProfile.Profile()
             profiler.enable()
             time_relays(indexes, fleet, history)

@@ -90,24 +90,32 @@ dependents, then by job name.
 Identities. The *plan revision* of a job is sha256 over the job's revision
 and its package's revision, so editing either (the package revision covers
 its artifact) is a new revision, while raising ``rerun`` or suspending is
-not. An ``operationId`` is ``"op-"`` + 24 hex digits of sha256 over (job,
-plan revision, rerun, client, software name, version, attempt, and the
-operation id of the attempt it follows, if any): deterministic, stable for
-the same inputs, and never equal to an earlier operation of the same job and
-client (a drift re-install after a success, or a spec reverted to an earlier
-revision, gets a new id, so the agent's journal cannot answer it with an old
-result).
+not. An ``operationId`` is ``"op-"`` + the 24 hex digits of a 12-byte
+BLAKE2b over (job, plan revision, rerun, client, software name, version,
+attempt, and the operation id of the attempt it follows, if any):
+deterministic, stable for the same inputs, and never equal to an earlier
+operation of the same job and client (a drift re-install after a success,
+or a spec reverted to an earlier revision, gets a new id, so the agent's
+journal cannot answer it with an old result). BLAKE2b rather than sha256:
+a pass over a new site hashes one id per action, and BLAKE2b does it in
+two thirds of the time; 96 bits are ample for ids.
 
 Performance (``benchmarks/plan_bench.py``: 10^6 pairs in about 1.5 s on two
-cores, one client in well under a millisecond). Jobs are indexed per relay
-once (:class:`RelayIndex`). The per-job decisions are cached per distinct
-(schedule phase, os, arch, disk bucket, relevant labels, installed version),
-so requirements are evaluated once per fact set; clients of the same shape
-(job set, facts, installed versions of the software concerned) share their
-decisions within a pass. Settled rows are built from prepared field values
-without looking at history (their ``attempts`` is 0), rows and actions skip
-their frozen ``__init__``, the garbage collector rests during a pass, and
-operation ids are hashed only for actions.
+cores, converged or brand new; one client in well under a millisecond).
+Jobs are indexed per relay once (:class:`RelayIndex`). The per-job
+decisions are cached per distinct (schedule phase, os, arch, disk bucket,
+relevant labels, installed version), so requirements are evaluated once per
+fact set. Within a pass, clients of the same shape (job set, facts,
+installed versions of the software concerned) share their decisions and
+what follows from them alone (:class:`_Shape`): settled rows come from
+templates without looking at history (their ``attempts`` is 0), and rollout
+targets and state counts are added up per shape, not per row. Clients of a
+shape with no history for their gaps, while the rollout slots they could
+take are as free, get the first one's rows and actions again with their
+own id and operation ids (:class:`_Replay`). Rows and
+actions are NamedTuples made straight from their field values, the garbage
+collector rests during a pass, and operation ids are hashed only for
+actions.
 """
 
 from __future__ import annotations
@@ -119,8 +127,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
-from operator import attrgetter
-from typing import Any, NewType
+from operator import attrgetter, lt
+from typing import Any, NamedTuple, NewType
 
 from reconciler.specs import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -221,8 +229,7 @@ History = Mapping[tuple[str, str], Attempt]
 """Latest attempt per (job name, client id)."""
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
     operation_id: str
     job: str
     client: str
@@ -237,8 +244,7 @@ class Action:
     timeout_seconds: int
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """The state of one job on one client.
 
     ``attempts`` counts the attempts of the current series (the job's plan
@@ -250,6 +256,11 @@ class Row:
     rows fast. ``operation_id`` is set for a row with an action (the
     operation handed out or in progress) and for ``Failed`` rows and rows
     waiting to retry (the operation whose failure they show).
+
+    Rows and actions are NamedTuples, not frozen dataclasses: a relay pass
+    makes 10^6 rows, and a tuple is built (and freed) in half the time of a
+    dataclass instance with its ``__dict__``. They are values all the same:
+    compare them with ``==``, change a copy with ``_replace``.
     """
 
     job: str
@@ -327,7 +338,7 @@ def operation_id(job: str, revision: str, rerun: int, client: str, name: str, ve
                  attempt: int, previous: str = "") -> str:
     """The deterministic operation id (see the module docstring)."""
     text = "\x1f".join((job, revision, str(rerun), client, name, version or "", str(attempt), previous))
-    return "op-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    return "op-" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def rfc3339(moment: datetime) -> str:
@@ -369,13 +380,13 @@ def _halt_message(failed: int, targets: int, max_failures: int | str | None) -> 
     return f"rollout halted: {failed} failed, more than maxFailures {count}"
 
 
-# Rows and actions are built without their frozen ``__init__``, which costs a
-# few microseconds each (a relay pass builds 10^6 rows): ``_new(Row)`` and its
-# ``__dict__`` filled with every field. The result is the same value the
-# constructor makes (==, hash, repr, dataclasses.replace all agree), and no
-# one sees it before it is complete.
-_new = object.__new__
-_setattr = object.__setattr__
+# Rows and actions are made with ``tuple.__new__``, skipping the Python-level
+# ``__new__`` that NamedTuple generates (keyword handling and defaults): a
+# relay pass makes 10^6 rows. The result is the value the constructor makes.
+# Rows being filled in are lists, indexed by these positions.
+_tnew = tuple.__new__
+_R_CLIENT, _R_STATE, _R_ACTION, _R_ATTEMPTS, _R_MESSAGE, _R_OPERATION = map(
+    Row._fields.index, ("client", "state", "action", "attempts", "message", "operation_id"))
 
 
 # ------------------------------------------------------------------ index
@@ -414,8 +425,8 @@ class _CompiledJob:
         self.has_failure_limit = job.max_failures is not None
         # processing order: uninstalls first (an install may wait for a removal), then by name
         self.order: tuple[int, str] = (1 if self.install else 0, job.name)
-        # sha256 state after the operation id's leading fields (see operation_id)
-        self.hasher = hashlib.sha256(f"{job.name}\x1f{revision}\x1f{job.rerun}\x1f".encode())
+        # hash state after the operation id's leading fields (see operation_id)
+        self.hasher = hashlib.blake2b(f"{job.name}\x1f{revision}\x1f{job.rerun}\x1f".encode(), digest_size=12)
         # An install job whose package is not in the specs (only in unvalidated specs).
         self.missing = self.install and package is None
 
@@ -499,7 +510,6 @@ class _Context:
                 if cj.requirements.min_free_disk_mb is not None:
                     thresholds.add(cj.requirements.min_free_disk_mb)
         self.label_keys = tuple(sorted(label_keys))
-        self.label_index = {key: k for k, key in enumerate(self.label_keys)}
         self.thresholds = sorted(thresholds)
         # (schedule phases, fact key) -> per job slot: installed version -> decision
         self.levels: dict[Any, list[dict[str | None, _Decision]]] = {}
@@ -531,13 +541,7 @@ class _Context:
         exact = disk if bucket < len(self.thresholds) else None
         view: tuple[str | None, ...] = ()
         if self.label_keys:
-            found: list[str | None] = [None] * len(self.label_keys)
-            where = self.label_index
-            for key, value in client.labels:
-                k = where.get(key)
-                if k is not None:
-                    found[k] = value
-            view = tuple(found)
+            view = tuple(map(dict(client.labels).get, self.label_keys))
         return (client.os, client.arch, bucket, exact, view)
 
     def level(self, phases: tuple[int, ...], facts: tuple[Any, ...]) -> list[dict[str | None, _Decision]]:
@@ -594,13 +598,14 @@ _STATES = tuple(ClientState)
 _STATE_INDEX = {state: i for i, state in enumerate(_STATES)}
 _NSTATES = len(_STATES)
 _BEFORE, _OPEN, _AFTER = 0, 1, 2
+_NO_ROW = Row("", "", "", ClientState.PENDING, None, "", None, None, 0, "")
 
 
 class _Decision:
     """One job on one client before history and rollout (internal; shared, never mutated once built).
 
-    ``final`` rows are decided: ``template`` holds their Row fields (client
-    left blank). Otherwise there is a gap to close with ``kind`` on
+    ``final`` rows are decided: ``template`` is their Row (client left
+    blank). Otherwise there is a gap to close with ``kind`` on
     ``version`` (``previous`` for an upgrade or downgrade), subject to
     history, dependencies and rollout.
     """
@@ -618,7 +623,7 @@ class _Decision:
         self.state = ClientState.PENDING
         self.count = 0  # index into the pass's flat state counters
         self.target = -1  # job slot whose rollout counts this row as a target, or -1
-        self.template: dict[str, Any] = {}
+        self.template = _NO_ROW
         self.kind: ActionKind | None = None
         self.version: str | None = None
         self.previous: str | None = None
@@ -643,10 +648,9 @@ class _Decision:
         self.count = self.slot * _NSTATES + _STATE_INDEX[state]
         tracked = self.cj.has_failure_limit or self.cj.max_concurrent is not None
         self.target = self.slot if tracked and state is not ClientState.SKIPPED else -1
-        self.template = {
-            "job": self.name, "relay": relay, "client": "", "state": state, "action": None,
-            "name": self.cj.software, "version": self.cj.version, "installed_version": self.installed,
-            "attempts": 0, "message": message, "operation_id": None}
+        self.template = Row(job=self.name, relay=relay, client="", state=state, action=None,
+                            name=self.cj.software, version=self.cj.version, installed_version=self.installed,
+                            attempts=0, message=message, operation_id=None)
         return self
 
     def gap(self, ctx: _Context, kind: ActionKind, version: str, previous: str | None) -> _Decision:
@@ -661,10 +665,9 @@ class _Decision:
             self.package = cj.package
         if self.package is not None:
             self.timeout = self.package.installer.timeout_seconds
-        self.template = {
-            "job": self.name, "relay": ctx.relay, "client": "", "state": ClientState.PENDING, "action": None,
-            "name": cj.software, "version": cj.version, "installed_version": self.installed,
-            "attempts": 0, "message": "", "operation_id": None}
+        self.template = Row(job=self.name, relay=ctx.relay, client="", state=ClientState.PENDING, action=None,
+                            name=cj.software, version=cj.version, installed_version=self.installed,
+                            attempts=0, message="", operation_id=None)
         return self
 
 
@@ -929,27 +932,24 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
     """
     cid = client.id
     start_state = ClientState.IN_PROGRESS if dispatch else ClientState.PENDING
-    rows: list[tuple[int, Row]] = []
+    rows: list[tuple[int, list[Any]]] = []  # (job slot, the row's fields), made Rows on return
     starting = [False] * len(decisions)  # the row's change goes out in this plan
-    new: list[tuple[int, dict[str, Any], int, str]] = []  # (position, fields, attempt, previous op)
-    repeated: list[tuple[int, dict[str, Any], Action]] = []  # in-progress actions handed out again
-    ready: list[tuple[int, dict[str, Any], tuple[Any, ...]]] = []  # rows that would start once others do
+    new: list[tuple[int, list[Any], int, str]] = []  # (position, fields, attempt, previous op)
+    repeated: list[tuple[int, list[Any], Action]] = []  # in-progress actions handed out again
+    ready: list[tuple[int, list[Any], tuple[Any, ...]]] = []  # rows that would start once others do
     halted = gate.halted
     in_progress = gate.in_progress
     for i, d in enumerate(decisions):
         cj = d.cj
-        # Rows are filled in place: a row is only handed out once this function returns.
-        row = _new(Row)
-        rows.append((d.slot, row))
-        fields = row.__dict__
-        fields.update(d.template)
-        fields["client"] = cid
+        fields = list(d.template)
+        fields[_R_CLIENT] = cid
+        rows.append((d.slot, fields))
         if d.final:
             continue
         step = steps[i]
         tag = step[0]
         if tag == _READY:
-            fields["attempts"] = step[3]
+            fields[_R_ATTEMPTS] = step[3]
             if d.waits:
                 ready.append((i, fields, step))
                 continue
@@ -959,44 +959,44 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
                 blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
             if blocked is not None:
-                fields["message"] = blocked
+                fields[_R_MESSAGE] = blocked
                 continue
             starting[i] = True
-            fields["state"] = start_state
-            fields["action"] = d.kind
-            fields["message"] = step[4]
+            fields[_R_STATE] = start_state
+            fields[_R_ACTION] = d.kind
+            fields[_R_MESSAGE] = step[4]
             new.append((i, fields, step[1], step[2]))
         elif tag == _PROGRESS:
             a: Attempt = step[1]
-            fields["state"] = ClientState.IN_PROGRESS
-            fields["action"] = a.action
-            fields["attempts"] = a.attempt
-            fields["operation_id"] = a.operation_id
-            fields["message"] = f"attempt {a.attempt}/{cj.limit} dispatched at {rfc3339(a.dispatched_at)}"
+            fields[_R_STATE] = ClientState.IN_PROGRESS
+            fields[_R_ACTION] = a.action
+            fields[_R_ATTEMPTS] = a.attempt
+            fields[_R_OPERATION] = a.operation_id
+            fields[_R_MESSAGE] = f"attempt {a.attempt}/{cj.limit} dispatched at {rfc3339(a.dispatched_at)}"
             repeated.append((i, fields, _repeat(ctx, d, a, cid)))
         elif tag == _CLOSED:
             assert cj.not_after is not None
-            fields["state"] = ClientState.SKIPPED
-            fields["message"] = f"schedule window closed at {rfc3339(cj.not_after)}"
+            fields[_R_STATE] = ClientState.SKIPPED
+            fields[_R_MESSAGE] = f"schedule window closed at {rfc3339(cj.not_after)}"
         elif tag == _FAILED:
             failed: Attempt = step[1]
-            fields["state"] = ClientState.FAILED
-            fields["attempts"] = failed.attempt
-            fields["message"] = step[2]
-            fields["operation_id"] = failed.operation_id
+            fields[_R_STATE] = ClientState.FAILED
+            fields[_R_ATTEMPTS] = failed.attempt
+            fields[_R_MESSAGE] = step[2]
+            fields[_R_OPERATION] = failed.operation_id
         else:  # _RETRY
             last: Attempt = step[1]
-            fields["attempts"] = last.attempt
-            fields["operation_id"] = last.operation_id
+            fields[_R_ATTEMPTS] = last.attempt
+            fields[_R_OPERATION] = last.operation_id
             text = f"retry {last.attempt + 1}/{cj.limit} at {rfc3339(step[2])}"
-            fields["message"] = f"{text}; last attempt: {step[3]}" if step[3] else text
+            fields[_R_MESSAGE] = f"{text}; last attempt: {step[3]}" if step[3] else text
 
     depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: dependencies go first
     deep = False
     while ready:
         # A row starts once every row it waits for starts in this plan (then rollout decides);
         # rows freed by a start are retried until nothing moves.
-        held: list[tuple[int, dict[str, Any], tuple[Any, ...]]] = []
+        held: list[tuple[int, list[Any], tuple[Any, ...]]] = []
         moved = False
         for entry in ready:
             i, fields, step = entry
@@ -1020,14 +1020,14 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
                 blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
             if blocked is not None:
-                fields["message"] = blocked
+                fields[_R_MESSAGE] = blocked
                 continue
             starting[i] = True
             depth[i] = below
             deep = True
-            fields["state"] = start_state
-            fields["action"] = d.kind
-            fields["message"] = step[4]
+            fields[_R_STATE] = start_state
+            fields[_R_ACTION] = d.kind
+            fields[_R_MESSAGE] = step[4]
             new.append((i, fields, step[1], step[2]))
         if not moved:
             _explain_waits(decisions, held, starting)
@@ -1035,11 +1035,11 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         ready = held
 
     if not new and not repeated:
-        return rows, []
+        return [(slot, _tnew(Row, fields)) for slot, fields in rows], []
     ordered: list[tuple[tuple[int, int, str], Action]] = []
     # Dedupe (only possible when jobs share a software name): one action per change; an
     # in-progress one owns it, else the first job by name.
-    owners: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] | None = {} if shared else None
+    owners: dict[tuple[Any, ...], tuple[str, list[Any]]] | None = {} if shared else None
     for i, fields, action in repeated:
         ordered.append((decisions[i].cj.order_key(0), action))
         if owners is not None:
@@ -1054,30 +1054,27 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             key = (d.kind, cj.software, d.version)
             owner = owners.get(key)
             if owner is not None:
-                fields["state"] = owner[1]["state"]
-                fields["operation_id"] = owner[1]["operation_id"]
-                fields["message"] = f"same change as job {owner[0]}"
+                fields[_R_STATE] = owner[1][_R_STATE]
+                fields[_R_OPERATION] = owner[1][_R_OPERATION]
+                fields[_R_MESSAGE] = f"same change as job {owner[0]}"
                 continue
             owners[key] = (cj.name, fields)
         digest = cj.hasher.copy()
         digest.update(f"{cid}\x1f{cj.software}\x1f{d.version or ''}\x1f{number}\x1f{previous}".encode())
-        op = "op-" + digest.hexdigest()[:24]
-        fields["operation_id"] = op
-        action = _new(Action)
-        _setattr(action, "__dict__", {
-            "operation_id": op, "job": cj.name, "client": cid, "kind": d.kind, "package": d.package,
-            "name": cj.software, "version": d.version, "previous_version": d.previous,
-            "revision": cj.revision, "rerun": cj.rerun, "attempt": number, "timeout_seconds": d.timeout})
+        op = "op-" + digest.hexdigest()
+        fields[_R_OPERATION] = op
+        action = _tnew(Action, (op, cj.name, cid, d.kind, d.package, cj.software, d.version, d.previous,
+                                cj.revision, cj.rerun, number, d.timeout))
         ordered.append(((cj.order[0], depth[i], cj.name), action))
         if take:
             in_progress[cj.slot] += 1
     if len(ordered) > 1 and (deep or repeated or owners is not None):
         # (otherwise the actions are in processing order already: uninstalls, then by name)
         ordered.sort(key=lambda pair: pair[0])
-    return rows, [action for _, action in ordered]
+    return [(slot, _tnew(Row, fields)) for slot, fields in rows], [action for _, action in ordered]
 
 
-def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, dict[str, Any], tuple[Any, ...]]],
+def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, list[Any], tuple[Any, ...]]],
                    starting: Sequence[bool]) -> None:
     """Messages of rows left waiting: the first unmet wait, marked when it can never end (a cycle)."""
     waiting = {i for i, _, _ in held}
@@ -1095,7 +1092,7 @@ def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, dict[st
                 changed = True
     for i, fields, _ in held:
         message = next(m for m, providers in decisions[i].waits if not any(starting[k] for k in providers))
-        fields["message"] = message if i in real else f"{message} (dependency cycle)"
+        fields[_R_MESSAGE] = message if i in real else f"{message} (dependency cycle)"
 
 
 def _repeat(ctx: _Context, d: _Decision, a: Attempt, cid: str) -> Action:
@@ -1117,55 +1114,80 @@ def _repeat(ctx: _Context, d: _Decision, a: Attempt, cid: str) -> Action:
 # ------------------------------------------------------------ public API
 
 
-_UNSEEN: Any = object()
-
-
 class _Replay:
-    """One client's rows and new actions, to make again for another client of the same shape.
+    """One client's rows and new actions, to make again for other clients of the same shape.
 
     Only for clients without history (every new action is attempt 1 with no
     previous operation), so only the client id and the operation ids differ.
+    Made from the first such client's result; prepared for replay when a
+    second one comes. The rows' states are counted per use, at the end of
+    the pass (:meth:`count`).
     """
 
-    __slots__ = ("rows", "actions")
+    __slots__ = ("ctx", "made", "rows", "actions", "slots", "states", "uses")
 
     def __init__(self, ctx: _Context, rows: list[tuple[int, Row]], actions: list[Action]) -> None:
-        position = {a.operation_id: k for k, a in enumerate(actions)}
-        # (job slot, Row fields, index of the action whose operation id the row shows, or -1)
-        self.rows = [(slot, dict(row.__dict__), position.get(row.operation_id or "", -1)) for slot, row in rows]
-        # (Action fields, sha256 state after the leading fields, the text after the client, job slot)
-        self.actions = []
-        for a in actions:
-            cj = ctx.compiled[a.job]
-            assert a.attempt == 1
-            self.actions.append((dict(a.__dict__), cj.hasher, f"\x1f{a.name}\x1f{a.version or ''}\x1f1\x1f",
-                                 cj.slot))
+        self.ctx = ctx
+        self.made: tuple[list[tuple[int, Row]], list[Action]] | None = (rows, actions)
+        # (append to the job's rows, Row) of the rows that show no new operation
+        self.rows: list[tuple[Any, Row]] = []
+        # (Action, hash state after the leading fields, the bytes after the client id,
+        #  (append to the job's rows, Row) of each row that shows the action's operation id)
+        self.actions: list[tuple[Action, Any, bytes, list[tuple[Any, Row]]]] = []
+        self.slots: list[int] = []  # job slot of each action: an online client's start takes a slot
+        self.states: list[int] = []  # flat state counter of each row
+        self.uses = 0
 
-    def play(self, cid: str, online: bool, append: Sequence[Any], counts: list[int], out: list[Action],
+    def _prepare(self, made: tuple[list[tuple[int, Row]], list[Action]], append: Sequence[Any]) -> None:
+        rows, actions = made
+        # each row either shows one of the new operations (it starts, or makes the same change
+        # as a row that does), or none
+        showing: dict[str | None, list[tuple[Any, Row]]] = {a.operation_id: [] for a in actions}
+        for slot, row in rows:
+            showing.get(row.operation_id, self.rows).append((append[slot], row))
+        self.states = [slot * _NSTATES + _STATE_INDEX[row.state] for slot, row in rows]
+        for a in actions:
+            cj = self.ctx.compiled[a.job]
+            assert a.attempt == 1
+            self.actions.append((a, cj.hasher, f"\x1f{a.name}\x1f{a.version or ''}\x1f1\x1f".encode(),
+                                 showing[a.operation_id]))
+            self.slots.append(cj.slot)
+        self.made = None
+
+    def play(self, cid: str, online: bool, append: Sequence[Any], out: list[Action],
              in_progress: list[int]) -> None:
-        ops: list[str] = []
-        for fields, hasher, tail, slot in self.actions:
+        """The rows and actions for client ``cid``; ``append`` is the same in every call of a pass."""
+        if self.made is not None:
+            self._prepare(self.made, append)
+        self.uses += 1
+        add = out.append
+        client = cid.encode()
+        # Every client contributes one row per job, so the order rows are made in is free.
+        for (_, job, _, kind, package, name, version, previous, revision, rerun, attempt, timeout), hasher, tail, \
+                showing in self.actions:
             digest = hasher.copy()
-            digest.update(f"{cid}{tail}".encode())
-            op = "op-" + digest.hexdigest()[:24]
-            ops.append(op)
-            made = fields.copy()
-            made["operation_id"] = op
-            made["client"] = cid
-            action = _new(Action)
-            _setattr(action, "__dict__", made)
-            out.append(action)
-            if online:
+            digest.update(client)
+            digest.update(tail)
+            op = "op-" + digest.hexdigest()
+            add(_tnew(Action, (op, job, cid, kind, package, name, version, previous, revision, rerun, attempt,
+                               timeout)))
+            for append_row, (r_job, relay, _, state, action, r_name, r_version, installed, attempts, message, _) \
+                    in showing:
+                append_row(_tnew(Row, (r_job, relay, cid, state, action, r_name, r_version, installed, attempts,
+                                       message, op)))
+        if online:
+            for slot in self.slots:
                 in_progress[slot] += 1
-        for slot, fields, ref in self.rows:
-            made = fields.copy()
-            made["client"] = cid
-            if ref >= 0:
-                made["operation_id"] = ops[ref]
-            row = _new(Row)
-            _setattr(row, "__dict__", made)
-            append[slot](row)
-            counts[slot * _NSTATES + _STATE_INDEX[made["state"]]] += 1
+        for append_row, (job, relay, _, state, action, name, version, installed, attempts, message, op) \
+                in self.rows:
+            append_row(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op)))
+
+    def count(self, counts: list[int]) -> None:
+        """Add the rows made by :meth:`play` to the pass's state counters."""
+        uses = self.uses
+        if uses:
+            for k in self.states:
+                counts[k] += uses
 
 
 def _inventory(client: Client) -> dict[str, str]:
@@ -1225,61 +1247,115 @@ def plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, n
             gc.enable()
 
 
+class _Shape:
+    """The clients of one shape in a pass (job set, facts, versions of the software concerned).
+
+    They share their decisions, and what follows from the decisions alone:
+    the rows with a gap, their steps and rollout targets when no attempt is
+    recorded, and the rollout limits a new start would meet.
+    """
+
+    __slots__ = ("decisions", "settled", "counted", "gaps", "fresh_steps", "fresh_counted", "caps", "capped",
+                 "replay", "rows", "plain")
+
+    def __init__(self, decisions: list[_Decision]) -> None:
+        self.decisions = decisions
+        counted: list[int] = []  # job slots that count a final row as a rollout target
+        gaps: list[tuple[int, _Decision]] = []
+        # without history every gap row starts afresh (or, past its window, is skipped)
+        self.fresh_steps: list[Any] = [None] * len(decisions)
+        starts: list[int] = []  # job slots of the gap rows that count as rollout targets then
+        caps: list[int] = []  # job slots of the gap rows with maxConcurrent
+        capped: list[int] = []  # and those limits
+        for i, d in enumerate(decisions):
+            if d.final:
+                if d.target >= 0:
+                    counted.append(d.target)
+                continue
+            gaps.append((i, d))
+            if d.closed:
+                self.fresh_steps[i] = _CLOSED_STEP
+            else:
+                self.fresh_steps[i] = _FRESH
+                starts.append(d.slot)
+            if d.cj.max_concurrent is not None:
+                caps.append(d.slot)
+                capped.append(d.cj.max_concurrent)
+        self.settled = not gaps
+        self.counted = tuple(counted)
+        self.gaps = tuple(gaps)
+        # job slots that count a client of this shape as a rollout target when it has no history
+        self.fresh_counted = self.counted + tuple(starts)
+        self.caps = tuple(caps)
+        self.capped = tuple(capped)
+        self.replay = id(decisions)  # shapes with the same decisions share replays
+        # settled rows: (template, where it goes), made in pass 2
+        self.rows: list[tuple[Row, Any]] | None = None
+        # clients of this shape with no history for any gap row (all of them when settled): their
+        # rollout targets, and a settled shape's state counts, are added up once at the end
+        self.plain = 0
+
+
 def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime) -> Plan:
     ctx = _context(index)
     size = len(ctx.by_slot)
     phases = tuple(_phase(cj, now) for cj in ctx.by_slot)
     hget = history.get if history else None
     levels: dict[tuple[Any, ...], list[dict[str | None, _Decision]]] = {}
-    shapes: dict[tuple[Any, ...], tuple[list[_Decision], tuple[int, ...], bool]] = {}
+    shapes: dict[tuple[Any, ...], _Shape] = {}
 
     # Pass 1: decisions, history steps of rows with a gap, and the counters rollout needs.
     in_progress = [0] * size
     failed = [0] * size
     targets = [0] * size
-    prepared: list[tuple[Client, list[_Decision], list[Any] | None, bool]] = []
+    # (client, its shape, its steps: None when every row is settled, whether no gap row has history)
+    prepared: list[tuple[Client, _Shape, list[Any] | None, bool]] = []
     named_jobs = ctx.client_jobs
     relay_set = ctx.relay_set
     for client in sorted(clients, key=attrgetter("id")):
-        jobset = ctx.jobs_for(client.id) if client.id in named_jobs else relay_set
+        cid = client.id
+        jobset = ctx.jobs_for(cid) if cid in named_jobs else relay_set
         if not jobset.jobs:
             continue
         facts = ctx.facts(client)
         inst = {item.name: item.version for item in client.installed}
         # Clients alike (job set, facts, versions of the software concerned) share decisions.
-        shape = (id(jobset), facts, *map(inst.get, jobset.names))
-        entry = shapes.get(shape)
-        if entry is None:
+        key = (id(jobset), facts, *map(inst.get, jobset.names))
+        shape = shapes.get(key)
+        if shape is None:
             level = levels.get(facts)
             if level is None:
                 level = levels[facts] = ctx.level(phases, facts)
-            decisions = _decisions(ctx, jobset, level, phases, client, inst)
-            entry = shapes[shape] = (decisions, tuple(d.target for d in decisions if d.final and d.target >= 0),
-                                     all(d.final for d in decisions))
-        decisions, counted, settled = entry
-        for s in counted:
+            shape = shapes[key] = _Shape(_decisions(ctx, jobset, level, phases, client, inst))
+        if shape.settled:
+            shape.plain += 1
+            prepared.append((client, shape, None, True))
+            continue
+        if hget is None or all(hget((d.name, cid)) is None for _, d in shape.gaps):
+            shape.plain += 1
+            prepared.append((client, shape, shape.fresh_steps, True))
+            continue
+        for s in shape.counted:
             targets[s] += 1
-        steps: list[Any] | None = None
-        fresh = True  # no history for any row with a gap
-        if not settled:
-            steps = [None] * len(decisions)
-            for i, d in enumerate(decisions):
-                if d.final:
-                    continue
-                recorded = hget((d.name, client.id)) if hget is not None else None
-                if recorded is None:
-                    step = steps[i] = _CLOSED_STEP if d.closed else _FRESH
-                else:
-                    fresh = False
-                    step = steps[i] = _history_step(ctx, d, recorded, now)
-                tag = step[0]
-                if tag != _CLOSED:
-                    targets[d.slot] += 1
-                    if tag == _FAILED:
-                        failed[d.slot] += 1
-                    elif tag == _PROGRESS and client.online:
-                        in_progress[d.slot] += 1
-        prepared.append((client, decisions, steps, fresh))
+        own = shape.fresh_steps.copy()
+        for i, d in shape.gaps:
+            recorded = hget((d.name, cid))
+            if recorded is None:
+                step = own[i]
+            else:
+                step = own[i] = _history_step(ctx, d, recorded, now)
+            tag = step[0]
+            if tag != _CLOSED:
+                targets[d.slot] += 1
+                if tag == _FAILED:
+                    failed[d.slot] += 1
+                elif tag == _PROGRESS and client.online:
+                    in_progress[d.slot] += 1
+        prepared.append((client, shape, own, False))
+    for shape in shapes.values():
+        if shape.plain:
+            for s in shape.fresh_counted:
+                targets[s] += shape.plain
 
     gate = _Gate(size, take=True)
     gate.in_progress = in_progress
@@ -1294,45 +1370,27 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     append = [rows.append for rows in per_job]
     counts = [0] * (size * _NSTATES)
     actions: list[Action] = []
-    # Settled rows of one shape: their template and list, counted by shape.
-    settled_rows: dict[int, tuple[list[_Decision], list[tuple[dict[str, Any], Any]]]] = {}
-    uses: dict[int, int] = {}
     # Clients of one shape without history get the same rows and actions but for their id
     # (and operation ids), as long as the rollout slots they could take are as free: the first
     # one's result is replayed for the others.
-    replays: dict[tuple[Any, ...], _Replay | None] = {}
-    limited: dict[int, tuple[tuple[int, int], ...]] = {}
-    in_progress = gate.in_progress
-    for client, decisions, steps, fresh in prepared:
+    replays: dict[Any, _Replay] = {}
+    free = in_progress.__getitem__
+    for client, shape, steps, fresh in prepared:
         cid = client.id
         if steps is None:
-            key = id(decisions)
-            known = settled_rows.get(key)
-            if known is None:
-                known = settled_rows[key] = (decisions, [(d.template, append[d.slot]) for d in decisions])
-                uses[key] = 0
-            uses[key] += 1
-            for template, add in known[1]:
-                row = _new(Row)
-                fields = row.__dict__
-                fields.update(template)
-                fields["client"] = cid
-                add(row)
+            settled = shape.rows
+            if settled is None:
+                settled = shape.rows = [(d.template, append[d.slot]) for d in shape.decisions]
+            for (job, relay, _, state, action, name, version, installed, attempts, message, op), add in settled:
+                add(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op)))
             continue
-        replay_key: tuple[Any, ...] | None = None
+        decisions = shape.decisions
+        replay_key: Any = None
         if fresh:
-            caps = limited.get(id(decisions))
-            if caps is None:
-                caps = limited[id(decisions)] = tuple(
-                    (d.slot, d.cj.max_concurrent) for d in decisions
-                    if not d.final and d.cj.max_concurrent is not None)
-            replay_key = (id(decisions), *(in_progress[slot] < cap for slot, cap in caps))
-            replay = replays.get(replay_key, _UNSEEN)
-            if replay is _UNSEEN:
-                replays[replay_key] = None  # worth a replay only once a shape comes back
-                replay_key = None
-            elif replay is not None:
-                replay.play(cid, client.online, append, counts, actions, in_progress)
+            replay_key = (shape.replay, *map(lt, map(free, shape.caps), shape.capped)) if shape.caps else shape.replay
+            replay = replays.get(replay_key)
+            if replay is not None:
+                replay.play(cid, client.online, append, actions, in_progress)
                 continue
         rows, new_actions = _finish(ctx, client, decisions, steps, gate, dispatch=False,
                                     shared=bool(ctx.jobs_for(cid).shared))
@@ -1343,9 +1401,12 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         if replay_key is not None:
             replays[replay_key] = _Replay(ctx, rows, new_actions)
 
-    for key, (decisions, _) in settled_rows.items():
-        for d in decisions:
-            counts[d.count] += uses[key]
+    for replay in replays.values():
+        replay.count(counts)
+    for shape in shapes.values():
+        if shape.settled:
+            for d in shape.decisions:
+                counts[d.count] += shape.plain
 
     all_rows: list[Row] = []
     rollups: list[JobRollup] = []

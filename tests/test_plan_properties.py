@@ -40,6 +40,7 @@ from reconciler.plan import (
     Plan,
     index_relay,
     plan_relay,
+    rollup,
 )
 from reconciler.specs import (
     Artifact,
@@ -190,6 +191,11 @@ def test_without_rollout_limits_each_client_is_planned_on_its_own(fleet: Fleet) 
         alone = [plan_relay(index, [c], {}, NOW) for c in sorted(clients, key=lambda c: c.id) if c.relay == relay]
         assert together.rows == tuple(sorted((r for p in alone for r in p.rows), key=lambda r: (r.job, r.client)))
         assert together.actions == tuple(a for p in alone for a in p.actions)
+        # the pass counts states per shape and per replayed plan: the same as counting the rows
+        specs = {j.name: j for j in fleet.specs.jobs}
+        assert together.jobs == tuple(
+            rollup(j.job, [r for r in together.rows if r.job == j.job], suspended=specs[j.job].suspend,
+                   max_failures=specs[j.job].max_failures) for j in together.jobs)
 
 
 WAITING = re.compile(r"^(scheduled for |waiting for dependency )")

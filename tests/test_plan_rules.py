@@ -365,7 +365,7 @@ def test_two_jobs_wanting_the_same_change_make_one_action() -> None:
     assert action.job == "a-app"
     a_row, b_row = plan.rows
     assert (a_row.state, a_row.action, a_row.message) == (ClientState.PENDING, ActionKind.INSTALL, "")
-    assert b_row == replace(a_row, job="b-app", message="same change as job a-app")
+    assert b_row == a_row._replace(job="b-app", message="same change as job a-app")
     # once the first is in progress it keeps the change, whatever the names
     history = {("a-app", "pc-1"): attempt(specs, "a-app", "pc-1", outcome=Outcome.DISPATCHED,
                                           at=NOW - timedelta(seconds=5), op=action.operation_id)}
@@ -783,7 +783,7 @@ def test_plan_client_agrees_with_plan_relay() -> None:
     client_plan = plan_client(index_relay(specs, "site"), c, history, {}, NOW)
     assert client_plan.actions == relay_plan.actions
     assert client_plan.rows == tuple(
-        replace(r, state=ClientState.IN_PROGRESS) if r.action is not None else r for r in relay_plan.rows)
+        r._replace(state=ClientState.IN_PROGRESS) if r.action is not None else r for r in relay_plan.rows)
 
 
 # --------------------------------------------------------------- action order
@@ -857,6 +857,28 @@ def test_operation_ids_are_deterministic_and_documented() -> None:
     assert first.actions[0].operation_id == operation_id(
         "install-app", index.revisions["install-app"], 0, "pc-1", "app", "1.0", 1)
     assert first.actions[0].operation_id.startswith("op-") and len(first.actions[0].operation_id) == 27
+
+
+def test_clients_alike_get_their_own_operation_ids_and_are_counted() -> None:
+    # Clients of one shape without history are planned once and replayed for the others
+    # (with rollout slots for three of them): the replay gives each its own ids and rows.
+    specs = build(APP, pkg("tool", "2.0"), APP_JOB,
+                  job("install-tool", "tool", "2.0", rollout={"maxConcurrent": 3}))
+    index = index_relay(specs, "site")
+    clients = [client(f"pc-{n}") for n in range(6)]
+    plan = run(specs, clients)
+    assert [(a.job, a.client) for a in plan.actions] == [
+        (name, f"pc-{n}") for n in range(6) for name in ("install-app", "install-tool")
+        if name == "install-app" or n < 3]
+    for a in plan.actions:
+        assert a.operation_id == operation_id(a.job, index.revisions[a.job], 0, a.client, a.name, a.version, 1)
+    ops = {(a.job, a.client): a.operation_id for a in plan.actions}
+    assert {(r.job, r.client): r.operation_id for r in plan.rows} == {
+        (name, f"pc-{n}"): ops.get((name, f"pc-{n}")) for name in ("install-app", "install-tool") for n in range(6)}
+    assert [(r.state.value, r.message) for r in plan.rows if r.job == "install-tool"][2:4] == [
+        ("Pending", ""), ("Pending", "waiting for a rollout slot (maxConcurrent 3)")]
+    assert [(j.job, j.counts["Pending"]) for j in plan.jobs] == [("install-app", 6), ("install-tool", 6)]
+    assert plan == run(specs, list(reversed(clients)))
 
 
 @pytest.mark.parametrize("change", [

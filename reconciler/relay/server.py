@@ -236,7 +236,7 @@ def hold_unavailable(rows: Sequence[Row], actions: Sequence[Action], generation:
     if not held:
         return tuple(rows), tuple(actions)
     new_rows = tuple(
-        replace(row, state=ClientState.PENDING, message=held[row.operation_id])
+        row._replace(state=ClientState.PENDING, message=held[row.operation_id])
         if row.operation_id in held and row.state in (ClientState.IN_PROGRESS, ClientState.PENDING) else row
         for row in rows)
     return new_rows, tuple(kept)
