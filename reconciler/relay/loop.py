@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -362,6 +362,7 @@ class RelayLoop:
                     for r in records]
                 planned = plan.plan_relay(generation.index, clients, history, now)
                 rows, _ = hold_unavailable(planned.rows, planned.actions, generation)
+                rows = with_attempt_counts(rows, history)
                 the_plan = replace(planned, rows=rows)
                 self.state.end_usage_pass(usage_from_rows(rows, online))
                 updated_at = self._record_row_states(the_plan.rows, stored_states, now)
@@ -456,6 +457,23 @@ class RelayLoop:
         if sha:
             log.info("published status/%s %s", self.name, sha[:12])
         return sha
+
+
+def with_attempt_counts(rows: Sequence[plan.Row], history: plan.History) -> tuple[plan.Row, ...]:
+    """Succeeded rows show how many attempts their last operation took.
+
+    The plan engine leaves ``attempts`` at 0 on settled rows (looking history up
+    for every row of a large relay costs more than it tells the plan), but the
+    status an admin reads should still say that a client needed three tries.
+    """
+    out: list[plan.Row] = []
+    for row in rows:
+        if row.state is plan.ClientState.SUCCEEDED and not row.attempts:
+            attempt = history.get((row.job, row.client))
+            if attempt is not None and attempt.outcome is plan.Outcome.SUCCEEDED:
+                row = row._replace(attempts=attempt.attempt)
+        out.append(row)
+    return tuple(out)
 
 
 # ------------------------------------------------------------------ the process
