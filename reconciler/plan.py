@@ -435,6 +435,11 @@ class _CompiledJob:
         return (self.order[0], depth, self.name)
 
 
+def _waiting_for_slot(max_concurrent: int) -> str:
+    """Message of a row held back by ``rollout.maxConcurrent`` (one wording for every path)."""
+    return f"waiting for a rollout slot (maxConcurrent {max_concurrent})"
+
+
 def index_relay(specs: Specs, relay: str) -> RelayIndex:
     """Index the specs for one relay: the jobs that reach it, packages, revisions."""
     chain = set(ancestors(specs.topology, relay))
@@ -957,7 +962,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             slot = d.slot
             blocked = halted[slot]
             if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
-                blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
+                blocked = _waiting_for_slot(cj.max_concurrent)
             if blocked is not None:
                 fields[_R_MESSAGE] = blocked
                 continue
@@ -1018,7 +1023,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             slot = cj.slot
             blocked = halted[slot]
             if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
-                blocked = f"waiting for a rollout slot (maxConcurrent {cj.max_concurrent})"
+                blocked = _waiting_for_slot(cj.max_concurrent)
             if blocked is not None:
                 fields[_R_MESSAGE] = blocked
                 continue
