@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from reconciler.plan import ClientState, Installed, JobState, Plan, Row
-from reconciler.specs import DestinationType, Job, SpecError, Specs, Topology
+from reconciler.specs import DestinationType, Job, SpecError, Specs, subtree
 
 FAILURE_LIMIT = 50
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
@@ -584,35 +584,12 @@ def parse_validation(data: bytes) -> tuple[str | None, tuple[SpecError, ...]]:
 
 
 @lru_cache(maxsize=16)
-def subtrees(topology: Topology) -> Mapping[str, frozenset[str]]:
-    """``specs.subtree`` for every relay at once: linear in the tree, not quadratic.
-
-    HQ asks for the subtree of every destination of every job on every pass;
-    with a thousand relays the one-relay-at-a-time walk dominated the pass.
-    """
-    parents = {relay.name: relay.parent for relay in topology.relays}
-    members: dict[str, set[str]] = {name: {name} for name in parents}
-    for name in parents:
-        seen = {name}
-        current = parents[name]
-        while current in parents and current not in seen:  # a cycle (never accepted) ends the walk
-            members[current].add(name)
-            seen.add(current)
-            current = parents[current]
-    return {name: frozenset(found) for name, found in members.items()}
-
-
-def relay_subtree(topology: Topology, relay: str) -> frozenset[str]:
-    """The relay and every relay below it (empty for a name not in the topology)."""
-    return subtrees(topology).get(relay, frozenset())
-
-
 def job_relays(specs: Specs, job: Job) -> frozenset[str]:
     """Relays a job reaches: the destinations' subtrees, or (named clients) every relay."""
     if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
         reached: set[str] = set()
         for destination in job.destinations:
-            reached |= relay_subtree(specs.topology, destination)
+            reached |= subtree(specs.topology, destination)
         return frozenset(reached)
     return frozenset(r.name for r in specs.topology.relays)
 
@@ -675,7 +652,7 @@ def _job_report(specs: Specs, job: Job, relays: Mapping[str, RelayStatus], curre
     destinations: list[DestinationReport] = []
     if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
         for destination in sorted(set(job.destinations)):
-            members = relay_subtree(specs.topology, destination)
+            members = subtree(specs.topology, destination)
             counts, halted, waiting = rollup(members)
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
@@ -1014,5 +991,5 @@ __all__ = [
     "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row", "job_relays",
     "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job", "parse_relay_status",
     "parse_validation", "render_accepted", "render_hq_status", "render_relay_status", "render_summary",
-    "render_validation", "relay_subtree", "schema_name", "subtrees",
+    "render_validation", "schema_name",
 ]

@@ -32,6 +32,7 @@ from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import jsonschema
@@ -223,9 +224,29 @@ def ancestors(topology: Topology, relay: str) -> tuple[str, ...]:
     return tuple(chain)
 
 
+@lru_cache(maxsize=16)
+def subtrees(topology: Topology) -> Mapping[str, frozenset[str]]:
+    """Every relay's subtree at once: one walk up from each relay, not one scan per relay.
+
+    HQ asks for the subtree of every destination of every job on every pass;
+    with a thousand relays a per-relay scan of the whole tree dominated the
+    pass. Cached per topology value (a frozen, hashable dataclass), and read-only.
+    """
+    parents = relay_parents(topology)
+    members: dict[str, set[str]] = {name: {name} for name in parents}
+    for name in parents:
+        seen = {name}
+        current = parents[name]
+        while current in parents and current not in seen:  # a cycle (never accepted) ends the walk
+            members[current].add(name)
+            seen.add(current)
+            current = parents[current]
+    return MappingProxyType({name: frozenset(found) for name, found in members.items()})
+
+
 def subtree(topology: Topology, relay: str) -> frozenset[str]:
-    """The relay and every relay nested below it, at any depth."""
-    return frozenset(r.name for r in topology.relays if relay in ancestors(topology, r.name))
+    """The relay and every relay nested below it, at any depth (empty for an unknown name)."""
+    return subtrees(topology).get(relay, frozenset())
 
 
 # ------------------------------------------------------------- YAML → values

@@ -141,6 +141,16 @@ def test_ancestors_and_subtree(specs: Specs) -> None:
     assert subtree(topology, "relay-kanto") == frozenset({"relay-kanto", "relay-yokohama"})
     assert subtree(topology, "relay-yokohama") == frozenset({"relay-yokohama"})
     assert subtree(topology, "relay-fukuoka") == frozenset({"relay-fukuoka"})
+    assert subtree(topology, "hq-tokyo") == frozenset() and subtree(topology, "not-a-relay") == frozenset()
+
+
+def test_subtree_of_deep_chains_and_cycles() -> None:
+    from reconciler.specs import Relay, Topology
+    chain = Topology("hq-x", tuple(Relay(f"r{i}", f"r{i - 1}" if i else "hq-x") for i in range(1500)))
+    assert subtree(chain, "r0") == frozenset(f"r{i}" for i in range(1500))
+    assert subtree(chain, "r1498") == frozenset({"r1498", "r1499"})
+    cycle = Topology("hq-x", (Relay("a", "b"), Relay("b", "a"), Relay("c", "hq-x")))  # never accepted, still ends
+    assert subtree(cycle, "a") == frozenset({"a", "b"}) and subtree(cycle, "c") == frozenset({"c"})
 
 
 def _with_job_text(files: dict[str, bytes], name: str, old: str, new: str) -> dict[str, bytes]:

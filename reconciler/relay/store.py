@@ -390,9 +390,6 @@ class Store:
                 finished.append(FinishedOperation(result["operationId"], row[0], row[1], outcome))
         return finished
 
-    def operation_exists(self, db: sqlite3.Connection, operation_id: str) -> bool:
-        return db.execute("SELECT 1 FROM operations WHERE operation_id = ?", (operation_id,)).fetchone() is not None
-
     def record_dispatch(self, db: sqlite3.Connection, attempt: Attempt) -> bool:
         """Record a newly dispatched operation as the latest attempt of its (job, client).
 
