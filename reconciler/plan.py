@@ -435,9 +435,13 @@ class _CompiledJob:
         return (self.order[0], depth, self.name)
 
 
-def _waiting_for_slot(max_concurrent: int) -> str:
-    """Message of a row held back by ``rollout.maxConcurrent`` (one wording for every path)."""
-    return f"waiting for a rollout slot (maxConcurrent {max_concurrent})"
+def _rollout_block(halted: str | None, in_progress: int, max_concurrent: int | None) -> str | None:
+    """Why a start is held back on this relay, or None: a halted job first, then a full maxConcurrent."""
+    if halted is not None:
+        return halted
+    if max_concurrent is not None and in_progress >= max_concurrent:
+        return f"waiting for a rollout slot (maxConcurrent {max_concurrent})"
+    return None
 
 
 def index_relay(specs: Specs, relay: str) -> RelayIndex:
@@ -960,9 +964,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
                 continue
             # Nothing to wait for: only rollout can hold it back.
             slot = d.slot
-            blocked = halted[slot]
-            if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
-                blocked = _waiting_for_slot(cj.max_concurrent)
+            blocked = _rollout_block(halted[slot], in_progress[slot], cj.max_concurrent)
             if blocked is not None:
                 fields[_R_MESSAGE] = blocked
                 continue
@@ -1021,9 +1023,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
                     continue
             moved = True
             slot = cj.slot
-            blocked = halted[slot]
-            if blocked is None and cj.max_concurrent is not None and in_progress[slot] >= cj.max_concurrent:
-                blocked = _waiting_for_slot(cj.max_concurrent)
+            blocked = _rollout_block(halted[slot], in_progress[slot], cj.max_concurrent)
             if blocked is not None:
                 fields[_R_MESSAGE] = blocked
                 continue
