@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -119,8 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(_HANDLERS[args.command])
     try:
         code: int = module.main(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``reconciler validate | head``): stop quietly,
+        # and keep the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as if killed by SIGPIPE, like any command cut off by head
     return code
 
 

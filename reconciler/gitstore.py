@@ -251,7 +251,9 @@ def _parse_ls_tree(out: bytes, with_size: bool) -> list[_TreeEntry]:
         fields = meta.decode("ascii").split()
         size: int | None = None
         if with_size:
-            size = None if fields[3] == "-" else int(fields[3])
+            # "-" for trees and submodules; a blob missing from the object store is
+            # listed with a size git cannot tell (reading it fails later, as a GitError)
+            size = int(fields[3]) if fields[3].isdigit() else None
         entries.append(
             _TreeEntry(fields[0], fields[1], fields[2], size, raw_path.decode("utf-8", "surrogateescape"))
         )
@@ -315,6 +317,10 @@ class GitStore:
         env[f"GIT_CONFIG_VALUE_{n}"] = origin_url
         env["GIT_CONFIG_COUNT"] = str(n + 1)
         return env
+
+    def redact(self, text: str) -> str:
+        """``text`` without credentials: URLs redacted and this origin's secrets masked (for errors not from git)."""
+        return _redact_text(text, self._secrets)
 
     def _fail(self, what: str, detail: str | bytes) -> GitError:
         if isinstance(detail, bytes):
@@ -531,6 +537,32 @@ class GitStore:
         for entry in batched:
             result[entry.path] = bytes(blobs[entry.sha])
         return dict(sorted(result.items()))
+
+    def list_tree(self, commit: str) -> list[tuple[str, str, str | None]]:
+        """Every non-directory entry at ``commit``: ``(path, kind, symlink target or None)``.
+
+        ``kind`` is ``"file"``, ``"symlink"`` or ``"submodule"``; the targets of
+        all symbolic links are read through one ``git cat-file --batch``.
+        """
+        self._ensure_repo()
+        sha = self._commit(commit)
+        entries = _parse_ls_tree(self._git("ls-tree", "-r", "-z", "--full-tree", sha).stdout, with_size=False)
+        links = [e for e in entries if e.kind == "symlink"]
+        shas = sorted({e.sha for e in links})
+        targets: dict[str, bytearray] = {s: bytearray() for s in shas}
+
+        def sink(index: int, size: int) -> Callable[[bytes], object]:
+            buf = targets[shas[index]]
+
+            def keep(chunk: bytes) -> None:
+                if len(buf) < 4096:  # a link target is a path, never longer than PATH_MAX
+                    buf.extend(chunk[: 4096 - len(buf)])
+
+            return keep
+
+        self._cat_batch(shas, sink)
+        return [(e.path, e.kind, bytes(targets[e.sha]).decode("utf-8", "surrogateescape") if e.kind == "symlink"
+                 else None) for e in entries]
 
     def read_file(self, commit: str, path: str) -> bytes | None:
         """Content of the regular file ``path`` at ``commit``; None if there is none."""

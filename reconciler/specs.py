@@ -2,9 +2,10 @@
 
 The core is :func:`parse_repo`, a pure function of the repo's spec files (a
 mapping of repo-relative path to bytes) and an artifact checker supplied by
-the caller; :func:`load_repo` is the thin shell that reads a directory. HQ and
-the relays call ``parse_repo`` with files read from a git commit, so a spec
-means the same thing on disk, in CI and at an accepted commit.
+the caller. Which files are specs, and where artifact paths lead, is decided
+from the repo's listing by :mod:`reconciler.repo_layout`; the readers in
+:mod:`reconciler.repo_tree` feed both from a directory or from a commit, so
+a spec means the same thing on disk, in CI and at an accepted commit.
 
 Two decisions shape it:
 
@@ -13,7 +14,12 @@ Two decisions shape it:
   the position of every JSON pointer, then run the JSON Schema on the plain
   values and map the schema's error paths back to positions. Building from
   events, without recursion, also bounds what a hostile file can cost: nesting
-  depth and alias expansion are counted as they happen.
+  depth, the number of values and alias expansion (in values and in text) are
+  counted as they happen, so any file of at most 1 MiB is judged in well
+  under a second and a few hundred MB. Patterns in the schemas are matched
+  with ECMA-262 anchors (a name with a trailing newline is not a name), and
+  every integer and date has bounds, so what validates also fits the
+  relay's arithmetic and SQLite.
 * One bad file never hides another's errors: each file is checked on its own,
   cross-file checks run over the files that parsed, and all errors come back
   sorted by path and line.
@@ -23,15 +29,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import StrEnum
 from functools import lru_cache
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -39,14 +43,21 @@ import jsonschema
 import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
+from reconciler import names
 from reconciler.resources import schemas_dir
-from reconciler.versions import version_key
+from reconciler.versions import VersionKey, version_key
 
 API_VERSION = "reconciler/v1"
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 50_000  # nodes that aliases may add by expansion
+MAX_ALIAS_TEXT = MAX_FILE_BYTES  # characters of scalar text that aliases may add by expansion
+# Values (scalars, keys, mappings, sequences) in one file, aliases expanded. A
+# real spec holds hundreds; a clients job naming 50,000 PCs holds 50,000. The
+# bound keeps any file of at most MAX_FILE_BYTES well inside a second and a
+# few hundred MB to check, however it is written.
+MAX_DOCUMENT_NODES = 100_000
+MAX_ERRORS_PER_FILE = 100  # then one line saying there are more
 MAX_DEPTH = 64  # nesting of mappings and sequences
-NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 RESERVED_RELAY_NAMES = frozenset({"hq"})
 DEFAULT_TIMEOUT_SECONDS = 600
 DEFAULT_RETRY_LIMIT = 3
@@ -196,6 +207,9 @@ class Specs:
 class LoadResult:
     specs: Specs | None
     errors: tuple[SpecError, ...] = field(default=())
+    # YAML files that are not read (a mistyped folder, an upper-case suffix):
+    # reported, never fatal. Each is a SpecError at line 1 of that file.
+    warnings: tuple[SpecError, ...] = field(default=())
 
     @property
     def valid(self) -> bool:
@@ -250,6 +264,15 @@ def subtree(topology: Topology, relay: str) -> frozenset[str]:
 
 
 # ------------------------------------------------------------- YAML → values
+
+
+class _SyntaxFailure(Exception):
+    """The YAML library refused the text; ``block_depth`` block collections were open at that point."""
+
+    def __init__(self, error: yaml.MarkedYAMLError, block_depth: int) -> None:
+        super().__init__(error)
+        self.error = error
+        self.block_depth = block_depth
 
 
 class _FileErrors(Exception):
@@ -323,12 +346,14 @@ class _Anchor:
     raw: str | None  # the text of an anchored scalar (usable as a mapping key)
     entries: list[tuple[str, tuple[int, int], bool]]  # (relative pointer, position, is key position)
     size: int  # nodes the anchored node expands to
+    text: int  # characters of scalar text in it (keys included)
 
 
 class _Frame:
     """A mapping or sequence being built from the event stream."""
 
-    __slots__ = ("container", "pointer", "keep", "mark", "key", "skip", "seen", "anchor", "log_start", "nodes_start")
+    __slots__ = ("container", "pointer", "keep", "mark", "key", "skip", "seen", "anchor", "log_start", "nodes_start",
+                 "text_start", "flow")
 
     def __init__(self, container: Any, pointer: str, keep: bool, mark: tuple[int, int]) -> None:
         self.container = container
@@ -341,19 +366,32 @@ class _Frame:
         self.anchor: str | None = None
         self.log_start = 0
         self.nodes_start = 0
+        self.text_start = 0
+        self.flow = False  # a flow collection ([...] or {...})
 
 
 _NON_SCALAR_KEY = "\x00"
 
 
 def _build(path: str, loader: Any) -> _Document:
+    """:func:`_build_events`, telling how deep in block collections a syntax error struck."""
+    stack: list[_Frame] = []
+    try:
+        return _build_events(path, loader, stack)
+    except yaml.MarkedYAMLError as e:
+        raise _SyntaxFailure(e, sum(1 for frame in stack if not frame.flow)) from None
+
+
+def _build_events(path: str, loader: Any, stack: list[_Frame]) -> _Document:
     """Build plain values from the YAML event stream, recording every node's position.
 
     We consume parser events instead of composed nodes so that nothing here
     recurses (a deeply nested file cannot overflow the stack), aliases are
     counted as they are expanded (a "billion laughs" file stops after
-    MAX_NODES expanded nodes, in bounded time and memory), and duplicate keys
-    are reported where they are written.
+    MAX_NODES expanded nodes, and one large anchored scalar aliased many
+    times after MAX_ALIAS_TEXT expanded characters: what a spec costs later,
+    in hashing and schema checks, grows with its expanded text), and
+    duplicate keys are reported where they are written.
     """
     positions: dict[str, tuple[int, int]] = {}
     key_positions: dict[str, tuple[int, int]] = {}
@@ -361,10 +399,13 @@ def _build(path: str, loader: Any) -> _Document:
     errors: list[SpecError] = []
     log: list[tuple[str, tuple[int, int], bool]] = []  # every position, in order, for anchors to copy
     anchors: dict[str, _Anchor] = {}
-    stack: list[_Frame] = []
     nodes = 0
     expanded = 0
+    text_size = 0  # characters of scalar text in the document, aliases expanded
+    expanded_text = 0
     root: list[Any] = []
+
+    too_big = f"the file holds more than {MAX_DOCUMENT_NODES} YAML values; split it"
 
     def fail(mark: tuple[int, int], message: str) -> _FileErrors:
         return _FileErrors([SpecError(path, *mark, message)])
@@ -428,6 +469,9 @@ def _build(path: str, loader: Any) -> _Document:
         if cls is yaml.ScalarEvent:
             pointer, keep, is_key = slot()
             nodes += 1
+            if nodes > MAX_DOCUMENT_NODES:
+                raise fail(mark, too_big)
+            text_size += len(event.value)
             tag = event.tag
             if tag is None or tag == "!":
                 tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
@@ -437,16 +481,20 @@ def _build(path: str, loader: Any) -> _Document:
                 if keep and not isinstance(value, str):
                     raw_scalars[pointer] = event.value
             if event.anchor is not None:
-                anchors[event.anchor] = _Anchor(value, event.value, [("", mark, False)], 1)
+                anchors[event.anchor] = _Anchor(value, event.value, [("", mark, False)], 1, len(event.value))
             place(value, event.value, mark)
         elif cls is yaml.MappingStartEvent or cls is yaml.SequenceStartEvent:
             if len(stack) >= MAX_DEPTH:
-                raise fail(mark, f"YAML nesting is deeper than {MAX_DEPTH} levels")
+                raise fail(mark, _too_deep())
             pointer, keep, is_key = slot()
             nodes += 1
+            if nodes > MAX_DOCUMENT_NODES:
+                raise fail(mark, too_big)
             frame = _Frame({} if cls is yaml.MappingStartEvent else [], pointer, keep, mark)
+            frame.flow = bool(event.flow_style)
             if event.anchor is not None:
                 frame.anchor, frame.log_start, frame.nodes_start = event.anchor, len(log), nodes - 1
+                frame.text_start = text_size
             if not is_key:
                 record(pointer, mark, False, keep)
             stack.append(frame)
@@ -455,7 +503,8 @@ def _build(path: str, loader: Any) -> _Document:
             if frame.anchor is not None:
                 cut = len(frame.pointer)
                 entries = [(p[cut:], m, k) for p, m, k in log[frame.log_start:]]
-                anchors[frame.anchor] = _Anchor(frame.container, None, entries, nodes - frame.nodes_start)
+                anchors[frame.anchor] = _Anchor(frame.container, None, entries, nodes - frame.nodes_start,
+                                                text_size - frame.text_start)
             place(frame.container, None, frame.mark)
         elif cls is yaml.AliasEvent:
             anchor = anchors.get(event.anchor)
@@ -464,7 +513,14 @@ def _build(path: str, loader: Any) -> _Document:
             expanded += anchor.size
             if expanded > MAX_NODES:
                 raise fail(mark, f"aliases expand to more than {MAX_NODES} nodes (alias expansion bomb?)")
+            expanded_text += anchor.text
+            if expanded_text > MAX_ALIAS_TEXT:
+                raise fail(mark, f"aliases expand to more than {MAX_ALIAS_TEXT // 1024} KiB of text "
+                                 "(alias expansion bomb?)")
             nodes += anchor.size
+            if nodes > MAX_DOCUMENT_NODES:
+                raise fail(mark, too_big)
+            text_size += anchor.text
             pointer, keep, is_key = slot()
             if not is_key:
                 for rel, entry_mark, entry_is_key in anchor.entries:
@@ -476,8 +532,78 @@ def _build(path: str, loader: Any) -> _Document:
         extra = loader.get_event()
         raise fail(_mark(extra), "file holds more than one YAML document; put one spec per file")
     if errors:
+        if len(errors) > MAX_ERRORS_PER_FILE:
+            errors = [*sorted(errors)[:MAX_ERRORS_PER_FILE], SpecError(path, 1, 1, _more_errors())]
         raise _FileErrors(errors)
     return _Document(path, root[0] if root else None, positions, key_positions, raw_scalars)
+
+
+def _more_errors() -> str:
+    return f"more than {MAX_ERRORS_PER_FILE} errors in this file; only the first are listed"
+
+
+def _too_deep() -> str:
+    return f"YAML nesting is deeper than {MAX_DEPTH} levels"
+
+
+_FLOW_TOKENS = re.compile(r"""[\[\]{}'"#\n]""")
+_SPACE_BEFORE_COMMENT = (" ", "\t", "\n")
+
+
+def _flow_too_deep(text: str, end: int, limit: int) -> int | None:
+    """Index where flow collections (``[``, ``{``) first nest deeper than ``limit`` before ``end``, or None.
+
+    Only consulted when the YAML library has already refused the file, to
+    tell "too deep" from other syntax errors whatever the library's own
+    limits and wording. A lexical scan: it skips quoted scalars and
+    comments, and counts a bracket only where a flow collection can start
+    (anywhere in flow context; in block context after a space or at the start
+    of a line), which is what YAML itself allows.
+    """
+    depth = 0
+    position = 0
+    for match in _FLOW_TOKENS.finditer(text, 0, end):
+        index = match.start()
+        if index < position:
+            continue  # inside a quoted scalar or comment skipped below
+        char = text[index]
+        before = text[index - 1] if index else "\n"
+        if char == "#":
+            if before in _SPACE_BEFORE_COMMENT:
+                newline = text.find("\n", index)
+                position = len(text) if newline < 0 else newline
+        elif char in "'\"":
+            if depth or before in " \t\n":
+                position = _quote_end(text, index, char)
+        elif char in "[{":
+            if depth or before in " \t\n":
+                depth += 1
+                if depth > limit:
+                    return index
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return None
+
+
+def _quote_end(text: str, start: int, quote: str) -> int:
+    """Index just past the quoted scalar opened at ``start`` (the end of text if unterminated)."""
+    index = start + 1
+    while True:
+        found = text.find(quote, index)
+        if found < 0:
+            return len(text)
+        if quote == '"':
+            backslashes = 0
+            while text[found - 1 - backslashes] == "\\":
+                backslashes += 1
+            if backslashes % 2:
+                index = found + 1
+                continue
+            return found + 1
+        if text.startswith("''", found):
+            index = found + 2
+            continue
+        return found + 1
 
 
 def _position(text: str, index: int) -> tuple[int, int]:
@@ -503,12 +629,18 @@ def _compose(path: str, data: bytes) -> _Document:
     loader = _Loader(text)
     try:
         return _build(path, loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
+    except _SyntaxFailure as failure:
+        error = failure.error
+        mark = error.problem_mark or error.context_mark
+        deep = _flow_too_deep(text, mark.index + 1 if mark else len(text), MAX_DEPTH - failure.block_depth)
+        if deep is not None:
+            # The YAML library may stop deep flow nesting with its own limit
+            # before our event-driven check sees the levels: say it our way.
+            raise _FileErrors([SpecError(path, *_position(text, deep), _too_deep())]) from None
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        message = f"YAML syntax error: {e.problem or e.context or 'invalid YAML'}"
-        if e.problem and e.context and e.context_mark and mark and (e.context_mark.line, e.context_mark.column) != (mark.line, mark.column):
-            message += f" ({e.context} started at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        message = f"YAML syntax error: {error.problem or error.context or 'invalid YAML'}"
+        if error.problem and error.context and error.context_mark and mark and (error.context_mark.line, error.context_mark.column) != (mark.line, mark.column):
+            message += f" ({error.context} started at line {error.context_mark.line + 1}, column {error.context_mark.column + 1})"
         raise _FileErrors([SpecError(path, line, column, message)]) from None
     except yaml.reader.ReaderError as e:
         line, column = _position(text, min(e.position, len(text)))
@@ -530,8 +662,44 @@ def schema_for(kind: Kind) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=None)
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
+    """A schema ``pattern`` with ECMA-262 anchors: ``$`` is the end of the text only.
+
+    In Python ``$`` also matches before a final newline, so ``"install-app\\n"``
+    would pass ``^[a-z0-9]...$``; JSON Schema patterns are ECMA-262, where it
+    does not. Every unescaped ``$`` outside a character class becomes ``\\Z``.
+    """
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            out.append(r"\Z")
+            continue
+        out.append(char)
+    return re.compile("".join(out))
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterable[ValidationError]:
+    if isinstance(instance, str) and not _ecma_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_SchemaValidator: Any = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+@lru_cache(maxsize=None)
 def _validator(kind: Kind) -> jsonschema.protocols.Validator:
-    return jsonschema.Draft202012Validator(schema_for(kind))
+    validator: jsonschema.protocols.Validator = _SchemaValidator(schema_for(kind))
+    return validator
 
 
 def _pointer(parts: Iterable[Any]) -> str:
@@ -545,13 +713,15 @@ def _describe(value: Any) -> str:
 
 # What the schemas' patterns mean, in words; a pattern not listed here is shown as is.
 _PATTERN_MEANINGS = {
-    NAME_PATTERN.pattern: "is not a valid name: use lower-case letters, digits, '.' and '-', "
-                          "starting and ending with a letter or digit, at most 63 characters",
-    "^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$": "is not a valid version: use letters, digits and '._+~-', "
-                                           "starting with a letter or digit, at most 64 characters",
-    "^[0-9a-f]{64}$": "is not a SHA-256 digest: 64 lower-case hexadecimal digits",
-    "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$":
-        "is not an RFC 3339 date-time with an offset, such as \"2027-04-01T09:00:00+09:00\"",
+    names.schema_pattern(names.NAME): "is not a valid name: use lower-case letters, digits, '.' and '-', "
+                                      "starting and ending with a letter or digit, at most 63 characters",
+    names.schema_pattern(names.VERSION): "is not a valid version: use letters, digits and '._+~-', "
+                                         "starting with a letter or digit, at most 64 characters",
+    names.schema_pattern(names.SHA256): "is not a SHA-256 digest: 64 lower-case hexadecimal digits",
+    names.schema_pattern(names.LABEL_KEY): "is not a valid label key: letters, digits and '._/-', "
+                                           "starting with a letter or digit, at most 63 characters",
+    names.schema_pattern(names.TIME): "is not an RFC 3339 date-time with an offset, such as "
+                                      "\"2027-04-01T09:00:00+09:00\" (years 1970 to 9999)",
     "^(100|[1-9]?[0-9])%$": "is not a percentage from \"0%\" to \"100%\"",
     "^https?://": "is not an http:// or https:// URL",
 }
@@ -605,6 +775,8 @@ def _artifact_message(instance: Any) -> str:
 def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
     found: list[SpecError] = []
     for error in _validator(kind).iter_errors(doc.value):
+        if len(found) > MAX_ERRORS_PER_FILE and len(set(found)) > MAX_ERRORS_PER_FILE:
+            break
         pointer = _pointer(error.absolute_path)
         if error.validator in ("oneOf", "anyOf"):
             if pointer.endswith("/artifact"):
@@ -643,7 +815,11 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
             message = message.replace("is not a valid name", "is not a valid client id" if clients else "is not a valid relay name")
         # An empty value ("spec:" and nothing after it) is best shown at its key.
         found.append(doc.error(pointer, message, at_key=doc.raw_scalars.get(pointer) == ""))
-    return sorted(set(found))
+    listed = sorted(set(found))
+    if len(listed) > MAX_ERRORS_PER_FILE:
+        note = SpecError(doc.path, 1, 1, _more_errors())
+        listed = sorted({note, *[e for e in listed if e != note][:MAX_ERRORS_PER_FILE]})
+    return listed
 
 
 # ----------------------------------------------------------- per-file checks
@@ -657,14 +833,34 @@ def _labels(value: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((value or {}).items()))
 
 
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(9999, 12, 31, tzinfo=timezone.utc)
+
+
 def _parse_time(doc: _Document, pointer: str, text: str | None, errors: list[SpecError]) -> datetime | None:
+    """A schedule time in UTC, between EARLIEST_TIME and LATEST_TIME (later arithmetic never overflows)."""
     if text is None:
         return None
+    outside = (f"{pointer}: {text!r} is outside {EARLIEST_TIME:%Y-%m-%d} to {LATEST_TIME:%Y-%m-%d} (UTC)")
     try:
-        return datetime.fromisoformat(text.replace("z", "Z"))
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
         errors.append(doc.error(pointer, f"{pointer}: {text!r} is not a valid RFC 3339 date-time"))
         return None
+    try:
+        moment = moment.astimezone(timezone.utc)
+    except OverflowError:
+        errors.append(doc.error(pointer, outside))
+        return None
+    if not EARLIEST_TIME <= moment <= LATEST_TIME:
+        errors.append(doc.error(pointer, outside))
+        return None
+    return moment
+
+
+def _int(value: Any) -> Any:
+    """A schema-checked integer as int: JSON Schema also calls ``3.0`` an integer."""
+    return int(value) if isinstance(value, float) else value
 
 
 def _check_artifact_path(doc: _Document, raw: str, check: ArtifactCheck, errors: list[SpecError]) -> str | None:
@@ -747,13 +943,13 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         install=tuple(raw_installer.get("install", ())),
         uninstall=tuple(raw_installer.get("uninstall", ())),
         detect=tuple(raw_installer.get("detect", ())),
-        timeout_seconds=raw_installer.get("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS),
+        timeout_seconds=_int(raw_installer.get("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)),
     )
     raw_req = spec.get("requirements", {})
     requirements = Requirements(
         os=tuple(raw_req.get("os", ())),
         arch=tuple(raw_req.get("arch", ())),
-        min_free_disk_mb=raw_req.get("minFreeDiskMB"),
+        min_free_disk_mb=_int(raw_req.get("minFreeDiskMB")),
         labels=_labels(raw_req.get("labels")),
     )
     depends = tuple(Dependency(d["name"], d.get("minVersion")) for d in spec.get("dependsOn", ()))
@@ -793,13 +989,13 @@ def _build_job(doc: _Document) -> tuple[Job | None, list[SpecError]]:
         destinations=tuple(spec["destinations"]),
         not_before=not_before,
         not_after=not_after,
-        retry_limit=retry.get("limit", DEFAULT_RETRY_LIMIT),
-        backoff_seconds=retry.get("backoffSeconds", DEFAULT_BACKOFF_SECONDS),
-        rerun=spec.get("rerun", 0),
+        retry_limit=_int(retry.get("limit", DEFAULT_RETRY_LIMIT)),
+        backoff_seconds=_int(retry.get("backoffSeconds", DEFAULT_BACKOFF_SECONDS)),
+        rerun=_int(spec.get("rerun", 0)),
         suspend=spec.get("suspend", False),
         allow_downgrade=spec.get("allowDowngrade", False),
-        max_concurrent=rollout.get("maxConcurrent"),
-        max_failures=rollout.get("maxFailures"),
+        max_concurrent=_int(rollout.get("maxConcurrent")),
+        max_failures=_int(rollout.get("maxFailures")),
         source=doc.path,
         revision=_canonical_hash({"name": doc.value["metadata"]["name"], "spec": revision_basis}),
     )
@@ -914,13 +1110,18 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
 
     errors.extend(_unique_names(packages, "package"))
     errors.extend(_unique_names(jobs, "job"))
-    first_version: dict[tuple[str, str], str] = {}
+    # One package per version as versions compare (1.0 and 1.0.0 are the same
+    # version to the plan): two such files would leave it to chance which runs.
+    first_version: dict[tuple[str, VersionKey], tuple[str, str]] = {}
     for doc, package in packages:
-        key = (package.name, package.version)
-        if key in first_version:
-            errors.append(doc.error("/spec/version", f"/spec/version: package {package.name} {package.version} is already defined in {first_version[key]}"))
-        else:
-            first_version[key] = doc.path
+        key = (package.name, version_key(package.version))
+        if key not in first_version:
+            first_version[key] = (doc.path, package.version)
+            continue
+        path, version = first_version[key]
+        same = "" if version == package.version else f" (as {version}: versions compare equal)"
+        errors.append(doc.error("/spec/version", f"/spec/version: package {package.name} {package.version} "
+                                                 f"is already defined in {path}{same}"))
 
     declared_names = {name for name, _ in declared}
     for doc, job in jobs:
@@ -960,60 +1161,6 @@ def _unique_names(items: list[tuple[_Document, Any]], what: str) -> list[SpecErr
         else:
             first[name] = doc.path
     return errors
-
-
-# ------------------------------------------------------------------- shell
-
-
-def _read_limited(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(MAX_FILE_BYTES + 1)
-
-
-def read_spec_files(root: Path) -> dict[str, bytes]:
-    """Read the spec files of a repo directory (at most 1 MiB + 1 byte each)."""
-    files: dict[str, bytes] = {}
-    for name in TOPOLOGY_FILES:
-        candidate = root / name
-        if candidate.is_file():
-            files[name] = _read_limited(candidate)
-    for top in (PACKAGES_DIR, JOBS_DIR):
-        base = root / top
-        if not base.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in filenames:
-                if filename.endswith(SPEC_SUFFIXES):
-                    full = Path(dirpath) / filename
-                    rel = full.relative_to(root).as_posix()
-                    files[rel] = _read_limited(full)
-    return files
-
-
-def directory_artifact_check(root: Path) -> ArtifactCheck:
-    """Artifact checker for a working-tree repo: exists, and no symlink leads outside."""
-    real_root = root.resolve()
-
-    def check(relpath: str) -> str | None:
-        candidate = root / relpath
-        if not candidate.exists() and not candidate.is_symlink():
-            return "does not exist"
-        resolved = candidate.resolve()
-        if resolved != real_root and real_root not in resolved.parents:
-            return "leaves the repo through a symbolic link"
-        if not resolved.exists():
-            return "is a broken symbolic link"
-        return None
-
-    return check
-
-
-def load_repo(root: Path) -> LoadResult:
-    """Load and validate the repo at ``root`` (raises FileNotFoundError if it is not a directory)."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory")
-    return parse_repo(read_spec_files(root), directory_artifact_check(root))
 
 
 # ---------------------------------------------------------------- lookups

@@ -12,7 +12,7 @@ import yaml
 
 from reconciler.commands.rerun import RerunError, raise_rerun
 from reconciler.resources import example_repo_dir
-from reconciler.specs import load_repo
+from reconciler.repo_tree import load_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 

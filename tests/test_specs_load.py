@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.repo_tree import DirectoryTree, load_repo, spec_files, tree_artifact_check
 from reconciler.resources import example_repo_dir
 from reconciler.specs import (
     Artifact,
@@ -24,11 +25,8 @@ from reconciler.specs import (
     Requirements,
     Specs,
     ancestors,
-    directory_artifact_check,
     find_package,
-    load_repo,
     parse_repo,
-    read_spec_files,
     subtree,
 )
 
@@ -161,7 +159,7 @@ def _with_job_text(files: dict[str, bytes], name: str, old: str, new: str) -> di
 
 
 def _revision(files: dict[str, bytes], name: str) -> str:
-    result = parse_repo(files, directory_artifact_check(EXAMPLE))
+    result = parse_repo(files, tree_artifact_check(DirectoryTree(EXAMPLE)))
     assert result.errors == ()
     assert result.specs is not None
     return _job(result.specs, name).revision
@@ -185,7 +183,7 @@ REVISION_CHANGED = [
 
 @pytest.mark.parametrize(("old", "new"), REVISION_KEPT)
 def test_job_revision_ignores_rerun_and_suspend(old: str, new: str) -> None:
-    files = read_spec_files(EXAMPLE)
+    files = spec_files(DirectoryTree(EXAMPLE))
     before = _revision(files, "install-vpn-client")
     after = _revision(_with_job_text(files, "install-vpn-client", old, new), "install-vpn-client")
     assert after == before
@@ -193,23 +191,23 @@ def test_job_revision_ignores_rerun_and_suspend(old: str, new: str) -> None:
 
 @pytest.mark.parametrize(("old", "new"), REVISION_CHANGED)
 def test_job_revision_changes_with_any_other_edit(old: str, new: str) -> None:
-    files = read_spec_files(EXAMPLE)
+    files = spec_files(DirectoryTree(EXAMPLE))
     before = _revision(files, "install-vpn-client")
     after = _revision(_with_job_text(files, "install-vpn-client", old, new), "install-vpn-client")
     assert after != before
 
 
 def test_rerun_and_suspend_are_still_read(specs: Specs) -> None:
-    files = _with_job_text(read_spec_files(EXAMPLE), "install-vpn-client", "  rerun: 0\n", "  rerun: 2\n  suspend: true\n")
-    result = parse_repo(files, directory_artifact_check(EXAMPLE))
+    files = _with_job_text(spec_files(DirectoryTree(EXAMPLE)), "install-vpn-client", "  rerun: 0\n", "  rerun: 2\n  suspend: true\n")
+    result = parse_repo(files, tree_artifact_check(DirectoryTree(EXAMPLE)))
     assert result.specs is not None
     vpn = _job(result.specs, "install-vpn-client")
     assert (vpn.rerun, vpn.suspend) == (2, True)
 
 
 def test_parse_repo_is_deterministic() -> None:
-    files = read_spec_files(EXAMPLE)
-    check = directory_artifact_check(EXAMPLE)
+    files = spec_files(DirectoryTree(EXAMPLE))
+    check = tree_artifact_check(DirectoryTree(EXAMPLE))
     first = parse_repo(files, check)
     again = parse_repo(dict(files), check)
     reversed_order = parse_repo(dict(reversed(list(files.items()))), check)
@@ -224,7 +222,7 @@ def test_load_repo_is_parse_repo_on_the_directory(tmp_path: Path) -> None:
     (copy / "README.md").write_text("ignored\n", encoding="utf-8")
     (copy / "jobs" / "notes.txt").write_text("not a spec: ignored\n", encoding="utf-8")
     from_disk = load_repo(copy)
-    from_files = parse_repo(read_spec_files(copy), directory_artifact_check(copy))
+    from_files = parse_repo(spec_files(DirectoryTree(copy)), tree_artifact_check(DirectoryTree(copy)))
     assert from_disk == from_files
     assert from_disk.specs == load_repo(EXAMPLE).specs
 

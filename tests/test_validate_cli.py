@@ -82,7 +82,7 @@ def test_json_format(bad_repo: Path) -> None:
     proc = validate(str(bad_repo), "--format", "json", cwd=bad_repo.parent)
     assert proc.returncode == 1
     document = json.loads(proc.stdout)
-    assert set(document) == {"valid", "errors"}
+    assert set(document) == {"valid", "errors", "warnings"}
     assert document["valid"] is False
     assert len(document["errors"]) == 3
     for error in document["errors"]:
@@ -96,7 +96,7 @@ def test_json_format(bad_repo: Path) -> None:
 def test_json_format_on_a_valid_repo(tmp_path: Path) -> None:
     proc = validate(str(EXAMPLE), "--format=json", cwd=tmp_path)
     assert proc.returncode == 0
-    assert json.loads(proc.stdout) == {"valid": True, "errors": []}
+    assert json.loads(proc.stdout) == {"valid": True, "errors": [], "warnings": []}
 
 
 def test_github_format(bad_repo: Path) -> None:
@@ -122,3 +122,59 @@ def test_unknown_format_is_a_usage_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "--format" in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.fixture
+def repo_with_unread_yaml(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE, repo)
+    (repo / "job").mkdir()
+    shutil.copy(repo / "jobs" / "install-7zip.yaml", repo / "job" / "typo.yaml")
+    shutil.move(repo / "jobs" / "install-7zip.yaml", repo / "jobs" / "install-7zip.YAML")
+    shutil.copy(repo / "topology.yaml", repo / "topology-old.yaml")
+    return repo
+
+
+UNREAD = ["job/typo.yaml", "jobs/install-7zip.YAML", "topology-old.yaml"]
+
+
+def test_yaml_files_that_are_not_read_are_warned_about_in_text(repo_with_unread_yaml: Path) -> None:
+    proc = validate(str(repo_with_unread_yaml), cwd=repo_with_unread_yaml)
+    assert proc.returncode == 0, proc.stdout
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "valid: no errors (3 warnings)"
+    assert [line.split(":", 1)[0] for line in lines[:-1]] == UNREAD
+    assert all(": warning: not read: " in line for line in lines[:-1]), lines
+
+
+def test_yaml_files_that_are_not_read_are_warned_about_in_json(repo_with_unread_yaml: Path) -> None:
+    proc = validate(str(repo_with_unread_yaml), "--format", "json", cwd=repo_with_unread_yaml)
+    document = json.loads(proc.stdout)
+    assert document["valid"] is True and document["errors"] == []
+    assert [w["path"] for w in document["warnings"]] == UNREAD
+    assert all(w["message"].startswith("not read: ") and w["line"] == 1 for w in document["warnings"])
+
+
+def test_yaml_files_that_are_not_read_are_warned_about_in_github(repo_with_unread_yaml: Path) -> None:
+    proc = validate("repo", "--format", "github", cwd=repo_with_unread_yaml.parent)
+    annotations = [line for line in proc.stdout.splitlines() if line.startswith("::")]
+    assert [a.split(",", 1)[0] for a in annotations] == [f"::warning file=repo/{path}" for path in UNREAD]
+
+
+def test_output_cut_short_by_the_reader_ends_quietly(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE, repo)
+    for index in range(3000):  # far more output than a pipe buffers
+        (repo / "jobs" / f"broken-{index}.yaml").write_text("kind: [\n", encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "validate", str(repo)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()  # what `| head -1` reads, then it goes away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert first.startswith(b"jobs/broken-0.yaml:2:1: error: YAML syntax error")
+    assert err == ""
+    assert code == 141

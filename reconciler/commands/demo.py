@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from reconciler.resources import example_repo_dir
-from reconciler.specs import load_repo
+from reconciler.repo_tree import load_repo
 
 SETTLE_TIMEOUT_SECONDS = 150.0
 POLL_SECONDS = "1"

@@ -27,7 +27,8 @@ from typing import Any
 
 from reconciler.commands.validate import render as render_validation
 from reconciler.plan import Client, Installed, Plan, Row, index_relay, plan_relay
-from reconciler.specs import Specs, load_repo
+from reconciler.repo_tree import load_repo
+from reconciler.specs import Specs
 
 CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online")

@@ -23,6 +23,8 @@ import yaml
 
 from reconciler import specs
 from reconciler.fileio import write_atomic
+from reconciler.repo_layout import select_specs
+from reconciler.repo_tree import DirectoryTree, load_repo
 
 _Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOP_KEY = re.compile(r"^([A-Za-z_][\w-]*)\s*:(.*)$")
@@ -43,12 +45,13 @@ def _load(text: str) -> Any:
 def find_job_file(repo: Path, job: str) -> tuple[Path, Any]:
     """The job spec file whose metadata.name is ``job``, and its parsed document."""
     jobs_dir = repo / specs.JOBS_DIR
-    candidates = sorted(p for p in jobs_dir.rglob("*") if p.suffix in specs.SPEC_SUFFIXES and p.is_file()) \
-        if jobs_dir.is_dir() else []
+    tree = DirectoryTree(repo)  # the files validate and HQ read, and only those: no links followed
+    candidates = [p for p in select_specs(tree.entries()).spec_paths if p.startswith(specs.JOBS_DIR)]
     known: list[str] = []
-    for path in candidates:
+    for rel in candidates:
+        path = repo / rel
         try:
-            text = path.read_bytes()[: specs.MAX_FILE_BYTES + 1].decode("utf-8-sig")
+            text = tree.read([rel], specs.MAX_FILE_BYTES)[rel].decode("utf-8-sig")
         except (OSError, UnicodeDecodeError):
             continue
         doc = _load(text)
@@ -145,9 +148,9 @@ def rerun(repo: Path, job: str) -> tuple[Path, str, str]:
     rel = path.relative_to(repo).as_posix()
     # Errors the file already had are the admin's business; the edit must add none
     # (compared by message: an inserted line moves the positions of later errors).
-    before = {e.message for e in specs.load_repo(repo).errors if e.path == rel}
+    before = {e.message for e in load_repo(repo).errors if e.path == rel}
     write_atomic(path, (b"\xef\xbb\xbf" if bom else b"") + new.encode("utf-8"), mode=None)
-    after = [e for e in specs.load_repo(repo).errors if e.path == rel and e.message not in before]
+    after = [e for e in load_repo(repo).errors if e.path == rel and e.message not in before]
     if after:
         write_atomic(path, raw, mode=None)
         details = "\n".join(f"  {e}" for e in after)

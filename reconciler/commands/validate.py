@@ -2,7 +2,9 @@
 
 Formats: ``text`` (``path:line:column: error: message``), ``json`` for tools,
 and ``github`` workflow annotations so errors appear on the pull request's
-diff. Exit 0 valid, 1 invalid, 2 when the repo cannot be read.
+diff. YAML files that are not read (a mistyped folder, an upper-case suffix)
+are listed as warnings in every format; they never make the repo invalid.
+Exit 0 valid, 1 invalid, 2 when the repo cannot be read.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from reconciler.specs import LoadResult, SpecError, load_repo
+from reconciler.repo_tree import load_repo
+from reconciler.specs import LoadResult, SpecError
 
 
 def _github_escape(text: str, *, property_value: bool = False) -> str:
@@ -24,24 +27,37 @@ def _github_escape(text: str, *, property_value: bool = False) -> str:
 
 
 def render(result: LoadResult, fmt: str, repo_arg: str) -> str:
-    errors = result.errors
+    errors, warnings = result.errors, result.warnings
     if fmt == "json":
-        return json.dumps({"valid": result.valid, "errors": [e.to_json() for e in errors]}, indent=2)
+        return json.dumps({"valid": result.valid, "errors": [e.to_json() for e in errors],
+                           "warnings": [w.to_json() for w in warnings]}, indent=2)
     if fmt == "github":
-        lines = []
-        for e in errors:
-            file = os.path.normpath(os.path.join(repo_arg, e.path))
-            lines.append(f"::error file={_github_escape(file, property_value=True)},line={e.line},"
-                         f"col={e.column}::{_github_escape(e.message)}")
-        lines.append(_count(errors))
+        lines = [_annotation("error", e, repo_arg) for e in errors]
+        lines += [_annotation("warning", w, repo_arg) for w in warnings]
+        lines.append(_count(errors, warnings))
         return "\n".join(lines)
-    return "\n".join([*(str(e) for e in errors), _count(errors)])
+    return "\n".join([*(str(e) for e in errors), *(_warning_line(w) for w in warnings), _count(errors, warnings)])
 
 
-def _count(errors: tuple[SpecError, ...]) -> str:
+def _annotation(level: str, problem: SpecError, repo_arg: str) -> str:
+    file = os.path.normpath(os.path.join(repo_arg, problem.path))
+    return (f"::{level} file={_github_escape(file, property_value=True)},line={problem.line},"
+            f"col={problem.column}::{_github_escape(problem.message)}")
+
+
+def _warning_line(warning: SpecError) -> str:
+    return f"{warning.path}:{warning.line}:{warning.column}: warning: {warning.message}"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
+
+
+def _count(errors: tuple[SpecError, ...], warnings: tuple[SpecError, ...] = ()) -> str:
+    also = f" ({_plural(len(warnings), 'warning')})" if warnings else ""
     if not errors:
-        return "valid: no errors"
-    return f"{len(errors)} error{'s' if len(errors) != 1 else ''}"
+        return f"valid: no errors{also}"
+    return f"{_plural(len(errors), 'error')}{also}"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,0 +1,182 @@
+"""Reading a desired-state repo, from a working tree or from a commit, the same way.
+
+Both readers produce the same listing (:mod:`reconciler.repo_layout`) and
+read only the files it selects, and :func:`load_tree` hands them to the pure
+:func:`reconciler.specs.parse_repo` with an artifact check answered from that
+listing. So ``reconciler validate`` on a checkout and HQ on the commit of
+that checkout give one verdict, and every reader (HQ, the relays,
+``reconciler status``, ``plan``, ``rerun``, the demo) goes through here.
+
+The working-tree reader never follows a symbolic link while listing and
+never opens anything but a regular file (``O_NOFOLLOW | O_NONBLOCK`` and an
+``fstat`` check, so a FIFO swapped in after listing cannot hang it); like
+git, it skips ``.git`` and treats a folder holding a ``.git`` as a
+submodule.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from reconciler.repo_layout import Entry, EntryKind, Selection, artifact_checker, select_specs
+from reconciler.specs import (
+    JOBS_DIR,
+    MAX_FILE_BYTES,
+    PACKAGES_DIR,
+    TOPOLOGY_FILES,
+    ArtifactCheck,
+    LoadResult,
+    parse_repo,
+)
+
+SPEC_PREFIXES = (*TOPOLOGY_FILES, PACKAGES_DIR, JOBS_DIR)
+MAX_ENTRIES = 1_000_000  # a working tree bigger than this is not a desired-state repo
+
+
+class RepoTree(Protocol):
+    """A repo's listing and the bytes of its regular files."""
+
+    def entries(self) -> list[Entry]: ...
+
+    def read(self, paths: Collection[str], limit: int) -> dict[str, bytes]:
+        """The first ``limit + 1`` bytes of each regular file in ``paths``."""
+        ...
+
+
+class TreeError(OSError):
+    """The working tree cannot be listed or read."""
+
+
+# ------------------------------------------------------------- working tree
+
+
+class DirectoryTree:
+    """A repo checked out (or written) in a directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def entries(self) -> list[Entry]:
+        found: list[Entry] = []
+        pending = [""]
+        while pending:
+            rel_dir = pending.pop()
+            try:
+                scan = list(os.scandir(self.root / rel_dir if rel_dir else self.root))
+            except OSError as e:
+                if not rel_dir:
+                    raise
+                raise TreeError(e.errno, f"cannot list {rel_dir}: {e.strerror}") from None
+            for item in scan:
+                rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+                if rel == ".git":
+                    continue
+                mode = item.stat(follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    found.append(Entry(rel, EntryKind.SYMLINK, os.readlink(item.path)))
+                elif stat.S_ISDIR(mode):
+                    if os.path.lexists(os.path.join(item.path, ".git")):
+                        found.append(Entry(rel, EntryKind.SUBMODULE))
+                    else:
+                        pending.append(rel)
+                elif stat.S_ISREG(mode):
+                    found.append(Entry(rel, EntryKind.FILE))
+                else:
+                    found.append(Entry(rel, EntryKind.OTHER))
+                if len(found) > MAX_ENTRIES:
+                    raise TreeError(0, f"more than {MAX_ENTRIES} files: not a desired-state repo")
+        return sorted(found)
+
+    def read(self, paths: Collection[str], limit: int) -> dict[str, bytes]:
+        return {path: self._read(path, limit) for path in sorted(paths)}
+
+    def _read(self, path: str, limit: int) -> bytes:
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(self.root / path, flags)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TreeError(0, f"{path} is no longer a regular file")
+            chunks: list[bytes] = []
+            remaining = limit + 1
+            while remaining > 0:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------- commit
+
+
+class GitReader(Protocol):
+    """What :class:`CommitTree` needs of :class:`reconciler.gitstore.GitStore`."""
+
+    def list_tree(self, commit: str) -> list[tuple[str, str, str | None]]: ...
+
+    def read_files(self, commit: str, prefixes: Sequence[str] = ..., max_size: int | None = ...) -> dict[str, bytes]: ...
+
+
+class CommitTree:
+    """A repo at one commit of a git mirror."""
+
+    def __init__(self, store: GitReader, commit: str) -> None:
+        self.store = store
+        self.commit = commit
+
+    def entries(self) -> list[Entry]:
+        kinds = {"file": EntryKind.FILE, "symlink": EntryKind.SYMLINK, "submodule": EntryKind.SUBMODULE}
+        return sorted(Entry(path, kinds.get(kind, EntryKind.OTHER), target)
+                      for path, kind, target in self.store.list_tree(self.commit))
+
+    def read(self, paths: Collection[str], limit: int) -> dict[str, bytes]:
+        wanted = set(paths)
+        files = self.store.read_files(self.commit, prefixes=SPEC_PREFIXES, max_size=limit)
+        return {path: data for path, data in files.items() if path in wanted}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tree(tree: RepoTree) -> LoadResult:
+    """Select, read and validate the specs of a repo; the listing's own errors and warnings included."""
+    entries = tree.entries()
+    selection = select_specs(entries)
+    files = tree.read(selection.spec_paths, MAX_FILE_BYTES)
+    return merge(parse_repo(files, artifact_checker(entries)), selection)
+
+
+def spec_files(tree: RepoTree) -> dict[str, bytes]:
+    """The spec files :func:`load_tree` reads, by path (at most ``MAX_FILE_BYTES + 1`` bytes each)."""
+    return tree.read(select_specs(tree.entries()).spec_paths, MAX_FILE_BYTES)
+
+
+def tree_artifact_check(tree: RepoTree) -> ArtifactCheck:
+    """The artifact check :func:`load_tree` uses for this tree."""
+    return artifact_checker(tree.entries())
+
+
+def merge(result: LoadResult, selection: Selection) -> LoadResult:
+    """``result`` with the listing's errors (which make it invalid) and warnings."""
+    errors = tuple(sorted(set(result.errors) | set(selection.errors)))
+    warnings = tuple(sorted(set(result.warnings) | set(selection.warnings)))
+    return LoadResult(None if errors else result.specs, errors, warnings)
+
+
+def load_repo(root: Path) -> LoadResult:
+    """Load and validate the repo in directory ``root`` (OSError if it cannot be read)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    return load_tree(DirectoryTree(root))
+
+
+def load_commit(store: GitReader, commit: str) -> LoadResult:
+    """Load and validate the repo at ``commit`` of a git mirror."""
+    return load_tree(CommitTree(store, commit))
