@@ -6,10 +6,20 @@ else keep the last accepted commit and publish the errors; read every
 relay's ``status/<relay>`` ref that changed; aggregate (:mod:`reconciler.report`,
 pure); publish ``status/hq`` when its content changed.
 
-All state lives in git: the accepted commit and when it was accepted are
-read back from ``status/hq`` when HQ starts, and everything else is
-recomputed, so a killed HQ simply converges again. A pass is woken by the
-change watcher (watchdog on a local origin, the webhook) or the poll interval.
+All state lives in git: the accepted commit, when it was accepted and the
+last evaluated ``main`` commit with its validity are read back from
+``status/hq`` when HQ starts, and everything else is recomputed, so a killed
+HQ simply converges again. A pass is woken by the change watcher (watchdog on
+a local origin, the webhook), the poll interval, or a due retry.
+
+An evaluation is recorded only once it finished. When loading the specs of
+a new ``main`` commit raises (a git read failure, a bug, running out of
+memory) nothing moves: the accepted commit, the last evaluated commit, its
+validity and its validation errors stay as they were, and ``accepted.yaml``
+gains an ``evaluationError`` naming the commit that could not be evaluated,
+so no reader ever sees that commit reported as valid. The evaluation is
+retried with exponential backoff on HQ's clock (:data:`RETRY_FIRST_SECONDS`
+doubling up to :data:`RETRY_MAX_SECONDS`), at once if ``main`` moves again.
 """
 
 from __future__ import annotations
@@ -22,70 +32,28 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from reconciler import report, specs
+from reconciler import report
 from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, redact_url
 from reconciler.logs import configure_logging
-from reconciler.report import Accepted, RelayStatus, ReportError
-from reconciler.specs import LoadResult, SpecError, Specs
+from reconciler.report import Accepted, EvaluationError, RelayStatus, ReportError
+from reconciler.repo_tree import load_commit
+from reconciler.specs import SpecError, Specs
 from reconciler.webhook import ListenError, Server, make_app, read_secret_file
 
 log = logging.getLogger("reconciler.hq")
 
 HQ_REF = STATUS_PREFIX + report.HQ_REF
-SPEC_PREFIXES = (*specs.TOPOLOGY_FILES, specs.PACKAGES_DIR, specs.JOBS_DIR)
-MAX_SYMLINK_HOPS = 40
 
-
-# ------------------------------------------------------------ specs at a commit
-
-
-def git_artifact_check(store: GitStore, commit: str) -> specs.ArtifactCheck:
-    """Artifact checker answering from the tree of ``commit``, following symbolic links like a checkout would."""
-
-    def check(relpath: str) -> str | None:
-        resolved: list[str] = []
-        queue = [p for p in relpath.split("/") if p not in ("", ".")]
-        hops = 0
-        while queue:
-            part = queue.pop(0)
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not resolved:
-                    return "leaves the repo through a symbolic link"
-                resolved.pop()
-                continue
-            candidate = "/".join([*resolved, part])
-            kind = store.path_kind(commit, candidate)
-            if kind is None:
-                return "is a broken symbolic link" if hops else "does not exist"
-            if kind == "symlink":
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    return "is a symbolic link loop"
-                target = store.symlink_target(commit, candidate) or ""
-                if target.startswith("/") or (len(target) > 1 and target[1] == ":"):
-                    return "leaves the repo through a symbolic link"
-                queue = [p for p in target.split("/") if p] + queue
-                continue
-            if kind == "submodule":
-                return "is a git submodule, not a file or directory"
-            if kind == "file" and queue:
-                return "does not exist"  # a file used as a directory
-            resolved.append(part)
-        return None
-
-    return check
-
-
-def load_specs(store: GitStore, commit: str) -> LoadResult:
-    """Load and validate the specs at ``commit`` of the store's mirror."""
-    files = store.read_files(commit, prefixes=SPEC_PREFIXES, max_size=specs.MAX_FILE_BYTES)
-    return specs.parse_repo(files, git_artifact_check(store, commit))
+RETRY_FIRST_SECONDS = 5.0
+"""Delay before the first retry of an evaluation that raised; it doubles with every failed attempt."""
+RETRY_MAX_SECONDS = 300.0
+"""Longest delay between two attempts: a lasting fault is retried every five minutes."""
+ERROR_MESSAGE_LIMIT = 300
+"""Characters of an evaluation error kept for the log and ``accepted.yaml``."""
 
 
 # ------------------------------------------------------------------ the HQ
@@ -95,9 +63,29 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+def retry_delay(attempts: int) -> float:
+    """Seconds to wait after ``attempts`` failed attempts in a row: 5, 10, 20, … capped at 300."""
+    return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2.0 ** max(0, attempts - 1))
+
+
+@dataclass(frozen=True)
+class FailedEvaluation:
+    """A commit of the branch whose evaluation raised, and when to try it again."""
+
+    commit: str
+    message: str
+    attempts: int
+    retry_at: datetime
+
+
 @dataclass
 class PassResult:
-    """What one pass did; ``line`` is the log line, None when it did nothing."""
+    """What one pass did; ``line`` is the log line, None when it did nothing.
+
+    ``error`` is set when this pass tried to evaluate the branch and could
+    not; ``exception`` is what raised when it was not git (a bug), so the
+    service can log its traceback while ``--once`` stays at one line.
+    """
 
     main_commit: str | None
     accepted_commit: str | None
@@ -105,6 +93,8 @@ class PassResult:
     relays_read: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    exception: Exception | None = field(default=None, repr=False)
 
     @property
     def line(self) -> str | None:
@@ -124,12 +114,13 @@ class Hq:
         self.branch = branch
         self.clock = clock
         self._restored = False
-        self._evaluated = False
+        self._evaluated = False  # this process finished an evaluation of main_commit
         self.main_commit: str | None = None
         self.main_valid: bool | None = None
         self.validation_errors: tuple[SpecError, ...] = ()
         self.accepted_commit: str | None = None
         self.accepted_at: datetime | None = None
+        self.failed: FailedEvaluation | None = None
         self._specs: tuple[str, Specs | None] | None = None  # (commit, specs)
         self._relays: dict[str, tuple[str, RelayStatus]] = {}  # name -> (ref sha, status)
         self._published: dict[str, bytes] | None = None
@@ -139,7 +130,12 @@ class Hq:
     # -- state from git ------------------------------------------------------
 
     def _restore(self) -> None:
-        """Read the accepted commit back from status/hq (after the first fetch)."""
+        """Read the accepted and the last evaluated commit back from status/hq (after the first fetch).
+
+        The last evaluated commit only stands in until this process has
+        evaluated main itself, so that a first evaluation that fails still
+        reports what was last known rather than nothing.
+        """
         self._restored = True
         sha = self.store.ref_sha(HQ_REF)
         if sha is None:
@@ -147,24 +143,30 @@ class Hq:
         try:
             files = self.store.read_files(sha)
             accepted = report.parse_accepted(files[report.ACCEPTED_FILE])
-        except (GitError, ReportError, KeyError) as e:
+            validated, errors = (report.parse_validation(files[report.VALIDATION_FILE])
+                                 if report.VALIDATION_FILE in files else (None, ()))
+        except (GitError, ReportError, KeyError, ValueError) as e:
             log.warning("cannot read back %s (%s); starting afresh", HQ_REF, e)
             return
         self.accepted_commit = accepted.accepted_commit
         self.accepted_at = accepted.accepted_at
+        self.main_commit = accepted.main_commit
+        self.main_valid = accepted.main_valid
+        self.validation_errors = errors if validated == accepted.main_commit else ()
         self._published = files
         log.info("resumed from %s %s: accepted commit %s", HQ_REF, sha[:12], report.short(self.accepted_commit))
 
     def _accepted_specs(self) -> Specs | None:
+        """Specs at the accepted commit (None without one, or when it no longer validates).
+
+        A failure to read them raises: aggregating without them would publish
+        a report with no jobs for a commit that has jobs.
+        """
         commit = self.accepted_commit
         if commit is None:
             return None
         if self._specs is None or self._specs[0] != commit:
-            try:
-                result = load_specs(self.store, commit)
-            except GitError as e:
-                log.error("cannot read the accepted commit %s: %s", commit[:12], e)
-                return None
+            result = load_commit(self.store, commit)
             if not result.valid:
                 log.error("the accepted commit %s no longer validates (%d errors); reporting no jobs",
                           commit[:12], len(result.errors))
@@ -174,9 +176,24 @@ class Hq:
     # -- a pass --------------------------------------------------------------
 
     def run_pass(self) -> PassResult:
-        """Fetch, evaluate the branch if it moved, aggregate the relays, publish status/hq if changed."""
+        """Fetch, evaluate the branch if it moved, aggregate the relays, publish status/hq if changed.
+
+        An evaluation that raises does not raise here: it is recorded in
+        ``failed``, published as ``evaluationError`` and returned as
+        ``PassResult.error``. Failures outside the evaluation (fetch, reading
+        the accepted commit or the relay refs, publishing) raise, and the pass
+        publishes nothing.
+        """
         with self._lock:
             return self._run_pass()
+
+    def seconds_until_retry(self) -> float | None:
+        """Seconds until a failed evaluation is due again (0 if due now); None when none failed."""
+        with self._lock:
+            failed = self.failed
+            if failed is None:
+                return None
+            return max(0.0, (failed.retry_at - self.clock()).total_seconds())
 
     def _run_pass(self) -> PassResult:
         started = time.monotonic()
@@ -184,35 +201,69 @@ class Hq:
         if not self._restored:
             self._restore()
         notes: list[str] = []
+        error: str | None = None
+        exception: Exception | None = None
         main = self.store.ref_sha(self.branch)
-        if not self._evaluated or main != self.main_commit:
-            notes.append(self._evaluate(main))
+        if self._evaluated and main == self.main_commit:
+            self.failed = None  # the branch is back on the commit evaluated last
+        elif self._due(main):
+            try:
+                notes.append(self._evaluate(main))
+                self.failed = None
+            except Exception as e:  # noqa: BLE001 - whatever stopped it, the commit stays unevaluated
+                assert main is not None  # a missing branch needs no reading
+                failed = self._record_failure(main, e)
+                exception = None if isinstance(e, GitError) else e
+                error = f"cannot evaluate {self.branch} {main[:12]}: {failed.message}"
+                notes.append(f"{error} (attempt {failed.attempts}, next in {retry_delay(failed.attempts):g}s; "
+                             f"{HQ_REF} keeps {report.short(self.main_commit)} as the last evaluated commit)")
         specs_now = self._accepted_specs()
         relays, changed = self._read_relays(specs_now)
         if changed:
             notes.append(f"read {changed} relay report{'s' if changed != 1 else ''}")
+        evaluation_error = (None if self.failed is None
+                            else EvaluationError(self.failed.commit, self.failed.message))
         # Same inputs as the last pass that rendered: the output cannot differ.
-        inputs = (main, self.main_valid, self.accepted_commit, self.accepted_at,
+        inputs = (self.main_commit, self.main_valid, self.accepted_commit, self.accepted_at, evaluation_error,
                   tuple(sorted((name, sha) for name, (sha, _) in self._relays.items())))
         published = None
         if inputs != self._inputs or self._published is None:
-            accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid)
+            accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
+                                evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays)
             files = report.render_hq_status(hq_report)
             if files != self._published:
                 published = self.store.publish(HQ_REF, files, self._message(hq_report))
                 self._published = files
             self._inputs = inputs
-        return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes)
+        return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
+                          exception)
+
+    def _due(self, main: str | None) -> bool:
+        """Whether to evaluate ``main`` now: always, unless its last attempt failed and the retry is not due."""
+        failed = self.failed
+        return failed is None or failed.commit != main or self.clock() >= failed.retry_at
+
+    def _record_failure(self, main: str, e: Exception) -> FailedEvaluation:
+        """Remember that evaluating ``main`` raised, with a one-line reason and the time of the next attempt."""
+        text = str(e) if isinstance(e, GitError) else f"internal error: {type(e).__name__}: {e}".rstrip(": ")
+        text = " ".join(self.store.redact(text).split())
+        if len(text) > ERROR_MESSAGE_LIMIT:
+            text = text[: ERROR_MESSAGE_LIMIT - 1] + "…"
+        previous = self.failed
+        attempts = previous.attempts + 1 if previous is not None and previous.commit == main else 1
+        self.failed = FailedEvaluation(main, text, attempts, self.clock() + timedelta(seconds=retry_delay(attempts)))
+        return self.failed
 
     def _evaluate(self, main: str | None) -> str:
+        """Evaluate ``main`` and only then record the outcome: if loading raises, no state has moved."""
+        if main is None:
+            self._evaluated = True
+            self.main_commit, self.main_valid, self.validation_errors = None, None, ()
+            return f"branch {self.branch} not found on the origin"
+        result = load_commit(self.store, main)
         self._evaluated = True
         self.main_commit = main
-        if main is None:
-            self.main_valid = None
-            self.validation_errors = ()
-            return f"branch {self.branch} not found on the origin"
-        result = load_specs(self.store, main)
         self.main_valid = result.valid
         self.validation_errors = result.errors
         if result.valid:
@@ -264,15 +315,33 @@ class Hq:
             states[job.state.value] = states.get(job.state.value, 0) + 1
         jobs = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no jobs"
         validity = {True: "valid", False: "INVALID", None: "absent"}[accepted.main_valid]
+        failed = accepted.evaluation_error
+        unevaluated = "" if failed is None else f", {report.short(failed.commit)} NOT EVALUATED"
         return (f"HQ status: accepted {report.short(accepted.accepted_commit)}, "
-                f"{self.branch} {report.short(accepted.main_commit)} {validity}; {jobs}\n")
+                f"{self.branch} {report.short(accepted.main_commit)} {validity}{unevaluated}; {jobs}\n")
 
     def health(self) -> Mapping[str, Any]:
+        failed = self.failed
         return {"acceptedCommit": self.accepted_commit, "mainCommit": self.main_commit,
-                "mainValid": self.main_valid}
+                "mainValid": self.main_valid,
+                "evaluationError": None if failed is None else {"commit": failed.commit, "message": failed.message}}
 
 
 # ------------------------------------------------------------------- shell
+
+
+def _next_wait(poll_interval: float, retry_in: float | None, failures: int) -> float:
+    """How long the service sleeps without a change: the poll interval, shortened by a due retry.
+
+    A failed evaluation is retried at its time; a pass that raised as a
+    whole (a fetch or publish failure) is retried with the same backoff.
+    """
+    wait = poll_interval
+    if retry_in is not None:
+        wait = min(wait, retry_in)
+    if failures:
+        wait = min(wait, retry_delay(failures))
+    return wait
 
 
 def main(args: argparse.Namespace) -> int:
@@ -293,6 +362,15 @@ def main(args: argparse.Namespace) -> int:
             result = hq.run_pass()
         except GitError as e:
             log.error("pass failed: %s", e)
+            return 1
+        except Exception as e:  # noqa: BLE001 - a one-shot run ends with one line, the traceback at debug level
+            log.debug("pass failed", exc_info=e)
+            log.error("pass failed: internal error: %s", store.redact(f"{type(e).__name__}: {e}"))
+            return 1
+        if result.error is not None:
+            if result.exception is not None:
+                log.debug("evaluation failed", exc_info=result.exception)
+            log.error("pass failed: %s", result.error)  # one line; status/hq already says so
             return 1
         log.info("%s", result.line or f"pass: nothing changed ({result.seconds:.2f}s)")
         return 0
@@ -316,18 +394,24 @@ def main(args: argparse.Namespace) -> int:
             log.info("listening on %s (webhook %s)", server.url, "signed" if secret else "unsigned")
         watcher.start()
         log.info("HQ following %s branch %s", origin, args.branch)
+        failures = 0  # passes in a row that raised
         while not stop.is_set():
             try:
                 result = hq.run_pass()
-                if result.line:
+                failures = 0
+                if result.error is not None:  # a bug's traceback too, at most once per retry delay
+                    log.error("%s", result.line, exc_info=result.exception)
+                elif result.line:
                     log.info("%s", result.line)
             except GitError as e:
+                failures += 1
                 log.error("pass failed: %s", e)
             except Exception:  # noqa: BLE001 - a bug in one pass must not end the service
+                failures += 1
                 log.exception("pass failed")
             if stop.is_set():
                 break
-            watcher.wait()
+            watcher.wait(_next_wait(args.poll_interval, hq.seconds_until_retry(), failures))
     finally:
         if server is not None:
             server.close()

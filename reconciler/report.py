@@ -111,11 +111,24 @@ class RelayStatus:
 
 
 @dataclass(frozen=True)
+class EvaluationError:
+    """A commit of the branch HQ tried to evaluate and could not (a read failure or a bug, not a spec error).
+
+    HQ retries it; until then ``mainCommit``/``mainValid`` still describe the
+    last commit it did evaluate, so this commit is never shown as valid.
+    """
+
+    commit: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Accepted:
     accepted_commit: str | None
     accepted_at: datetime | None
-    main_commit: str | None
+    main_commit: str | None  # the newest commit HQ finished evaluating
     main_valid: bool | None
+    evaluation_error: EvaluationError | None = None  # a commit of the branch HQ could not evaluate (it retries)
 
 
 @dataclass(frozen=True)
@@ -527,13 +540,17 @@ def parse_relay_job(data: bytes, what: str = "job status") -> tuple[str, str | N
 
 
 def render_accepted(accepted: Accepted, branch: str) -> bytes:
-    return dump_yaml({
+    doc: dict[str, Any] = {
         "acceptedCommit": accepted.accepted_commit,
         "acceptedAt": format_time(accepted.accepted_at),
         "branch": branch,
         "mainCommit": accepted.main_commit,
         "mainValid": accepted.main_valid,
-    })
+    }
+    error = accepted.evaluation_error
+    if error is not None:  # absent when there is none: files written before the field existed stay unchanged
+        doc["evaluationError"] = {"commit": error.commit, "message": error.message}
+    return dump_yaml(doc)
 
 
 def parse_accepted(data: bytes) -> Accepted:
@@ -541,11 +558,18 @@ def parse_accepted(data: bytes) -> Accepted:
     doc = load_yaml(data, ACCEPTED_FILE)
     valid = doc.get("mainValid")
     commit, main = doc.get("acceptedCommit"), doc.get("mainCommit")
+    raw_error = doc.get("evaluationError")
+    error: EvaluationError | None = None
+    if raw_error is not None:
+        if not isinstance(raw_error, dict) or not isinstance(raw_error.get("commit"), str):
+            raise ReportError(f"{ACCEPTED_FILE}: evaluationError needs a commit")
+        error = EvaluationError(raw_error["commit"], str(raw_error.get("message") or ""))
     return Accepted(
         accepted_commit=None if commit is None else str(commit),
         accepted_at=parse_time(doc.get("acceptedAt")),
         main_commit=None if main is None else str(main),
         main_valid=valid if isinstance(valid, bool) else None,
+        evaluation_error=error,
     )
 
 
@@ -635,9 +659,9 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
 def _job_report(specs: Specs, job: Job, relays: Mapping[str, RelayStatus], current: set[str]) -> JobReport:
     reached = job_relays(specs, job)
 
-    def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str]]:
+    def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str], bool]:
         counts = zero_counts()
-        halted = False
+        halted = invalid = False
         waiting: set[str] = set()
         for name in members:
             if name not in current:
@@ -647,31 +671,35 @@ def _job_report(specs: Specs, job: Job, relays: Mapping[str, RelayStatus], curre
             if digest is not None:
                 add_counts(counts, digest.counts)
                 halted = halted or digest.state is JobState.HALTED
-        return counts, halted, waiting
+                # a relay that cannot plan the job says so (its error is in relay.yaml)
+                invalid = invalid or (digest.state is JobState.INVALID and name in current)
+        return counts, halted, waiting, invalid
 
     destinations: list[DestinationReport] = []
     if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
         for destination in sorted(set(job.destinations)):
             members = subtree(specs.topology, destination)
-            counts, halted, waiting = rollup(members)
+            counts, halted, waiting, invalid = rollup(members)
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
                 relay=destination, relays=tuple(sorted(members)),
-                state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting)),
+                state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
+                                invalid=invalid),
                 counts=counts, waiting_for=shown, waiting_count=total))
     else:
         for name in sorted(reached):
             status = relays.get(name)
             digest = status.jobs.get(job.name) if status else None
-            if digest is None or not sum(digest.counts.values()):
+            if digest is None or not (sum(digest.counts.values()) or digest.state is JobState.INVALID):
                 continue
-            counts, halted, waiting = rollup([name])
+            counts, halted, waiting, invalid = rollup([name])
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
                 relay=name, relays=(name,),
-                state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting)),
+                state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
+                                invalid=invalid),
                 counts=counts, waiting_for=shown, waiting_count=total))
-    counts, halted, waiting = rollup(reached)
+    counts, halted, waiting, invalid = rollup(reached)
     failures: list[Failure] = []
     for name in sorted(reached):
         status = relays.get(name)
@@ -691,7 +719,7 @@ def _job_report(specs: Specs, job: Job, relays: Mapping[str, RelayStatus], curre
         version=job.package_version,
         destination_type=job.destination_type.value,
         destinations=tuple(job.destinations),
-        state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting)),
+        state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting), invalid=invalid),
         counts=counts,
         relays=tuple(destinations),
         failures=tuple(failures[:FAILURE_LIMIT]),
@@ -872,11 +900,19 @@ def render_summary(report: HqReport, only_job: str | None = None) -> str:
     accepted = report.accepted
     jobs = [j for j in report.jobs if only_job is None or j.job == only_job]
     out: list[str] = ["# Software distribution status", ""]
+    failed = accepted.evaluation_error
+    if failed is not None:
+        last = (f"this report is for `{short(accepted.main_commit)}`, the last commit evaluated"
+                if accepted.main_commit else "no commit has been evaluated yet")
+        out.append(f"> **{_md(report.branch)} `{short(failed.commit)}` could not be evaluated** "
+                   f"({_md(failed.message, 300)}); HQ retries it. Until then the accepted commit "
+                   f"`{short(accepted.accepted_commit)}` stays in force and {last}.")
+        out.append("")
     if accepted.main_valid is False:
         out.append(f"> **main `{short(accepted.main_commit)}` is invalid and is not applied**; "
                    f"the accepted commit `{short(accepted.accepted_commit)}` stays in force. See validation errors below.")
         out.append("")
-    elif accepted.main_commit is None:
+    elif accepted.main_commit is None and failed is None:
         out += [f"> Branch `{report.branch}` not found on the origin.", ""]
 
     out += [f"## Jobs ({len(jobs)})", ""]
@@ -986,10 +1022,10 @@ def load_status_file(path: str, data: bytes) -> Any:
 
 
 __all__ = [
-    "ACCEPTED_FILE", "Accepted", "DestinationReport", "FAILURE_LIMIT", "Failure", "HqReport", "InventoryEntry",
-    "JobReport", "RELAYS_FILE", "RelayJobStatus", "RelayReport", "RelayStatus", "ReportError", "SUMMARY_FILE",
-    "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row", "job_relays",
-    "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job", "parse_relay_status",
-    "parse_validation", "render_accepted", "render_hq_status", "render_relay_status", "render_summary",
-    "render_validation", "schema_name",
+    "ACCEPTED_FILE", "Accepted", "DestinationReport", "EvaluationError", "FAILURE_LIMIT", "Failure", "HqReport",
+    "InventoryEntry", "JobReport", "RELAYS_FILE", "RelayJobStatus", "RelayReport", "RelayStatus", "ReportError",
+    "SUMMARY_FILE", "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row",
+    "job_relays", "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job",
+    "parse_relay_status", "parse_validation", "render_accepted", "render_hq_status", "render_relay_status",
+    "render_summary", "render_validation", "schema_name",
 ]

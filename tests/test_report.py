@@ -18,7 +18,8 @@ from reconciler import report
 from reconciler.plan import ClientState, Installed, JobRollup, JobState, Plan, Row
 from reconciler.report import Accepted, InventoryEntry
 from reconciler.resources import example_repo_dir, schemas_dir
-from reconciler.specs import SpecError, Specs, load_repo
+from reconciler.repo_tree import load_repo
+from reconciler.specs import SpecError, Specs
 
 C1 = "1" * 40
 C2 = "2" * 40
@@ -352,6 +353,23 @@ def test_halted_and_suspended_roll_up() -> None:
     suspended = tuple(replace(j, suspend=True) if j.name == "install-putty" else j for j in specs.jobs)
     hq = report.aggregate(replace(specs, jobs=suspended), Accepted(C1, T0, C1, True), "main", (), fleet)
     assert _job(hq, "install-putty").state is JobState.SUSPENDED
+
+
+def test_a_job_a_relay_cannot_plan_is_invalid_in_the_roll_up() -> None:
+    fleet = _fleet()
+    plan_rows = (Row("install-putty", "relay-yokohama", "pc-y1", OK, None, "putty", "0.81", "0.81", 1, ""),)
+    jobs = (JobRollup("install-7zip", JobState.INVALID, report.zero_counts()),
+            JobRollup("install-putty", JobState.COMPLETED, report.count_states([OK])))
+    files = report.render_relay_status(
+        "relay-yokohama", C1, Plan("relay-yokohama", plan_rows, (), jobs), {}, [],
+        ["job install-7zip cannot be planned on this relay and is left out until the next commit: OverflowError"])
+    fleet["relay-yokohama"] = report.parse_relay_status(files)
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet)
+    seven = _job(hq, "install-7zip")
+    assert seven.state is JobState.INVALID
+    assert {d.relay: d.state for d in seven.relays}["relay-kanto"] is JobState.INVALID  # yokohama is below kanto
+    assert _job(hq, "install-putty").state is not JobState.INVALID
+    assert "cannot be planned" in {r.relay: r for r in hq.relays}["relay-yokohama"].errors[0]
 
 
 def test_no_accepted_commit_means_no_jobs() -> None:

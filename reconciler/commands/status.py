@@ -1,9 +1,21 @@
 """``reconciler status``: the HQ report from the status refs, and ``--wait`` until settled.
 
-Reads only git: ``status/hq`` for the accepted commit, validation and the
-per-job roll-ups, and each ``status/<relay>`` for the full client rows (JSON,
-``--job``) and for ``--wait``, which looks at the relays' own refs rather
-than HQ's aggregate so it never waits for an extra HQ pass.
+Reads only git, one snapshot per poll: one fetch, then every ref is read at
+the sha that fetch gave it. ``status/hq`` supplies what only HQ decides (the
+accepted commit, the last evaluated ``main`` commit, its validation errors, a
+commit HQ could not evaluate); each ``status/<relay>`` supplies its counts and
+client rows.
+
+The job and relay roll-ups printed are not ``status/hq``'s: they are
+recomputed from the relay refs of the same snapshot with
+:func:`reconciler.report.aggregate`, the pure function HQ itself uses. HQ's
+own roll-ups can lag the relay refs by a pass, and ``--wait`` decides from the
+relay refs (so it never waits for an extra HQ pass); printing HQ's files next
+to that decision could show InProgress beside exit 0, or counts contradicting
+the client rows below them. So the exit code, the table, its counts and its
+rows all come from one set of ref shas. (Only when the specs at the accepted
+commit cannot be read here are HQ's published roll-ups shown as they are; the
+read problem then keeps ``--wait`` from settling.)
 
 The origin is mirrored into a cache directory keyed by the (redacted) origin
 URL, so repeated calls fetch only what changed. ``--wait`` is woken by the
@@ -30,7 +42,8 @@ from typing import Any, TextIO
 
 from reconciler import report
 from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, local_origin_path, redact_url
-from reconciler.hq import HQ_REF, load_specs
+from reconciler.hq import HQ_REF
+from reconciler.repo_tree import load_commit
 from reconciler.plan import ClientState
 from reconciler.report import HqReport, JobReport, RelayJobStatus, RelayStatus, ReportError, StatusRow
 from reconciler.specs import Specs
@@ -107,19 +120,23 @@ def mirror_dir(origin: str) -> Iterator[Path]:
 
 @dataclass
 class Snapshot:
-    """Everything ``status`` shows, as of one fetch.
+    """Everything ``status`` shows and decides on, as of one fetch.
 
-    ``rows`` holds the full client rows only of the (relay, job) pairs asked
-    for with :meth:`Reader.load_rows`: the text and markdown reports need
-    none, ``--wait`` only those of jobs with Pending or InProgress clients.
+    ``view`` is the report printed and judged by ``--wait``: ``hq``'s
+    accepted commit, validation and evaluation error, with roll-ups
+    recomputed from ``relays`` (see the module docstring). ``rows`` holds the
+    full client rows only of the (relay, job) pairs asked for with
+    :meth:`Reader.load_rows`, read at ``relay_shas``: the text and markdown
+    reports need none, ``--wait`` only those of jobs with Pending or
+    InProgress clients.
     """
 
     main_commit: str | None  # origin's current tip of HQ's branch
-    hq: HqReport | None
-    summary: str | None  # status/hq summary.md
+    hq: HqReport | None  # status/hq as HQ published it
     specs: Specs | None  # at the accepted commit
     relays: dict[str, RelayStatus]  # relay.yaml of every status/<relay> ref
     relay_shas: dict[str, str]
+    view: HqReport | None
     rows: dict[str, dict[str, tuple[str | None, RelayJobStatus]]] = field(default_factory=dict)  # job -> relay -> (observed, rows)
     problems: list[str] = field(default_factory=list)
 
@@ -132,7 +149,7 @@ class Reader:
         self.workers = workers
         self._relays: dict[str, tuple[str, RelayStatus]] = {}
         self._rows: dict[tuple[str, str], tuple[str | None, RelayJobStatus] | None] = {}  # (sha, job) ->
-        self._hq: tuple[str, HqReport, str | None] | None = None
+        self._hq: tuple[str, HqReport] | None = None
         self._specs: tuple[str, Specs | None] | None = None
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
@@ -147,7 +164,6 @@ class Reader:
         problems: list[str] = []
         refs = store.list_status_refs()
         hq: HqReport | None = None
-        summary: str | None = None
         hq_sha = refs.get(report.HQ_REF)
         if hq_sha is not None:
             if self._hq is None or self._hq[0] != hq_sha:
@@ -158,10 +174,9 @@ class Reader:
                     problems.append(f"{HQ_REF} unreadable: {e}")
                     parsed = None
                 if parsed is not None:
-                    text = files.get(report.SUMMARY_FILE)
-                    self._hq = (hq_sha, parsed, text.decode("utf-8", "replace") if text else None)
+                    self._hq = (hq_sha, parsed)
             if self._hq is not None and self._hq[0] == hq_sha:
-                _, hq, summary = self._hq
+                hq = self._hq[1]
         branch = hq.branch if hq else "main"
         main = store.ref_sha(branch)
         specs_now: Specs | None = None
@@ -169,7 +184,7 @@ class Reader:
         if accepted:
             if self._specs is None or self._specs[0] != accepted:
                 try:
-                    result = load_specs(store, accepted)
+                    result = load_commit(store, accepted)
                     self._specs = (accepted, result.specs)
                 except GitError as e:
                     problems.append(f"cannot read the accepted commit {accepted[:12]}: {e}")
@@ -185,7 +200,8 @@ class Reader:
         current = set(relay_refs.values())
         self._rows = {key: value for key, value in self._rows.items() if key[0] in current}
         relays = {name: status for name, (_, status) in self._relays.items()}
-        return Snapshot(main, hq, summary, specs_now, relays, relay_refs, problems=problems)
+        return Snapshot(main, hq, specs_now, relays, relay_refs, current_view(hq, specs_now, relays),
+                        problems=problems)
 
     def _read_relay(self, name: str, sha: str) -> RelayStatus:
         path = f"{report.relay_prefix(name)}relay.yaml"
@@ -222,10 +238,33 @@ class Reader:
                 snap.rows.setdefault(job, {})[relay] = entry
 
 
+def current_view(hq: HqReport | None, specs_now: Specs | None,
+                 relays: dict[str, RelayStatus]) -> HqReport | None:
+    """The report to print and decide on: HQ's decisions, roll-ups from the relay refs read with them."""
+    if hq is None or specs_now is None:
+        return hq
+    return report.aggregate(specs_now, hq.accepted, hq.branch, hq.validation_errors, relays)
+
+
+def counted_relays(snap: Snapshot, job: str) -> frozenset[str] | None:
+    """Relays whose rows the roll-up of ``job`` counts (None: unknown without specs, show every relay)."""
+    if snap.specs is None:
+        return None
+    for spec in snap.specs.jobs:
+        if spec.name == job:
+            return report.job_relays(snap.specs, spec)
+    return frozenset()
+
+
 def rows_for_report(snap: Snapshot, only_job: str | None) -> list[tuple[str, str]]:
-    """(relay, job) pairs whose rows the JSON report or ``--job`` show: every relay with the job."""
-    jobs = {j.job for j in (snap.hq.jobs if snap.hq else ()) if only_job is None or j.job == only_job}
-    return [(relay, job) for relay, status in snap.relays.items() for job in status.jobs if job in jobs]
+    """(relay, job) pairs whose rows the JSON report or ``--job`` show: the relays the job's counts come from."""
+    jobs = {j.job for j in (snap.view.jobs if snap.view else ()) if only_job is None or j.job == only_job}
+    pairs = []
+    for job in sorted(jobs):
+        counted = counted_relays(snap, job)
+        pairs += [(relay, job) for relay, status in snap.relays.items()
+                  if job in status.jobs and (counted is None or relay in counted)]
+    return pairs
 
 
 def rows_for_wait(snap: Snapshot, only_job: str | None) -> list[tuple[str, str]]:
@@ -245,10 +284,15 @@ def _plural(n: int, word: str) -> str:
 def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
     """Why the system has not settled; empty when it has (DESIGN section 7, ``status --wait``)."""
     reasons = list(snap.problems)
-    hq = snap.hq
+    hq = snap.view
     if hq is None:
         return reasons + [f"HQ has not published {HQ_REF} yet"]
-    if snap.main_commit is not None and hq.accepted.main_commit != snap.main_commit:
+    failed = hq.accepted.evaluation_error
+    if failed is not None:
+        reasons.append(f"HQ could not evaluate {hq.branch} {report.short(failed.commit)} and retries it: "
+                       f"{_one_line(failed.message, 200)}")
+    if (snap.main_commit is not None and hq.accepted.main_commit != snap.main_commit
+            and (failed is None or failed.commit != snap.main_commit)):
         reasons.append(f"HQ has not evaluated {hq.branch} {report.short(snap.main_commit)} yet "
                        f"({HQ_REF} is for {report.short(hq.accepted.main_commit)})")
     accepted = hq.accepted.accepted_commit
@@ -288,20 +332,25 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
 
 
 def _client_rows(snap: Snapshot, job: JobReport) -> list[tuple[str, StatusRow]]:
+    """The rows behind ``job``'s counts: only relays its roll-up counts (``--wait`` may have read others)."""
+    counted = counted_relays(snap, job.job)
     out: list[tuple[str, StatusRow]] = []
     for relay, (_, status) in sorted(snap.rows.get(job.job, {}).items()):
-        out.extend((relay, row) for row in status.rows)
+        if counted is None or relay in counted:
+            out.extend((relay, row) for row in status.rows)
     out.sort(key=lambda item: (item[1].client, item[0]))
     return out
 
 
 def render_json(snap: Snapshot, only_job: str | None) -> str:
-    hq = snap.hq
+    hq = snap.view
     jobs = [j for j in (hq.jobs if hq else ()) if only_job is None or j.job == only_job]
+    failed = hq.accepted.evaluation_error if hq else None
     doc = {
         "acceptedCommit": hq.accepted.accepted_commit if hq else None,
         "mainCommit": hq.accepted.main_commit if hq else None,
         "valid": hq.accepted.main_valid if hq else None,
+        "evaluationError": None if failed is None else {"commit": failed.commit, "message": failed.message},
         "validationErrors": [
             {"path": e.path, "line": e.line, "column": e.column, "message": e.message}
             for e in (hq.validation_errors if hq else ())
@@ -345,16 +394,21 @@ def _one_line(text: str, limit: int = 100) -> str:
 
 
 def render_text(snap: Snapshot, only_job: str | None) -> str:
-    hq = snap.hq
+    hq = snap.view
     if hq is None:
         return f"No {HQ_REF} on the origin yet: HQ has not run a pass."
     accepted = hq.accepted
+    failed = accepted.evaluation_error
     validity = {True: "valid", False: f"INVALID ({_plural(len(hq.validation_errors), 'error')}, not applied)",
-                None: "not found"}[accepted.main_valid]
+                None: "not found" if failed is None else "not evaluated yet"}[accepted.main_valid]
     when = report.format_time(accepted.accepted_at) or "?"
     out = [f"Accepted commit {report.short(accepted.accepted_commit)} (accepted {when}); "
            f"{hq.branch} {report.short(accepted.main_commit)} {validity}"]
-    if snap.main_commit is not None and snap.main_commit != accepted.main_commit:
+    if failed is not None:
+        out.append(f"HQ COULD NOT EVALUATE {hq.branch} {report.short(failed.commit)} (it retries): "
+                   f"{_one_line(failed.message, 200)}")
+    if snap.main_commit is not None and snap.main_commit not in (accepted.main_commit,
+                                                                 failed.commit if failed else None):
         out.append(f"(origin's {hq.branch} is now {report.short(snap.main_commit)}; HQ has not evaluated it yet)")
     out.append("")
     jobs = [j for j in hq.jobs if only_job is None or j.job == only_job]
@@ -411,11 +465,9 @@ def render(snap: Snapshot, fmt: str, only_job: str | None) -> str:
     if fmt == "json":
         return render_json(snap, only_job)
     if fmt == "markdown":
-        if snap.hq is None:
+        if snap.view is None:
             return f"No `{HQ_REF}` on the origin yet: HQ has not run a pass.\n"
-        if only_job is None and snap.summary is not None:
-            return snap.summary
-        return report.render_summary(snap.hq, only_job)
+        return report.render_summary(snap.view, only_job)  # summary.md as HQ writes it for these refs
     return render_text(snap, only_job) + "\n"
 
 
@@ -454,10 +506,10 @@ def _read(reader: Reader, args: argparse.Namespace) -> Snapshot:
 
 def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
     snap = _read(reader, args)
-    if args.job and snap.hq is not None and not any(j.job == args.job for j in snap.hq.jobs):
-        known = ", ".join(j.job for j in snap.hq.jobs) or "none"
+    if args.job and snap.view is not None and not any(j.job == args.job for j in snap.view.jobs):
+        known = ", ".join(j.job for j in snap.view.jobs) or "none"
         print(f"reconciler status: no job {args.job!r} in the accepted commit "
-              f"{report.short(snap.hq.accepted.accepted_commit)} (jobs: {known})", file=sys.stderr)
+              f"{report.short(snap.view.accepted.accepted_commit)} (jobs: {known})", file=sys.stderr)
         return 1
     if not args.wait:
         _emit(render(snap, args.format, args.job), sys.stdout)
