@@ -54,11 +54,13 @@ The rules (DESIGN section 4), per client and job, in this order:
    uninstall job, is met. Otherwise, when an install job reaching the client
    would provide a satisfying version (and is not Skipped, Conflict,
    Suspended or past its window for this client) the row waits, ``Pending``
-   "waiting for dependency X", unless that provider starts in this very plan:
-   then both go out together, the dependency first. Without such a provider
-   the row is ``Skipped`` "dependency X not provided". Rows that only wait
-   for each other (a dependency cycle) say so: "waiting for dependency X
-   (dependency cycle)".
+   "waiting for dependency X", until the client reports the dependency
+   installed; the dependent never goes out in the same plan as its
+   dependency, so a dependent is never run when its dependency failed (the
+   agent refuses such an action too). Without such a provider the row is
+   ``Skipped`` "dependency X not provided". Rows that only wait for each
+   other (a dependency cycle) say so: "waiting for dependency X (dependency
+   cycle)".
 8. **History** (latest attempt per job and client, only of the job's current
    *plan revision*, see below; older revisions are ignored, so a newer spec
    pre-empts pending retries of the old one). Dispatched and within
@@ -84,8 +86,8 @@ software and version), one action goes out, under the first job with the
 change already in progress, else the first by name; the other rows show the
 same state and operation id with the message "same change as job X".
 
-Actions of one client run in this order: uninstalls, then dependencies before
-dependents, then by job name.
+Actions of one client run in this order: uninstalls, then installs by job
+name (a dependent and its dependency never go out together).
 
 Identities. The *plan revision* of a job is sha256 over the job's revision
 and its package's revision, so editing either (the package revision covers
@@ -638,7 +640,8 @@ class _Decision:
         self.previous: str | None = None
         self.installed = installed
         # (message while waiting, positions of the rows that must start first)
-        self.waits: tuple[tuple[str, tuple[int, ...]], ...] = ()
+        # (message, rows that provide it, whether it must be installed before this row starts)
+        self.waits: tuple[tuple[str, tuple[int, ...], bool], ...] = ()
         self.closed = False  # past notAfter: nothing new starts
         self.active = False  # takes part in conflicts
         self.eligible = False  # may provide a dependency
@@ -812,7 +815,7 @@ def _resolve_conflicts(ctx: _Context, jobset: _JobSet, decisions: list[_Decision
             fresh.active = fresh.eligible = True
             fresh.gap(ctx, ActionKind.INSTALL, d.cj.version, None)
             fresh.waits = ((f"waiting for job {remover.name} to remove {remover.cj.software} {remover.version}",
-                            (removers[0],)),)
+                            (removers[0],), False),)
             decisions[i] = fresh
 
 
@@ -826,7 +829,7 @@ def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mappi
     removing = {d.cj.software for d in decisions if d.active and not d.final and not d.cj.install}
     eligible = [d.eligible for d in decisions]
     candidates = [i for i, d in enumerate(decisions) if not d.final and not d.closed and d.cj.depends_on]
-    waits_of: dict[int, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+    waits_of: dict[int, tuple[tuple[str, tuple[int, ...], bool], ...]] = {}
     settled: set[int] = set()
     changed = True
     while changed:
@@ -835,7 +838,7 @@ def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mappi
             if i in settled:
                 continue
             d = decisions[i]
-            waits: list[tuple[str, tuple[int, ...]]] = []
+            waits: list[tuple[str, tuple[int, ...], bool]] = []
             missing: str | None = None
             for dep in d.cj.depends_on:
                 have = inst.get(dep.name)
@@ -849,7 +852,7 @@ def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mappi
                 if not providers:
                     missing = f"dependency {dep.name} not provided"
                     break
-                waits.append((f"waiting for dependency {dep.name}", providers))
+                waits.append((f"waiting for dependency {dep.name}", providers, True))
             if missing is not None:
                 eligible[i] = False
                 settled.add(i)
@@ -942,10 +945,10 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
     cid = client.id
     start_state = ClientState.IN_PROGRESS if dispatch else ClientState.PENDING
     rows: list[tuple[int, list[Any]]] = []  # (job slot, the row's fields), made Rows on return
-    starting = [False] * len(decisions)  # the row's change goes out in this plan
     new: list[tuple[int, list[Any], int, str]] = []  # (position, fields, attempt, previous op)
     repeated: list[tuple[int, list[Any], Action]] = []  # in-progress actions handed out again
     ready: list[tuple[int, list[Any], tuple[Any, ...]]] = []  # rows that would start once others do
+    starting = [False] * len(decisions)  # the row's change goes out in this plan
     halted = gate.halted
     in_progress = gate.in_progress
     for i, d in enumerate(decisions):
@@ -1012,8 +1015,11 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             below = 0
             if d.waits:
                 free = True
-                for _, providers in d.waits:
-                    started = [depth[k] for k in providers if starting[k]]
+                for _, providers, after_install in d.waits:
+                    # A dependency must be installed first: a dependent never goes out in the
+                    # same plan, so it is never run when its dependency fails (the agent
+                    # checks the same). A removal only has to go first: both go out together.
+                    started = [] if after_install else [depth[k] for k in providers if starting[k]]
                     if not started:
                         free = False
                         break
@@ -1091,12 +1097,13 @@ def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, list[An
     while changed:
         changed = False
         for i in waiting - real:
-            unmet = [p for _, p in decisions[i].waits if not any(starting[k] for k in p)]
+            unmet = [p for _, p, after in decisions[i].waits if after or not any(starting[k] for k in p)]
             if any(k not in waiting or k in real for providers in unmet for k in providers):
                 real.add(i)
                 changed = True
     for i, fields, _ in held:
-        message = next(m for m, providers in decisions[i].waits if not any(starting[k] for k in providers))
+        message = next(m for m, providers, after in decisions[i].waits
+                       if after or not any(starting[k] for k in providers))
         fields[_R_MESSAGE] = message if i in real else f"{message} (dependency cycle)"
 
 

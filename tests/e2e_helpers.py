@@ -264,6 +264,13 @@ class FileServer:
 # ------------------------------------------------------------------ malformed requests
 
 
+def _raw_body(good: Mapping[str, Any], section: str, key: str, escaped: str) -> bytes:
+    """``good`` with ``section.key`` set to the JSON string escape ``escaped`` (a lone surrogate, say)."""
+    doc = json.loads(json.dumps(good))
+    doc[section][key] = "@@"
+    return json.dumps(doc).replace('"@@"', f'"{escaped}"').encode()
+
+
 def malformed_requests(client_id: str) -> list[tuple[str, str, str, dict[str, str], bytes, int | None]]:
     """(label, method, path, headers, body, expected status or None for any 4xx).
 
@@ -350,6 +357,15 @@ def malformed_requests(client_id: str) -> list[tuple[str, str, str, dict[str, st
         ("uppercase client id", post, "/v1/clients/PC-1/checkin", js, body(), 400),
         ("client id too long", post, f"/v1/clients/{'a' * 64}/checkin", js, body(), 400),
         ("client id with dots only edge", post, "/v1/clients/-pc/checkin", js, body(), 400),
+        ("client id with a trailing newline", post, f"/v1/clients/{client_id}%0A/checkin", js, body(), 400),
+        ("client id with a trailing CR LF", post, f"/v1/clients/{client_id}%0D%0A/checkin", js, body(), 400),
+        ("check-in path with a trailing newline", post, f"{path}%0A", js, body(), 404),
+        ("lone surrogate in hostname", post, path, js, _raw_body(good, "facts", "hostname", "\\ud800"), 400),
+        ("lone surrogate in a label value", post, path, js, _raw_body(good, "labels", "dept", "\\udfff"), 400),
+        ("lone surrogate in a label key", post, path, js,
+         json.dumps(good).replace('"labels": {}', '"labels": {"\\ud800": "x"}').encode(), 400),
+        ("lone surrogate in a result message", post, path, js,
+         body(results=[ok_result]).replace(b'"message": ""', b'"message": "ok \\udc80"'), 400),
         ("empty client id", post, "/v1/clients//checkin", js, body(), 400),
         ("GET on check-in", "GET", path, {}, b"", 405),
         ("PUT on check-in", "PUT", path, js, body(), 405),

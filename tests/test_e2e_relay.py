@@ -383,6 +383,43 @@ def test_failed_install_retries_then_fix_and_rerun_runs_only_failed_clients(clus
     assert relay.stop() == 0
 
 
+ADDON_INSTALL = """\
+#!/bin/sh
+echo "addon" >> "$RECONCILER_ROOT/addon-ran"
+"""
+
+
+def test_a_dependent_is_never_installed_when_its_dependency_fails(cluster: Cluster) -> None:
+    """One commit adds runtime and addon (dependsOn runtime); runtime's installer fails on pc-2."""
+    commit = cluster.accept({
+        "topology.yaml": topology(("relay-a", "hq-x")),
+        "artifacts/runtime/install.sh": FAILING_INSTALL,
+        "artifacts/addon/install.sh": ADDON_INSTALL,
+        "packages/runtime-2.0.yaml": package("runtime", "2.0", "{path: artifacts/runtime}", command_installer()),
+        "packages/addon-1.0.yaml": package("addon", "1.0", "{path: artifacts/addon}", command_installer(),
+                                           extra="  dependsOn: [{name: runtime, minVersion: \"2.0\"}]\n"),
+        "jobs/install-runtime.yaml": job("install-runtime", "runtime", "2.0", "relay-a",
+                                         extra="  retry: {limit: 2, backoffSeconds: 0}\n"),
+        "jobs/install-addon.yaml": job("install-addon", "addon", "1.0", "relay-a"),
+    })
+    relay = cluster.relay("relay-a")
+    cluster.at_commit(relay, commit)
+    roots = {c: cluster.base / "clients" / c for c in ("pc-1", "pc-2")}
+    roots["pc-2"].mkdir(parents=True)
+    (roots["pc-2"] / "break-me").write_text("yes\n")
+    for _ in range(3):  # several check-ins each: every retry, and a chance to hand out the addon
+        for client in roots:
+            assert cluster.agent(client, relay).run_once() == 0
+    cluster.wait_rows("relay-a", "install-runtime", {"pc-1": "Succeeded", "pc-2": "Failed"})
+    rows = cluster.wait_rows("relay-a", "install-addon", {"pc-1": "Succeeded", "pc-2": "Pending"})
+    assert rows["pc-2"]["message"] == "waiting for dependency runtime"
+    assert not (roots["pc-2"] / "addon-ran").exists(), "the addon installer ran although runtime failed"
+    assert receipts(roots["pc-2"]) == set()
+    assert receipts(roots["pc-1"]) == {"runtime", "addon"}
+    assert relay_operations(relay, "pc-2", "install-addon") == []
+    assert relay.stop() == 0
+
+
 SLOW_INSTALL = """\
 #!/bin/sh
 echo "start" >> "$RECONCILER_ROOT/started"

@@ -56,6 +56,7 @@ from reconciler.specs import (
     Specs,
     Topology,
 )
+from reconciler.versions import at_least
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 NAMES = ("a", "b", "c", "d")
@@ -198,16 +199,33 @@ def test_without_rollout_limits_each_client_is_planned_on_its_own(fleet: Fleet) 
                    max_failures=specs[j.job].max_failures) for j in together.jobs)
 
 
+def _assert_dependencies_installed(clients: Sequence[Client], actions: Sequence[Action]) -> None:
+    """An install goes out only when its dependencies are installed already, never beside them."""
+    installed = {c.id: {i.name: i.version for i in c.installed} for c in clients}
+    for action in actions:
+        if action.kind is ActionKind.UNINSTALL or action.package is None:
+            continue
+        for dep in action.package.depends_on:
+            have = installed[action.client].get(dep.name)
+            assert have is not None and (dep.min_version is None or at_least(have, dep.min_version)), action
+
+
 WAITING = re.compile(r"^(scheduled for |waiting for dependency )")
 
 
 @PROPERTY
 @given(fleets())
 def test_applying_the_actions_converges(fleet: Fleet) -> None:
-    plans = plan_all(fleet)
-    actions = [a for p in plans.values() for a in p.actions]
-    after = apply(fleet.clients, actions)
-    again = plan_all(fleet, after)
+    # A dependent goes out only once its dependency is installed: one round
+    # per link of the longest dependency chain, then nothing more to do.
+    clients = fleet.clients
+    for _ in range(len(fleet.specs.jobs) + 1):
+        actions = [a for p in plan_all(fleet, clients).values() for a in p.actions]
+        if not actions:
+            break
+        _assert_dependencies_installed(clients, actions)
+        clients = apply(clients, actions)
+    again = plan_all(fleet, clients)
     assert [a for p in again.values() for a in p.actions] == []
     for plan in again.values():
         for row in plan.rows:

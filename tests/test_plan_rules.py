@@ -455,11 +455,23 @@ def test_clients_alike_but_for_a_dependency_are_told_apart() -> None:
             "pc-1": "Pending", "pc-2": "Skipped", "pc-3": "Skipped", "pc-4": "Pending"}
 
 
-def test_dependency_and_dependent_go_out_together_dependency_first() -> None:
+def test_dependent_waits_until_its_dependency_is_installed() -> None:
+    # Never in one reply: a dependent must not run when its dependency fails.
     specs = build(ADDIN, VCREDIST, ADDIN_JOB, VCREDIST_JOB)
     plan = run(specs, [client("pc-1", installed={"vcredist": "14.20"})])
-    assert [(a.job, a.kind.value) for a in plan.actions] == [("install-vcredist", "upgrade"),
-                                                            ("install-addin", "install")]
+    assert [(a.job, a.kind.value) for a in plan.actions] == [("install-vcredist", "upgrade")]
+    assert states(plan)[("install-addin", "pc-1")] == ("Pending", None, "waiting for dependency vcredist")
+    plan = run(specs, [client("pc-1", installed={"vcredist": "14.38"})])
+    assert [(a.job, a.kind.value) for a in plan.actions] == [("install-addin", "install")]
+
+
+def test_dependent_of_a_failed_dependency_keeps_waiting() -> None:
+    specs = build(ADDIN, VCREDIST, ADDIN_JOB, VCREDIST_JOB)
+    failed = attempt(specs, "install-vcredist", "pc-1", n=3, version="14.38", at=NOW - timedelta(hours=1))
+    plan = run(specs, [client("pc-1")], {("install-vcredist", "pc-1"): failed})
+    assert states(plan)[("install-vcredist", "pc-1")][0] == "Failed"
+    assert states(plan)[("install-addin", "pc-1")] == ("Pending", None, "waiting for dependency vcredist")
+    assert plan.actions == ()
 
 
 @pytest.mark.parametrize("provider_state", ["in progress", "scheduled", "retry wait", "slot"])
@@ -511,10 +523,16 @@ def test_dependency_cycle_waits_and_says_so() -> None:
     assert [a.job for a in plan.actions] == ["install-b"]
 
 
-def test_a_dependency_chain_goes_out_in_order() -> None:
+def test_a_dependency_chain_goes_out_one_link_at_a_time() -> None:
     specs = build(pkg("a", "1", dependsOn=[{"name": "b"}]), pkg("b", "1", dependsOn=[{"name": "c"}]),
                   pkg("c", "1"), job("install-a", "a", "1"), job("install-b", "b", "1"), job("install-c", "c", "1"))
-    assert [a.job for a in run(specs, [client("pc-1")]).actions] == ["install-c", "install-b", "install-a"]
+    installed: dict[str, str] = {}
+    order = []
+    for _ in range(4):
+        actions = run(specs, [client("pc-1", installed=installed)]).actions
+        order.append([a.job for a in actions])
+        installed.update({a.name: a.version or "" for a in actions})
+    assert order == [["install-c"], ["install-b"], ["install-a"], []]
 
 
 def test_a_provider_skipped_on_this_client_does_not_order_the_others() -> None:
@@ -524,7 +542,10 @@ def test_a_provider_skipped_on_this_client_does_not_order_the_others() -> None:
                   job("install-c1", "c", "1.0"), job("install-c2", "c", "2.0", to=["pc-1"], clients=True),
                   job("install-d", "d", "1.5"))
     plan = run(specs, [client("pc-1")])
-    assert [a.job for a in plan.actions] == ["install-c2", "install-d"]
+    assert [a.job for a in plan.actions] == ["install-c2"]
+    assert states(plan)[("install-d", "pc-1")] == ("Pending", None, "waiting for dependency c")
+    plan = run(specs, [client("pc-1", installed={"c": "2.0"})])
+    assert [a.job for a in plan.actions] == ["install-d"]
 
 
 def test_dependency_being_removed_is_not_met() -> None:
@@ -789,13 +810,13 @@ def test_plan_client_agrees_with_plan_relay() -> None:
 # --------------------------------------------------------------- action order
 
 
-def test_actions_of_a_client_run_uninstalls_then_dependencies_then_by_name() -> None:
+def test_actions_of_a_client_run_uninstalls_then_installs_by_name() -> None:
     specs = build(ADDIN, VCREDIST, APP, pkg("zz", "1"), pkg("toolbar", "2"), pkg("old", "1"), ADDIN_JOB, VCREDIST_JOB, APP_JOB,
                   job("a-install-zz", "zz", "1"), job("z-remove-toolbar", "toolbar", uninstall=True),
                   job("m-remove-old", "old", uninstall=True))
     plan = run(specs, [client("pc-1", installed={"toolbar": "2", "old": "1"})])
     assert [a.job for a in plan.actions] == ["m-remove-old", "z-remove-toolbar", "a-install-zz",
-                                            "install-app", "install-vcredist", "install-addin"]
+                                            "install-app", "install-vcredist"]
 
 
 # -------------------------------------------------------------------- rollup

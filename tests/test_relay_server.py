@@ -374,3 +374,69 @@ def test_published_free_disk_is_rounded_to_whole_gib() -> None:
     assert published_facts(facts) == {"os": "linux", "freeDiskMB": 51_200}
     assert published_facts({"freeDiskMB": 51_999}) == published_facts({"freeDiskMB": 51_300})
     assert facts["freeDiskMB"] == 51_300 and published_facts({"os": "darwin"}) == {"os": "darwin"}
+
+
+def test_a_job_the_relay_cannot_plan_costs_that_job_only(relay: Relay) -> None:
+    # A value past what the loader allows (HQ never accepts it), standing in for
+    # any planning failure nobody foresaw: the relay must keep serving every other job.
+    from dataclasses import replace
+    from datetime import datetime, timedelta, timezone
+
+    from reconciler.plan import index_relay
+    from reconciler.relay.server import unplannable_errors
+
+    specs = _specs()
+    good = specs.jobs[0]
+    west_of_utc = timezone(-timedelta(hours=23, minutes=59))
+    bad = replace(good, name="install-app-later", revision="r2",
+                  not_before=datetime(9999, 12, 31, 23, 59, 59, tzinfo=west_of_utc))
+    relay.state.generation = Generation(
+        commit="c" * 40, index=index_relay(replace(specs, jobs=(good, bad)), "relay-a"),
+        artifacts={("app", "1.0"): StagedArtifact("ab" * 32, 10240, "tar")})
+    first = checkin(relay, "pc-1")
+    assert first.status_code == 200, first.text
+    assert [a["job"] for a in first.json()["actions"]] == ["install-app"]
+    generation = relay.state.generation
+    assert set(generation.unplannable) == {"install-app-later"}
+    assert "OverflowError" in generation.unplannable["install-app-later"]
+    assert generation.index is not None and "install-app-later" not in generation.index.revisions
+    assert unplannable_errors(generation) == [
+        "job install-app-later cannot be planned on this relay and is left out until the next commit: "
+        + generation.unplannable["install-app-later"]]
+    # later check-ins of this and other clients keep working on the isolated index
+    token = first.json()["token"]
+    assert checkin(relay, "pc-1", token).status_code == 200
+    assert [a["job"] for a in checkin(relay, "pc-2").json()["actions"]] == ["install-app"]
+
+
+def test_an_action_names_the_dependencies_the_agent_must_see_installed(relay: Relay) -> None:
+    from reconciler.plan import index_relay
+    from reconciler.specs import parse_repo
+
+    result = parse_repo({
+        "topology.yaml": b"apiVersion: reconciler/v1\nkind: Topology\nmetadata: {name: t}\n"
+                         b"spec: {headquarters: hq-x, relays: [{name: relay-a, parent: hq-x}]}\n",
+        "packages/runtime.yaml": b"apiVersion: reconciler/v1\nkind: Package\nmetadata: {name: runtime-2.0}\n"
+                                 b"spec: {name: runtime, version: '2.0', artifact: {path: a}, installer: {type: files}}\n",
+        "packages/addon.yaml": b"apiVersion: reconciler/v1\nkind: Package\nmetadata: {name: addon-1.0}\n"
+                               b"spec: {name: addon, version: '1.0', artifact: {path: a}, installer: {type: files},\n"
+                               b"       dependsOn: [{name: runtime, minVersion: '2.0'}]}\n",
+        "jobs/runtime.yaml": b"apiVersion: reconciler/v1\nkind: Job\nmetadata: {name: install-runtime}\n"
+                             b"spec: {jobType: install, package: {name: runtime, version: '2.0'},\n"
+                             b"       destinationType: allLowerClients, destinations: [relay-a]}\n",
+        "jobs/addon.yaml": b"apiVersion: reconciler/v1\nkind: Job\nmetadata: {name: install-addon}\n"
+                           b"spec: {jobType: install, package: {name: addon, version: '1.0'},\n"
+                           b"       destinationType: allLowerClients, destinations: [relay-a]}\n",
+    }, lambda path: None)
+    assert result.specs is not None, result.errors
+    staged = StagedArtifact("cd" * 32, 10, "tar")
+    relay.state.generation = Generation(commit="d" * 40, index=index_relay(result.specs, "relay-a"),
+                                        artifacts={("runtime", "2.0"): staged, ("addon", "1.0"): staged})
+    first = checkin(relay, "pc-1").json()
+    assert [(a["job"], a.get("dependsOn")) for a in first["actions"]] == [("install-runtime", None)]
+    assert relay.store.row_states_of("pc-1")["install-addon"].state == "Pending"
+    op = first["actions"][0]["operationId"]
+    after = checkin(relay, "pc-1", first["token"], results=[_result(op)],
+                    inventory=[{"name": "runtime", "version": "2.0"}]).json()
+    assert [(a["job"], a.get("dependsOn")) for a in after["actions"]] == [
+        ("install-addon", [{"name": "runtime", "minVersion": "2.0"}])]

@@ -39,7 +39,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from reconciler import plan, report
+from reconciler import names, plan, report
 from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, redact_url
 from reconciler.logs import configure_logging
 from reconciler.relay.artifacts import ArtifactCache, packages_to_stage, with_artifact_revisions
@@ -51,10 +51,12 @@ from reconciler.relay.server import (
     hold_unavailable,
     load_webhook_secret,
     poll_seconds_from_env,
+    unplannable_errors,
     usage_from_rows,
 )
 from reconciler.relay.store import Store, StoreError
-from reconciler.specs import NAME_PATTERN, Specs
+from reconciler.repo_tree import load_commit
+from reconciler.specs import Specs
 
 log = logging.getLogger("reconciler.relay")
 
@@ -251,9 +253,7 @@ class RelayLoop:
             return Accepted(None, None, "no accepted commit yet: HQ has not accepted any commit of main")
         if commit == self.state.generation.commit and self._specs is not None:
             return Accepted(commit, self._specs, None)
-        from reconciler.hq import load_specs  # the same reading and artifact checks as HQ's
-
-        loaded = load_specs(self.git, commit)
+        loaded = load_commit(self.git, commit)  # the same reading and checks as HQ's
         if not loaded.valid or loaded.specs is None:
             first = loaded.errors[0] if loaded.errors else "no specs"
             return Accepted(commit, None, f"the specs at accepted commit {commit[:12]} do not load here "
@@ -277,7 +277,7 @@ class RelayLoop:
                 errors.append(f"relay {self.name!r} is not in the topology at accepted commit "
                               f"{accepted.commit[:12]}: serving no actions")
                 if current.commit != accepted.commit or current.index is not None:
-                    self.state.generation = Generation(commit=accepted.commit)
+                    self.state.serve(Generation(commit=accepted.commit))
                     changed = True
                 self._specs = accepted.specs
             elif accepted.commit != current.commit or current.index is None or self.retry_due():
@@ -285,7 +285,7 @@ class RelayLoop:
                 self._specs = accepted.specs
                 if (generation.commit != current.commit or current.index is None
                         or generation.artifacts != current.artifacts or generation.unavailable != current.unavailable):
-                    self.state.generation = generation
+                    self.state.serve(generation)
                     changed = True
         self.sync_errors = tuple(errors)
         return changed
@@ -360,10 +360,21 @@ class RelayLoop:
                                 free_disk_mb=r.facts.get("freeDiskMB"), labels=tuple(sorted(r.labels.items())),
                                 installed=r.inventory, online=online[r.id])
                     for r in records]
-                planned = plan.plan_relay(generation.index, clients, history, now)
+                try:
+                    planned = plan.plan_relay(generation.index, clients, history, now)
+                except Exception:
+                    isolated = self.state.isolate(
+                        generation, lambda index: plan.plan_relay(index, clients, history, now))
+                    if isolated is None or isolated.index is None:
+                        raise
+                    planned = plan.plan_relay(isolated.index, clients, history, now)
+                    generation = isolated
                 rows, _ = hold_unavailable(planned.rows, planned.actions, generation)
                 rows = with_attempt_counts(rows, history)
-                the_plan = replace(planned, rows=rows)
+                # Jobs left out because they cannot be planned here are reported Invalid on this relay.
+                invalid = tuple(plan.JobRollup(job, plan.JobState.INVALID, report.zero_counts())
+                                for job in sorted(generation.unplannable))
+                the_plan = replace(planned, rows=rows, jobs=tuple(sorted(planned.jobs + invalid, key=lambda j: j.job)))
                 self.state.end_usage_pass(usage_from_rows(rows, online))
                 updated_at = self._record_row_states(the_plan.rows, stored_states, now)
             else:
@@ -373,6 +384,7 @@ class RelayLoop:
             errors.append(f"planning failed: {type(e).__name__}: {e}")
             self.state.abort_usage_pass()
             the_plan = None
+        errors.extend(unplannable_errors(generation))
         inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
                                            installed=r.inventory, online=online[r.id]) for r in records]
         self.state.errors = tuple(errors)
@@ -521,7 +533,7 @@ class _Wakeup:
 def main(args: argparse.Namespace) -> int:
     configure_logging()
     name: str = args.name
-    if not NAME_PATTERN.match(name):
+    if not names.is_name(name):
         print(f"reconciler relay: invalid relay name {name!r}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir).absolute()

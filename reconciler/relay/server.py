@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from reconciler import names
 from reconciler.plan import (
     Action,
     ActionKind,
@@ -54,6 +55,7 @@ from reconciler.plan import (
     RelayIndex,
     RolloutUsage,
     Row,
+    index_relay,
     plan_client,
 )
 from reconciler.relay.store import Store, token_matches
@@ -66,15 +68,9 @@ DEFAULT_POLL_SECONDS = 30.0
 POLL_SECONDS_ENV = "RECONCILER_POLL_SECONDS"
 WEBHOOK_SECRET_ENV = "RECONCILER_WEBHOOK_SECRET_FILE"
 
-CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-PACKAGE_NAME = CLIENT_ID
-PACKAGE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
-OPERATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
-RANGE = re.compile(r"^bytes=(\d{1,18})-(\d{0,18})$")
-CHECKIN_PATH = re.compile(r"^/v1/clients/([^/]*)/checkin$")
-ARTIFACT_PATH = re.compile(r"^/v1/artifacts/([^/]*)$")
+RANGE = re.compile(r"bytes=([0-9]{1,18})-([0-9]{0,18})")
+CHECKIN_PATH = re.compile(r"/v1/clients/([^/]*)/checkin")
+ARTIFACT_PATH = re.compile(r"/v1/artifacts/([^/]*)")
 
 OS_VALUES = ("linux", "windows", "darwin")
 ARCH_VALUES = ("x86_64", "arm64", "x86")
@@ -134,6 +130,50 @@ class Generation:
     artifacts: Mapping[tuple[str, str], StagedArtifact] = field(default_factory=dict)
     # (name, version) -> why it is not in the cache (rows wait with this message)
     unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # job -> why it cannot be planned on this relay; such jobs are left out of ``index``
+    unplannable: Mapping[str, str] = field(default_factory=dict)
+
+
+def isolate_unplannable(generation: Generation, attempt: Callable[[RelayIndex], object]) -> Generation | None:
+    """``generation`` without the jobs that make ``attempt`` fail, or None when no job fails on its own.
+
+    Planning is pure and bounded by the schemas, so a failure here is a bug
+    or a value nobody foresaw. It must cost one job, not the relay: each job
+    reaching the relay is planned alone with the same inputs, and those that
+    fail are dropped from the index (and reported) until the next commit.
+    """
+    index = generation.index
+    if index is None:
+        return None
+    bad: dict[str, str] = {}
+    for job in index.specs.jobs:
+        if job.name not in index.revisions:
+            continue  # does not reach this relay
+        alone = index_relay(replace(index.specs, jobs=(job,)), index.relay)
+        try:
+            attempt(alone)
+        except Exception as e:  # noqa: BLE001 - any failure of this job's planning isolates it
+            bad[job.name] = _cut(f"{type(e).__name__}: {e}", 300)
+    return without_jobs(generation, bad) if bad else None
+
+
+def without_jobs(generation: Generation, unplannable: Mapping[str, str]) -> Generation:
+    """``generation`` with these jobs left out of its index and listed as unplannable."""
+    index = generation.index
+    if index is None or not unplannable:
+        return generation
+    kept = tuple(j for j in index.specs.jobs if j.name not in unplannable)
+    return replace(generation, index=index_relay(replace(index.specs, jobs=kept), index.relay),
+                   unplannable={**generation.unplannable, **unplannable})
+
+
+def unplannable_errors(generation: Generation) -> list[str]:
+    return [f"job {job} cannot be planned on this relay and is left out until the next commit: {why}"
+            for job, why in sorted(generation.unplannable.items())]
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class RelayState:
@@ -153,6 +193,7 @@ class RelayState:
         self.store = store
         self.poll_seconds = poll_seconds
         self.generation = Generation()
+        self._generation_lock = threading.Lock()
         self.usage: dict[str, RolloutUsage] = {}
         self._delta: dict[str, list[int]] | None = None
         self.on_change = on_change or (lambda: None)
@@ -181,6 +222,28 @@ class RelayState:
             limit = next((j.retry_limit for j in index.specs.jobs if j.name == job), 1)
             failed = 1 if attempt >= max(1, limit) else 0
         self._bump(job, -1, failed)
+
+    def isolate(self, generation: Generation, attempt: Callable[[RelayIndex], object]) -> Generation | None:
+        """Drop the jobs that make ``attempt`` fail from ``generation`` and serve the result (None: no culprit)."""
+        isolated = isolate_unplannable(generation, attempt)
+        if isolated is None:
+            return None
+        for job, why in sorted(isolated.unplannable.items()):
+            if job not in generation.unplannable:
+                log.error("job %s cannot be planned on relay %s; it is left out until the next commit: %s",
+                          job, self.name, why)
+        with self._generation_lock:
+            if self.generation is generation:
+                self.generation = isolated
+        return isolated
+
+    def serve(self, generation: Generation) -> None:
+        """Serve ``generation`` from now on; for the same commit, jobs found unplannable stay left out."""
+        with self._generation_lock:
+            current = self.generation
+            if generation.commit == current.commit and current.unplannable and not generation.unplannable:
+                generation = without_jobs(generation, current.unplannable)
+            self.generation = generation
 
     def begin_usage_pass(self) -> None:
         """Start recording check-in changes (call under the write lock, right before the snapshot)."""
@@ -283,15 +346,50 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_json(body: bytes) -> Any:
+    """The JSON value of a request body: UTF-8, no duplicate keys, no NaN, and only valid Unicode text."""
     try:
         text = body.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise _bad("request body is not UTF-8") from None
     except RecursionError:
         raise _bad("request body is nested too deeply") from None
     except ValueError as e:
         raise _bad(f"request body is not valid JSON: {e}") from None
+    where = _invalid_text(value)
+    if where is not None:
+        raise _bad(f"{where}: text is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text")
+    return value
+
+
+def _invalid_text(value: Any) -> str | None:
+    """Where the first string (key or value) holding a lone surrogate is, or None.
+
+    JSON's ``\\ud800`` escapes decode to such strings; they cannot be stored,
+    logged or published as UTF-8, so they are refused at the door.
+    """
+    pending: list[tuple[str, Any]] = [("body", value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, str):
+            if not _is_unicode(item):
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not _is_unicode(key):
+                    return f"{where}: a key"
+                pending.append((f"{where}.{key}" if where != "body" else key, child))
+        elif isinstance(item, list):
+            pending.extend((f"{where}[{i}]", child) for i, child in enumerate(item))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(value: Any) -> bool:
@@ -357,9 +455,9 @@ def parse_checkin(doc: Any) -> CheckinRequest:
             raise _bad(f"{where}: must be an object with name and version")
         _check_keys(entry, ("name", "version"), where)
         name, version = entry.get("name"), entry.get("version")
-        if not isinstance(name, str) or not PACKAGE_NAME.match(name):
+        if not names.is_name(name):
             raise _bad(f"{where}.name: must be a package name")
-        if not isinstance(version, str) or not PACKAGE_VERSION.match(version):
+        if not names.is_version(version):
             raise _bad(f"{where}.version: must be a version string")
         if name in installed:
             raise _bad(f"{where}: package {name!r} listed twice (one entry per package name)")
@@ -377,7 +475,7 @@ def parse_checkin(doc: Any) -> CheckinRequest:
             raise _bad(f"{where}: must be an object")
         _check_keys(result, ("operationId", "status", "exitCode", "message", "finishedAt"), where)
         op = result.get("operationId")
-        if not isinstance(op, str) or not OPERATION_ID.match(op):
+        if not names.is_operation_id(op):
             raise _bad(f"{where}.operationId: must be an operation id")
         if result.get("status") not in ("succeeded", "failed"):
             raise _bad(f"{where}.status: must be 'succeeded' or 'failed'")
@@ -417,7 +515,7 @@ def _bearer(environ: Mapping[str, Any]) -> str | None:
     if header is None:
         return None
     scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not TOKEN.match(token.strip()):
+    if scheme.lower() != "bearer" or not names.is_token(token.strip()):
         raise HttpError(401, "malformed Authorization header: expected 'Bearer <token>'",
                         [("WWW-Authenticate", 'Bearer realm="reconciler"')])
     return str(token).strip()
@@ -433,7 +531,7 @@ def action_json(action: Action, artifact: StagedArtifact | None) -> dict[str, An
         spec = package.installer
         installer = {"type": spec.type.value, "install": list(spec.install), "uninstall": list(spec.uninstall),
                      "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
-    return {
+    reply: dict[str, Any] = {
         "operationId": action.operation_id,
         "job": action.job,
         "action": action.kind.value,
@@ -442,6 +540,12 @@ def action_json(action: Action, artifact: StagedArtifact | None) -> dict[str, An
         "artifact": None if artifact is None else artifact.to_json(),
         "installer": installer,
     }
+    if package is not None and action.kind is not ActionKind.UNINSTALL and package.depends_on:
+        # The agent runs the action only when these are installed (the plan never
+        # sends a dependent before that, but an agent does not take a relay's word).
+        reply["dependsOn"] = [{"name": d.name, **({"minVersion": d.min_version} if d.min_version else {})}
+                              for d in package.depends_on]
+    return reply
 
 
 _STATUS_TEXT = {200: "200 OK", 202: "202 Accepted", 206: "206 Partial Content", 400: "400 Bad Request",
@@ -485,11 +589,11 @@ class RelayApp:
     def _route(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
-        match = CHECKIN_PATH.match(path)
+        match = CHECKIN_PATH.fullmatch(path)
         if match:
             self._allow(method, ("POST",))
             return self._json(start_response, 200, self.checkin(match.group(1), environ))
-        match = ARTIFACT_PATH.match(path)
+        match = ARTIFACT_PATH.fullmatch(path)
         if match:
             self._allow(method, ("GET", "HEAD"))
             return self.artifact(match.group(1), environ, start_response)
@@ -519,7 +623,7 @@ class RelayApp:
                 raise HttpError(415, "Content-Type must be application/json")
         raw_length = environ.get("CONTENT_LENGTH") or ""
         if raw_length:
-            if not raw_length.isdigit():
+            if not (raw_length.isascii() and raw_length.isdigit()):
                 raise _bad("invalid Content-Length")
             length = int(raw_length)
             if length > MAX_BODY:
@@ -534,7 +638,7 @@ class RelayApp:
     # -- check-in ------------------------------------------------------------
 
     def checkin(self, client_id: str, environ: Mapping[str, Any]) -> dict[str, Any]:
-        if not CLIENT_ID.match(client_id):
+        if not names.is_client_id(client_id):
             raise _bad("invalid client id: use 1-63 lowercase letters, digits, '.' and '-'")
         token = _bearer(environ)
         request = parse_checkin(parse_json(self._body(environ, json_required=True)))
@@ -580,7 +684,14 @@ class RelayApp:
                     free_disk_mb=request.facts.get("freeDiskMB"),
                     labels=tuple(sorted(request.labels.items())), installed=request.inventory, online=True)
                 history = self.store.history_of(client_id, db)
-                planned = plan_client(generation.index, client, history, state.usage, now)
+                try:
+                    planned = plan_client(generation.index, client, history, state.usage, now)
+                except Exception:
+                    isolated = state.isolate(generation, lambda index: plan_client(index, client, history, {}, now))
+                    if isolated is None or isolated.index is None:
+                        raise
+                    generation = isolated
+                    planned = plan_client(isolated.index, client, history, state.usage, now)
                 rows, actions = hold_unavailable(planned.rows, planned.actions, generation)
                 for action in actions:
                     attempt = Attempt(
@@ -621,7 +732,7 @@ class RelayApp:
 
     def artifact(self, sha: str, environ: Mapping[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if not SHA256.match(sha):
+        if not names.is_sha256(sha):
             raise _bad("artifact id must be 64 lowercase hex digits (its sha256)")
         path = self.cache_dir / sha
         try:
@@ -636,7 +747,7 @@ class RelayApp:
                        ("ETag", f'"{sha}"'), ("Cache-Control", "public, max-age=31536000, immutable")]
             raw_range = environ.get("HTTP_RANGE")
             if raw_range:
-                match = RANGE.match(raw_range.strip())
+                match = RANGE.fullmatch(raw_range.strip())
                 if not match:
                     raise HttpError(416, "only a single 'bytes=N-' or 'bytes=N-M' range is supported",
                                     [("Content-Range", f"bytes */{size}")])
