@@ -2,7 +2,8 @@
 
 The fake relay registers clients and hands out tokens, refuses check-ins with
 a missing or wrong token, serves artifacts with Range support, replies with
-canned actions and records every request it received.
+canned actions and records every request it received. A test can hold
+artifact downloads open (``hold_downloads``) to catch an agent mid-download.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FakeRelay:
         self.artifact_requests: list[dict[str, str]] = []
         self.replies: deque[list[dict[str, Any]]] = deque()
         self.artifacts: dict[str, bytes] = {}
+        # while not None, artifact requests are recorded and left unanswered until the event is set
+        self.hold_downloads: threading.Event | None = None
         self.poll_seconds = 7
         self.port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -96,6 +99,10 @@ class FakeRelay:
                     return self._json(404, {"error": "unknown artifact"})
                 data = relay.artifacts[match.group(1)]
                 relay.artifact_requests.append({"sha256": match.group(1), "range": self.headers.get("Range", "")})
+                hold = relay.hold_downloads
+                if hold is not None:  # never answered: the client it was meant for gets killed meanwhile
+                    hold.wait(timeout=60)
+                    return
                 ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 if ranged:
                     start = int(ranged.group(1))
@@ -395,7 +402,8 @@ def test_kill_9_mid_install_converges_after_restart(relay: FakeRelay, tmp_path: 
     action = files_action("op-kill", sha, len(content), name="tool")
     action["installer"] = {"type": "command", "install": ["${PYTHON}", "install.py"], "uninstall": [],
                            "detect": [], "timeoutSeconds": 300}
-    relay.replies.extend([[action], [action]])  # the relay re-sends an operation it has no result for
+    retry = {**action, "operationId": "op-kill-2"}  # what the relay sends once it has the failure
+    relay.replies.extend([[action], [action], [retry]])  # it re-sends an operation it has no result for
     root, fifo = tmp_path / "root", tmp_path / "fifo"
     os.mkfifo(fifo)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TEST_FIFO": str(fifo)}
@@ -421,8 +429,12 @@ def test_kill_9_mid_install_converges_after_restart(relay: FakeRelay, tmp_path: 
     assert not (root / "receipts" / "tool.json").exists()
     proc = subprocess.run(argv, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # the killed installer's own end (SIGKILL) is the interrupted operation's result; only the
+    # relay's retry, a new operation, runs the installer again
     assert (root / "runs.log").read_text() == "run\nrun\n"
+    results = {op: r for body in relay.bodies() for op, r in results_of(body).items()}
+    assert (results["op-kill"]["status"], results["op-kill"]["exitCode"]) == ("failed", -signal.SIGKILL)
+    assert results["op-kill-2"]["status"] == "succeeded"
+    assert results["op-kill-2"]["message"] == "installed on the second try"
     assert (root / "receipts" / "tool.json").exists()
-    result = results_of(relay.checkins[-1]["body"])["op-kill"]
-    assert result["status"] == "succeeded" and result["message"] == "installed on the second try"
     assert relay.checkins[-1]["body"]["inventory"] == [{"name": "tool", "version": "1.0"}]

@@ -1,18 +1,22 @@
-"""An installer command outliving a killed agent is never run a second time beside itself.
+"""An installer command outliving its supervisor is never run a second time beside itself.
 
-Installer commands run in their own session, so a ``kill -9`` of the agent
-leaves them running. The restarted agent waits for such an orphan up to its
-timeout, then kills its group, and only then runs the operation again. The
-end-to-end tests run the real ``reconciler agent --once`` against the fake
-relay of ``test_agent_loop.py`` and wait on conditions with deadlines, never
-for a fixed time. The guard tests check that a pid the system has handed to
-some other process since is neither waited for nor killed.
+Installer commands run under a supervisor, in a session apart from the
+agent's, and the supervisor records their exit status
+(``test_agent_supervisor.py``). When the agent *and* the supervisor are
+killed, the installer is an orphan whose exit status nobody can learn: the restarted agent waits for it up to its timeout, then kills its
+group, and only then runs the operation again. The end-to-end tests run the
+real ``reconciler agent --once`` against the fake relay of
+``test_agent_loop.py`` and wait on conditions with deadlines, never for a
+fixed time. The guard tests check that a pid the system has handed to some
+other process since is neither waited for nor killed (also for records left
+by agents from before the supervisor, in the journal entry itself).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -40,12 +44,12 @@ from reconciler.agent.journal import STARTED, Journal, format_time, utc_now
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="SIGKILL, flock and sessions are POSIX")
 LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="start times come from /proc")
 
-# Start, announce the pid, block until released, finish. A concurrent run is
-# detected with flock rather than an O_EXCL file: a SIGKILLed run would leave
-# such a file behind and make the next run look concurrent; a flock goes away
-# with its holder.
+# Start, announce the pid, block until released, finish with the exit code in
+# argv[1] (0 without one). A concurrent run is detected with flock rather than
+# an O_EXCL file: a SIGKILLed run would leave such a file behind and make the
+# next run look concurrent; a flock goes away with its holder.
 ORPHAN_INSTALL = """\
-import fcntl, os, time
+import fcntl, os, sys, time
 root = os.environ["RECONCILER_ROOT"]
 def note(what):
     with open(os.path.join(root, "marker.log"), "a") as marker:
@@ -64,6 +68,7 @@ while not os.path.exists(os.path.join(root, "release")):
     time.sleep(0.01)
 note("done")
 print("installed")
+raise SystemExit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 """
 
 
@@ -105,10 +110,10 @@ class AgentRun:
 
     started: list[AgentRun] = []  # stopped by the ``root`` fixture if a test fails half-way
 
-    def __init__(self, relay_url: str, root: Path) -> None:
+    def __init__(self, relay_url: str, root: Path, env: dict[str, str] | None = None) -> None:
         argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-orphan", "--relay", relay_url,
                 "--root", str(root), "--once"]
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
         self.proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -163,19 +168,24 @@ def orphan_action(relay: FakeRelay, timeout: float) -> dict[str, Any]:
 
 
 def kill_agent_mid_install(relay: FakeRelay, root: Path) -> int:
-    """Run the agent until the installer has started, SIGKILL the agent alone; the installer's pid."""
+    """Run the agent until the installer has started, SIGKILL the agent and its supervisor; the installer's pid."""
     first = AgentRun(relay.url, root)
     try:
         pid = int(wait_for(lambda: (root / "installer.pid").exists() and (root / "installer.pid").read_text(),
                            "the installer to start"))
     finally:
-        first.proc.kill()  # the agent process only, not its installer's group
+        first.proc.kill()  # the agent process only, not its supervisor or installer
         first.proc.wait()
+    (attempt,) = (root / "journal").glob("*/install-1.0/*")
+    process = json.loads(wait_for(lambda: (attempt / "installer.json").exists()
+                                  and (attempt / "installer.json").read_text(), "the installer record"))
+    assert process["pid"] == pid and process["startTime"] == process_start_time(pid)
+    supervisor = int((attempt / "claim").read_text().split()[1])
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not running(supervisor), "the supervisor to die")
     assert marker(root) == [("start", pid)]
-    assert running(pid), "the installer should outlive the agent"
-    process = Journal(root / "journal").get("op-orphan").process  # type: ignore[union-attr]
-    assert process is not None and process["pid"] == pid
-    assert process["startTime"] == process_start_time(pid)
+    assert running(pid), "the installer should outlive the agent and its supervisor"
+    assert not (attempt / "result.json").exists()
     return pid
 
 
@@ -189,7 +199,7 @@ def test_orphan_that_ends_within_its_timeout_is_waited_for_then_rerun(relay: Fak
     assert running(orphan) and len(relay.checkins) == checkins  # nothing else happens meanwhile
     (root / "release").touch()
     log = second.finish()
-    # the orphan's exit status died with the first agent, so the operation runs once more, after it
+    # the orphan's exit status died with its supervisor, so the operation runs once more, after it
     rerun = marker(root)[2][1] if len(marker(root)) > 2 else 0
     assert marker(root) == [("start", orphan), ("done", orphan), ("start", rerun), ("done", rerun)]
     assert rerun != orphan and "ended by itself" in log

@@ -7,10 +7,23 @@ are re-sent until a check-in reply arrives, so a relay that is down, restarted
 or slow loses nothing. That makes the agent's disk the only state that
 matters, and every piece of it is written atomically (see ``journal.py`` and
 ``installers.py``): an agent killed at any moment converges when restarted.
-That includes an installer command still running when the agent was killed
-(it runs in its own session, so it outlives the agent): the restarted agent
-waits for it, up to its timeout, then kills it, before running anything, so
-the same installer never runs twice at once.
+That includes an installer command still running when the agent was killed:
+it runs under a supervisor process that outlives the agent and records how
+the installer ended (``supervisor.py``). Before its first check-in the
+restarted agent waits for such a command, up to its timeout; when the relay
+sends the operation again, it is answered with that recorded result instead
+of running the installer a second time.
+
+An install action may name its ``dependsOn``; it runs only when this
+client's confirmed inventory holds every dependency at its ``minVersion``
+(``dependencies.py``), so a dependency that failed earlier in the same reply
+stops its dependent instead of leaving it installed on nothing.
+
+Everything the agent sends is valid Unicode, because the relay stores and
+republishes it: command-line text that is not (``--label dept=$'\\xff'``
+decodes to lone surrogates) is refused at start-up, and text from the
+operating system (host name, installer output, error messages) has any
+undecodable bytes replaced.
 
 Relay failures are classified at the HTTP boundary: unreachable or 5xx
 (:class:`RelayUnavailable`, back off exponentially up to the poll interval),
@@ -46,21 +59,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
+from reconciler import names
+from reconciler.agent.dependencies import parse_depends_on, unmet
+from reconciler.agent.errors import InstallError
 from reconciler.agent.installers import (
     ArtifactRef,
-    InstallError,
     InstallerSpec,
     Layout,
     Outcome,
-    ProcessHook,
-    ProcessRecord,
     check_segment,
     install,
-    settle_orphan,
     uninstall,
 )
 from reconciler.agent.installers import inventory as confirmed_inventory
 from reconciler.agent.journal import FINISHED, Entry, Journal, format_time, utc_now
+from reconciler.agent.processes import ProcessRecord, settle_orphan
+from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
 from reconciler.fileio import sha256_file, write_atomic
 
 log = logging.getLogger("reconciler.agent")
@@ -75,7 +89,6 @@ ONCE_MAX_ROUNDS = 5
 CACHE_MAX_AGE_SECONDS = 7 * 24 * 3600
 CHUNK = 1 << 20
 
-CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 FACT_KEYS = ("os", "arch", "hostname", "freeDiskMB")
 OS_VALUES = ("linux", "windows", "darwin")
 ARCH_VALUES = ("x86_64", "arm64", "x86")
@@ -88,7 +101,7 @@ _ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "x64": "x86_64", "aarch6
 
 
 class AgentConfigError(ValueError):
-    """Bad command-line input (client id, ``--fact``): a usage error, exit 2."""
+    """Bad command-line input (client id, ``--fact``, ``--label``): a usage error, exit 2."""
 
 
 class RelayError(Exception):
@@ -110,6 +123,36 @@ class RelayRefused(RelayError):
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` is valid Unicode: no lone surrogates, which undecodable bytes become."""
+    return _SURROGATE.search(value) is None
+
+
+def clean_text(value: str) -> str:
+    """``value`` with any undecodable bytes (lone surrogates) replaced by U+FFFD, for sending."""
+    if is_text(value):
+        return value
+    try:  # surrogateescape'd bytes (argv, host names, paths): decode them again, leniently
+        return os.fsencode(value).decode("utf-8", errors="replace")
+    except UnicodeError:
+        return _SURROGATE.sub("\ufffd", value)
+
+
+def check_text(value: str, flag: str, shown: str | None = None) -> str:
+    """Refuse command-line text that is not valid Unicode, naming the flag (exit 2)."""
+    if is_text(value):
+        return value
+    try:
+        raw = repr(os.fsencode(shown if shown is not None else value))
+    except UnicodeError:
+        raw = ascii(shown if shown is not None else value)
+    raise AgentConfigError(f"{flag} {raw}: not valid text in this locale's encoding (UTF-8); "
+                           f"use UTF-8 characters only")
 
 
 def _short_error(exc: BaseException) -> str:
@@ -163,7 +206,7 @@ def detect_facts(root: Path) -> dict[str, Any]:
     return {
         "os": normalize_os(platform.system()),
         "arch": normalize_arch(platform.machine()),
-        "hostname": socket.gethostname(),
+        "hostname": clean_text(socket.gethostname()),
         "freeDiskMB": shutil.disk_usage(root).free // 2**20,
     }
 
@@ -173,6 +216,8 @@ def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | 
     items = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs or [])
     out: dict[str, Any] = {}
     for key, value in items:
+        if isinstance(key, str) and isinstance(value, str):
+            check_text(f"{key}={value}", "--fact")
         if key not in FACT_KEYS:
             raise AgentConfigError(f"unknown fact {key!r}: only {', '.join(FACT_KEYS)} can be overridden")
         if key == "freeDiskMB":
@@ -317,14 +362,20 @@ class Agent:
                  fact_overrides: Mapping[str, Any] | Iterable[tuple[str, str]] | None = None,
                  session: requests.Session | None = None, *, poll_interval: float | None = None,
                  now: Callable[[], datetime] = utc_now) -> None:
-        if not isinstance(client_id, str) or not CLIENT_ID.match(client_id):
+        if isinstance(client_id, str):
+            check_text(client_id, "--id")
+        if not names.is_client_id(client_id):
             raise AgentConfigError(f"invalid client id {client_id!r}: use lowercase letters, digits, '.' and '-'")
+        check_text(relay_url, "--relay", redact(relay_url))
         if not relay_url.startswith(("http://", "https://")):
             raise AgentConfigError(f"relay URL must start with http:// or https://, got {redact(relay_url)!r}")
         self.client_id = client_id
         self.relay_url = relay_url.rstrip("/")
         pairs = labels.items() if isinstance(labels, Mapping) else (labels or [])
-        self.labels: dict[str, str] = {str(k): str(v) for k, v in pairs}
+        self.labels: dict[str, str] = {}
+        for key, value in pairs:
+            self.labels[check_text(str(key), "--label", f"{key}={value}")] = check_text(
+                str(value), "--label", f"{key}={value}")
         self.fact_overrides = parse_fact_overrides(fact_overrides)
         platform_facts = {"os": normalize_os(platform.system()), "arch": normalize_arch(platform.machine()),
                           **self.fact_overrides}
@@ -381,6 +432,8 @@ class Agent:
     def checkin(self) -> CheckinReply:
         """POST one check-in; on a reply, store a new token and acknowledge the results sent."""
         results = self.journal.pending_results(limit=MAX_RESULTS_PER_CHECKIN)
+        for result in results:  # results journalled by older agents were not cleaned when finished
+            result["message"] = clean_text(str(result.get("message") or ""))
         body = {"facts": self.facts(), "labels": self.labels, "inventory": self.inventory(),
                 "results": results}
         url = f"{self.relay_url}/v1/clients/{self.client_id}/checkin"
@@ -421,24 +474,33 @@ class Agent:
     # -- actions
 
     def settle_interrupted(self) -> None:
-        """At start-up: wait out (or kill) installer commands a killed agent left running.
+        """At start-up: wait out (or stop) installer commands a killed agent left running.
 
         Done before the first check-in, because that already runs ``detect``
         commands, and any action after it might touch the same package. The
-        operations stay ``started``: the relay sends them again, and they run
-        again then, with nothing left over from the first attempt.
+        operations stay ``started``: the relay sends them again, and they
+        resume then, taking each command's recorded result (``supervisor.py``)
+        instead of running it again. Entries from agents that predate the
+        supervisor only know the command's pid: its orphan is waited for
+        (or killed), and that operation runs again in full.
         """
-        for entry in self.journal.interrupted():
+        for entry in self.journal.unfinished():
             try:
                 self._settle(entry)
+                settle_runs(self.layout.operation_runs(entry.operation_id))
             except InstallError as exc:  # the operation fails when it is sent again
                 self.log.error("operation %s: %s", entry.operation_id, exc.message)
+            except OSError as exc:  # unreadable state: the operation sorts it out when sent again
+                self.log.error("operation %s: settling its commands failed: %s", entry.operation_id, exc)
+        for entry in self.journal.entries():
+            if entry.state == FINISHED:  # killed between journalling the result and tidying up
+                discard_runs(self.layout.operation_runs(entry.operation_id))
 
     def _settle(self, entry: Entry | None) -> None:
-        """Make sure the command a started operation recorded no longer runs, then forget it.
+        """Make sure the command a pre-supervisor agent recorded no longer runs, then forget it.
 
-        Its exit status died with the killed agent (only a parent can collect
-        it), so the operation is run again afterwards; installs converge.
+        Its exit status died with that agent (only a parent can collect it),
+        so the operation is run again afterwards; installs converge.
         """
         if entry is None or entry.process is None:
             return
@@ -451,12 +513,6 @@ class Agent:
                           settle_orphan(record))
         self.journal.record_process(entry.operation_id, None)
 
-    def _track(self, operation_id: str) -> ProcessHook:
-        """Journal each command of an operation while it runs (see :meth:`_settle`)."""
-        def track(record: ProcessRecord | None) -> None:
-            self.journal.record_process(operation_id, record.to_dict() if record is not None else None)
-        return track
-
     def _execute(self, action: Mapping[str, Any]) -> Outcome:
         """Carry out one action; raises :class:`InstallError` with the message for the relay."""
         kind = action.get("action")
@@ -468,31 +524,37 @@ class Agent:
         operation_id = str(action["operationId"])
         if kind == "uninstall":
             only = None if raw_version is None else check_segment(raw_version, "package version")
-            return uninstall(self.layout, name, only, operation_id, self._track(operation_id))
+            return uninstall(self.layout, name, only, operation_id)
         if kind not in ("install", "upgrade", "downgrade"):
             raise InstallError(f"unknown action {kind!r}")
         version = check_segment(raw_version, "package version")
         installer = InstallerSpec.from_dict(action.get("installer"))
         ref = ArtifactRef.from_dict(action.get("artifact"))
+        dependencies = parse_depends_on(action.get("dependsOn"))
+        # a resumed operation already ran commands: it finishes as they ended, whatever changed since
+        if not ran_commands(self.layout.operation_runs(operation_id)):
+            why = unmet(self.layout, dependencies)
+            if why is not None:
+                raise InstallError(f"not run: {why}")
         previous = action.get("previousVersion")
-        artifact = self.fetch(ref)
         if previous:
             self.log.info("%s %s: replacing %s with %s", kind, name, previous, version)
-        return install(self.layout, name, version, installer, artifact, ref, operation_id, self._now(),
-                       self._track(operation_id))
+        return install(self.layout, name, version, installer, lambda: self.fetch(ref), ref, operation_id,
+                       self._now())
 
     def run_action(self, action: Any) -> dict[str, Any] | None:
         """Run one action exactly once per operationId, journalled; returns its result.
 
         An operation the journal knows as finished is not run again: its stored
-        result is queued to be re-sent. One left ``started`` runs again, but
-        only once the command it was running is gone (:meth:`_settle`).
-        ``None`` for an action without an operationId, which cannot be
-        reported and is skipped.
+        result is queued to be re-sent. One left ``started`` is resumed: a
+        command that already ran is answered from its recorded result, and
+        one that never ran, or whose supervisor died with it (a reboot),
+        runs now. ``None`` for an action without a valid operationId, which
+        cannot be reported and is skipped.
         """
         operation_id = action.get("operationId") if isinstance(action, dict) else None
-        if not isinstance(operation_id, str) or not operation_id:
-            self.log.warning("skipping an action without operationId: %s", _cut(repr(action), 200))
+        if not isinstance(operation_id, str) or not names.is_operation_id(operation_id):
+            self.log.warning("skipping an action without a valid operationId: %s", _cut(repr(action), 200))
             return None
         entry = self.journal.get(operation_id)
         if entry is not None and entry.state == FINISHED and entry.result is not None:
@@ -518,9 +580,11 @@ class Agent:
 
     def _finish(self, operation_id: str, status: str, exit_code: int | None, message: str) -> dict[str, Any]:
         """Journal an operation's result (to be reported at the next check-in) and log it."""
+        message = clean_text(message)
         result = {"operationId": operation_id, "status": status, "exitCode": exit_code,
                   "message": _cut(message, MESSAGE_LIMIT), "finishedAt": format_time(self._now())}
         self.journal.finish(operation_id, result)
+        discard_runs(self.layout.operation_runs(operation_id))
         self.log.info("operation %s %s: %s", operation_id, status, _cut(message.splitlines()[0]
                                                                           if message else "", 200))
         return result

@@ -6,7 +6,8 @@ Layout under the agent root (see :class:`Layout`)::
     receipts/<name>.json          one per installed package name: the inventory
     packages/<name>/<version>/    the unpacked artifact
     cache/<sha256>                verified downloads (``<sha256>.part`` while in flight)
-    journal/                      operations (see ``journal.py``)
+    journal/                      operations (see ``journal.py``), and per operation
+    journal/<key>/                its supervised commands (see ``supervisor.py``)
     detect-process.json           the ``detect`` command running right now, if any
 
 Two installer types (DESIGN section 6):
@@ -42,17 +43,17 @@ The same values are in the environment as ``RECONCILER_ROOT`` and
 ``RECONCILER_PACKAGE_VERSION``, and the client's ``RECONCILER_CLIENT_ID``,
 ``RECONCILER_OS`` and ``RECONCILER_ARCH`` as reported, overrides included).
 
-Because a command runs in its own session, it survives a ``kill -9`` of the
-agent. So every command is recorded while it runs (pid, start time, timeout:
-:class:`ProcessRecord`, in the operation's journal entry or, for ``detect``,
-in ``detect-process.json``), and :func:`settle_orphan` lets a restarted agent
-wait for such an orphan, up to the command's timeout, then kill its group,
-before it runs anything again. The start time (Linux: ``/proc/<pid>/stat``
-field 22, with the boot id) is what keeps a recycled pid from being waited
-for or killed. Elsewhere only the pid is recorded: on other POSIX systems a
-process counts as the orphan if it has that pid and still leads its own
-session (as the orphan did), which a recycled pid rarely does; on Windows an
-orphan cannot be recognised at all, so it is not waited for (a known gap).
+A command runs in its own session, so it survives a ``kill -9`` of the agent.
+The ``install`` and ``uninstall`` commands of an operation therefore run under
+a supervisor process that records their exit status in the operation's
+directory (``supervisor.py``): each runs at most once per operation, and an
+operation resumed after a crash takes the recorded result instead of running
+the command again. Once the install command has run, resuming skips the
+unpacking, so whatever the command did in the package directory stays. A
+``detect`` command is only a question, asked again at every check-in, so it
+runs directly; it is recorded in ``detect-process.json`` while it runs, and a
+restarted agent waits for (or kills) one left running before detecting again
+(``processes.settle_orphan``).
 
 A receipt is written only after a successful install, atomically; its presence
 is what "installed" means. A receipt whose installer has a ``detect`` argv is
@@ -68,44 +69,41 @@ import os
 import posixpath
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from reconciler.agent.journal import format_time, parse_time, quarantine, utc_now, write_json_atomic
+from reconciler import names
+from reconciler.agent.errors import InstallError
+from reconciler.agent.journal import format_time, operation_key, quarantine, utc_now, write_json_atomic
+from reconciler.agent.processes import (
+    CommandResult,
+    ProcessHook,
+    ProcessRecord,
+    kill_tree,
+    output_tail,
+    process_start_time,
+    session_options,
+    settle_orphan,
+)
+from reconciler.agent.supervisor import run_supervised, start_supervised, stored_result
 
 log = logging.getLogger("reconciler.agent")
 
-OUTPUT_TAIL_CHARS = 2000
 DEFAULT_TIMEOUT_SECONDS = 600.0
 DETECT_TIMEOUT_SECONDS = 60.0
-ORPHAN_POLL_SECONDS = 0.05  # how often a restarted agent looks whether an orphaned command ended
-KILL_GRACE_SECONDS = 10.0  # how long a SIGKILLed orphan may take to go
 
 # Names and versions become directory names: one path segment, no leading dot
-# (dot-entries are the agent's own staging directories).
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class InstallError(Exception):
-    """An action failed on this client; ``message`` is what the relay shows.
-
-    ``exit_code`` is the installer's exit code when a command ran, else ``None``.
-    """
-
-    def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
+# (dot-entries are the agent's own staging directories). A shape of its own, wider
+# than ``names.NAME`` and ``names.VERSION``: it guards paths, and keeps every
+# receipt written under it readable.
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 
 
 class UnsafeArchiveError(InstallError):
@@ -160,6 +158,10 @@ class Layout:
     def cached_artifact(self, sha256: str) -> Path:
         return self.cache / check_sha256(sha256)
 
+    def operation_runs(self, operation_id: str) -> Path:
+        """The directory of an operation's supervised commands, beside its journal entry."""
+        return self.journal / operation_key(operation_id)
+
     def create(self) -> None:
         for directory in (self.root, self.receipts, self.packages, self.cache, self.journal):
             directory.mkdir(parents=True, exist_ok=True)
@@ -167,14 +169,14 @@ class Layout:
 
 def check_segment(value: Any, what: str) -> str:
     """Refuse a name or version that is not one safe path segment."""
-    if not isinstance(value, str) or not _SEGMENT.match(value):
+    if not isinstance(value, str) or not _SEGMENT.fullmatch(value):
         raise InstallError(f"invalid {what} {value!r}")
     return value
 
 
 def check_sha256(value: Any) -> str:
     """Refuse anything but 64 lowercase hex digits (it becomes a file name)."""
-    if not isinstance(value, str) or not _SHA256.match(value):
+    if not isinstance(value, str) or not names.is_sha256(value):
         raise InstallError(f"invalid sha256 {value!r}")
     return value
 
@@ -397,15 +399,6 @@ def inventory(layout: Layout) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- commands
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    """How a command ended: its exit code (``None`` if killed on timeout) and output tail."""
-
-    exit_code: int | None
-    output: str
-    timed_out: bool
-
-
 def substitute(argv: Sequence[str], root: Path, package_dir: Path) -> list[str]:
     """Replace ``${PYTHON}``, ``${ROOT}`` and ``${PACKAGE_DIR}`` in every argument."""
     values = {"${PYTHON}": sys.executable, "${ROOT}": str(root), "${PACKAGE_DIR}": str(package_dir)}
@@ -417,205 +410,76 @@ def substitute(argv: Sequence[str], root: Path, package_dir: Path) -> list[str]:
     return out
 
 
-def _tail(handle: BinaryIO, limit: int = OUTPUT_TAIL_CHARS) -> str:
-    handle.seek(0, os.SEEK_END)
-    size = handle.tell()
-    handle.seek(max(0, size - 4 * limit))
-    text = handle.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
-    text = text.strip()
-    return text if len(text) <= limit else "…" + text[-limit:]
-
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    """A running installer command, as recorded while the agent waits on it.
-
-    ``start_time`` identifies the process beyond its pid, which the system
-    hands out again once the process is gone: ``<boot id>:<start ticks>`` on
-    Linux, ``None`` where there is no cheap way to read it (module docstring).
-    ``started_at`` and ``timeout_seconds`` let a restarted agent give an orphan
-    what is left of its timeout, not a new one.
-    """
-
-    pid: int
-    start_time: str | None
-    started_at: str
-    timeout_seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "startTime": self.start_time, "startedAt": self.started_at,
-                "timeoutSeconds": self.timeout_seconds}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ProcessRecord:
-        """Parse a stored record; ``ValueError`` for any shape we did not write."""
-        if not isinstance(data, dict):
-            raise ValueError("process record is not an object")
-        pid, start_time = data.get("pid"), data.get("startTime")
-        started_at, timeout = data.get("startedAt"), data.get("timeoutSeconds")
-        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-            raise ValueError(f"invalid pid {pid!r}")
-        if start_time is not None and not isinstance(start_time, str):
-            raise ValueError(f"invalid startTime {start_time!r}")
-        if not isinstance(started_at, str):
-            raise ValueError(f"invalid startedAt {started_at!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"invalid timeoutSeconds {timeout!r}")
-        return cls(pid, start_time, started_at, float(timeout))
-
-
-# Called with the record once a command has started, and with None once it has ended.
-ProcessHook = Callable[[ProcessRecord | None], None]
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """``(state, "<boot id>:<start ticks>")`` from Linux ``/proc``; ``None`` if unreadable or gone.
-
-    The boot id makes the identity unique across reboots too: start ticks
-    count from boot, and early boot runs much the same way every time.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
-    except OSError:
-        return None
-    # field 2 (comm) is in parentheses and may hold spaces or ")"; field 3 follows the last ")"
-    fields = stat[stat.rfind(")") + 1:].split()
-    if len(fields) < 20:
-        return None
-    return fields[0], f"{boot_id}:{fields[19]}"  # fields 3 (state) and 22 (starttime)
-
-
-def process_start_time(pid: int) -> str | None:
-    """The identity of process ``pid`` that survives pid reuse; ``None`` off Linux (or if gone)."""
-    stat = _proc_stat(pid)
-    return stat[1] if stat is not None else None
-
-
-def is_running(record: ProcessRecord) -> bool:
-    """Whether the recorded process still runs; a recycled pid or a zombie does not count.
-
-    A zombie is an orphan that has ended: its parent is now init (or whatever
-    adopted it), which may reap it late or, in some containers, never.
-    """
-    if record.start_time is not None:
-        stat = _proc_stat(record.pid)
-        return stat is not None and stat[0] not in ("Z", "X", "x") and stat[1] == record.start_time
-    if os.name == "nt":
-        return False  # a Windows pid cannot be matched to the recorded process (module docstring)
-    try:
-        # commands start a new session, so the orphan leads its own session; a recycled pid rarely does
-        return os.getsid(record.pid) == record.pid
-    except OSError:
-        return False
-
-
-def settle_orphan(record: ProcessRecord) -> str:
-    """Make sure a recorded command no longer runs, so it never runs beside its own re-run.
-
-    Waits for it while what is left of its timeout runs (measured from the
-    recorded start), then kills its process group: it started a new session,
-    so it leads that group and the group holds whatever it forked. A process
-    whose identity does not match the record is someone else's and is left
-    alone. Returns what happened, for the log; :class:`InstallError` if the
-    process survives SIGKILL (then running the operation again is refused).
-    """
-    if not is_running(record):
-        if record.start_time is None and os.name == "nt":
-            return f"pid {record.pid} cannot be checked on Windows; assumed gone"
-        return f"pid {record.pid} is no longer running"
-    started = parse_time(record.started_at)
-    # wall-clock time on both sides (not an agent's injected clock): this is about a real process
-    elapsed = (utc_now() - started).total_seconds() if started is not None else 0.0
-    remaining = min(max(record.timeout_seconds - elapsed, 0.0), record.timeout_seconds)
-    log.warning("an interrupted installer command (pid %d) is still running; waiting up to %.0f s for it "
-                "before killing it", record.pid, remaining)
-    deadline = time.monotonic() + remaining
-    while is_running(record):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return _kill_orphan(record)
-        time.sleep(min(ORPHAN_POLL_SECONDS, left))
-    return f"pid {record.pid} ended by itself"
-
-
-def _kill_orphan(record: ProcessRecord) -> str:
-    """SIGKILL the orphan's group (it leads it: new session) and see it go."""
-    if os.name != "nt":
-        try:
-            os.killpg(record.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # ended between the check and the kill
-    deadline = time.monotonic() + KILL_GRACE_SECONDS
-    while is_running(record):
-        if time.monotonic() >= deadline:
-            raise InstallError(f"an interrupted installer command (pid {record.pid}) survived SIGKILL; "
-                               f"not running another beside it")
-        time.sleep(ORPHAN_POLL_SECONDS)
-    return f"pid {record.pid} killed after its {record.timeout_seconds:g} s timeout"
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """Kill the command and everything it started; an installer often forks helpers."""
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        proc.kill()
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
+def command_env(layout: Layout, name: str, version: str) -> dict[str, str]:
+    """The environment of a package's commands: the agent's, plus who and where (module docstring)."""
+    env = dict(os.environ)
+    env.update(dict(layout.client_env))
+    env.update({"RECONCILER_ROOT": str(layout.root), "RECONCILER_PACKAGE_DIR": str(layout.package_dir(name, version)),
+                "RECONCILER_PACKAGE_NAME": name, "RECONCILER_PACKAGE_VERSION": version})
+    return env
 
 
 def run_command(argv: Sequence[str], cwd: Path, layout: Layout, name: str, version: str,
                 timeout: float, track: ProcessHook | None = None) -> CommandResult:
-    """Run an installer command without a shell, in ``cwd``, killed after ``timeout`` seconds.
+    """Run a command directly, without a shell, in ``cwd``, killed after ``timeout`` seconds.
 
+    For ``detect``, whose exit status is only wanted while the agent waits;
+    ``install`` and ``uninstall`` run under a supervisor (:func:`_run_step`).
     Output goes to a temporary file rather than a pipe: a helper left running in
     the background could otherwise hold the pipe open and hang the agent.
     ``track`` is told about the process before the agent waits on it and again
     once it has ended; if recording fails, the command is killed, since an
-    unrecorded command is one a restarted agent could run a second time.
+    unrecorded command is one a restarted agent would not wait for.
     """
-    package_dir = layout.package_dir(name, version)
-    args = substitute(argv, layout.root, package_dir)
-    env = dict(os.environ)
-    env.update(dict(layout.client_env))
-    env.update({"RECONCILER_ROOT": str(layout.root), "RECONCILER_PACKAGE_DIR": str(package_dir),
-                "RECONCILER_PACKAGE_NAME": name, "RECONCILER_PACKAGE_VERSION": version})
-    kwargs: dict[str, Any] = {}
-    if os.name == "nt":
-        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-    else:
-        kwargs["start_new_session"] = True
+    args = substitute(argv, layout.root, layout.package_dir(name, version))
+    env = command_env(layout, name, version)
     with tempfile.TemporaryFile() as out:
         try:
             proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, **kwargs)
+                                    stderr=subprocess.STDOUT, **session_options())
         except OSError as exc:
             raise InstallError(f"cannot run {args[0]!r}: {exc.strerror or exc}") from exc
         if track is not None:
             try:  # the child is not reaped before wait(), so its start time is still readable
                 track(ProcessRecord(proc.pid, process_start_time(proc.pid), format_time(utc_now()), timeout))
             except BaseException:
-                _kill_tree(proc)
+                kill_tree(proc)
                 proc.wait()
                 raise
         try:
             code: int | None = proc.wait(timeout=timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
-            _kill_tree(proc)
+            kill_tree(proc)
             proc.wait()
             code, timed_out = None, True
         if track is not None:
             track(None)
-        return CommandResult(code, _tail(out), timed_out)
+        return CommandResult(code, output_tail(out), timed_out)
+
+
+def _step(layout: Layout, operation_id: str, command: str, version: str) -> Path:
+    """Where one command of an operation keeps its attempts (``install-2.0``, ``uninstall-1.0``)."""
+    return layout.operation_runs(operation_id) / f"{command}-{check_segment(version, 'package version')}"
+
+
+def _run_step(layout: Layout, step: Path, argv: Sequence[str], cwd: Path, name: str, version: str,
+              timeout: float, *, checked: bool = False) -> CommandResult:
+    """Run an operation's command under a supervisor, or take the result it already has.
+
+    ``checked``: the caller already asked :func:`stored_result` and got nothing.
+    """
+    args = substitute(argv, layout.root, layout.package_dir(name, version))
+    env = command_env(layout, name, version)
+    if checked:
+        return start_supervised(step, args, cwd, env, timeout)
+    return run_supervised(step, args, cwd, env, timeout)
 
 
 def _checked(result: CommandResult, timeout: float) -> Outcome:
     """Turn a finished command into an outcome, or the failure message the relay shows."""
+    if result.error is not None:
+        raise InstallError(result.error)
     if result.timed_out:
         suffix = f": {result.output}" if result.output else ""
         raise InstallError(f"timed out after {timeout:g} s{suffix}")
@@ -752,50 +616,60 @@ def _place(staging: Path, target: Path, operation_id: str) -> None:
 # ---------------------------------------------------------------- install / uninstall
 
 
-def install(layout: Layout, name: str, version: str, installer: InstallerSpec, artifact: Path,
-            ref: ArtifactRef, operation_id: str, now: datetime | None = None,
-            track: ProcessHook | None = None) -> Outcome:
+def install(layout: Layout, name: str, version: str, installer: InstallerSpec,
+            artifact: Path | Callable[[], Path], ref: ArtifactRef, operation_id: str,
+            now: datetime | None = None) -> Outcome:
     """Install ``name`` ``version`` from a verified artifact; the receipt is written last.
 
     Whatever version of ``name`` is installed now (per its receipt) is removed
     first, so install, upgrade and downgrade are one operation: the receipt is
     the truth about what is there, ``previousVersion`` only what the relay
     believed. The new artifact is unpacked and checked *before* the old version
-    goes, so a refused archive changes nothing. ``track`` records each command
-    while it runs (see :func:`run_command`).
+    goes, so a refused archive changes nothing. ``artifact`` may be a function
+    that fetches it: an operation resumed after its install command ran
+    needs no artifact, since it only records the command's result.
     """
     target = layout.package_dir(name, version)
     name_dir = target.parent
-    name_dir.mkdir(parents=True, exist_ok=True)
-    _sweep(name_dir)
-    staging = name_dir / f".staging-{_safe_suffix(operation_id)}"
-    try:
-        count = unpack(artifact, ref, staging)
-        current = read_receipt(layout, name)
-        if current is not None and current.version != version:
-            uninstall(layout, name, None, operation_id, track)
-        _place(staging, target, operation_id)
-    except BaseException:
-        _remove_tree(staging)
-        raise
-    message = f"installed {name} {version} ({count} {'entry' if count == 1 else 'entries'})"
+    step = _step(layout, operation_id, "install", version)
+    # the install command already ran for this operation (the agent was killed after): its result
+    done = stored_result(step) if installer.type == "command" else None
+    message = f"installed {name} {version}"
+    if done is None:
+        source = artifact if isinstance(artifact, Path) else artifact()
+        name_dir.mkdir(parents=True, exist_ok=True)
+        _sweep(name_dir)
+        staging = name_dir / f".staging-{_safe_suffix(operation_id)}"
+        try:
+            count = unpack(source, ref, staging)
+            current = read_receipt(layout, name)
+            if current is not None and current.version != version:
+                uninstall(layout, name, None, operation_id)
+            _place(staging, target, operation_id)
+        except BaseException:
+            _remove_tree(staging)
+            raise
+        message = f"{message} ({count} {'entry' if count == 1 else 'entries'})"
     if installer.type == "command":
         try:
-            result = _checked(run_command(installer.install, target, layout, name, version,
-                                          installer.timeout_seconds, track), installer.timeout_seconds)
+            result = done if done is not None else _run_step(
+                layout, step, installer.install, target, name, version, installer.timeout_seconds, checked=True)
+            message = _checked(result, installer.timeout_seconds).message or message
         except BaseException:
-            # not installed: no receipt, no directory (a stale receipt of this version goes too)
-            layout.receipt(name).unlink(missing_ok=True)
-            _remove_tree(target)
+            _not_installed(layout, name, target)
             raise
-        message = result.message or message
     write_receipt(layout, Receipt(name, version, installer, operation_id,
                                   format_time(now or utc_now()), ref.to_dict()))
     return Outcome(0, message)
 
 
-def uninstall(layout: Layout, name: str, version: str | None, operation_id: str,
-              track: ProcessHook | None = None) -> Outcome:
+def _not_installed(layout: Layout, name: str, target: Path) -> None:
+    """After a failed install command: no receipt, no directory (a stale receipt of this version goes too)."""
+    layout.receipt(name).unlink(missing_ok=True)
+    _remove_tree(target)
+
+
+def uninstall(layout: Layout, name: str, version: str | None, operation_id: str) -> Outcome:
     """Remove an installed package as its receipt says; no receipt means nothing to do.
 
     With ``version`` given, only that version is removed: an uninstall meant for
@@ -811,9 +685,10 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str,
     if receipt.installer.type == "command" and receipt.installer.uninstall:
         cwd = package_dir if package_dir.is_dir() else layout.root
         timeout = receipt.installer.timeout_seconds
+        step = _step(layout, operation_id, "uninstall", receipt.version)
         try:
-            output = _checked(run_command(receipt.installer.uninstall, cwd, layout, name, receipt.version,
-                                          timeout, track), timeout).message
+            output = _checked(_run_step(layout, step, receipt.installer.uninstall, cwd, name, receipt.version,
+                                        timeout), timeout).message
         except InstallError as exc:
             raise InstallError(f"uninstalling {name} {receipt.version}: {exc.message}", exc.exit_code) from exc
     # receipt first: a crash now leaves an orphaned directory, never a receipt without files

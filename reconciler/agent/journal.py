@@ -3,24 +3,24 @@
 The relay may send the same action more than once (a lost reply, a retry, a
 restarted relay), so every action carries an ``operationId`` and the agent
 journals what it did with it. One JSON file per operation under
-``<root>/journal/``:
+``<root>/journal/``, named by :func:`operation_key`:
 
 ``started``
-    written *before* the installer runs. An operation found in this state was
-    interrupted (the agent was killed mid-way); when the relay sends it again it
-    is simply run again. Installs converge (the package directory is replaced,
-    the receipt rewritten), so a second run is safe, whereas skipping it would
+    written *before* anything of the operation happens. An operation found in
+    this state was interrupted (the agent was killed mid-way); when the relay
+    sends it again it is resumed: the steps before and after its commands
+    converge (the package directory is replaced, the receipt rewritten), and
+    each installer command runs at most once per operation, because it runs
+    under a supervisor that records its exit status in the operation's
+    directory, ``journal/<key>/`` (see ``supervisor.py``). A command whose
+    result is there is answered from it; skipping the operation instead would
     leave the client half-installed with nobody knowing.
 
-    While an installer command runs, the entry also holds ``process``: the
-    command's pid, the start time that tells it apart from a later process
-    given the same pid (Linux only; see ``installers.py`` for elsewhere), when
-    it started and its timeout. Commands run in their
-    own session so a timeout can kill the whole group, which also means they
-    outlive a killed agent. The restarted agent therefore waits for such an
+    Entries written by agents from before the supervisor may hold
+    ``process``: the pid, start time and timeout of the command that agent
+    was waiting on when it was killed. The restarted agent waits for such an
     orphan (up to its timeout, then kills its group) before anything runs
-    again: re-running beside it would run the same installer twice at once.
-    Entries written before this field existed simply have no ``process``.
+    again; its exit status is lost, so that operation runs again in full.
 ``finished``
     holds the result. A finished operation is never run again: a repeat is
     answered from the journal. ``acknowledged`` turns true once a check-in that
@@ -77,6 +77,11 @@ def parse_time(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def operation_key(operation_id: str) -> str:
+    """The name of an operation's files: a hash, since ids come from the network."""
+    return hashlib.sha256(operation_id.encode("utf-8")).hexdigest()[:32]
+
+
 def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
     """:func:`write_atomic` for a JSON document (sorted keys: diffable by a human)."""
     write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode)
@@ -102,8 +107,8 @@ class Entry:
     action: Mapping[str, Any]
     result: Mapping[str, Any] | None = None
     acknowledged: bool = False
-    # the installer command running for this operation right now (see the module docstring);
-    # its fields are ``installers.ProcessRecord``'s, which the journal stores without interpreting
+    # the installer command an agent from before the supervisor was waiting on (module docstring);
+    # its fields are ``processes.ProcessRecord``'s, which the journal stores without interpreting
     process: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,9 +166,8 @@ class Journal:
         self._load()
 
     def path_for(self, operation_id: str) -> Path:
-        """The file of an operation: a hash, since ids come from the network."""
-        digest = hashlib.sha256(operation_id.encode("utf-8")).hexdigest()[:32]
-        return self.directory / f"{digest}.json"
+        """The file of an operation (its commands' directory is the same name without ``.json``)."""
+        return self.directory / f"{operation_key(operation_id)}.json"
 
     def _load(self) -> None:
         horizon = self._now() - RETENTION
@@ -200,10 +204,10 @@ class Journal:
         self._store(Entry(operation_id, STARTED, format_time(self._now()), dict(action)))
 
     def record_process(self, operation_id: str, process: Mapping[str, Any] | None) -> None:
-        """Note the installer command now running for a started operation (``None``: it ended).
+        """Note the installer command running for a started operation (``None``: it no longer runs).
 
-        Written before the agent waits on the command, so a restarted agent
-        knows there may be an orphan to wait for before running anything again.
+        The agent now only clears records left by agents from before the
+        supervisor (module docstring), once their orphan is settled.
         """
         entry = self._entries.get(operation_id)
         if entry is None or entry.state != STARTED:
@@ -215,6 +219,10 @@ class Journal:
     def interrupted(self) -> list[Entry]:
         """Started operations that recorded a running installer: a previous agent died waiting on it."""
         return [e for e in self._entries.values() if e.state == STARTED and e.process is not None]
+
+    def unfinished(self) -> list[Entry]:
+        """Started operations: a previous agent was killed before it finished them."""
+        return [e for e in self._entries.values() if e.state == STARTED]
 
     def finish(self, operation_id: str, result: Mapping[str, Any]) -> None:
         """Record the outcome; from now on the operation is answered from here."""
