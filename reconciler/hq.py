@@ -37,10 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import report
-from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, redact_url
+from reconciler.gitstore import (
+    STATUS_PREFIX,
+    ChangeWatcher,
+    GitError,
+    GitStore,
+    redact_url,
+)
 from reconciler.logs import configure_logging
-from reconciler.report import Accepted, EvaluationError, RelayStatus, ReportError
 from reconciler.repo_tree import load_commit
+from reconciler.report import Accepted, EvaluationError, RelayStatus, ReportError
 from reconciler.specs import SpecError, Specs
 from reconciler.webhook import ListenError, Server, make_app, read_secret_file
 

@@ -20,7 +20,7 @@ INTERFACE CONTRACT (the relay is written against these names):
 The rules (DESIGN section 4), per client and job, in this order:
 
 1. **Reach.** ``allLowerClients`` jobs reach every client of a relay that is
-   a destination or lies below one (``specs.ancestors``); ``clients`` jobs
+   a destination or lies below one (:mod:`reconciler.reach`); ``clients`` jobs
    reach the named clients on whatever relay they are.
 2. **Suspend** -> ``Suspended`` ("job is suspended").
 3. **Schedule.** Before ``notBefore`` -> ``Pending`` "scheduled for <time>".
@@ -132,15 +132,14 @@ from enum import StrEnum
 from operator import attrgetter, lt
 from typing import Any, NamedTuple, NewType
 
+from reconciler.reach import Reach, reach_of
 from reconciler.specs import (
     DEFAULT_TIMEOUT_SECONDS,
-    DestinationType,
     Job,
     JobType,
     Package,
     Requirements,
     Specs,
-    ancestors,
 )
 from reconciler.versions import at_least, compare_versions, same_version
 
@@ -446,19 +445,15 @@ def _rollout_block(halted: str | None, in_progress: int, max_concurrent: int | N
     return None
 
 
-def index_relay(specs: Specs, relay: str) -> RelayIndex:
-    """Index the specs for one relay: the jobs that reach it, packages, revisions."""
-    chain = set(ancestors(specs.topology, relay))
+def index_relay(specs: Specs, relay: str, reach: Reach | None = None) -> RelayIndex:
+    """Index the specs for one relay: the jobs that reach it, packages, revisions.
+
+    ``reach`` is the commit's :func:`reconciler.reach.reach_of`, when the caller has it already.
+    """
+    reach = reach or reach_of(specs)
     packages = {(p.name, p.version): p for p in specs.packages}
-    relay_jobs: list[Job] = []
-    by_client: dict[str, list[Job]] = {}
-    for job in specs.jobs:
-        if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
-            if chain.intersection(job.destinations):
-                relay_jobs.append(job)
-        else:
-            for client_id in job.destinations:
-                by_client.setdefault(client_id, []).append(job)
+    relay_jobs = reach.jobs_for(relay)
+    by_client = reach.client_jobs
     reaching = sorted({*relay_jobs, *(j for jobs in by_client.values() for j in jobs)},
                       key=attrgetter("name"))
     revisions: dict[str, str] = {}
@@ -470,8 +465,8 @@ def index_relay(specs: Specs, relay: str) -> RelayIndex:
     return RelayIndex(
         relay=relay,
         specs=specs,
-        relay_jobs=tuple(sorted(relay_jobs, key=attrgetter("name"))),
-        client_jobs={c: tuple(sorted(jobs, key=attrgetter("name"))) for c, jobs in by_client.items()},
+        relay_jobs=relay_jobs,
+        client_jobs=by_client,
         packages=packages,
         revisions=revisions,
         compiled=compiled,

@@ -32,7 +32,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from reconciler.specs import JOBS_DIR, PACKAGES_DIR, SPEC_SUFFIXES, TOPOLOGY_FILES, ArtifactCheck, SpecError
+from reconciler.specs import (
+    JOBS_DIR,
+    PACKAGES_DIR,
+    SPEC_SUFFIXES,
+    TOPOLOGY_FILES,
+    ArtifactCheck,
+    SpecError,
+)
 
 MAX_SYMLINK_HOPS = 40
 ARTIFACTS_DIR = "artifacts/"

@@ -22,7 +22,13 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from reconciler.repo_layout import Entry, EntryKind, Selection, artifact_checker, select_specs
+from reconciler.repo_layout import (
+    Entry,
+    EntryKind,
+    Selection,
+    artifact_checker,
+    select_specs,
+)
 from reconciler.specs import (
     JOBS_DIR,
     MAX_FILE_BYTES,

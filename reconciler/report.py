@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 import yaml
 
 from reconciler.plan import ClientState, Installed, JobState, Plan, Row
-from reconciler.specs import DestinationType, Job, SpecError, Specs, subtree
+from reconciler.reach import Reach, reach_of
+from reconciler.specs import DestinationType, Job, SpecError, Specs
 
 FAILURE_LIMIT = 50
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
@@ -607,17 +608,6 @@ def parse_validation(data: bytes) -> tuple[str | None, tuple[SpecError, ...]]:
 # ------------------------------------------------------------ aggregation
 
 
-@lru_cache(maxsize=16)
-def job_relays(specs: Specs, job: Job) -> frozenset[str]:
-    """Relays a job reaches: the destinations' subtrees, or (named clients) every relay."""
-    if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
-        reached: set[str] = set()
-        for destination in job.destinations:
-            reached |= subtree(specs.topology, destination)
-        return frozenset(reached)
-    return frozenset(r.name for r in specs.topology.relays)
-
-
 def _bounded(names: Iterable[str]) -> tuple[tuple[str, ...], int]:
     ordered = sorted(names)
     return tuple(ordered[:LIST_LIMIT]), len(ordered)
@@ -636,10 +626,11 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
     jobs: list[JobReport] = []
     relay_reports: list[RelayReport] = []
     if specs is not None:
+        reach = reach_of(specs)
         names = {r.name for r in specs.topology.relays}
         current = {n for n in names if n in relays and relays[n].observed_commit == accepted_commit}
         for job in specs.jobs:
-            jobs.append(_job_report(specs, job, relays, current))
+            jobs.append(_job_report(reach, job, relays, current))
         for relay in sorted(specs.topology.relays, key=lambda r: r.name):
             status = relays.get(relay.name)
             relay_reports.append(RelayReport(
@@ -656,8 +647,8 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
                     jobs=tuple(jobs), relays=tuple(relay_reports))
 
 
-def _job_report(specs: Specs, job: Job, relays: Mapping[str, RelayStatus], current: set[str]) -> JobReport:
-    reached = job_relays(specs, job)
+def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], current: set[str]) -> JobReport:
+    reached = reach.relays_of(job.name)
 
     def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str], bool]:
         counts = zero_counts()
@@ -678,7 +669,7 @@ def _job_report(specs: Specs, job: Job, relays: Mapping[str, RelayStatus], curre
     destinations: list[DestinationReport] = []
     if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
         for destination in sorted(set(job.destinations)):
-            members = subtree(specs.topology, destination)
+            members = reach.topology.subtree(destination)
             counts, halted, waiting, invalid = rollup(members)
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
@@ -1025,7 +1016,7 @@ __all__ = [
     "ACCEPTED_FILE", "Accepted", "DestinationReport", "EvaluationError", "FAILURE_LIMIT", "Failure", "HqReport",
     "InventoryEntry", "JobReport", "RELAYS_FILE", "RelayJobStatus", "RelayReport", "RelayStatus", "ReportError",
     "SUMMARY_FILE", "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row",
-    "job_relays", "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job",
+    "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job",
     "parse_relay_status", "parse_validation", "render_accepted", "render_hq_status", "render_relay_status",
     "render_summary", "render_validation", "schema_name",
 ]

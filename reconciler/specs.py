@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Any
 
 import jsonschema
@@ -218,49 +217,6 @@ class LoadResult:
 
 ArtifactCheck = Callable[[str], str | None]
 """Given a normalised repo-relative path, return a problem (``"does not exist"``) or None."""
-
-
-# ------------------------------------------------------------ topology helpers
-
-
-def relay_parents(topology: Topology) -> dict[str, str]:
-    return {relay.name: relay.parent for relay in topology.relays}
-
-
-def ancestors(topology: Topology, relay: str) -> tuple[str, ...]:
-    """The relay itself, then its parent relays up to (not including) HQ."""
-    parents = relay_parents(topology)
-    chain: list[str] = []
-    current: str | None = relay
-    while current is not None and current in parents and current not in chain:
-        chain.append(current)
-        current = parents.get(current)
-    return tuple(chain)
-
-
-@lru_cache(maxsize=16)
-def subtrees(topology: Topology) -> Mapping[str, frozenset[str]]:
-    """Every relay's subtree at once: one walk up from each relay, not one scan per relay.
-
-    HQ asks for the subtree of every destination of every job on every pass;
-    with a thousand relays a per-relay scan of the whole tree dominated the
-    pass. Cached per topology value (a frozen, hashable dataclass), and read-only.
-    """
-    parents = relay_parents(topology)
-    members: dict[str, set[str]] = {name: {name} for name in parents}
-    for name in parents:
-        seen = {name}
-        current = parents[name]
-        while current in parents and current not in seen:  # a cycle (never accepted) ends the walk
-            members[current].add(name)
-            seen.add(current)
-            current = parents[current]
-    return MappingProxyType({name: frozenset(found) for name, found in members.items()})
-
-
-def subtree(topology: Topology, relay: str) -> frozenset[str]:
-    """The relay and every relay nested below it, at any depth (empty for an unknown name)."""
-    return subtrees(topology).get(relay, frozenset())
 
 
 # ------------------------------------------------------------- YAML → values

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agent_loop import PROJECT_ROOT, FakeRelay, files_action, make_tar, relay, results_of  # noqa: F401
+from test_agent_loop import (  # noqa: F401
+    PROJECT_ROOT,
+    FakeRelay,
+    files_action,
+    make_tar,
+    relay,
+    results_of,
+)
 
 from reconciler.agent.agent import Agent
 from reconciler.agent.installers import (

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agent_loop import PROJECT_ROOT, FakeRelay, files_action, make_tar, relay, results_of  # noqa: F401
+from test_agent_loop import (  # noqa: F401
+    PROJECT_ROOT,
+    FakeRelay,
+    files_action,
+    make_tar,
+    relay,
+    results_of,
+)
 from test_agent_orphans import ORPHAN_INSTALL, AgentRun, marker, root, running, wait_for  # noqa: F401
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="SIGKILL, flock and sessions are POSIX")

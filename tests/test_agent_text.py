@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agent_loop import PROJECT_ROOT, FakeRelay, closed_port, files_action, make_tar, relay, results_of  # noqa: F401
+from test_agent_loop import (  # noqa: F401
+    PROJECT_ROOT,
+    FakeRelay,
+    closed_port,
+    files_action,
+    make_tar,
+    relay,
+    results_of,
+)
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="POSIX argv and paths are bytes")
 

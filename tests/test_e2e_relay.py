@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import requests
-
 from e2e_helpers import (
     FileServer,
     Origin,
@@ -35,6 +34,7 @@ from e2e_helpers import (
     send_raw,
     wait_for,
 )
+
 from reconciler.agent.agent import Agent
 
 pytestmark = [

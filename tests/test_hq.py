@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from test_report import assert_valid_status_files, relay_files
 
 from reconciler import report
 from reconciler.gitstore import ChangeWatcher, GitStore
@@ -24,7 +25,6 @@ from reconciler.hq import Hq
 from reconciler.plan import ClientState
 from reconciler.resources import example_repo_dir
 from reconciler.webhook import Server, make_app, sign
-from test_report import assert_valid_status_files, relay_files
 
 ROOT = Path(__file__).resolve().parent.parent
 OK, RUN, PEND, FAIL = ClientState.SUCCEEDED, ClientState.IN_PROGRESS, ClientState.PENDING, ClientState.FAILED

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from reconciler import report
-from reconciler.gitstore import GitError, GitStore
-from reconciler import hq as hq_module
-from reconciler.hq import Hq, PassResult
 from test_hq import ROOT, Origin, _Lines, _wait_until, break_job, env, git, run_cli
 from test_report import assert_valid_status_files
+
+from reconciler import hq as hq_module
+from reconciler import report
+from reconciler.gitstore import GitError, GitStore
+from reconciler.hq import Hq, PassResult
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e_helpers import FileServer, Origin
+
 from reconciler.gitstore import GitStore
 from reconciler.relay.artifacts import (
     PARENT_GRACE_SECONDS,

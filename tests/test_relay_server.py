@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from e2e_helpers import assert_json_error, checkin_body, malformed_requests, send_raw
+
 from reconciler.relay.server import (
     Generation,
     RelayApp,
@@ -241,7 +241,15 @@ def test_status_rendered_in_the_helper_process_is_byte_identical() -> None:
     from datetime import datetime, timezone
 
     from reconciler import report
-    from reconciler.plan import ActionKind, ClientState, Installed, JobRollup, JobState, Plan, Row
+    from reconciler.plan import (
+        ActionKind,
+        ClientState,
+        Installed,
+        JobRollup,
+        JobState,
+        Plan,
+        Row,
+    )
     from reconciler.relay.loop import Renderer, _pack, _render_packed
 
     when = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)

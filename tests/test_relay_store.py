@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from reconciler.plan import ActionKind, Attempt, Installed, Outcome
-from reconciler.relay.store import DB_NAME, MIGRATIONS, Store, StoreError, hash_token, token_matches
+from reconciler.relay.store import (
+    DB_NAME,
+    MIGRATIONS,
+    Store,
+    StoreError,
+    hash_token,
+    token_matches,
+)
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
 

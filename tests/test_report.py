@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from reconciler import report
 from reconciler.plan import ClientState, Installed, JobRollup, JobState, Plan, Row
+from reconciler.repo_tree import load_repo
 from reconciler.report import Accepted, InventoryEntry
 from reconciler.resources import example_repo_dir, schemas_dir
-from reconciler.repo_tree import load_repo
 from reconciler.specs import SpecError, Specs
 
 C1 = "1" * 40

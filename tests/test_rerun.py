@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from reconciler.commands.rerun import RerunError, raise_rerun
-from reconciler.resources import example_repo_dir
 from reconciler.repo_tree import load_repo
+from reconciler.resources import example_repo_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,6 @@ import pytest
 import yaml
 
 from reconciler import specs as specs_module
-
 from reconciler.repo_tree import DirectoryTree, load_repo, spec_files
 from reconciler.specs import MAX_FILE_BYTES, SpecError, parse_repo
 

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hostile_specs import hostile_files, write_case
 
 MEMORY_LIMIT_KB = 256 * 1024

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.repo_tree import DirectoryTree, load_repo, spec_files, tree_artifact_check
+from reconciler.reach import index_topology
+from reconciler.repo_tree import (
+    DirectoryTree,
+    load_repo,
+    spec_files,
+    tree_artifact_check,
+)
 from reconciler.resources import example_repo_dir
 from reconciler.specs import (
     Artifact,
@@ -24,10 +30,9 @@ from reconciler.specs import (
     Relay,
     Requirements,
     Specs,
-    ancestors,
+    Topology,
     find_package,
     parse_repo,
-    subtree,
 )
 
 EXAMPLE = example_repo_dir()
@@ -130,6 +135,14 @@ def test_specs_are_frozen(specs: Specs) -> None:
         specs.jobs[0].rerun = 5  # type: ignore[misc]
 
 
+def ancestors(topology: Topology, relay: str) -> tuple[str, ...]:
+    return index_topology(topology).ancestors(relay)
+
+
+def subtree(topology: Topology, relay: str) -> frozenset[str]:
+    return index_topology(topology).subtree(relay)
+
+
 def test_ancestors_and_subtree(specs: Specs) -> None:
     topology = specs.topology
     assert ancestors(topology, "relay-yokohama") == ("relay-yokohama", "relay-kanto")
@@ -143,7 +156,6 @@ def test_ancestors_and_subtree(specs: Specs) -> None:
 
 
 def test_subtree_of_deep_chains_and_cycles() -> None:
-    from reconciler.specs import Relay, Topology
     chain = Topology("hq-x", tuple(Relay(f"r{i}", f"r{i - 1}" if i else "hq-x") for i in range(1500)))
     assert subtree(chain, "r0") == frozenset(f"r{i}" for i in range(1500))
     assert subtree(chain, "r1498") == frozenset({"r1498", "r1499"})

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_hq import ROOT, Origin, env, hq_pass, publish_relay, run_cli
 
 from reconciler.plan import ClientState
-from test_hq import ROOT, Origin, env, hq_pass, publish_relay, run_cli
 
 OK, RUN, PEND, FAIL, SKIP = (ClientState.SUCCEEDED, ClientState.IN_PROGRESS, ClientState.PENDING,
                              ClientState.FAILED, ClientState.SKIPPED)

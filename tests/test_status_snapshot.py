@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_hq import Origin, hq_pass, publish_relay
+from test_status_cmd import FAIL, OK, PEND, RUN, publish_all, settled_rows, status
 
 from reconciler import report
 from reconciler.plan import ClientState
-from test_hq import Origin, hq_pass, publish_relay
-from test_status_cmd import FAIL, OK, PEND, RUN, publish_all, settled_rows, status
 
 
 @pytest.fixture

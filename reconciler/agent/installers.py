@@ -81,7 +81,13 @@ from typing import Any
 
 from reconciler import names
 from reconciler.agent.errors import InstallError
-from reconciler.agent.journal import format_time, operation_key, quarantine, utc_now, write_json_atomic
+from reconciler.agent.journal import (
+    format_time,
+    operation_key,
+    quarantine,
+    utc_now,
+    write_json_atomic,
+)
 from reconciler.agent.processes import (
     CommandResult,
     ProcessHook,

@@ -71,7 +71,13 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.agent.errors import InstallError
-from reconciler.agent.journal import format_time, parse_time, quarantine, utc_now, write_json_atomic
+from reconciler.agent.journal import (
+    format_time,
+    parse_time,
+    quarantine,
+    utc_now,
+    write_json_atomic,
+)
 from reconciler.agent.processes import (
     KILL_GRACE_SECONDS,
     ORPHAN_POLL_SECONDS,

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.resources import example_repo_dir
 from reconciler.repo_tree import load_repo
+from reconciler.resources import example_repo_dir
 
 SETTLE_TIMEOUT_SECONDS = 150.0
 POLL_SECONDS = "1"

@@ -41,11 +41,26 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from reconciler import report
-from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, local_origin_path, redact_url
+from reconciler.gitstore import (
+    STATUS_PREFIX,
+    ChangeWatcher,
+    GitError,
+    GitStore,
+    local_origin_path,
+    redact_url,
+)
 from reconciler.hq import HQ_REF
-from reconciler.repo_tree import load_commit
 from reconciler.plan import ClientState
-from reconciler.report import HqReport, JobReport, RelayJobStatus, RelayStatus, ReportError, StatusRow
+from reconciler.reach import Reach, reach_of
+from reconciler.repo_tree import load_commit
+from reconciler.report import (
+    HqReport,
+    JobReport,
+    RelayJobStatus,
+    RelayStatus,
+    ReportError,
+    StatusRow,
+)
 from reconciler.specs import Specs
 
 WAIT_POLL_SECONDS = 1.0
@@ -134,6 +149,7 @@ class Snapshot:
     main_commit: str | None  # origin's current tip of HQ's branch
     hq: HqReport | None  # status/hq as HQ published it
     specs: Specs | None  # at the accepted commit
+    reach: Reach | None  # of specs
     relays: dict[str, RelayStatus]  # relay.yaml of every status/<relay> ref
     relay_shas: dict[str, str]
     view: HqReport | None
@@ -200,7 +216,7 @@ class Reader:
         current = set(relay_refs.values())
         self._rows = {key: value for key, value in self._rows.items() if key[0] in current}
         relays = {name: status for name, (_, status) in self._relays.items()}
-        return Snapshot(main, hq, specs_now, relays, relay_refs, current_view(hq, specs_now, relays),
+        return Snapshot(main, hq, specs_now, None if specs_now is None else reach_of(specs_now), relays, relay_refs, current_view(hq, specs_now, relays),
                         problems=problems)
 
     def _read_relay(self, name: str, sha: str) -> RelayStatus:
@@ -248,12 +264,9 @@ def current_view(hq: HqReport | None, specs_now: Specs | None,
 
 def counted_relays(snap: Snapshot, job: str) -> frozenset[str] | None:
     """Relays whose rows the roll-up of ``job`` counts (None: unknown without specs, show every relay)."""
-    if snap.specs is None:
+    if snap.reach is None:
         return None
-    for spec in snap.specs.jobs:
-        if spec.name == job:
-            return report.job_relays(snap.specs, spec)
-    return frozenset()
+    return snap.reach.relays_of(job)
 
 
 def rows_for_report(snap: Snapshot, only_job: str | None) -> list[tuple[str, str]]:
@@ -296,12 +309,13 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
         reasons.append(f"HQ has not evaluated {hq.branch} {report.short(snap.main_commit)} yet "
                        f"({HQ_REF} is for {report.short(hq.accepted.main_commit)})")
     accepted = hq.accepted.accepted_commit
-    if accepted is None or snap.specs is None:
+    if accepted is None or snap.specs is None or snap.reach is None:
         return reasons
+    reach = snap.reach
     jobs = [j for j in snap.specs.jobs if only_job is None or j.name == only_job]
     behind: dict[str, str] = {}
     for job in jobs:
-        for relay in sorted(report.job_relays(snap.specs, job)):
+        for relay in sorted(reach.relays_of(job.name)):
             status = snap.relays.get(relay)
             if status is None:
                 behind[relay] = f"relay {relay} has not published status yet"
@@ -311,7 +325,7 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
     reasons += [behind[r] for r in sorted(behind)]
     active_states = (ClientState.PENDING.value, ClientState.IN_PROGRESS.value)
     for job in jobs:
-        reached = report.job_relays(snap.specs, job)
+        reached = reach.relays_of(job.name)
         for relay in sorted(reached - set(behind)):
             digest = snap.relays[relay].jobs.get(job.name)
             if digest is None or not any(digest.counts.get(s, 0) for s in active_states):

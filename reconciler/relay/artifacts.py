@@ -42,8 +42,9 @@ from typing import Any, BinaryIO, Protocol
 import requests
 
 from reconciler.fileio import fsync_dir, sha256_file, write_atomic
+from reconciler.reach import Reach, reach_of
 from reconciler.relay.server import StagedArtifact
-from reconciler.specs import DestinationType, Job, JobType, Package, Specs, ancestors, subtree
+from reconciler.specs import JobType, Package, Specs
 
 log = logging.getLogger("reconciler.relay")
 
@@ -75,32 +76,19 @@ class GitReader(Protocol):
 # ------------------------------------------------------------------ which packages
 
 
-def jobs_reaching(specs: Specs, relay: str) -> tuple[Job, ...]:
-    """Jobs that can reach a client of ``relay`` or of any relay below it.
+def packages_to_stage(specs: Specs, relay: str, reach: Reach | None = None) -> tuple[Package, ...]:
+    """Packages installed by the jobs reaching the relay's subtree, with their dependencies' packages.
 
-    ``allLowerClients`` jobs naming an ancestor of the relay (or the relay
-    itself) or a relay of its subtree; every ``clients`` job (a named client
-    may check in at any relay).
+    The subtree, not only the relay's own clients: nested relays fetch their
+    URL artifacts from this one (``--parent-url``), and a ``clients`` job's
+    client may check in anywhere.
     """
-    below = subtree(specs.topology, relay)
-    above = set(ancestors(specs.topology, relay))
-    reaching = []
-    for job in specs.jobs:
-        if job.destination_type is DestinationType.CLIENTS:
-            reaching.append(job)
-        elif any(d in above or d in below for d in job.destinations):
-            reaching.append(job)
-    return tuple(reaching)
-
-
-def packages_to_stage(specs: Specs, relay: str) -> tuple[Package, ...]:
-    """Packages installed by the jobs reaching the relay's subtree, with their dependencies' packages."""
     by_name: dict[str, list[Package]] = {}
     for package in specs.packages:
         by_name.setdefault(package.name, []).append(package)
     wanted: dict[tuple[str, str], Package] = {}
     queue: list[Package] = []
-    for job in jobs_reaching(specs, relay):
+    for job in (reach or reach_of(specs)).jobs_below(relay):
         if job.job_type is JobType.INSTALL and job.package_version is not None:
             queue += [p for p in by_name.get(job.package_name, ()) if p.version == job.package_version]
     while queue:

@@ -40,9 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import names, plan, report
-from reconciler.gitstore import STATUS_PREFIX, ChangeWatcher, GitError, GitStore, redact_url
+from reconciler.gitstore import (
+    STATUS_PREFIX,
+    ChangeWatcher,
+    GitError,
+    GitStore,
+    redact_url,
+)
 from reconciler.logs import configure_logging
-from reconciler.relay.artifacts import ArtifactCache, packages_to_stage, with_artifact_revisions
+from reconciler.reach import reach_of
+from reconciler.relay.artifacts import (
+    ArtifactCache,
+    packages_to_stage,
+    with_artifact_revisions,
+)
 from reconciler.relay.server import (
     Generation,
     RelayApp,
@@ -291,7 +302,8 @@ class RelayLoop:
         return changed
 
     def _build(self, commit: str, specs: Specs) -> Generation:
-        packages = packages_to_stage(specs, self.name)
+        reach = reach_of(specs)
+        packages = packages_to_stage(specs, self.name, reach)
         result = self.cache.stage_all(commit, packages)
         unavailable = {**result.errors, **result.pending}
         self.artifact_errors = tuple(
@@ -305,7 +317,7 @@ class RelayLoop:
             self._retry_delay = min(self._retry_delay * 2, RESTAGE_MAX_SECONDS)
         else:
             self.retry_at = None  # staged, or refused: only a new commit can change that
-        index = plan.index_relay(with_artifact_revisions(specs, result.staged), self.name)
+        index = plan.index_relay(with_artifact_revisions(specs, result.staged), self.name, reach)
         if commit != self.state.generation.commit:
             log.info("relay %s now at accepted commit %s (%d packages staged%s)", self.name, commit[:12],
                      len(result.staged), f", {len(unavailable)} unavailable" if unavailable else "")
