@@ -8,7 +8,9 @@ lazily so ``reconciler validate`` does not pay for git or HTTP imports.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -115,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A console that cannot show a character (cp932, ascii) gets an escape, not a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     module = importlib.import_module(_HANDLERS[args.command])
@@ -128,6 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and keep the interpreter's final flush from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as if killed by SIGPIPE, like any command cut off by head
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG) or e.filename is not None:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            print(f"reconciler {args.command}: cannot write the output: {e.strerror}", file=sys.stderr)
+        except OSError:
+            pass
+        return 1
     return code
 
 

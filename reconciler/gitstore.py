@@ -40,6 +40,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -153,6 +154,54 @@ def _redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
+
+
+@dataclass(frozen=True)
+class WorktreeListing:
+    """What ``git add -A`` would commit below a directory of a git work tree (paths relative to it)."""
+
+    paths: frozenset[str]  # tracked files, and untracked ones git does not ignore
+    submodules: frozenset[str]  # gitlinks, and untracked nested repositories git would add as such
+
+
+def worktree_listing(root: Path) -> WorktreeListing | None:
+    """The files of ``root`` that git would commit; None when it is not in a git work tree (or git is missing).
+
+    ``reconciler validate`` on a checkout must judge what HQ will see at the
+    commit: not ignored or nested-repository files, and a folder holding a
+    stray ``.git`` only where git itself would make it a submodule.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    try:
+        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"],
+                                capture_output=True, env=env, timeout=60, check=False)
+        if inside.returncode != 0 or inside.stdout.strip() != b"true":
+            return None
+        cached = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--stage", "--cached", "--", "."],
+                                capture_output=True, env=env, timeout=300, check=True).stdout
+        others = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--others", "--exclude-standard",
+                                 "--", "."], capture_output=True, env=env, timeout=300, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    paths: set[str] = set()
+    submodules: set[str] = set()
+    for record in cached.split(b"\0"):
+        if not record:
+            continue
+        meta, _, raw = record.partition(b"\t")
+        path = raw.decode("utf-8", "surrogateescape")
+        paths.add(path)
+        if meta.startswith(b"160000 "):
+            submodules.add(path)
+    for raw in others.split(b"\0"):
+        if not raw:
+            continue
+        path = raw.decode("utf-8", "surrogateescape")
+        if path.endswith("/"):  # a nested repository: git adds it as a gitlink
+            path = path.rstrip("/")
+            submodules.add(path)
+        paths.add(path)
+    return WorktreeListing(frozenset(paths), frozenset(submodules))
 
 
 def local_origin_path(origin: str) -> Path | None:

@@ -18,8 +18,10 @@ import re
 from typing import TypeGuard
 
 # Spec names (metadata.name, relay names, software names) and client ids: a
-# DNS label with dots, 1 to 63 characters.
-NAME = r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?"
+# DNS label with dots, 1 to 63 characters. They become file names and git
+# branch names (``status/<relay>``), so no ``..`` and no ``.lock`` ending,
+# which git refuses in a ref.
+NAME = r"(?!.*\.lock$)[a-z0-9]((?:[a-z0-9-]|\.(?!\.)){0,61}[a-z0-9])?"
 VERSION = r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}"
 SHA256 = r"[0-9a-f]{64}"
 OPERATION_ID = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"

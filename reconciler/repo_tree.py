@@ -22,6 +22,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from reconciler.gitstore import worktree_listing
 from reconciler.repo_layout import (
     Entry,
     EntryKind,
@@ -54,19 +55,30 @@ class RepoTree(Protocol):
 
 
 class TreeError(OSError):
-    """The working tree cannot be listed or read."""
+    """The working tree cannot be listed or read; ``strerror`` names the path."""
 
 
 # ------------------------------------------------------------- working tree
 
 
 class DirectoryTree:
-    """A repo checked out (or written) in a directory."""
+    """A repo checked out (or written) in a directory.
 
-    def __init__(self, root: Path) -> None:
+    In a git work tree only what ``git add -A`` would commit is listed
+    (tracked files, and untracked ones git does not ignore), and a folder is
+    a submodule only where git would make it one; elsewhere every file is,
+    and a folder holding a ``.git`` is a submodule. ``.git`` itself never is.
+    """
+
+    def __init__(self, root: Path, *, use_git: bool = True) -> None:
         self.root = root
+        self.use_git = use_git
 
     def entries(self) -> list[Entry]:
+        listing = worktree_listing(self.root) if self.use_git else None
+        wanted_dirs: set[str] | None = None
+        if listing is not None:
+            wanted_dirs = {path.rsplit("/", i)[0] for path in listing.paths for i in range(1, path.count("/") + 1)}
         found: list[Entry] = []
         pending = [""]
         while pending:
@@ -79,33 +91,49 @@ class DirectoryTree:
                 raise TreeError(e.errno, f"cannot list {rel_dir}: {e.strerror}") from None
             for item in scan:
                 rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
-                if rel == ".git":
+                if item.name == ".git":
                     continue
                 mode = item.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode) and not stat.S_ISLNK(mode):
+                    if listing is None:
+                        if os.path.lexists(os.path.join(item.path, ".git")):
+                            found.append(Entry(rel, EntryKind.SUBMODULE))
+                        else:
+                            pending.append(rel)
+                    elif rel in listing.submodules:
+                        found.append(Entry(rel, EntryKind.SUBMODULE))
+                    elif wanted_dirs is not None and rel in wanted_dirs:
+                        pending.append(rel)
+                    continue
+                if listing is not None and rel not in listing.paths:
+                    continue  # ignored by git, or inside a nested repository: never committed
                 if stat.S_ISLNK(mode):
                     found.append(Entry(rel, EntryKind.SYMLINK, os.readlink(item.path)))
-                elif stat.S_ISDIR(mode):
-                    if os.path.lexists(os.path.join(item.path, ".git")):
-                        found.append(Entry(rel, EntryKind.SUBMODULE))
-                    else:
-                        pending.append(rel)
                 elif stat.S_ISREG(mode):
                     found.append(Entry(rel, EntryKind.FILE))
                 else:
                     found.append(Entry(rel, EntryKind.OTHER))
                 if len(found) > MAX_ENTRIES:
-                    raise TreeError(0, f"more than {MAX_ENTRIES} files: not a desired-state repo")
+                    raise TreeError(0, f"cannot list it: more than {MAX_ENTRIES} files, not a desired-state repo")
         return sorted(found)
 
     def read(self, paths: Collection[str], limit: int) -> dict[str, bytes]:
-        return {path: self._read(path, limit) for path in sorted(paths)}
+        files: dict[str, bytes] = {}
+        for path in sorted(paths):
+            try:
+                files[path] = self._read(path, limit)
+            except TreeError:
+                raise
+            except OSError as e:
+                raise TreeError(e.errno, f"cannot read {path}: {e.strerror or e}") from None
+        return files
 
     def _read(self, path: str, limit: int) -> bytes:
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
         fd = os.open(self.root / path, flags)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise TreeError(0, f"{path} is no longer a regular file")
+                raise TreeError(0, f"cannot read {path}: it is no longer a regular file")
             chunks: list[bytes] = []
             remaining = limit + 1
             while remaining > 0:

@@ -56,6 +56,10 @@ MAX_ALIAS_TEXT = MAX_FILE_BYTES  # characters of scalar text that aliases may ad
 # few hundred MB to check, however it is written.
 MAX_DOCUMENT_NODES = 100_000
 MAX_ERRORS_PER_FILE = 100  # then one line saying there are more
+# Characters of all JSON pointers recorded for positions (each value's path
+# from the root): a few MB for any real spec, but deep nesting under long
+# keys makes every pointer long.
+MAX_POINTER_TEXT = 16 * MAX_FILE_BYTES
 MAX_DEPTH = 64  # nesting of mappings and sequences
 RESERVED_RELAY_NAMES = frozenset({"hq"})
 DEFAULT_TIMEOUT_SECONDS = 600
@@ -269,21 +273,42 @@ def _mark(node: Any) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
+_HUGE = 10**1000
+_CORE = "tag:yaml.org,2002:"
+# Explicit tags that only say what the value already is; any other (!!binary,
+# !!set, !!timestamp, !!python/..., a local !tag) is refused rather than read
+# as something it is not.
+_SCALAR_TAGS = frozenset(_CORE + t for t in ("str", "int", "float", "bool", "null"))
+_COLLECTION_TAGS = frozenset({"!", _CORE + "map", _CORE + "seq"})
+
+
+def _unsupported_tag(tag: str) -> str:
+    shown = "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
+    return f"YAML tag {_clip(shown)} is not supported in a spec; write a plain value"
+
 _BOOL = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def _scalar(tag: str, value: str) -> Any:
-    """Plain Python value of a resolved scalar; timestamps stay strings (their text)."""
+    """Plain Python value of a resolved scalar; timestamps stay strings (their text).
+
+    An integer of thousands of digits is cut down to ``_HUGE``: every field
+    has a far lower maximum, the error shows the text as written, and nothing
+    has to print the number (Python refuses to turn one of over 4,300 digits
+    into text).
+    """
     if tag == "tag:yaml.org,2002:int":
         text = value.replace("_", "")
         try:
             if text.lower().startswith(("0x", "-0x", "+0x")):
-                return int(text, 16)
-            if text.lower().startswith(("0o", "-0o", "+0o")):
-                return int(text, 8)
-            return int(text, 10)
+                number = int(text, 16)
+            elif text.lower().startswith(("0o", "-0o", "+0o")):
+                number = int(text, 8)
+            else:
+                number = int(text, 10)
         except ValueError:
             return value
+        return number if abs(number) < _HUGE else (_HUGE if number > 0 else -_HUGE)
     if tag == "tag:yaml.org,2002:float":
         try:
             return float(value.replace("_", ""))
@@ -300,16 +325,23 @@ def _scalar(tag: str, value: str) -> Any:
 class _Anchor:
     value: Any
     raw: str | None  # the text of an anchored scalar (usable as a mapping key)
-    entries: list[tuple[str, tuple[int, int], bool]]  # (relative pointer, position, is key position)
+    mark: tuple[int, int]  # where the anchored node starts
+    # The anchored node's positions are log[log_start:log_end], their pointers
+    # relative to the node after cutting ``cut`` characters: a range, never a
+    # copy, so nested anchors cost nothing until an alias expands them.
+    log_start: int
+    log_end: int
+    cut: int
     size: int  # nodes the anchored node expands to
     text: int  # characters of scalar text in it (keys included)
+    depth: int  # levels of mappings and sequences in it (0 for a scalar)
 
 
 class _Frame:
     """A mapping or sequence being built from the event stream."""
 
     __slots__ = ("container", "pointer", "keep", "mark", "key", "skip", "seen", "anchor", "log_start", "nodes_start",
-                 "text_start", "flow")
+                 "text_start", "flow", "below")
 
     def __init__(self, container: Any, pointer: str, keep: bool, mark: tuple[int, int]) -> None:
         self.container = container
@@ -324,6 +356,7 @@ class _Frame:
         self.nodes_start = 0
         self.text_start = 0
         self.flow = False  # a flow collection ([...] or {...})
+        self.below = 0  # levels of collections inside it, aliases expanded
 
 
 _NON_SCALAR_KEY = "\x00"
@@ -359,6 +392,7 @@ def _build_events(path: str, loader: Any, stack: list[_Frame]) -> _Document:
     expanded = 0
     text_size = 0  # characters of scalar text in the document, aliases expanded
     expanded_text = 0
+    pointer_text = 0  # characters of every position's pointer: deep nesting under long keys adds up
     root: list[Any] = []
 
     too_big = f"the file holds more than {MAX_DOCUMENT_NODES} YAML values; split it"
@@ -367,9 +401,18 @@ def _build_events(path: str, loader: Any, stack: list[_Frame]) -> _Document:
         return _FileErrors([SpecError(path, *mark, message)])
 
     def record(pointer: str, mark: tuple[int, int], is_key: bool, keep: bool) -> None:
+        nonlocal pointer_text
+        pointer_text += len(pointer)
+        if pointer_text > MAX_POINTER_TEXT:
+            raise fail(mark, "the file nests too many values under long keys to be checked; split it")
         log.append((pointer, mark, is_key))
         if keep:
             (key_positions if is_key else positions).setdefault(pointer, mark)
+
+    def nested(depth: int) -> None:
+        """A finished value ``depth`` levels deep goes into the innermost open collection."""
+        if stack and depth > stack[-1].below:
+            stack[-1].below = depth
 
     def place(value: Any, raw: str | None, mark: tuple[int, int]) -> None:
         """Hand a finished node to its parent."""
@@ -431,17 +474,21 @@ def _build_events(path: str, loader: Any, stack: list[_Frame]) -> _Document:
             tag = event.tag
             if tag is None or tag == "!":
                 tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+            elif tag not in _SCALAR_TAGS:
+                raise fail(mark, _unsupported_tag(tag))
             value = _scalar(tag, event.value)
             if not is_key:
                 record(pointer, mark, False, keep)
                 if keep and not isinstance(value, str):
                     raw_scalars[pointer] = event.value
             if event.anchor is not None:
-                anchors[event.anchor] = _Anchor(value, event.value, [("", mark, False)], 1, len(event.value))
+                anchors[event.anchor] = _Anchor(value, event.value, mark, 0, 0, 0, 1, len(event.value), 0)
             place(value, event.value, mark)
         elif cls is yaml.MappingStartEvent or cls is yaml.SequenceStartEvent:
             if len(stack) >= MAX_DEPTH:
                 raise fail(mark, _too_deep())
+            if event.tag is not None and event.tag not in _COLLECTION_TAGS:
+                raise fail(mark, _unsupported_tag(event.tag))
             pointer, keep, is_key = slot()
             nodes += 1
             if nodes > MAX_DOCUMENT_NODES:
@@ -457,10 +504,10 @@ def _build_events(path: str, loader: Any, stack: list[_Frame]) -> _Document:
         elif cls is yaml.MappingEndEvent or cls is yaml.SequenceEndEvent:
             frame = stack.pop()
             if frame.anchor is not None:
-                cut = len(frame.pointer)
-                entries = [(p[cut:], m, k) for p, m, k in log[frame.log_start:]]
-                anchors[frame.anchor] = _Anchor(frame.container, None, entries, nodes - frame.nodes_start,
-                                                text_size - frame.text_start)
+                anchors[frame.anchor] = _Anchor(frame.container, None, frame.mark, frame.log_start, len(log),
+                                                len(frame.pointer), nodes - frame.nodes_start,
+                                                text_size - frame.text_start, frame.below + 1)
+            nested(frame.below + 1)
             place(frame.container, None, frame.mark)
         elif cls is yaml.AliasEvent:
             anchor = anchors.get(event.anchor)
@@ -473,14 +520,22 @@ def _build_events(path: str, loader: Any, stack: list[_Frame]) -> _Document:
             if expanded_text > MAX_ALIAS_TEXT:
                 raise fail(mark, f"aliases expand to more than {MAX_ALIAS_TEXT // 1024} KiB of text "
                                  "(alias expansion bomb?)")
+            if len(stack) + anchor.depth > MAX_DEPTH:
+                raise fail(mark, _too_deep())  # an alias of a deep collection nests it here
             nodes += anchor.size
             if nodes > MAX_DOCUMENT_NODES:
                 raise fail(mark, too_big)
             text_size += anchor.text
             pointer, keep, is_key = slot()
             if not is_key:
-                for rel, entry_mark, entry_is_key in anchor.entries:
-                    record(pointer + rel, entry_mark, entry_is_key, keep)
+                if anchor.raw is not None:
+                    record(pointer, anchor.mark, False, keep)
+                else:
+                    cut = anchor.cut
+                    for index in range(anchor.log_start, anchor.log_end):
+                        rel, entry_mark, entry_is_key = log[index]
+                        record(pointer + rel[cut:], entry_mark, entry_is_key, keep)
+            nested(anchor.depth)
             place(anchor.value, anchor.raw, mark)
         else:  # pragma: no cover - the parser emits nothing else inside a document
             raise fail(mark, f"unexpected YAML event {cls.__name__}")
@@ -502,42 +557,93 @@ def _too_deep() -> str:
     return f"YAML nesting is deeper than {MAX_DEPTH} levels"
 
 
-_FLOW_TOKENS = re.compile(r"""[\[\]{}'"#\n]""")
-_SPACE_BEFORE_COMMENT = (" ", "\t", "\n")
-
-
 def _flow_too_deep(text: str, end: int, limit: int) -> int | None:
     """Index where flow collections (``[``, ``{``) first nest deeper than ``limit`` before ``end``, or None.
 
     Only consulted when the YAML library has already refused the file, to
     tell "too deep" from other syntax errors whatever the library's own
-    limits and wording. A lexical scan: it skips quoted scalars and
-    comments, and counts a bracket only where a flow collection can start
-    (anywhere in flow context; in block context after a space or at the start
-    of a line), which is what YAML itself allows.
+    limits and wording. A lexical scan that counts a bracket only where a flow
+    collection can start: anywhere inside one, and in block context where a
+    value starts (at the start of a line, or after ``key:``, ``-`` or ``?``).
+    It skips quoted scalars, comments, the rest of a plain scalar, and block
+    scalars (``|``, ``>``) with every line indented below them.
     """
     depth = 0
-    position = 0
-    for match in _FLOW_TOKENS.finditer(text, 0, end):
-        index = match.start()
-        if index < position:
-            continue  # inside a quoted scalar or comment skipped below
+    index = 0
+    value_start = True  # block context: a node may start here
+    flow_prev = ""  # flow context: the last indicator or "x" after a scalar character
+    line_indent = 0
+    block: int | None = None  # inside a block scalar: lines indented more than this are its text
+    stop = min(end, len(text))
+    while index < stop:
         char = text[index]
-        before = text[index - 1] if index else "\n"
-        if char == "#":
-            if before in _SPACE_BEFORE_COMMENT:
-                newline = text.find("\n", index)
-                position = len(text) if newline < 0 else newline
-        elif char in "'\"":
-            if depth or before in " \t\n":
-                position = _quote_end(text, index, char)
-        elif char in "[{":
-            if depth or before in " \t\n":
+        if char == "\n":
+            index += 1
+            nxt = index
+            while nxt < len(text) and text[nxt] == " ":
+                nxt += 1
+            line_indent = nxt - index
+            if block is not None:
+                if nxt >= len(text) or text[nxt] in "\r\n" or line_indent > block:
+                    newline = text.find("\n", nxt)
+                    index = len(text) if newline < 0 else newline
+                    continue
+                block = None
+            index = nxt
+            if not depth:
+                value_start = True
+            continue
+        if char in " \t\r":
+            index += 1
+            continue
+        if char == "#" and (index == 0 or text[index - 1] in " \t\n"):
+            newline = text.find("\n", index)
+            index = len(text) if newline < 0 else newline
+            continue
+        after = text[index + 1] if index + 1 < len(text) else "\n"
+        if depth:
+            if char in "[{":
                 depth += 1
                 if depth > limit:
                     return index
-        elif char in "]}":
-            depth = max(0, depth - 1)
+                flow_prev = char
+            elif char in "]}":
+                depth -= 1
+                flow_prev = "x"
+                value_start = False
+            elif char in "'\"" and flow_prev in "[{,:":
+                index = _quote_end(text, index, char)
+                flow_prev = "x"
+                continue
+            else:
+                flow_prev = char if char in ",:" else "x"
+            index += 1
+            continue
+        if not value_start:
+            # the rest of a plain scalar, up to a comment or the end of the line
+            if char == ":" and after in " \t\r\n":
+                value_start = True
+            index += 1
+            continue
+        if char in "[{":
+            depth = 1
+            if depth > limit:
+                return index
+            flow_prev = char
+        elif char in "'\"":
+            index = _quote_end(text, index, char)
+            value_start = False
+            continue
+        elif char in "|>":
+            block = line_indent
+            newline = text.find("\n", index)
+            index = len(text) if newline < 0 else newline
+            continue
+        elif char in "-?:" and after in " \t\r\n":
+            pass  # a block indicator: a value may still start after it
+        else:
+            value_start = False
+        index += 1
     return None
 
 
@@ -662,6 +768,10 @@ def _pointer(parts: Iterable[Any]) -> str:
     return "".join(f"/{_escape(str(p))}" for p in parts)
 
 
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -670,7 +780,8 @@ def _describe(value: Any) -> str:
 # What the schemas' patterns mean, in words; a pattern not listed here is shown as is.
 _PATTERN_MEANINGS = {
     names.schema_pattern(names.NAME): "is not a valid name: use lower-case letters, digits, '.' and '-', "
-                                      "starting and ending with a letter or digit, at most 63 characters",
+                                      "starting and ending with a letter or digit, at most 63 characters "
+                                      "(no '..', and not ending in '.lock')",
     names.schema_pattern(names.VERSION): "is not a valid version: use letters, digits and '._+~-', "
                                          "starting with a letter or digit, at most 64 characters",
     names.schema_pattern(names.SHA256): "is not a SHA-256 digest: 64 lower-case hexadecimal digits",
@@ -689,10 +800,10 @@ def _schema_message(error: ValidationError, pointer: str, raw: str | None = None
     kind = error.validator
     if kind == "type":
         expected = error.validator_value
-        got = raw if raw else _describe(error.instance)  # an empty raw text is a null
+        got = _clip(raw) if raw else _describe(error.instance)  # an empty raw text is a null
         message = f"{where}: expected {expected}, got {got}"
         if expected == "string" and isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool):
-            message += f" (YAML reads it as a number; quote it: \"{raw or error.instance}\")"
+            message += f" (YAML reads it as a number; quote it: \"{_clip(raw or str(error.instance))}\")"
         return message
     if kind == "pattern":
         pattern = str(error.validator_value)
@@ -705,9 +816,9 @@ def _schema_message(error: ValidationError, pointer: str, raw: str | None = None
     if kind == "const":
         return f"{where}: must be {_describe(error.validator_value)}, got {_describe(error.instance)}"
     if kind == "minimum":
-        return f"{where}: {field_name} must be at least {error.validator_value}, got {error.instance}"
+        return f"{where}: {field_name} must be at least {error.validator_value}, got {_clip(raw or str(error.instance))}"
     if kind == "maximum":
-        return f"{where}: {field_name} must be at most {error.validator_value}, got {error.instance}"
+        return f"{where}: {field_name} must be at most {error.validator_value}, got {_clip(raw or str(error.instance))}"
     if kind == "minItems":
         return f"{where}: must list at least {error.validator_value} item(s)"
     if kind == "uniqueItems":

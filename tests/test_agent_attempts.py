@@ -94,7 +94,7 @@ class LogSeen(logging.Handler):
 
 
 @POSIX_ONLY
-def test_an_orphan_of_a_dead_supervisor_is_waited_for_before_the_step_runs_again(tmp_path: Path) -> None:
+def test_an_orphan_of_a_dead_supervisor_is_waited_for_and_the_step_not_run_again(tmp_path: Path) -> None:
     step, log = tmp_path / "op" / "install-1.0", tmp_path / "runs.log"
     release = tmp_path / "release"
     wait = f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
@@ -113,8 +113,10 @@ def test_an_orphan_of_a_dead_supervisor_is_waited_for_before_the_step_runs_again
         release.touch()
         runner.join(timeout=60)
         assert orphan.wait(timeout=30) == 0
-        # its exit status is lost with its supervisor, so the step runs again, after it
-        assert outcome and outcome[0].exit_code == 0 and lines(log) == 1
+        # its exit status is lost with its supervisor: the step reports that, and never runs again
+        assert outcome and outcome[0].exit_code is None and lines(log) == 0
+        assert (outcome[0].error or "").startswith("exit status unknown: the installer ran")
+        assert run(step, appender(log)) == outcome[0] and lines(log) == 0
     finally:
         logging.getLogger("reconciler.agent").removeHandler(seen)
         release.touch()

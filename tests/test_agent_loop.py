@@ -195,13 +195,29 @@ def test_measured_facts_without_overrides(relay: FakeRelay, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("fact, message", [(("color", "blue"), "unknown fact 'color'"),
                                            (("freeDiskMB", "lots"), "must be an integer"),
-                                           (("os", "plan9"), "fact os must be one of")])
+                                           (("os", "plan9"), "fact os must be one of"),
+                                           # what the relay would refuse at every check-in is refused up front
+                                           (("freeDiskMB", str(2**53)), "fact freeDiskMB must be an integer from 0"),
+                                           (("hostname", "h" * 256), "fact hostname must be a string of at most 255")])
 def test_bad_fact_override_is_a_usage_error(fact: tuple[str, str], message: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(AgentConfigError, match=message):
         Agent("pc-001", "http://127.0.0.1:9", tmp_path, {}, [fact])
     args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=[],
                               fact=[fact], poll_interval=None, once=True)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([("dept", "x" * 257)], "label 'dept' must be at most 256 characters"),
+    ([("k" * 129, "x")], "label keys must be 1 to 128 characters"),
+    ([(f"l{i}", "x") for i in range(65)], "at most 64 labels"),
+])
+def test_labels_the_relay_would_refuse_are_a_usage_error(labels: list[tuple[str, str]], message: str,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=labels,
+                              fact=[], poll_interval=None, once=True)
     assert main(args) == 2
     assert message in capsys.readouterr().err
 

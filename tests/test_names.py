@@ -60,3 +60,11 @@ def test_whole_string_only(check: Callable[[Any], bool], good: str) -> None:
     assert check(good)
     for bad in (good + "\n", "\n" + good, good + "\r\n", good + "\x00", f" {good}", None, 7, good.encode()):
         assert not check(bad), repr(bad)
+
+
+def test_names_are_valid_in_git_refs_and_file_names() -> None:
+    # relay names become branches status/<relay>: git refuses '..' and a '.lock' ending
+    for bad in ("a..b", "relay-kanto.lock", "a.", ".a", "a-", "a" * 64):
+        assert not names.is_name(bad), bad
+    for good in ("a", "a.b", "a.lock.b", "lock", "relay-kanto", "x" * 63):
+        assert names.is_name(good), good

@@ -167,6 +167,32 @@ CASES: dict[str, tuple[Callable[[Path], None], set[tuple[str, str]], set[tuple[s
 }
 
 
+def ignored_artifact(root: Path) -> None:
+    base(root)
+    _write(root, ".gitignore", "artifacts/\n")
+
+
+def stray_git_file_in_an_artifact(root: Path) -> None:
+    base(root)
+    _write(root, "artifacts/app-1.0/.git", "gitdir: /nowhere\n")
+
+
+def ignored_spec_file(root: Path) -> None:
+    base(root)
+    _write(root, ".gitignore", "jobs/local-*.yaml\n")
+    _write(root, "jobs/local-test.yaml", "kind: [\n")  # broken, but never committed
+
+
+# Cases that differ from a plain directory only inside a git work tree: there,
+# validate reads what `git add -A` would commit, as HQ will see it.
+IN_A_CHECKOUT: dict[str, tuple[Callable[[Path], None], set[tuple[str, str]]]] = {
+    "ignored-artifact": (ignored_artifact, {("packages/app-1.0.yaml", "/spec/artifact/path: artifact path "
+                                                                      "'artifacts/app-1.0' does not exist")}),
+    "stray-git-file-in-an-artifact": (stray_git_file_in_an_artifact, set()),
+    "ignored-spec-file": (ignored_spec_file, set()),
+}
+
+
 def _git(*args: str, cwd: Path) -> str:
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -176,7 +202,8 @@ def _git(*args: str, cwd: Path) -> str:
 def _commit_and_load(repo: Path, tmp_path: Path) -> LoadResult:
     origin = tmp_path / "origin.git"
     _git("init", "--quiet", "--bare", "--initial-branch=main", str(origin), cwd=tmp_path)
-    _git("init", "--quiet", "--initial-branch=main", cwd=repo)
+    if not (repo / ".git").exists():
+        _git("init", "--quiet", "--initial-branch=main", cwd=repo)
     _git("add", "-A", cwd=repo)
     _git("commit", "--quiet", "-m", "specs", cwd=repo)
     _git("push", "--quiet", str(origin), "HEAD:refs/heads/main", cwd=repo)
@@ -209,6 +236,19 @@ def test_validate_and_hq_agree(case: str, tmp_path: Path) -> None:
         assert len(found) == len(expected), found
         for path, start in expected:
             assert any(p == path and m.startswith(start) for p, m in found), (path, start, found)
+
+
+@pytest.mark.parametrize("case", sorted(IN_A_CHECKOUT))
+def test_validate_in_a_checkout_reads_what_git_commits(case: str, tmp_path: Path) -> None:
+    setup, errors = IN_A_CHECKOUT[case]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git("init", "--quiet", "--initial-branch=main", cwd=repo)
+    setup(repo)
+    in_checkout = load_repo(repo)
+    at_commit = _commit_and_load(repo, tmp_path)
+    assert in_checkout.errors == at_commit.errors
+    assert {(e.path, e.message) for e in in_checkout.errors} == errors
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")

@@ -160,6 +160,10 @@ def test_deep_flow_inside_block_nesting_counts_both(loader: Any, monkeypatch: py
     'a: "[[[[" \nb: [1]\nc: @',  # brackets in quotes, then a syntax error: not a depth error
     "a: x[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\nb: @",
     "# [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\nb: @",
+    "a: |\n  ASCII art " + "[" * 70 + "\n  more [[[[\n\n  and more\nb: {c: d\n",  # in a block scalar
+    "a: >-\n    " + "{" * 70 + "\nb: [1, 2\n",
+    "- x [ " + "[ " * 70 + "\n- {a: b\n",  # in a plain scalar, with spaces between
+    "a: ['[[[[[[[[', \"" + "[" * 70 + "\", c\nb: @",  # in quoted scalars inside a flow sequence
 ])
 def test_brackets_in_scalars_and_comments_are_not_nesting(text: str) -> None:
     result = parse_repo({"jobs/x.yaml": text.encode()}, lambda path: None)

@@ -178,3 +178,29 @@ def test_output_cut_short_by_the_reader_ends_quietly(tmp_path: Path) -> None:
     assert first.startswith(b"jobs/broken-0.yaml:2:1: error: YAML syntax error")
     assert err == ""
     assert code == 141
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "cp932"])
+def test_a_console_that_cannot_show_a_character_gets_an_escape(tmp_path: Path, encoding: str) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE, repo)
+    text = (repo / "jobs" / "install-7zip.yaml").read_text(encoding="utf-8")
+    (repo / "jobs" / "install-7zip.yaml").write_text(text.replace("name: install-7zip", "name: café"),
+                                                     encoding="utf-8")
+    env = dict(os.environ, PYTHONIOENCODING=encoding)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    for fmt in ("text", "github"):
+        proc = subprocess.run([sys.executable, "-m", "reconciler", "validate", str(repo), "--format", fmt],
+                              env=env, capture_output=True, timeout=60, check=False)
+        assert proc.returncode == 1 and proc.stderr == b"", proc.stderr
+        assert b"'caf\\xe9' is not a valid name" in proc.stdout
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "reconciler", "validate", str(BAD / "three-bad-files")],
+                              cwd=PROJECT_ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                              check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("reconciler validate: cannot write the output: ") and "Traceback" not in proc.stderr

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from reconciler import names
+from reconciler import names, protocol
 from reconciler.agent.dependencies import parse_depends_on, unmet
 from reconciler.agent.errors import InstallError
 from reconciler.agent.installers import (
@@ -89,9 +89,9 @@ ONCE_MAX_ROUNDS = 5
 CACHE_MAX_AGE_SECONDS = 7 * 24 * 3600
 CHUNK = 1 << 20
 
-FACT_KEYS = ("os", "arch", "hostname", "freeDiskMB")
-OS_VALUES = ("linux", "windows", "darwin")
-ARCH_VALUES = ("x86_64", "arm64", "x86")
+FACT_KEYS = protocol.FACT_KEYS
+OS_VALUES = protocol.OS_VALUES
+ARCH_VALUES = protocol.ARCH_VALUES
 _ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "x64": "x86_64", "aarch64": "arm64",
                  "arm64": "arm64", "armv8": "arm64", "armv8l": "arm64", "i386": "x86", "i486": "x86",
                  "i586": "x86", "i686": "x86", "x86": "x86"}
@@ -225,15 +225,13 @@ def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | 
                 number = int(value)
             except (TypeError, ValueError):
                 raise AgentConfigError(f"fact freeDiskMB must be an integer, got {value!r}") from None
-            if number < 0:
-                raise AgentConfigError(f"fact freeDiskMB must be >= 0, got {value!r}")
-            out[key] = number
-        elif key == "os" and value not in OS_VALUES:
-            raise AgentConfigError(f"fact os must be one of {', '.join(OS_VALUES)}, got {value!r}")
-        elif key == "arch" and value not in ARCH_VALUES:
-            raise AgentConfigError(f"fact arch must be one of {', '.join(ARCH_VALUES)}, got {value!r}")
+            value = number
         else:
-            out[key] = str(value)
+            value = str(value)
+        problem = protocol.fact_problem(key, value)
+        if problem is not None:
+            raise AgentConfigError(problem)
+        out[key] = value
     return out
 
 
@@ -376,6 +374,11 @@ class Agent:
         for key, value in pairs:
             self.labels[check_text(str(key), "--label", f"{key}={value}")] = check_text(
                 str(value), "--label", f"{key}={value}")
+            problem = protocol.label_problem(str(key), str(value))
+            if problem is not None:
+                raise AgentConfigError(f"--label: {problem}")
+        if len(self.labels) > protocol.MAX_LABELS:
+            raise AgentConfigError(f"--label: at most {protocol.MAX_LABELS} labels, got {len(self.labels)}")
         self.fact_overrides = parse_fact_overrides(fact_overrides)
         platform_facts = {"os": normalize_os(platform.system()), "arch": normalize_arch(platform.machine()),
                           **self.fact_overrides}

@@ -47,13 +47,19 @@ A step with a result is never run again: its result is the answer, however
 often the operation is resumed. A step whose latest attempt has no result is
 settled first (wait for a live supervisor, which kills the installer at its
 timeout; wait for or kill an orphaned installer whose supervisor is gone, as
-``processes.settle_orphan`` does), and only when provably nothing of it runs
-any more does a new attempt start. That happens when the supervisor never
-started the installer, or when the supervisor itself died (a reboot, or its
-own ``kill -9``): then the exit status is lost and the step runs again, as
-every command did before the supervisor existed. One window stays open: a
-supervisor killed between starting the installer and recording it leaves an
-installer nobody knows of.
+``processes.settle_orphan`` does). When the supervisor died alone after
+starting the installer (its own ``kill -9``) and the installer ran on, the
+exit status is lost: the attempt is recorded as failed with "exit status
+unknown" and the output the installer wrote, and is not run again for the
+operation; whether to try again is the relay's retry policy, under a new
+operation. A new attempt starts when the installer never started, or was
+gone together with its supervisor when the agent looked (a crash, a
+reboot, or a service manager that stopped the agent's whole process tree:
+interrupted installers run again, as after any crash; the systemd unit in
+``contrib/`` stops only the agent, so an upgrade lets installers finish).
+One window stays open: a supervisor killed between starting the installer
+and recording it leaves an installer nobody knows of, and the step may run
+again.
 """
 
 from __future__ import annotations
@@ -315,11 +321,15 @@ def _settle(attempt: Path, child: subprocess.Popen[bytes] | None = None,
             timeout: float | None = None) -> dict[str, Any] | None:
     """Wait until nothing of an attempt runs; its stored result, or ``None`` if it has none.
 
-    ``None`` means the installer is provably not running: it never started
-    (the attempt was given up before any supervisor claimed it, or its
-    supervisor died before starting it), or its supervisor died without
-    recording how it ended and the orphaned installer, if it was still
-    running, has been waited for or killed at its timeout.
+    ``None`` means nothing of the attempt runs and it has no result: the
+    installer never started (the attempt was given up before any supervisor
+    claimed it, or its supervisor died before starting it), or it was gone
+    together with its supervisor (a crash, or the agent's service stopped
+    with its whole process tree): interrupted, it may run again. When the
+    supervisor died alone and the installer ran on, the orphan is waited for
+    (or killed at its timeout) and the attempt gets a result of its own
+    (:func:`_record_lost`): it ran, so it is never run again for this
+    operation.
     """
     while True:
         # a result counts once its supervisor has ended: after a timeout, it kills the installer after writing it
@@ -332,30 +342,44 @@ def _settle(attempt: Path, child: subprocess.Popen[bytes] | None = None,
             return data
         record = _installer_record(attempt)
         if record is not None:
+            outlived = is_running(record)
             log.warning("the supervisor of installer pid %d ended without recording its exit status; %s",
                         record.pid, settle_orphan(record))
-            return None
+            if outlived:
+                return _record_lost(attempt)  # it ran on alone: never again for this operation
+            return None  # gone with its supervisor (a crash, the service stopped): interrupted, so it runs again
         if _claimed(attempt) or _claim(attempt, ABANDONED):
             return None  # given up (now or before), or its supervisor died before starting the installer
         child = None  # a supervisor claimed it between our look and our claim: it runs it, wait for it
 
 
+def _record_lost(attempt: Path) -> dict[str, Any]:
+    """Record that an attempt's installer ran but how it ended is unknown (its supervisor was killed)."""
+    tail = ""
+    try:
+        with open(attempt / OUTPUT, "rb") as out:
+            tail = output_tail(out)
+    except OSError:
+        pass
+    message = ("exit status unknown: the installer ran, but its supervisor was killed before it could record "
+               "how it ended; it is not run again for this operation")
+    data = {"error": f"{message}: {tail}" if tail else message}
+    write_json_atomic(attempt / RESULT, data)
+    return data
+
+
 def stored_result(step: Path) -> CommandResult | None:
     """The step's result if a previous attempt has one, after waiting for any still running.
 
-    ``None``: the step has not run, or it ran and its exit status was lost
-    (module docstring); either way it may run now, and nothing of it is left
-    running. :class:`InstallError` if what runs cannot be stopped.
+    ``None``: the step's installer never started; it may run now, and
+    nothing of it is left running. :class:`InstallError` if what runs cannot
+    be stopped.
     """
     attempts = _attempts(step)
     if not attempts:
         return None
     data = _settle(attempts[-1])
-    if data is None:
-        if (attempts[-1] / INSTALLER).exists():
-            log.warning("the exit status of %s was lost with its supervisor; running it again", step.name)
-        return None
-    return _to_result(data)
+    return None if data is None else _to_result(data)
 
 
 def run_supervised(step: Path, argv: Sequence[str], cwd: Path, env: Mapping[str, str],

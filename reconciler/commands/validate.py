@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from reconciler.repo_tree import load_repo
+from reconciler.repo_tree import TreeError, load_repo
 from reconciler.specs import LoadResult, SpecError
 
 
@@ -64,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
     root = Path(args.repo)
     try:
         result = load_repo(root)
+    except TreeError as e:
+        print(f"reconciler validate: {args.repo}: {e.strerror}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"reconciler validate: cannot read {args.repo}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from reconciler import names
+from reconciler import names, protocol
 from reconciler.plan import (
     Action,
     ActionKind,
@@ -63,7 +63,7 @@ from reconciler.webhook import read_secret_file, verify_signature
 
 log = logging.getLogger("reconciler.relay")
 
-MAX_BODY = 1024 * 1024
+MAX_BODY = protocol.MAX_BODY
 DEFAULT_POLL_SECONDS = 30.0
 POLL_SECONDS_ENV = "RECONCILER_POLL_SECONDS"
 WEBHOOK_SECRET_ENV = "RECONCILER_WEBHOOK_SECRET_FILE"
@@ -72,12 +72,9 @@ RANGE = re.compile(r"bytes=([0-9]{1,18})-([0-9]{0,18})")
 CHECKIN_PATH = re.compile(r"/v1/clients/([^/]*)/checkin")
 ARTIFACT_PATH = re.compile(r"/v1/artifacts/([^/]*)")
 
-OS_VALUES = ("linux", "windows", "darwin")
-ARCH_VALUES = ("x86_64", "arm64", "x86")
-MAX_LABELS = 64
-MAX_INVENTORY = 2000
-MAX_RESULTS = 1000
-MAX_MESSAGE = 64 * 1024
+MAX_INVENTORY = protocol.MAX_INVENTORY
+MAX_RESULTS = protocol.MAX_RESULTS
+MAX_MESSAGE = protocol.MAX_MESSAGE
 CHUNK = 256 * 1024
 
 
@@ -422,26 +419,23 @@ def parse_checkin(doc: Any) -> CheckinRequest:
     facts = doc["facts"]
     if not isinstance(facts, dict):
         raise _bad("facts: must be an object")
-    _check_keys(facts, ("os", "arch", "hostname", "freeDiskMB"), "facts")
-    if "os" in facts and facts["os"] not in OS_VALUES:
-        raise _bad(f"facts.os: must be one of {', '.join(OS_VALUES)}")
-    if "arch" in facts and facts["arch"] not in ARCH_VALUES:
-        raise _bad(f"facts.arch: must be one of {', '.join(ARCH_VALUES)}")
-    if "hostname" in facts and (not isinstance(facts["hostname"], str) or len(facts["hostname"]) > 255):
-        raise _bad("facts.hostname: must be a string of at most 255 characters")
-    if "freeDiskMB" in facts and (not _is_int(facts["freeDiskMB"]) or not 0 <= facts["freeDiskMB"] < 2**53):
-        raise _bad("facts.freeDiskMB: must be an integer >= 0")
+    _check_keys(facts, protocol.FACT_KEYS, "facts")
+    for key in protocol.FACT_KEYS:
+        problem = protocol.fact_problem(key, facts[key]) if key in facts else None
+        if problem is not None:
+            raise _bad(f"facts.{key}: {problem}")
 
     labels = doc.get("labels", {})
     if not isinstance(labels, dict):
         raise _bad("labels: must be an object of strings")
-    if len(labels) > MAX_LABELS:
-        raise _bad(f"labels: at most {MAX_LABELS} labels")
+    if len(labels) > protocol.MAX_LABELS:
+        raise _bad(f"labels: at most {protocol.MAX_LABELS} labels")
     for key, value in labels.items():
-        if not key or len(key) > 128:
-            raise _bad("labels: keys must be 1 to 128 characters")
-        if not isinstance(value, str) or len(value) > 256:
-            raise _bad(f"labels.{key}: must be a string of at most 256 characters")
+        if not isinstance(value, str):
+            raise _bad(f"labels.{key[:128]}: must be a string")
+        problem = protocol.label_problem(key, value)
+        if problem is not None:
+            raise _bad(f"labels: {problem}")
 
     inventory = doc["inventory"]
     if not isinstance(inventory, list):
