@@ -72,6 +72,13 @@ def hostile_files() -> dict[str, tuple[str, str]]:
         "long-version": ("packages/x.yaml", _PACKAGE + "  version: \"" + "1." * (half // 2) + "1\"\n"),
         "many-anchors": ("jobs/x.yaml", _numbered(_JOB + "  x: [", "&a{0} 1, *a{0}, ", "1]\n")),
         "control-characters": ("jobs/x.yaml", _JOB + "  x: \"" + "\\u0000" * (half // 6) + "\"\n"),
+        # anchors nested 60 deep around a long list: each anchor used to copy every position under it
+        "nested-anchors": ("jobs/x.yaml", _JOB + "  x: " + "".join(f"&a{i} {{{'k' * 20}: " for i in range(60))
+                           + "[" + ",".join(["1"] * 50_000) + "]" + "}" * 60 + "\n"),
+        # each anchor wraps the previous alias in 60 mappings: nesting built through aliases
+        "alias-chain-nesting": ("jobs/x.yaml", _JOB + "".join(
+            f"  a{k}: &a{k} " + "{q: " * 60 + (f"*a{k - 1}" if k else "1") + "}" * 60 + "\n" for k in range(30))),
+        "long-hex-integer": ("jobs/x.yaml", _JOB + "  rerun: 0x" + "f" * 3600 + "\n"),
     }
 
 

@@ -69,9 +69,12 @@ def test_the_bombs_are_refused_with_our_own_messages(tmp_path: Path) -> None:
         "deep-block": "YAML nesting is deeper than 64 levels",
         "wide-flow-list": "the file holds more than 100000 YAML values",
         "many-keys": "the file holds more than 100000 YAML values",
+        "nested-anchors": "the file nests too many values under long keys to be checked",
+        "alias-chain-nesting": "YAML nesting is deeper than 64 levels",
+        "long-hex-integer": "/spec/rerun: rerun must be at most 2147483647, got 0xfffff",
     }
     for case, message in expected.items():
         result = load_repo(write_case(tmp_path, case))
-        mine = [e for e in result.errors if e.path != "topology.yaml"]
+        mine = [e for e in result.errors if e.path != "topology.yaml" and "missing required field" not in e.message]
         assert len(mine) == 1 and mine[0].message.startswith(message), (case, mine)
         assert mine[0].line >= 1 and mine[0].column >= 1
