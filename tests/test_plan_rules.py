@@ -26,6 +26,7 @@ from reconciler.plan import (
     JobState,
     Outcome,
     Plan,
+    Reason,
     RolloutUsage,
     Row,
     index_relay,
@@ -566,7 +567,7 @@ def test_dispatched_attempt_is_in_progress_and_handed_out_again() -> None:
     assert plan.rows == (Row(job="install-app", relay="site", client="pc-1", state=ClientState.IN_PROGRESS,
                              action=ActionKind.INSTALL, name="app", version="1.0", installed_version=None,
                              attempts=1, message="attempt 1/3 dispatched at 2026-06-01T11:59:30Z",
-                             operation_id="op-abc"),)
+                             operation_id="op-abc", reason=Reason.IN_PROGRESS),)
     assert plan.actions == (Action(operation_id="op-abc", job="install-app", client="pc-1",
                                    kind=ActionKind.INSTALL, package=index.packages[("app", "1.0")], name="app",
                                    version="1.0", previous_version=None, revision=index.revisions["install-app"],
@@ -675,7 +676,7 @@ def test_drift_is_planned_again_with_a_fresh_operation() -> None:
                                                 op="op-first")}
     healthy = run(specs, [client("pc-1", installed={"app": "1.0"})], history)
     assert states(healthy) == {("install-app", "pc-1"): ("Succeeded", None, "")}
-    assert healthy.rows[0].attempts == 0  # a settled row is built without history
+    assert healthy.rows[0].attempts == 1  # the attempts of the operation that made it Succeeded
     for installed, message in ((None, "drift: client reports app missing"),
                                ({"app": "0.9"}, "drift: client reports app 0.9")):
         drifted = run(specs, [client("pc-1", installed=installed)], history)
@@ -804,7 +805,8 @@ def test_plan_client_agrees_with_plan_relay() -> None:
     client_plan = plan_client(index_relay(specs, "site"), c, history, {}, NOW)
     assert client_plan.actions == relay_plan.actions
     assert client_plan.rows == tuple(
-        r._replace(state=ClientState.IN_PROGRESS) if r.action is not None else r for r in relay_plan.rows)
+        r._replace(state=ClientState.IN_PROGRESS, reason=Reason.IN_PROGRESS) if r.action is not None else r
+        for r in relay_plan.rows)
 
 
 # --------------------------------------------------------------- action order

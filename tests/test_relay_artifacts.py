@@ -25,7 +25,7 @@ from reconciler.relay.artifacts import (
     packages_to_stage,
     with_artifact_revisions,
 )
-from reconciler.relay.server import StagedArtifact
+from reconciler.relay.state import StagedArtifact
 from reconciler.specs import Artifact, Installer, InstallerType, Package, parse_repo
 
 # ------------------------------------------------------------------ fixtures

@@ -7,6 +7,7 @@ import hmac
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,16 @@ import requests
 from e2e_helpers import assert_json_error, checkin_body, malformed_requests, send_raw
 
 from reconciler.relay.server import (
-    Generation,
     RelayApp,
-    RelayState,
     ServerHandle,
-    StagedArtifact,
     parse_listen,
     poll_seconds_from_env,
+)
+from reconciler.relay.state import (
+    Generation,
+    RelayState,
+    StagedArtifact,
+    make_generation,
 )
 from reconciler.relay.store import Store
 
@@ -236,44 +240,6 @@ def test_server_stops_and_frees_its_port(tmp_path: Path) -> None:
         requests.get(f"{r.url}/healthz", timeout=2)
 
 
-def test_status_rendered_in_the_helper_process_is_byte_identical() -> None:
-    """The relay renders large fleets' status files in a helper process from compact tuples."""
-    from datetime import datetime, timezone
-
-    from reconciler import report
-    from reconciler.plan import (
-        ActionKind,
-        ClientState,
-        Installed,
-        JobRollup,
-        JobState,
-        Plan,
-        Row,
-    )
-    from reconciler.relay.loop import Renderer, _pack, _render_packed
-
-    when = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
-    rows = tuple(Row(job="install-app", relay="relay-a", client=f"pc-{i}", state=state, action=action, name="app",
-                     version="1.0", installed_version=None, attempts=i % 3, message=f"m{i}", operation_id=None)
-                 for i, (state, action) in enumerate([(ClientState.SUCCEEDED, None),
-                                                      (ClientState.PENDING, ActionKind.INSTALL),
-                                                      (ClientState.FAILED, None)]))
-    the_plan = Plan("relay-a", rows, (), (JobRollup("install-app", JobState.FAILED,
-                                                    report.count_states(r.state for r in rows)),))
-    updated = {("install-app", "pc-0"): when}
-    inventory = [report.InventoryEntry("pc-0", {"os": "linux", "freeDiskMB": 5}, {"a": "b"},
-                                       (Installed("app", "1.0"),), True)]
-    direct = report.render_relay_status("relay-a", "c" * 40, the_plan, updated, inventory, ["oops"])
-    packed = _pack("relay-a", "c" * 40, the_plan, updated, inventory, ["oops"])
-    assert _render_packed(packed) == direct
-    renderer = Renderer(remote_rows=1)
-    try:
-        assert renderer.render("relay-a", "c" * 40, the_plan, updated, inventory, ["oops"]) == direct
-        assert renderer._pool is not None and not renderer._broken
-    finally:
-        renderer.close()
-
-
 # ------------------------------------------------------------------ planning at check-in
 
 
@@ -297,13 +263,17 @@ def _specs(max_concurrent: int | None = None):  # type: ignore[no-untyped-def]
 
 
 def _serve_plan(relay: Relay, *, staged: bool = True, max_concurrent: int | None = None) -> None:
-    from reconciler.plan import index_relay
-
     artifact = StagedArtifact("ab" * 32, 10240, "tar")
-    relay.state.generation = Generation(
-        commit="c" * 40, index=index_relay(_specs(max_concurrent), "relay-a"),
-        artifacts={("app", "1.0"): artifact} if staged else {},
+    relay.state.generation = make_generation(
+        "c" * 40, _specs(max_concurrent), "relay-a", artifacts={("app", "1.0"): artifact} if staged else {},
         unavailable={} if staged else {("app", "1.0"): "sha256 mismatch (refused)"})
+
+
+def _in_progress(relay: Relay, job: str, other_than: str = "") -> int:
+    """Online clients InProgress for ``job``, as the next check-in counts them (from the row states)."""
+    now = datetime.now(timezone.utc)
+    with relay.store.snapshot() as db:
+        return relay.store.usage(db, [job], other_than, relay.state.online_since(now))[job].in_progress
 
 
 def _result(op: str, status: str = "succeeded") -> dict[str, object]:
@@ -326,18 +296,18 @@ def test_checkin_hands_out_actions_once_and_records_results(relay: Relay) -> Non
     op = action["operationId"]
     stored = relay.store.operation(op)
     assert stored is not None and stored.outcome.value == "dispatched" and stored.attempt == 1
-    assert relay.state.usage["install-app"].in_progress == 1
+    assert _in_progress(relay, "install-app") == 1
     assert relay.store.row_states_of("pc-1")["install-app"].state == "InProgress"
 
     # No result yet (the agent was restarted mid-install): the same operation again, not a new one.
     again = checkin(relay, "pc-1", token).json()["actions"]
     assert [a["operationId"] for a in again] == [op]
-    assert len(relay.store.operations_of("pc-1")) == 1 and relay.state.usage["install-app"].in_progress == 1
+    assert len(relay.store.operations_of("pc-1")) == 1 and _in_progress(relay, "install-app") == 1
 
     done = checkin(relay, "pc-1", token, results=[_result(op)], inventory=[{"name": "app", "version": "1.0"}])
     assert done.json()["actions"] == []
     assert relay.store.operation(op).outcome.value == "succeeded"  # type: ignore[union-attr]
-    assert relay.state.usage["install-app"].in_progress == 0
+    assert _in_progress(relay, "install-app") == 0
     assert relay.store.row_states_of("pc-1")["install-app"].state == "Succeeded"
     # The agent re-sends the result until it sees a reply: a no-op.
     assert checkin(relay, "pc-1", token, results=[_result(op, "failed")],
@@ -356,15 +326,17 @@ def test_rollout_slots_are_shared_across_check_ins(relay: Relay) -> None:
     assert len(checkin(relay, "pc-2").json()["actions"]) == 1
 
 
-def test_usage_changes_during_a_full_pass_are_kept(relay: Relay) -> None:
-    from reconciler.plan import RolloutUsage
-
+def test_rollout_usage_is_counted_on_the_other_clients_row_states(relay: Relay) -> None:
     _serve_plan(relay, max_concurrent=5)
-    with relay.store.snapshot(at_pin=relay.state.begin_usage_pass):
-        pass
-    checkin(relay, "pc-1")  # dispatches while the pass is "running"
-    relay.state.end_usage_pass({"install-app": RolloutUsage(in_progress=2, failed=1, targets=9)})
-    assert relay.state.usage["install-app"] == RolloutUsage(in_progress=3, failed=1, targets=9)
+    token = checkin(relay, "pc-1").json()["token"]
+    assert _in_progress(relay, "install-app") == 1
+    assert _in_progress(relay, "install-app", other_than="pc-1") == 0  # a client's own rows are replanned
+    # the row state is the truth: a client that stops being online frees its slot without any counter
+    with relay.store.write() as db:
+        db.execute("UPDATE clients SET last_seen = 0 WHERE id = 'pc-1'")
+    assert _in_progress(relay, "install-app") == 0
+    assert checkin(relay, "pc-1", token).status_code == 200  # back online: its operation counts again
+    assert _in_progress(relay, "install-app") == 1
 
 
 def test_actions_whose_artifact_is_unavailable_are_held(relay: Relay) -> None:
@@ -372,7 +344,7 @@ def test_actions_whose_artifact_is_unavailable_are_held(relay: Relay) -> None:
     response = checkin(relay, "pc-1").json()
     assert response["actions"] == [] and relay.store.operations_of("pc-1") == []
     assert relay.store.row_states_of("pc-1")["install-app"].state == "Pending"
-    assert relay.state.usage.get("install-app") is None or relay.state.usage["install-app"].in_progress == 0
+    assert _in_progress(relay, "install-app") == 0
 
 
 def test_published_free_disk_is_rounded_to_whole_gib() -> None:
@@ -390,17 +362,15 @@ def test_a_job_the_relay_cannot_plan_costs_that_job_only(relay: Relay) -> None:
     from dataclasses import replace
     from datetime import datetime, timedelta, timezone
 
-    from reconciler.plan import index_relay
-    from reconciler.relay.server import unplannable_errors
+    from reconciler.relay.state import unplannable_errors
 
     specs = _specs()
     good = specs.jobs[0]
     west_of_utc = timezone(-timedelta(hours=23, minutes=59))
     bad = replace(good, name="install-app-later", revision="r2",
                   not_before=datetime(9999, 12, 31, 23, 59, 59, tzinfo=west_of_utc))
-    relay.state.generation = Generation(
-        commit="c" * 40, index=index_relay(replace(specs, jobs=(good, bad)), "relay-a"),
-        artifacts={("app", "1.0"): StagedArtifact("ab" * 32, 10240, "tar")})
+    relay.state.generation = make_generation("c" * 40, replace(specs, jobs=(good, bad)), "relay-a",
+                                             artifacts={("app", "1.0"): StagedArtifact("ab" * 32, 10240, "tar")})
     first = checkin(relay, "pc-1")
     assert first.status_code == 200, first.text
     assert [a["job"] for a in first.json()["actions"]] == ["install-app"]
@@ -418,7 +388,6 @@ def test_a_job_the_relay_cannot_plan_costs_that_job_only(relay: Relay) -> None:
 
 
 def test_an_action_names_the_dependencies_the_agent_must_see_installed(relay: Relay) -> None:
-    from reconciler.plan import index_relay
     from reconciler.specs import parse_repo
 
     result = parse_repo({
@@ -438,8 +407,8 @@ def test_an_action_names_the_dependencies_the_agent_must_see_installed(relay: Re
     }, lambda path: None)
     assert result.specs is not None, result.errors
     staged = StagedArtifact("cd" * 32, 10, "tar")
-    relay.state.generation = Generation(commit="d" * 40, index=index_relay(result.specs, "relay-a"),
-                                        artifacts={("runtime", "2.0"): staged, ("addon", "1.0"): staged})
+    relay.state.generation = make_generation("d" * 40, result.specs, "relay-a",
+                                             artifacts={("runtime", "2.0"): staged, ("addon", "1.0"): staged})
     first = checkin(relay, "pc-1").json()
     assert [(a["job"], a.get("dependsOn")) for a in first["actions"]] == [("install-runtime", None)]
     assert relay.store.row_states_of("pc-1")["install-addon"].state == "Pending"

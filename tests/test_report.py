@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,29 +166,31 @@ def _relay_job_doc(rows: list[report.StatusRow], commit: str | None = C1) -> dic
             "rows": [report._row_json(r) for r in rows]}
 
 
-def test_fast_relay_job_writer_matches_yaml_dump() -> None:
+def test_relay_job_file_is_one_yaml_document_with_a_json_line_per_row() -> None:
     rows = [report.StatusRow(f"pc-{i:03d}", list(ClientState)[i % 7], text or None, i % 4, text,
                              None if i % 5 == 0 else T0 + timedelta(seconds=i))
             for i, text in enumerate(TRICKY_TEXT)]
-    for subset in (rows, rows[:1], []):
-        fast = report._dump_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
-                                      report.count_states(r.state for r in subset), subset)
-        assert fast == report.dump_yaml(_relay_job_doc(subset))
-    fast = report._dump_relay_job("install-7zip", "relay-kanto", None, JobState.FAILED, report.count_states([]), [])
-    assert fast == report.dump_yaml(_relay_job_doc([], None))
+    for subset, commit in ((rows, C1), (rows[:1], C1), ([], None)):
+        data = report.render_relay_job("install-7zip", "relay-kanto", commit, JobState.FAILED,
+                                       report.count_states(r.state for r in subset), subset)
+        assert yaml.safe_load(data.decode("utf-8")) == _relay_job_doc(subset, commit)
+        lines = data.decode("utf-8").splitlines()
+        row_lines = [line for line in lines if line.startswith("- ")]
+        assert [json.loads(line[2:]) for line in row_lines] == [report._row_json(r) for r in subset]
+        assert len(row_lines) == len(subset)  # one line per row, whatever the text holds
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.text(max_size=40), st.one_of(st.none(), st.text(max_size=12)),
                           st.integers(min_value=0, max_value=10**6)), max_size=5))
-def test_fast_relay_job_writer_matches_yaml_dump_for_any_text(cases: list[tuple[str, str | None, int]]) -> None:
+def test_relay_job_file_round_trips_any_text(cases: list[tuple[str, str | None, int]]) -> None:
     rows = []
     for i, (message, version, attempts) in enumerate(cases):
         rows.append(report.StatusRow(f"pc-{i}", ClientState.FAILED, version, attempts, message, T0))
-    fast = report._dump_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
-                                  report.count_states(r.state for r in rows), rows)
-    assert fast == report.dump_yaml(_relay_job_doc(rows))
-    back = report.parse_relay_job(fast)[2]
+    data = report.render_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
+                                   report.count_states(r.state for r in rows), rows)
+    assert yaml.safe_load(data.decode("utf-8")) == _relay_job_doc(rows)
+    back = report.parse_relay_job(data)[2]
     assert [(r.message, r.installed_version, r.attempts) for r in back.rows] == [
         (m, v, a) for m, v, a in cases]
 

@@ -43,7 +43,7 @@ import requests
 
 from reconciler.fileio import fsync_dir, sha256_file, write_atomic
 from reconciler.reach import Reach, reach_of
-from reconciler.relay.server import StagedArtifact
+from reconciler.relay.state import StagedArtifact
 from reconciler.specs import JobType, Package, Specs
 
 log = logging.getLogger("reconciler.relay")

@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -55,15 +55,16 @@ from reconciler.relay.artifacts import (
     with_artifact_revisions,
 )
 from reconciler.relay.server import (
-    Generation,
     RelayApp,
-    RelayState,
     ServerHandle,
-    hold_unavailable,
     load_webhook_secret,
     poll_seconds_from_env,
+)
+from reconciler.relay.state import (
+    Generation,
+    RelayState,
+    make_generation,
     unplannable_errors,
-    usage_from_rows,
 )
 from reconciler.relay.store import Store, StoreError
 from reconciler.repo_tree import load_commit
@@ -80,7 +81,6 @@ HOUSEKEEPING_SECONDS = 3600.0
 OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
 CACHE_RETENTION_SECONDS = 7 * 24 * 3600.0  # unused artifacts kept this long after their last use
 WRITE_CHUNK = 2000  # row states per write transaction in a full pass
-REMOTE_RENDER_ROWS = 5000  # render status files in a helper process from this many rows on
 
 
 def utc_now() -> datetime:
@@ -117,97 +117,12 @@ class Accepted:
     error: str | None
 
 
-class Renderer:
-    """Renders the status files; a large fleet's are rendered in a helper process.
-
-    The YAML emitter holds the GIL for the whole of each (multi-megabyte) file,
-    which would stall every check-in thread for a good part of a second at
-    10,000 clients. A single spawned worker does the rendering instead; only
-    compact tuples cross the process boundary. If the worker cannot be used,
-    rendering falls back to this process.
-    """
-
-    def __init__(self, remote_rows: int | None = None) -> None:
-        if remote_rows is None:  # RECONCILER_REMOTE_RENDER_ROWS lets tests exercise the helper with few rows
-            raw = os.environ.get("RECONCILER_REMOTE_RENDER_ROWS", "")
-            remote_rows = int(raw) if raw.isdigit() else REMOTE_RENDER_ROWS
-        self.remote_rows = remote_rows
-        self._pool: Any = None
-        self._broken = False
-
-    def render(self, relay: str, commit: str | None, the_plan: plan.Plan | None,
-               updated_at: dict[tuple[str, str], datetime], inventory: list[report.InventoryEntry],
-               errors: list[str]) -> dict[str, bytes]:
-        rows = len(the_plan.rows) if the_plan is not None else 0
-        if rows + len(inventory) < self.remote_rows or self._broken:
-            return report.render_relay_status(relay, commit, the_plan, updated_at, inventory, errors)
-        payload = _pack(relay, commit, the_plan, updated_at, inventory, errors)
-        try:
-            if self._pool is None:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            files: dict[str, bytes] = self._pool.submit(_render_packed, payload).result(timeout=600)
-            return files
-        except Exception as e:  # noqa: BLE001 - a broken helper must not stop publishing
-            log.warning("status renderer process failed (%s); rendering in the relay process from now on", e)
-            self._broken = True
-            self.close()
-            return report.render_relay_status(relay, commit, the_plan, updated_at, inventory, errors)
-
-    def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _pack(relay: str, commit: str | None, the_plan: plan.Plan | None,
-          updated_at: dict[tuple[str, str], datetime], inventory: list[report.InventoryEntry],
-          errors: list[str]) -> tuple[Any, ...]:
-    """Plain tuples of strings and numbers: a fraction of the cost of pickling dataclasses and enums."""
-    packed_plan = None
-    if the_plan is not None:
-        rows = [(r.job, r.relay, r.client, r.state.value, r.action.value if r.action is not None else None, r.name,
-                 r.version, r.installed_version, r.attempts, r.message, r.operation_id,
-                 stamp.timestamp() if (stamp := updated_at.get((r.job, r.client))) is not None else None)
-                for r in the_plan.rows]
-        jobs = [(j.job, j.state.value, dict(j.counts)) for j in the_plan.jobs]
-        packed_plan = (the_plan.relay, rows, jobs)
-    clients = [(e.id, dict(e.facts), dict(e.labels), [(i.name, i.version) for i in e.installed], e.online)
-               for e in inventory]
-    return relay, commit, packed_plan, clients, list(errors)
-
-
-def _render_packed(payload: tuple[Any, ...]) -> dict[str, bytes]:
-    """In the helper process: rebuild the values and render (see :class:`Renderer`)."""
-    relay, commit, packed_plan, clients, errors = payload
-    the_plan = None
-    updated_at: dict[tuple[str, str], datetime] = {}
-    if packed_plan is not None:
-        plan_relay_name, rows, jobs = packed_plan
-        built = []
-        for job, row_relay, client, state, action, name, version, installed, attempts, message, op, ts in rows:
-            built.append(plan.Row(job=job, relay=row_relay, client=client, state=plan.ClientState(state),
-                                  action=plan.ActionKind(action) if action is not None else None, name=name,
-                                  version=version, installed_version=installed, attempts=attempts,
-                                  message=message, operation_id=op))
-            if ts is not None:
-                updated_at[(job, client)] = datetime.fromtimestamp(ts, tz=timezone.utc)
-        rollups = tuple(plan.JobRollup(job, plan.JobState(state), counts) for job, state, counts in jobs)
-        the_plan = plan.Plan(relay=plan_relay_name, rows=tuple(built), actions=(), jobs=rollups)
-    inventory = [report.InventoryEntry(id=i, facts=facts, labels=labels,
-                                       installed=tuple(plan.Installed(n, v) for n, v in installed), online=online)
-                 for i, facts, labels, installed, online in clients]
-    return report.render_relay_status(relay, commit, the_plan, updated_at, inventory, errors)
-
-
 class RelayLoop:
     """One relay's reconcile loop; ``sync`` and ``full_pass`` are usable on their own in tests."""
 
     def __init__(self, name: str, git: GitStore, store: Store, cache: ArtifactCache, state: RelayState, *,
                  publish_interval: float = 10.0, clock: Callable[[], datetime] = utc_now,
-                 monotonic: Callable[[], float] = time.monotonic, renderer: Renderer | None = None) -> None:
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.git = git
         self.store = store
@@ -227,7 +142,6 @@ class RelayLoop:
         self._specs: Specs | None = None
         self._fingerprint: int | None = None
         self.row_state_changes = 0
-        self.renderer = renderer or Renderer()
 
     # -- following HQ --------------------------------------------------------
 
@@ -317,19 +231,16 @@ class RelayLoop:
             self._retry_delay = min(self._retry_delay * 2, RESTAGE_MAX_SECONDS)
         else:
             self.retry_at = None  # staged, or refused: only a new commit can change that
-        index = plan.index_relay(with_artifact_revisions(specs, result.staged), self.name, reach)
         if commit != self.state.generation.commit:
             log.info("relay %s now at accepted commit %s (%d packages staged%s)", self.name, commit[:12],
                      len(result.staged), f", {len(unavailable)} unavailable" if unavailable else "")
-        return Generation(commit=commit, index=index, artifacts=result.staged, unavailable=unavailable)
+        return make_generation(commit, with_artifact_revisions(specs, result.staged), self.name, reach=reach,
+                               artifacts=result.staged, unavailable=unavailable)
 
     def retry_due(self) -> bool:
         return self.retry_at is not None and self.monotonic() >= self.retry_at
 
     # -- the full pass -------------------------------------------------------
-
-    def online_window(self) -> timedelta:
-        return timedelta(seconds=max(3 * self.state.poll_seconds, MIN_ONLINE_SECONDS))
 
     def full_pass(self) -> dict[str, bytes]:
         """Plan every client, refresh rollout counters and row states; return the status files."""
@@ -355,11 +266,11 @@ class RelayLoop:
         errors = [*self.sync_errors, *self.artifact_errors]
         if self.publish_error:
             errors.append(self.publish_error)
-        with self.store.snapshot(at_pin=self.state.begin_usage_pass) as db:
+        with self.store.snapshot() as db:
             records = self.store.clients(db)
             history = self.store.history(db)
             stored_states = self.store.row_states(db)
-        window = self.online_window()
+        window = self.state.online_window()
         online = {r.id: now - r.last_seen <= window for r in records}
         self.state.client_count = len(records)
         the_plan: plan.Plan | None = None
@@ -372,29 +283,22 @@ class RelayLoop:
                                 free_disk_mb=r.facts.get("freeDiskMB"), labels=tuple(sorted(r.labels.items())),
                                 installed=r.inventory, online=online[r.id])
                     for r in records]
+                index = generation.index
                 try:
-                    planned = plan.plan_relay(generation.index, clients, history, now)
+                    planned = plan.plan_relay(index, clients, history, now, self.state.memo_for(index))
                 except Exception:
                     isolated = self.state.isolate(
-                        generation, lambda index: plan.plan_relay(index, clients, history, now))
+                        generation, lambda alone: plan.plan_relay(alone, clients, history, now))
                     if isolated is None or isolated.index is None:
                         raise
-                    planned = plan.plan_relay(isolated.index, clients, history, now)
+                    planned = plan.plan_relay(isolated.index, clients, history, now,
+                                              self.state.memo_for(isolated.index))
                     generation = isolated
-                rows, _ = hold_unavailable(planned.rows, planned.actions, generation)
-                rows = with_attempt_counts(rows, history)
-                # Jobs left out because they cannot be planned here are reported Invalid on this relay.
-                invalid = tuple(plan.JobRollup(job, plan.JobState.INVALID, report.zero_counts())
-                                for job in sorted(generation.unplannable))
-                the_plan = replace(planned, rows=rows, jobs=tuple(sorted(planned.jobs + invalid, key=lambda j: j.job)))
-                self.state.end_usage_pass(usage_from_rows(rows, online))
+                the_plan = planned
                 updated_at = self._record_row_states(the_plan.rows, stored_states, now)
-            else:
-                self.state.end_usage_pass({})
         except Exception as e:  # noqa: BLE001 - always publish what we know, plus the error
             log.exception("full pass failed")
             errors.append(f"planning failed: {type(e).__name__}: {e}")
-            self.state.abort_usage_pass()
             the_plan = None
         errors.extend(unplannable_errors(generation))
         inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
@@ -409,7 +313,8 @@ class RelayLoop:
                   for e in inventory)))
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
-        files = self.renderer.render(self.name, generation.commit, the_plan, updated_at, inventory, errors)
+        files = report.render_relay_status(self.name, generation.commit, the_plan, updated_at, inventory, errors,
+                                           unplannable=generation.unplannable)
         self._fingerprint = fingerprint
         return files
 
@@ -481,23 +386,6 @@ class RelayLoop:
         if sha:
             log.info("published status/%s %s", self.name, sha[:12])
         return sha
-
-
-def with_attempt_counts(rows: Sequence[plan.Row], history: plan.History) -> tuple[plan.Row, ...]:
-    """Succeeded rows show how many attempts their last operation took.
-
-    The plan engine leaves ``attempts`` at 0 on settled rows (looking history up
-    for every row of a large relay costs more than it tells the plan), but the
-    status an admin reads should still say that a client needed three tries.
-    """
-    out: list[plan.Row] = []
-    for row in rows:
-        if row.state is plan.ClientState.SUCCEEDED and not row.attempts:
-            attempt = history.get((row.job, row.client))
-            if attempt is not None and attempt.outcome is plan.Outcome.SUCCEEDED:
-                row = row._replace(attempts=attempt.attempt)
-        out.append(row)
-    return tuple(out)
 
 
 # ------------------------------------------------------------------ the process
@@ -672,7 +560,6 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
         log.info("relay %s stopping", name)
         watcher.stop()
         server.stop()
-        loop.renderer.close()
         store.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

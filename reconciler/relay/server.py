@@ -2,10 +2,11 @@
 
 A check-in is the hot path, and it touches only the calling client's rows:
 authenticate, record its facts, labels, inventory and results, plan that one
-client against the relay's in-memory :class:`~reconciler.plan.RelayIndex` and
-per-job rollout counters, record the operations handed out, commit, reply.
-Nothing in it scans all clients; the loop's full pass does that, off the
-request path.
+client against the relay's in-memory :class:`~reconciler.plan.RelayIndex`
+and the rollout usage counted on the other clients' row states (one indexed
+query, in the same transaction), record the operations handed out, commit,
+reply. Nothing in it scans all clients; the loop's full pass does that, off
+the request path.
 
 Two rules shape the code:
 
@@ -38,7 +39,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,22 +50,22 @@ from reconciler.plan import (
     ActionKind,
     Attempt,
     Client,
-    ClientState,
     Installed,
     Outcome,
-    RelayIndex,
-    RolloutUsage,
-    Row,
-    index_relay,
     plan_client,
 )
-from reconciler.relay.store import Store, token_matches
+from reconciler.relay.state import (
+    DEFAULT_POLL_SECONDS,
+    Generation,
+    RelayState,
+    StagedArtifact,
+)
+from reconciler.relay.store import token_matches
 from reconciler.webhook import read_secret_file, verify_signature
 
 log = logging.getLogger("reconciler.relay")
 
 MAX_BODY = protocol.MAX_BODY
-DEFAULT_POLL_SECONDS = 30.0
 POLL_SECONDS_ENV = "RECONCILER_POLL_SECONDS"
 WEBHOOK_SECRET_ENV = "RECONCILER_WEBHOOK_SECRET_FILE"
 
@@ -93,225 +94,6 @@ def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# ------------------------------------------------------------------ shared state
-
-
-@dataclass(frozen=True)
-class StagedArtifact:
-    """An artifact in the relay's cache, as an action describes it."""
-
-    sha256: str
-    size: int
-    format: str  # "tar" or "file"
-    file_name: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"sha256": self.sha256, "size": self.size, "format": self.format}
-        if self.file_name is not None:
-            out["fileName"] = self.file_name
-        return out
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What the relay serves from: one accepted commit's index and staged artifacts.
-
-    Replaced as a whole by the loop (one reference assignment), so a check-in
-    never sees the index of one commit with the artifacts of another.
-    """
-
-    commit: str | None = None
-    index: RelayIndex | None = None
-    artifacts: Mapping[tuple[str, str], StagedArtifact] = field(default_factory=dict)
-    # (name, version) -> why it is not in the cache (rows wait with this message)
-    unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    # job -> why it cannot be planned on this relay; such jobs are left out of ``index``
-    unplannable: Mapping[str, str] = field(default_factory=dict)
-
-
-def isolate_unplannable(generation: Generation, attempt: Callable[[RelayIndex], object]) -> Generation | None:
-    """``generation`` without the jobs that make ``attempt`` fail, or None when no job fails on its own.
-
-    Planning is pure and bounded by the schemas, so a failure here is a bug
-    or a value nobody foresaw. It must cost one job, not the relay: each job
-    reaching the relay is planned alone with the same inputs, and those that
-    fail are dropped from the index (and reported) until the next commit.
-    """
-    index = generation.index
-    if index is None:
-        return None
-    bad: dict[str, str] = {}
-    for job in index.specs.jobs:
-        if job.name not in index.revisions:
-            continue  # does not reach this relay
-        alone = index_relay(replace(index.specs, jobs=(job,)), index.relay)
-        try:
-            attempt(alone)
-        except Exception as e:  # noqa: BLE001 - any failure of this job's planning isolates it
-            bad[job.name] = _cut(f"{type(e).__name__}: {e}", 300)
-    return without_jobs(generation, bad) if bad else None
-
-
-def without_jobs(generation: Generation, unplannable: Mapping[str, str]) -> Generation:
-    """``generation`` with these jobs left out of its index and listed as unplannable."""
-    index = generation.index
-    if index is None or not unplannable:
-        return generation
-    kept = tuple(j for j in index.specs.jobs if j.name not in unplannable)
-    return replace(generation, index=index_relay(replace(index.specs, jobs=kept), index.relay),
-                   unplannable={**generation.unplannable, **unplannable})
-
-
-def unplannable_errors(generation: Generation) -> list[str]:
-    return [f"job {job} cannot be planned on this relay and is left out until the next commit: {why}"
-            for job, why in sorted(generation.unplannable.items())]
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-class RelayState:
-    """In-memory state shared by the server threads and the loop.
-
-    ``usage`` holds the per-job rollout counters the check-in path plans with.
-    The loop's full pass recomputes them from a database snapshot; changes
-    made by check-ins while the pass runs are kept in ``_delta`` and added on
-    top, so a dispatch is never lost between two passes. Every change happens
-    under the store's write lock.
-    """
-
-    def __init__(self, name: str, store: Store, poll_seconds: float = DEFAULT_POLL_SECONDS,
-                 on_change: Callable[[], None] | None = None,
-                 on_git_hook: Callable[[], None] | None = None) -> None:
-        self.name = name
-        self.store = store
-        self.poll_seconds = poll_seconds
-        self.generation = Generation()
-        self._generation_lock = threading.Lock()
-        self.usage: dict[str, RolloutUsage] = {}
-        self._delta: dict[str, list[int]] | None = None
-        self.on_change = on_change or (lambda: None)
-        self.on_git_hook = on_git_hook or (lambda: None)
-        self.client_count = 0
-        self.errors: tuple[str, ...] = ()
-
-    # -- rollout counters (caller holds store.write_lock) ----------------------
-
-    def _bump(self, job: str, in_progress: int, failed: int) -> None:
-        current = self.usage.get(job, RolloutUsage())
-        self.usage[job] = replace(current, in_progress=max(0, current.in_progress + in_progress),
-                                  failed=max(0, current.failed + failed))
-        if self._delta is not None:
-            delta = self._delta.setdefault(job, [0, 0])
-            delta[0] += in_progress
-            delta[1] += failed
-
-    def dispatched(self, job: str) -> None:
-        self._bump(job, 1, 0)
-
-    def finished(self, job: str, attempt: int, outcome: Outcome) -> None:
-        failed = 0
-        index = self.generation.index
-        if outcome is Outcome.FAILED and index is not None:
-            limit = next((j.retry_limit for j in index.specs.jobs if j.name == job), 1)
-            failed = 1 if attempt >= max(1, limit) else 0
-        self._bump(job, -1, failed)
-
-    def isolate(self, generation: Generation, attempt: Callable[[RelayIndex], object]) -> Generation | None:
-        """Drop the jobs that make ``attempt`` fail from ``generation`` and serve the result (None: no culprit)."""
-        isolated = isolate_unplannable(generation, attempt)
-        if isolated is None:
-            return None
-        for job, why in sorted(isolated.unplannable.items()):
-            if job not in generation.unplannable:
-                log.error("job %s cannot be planned on relay %s; it is left out until the next commit: %s",
-                          job, self.name, why)
-        with self._generation_lock:
-            if self.generation is generation:
-                self.generation = isolated
-        return isolated
-
-    def serve(self, generation: Generation) -> None:
-        """Serve ``generation`` from now on; for the same commit, jobs found unplannable stay left out."""
-        with self._generation_lock:
-            current = self.generation
-            if generation.commit == current.commit and current.unplannable and not generation.unplannable:
-                generation = without_jobs(generation, current.unplannable)
-            self.generation = generation
-
-    def begin_usage_pass(self) -> None:
-        """Start recording check-in changes (call under the write lock, right before the snapshot)."""
-        self._delta = {}
-
-    def abort_usage_pass(self) -> None:
-        """The pass failed: keep the counters as the check-ins left them."""
-        with self.store.write_lock:
-            self._delta = None
-
-    def end_usage_pass(self, computed: Mapping[str, RolloutUsage]) -> None:
-        """Install the pass's counters plus what check-ins changed since its snapshot."""
-        with self.store.write_lock:
-            delta = self._delta or {}
-            usage = dict(computed)
-            for job, (in_progress, failed) in delta.items():
-                base = usage.get(job, RolloutUsage())
-                usage[job] = replace(base, in_progress=max(0, base.in_progress + in_progress),
-                                     failed=max(0, base.failed + failed))
-            self.usage = usage
-            self._delta = None
-
-
-def usage_from_rows(rows: Iterable[Row], online: Mapping[str, bool]) -> dict[str, RolloutUsage]:
-    """Per-job rollout counters from a full plan: online in-progress clients, failed rows, targets."""
-    counts: dict[str, list[int]] = {}
-    for row in rows:
-        c = counts.setdefault(row.job, [0, 0, 0])
-        if row.state is ClientState.IN_PROGRESS and online.get(row.client, False):
-            c[0] += 1
-        elif row.state is ClientState.FAILED:
-            c[1] += 1
-        if row.state is not ClientState.SKIPPED:
-            c[2] += 1
-    return {job: RolloutUsage(in_progress=c[0], failed=c[1], targets=c[2]) for job, c in counts.items()}
-
-
-def hold_unavailable(rows: Sequence[Row], actions: Sequence[Action], generation: Generation,
-                     ) -> tuple[tuple[Row, ...], tuple[Action, ...]]:
-    """Drop actions whose artifact is not in the cache; their rows wait as Pending with the reason.
-
-    A client must never be handed an action it cannot download: it would fail
-    and burn a retry on the relay's problem, not its own.
-    """
-    held: dict[str, str] = {}
-    kept: list[Action] = []
-    for action in actions:
-        reason = _unavailable_reason(action, generation)
-        if reason is None:
-            kept.append(action)
-        else:
-            held[action.operation_id] = reason
-    if not held:
-        return tuple(rows), tuple(actions)
-    new_rows = tuple(
-        row._replace(state=ClientState.PENDING, message=held[row.operation_id])
-        if row.operation_id in held and row.state in (ClientState.IN_PROGRESS, ClientState.PENDING) else row
-        for row in rows)
-    return new_rows, tuple(kept)
-
-
-def _unavailable_reason(action: Action, generation: Generation) -> str | None:
-    if action.kind is ActionKind.UNINSTALL:
-        return None
-    if action.package is None:
-        return f"package {action.name} {action.version} has no spec at the accepted commit"
-    key = (action.package.name, action.package.version)
-    if key in generation.artifacts:
-        return None
-    why = generation.unavailable.get(key, "not staged yet")
-    return f"waiting for artifact of {key[0]} {key[1]}: {why}"
 
 
 # ------------------------------------------------------------------ validation
@@ -668,8 +450,7 @@ class RelayApp:
             elif confirm and not self.store.confirm(db, client_id, credentials[0]):
                 raise HttpError(403, f"this token does not belong to client {client_id}")
             changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
-            for done in self.store.record_results(db, client_id, request.results, now):
-                state.finished(done.job, done.attempt, done.outcome)
+            if self.store.record_results(db, client_id, request.results, now):
                 changed = True
             actions: tuple[Action, ...] = ()
             if generation.index is not None:
@@ -678,22 +459,27 @@ class RelayApp:
                     free_disk_mb=request.facts.get("freeDiskMB"),
                     labels=tuple(sorted(request.labels.items())), installed=request.inventory, online=True)
                 history = self.store.history_of(client_id, db)
+                index = generation.index
+                # Rollout limits count the other clients' rows, in this transaction: whatever
+                # another check-in started and committed before this one holds its slot.
+                limited = tuple(j.name for j in (*index.relay_jobs, *index.client_jobs.get(client_id, ()))
+                                if j.max_concurrent is not None or j.max_failures is not None)
+                usage = self.store.usage(db, limited, client_id, state.online_since(now))
                 try:
-                    planned = plan_client(generation.index, client, history, state.usage, now)
+                    planned = plan_client(index, client, history, usage, now, state.memo_for(index))
                 except Exception:
-                    isolated = state.isolate(generation, lambda index: plan_client(index, client, history, {}, now))
+                    isolated = state.isolate(generation, lambda alone: plan_client(alone, client, history, {}, now))
                     if isolated is None or isolated.index is None:
                         raise
                     generation = isolated
-                    planned = plan_client(isolated.index, client, history, state.usage, now)
-                rows, actions = hold_unavailable(planned.rows, planned.actions, generation)
+                    planned = plan_client(isolated.index, client, history, usage, now, state.memo_for(isolated.index))
+                rows, actions = planned.rows, planned.actions
                 for action in actions:
                     attempt = Attempt(
                         operation_id=action.operation_id, job=action.job, client=client_id,
                         revision=action.revision, rerun=action.rerun, attempt=action.attempt, action=action.kind,
                         version=action.version, outcome=Outcome.DISPATCHED, dispatched_at=now)
                     if self.store.record_dispatch(db, attempt):
-                        state.dispatched(action.job)
                         changed = True
                 previous = self.store.row_states_of(client_id, db)
                 moved = [(row.job, client_id, row.state.value, now) for row in rows

@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from reconciler.plan import ActionKind, Attempt, Installed, Outcome
+from reconciler.plan import ActionKind, Attempt, Installed, Outcome, RolloutUsage
 
 DB_NAME = "relay.sqlite3"
 MESSAGE_LIMIT = 4000  # characters of an operation's message kept
@@ -178,7 +178,40 @@ def _v2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE clients ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+def _v3(db: sqlite3.Connection) -> None:
+    # Rows per (job, state), kept by triggers in the same transaction as every
+    # row state change: rollout limits read them at each check-in, and they
+    # cannot disagree with the rows they count.
+    db.execute("""
+        CREATE TABLE job_state_counts (
+            job    TEXT NOT NULL,
+            state  TEXT NOT NULL,
+            n      INTEGER NOT NULL,
+            PRIMARY KEY (job, state)
+        ) WITHOUT ROWID""")
+    db.execute("INSERT INTO job_state_counts (job, state, n) SELECT job, state, COUNT(*) FROM row_states "
+               "GROUP BY job, state")
+    db.execute("""
+        CREATE TRIGGER row_states_insert AFTER INSERT ON row_states BEGIN
+            INSERT INTO job_state_counts (job, state, n) VALUES (NEW.job, NEW.state, 1)
+                ON CONFLICT (job, state) DO UPDATE SET n = n + 1;
+        END""")
+    db.execute("""
+        CREATE TRIGGER row_states_delete AFTER DELETE ON row_states BEGIN
+            UPDATE job_state_counts SET n = n - 1 WHERE job = OLD.job AND state = OLD.state;
+        END""")
+    db.execute("""
+        CREATE TRIGGER row_states_update AFTER UPDATE OF state ON row_states
+        WHEN OLD.state IS NOT NEW.state BEGIN
+            UPDATE job_state_counts SET n = n - 1 WHERE job = OLD.job AND state = OLD.state;
+            INSERT INTO job_state_counts (job, state, n) VALUES (NEW.job, NEW.state, 1)
+                ON CONFLICT (job, state) DO UPDATE SET n = n + 1;
+        END""")
+    # In-progress rows of a job, to count the online ones at a check-in.
+    db.execute("CREATE INDEX row_states_by_job_state ON row_states (job, state)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
 """Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
 
 _ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
@@ -480,6 +513,34 @@ class Store:
                        "ON CONFLICT (client, job) DO NOTHING", new_rows)
         db.executemany("UPDATE row_states SET state = ?, since = ? WHERE client = ? AND job = ? AND state = ?",
                        moved)
+
+    def usage(self, db: sqlite3.Connection, jobs: Sequence[str], other_than: str,
+              online_since: datetime) -> dict[str, RolloutUsage]:
+        """What rollout limits count for ``jobs`` on the rows of every client but ``other_than``.
+
+        In progress: rows InProgress of clients heard from since
+        ``online_since`` (an offline client holds no slot); failed: rows
+        Failed; targets: rows not Skipped. The planned client's own rows are
+        left out: its plan replaces them, and only the others' rows can hold
+        its starts back.
+        """
+        if not jobs:
+            return {}
+        marks = ",".join("?" * len(jobs))
+        counts: dict[str, dict[str, int]] = {job: {} for job in jobs}
+        for job, state, n in db.execute(
+                f"SELECT job, state, n FROM job_state_counts WHERE job IN ({marks})", list(jobs)):
+            counts[job][state] = n
+        for job, state in db.execute(f"SELECT job, state FROM row_states WHERE client = ? AND job IN ({marks})",
+                                     [other_than, *jobs]):
+            counts[job][state] = counts[job].get(state, 0) - 1
+        busy = dict(db.execute(
+            f"SELECT r.job, COUNT(*) FROM row_states r JOIN clients c ON c.id = r.client "
+            f"WHERE r.job IN ({marks}) AND r.state = 'InProgress' AND r.client != ? AND c.last_seen >= ? "
+            f"GROUP BY r.job", [*jobs, other_than, _ts(online_since)]).fetchall())
+        return {job: RolloutUsage(in_progress=busy.get(job, 0), failed=by_state.get("Failed", 0),
+                                  targets=sum(by_state.values()) - by_state.get("Skipped", 0))
+                for job, by_state in counts.items()}
 
     def delete_row_states(self, db: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> None:
         """Forget rows of jobs that no longer reach the relay (or clients it no longer plans)."""

@@ -1,106 +1,4 @@
-"""Plan engine: desired state per client, the diff to actual, and the actions.
-
-A pure function (no git, network, disk or clock: the caller passes ``now``)
-from the accepted specs, one relay, its clients' reported facts and
-inventory, and the relay's record of past attempts, to one row per
-(job, client) with its state, and the actions that close the gap.
-
-INTERFACE CONTRACT (the relay is written against these names):
-
-* ``index_relay(specs, relay) -> RelayIndex`` once per accepted commit.
-* ``plan_client(index, client, history, usage, now) -> ClientPlan`` on every
-  check-in: only that client's data plus the per-job rollout usage counters.
-  Its actions are handed out in the check-in reply, so rows that get a new
-  action are ``InProgress``.
-* ``plan_relay(index, clients, history, now) -> Plan`` for a full pass
-  (status publishing, ``reconciler plan``). It previews: a row that would
-  start at the client's next check-in is ``Pending`` with its action.
-* ``rollup(job, rows) -> JobRollup`` per job.
-
-The rules (DESIGN section 4), per client and job, in this order:
-
-1. **Reach.** ``allLowerClients`` jobs reach every client of a relay that is
-   a destination or lies below one (:mod:`reconciler.reach`); ``clients`` jobs
-   reach the named clients on whatever relay they are.
-2. **Suspend** -> ``Suspended`` ("job is suspended").
-3. **Schedule.** Before ``notBefore`` -> ``Pending`` "scheduled for <time>".
-   After ``notAfter`` nothing new starts: a row whose desired state holds is
-   ``Succeeded``, one in progress stays ``InProgress``, one out of retries
-   stays ``Failed``, every other row is ``Skipped`` "schedule window closed
-   at <time>". Such a job takes no part in conflicts and provides no
-   dependency.
-4. **Requirements** of the package (install jobs only: removing software
-   needs no capability) -> ``Skipped`` with every unmet reason, e.g.
-   "requires os windows, client has linux". A fact the client did not report
-   is not met.
-5. **Conflicts** among the jobs left active for one software name: two jobs
-   conflict when they want different outcomes (install of different
-   versions; install vs uninstall of any version or of that version). Each
-   such row is ``Conflict`` naming every job it conflicts with ("conflicts
-   with job X (wants vpn-client 5.2)"), and nothing is done there. Jobs that
-   want the same outcome do not conflict; the change is made once (see
-   *dedupe* below). An uninstall of the installed version and an install of
-   another version do not conflict either: the removal goes first and the
-   install starts from nothing right after it (or waits, "waiting for job X
-   to remove ...", while the removal cannot start).
-6. **Versions** (``versions.compare_versions``). Install: absent -> install,
-   older -> upgrade, same -> ``Succeeded``, newer -> ``Skipped`` "newer
-   version X present" unless ``allowDowngrade`` (-> downgrade). Uninstall:
-   present -> uninstall of the installed version, absent -> ``Succeeded``;
-   an uninstall naming a version leaves another version alone
-   (``Succeeded``).
-7. **dependsOn** (install rows with something to do): a dependency
-   installed at ``minVersion`` or newer, and not being removed by an
-   uninstall job, is met. Otherwise, when an install job reaching the client
-   would provide a satisfying version (and is not Skipped, Conflict,
-   Suspended or past its window for this client) the row waits, ``Pending``
-   "waiting for dependency X", until the client reports the dependency
-   installed; the dependent never goes out in the same plan as its
-   dependency, so a dependent is never run when its dependency failed (the
-   agent refuses such an action too). Without such a provider the row is
-   ``Skipped`` "dependency X not provided". Rows that only wait for each
-   other (a dependency cycle) say so: "waiting for dependency X (dependency
-   cycle)".
-8. **History** (latest attempt per job and client, only of the job's current
-   *plan revision*, see below; older revisions are ignored, so a newer spec
-   pre-empts pending retries of the old one). Dispatched and within
-   ``timeout + RESULT_MARGIN_SECONDS`` -> ``InProgress``, and the same action
-   (same operation id) is emitted again: the agent answers repeats from its
-   journal, so a client killed mid-install gets it back. Past that deadline
-   the attempt counts as failed, "no result from client within N s",
-   finished at the deadline. Failed with attempts left -> ``Pending`` "retry
-   k/limit at <time>" until ``finished + backoff * 2**(attempt-1)``, then
-   attempt k. Out of attempts -> ``Failed`` with the attempt's message, unless
-   ``spec.rerun`` was raised since: then attempt 1 again. Succeeded but the
-   client no longer reports the desired state -> drift, planned again as
-   attempt 1 of a fresh operation. A ``retry.limit`` of 0 means one attempt.
-9. **Rollout** per job on the relay, for rows about to start: with
-   ``maxFailures`` exceeded (``failed > count``, or ``failed > N%`` of the
-   job's non-Skipped rows) -> ``Pending`` "rollout halted: ..." (the job is
-   ``Halted`` until a rerun brings the Failed rows back); with
-   ``maxConcurrent`` clients in progress -> ``Pending`` "waiting for a rollout
-   slot". Only online clients hold slots.
-
-Dedupe: when two jobs would make the same change on one client (same action,
-software and version), one action goes out, under the first job with the
-change already in progress, else the first by name; the other rows show the
-same state and operation id with the message "same change as job X".
-
-Actions of one client run in this order: uninstalls, then installs by job
-name (a dependent and its dependency never go out together).
-
-Identities. The *plan revision* of a job is sha256 over the job's revision
-and its package's revision, so editing either (the package revision covers
-its artifact) is a new revision, while raising ``rerun`` or suspending is
-not. An ``operationId`` is ``"op-"`` + the 24 hex digits of a 12-byte
-BLAKE2b over (job, plan revision, rerun, client, software name, version,
-attempt, and the operation id of the attempt it follows, if any):
-deterministic, stable for the same inputs, and never equal to an earlier
-operation of the same job and client (a drift re-install after a success,
-or a spec reverted to an earlier revision, gets a new id, so the agent's
-journal cannot answer it with an old result). BLAKE2b rather than sha256:
-a pass over a new site hashes one id per action, and BLAKE2b does it in
-two thirds of the time; 96 bits are ample for ids.
+"""The fast plan engine: the rules of :mod:`reconciler.plan.rules`, computed for a whole relay at once.
 
 Performance (``benchmarks/plan_bench.py``: 10^6 pairs in about 1.5 s on two
 cores, converged or brand new; one client in well under a millisecond).
@@ -110,28 +8,50 @@ relevant labels, installed version), so requirements are evaluated once per
 fact set. Within a pass, clients of the same shape (job set, facts,
 installed versions of the software concerned) share their decisions and
 what follows from them alone (:class:`_Shape`): settled rows come from
-templates without looking at history (their ``attempts`` is 0), and rollout
-targets and state counts are added up per shape, not per row. Clients of a
+templates (a Succeeded row looks up only the attempts of its last
+operation), and rollout targets and state counts are added up per shape,
+not per row. Clients of a
 shape with no history for their gaps, while the rollout slots they could
 take are as free, get the first one's rows and actions again with their
 own id and operation ids (:class:`_Replay`). Rows and
-actions are NamedTuples made straight from their field values, the garbage
-collector rests during a pass, and operation ids are hashed only for
-actions.
+actions are NamedTuples made straight from their field values, and
+operation ids are hashed only for actions. The memo tables live in a
+:class:`PlanMemo` the caller owns, never in the frozen index.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from enum import StrEnum
+from datetime import datetime, timedelta
 from operator import attrgetter, lt
-from typing import Any, NamedTuple, NewType
+from typing import Any
 
+from reconciler.plan.identity import plan_revision
+from reconciler.plan.vocabulary import (
+    MAX_BACKOFF_SECONDS,
+    RESULT_MARGIN_SECONDS,
+    Action,
+    ActionKind,
+    Attempt,
+    Client,
+    ClientPlan,
+    ClientState,
+    History,
+    JobRollup,
+    Outcome,
+    Plan,
+    Reason,
+    RolloutUsage,
+    Row,
+    _aware,
+    _halt_message,
+    _rollup,
+    failures_exceeded,
+    rfc3339,
+)
 from reconciler.reach import Reach, reach_of
 from reconciler.specs import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -143,177 +63,16 @@ from reconciler.specs import (
 )
 from reconciler.versions import at_least, compare_versions, same_version
 
-ClientId = NewType("ClientId", str)
-OperationId = NewType("OperationId", str)
-
-# An action with no result within the installer timeout plus this margin
-# counts as a failed attempt ("no result from client within N s").
-RESULT_MARGIN_SECONDS = 60
-
-# Retry delays double per attempt; cap them so a large retry.limit cannot
-# overflow a datetime (about three years).
-MAX_BACKOFF_SECONDS = 10**8
-
-
-class ClientState(StrEnum):
-    PENDING = "Pending"
-    IN_PROGRESS = "InProgress"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SKIPPED = "Skipped"
-    CONFLICT = "Conflict"
-    SUSPENDED = "Suspended"
-
-
-class JobState(StrEnum):
-    INVALID = "Invalid"
-    SUSPENDED = "Suspended"
-    NO_TARGETS = "NoTargets"
-    HALTED = "Halted"
-    IN_PROGRESS = "InProgress"
-    FAILED = "Failed"
-    COMPLETED = "Completed"
-
-
-class ActionKind(StrEnum):
-    INSTALL = "install"
-    UPGRADE = "upgrade"
-    DOWNGRADE = "downgrade"
-    UNINSTALL = "uninstall"
-
-
-class Outcome(StrEnum):
-    DISPATCHED = "dispatched"  # handed to the client, no result yet
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Installed:
-    name: str
-    version: str
-
-
-@dataclass(frozen=True)
-class Client:
-    """What the relay knows of one client, as last reported."""
-
-    id: str
-    relay: str
-    os: str | None = None
-    arch: str | None = None
-    free_disk_mb: int | None = None
-    labels: tuple[tuple[str, str], ...] = ()  # sorted
-    installed: tuple[Installed, ...] = ()  # sorted by name, one per name
-    online: bool = True  # offline clients hold no rollout slot
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The latest operation the relay dispatched for one (job, client)."""
-
-    operation_id: str
-    job: str
-    client: str
-    revision: str  # plan revision (job + package) the attempt belongs to
-    rerun: int  # the job's spec.rerun when dispatched
-    attempt: int  # 1-based number within (revision, rerun)
-    action: ActionKind
-    version: str | None  # package version acted on
-    outcome: Outcome
-    dispatched_at: datetime
-    finished_at: datetime | None = None
-    message: str = ""
-
-
-History = Mapping[tuple[str, str], Attempt]
-"""Latest attempt per (job name, client id)."""
-
-
-class Action(NamedTuple):
-    operation_id: str
-    job: str
-    client: str
-    kind: ActionKind
-    package: Package | None  # the package spec to install; for uninstall, the job's package if known
-    name: str  # software name
-    version: str | None  # version to install, or the installed version to remove
-    previous_version: str | None  # for upgrade/downgrade: the installed version to remove first
-    revision: str
-    rerun: int
-    attempt: int
-    timeout_seconds: int
-
-
-class Row(NamedTuple):
-    """The state of one job on one client.
-
-    ``attempts`` counts the attempts of the current series (the job's plan
-    revision and rerun) for a row with work under way or failed: in
-    progress, waiting to retry, ``Failed``, or about to start (then the
-    attempts before this one). A settled row (``Succeeded``, ``Skipped``,
-    ``Conflict``, ``Suspended``, waiting for its schedule) shows 0: it is
-    built without looking at history, which keeps a relay pass over 10^6
-    rows fast. ``operation_id`` is set for a row with an action (the
-    operation handed out or in progress) and for ``Failed`` rows and rows
-    waiting to retry (the operation whose failure they show).
-
-    Rows and actions are NamedTuples, not frozen dataclasses: a relay pass
-    makes 10^6 rows, and a tuple is built (and freed) in half the time of a
-    dataclass instance with its ``__dict__``. They are values all the same:
-    compare them with ``==``, change a copy with ``_replace``.
-    """
-
-    job: str
-    relay: str
-    client: str
-    state: ClientState
-    action: ActionKind | None  # what is (or would be) done now; None when nothing
-    name: str  # software name
-    version: str | None  # desired version (None: uninstall of any version)
-    installed_version: str | None
-    attempts: int
-    message: str
-    operation_id: str | None = None
-
-
-@dataclass(frozen=True)
-class JobRollup:
-    job: str
-    state: JobState
-    counts: Mapping[str, int]  # ClientState value -> number of rows, every state present
-
-
-@dataclass(frozen=True)
-class ClientPlan:
-    client: str
-    rows: tuple[Row, ...]  # sorted by job
-    actions: tuple[Action, ...]  # in execution order
-
-
-@dataclass(frozen=True)
-class Plan:
-    relay: str
-    rows: tuple[Row, ...]  # sorted by (job, client)
-    actions: tuple[Action, ...]  # by client id, each client's in execution order
-    jobs: tuple[JobRollup, ...]  # sorted by job; every job that reaches the relay
-
-
-@dataclass(frozen=True)
-class RolloutUsage:
-    """Per job on one relay: clients in progress (online only) and failed, for rollout limits."""
-
-    in_progress: int = 0
-    failed: int = 0  # rows in state Failed
-    targets: int = 0  # rows that are not Skipped, for percentage maxFailures
-
 
 @dataclass(frozen=True)
 class RelayIndex:
-    """Specs pre-indexed for one relay (built once per accepted commit).
+    """Specs pre-indexed for one relay (built once per accepted commit and artifact state).
 
-    ``compiled`` and ``cache`` are the engine's own: per-job precomputed
-    values, and memo tables that only ever hold pure functions' results.
+    ``staged`` is what the relay can serve: (name, version) of every package
+    whose artifact is in its cache, None when artifacts do not matter (a
+    preview); an action that needs another one waits ("waiting for
+    artifact"), with the reason in ``unavailable`` when the relay knows it.
+    ``compiled`` is the engine's own: per-job precomputed values.
     """
 
     relay: str
@@ -322,63 +81,27 @@ class RelayIndex:
     client_jobs: Mapping[str, tuple[Job, ...]]  # clients jobs by client id
     packages: Mapping[tuple[str, str], Package]  # (name, version) -> package
     revisions: Mapping[str, str]  # job name -> plan revision (job revision + package revision)
+    staged: frozenset[tuple[str, str]] | None = None
+    unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
     compiled: Mapping[str, _CompiledJob] = field(default_factory=dict, compare=False, repr=False)
-    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-# ------------------------------------------------------------------ helpers
+class PlanMemo:
+    """The engine's memo tables for one index, owned by the caller (a relay keeps one per index).
 
+    They only ever hold results of pure functions of the index and a
+    client's facts, so sharing one across check-ins and passes changes no
+    result, only the time it takes. Without one, each call starts afresh.
+    """
 
-def plan_revision(job: Job, package: Package | None) -> str:
-    """sha256 over the job's revision and its package's revision ("" when none)."""
-    basis = f"{job.revision}\n{package.revision if package is not None else ''}"
-    return hashlib.sha256(basis.encode()).hexdigest()
+    def __init__(self, index: RelayIndex) -> None:
+        self.index = index
+        self.context = _Context(index)
 
-
-def operation_id(job: str, revision: str, rerun: int, client: str, name: str, version: str | None,
-                 attempt: int, previous: str = "") -> str:
-    """The deterministic operation id (see the module docstring)."""
-    text = "\x1f".join((job, revision, str(rerun), client, name, version or "", str(attempt), previous))
-    return "op-" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-
-def rfc3339(moment: datetime) -> str:
-    """UTC, second precision unless the time has a fraction: ``2027-04-01T00:00:00Z``."""
-    utc = _aware(moment).astimezone(timezone.utc)
-    if utc.microsecond:
-        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _aware(moment: datetime) -> datetime:
-    """Naive times are taken as UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-
-
-def parse_max_failures(value: int | str | None) -> tuple[int | None, int | None]:
-    """(count, percent): ``3`` -> (3, None); ``"10%"`` -> (None, 10); None -> (None, None)."""
-    if value is None:
-        return None, None
-    if isinstance(value, str):
-        return None, int(value.strip().rstrip("%"))
-    return int(value), None
-
-
-def failures_exceeded(failed: int, targets: int, max_failures: int | str | None) -> bool:
-    """Whether ``failed`` rows exceed ``maxFailures`` (a count, or a share of ``targets``)."""
-    count, percent = parse_max_failures(max_failures)
-    if count is not None:
-        return failed > count
-    if percent is not None:
-        return failed * 100 > percent * targets
-    return False
-
-
-def _halt_message(failed: int, targets: int, max_failures: int | str | None) -> str:
-    count, percent = parse_max_failures(max_failures)
-    if percent is not None:
-        return f"rollout halted: {failed} of {targets} failed, more than maxFailures {percent}%"
-    return f"rollout halted: {failed} failed, more than maxFailures {count}"
+    def context_for(self, index: RelayIndex) -> _Context:
+        if index is not self.index:
+            raise ValueError("this PlanMemo belongs to another RelayIndex")
+        return self.context
 
 
 # Rows and actions are made with ``tuple.__new__``, skipping the Python-level
@@ -386,8 +109,8 @@ def _halt_message(failed: int, targets: int, max_failures: int | str | None) -> 
 # relay pass makes 10^6 rows. The result is the value the constructor makes.
 # Rows being filled in are lists, indexed by these positions.
 _tnew = tuple.__new__
-_R_CLIENT, _R_STATE, _R_ACTION, _R_ATTEMPTS, _R_MESSAGE, _R_OPERATION = map(
-    Row._fields.index, ("client", "state", "action", "attempts", "message", "operation_id"))
+_R_CLIENT, _R_STATE, _R_ACTION, _R_ATTEMPTS, _R_MESSAGE, _R_OPERATION, _R_REASON = map(
+    Row._fields.index, ("client", "state", "action", "attempts", "message", "operation_id", "reason"))
 
 
 # ------------------------------------------------------------------ index
@@ -436,17 +159,20 @@ class _CompiledJob:
         return (self.order[0], depth, self.name)
 
 
-def _rollout_block(halted: str | None, in_progress: int, max_concurrent: int | None) -> str | None:
+def _rollout_block(halted: str | None, in_progress: int, max_concurrent: int | None,
+                   ) -> tuple[Reason, str] | None:
     """Why a start is held back on this relay, or None: a halted job first, then a full maxConcurrent."""
     if halted is not None:
-        return halted
+        return Reason.HALTED, halted
     if max_concurrent is not None and in_progress >= max_concurrent:
-        return f"waiting for a rollout slot (maxConcurrent {max_concurrent})"
+        return Reason.ROLLOUT_SLOT, f"waiting for a rollout slot (maxConcurrent {max_concurrent})"
     return None
 
 
-def index_relay(specs: Specs, relay: str, reach: Reach | None = None) -> RelayIndex:
-    """Index the specs for one relay: the jobs that reach it, packages, revisions.
+def index_relay(specs: Specs, relay: str, reach: Reach | None = None, *,
+                staged: frozenset[tuple[str, str]] | None = None,
+                unavailable: Mapping[tuple[str, str], str] | None = None) -> RelayIndex:
+    """Index the specs for one relay: the jobs that reach it, packages, revisions, staged artifacts.
 
     ``reach`` is the commit's :func:`reconciler.reach.reach_of`, when the caller has it already.
     """
@@ -469,6 +195,8 @@ def index_relay(specs: Specs, relay: str, reach: Reach | None = None) -> RelayIn
         client_jobs=by_client,
         packages=packages,
         revisions=revisions,
+        staged=staged,
+        unavailable=dict(unavailable or {}),
         compiled=compiled,
     )
 
@@ -495,12 +223,14 @@ class _JobSet:
 
 
 class _Context:
-    """Per-index derived tables, built lazily once and kept in ``index.cache``."""
+    """Per-index derived tables, and memo tables filled as clients are planned (see :class:`PlanMemo`)."""
 
     def __init__(self, index: RelayIndex) -> None:
         compiled = index.compiled or index_relay(index.specs, index.relay).compiled
         self.relay = index.relay
         self.packages = index.packages
+        self.staged = index.staged
+        self.unavailable = index.unavailable
         self.compiled = compiled
         self.by_slot = sorted(compiled.values(), key=attrgetter("slot"))
         self.relay_set = _JobSet(tuple(sorted(
@@ -562,12 +292,8 @@ class _Context:
         return level
 
 
-def _context(index: RelayIndex) -> _Context:
-    ctx: _Context | None = index.cache.get("context")
-    if ctx is None:
-        ctx = _Context(index)
-        index.cache["context"] = ctx
-    return ctx
+def _context(index: RelayIndex, memo: PlanMemo | None) -> _Context:
+    return memo.context_for(index) if memo is not None else _Context(index)
 
 
 # ------------------------------------------------------------ requirements
@@ -649,7 +375,7 @@ class _Decision:
             setattr(clone, name, getattr(self, name))
         return clone
 
-    def settle(self, relay: str, state: ClientState, message: str) -> _Decision:
+    def settle(self, relay: str, state: ClientState, reason: Reason, message: str) -> _Decision:
         self.final = True
         self.state = state
         self.count = self.slot * _NSTATES + _STATE_INDEX[state]
@@ -657,7 +383,7 @@ class _Decision:
         self.target = self.slot if tracked and state is not ClientState.SKIPPED else -1
         self.template = Row(job=self.name, relay=relay, client="", state=state, action=None,
                             name=self.cj.software, version=self.cj.version, installed_version=self.installed,
-                            attempts=0, message=message, operation_id=None)
+                            attempts=0, message=message, operation_id=None, reason=reason)
         return self
 
     def gap(self, ctx: _Context, kind: ActionKind, version: str, previous: str | None) -> _Decision:
@@ -695,16 +421,17 @@ def _decide_one(ctx: _Context, cj: _CompiledJob, phase: int, client: Client, ins
     relay = ctx.relay
     d = _Decision(cj, installed)
     if cj.suspend:
-        return d.settle(relay, ClientState.SUSPENDED, "job is suspended")
+        return d.settle(relay, ClientState.SUSPENDED, Reason.SUSPENDED, "job is suspended")
     if cj.missing:
-        return d.settle(relay, ClientState.SKIPPED, f"package {cj.software} {cj.version} is not defined")
+        return d.settle(relay, ClientState.SKIPPED, Reason.PACKAGE_UNDEFINED,
+                        f"package {cj.software} {cj.version} is not defined")
     reasons = _requirement_reasons(cj.requirements, client) if cj.requirements is not None else []
     if phase == _BEFORE:
         assert cj.not_before is not None
         d.eligible = cj.install and not reasons
-        return d.settle(relay, ClientState.PENDING, f"scheduled for {rfc3339(cj.not_before)}")
+        return d.settle(relay, ClientState.PENDING, Reason.SCHEDULED, f"scheduled for {rfc3339(cj.not_before)}")
     if reasons:
-        return d.settle(relay, ClientState.SKIPPED, "; ".join(reasons))
+        return d.settle(relay, ClientState.SKIPPED, Reason.REQUIREMENTS, "; ".join(reasons))
     d.closed = phase == _AFTER
     d.active = not d.closed
     if cj.install:
@@ -716,16 +443,16 @@ def _decide_one(ctx: _Context, cj: _CompiledJob, phase: int, client: Client, ins
         if order < 0:
             return d.gap(ctx, ActionKind.UPGRADE, cj.version, installed)
         if order == 0:
-            return d.settle(relay, ClientState.SUCCEEDED, "")
+            return d.settle(relay, ClientState.SUCCEEDED, Reason.DONE, "")
         if cj.allow_downgrade:
             return d.gap(ctx, ActionKind.DOWNGRADE, cj.version, installed)
         d.eligible = False
-        return d.settle(relay, ClientState.SKIPPED, f"newer version {installed} present")
+        return d.settle(relay, ClientState.SKIPPED, Reason.NEWER_PRESENT, f"newer version {installed} present")
     if installed is None:
-        return d.settle(relay, ClientState.SUCCEEDED, "")
+        return d.settle(relay, ClientState.SUCCEEDED, Reason.DONE, "")
     if cj.version is None or same_version(installed, cj.version):
         return d.gap(ctx, ActionKind.UNINSTALL, installed, None)
-    return d.settle(relay, ClientState.SUCCEEDED,
+    return d.settle(relay, ClientState.SUCCEEDED, Reason.OTHER_VERSION,
                     f"{cj.software} {installed} present; this job removes {cj.version} only")
 
 
@@ -792,7 +519,7 @@ def _resolve_conflicts(ctx: _Context, jobset: _JobSet, decisions: list[_Decision
                 changed[i] = "conflicts with " + ", ".join(f"job {o.name} (wants {_wants(o)})" for o in others)
         for i, message in changed.items():
             d = _Decision(decisions[i].cj, decisions[i].installed)
-            decisions[i] = d.settle(ctx.relay, ClientState.CONFLICT, message)
+            decisions[i] = d.settle(ctx.relay, ClientState.CONFLICT, Reason.CONFLICT, message)
         # Remove, then install: when an uninstall job removes the installed version, another
         # job's install of a different version starts from nothing, right after the removal.
         removers = [k for k in positions if not decisions[k].final and not decisions[k].cj.install]
@@ -851,7 +578,8 @@ def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mappi
             if missing is not None:
                 eligible[i] = False
                 settled.add(i)
-                decisions[i] = _Decision(d.cj, d.installed).settle(ctx.relay, ClientState.SKIPPED, missing)
+                decisions[i] = _Decision(d.cj, d.installed).settle(ctx.relay, ClientState.SKIPPED,
+                                                                   Reason.DEPENDENCY_MISSING, missing)
                 waits_of.pop(i, None)
                 changed = True
             else:
@@ -921,24 +649,26 @@ def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime)
 class _Gate:
     """Rollout state of one pass per job slot: clients in progress, and why starts are halted."""
 
-    __slots__ = ("in_progress", "halted", "take")
+    __slots__ = ("in_progress", "halted", "take", "online_in_progress")
 
     def __init__(self, size: int, take: bool) -> None:
         self.in_progress = [0] * size
         self.halted: list[str | None] = [None] * size
         self.take = take  # count this pass's new starts against maxConcurrent (plan_relay)
+        self.online_in_progress = [0] * size  # rows InProgress of online clients, for Plan.usage
 
 
 def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps: Sequence[Any],
-            gate: _Gate, dispatch: bool, shared: bool = True,
+            gate: _Gate, dispatch: bool, history: History, shared: bool = True,
             ) -> tuple[list[tuple[int, Row]], list[Action]]:
-    """Rows and actions of one client with a gap somewhere: rules 7-9, dedupe, action order.
+    """Rows and actions of one client with a gap somewhere: rules 7-9, artifacts, dedupe, action order.
 
     ``shared`` says whether two of the client's jobs may want one software
     (only then can two rows make the same change).
     """
     cid = client.id
     start_state = ClientState.IN_PROGRESS if dispatch else ClientState.PENDING
+    start_reason = Reason.IN_PROGRESS if dispatch else Reason.QUEUED
     rows: list[tuple[int, list[Any]]] = []  # (job slot, the row's fields), made Rows on return
     new: list[tuple[int, list[Any], int, str]] = []  # (position, fields, attempt, previous op)
     repeated: list[tuple[int, list[Any], Action]] = []  # in-progress actions handed out again
@@ -946,12 +676,29 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
     starting = [False] * len(decisions)  # the row's change goes out in this plan
     halted = gate.halted
     in_progress = gate.in_progress
+
+    def held_back(d: _Decision, fields: list[Any], kind: ActionKind | None, version: str | None) -> bool:
+        """Rollout or a missing artifact keeps the row from starting (its reason set); else False."""
+        why = _artifact_missing(ctx, d, kind, version)
+        if why is not None:
+            fields[_R_STATE] = ClientState.PENDING
+            fields[_R_REASON] = Reason.ARTIFACT
+            fields[_R_MESSAGE] = why
+            return True
+        blocked = _rollout_block(halted[d.slot], in_progress[d.slot], d.cj.max_concurrent)
+        if blocked is not None:
+            fields[_R_REASON], fields[_R_MESSAGE] = blocked
+            return True
+        return False
+
     for i, d in enumerate(decisions):
         cj = d.cj
         fields = list(d.template)
         fields[_R_CLIENT] = cid
         rows.append((d.slot, fields))
         if d.final:
+            if d.state is ClientState.SUCCEEDED:
+                fields[_R_ATTEMPTS] = _succeeded_attempts(history, d.name, cid)
             continue
         step = steps[i]
         tag = step[0]
@@ -960,43 +707,49 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             if d.waits:
                 ready.append((i, fields, step))
                 continue
-            # Nothing to wait for: only rollout can hold it back.
-            slot = d.slot
-            blocked = _rollout_block(halted[slot], in_progress[slot], cj.max_concurrent)
-            if blocked is not None:
-                fields[_R_MESSAGE] = blocked
+            # Nothing to wait for: only rollout or the artifact can hold it back.
+            if held_back(d, fields, d.kind, d.version):
                 continue
             starting[i] = True
             fields[_R_STATE] = start_state
+            fields[_R_REASON] = start_reason
             fields[_R_ACTION] = d.kind
             fields[_R_MESSAGE] = step[4]
             new.append((i, fields, step[1], step[2]))
         elif tag == _PROGRESS:
             a: Attempt = step[1]
             fields[_R_STATE] = ClientState.IN_PROGRESS
+            fields[_R_REASON] = Reason.IN_PROGRESS
             fields[_R_ACTION] = a.action
             fields[_R_ATTEMPTS] = a.attempt
             fields[_R_OPERATION] = a.operation_id
             fields[_R_MESSAGE] = f"attempt {a.attempt}/{cj.limit} dispatched at {rfc3339(a.dispatched_at)}"
+            why = _artifact_missing(ctx, d, a.action, a.version)
+            if why is not None:  # the client may ask for it again: it cannot be served until staged
+                fields[_R_STATE], fields[_R_REASON], fields[_R_MESSAGE] = ClientState.PENDING, Reason.ARTIFACT, why
+                continue
             repeated.append((i, fields, _repeat(ctx, d, a, cid)))
         elif tag == _CLOSED:
             assert cj.not_after is not None
             fields[_R_STATE] = ClientState.SKIPPED
+            fields[_R_REASON] = Reason.WINDOW_CLOSED
             fields[_R_MESSAGE] = f"schedule window closed at {rfc3339(cj.not_after)}"
         elif tag == _FAILED:
             failed: Attempt = step[1]
             fields[_R_STATE] = ClientState.FAILED
+            fields[_R_REASON] = Reason.FAILED
             fields[_R_ATTEMPTS] = failed.attempt
             fields[_R_MESSAGE] = step[2]
             fields[_R_OPERATION] = failed.operation_id
         else:  # _RETRY
             last: Attempt = step[1]
+            fields[_R_REASON] = Reason.RETRY_BACKOFF
             fields[_R_ATTEMPTS] = last.attempt
             fields[_R_OPERATION] = last.operation_id
             text = f"retry {last.attempt + 1}/{cj.limit} at {rfc3339(step[2])}"
             fields[_R_MESSAGE] = f"{text}; last attempt: {step[3]}" if step[3] else text
 
-    depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: dependencies go first
+    depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: removals go first
     deep = False
     while ready:
         # A row starts once every row it waits for starts in this plan (then rollout decides);
@@ -1023,15 +776,13 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
                     held.append(entry)
                     continue
             moved = True
-            slot = cj.slot
-            blocked = _rollout_block(halted[slot], in_progress[slot], cj.max_concurrent)
-            if blocked is not None:
-                fields[_R_MESSAGE] = blocked
+            if held_back(d, fields, d.kind, d.version):
                 continue
             starting[i] = True
             depth[i] = below
             deep = True
             fields[_R_STATE] = start_state
+            fields[_R_REASON] = start_reason
             fields[_R_ACTION] = d.kind
             fields[_R_MESSAGE] = step[4]
             new.append((i, fields, step[1], step[2]))
@@ -1040,8 +791,21 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             break
         ready = held
 
-    if not new and not repeated:
-        return [(slot, _tnew(Row, fields)) for slot, fields in rows], []
+    if new or repeated:
+        actions = _emit(decisions, new, repeated, cid, gate.take and client.online, in_progress, shared, deep, depth)
+    else:
+        actions = []
+    if client.online:
+        for slot, fields in rows:
+            if fields[_R_STATE] is ClientState.IN_PROGRESS:
+                gate.online_in_progress[slot] += 1
+    return [(slot, _tnew(Row, fields)) for slot, fields in rows], actions
+
+
+def _emit(decisions: Sequence[_Decision], new: list[tuple[int, list[Any], int, str]],
+          repeated: list[tuple[int, list[Any], Action]], cid: str, take: bool, in_progress: list[int],
+          shared: bool, deep: bool, depth: list[int]) -> list[Action]:
+    """The client's actions: new ones (deduplicated) and those handed out again, in execution order."""
     ordered: list[tuple[tuple[int, int, str], Action]] = []
     # Dedupe (only possible when jobs share a software name): one action per change; an
     # in-progress one owns it, else the first job by name.
@@ -1052,7 +816,6 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             owners.setdefault((action.kind, action.name, action.version), (action.job, fields))
     if owners is not None and len(new) > 1:
         new.sort(key=lambda n: decisions[n[0]].name)
-    take = gate.take and client.online
     for i, fields, number, previous in new:
         d = decisions[i]
         cj = d.cj
@@ -1062,6 +825,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             if owner is not None:
                 fields[_R_STATE] = owner[1][_R_STATE]
                 fields[_R_OPERATION] = owner[1][_R_OPERATION]
+                fields[_R_REASON] = owner[1][_R_REASON]  # queued or in progress through the owner's action
                 fields[_R_MESSAGE] = f"same change as job {owner[0]}"
                 continue
             owners[key] = (cj.name, fields)
@@ -1077,7 +841,28 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
     if len(ordered) > 1 and (deep or repeated or owners is not None):
         # (otherwise the actions are in processing order already: uninstalls, then by name)
         ordered.sort(key=lambda pair: pair[0])
-    return [(slot, _tnew(Row, fields)) for slot, fields in rows], [action for _, action in ordered]
+    return [action for _, action in ordered]
+
+
+def _artifact_missing(ctx: _Context, d: _Decision, kind: ActionKind | None, version: str | None) -> str | None:
+    """Why the artifact an install of ``version`` needs cannot be served by this relay, or None."""
+    if kind is ActionKind.UNINSTALL or ctx.staged is None:
+        return None
+    package = d.cj.package
+    if package is None:
+        return f"package {d.cj.software} {version} has no spec at the accepted commit"
+    key = (package.name, package.version)
+    if key in ctx.staged:
+        return None
+    return f"waiting for artifact of {key[0]} {key[1]}: {ctx.unavailable.get(key, 'not staged yet')}"
+
+
+def _succeeded_attempts(history: History, job: str, cid: str) -> int:
+    """How many attempts the operation that made a Succeeded row's state took (0 when none is recorded)."""
+    if not history:
+        return 0
+    a = history.get((job, cid))
+    return a.attempt if a is not None and a.outcome is Outcome.SUCCEEDED else 0
 
 
 def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, list[Any], tuple[Any, ...]]],
@@ -1097,9 +882,14 @@ def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, list[An
                 real.add(i)
                 changed = True
     for i, fields, _ in held:
-        message = next(m for m, providers, after in decisions[i].waits
-                       if after or not any(starting[k] for k in providers))
-        fields[_R_MESSAGE] = message if i in real else f"{message} (dependency cycle)"
+        message, after = next((m, after) for m, providers, after in decisions[i].waits
+                              if after or not any(starting[k] for k in providers))
+        if i not in real:
+            fields[_R_REASON] = Reason.DEPENDENCY_CYCLE
+            fields[_R_MESSAGE] = f"{message} (dependency cycle)"
+        else:
+            fields[_R_REASON] = Reason.WAITING_DEPENDENCY if after else Reason.WAITING_REMOVAL
+            fields[_R_MESSAGE] = message
 
 
 def _repeat(ctx: _Context, d: _Decision, a: Attempt, cid: str) -> Action:
@@ -1162,7 +952,7 @@ class _Replay:
         self.made = None
 
     def play(self, cid: str, online: bool, append: Sequence[Any], out: list[Action],
-             in_progress: list[int]) -> None:
+             in_progress: list[int], history: History) -> None:
         """The rows and actions for client ``cid``; ``append`` is the same in every call of a pass."""
         if self.made is not None:
             self._prepare(self.made, append)
@@ -1178,16 +968,19 @@ class _Replay:
             op = "op-" + digest.hexdigest()
             add(_tnew(Action, (op, job, cid, kind, package, name, version, previous, revision, rerun, attempt,
                                timeout)))
-            for append_row, (r_job, relay, _, state, action, r_name, r_version, installed, attempts, message, _) \
-                    in showing:
+            for append_row, (r_job, relay, _, state, action, r_name, r_version, installed, attempts, message, _,
+                             reason) in showing:
                 append_row(_tnew(Row, (r_job, relay, cid, state, action, r_name, r_version, installed, attempts,
-                                       message, op)))
+                                       message, op, reason)))
         if online:
             for slot in self.slots:
                 in_progress[slot] += 1
-        for append_row, (job, relay, _, state, action, name, version, installed, attempts, message, op) \
+        for append_row, (job, relay, _, state, action, name, version, installed, attempts, message, op, reason) \
                 in self.rows:
-            append_row(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op)))
+            if state is ClientState.SUCCEEDED and history:
+                attempts = _succeeded_attempts(history, job, cid)
+            append_row(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
+                                   reason)))
 
     def count(self, counts: list[int]) -> None:
         """Add the rows made by :meth:`play` to the pass's state counters."""
@@ -1202,7 +995,7 @@ def _inventory(client: Client) -> dict[str, str]:
 
 
 def plan_client(index: RelayIndex, client: Client, history: History,
-                usage: Mapping[str, RolloutUsage], now: datetime) -> ClientPlan:
+                usage: Mapping[str, RolloutUsage], now: datetime, memo: PlanMemo | None = None) -> ClientPlan:
     """Plan one client at check-in; ``usage`` holds the relay's per-job rollout counters.
 
     ``history`` needs only this client's entries (it may hold others). Rows
@@ -1215,7 +1008,7 @@ def plan_client(index: RelayIndex, client: Client, history: History,
     caller adds the starts to ``in_progress``.
     """
     now = _aware(now)
-    ctx = _context(index)
+    ctx = _context(index, memo)
     jobset = ctx.jobs_for(client.id)
     if not jobset.jobs:
         return ClientPlan(client.id, (), ())
@@ -1232,26 +1025,24 @@ def plan_client(index: RelayIndex, client: Client, history: History,
         gate.in_progress[cj.slot] = u.in_progress
         if cj.has_failure_limit and failures_exceeded(u.failed, u.targets, cj.max_failures):
             gate.halted[cj.slot] = _halt_message(u.failed, u.targets, cj.max_failures)
-    rows, actions = _finish(ctx, client, decisions, steps, gate, dispatch=True,
+    rows, actions = _finish(ctx, client, decisions, steps, gate, dispatch=True, history=history,
                             shared=bool(jobset.shared))
     return ClientPlan(client.id, tuple(sorted((r for _, r in rows), key=attrgetter("job"))), tuple(actions))
 
 
-def plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime) -> Plan:
+def plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime,
+               memo: PlanMemo | None = None) -> Plan:
     """Plan every client of the relay (rows name ``index.relay``, whatever ``Client.relay`` says).
 
     Level-triggered: the failed and in-progress counts that rollout limits
     use come from this pass's own rows; new starts take slots in client id
     order (an offline client's start takes none: it holds no slot until it
-    checks in).
+    checks in). ``Plan.usage`` is what a check-in's rollout limits count on
+    these rows (see :func:`plan_client`). A pass allocates about 10^6
+    short-lived, acyclic objects; callers at that scale pause the cyclic
+    garbage collector around it (the relay does).
     """
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a pass allocates ~10^6 acyclic objects: collections would only cost time
-    try:
-        return _plan_relay(index, clients, history, _aware(now))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    return _plan_relay(index, clients, history, _aware(now), _context(index, memo))
 
 
 class _Shape:
@@ -1303,8 +1094,8 @@ class _Shape:
         self.plain = 0
 
 
-def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime) -> Plan:
-    ctx = _context(index)
+def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, now: datetime,
+                ctx: _Context) -> Plan:
     size = len(ctx.by_slot)
     phases = tuple(_phase(cj, now) for cj in ctx.by_slot)
     hget = history.get if history else None
@@ -1388,8 +1179,12 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
             settled = shape.rows
             if settled is None:
                 settled = shape.rows = [(d.template, append[d.slot]) for d in shape.decisions]
-            for (job, relay, _, state, action, name, version, installed, attempts, message, op), add in settled:
-                add(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op)))
+            for (job, relay, _, state, action, name, version, installed, attempts, message, op, reason), add \
+                    in settled:
+                if state is ClientState.SUCCEEDED and history:
+                    attempts = _succeeded_attempts(history, job, cid)
+                add(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
+                                reason)))
             continue
         decisions = shape.decisions
         replay_key: Any = None
@@ -1397,9 +1192,9 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
             replay_key = (shape.replay, *map(lt, map(free, shape.caps), shape.capped)) if shape.caps else shape.replay
             replay = replays.get(replay_key)
             if replay is not None:
-                replay.play(cid, client.online, append, actions, in_progress)
+                replay.play(cid, client.online, append, actions, in_progress, history)
                 continue
-        rows, new_actions = _finish(ctx, client, decisions, steps, gate, dispatch=False,
+        rows, new_actions = _finish(ctx, client, decisions, steps, gate, dispatch=False, history=history,
                                     shared=bool(ctx.jobs_for(cid).shared))
         for slot, row in rows:
             append[slot](row)
@@ -1417,6 +1212,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
 
     all_rows: list[Row] = []
     rollups: list[JobRollup] = []
+    usage: dict[str, RolloutUsage] = {}
     for cj in sorted(ctx.by_slot, key=attrgetter("name")):
         job_rows = per_job[cj.slot]
         if not job_rows and cj.name not in ctx.relay_names:
@@ -1425,44 +1221,8 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         base = cj.slot * _NSTATES
         by_state = {state.value: counts[base + k] for k, state in enumerate(_STATES)}
         rollups.append(_rollup(cj.name, by_state, suspended=cj.suspend, max_failures=cj.max_failures))
-    return Plan(relay=index.relay, rows=tuple(all_rows), actions=tuple(actions), jobs=tuple(rollups))
-
-
-def count_states(rows: Iterable[Row]) -> dict[str, int]:
-    """Rows per state, every ClientState value present."""
-    counts = dict.fromkeys((s.value for s in ClientState), 0)
-    for row in rows:
-        counts[row.state] += 1
-    return counts
-
-
-def rollup(job: str, rows: Sequence[Row], *, suspended: bool = False,
-           max_failures: int | str | None = None) -> JobRollup:
-    """A job's state on a relay from its rows (DESIGN section 4), and the counts by state.
-
-    In order: ``Suspended`` (the job is suspended, or every row is),
-    ``NoTargets`` (no rows), ``Halted`` (Failed rows exceed ``max_failures``,
-    the job's ``rollout.maxFailures``, counted against its non-Skipped rows),
-    ``InProgress`` (any row Pending or InProgress, including rows waiting for
-    a future schedule), ``Failed`` (any Failed or Conflict), else
-    ``Completed``. (``Invalid`` is HQ's, for a commit that did not validate.)
-    """
-    return _rollup(job, count_states(rows), suspended=suspended, max_failures=max_failures)
-
-
-def _rollup(job: str, counts: dict[str, int], *, suspended: bool, max_failures: int | str | None) -> JobRollup:
-    total = sum(counts.values())
-    if suspended or (total and counts[ClientState.SUSPENDED] == total):
-        state = JobState.SUSPENDED
-    elif total == 0:
-        state = JobState.NO_TARGETS
-    elif max_failures is not None and failures_exceeded(
-            counts[ClientState.FAILED], total - counts[ClientState.SKIPPED], max_failures):
-        state = JobState.HALTED
-    elif counts[ClientState.PENDING] or counts[ClientState.IN_PROGRESS]:
-        state = JobState.IN_PROGRESS
-    elif counts[ClientState.FAILED] or counts[ClientState.CONFLICT]:
-        state = JobState.FAILED
-    else:
-        state = JobState.COMPLETED
-    return JobRollup(job=job, state=state, counts=counts)
+        usage[cj.name] = RolloutUsage(in_progress=gate.online_in_progress[cj.slot],
+                                      failed=by_state[ClientState.FAILED.value],
+                                      targets=len(job_rows) - by_state[ClientState.SKIPPED.value])
+    return Plan(relay=index.relay, rows=tuple(all_rows), actions=tuple(actions), jobs=tuple(rollups),
+                usage=usage)

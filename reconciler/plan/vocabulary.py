@@ -1,0 +1,314 @@
+"""The plan's vocabulary: states, actions, rows, attempts, and how a job's rows roll up.
+
+Values only (StrEnums, frozen dataclasses, NamedTuples), shared by the
+readable rules (:mod:`reconciler.plan.rules`), the fast engine
+(:mod:`reconciler.plan.engine`) and everything that reads a plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import NamedTuple, NewType
+
+from reconciler.specs import Package
+
+ClientId = NewType("ClientId", str)
+OperationId = NewType("OperationId", str)
+
+# An action with no result within the installer timeout plus this margin
+# counts as a failed attempt ("no result from client within N s").
+RESULT_MARGIN_SECONDS = 60
+
+# Retry delays double per attempt; cap them so a large retry.limit cannot
+# overflow a datetime (about three years).
+MAX_BACKOFF_SECONDS = 10**8
+
+
+class ClientState(StrEnum):
+    PENDING = "Pending"
+    IN_PROGRESS = "InProgress"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+    CONFLICT = "Conflict"
+    SUSPENDED = "Suspended"
+
+
+class JobState(StrEnum):
+    """A job's state on a relay, a destination or overall; declared in precedence order (DESIGN section 4)."""
+
+    INVALID = "Invalid"
+    SUSPENDED = "Suspended"
+    NO_TARGETS = "NoTargets"
+    HALTED = "Halted"
+    IN_PROGRESS = "InProgress"
+    FAILED = "Failed"
+    COMPLETED = "Completed"
+
+    def worse_than(self, other: JobState) -> bool:
+        """Whether this state takes precedence over ``other`` when both would apply."""
+        return _JOB_STATE_RANK[self] < _JOB_STATE_RANK[other]
+
+
+_JOB_STATE_RANK = {state: rank for rank, state in enumerate(JobState)}
+
+
+class Reason(StrEnum):
+    """Why a row is in its state, for machines: filter and count on it, never parse the message."""
+
+    DONE = "done"  # Succeeded: the desired state holds
+    OTHER_VERSION = "otherVersion"  # Succeeded: an uninstall of one version, another is present
+    SUSPENDED = "suspended"
+    PACKAGE_UNDEFINED = "packageUndefined"
+    REQUIREMENTS = "requirements"  # Skipped: a requirement of the package is not met
+    NEWER_PRESENT = "newerPresent"  # Skipped: a newer version is installed, no allowDowngrade
+    WINDOW_CLOSED = "windowClosed"  # Skipped: past notAfter, nothing new starts
+    CONFLICT = "conflict"
+    DEPENDENCY_MISSING = "dependencyMissing"  # Skipped: no job provides a dependency
+    SCHEDULED = "scheduled"  # Pending until notBefore
+    QUEUED = "queued"  # Pending: its action goes out at the client's next check-in
+    IN_PROGRESS = "inProgress"  # handed to the client, no result yet
+    RETRY_BACKOFF = "retryBackoff"  # Pending: a failed attempt is retried later
+    ROLLOUT_SLOT = "rolloutSlot"  # Pending: maxConcurrent clients are in progress
+    HALTED = "halted"  # Pending: maxFailures exceeded on this relay
+    WAITING_DEPENDENCY = "waitingForDependency"
+    DEPENDENCY_CYCLE = "dependencyCycle"
+    WAITING_REMOVAL = "waitingForRemoval"  # an uninstall of the installed version goes first
+    ARTIFACT = "waitingForArtifact"  # the relay has not staged the package's artifact
+    FAILED = "failed"  # out of attempts
+
+
+class ActionKind(StrEnum):
+    INSTALL = "install"
+    UPGRADE = "upgrade"
+    DOWNGRADE = "downgrade"
+    UNINSTALL = "uninstall"
+
+
+class Outcome(StrEnum):
+    DISPATCHED = "dispatched"  # handed to the client, no result yet
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Installed:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Client:
+    """What the relay knows of one client, as last reported."""
+
+    id: str
+    relay: str
+    os: str | None = None
+    arch: str | None = None
+    free_disk_mb: int | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # sorted
+    installed: tuple[Installed, ...] = ()  # sorted by name, one per name
+    online: bool = True  # offline clients hold no rollout slot
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The latest operation the relay dispatched for one (job, client)."""
+
+    operation_id: str
+    job: str
+    client: str
+    revision: str  # plan revision (job + package) the attempt belongs to
+    rerun: int  # the job's spec.rerun when dispatched
+    attempt: int  # 1-based number within (revision, rerun)
+    action: ActionKind
+    version: str | None  # package version acted on
+    outcome: Outcome
+    dispatched_at: datetime
+    finished_at: datetime | None = None
+    message: str = ""
+
+
+History = Mapping[tuple[str, str], Attempt]
+"""Latest attempt per (job name, client id)."""
+
+
+class Action(NamedTuple):
+    operation_id: str
+    job: str
+    client: str
+    kind: ActionKind
+    package: Package | None  # the package spec to install; for uninstall, the job's package if known
+    name: str  # software name
+    version: str | None  # version to install, or the installed version to remove
+    previous_version: str | None  # for upgrade/downgrade: the installed version to remove first
+    revision: str
+    rerun: int
+    attempt: int
+    timeout_seconds: int
+
+
+class Row(NamedTuple):
+    """The state of one job on one client.
+
+    ``attempts`` counts the attempts of the current series (the job's plan
+    revision and rerun) for a row with work under way or failed: in
+    progress, waiting to retry, ``Failed``, or about to start (then the
+    attempts before this one). A settled row (``Succeeded``, ``Skipped``,
+    ``Conflict``, ``Suspended``, waiting for its schedule) shows 0: it is
+    built without looking at history, which keeps a relay pass over 10^6
+    rows fast. ``operation_id`` is set for a row with an action (the
+    operation handed out or in progress) and for ``Failed`` rows and rows
+    waiting to retry (the operation whose failure they show).
+
+    Rows and actions are NamedTuples, not frozen dataclasses: a relay pass
+    makes 10^6 rows, and a tuple is built (and freed) in half the time of a
+    dataclass instance with its ``__dict__``. They are values all the same:
+    compare them with ``==``, change a copy with ``_replace``.
+    """
+
+    job: str
+    relay: str
+    client: str
+    state: ClientState
+    action: ActionKind | None  # what is (or would be) done now; None when nothing
+    name: str  # software name
+    version: str | None  # desired version (None: uninstall of any version)
+    installed_version: str | None
+    attempts: int
+    message: str
+    operation_id: str | None = None
+    reason: Reason | None = None  # set on every row a plan makes
+
+
+@dataclass(frozen=True)
+class JobRollup:
+    job: str
+    state: JobState
+    counts: Mapping[str, int]  # ClientState value -> number of rows, every state present
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    client: str
+    rows: tuple[Row, ...]  # sorted by job
+    actions: tuple[Action, ...]  # in execution order
+
+
+@dataclass(frozen=True)
+class Plan:
+    relay: str
+    rows: tuple[Row, ...]  # sorted by (job, client)
+    actions: tuple[Action, ...]  # by client id, each client's in execution order
+    jobs: tuple[JobRollup, ...]  # sorted by job; every job that reaches the relay
+    # per job: what rollout limits count on these rows (online clients in progress, Failed, not Skipped)
+    usage: Mapping[str, RolloutUsage] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RolloutUsage:
+    """Per job on one relay: clients in progress (online only) and failed, for rollout limits."""
+
+    in_progress: int = 0
+    failed: int = 0  # rows in state Failed
+    targets: int = 0  # rows that are not Skipped, for percentage maxFailures
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, second precision unless the time has a fraction: ``2027-04-01T00:00:00Z``."""
+    utc = _aware(moment).astimezone(timezone.utc)
+    if utc.microsecond:
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _aware(moment: datetime) -> datetime:
+    """Naive times are taken as UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def parse_max_failures(value: int | str | None) -> tuple[int | None, int | None]:
+    """(count, percent): ``3`` -> (3, None); ``"10%"`` -> (None, 10); None -> (None, None)."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        return None, int(value.strip().rstrip("%"))
+    return int(value), None
+
+
+def failures_exceeded(failed: int, targets: int, max_failures: int | str | None) -> bool:
+    """Whether ``failed`` rows exceed ``maxFailures`` (a count, or a share of ``targets``)."""
+    count, percent = parse_max_failures(max_failures)
+    if count is not None:
+        return failed > count
+    if percent is not None:
+        return failed * 100 > percent * targets
+    return False
+
+
+def _halt_message(failed: int, targets: int, max_failures: int | str | None) -> str:
+    count, percent = parse_max_failures(max_failures)
+    if percent is not None:
+        return f"rollout halted: {failed} of {targets} failed, more than maxFailures {percent}%"
+    return f"rollout halted: {failed} failed, more than maxFailures {count}"
+
+
+def count_states(rows: Iterable[Row]) -> dict[str, int]:
+    """Rows per state, every ClientState value present."""
+    counts = dict.fromkeys((s.value for s in ClientState), 0)
+    for row in rows:
+        counts[row.state] += 1
+    return counts
+
+
+def rollup(job: str, rows: Sequence[Row], *, suspended: bool = False,
+           max_failures: int | str | None = None) -> JobRollup:
+    """A job's state on a relay from its rows (DESIGN section 4), and the counts by state.
+
+    In order: ``Suspended`` (the job is suspended, or every row is),
+    ``NoTargets`` (no rows), ``Halted`` (Failed rows exceed ``max_failures``,
+    the job's ``rollout.maxFailures``, counted against its non-Skipped rows),
+    ``InProgress`` (any row Pending or InProgress, including rows waiting for
+    a future schedule), ``Failed`` (any Failed or Conflict), else
+    ``Completed``. (``Invalid`` is HQ's, for a commit that did not validate.)
+    """
+    return _rollup(job, count_states(rows), suspended=suspended, max_failures=max_failures)
+
+
+def _rollup(job: str, counts: dict[str, int], *, suspended: bool, max_failures: int | str | None) -> JobRollup:
+    total = sum(counts.values())
+    halted = max_failures is not None and failures_exceeded(
+        counts[ClientState.FAILED], total - counts[ClientState.SKIPPED], max_failures)
+    return JobRollup(job=job, state=job_state(counts, suspended=suspended, halted=halted), counts=counts)
+
+
+def job_state(counts: Mapping[str, int], *, suspended: bool = False, halted: bool = False,
+              waiting: bool = False, invalid: bool = False) -> JobState:
+    """Roll client counts up to a job state (DESIGN section 4): the worst state that applies.
+
+    ``Invalid`` (the job cannot be planned, or HQ's commit did not validate),
+    ``Suspended`` (the job is, or every row is), ``NoTargets`` (no rows and
+    nothing ``waiting`` for a relay that has not reported yet), ``Halted``,
+    ``InProgress`` (any Pending or InProgress row, or ``waiting``),
+    ``Failed`` (any Failed or Conflict row), else ``Completed``. A job that
+    reaches no client yet but still waits for a relay is InProgress, not
+    NoTargets: the missing relay may well have clients.
+    """
+    total = sum(counts.values())
+    applies = {
+        JobState.INVALID: invalid,
+        JobState.SUSPENDED: suspended or bool(total and counts.get(ClientState.SUSPENDED.value, 0) == total),
+        JobState.NO_TARGETS: total == 0 and not waiting,
+        JobState.HALTED: halted,
+        JobState.IN_PROGRESS: waiting or bool(counts.get(ClientState.PENDING.value, 0)
+                                              or counts.get(ClientState.IN_PROGRESS.value, 0)),
+        JobState.FAILED: bool(counts.get(ClientState.FAILED.value, 0) or counts.get(ClientState.CONFLICT.value, 0)),
+    }
+    state = JobState.COMPLETED
+    for candidate, applied in applies.items():
+        if applied and candidate.worse_than(state):
+            state = candidate
+    return state
