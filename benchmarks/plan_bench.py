@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import random
@@ -48,6 +49,7 @@ from reconciler.plan import (  # noqa: E402
     Client,
     Installed,
     Outcome,
+    PlanMemo,
     RelayIndex,
     RolloutUsage,
     index_relay,
@@ -183,15 +185,22 @@ def build_fleet(specs: Specs, clients: int, *, steady: bool, seed: int = 7,
 
 
 def time_relays(indexes: dict[str, RelayIndex], fleet: dict[str, list[Client]],
-                history: dict[str, dict[tuple[str, str], Attempt]]) -> tuple[float, int, int, float]:
-    """Sum of the plan_relay calls' times; then the time to drop all the plans, measured apart."""
+                history: dict[str, dict[tuple[str, str], Attempt]],
+                memos: dict[str, PlanMemo]) -> tuple[float, int, int, float]:
+    """Sum of the plan_relay calls' times; then the time to drop all the plans, measured apart.
+
+    As in the relay, each index has its memo, and the cyclic garbage collector
+    rests during a pass (a pass allocates ~10^6 acyclic objects).
+    """
     elapsed = 0.0
     rows = actions = 0
     plans = []
     for relay, index in indexes.items():
+        gc.disable()
         start = time.perf_counter()
-        plan = plan_relay(index, fleet[relay], history[relay], NOW)
+        plan = plan_relay(index, fleet[relay], history[relay], NOW, memos[relay])
         elapsed += time.perf_counter() - start
+        gc.enable()
         rows += len(plan.rows)
         actions += len(plan.actions)
         plans.append(plan)
@@ -202,12 +211,12 @@ def time_relays(indexes: dict[str, RelayIndex], fleet: dict[str, list[Client]],
 
 
 def time_client(index: RelayIndex, client: Client, history: dict[tuple[str, str], Attempt],
-                calls: int = 1000) -> float:
+                memo: PlanMemo, calls: int = 1000) -> float:
     usage = {name: RolloutUsage(in_progress=3, failed=1, targets=2000) for name in index.revisions}
     samples = []
     for _ in range(calls):
         start = time.perf_counter()
-        plan_client(index, client, history, usage, NOW)
+        plan_client(index, client, history, usage, NOW, memo)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -232,16 +241,17 @@ def main() -> int:
         if args.profile == label:
             profiler = cProfile.Profile()
             profiler.enable()
-            time_relays(indexes, fleet, history)
+            time_relays(indexes, fleet, history, {r: PlanMemo(i) for r, i in indexes.items()})
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
         # Fresh indexes: the first pass also fills the per-index decision caches (cold).
         indexes = {r.name: index_relay(specs, r.name) for r in specs.topology.relays}
-        cold, rows, actions, _ = time_relays(indexes, fleet, history)
+        memos = {r: PlanMemo(i) for r, i in indexes.items()}
+        cold, rows, actions, _ = time_relays(indexes, fleet, history, memos)
         times = []
         drops = []
         for _ in range(args.runs):
-            elapsed, rows, actions, dropped = time_relays(indexes, fleet, history)
+            elapsed, rows, actions, dropped = time_relays(indexes, fleet, history, memos)
             times.append(elapsed)
             drops.append(dropped)
         print(f"plan_relay {label}: {rows} rows, {actions} actions, {entries} history entries: "
@@ -251,7 +261,8 @@ def main() -> int:
         if steady:
             relay = specs.topology.relays[7].name
             client = fleet[relay][0]
-            per_client = [time_client(indexes[relay], client, history[relay]) for _ in range(args.runs)]
+            per_client = [time_client(indexes[relay], client, history[relay], memos[relay])
+                          for _ in range(args.runs)]
             print(f"plan_client one client: median {statistics.median(per_client) * 1e3:.3f} ms")
     return 0
 

@@ -25,14 +25,30 @@ import hashlib
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from operator import attrgetter, lt
 from typing import Any
 
 from reconciler.plan.identity import plan_revision
+from reconciler.plan.rules import (
+    CLOSED,
+    FRESH,
+    OutOfAttempts,
+    Ready,
+    RetryLater,
+    Running,
+    Step,
+    WindowClosed,
+    artifact_missing,
+    conflicting,
+    history_step,
+    repeat_action,
+    requirement_reasons,
+    rollout_block,
+    succeeded_attempts,
+    wants,
+)
 from reconciler.plan.vocabulary import (
-    MAX_BACKOFF_SECONDS,
-    RESULT_MARGIN_SECONDS,
     Action,
     ActionKind,
     Attempt,
@@ -47,9 +63,9 @@ from reconciler.plan.vocabulary import (
     RolloutUsage,
     Row,
     _aware,
-    _halt_message,
     _rollup,
     failures_exceeded,
+    halt_message,
     rfc3339,
 )
 from reconciler.reach import Reach, reach_of
@@ -109,6 +125,7 @@ class PlanMemo:
 # relay pass makes 10^6 rows. The result is the value the constructor makes.
 # Rows being filled in are lists, indexed by these positions.
 _tnew = tuple.__new__
+_SUCCEEDED = Outcome.SUCCEEDED
 _R_CLIENT, _R_STATE, _R_ACTION, _R_ATTEMPTS, _R_MESSAGE, _R_OPERATION, _R_REASON = map(
     Row._fields.index, ("client", "state", "action", "attempts", "message", "operation_id", "reason"))
 
@@ -157,16 +174,6 @@ class _CompiledJob:
     def order_key(self, depth: int) -> tuple[int, int, str]:
         """Where this job's action runs among a client's: uninstalls, dependencies first, by name."""
         return (self.order[0], depth, self.name)
-
-
-def _rollout_block(halted: str | None, in_progress: int, max_concurrent: int | None,
-                   ) -> tuple[Reason, str] | None:
-    """Why a start is held back on this relay, or None: a halted job first, then a full maxConcurrent."""
-    if halted is not None:
-        return Reason.HALTED, halted
-    if max_concurrent is not None and in_progress >= max_concurrent:
-        return Reason.ROLLOUT_SLOT, f"waiting for a rollout slot (maxConcurrent {max_concurrent})"
-    return None
 
 
 def index_relay(specs: Specs, relay: str, reach: Reach | None = None, *,
@@ -299,30 +306,6 @@ def _context(index: RelayIndex, memo: PlanMemo | None) -> _Context:
 # ------------------------------------------------------------ requirements
 
 
-def _requirement_reasons(req: Requirements, client: Client) -> list[str]:
-    """Every unmet requirement, in the order os, arch, free disk, labels."""
-    reasons: list[str] = []
-    os_, arch, disk = client.os, client.arch, client.free_disk_mb
-    if req.os and os_ not in req.os:
-        has = f"client has {os_}" if os_ is not None else "client did not report os"
-        reasons.append(f"requires os {' or '.join(req.os)}, {has}")
-    if req.arch and arch not in req.arch:
-        has = f"client has {arch}" if arch is not None else "client did not report arch"
-        reasons.append(f"requires arch {' or '.join(req.arch)}, {has}")
-    minimum = req.min_free_disk_mb
-    if minimum is not None and (disk is None or disk < minimum):
-        has = f"client has {disk} MB" if disk is not None else "client did not report freeDiskMB"
-        reasons.append(f"requires {minimum} MB free disk, {has}")
-    if req.labels:
-        labels = dict(client.labels)
-        for key, value in req.labels:
-            actual = labels.get(key)
-            if actual != value:
-                has = f"client has {key}={actual}" if actual is not None else f"client has no label {key}"
-                reasons.append(f"requires label {key}={value}, {has}")
-    return reasons
-
-
 # -------------------------------------------------------- static decisions
 
 
@@ -425,7 +408,7 @@ def _decide_one(ctx: _Context, cj: _CompiledJob, phase: int, client: Client, ins
     if cj.missing:
         return d.settle(relay, ClientState.SKIPPED, Reason.PACKAGE_UNDEFINED,
                         f"package {cj.software} {cj.version} is not defined")
-    reasons = _requirement_reasons(cj.requirements, client) if cj.requirements is not None else []
+    reasons = requirement_reasons(cj.requirements, client) if cj.requirements is not None else []
     if phase == _BEFORE:
         assert cj.not_before is not None
         d.eligible = cj.install and not reasons
@@ -454,21 +437,6 @@ def _decide_one(ctx: _Context, cj: _CompiledJob, phase: int, client: Client, ins
         return d.gap(ctx, ActionKind.UNINSTALL, installed, None)
     return d.settle(relay, ClientState.SUCCEEDED, Reason.OTHER_VERSION,
                     f"{cj.software} {installed} present; this job removes {cj.version} only")
-
-
-def _conflicts(a: _CompiledJob, b: _CompiledJob) -> bool:
-    if a.install and b.install:
-        return not same_version(a.version or "", b.version or "")
-    if a.install or b.install:
-        inst, unin = (a, b) if a.install else (b, a)
-        return unin.version is None or same_version(inst.version or "", unin.version)
-    return False
-
-
-def _wants(cj: _CompiledJob) -> str:
-    if cj.install:
-        return f"{cj.software} {cj.version}"
-    return f"{cj.software} {cj.version} removed" if cj.version is not None else f"{cj.software} removed"
 
 
 def _decisions(ctx: _Context, jobset: _JobSet, level: list[dict[str | None, _Decision]],
@@ -512,11 +480,12 @@ def _resolve_conflicts(ctx: _Context, jobset: _JobSet, decisions: list[_Decision
             continue
         changed: dict[int, str] = {}
         for i in positions:
-            others = sorted((decisions[k].cj for k in positions
-                             if k != i and _conflicts(decisions[i].cj, decisions[k].cj)),
-                            key=attrgetter("name"))
+            a = decisions[i].cj
+            others = sorted((b for b in (decisions[k].cj for k in positions if k != i)
+                             if conflicting(a.install, a.version, b.install, b.version)), key=attrgetter("name"))
             if others:
-                changed[i] = "conflicts with " + ", ".join(f"job {o.name} (wants {_wants(o)})" for o in others)
+                changed[i] = "conflicts with " + ", ".join(
+                    f"job {o.name} (wants {wants(o.install, o.software, o.version)})" for o in others)
         for i, message in changed.items():
             d = _Decision(decisions[i].cj, decisions[i].installed)
             decisions[i] = d.settle(ctx.relay, ClientState.CONFLICT, Reason.CONFLICT, message)
@@ -594,53 +563,12 @@ def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mappi
 # ------------------------------------------------------------ history step
 
 
-_PROGRESS, _FAILED, _RETRY, _READY, _CLOSED = range(5)
-# A _READY step is (_READY, attempt number, previous operation id, attempts so far, message).
-_FRESH: tuple[Any, ...] = (_READY, 1, "", 0, "")
-_CLOSED_STEP: tuple[Any, ...] = (_CLOSED,)
-
-
-def _timeout_of(ctx: _Context, cj: _CompiledJob, attempt: Attempt) -> int:
-    package = ctx.packages.get((cj.software, attempt.version or "")) or cj.package
-    return package.installer.timeout_seconds if package is not None else DEFAULT_TIMEOUT_SECONDS
-
-
-def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime) -> tuple[Any, ...]:
-    """Rule 8: what the latest attempt means for a row with a gap."""
+def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime) -> Step:
+    """Rule 8 for a row with a gap (:func:`reconciler.plan.rules.history_step`)."""
     cj = d.cj
     if a is None:
-        return _CLOSED_STEP if d.closed else _FRESH
-    if a.revision != cj.revision:
-        # An attempt of an older spec: ignored (a newer spec pre-empts its retries).
-        return _CLOSED_STEP if d.closed else (_READY, 1, a.operation_id, 0, "")
-    if a.outcome is Outcome.DISPATCHED:
-        waited = _timeout_of(ctx, cj, a) + RESULT_MARGIN_SECONDS
-        deadline = _aware(a.dispatched_at) + timedelta(seconds=waited)
-        if now < deadline:
-            return (_PROGRESS, a)
-        failed_at = deadline
-        message = f"no result from client within {waited} s"
-    elif a.outcome is Outcome.SUCCEEDED:
-        if d.closed:
-            return _CLOSED_STEP
-        have = f"{cj.software} {d.installed}" if d.installed is not None else f"{cj.software} missing"
-        return (_READY, 1, a.operation_id, a.attempt, f"drift: client reports {have}")
-    else:
-        failed_at = _aware(a.finished_at or a.dispatched_at)
-        message = a.message
-    if a.attempt >= cj.limit:
-        if a.rerun < cj.rerun:
-            if d.closed:
-                return _CLOSED_STEP
-            return (_READY, 1, a.operation_id, a.attempt, f"rerun {cj.rerun}: attempt 1/{cj.limit}")
-        return (_FAILED, a, message or f"attempt {a.attempt}/{cj.limit} failed")
-    if d.closed:
-        return _CLOSED_STEP
-    delay = min(cj.backoff * 2 ** min(a.attempt - 1, 60), MAX_BACKOFF_SECONDS)
-    retry_at = failed_at + timedelta(seconds=delay)
-    if now < retry_at:
-        return (_RETRY, a, retry_at, message)
-    return (_READY, a.attempt + 1, a.operation_id, a.attempt, f"retry {a.attempt + 1}/{cj.limit}")
+        return CLOSED if d.closed else FRESH  # most rows: no need to ask
+    return history_step(cj.job, cj.revision, cj.package, ctx.packages, d.installed, d.closed, a, now)
 
 
 # ------------------------------------------------------------ finishing
@@ -672,20 +600,20 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
     rows: list[tuple[int, list[Any]]] = []  # (job slot, the row's fields), made Rows on return
     new: list[tuple[int, list[Any], int, str]] = []  # (position, fields, attempt, previous op)
     repeated: list[tuple[int, list[Any], Action]] = []  # in-progress actions handed out again
-    ready: list[tuple[int, list[Any], tuple[Any, ...]]] = []  # rows that would start once others do
+    ready: list[tuple[int, list[Any], Ready]] = []  # rows that would start once others do
     starting = [False] * len(decisions)  # the row's change goes out in this plan
     halted = gate.halted
     in_progress = gate.in_progress
 
     def held_back(d: _Decision, fields: list[Any], kind: ActionKind | None, version: str | None) -> bool:
         """Rollout or a missing artifact keeps the row from starting (its reason set); else False."""
-        why = _artifact_missing(ctx, d, kind, version)
+        why = artifact_missing(ctx.staged, ctx.unavailable, d.cj.package, d.cj.software, kind, version)
         if why is not None:
             fields[_R_STATE] = ClientState.PENDING
             fields[_R_REASON] = Reason.ARTIFACT
             fields[_R_MESSAGE] = why
             return True
-        blocked = _rollout_block(halted[d.slot], in_progress[d.slot], d.cj.max_concurrent)
+        blocked = rollout_block(halted[d.slot], in_progress[d.slot], d.cj.max_concurrent)
         if blocked is not None:
             fields[_R_REASON], fields[_R_MESSAGE] = blocked
             return True
@@ -698,12 +626,11 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         rows.append((d.slot, fields))
         if d.final:
             if d.state is ClientState.SUCCEEDED:
-                fields[_R_ATTEMPTS] = _succeeded_attempts(history, d.name, cid)
+                fields[_R_ATTEMPTS] = succeeded_attempts(history, d.name, cid)
             continue
         step = steps[i]
-        tag = step[0]
-        if tag == _READY:
-            fields[_R_ATTEMPTS] = step[3]
+        if type(step) is Ready:
+            fields[_R_ATTEMPTS] = step.attempts_so_far
             if d.waits:
                 ready.append((i, fields, step))
                 continue
@@ -714,47 +641,48 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_STATE] = start_state
             fields[_R_REASON] = start_reason
             fields[_R_ACTION] = d.kind
-            fields[_R_MESSAGE] = step[4]
-            new.append((i, fields, step[1], step[2]))
-        elif tag == _PROGRESS:
-            a: Attempt = step[1]
+            fields[_R_MESSAGE] = step.message
+            new.append((i, fields, step.attempt, step.previous_operation))
+        elif type(step) is Running:
+            a = step.attempt
             fields[_R_STATE] = ClientState.IN_PROGRESS
             fields[_R_REASON] = Reason.IN_PROGRESS
             fields[_R_ACTION] = a.action
             fields[_R_ATTEMPTS] = a.attempt
             fields[_R_OPERATION] = a.operation_id
             fields[_R_MESSAGE] = f"attempt {a.attempt}/{cj.limit} dispatched at {rfc3339(a.dispatched_at)}"
-            why = _artifact_missing(ctx, d, a.action, a.version)
+            why = artifact_missing(ctx.staged, ctx.unavailable, d.cj.package, d.cj.software, a.action, a.version)
             if why is not None:  # the client may ask for it again: it cannot be served until staged
                 fields[_R_STATE], fields[_R_REASON], fields[_R_MESSAGE] = ClientState.PENDING, Reason.ARTIFACT, why
                 continue
-            repeated.append((i, fields, _repeat(ctx, d, a, cid)))
-        elif tag == _CLOSED:
+            repeated.append((i, fields, repeat_action(cj.job, cj.revision, cj.package, ctx.packages, d.installed, a,
+                                                          cid)))
+        elif type(step) is WindowClosed:
             assert cj.not_after is not None
             fields[_R_STATE] = ClientState.SKIPPED
             fields[_R_REASON] = Reason.WINDOW_CLOSED
             fields[_R_MESSAGE] = f"schedule window closed at {rfc3339(cj.not_after)}"
-        elif tag == _FAILED:
-            failed: Attempt = step[1]
+        elif type(step) is OutOfAttempts:
             fields[_R_STATE] = ClientState.FAILED
             fields[_R_REASON] = Reason.FAILED
-            fields[_R_ATTEMPTS] = failed.attempt
-            fields[_R_MESSAGE] = step[2]
-            fields[_R_OPERATION] = failed.operation_id
-        else:  # _RETRY
-            last: Attempt = step[1]
+            fields[_R_ATTEMPTS] = step.attempt.attempt
+            fields[_R_MESSAGE] = step.message
+            fields[_R_OPERATION] = step.attempt.operation_id
+        else:
+            assert type(step) is RetryLater
+            last = step.attempt
             fields[_R_REASON] = Reason.RETRY_BACKOFF
             fields[_R_ATTEMPTS] = last.attempt
             fields[_R_OPERATION] = last.operation_id
-            text = f"retry {last.attempt + 1}/{cj.limit} at {rfc3339(step[2])}"
-            fields[_R_MESSAGE] = f"{text}; last attempt: {step[3]}" if step[3] else text
+            text = f"retry {last.attempt + 1}/{cj.limit} at {rfc3339(step.at)}"
+            fields[_R_MESSAGE] = f"{text}; last attempt: {step.message}" if step.message else text
 
     depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: removals go first
     deep = False
     while ready:
         # A row starts once every row it waits for starts in this plan (then rollout decides);
         # rows freed by a start are retried until nothing moves.
-        held: list[tuple[int, list[Any], tuple[Any, ...]]] = []
+        held: list[tuple[int, list[Any], Ready]] = []
         moved = False
         for entry in ready:
             i, fields, step = entry
@@ -784,8 +712,8 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_STATE] = start_state
             fields[_R_REASON] = start_reason
             fields[_R_ACTION] = d.kind
-            fields[_R_MESSAGE] = step[4]
-            new.append((i, fields, step[1], step[2]))
+            fields[_R_MESSAGE] = step.message
+            new.append((i, fields, step.attempt, step.previous_operation))
         if not moved:
             _explain_waits(decisions, held, starting)
             break
@@ -844,28 +772,7 @@ def _emit(decisions: Sequence[_Decision], new: list[tuple[int, list[Any], int, s
     return [action for _, action in ordered]
 
 
-def _artifact_missing(ctx: _Context, d: _Decision, kind: ActionKind | None, version: str | None) -> str | None:
-    """Why the artifact an install of ``version`` needs cannot be served by this relay, or None."""
-    if kind is ActionKind.UNINSTALL or ctx.staged is None:
-        return None
-    package = d.cj.package
-    if package is None:
-        return f"package {d.cj.software} {version} has no spec at the accepted commit"
-    key = (package.name, package.version)
-    if key in ctx.staged:
-        return None
-    return f"waiting for artifact of {key[0]} {key[1]}: {ctx.unavailable.get(key, 'not staged yet')}"
-
-
-def _succeeded_attempts(history: History, job: str, cid: str) -> int:
-    """How many attempts the operation that made a Succeeded row's state took (0 when none is recorded)."""
-    if not history:
-        return 0
-    a = history.get((job, cid))
-    return a.attempt if a is not None and a.outcome is Outcome.SUCCEEDED else 0
-
-
-def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, list[Any], tuple[Any, ...]]],
+def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, list[Any], Ready]],
                    starting: Sequence[bool]) -> None:
     """Messages of rows left waiting: the first unmet wait, marked when it can never end (a cycle)."""
     waiting = {i for i, _, _ in held}
@@ -890,22 +797,6 @@ def _explain_waits(decisions: Sequence[_Decision], held: list[tuple[int, list[An
         else:
             fields[_R_REASON] = Reason.WAITING_DEPENDENCY if after else Reason.WAITING_REMOVAL
             fields[_R_MESSAGE] = message
-
-
-def _repeat(ctx: _Context, d: _Decision, a: Attempt, cid: str) -> Action:
-    """The action of an attempt still in progress, as it was handed out."""
-    cj = d.cj
-    kind = a.action
-    if kind is ActionKind.UNINSTALL:
-        package = ctx.packages.get((cj.software, a.version or "")) or cj.package
-        previous = None
-    else:
-        package = cj.package
-        previous = d.installed if kind is not ActionKind.INSTALL else None
-    timeout = package.installer.timeout_seconds if package is not None else DEFAULT_TIMEOUT_SECONDS
-    return Action(operation_id=a.operation_id, job=cj.name, client=cid, kind=kind, package=package,
-                  name=cj.software, version=a.version, previous_version=previous, revision=cj.revision,
-                  rerun=a.rerun, attempt=a.attempt, timeout_seconds=timeout)
 
 
 # ------------------------------------------------------------ public API
@@ -978,7 +869,7 @@ class _Replay:
         for append_row, (job, relay, _, state, action, name, version, installed, attempts, message, op, reason) \
                 in self.rows:
             if state is ClientState.SUCCEEDED and history:
-                attempts = _succeeded_attempts(history, job, cid)
+                attempts = succeeded_attempts(history, job, cid)
             append_row(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
                                    reason)))
 
@@ -1024,7 +915,7 @@ def plan_client(index: RelayIndex, client: Client, history: History,
             continue
         gate.in_progress[cj.slot] = u.in_progress
         if cj.has_failure_limit and failures_exceeded(u.failed, u.targets, cj.max_failures):
-            gate.halted[cj.slot] = _halt_message(u.failed, u.targets, cj.max_failures)
+            gate.halted[cj.slot] = halt_message(u.failed, u.targets, cj.max_failures)
     rows, actions = _finish(ctx, client, decisions, steps, gate, dispatch=True, history=history,
                             shared=bool(jobset.shared))
     return ClientPlan(client.id, tuple(sorted((r for _, r in rows), key=attrgetter("job"))), tuple(actions))
@@ -1072,9 +963,9 @@ class _Shape:
                 continue
             gaps.append((i, d))
             if d.closed:
-                self.fresh_steps[i] = _CLOSED_STEP
+                self.fresh_steps[i] = CLOSED
             else:
-                self.fresh_steps[i] = _FRESH
+                self.fresh_steps[i] = FRESH
                 starts.append(d.slot)
             if d.cj.max_concurrent is not None:
                 caps.append(d.slot)
@@ -1088,7 +979,7 @@ class _Shape:
         self.capped = tuple(capped)
         self.replay = id(decisions)  # shapes with the same decisions share replays
         # settled rows: (template, where it goes), made in pass 2
-        self.rows: list[tuple[Row, Any]] | None = None
+        self.rows: list[tuple[Row, Any, bool]] | None = None
         # clients of this shape with no history for any gap row (all of them when settled): their
         # rollout targets, and a settled shape's state counts, are added up once at the end
         self.plain = 0
@@ -1142,12 +1033,12 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
                 step = own[i]
             else:
                 step = own[i] = _history_step(ctx, d, recorded, now)
-            tag = step[0]
-            if tag != _CLOSED:
+            kind = type(step)
+            if kind is not WindowClosed:
                 targets[d.slot] += 1
-                if tag == _FAILED:
+                if kind is OutOfAttempts:
                     failed[d.slot] += 1
-                elif tag == _PROGRESS and client.online:
+                elif kind is Running and client.online:
                     in_progress[d.slot] += 1
         prepared.append((client, shape, own, False))
     for shape in shapes.values():
@@ -1160,7 +1051,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     for cj in ctx.by_slot:
         s = cj.slot
         if cj.has_failure_limit and failures_exceeded(failed[s], targets[s], cj.max_failures):
-            gate.halted[s] = _halt_message(failed[s], targets[s], cj.max_failures)
+            gate.halted[s] = halt_message(failed[s], targets[s], cj.max_failures)
 
     # Pass 2: rows and actions, clients in id order. Rows decided without
     # history are copied from their decision's template.
@@ -1178,11 +1069,15 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         if steps is None:
             settled = shape.rows
             if settled is None:
-                settled = shape.rows = [(d.template, append[d.slot]) for d in shape.decisions]
-            for (job, relay, _, state, action, name, version, installed, attempts, message, op, reason), add \
-                    in settled:
-                if state is ClientState.SUCCEEDED and history:
-                    attempts = _succeeded_attempts(history, job, cid)
+                settled = shape.rows = [
+                    (d.template, append[d.slot], d.state is ClientState.SUCCEEDED and hget is not None)
+                    for d in shape.decisions]
+            for (job, relay, _, state, action, name, version, installed, attempts, message, op, reason), add, \
+                    look in settled:
+                if look:  # a Succeeded row shows the attempts of the operation that made it so
+                    recorded = hget((job, cid))  # type: ignore[misc]
+                    if recorded is not None and recorded.outcome is _SUCCEEDED:
+                        attempts = recorded.attempt
                 add(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
                                 reason)))
             continue

@@ -249,7 +249,7 @@ def failures_exceeded(failed: int, targets: int, max_failures: int | str | None)
     return False
 
 
-def _halt_message(failed: int, targets: int, max_failures: int | str | None) -> str:
+def halt_message(failed: int, targets: int, max_failures: int | str | None) -> str:
     count, percent = parse_max_failures(max_failures)
     if percent is not None:
         return f"rollout halted: {failed} of {targets} failed, more than maxFailures {percent}%"
