@@ -40,7 +40,6 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -156,52 +155,53 @@ def _redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class WorktreeListing:
-    """What ``git add -A`` would commit below a directory of a git work tree (paths relative to it)."""
-
-    paths: frozenset[str]  # tracked files, and untracked ones git does not ignore
-    submodules: frozenset[str]  # gitlinks, and untracked nested repositories git would add as such
-
-
-def worktree_listing(root: Path) -> WorktreeListing | None:
-    """The files of ``root`` that git would commit; None when it is not in a git work tree (or git is missing).
+def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
+    """A reader and the tree ``git add -A`` would commit for directory ``root``; None outside a git work tree.
 
     ``reconciler validate`` on a checkout must judge what HQ will see at the
-    commit: not ignored or nested-repository files, and a folder holding a
-    stray ``.git`` only where git itself would make it a submodule.
+    commit: not ignored files, not the disk's bytes of a file git keeps
+    unchanged (``--assume-unchanged``, a sparse checkout's missing files),
+    encodings git converts on the way in, and a folder holding a stray
+    ``.git`` only where git itself would add a submodule. So the work tree is
+    staged into a throw-away copy of the index, and that index's tree is read
+    like a commit. (Blobs land in the repository's object store, as with any
+    ``git add``; nothing else of the repository changes.) A checkout git
+    refuses to read (another owner, a broken index) is a :class:`GitError`.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    try:
-        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"],
-                                capture_output=True, env=env, timeout=60, check=False)
-        if inside.returncode != 0 or inside.stdout.strip() != b"true":
-            return None
-        cached = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--stage", "--cached", "--", "."],
-                                capture_output=True, env=env, timeout=300, check=True).stdout
-        others = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--others", "--exclude-standard",
-                                 "--", "."], capture_output=True, env=env, timeout=300, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+    root = root.resolve()
+    if not any((folder / ".git").exists() for folder in (root, *root.parents)):
         return None
-    paths: set[str] = set()
-    submodules: set[str] = set()
-    for record in cached.split(b"\0"):
-        if not record:
-            continue
-        meta, _, raw = record.partition(b"\t")
-        path = raw.decode("utf-8", "surrogateescape")
-        paths.add(path)
-        if meta.startswith(b"160000 "):
-            submodules.add(path)
-    for raw in others.split(b"\0"):
-        if not raw:
-            continue
-        path = raw.decode("utf-8", "surrogateescape")
-        if path.endswith("/"):  # a nested repository: git adds it as a gitlink
-            path = path.rstrip("/")
-            submodules.add(path)
-        paths.add(path)
-    return WorktreeListing(frozenset(paths), frozenset(submodules))
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", LANGUAGE="C")
+
+    def git(*args: str, extra: Mapping[str, str] | None = None) -> str:
+        try:
+            proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  env={**env, **(extra or {})}, stdin=subprocess.DEVNULL, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise GitError(f"git {args[0]} in {root} failed: {e}") from None
+        if proc.returncode != 0:
+            detail = " ".join(proc.stderr.decode("utf-8", "replace").split())[:_MAX_MESSAGE]
+            raise GitError(f"git {args[0]} in {root} failed: {detail or 'no output'}")
+        return proc.stdout.decode("utf-8", "surrogateescape")
+
+    inside = git("rev-parse", "--is-inside-work-tree").strip()
+    if inside != "true":
+        return None
+    prefix, git_dir = git("rev-parse", "--show-prefix", "--absolute-git-dir").splitlines()[:2]
+    with tempfile.TemporaryDirectory(prefix="reconciler-validate-") as tmp:
+        index = Path(tmp) / "index"
+        source = Path(git_dir) / "index"
+        if source.exists():
+            shutil.copyfile(source, index)
+        staged = {"GIT_INDEX_FILE": str(index)}
+        git("add", "--all", "--", ".", extra=staged)
+        tree = git("write-tree", extra=staged).strip()
+    store = GitStore.reading(Path(git_dir))
+    if prefix:
+        found = store._git("rev-parse", "--verify", "--quiet", f"{tree}:{prefix.rstrip('/')}", check=False)
+        tree = found.stdout.decode("ascii").strip() if found.returncode == 0 else _EMPTY_TREE
+    return store, tree
 
 
 def local_origin_path(origin: str) -> Path | None:
@@ -344,6 +344,14 @@ class GitStore:
 
     def __repr__(self) -> str:
         return f"GitStore(origin={redact_url(self.origin)!r}, workdir={str(self.workdir)!r})"
+
+    @classmethod
+    def reading(cls, git_dir: Path) -> GitStore:
+        """A store that only reads an existing repository (a checkout's): no origin, no mirror."""
+        store = cls("", git_dir.parent)
+        store.repo_path = git_dir
+        store._ready = True
+        return store
 
     # -- process plumbing ---------------------------------------------------
 
@@ -522,6 +530,15 @@ class GitStore:
             raise GitError(f"commit {commit!r} is not in the mirror of {redact_url(self.origin)} (fetch first?)")
         return proc.stdout.decode("ascii").strip()
 
+    def _tree(self, treeish: str) -> str:
+        """Resolve a commit (sha or mirrored branch) or a tree sha to its tree."""
+        if not treeish or treeish.startswith("-"):
+            raise GitError(f"invalid commit {treeish!r}")
+        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{treeish}^{{tree}}", check=False)
+        if proc.returncode != 0:
+            raise GitError(f"commit {treeish!r} is not in the mirror of {redact_url(self.origin)} (fetch first?)")
+        return proc.stdout.decode("ascii").strip()
+
     def _entry(self, commit: str, path: str) -> _TreeEntry | None:
         self._ensure_repo()
         sha = self._commit(commit)
@@ -550,7 +567,7 @@ class GitStore:
         if isinstance(prefixes, str):
             prefixes = (prefixes,)
         self._ensure_repo()
-        sha = self._commit(commit)
+        sha = self._tree(commit)
         out = self._git("ls-tree", "-r", "-l", "-z", "--full-tree", sha).stdout
         wanted = [
             e
@@ -594,7 +611,7 @@ class GitStore:
         all symbolic links are read through one ``git cat-file --batch``.
         """
         self._ensure_repo()
-        sha = self._commit(commit)
+        sha = self._tree(commit)
         entries = _parse_ls_tree(self._git("ls-tree", "-r", "-z", "--full-tree", sha).stdout, with_size=False)
         links = [e for e in entries if e.kind == "symlink"]
         shas = sorted({e.sha for e in links})

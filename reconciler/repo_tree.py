@@ -7,11 +7,14 @@ listing. So ``reconciler validate`` on a checkout and HQ on the commit of
 that checkout give one verdict, and every reader (HQ, the relays,
 ``reconciler status``, ``plan``, ``rerun``, the demo) goes through here.
 
-The working-tree reader never follows a symbolic link while listing and
-never opens anything but a regular file (``O_NOFOLLOW | O_NONBLOCK`` and an
-``fstat`` check, so a FIFO swapped in after listing cannot hang it); like
-git, it skips ``.git`` and treats a folder holding a ``.git`` as a
-submodule.
+A git checkout is judged as the commit ``git add -A`` would make
+(:func:`reconciler.gitstore.worktree_snapshot`): ignored files, files git
+keeps unchanged and encodings it converts are what HQ will see. A plain
+directory is read as it is: the reader never follows a symbolic link while
+listing and never opens anything but a regular file (``O_NOFOLLOW |
+O_NONBLOCK`` and an ``fstat`` check, so a FIFO swapped in after listing
+cannot hang it); like git, it skips ``.git`` and treats a folder holding a
+``.git`` as a submodule.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from reconciler.gitstore import worktree_listing
+from reconciler.gitstore import GitError, worktree_snapshot
 from reconciler.repo_layout import (
     Entry,
     EntryKind,
@@ -62,23 +65,12 @@ class TreeError(OSError):
 
 
 class DirectoryTree:
-    """A repo checked out (or written) in a directory.
+    """A repo written in a plain directory (for a git checkout, see :func:`load_repo`)."""
 
-    In a git work tree only what ``git add -A`` would commit is listed
-    (tracked files, and untracked ones git does not ignore), and a folder is
-    a submodule only where git would make it one; elsewhere every file is,
-    and a folder holding a ``.git`` is a submodule. ``.git`` itself never is.
-    """
-
-    def __init__(self, root: Path, *, use_git: bool = True) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.use_git = use_git
 
     def entries(self) -> list[Entry]:
-        listing = worktree_listing(self.root) if self.use_git else None
-        wanted_dirs: set[str] | None = None
-        if listing is not None:
-            wanted_dirs = {path.rsplit("/", i)[0] for path in listing.paths for i in range(1, path.count("/") + 1)}
         found: list[Entry] = []
         pending = [""]
         while pending:
@@ -94,21 +86,13 @@ class DirectoryTree:
                 if item.name == ".git":
                     continue
                 mode = item.stat(follow_symlinks=False).st_mode
-                if stat.S_ISDIR(mode) and not stat.S_ISLNK(mode):
-                    if listing is None:
-                        if os.path.lexists(os.path.join(item.path, ".git")):
-                            found.append(Entry(rel, EntryKind.SUBMODULE))
-                        else:
-                            pending.append(rel)
-                    elif rel in listing.submodules:
-                        found.append(Entry(rel, EntryKind.SUBMODULE))
-                    elif wanted_dirs is not None and rel in wanted_dirs:
-                        pending.append(rel)
-                    continue
-                if listing is not None and rel not in listing.paths:
-                    continue  # ignored by git, or inside a nested repository: never committed
                 if stat.S_ISLNK(mode):
                     found.append(Entry(rel, EntryKind.SYMLINK, os.readlink(item.path)))
+                elif stat.S_ISDIR(mode):
+                    if os.path.lexists(os.path.join(item.path, ".git")):
+                        found.append(Entry(rel, EntryKind.SUBMODULE))
+                    else:
+                        pending.append(rel)
                 elif stat.S_ISREG(mode):
                     found.append(Entry(rel, EntryKind.FILE))
                 else:
@@ -205,9 +189,19 @@ def merge(result: LoadResult, selection: Selection) -> LoadResult:
 
 
 def load_repo(root: Path) -> LoadResult:
-    """Load and validate the repo in directory ``root`` (OSError if it cannot be read)."""
+    """Load and validate the repo in directory ``root`` (OSError if it cannot be read).
+
+    In a git work tree, what ``git add -A`` would commit is judged (read like
+    the commit HQ will see); a plain directory is read as it is.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
+    try:
+        snapshot = worktree_snapshot(root)
+    except GitError as e:
+        raise TreeError(0, f"cannot read it as git would commit it: {e}") from None
+    if snapshot is not None:
+        return load_tree(CommitTree(*snapshot))
     return load_tree(DirectoryTree(root))
 
 

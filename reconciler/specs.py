@@ -279,12 +279,13 @@ _CORE = "tag:yaml.org,2002:"
 # !!set, !!timestamp, !!python/..., a local !tag) is refused rather than read
 # as something it is not.
 _SCALAR_TAGS = frozenset(_CORE + t for t in ("str", "int", "float", "bool", "null"))
-_COLLECTION_TAGS = frozenset({"!", _CORE + "map", _CORE + "seq"})
+_MAP_TAGS = frozenset({"!", _CORE + "map"})
+_SEQ_TAGS = frozenset({"!", _CORE + "seq"})
 
 
 def _unsupported_tag(tag: str) -> str:
     shown = "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
-    return f"YAML tag {_clip(shown)} is not supported in a spec; write a plain value"
+    return f"YAML tag {_clip(shown)} is not supported here; write a plain value"
 
 _BOOL = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
@@ -487,7 +488,8 @@ def _build_events(path: str, loader: Any, stack: list[_Frame]) -> _Document:
         elif cls is yaml.MappingStartEvent or cls is yaml.SequenceStartEvent:
             if len(stack) >= MAX_DEPTH:
                 raise fail(mark, _too_deep())
-            if event.tag is not None and event.tag not in _COLLECTION_TAGS:
+            if event.tag is not None and event.tag not in (
+                    _MAP_TAGS if cls is yaml.MappingStartEvent else _SEQ_TAGS):
                 raise fail(mark, _unsupported_tag(event.tag))
             pointer, keep, is_key = slot()
             nodes += 1
@@ -564,34 +566,45 @@ def _flow_too_deep(text: str, end: int, limit: int) -> int | None:
     tell "too deep" from other syntax errors whatever the library's own
     limits and wording. A lexical scan that counts a bracket only where a flow
     collection can start: anywhere inside one, and in block context where a
-    value starts (at the start of a line, or after ``key:``, ``-`` or ``?``).
-    It skips quoted scalars, comments, the rest of a plain scalar, and block
-    scalars (``|``, ``>``) with every line indented below them.
+    value starts (at the start of a line, after ``key:``, ``-`` or ``?``, and
+    after a tag or an anchor). It skips quoted scalars, comments, the rest of
+    a plain scalar and its continuation lines, and block scalars (``|``,
+    ``>``): every line indented more than the node they belong to.
     """
     depth = 0
     index = 0
-    value_start = True  # block context: a node may start here
-    flow_prev = ""  # flow context: the last indicator or "x" after a scalar character
-    line_indent = 0
-    block: int | None = None  # inside a block scalar: lines indented more than this are its text
     stop = min(end, len(text))
+    value_start = True  # block context: a node may start here
+    flow_prev = ""  # flow context: the last indicator, or "x" after a scalar character
+    key_col = 0  # block context: the column of this line's key (or scalar)
+    entry_col: int | None = None  # the column of this line's last "- " or "? " indicator
+    key_seen = False  # a "key:" on this line: its value belongs to the key's node
+    skip_above: int | None = None  # lines indented more than this belong to the scalar before them
+
+    def owner() -> int:
+        """The column of the node a value on this line belongs to: its key's, else its entry's."""
+        return key_col if key_seen or entry_col is None else entry_col
+
+    line_start = 0
     while index < stop:
         char = text[index]
         if char == "\n":
+            if not depth and not value_start and skip_above is None:
+                skip_above = owner()  # a plain scalar may go on in the lines below
             index += 1
             nxt = index
             while nxt < len(text) and text[nxt] == " ":
                 nxt += 1
-            line_indent = nxt - index
-            if block is not None:
-                if nxt >= len(text) or text[nxt] in "\r\n" or line_indent > block:
+            if skip_above is not None:
+                if nxt >= len(text) or text[nxt] in "\r\n" or nxt - index > skip_above:
                     newline = text.find("\n", nxt)
                     index = len(text) if newline < 0 else newline
                     continue
-                block = None
+                skip_above = None
+            line_start = index
             index = nxt
             if not depth:
-                value_start = True
+                value_start, key_seen, entry_col, key_col = True, False, None, nxt - line_start
             continue
         if char in " \t\r":
             index += 1
@@ -611,18 +624,17 @@ def _flow_too_deep(text: str, end: int, limit: int) -> int | None:
                 depth -= 1
                 flow_prev = "x"
                 value_start = False
-            elif char in "'\"" and flow_prev in "[{,:":
+            elif char in "'\"" and flow_prev in "[{,:?":
                 index = _quote_end(text, index, char)
                 flow_prev = "x"
                 continue
             else:
-                flow_prev = char if char in ",:" else "x"
+                flow_prev = char if char in ",:?" else "x"
             index += 1
             continue
         if not value_start:
-            # the rest of a plain scalar, up to a comment or the end of the line
             if char == ":" and after in " \t\r\n":
-                value_start = True
+                value_start, key_seen = True, True
             index += 1
             continue
         if char in "[{":
@@ -635,14 +647,23 @@ def _flow_too_deep(text: str, end: int, limit: int) -> int | None:
             value_start = False
             continue
         elif char in "|>":
-            block = line_indent
+            skip_above = owner()  # a block scalar: the lines below indented more than its node are its text
             newline = text.find("\n", index)
             index = len(text) if newline < 0 else newline
             continue
-        elif char in "-?:" and after in " \t\r\n":
-            pass  # a block indicator: a value may still start after it
+        elif char in "!&":  # a tag or an anchor: the value is still to come
+            while index < stop and text[index] not in " \t\r\n":
+                index += 1
+            continue
+        elif char in "-?" and after in " \t\r\n":
+            if not key_seen:
+                entry_col = index - line_start  # a sequence entry or explicit key: its node is here
+        elif char == ":" and after in " \t\r\n":
+            key_seen = True
         else:
             value_start = False
+            if not key_seen:
+                key_col = index - line_start  # a key (or a scalar) starts here
         index += 1
     return None
 
@@ -754,8 +775,34 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> I
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
+def _unique_items(validator: Any, unique: bool, instance: Any, schema: Any) -> Iterable[ValidationError]:
+    """``uniqueItems`` in linear time: jsonschema compares every pair when items cannot be sorted."""
+    if not unique or not isinstance(instance, list):
+        return
+    seen: set[str] = set()
+    for item in instance:
+        key = _canonical_json(item)
+        if key in seen:
+            yield ValidationError(f"{instance!r:.80} has non-unique elements")
+            return
+        seen.add(key)
+
+
+def _canonical_json(value: Any) -> str:
+    """JSON Schema equality as a string: 1 and 1.0 are one number, true is not 1, keys are unordered."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(float(value)) if isinstance(value, float) or abs(value) < 2**53 else str(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_canonical_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_canonical_json(v)}" for k, v in sorted(value.items())) + "}"
+    return repr(value)
+
+
 _SchemaValidator: Any = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-    jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+    jsonschema.Draft202012Validator, {"pattern": _ecma_pattern, "uniqueItems": _unique_items})
 
 
 @lru_cache(maxsize=None)
@@ -976,24 +1023,56 @@ def _build_topology(doc: _Document) -> tuple[Topology, list[SpecError]]:
         elif relay.parent != hq and relay.parent not in parents:
             errors.append(doc.error(pointer, f"{pointer}: unknown parent {relay.parent!r} of relay {relay.name!r} (not the headquarters nor a relay)"))
     # Every relay must reach HQ by following parents; otherwise it sits on a
-    # cycle or hangs below one. Self-parents and unknown parents are reported above.
+    # cycle or hangs below one. Self-parents and unknown parents are reported
+    # above. One walk up from each relay, stopping at a relay already judged:
+    # linear in the number of relays, whatever the shape.
+    judged: dict[str, tuple[str, str] | None] = {}  # name -> None (fine), ("cycle", name) or ("below", entry)
+    for relay in relays:
+        path: list[str] = []
+        on_path: dict[str, int] = {}
+        current = relay.name
+        verdict: tuple[str, str] | None = None
+        while True:
+            if current == hq or current not in parents:
+                break
+            if current in judged:
+                known = judged[current]
+                verdict = None if known is None else ("below", current if known[0] == "cycle" else known[1])
+                break
+            if current in on_path:
+                members = path[on_path[current]:]
+                for member in members:
+                    judged[member] = ("cycle", str(len(members)))
+                verdict = ("below", current)
+                break
+            on_path[current] = len(path)
+            path.append(current)
+            current = parents[current]
+        for name in path:
+            judged.setdefault(name, verdict)
     for index, relay in enumerate(relays):
         if relay.name == hq or relay.parent == relay.name or (relay.parent != hq and relay.parent not in parents):
             continue  # reported above; a relay with HQ's name would also look like a cycle through HQ
-        chain = [relay.name]
-        current = relay.parent
-        while current != hq and current in parents and current not in chain:
-            chain.append(current)
-            current = parents[current]
-        if current not in chain:
+        verdict = judged.get(relay.name)
+        if verdict is None:
             continue
         pointer = f"/spec/relays/{index}/parent"
-        if current == relay.name:
-            loop = " -> ".join([*chain, relay.name])
+        if verdict[0] == "cycle":
+            loop = _cycle_text(relay.name, parents, int(verdict[1]))
             errors.append(doc.error(pointer, f"{pointer}: relay {relay.name!r} is on a parent cycle ({loop}); the relays must form one tree under {hq!r}"))
         else:
-            errors.append(doc.error(pointer, f"{pointer}: relay {relay.name!r} does not reach the headquarters {hq!r}: its ancestor {current!r} is on a parent cycle"))
+            errors.append(doc.error(pointer, f"{pointer}: relay {relay.name!r} does not reach the headquarters {hq!r}: its ancestor {verdict[1]!r} is on a parent cycle"))
     return Topology(headquarters=hq, relays=relays), errors
+
+
+def _cycle_text(start: str, parents: Mapping[str, str], length: int, shown: int = 8) -> str:
+    """``a -> b -> a`` for the cycle of ``length`` relays through ``start``; a long one shows its first relays."""
+    members = [start]
+    while len(members) < min(length, shown):
+        members.append(parents[members[-1]])
+    if length <= shown:
+        return " -> ".join([*members, start])
+    return " -> ".join([*members, f"... ({length} relays)", start])
 
 
 def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None, list[SpecError]]:
@@ -1209,13 +1288,27 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
                     errors.append(doc.error(where, f"{where}: {destination!r} is not a relay in the topology{hint}"))
 
     if errors or topology is None:
-        return LoadResult(None, tuple(sorted(set(errors))))
+        return LoadResult(None, _capped(errors))
     specs = Specs(
         topology=topology,
         packages=tuple(sorted((p for _, p in packages), key=lambda p: (p.name, p.spec_name))),
         jobs=tuple(sorted((j for _, j in jobs), key=lambda j: j.name)),
     )
     return LoadResult(specs, ())
+
+
+def _capped(errors: Iterable[SpecError]) -> tuple[SpecError, ...]:
+    """Every file's errors, at most MAX_ERRORS_PER_FILE of them each plus a line saying there are more."""
+    by_path: dict[str, list[SpecError]] = {}
+    for error in sorted(set(errors)):
+        by_path.setdefault(error.path, []).append(error)
+    kept: list[SpecError] = []
+    for path, found in by_path.items():
+        if len(found) > MAX_ERRORS_PER_FILE:
+            note = SpecError(path, 1, 1, _more_errors())
+            found = sorted({note, *[e for e in found if e != note][:MAX_ERRORS_PER_FILE]})
+        kept += found
+    return tuple(sorted(kept))
 
 
 def _unique_names(items: list[tuple[_Document, Any]], what: str) -> list[SpecError]:

@@ -8,12 +8,14 @@ anything larger before parsing it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from reconciler.specs import MAX_FILE_BYTES
 
 _JOB = "apiVersion: reconciler/v1\nkind: Job\nmetadata:\n  name: x\nspec:\n"
 _PACKAGE = "apiVersion: reconciler/v1\nkind: Package\nmetadata: {name: x}\nspec:\n"
+_TOPOLOGY = "apiVersion: reconciler/v1\nkind: Topology\nmetadata: {name: t}\nspec:\n  headquarters: hq-x\n  relays:\n"
 _LIMIT = MAX_FILE_BYTES - 64
 
 
@@ -34,6 +36,13 @@ def _numbered(prefix: str, unit: str, suffix: str) -> str:
         size += len(piece)
         index += 1
     return "".join(parts) + suffix
+
+
+def _relays(parent_of: Callable[[int, int], str], prefix: str) -> str:
+    """A topology with as many relays as fit; ``parent_of(i, count)`` names relay i's parent."""
+    line = len(f"    - {{name: {prefix}000000, parent: {prefix}000000}}\n")
+    count = (_LIMIT - len(_TOPOLOGY)) // line
+    return _TOPOLOGY + "".join(f"    - {{name: {prefix}{i}, parent: {parent_of(i, count)}}}\n" for i in range(count))
 
 
 def _alias_levels(levels: int, width: int) -> str:
@@ -79,6 +88,12 @@ def hostile_files() -> dict[str, tuple[str, str]]:
         "alias-chain-nesting": ("jobs/x.yaml", _JOB + "".join(
             f"  a{k}: &a{k} " + "{q: " * 60 + (f"*a{k - 1}" if k else "1") + "}" * 60 + "\n" for k in range(30))),
         "long-hex-integer": ("jobs/x.yaml", _JOB + "  rerun: 0x" + "f" * 3600 + "\n"),
+        # uniqueItems over items that cannot be sorted: jsonschema compared every pair
+        "unsortable-unique-list": ("jobs/x.yaml", _numbered(_JOB + "  destinations:\n", "  - pc-{:05d}\n",
+                                                           "  - 12345\n  - null\n")),
+        # a relay tree that is one long chain, and one long cycle: judged in linear time
+        "long-relay-chain": ("topology.yaml", _relays(lambda i, n: f"r{i - 1}" if i else "hq-x", "r")),
+        "long-relay-cycle": ("topology.yaml", _relays(lambda i, n: f"relay-number-{(i - 1) % n}", "relay-number-")),
     }
 
 

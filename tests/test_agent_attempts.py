@@ -123,6 +123,35 @@ def test_an_orphan_of_a_dead_supervisor_is_waited_for_and_the_step_not_run_again
         orphan.wait(timeout=30)
 
 
+@POSIX_ONLY
+def test_an_agent_killed_while_waiting_for_an_orphan_leaves_its_sighting_behind(tmp_path: Path) -> None:
+    step, log = tmp_path / "op" / "install-1.0", tmp_path / "runs.log"
+    release = tmp_path / "release"
+    wait = f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
+    orphan = subprocess.Popen([sys.executable, "-c", wait], start_new_session=True)
+    seen = LogSeen("still running; waiting")
+    logging.getLogger("reconciler.agent").addHandler(seen)
+    try:
+        attempt = write_attempt(step, appender(log), "supervisor 4242\n")  # its supervisor is gone
+        record = ProcessRecord(orphan.pid, process_start_time(orphan.pid), format_time(utc_now()), 60)
+        (attempt / "installer.json").write_text(json.dumps(record.to_dict()))
+        runner = threading.Thread(target=lambda: run(step, appender(log)), daemon=True)
+        runner.start()
+        wait_for(lambda: seen.event.is_set() or not runner.is_alive(), "the step to wait for the orphan")
+        # before it waits, the agent notes on disk that the installer ran on alone
+        assert json.loads((attempt / "orphaned.json").read_text())["pid"] == orphan.pid
+    finally:
+        logging.getLogger("reconciler.agent").removeHandler(seen)
+        release.touch()
+        orphan.wait(timeout=30)
+    runner.join(timeout=60)
+    # Had that agent been killed there, the next finds the installer gone and no
+    # result: the note still says it ran, so it is reported, never run again.
+    (attempt / "result.json").unlink()
+    again = run(step, appender(log))
+    assert again.exit_code is None and (again.error or "").startswith("exit status unknown") and lines(log) == 0
+
+
 def test_a_command_that_cannot_start_is_recorded_and_not_retried(tmp_path: Path) -> None:
     step = tmp_path / "op" / "install-1.0"
     first = run(step, ["/nonexistent/installer"])

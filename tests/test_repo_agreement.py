@@ -183,6 +183,31 @@ def ignored_spec_file(root: Path) -> None:
     _write(root, "jobs/local-test.yaml", "kind: [\n")  # broken, but never committed
 
 
+def _commit_base(root: Path) -> None:
+    base(root)
+    _git("add", "-A", cwd=root)
+    _git("commit", "--quiet", "-m", "base", cwd=root)
+
+
+def assumed_unchanged_spec(root: Path) -> None:
+    _commit_base(root)
+    _git("update-index", "--assume-unchanged", "jobs/install-app.yaml", cwd=root)
+    with open(root / "jobs" / "install-app.yaml", "a", encoding="utf-8") as job:
+        job.write("x: [\n")  # git add ignores it: the commit keeps the indexed file
+
+
+def skipped_worktree_spec(root: Path) -> None:
+    _commit_base(root)  # as a sparse checkout leaves it: in the index, not on disk
+    _git("update-index", "--skip-worktree", "packages/app-1.0.yaml", cwd=root)
+    (root / "packages" / "app-1.0.yaml").unlink()
+
+
+def spec_in_another_encoding(root: Path) -> None:
+    base(root)
+    _write(root, ".gitattributes", "jobs/other.yaml working-tree-encoding=UTF-16LE\n")
+    (root / "jobs" / "other.yaml").write_bytes(JOB.replace("NAME", "other").encode("utf-16-le"))
+
+
 # Cases that differ from a plain directory only inside a git work tree: there,
 # validate reads what `git add -A` would commit, as HQ will see it.
 IN_A_CHECKOUT: dict[str, tuple[Callable[[Path], None], set[tuple[str, str]]]] = {
@@ -190,6 +215,9 @@ IN_A_CHECKOUT: dict[str, tuple[Callable[[Path], None], set[tuple[str, str]]]] = 
                                                                       "'artifacts/app-1.0' does not exist")}),
     "stray-git-file-in-an-artifact": (stray_git_file_in_an_artifact, set()),
     "ignored-spec-file": (ignored_spec_file, set()),
+    "assumed-unchanged-spec": (assumed_unchanged_spec, set()),
+    "skipped-worktree-spec": (skipped_worktree_spec, set()),
+    "spec-in-another-encoding": (spec_in_another_encoding, set()),
 }
 
 
@@ -205,7 +233,7 @@ def _commit_and_load(repo: Path, tmp_path: Path) -> LoadResult:
     if not (repo / ".git").exists():
         _git("init", "--quiet", "--initial-branch=main", cwd=repo)
     _git("add", "-A", cwd=repo)
-    _git("commit", "--quiet", "-m", "specs", cwd=repo)
+    _git("commit", "--quiet", "--allow-empty", "-m", "specs", cwd=repo)
     _git("push", "--quiet", str(origin), "HEAD:refs/heads/main", cwd=repo)
     store = GitStore(str(origin), tmp_path / "mirror")
     store.fetch()
@@ -276,3 +304,20 @@ def test_an_empty_folder_is_no_artifact_on_disk_or_in_git(tmp_path: Path) -> Non
     assert [e.message for e in on_disk.errors] == [
         "/spec/artifact/path: artifact path 'artifacts/empty' does not exist"]
     assert on_disk.errors == _commit_and_load(repo, tmp_path).errors
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to hand the checkout over")
+def test_a_checkout_git_refuses_to_read_is_an_error_not_a_guess(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git("init", "--quiet", "--initial-branch=main", cwd=repo)
+    base(repo)
+    _write(repo, ".gitignore", "jobs/local.yaml\n")
+    _write(repo, "jobs/local.yaml", "kind: [\n")  # ignored: never committed
+    shutil.chown(repo, user="nobody")  # git refuses a repository owned by someone else
+    for path in repo.rglob("*"):
+        os.lchown(path, 65534, -1)
+    proc = subprocess.run([sys.executable, "-m", "reconciler", "validate", str(repo)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot read it as git would commit it" in proc.stderr and "Traceback" not in proc.stderr

@@ -164,11 +164,32 @@ def test_deep_flow_inside_block_nesting_counts_both(loader: Any, monkeypatch: py
     "a: >-\n    " + "{" * 70 + "\nb: [1, 2\n",
     "- x [ " + "[ " * 70 + "\n- {a: b\n",  # in a plain scalar, with spaces between
     "a: ['[[[[[[[[', \"" + "[" * 70 + "\", c\nb: @",  # in quoted scalars inside a flow sequence
+    "m:\n  n:\n    note: see\n      " + "[" * 65 + "\nspec: : oops\n",  # a plain scalar's next line
+    "x: text\n  " + "[" * 70 + "\ny: @\n",
+    "x: &a b\n  " + "[" * 70 + "\ny: @\n",
+    "- a\n  " + "[" * 70 + "\n- @\n",
+    "? a\n  " + "[" * 70 + "\n: @\n",
+    "x: !!str |\n  " + "[" * 70 + "\ny: @\n",  # block scalars after a tag or an anchor
+    "x: &a >-\n  " + "[" * 70 + "\ny: @\n",
+    "- d: |\n    " + "[" * 70 + "\n  e: @\n",
+    "x: [?'" + "[" * 70 + "']\ny: @\n",  # a quote after an explicit key in flow
 ])
 def test_brackets_in_scalars_and_comments_are_not_nesting(text: str) -> None:
     result = parse_repo({"jobs/x.yaml": text.encode()}, lambda path: None)
     messages = [e.message for e in result.errors if e.path == "jobs/x.yaml"]
     assert len(messages) == 1 and messages[0].startswith("YAML syntax error"), messages
+
+
+@pytest.mark.parametrize("text", [
+    "x: &a " + "[" * 1100 + "]" * 1100 + "\n",  # after an anchor
+    "x: !!seq " + "[" * 1100 + "]" * 1100 + "\n",  # after a tag
+    "x:\n  - d: |\n      text\n    e: " + "[" * 1100 + "]" * 1100 + "\n",  # after a block scalar
+    "x: &a " + "[" * 70 + "@\n",  # deep, then a stray character
+])
+def test_real_deep_nesting_is_our_error_after_tags_anchors_and_block_scalars(text: str) -> None:
+    result = parse_repo({"jobs/x.yaml": ("spec:\n" + text).encode()}, lambda path: None)
+    messages = [e.message for e in result.errors if e.path == "jobs/x.yaml"]
+    assert messages == ["YAML nesting is deeper than 64 levels"], messages
 
 
 def test_load_repo_and_parse_repo_agree_on_the_corpus(tmp_path: Path) -> None:
@@ -193,3 +214,33 @@ def test_every_error_names_a_file_in_the_repo_or_the_missing_topology(tmp_path: 
             assert isinstance(error, SpecError)
             assert error.line >= 1 and error.column >= 1
             assert (repo / error.path).is_file() or error.path == "topology.yaml", f"{case}: {error}"
+
+
+def test_mismatched_collection_tags_are_refused() -> None:
+    text = ("apiVersion: reconciler/v1\nkind: Job\nmetadata: {name: x}\nspec:\n"
+            "  destinations: !!map [relay-kanto]\n")
+    result = parse_repo({"jobs/x.yaml": text.encode()}, lambda path: None)
+    assert [(e.line, e.message) for e in result.errors if e.path == "jobs/x.yaml"] == [
+        (5, "YAML tag !!map is not supported here; write a plain value")]
+
+
+def test_unique_lists_of_any_items_are_checked_in_linear_time() -> None:
+    # jsonschema compares every pair of items it cannot sort: 6,000 lists would take minutes
+    items = ",".join(f"[{i}]" for i in range(6000))
+    text = ("apiVersion: reconciler/v1\nkind: Job\nmetadata: {name: x}\nspec:\n  jobType: install\n"
+            "  package: {name: app, version: '1'}\n  destinationType: clients\n"
+            f"  destinations: [{items}, [0]]\n")
+    result = parse_repo({"jobs/x.yaml": text.encode()}, lambda path: None)
+    messages = [e.message for e in result.errors if e.path == "jobs/x.yaml"]
+    assert "/spec/destinations: items must be unique" in messages
+
+
+def test_a_long_parent_chain_and_a_long_cycle_are_judged_once_each() -> None:
+    relays = "".join(f"    - {{name: r{i}, parent: {'r' + str(i - 1) if i else 'hq-x'}}}\n" for i in range(3000))
+    cycle = "".join(f"    - {{name: c{i}, parent: c{(i - 1) % 500}}}\n" for i in range(500))
+    text = f"apiVersion: reconciler/v1\nkind: Topology\nmetadata: {{name: t}}\nspec:\n  headquarters: hq-x\n  relays:\n{relays}{cycle}"
+    result = parse_repo({"topology.yaml": text.encode()}, lambda path: None)
+    errors = [e for e in result.errors if e.path == "topology.yaml"]
+    assert len(errors) == 101 and errors[0].message.startswith("more than 100 errors in this file")
+    assert all(len(e.message) < 400 for e in errors)
+    assert "is on a parent cycle (c" in errors[1].message and "(500 relays)" in errors[1].message

@@ -37,6 +37,10 @@ attempt directory holds:
     "started installer pid X" (:class:`ProcessRecord`), written right after
     the installer starts, so a dead supervisor's orphan can still be waited
     for or killed at its timeout.
+``orphaned.json``
+    written by an agent that found the installer running after its
+    supervisor died, before it waits for it: however many agents are killed
+    while waiting, the installer is known to have run.
 ``output``, ``result.json``
     the installer's combined output, and how it ended (exit code, timeout,
     output tail, or why it could not start), written atomically last.
@@ -112,6 +116,7 @@ CLAIM = "claim"
 INSTALLER = "installer.json"
 OUTPUT = "output"
 RESULT = "result.json"
+ORPHANED = "orphaned.json"  # an agent saw the installer running without its supervisor
 SUPERVISOR_LOG = "supervisor.log"
 ABANDONED = "abandoned\n"
 FALLBACK_TIMEOUT_SECONDS = 600.0  # only for an attempt whose request cannot be read
@@ -342,7 +347,12 @@ def _settle(attempt: Path, child: subprocess.Popen[bytes] | None = None,
             return data
         record = _installer_record(attempt)
         if record is not None:
-            outlived = is_running(record)
+            outlived = (attempt / ORPHANED).exists()
+            if not outlived and is_running(record):
+                # Seen running without its supervisor: say so on disk before waiting, so an
+                # agent killed while it waits leaves the next one knowing it ran on alone.
+                write_json_atomic(attempt / ORPHANED, {"pid": record.pid, "seenAt": format_time(utc_now())})
+                outlived = True
             log.warning("the supervisor of installer pid %d ended without recording its exit status; %s",
                         record.pid, settle_orphan(record))
             if outlived:
