@@ -902,23 +902,32 @@ class GitStore:
         )
 
     def _write_tree(self, files: Mapping[str, bytes]) -> str:
+        """Write ``files`` as blobs and a tree; the tree's id.
+
+        The blobs go through one ``git fast-import`` (one pack, in C) rather
+        than one loose object each: a status tree of thousands of small files
+        is written in tens of milliseconds, not a second.
+        """
         if not files:
             return self._out("hash-object", "-w", "-t", "tree", "--stdin", input=b"") or _EMPTY_TREE
+        paths = sorted(files)
+        stream = bytearray()
+        for mark, path in enumerate(paths, start=1):
+            content = files[path]
+            stream += b"blob\nmark :%d\ndata %d\n" % (mark, len(content))
+            stream += content
+            stream += b"\n"
         with tempfile.TemporaryDirectory(prefix="publish-", dir=self.workdir) as tmp:
-            paths = sorted(files)
-            blob_files = []
-            for i, path in enumerate(paths):
-                blob = Path(tmp, f"blob{i}")
-                blob.write_bytes(files[path])
-                blob_files.append(str(blob))
-            shas = self._out(
-                "hash-object", "-w", "--no-filters", "--stdin-paths",
-                input=("\n".join(blob_files) + "\n").encode(),
-            ).split()
+            marks_file = Path(tmp, "marks")
+            self._git("fast-import", "--quiet", f"--export-marks={marks_file}", input=bytes(stream))
+            shas: dict[int, str] = {}
+            for line in marks_file.read_text(encoding="ascii").splitlines():
+                label, _, sha = line.partition(" ")
+                shas[int(label[1:])] = sha
             index_env = {"GIT_INDEX_FILE": str(Path(tmp, "index"))}
             info = b"".join(
-                f"100644 {sha}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"
-                for sha, path in zip(shas, paths)
+                f"100644 {shas[mark]}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"
+                for mark, path in enumerate(paths, start=1)
             )
             self._git("update-index", "--add", "-z", "--index-info", input=info, env=index_env)
             return self._out("write-tree", env=index_env)

@@ -487,3 +487,16 @@ def test_every_status_schema_has_an_id_and_descriptions() -> None:
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         assert schema["description"] and schema["additionalProperties"] is False
         walk(schema, stem)
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.text(max_size=30))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)), max_leaves=20)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), _VALUES, max_size=6))
+def test_status_yaml_reads_back_as_written(doc: dict[str, Any]) -> None:
+    data = report.dump_yaml(doc)
+    assert yaml.safe_load(data.decode("utf-8")) == (doc or None)
+    assert report.dump_yaml(dict(reversed(list(doc.items())))) == data  # key order does not matter
