@@ -39,7 +39,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -47,6 +47,8 @@ from typing import BinaryIO, Final
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+
+from reconciler.redaction import redact_text, redact_url, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,6 @@ _SCRUBBED_ENV: Final = (
     "GIT_QUARANTINE_PATH",
 )
 
-_URL_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]]+")
 _SCHEME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SHA_RE: Final = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
 _REF_RE: Final = re.compile(r"^[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*$")
@@ -92,67 +93,6 @@ class PushRejected(GitError):
 
 # --------------------------------------------------------------------------
 # URLs and redaction
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with its user-info and query values replaced by ``***``.
-
-    ``https://user:tok@host/x.git`` -> ``https://***@host/x.git``;
-    ``https://host/x.git?token=abc`` -> ``https://host/x.git?token=***``.
-    Local paths and scp-like ``git@host:path`` (no secret in them) are returned
-    unchanged.
-    """
-    if not _SCHEME_RE.match(url):
-        return url
-    scheme, rest = url.split("://", 1)
-    # Split off the authority by hand: urllib would choke on odd ports or
-    # brackets, and a redactor must never raise.
-    end = len(rest)
-    for sep in "/?#":
-        pos = rest.find(sep)
-        if pos != -1:
-            end = min(end, pos)
-    authority, tail = rest[:end], rest[end:]
-    if "@" in authority:
-        authority = "***@" + authority.rsplit("@", 1)[1]
-    query_start = tail.find("?")
-    if query_start != -1:
-        frag_start = tail.find("#", query_start)
-        query_end = len(tail) if frag_start == -1 else frag_start
-        query = tail[query_start + 1 : query_end]
-        redacted = "&".join(
-            (part.split("=", 1)[0] + "=***") if "=" in part else part
-            for part in query.split("&")
-        )
-        tail = tail[: query_start + 1] + redacted + tail[query_end:]
-    return f"{scheme}://{authority}{tail}"
-
-
-def _url_secrets(url: str) -> list[str]:
-    """Strings of ``url`` that must never appear in a message, raw or decoded."""
-    if not _SCHEME_RE.match(url):
-        return []
-    parts = urllib.parse.urlsplit(url)
-    found: list[str] = []
-    if parts.password:
-        found.append(parts.password)
-    elif parts.username and len(parts.username) >= 8:
-        found.append(parts.username)  # https://<token>@host form
-    for _, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=False):
-        found.append(value)
-    out: list[str] = []
-    for secret in found:
-        for form in (secret, urllib.parse.quote(secret, safe=""), urllib.parse.unquote(secret)):
-            if len(form) >= 3 and form not in out:
-                out.append(form)
-    return sorted(out, key=len, reverse=True)
-
-
-def _redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    text = _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
@@ -336,7 +276,7 @@ class GitStore:
         self.push_attempts = max(1, push_attempts)
         self.backoff_seconds = backoff_seconds
         self.network_timeout = network_timeout
-        self._secrets = _url_secrets(origin)
+        self._secrets = url_secrets(origin)
         self._lock = threading.Lock()
         self._ready = False
         self._identity: dict[str, str] | None = None
@@ -377,7 +317,7 @@ class GitStore:
 
     def redact(self, text: str) -> str:
         """``text`` without credentials: URLs redacted and this origin's secrets masked (for errors not from git)."""
-        return _redact_text(text, self._secrets)
+        return redact_text(text, self._secrets)
 
     def _fail(self, what: str, detail: str | bytes) -> GitError:
         if isinstance(detail, bytes):
@@ -386,7 +326,7 @@ class GitStore:
         if len(detail) > _MAX_MESSAGE:
             detail = detail[:_MAX_MESSAGE] + " …"
         msg = f"git {what} failed: {detail or 'no output'} (origin {redact_url(self.origin)})"
-        return GitError(_redact_text(msg, self._secrets))
+        return GitError(redact_text(msg, self._secrets))
 
     def _git(
         self,
@@ -895,7 +835,7 @@ class GitStore:
             last_error = detail
             log.info("push of %s rejected (attempt %d/%d), rebuilding on the new tip", ref, attempt + 1, self.push_attempts)
         raise PushRejected(
-            _redact_text(
+            redact_text(
                 f"push to {ref} on {redact_url(self.origin)} rejected {self.push_attempts} times: {last_error}",
                 self._secrets,
             )
@@ -991,7 +931,7 @@ class GitStore:
         stderr = proc.stderr.decode("utf-8", "replace")
         status = [line for line in stdout.splitlines() if line.startswith("!\t")]
         if status:
-            return True, _redact_text(" ".join(status[0].split("\t")[2:]) or "rejected", self._secrets)
+            return True, redact_text(" ".join(status[0].split("\t")[2:]) or "rejected", self._secrets)
         raise self._fail("push", stderr or stdout)
 
 

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,13 @@ from reconciler.gitstore import (
     ChangeWatcher,
     GitError,
     GitStore,
-    redact_url,
 )
 from reconciler.logs import configure_logging
+from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
 from reconciler.report import Accepted, EvaluationError, RelayStatus, ReportError
 from reconciler.specs import SpecError, Specs
+from reconciler.times import utc_now
 from reconciler.webhook import ListenError, Server, make_app, read_secret_file
 
 log = logging.getLogger("reconciler.hq")
@@ -66,7 +67,7 @@ ERROR_MESSAGE_LIMIT = 300
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return utc_now().replace(microsecond=0)
 
 
 def retry_delay(attempts: int) -> float:

@@ -32,6 +32,8 @@ import yaml
 from reconciler.plan import ClientState, Installed, JobState, Plan, Row, job_state
 from reconciler.reach import Reach, reach_of
 from reconciler.specs import DestinationType, Job, SpecError, Specs
+from reconciler.times import aware, format_time
+from reconciler.times import parse_time as parse_time_text
 
 FAILURE_LIMIT = 50
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
@@ -202,27 +204,16 @@ class HqReport:
 # ------------------------------------------------------------- small helpers
 
 
-def format_time(when: datetime | None) -> str | None:
-    """RFC 3339 UTC at second precision (naive datetimes are taken as UTC)."""
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse_time(text: Any) -> datetime | None:
+    """A status file's time field: None when absent, a :class:`ReportError` when not RFC 3339."""
     if text is None or text == "":
         return None
     if isinstance(text, datetime):
-        return text if text.tzinfo else text.replace(tzinfo=timezone.utc)
-    if not isinstance(text, str):
+        return aware(text)
+    moment = parse_time_text(text) if isinstance(text, str) else None
+    if moment is None:
         raise ReportError(f"expected an RFC 3339 time, got {text!r}")
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ReportError(f"expected an RFC 3339 time, got {text!r}") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return moment
 
 
 def zero_counts() -> dict[str, int]:

@@ -24,9 +24,9 @@ import pytest
 from test_agent_loop import PROJECT_ROOT
 from test_agent_orphans import wait_for
 
-from reconciler.agent.journal import format_time, utc_now
 from reconciler.agent.processes import ProcessRecord, process_start_time
 from reconciler.agent.supervisor import run_supervised
+from reconciler.times import format_time, utc_now
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="sessions are POSIX")
 

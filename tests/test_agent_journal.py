@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from reconciler.agent.agent import Agent
-from reconciler.agent.journal import FINISHED, STARTED, Journal, format_time
+from reconciler.agent.journal import FINISHED, STARTED, Journal
+from reconciler.times import format_time
 
 NO_RELAY = "http://127.0.0.1:9"
 

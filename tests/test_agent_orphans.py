@@ -46,7 +46,8 @@ from reconciler.agent.installers import (
     process_start_time,
     write_receipt,
 )
-from reconciler.agent.journal import STARTED, Journal, format_time, utc_now
+from reconciler.agent.journal import STARTED, Journal
+from reconciler.times import format_time, utc_now
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="SIGKILL, flock and sessions are POSIX")
 LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="start times come from /proc")

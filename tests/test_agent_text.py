@@ -66,7 +66,7 @@ def assert_all_text(relay: FakeRelay) -> None:
     (b"--fact", b"hostname=pc\xff", "b'hostname=pc\\xff'"),
     (b"--id", b"pc\xff", "b'pc\\xff'"),
     (b"--relay", b"http://relay\xff:8080", "b'http://relay\\xff:8080'"),
-    (b"--relay", b"http://user:secret@relay\xff:8080", "b'http://relay\\xff:8080'"),
+    (b"--relay", b"http://user:secret@relay\xff:8080", "b'http://***@relay\\xff:8080'"),
 ])
 def test_text_that_is_not_utf8_is_refused_at_start_up(flag: bytes, value: bytes, shown: str, tmp_path: Path) -> None:
     root = tmp_path / "root"

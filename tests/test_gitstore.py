@@ -20,8 +20,8 @@ from reconciler.gitstore import (
     GitStore,
     PushRejected,
     local_origin_path,
-    redact_url,
 )
+from reconciler.redaction import redact_url
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

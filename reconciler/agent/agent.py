@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
@@ -72,10 +71,12 @@ from reconciler.agent.installers import (
     uninstall,
 )
 from reconciler.agent.installers import inventory as confirmed_inventory
-from reconciler.agent.journal import FINISHED, Entry, Journal, format_time, utc_now
+from reconciler.agent.journal import FINISHED, Entry, Journal
 from reconciler.agent.processes import ProcessRecord, settle_orphan
 from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
 from reconciler.fileio import sha256_file, write_atomic
+from reconciler.redaction import redact_url
+from reconciler.times import format_time, utc_now
 
 log = logging.getLogger("reconciler.agent")
 
@@ -164,17 +165,6 @@ def _short_error(exc: BaseException) -> str:
     if isinstance(exc, requests.Timeout):
         return "timed out"
     return _cut(f"{type(exc).__name__}: {text}", 200)
-
-
-def redact(url: str) -> str:
-    """The URL without user:password, safe for logs and status messages."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def _error_body(response: requests.Response) -> str:
@@ -364,9 +354,9 @@ class Agent:
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
             raise AgentConfigError(f"invalid client id {client_id!r}: use lowercase letters, digits, '.' and '-'")
-        check_text(relay_url, "--relay", redact(relay_url))
+        check_text(relay_url, "--relay", redact_url(relay_url))
         if not relay_url.startswith(("http://", "https://")):
-            raise AgentConfigError(f"relay URL must start with http:// or https://, got {redact(relay_url)!r}")
+            raise AgentConfigError(f"relay URL must start with http:// or https://, got {redact_url(relay_url)!r}")
         self.client_id = client_id
         self.relay_url = relay_url.rstrip("/")
         pairs = labels.items() if isinstance(labels, Mapping) else (labels or [])
@@ -443,7 +433,7 @@ class Agent:
         try:
             response = self.session.post(url, json=body, headers=self._headers(), timeout=HTTP_TIMEOUT)
         except requests.RequestException as exc:
-            raise RelayUnavailable(f"relay {redact(self.relay_url)} unreachable: {_short_error(exc)}") from exc
+            raise RelayUnavailable(f"relay {redact_url(self.relay_url)} unreachable: {_short_error(exc)}") from exc
         status = response.status_code
         if status in (401, 403):
             raise RelayRefused(
@@ -466,7 +456,7 @@ class Agent:
         token = reply.get("token")
         if isinstance(token, str) and token and token != self.token:
             self._store_token(token)
-            self.log.info("registered with relay %s", redact(self.relay_url))
+            self.log.info("registered with relay %s", redact_url(self.relay_url))
         self.journal.acknowledge(r["operationId"] for r in results)
         return CheckinReply(tuple(reply.get("actions") or ()), poll_seconds, len(results))
 

@@ -42,11 +42,12 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from reconciler.fileio import write_atomic
+from reconciler.times import format_time, parse_time, utc_now
 
 log = logging.getLogger("reconciler.agent")
 
@@ -56,25 +57,6 @@ FINISHED: Literal["finished"] = "finished"
 # Acknowledged entries older than this are dropped; the relay never re-sends an
 # operation that long after it got the result.
 RETENTION = timedelta(days=30)
-
-
-def utc_now() -> datetime:
-    """The wall clock in UTC; the default clock of the journal and the agent."""
-    return datetime.now(timezone.utc)
-
-
-def format_time(moment: datetime) -> str:
-    """RFC 3339 with a ``Z`` suffix and whole seconds, as the protocol shows."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime | None:
-    """Inverse of :func:`format_time`; ``None`` for anything unparsable."""
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except (TypeError, ValueError):
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def operation_key(operation_id: str) -> str:

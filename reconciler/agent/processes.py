@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from reconciler.agent.errors import InstallError
-from reconciler.agent.journal import parse_time, utc_now
+from reconciler.times import parse_time, utc_now
 
 log = logging.getLogger("reconciler.agent")
 

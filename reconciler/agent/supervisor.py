@@ -81,13 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.agent.errors import InstallError
-from reconciler.agent.journal import (
-    format_time,
-    parse_time,
-    quarantine,
-    utc_now,
-    write_json_atomic,
-)
+from reconciler.agent.journal import quarantine, write_json_atomic
 from reconciler.agent.processes import (
     KILL_GRACE_SECONDS,
     ORPHAN_POLL_SECONDS,
@@ -102,6 +96,7 @@ from reconciler.agent.processes import (
     settle_orphan,
 )
 from reconciler.fileio import fsync_dir
+from reconciler.times import format_time, parse_time, utc_now
 
 if sys.platform == "win32":
     import msvcrt

@@ -47,11 +47,11 @@ from reconciler.gitstore import (
     GitError,
     GitStore,
     local_origin_path,
-    redact_url,
 )
 from reconciler.hq import HQ_REF
 from reconciler.plan import ClientState
 from reconciler.reach import Reach, reach_of
+from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
 from reconciler.report import (
     HqReport,

@@ -62,7 +62,6 @@ from reconciler.plan.vocabulary import (
     failures_exceeded,
     job_state,
     parse_max_failures,
-    rfc3339,
     rollup,
 )
 
@@ -70,6 +69,6 @@ __all__ = [
     "MAX_BACKOFF_SECONDS", "RESULT_MARGIN_SECONDS", "Action", "ActionKind", "Attempt", "Client", "ClientId",
     "ClientPlan", "ClientState", "History", "Installed", "JobRollup", "JobState", "OperationId", "Outcome", "Plan",
     "PlanMemo", "RelayIndex", "RolloutUsage", "Row", "count_states", "failures_exceeded", "index_relay", "operation_id",
-    "Reason", "job_state", "parse_max_failures", "plan_client", "plan_relay", "plan_revision", "rfc3339",
+    "Reason", "job_state", "parse_max_failures", "plan_client", "plan_relay", "plan_revision",
     "rollup",
 ]

@@ -62,11 +62,9 @@ from reconciler.plan.vocabulary import (
     Reason,
     RolloutUsage,
     Row,
-    _aware,
     _rollup,
     failures_exceeded,
     halt_message,
-    rfc3339,
 )
 from reconciler.reach import Reach, reach_of
 from reconciler.specs import (
@@ -77,6 +75,7 @@ from reconciler.specs import (
     Requirements,
     Specs,
 )
+from reconciler.times import aware, format_precise
 from reconciler.versions import at_least, compare_versions, same_version
 
 
@@ -158,8 +157,8 @@ class _CompiledJob:
         self.backoff = job.backoff_seconds
         self.rerun = job.rerun
         self.suspend = job.suspend
-        self.not_before = _aware(job.not_before) if job.not_before is not None else None
-        self.not_after = _aware(job.not_after) if job.not_after is not None else None
+        self.not_before = aware(job.not_before) if job.not_before is not None else None
+        self.not_after = aware(job.not_after) if job.not_after is not None else None
         self.allow_downgrade = job.allow_downgrade
         self.max_concurrent = job.max_concurrent
         self.max_failures = job.max_failures
@@ -412,7 +411,7 @@ def _decide_one(ctx: _Context, cj: _CompiledJob, phase: int, client: Client, ins
     if phase == _BEFORE:
         assert cj.not_before is not None
         d.eligible = cj.install and not reasons
-        return d.settle(relay, ClientState.PENDING, Reason.SCHEDULED, f"scheduled for {rfc3339(cj.not_before)}")
+        return d.settle(relay, ClientState.PENDING, Reason.SCHEDULED, f"scheduled for {format_precise(cj.not_before)}")
     if reasons:
         return d.settle(relay, ClientState.SKIPPED, Reason.REQUIREMENTS, "; ".join(reasons))
     d.closed = phase == _AFTER
@@ -650,7 +649,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_ACTION] = a.action
             fields[_R_ATTEMPTS] = a.attempt
             fields[_R_OPERATION] = a.operation_id
-            fields[_R_MESSAGE] = f"attempt {a.attempt}/{cj.limit} dispatched at {rfc3339(a.dispatched_at)}"
+            fields[_R_MESSAGE] = f"attempt {a.attempt}/{cj.limit} dispatched at {format_precise(a.dispatched_at)}"
             why = artifact_missing(ctx.staged, ctx.unavailable, d.cj.package, d.cj.software, a.action, a.version)
             if why is not None:  # the client may ask for it again: it cannot be served until staged
                 fields[_R_STATE], fields[_R_REASON], fields[_R_MESSAGE] = ClientState.PENDING, Reason.ARTIFACT, why
@@ -661,7 +660,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             assert cj.not_after is not None
             fields[_R_STATE] = ClientState.SKIPPED
             fields[_R_REASON] = Reason.WINDOW_CLOSED
-            fields[_R_MESSAGE] = f"schedule window closed at {rfc3339(cj.not_after)}"
+            fields[_R_MESSAGE] = f"schedule window closed at {format_precise(cj.not_after)}"
         elif type(step) is OutOfAttempts:
             fields[_R_STATE] = ClientState.FAILED
             fields[_R_REASON] = Reason.FAILED
@@ -674,7 +673,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_REASON] = Reason.RETRY_BACKOFF
             fields[_R_ATTEMPTS] = last.attempt
             fields[_R_OPERATION] = last.operation_id
-            text = f"retry {last.attempt + 1}/{cj.limit} at {rfc3339(step.at)}"
+            text = f"retry {last.attempt + 1}/{cj.limit} at {format_precise(step.at)}"
             fields[_R_MESSAGE] = f"{text}; last attempt: {step.message}" if step.message else text
 
     depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: removals go first
@@ -898,7 +897,7 @@ def plan_client(index: RelayIndex, client: Client, history: History,
     ``in_progress < maxConcurrent`` and ``maxFailures`` not exceeded; the
     caller adds the starts to ``in_progress``.
     """
-    now = _aware(now)
+    now = aware(now)
     ctx = _context(index, memo)
     jobset = ctx.jobs_for(client.id)
     if not jobset.jobs:
@@ -933,7 +932,7 @@ def plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, n
     short-lived, acyclic objects; callers at that scale pause the cyclic
     garbage collector around it (the relay does).
     """
-    return _plan_relay(index, clients, history, _aware(now), _context(index, memo))
+    return _plan_relay(index, clients, history, aware(now), _context(index, memo))
 
 
 class _Shape:

@@ -108,12 +108,10 @@ from reconciler.plan.vocabulary import (
     Reason,
     RolloutUsage,
     Row,
-    _aware,
     count_states,
     failures_exceeded,
     halt_message,
     job_state,
-    rfc3339,
 )
 from reconciler.specs import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -122,6 +120,7 @@ from reconciler.specs import (
     Package,
     Requirements,
 )
+from reconciler.times import aware, format_precise
 from reconciler.versions import at_least, compare_versions, same_version
 
 if TYPE_CHECKING:  # the engine uses the rules' pieces; the rules only read its index
@@ -239,9 +238,9 @@ class Decision:
 
 
 def _phase(job: Job, now: datetime) -> str:
-    if job.not_before is not None and now < _aware(job.not_before):
+    if job.not_before is not None and now < aware(job.not_before):
         return "before"
-    if job.not_after is not None and now >= _aware(job.not_after):
+    if job.not_after is not None and now >= aware(job.not_after):
         return "after"
     return "open"
 
@@ -260,7 +259,7 @@ def decide(index: RelayIndex, job: Job, client: Client, installed: str | None, n
     phase = _phase(job, now)
     if phase == "before":
         assert job.not_before is not None
-        scheduled = d.settle(ClientState.PENDING, Reason.SCHEDULED, f"scheduled for {rfc3339(job.not_before)}")
+        scheduled = d.settle(ClientState.PENDING, Reason.SCHEDULED, f"scheduled for {format_precise(job.not_before)}")
         return replace(scheduled, eligible=install and not reasons)
     if reasons:
         return d.settle(ClientState.SKIPPED, Reason.REQUIREMENTS, "; ".join(reasons))
@@ -448,7 +447,7 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
         return CLOSED if closed else Ready(1, attempt.operation_id, 0, "")
     if attempt.outcome is Outcome.DISPATCHED:
         waited = _timeout(packages, job, attempt, own) + RESULT_MARGIN_SECONDS
-        deadline = _aware(attempt.dispatched_at) + timedelta(seconds=waited)
+        deadline = aware(attempt.dispatched_at) + timedelta(seconds=waited)
         if now < deadline:
             return Running(attempt)
         failed_at = deadline
@@ -459,7 +458,7 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
         have = f"{job.package_name} {installed}" if installed is not None else f"{job.package_name} missing"
         return Ready(1, attempt.operation_id, attempt.attempt, f"drift: client reports {have}")
     else:
-        failed_at = _aware(attempt.finished_at or attempt.dispatched_at)
+        failed_at = aware(attempt.finished_at or attempt.dispatched_at)
         message = attempt.message
     if attempt.attempt >= limit:
         if attempt.rerun < job.rerun:
@@ -568,7 +567,7 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
             a = step.attempt
             row.state, row.reason, row.action = ClientState.IN_PROGRESS, Reason.IN_PROGRESS, a.action
             row.attempts, row.operation = a.attempt, a.operation_id
-            row.message = f"attempt {a.attempt}/{limit} dispatched at {rfc3339(a.dispatched_at)}"
+            row.message = f"attempt {a.attempt}/{limit} dispatched at {format_precise(a.dispatched_at)}"
             missing = artifact_missing(index.staged, index.unavailable, d.package, d.job.package_name, a.action,
                                        a.version)
             if missing is not None:  # the client may ask for it again: it cannot be served until staged
@@ -579,7 +578,7 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
         elif isinstance(step, WindowClosed):
             assert d.job.not_after is not None
             row.state, row.reason = ClientState.SKIPPED, Reason.WINDOW_CLOSED
-            row.message = f"schedule window closed at {rfc3339(d.job.not_after)}"
+            row.message = f"schedule window closed at {format_precise(d.job.not_after)}"
         elif isinstance(step, OutOfAttempts):
             row.state, row.reason, row.message = ClientState.FAILED, Reason.FAILED, step.message
             row.attempts, row.operation = step.attempt.attempt, step.attempt.operation_id
@@ -587,7 +586,7 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
             assert isinstance(step, RetryLater)
             a = step.attempt
             row.reason, row.attempts, row.operation = Reason.RETRY_BACKOFF, a.attempt, a.operation_id
-            text = f"retry {a.attempt + 1}/{limit} at {rfc3339(step.at)}"
+            text = f"retry {a.attempt + 1}/{limit} at {format_precise(step.at)}"
             row.message = f"{text}; last attempt: {step.message}" if step.message else text
 
     # Waiting rows: a removal frees the install that waits for it when it starts in this
@@ -729,7 +728,7 @@ def _steps(index: RelayIndex, decisions: Sequence[Decision], client: Client, his
 def plan_client_by_rules(index: RelayIndex, client: Client, history: History, usage: Mapping[str, RolloutUsage],
                          now: datetime) -> ClientPlan:
     """What :func:`reconciler.plan.plan_client` must give: one client at check-in."""
-    now = _aware(now)
+    now = aware(now)
     decisions = decisions_for(index, client, now)
     gate = Gate()
     for d in decisions:
@@ -751,7 +750,7 @@ def plan_relay_by_rules(index: RelayIndex, clients: Sequence[Client], history: H
     ones hold a slot) and which failed, and so which jobs are halted; then
     clients start in id order while slots are free.
     """
-    now = _aware(now)
+    now = aware(now)
     ordered = sorted(clients, key=lambda c: c.id)
     planned = [(c, decisions_for(index, c, now)) for c in ordered]
     steps = [_steps(index, decisions, c, history, now) for c, decisions in planned]

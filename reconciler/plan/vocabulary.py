@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import StrEnum
 from typing import NamedTuple, NewType
 
@@ -215,19 +215,6 @@ class RolloutUsage:
     in_progress: int = 0
     failed: int = 0  # rows in state Failed
     targets: int = 0  # rows that are not Skipped, for percentage maxFailures
-
-
-def rfc3339(moment: datetime) -> str:
-    """UTC, second precision unless the time has a fraction: ``2027-04-01T00:00:00Z``."""
-    utc = _aware(moment).astimezone(timezone.utc)
-    if utc.microsecond:
-        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _aware(moment: datetime) -> datetime:
-    """Naive times are taken as UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def parse_max_failures(value: int | str | None) -> tuple[int | None, int | None]:

@@ -43,6 +43,7 @@ import requests
 
 from reconciler.fileio import fsync_dir, sha256_file, write_atomic
 from reconciler.reach import Reach, reach_of
+from reconciler.redaction import redact_url
 from reconciler.relay.state import StagedArtifact
 from reconciler.specs import JobType, Package, Specs
 
@@ -384,7 +385,7 @@ class ArtifactCache:
                     raise ArtifactPending("the parent relay has not staged it yet")
                 log.warning("parent relay still lacks %s after %.0fs; fetching it from its URL",
                             sha, PARENT_GRACE_SECONDS)
-        self._download(url, sha, source=_redact(url))
+        self._download(url, sha, source=redact_url(url))
 
     def _try_parent(self, sha: str) -> str:
         """'ok' (now cached), 'missing' (parent answered 404) or 'error' (unreachable, bad data)."""
@@ -486,13 +487,3 @@ def _url_file_name(url: str) -> str:
     if not name or name in (".", "..") or "\\" in name or "\0" in name or len(name) > 255:
         return "artifact"
     return name
-
-
-def _redact(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-

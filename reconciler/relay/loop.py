@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,10 @@ from reconciler.gitstore import (
     ChangeWatcher,
     GitError,
     GitStore,
-    redact_url,
 )
 from reconciler.logs import configure_logging
 from reconciler.reach import reach_of
+from reconciler.redaction import redact_url
 from reconciler.relay.artifacts import (
     ArtifactCache,
     packages_to_stage,
@@ -69,6 +69,7 @@ from reconciler.relay.state import (
 from reconciler.relay.store import Store, StoreError
 from reconciler.repo_tree import load_commit
 from reconciler.specs import Specs
+from reconciler.times import utc_now
 
 log = logging.getLogger("reconciler.relay")
 
@@ -81,10 +82,6 @@ HOUSEKEEPING_SECONDS = 3600.0
 OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
 CACHE_RETENTION_SECONDS = 7 * 24 * 3600.0  # unused artifacts kept this long after their last use
 WRITE_CHUNK = 2000  # row states per write transaction in a full pass
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 DISK_GRANULARITY_MB = 1024

@@ -40,7 +40,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from reconciler.relay.state import (
     StagedArtifact,
 )
 from reconciler.relay.store import token_matches
+from reconciler.times import utc_now
 from reconciler.webhook import read_secret_file, verify_signature
 
 log = logging.getLogger("reconciler.relay")
@@ -90,10 +91,6 @@ def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
         log.warning("ignoring %s=%r: not a number", POLL_SECONDS_ENV, raw)
         return default
     return value if value > 0 else default
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 # ------------------------------------------------------------------ validation
