@@ -8,9 +8,14 @@ the new one, never half of either.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 
@@ -62,3 +67,18 @@ def write_atomic(path: Path, data: bytes, mode: int | None = 0o644) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
+    """:func:`write_atomic` for a JSON document (sorted keys: diffable by a human)."""
+    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode)
+
+
+def quarantine(path: Path, reason: str) -> None:
+    """Move an unreadable state file aside for inspection instead of deleting or trusting it."""
+    target = path.with_name(path.name + ".corrupt")
+    log.warning("%s is unreadable (%s); moved to %s", path, reason, target.name)
+    try:
+        os.replace(path, target)
+    except OSError:
+        path.unlink(missing_ok=True)

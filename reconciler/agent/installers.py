@@ -81,7 +81,7 @@ from typing import Any
 
 from reconciler import names
 from reconciler.agent.errors import InstallError
-from reconciler.agent.journal import operation_key, quarantine, write_json_atomic
+from reconciler.agent.journal import operation_key
 from reconciler.agent.processes import (
     CommandResult,
     ProcessHook,
@@ -93,6 +93,7 @@ from reconciler.agent.processes import (
     settle_orphan,
 )
 from reconciler.agent.supervisor import run_supervised, start_supervised, stored_result
+from reconciler.fileio import quarantine, write_json_atomic
 from reconciler.times import format_time, utc_now
 
 log = logging.getLogger("reconciler.agent")

@@ -39,14 +39,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from reconciler.fileio import write_atomic
+from reconciler.fileio import quarantine, write_json_atomic
 from reconciler.times import format_time, parse_time, utc_now
 
 log = logging.getLogger("reconciler.agent")
@@ -62,21 +61,6 @@ RETENTION = timedelta(days=30)
 def operation_key(operation_id: str) -> str:
     """The name of an operation's files: a hash, since ids come from the network."""
     return hashlib.sha256(operation_id.encode("utf-8")).hexdigest()[:32]
-
-
-def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
-    """:func:`write_atomic` for a JSON document (sorted keys: diffable by a human)."""
-    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"), mode)
-
-
-def quarantine(path: Path, reason: str) -> None:
-    """Move an unreadable state file aside for inspection instead of deleting or trusting it."""
-    target = path.with_name(path.name + ".corrupt")
-    log.warning("%s is unreadable (%s); moved to %s", path, reason, target.name)
-    try:
-        os.replace(path, target)
-    except OSError:
-        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,6 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.agent.errors import InstallError
-from reconciler.agent.journal import quarantine, write_json_atomic
 from reconciler.agent.processes import (
     KILL_GRACE_SECONDS,
     ORPHAN_POLL_SECONDS,
@@ -95,7 +94,7 @@ from reconciler.agent.processes import (
     session_options,
     settle_orphan,
 )
-from reconciler.fileio import fsync_dir
+from reconciler.fileio import fsync_dir, quarantine, write_json_atomic
 from reconciler.times import format_time, parse_time, utc_now
 
 if sys.platform == "win32":
