@@ -52,9 +52,9 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from reconciler import report  # noqa: E402
 from reconciler.gitstore import GitStore  # noqa: E402
-from reconciler.hq import HQ_REF, Hq  # noqa: E402
+from reconciler.hq import Hq  # noqa: E402
 from reconciler.plan import ClientState, Installed, JobRollup, Plan, Row  # noqa: E402
-from reconciler.report import Accepted, InventoryEntry  # noqa: E402
+from reconciler.report import HQ_STATUS_REF, Accepted, InventoryEntry  # noqa: E402
 from reconciler.resources import example_repo_dir  # noqa: E402
 
 GIT_ENV = {
@@ -118,7 +118,7 @@ def bench_push_latency(pushes: int) -> None:
                     return at, match
 
         def status_sha() -> str:
-            return git(bare, "rev-parse", f"refs/heads/{HQ_REF}").strip()
+            return git(bare, "rev-parse", f"refs/heads/{HQ_STATUS_REF}").strip()
 
         try:
             wait_line(r"pass: accepted main")

@@ -20,7 +20,7 @@ _HANDLERS: dict[str, str] = {
     "validate": "reconciler.commands.validate",
     "plan": "reconciler.commands.plan",
     "hq": "reconciler.hq",
-    "relay": "reconciler.relay.loop",
+    "relay": "reconciler.relay.service",
     "agent": "reconciler.agent.agent",
     "status": "reconciler.commands.status",
     "rerun": "reconciler.commands.rerun",

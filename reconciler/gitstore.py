@@ -48,6 +48,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from reconciler.errors import Cause, ReconcilerError, git_cause
 from reconciler.redaction import redact_text, redact_url, url_secrets
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,23 @@ _SHA_RE: Final = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
 _REF_RE: Final = re.compile(r"^[A-Za-z0-9._+-]+(?:/[A-Za-z0-9._+-]+)*$")
 
 
-class GitError(Exception):
-    """A git operation failed. The message never contains credentials."""
+class GitError(ReconcilerError):
+    """A git operation failed. The message never contains credentials.
+
+    Its :class:`~reconciler.errors.Cause` says why (authentication, a missing
+    ref, a timeout, an unreachable origin), read from git's C-locale error
+    text when the raiser does not name it.
+    """
+
+    def __init__(self, message: str, cause: Cause | None = None) -> None:
+        super().__init__(message, cause if cause is not None else git_cause(message))
 
 
 class PushRejected(GitError):
     """The origin kept rejecting a non-forced push after every retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, Cause.PUSH_REJECTED)
 
 
 # --------------------------------------------------------------------------
@@ -326,7 +338,7 @@ class GitStore:
         if len(detail) > _MAX_MESSAGE:
             detail = detail[:_MAX_MESSAGE] + " …"
         msg = f"git {what} failed: {detail or 'no output'} (origin {redact_url(self.origin)})"
-        return GitError(redact_text(msg, self._secrets))
+        return GitError(redact_text(msg, self._secrets), git_cause(detail))
 
     def _git(
         self,
@@ -463,20 +475,20 @@ class GitStore:
 
     def _commit(self, commit: str) -> str:
         """Resolve ``commit`` (a sha or a mirrored branch name) to a commit sha."""
-        if not commit or commit.startswith("-"):
-            raise GitError(f"invalid commit {commit!r}")
-        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}", check=False)
-        if proc.returncode != 0:
-            raise GitError(f"commit {commit!r} is not in the mirror of {redact_url(self.origin)} (fetch first?)")
-        return proc.stdout.decode("ascii").strip()
+        return self._resolve(commit, "commit")
 
     def _tree(self, treeish: str) -> str:
         """Resolve a commit (sha or mirrored branch) or a tree sha to its tree."""
-        if not treeish or treeish.startswith("-"):
-            raise GitError(f"invalid commit {treeish!r}")
-        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{treeish}^{{tree}}", check=False)
+        return self._resolve(treeish, "tree")
+
+    def _resolve(self, name: str, kind: str) -> str:
+        """The sha of the ``kind`` object ``name`` peels to; GitError (a missing ref) when the mirror lacks it."""
+        if not name or name.startswith("-"):
+            raise GitError(f"invalid commit {name!r}", Cause.MISSING_REF)
+        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{name}^{{{kind}}}", check=False)
         if proc.returncode != 0:
-            raise GitError(f"commit {treeish!r} is not in the mirror of {redact_url(self.origin)} (fetch first?)")
+            raise GitError(f"commit {name!r} is not in the mirror of {redact_url(self.origin)} (fetch first?)",
+                           Cause.MISSING_REF)
         return proc.stdout.decode("ascii").strip()
 
     def _entry(self, commit: str, path: str) -> _TreeEntry | None:

@@ -30,13 +30,22 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from reconciler import report
+from reconciler.errors import (
+    Cause,
+    Problem,
+    ReconcilerError,
+    next_wakeup,
+    problem,
+    problem_of,
+    retry_delay,
+)
 from reconciler.gitstore import (
     STATUS_PREFIX,
     ChangeWatcher,
@@ -46,19 +55,26 @@ from reconciler.gitstore import (
 from reconciler.logs import configure_logging
 from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
-from reconciler.report import Accepted, EvaluationError, RelayStatus, ReportError
+from reconciler.report import (
+    HQ_STATUS_REF,
+    Accepted,
+    EvaluationError,
+    RelayStatus,
+    ReportError,
+)
+from reconciler.serving import (
+    ListenError,
+    Server,
+    StartResponse,
+    WSGIApp,
+    json_response,
+)
 from reconciler.specs import SpecError, Specs
 from reconciler.times import utc_now
-from reconciler.webhook import ListenError, Server, make_app, read_secret_file
+from reconciler.webhook import HOOK_PATH, hook_handler, read_secret_file
 
 log = logging.getLogger("reconciler.hq")
 
-HQ_REF = STATUS_PREFIX + report.HQ_REF
-
-RETRY_FIRST_SECONDS = 5.0
-"""Delay before the first retry of an evaluation that raised; it doubles with every failed attempt."""
-RETRY_MAX_SECONDS = 300.0
-"""Longest delay between two attempts: a lasting fault is retried every five minutes."""
 ERROR_MESSAGE_LIMIT = 300
 """Characters of an evaluation error kept for the log and ``accepted.yaml``."""
 
@@ -70,11 +86,6 @@ def _now() -> datetime:
     return utc_now().replace(microsecond=0)
 
 
-def retry_delay(attempts: int) -> float:
-    """Seconds to wait after ``attempts`` failed attempts in a row: 5, 10, 20, … capped at 300."""
-    return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2.0 ** max(0, attempts - 1))
-
-
 @dataclass(frozen=True)
 class FailedEvaluation:
     """A commit of the branch whose evaluation raised, and when to try it again."""
@@ -83,6 +94,7 @@ class FailedEvaluation:
     message: str
     attempts: int
     retry_at: datetime
+    cause: Cause = Cause.INTERNAL
 
 
 @dataclass
@@ -109,7 +121,7 @@ class PassResult:
             return None
         parts = list(self.notes)
         if self.published is not None:
-            parts.append(f"published {HQ_REF} {self.published[:12]}")
+            parts.append(f"published {HQ_STATUS_REF} {self.published[:12]}")
         return f"pass: {'; '.join(parts)} ({self.seconds:.2f}s)"
 
 
@@ -144,7 +156,7 @@ class Hq:
         reports what was last known rather than nothing.
         """
         self._restored = True
-        sha = self.store.ref_sha(HQ_REF)
+        sha = self.store.ref_sha(HQ_STATUS_REF)
         if sha is None:
             return
         try:
@@ -153,7 +165,7 @@ class Hq:
             validated, errors = (report.parse_validation(files[report.VALIDATION_FILE])
                                  if report.VALIDATION_FILE in files else (None, ()))
         except (GitError, ReportError, KeyError, ValueError) as e:
-            log.warning("cannot read back %s (%s); starting afresh", HQ_REF, e)
+            log.warning("cannot read back %s (%s); starting afresh", HQ_STATUS_REF, e)
             return
         self.accepted_commit = accepted.accepted_commit
         self.accepted_at = accepted.accepted_at
@@ -161,7 +173,7 @@ class Hq:
         self.main_valid = accepted.main_valid
         self.validation_errors = errors if validated == accepted.main_commit else ()
         self._published = files
-        log.info("resumed from %s %s: accepted commit %s", HQ_REF, sha[:12], report.short(self.accepted_commit))
+        log.info("resumed from %s %s: accepted commit %s", HQ_STATUS_REF, sha[:12], report.short(self.accepted_commit))
 
     def _accepted_specs(self) -> Specs | None:
         """Specs at the accepted commit (None without one, or when it no longer validates).
@@ -223,13 +235,13 @@ class Hq:
                 exception = None if isinstance(e, GitError) else e
                 error = f"cannot evaluate {self.branch} {main[:12]}: {failed.message}"
                 notes.append(f"{error} (attempt {failed.attempts}, next in {retry_delay(failed.attempts):g}s; "
-                             f"{HQ_REF} keeps {report.short(self.main_commit)} as the last evaluated commit)")
+                             f"{HQ_STATUS_REF} keeps {report.short(self.main_commit)} as the last evaluated commit)")
         specs_now = self._accepted_specs()
         relays, changed = self._read_relays(specs_now)
         if changed:
             notes.append(f"read {changed} relay report{'s' if changed != 1 else ''}")
         evaluation_error = (None if self.failed is None
-                            else EvaluationError(self.failed.commit, self.failed.message))
+                            else EvaluationError(self.failed.commit, self.failed.message, self.failed.cause.value))
         # Same inputs as the last pass that rendered: the output cannot differ.
         inputs = (self.main_commit, self.main_valid, self.accepted_commit, self.accepted_at, evaluation_error,
                   tuple(sorted((name, sha) for name, (sha, _) in self._relays.items())))
@@ -240,7 +252,7 @@ class Hq:
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays)
             files = report.render_hq_status(hq_report)
             if files != self._published:
-                published = self.store.publish(HQ_REF, files, self._message(hq_report))
+                published = self.store.publish(HQ_STATUS_REF, files, self._message(hq_report))
                 self._published = files
             self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
@@ -253,13 +265,14 @@ class Hq:
 
     def _record_failure(self, main: str, e: Exception) -> FailedEvaluation:
         """Remember that evaluating ``main`` raised, with a one-line reason and the time of the next attempt."""
-        text = str(e) if isinstance(e, GitError) else f"internal error: {type(e).__name__}: {e}".rstrip(": ")
-        text = " ".join(self.store.redact(text).split())
+        failure = problem_of(e)
+        text = " ".join(self.store.redact(failure.message).split())
         if len(text) > ERROR_MESSAGE_LIMIT:
             text = text[: ERROR_MESSAGE_LIMIT - 1] + "…"
         previous = self.failed
         attempts = previous.attempts + 1 if previous is not None and previous.commit == main else 1
-        self.failed = FailedEvaluation(main, text, attempts, self.clock() + timedelta(seconds=retry_delay(attempts)))
+        self.failed = FailedEvaluation(main, text, attempts, self.clock() + timedelta(seconds=retry_delay(attempts)),
+                                       failure.cause)
         return self.failed
 
     def _evaluate(self, main: str | None) -> str:
@@ -337,18 +350,73 @@ class Hq:
 # ------------------------------------------------------------------- shell
 
 
-def _next_wait(poll_interval: float, retry_in: float | None, failures: int) -> float:
-    """How long the service sleeps without a change: the poll interval, shortened by a due retry.
+HEALTH_PATH = "/healthz"
 
-    A failed evaluation is retried at its time; a pass that raised as a
-    whole (a fetch or publish failure) is retried with the same backoff.
+
+def make_app(trigger: Callable[[], None], secret: bytes | None,
+             health: Callable[[], Mapping[str, Any]] | None = None) -> WSGIApp:
+    """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in) and ``POST /v1/hooks/git``.
+
+    Every response is JSON; errors are ``{"error": "..."}`` with a 4xx
+    status, and a bug gives a JSON 500, never a traceback.
     """
-    wait = poll_interval
-    if retry_in is not None:
-        wait = min(wait, retry_in)
-    if failures:
-        wait = min(wait, retry_delay(failures))
-    return wait
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if path == HEALTH_PATH:
+                if method not in ("GET", "HEAD"):
+                    return json_response(start_response, 405, {"error": "use GET"})
+                return json_response(start_response, 200, {"ok": True, **(health() if health else {})})
+            if path == HOOK_PATH:
+                return hook_handler(environ, start_response, secret, trigger)
+            return json_response(start_response, 404, {"error": f"no such endpoint: {path[:200]}"})
+        except Exception:  # noqa: BLE001 - a bug must give a JSON 500, not a traceback to the caller
+            log.exception("error serving %s %s", method, path[:200])
+            return json_response(start_response, 500, {"error": "internal error"})
+
+    return app
+
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One pass as the service reports it: the log line, what failed, and the passes in a row that raised."""
+
+    line: str | None
+    problem: Problem | None
+    exception: BaseException | None  # a bug: its traceback is logged (once per retry delay)
+    failures: int
+    seconds: float = 0.0
+
+
+def take_turn(hq: Hq, failures: int) -> Turn:
+    """Run one pass and turn its result or its error into a :class:`Turn`: the loop's one place for that.
+
+    An evaluation that failed is in the result (status/hq already says so);
+    a pass that raised as a whole (a fetch or publish failure, a bug) counts
+    towards the backoff of the next wake-up.
+    """
+    try:
+        result = hq.run_pass()
+    except Exception as e:  # noqa: BLE001 - whatever stopped the pass, the service goes on
+        failure = problem_of(e)
+        failure = replace(failure, message=" ".join(hq.store.redact(failure.message).split()))
+        bug = None if isinstance(e, ReconcilerError) else e
+        return Turn(f"pass failed: {failure.message}", failure, bug, failures + 1)
+    if result.error is not None:
+        failed = hq.failed
+        cause = failed.cause if failed is not None else Cause.INTERNAL
+        return Turn(result.line or f"pass failed: {result.error}", problem(cause, result.error), result.exception, 0)
+    return Turn(result.line, None, None, 0, result.seconds)
+
+
+def next_wait(hq: Hq, turn: Turn, poll_interval: float) -> float:
+    """How long the service sleeps without a change: the poll interval, or sooner for a due retry."""
+    wait = next_wakeup(poll_interval, turn.problem, turn.failures) if turn.failures else poll_interval
+    retry_in = hq.seconds_until_retry()
+    return wait if retry_in is None else min(wait, retry_in)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -365,21 +433,13 @@ def main(args: argparse.Namespace) -> int:
     origin = redact_url(args.origin)
 
     if args.once:
-        try:
-            result = hq.run_pass()
-        except GitError as e:
-            log.error("pass failed: %s", e)
+        turn = take_turn(hq, 0)
+        if turn.problem is not None:  # one line; the traceback of a bug at debug level
+            if turn.exception is not None:
+                log.debug("pass failed", exc_info=turn.exception)
+            log.error("pass failed: %s", turn.problem.message)
             return 1
-        except Exception as e:  # noqa: BLE001 - a one-shot run ends with one line, the traceback at debug level
-            log.debug("pass failed", exc_info=e)
-            log.error("pass failed: internal error: %s", store.redact(f"{type(e).__name__}: {e}"))
-            return 1
-        if result.error is not None:
-            if result.exception is not None:
-                log.debug("evaluation failed", exc_info=result.exception)
-            log.error("pass failed: %s", result.error)  # one line; status/hq already says so
-            return 1
-        log.info("%s", result.line or f"pass: nothing changed ({result.seconds:.2f}s)")
+        log.info("%s", turn.line or f"pass: nothing changed ({turn.seconds:.2f}s)")
         return 0
 
     stop = threading.Event()
@@ -401,24 +461,16 @@ def main(args: argparse.Namespace) -> int:
             log.info("listening on %s (webhook %s)", server.url, "signed" if secret else "unsigned")
         watcher.start()
         log.info("HQ following %s branch %s", origin, args.branch)
-        failures = 0  # passes in a row that raised
+        turn = Turn(None, None, None, 0)
         while not stop.is_set():
-            try:
-                result = hq.run_pass()
-                failures = 0
-                if result.error is not None:  # a bug's traceback too, at most once per retry delay
-                    log.error("%s", result.line, exc_info=result.exception)
-                elif result.line:
-                    log.info("%s", result.line)
-            except GitError as e:
-                failures += 1
-                log.error("pass failed: %s", e)
-            except Exception:  # noqa: BLE001 - a bug in one pass must not end the service
-                failures += 1
-                log.exception("pass failed")
+            turn = take_turn(hq, turn.failures)
+            if turn.problem is not None:
+                log.error("%s", turn.line, exc_info=turn.exception)
+            elif turn.line:
+                log.info("%s", turn.line)
             if stop.is_set():
                 break
-            watcher.wait(_next_wait(args.poll_interval, hq.seconds_until_retry(), failures))
+            watcher.wait(next_wait(hq, turn, args.poll_interval))
     finally:
         if server is not None:
             server.close()

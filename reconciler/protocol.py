@@ -1,16 +1,62 @@
-"""What the relay and the agent may say to each other: fact vocabularies and size limits of a check-in.
+"""The relay ⇄ agent wire protocol: message shapes, vocabularies, limits, and the check of a check-in.
 
-One definition for both ends, so an agent refuses at start-up what its relay
-would refuse at every check-in (a 300-character host name, a label value
-over 256 characters), instead of failing every check-in with a 400.
-``docs/PROTOCOL.md`` describes the messages these limits apply to.
+One definition for both ends and for ``reconciler plan --inventory``:
+
+* **Shapes.** Every message is a TypedDict here: :class:`CheckinRequest`
+  (:class:`Facts`, labels, :class:`InventoryEntry`, :class:`Result`) and
+  :class:`CheckinReply` (:class:`Action` with its :class:`PackageRef`,
+  :class:`Artifact`, :class:`Installer` and :class:`Dependency`). The agent
+  builds and reads them, the relay produces them, and mypy checks both.
+* **Vocabularies and limits.** :data:`FACT_KEYS`, :data:`RESULT_STATUSES`,
+  :data:`ACTION_KINDS`, the ``MAX_*`` sizes: an agent refuses at start-up
+  what its relay would refuse at every check-in (a 300-character host
+  name, a label value over 256 characters) instead of failing every
+  check-in with a 400.
+* **The check.** :func:`check_checkin` is the relay's one gate for a
+  check-in body: the fields of the TypedDicts and their types, the
+  vocabularies, names and versions (:mod:`reconciler.names`), sizes, and
+  what no schema says (one inventory entry per package name). Each problem
+  names its field (``inventory[3].version: expected a string, got an
+  integer``). ``reconciler plan --inventory`` checks each client's facts,
+  labels and installed packages with the same functions
+  (:func:`check_facts`, :func:`check_labels`, :func:`check_inventory`).
+  :func:`decode_json` is the byte-level rule: UTF-8, no duplicate keys, no
+  ``NaN``, no lone surrogates.
+
+The JSON Schemas ``schemas/checkin-request.schema.json`` and
+``schemas/checkin-reply.schema.json`` publish the same shapes for other
+implementations and editors. They are a mirror, not a second gate:
+``tests/test_protocol.py`` holds them to these TypedDicts and constants and
+to the verdicts of :func:`check_checkin`. A check-in is the relay's hot path,
+and this check costs a fraction of a generic schema validator's.
+
+Pure: values in, values or problems out. ``docs/PROTOCOL.md`` describes the
+messages.
+
+This module does not use ``from __future__ import annotations``: TypedDict
+reads ``NotRequired`` from evaluated annotations (``__required_keys__``),
+which the checks use as their list of fields.
 """
 
-from __future__ import annotations
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict, TypeGuard
 
-FACT_KEYS = ("os", "arch", "hostname", "freeDiskMB")
+from reconciler import names
+
+# ------------------------------------------------------------------ vocabularies and limits
+
+FACT_KEYS = ("os", "arch", "freeDiskMB", "hostname")
 OS_VALUES = ("linux", "windows", "darwin")
 ARCH_VALUES = ("x86_64", "arm64", "x86")
+RESULT_STATUSES = ("succeeded", "failed", "notAttempted")
+"""What a :class:`Result` may report; every check of a result's status reads this."""
+ACTION_KINDS = ("install", "upgrade", "downgrade", "uninstall")
+INSTALLER_TYPES = ("files", "command")
+ARTIFACT_FORMATS = ("tar", "file")
+
 MAX_HOSTNAME = 255
 MAX_FREE_DISK_MB = 2**53 - 1  # the largest integer every JSON reader holds exactly
 MAX_LABELS = 64
@@ -20,6 +66,199 @@ MAX_BODY = 1024 * 1024
 MAX_INVENTORY = 2000
 MAX_RESULTS = 1000
 MAX_MESSAGE = 64 * 1024
+MIN_EXIT_CODE = -(2**31)  # a Windows NTSTATUS read as signed
+MAX_EXIT_CODE = 2**32 - 1  # ... or as unsigned
+MAX_TIME_TEXT = 40
+
+_SHOWN_KEY = 64  # characters of an unknown key kept in a problem's field name
+
+
+# ------------------------------------------------------------------ shapes: check-in request
+
+
+class Facts(TypedDict, total=False):
+    """What the client is, measured at each check-in; every fact is optional."""
+
+    os: str  # one of OS_VALUES
+    arch: str  # one of ARCH_VALUES
+    freeDiskMB: int
+    hostname: str
+
+
+class InventoryEntry(TypedDict):
+    """One installed package, as the client's receipts confirm it."""
+
+    name: str
+    version: str
+
+
+class Result(TypedDict):
+    """The outcome of one finished operation, re-sent until a check-in reply arrives."""
+
+    operationId: str
+    status: str  # one of RESULT_STATUSES
+    exitCode: NotRequired[int | None]
+    message: NotRequired[str | None]
+    finishedAt: NotRequired[str | None]
+
+
+class CheckinRequest(TypedDict):
+    """The body of ``POST /v1/clients/<id>/checkin``."""
+
+    facts: Facts
+    labels: NotRequired[dict[str, str]]
+    inventory: list[InventoryEntry]
+    results: NotRequired[list[Result]]
+
+
+# ------------------------------------------------------------------ shapes: check-in reply
+
+
+class PackageRef(TypedDict):
+    """The package an action works on; ``version`` is None for an uninstall of any version."""
+
+    name: str
+    version: str | None
+
+
+class Artifact(TypedDict):
+    """What to download from ``GET /v1/artifacts/<sha256>`` and how to unpack it."""
+
+    sha256: str
+    size: int
+    format: str  # one of ARTIFACT_FORMATS
+    fileName: NotRequired[str]  # only with format "file"
+
+
+class Installer(TypedDict):
+    """How to install, remove and detect the package (argv lists, no shell)."""
+
+    type: str  # one of INSTALLER_TYPES
+    install: list[str]
+    uninstall: list[str]
+    detect: list[str]
+    timeoutSeconds: int
+
+
+class Dependency(TypedDict):
+    """A package that must be installed (at ``minVersion`` or newer) before the action runs."""
+
+    name: str
+    minVersion: NotRequired[str]
+
+
+class Action(TypedDict):
+    """One operation for the agent to run, in reply order."""
+
+    operationId: str
+    job: str
+    action: str  # one of ACTION_KINDS
+    package: PackageRef
+    previousVersion: str | None
+    artifact: Artifact | None  # None for an uninstall
+    installer: Installer | None
+    dependsOn: NotRequired[list[Dependency]]
+
+
+class CheckinReply(TypedDict):
+    """The relay's ``200`` reply to a check-in."""
+
+    pollSeconds: float
+    actions: list[Action]
+    token: NotRequired[str]  # only when the check-in registered the client
+
+
+# ------------------------------------------------------------------ problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a message: the field (``inventory[3].version``; empty for the whole) and why."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; ``problem`` is the first thing wrong with it."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def type_name(value: object) -> str:
+    """How a problem names a JSON value's type: ``an integer``, ``a string``, ``null``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(where: str, key: str) -> str:
+    shown = key if len(key) <= _SHOWN_KEY else key[: _SHOWN_KEY - 1] + "…"
+    return f"{where}.{shown}" if where else shown
+
+
+def _unknown_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], where: str, what: str,
+                  problems: list[Problem]) -> None:
+    for key in raw:
+        if key not in allowed:
+            problems.append(Problem(_field(where, key), f"unknown {what} (allowed: {', '.join(allowed)})"))
+
+
+def _fields(shape: Any) -> tuple[str, ...]:
+    """A TypedDict's keys in declaration order."""
+    return tuple(shape.__annotations__)
+
+
+# ------------------------------------------------------------------ facts and labels
+
+
+def _fact_value_problem(key: str, value: object) -> str | None:
+    if key in ("os", "arch"):
+        allowed = OS_VALUES if key == "os" else ARCH_VALUES
+        if not isinstance(value, str):
+            return f"expected a string, got {type_name(value)}"
+        if value not in allowed:
+            return f"must be one of {', '.join(allowed)}, got {value!r:.80}"
+    elif key == "hostname":
+        if not isinstance(value, str):
+            return f"expected a string, got {type_name(value)}"
+        if len(value) > MAX_HOSTNAME:
+            return f"must be a string of at most {MAX_HOSTNAME} characters, got {len(value)}"
+    elif key == "freeDiskMB":
+        if not _is_int(value):
+            return f"expected an integer, got {type_name(value)}"
+        if value < 0:
+            return f"must be at least 0, got {value}"
+        if value > MAX_FREE_DISK_MB:
+            return f"must be an integer from 0 to {MAX_FREE_DISK_MB}, got {value}"
+    return None
+
+
+def fact_problem(key: str, value: object) -> str | None:
+    """Why a fact cannot be sent, or None (``key`` is one of FACT_KEYS): ``fact os must be one of ...``."""
+    problem = _fact_value_problem(key, value)
+    if problem is None:
+        return None
+    return f"fact {key} {problem}" if problem.startswith("must") else f"fact {key}: {problem}"
 
 
 def label_problem(key: str, value: str) -> str | None:
@@ -27,19 +266,300 @@ def label_problem(key: str, value: str) -> str | None:
     if not key or len(key) > MAX_LABEL_KEY:
         return f"label keys must be 1 to {MAX_LABEL_KEY} characters, got {len(key)}"
     if len(value) > MAX_LABEL_VALUE:
-        return f"label {key!r} must be at most {MAX_LABEL_VALUE} characters, got {len(value)}"
+        return f"label {key[:MAX_LABEL_KEY]!r} must be at most {MAX_LABEL_VALUE} characters, got {len(value)}"
     return None
 
 
-def fact_problem(key: str, value: object) -> str | None:
-    """Why a fact cannot be sent, or None (``key`` is one of FACT_KEYS)."""
-    if key == "os" and value not in OS_VALUES:
-        return f"fact os must be one of {', '.join(OS_VALUES)}, got {value!r}"
-    if key == "arch" and value not in ARCH_VALUES:
-        return f"fact arch must be one of {', '.join(ARCH_VALUES)}, got {value!r}"
-    if key == "hostname" and (not isinstance(value, str) or len(value) > MAX_HOSTNAME):
-        return f"fact hostname must be a string of at most {MAX_HOSTNAME} characters"
-    if key == "freeDiskMB" and (not isinstance(value, int) or isinstance(value, bool)
-                                or not 0 <= value <= MAX_FREE_DISK_MB):
-        return f"fact freeDiskMB must be an integer from 0 to {MAX_FREE_DISK_MB}, got {value!r}"
+def check_facts(raw: object, where: str, problems: list[Problem]) -> Facts:
+    """The facts of a check-in (or of a ``plan --inventory`` client); problems are appended to ``problems``."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(where, f"expected an object, got {type_name(raw)}"))
+        return {}
+    _unknown_keys(raw, FACT_KEYS, where, "fact", problems)
+    facts: Facts = {}
+    for key in FACT_KEYS:
+        if key not in raw:
+            continue
+        value = raw[key]
+        problem = _fact_value_problem(key, value)
+        if problem is not None:
+            problems.append(Problem(_field(where, key), problem))
+        elif key == "os":
+            facts["os"] = value
+        elif key == "arch":
+            facts["arch"] = value
+        elif key == "freeDiskMB":
+            facts["freeDiskMB"] = value
+        else:
+            facts["hostname"] = value
+    return facts
+
+
+def check_labels(raw: object, where: str, problems: list[Problem]) -> dict[str, str]:
+    """Labels: at most MAX_LABELS strings, keys and values within their lengths."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(where, f"expected an object, got {type_name(raw)}"))
+        return {}
+    if len(raw) > MAX_LABELS:
+        problems.append(Problem(where, f"at most {MAX_LABELS} labels, got {len(raw)}"))
+        return {}
+    labels: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            problems.append(Problem(_field(where, key), f"expected a string, got {type_name(value)}"))
+            continue
+        problem = label_problem(key, value)
+        if problem is not None:
+            problems.append(Problem(where, problem))
+            continue
+        labels[key] = value
+    return labels
+
+
+# ------------------------------------------------------------------ inventory and results
+
+_INVENTORY_FIELDS = _fields(InventoryEntry)
+_RESULT_FIELDS = _fields(Result)
+
+
+def _string(raw: Mapping[str, Any], key: str, where: str, problems: list[Problem], *,
+            required: bool) -> str | None:
+    """``raw[key]`` if it is a string; a problem if it is anything else, or missing when required."""
+    if key not in raw:
+        if required:
+            problems.append(Problem(_field(where, key), "missing required field"))
+        return None
+    value = raw[key]
+    if not isinstance(value, str):
+        problems.append(Problem(_field(where, key), f"expected a string, got {type_name(value)}"))
+        return None
+    return value
+
+
+def check_inventory(raw: object, where: str, problems: list[Problem]) -> list[InventoryEntry]:
+    """What a client has installed: at most MAX_INVENTORY entries, one per package name."""
+    if not isinstance(raw, list):
+        problems.append(Problem(where, f"expected an array, got {type_name(raw)}"))
+        return []
+    if len(raw) > MAX_INVENTORY:
+        problems.append(Problem(where, f"at most {MAX_INVENTORY} entries, got {len(raw)}"))
+        return []
+    entries: list[InventoryEntry] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        at = f"{where}[{index}]"
+        if not isinstance(item, dict):
+            problems.append(Problem(at, f"expected an object, got {type_name(item)}"))
+            continue
+        _unknown_keys(item, _INVENTORY_FIELDS, at, "field", problems)
+        name = _string(item, "name", at, problems, required=True)
+        version = _string(item, "version", at, problems, required=True)
+        if name is not None and not names.is_name(name):
+            problems.append(Problem(f"{at}.name", f"{name[:80]!r} is not a package name "
+                                    "(1-63 lowercase letters, digits, '.' and '-')"))
+            name = None
+        if version is not None and not names.is_version(version):
+            problems.append(Problem(f"{at}.version", f"{version[:80]!r} is not a version "
+                                    "(1-64 letters, digits and '._+~-', starting with a letter or digit)"))
+            version = None
+        if name is not None and name in seen:
+            problems.append(Problem(f"{at}.name", f"{name!r} is listed twice (a client has one version "
+                                    "per software)"))
+            continue
+        if name is not None:
+            seen.add(name)
+            if version is not None:
+                entries.append({"name": name, "version": version})
+    return entries
+
+
+def check_result(raw: object, where: str, problems: list[Problem]) -> Result | None:
+    """One result: None (and problems) unless it is well formed; ``message`` None reads as ``""``."""
+    if not isinstance(raw, dict):
+        problems.append(Problem(where, f"expected an object, got {type_name(raw)}"))
+        return None
+    before = len(problems)
+    _unknown_keys(raw, _RESULT_FIELDS, where, "field", problems)
+    operation = _string(raw, "operationId", where, problems, required=True)
+    if operation is not None and not names.is_operation_id(operation):
+        problems.append(Problem(f"{where}.operationId", "must be an operation id (1-128 letters, digits and "
+                                "'._:-', starting with a letter or digit)"))
+    status = raw.get("status")
+    if "status" not in raw:
+        problems.append(Problem(f"{where}.status", "missing required field"))
+    elif status not in RESULT_STATUSES:
+        problems.append(Problem(f"{where}.status",
+                                f"must be one of {', '.join(RESULT_STATUSES)}, got {status!r:.80}"))
+    code = raw.get("exitCode")
+    if code is not None and not (_is_int(code) and MIN_EXIT_CODE <= code <= MAX_EXIT_CODE):
+        problems.append(Problem(f"{where}.exitCode",
+                                f"must be an integer from {MIN_EXIT_CODE} to {MAX_EXIT_CODE} or null"))
+    message = raw.get("message")
+    if message is not None and not (isinstance(message, str) and len(message) <= MAX_MESSAGE):
+        problems.append(Problem(f"{where}.message", f"must be a string of at most {MAX_MESSAGE} characters "
+                                "or null"))
+    finished = raw.get("finishedAt")
+    if finished is not None and not (isinstance(finished, str) and len(finished) <= MAX_TIME_TEXT
+                                     and _is_time(finished)):
+        problems.append(Problem(f"{where}.finishedAt", "must be an RFC 3339 time (2026-11-23T10:00:00Z) "
+                                "or null"))
+    if len(problems) > before or operation is None or not isinstance(status, str):
+        return None
+    return {"operationId": operation, "status": status, "exitCode": code, "message": message or "",
+            "finishedAt": finished}
+
+
+_TIME = re.compile(names.TIME)
+
+
+def _is_time(text: str) -> bool:
+    return _TIME.fullmatch(text) is not None
+
+
+def check_results(raw: object, where: str, problems: list[Problem]) -> list[Result]:
+    """The results of a check-in: at most MAX_RESULTS."""
+    if not isinstance(raw, list):
+        problems.append(Problem(where, f"expected an array, got {type_name(raw)}"))
+        return []
+    if len(raw) > MAX_RESULTS:
+        problems.append(Problem(where, f"at most {MAX_RESULTS} per check-in, got {len(raw)}"))
+        return []
+    results: list[Result] = []
+    for index, item in enumerate(raw):
+        result = check_result(item, f"{where}[{index}]", problems)
+        if result is not None:
+            results.append(result)
+    return results
+
+
+# ------------------------------------------------------------------ check-in
+
+_CHECKIN_FIELDS = _fields(CheckinRequest)
+_CHECKIN_REQUIRED = tuple(key for key in _CHECKIN_FIELDS if key in CheckinRequest.__required_keys__)
+
+
+def checkin_problems(doc: object) -> tuple[CheckinRequest, list[Problem]]:
+    """Every problem of a decoded check-in body, and the body with its optional fields filled in.
+
+    The body is only meaningful when there are no problems: then ``labels``
+    and ``results`` are present, every result's ``message`` is a string, and
+    the inventory is in the order sent.
+    """
+    problems: list[Problem] = []
+    if not isinstance(doc, dict):
+        problems.append(Problem("", "check-in body must be a JSON object"))
+        return {"facts": {}, "labels": {}, "inventory": [], "results": []}, problems
+    _unknown_keys(doc, _CHECKIN_FIELDS, "", "field", problems)
+    for key in _CHECKIN_REQUIRED:
+        if key not in doc:
+            problems.append(Problem(key, "missing required field"))
+    body: CheckinRequest = {
+        "facts": check_facts(doc["facts"], "facts", problems) if "facts" in doc else {},
+        "labels": check_labels(doc["labels"], "labels", problems) if "labels" in doc else {},
+        "inventory": check_inventory(doc["inventory"], "inventory", problems) if "inventory" in doc else [],
+        "results": check_results(doc["results"], "results", problems) if "results" in doc else [],
+    }
+    return body, problems
+
+
+def check_checkin(doc: object) -> CheckinRequest:
+    """A decoded check-in body, checked (:func:`checkin_problems`); :class:`ProtocolError` names the first problem."""
+    body, problems = checkin_problems(doc)
+    if problems:
+        raise ProtocolError(problems[0])
+    return body
+
+
+def check_reply(doc: object) -> CheckinReply:
+    """A decoded check-in reply, as the agent reads it; :class:`ProtocolError` if its envelope is wrong.
+
+    The envelope is checked here: an object with ``actions`` (a list of
+    objects), ``pollSeconds`` (a positive number) and, after registration,
+    ``token``. Fields a newer relay may add are ignored. Each action's own
+    fields are checked when the agent runs it, so a malformed action fails
+    that one operation (reported to the relay with the reason) instead of
+    the whole reply.
+    """
+    if not isinstance(doc, dict):
+        raise ProtocolError(Problem("", f"reply must be a JSON object, got {type_name(doc)}"))
+    actions = doc.get("actions")
+    if not isinstance(actions, list):
+        raise ProtocolError(Problem("actions", f"expected an array, got {type_name(actions)}"))
+    for index, action in enumerate(actions):
+        if not isinstance(action, dict):
+            raise ProtocolError(Problem(f"actions[{index}]", f"expected an object, got {type_name(action)}"))
+    poll = doc.get("pollSeconds")
+    if not (isinstance(poll, (int, float)) and not isinstance(poll, bool) and 0 < poll < float("inf")):
+        raise ProtocolError(Problem("pollSeconds", f"must be a positive number, got {poll!r:.40}"))
+    reply: CheckinReply = {"pollSeconds": poll, "actions": actions}
+    if "token" in doc:
+        token = doc["token"]
+        if not names.is_token(token):
+            raise ProtocolError(Problem("token", "must be 16-128 letters, digits, '_' and '-'"))
+        reply["token"] = token
+    return reply
+
+
+# ------------------------------------------------------------------ bytes
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:_SHOWN_KEY]!r}")
+        result[key] = value
+    return result
+
+
+def decode_json(body: bytes, what: str = "request body") -> Any:
+    """The JSON value of a message body: UTF-8, no duplicate keys, no NaN, and only valid Unicode text.
+
+    :class:`ProtocolError` otherwise. JSON's ``\\ud800`` escapes decode to
+    lone surrogates, which cannot be stored, logged or published as UTF-8,
+    so they are refused here, naming where the first one is.
+    """
+    try:
+        text = body.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ProtocolError(Problem("", f"{what} is not UTF-8")) from None
+    except RecursionError:
+        raise ProtocolError(Problem("", f"{what} is nested too deeply")) from None
+    except ValueError as e:
+        raise ProtocolError(Problem("", f"{what} is not valid JSON: {e}")) from None
+    where = _invalid_text(value)
+    if where is not None:
+        raise ProtocolError(Problem(where, "text is not valid Unicode (a lone surrogate such as \\ud800); "
+                                    "send UTF-8 text"))
+    return value
+
+
+def _invalid_text(value: Any) -> str | None:
+    """Where the first string (key or value) holding a lone surrogate is, or None."""
+    pending: list[tuple[str, Any]] = [("body", value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, str):
+            if not _is_unicode(item):
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not _is_unicode(key):
+                    return f"{where}: a key"
+                pending.append((f"{where}.{key}" if where != "body" else key, child))
+        elif isinstance(item, list):
+            pending.extend((f"{where}[{i}]", child) for i, child in enumerate(item))
     return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -45,6 +45,8 @@ class FakeRelay:
         self.artifacts: dict[str, bytes] = {}
         # while not None, artifact requests are recorded and left unanswered until the event is set
         self.hold_downloads: threading.Event | None = None
+        # while True, artifact requests get their connection closed without an answer (a network blip)
+        self.drop_downloads = False
         self.poll_seconds = 7
         self.port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -99,6 +101,10 @@ class FakeRelay:
                     return self._json(404, {"error": "unknown artifact"})
                 data = relay.artifacts[match.group(1)]
                 relay.artifact_requests.append({"sha256": match.group(1), "range": self.headers.get("Range", "")})
+                if relay.drop_downloads:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 hold = relay.hold_downloads
                 if hold is not None:  # never answered: the client it was meant for gets killed meanwhile
                     hold.wait(timeout=60)
@@ -287,6 +293,32 @@ def test_sha256_mismatch_is_refused(relay: FakeRelay, tmp_path: Path) -> None:
     assert result["message"] == f"sha256 mismatch: expected {sha} got {actual}"
     assert list((tmp_path / "root" / "cache").iterdir()) == []
     assert agent.inventory() == [] and not (tmp_path / "root" / "packages" / "notes").exists()
+
+
+@pytest.mark.parametrize("blip", ["missing on the relay", "connection dropped"])
+def test_a_download_that_cannot_be_made_is_not_attempted(blip: str, relay: FakeRelay, tmp_path: Path) -> None:
+    """Nothing ran, so the result says so: the relay sends the attempt again without using one up."""
+    content, sha = make_tar({"notes.txt": "hello"})
+    if blip == "missing on the relay":
+        relay.artifacts.pop(sha, None)
+    else:
+        relay.artifacts[sha] = content
+        relay.drop_downloads = True
+    relay.replies.append([files_action("op-1", sha, len(content))])
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    result = agent.step().results[0]
+    assert (result["operationId"], result["status"], result["exitCode"]) == ("op-1", "notAttempted", None)
+    assert sha in result["message"]
+    assert agent.inventory() == [] and not (tmp_path / "root" / "packages" / "notes").exists()
+    # the result is journalled and reported like any other; a repeat of op-1 is answered from the journal
+    agent.step()
+    assert results_of(relay.bodies()[-1])["op-1"]["status"] == "notAttempted"
+    # the relay's next attempt (a new operation) installs once the artifact can be had
+    relay.drop_downloads = False
+    relay.artifacts[sha] = content
+    relay.replies.append([files_action("op-2", sha, len(content))])
+    assert agent.step().results[0]["status"] == "succeeded"
+    assert agent.inventory() == [{"name": "notes", "version": "1.0"}]
 
 
 def test_interrupted_download_resumes_with_range(relay: FakeRelay, tmp_path: Path) -> None:

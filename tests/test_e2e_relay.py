@@ -545,13 +545,17 @@ def test_relay_before_hq_accepts_then_follows_and_refuses_unknown_names(cluster:
     # No accepted commit yet: the relay serves (no actions) and publishes the reason.
     wait_for(lambda: "no accepted commit" in " ".join(
         (cluster.origin.relay_file("relay-a", "relay.yaml") or {}).get("errors", [])), 30, what="error published")
+    waiting = cluster.origin.relay_file("relay-a", "relay.yaml")
+    assert [(p["kind"], p["reason"]) for p in waiting["problems"]] == [("waiting", "missingRef")]
+    assert waiting["problems"][0]["message"] == waiting["errors"][0]
     agent = cluster.agent("pc-1", relay)
     assert agent.step().actions == 0
 
     # HQ accepts: the relay notices (it watches the local origin) without waiting for its poll interval.
     assert cluster.origin.accept(cluster.hq) == commit
     cluster.at_commit(relay, commit, timeout=20)
-    assert (cluster.origin.relay_file("relay-a", "relay.yaml") or {})["errors"] == []
+    settled = cluster.origin.relay_file("relay-a", "relay.yaml") or {}
+    assert (settled["errors"], settled["problems"]) == ([], [])
     assert agent.run_once() == 0
     cluster.wait_rows("relay-a", "install-app", {"pc-1": "Succeeded"})
 

@@ -21,10 +21,11 @@ from test_report import assert_valid_status_files, relay_files
 
 from reconciler import report
 from reconciler.gitstore import ChangeWatcher, GitStore
-from reconciler.hq import Hq
+from reconciler.hq import Hq, make_app
 from reconciler.plan import ClientState
 from reconciler.resources import example_repo_dir
-from reconciler.webhook import Server, make_app, sign
+from reconciler.serving import Server
+from reconciler.webhook import sign
 
 ROOT = Path(__file__).resolve().parent.parent
 OK, RUN, PEND, FAIL = ClientState.SUCCEEDED, ClientState.IN_PROGRESS, ClientState.PENDING, ClientState.FAILED

@@ -22,6 +22,7 @@ from test_report import assert_valid_status_files
 
 from reconciler import hq as hq_module
 from reconciler import report
+from reconciler.errors import FIRST_RETRY_SECONDS
 from reconciler.gitstore import GitError, GitStore
 from reconciler.hq import Hq, PassResult
 
@@ -138,7 +139,7 @@ def test_a_failed_evaluation_is_never_published_as_valid_and_is_retried_with_bac
 
     # Retried on HQ's clock: 5 s, then 10 s, then 20 s; nothing new to publish between attempts.
     commits = origin.count("status/hq")
-    assert store.failures[new] == 1 and hq.seconds_until_retry() == hq_module.RETRY_FIRST_SECONDS
+    assert store.failures[new] == 1 and hq.seconds_until_retry() == FIRST_RETRY_SECONDS
     clock.advance(4)
     assert hq.run_pass().error is None and store.failures[new] == 1
     clock.advance(1)
@@ -187,6 +188,7 @@ def test_any_exception_counts_as_a_failed_evaluation_and_a_newer_commit_is_tried
     assert_never_reported(origin, stuck)
     error = accepted_yaml(origin).evaluation_error
     assert error == report.EvaluationError(stuck, "internal error: MemoryError")
+    assert error is not None and error.reason == "internal"  # a bug: HQ retries it with backoff
 
     # main moves on: the new commit is evaluated in the next pass, with no backoff to wait out.
     newer = origin.commit("the next commit", lambda w: (w / "README.md").write_text("newer\n"))
@@ -222,6 +224,7 @@ def test_a_restarted_hq_whose_first_evaluation_fails_keeps_the_last_evaluated_co
     assert accepted_yaml(origin) == report.Accepted(
         first.accepted_commit, first.accepted_at, bad, False,
         report.EvaluationError(bad, "git ls-tree failed: disk I/O error"))
+    assert accepted_yaml(origin).evaluation_error.reason == "git"  # type: ignore[union-attr]
     assert after["validation.yaml"] == before["validation.yaml"]  # the errors found before the restart stay
     assert_valid_status_files(after)
 

@@ -18,7 +18,7 @@ from reconciler import names
 from reconciler.resources import schemas_dir
 
 KNOWN = {names.schema_pattern(p) for p in (names.NAME, names.VERSION, names.SHA256, names.LABEL_KEY, names.TIME,
-                                           names.COMMIT, names.UTC_TIME)}
+                                           names.COMMIT, names.UTC_TIME, names.OPERATION_ID, names.TOKEN)}
 
 
 def _patterns(node: Any) -> Iterator[str]:

@@ -74,7 +74,8 @@ class World:
 
 def _attempt(rnd: random.Random, index: RelayIndex, job: Job, cid: str) -> Attempt:
     revision = index.revisions[job.name] if rnd.random() < 0.85 else "an-older-revision"
-    outcome = rnd.choice([Outcome.DISPATCHED, Outcome.SUCCEEDED, Outcome.FAILED, Outcome.FAILED])
+    outcome = rnd.choice([Outcome.DISPATCHED, Outcome.SUCCEEDED, Outcome.FAILED, Outcome.FAILED,
+                         Outcome.NOT_ATTEMPTED])
     number = rnd.randint(1, max(1, job.retry_limit) + 1)
     dispatched = NOW - timedelta(seconds=rnd.choice([5, 200, 700, 4000, 90_000]))
     finished = None if outcome is Outcome.DISPATCHED else dispatched + timedelta(seconds=rnd.choice([1, 30]))

@@ -36,6 +36,7 @@ from reconciler.plan import (
     plan_revision,
     rollup,
 )
+from reconciler.plan.vocabulary import DOWNLOAD_RETRY_SECONDS
 from reconciler.specs import Specs, parse_repo
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -662,6 +663,27 @@ def test_rerun_resets_only_failed_rows(recorded: dict[str, Any], installed: str 
     assert states(plan) == {("install-app", "pc-1"): expected}
     if expected[0] == "Pending" and expected[1]:
         assert (plan.actions[0].attempt, plan.actions[0].rerun) == (1, 1)
+
+
+def test_a_download_the_client_could_not_make_uses_no_attempt() -> None:
+    """A client that could not fetch the artifact did not attempt the install: same attempt, later."""
+    specs = build(APP, APP_JOB)
+    failed_at = NOW - timedelta(seconds=20)
+    history = {("install-app", "pc-1"): attempt(specs, "install-app", "pc-1", n=2, outcome=Outcome.NOT_ATTEMPTED,
+                                                at=failed_at, finished=failed_at, message="relay unreachable",
+                                                op="op-blip")}
+    waiting = run(specs, [client("pc-1")], history)
+    row = waiting.rows[0]
+    assert (row.state.value, row.reason, row.attempts) == ("Pending", Reason.DOWNLOAD_RETRY, 1)
+    assert row.message == "attempt 2/3 again at 2026-06-01T12:00:40Z; not attempted: relay unreachable"
+    assert waiting.actions == ()
+    later = run(specs, [client("pc-1")], history, now=failed_at + timedelta(seconds=DOWNLOAD_RETRY_SECONDS))
+    assert [(a.attempt, a.operation_id != "op-blip") for a in later.actions] == [(2, True)]
+    assert (later.rows[0].reason, later.rows[0].attempts) == (Reason.QUEUED, 1)
+    # at the limit: still not Failed, since the last attempt never ran
+    history[("install-app", "pc-1")] = attempt(specs, "install-app", "pc-1", n=3, outcome=Outcome.NOT_ATTEMPTED,
+                                               at=failed_at, finished=failed_at, op="op-blip-3")
+    assert run(specs, [client("pc-1")], history).rows[0].state.value == "Pending"
 
 
 def test_rerun_is_not_a_new_revision() -> None:

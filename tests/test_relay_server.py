@@ -14,12 +14,8 @@ import pytest
 import requests
 from e2e_helpers import assert_json_error, checkin_body, malformed_requests, send_raw
 
-from reconciler.relay.server import (
-    RelayApp,
-    ServerHandle,
-    parse_listen,
-    poll_seconds_from_env,
-)
+from reconciler.relay.server import RelayApp
+from reconciler.relay.service import poll_seconds_from_env, relay_server
 from reconciler.relay.state import (
     Generation,
     RelayState,
@@ -27,6 +23,7 @@ from reconciler.relay.state import (
     make_generation,
 )
 from reconciler.relay.store import Store
+from reconciler.serving import Server, parse_listen
 
 
 @dataclass
@@ -38,14 +35,14 @@ class Relay:
     changes: list[str]
 
 
-def _start(tmp_path: Path, secret: bytes | None = None) -> tuple[Relay, ServerHandle]:
+def _start(tmp_path: Path, secret: bytes | None = None) -> tuple[Relay, Server]:
     store = Store(tmp_path / "relay")
     changes: list[str] = []
     state = RelayState("relay-a", store, poll_seconds=7, on_change=lambda: changes.append("change"),
                        on_git_hook=lambda: changes.append("hook"))
     cache = tmp_path / "relay" / "cache" / "sha256"
     cache.mkdir(parents=True)
-    server = ServerHandle(RelayApp(state, cache, webhook_secret=secret), "127.0.0.1:0").start()
+    server = relay_server(RelayApp(state, cache, webhook_secret=secret), "127.0.0.1:0").start()
     return Relay(server.url, store, state, cache, changes), server
 
 
@@ -417,3 +414,59 @@ def test_an_action_names_the_dependencies_the_agent_must_see_installed(relay: Re
                     inventory=[{"name": "runtime", "version": "2.0"}]).json()
     assert [(a["job"], a.get("dependsOn")) for a in after["actions"]] == [
         ("install-addon", [{"name": "runtime", "minVersion": "2.0"}])]
+
+
+def _package_tar() -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, text in (("install.sh", b"exit 0\n"), ("rm.sh", b"exit 0\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+    return buffer.getvalue()
+
+
+def test_a_download_blip_uses_up_no_attempt(tmp_path: Path) -> None:
+    """A real agent that cannot download the artifact reports notAttempted; the relay sends attempt 1 again."""
+    from datetime import timedelta
+
+    from reconciler.agent.agent import Agent
+
+    clock = [datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)]
+    store = Store(tmp_path / "relay")
+    state = RelayState("relay-a", store, poll_seconds=7)
+    cache = tmp_path / "relay" / "cache" / "sha256"
+    cache.mkdir(parents=True)
+    content = _package_tar()
+    sha = hashlib.sha256(content).hexdigest()
+    state.generation = make_generation("c" * 40, _specs(), "relay-a",
+                                       artifacts={("app", "1.0"): StagedArtifact(sha, len(content), "tar")})
+    server = relay_server(RelayApp(state, cache, now=lambda: clock[0]), "127.0.0.1:0").start()
+    try:
+        agent = Agent("pc-1", server.url, tmp_path / "client", [], [])
+        first = agent.step()  # the action goes out; its artifact is not in the relay's cache (a 404)
+        [result] = first.results
+        assert result["status"] == "notAttempted"
+        blip = store.operation(result["operationId"])
+        assert blip is not None and blip.attempt == 1
+
+        agent.step()  # the result reaches the relay: nothing is handed out again yet
+        assert store.operation(blip.operation_id).outcome.value == "notAttempted"  # type: ignore[union-attr]
+        assert store.row_states_of("pc-1")["install-app"].state == "Pending"
+        assert [o.operation_id for o in store.operations_of("pc-1")] == [blip.operation_id]
+
+        (cache / sha).write_bytes(content)  # the relay can serve it again
+        clock[0] += timedelta(seconds=61)
+        again = agent.step()
+        assert [r["status"] for r in again.results] == ["succeeded"]
+        retried = store.operation(again.results[0]["operationId"])
+        assert retried is not None and retried.operation_id != blip.operation_id
+        assert retried.attempt == 1  # the blip used up no attempt
+        agent.step()
+        assert store.row_states_of("pc-1")["install-app"].state == "Succeeded"
+    finally:
+        server.stop()
+        store.close()

@@ -54,13 +54,13 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import requests
 
 from reconciler import names, protocol
 from reconciler.agent.dependencies import parse_depends_on, unmet
-from reconciler.agent.errors import InstallError
+from reconciler.agent.errors import ArtifactUnavailable, InstallError
 from reconciler.agent.installers import (
     ArtifactRef,
     InstallerSpec,
@@ -191,7 +191,7 @@ def normalize_arch(machine: str) -> str:
     return _ARCH_ALIASES.get(key, key)
 
 
-def detect_facts(root: Path) -> dict[str, Any]:
+def detect_facts(root: Path) -> protocol.Facts:
     """What this machine is, measured now (free disk changes between check-ins)."""
     return {
         "os": normalize_os(platform.system()),
@@ -201,7 +201,7 @@ def detect_facts(root: Path) -> dict[str, Any]:
     }
 
 
-def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | None) -> dict[str, Any]:
+def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | None) -> protocol.Facts:
     """Validate ``--fact K=V`` overrides; used to simulate other machines on one host."""
     items = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs or [])
     out: dict[str, Any] = {}
@@ -222,7 +222,7 @@ def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | 
         if problem is not None:
             raise AgentConfigError(problem)
         out[key] = value
-    return out
+    return cast(protocol.Facts, out)  # each key is one of FACT_KEYS, each value passed fact_problem
 
 
 # ---------------------------------------------------------------- artifacts
@@ -241,22 +241,22 @@ def _download(session: requests.Session, url: str, part: Path, offset: int,
             if response.status_code == 416 and offset:
                 return  # the part is already complete (or too long); the hash decides
             if response.status_code == 404:
-                raise InstallError(f"artifact {sha} not found on the relay")
+                raise ArtifactUnavailable(f"artifact {sha} not found on the relay")
             if response.status_code not in (200, 206):
-                raise InstallError(f"downloading artifact {sha}: HTTP {response.status_code}: "
+                raise ArtifactUnavailable(f"downloading artifact {sha}: HTTP {response.status_code}: "
                                    f"{_error_body(response)}")
             append = response.status_code == 206 and offset > 0
             if append:
                 match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
                 if not match or int(match.group(1)) != offset:
-                    raise InstallError(f"downloading artifact {sha}: relay answered an unexpected range")
+                    raise ArtifactUnavailable(f"downloading artifact {sha}: relay answered an unexpected range")
             with open(part, "ab" if append else "wb") as handle:
                 for chunk in response.iter_content(CHUNK):
                     handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
     except requests.RequestException as exc:
-        raise InstallError(f"downloading artifact {sha}: {_short_error(exc)}") from exc
+        raise ArtifactUnavailable(f"downloading artifact {sha}: {_short_error(exc)}") from exc
 
 
 def fetch_artifact(session: requests.Session, relay_url: str, ref: ArtifactRef, layout: Layout,
@@ -266,7 +266,10 @@ def fetch_artifact(session: requests.Session, relay_url: str, ref: ArtifactRef, 
     A cached file is hashed again before use (the disk may have changed it).
     A resumed download that fails verification is retried once from the start,
     since the bad bytes may be an old partial file; a fresh one that fails is
-    the relay's fault and fails the action.
+    the relay's fault and fails the action (the relay verified what it
+    staged, so wrong bytes are a fault to show, not a blip to wait out). A
+    download that could not be made (the relay unreachable, an HTTP error, a
+    cut connection) raises :class:`ArtifactUnavailable`: nothing was run.
     """
     final = layout.cached_artifact(ref.sha256)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -316,8 +319,8 @@ def prune_cache(layout: Layout, max_age: float = CACHE_MAX_AGE_SECONDS) -> None:
 class CheckinReply:
     """The parts of a check-in reply the agent acts on."""
 
-    actions: tuple[Any, ...]
-    poll_seconds: float | None
+    actions: tuple[protocol.Action, ...]  # each action's fields are checked when it runs
+    poll_seconds: float
     acknowledged: int
 
 
@@ -333,6 +336,13 @@ class StepResult:
     results: tuple[dict[str, Any], ...] = ()
     reported: int = 0
     poll_seconds: float = DEFAULT_POLL_SECONDS
+
+
+def _wire_result(journalled: Mapping[str, Any]) -> protocol.Result:
+    """A journalled result as a check-in carries it (results journalled by older agents were not cleaned)."""
+    return {"operationId": journalled["operationId"], "status": journalled["status"],
+            "exitCode": journalled.get("exitCode"), "message": clean_text(str(journalled.get("message") or "")),
+            "finishedAt": journalled.get("finishedAt")}
 
 
 class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -406,15 +416,15 @@ class Agent:
         """Seconds between check-ins: ``--poll-interval``, else the relay's, else 30."""
         return float(self.poll_interval or self.relay_poll_seconds or DEFAULT_POLL_SECONDS)
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> protocol.Facts:
         """Measured facts with the ``--fact`` overrides applied."""
         facts = detect_facts(self.layout.root)
         facts.update(self.fact_overrides)
         return facts
 
-    def inventory(self) -> list[dict[str, str]]:
+    def inventory(self) -> list[protocol.InventoryEntry]:
         """Installed packages per the receipts, each confirmed (``detect``, files present)."""
-        return confirmed_inventory(self.layout)
+        return [{"name": entry["name"], "version": entry["version"]} for entry in confirmed_inventory(self.layout)]
 
     def _headers(self) -> dict[str, str]:
         token = self.token
@@ -424,11 +434,9 @@ class Agent:
 
     def checkin(self) -> CheckinReply:
         """POST one check-in; on a reply, store a new token and acknowledge the results sent."""
-        results = self.journal.pending_results(limit=MAX_RESULTS_PER_CHECKIN)
-        for result in results:  # results journalled by older agents were not cleaned when finished
-            result["message"] = clean_text(str(result.get("message") or ""))
-        body = {"facts": self.facts(), "labels": self.labels, "inventory": self.inventory(),
-                "results": results}
+        results = [_wire_result(r) for r in self.journal.pending_results(limit=MAX_RESULTS_PER_CHECKIN)]
+        body: protocol.CheckinRequest = {"facts": self.facts(), "labels": dict(self.labels),
+                                         "inventory": self.inventory(), "results": results}
         url = f"{self.relay_url}/v1/clients/{self.client_id}/checkin"
         try:
             response = self.session.post(url, json=body, headers=self._headers(), timeout=HTTP_TIMEOUT)
@@ -444,21 +452,16 @@ class Agent:
         if status != 200:
             raise RelayError(f"relay refused the check-in ({status}): {_error_body(response)}", status)
         try:
-            reply = response.json()
-        except ValueError as exc:
-            raise RelayUnavailable("relay sent a reply that is not JSON", status) from exc
-        if not isinstance(reply, dict) or not isinstance(reply.get("actions", []), list):
-            raise RelayUnavailable("relay sent a reply without an actions list", status)
-        poll = reply.get("pollSeconds")
-        poll_seconds = None
-        if isinstance(poll, (int, float)) and not isinstance(poll, bool) and poll > 0:
-            poll_seconds = max(float(poll), MIN_POLL_SECONDS)
+            reply = protocol.check_reply(protocol.decode_json(response.content, "reply"))
+        except protocol.ProtocolError as exc:
+            raise RelayUnavailable(f"relay sent a malformed reply: {_cut(str(exc), 200)}", status) from exc
         token = reply.get("token")
-        if isinstance(token, str) and token and token != self.token:
+        if token is not None and token != self.token:
             self._store_token(token)
             self.log.info("registered with relay %s", redact_url(self.relay_url))
         self.journal.acknowledge(r["operationId"] for r in results)
-        return CheckinReply(tuple(reply.get("actions") or ()), poll_seconds, len(results))
+        return CheckinReply(tuple(reply["actions"]), max(float(reply["pollSeconds"]), MIN_POLL_SECONDS),
+                            len(results))
 
     def fetch(self, ref: ArtifactRef) -> Path:
         """A verified copy of the artifact in ``cache/``."""
@@ -564,6 +567,11 @@ class Agent:
             outcome = self._execute(action)
             status, message = "succeeded", outcome.message
             exit_code: int | None = outcome.exit_code
+        except ArtifactUnavailable as exc:
+            # Nothing of this operation ran: the relay sends the same attempt again later. Once a
+            # command of it ran (a resumed upgrade removed the old version), it is a failed attempt.
+            ran = ran_commands(self.layout.operation_runs(operation_id))
+            status, exit_code, message = "failed" if ran else "notAttempted", None, exc.message
         except InstallError as exc:
             status, exit_code, message = "failed", exc.exit_code, exc.message
         except Exception as exc:  # always record an outcome: a bug must not wedge the operation
@@ -594,12 +602,11 @@ class Agent:
             self.log.log(level, "check-in failed: %s", exc.message)
             return StepResult(False, exc.status, exc.message, poll_seconds=self.poll_seconds)
         self.failures = 0
-        if reply.poll_seconds is not None:
-            self.relay_poll_seconds = reply.poll_seconds
+        self.relay_poll_seconds = reply.poll_seconds
         results: list[dict[str, Any]] = []
         ran = 0
         for action in reply.actions:
-            operation_id = action.get("operationId") if isinstance(action, dict) else None
+            operation_id = action.get("operationId")  # missing or mistyped in a malformed action: run_action skips it
             entry = self.journal.get(operation_id) if isinstance(operation_id, str) else None
             answered_from_journal = entry is not None and entry.state == FINISHED
             result = self.run_action(action)

@@ -1,9 +1,11 @@
-"""The one error an action fails with on the client, shared by every agent module.
+"""The errors an action ends with on the client, shared by every agent module.
 
-It lives on its own so that the modules that run commands (``processes``,
+They live on their own so that the modules that run commands (``processes``,
 ``supervisor``) and the ones that install packages (``installers``) can raise
-the same error without importing each other; the agent turns it into the
-``failed`` result the relay shows.
+the same error without importing each other. The agent turns
+:class:`InstallError` into the ``failed`` result the relay shows, and
+:class:`ArtifactUnavailable` into ``notAttempted``: nothing ran, so the relay
+sends the same attempt again later instead of using one up.
 """
 
 from __future__ import annotations
@@ -19,3 +21,7 @@ class InstallError(Exception):
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+
+
+class ArtifactUnavailable(InstallError):
+    """The artifact could not be downloaded from the relay (unreachable, HTTP error, cut connection): nothing ran."""

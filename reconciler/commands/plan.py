@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from reconciler import names, protocol
 from reconciler.commands.validate import render as render_validation
 from reconciler.plan import Client, Installed, Plan, Row, index_relay, plan_relay
 from reconciler.repo_tree import load_repo
 from reconciler.specs import Specs
 
-CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online")
-FACT_FIELDS = ("os", "arch", "freeDiskMB", "hostname")
 MAX_ERRORS = 20
 
 
@@ -47,44 +45,41 @@ class InventoryError(Exception):
 # ------------------------------------------------------------------ inventory
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory") -> tuple[Client, ...]:
-    """Clients from a decoded inventory document; raises :class:`InventoryError` naming every bad field."""
-    problems: list[str] = []
+    """Clients from a decoded inventory document; raises :class:`InventoryError` naming every bad field.
+
+    A client's ``facts``, ``labels`` and ``installed`` are what its check-in
+    would carry as ``facts``, ``labels`` and ``inventory``, and are checked by
+    the relay's own checks (:mod:`reconciler.protocol`): what the relay would
+    refuse at a check-in is refused here too.
+    """
+    problems: list[protocol.Problem] = []
 
     def bad(where: str, message: str) -> None:
-        problems.append(f"{source}: {where}: {message}")
+        problems.append(protocol.Problem(where, message))
 
-    def expect(where: str, value: Any, kind: type | tuple[type, ...], what: str) -> bool:
+    def expect(where: str, value: Any, kind: type, what: str) -> bool:
         if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
             return True
-        bad(where, f"expected {what}, got {_type_name(value)}")
+        bad(where, f"expected {what}, got {protocol.type_name(value)}")
         return False
 
+    def failed() -> InventoryError:
+        lines = [f"{source}: {problem}" for problem in problems]
+        if len(lines) > MAX_ERRORS:
+            lines = [*lines[:MAX_ERRORS], f"{source}: ... and {len(lines) - MAX_ERRORS} more problems"]
+        return InventoryError(lines)
+
     if not isinstance(data, dict):
-        raise InventoryError([f"{source}: expected an object {{\"clients\": [...]}}, got {_type_name(data)}"])
+        raise InventoryError([f"{source}: expected an object {{\"clients\": [...]}}, got {protocol.type_name(data)}"])
     for key in sorted(set(data) - {"clients"}):
         bad(key, "unknown field (the inventory holds only \"clients\")")
     if "clients" not in data:
-        raise InventoryError([*problems, f"{source}: clients: missing required field"])
+        bad("clients", "missing required field")
+        raise failed()
     raw_clients = data["clients"]
     if not expect("clients", raw_clients, list, "an array"):
-        raise InventoryError(problems)
+        raise failed()
     known_relays = set(relays)
     clients: list[Client] = []
     first_at: dict[str, int] = {}
@@ -92,95 +87,40 @@ def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory")
         at = f"clients[{index}]"
         if not expect(at, raw, dict, "an object"):
             continue
+        before = len(problems)
         for key in sorted(set(raw) - set(CLIENT_FIELDS)):
             bad(f"{at}.{key}", f"unknown field (allowed: {', '.join(CLIENT_FIELDS)})")
-        ok = True
         for key in ("id", "relay"):
             if key not in raw:
                 bad(f"{at}.{key}", "missing required field")
-                ok = False
-            elif not expect(f"{at}.{key}", raw[key], str, "a string"):
-                ok = False
-        if ok:
-            if not CLIENT_ID.match(raw["id"]):
-                bad(f"{at}.id", f"{raw['id']!r} is not a valid client id "
-                    "(1-63 lowercase letters, digits, '.' and '-')")
-                ok = False
-            elif raw["id"] in first_at:
-                bad(f"{at}.id", f"duplicate client id {raw['id']!r} (first at clients[{first_at[raw['id']]}])")
-                ok = False
             else:
-                first_at[raw["id"]] = index
-            if raw["relay"] not in known_relays:
-                listed = ", ".join(sorted(known_relays)) or "none"
-                bad(f"{at}.relay", f"unknown relay {raw['relay']!r} (relays in the topology: {listed})")
-                ok = False
-        facts: dict[str, Any] = {}
-        raw_facts = raw.get("facts", {})
-        if expect(f"{at}.facts", raw_facts, dict, "an object"):
-            for key in sorted(set(raw_facts) - set(FACT_FIELDS)):
-                bad(f"{at}.facts.{key}", f"unknown fact (allowed: {', '.join(FACT_FIELDS)})")
-            for key in ("os", "arch", "hostname"):
-                value = raw_facts.get(key)
-                if value is not None and not expect(f"{at}.facts.{key}", value, str, "a string"):
-                    ok = False
-                facts[key] = value
-            disk = raw_facts.get("freeDiskMB")
-            if disk is not None:
-                if not expect(f"{at}.facts.freeDiskMB", disk, int, "an integer"):
-                    ok = False
-                elif disk < 0:
-                    bad(f"{at}.facts.freeDiskMB", f"must be at least 0, got {disk}")
-                    ok = False
-            facts["freeDiskMB"] = disk
-        else:
-            ok = False
-        labels: list[tuple[str, str]] = []
-        raw_labels = raw.get("labels", {})
-        if expect(f"{at}.labels", raw_labels, dict, "an object"):
-            for key, value in raw_labels.items():
-                if expect(f"{at}.labels.{key}", value, str, "a string"):
-                    labels.append((key, value))
-                else:
-                    ok = False
-        else:
-            ok = False
-        installed: dict[str, str] = {}
-        raw_installed = raw.get("installed", [])
-        if expect(f"{at}.installed", raw_installed, list, "an array"):
-            for k, item in enumerate(raw_installed):
-                where = f"{at}.installed[{k}]"
-                if not expect(where, item, dict, "an object"):
-                    ok = False
-                    continue
-                for key in sorted(set(item) - {"name", "version"}):
-                    bad(f"{where}.{key}", "unknown field (allowed: name, version)")
-                for key in ("name", "version"):
-                    if key not in item:
-                        bad(f"{where}.{key}", "missing required field")
-                        ok = False
-                    elif not expect(f"{where}.{key}", item[key], str, "a string"):
-                        ok = False
-                name, version = item.get("name"), item.get("version")
-                if isinstance(name, str) and isinstance(version, str):
-                    if name in installed:
-                        bad(f"{where}.name", f"{name!r} is listed twice (a client has one version per software)")
-                        ok = False
-                    installed[name] = version
-        else:
-            ok = False
+                expect(f"{at}.{key}", raw[key], str, "a string")
+        client_id, relay = raw.get("id"), raw.get("relay")
+        if isinstance(client_id, str):
+            if not names.is_client_id(client_id):
+                bad(f"{at}.id", f"{client_id!r} is not a valid client id "
+                    "(1-63 lowercase letters, digits, '.' and '-')")
+            elif client_id in first_at:
+                bad(f"{at}.id", f"duplicate client id {client_id!r} (first at clients[{first_at[client_id]}])")
+            else:
+                first_at[client_id] = index
+        if isinstance(relay, str) and relay not in known_relays:
+            listed = ", ".join(sorted(known_relays)) or "none"
+            bad(f"{at}.relay", f"unknown relay {relay!r} (relays in the topology: {listed})")
+        facts = protocol.check_facts(raw.get("facts", {}), f"{at}.facts", problems)
+        labels = protocol.check_labels(raw.get("labels", {}), f"{at}.labels", problems)
+        installed = protocol.check_inventory(raw.get("installed", []), f"{at}.installed", problems)
         online = raw.get("online", True)
-        if not expect(f"{at}.online", online, bool, "a boolean"):
-            ok = False
-        if ok:
+        expect(f"{at}.online", online, bool, "a boolean")
+        if len(problems) == before and isinstance(client_id, str) and isinstance(relay, str):
             clients.append(Client(
-                id=raw["id"], relay=raw["relay"], os=facts.get("os"), arch=facts.get("arch"),
-                free_disk_mb=facts.get("freeDiskMB"), labels=tuple(sorted(labels)),
-                installed=tuple(Installed(n, v) for n, v in sorted(installed.items())), online=online))
+                id=client_id, relay=relay, os=facts.get("os"), arch=facts.get("arch"),
+                free_disk_mb=facts.get("freeDiskMB"), labels=tuple(sorted(labels.items())),
+                installed=tuple(sorted((Installed(i["name"], i["version"]) for i in installed),
+                                       key=lambda i: i.name)),
+                online=online))
     if problems:
-        if len(problems) > MAX_ERRORS:
-            problems = [*problems[:MAX_ERRORS], f"{source}: ... and {len(problems) - MAX_ERRORS} more problems"]
-        raise InventoryError(problems)
+        raise failed()
     return tuple(clients)
 
 

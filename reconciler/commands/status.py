@@ -48,12 +48,12 @@ from reconciler.gitstore import (
     GitStore,
     local_origin_path,
 )
-from reconciler.hq import HQ_REF
 from reconciler.plan import ClientState
 from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
 from reconciler.report import (
+    HQ_STATUS_REF,
     HqReport,
     JobReport,
     RelayJobStatus,
@@ -187,7 +187,7 @@ class Reader:
                 try:
                     parsed = report.parse_hq_status(files)
                 except ReportError as e:
-                    problems.append(f"{HQ_REF} unreadable: {e}")
+                    problems.append(f"{HQ_STATUS_REF} unreadable: {e}")
                     parsed = None
                 if parsed is not None:
                     self._hq = (hq_sha, parsed)
@@ -299,7 +299,7 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
     reasons = list(snap.problems)
     hq = snap.view
     if hq is None:
-        return reasons + [f"HQ has not published {HQ_REF} yet"]
+        return reasons + [f"HQ has not published {HQ_STATUS_REF} yet"]
     failed = hq.accepted.evaluation_error
     if failed is not None:
         reasons.append(f"HQ could not evaluate {hq.branch} {report.short(failed.commit)} and retries it: "
@@ -307,7 +307,7 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
     if (snap.main_commit is not None and hq.accepted.main_commit != snap.main_commit
             and (failed is None or failed.commit != snap.main_commit)):
         reasons.append(f"HQ has not evaluated {hq.branch} {report.short(snap.main_commit)} yet "
-                       f"({HQ_REF} is for {report.short(hq.accepted.main_commit)})")
+                       f"({HQ_STATUS_REF} is for {report.short(hq.accepted.main_commit)})")
     accepted = hq.accepted.accepted_commit
     if accepted is None or snap.specs is None or snap.reach is None:
         return reasons
@@ -410,7 +410,7 @@ def _one_line(text: str, limit: int = 100) -> str:
 def render_text(snap: Snapshot, only_job: str | None) -> str:
     hq = snap.view
     if hq is None:
-        return f"No {HQ_REF} on the origin yet: HQ has not run a pass."
+        return f"No {HQ_STATUS_REF} on the origin yet: HQ has not run a pass."
     accepted = hq.accepted
     failed = accepted.evaluation_error
     validity = {True: "valid", False: f"INVALID ({_plural(len(hq.validation_errors), 'error')}, not applied)",
@@ -480,7 +480,7 @@ def render(snap: Snapshot, fmt: str, only_job: str | None) -> str:
         return render_json(snap, only_job)
     if fmt == "markdown":
         if snap.view is None:
-            return f"No `{HQ_REF}` on the origin yet: HQ has not run a pass.\n"
+            return f"No `{HQ_STATUS_REF}` on the origin yet: HQ has not run a pass.\n"
         return report.render_summary(snap.view, only_job)  # summary.md as HQ writes it for these refs
     return render_text(snap, only_job) + "\n"
 

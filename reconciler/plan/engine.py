@@ -44,6 +44,7 @@ from reconciler.plan.rules import (
     history_step,
     repeat_action,
     requirement_reasons,
+    retry_fields,
     rollout_block,
     succeeded_attempts,
     wants,
@@ -669,12 +670,8 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_OPERATION] = step.attempt.operation_id
         else:
             assert type(step) is RetryLater
-            last = step.attempt
-            fields[_R_REASON] = Reason.RETRY_BACKOFF
-            fields[_R_ATTEMPTS] = last.attempt
-            fields[_R_OPERATION] = last.operation_id
-            text = f"retry {last.attempt + 1}/{cj.limit} at {format_precise(step.at)}"
-            fields[_R_MESSAGE] = f"{text}; last attempt: {step.message}" if step.message else text
+            fields[_R_REASON], fields[_R_ATTEMPTS], fields[_R_MESSAGE] = retry_fields(step, cj.limit)
+            fields[_R_OPERATION] = step.attempt.operation_id
 
     depth = [0] * len(decisions)  # 1 + the depth of the rows it waits for: removals go first
     deep = False

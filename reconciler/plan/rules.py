@@ -61,7 +61,11 @@ The rules, per client and job, in this order:
    finished at the deadline. Failed with attempts left -> ``Pending`` "retry
    k/limit at <time>" until ``finished + backoff * 2**(attempt-1)``, then
    attempt k. Out of attempts -> ``Failed`` with the attempt's message, unless
-   ``spec.rerun`` was raised since: then attempt 1 again. Succeeded but the
+   ``spec.rerun`` was raised since: then attempt 1 again. Not attempted (the
+   client could not download the artifact, nothing ran) -> ``Pending``
+   "attempt k/limit again at <time>" until ``finished +
+   DOWNLOAD_RETRY_SECONDS``, then attempt k again under a new operation id:
+   a relay or network blip uses up no attempt. Succeeded but the
    client no longer reports the desired state -> drift, planned again as
    attempt 1 of a fresh operation. A ``retry.limit`` of 0 means one attempt.
 9. **Rollout** per job on the relay, for rows about to start: with
@@ -93,6 +97,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.plan.identity import operation_id
 from reconciler.plan.vocabulary import (
+    DOWNLOAD_RETRY_SECONDS,
     MAX_BACKOFF_SECONDS,
     RESULT_MARGIN_SECONDS,
     Action,
@@ -414,9 +419,12 @@ class OutOfAttempts:
 
 @dataclass(frozen=True)
 class RetryLater:
+    """Start the next attempt at ``at``; ``counted`` is False when the last one was not attempted."""
+
     attempt: Attempt
     at: datetime
     message: str
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -452,6 +460,14 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
             return Running(attempt)
         failed_at = deadline
         message = f"no result from client within {waited} s"
+    elif attempt.outcome is Outcome.NOT_ATTEMPTED:
+        if closed:
+            return CLOSED
+        retry_at = aware(attempt.finished_at or attempt.dispatched_at) + timedelta(seconds=DOWNLOAD_RETRY_SECONDS)
+        if now < retry_at:
+            return RetryLater(attempt, retry_at, attempt.message, counted=False)
+        return Ready(attempt.attempt, attempt.operation_id, attempt.attempt - 1,
+                     f"attempt {attempt.attempt}/{limit} again")
     elif attempt.outcome is Outcome.SUCCEEDED:
         if closed:
             return CLOSED
@@ -473,6 +489,16 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
     if now < retry_at:
         return RetryLater(attempt, retry_at, message)
     return Ready(attempt.attempt + 1, attempt.operation_id, attempt.attempt, f"retry {attempt.attempt + 1}/{limit}")
+
+
+def retry_fields(step: RetryLater, limit: int) -> tuple[Reason, int, str]:
+    """Reason, attempts used and message of a row waiting to start its next attempt."""
+    a = step.attempt
+    if not step.counted:
+        text = f"attempt {a.attempt}/{limit} again at {format_precise(step.at)}"
+        return Reason.DOWNLOAD_RETRY, a.attempt - 1, f"{text}; not attempted: {step.message or 'download failed'}"
+    text = f"retry {a.attempt + 1}/{limit} at {format_precise(step.at)}"
+    return Reason.RETRY_BACKOFF, a.attempt, f"{text}; last attempt: {step.message}" if step.message else text
 
 
 # ------------------------------------------------------------------ one client
@@ -584,10 +610,8 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
             row.attempts, row.operation = step.attempt.attempt, step.attempt.operation_id
         else:
             assert isinstance(step, RetryLater)
-            a = step.attempt
-            row.reason, row.attempts, row.operation = Reason.RETRY_BACKOFF, a.attempt, a.operation_id
-            text = f"retry {a.attempt + 1}/{limit} at {format_precise(step.at)}"
-            row.message = f"{text}; last attempt: {step.message}" if step.message else text
+            row.reason, row.attempts, row.message = retry_fields(step, limit)
+            row.operation = step.attempt.operation_id
 
     # Waiting rows: a removal frees the install that waits for it when it starts in this
     # plan; a dependency only once the client reports it installed (never here).

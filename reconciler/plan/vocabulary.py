@@ -26,6 +26,10 @@ RESULT_MARGIN_SECONDS = 60
 # overflow a datetime (about three years).
 MAX_BACKOFF_SECONDS = 10**8
 
+# A client that could not download an action's artifact did not attempt it:
+# the same attempt goes out again after this delay, and no attempt is used up.
+DOWNLOAD_RETRY_SECONDS = 60
+
 
 class ClientState(StrEnum):
     PENDING = "Pending"
@@ -72,6 +76,7 @@ class Reason(StrEnum):
     QUEUED = "queued"  # Pending: its action goes out at the client's next check-in
     IN_PROGRESS = "inProgress"  # handed to the client, no result yet
     RETRY_BACKOFF = "retryBackoff"  # Pending: a failed attempt is retried later
+    DOWNLOAD_RETRY = "downloadRetry"  # Pending: the client could not download the artifact; no attempt used
     ROLLOUT_SLOT = "rolloutSlot"  # Pending: maxConcurrent clients are in progress
     HALTED = "halted"  # Pending: maxFailures exceeded on this relay
     WAITING_DEPENDENCY = "waitingForDependency"
@@ -92,6 +97,7 @@ class Outcome(StrEnum):
     DISPATCHED = "dispatched"  # handed to the client, no result yet
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    NOT_ATTEMPTED = "notAttempted"  # the client could not fetch the artifact; nothing ran
 
 
 @dataclass(frozen=True)

@@ -1,64 +1,48 @@
-"""``reconciler relay``: follow HQ's accepted commit, serve clients, publish ``status/<relay>``.
+"""The relay's reconcile loop: follow HQ's accepted commit, plan every client, publish ``status/<relay>``.
 
 The relay acts only on the commit HQ accepted (``accepted.yaml`` on
 ``status/hq``), never on raw ``main``. For each newly accepted commit it loads
 the specs at that commit, stages the artifacts of every package that reaches
 its subtree (:mod:`reconciler.relay.artifacts`), and swaps in a new
-:class:`~reconciler.relay.server.Generation` (index and artifacts together)
+:class:`~reconciler.relay.state.Generation` (index and artifacts together)
 for the check-in path to plan with.
 
 A *full pass* plans every client (:func:`reconciler.plan.plan_relay`) from a
 database snapshot, refreshes the rollout counters the check-in path uses,
 records when each row's state changed, and publishes the status files when
-their content changed, at most every ``--publish-interval``. Passes run when
-something changed (a check-in with results or a new inventory, a new accepted
-commit), and at least every poll period of the clients (for timeouts,
-retries coming due, clients going offline). A pass that fails still
-publishes what it knows plus the error.
+their content changed, at most every ``--publish-interval``. A pass that
+fails still publishes what it knows plus the error.
 
-Wake-ups: the :class:`~reconciler.gitstore.ChangeWatcher` (a local origin's
-refs change: immediately; ``POST /v1/hooks/git``; or every
-``--poll-interval``) schedules a fetch; check-ins mark the state dirty. All
-state is in SQLite and git, so a relay killed at any moment converges when
-restarted. SIGTERM and SIGINT stop it cleanly.
+:class:`RelayLoop` holds these steps and the state between them; when to run
+them (wake-ups, timers, signals) is the process's business,
+:mod:`reconciler.relay.service`.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
-import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from reconciler import names, plan, report
-from reconciler.gitstore import (
-    STATUS_PREFIX,
-    ChangeWatcher,
-    GitError,
-    GitStore,
+from reconciler import plan, report
+from reconciler.errors import (
+    Cause,
+    Problem,
+    ReconcilerError,
+    problem,
+    problem_of,
+    retry_delay,
 )
-from reconciler.logs import configure_logging
+from reconciler.gitstore import STATUS_PREFIX, GitError, GitStore
 from reconciler.reach import reach_of
-from reconciler.redaction import redact_url
 from reconciler.relay.artifacts import (
     ArtifactCache,
     packages_to_stage,
     with_artifact_revisions,
-)
-from reconciler.relay.server import (
-    RelayApp,
-    ServerHandle,
-    load_webhook_secret,
-    poll_seconds_from_env,
 )
 from reconciler.relay.state import (
     Generation,
@@ -66,19 +50,20 @@ from reconciler.relay.state import (
     make_generation,
     unplannable_errors,
 )
-from reconciler.relay.store import Store, StoreError
+from reconciler.relay.store import Store
 from reconciler.repo_tree import load_commit
+from reconciler.report import HQ_STATUS_REF
 from reconciler.specs import Specs
 from reconciler.times import utc_now
 
 log = logging.getLogger("reconciler.relay")
 
-HQ_REF = STATUS_PREFIX + report.HQ_REF
-MIN_ONLINE_SECONDS = 90.0
+# The steps of the loop, in the order the status files list what went wrong in them.
+FOLLOW, ARTIFACTS, PUBLISHING, PLANNING, STATUS_PASS = "following HQ", "staging", "publishing", "planning", "status pass"
+HOUSEKEEPING = "housekeeping"
+STEPS = (FOLLOW, ARTIFACTS, PUBLISHING, PLANNING, STATUS_PASS, HOUSEKEEPING)
+
 RESTAGE_SECONDS = 5.0  # retry artifacts the parent relay is still staging this often
-RESTAGE_MAX_SECONDS = 300.0  # failed downloads are retried with doubling delays up to this
-LISTEN_FILE = "listen.url"
-HOUSEKEEPING_SECONDS = 3600.0
 OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
 CACHE_RETENTION_SECONDS = 7 * 24 * 3600.0  # unused artifacts kept this long after their last use
 WRITE_CHUNK = 2000  # row states per write transaction in a full pass
@@ -101,17 +86,13 @@ def published_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class StartupError(Exception):
-    """The relay cannot start (exit 2): unknown name, workdir in use, bad --listen."""
-
-
 @dataclass(frozen=True)
 class Accepted:
     """HQ's accepted commit and the specs at it, or why there are none."""
 
     commit: str | None
     specs: Specs | None
-    error: str | None
+    error: Problem | None
 
 
 class RelayLoop:
@@ -128,11 +109,10 @@ class RelayLoop:
         self.publish_interval = publish_interval
         self.clock = clock
         self.monotonic = monotonic
-        self.sync_errors: tuple[str, ...] = ()
-        self.artifact_errors: tuple[str, ...] = ()
-        self.publish_error: str | None = None
+        # What went wrong, by where: the status files show these, in this order.
+        self.problems: dict[str, tuple[Problem, ...]] = {}
         self.retry_at: float | None = None  # monotonic time to retry staging for the same commit
-        self._retry_delay = RESTAGE_SECONDS
+        self._stage_failures = 0  # stagings in a row with downloads worth retrying
         self.last_files: dict[str, bytes] | None = None
         self.published_files: dict[str, bytes] | None = None
         self.last_publish = float("-inf")
@@ -140,46 +120,79 @@ class RelayLoop:
         self._fingerprint: int | None = None
         self.row_state_changes = 0
 
+    # -- what went wrong ------------------------------------------------------
+
+    def settle(self, where: str, outcome: BaseException | Problem | Sequence[Problem] | None) -> None:
+        """Record how the step ``where`` ended: the one place errors become status errors.
+
+        ``None`` clears what the step reported before; an exception is
+        classified (:func:`reconciler.errors.problem_of`) and logged, with its
+        traceback when it is a bug.
+        """
+        if outcome is None:
+            self.problems.pop(where, None)
+            return
+        if isinstance(outcome, BaseException):
+            found = problem_of(outcome)
+            found = replace(found, message=f"{where} failed: {self.git.redact(found.message)}")
+            log.error("%s", found.message, exc_info=None if isinstance(outcome, ReconcilerError) else outcome)
+            self.problems[where] = (found,)
+        elif isinstance(outcome, Problem):
+            self.problems[where] = (outcome,)
+        else:
+            self.problems[where] = tuple(outcome)
+
+    def status_problems(self) -> list[Problem]:
+        """Everything the status files should say went wrong, in a stable order."""
+        return [p for where in STEPS for p in self.problems.get(where, ())] + [
+            p for where, found in self.problems.items() if where not in STEPS for p in found]
+
     # -- following HQ --------------------------------------------------------
 
     def read_accepted(self, fetch: bool = True) -> Accepted:
         """Fetch, then HQ's accepted commit and the specs at it (from the local mirror if the fetch failed)."""
-        fetch_error: str | None = None
+        fetch_error: Problem | None = None
         if fetch:
             try:
                 self.git.fetch()
             except GitError as e:
-                fetch_error = f"fetch failed (using the last fetched state): {e}"
-                log.warning("%s", fetch_error)
+                fetch_error = problem(e.cause, f"fetch failed (using the last fetched state): {e}")
+                log.warning("%s", fetch_error.message)
         try:
             accepted = self._read_accepted()
         except GitError as e:
-            accepted = Accepted(None, None, f"cannot read {HQ_REF}: {e}")
+            accepted = Accepted(None, None, problem(e.cause, f"cannot read {HQ_STATUS_REF}: {e}"))
         if fetch_error is not None:
-            error = fetch_error if accepted.error is None else f"{fetch_error}; {accepted.error}"
+            error = fetch_error if accepted.error is None else replace(
+                fetch_error, message=f"{fetch_error.message}; {accepted.error.message}")
             accepted = replace(accepted, error=error)
         return accepted
 
     def _read_accepted(self) -> Accepted:
-        hq_tip = self.git.ref_sha(HQ_REF)
+        hq_tip = self.git.ref_sha(HQ_STATUS_REF)
         if hq_tip is None:
-            return Accepted(None, None, f"no accepted commit yet: {HQ_REF} does not exist (is HQ running?)")
+            return Accepted(None, None, problem(
+                Cause.MISSING_REF, f"no accepted commit yet: {HQ_STATUS_REF} does not exist (is HQ running?)"))
         data = self.git.read_file(hq_tip, report.ACCEPTED_FILE)
         if data is None:
-            return Accepted(None, None, f"no accepted commit yet: {HQ_REF} has no {report.ACCEPTED_FILE}")
+            return Accepted(None, None, problem(
+                Cause.MISSING_REF, f"no accepted commit yet: {HQ_STATUS_REF} has no {report.ACCEPTED_FILE}"))
         try:
             commit = report.parse_accepted(data).accepted_commit
         except report.ReportError as e:
-            return Accepted(None, None, f"cannot read {HQ_REF}:{report.ACCEPTED_FILE}: {e}")
+            return Accepted(None, None, problem(
+                Cause.INTERNAL, f"cannot read {HQ_STATUS_REF}:{report.ACCEPTED_FILE}: {e}"))
         if commit is None:
-            return Accepted(None, None, "no accepted commit yet: HQ has not accepted any commit of main")
+            return Accepted(None, None, problem(
+                Cause.MISSING_REF, "no accepted commit yet: HQ has not accepted any commit of main"))
         if commit == self.state.generation.commit and self._specs is not None:
             return Accepted(commit, self._specs, None)
         loaded = load_commit(self.git, commit)  # the same reading and checks as HQ's
         if not loaded.valid or loaded.specs is None:
             first = loaded.errors[0] if loaded.errors else "no specs"
-            return Accepted(commit, None, f"the specs at accepted commit {commit[:12]} do not load here "
-                                          f"({len(loaded.errors)} errors, first: {first})")
+            return Accepted(commit, None, problem(
+                Cause.INVALID_SPECS, f"the specs at accepted commit {commit[:12]} do not load here "
+                                     f"({len(loaded.errors)} errors, first: {first})"))
         return Accepted(commit, loaded.specs, None)
 
     def known_relay(self, specs: Specs) -> bool:
@@ -196,8 +209,8 @@ class RelayLoop:
         changed = False
         if accepted.specs is not None and accepted.commit is not None:
             if not self.known_relay(accepted.specs):
-                errors.append(f"relay {self.name!r} is not in the topology at accepted commit "
-                              f"{accepted.commit[:12]}: serving no actions")
+                errors.append(problem(Cause.UNKNOWN_RELAY, f"relay {self.name!r} is not in the topology at accepted "
+                                                           f"commit {accepted.commit[:12]}: serving no actions"))
                 if current.commit != accepted.commit or current.index is not None:
                     self.state.serve(Generation(commit=accepted.commit))
                     changed = True
@@ -209,7 +222,7 @@ class RelayLoop:
                         or generation.artifacts != current.artifacts or generation.unavailable != current.unavailable):
                     self.state.serve(generation)
                     changed = True
-        self.sync_errors = tuple(errors)
+        self.settle(FOLLOW, errors or None)
         return changed
 
     def _build(self, commit: str, specs: Specs) -> Generation:
@@ -217,15 +230,17 @@ class RelayLoop:
         packages = packages_to_stage(specs, self.name, reach)
         result = self.cache.stage_all(commit, packages)
         unavailable = {**result.errors, **result.pending}
-        self.artifact_errors = tuple(
-            f"artifact of {name} {version}: {message}" for (name, version), message in sorted(result.errors.items()))
+        self.settle(ARTIFACTS, [
+            problem(Cause.UNREACHABLE if key in result.transient else Cause.ARTIFACT_MISMATCH,
+                    f"artifact of {key[0]} {key[1]}: {message}")
+            for key, message in sorted(result.errors.items())] or None)
         if commit != self.state.generation.commit:
-            self._retry_delay = RESTAGE_SECONDS
+            self._stage_failures = 0
         if result.pending:
             self.retry_at = self.monotonic() + RESTAGE_SECONDS
         elif result.transient:
-            self.retry_at = self.monotonic() + self._retry_delay
-            self._retry_delay = min(self._retry_delay * 2, RESTAGE_MAX_SECONDS)
+            self._stage_failures += 1
+            self.retry_at = self.monotonic() + retry_delay(self._stage_failures)
         else:
             self.retry_at = None  # staged, or refused: only a new commit can change that
         if commit != self.state.generation.commit:
@@ -258,11 +273,10 @@ class RelayLoop:
         return files
 
     def _full_pass(self) -> dict[str, bytes]:
+        self.problems.pop(STATUS_PASS, None)
         now = self.clock()
         generation = self.state.generation
-        errors = [*self.sync_errors, *self.artifact_errors]
-        if self.publish_error:
-            errors.append(self.publish_error)
+        problems = self.status_problems()
         with self.store.snapshot() as db:
             records = self.store.clients(db)
             history = self.store.history(db)
@@ -293,11 +307,13 @@ class RelayLoop:
                     generation = isolated
                 the_plan = planned
                 updated_at = self._record_row_states(the_plan.rows, stored_states, now)
+            self.settle(PLANNING, None)
         except Exception as e:  # noqa: BLE001 - always publish what we know, plus the error
-            log.exception("full pass failed")
-            errors.append(f"planning failed: {type(e).__name__}: {e}")
+            self.settle(PLANNING, e)
             the_plan = None
-        errors.extend(unplannable_errors(generation))
+        problems = [*self.status_problems(),
+                    *(problem(Cause.INVALID_SPECS, text) for text in unplannable_errors(generation))]
+        errors = [p.message for p in problems]
         inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
                                            installed=r.inventory, online=online[r.id]) for r in records]
         self.state.errors = tuple(errors)
@@ -311,15 +327,17 @@ class RelayLoop:
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
         files = report.render_relay_status(self.name, generation.commit, the_plan, updated_at, inventory, errors,
-                                           unplannable=generation.unplannable)
+                                           unplannable=generation.unplannable, problems=problems)
         self._fingerprint = fingerprint
         return files
 
     def error_files(self, error: BaseException) -> dict[str, bytes]:
         """Status files when a pass failed outright: at least the commit and the error get published."""
-        errors = [*self.sync_errors, *self.artifact_errors, f"status pass failed: {type(error).__name__}: {error}"]
+        self.settle(STATUS_PASS, error)
+        problems = self.status_problems()
         self._fingerprint = None
-        return report.render_relay_status(self.name, self.state.generation.commit, None, {}, [], errors)
+        return report.render_relay_status(self.name, self.state.generation.commit, None, {}, [],
+                                          [p.message for p in problems], problems=problems)
 
     def _record_row_states(self, rows: tuple[plan.Row, ...], stored: dict[tuple[str, str], Any],
                            now: datetime) -> dict[tuple[str, str], datetime]:
@@ -374,191 +392,12 @@ class RelayLoop:
         try:
             sha = self.git.publish(STATUS_PREFIX + self.name, files, message)
         except (GitError, ValueError) as e:
-            self.publish_error = f"publishing status failed (will retry): {e}"
-            log.error("%s", self.publish_error)
+            cause = e.cause if isinstance(e, GitError) else Cause.INTERNAL
+            self.settle(PUBLISHING, problem(cause, f"publishing status failed (will retry): {e}"))
+            log.error("%s", self.problems[PUBLISHING][0].message)
             return None
-        if self.publish_error:
-            self.publish_error = None
+        self.settle(PUBLISHING, None)
         self.published_files = files
         if sha:
             log.info("published status/%s %s", self.name, sha[:12])
         return sha
-
-
-# ------------------------------------------------------------------ the process
-
-
-def _lock_workdir(workdir: Path) -> Any:
-    """Hold an exclusive lock on ``<workdir>/relay.lock``: two relays must never share a database."""
-    handle = open(workdir / "relay.lock", "a+")  # noqa: SIM115 - held for the process's life
-    try:
-        import fcntl
-    except ImportError:  # Windows: the SQLite file itself is locked while open
-        return handle
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise StartupError(f"another relay is running with workdir {workdir}") from None
-    return handle
-
-
-def _write_listen_file(workdir: Path, url: str) -> None:
-    target = workdir / LISTEN_FILE
-    temp = workdir / f".{LISTEN_FILE}.{os.getpid()}.tmp"
-    temp.write_text(url + "\n", encoding="utf-8")
-    os.replace(temp, target)
-
-
-class _Wakeup:
-    """What the loop should do next: fetch (git changed or poll), pass (state dirty)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.fetch = True
-        self.dirty = True
-
-    def request_fetch(self) -> None:
-        self.fetch = True
-        self.event.set()
-
-    def mark_dirty(self) -> None:
-        self.dirty = True
-        self.event.set()
-
-
-def main(args: argparse.Namespace) -> int:
-    configure_logging()
-    name: str = args.name
-    if not names.is_name(name):
-        print(f"reconciler relay: invalid relay name {name!r}", file=sys.stderr)
-        return 2
-    workdir = Path(args.workdir).absolute()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        lock = _lock_workdir(workdir)
-    except (OSError, StartupError) as e:
-        print(f"reconciler relay: {e}", file=sys.stderr)
-        return 2
-    try:
-        return _run(args, name, workdir)
-    finally:
-        lock.close()
-
-
-def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
-    try:
-        store = Store(workdir)
-    except StoreError as e:
-        print(f"reconciler relay: {e}", file=sys.stderr)
-        return 2
-    wake = _Wakeup()
-    stop = threading.Event()
-    poll_seconds = poll_seconds_from_env()
-    state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty)
-    git = GitStore(args.origin, workdir)
-    cache = ArtifactCache(workdir, git, parent_url=args.parent_url)
-    loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
-    watcher = ChangeWatcher(args.origin, args.poll_interval)
-    state.on_git_hook = watcher.trigger
-
-    # Start-up check: a relay name the accepted topology does not know is an operator error.
-    accepted = loop.read_accepted()
-    if accepted.specs is not None and not loop.known_relay(accepted.specs):
-        relays = ", ".join(sorted(r.name for r in accepted.specs.topology.relays)) or "none"
-        print(f"reconciler relay: relay {name!r} is not in the topology at accepted commit "
-              f"{(accepted.commit or '')[:12]} (relays: {relays})", file=sys.stderr)
-        store.close()
-        return 2
-    if accepted.error:
-        log.warning("%s", accepted.error)
-
-    try:
-        secret = load_webhook_secret()
-    except (OSError, ValueError) as e:
-        print(f"reconciler relay: cannot read the webhook secret: {e}", file=sys.stderr)
-        store.close()
-        return 2
-    app = RelayApp(state, cache.dir, webhook_secret=secret)
-    try:
-        server = ServerHandle(app, args.listen).start()
-    except (ValueError, OSError) as e:
-        print(f"reconciler relay: cannot listen on {args.listen}: {e}", file=sys.stderr)
-        store.close()
-        return 2
-    _write_listen_file(workdir, server.url)
-    log.info("relay %s listening on %s (origin %s, poll %ss for clients)", name, server.url,
-             redact_url(args.origin), f"{poll_seconds:g}")
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-        wake.event.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def watch() -> None:
-        while not stop.is_set():
-            watcher.wait()  # a change, a webhook, or the poll interval: fetch either way
-            if not stop.is_set():
-                wake.request_fetch()
-
-    watcher.start()
-    watch_thread = threading.Thread(target=watch, name="relay-watch", daemon=True)
-    watch_thread.start()
-    pass_interval = max(args.publish_interval, min(poll_seconds, 60.0))
-    next_pass = 0.0
-    last_pass = float("-inf")
-    next_restage: float = float("inf")
-    next_housekeeping = time.monotonic() + 60.0
-    try:
-        while not stop.is_set():
-            now = time.monotonic()
-            if now >= next_housekeeping:
-                next_housekeeping = now + HOUSEKEEPING_SECONDS
-                try:
-                    loop.housekeeping()
-                except Exception:  # noqa: BLE001
-                    log.exception("housekeeping failed")
-            fetch, wake.fetch = wake.fetch, False
-            if fetch or loop.retry_due():
-                try:
-                    if loop.sync(fetch=fetch):
-                        wake.dirty = True
-                except Exception:  # noqa: BLE001 - a bug in one round must not end the service
-                    log.exception("following HQ failed")
-            next_restage = loop.retry_at if loop.retry_at is not None else float("inf")
-            throttle = last_pass + args.publish_interval
-            if (wake.dirty and now >= throttle) or now >= next_pass:
-                wake.dirty = False
-                try:
-                    loop.last_files = loop.full_pass()
-                except Exception as e:  # noqa: BLE001 - publish the error rather than nothing
-                    log.exception("full pass failed")
-                    try:
-                        loop.last_files = loop.error_files(e)
-                    except Exception:  # noqa: BLE001
-                        log.exception("rendering the error status failed")
-                last_pass = time.monotonic()
-                next_pass = last_pass + pass_interval
-            try:
-                loop.publish()
-            except Exception:  # noqa: BLE001
-                log.exception("publishing failed")
-            deadlines = [next_pass, next_restage, next_housekeeping]
-            if wake.dirty:
-                deadlines.append(last_pass + args.publish_interval)
-            due = loop.publish_due_in()
-            if due is not None:
-                deadlines.append(time.monotonic() + due)
-            timeout = max(0.01, min(deadlines) - time.monotonic())
-            wake.event.wait(timeout)
-            wake.event.clear()
-    finally:
-        log.info("relay %s stopping", name)
-        watcher.stop()
-        server.stop()
-        store.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        (workdir / LISTEN_FILE).unlink(missing_ok=True)
-    return 0

@@ -27,8 +27,9 @@ Two rules shape the code:
   before the first byte of the reply is written, so a relay killed at any
   moment never forgets an operation a client may be running.
 
-``pollSeconds`` is 30 unless the environment sets ``RECONCILER_POLL_SECONDS``
-(tests and the demo use a second or two).
+``pollSeconds`` is 30 unless the relay's environment sets
+``RECONCILER_POLL_SECONDS`` (read by :mod:`reconciler.relay.service`; tests
+and the demo use a second or two).
 """
 
 from __future__ import annotations
@@ -37,12 +38,11 @@ import json
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from reconciler import names, protocol
 from reconciler.plan import (
@@ -55,42 +55,23 @@ from reconciler.plan import (
     plan_client,
 )
 from reconciler.relay.state import (
-    DEFAULT_POLL_SECONDS,
     Generation,
     RelayState,
     StagedArtifact,
 )
 from reconciler.relay.store import token_matches
 from reconciler.times import utc_now
-from reconciler.webhook import read_secret_file, verify_signature
+from reconciler.webhook import verify_signature
 
 log = logging.getLogger("reconciler.relay")
 
 MAX_BODY = protocol.MAX_BODY
-POLL_SECONDS_ENV = "RECONCILER_POLL_SECONDS"
-WEBHOOK_SECRET_ENV = "RECONCILER_WEBHOOK_SECRET_FILE"
 
 RANGE = re.compile(r"bytes=([0-9]{1,18})-([0-9]{0,18})")
 CHECKIN_PATH = re.compile(r"/v1/clients/([^/]*)/checkin")
 ARTIFACT_PATH = re.compile(r"/v1/artifacts/([^/]*)")
 
-MAX_INVENTORY = protocol.MAX_INVENTORY
-MAX_RESULTS = protocol.MAX_RESULTS
-MAX_MESSAGE = protocol.MAX_MESSAGE
 CHUNK = 256 * 1024
-
-
-def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
-    """``RECONCILER_POLL_SECONDS`` if it is a positive number, else ``default``."""
-    raw = os.environ.get(POLL_SECONDS_ENV)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        log.warning("ignoring %s=%r: not a number", POLL_SECONDS_ENV, raw)
-        return default
-    return value if value > 0 else default
 
 
 # ------------------------------------------------------------------ validation
@@ -108,174 +89,33 @@ def _bad(message: str) -> HttpError:
     return HttpError(400, message)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
 def parse_json(body: bytes) -> Any:
-    """The JSON value of a request body: UTF-8, no duplicate keys, no NaN, and only valid Unicode text."""
+    """The JSON value of a request body (:func:`reconciler.protocol.decode_json`); HttpError(400) if it is not."""
     try:
-        text = body.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise _bad("request body is not UTF-8") from None
-    except RecursionError:
-        raise _bad("request body is nested too deeply") from None
-    except ValueError as e:
-        raise _bad(f"request body is not valid JSON: {e}") from None
-    where = _invalid_text(value)
-    if where is not None:
-        raise _bad(f"{where}: text is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text")
-    return value
-
-
-def _invalid_text(value: Any) -> str | None:
-    """Where the first string (key or value) holding a lone surrogate is, or None.
-
-    JSON's ``\\ud800`` escapes decode to such strings; they cannot be stored,
-    logged or published as UTF-8, so they are refused at the door.
-    """
-    pending: list[tuple[str, Any]] = [("body", value)]
-    while pending:
-        where, item = pending.pop()
-        if isinstance(item, str):
-            if not _is_unicode(item):
-                return where
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                if not _is_unicode(key):
-                    return f"{where}: a key"
-                pending.append((f"{where}.{key}" if where != "body" else key, child))
-        elif isinstance(item, list):
-            pending.extend((f"{where}[{i}]", child) for i, child in enumerate(item))
-    return None
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_keys(obj: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
-    unknown = sorted(set(obj) - set(allowed))
-    if unknown:
-        raise _bad(f"{where}: unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+        return protocol.decode_json(body)
+    except protocol.ProtocolError as e:
+        raise _bad(str(e)) from None
 
 
 @dataclass(frozen=True)
-class CheckinRequest:
-    facts: dict[str, Any]
+class Checkin:
+    """A checked check-in body, as the relay records and plans it: the inventory sorted by name."""
+
+    facts: protocol.Facts
     labels: dict[str, str]
     inventory: tuple[Installed, ...]
-    results: tuple[dict[str, Any], ...]
+    results: tuple[protocol.Result, ...]
 
 
-def parse_checkin(doc: Any) -> CheckinRequest:
-    """Validate a check-in body per docs/PROTOCOL.md; HttpError(400) naming the first problem."""
-    if not isinstance(doc, dict):
-        raise _bad("check-in body must be a JSON object")
-    _check_keys(doc, ("facts", "labels", "inventory", "results"), "body")
-    for required in ("facts", "inventory"):
-        if required not in doc:
-            raise _bad(f"body: missing field {required!r}")
-
-    facts = doc["facts"]
-    if not isinstance(facts, dict):
-        raise _bad("facts: must be an object")
-    _check_keys(facts, protocol.FACT_KEYS, "facts")
-    for key in protocol.FACT_KEYS:
-        problem = protocol.fact_problem(key, facts[key]) if key in facts else None
-        if problem is not None:
-            raise _bad(f"facts.{key}: {problem}")
-
-    labels = doc.get("labels", {})
-    if not isinstance(labels, dict):
-        raise _bad("labels: must be an object of strings")
-    if len(labels) > protocol.MAX_LABELS:
-        raise _bad(f"labels: at most {protocol.MAX_LABELS} labels")
-    for key, value in labels.items():
-        if not isinstance(value, str):
-            raise _bad(f"labels.{key[:128]}: must be a string")
-        problem = protocol.label_problem(key, value)
-        if problem is not None:
-            raise _bad(f"labels: {problem}")
-
-    inventory = doc["inventory"]
-    if not isinstance(inventory, list):
-        raise _bad("inventory: must be a list")
-    if len(inventory) > MAX_INVENTORY:
-        raise _bad(f"inventory: at most {MAX_INVENTORY} entries")
-    installed: dict[str, Installed] = {}
-    for i, entry in enumerate(inventory):
-        where = f"inventory[{i}]"
-        if not isinstance(entry, dict):
-            raise _bad(f"{where}: must be an object with name and version")
-        _check_keys(entry, ("name", "version"), where)
-        name, version = entry.get("name"), entry.get("version")
-        if not names.is_name(name):
-            raise _bad(f"{where}.name: must be a package name")
-        if not names.is_version(version):
-            raise _bad(f"{where}.version: must be a version string")
-        if name in installed:
-            raise _bad(f"{where}: package {name!r} listed twice (one entry per package name)")
-        installed[name] = Installed(name, version)
-
-    results = doc.get("results", [])
-    if not isinstance(results, list):
-        raise _bad("results: must be a list")
-    if len(results) > MAX_RESULTS:
-        raise _bad(f"results: at most {MAX_RESULTS} per check-in")
-    checked: list[dict[str, Any]] = []
-    for i, result in enumerate(results):
-        where = f"results[{i}]"
-        if not isinstance(result, dict):
-            raise _bad(f"{where}: must be an object")
-        _check_keys(result, ("operationId", "status", "exitCode", "message", "finishedAt"), where)
-        op = result.get("operationId")
-        if not names.is_operation_id(op):
-            raise _bad(f"{where}.operationId: must be an operation id")
-        if result.get("status") not in ("succeeded", "failed"):
-            raise _bad(f"{where}.status: must be 'succeeded' or 'failed'")
-        code = result.get("exitCode")
-        if code is not None and (not _is_int(code) or not -2**31 <= code < 2**32):
-            raise _bad(f"{where}.exitCode: must be an integer or null")
-        message = result.get("message", "")
-        if message is None:
-            message = ""
-        if not isinstance(message, str) or len(message) > MAX_MESSAGE:
-            raise _bad(f"{where}.message: must be a string of at most {MAX_MESSAGE} characters")
-        finished_at = result.get("finishedAt")
-        if finished_at is not None and not _valid_time(finished_at):
-            raise _bad(f"{where}.finishedAt: must be an RFC 3339 time")
-        checked.append({"operationId": op, "status": result["status"], "exitCode": code, "message": message})
-    return CheckinRequest(dict(facts), dict(labels), tuple(sorted(installed.values(), key=lambda i: i.name)),
-                          tuple(checked))
-
-
-def _valid_time(value: Any) -> bool:
-    if not isinstance(value, str) or len(value) > 40:
-        return False
+def parse_checkin(doc: Any) -> Checkin:
+    """A decoded check-in body, checked by :func:`reconciler.protocol.check_checkin`; HttpError(400) if it fails."""
     try:
-        datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return True
+        body = protocol.check_checkin(doc)
+    except protocol.ProtocolError as e:
+        raise _bad(str(e)) from None
+    inventory = sorted((Installed(entry["name"], entry["version"]) for entry in body["inventory"]),
+                       key=lambda i: i.name)
+    return Checkin(body["facts"], body.get("labels", {}), tuple(inventory), tuple(body.get("results", ())))
 
 
 def _unauthorized(client_id: str) -> HttpError:
@@ -297,28 +137,36 @@ def _bearer(environ: Mapping[str, Any]) -> str | None:
 # ------------------------------------------------------------------ the app
 
 
-def action_json(action: Action, artifact: StagedArtifact | None) -> dict[str, Any]:
+def action_json(action: Action, artifact: StagedArtifact | None) -> protocol.Action:
+    """An action as the check-in reply carries it (``schemas/checkin-reply.schema.json``)."""
     package = action.package
-    installer: dict[str, Any] | None = None
+    installer: protocol.Installer | None = None
     if package is not None:
         spec = package.installer
         installer = {"type": spec.type.value, "install": list(spec.install), "uninstall": list(spec.uninstall),
                      "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
-    reply: dict[str, Any] = {
+    reply: protocol.Action = {
         "operationId": action.operation_id,
         "job": action.job,
         "action": action.kind.value,
         "package": {"name": action.name, "version": action.version},
         "previousVersion": action.previous_version,
-        "artifact": None if artifact is None else artifact.to_json(),
+        # StagedArtifact.to_json writes the protocol's artifact object
+        "artifact": None if artifact is None else cast(protocol.Artifact, artifact.to_json()),
         "installer": installer,
     }
     if package is not None and action.kind is not ActionKind.UNINSTALL and package.depends_on:
         # The agent runs the action only when these are installed (the plan never
         # sends a dependent before that, but an agent does not take a relay's word).
-        reply["dependsOn"] = [{"name": d.name, **({"minVersion": d.min_version} if d.min_version else {})}
-                              for d in package.depends_on]
+        reply["dependsOn"] = [_dependency(d.name, d.min_version) for d in package.depends_on]
     return reply
+
+
+def _dependency(name: str, min_version: str | None) -> protocol.Dependency:
+    dependency: protocol.Dependency = {"name": name}
+    if min_version:
+        dependency["minVersion"] = min_version
+    return dependency
 
 
 _STATUS_TEXT = {200: "200 OK", 202: "202 Accepted", 206: "206 Partial Content", 400: "400 Bad Request",
@@ -410,7 +258,7 @@ class RelayApp:
 
     # -- check-in ------------------------------------------------------------
 
-    def checkin(self, client_id: str, environ: Mapping[str, Any]) -> dict[str, Any]:
+    def checkin(self, client_id: str, environ: Mapping[str, Any]) -> protocol.CheckinReply:
         if not names.is_client_id(client_id):
             raise _bad("invalid client id: use 1-63 lowercase letters, digits, '.' and '-'")
         token = _bearer(environ)
@@ -491,7 +339,7 @@ class RelayApp:
         if changed:
             state.on_change()
         poll = state.poll_seconds
-        reply: dict[str, Any] = {
+        reply: protocol.CheckinReply = {
             "pollSeconds": int(poll) if float(poll).is_integer() else poll,
             "actions": [action_json(a, self._artifact_for(a, generation)) for a in actions],
         }
@@ -573,81 +421,3 @@ def _read_range(handle: Any, length: int) -> Iterator[bytes]:
             yield chunk
     finally:
         handle.close()
-
-
-def load_webhook_secret() -> bytes | None:
-    """The secret in the file named by ``RECONCILER_WEBHOOK_SECRET_FILE``; None leaves the hook open.
-
-    ``reconciler relay`` has no ``--webhook-secret-file`` flag: the hook only
-    wakes the loop (it fetches and decides for itself), so an open hook costs
-    at most an extra fetch; set the variable to require signed hooks.
-    """
-    path = os.environ.get(WEBHOOK_SECRET_ENV)
-    return read_secret_file(path) if path else None
-
-
-# ------------------------------------------------------------------ serving
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; port 0 picks a free one) -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-class ServerHandle:
-    """A waitress server on its own thread, with the address it actually bound."""
-
-    def __init__(self, app: Callable[..., Iterable[bytes]], listen: str, *, threads: int = 8) -> None:
-        from waitress.server import create_server  # type: ignore[import-untyped]
-
-        host, port = parse_listen(listen)
-        # Waitress warns "Task queue depth is N" for every request queued behind busy workers:
-        # normal under load, and thousands of lines a second would cost more than the queueing.
-        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-        self.server: Any = create_server(
-            app, host=host, port=port, threads=threads, ident="reconciler-relay",
-            # Bodies above 1 MiB get our own JSON 413; waitress only guards against
-            # absurd uploads (it buffers a body before the app sees it).
-            max_request_body_size=16 * MAX_BODY, connection_limit=2000, backlog=1024,
-            channel_timeout=120, expose_tracebacks=False)
-        bound_host = self.server.effective_host
-        if ":" in bound_host:
-            bound_host = f"[{bound_host}]"
-        self.url = f"http://{bound_host}:{self.server.effective_port}"
-        self._stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, name="relay-http", daemon=True)
-
-    def start(self) -> ServerHandle:
-        self.thread.start()
-        return self
-
-    def _serve(self) -> None:
-        from waitress import wasyncore  # type: ignore[import-untyped]
-
-        server = self.server
-        try:
-            while not self._stopping.is_set():
-                wasyncore.loop(timeout=1.0, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
-        finally:
-            # Sockets are closed on the thread that polls them, never under its feet.
-            logging.getLogger("waitress").setLevel(logging.CRITICAL)
-            try:
-                for dispatcher in list(server._map.values()):
-                    dispatcher.handle_close()
-                server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-            except Exception:  # noqa: BLE001 - shutting down: nothing left to protect
-                log.debug("error stopping the HTTP server", exc_info=True)
-
-    def stop(self) -> None:
-        """Stop accepting, close every connection and stop the worker threads."""
-        self._stopping.set()
-        try:
-            self.server.pull_trigger()
-        except OSError:
-            pass
-        self.thread.join(timeout=10)

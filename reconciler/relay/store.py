@@ -412,7 +412,7 @@ class Store:
         """
         finished: list[FinishedOperation] = []
         for result in results:
-            outcome = Outcome.SUCCEEDED if result["status"] == "succeeded" else Outcome.FAILED
+            outcome = Outcome(result["status"])  # succeeded, failed or notAttempted (validated at the door)
             message = str(result.get("message") or "")[:MESSAGE_LIMIT]
             row = db.execute(
                 "UPDATE operations SET outcome = ?, finished_at = ?, exit_code = ?, message = ? "

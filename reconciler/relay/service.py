@@ -1,0 +1,275 @@
+"""``reconciler relay``, the process: settings, workdir, HTTP server, wake-ups, signals.
+
+The process holds an exclusive lock on its workdir (two relays must never
+share a database), serves the client API (:class:`~reconciler.relay.server.RelayApp`)
+on :class:`~reconciler.serving.Server`, writes the URL it bound to
+``<workdir>/listen.url`` (useful with port 0), and runs the
+:class:`~reconciler.relay.loop.RelayLoop` on the main thread.
+
+Wake-ups: the :class:`~reconciler.gitstore.ChangeWatcher` (a local origin's
+refs change: immediately; ``POST /v1/hooks/git``; or every
+``--poll-interval``) schedules a fetch; check-ins mark the state dirty. A
+full pass runs when the state is dirty (at most every
+``--publish-interval``) and at least every poll period of the clients. All
+state is in SQLite and git, so a relay killed at any moment converges when
+restarted. SIGTERM and SIGINT stop it cleanly.
+
+Two settings come from the environment rather than flags:
+``RECONCILER_POLL_SECONDS`` (the check-in interval told to agents, default
+30 s) and ``RECONCILER_WEBHOOK_SECRET_FILE`` (require signed hooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from reconciler import names, protocol
+from reconciler.gitstore import ChangeWatcher, GitStore
+from reconciler.logs import configure_logging
+from reconciler.redaction import redact_url
+from reconciler.relay.artifacts import ArtifactCache
+from reconciler.relay.loop import FOLLOW, HOUSEKEEPING, PUBLISHING, RelayLoop
+from reconciler.relay.server import RelayApp
+from reconciler.relay.state import DEFAULT_POLL_SECONDS, RelayState
+from reconciler.relay.store import Store, StoreError
+from reconciler.serving import ListenError, Server
+from reconciler.webhook import read_secret_file
+
+log = logging.getLogger("reconciler.relay")
+
+POLL_SECONDS_ENV = "RECONCILER_POLL_SECONDS"
+WEBHOOK_SECRET_ENV = "RECONCILER_WEBHOOK_SECRET_FILE"
+LISTEN_FILE = "listen.url"
+HOUSEKEEPING_SECONDS = 3600.0
+
+
+class StartupError(Exception):
+    """The relay cannot start (exit 2): another relay holds its workdir."""
+
+
+# ------------------------------------------------------------------ settings
+
+
+def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
+    """``RECONCILER_POLL_SECONDS`` if it is a positive number, else ``default``."""
+    raw = os.environ.get(POLL_SECONDS_ENV)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number", POLL_SECONDS_ENV, raw)
+        return default
+    return value if value > 0 else default
+
+
+def load_webhook_secret() -> bytes | None:
+    """The secret in the file named by ``RECONCILER_WEBHOOK_SECRET_FILE``; None leaves the hook open.
+
+    ``reconciler relay`` has no ``--webhook-secret-file`` flag: the hook only
+    wakes the loop (it fetches and decides for itself), so an open hook costs
+    at most an extra fetch; set the variable to require signed hooks.
+    """
+    path = os.environ.get(WEBHOOK_SECRET_ENV)
+    return read_secret_file(path) if path else None
+
+
+def relay_server(app: RelayApp, listen: str) -> Server:
+    """The server of the client API, bound to ``listen`` (not yet started).
+
+    Sized for thousands of agents polling one relay: 8 worker threads, up to
+    2,000 open connections, and waitress's "task queue depth" warning muted
+    (requests queued behind busy workers are normal under load). Bodies above
+    1 MiB get the app's own JSON 413; waitress only refuses absurd uploads.
+    """
+    return Server(app, listen, name="relay-http", ident="reconciler-relay", threads=8,
+                  connection_limit=2000, backlog=1024, channel_timeout=120,
+                  max_request_body_size=16 * protocol.MAX_BODY, quiet_queue=True)
+
+
+# ------------------------------------------------------------------ the process
+
+
+def _lock_workdir(workdir: Path) -> Any:
+    """Hold an exclusive lock on ``<workdir>/relay.lock``: two relays must never share a database."""
+    handle = open(workdir / "relay.lock", "a+")  # noqa: SIM115 - held for the process's life
+    try:
+        import fcntl
+    except ImportError:  # Windows: the SQLite file itself is locked while open
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StartupError(f"another relay is running with workdir {workdir}") from None
+    return handle
+
+
+def _write_listen_file(workdir: Path, url: str) -> None:
+    target = workdir / LISTEN_FILE
+    temp = workdir / f".{LISTEN_FILE}.{os.getpid()}.tmp"
+    temp.write_text(url + "\n", encoding="utf-8")
+    os.replace(temp, target)
+
+
+class _Wakeup:
+    """What the loop should do next: fetch (git changed or poll), pass (state dirty)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.fetch = True
+        self.dirty = True
+
+    def request_fetch(self) -> None:
+        self.fetch = True
+        self.event.set()
+
+    def mark_dirty(self) -> None:
+        self.dirty = True
+        self.event.set()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``reconciler relay`` until SIGTERM or SIGINT: 0 then, 2 when it cannot start."""
+    configure_logging()
+    name: str = args.name
+    if not names.is_name(name):
+        print(f"reconciler relay: invalid relay name {name!r}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir).absolute()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_workdir(workdir)
+    except (OSError, StartupError) as e:
+        print(f"reconciler relay: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, name, workdir)
+    finally:
+        lock.close()
+
+
+def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
+    try:
+        store = Store(workdir)
+    except StoreError as e:
+        print(f"reconciler relay: {e}", file=sys.stderr)
+        return 2
+    wake = _Wakeup()
+    stop = threading.Event()
+    poll_seconds = poll_seconds_from_env()
+    state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty)
+    git = GitStore(args.origin, workdir)
+    cache = ArtifactCache(workdir, git, parent_url=args.parent_url)
+    loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
+    watcher = ChangeWatcher(args.origin, args.poll_interval)
+    state.on_git_hook = watcher.trigger
+
+    # Start-up check: a relay name the accepted topology does not know is an operator error.
+    accepted = loop.read_accepted()
+    if accepted.specs is not None and not loop.known_relay(accepted.specs):
+        relays = ", ".join(sorted(r.name for r in accepted.specs.topology.relays)) or "none"
+        print(f"reconciler relay: relay {name!r} is not in the topology at accepted commit "
+              f"{(accepted.commit or '')[:12]} (relays: {relays})", file=sys.stderr)
+        store.close()
+        return 2
+    if accepted.error:
+        log.warning("%s", accepted.error.message)
+
+    try:
+        secret = load_webhook_secret()
+    except (OSError, ValueError) as e:
+        print(f"reconciler relay: cannot read the webhook secret: {e}", file=sys.stderr)
+        store.close()
+        return 2
+    app = RelayApp(state, cache.dir, webhook_secret=secret)
+    try:
+        server = relay_server(app, args.listen).start()
+    except (ListenError, OSError) as e:
+        print(f"reconciler relay: cannot listen on {args.listen}: {e}", file=sys.stderr)
+        store.close()
+        return 2
+    _write_listen_file(workdir, server.url)
+    log.info("relay %s listening on %s (origin %s, poll %ss for clients)", name, server.url,
+             redact_url(args.origin), f"{poll_seconds:g}")
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+        wake.event.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def watch() -> None:
+        while not stop.is_set():
+            watcher.wait()  # a change, a webhook, or the poll interval: fetch either way
+            if not stop.is_set():
+                wake.request_fetch()
+
+    watcher.start()
+    watch_thread = threading.Thread(target=watch, name="relay-watch", daemon=True)
+    watch_thread.start()
+    pass_interval = max(args.publish_interval, min(poll_seconds, 60.0))
+    next_pass = 0.0
+    last_pass = float("-inf")
+    next_restage: float = float("inf")
+    next_housekeeping = time.monotonic() + 60.0
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_SECONDS
+                try:
+                    loop.housekeeping()
+                    loop.settle(HOUSEKEEPING, None)
+                except Exception as e:  # noqa: BLE001 - a bug in one round must not end the service
+                    loop.settle(HOUSEKEEPING, e)
+            fetch, wake.fetch = wake.fetch, False
+            if fetch or loop.retry_due():
+                try:
+                    if loop.sync(fetch=fetch):
+                        wake.dirty = True
+                except Exception as e:  # noqa: BLE001
+                    loop.settle(FOLLOW, e)
+            next_restage = loop.retry_at if loop.retry_at is not None else float("inf")
+            throttle = last_pass + args.publish_interval
+            if (wake.dirty and now >= throttle) or now >= next_pass:
+                wake.dirty = False
+                try:
+                    loop.last_files = loop.full_pass()
+                except Exception as e:  # noqa: BLE001 - publish the error rather than nothing
+                    try:
+                        loop.last_files = loop.error_files(e)
+                    except Exception:  # noqa: BLE001
+                        log.exception("rendering the error status failed")
+                last_pass = time.monotonic()
+                next_pass = last_pass + pass_interval
+            try:
+                loop.publish()
+            except Exception as e:  # noqa: BLE001
+                loop.settle(PUBLISHING, e)
+            deadlines = [next_pass, next_restage, next_housekeeping]
+            if wake.dirty:
+                deadlines.append(last_pass + args.publish_interval)
+            due = loop.publish_due_in()
+            if due is not None:
+                deadlines.append(time.monotonic() + due)
+            timeout = max(0.01, min(deadlines) - time.monotonic())
+            wake.event.wait(timeout)
+            wake.event.clear()
+    finally:
+        log.info("relay %s stopping", name)
+        watcher.stop()
+        server.stop()
+        store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        (workdir / LISTEN_FILE).unlink(missing_ok=True)
+    return 0
