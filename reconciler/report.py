@@ -97,6 +97,7 @@ class StatusRow:
     attempts: int
     message: str
     updated_at: datetime | None = None
+    reason: str | None = None  # the plan's Reason: filter on it, never parse the message
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,7 @@ def relay_prefix(relay: str) -> str:
 
 
 def _row_json(row: StatusRow) -> dict[str, Any]:
-    return {
+    out = {
         "client": row.client,
         "state": row.state.value,
         "installedVersion": row.installed_version,
@@ -355,6 +356,9 @@ def _row_json(row: StatusRow) -> dict[str, Any]:
         "message": row.message,
         "updatedAt": format_time(row.updated_at),
     }
+    if row.reason is not None:
+        out["reason"] = row.reason
+    return out
 
 
 def render_relay_job(job: str, relay: str, observed_commit: str | None, state: JobState,
@@ -385,7 +389,8 @@ def _escape_char(match: re.Match[str]) -> str:
 def _status_rows(rows: Iterable[Row], updated_at: Mapping[tuple[str, str], datetime]) -> list[StatusRow]:
     return sorted(
         (StatusRow(r.client, ClientState(r.state), r.installed_version, r.attempts, r.message,
-                   updated_at.get((r.job, r.client))) for r in rows),
+                   updated_at.get((r.job, r.client)), r.reason.value if r.reason is not None else None)
+         for r in rows),
         key=lambda r: r.client,
     )
 
@@ -468,7 +473,8 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
 def _row(raw: Mapping[str, Any], what: str) -> StatusRow:
     """A schema-checked row."""
     return StatusRow(client=raw["client"], state=ClientState(raw["state"]), installed_version=raw["installedVersion"],
-                     attempts=int(raw["attempts"]), message=raw["message"], updated_at=_time(raw["updatedAt"], what))
+                     attempts=int(raw["attempts"]), message=raw["message"], updated_at=_time(raw["updatedAt"], what),
+                     reason=raw.get("reason"))
 
 
 def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:

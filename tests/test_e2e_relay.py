@@ -508,6 +508,8 @@ def test_refused_artifacts_and_malformed_requests(cluster: Cluster) -> None:
         tampered = cluster.wait_rows("relay-a", "install-tampered", {"pc-1": "Pending"})["pc-1"]
         slip = cluster.wait_rows("relay-a", "install-slip", {"pc-1": "Pending"})["pc-1"]
         assert "sha256 mismatch" in tampered["message"]
+        assert (tampered["reason"], slip["reason"]) == ("waitingForArtifact", "waitingForArtifact")
+        assert cluster.wait_rows("relay-a", "install-good", {"pc-1": "Succeeded"})["pc-1"]["reason"] == "done"
         assert "outside the package directory" in slip["message"]
         errors = " ".join(cluster.origin.relay_file("relay-a", "relay.yaml")["errors"])
         assert "sha256 mismatch" in errors and "refused" in errors and "outside the package directory" in errors
