@@ -172,7 +172,7 @@ class CheckinReply(TypedDict):
 
 
 @dataclass(frozen=True)
-class Problem:
+class FieldProblem:
     """One thing wrong with a message: the field (``inventory[3].version``; empty for the whole) and why."""
 
     where: str
@@ -185,7 +185,7 @@ class Problem:
 class ProtocolError(ValueError):
     """A message that does not follow the protocol; ``problem`` is the first thing wrong with it."""
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: FieldProblem) -> None:
         super().__init__(str(problem))
         self.problem = problem
 
@@ -217,10 +217,10 @@ def _field(where: str, key: str) -> str:
 
 
 def _unknown_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], where: str, what: str,
-                  problems: list[Problem]) -> None:
+                  problems: list[FieldProblem]) -> None:
     for key in raw:
         if key not in allowed:
-            problems.append(Problem(_field(where, key), f"unknown {what} (allowed: {', '.join(allowed)})"))
+            problems.append(FieldProblem(_field(where, key), f"unknown {what} (allowed: {', '.join(allowed)})"))
 
 
 def _fields(shape: Any) -> tuple[str, ...]:
@@ -270,10 +270,10 @@ def label_problem(key: str, value: str) -> str | None:
     return None
 
 
-def check_facts(raw: object, where: str, problems: list[Problem]) -> Facts:
+def check_facts(raw: object, where: str, problems: list[FieldProblem]) -> Facts:
     """The facts of a check-in (or of a ``plan --inventory`` client); problems are appended to ``problems``."""
     if not isinstance(raw, dict):
-        problems.append(Problem(where, f"expected an object, got {type_name(raw)}"))
+        problems.append(FieldProblem(where, f"expected an object, got {type_name(raw)}"))
         return {}
     _unknown_keys(raw, FACT_KEYS, where, "fact", problems)
     facts: Facts = {}
@@ -283,7 +283,7 @@ def check_facts(raw: object, where: str, problems: list[Problem]) -> Facts:
         value = raw[key]
         problem = _fact_value_problem(key, value)
         if problem is not None:
-            problems.append(Problem(_field(where, key), problem))
+            problems.append(FieldProblem(_field(where, key), problem))
         elif key == "os":
             facts["os"] = value
         elif key == "arch":
@@ -295,22 +295,22 @@ def check_facts(raw: object, where: str, problems: list[Problem]) -> Facts:
     return facts
 
 
-def check_labels(raw: object, where: str, problems: list[Problem]) -> dict[str, str]:
+def check_labels(raw: object, where: str, problems: list[FieldProblem]) -> dict[str, str]:
     """Labels: at most MAX_LABELS strings, keys and values within their lengths."""
     if not isinstance(raw, dict):
-        problems.append(Problem(where, f"expected an object, got {type_name(raw)}"))
+        problems.append(FieldProblem(where, f"expected an object, got {type_name(raw)}"))
         return {}
     if len(raw) > MAX_LABELS:
-        problems.append(Problem(where, f"at most {MAX_LABELS} labels, got {len(raw)}"))
+        problems.append(FieldProblem(where, f"at most {MAX_LABELS} labels, got {len(raw)}"))
         return {}
     labels: dict[str, str] = {}
     for key, value in raw.items():
         if not isinstance(value, str):
-            problems.append(Problem(_field(where, key), f"expected a string, got {type_name(value)}"))
+            problems.append(FieldProblem(_field(where, key), f"expected a string, got {type_name(value)}"))
             continue
         problem = label_problem(key, value)
         if problem is not None:
-            problems.append(Problem(where, problem))
+            problems.append(FieldProblem(where, problem))
             continue
         labels[key] = value
     return labels
@@ -322,48 +322,48 @@ _INVENTORY_FIELDS = _fields(InventoryEntry)
 _RESULT_FIELDS = _fields(Result)
 
 
-def _string(raw: Mapping[str, Any], key: str, where: str, problems: list[Problem], *,
+def _string(raw: Mapping[str, Any], key: str, where: str, problems: list[FieldProblem], *,
             required: bool) -> str | None:
     """``raw[key]`` if it is a string; a problem if it is anything else, or missing when required."""
     if key not in raw:
         if required:
-            problems.append(Problem(_field(where, key), "missing required field"))
+            problems.append(FieldProblem(_field(where, key), "missing required field"))
         return None
     value = raw[key]
     if not isinstance(value, str):
-        problems.append(Problem(_field(where, key), f"expected a string, got {type_name(value)}"))
+        problems.append(FieldProblem(_field(where, key), f"expected a string, got {type_name(value)}"))
         return None
     return value
 
 
-def check_inventory(raw: object, where: str, problems: list[Problem]) -> list[InventoryEntry]:
+def check_inventory(raw: object, where: str, problems: list[FieldProblem]) -> list[InventoryEntry]:
     """What a client has installed: at most MAX_INVENTORY entries, one per package name."""
     if not isinstance(raw, list):
-        problems.append(Problem(where, f"expected an array, got {type_name(raw)}"))
+        problems.append(FieldProblem(where, f"expected an array, got {type_name(raw)}"))
         return []
     if len(raw) > MAX_INVENTORY:
-        problems.append(Problem(where, f"at most {MAX_INVENTORY} entries, got {len(raw)}"))
+        problems.append(FieldProblem(where, f"at most {MAX_INVENTORY} entries, got {len(raw)}"))
         return []
     entries: list[InventoryEntry] = []
     seen: set[str] = set()
     for index, item in enumerate(raw):
         at = f"{where}[{index}]"
         if not isinstance(item, dict):
-            problems.append(Problem(at, f"expected an object, got {type_name(item)}"))
+            problems.append(FieldProblem(at, f"expected an object, got {type_name(item)}"))
             continue
         _unknown_keys(item, _INVENTORY_FIELDS, at, "field", problems)
         name = _string(item, "name", at, problems, required=True)
         version = _string(item, "version", at, problems, required=True)
         if name is not None and not names.is_name(name):
-            problems.append(Problem(f"{at}.name", f"{name[:80]!r} is not a package name "
+            problems.append(FieldProblem(f"{at}.name", f"{name[:80]!r} is not a package name "
                                     "(1-63 lowercase letters, digits, '.' and '-')"))
             name = None
         if version is not None and not names.is_version(version):
-            problems.append(Problem(f"{at}.version", f"{version[:80]!r} is not a version "
+            problems.append(FieldProblem(f"{at}.version", f"{version[:80]!r} is not a version "
                                     "(1-64 letters, digits and '._+~-', starting with a letter or digit)"))
             version = None
         if name is not None and name in seen:
-            problems.append(Problem(f"{at}.name", f"{name!r} is listed twice (a client has one version "
+            problems.append(FieldProblem(f"{at}.name", f"{name!r} is listed twice (a client has one version "
                                     "per software)"))
             continue
         if name is not None:
@@ -373,35 +373,35 @@ def check_inventory(raw: object, where: str, problems: list[Problem]) -> list[In
     return entries
 
 
-def check_result(raw: object, where: str, problems: list[Problem]) -> Result | None:
+def check_result(raw: object, where: str, problems: list[FieldProblem]) -> Result | None:
     """One result: None (and problems) unless it is well formed; ``message`` None reads as ``""``."""
     if not isinstance(raw, dict):
-        problems.append(Problem(where, f"expected an object, got {type_name(raw)}"))
+        problems.append(FieldProblem(where, f"expected an object, got {type_name(raw)}"))
         return None
     before = len(problems)
     _unknown_keys(raw, _RESULT_FIELDS, where, "field", problems)
     operation = _string(raw, "operationId", where, problems, required=True)
     if operation is not None and not names.is_operation_id(operation):
-        problems.append(Problem(f"{where}.operationId", "must be an operation id (1-128 letters, digits and "
+        problems.append(FieldProblem(f"{where}.operationId", "must be an operation id (1-128 letters, digits and "
                                 "'._:-', starting with a letter or digit)"))
     status = raw.get("status")
     if "status" not in raw:
-        problems.append(Problem(f"{where}.status", "missing required field"))
+        problems.append(FieldProblem(f"{where}.status", "missing required field"))
     elif status not in RESULT_STATUSES:
-        problems.append(Problem(f"{where}.status",
+        problems.append(FieldProblem(f"{where}.status",
                                 f"must be one of {', '.join(RESULT_STATUSES)}, got {status!r:.80}"))
     code = raw.get("exitCode")
     if code is not None and not (_is_int(code) and MIN_EXIT_CODE <= code <= MAX_EXIT_CODE):
-        problems.append(Problem(f"{where}.exitCode",
+        problems.append(FieldProblem(f"{where}.exitCode",
                                 f"must be an integer from {MIN_EXIT_CODE} to {MAX_EXIT_CODE} or null"))
     message = raw.get("message")
     if message is not None and not (isinstance(message, str) and len(message) <= MAX_MESSAGE):
-        problems.append(Problem(f"{where}.message", f"must be a string of at most {MAX_MESSAGE} characters "
+        problems.append(FieldProblem(f"{where}.message", f"must be a string of at most {MAX_MESSAGE} characters "
                                 "or null"))
     finished = raw.get("finishedAt")
     if finished is not None and not (isinstance(finished, str) and len(finished) <= MAX_TIME_TEXT
                                      and _is_time(finished)):
-        problems.append(Problem(f"{where}.finishedAt", "must be an RFC 3339 time (2026-11-23T10:00:00Z) "
+        problems.append(FieldProblem(f"{where}.finishedAt", "must be an RFC 3339 time (2026-11-23T10:00:00Z) "
                                 "or null"))
     if len(problems) > before or operation is None or not isinstance(status, str):
         return None
@@ -416,13 +416,13 @@ def _is_time(text: str) -> bool:
     return _TIME.fullmatch(text) is not None
 
 
-def check_results(raw: object, where: str, problems: list[Problem]) -> list[Result]:
+def check_results(raw: object, where: str, problems: list[FieldProblem]) -> list[Result]:
     """The results of a check-in: at most MAX_RESULTS."""
     if not isinstance(raw, list):
-        problems.append(Problem(where, f"expected an array, got {type_name(raw)}"))
+        problems.append(FieldProblem(where, f"expected an array, got {type_name(raw)}"))
         return []
     if len(raw) > MAX_RESULTS:
-        problems.append(Problem(where, f"at most {MAX_RESULTS} per check-in, got {len(raw)}"))
+        problems.append(FieldProblem(where, f"at most {MAX_RESULTS} per check-in, got {len(raw)}"))
         return []
     results: list[Result] = []
     for index, item in enumerate(raw):
@@ -438,21 +438,21 @@ _CHECKIN_FIELDS = _fields(CheckinRequest)
 _CHECKIN_REQUIRED = tuple(key for key in _CHECKIN_FIELDS if key in CheckinRequest.__required_keys__)
 
 
-def checkin_problems(doc: object) -> tuple[CheckinRequest, list[Problem]]:
+def checkin_problems(doc: object) -> tuple[CheckinRequest, list[FieldProblem]]:
     """Every problem of a decoded check-in body, and the body with its optional fields filled in.
 
     The body is only meaningful when there are no problems: then ``labels``
     and ``results`` are present, every result's ``message`` is a string, and
     the inventory is in the order sent.
     """
-    problems: list[Problem] = []
+    problems: list[FieldProblem] = []
     if not isinstance(doc, dict):
-        problems.append(Problem("", "check-in body must be a JSON object"))
+        problems.append(FieldProblem("", "check-in body must be a JSON object"))
         return {"facts": {}, "labels": {}, "inventory": [], "results": []}, problems
     _unknown_keys(doc, _CHECKIN_FIELDS, "", "field", problems)
     for key in _CHECKIN_REQUIRED:
         if key not in doc:
-            problems.append(Problem(key, "missing required field"))
+            problems.append(FieldProblem(key, "missing required field"))
     body: CheckinRequest = {
         "facts": check_facts(doc["facts"], "facts", problems) if "facts" in doc else {},
         "labels": check_labels(doc["labels"], "labels", problems) if "labels" in doc else {},
@@ -481,21 +481,21 @@ def check_reply(doc: object) -> CheckinReply:
     the whole reply.
     """
     if not isinstance(doc, dict):
-        raise ProtocolError(Problem("", f"reply must be a JSON object, got {type_name(doc)}"))
+        raise ProtocolError(FieldProblem("", f"reply must be a JSON object, got {type_name(doc)}"))
     actions = doc.get("actions")
     if not isinstance(actions, list):
-        raise ProtocolError(Problem("actions", f"expected an array, got {type_name(actions)}"))
+        raise ProtocolError(FieldProblem("actions", f"expected an array, got {type_name(actions)}"))
     for index, action in enumerate(actions):
         if not isinstance(action, dict):
-            raise ProtocolError(Problem(f"actions[{index}]", f"expected an object, got {type_name(action)}"))
+            raise ProtocolError(FieldProblem(f"actions[{index}]", f"expected an object, got {type_name(action)}"))
     poll = doc.get("pollSeconds")
     if not (isinstance(poll, (int, float)) and not isinstance(poll, bool) and 0 < poll < float("inf")):
-        raise ProtocolError(Problem("pollSeconds", f"must be a positive number, got {poll!r:.40}"))
+        raise ProtocolError(FieldProblem("pollSeconds", f"must be a positive number, got {poll!r:.40}"))
     reply: CheckinReply = {"pollSeconds": poll, "actions": actions}
     if "token" in doc:
         token = doc["token"]
         if not names.is_token(token):
-            raise ProtocolError(Problem("token", "must be 16-128 letters, digits, '_' and '-'"))
+            raise ProtocolError(FieldProblem("token", "must be 16-128 letters, digits, '_' and '-'"))
         reply["token"] = token
     return reply
 
@@ -527,14 +527,14 @@ def decode_json(body: bytes, what: str = "request body") -> Any:
         text = body.decode("utf-8")
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except UnicodeDecodeError:
-        raise ProtocolError(Problem("", f"{what} is not UTF-8")) from None
+        raise ProtocolError(FieldProblem("", f"{what} is not UTF-8")) from None
     except RecursionError:
-        raise ProtocolError(Problem("", f"{what} is nested too deeply")) from None
+        raise ProtocolError(FieldProblem("", f"{what} is nested too deeply")) from None
     except ValueError as e:
-        raise ProtocolError(Problem("", f"{what} is not valid JSON: {e}")) from None
+        raise ProtocolError(FieldProblem("", f"{what} is not valid JSON: {e}")) from None
     where = _invalid_text(value)
     if where is not None:
-        raise ProtocolError(Problem(where, "text is not valid Unicode (a lone surrogate such as \\ud800); "
+        raise ProtocolError(FieldProblem(where, "text is not valid Unicode (a lone surrogate such as \\ud800); "
                                     "send UTF-8 text"))
     return value
 

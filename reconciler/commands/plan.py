@@ -53,10 +53,10 @@ def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory")
     the relay's own checks (:mod:`reconciler.protocol`): what the relay would
     refuse at a check-in is refused here too.
     """
-    problems: list[protocol.Problem] = []
+    problems: list[protocol.FieldProblem] = []
 
     def bad(where: str, message: str) -> None:
-        problems.append(protocol.Problem(where, message))
+        problems.append(protocol.FieldProblem(where, message))
 
     def expect(where: str, value: Any, kind: type, what: str) -> bool:
         if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
