@@ -30,7 +30,7 @@ CORE = {
     "reconciler", "reconciler.specs", "reconciler.versions", "reconciler.names",
     "reconciler.reach", "reconciler.repo_layout", "reconciler.report", "reconciler.protocol", "reconciler.schema_check",
     "reconciler.errors", "reconciler.times", "reconciler.redaction", "reconciler.resources",
-    "reconciler.plan", "reconciler.plan.vocabulary", "reconciler.plan.identity", "reconciler.plan.rules",
+    "reconciler.plan", "reconciler.plan.vocabulary", "reconciler.plan.index", "reconciler.plan.identity", "reconciler.plan.rules",
     "reconciler.plan.engine",
 }
 SHELLS = {

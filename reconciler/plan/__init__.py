@@ -13,6 +13,7 @@ the actions that close the gap. The package's rooms:
 * :mod:`~reconciler.plan.engine`: the same rules computed fast for a whole
   relay (shared decisions, replays), checked against the oracle by the
   properties in ``tests/test_plan_properties.py``;
+* :mod:`~reconciler.plan.index`: the specs as one relay plans with them;
 * :mod:`~reconciler.plan.identity`: plan revisions and operation ids.
 
 INTERFACE CONTRACT (the relay is written against these names):
@@ -30,14 +31,9 @@ INTERFACE CONTRACT (the relay is written against these names):
 * ``rollup(job, rows) -> JobRollup`` per job.
 """
 
-from reconciler.plan.engine import (
-    PlanMemo,
-    RelayIndex,
-    index_relay,
-    plan_client,
-    plan_relay,
-)
+from reconciler.plan.engine import PlanMemo, plan_client, plan_relay
 from reconciler.plan.identity import operation_id, plan_revision
+from reconciler.plan.index import RelayIndex, index_relay
 from reconciler.plan.vocabulary import (
     MAX_BACKOFF_SECONDS,
     RESULT_MARGIN_SECONDS,

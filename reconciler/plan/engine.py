@@ -24,12 +24,11 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter, lt
 from typing import Any
 
-from reconciler.plan.identity import plan_revision
+from reconciler.plan.index import RelayIndex
 from reconciler.plan.rules import (
     CLOSED,
     FRESH,
@@ -67,39 +66,15 @@ from reconciler.plan.vocabulary import (
     failures_exceeded,
     halt_message,
 )
-from reconciler.reach import Reach, reach_of
 from reconciler.specs import (
     DEFAULT_TIMEOUT_SECONDS,
     Job,
     JobType,
     Package,
     Requirements,
-    Specs,
 )
 from reconciler.times import aware, format_precise
 from reconciler.versions import at_least, compare_versions, same_version
-
-
-@dataclass(frozen=True)
-class RelayIndex:
-    """Specs pre-indexed for one relay (built once per accepted commit and artifact state).
-
-    ``staged`` is what the relay can serve: (name, version) of every package
-    whose artifact is in its cache, None when artifacts do not matter (a
-    preview); an action that needs another one waits ("waiting for
-    artifact"), with the reason in ``unavailable`` when the relay knows it.
-    ``compiled`` is the engine's own: per-job precomputed values.
-    """
-
-    relay: str
-    specs: Specs
-    relay_jobs: tuple[Job, ...]  # allLowerClients jobs reaching this relay (itself or an ancestor named)
-    client_jobs: Mapping[str, tuple[Job, ...]]  # clients jobs by client id
-    packages: Mapping[tuple[str, str], Package]  # (name, version) -> package
-    revisions: Mapping[str, str]  # job name -> plan revision (job revision + package revision)
-    staged: frozenset[tuple[str, str]] | None = None
-    unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    compiled: Mapping[str, _CompiledJob] = field(default_factory=dict, compare=False, repr=False)
 
 
 class PlanMemo:
@@ -176,38 +151,6 @@ class _CompiledJob:
         return (self.order[0], depth, self.name)
 
 
-def index_relay(specs: Specs, relay: str, reach: Reach | None = None, *,
-                staged: frozenset[tuple[str, str]] | None = None,
-                unavailable: Mapping[tuple[str, str], str] | None = None) -> RelayIndex:
-    """Index the specs for one relay: the jobs that reach it, packages, revisions, staged artifacts.
-
-    ``reach`` is the commit's :func:`reconciler.reach.reach_of`, when the caller has it already.
-    """
-    reach = reach or reach_of(specs)
-    packages = {(p.name, p.version): p for p in specs.packages}
-    relay_jobs = reach.jobs_for(relay)
-    by_client = reach.client_jobs
-    reaching = sorted({*relay_jobs, *(j for jobs in by_client.values() for j in jobs)},
-                      key=attrgetter("name"))
-    revisions: dict[str, str] = {}
-    compiled: dict[str, _CompiledJob] = {}
-    for slot, job in enumerate(reaching):
-        package = packages.get((job.package_name, job.package_version)) if job.package_version else None
-        revisions[job.name] = plan_revision(job, package)
-        compiled[job.name] = _CompiledJob(job, slot, package, revisions[job.name])
-    return RelayIndex(
-        relay=relay,
-        specs=specs,
-        relay_jobs=relay_jobs,
-        client_jobs=by_client,
-        packages=packages,
-        revisions=revisions,
-        staged=staged,
-        unavailable=dict(unavailable or {}),
-        compiled=compiled,
-    )
-
-
 class _JobSet:
     """The jobs reaching one kind of client, in processing order, and what links them."""
 
@@ -233,7 +176,9 @@ class _Context:
     """Per-index derived tables, and memo tables filled as clients are planned (see :class:`PlanMemo`)."""
 
     def __init__(self, index: RelayIndex) -> None:
-        compiled = index.compiled or index_relay(index.specs, index.relay).compiled
+        compiled = {job.name: _CompiledJob(job, slot, index.packages.get((job.package_name, job.package_version))
+                                           if job.package_version else None, index.revisions[job.name])
+                    for slot, job in enumerate(index.jobs)}
         self.relay = index.relay
         self.packages = index.packages
         self.staged = index.staged

@@ -93,9 +93,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from reconciler.plan.identity import operation_id
+from reconciler.plan.index import RelayIndex
 from reconciler.plan.vocabulary import (
     DOWNLOAD_RETRY_SECONDS,
     MAX_BACKOFF_SECONDS,
@@ -127,9 +127,6 @@ from reconciler.specs import (
 )
 from reconciler.times import aware, format_precise
 from reconciler.versions import at_least, compare_versions, same_version
-
-if TYPE_CHECKING:  # the engine uses the rules' pieces; the rules only read its index
-    from reconciler.plan.engine import RelayIndex
 
 # ------------------------------------------------------------------ words
 
