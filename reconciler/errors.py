@@ -21,6 +21,7 @@ its status errors and its next wake-up in one place, through
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -138,23 +139,26 @@ def next_wakeup(poll_seconds: float, failure: Problem | None, failures: int) -> 
 # ------------------------------------------------------------------ git
 
 
+# Checked in this order, on git's text with every quoted name (a URL, a path, a ref) blanked
+# out first, so a repository or branch called "timeout" cannot pass for a timeout.
 _GIT_CAUSES: Final = (
+    (Cause.MISSING_REF, ("couldn't find remote ref", "unknown revision", "not a valid object name",
+                         "not in the mirror", "does not exist at", "bad revision", "invalid commit")),
     (Cause.AUTHENTICATION, ("authentication failed", "could not read username", "could not read password",
                             "permission denied", "access denied", "http basic", "the requested url returned "
                             "error: 401", "the requested url returned error: 403", "invalid credentials")),
-    (Cause.TIMEOUT, ("timed out", "operation timed out", "timeout")),
-    (Cause.MISSING_REF, ("couldn't find remote ref", "unknown revision", "not a valid object name",
-                         "not in the mirror", "does not exist at", "bad revision", "invalid commit")),
+    (Cause.TIMEOUT, ("timed out",)),
     (Cause.UNREACHABLE, ("could not resolve host", "connection refused", "unable to access",
                          "does not appear to be a git repository", "no route to host", "network is unreachable",
                          "could not connect", "failed to connect", "connection reset", "no such file or directory",
                          "the remote end hung up", "unable to look up")),
 )
+_QUOTED: Final = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
 
 
 def git_cause(detail: str) -> Cause:
     """The cause git's (C-locale) error text names; :attr:`Cause.GIT` when none matches."""
-    text = detail.lower()
+    text = _QUOTED.sub("''", detail).lower()
     if "no space left on device" in text:
         return Cause.DISK_FULL
     for cause, needles in _GIT_CAUSES:

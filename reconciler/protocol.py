@@ -63,6 +63,7 @@ MAX_LABELS = 64
 MAX_LABEL_KEY = 128
 MAX_LABEL_VALUE = 256
 MAX_BODY = 1024 * 1024
+MAX_POLL_SECONDS = 86400  # a day: a relay never tells its clients to stay away longer
 MAX_INVENTORY = 2000
 MAX_RESULTS = 1000
 MAX_MESSAGE = 64 * 1024
@@ -489,8 +490,9 @@ def check_reply(doc: object) -> CheckinReply:
         if not isinstance(action, dict):
             raise ProtocolError(FieldProblem(f"actions[{index}]", f"expected an object, got {type_name(action)}"))
     poll = doc.get("pollSeconds")
-    if not (isinstance(poll, (int, float)) and not isinstance(poll, bool) and 0 < poll < float("inf")):
-        raise ProtocolError(FieldProblem("pollSeconds", f"must be a positive number, got {poll!r:.40}"))
+    if not (isinstance(poll, (int, float)) and not isinstance(poll, bool) and 0 < poll <= MAX_POLL_SECONDS):
+        raise ProtocolError(FieldProblem("pollSeconds", f"must be a positive number of at most {MAX_POLL_SECONDS}, "
+                                                        f"got {poll!r:.40}"))
     reply: CheckinReply = {"pollSeconds": poll, "actions": actions}
     if "token" in doc:
         token = doc["token"]
@@ -531,7 +533,9 @@ def decode_json(body: bytes, what: str = "request body") -> Any:
     except RecursionError:
         raise ProtocolError(FieldProblem("", f"{what} is nested too deeply")) from None
     except ValueError as e:
-        raise ProtocolError(FieldProblem("", f"{what} is not valid JSON: {e}")) from None
+        if "digits" in str(e):  # Python's limit on converting huge integers: no field holds one
+            raise ProtocolError(FieldProblem("", f"{what} holds a number with thousands of digits")) from None
+        raise ProtocolError(FieldProblem("", f"{what} is not valid JSON: {str(e)[:200]}")) from None
     where = _invalid_text(value)
     if where is not None:
         raise ProtocolError(FieldProblem(where, "text is not valid Unicode (a lone surrogate such as \\ud800); "

@@ -26,12 +26,13 @@ Two decisions shape it:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -44,6 +45,8 @@ from reconciler.times import aware, format_time
 from reconciler.times import parse_time as parse_time_text
 
 FAILURE_LIMIT = 50
+MAX_STATUS_FILE = 64 * 1024 * 1024
+"""Bytes a status file read from git may hold; a relay job file of 50,000 rows is about 7 MB."""
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
 
 LIST_LIMIT = 50
@@ -309,11 +312,39 @@ def _yaml_flow(value: Any) -> str:
     return _YAML_UNSAFE.sub(_escape_char, json.dumps(value, sort_keys=True, ensure_ascii=False))
 
 
+_Parse = TypeVar("_Parse", bound=Callable[..., Any])
+
+
+def _reading(name: str) -> Callable[[_Parse], _Parse]:
+    """Make any failure of a status-file reader a :class:`ReportError`: a file a relay wrote is input, never a crash.
+
+    The schema checks come first and name the field; this catches what a
+    hostile file could still provoke past them (a value too large to
+    convert, nesting too deep), so one relay's file never stops HQ.
+    """
+    def wrap(parse: _Parse) -> _Parse:
+        @functools.wraps(parse)
+        def reader(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return parse(*args, **kwargs)
+            except ReportError:
+                raise
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
+                    OverflowError) as e:
+                raise ReportError(f"{name}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+        return reader  # type: ignore[return-value]
+    return wrap
+
+
 def load_yaml(data: bytes, what: str) -> dict[str, Any]:
+    if len(data) > MAX_STATUS_FILE:
+        raise ReportError(f"{what}: {len(data)} bytes, more than a status file may hold ({MAX_STATUS_FILE})")
     try:
         value = yaml.load(data.decode("utf-8"), Loader=_Loader)
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ReportError(f"{what}: not readable YAML: {str(e).splitlines()[0] if str(e) else e}") from None
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError, OverflowError) as e:
+        # ValueError: an integer of thousands of digits; RecursionError: nesting too deep to build
+        text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ReportError(f"{what}: not readable YAML: {text}") from None
     if not isinstance(value, dict):
         raise ReportError(f"{what}: expected a mapping")
     return value
@@ -477,6 +508,7 @@ def _row(raw: Mapping[str, Any], what: str) -> StatusRow:
                      reason=raw.get("reason"))
 
 
+@_reading("relay.yaml")
 def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:
     """Read a relay's ``relays/<relay>/relay.yaml`` (other files in ``files`` are ignored).
 
@@ -519,6 +551,7 @@ def _relay_job_lines(data: bytes) -> tuple[bytes, list[bytes]] | None:
     return data[: at + 1], [line[2:] for line in lines]
 
 
+@_reading("job status file")
 def parse_relay_job(data: bytes, what: str = "job status") -> tuple[str, str | None, RelayJobStatus]:
     """Read ``relays/<relay>/jobs/<job>.yaml``: (relay, observed commit, the job with every row).
 
@@ -582,6 +615,7 @@ def _accepted_doc(data: bytes) -> dict[str, Any]:
     return _checked(doc, "status-accepted", ACCEPTED_FILE)
 
 
+@_reading("accepted.yaml")
 def parse_accepted(data: bytes) -> Accepted:
     """Read status/hq ``accepted.yaml`` (acceptedCommit, acceptedAt, mainCommit, mainValid, evaluationError)."""
     doc = _accepted_doc(data)
@@ -596,6 +630,7 @@ def parse_accepted(data: bytes) -> Accepted:
     )
 
 
+@_reading("accepted.yaml")
 def parse_branch(data: bytes) -> str:
     """The branch accepted.yaml names (``main`` in files written before it did)."""
     branch: str = _accepted_doc(data)["branch"]
@@ -616,6 +651,7 @@ def render_validation(main_commit: str | None, errors: Sequence[SpecError]) -> b
     })
 
 
+@_reading("validation.yaml")
 def parse_validation(data: bytes) -> tuple[str | None, tuple[SpecError, ...]]:
     """Read status/hq ``validation.yaml``: the main commit evaluated and its errors."""
     doc = _checked(load_yaml(data, VALIDATION_FILE), "status-validation", VALIDATION_FILE)
@@ -769,6 +805,7 @@ def render_job_report(report: JobReport, accepted_commit: str | None) -> bytes:
     })
 
 
+@_reading("job report")
 def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
     """Read one of status/hq's ``jobs/<job>.yaml`` (``schemas/status-job.schema.json``)."""
     doc = _checked(load_yaml(data, what), "status-job", what)
@@ -810,6 +847,7 @@ def render_relays(report: HqReport) -> bytes:
     })
 
 
+@_reading("relays.yaml")
 def parse_relays(data: bytes) -> tuple[RelayReport, ...]:
     """Read status/hq's ``relays.yaml`` (``schemas/status-relays.schema.json``)."""
     doc = _checked(load_yaml(data, RELAYS_FILE), "status-relays", RELAYS_FILE)
@@ -834,6 +872,7 @@ def render_hq_status(report: HqReport) -> dict[str, bytes]:
     return files
 
 
+@_reading("status/hq")
 def parse_hq_status(files: Mapping[str, bytes]) -> HqReport:
     """Read back a ``status/hq`` tree (raises ReportError without accepted.yaml)."""
     if ACCEPTED_FILE not in files:
@@ -859,11 +898,11 @@ SUMMARY_COLUMNS: tuple[ClientState, ...] = (
     ClientState.FAILED, ClientState.SKIPPED, ClientState.CONFLICT,
 )
 
-_MD_SPECIAL = re.compile(r"([`|<>])")
+_MD_SPECIAL = re.compile(r"([`|<>\[\]\\])")  # brackets too: a client's message never becomes a link or image
 
 
 def _md(text: str, limit: int = 200) -> str:
-    """One table cell: a single line, bounded; pipes, backticks and angle brackets escaped."""
+    """One table cell: a single line, bounded; pipes, backticks, angle and square brackets escaped."""
     text = " ".join(text.split())
     text = _cut(text, limit)
     return _MD_SPECIAL.sub(r"\\\1", text)

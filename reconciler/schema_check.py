@@ -261,6 +261,8 @@ def _object(compiler: _Compiler, node: Mapping[str, Any]) -> Check:
         if not isinstance(v, dict):
             return True
         for key, item in v.items():
+            if not isinstance(key, str):  # a YAML reader makes 1: or null: keys; JSON has none
+                return False
             value_check = get(key, extra)
             if not value_check(item) or (key_check is not None and not key_check(key)):
                 return False

@@ -321,6 +321,18 @@ def test_a_download_that_cannot_be_made_is_not_attempted(blip: str, relay: FakeR
     assert agent.inventory() == [{"name": "notes", "version": "1.0"}]
 
 
+def test_a_relay_sending_more_than_the_artifact_size_is_cut_off(relay: FakeRelay, tmp_path: Path) -> None:
+    content, sha = make_tar({"notes.txt": "hello"})
+    relay.artifacts[sha] = content + b"\0" * (4 * 1024 * 1024)  # an endless body, as far as the client cares
+    relay.replies.append([files_action("op-1", sha, len(content))])
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    result = agent.step().results[0]
+    assert result["status"] == "failed"
+    assert result["message"] == f"downloading artifact {sha}: the relay sent more than its {len(content)} bytes"
+    assert all(f.stat().st_size <= len(content) + 1024 * 1024 for f in (tmp_path / "root" / "cache").rglob("*")
+               if f.is_file())
+
+
 def test_interrupted_download_resumes_with_range(relay: FakeRelay, tmp_path: Path) -> None:
     content, sha = make_tar({"big.bin": "x" * 50_000})
     relay.artifacts[sha] = content

@@ -128,6 +128,10 @@ def test_a_push_rejected_every_time_is_its_own_cause(origin: Path, tmp_path: Pat
     ("timed out after 300s", Cause.TIMEOUT),
     ("error: object file is empty", Cause.GIT),
     ("fatal: write error: No space left on device", Cause.DISK_FULL),
+    # names in the text never decide: a branch or a path called "timeout"
+    ("fatal: couldn't find remote ref refs/heads/timeout-x", Cause.MISSING_REF),
+    ("fatal: '/srv/timeoutlab/repo.git' does not appear to be a git repository", Cause.UNREACHABLE),
+    ("fatal: unable to access 'https://host/': Operation timed out after 30001 milliseconds", Cause.TIMEOUT),
 ])
 def test_git_text_names_its_cause(text: str, cause: Cause) -> None:
     assert git_cause(text) is cause

@@ -89,6 +89,12 @@ def test_text_format_prints_a_table_per_relay() -> None:
     ('{"clients": [{"id": "pc-1", "relay": "relay-nowhere"}]}',
      "clients[0].relay: unknown relay 'relay-nowhere' (relays in the topology: relay-fukuoka, relay-kanto, "
      "relay-osaka, relay-yokohama)"),
+    ("[" * 100_000 + "]" * 100_000, "inventory is nested too deeply"),
+    ('{"clients": [{"id": "pc-1", "relay": "relay-kanto", "facts": {"freeDiskMB": ' + "9" * 5000 + "}}]}",
+     "inventory holds a number with thousands of digits"),
+    ('{"clients": [], "clients": []}', "inventory is not valid JSON: duplicate key 'clients'"),
+    ('{"clients": [{"id": "pc-\\ud800", "relay": "relay-kanto"}]}',
+     "clients[0].id: text is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text"),
 ])
 def test_malformed_inventory_exits_2_naming_the_field(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "inventory.json").write_text(content, encoding="utf-8")

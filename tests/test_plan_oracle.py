@@ -37,6 +37,7 @@ from reconciler.plan import (
     plan_relay,
 )
 from reconciler.plan.rules import plan_client_by_rules, plan_relay_by_rules
+from reconciler.plan.vocabulary import MAX_DEFERRALS
 from reconciler.specs import (
     Artifact,
     Dependency,
@@ -86,7 +87,8 @@ def _attempt(rnd: random.Random, index: RelayIndex, job: Job, cid: str) -> Attem
     return Attempt(operation_id=op, job=job.name, client=cid, revision=revision,
                    rerun=max(0, job.rerun - rnd.randint(0, 1)), attempt=number, action=kind, version=version,
                    outcome=outcome, dispatched_at=dispatched, finished_at=finished,
-                   message=rnd.choice(["", "exit code 3: disk full"]))
+                   message=rnd.choice(["", "exit code 3: disk full"]),
+                   deferrals=rnd.choice([0, 0, 1, 5, MAX_DEFERRALS - 1]))
 
 
 @st.composite

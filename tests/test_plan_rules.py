@@ -36,7 +36,7 @@ from reconciler.plan import (
     plan_revision,
     rollup,
 )
-from reconciler.plan.vocabulary import DOWNLOAD_RETRY_SECONDS
+from reconciler.plan.vocabulary import DOWNLOAD_RETRY_SECONDS, MAX_DEFERRALS
 from reconciler.specs import Specs, parse_repo
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -684,6 +684,15 @@ def test_a_download_the_client_could_not_make_uses_no_attempt() -> None:
     history[("install-app", "pc-1")] = attempt(specs, "install-app", "pc-1", n=3, outcome=Outcome.NOT_ATTEMPTED,
                                                at=failed_at, finished=failed_at, op="op-blip-3")
     assert run(specs, [client("pc-1")], history).rows[0].state.value == "Pending"
+    # the retries double: the fifth in a row waits 16 minutes
+    fifth = replace(history[("install-app", "pc-1")], deferrals=4)
+    assert run(specs, [client("pc-1")], {("install-app", "pc-1"): fifth}).rows[0].message.startswith(
+        "attempt 3/3 again at 2026-06-01T12:15:40Z")
+    # and after MAX_DEFERRALS returns in a row the attempt counts: here the last one, so Failed
+    last = replace(history[("install-app", "pc-1")], deferrals=MAX_DEFERRALS - 1, message="HTTP 404")
+    row = run(specs, [client("pc-1")], {("install-app", "pc-1"): last}).rows[0]
+    assert (row.state.value, row.reason, row.attempts) == ("Failed", Reason.FAILED, 3)
+    assert row.message == f"artifact not downloaded in {MAX_DEFERRALS} tries: HTTP 404"
 
 
 def test_rerun_is_not_a_new_revision() -> None:

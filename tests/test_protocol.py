@@ -434,9 +434,11 @@ def test_an_uninstall_action_follows_the_reply_schema() -> None:
     ([], "reply must be a JSON object, got an array"),
     ({"pollSeconds": 30}, "actions: expected an array, got null"),
     ({"pollSeconds": 30, "actions": ["x"]}, "actions[0]: expected an object, got a string"),
-    ({"actions": []}, "pollSeconds: must be a positive number, got None"),
-    ({"pollSeconds": 0, "actions": []}, "pollSeconds: must be a positive number, got 0"),
-    ({"pollSeconds": True, "actions": []}, "pollSeconds: must be a positive number, got True"),
+    ({"actions": []}, "pollSeconds: must be a positive number of at most 86400, got None"),
+    ({"pollSeconds": 0, "actions": []}, "pollSeconds: must be a positive number of at most 86400, got 0"),
+    ({"pollSeconds": True, "actions": []}, "pollSeconds: must be a positive number of at most 86400, got True"),
+    ({"pollSeconds": 1e10, "actions": []},
+     "pollSeconds: must be a positive number of at most 86400, got 10000000000.0"),
     ({"pollSeconds": 30, "actions": [], "token": "short"}, "token: must be 16-128 letters"),
 ])
 def test_the_agent_refuses_a_malformed_reply_envelope(reply: Any, problem: str) -> None:

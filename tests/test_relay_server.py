@@ -75,6 +75,9 @@ def test_poll_seconds_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert poll_seconds_from_env() == 1.5
     monkeypatch.setenv("RECONCILER_POLL_SECONDS", "soon")
     assert poll_seconds_from_env() == 30
+    for beyond in ("1e10", "inf", "nan", "-5"):  # agents would refuse the reply, or wait for ever
+        monkeypatch.setenv("RECONCILER_POLL_SECONDS", beyond)
+        assert poll_seconds_from_env() == 30
 
 
 def test_healthz(relay: Relay) -> None:
@@ -464,7 +467,7 @@ def test_a_download_blip_uses_up_no_attempt(tmp_path: Path) -> None:
         assert [r["status"] for r in again.results] == ["succeeded"]
         retried = store.operation(again.results[0]["operationId"])
         assert retried is not None and retried.operation_id != blip.operation_id
-        assert retried.attempt == 1  # the blip used up no attempt
+        assert (retried.attempt, retried.deferrals) == (1, 1)  # the blip used up no attempt, and is counted
         agent.step()
         assert store.row_states_of("pc-1")["install-app"].state == "Succeeded"
     finally:

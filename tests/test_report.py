@@ -500,3 +500,43 @@ def test_status_yaml_reads_back_as_written(doc: dict[str, Any]) -> None:
     data = report.dump_yaml(doc)
     assert yaml.safe_load(data.decode("utf-8")) == (doc or None)
     assert report.dump_yaml(dict(reversed(list(doc.items())))) == data  # key order does not matter
+
+
+_RELAY_HEAD = 'relay: r\nobservedCommit: null\nclients: 0\nupdatedAt: null\nerrors: []\n'
+_JOB_HEAD = ('counts: {Conflict: 0, Failed: 0, InProgress: 0, Pending: 0, Skipped: 0, Succeeded: 1}\n'
+             'job: j\nobservedCommit: null\nrelay: r\nstate: Succeeded\nrows:\n')
+_ROW = {"attempts": 1, "client": "pc-1", "installedVersion": "1.0", "message": "", "state": "Succeeded",
+        "updatedAt": None}
+
+
+@pytest.mark.parametrize(("label", "reader", "text"), [
+    ("integer job key", report.parse_relay_status, _RELAY_HEAD + "jobs:\n  1: {}\n  j: {}\n"),
+    ("null job key", report.parse_relay_status, _RELAY_HEAD + "jobs:\n  null: {}\n  j: {}\n"),
+    ("5,000-digit client count", report.parse_relay_status,
+     _RELAY_HEAD.replace("clients: 0", "clients: " + "9" * 5000) + "jobs: {}\n"),
+    ("deep nesting", report.parse_relay_status, _RELAY_HEAD + "jobs: " + "[" * 5000 + "]" * 5000 + "\n"),
+    ("deeply nested row", report.parse_relay_job, _JOB_HEAD + "- " + "[" * 100_000 + "]" * 100_000 + "\n"),
+    ("5,000-digit attempts", report.parse_relay_job,
+     _JOB_HEAD + "- " + json.dumps(_ROW).replace('"attempts": 1', '"attempts": ' + "7" * 5000) + "\n"),
+    ("unknown row key type", report.parse_relay_job, _JOB_HEAD + "- {1: 2}\n"),
+    ("accepted.yaml of a list", report.parse_accepted, "- 1\n"),
+])
+def test_a_hostile_status_file_is_unreadable_never_a_crash(label: str, reader: Any, text: str) -> None:
+    """What a compromised relay pushes to its own ref is input: a ReportError naming the file, nothing else."""
+    data = text.encode()
+    with pytest.raises(report.ReportError) as info:
+        reader({"relays/r/relay.yaml": data} if reader is report.parse_relay_status else data)
+    assert str(info.value), label
+
+
+def test_a_status_file_larger_than_the_limit_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "MAX_STATUS_FILE", 1000)
+    big = (_RELAY_HEAD + "jobs: {}\n" + "#" * 2000 + "\n").encode()
+    with pytest.raises(report.ReportError, match="more than a status file may hold"):
+        report.parse_relay_status({"relays/r/relay.yaml": big})
+
+
+def test_a_client_message_cannot_become_a_link_or_image_in_the_summary() -> None:
+    cell = report._md("[re-enter your password](https://evil.example/login) ![](https://evil.example/p.png) \\x")
+    assert cell == ("\\[re-enter your password\\](https://evil.example/login) !\\[\\](https://evil.example/p.png) "
+                    "\\\\x")

@@ -231,8 +231,12 @@ def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | 
 
 
 def _download(session: requests.Session, url: str, part: Path, offset: int,
-              headers: Mapping[str, str], sha: str) -> None:
-    """Append the rest of the artifact to ``part`` (or rewrite it if the relay ignores Range)."""
+              headers: Mapping[str, str], sha: str, size: int | None = None) -> None:
+    """Append the rest of the artifact to ``part`` (or rewrite it if the relay ignores Range).
+
+    More bytes than the action's ``size`` are refused as they arrive: a relay
+    cannot fill the client's disk with an endless body.
+    """
     request_headers = dict(headers)
     if offset:
         request_headers["Range"] = f"bytes={offset}-"
@@ -250,8 +254,12 @@ def _download(session: requests.Session, url: str, part: Path, offset: int,
                 match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
                 if not match or int(match.group(1)) != offset:
                     raise ArtifactUnavailable(f"downloading artifact {sha}: relay answered an unexpected range")
+            written = offset if append else 0
             with open(part, "ab" if append else "wb") as handle:
                 for chunk in response.iter_content(CHUNK):
+                    written += len(chunk)
+                    if size is not None and written > size:
+                        raise InstallError(f"downloading artifact {sha}: the relay sent more than its {size} bytes")
                     handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -288,7 +296,7 @@ def fetch_artifact(session: requests.Session, relay_url: str, ref: ArtifactRef, 
             part.unlink()
             offset = 0
         if ref.size is None or offset < ref.size:
-            _download(session, url, part, offset, headers or {}, ref.sha256)
+            _download(session, url, part, offset, headers or {}, ref.sha256, ref.size)
         digest = sha256_file(part) if part.is_file() else hashlib.sha256(b"").hexdigest()
         if digest == ref.sha256:
             os.replace(part, final)
@@ -655,7 +663,7 @@ class Agent:
                 self.log.exception("step failed")
                 self.failures += 1
                 delay = self.next_delay()
-            stop.wait(delay)
+            stop.wait(min(delay, protocol.MAX_POLL_SECONDS))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -134,9 +134,15 @@ def read_inventory(path: Path, relays: Sequence[str], source: str | None = None)
     except UnicodeDecodeError:
         raise InventoryError([f"{name}: not UTF-8 text"]) from None
     try:
-        data = json.loads(text)
+        json.loads(text)  # a syntax error, named by line and column
     except json.JSONDecodeError as e:
         raise InventoryError([f"{name}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"]) from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, nesting too deep: said below
+        pass
+    try:  # then as the relay reads a check-in: no duplicate keys, NaN or lone surrogates
+        data = protocol.decode_json(text.encode("utf-8"), "inventory")
+    except protocol.ProtocolError as e:
+        raise InventoryError([f"{name}: {e}"]) from None
     return parse_inventory(data, relays, name)
 
 

@@ -164,7 +164,7 @@ class Reader:
         self.store = store
         self.workers = workers
         self._relays: dict[str, tuple[str, RelayStatus]] = {}
-        self._rows: dict[tuple[str, str], tuple[str | None, RelayJobStatus] | None] = {}  # (sha, job) ->
+        self._rows: dict[tuple[str, str], tuple[str | None, RelayJobStatus] | str | None] = {}  # (sha, job) ->
         self._hq: tuple[str, HqReport] | None = None
         self._specs: tuple[str, Specs | None] | None = None
 
@@ -234,7 +234,7 @@ class Reader:
         pairs = sorted({(relay, job) for relay, job in wanted if relay in snap.relay_shas})
         todo = [(relay, job) for relay, job in pairs if (snap.relay_shas[relay], job) not in self._rows]
 
-        def read(pair: tuple[str, str]) -> tuple[str | None, RelayJobStatus] | None:
+        def read(pair: tuple[str, str]) -> tuple[str | None, RelayJobStatus] | str | None:
             relay, job = pair
             path = f"{report.relay_prefix(relay)}jobs/{job}.yaml"
             try:
@@ -243,14 +243,16 @@ class Reader:
                     return None
                 _, observed, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{relay}:{path}")
                 return observed, status
-            except (GitError, ReportError):
-                return None
+            except (GitError, ReportError) as e:
+                return f"rows of {relay} unreadable: {e}"  # said, never silently left out
 
         for pair, entry in zip(todo, self._map(read, todo)):
             self._rows[(snap.relay_shas[pair[0]], pair[1])] = entry
         for relay, job in pairs:
             entry = self._rows.get((snap.relay_shas[relay], job))
-            if entry is not None:
+            if isinstance(entry, str):
+                snap.problems.append(entry)
+            elif entry is not None:
                 snap.rows.setdefault(job, {})[relay] = entry
 
 
@@ -472,6 +474,11 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
     if behind:
         names = ", ".join(r.relay for r in behind[:10]) + (", …" if len(behind) > 10 else "")
         out += ["", f"Relays without status for the accepted commit ({len(behind)}): {names}"]
+    troubled = [r for r in hq.relays if r.errors]
+    if troubled or snap.problems:
+        out += ["", "Errors:"]
+        out += [f"  {r.relay}: {_one_line(r.errors[0], 200)}" for r in troubled[: report.LIST_LIMIT]]
+        out += [f"  {_one_line(p, 200)}" for p in snap.problems[: report.LIST_LIMIT]]
     return "\n".join(out)
 
 

@@ -64,8 +64,10 @@ The rules, per client and job, in this order:
    ``spec.rerun`` was raised since: then attempt 1 again. Not attempted (the
    client could not download the artifact, nothing ran) -> ``Pending``
    "attempt k/limit again at <time>" until ``finished +
-   DOWNLOAD_RETRY_SECONDS``, then attempt k again under a new operation id:
-   a relay or network blip uses up no attempt. Succeeded but the
+   DOWNLOAD_RETRY_SECONDS * 2**deferrals`` (at most an hour), then attempt k
+   again under a new operation id: a relay or network blip uses up no
+   attempt. The ``MAX_DEFERRALS``-th such return in a row counts as a failed
+   attempt. Succeeded but the
    client no longer reports the desired state -> drift, planned again as
    attempt 1 of a fresh operation. A ``retry.limit`` of 0 means one attempt.
 9. **Rollout** per job on the relay, for rows about to start: with
@@ -99,6 +101,8 @@ from reconciler.plan.index import RelayIndex
 from reconciler.plan.vocabulary import (
     DOWNLOAD_RETRY_SECONDS,
     MAX_BACKOFF_SECONDS,
+    MAX_DEFERRALS,
+    MAX_DOWNLOAD_RETRY_SECONDS,
     RESULT_MARGIN_SECONDS,
     Action,
     ActionKind,
@@ -457,14 +461,18 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
             return Running(attempt)
         failed_at = deadline
         message = f"no result from client within {waited} s"
-    elif attempt.outcome is Outcome.NOT_ATTEMPTED:
+    elif attempt.outcome is Outcome.NOT_ATTEMPTED and attempt.deferrals + 1 < MAX_DEFERRALS:
         if closed:
             return CLOSED
-        retry_at = aware(attempt.finished_at or attempt.dispatched_at) + timedelta(seconds=DOWNLOAD_RETRY_SECONDS)
+        delay = min(DOWNLOAD_RETRY_SECONDS * 2 ** attempt.deferrals, MAX_DOWNLOAD_RETRY_SECONDS)
+        retry_at = aware(attempt.finished_at or attempt.dispatched_at) + timedelta(seconds=delay)
         if now < retry_at:
             return RetryLater(attempt, retry_at, attempt.message, counted=False)
         return Ready(attempt.attempt, attempt.operation_id, attempt.attempt - 1,
                      f"attempt {attempt.attempt}/{limit} again")
+    elif attempt.outcome is Outcome.NOT_ATTEMPTED:  # too many in a row: the attempt counts as failed
+        failed_at = aware(attempt.finished_at or attempt.dispatched_at)
+        message = f"artifact not downloaded in {MAX_DEFERRALS} tries: {attempt.message}"
     elif attempt.outcome is Outcome.SUCCEEDED:
         if closed:
             return CLOSED

@@ -27,8 +27,13 @@ RESULT_MARGIN_SECONDS = 60
 MAX_BACKOFF_SECONDS = 10**8
 
 # A client that could not download an action's artifact did not attempt it:
-# the same attempt goes out again after this delay, and no attempt is used up.
+# the same attempt goes out again after this delay, doubling each time, and no
+# attempt is used up; after MAX_DEFERRALS such returns in a row (about 17 hours
+# of trying) the attempt counts as failed, so a relay that cannot serve an
+# artifact ends in Failed rather than retrying for ever.
 DOWNLOAD_RETRY_SECONDS = 60
+MAX_DOWNLOAD_RETRY_SECONDS = 3600
+MAX_DEFERRALS = 20
 
 
 class ClientState(StrEnum):
@@ -136,6 +141,7 @@ class Attempt:
     dispatched_at: datetime
     finished_at: datetime | None = None
     message: str = ""
+    deferrals: int = 0  # times in a row this attempt came back not attempted before this operation
 
 
 History = Mapping[tuple[str, str], Attempt]

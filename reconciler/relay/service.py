@@ -59,7 +59,7 @@ class StartupError(Exception):
 
 
 def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
-    """``RECONCILER_POLL_SECONDS`` if it is a positive number, else ``default``."""
+    """``RECONCILER_POLL_SECONDS`` if it is a positive number of at most a day, else ``default``."""
     raw = os.environ.get(POLL_SECONDS_ENV)
     if not raw:
         return default
@@ -68,7 +68,11 @@ def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
     except ValueError:
         log.warning("ignoring %s=%r: not a number", POLL_SECONDS_ENV, raw)
         return default
-    return value if value > 0 else default
+    if not 0 < value <= protocol.MAX_POLL_SECONDS:  # nan, inf and 1e10 too: agents would refuse the reply
+        log.warning("ignoring %s=%r: not a number of seconds from 0 to %d", POLL_SECONDS_ENV, raw,
+                    protocol.MAX_POLL_SECONDS)
+        return default
+    return value
 
 
 def load_webhook_secret() -> bytes | None:

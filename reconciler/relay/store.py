@@ -211,11 +211,17 @@ def _v3(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX row_states_by_job_state ON row_states (job, state)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
+def _v4(db: sqlite3.Connection) -> None:
+    # How many times in a row this attempt number was handed out and came back not attempted
+    # (the client could not download the artifact): bounds those free retries.
+    db.execute("ALTER TABLE operations ADD COLUMN deferrals INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4)
 """Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
 
 _ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
-                    "o.outcome, o.dispatched_at, o.finished_at, o.message")
+                    "o.outcome, o.dispatched_at, o.finished_at, o.message, o.deferrals")
 
 
 def _attempt(row: Sequence[Any]) -> Attempt:
@@ -223,7 +229,7 @@ def _attempt(row: Sequence[Any]) -> Attempt:
         operation_id=row[0], job=row[1], client=row[2], revision=row[3], rerun=row[4], attempt=row[5],
         action=ActionKind(row[6]), version=row[7], outcome=Outcome(row[8]),
         dispatched_at=_dt(row[9]),  # type: ignore[arg-type]
-        finished_at=_dt(row[10]), message=row[11],
+        finished_at=_dt(row[10]), message=row[11], deferrals=row[12],
     )
 
 
@@ -429,12 +435,17 @@ class Store:
         False (and nothing written) if the operation is already known: the
         action is being handed out again, not started anew.
         """
+        # The same attempt again after the client could not download its artifact: one more deferral.
         cursor = db.execute(
             "INSERT INTO operations (operation_id, job, client, revision, rerun, attempt, action, version, "
-            "outcome, dispatched_at, finished_at, exit_code, message) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, '') ON CONFLICT (operation_id) DO NOTHING",
+            "outcome, dispatched_at, finished_at, exit_code, message, deferrals) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, '', COALESCE(("
+            "  SELECT o.deferrals + 1 FROM latest_attempts l JOIN operations o ON o.operation_id = l.operation_id"
+            "  WHERE l.client = ? AND l.job = ? AND o.outcome = ? AND o.attempt = ? AND o.revision = ?"
+            "), 0)) ON CONFLICT (operation_id) DO NOTHING",
             (attempt.operation_id, attempt.job, attempt.client, attempt.revision, attempt.rerun, attempt.attempt,
-             attempt.action.value, attempt.version, attempt.outcome.value, _ts(attempt.dispatched_at)))
+             attempt.action.value, attempt.version, attempt.outcome.value, _ts(attempt.dispatched_at),
+             attempt.client, attempt.job, Outcome.NOT_ATTEMPTED.value, attempt.attempt, attempt.revision))
         if cursor.rowcount != 1:
             return False
         db.execute(
