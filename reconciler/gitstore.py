@@ -582,22 +582,43 @@ class GitStore:
         return [(e.path, e.kind, bytes(targets[e.sha]).decode("utf-8", "surrogateescape") if e.kind == "symlink"
                  else None) for e in entries]
 
-    def read_file(self, commit: str, path: str) -> bytes | None:
-        """Content of the regular file ``path`` at ``commit``; None if there is none."""
+    def read_file(self, commit: str, path: str, max_size: int | None = None) -> bytes | None:
+        """Content of the regular file ``path`` at ``commit``; None if there is none.
+
+        A file larger than ``max_size`` comes back cut to ``max_size + 1``
+        bytes (never read whole), so the caller can say "too large".
+        """
         entry = self._entry(commit, path)
         if entry is None or entry.kind != "file":
             return None
+        if max_size is not None and int(self._out("cat-file", "-s", entry.sha)) > max_size:
+            return self._read_head(entry.sha, max_size + 1)
         return self._git("cat-file", "blob", entry.sha).stdout
 
-    def read_paths(self, requests: Sequence[tuple[str, str]]) -> list[bytes | None]:
+    def read_paths(self, requests: Sequence[tuple[str, str]], max_size: int | None = None) -> list[bytes | None]:
         """Contents of many ``(commit, path)`` files through one ``git cat-file --batch``.
 
         HQ reads one small file from each of hundreds of relay refs per pass;
         one process for all of them instead of a few per ref keeps that pass
-        cheap. Entries that are absent or not a file come back as None.
+        cheap. Entries that are absent or not a file come back as None; with
+        ``max_size``, a larger file comes back cut to ``max_size + 1`` bytes
+        and is never read whole.
         """
         if not requests:
             return []
+        if max_size is not None:
+            sizes = self._blob_sizes(requests)
+            small = [i for i, size in enumerate(sizes) if size is not None and size <= max_size]
+            contents = self.read_paths([requests[i] for i in small]) if small else []
+            found: list[bytes | None] = [None] * len(requests)
+            for i, content in zip(small, contents):
+                found[i] = content
+            for i, size in enumerate(sizes):
+                if size is not None and size > max_size:
+                    sha = self._out("rev-parse", "--verify", "--quiet", "--end-of-options",
+                                    f"{requests[i][0]}:{_norm_path(requests[i][1])}")
+                    found[i] = self._read_head(sha, max_size + 1)
+            return found
         self._ensure_repo()
         names = []
         for commit, path in requests:
@@ -628,6 +649,23 @@ class GitStore:
             pos += size + 1
             results.append(bytes(content) if header[1] == b"blob" else None)
         return results
+
+    def _blob_sizes(self, requests: Sequence[tuple[str, str]]) -> list[int | None]:
+        """The size of each ``(commit, path)`` blob (None when absent or not a blob), from one batch-check."""
+        self._ensure_repo()
+        names = []
+        for commit, path in requests:
+            clean = _norm_path(path)
+            if "\n" in commit or "\n" in clean:
+                raise ValueError(f"newline in {commit!r}:{clean!r}")
+            names.append(f"{commit}:{clean}")
+        proc = self._git("cat-file", "--batch-check=%(objecttype) %(objectsize)",
+                         input="".join(f"{n}\n" for n in names).encode("utf-8", "surrogateescape"))
+        sizes: list[int | None] = []
+        for line in proc.stdout.decode("utf-8", "surrogateescape").splitlines():
+            kind, _, size = line.partition(" ")
+            sizes.append(int(size) if kind == "blob" and size.isdigit() else None)
+        return sizes
 
     def path_kind(self, commit: str, path: str) -> str | None:
         """``"file"``, ``"dir"``, ``"symlink"`` (or ``"submodule"``) at ``commit``; None if absent."""

@@ -311,7 +311,8 @@ class Hq:
         if stale:
             paths = [f"{report.relay_prefix(name)}relay.yaml" for name in stale]
             try:
-                contents = self.store.read_paths([(refs[n], p) for n, p in zip(stale, paths)])
+                contents = self.store.read_paths([(refs[n], p) for n, p in zip(stale, paths)],
+                                                max_size=report.MAX_STATUS_FILE)
             except GitError as e:
                 log.warning("relay status refs unreadable: %s", e)
                 contents = [None] * len(stale)

@@ -202,6 +202,19 @@ def test_read_files_truncates_large_files(store: GitStore, author: Author) -> No
     assert store.read_files(sha, ("jobs/big",))["jobs/big.yaml"] == big
 
 
+def test_read_file_and_read_paths_never_read_a_large_file_whole(store: GitStore, author: Author) -> None:
+    """A status file a relay pushed can be any size: readers get max_size + 1 bytes and say it is too large."""
+    big = os.urandom(300_000)
+    sha = author.commit({"relays/a/relay.yaml": big, "relays/b/relay.yaml": "ok", "relays/c/relay.yaml": b"x" * 100})
+    store.fetch()
+    assert store.read_file(sha, "relays/a/relay.yaml", max_size=100) == big[:101]
+    assert store.read_file(sha, "relays/c/relay.yaml", max_size=100) == b"x" * 100
+    assert store.read_file(sha, "relays/a/relay.yaml") == big
+    got = store.read_paths([(sha, "relays/a/relay.yaml"), (sha, "relays/none.yaml"), (sha, "relays/b/relay.yaml"),
+                            (sha, "relays/c/relay.yaml"), (sha, "relays")], max_size=100)
+    assert got == [big[:101], None, b"ok", b"x" * 100, None]
+
+
 def fast_import_commit(origin: Path, files: dict[str, bytes]) -> str:
     """One commit with many files on origin's main, written by a single git fast-import."""
     stream = bytearray(b"commit refs/heads/main\ncommitter Admin <admin@example.com> 1700000000 +0000\ndata 4\nbulk\n")

@@ -222,7 +222,7 @@ class Reader:
     def _read_relay(self, name: str, sha: str) -> RelayStatus:
         path = f"{report.relay_prefix(name)}relay.yaml"
         try:
-            data = self.store.read_file(sha, path)
+            data = self.store.read_file(sha, path, report.MAX_STATUS_FILE)
             if data is None:
                 raise ReportError(f"{STATUS_PREFIX}{name} has no {path}")
             return report.parse_relay_status({path: data})
@@ -238,7 +238,7 @@ class Reader:
             relay, job = pair
             path = f"{report.relay_prefix(relay)}jobs/{job}.yaml"
             try:
-                data = self.store.read_file(snap.relay_shas[relay], path)
+                data = self.store.read_file(snap.relay_shas[relay], path, report.MAX_STATUS_FILE)
                 if data is None:
                     return None
                 _, observed, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{relay}:{path}")

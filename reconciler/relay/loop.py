@@ -173,7 +173,7 @@ class RelayLoop:
         if hq_tip is None:
             return Accepted(None, None, problem(
                 Cause.MISSING_REF, f"no accepted commit yet: {HQ_STATUS_REF} does not exist (is HQ running?)"))
-        data = self.git.read_file(hq_tip, report.ACCEPTED_FILE)
+        data = self.git.read_file(hq_tip, report.ACCEPTED_FILE, report.MAX_STATUS_FILE)
         if data is None:
             return Accepted(None, None, problem(
                 Cause.MISSING_REF, f"no accepted commit yet: {HQ_STATUS_REF} has no {report.ACCEPTED_FILE}"))
