@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from reconciler.commands.validate import render as render_validation
 from reconciler.plan import Client, Installed, Plan, Row, index_relay, plan_relay
 from reconciler.repo_tree import load_repo
 from reconciler.specs import Specs
+from reconciler.times import parse_time, utc_now
 
 CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online")
 MAX_ERRORS = 20
@@ -152,12 +153,11 @@ def read_inventory(path: Path, relays: Sequence[str], source: str | None = None)
 def parse_now(text: str | None) -> datetime:
     """``--now``: an RFC 3339 time (naive means UTC); None is the current time."""
     if text is None:
-        return datetime.now(timezone.utc)
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
-    except ValueError:
-        raise ValueError(f"--now: {text!r} is not an RFC 3339 time (e.g. 2027-04-01T09:00:00+09:00)") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+        return utc_now()
+    moment = parse_time(text)
+    if moment is None:
+        raise ValueError(f"--now: {text!r} is not an RFC 3339 time (e.g. 2027-04-01T09:00:00+09:00)")
+    return moment
 
 
 def plan_inventory(specs: Specs, clients: Sequence[Client], now: datetime) -> tuple[Plan, ...]:
