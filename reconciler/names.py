@@ -28,6 +28,10 @@ OPERATION_ID = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 TOKEN = r"[A-Za-z0-9_-]{16,128}"
 LABEL_KEY = r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})"
 COMMIT = r"[0-9a-f]{40}([0-9a-f]{24})?"
+# A machine-readable reason or problem kind in a status file (``retryBackoff``,
+# ``unreachable``): lower camel case. The vocabularies stay open, so a reader
+# of an older version accepts a reason a newer relay writes.
+REASON = r"[a-z][A-Za-z]{0,63}"
 # A time as status files write it: UTC, whole seconds.
 UTC_TIME = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z"
 # An RFC 3339 date-time with an offset, in the years 1970 to 9999 (schedule

@@ -8,6 +8,7 @@ let through: a trailing newline.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from reconciler import names
 from reconciler.resources import schemas_dir
 
 KNOWN = {names.schema_pattern(p) for p in (names.NAME, names.VERSION, names.SHA256, names.LABEL_KEY, names.TIME,
-                                           names.COMMIT, names.UTC_TIME, names.OPERATION_ID, names.TOKEN)}
+                                           names.COMMIT, names.UTC_TIME, names.OPERATION_ID, names.TOKEN,
+                                           names.REASON)}
 
 
 def _patterns(node: Any) -> Iterator[str]:
@@ -68,3 +70,16 @@ def test_names_are_valid_in_git_refs_and_file_names() -> None:
         assert not names.is_name(bad), bad
     for good in ("a", "a.b", "a.lock.b", "lock", "relay-kanto", "x" * 63):
         assert names.is_name(good), good
+
+
+def test_every_reason_kind_and_cause_the_code_writes_fits_the_schema_pattern() -> None:
+    from reconciler import errors
+    from reconciler.plan.vocabulary import Reason
+
+    reason = re.compile(names.REASON)
+    written = [*Reason, *errors.Kind, *errors.Cause]
+    assert len(written) > 20
+    for value in written:
+        assert reason.fullmatch(value.value), value
+    for bad in ("", "Retry", "retry backoff", "retry-backoff", "r" * 65, "retry\n"):
+        assert not reason.fullmatch(bad), bad
