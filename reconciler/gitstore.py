@@ -205,6 +205,17 @@ def _norm_path(path: str) -> str:
     return "/".join(parts)
 
 
+def _object_names(requests: Sequence[tuple[str, str]]) -> list[str]:
+    """``<commit>:<path>`` for each request, as ``git cat-file --batch`` reads them one a line."""
+    names = []
+    for commit, path in requests:
+        clean = _norm_path(path)
+        if "\n" in commit or "\n" in clean:
+            raise ValueError(f"newline in {commit!r}:{clean!r}")
+        names.append(f"{commit}:{clean}")
+    return names
+
+
 def _check_publish_path(path: str) -> str:
     parts = path.split("/")
     if (
@@ -620,12 +631,7 @@ class GitStore:
                     found[i] = self._read_head(sha, max_size + 1)
             return found
         self._ensure_repo()
-        names = []
-        for commit, path in requests:
-            clean = _norm_path(path)
-            if "\n" in commit or "\n" in clean:
-                raise ValueError(f"newline in {commit!r}:{clean!r}")
-            names.append(f"{commit}:{clean}")
+        names = _object_names(requests)
         cmd = ["git", f"--git-dir={self.repo_path}", "cat-file", "--batch"]
         try:
             proc = subprocess.run(cmd, input="".join(f"{n}\n" for n in names).encode("utf-8", "surrogateescape"),
@@ -653,12 +659,7 @@ class GitStore:
     def _blob_sizes(self, requests: Sequence[tuple[str, str]]) -> list[int | None]:
         """The size of each ``(commit, path)`` blob (None when absent or not a blob), from one batch-check."""
         self._ensure_repo()
-        names = []
-        for commit, path in requests:
-            clean = _norm_path(path)
-            if "\n" in commit or "\n" in clean:
-                raise ValueError(f"newline in {commit!r}:{clean!r}")
-            names.append(f"{commit}:{clean}")
+        names = _object_names(requests)
         proc = self._git("cat-file", "--batch-check=%(objecttype) %(objectsize)",
                          input="".join(f"{n}\n" for n in names).encode("utf-8", "surrogateescape"))
         sizes: list[int | None] = []
