@@ -309,7 +309,8 @@ class RelayApp:
                 # another check-in started and committed before this one holds its slot.
                 limited = tuple(j.name for j in (*index.relay_jobs, *index.client_jobs.get(client_id, ()))
                                 if j.max_concurrent is not None or j.max_failures is not None)
-                usage = self.store.usage(db, limited, client_id, state.online_since(now))
+                previous = self.store.row_states_of(client_id, db)
+                usage = self.store.usage(db, limited, client_id, state.online_since(now), previous)
                 try:
                     planned = plan_client(index, client, history, usage, now, state.memo_for(index))
                 except Exception:
@@ -326,7 +327,6 @@ class RelayApp:
                         version=action.version, outcome=Outcome.DISPATCHED, dispatched_at=now)
                     if self.store.record_dispatch(db, attempt):
                         changed = True
-                previous = self.store.row_states_of(client_id, db)
                 moved = [(row.job, client_id, row.state.value, now) for row in rows
                          if previous.get(row.job) is None or previous[row.job].state != row.state.value]
                 if moved:

@@ -525,15 +525,16 @@ class Store:
         db.executemany("UPDATE row_states SET state = ?, since = ? WHERE client = ? AND job = ? AND state = ?",
                        moved)
 
-    def usage(self, db: sqlite3.Connection, jobs: Sequence[str], other_than: str,
-              online_since: datetime) -> dict[str, RolloutUsage]:
+    def usage(self, db: sqlite3.Connection, jobs: Sequence[str], other_than: str, online_since: datetime,
+              own: Mapping[str, RowState] | None = None) -> dict[str, RolloutUsage]:
         """What rollout limits count for ``jobs`` on the rows of every client but ``other_than``.
 
         In progress: rows InProgress of clients heard from since
         ``online_since`` (an offline client holds no slot); failed: rows
         Failed; targets: rows not Skipped. The planned client's own rows are
         left out: its plan replaces them, and only the others' rows can hold
-        its starts back.
+        its starts back. ``own`` is that client's row states when the caller
+        has read them already (:meth:`row_states_of`, in the same transaction).
         """
         if not jobs:
             return {}
@@ -542,13 +543,19 @@ class Store:
         for job, state, n in db.execute(
                 f"SELECT job, state, n FROM job_state_counts WHERE job IN ({marks})", list(jobs)):
             counts[job][state] = n
-        for job, state in db.execute(f"SELECT job, state FROM row_states WHERE client = ? AND job IN ({marks})",
-                                     [other_than, *jobs]):
-            counts[job][state] = counts[job].get(state, 0) - 1
-        busy = dict(db.execute(
-            f"SELECT r.job, COUNT(*) FROM row_states r JOIN clients c ON c.id = r.client "
-            f"WHERE r.job IN ({marks}) AND r.state = 'InProgress' AND r.client != ? AND c.last_seen >= ? "
-            f"GROUP BY r.job", [*jobs, other_than, _ts(online_since)]).fetchall())
+        if own is None:
+            own = self.row_states_of(other_than, db)
+        for job, row in own.items():
+            if job in counts:
+                counts[job][row.state] = counts[job].get(row.state, 0) - 1
+        # Which of the others' InProgress rows belong to online clients: asked only where there are any.
+        running = [job for job, by_state in counts.items() if by_state.get("InProgress", 0) > 0]
+        busy: dict[str, int] = {}
+        if running:
+            busy = dict(db.execute(
+                f"SELECT r.job, COUNT(*) FROM row_states r JOIN clients c ON c.id = r.client "
+                f"WHERE r.job IN ({','.join('?' * len(running))}) AND r.state = 'InProgress' AND r.client != ? "
+                f"AND c.last_seen >= ? GROUP BY r.job", [*running, other_than, _ts(online_since)]).fetchall())
         return {job: RolloutUsage(in_progress=busy.get(job, 0), failed=by_state.get("Failed", 0),
                                   targets=sum(by_state.values()) - by_state.get("Skipped", 0))
                 for job, by_state in counts.items()}
