@@ -108,7 +108,9 @@ class PushRejected(GitError):
 
 
 def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
-    """A reader and the tree ``git add -A`` would commit for directory ``root``; None outside a git work tree.
+    """A reader and the tree ``git add -A`` would commit for directory ``root``.
+
+    None outside a git work tree, and for a directory the work tree ignores.
 
     ``reconciler validate`` on a checkout must judge what HQ will see at the
     commit: not ignored files, not the disk's bytes of a file git keeps
@@ -126,12 +128,15 @@ def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
     env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", LANGUAGE="C")
 
-    def git(*args: str, extra: Mapping[str, str] | None = None) -> str:
+    def run(*args: str, extra: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         try:
-            proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
                                   env={**env, **(extra or {})}, stdin=subprocess.DEVNULL, timeout=600)
         except (OSError, subprocess.SubprocessError) as e:
             raise GitError(f"git {args[0]} in {root} failed: {e}") from None
+
+    def git(*args: str, extra: Mapping[str, str] | None = None) -> str:
+        proc = run(*args, extra=extra)
         if proc.returncode != 0:
             detail = " ".join(proc.stderr.decode("utf-8", "replace").split())[:_MAX_MESSAGE]
             raise GitError(f"git {args[0]} in {root} failed: {detail or 'no output'}")
@@ -139,6 +144,12 @@ def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
 
     inside = git("rev-parse", "--is-inside-work-tree").strip()
     if inside != "true":
+        return None
+    # A folder the enclosing repository ignores (a virtualenv's site-packages, a
+    # build directory) is no part of it: git would commit none of it, so its
+    # files are read as they are.
+    ignored = run("check-ignore", "--quiet", "--", ".")
+    if ignored.returncode == 0:
         return None
     prefix, git_dir = git("rev-parse", "--show-prefix", "--absolute-git-dir").splitlines()[:2]
     with tempfile.TemporaryDirectory(prefix="reconciler-validate-") as tmp:

@@ -204,3 +204,37 @@ def test_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path) -> None:
                               check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("reconciler validate: cannot write the output: ") and "Traceback" not in proc.stderr
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_folder_its_enclosing_repository_ignores_is_read_as_files(tmp_path: Path) -> None:
+    # A project clone with its virtualenv inside: an installed copy of the
+    # example repo lies in a folder the clone's .gitignore names.
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    _git("init", "-q", cwd=clone)
+    (clone / ".gitignore").write_text(".venv/\n", encoding="utf-8")
+    installed = clone / ".venv" / "lib" / "site-packages" / "reconciler" / "example-repo"
+    shutil.copytree(EXAMPLE, installed)
+    objects_before = _git("count-objects", cwd=clone)
+    proc = validate(str(installed), cwd=tmp_path)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "valid: no errors", "")
+    # read as files: the bad file counts, and nothing was staged into the clone
+    (installed / "jobs" / "install-7zip.yaml").write_text("kind: [\n", encoding="utf-8")
+    proc = validate(".", cwd=installed)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("jobs/install-7zip.yaml:2:1: error: YAML syntax error")
+    assert _git("count-objects", cwd=clone) == objects_before
+
+
+def test_an_ignored_file_inside_a_tracked_checkout_is_still_not_read(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE, repo)
+    _git("init", "-q", cwd=repo)
+    (repo / ".gitignore").write_text("jobs/broken.yaml\n", encoding="utf-8")
+    (repo / "jobs" / "broken.yaml").write_text("kind: [\n", encoding="utf-8")
+    proc = validate(".", cwd=repo)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "valid: no errors")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler.repo_tree import load_repo
+from reconciler.repo_tree import DirectoryTree, load_tree
 from reconciler.resources import example_repo_dir
 
 SETTLE_TIMEOUT_SECONDS = 150.0
@@ -339,7 +339,9 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     log = out if text else sys.stderr
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    specs = load_repo(example_repo_dir()).specs
+    # The shipped example is package data, read as files: never through a git
+    # repository the installation happens to sit in.
+    specs = load_tree(DirectoryTree(example_repo_dir())).specs
     if specs is None:
         raise DemoError("the shipped example repo does not validate")
     relays = [r.name for r in specs.topology.relays]
