@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="preview what every client would do (blast radius)")
     p.add_argument("repo", nargs="?", default=".", metavar="REPO", help="repo directory (default: .)")
-    p.add_argument("--inventory", required=True, metavar="FILE",
-                   help='JSON file {"clients": [{"id", "relay", "facts", "labels", "installed"}]}')
+    p.add_argument("--inventory", required=True, action="append", metavar="FILE",
+                   help='JSON file {"clients": [{"id", "relay", "facts", "labels", "installed"}]}, or a relay\'s '
+                        'published inventory.json; repeatable (the files are merged)')
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     p.add_argument("--now", metavar="RFC3339", help="evaluate schedules at this time (default: now)")
 
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the system has settled")
     p.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
                    help="give up waiting after S seconds (default: 300)")
+    p.add_argument("--inventory", metavar="FILE",
+                   help="also write every relay's inventory, merged, to FILE for `reconciler plan --inventory` "
+                        "(-: standard output, instead of the report)")
 
     p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients")
     p.add_argument("job", metavar="JOB", help="job name (metadata.name)")

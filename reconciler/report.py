@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from reconciler import schema_check
+from reconciler import protocol, schema_check
 from reconciler.errors import Cause, Problem
 from reconciler.plan import ClientState, Installed, JobState, Plan, Row, job_state
 from reconciler.reach import Reach, reach_of
@@ -481,24 +481,65 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
         "problems": [{**p.to_dict(), "message": _cut(p.message)} for p in problems],
         "jobs": digests,
     })
-    clients = [
-        {
-            "id": entry.id,
-            "facts": dict(sorted(entry.facts.items())),
-            "labels": dict(sorted(entry.labels.items())),
-            "installed": [{"name": i.name, "version": i.version}
-                          for i in sorted(entry.installed, key=lambda i: (i.name, i.version))],
-            "online": entry.online,
-        }
-        for entry in sorted(inventory, key=lambda e: e.id)
-    ]
-    # One client per line: a change to one client is a one-line diff, and the
-    # C JSON encoder (not used with indent=) keeps it fast for large relays.
-    lines = ",\n".join(json.dumps(c, sort_keys=True, ensure_ascii=False) for c in clients)
-    body = f'{{"clients": [\n{lines}\n], "relay": {json.dumps(relay)}}}\n' if clients else \
-        f'{{"clients": [], "relay": {json.dumps(relay)}}}\n'
-    files[f"{prefix}inventory.json"] = body.encode("utf-8")
+    clients = [_inventory_json(entry) for entry in sorted(inventory, key=lambda e: e.id)]
+    files[f"{prefix}inventory.json"] = _inventory_document(clients, {"relay": relay}).encode("utf-8")
     return files
+
+
+def _inventory_json(entry: InventoryEntry, relay: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": entry.id,
+        "facts": dict(sorted(entry.facts.items())),
+        "labels": dict(sorted(entry.labels.items())),
+        "installed": [{"name": i.name, "version": i.version}
+                      for i in sorted(entry.installed, key=lambda i: (i.name, i.version))],
+        "online": entry.online,
+    }
+    if relay is not None:
+        doc["relay"] = relay
+    return doc
+
+
+def _inventory_document(clients: Sequence[Mapping[str, Any]], extra: Mapping[str, Any]) -> str:
+    """``{"clients": [...], ...extra}`` with one client per line.
+
+    A change to one client is a one-line diff, and the C JSON encoder (not
+    used with ``indent=``) keeps it fast for large relays.
+    """
+    lines = ",\n".join(json.dumps(c, sort_keys=True, ensure_ascii=False) for c in clients)
+    tail = "".join(f", {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" for key, value in extra.items())
+    return f'{{"clients": [\n{lines}\n]{tail}}}\n' if clients else f'{{"clients": []{tail}}}\n'
+
+
+@_reading("inventory.json")
+def parse_relay_inventory(data: bytes, path: str) -> tuple[str, tuple[InventoryEntry, ...]]:
+    """A relay's published ``relays/<relay>/inventory.json``: its relay and clients.
+
+    Raises :class:`ReportError` when it is not JSON, does not follow
+    ``schemas/status-inventory.schema.json`` or names another relay than its path.
+    """
+    if len(data) > MAX_STATUS_FILE:
+        raise ReportError(f"{path}: {len(data)} bytes, more than a status file may hold ({MAX_STATUS_FILE})")
+    try:
+        value = protocol.decode_json(data, path)
+    except protocol.ProtocolError as e:
+        raise ReportError(str(e)) from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path}: expected an object")
+    doc = _checked(value, "status-inventory", path)
+    relay = doc["relay"]
+    if path != f"{relay_prefix(relay)}inventory.json":
+        raise ReportError(f"{path}: names relay {relay!r}")
+    return relay, tuple(
+        InventoryEntry(id=c["id"], facts=c["facts"], labels=c["labels"], online=c["online"],
+                       installed=tuple(Installed(i["name"], i["version"]) for i in c["installed"]))
+        for c in doc["clients"])
+
+
+def render_fleet_inventory(clients: Sequence[tuple[str, InventoryEntry]]) -> str:
+    """The fleet's inventory, (relay, client) pairs as ``reconciler plan --inventory`` reads it."""
+    return _inventory_document([_inventory_json(entry, relay)
+                                for relay, entry in sorted(clients, key=lambda c: (c[0], c[1].id))], {})
 
 
 def _row(raw: Mapping[str, Any], what: str) -> StatusRow:

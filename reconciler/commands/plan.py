@@ -5,6 +5,10 @@ An admin runs it on a pull request, against an inventory file of clients
 
     reconciler plan example-repo --inventory examples/inventory.json [--format json] [--now T]
 
+``--inventory`` may be given several times (the files are merged), and takes
+a relay's published ``relays/<relay>/inventory.json`` as it is, or the
+fleet's from ``reconciler status --inventory FILE``.
+
 Each relay of the topology is planned with the engine the relays run
 (:func:`reconciler.plan.plan_relay`), as if every client checked in now with
 no history: a row with an action is what its next check-in would start.
@@ -73,15 +77,22 @@ def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory")
 
     if not isinstance(data, dict):
         raise InventoryError([f"{source}: expected an object {{\"clients\": [...]}}, got {protocol.type_name(data)}"])
-    for key in sorted(set(data) - {"clients"}):
-        bad(key, "unknown field (the inventory holds only \"clients\")")
+    for key in sorted(set(data) - {"clients", "relay"}):
+        bad(key, "unknown field (an inventory holds \"clients\" and, as a relay publishes it, \"relay\")")
+    known_relays = set(relays)
+    listed = ", ".join(sorted(known_relays)) or "none"
+    # A relay's published inventory.json names its relay once, for every client in it.
+    file_relay = data.get("relay")
+    if file_relay is not None and expect("relay", file_relay, str, "a string") and file_relay not in known_relays:
+        bad("relay", f"unknown relay {file_relay!r} (relays in the topology: {listed})")
+    if not isinstance(file_relay, str):
+        file_relay = None
     if "clients" not in data:
         bad("clients", "missing required field")
         raise failed()
     raw_clients = data["clients"]
     if not expect("clients", raw_clients, list, "an array"):
         raise failed()
-    known_relays = set(relays)
     clients: list[Client] = []
     first_at: dict[str, int] = {}
     for index, raw in enumerate(raw_clients):
@@ -92,11 +103,13 @@ def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory")
         for key in sorted(set(raw) - set(CLIENT_FIELDS)):
             bad(f"{at}.{key}", f"unknown field (allowed: {', '.join(CLIENT_FIELDS)})")
         for key in ("id", "relay"):
-            if key not in raw:
-                bad(f"{at}.{key}", "missing required field")
-            else:
+            if key in raw:
                 expect(f"{at}.{key}", raw[key], str, "a string")
-        client_id, relay = raw.get("id"), raw.get("relay")
+            elif key == "id" or file_relay is None:
+                bad(f"{at}.{key}", "missing required field")
+        client_id, relay = raw.get("id"), raw.get("relay", file_relay)
+        if "relay" in raw and file_relay is not None and raw["relay"] != file_relay:
+            bad(f"{at}.relay", f"{raw['relay']!r} is not the file's relay {file_relay!r}")
         if isinstance(client_id, str):
             if not names.is_client_id(client_id):
                 bad(f"{at}.id", f"{client_id!r} is not a valid client id "
@@ -105,8 +118,7 @@ def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory")
                 bad(f"{at}.id", f"duplicate client id {client_id!r} (first at clients[{first_at[client_id]}])")
             else:
                 first_at[client_id] = index
-        if isinstance(relay, str) and relay not in known_relays:
-            listed = ", ".join(sorted(known_relays)) or "none"
+        if "relay" in raw and isinstance(relay, str) and relay not in known_relays:
             bad(f"{at}.relay", f"unknown relay {relay!r} (relays in the topology: {listed})")
         facts = protocol.check_facts(raw.get("facts", {}), f"{at}.facts", problems)
         labels = protocol.check_labels(raw.get("labels", {}), f"{at}.labels", problems)
@@ -145,6 +157,38 @@ def read_inventory(path: Path, relays: Sequence[str], source: str | None = None)
     except protocol.ProtocolError as e:
         raise InventoryError([f"{name}: {e}"]) from None
     return parse_inventory(data, relays, name)
+
+
+def read_inventories(paths: Sequence[str], relays: Sequence[str]) -> tuple[Client, ...]:
+    """Read and merge several inventory files (``--inventory`` given more than once).
+
+    Each file is checked on its own, then a client id found in two files is
+    an error naming both: a client belongs to one relay, and which of two
+    reports is current cannot be told from the files.
+    """
+    problems: list[str] = []
+    clients: list[Client] = []
+    first: dict[str, tuple[str, int, str]] = {}
+    for path in paths:
+        try:
+            found = read_inventory(Path(path), relays, path)
+        except InventoryError as e:
+            problems.extend(e.problems)
+            continue
+        for index, client in enumerate(found):
+            seen = first.get(client.id)
+            if seen is not None:
+                where, at, relay = seen
+                problems.append(f"{path}: clients[{index}].id: client {client.id!r} (relay {client.relay}) is also "
+                                f"in {where} at clients[{at}] (relay {relay}); a client belongs to one relay")
+                continue
+            first[client.id] = (path, index, client.relay)
+            clients.append(client)
+    if problems:
+        if len(problems) > MAX_ERRORS:
+            problems = [*problems[:MAX_ERRORS], f"... and {len(problems) - MAX_ERRORS} more problems"]
+        raise InventoryError(problems)
+    return tuple(clients)
 
 
 # ------------------------------------------------------------------ planning
@@ -252,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"reconciler plan: {e}", file=sys.stderr)
         return 2
     try:
-        clients = read_inventory(Path(args.inventory), [r.name for r in specs.topology.relays], args.inventory)
+        clients = read_inventories(args.inventory, [r.name for r in specs.topology.relays])
     except InventoryError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from reconciler import report
+from reconciler.fileio import write_atomic
 from reconciler.gitstore import (
     STATUS_PREFIX,
     ChangeWatcher,
@@ -516,6 +517,61 @@ def main(args: argparse.Namespace) -> int:
             return 2
 
 
+def fleet_inventory(reader: Reader, snap: Snapshot) -> tuple[str, list[str], bool]:
+    """Every relay's ``inventory.json`` of the snapshot, merged as ``reconciler plan --inventory`` reads it.
+
+    Returns the document, notes for the operator, and whether every relay's
+    inventory was read. A relay the accepted topology does not name is left
+    out (``plan`` would refuse its clients); a client found under two relays
+    (it moved) is kept once: the online entry, else the first relay's by
+    name, and said in a note.
+    """
+    known = {r.name for r in snap.specs.topology.relays} if snap.specs is not None else None
+    notes: list[str] = []
+    wanted: list[str] = []
+    for name in sorted(snap.relay_shas):
+        if known is not None and name not in known:
+            notes.append(f"{STATUS_PREFIX}{name}: not a relay of the accepted topology; its clients are left out")
+        else:
+            wanted.append(name)
+    paths = [f"{report.relay_prefix(name)}inventory.json" for name in wanted]
+    contents = reader.store.read_paths([(snap.relay_shas[name], path) for name, path in zip(wanted, paths)],
+                                       report.MAX_STATUS_FILE)
+    complete = True
+    chosen: dict[str, tuple[str, report.InventoryEntry]] = {}
+    for name, path, data in zip(wanted, paths, contents):
+        try:
+            if data is None:
+                raise ReportError(f"{STATUS_PREFIX}{name} has no {path}")
+            _, entries = report.parse_relay_inventory(data, path)
+        except ReportError as e:
+            notes.append(f"inventory of {name} unreadable, its clients are left out: {e}")
+            complete = False
+            continue
+        for entry in entries:
+            seen = chosen.get(entry.id)
+            if seen is None:
+                chosen[entry.id] = (name, entry)
+                continue
+            keep = (name, entry) if entry.online and not seen[1].online else seen
+            notes.append(f"client {entry.id} is in the inventories of {seen[0]} and {name}; "
+                         f"kept {keep[0]}'s ({'online' if keep[1].online else 'first by relay name'})")
+            chosen[entry.id] = keep
+    return report.render_fleet_inventory(list(chosen.values())), notes, complete
+
+
+def write_inventory(reader: Reader, snap: Snapshot, target: str) -> bool:
+    """``--inventory``: write the fleet's inventory to ``target`` (``-``: standard output); False if incomplete."""
+    text, notes, complete = fleet_inventory(reader, snap)
+    for note in notes:
+        print(f"reconciler status: {note}", file=sys.stderr)
+    if target == "-":
+        _emit(text, sys.stdout)
+    else:
+        write_atomic(Path(target), text.encode("utf-8"))
+    return complete
+
+
 def _read(reader: Reader, args: argparse.Namespace) -> Snapshot:
     snap = reader.read()
     wanted = rows_for_report(snap, args.job) if args.format == "json" or args.job else []
@@ -533,8 +589,7 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
               f"{report.short(snap.view.accepted.accepted_commit)} (jobs: {known})", file=sys.stderr)
         return 1
     if not args.wait:
-        _emit(render(snap, args.format, args.job), sys.stdout)
-        return 0
+        return _show(args, reader, snap, 0)
     deadline = time.monotonic() + args.timeout
     watcher = ChangeWatcher(origin, WAIT_POLL_SECONDS)
     watcher.start()
@@ -543,8 +598,7 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
         while True:
             reasons = waiting_reasons(snap, args.job)
             if not reasons:
-                _emit(render(snap, args.format, args.job), sys.stdout)
-                return 0
+                return _show(args, reader, snap, 0)
             if sys.stderr.isatty() and reasons != last:
                 print(f"waiting: {reasons[0]}" + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""),
                       file=sys.stderr)
@@ -556,10 +610,24 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
             snap = _read(reader, args)
     finally:
         watcher.stop()
-    _emit(render(snap, args.format, args.job), sys.stdout)
+    _show(args, reader, snap, 1)
     print(f"reconciler status: timed out after {args.timeout:g}s; still waiting for:", file=sys.stderr)
     for reason in reasons[: report.LIST_LIMIT]:
         print(f"  - {reason}", file=sys.stderr)
     if len(reasons) > report.LIST_LIMIT:
         print(f"  - … and {len(reasons) - report.LIST_LIMIT} more", file=sys.stderr)
     return 1
+
+
+def _show(args: argparse.Namespace, reader: Reader, snap: Snapshot, code: int) -> int:
+    """Print the report (unless ``--inventory -`` prints the inventory instead) and write the inventory."""
+    if args.inventory is not None:
+        try:
+            if not write_inventory(reader, snap, args.inventory):
+                code = code or 1
+        except OSError as e:
+            print(f"reconciler status: cannot write {args.inventory}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    if args.inventory != "-":
+        _emit(render(snap, args.format, args.job), sys.stdout)
+    return code
