@@ -38,7 +38,15 @@ import yaml
 
 from reconciler import protocol, schema_check
 from reconciler.errors import Cause, Problem
-from reconciler.plan import ClientState, Installed, JobState, Plan, Row, job_state
+from reconciler.plan import (
+    ClientState,
+    Installed,
+    JobState,
+    Plan,
+    Reason,
+    Row,
+    job_state,
+)
 from reconciler.reach import Reach, reach_of
 from reconciler.specs import DestinationType, Job, SpecError, Specs
 from reconciler.times import aware, format_time
@@ -185,6 +193,7 @@ class JobReport:
     failure_count: int
     waiting_for: tuple[str, ...] = ()  # bounded
     waiting_count: int = 0
+    scheduled_for: datetime | None = None  # the job's notBefore while it is Scheduled
 
     @property
     def clients(self) -> int:
@@ -247,9 +256,17 @@ def add_counts(total: dict[str, int], more: Mapping[str, int]) -> None:
         total[key] = total.get(key, 0) + int(value)
 
 
-def is_waiting_row(state: ClientState | str, message: str) -> bool:
-    """Pending/InProgress and not merely waiting for a future schedule."""
-    return ClientState(state) in ACTIVE_STATES and not message.startswith(SCHEDULED_PREFIX)
+def is_waiting_row(state: ClientState | str, message: str, reason: str | None = None) -> bool:
+    """Pending/InProgress and not merely waiting for a future schedule.
+
+    Decided by the row's reason; only a row of a relay that writes none
+    (an older version) is judged by its message.
+    """
+    if ClientState(state) not in ACTIVE_STATES:
+        return False
+    if reason is not None:
+        return reason != Reason.SCHEDULED.value
+    return not message.startswith(SCHEDULED_PREFIX)
 
 
 def _cut(message: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -745,9 +762,10 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
 def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], current: set[str]) -> JobReport:
     reached = reach.relays_of(job.name)
 
-    def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str], bool]:
+    def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str], bool, bool]:
         counts = zero_counts()
         halted = invalid = False
+        scheduled = True  # every relay with Pending rows says they wait for the schedule
         waiting: set[str] = set()
         for name in members:
             if name not in current:
@@ -759,18 +777,20 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
                 halted = halted or digest.state is JobState.HALTED
                 # a relay that cannot plan the job says so (its error is in relay.yaml)
                 invalid = invalid or (digest.state is JobState.INVALID and name in current)
-        return counts, halted, waiting, invalid
+                if digest.counts.get(ClientState.PENDING.value, 0) and digest.state is not JobState.SCHEDULED:
+                    scheduled = False
+        return counts, halted, waiting, invalid, scheduled
 
     destinations: list[DestinationReport] = []
     if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
         for destination in sorted(set(job.destinations)):
             members = reach.topology.subtree(destination)
-            counts, halted, waiting, invalid = rollup(members)
+            counts, halted, waiting, invalid, scheduled = rollup(members)
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
                 relay=destination, relays=tuple(sorted(members)),
                 state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
-                                invalid=invalid),
+                                invalid=invalid, scheduled=scheduled),
                 counts=counts, waiting_for=shown, waiting_count=total))
     else:
         for name in sorted(reached):
@@ -778,14 +798,16 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
             digest = status.jobs.get(job.name) if status else None
             if digest is None or not (sum(digest.counts.values()) or digest.state is JobState.INVALID):
                 continue
-            counts, halted, waiting, invalid = rollup([name])
+            counts, halted, waiting, invalid, scheduled = rollup([name])
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
                 relay=name, relays=(name,),
                 state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
-                                invalid=invalid),
+                                invalid=invalid, scheduled=scheduled),
                 counts=counts, waiting_for=shown, waiting_count=total))
-    counts, halted, waiting, invalid = rollup(reached)
+    counts, halted, waiting, invalid, scheduled = rollup(reached)
+    state = job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting), invalid=invalid,
+                      scheduled=scheduled)
     failures: list[Failure] = []
     for name in sorted(reached):
         status = relays.get(name)
@@ -805,13 +827,14 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
         version=job.package_version,
         destination_type=job.destination_type.value,
         destinations=tuple(job.destinations),
-        state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting), invalid=invalid),
+        state=state,
         counts=counts,
         relays=tuple(destinations),
         failures=tuple(failures[:FAILURE_LIMIT]),
         failure_count=counts[ClientState.FAILED.value] + counts[ClientState.CONFLICT.value],
         waiting_for=shown,
         waiting_count=total,
+        scheduled_for=job.not_before if state is JobState.SCHEDULED else None,
     )
 
 
@@ -832,6 +855,7 @@ def render_job_report(report: JobReport, accepted_commit: str | None) -> bytes:
         "destinationType": report.destination_type,
         "destinations": list(report.destinations),
         "state": report.state.value,
+        "scheduledFor": format_time(report.scheduled_for),
         "clients": report.clients,
         "counts": dict(report.counts),
         "relays": [
@@ -873,6 +897,7 @@ def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
         failure_count=int(doc["failureCount"]),
         waiting_for=tuple(doc["waitingFor"]),
         waiting_count=int(doc["waitingCount"]),
+        scheduled_for=_time(doc.get("scheduledFor"), what),
     )
 
 
@@ -970,6 +995,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return [line(header), rule, *(line(r) for r in rows)]
 
 
+def state_label(job: JobReport) -> str:
+    """A job's state as people read it: ``Scheduled (from 2027-04-01T00:00:00Z)``, ``InProgress (waiting for 2 relays)``."""
+    label = job.state.value
+    if job.state is JobState.SCHEDULED and job.scheduled_for is not None:
+        label += f" (from {format_time(job.scheduled_for)})"
+    if job.waiting_count:
+        label += f" (waiting for {job.waiting_count} relay{'s' if job.waiting_count != 1 else ''})"
+    return label
+
+
+def summary_columns(jobs: Iterable[JobReport]) -> tuple[ClientState, ...]:
+    """The state columns of a jobs table: :data:`SUMMARY_COLUMNS`, plus Suspended when a row is."""
+    suspended = any(job.counts.get(ClientState.SUSPENDED.value, 0) for job in jobs)
+    return SUMMARY_COLUMNS + ((ClientState.SUSPENDED,) if suspended else ())
+
+
 def package_label(job: JobReport) -> str:
     version = job.version or "any version"
     verb = "" if job.job_type == "install" else f"{job.job_type} "
@@ -1002,17 +1043,15 @@ def render_summary(report: HqReport, only_job: str | None = None) -> str:
 
     out += [f"## Jobs ({len(jobs)})", ""]
     if jobs:
-        header = ["Job", "Package", "Destinations", "Clients", *(s.value for s in SUMMARY_COLUMNS), "State"]
+        columns = summary_columns(jobs)
+        header = ["Job", "Package", "Destinations", "Clients", *(s.value for s in columns), "State"]
         rows = []
         for job in jobs:
-            state = job.state.value
-            if job.waiting_count:
-                state += f" (waiting for {job.waiting_count} relay{'s' if job.waiting_count != 1 else ''})"
             rows.append([
                 _md(job.job), _md(package_label(job)), _md(_names(job.destinations)), str(job.clients),
-                *(str(job.counts.get(s.value, 0)) for s in SUMMARY_COLUMNS), state,
+                *(str(job.counts.get(s.value, 0)) for s in columns), state_label(job),
             ])
-        out += _table(header, rows, [False, False, False, True, *([True] * len(SUMMARY_COLUMNS)), False])
+        out += _table(header, rows, [False, False, False, True, *([True] * len(columns)), False])
     elif accepted.accepted_commit is None:
         out.append("No commit has been accepted yet.")
     else:

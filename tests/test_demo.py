@@ -63,7 +63,7 @@ def test_demo_converges_as_the_specs_imply(demo: tuple[dict[str, Any], Path]) ->
         "install-7zip": "Completed",
         "install-office-addin": "Completed",
         "install-putty": "Completed",
-        "install-teams-meeting": "InProgress",  # scheduled for the next fiscal year
+        "install-teams-meeting": "Scheduled",  # for the next fiscal year
         "install-vcredist": "Completed",
         "install-vpn-client": "Completed",
         "uninstall-legacy-toolbar": "Completed",
@@ -90,6 +90,8 @@ def test_requirements_dependencies_and_schedule(demo: tuple[dict[str, Any], Path
     assert {row["state"] for row in addin.values()} == {"Succeeded"}
     teams = _rows(report, "install-teams-meeting")
     assert len(teams) == 12
+    assert next(job for job in report["jobs"] if job["name"] == "install-teams-meeting")["scheduledFor"] == \
+        "2027-04-01T00:00:00Z"
     assert all(row["state"] == "Pending" and row["message"].startswith("scheduled for") for row in teams.values())
 
 

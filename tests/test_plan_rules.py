@@ -207,9 +207,25 @@ def test_after_the_window_rows_in_progress_and_failed_stay() -> None:
     assert [a.operation_id for a in plan.actions] == ["op-running"]
 
 
-def test_future_schedule_counts_as_in_progress_in_the_rollup() -> None:
+def test_a_job_waiting_for_its_future_schedule_is_scheduled() -> None:
     specs = build(APP, job("install-app", "app", "1.0", schedule={"notBefore": "2027-01-01T00:00:00Z"}))
-    assert run(specs, [client("pc-1")]).jobs[0].state is JobState.IN_PROGRESS
+    plan = run(specs, [client("pc-1"), client("pc-2", installed={"app": "1.0"})])
+    assert plan.jobs[0].state is JobState.SCHEDULED
+    assert {(r.state, r.reason) for r in plan.rows} == {(ClientState.PENDING, Reason.SCHEDULED)}
+    # once the time has come, the same clients make the job InProgress
+    assert run(specs, [client("pc-1")], now=datetime(2027, 1, 1, tzinfo=timezone.utc)).jobs[0].state \
+        is JobState.IN_PROGRESS
+
+
+def test_pending_rows_for_another_reason_keep_a_job_in_progress() -> None:
+    rows = [Row("j", "site", "pc-1", ClientState.PENDING, None, "app", "1.0", None, 0, "scheduled", None,
+                Reason.SCHEDULED),
+            Row("j", "site", "pc-2", ClientState.PENDING, None, "app", "1.0", None, 0, "retry", None,
+                Reason.RETRY_BACKOFF)]
+    assert rollup("j", rows[:1]).state is JobState.SCHEDULED
+    assert rollup("j", rows).state is JobState.IN_PROGRESS
+    failed = Row("j", "site", "pc-3", ClientState.FAILED, None, "app", "1.0", None, 3, "boom", None, Reason.FAILED)
+    assert rollup("j", [rows[0], failed]).state is JobState.SCHEDULED  # still to run, so not finished
 
 
 # ------------------------------------------------------------- requirements

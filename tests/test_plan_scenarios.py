@@ -27,7 +27,7 @@ NOW = "2026-06-01T12:00:00Z"
 
 
 def run_plan(case: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    args = argparse.Namespace(repo=str(case / "repo"), inventory=str(case / "inventory.json"),
+    args = argparse.Namespace(repo=str(case / "repo"), inventory=[str(case / "inventory.json")],
                               format="json", now=NOW)
     code = plan_command.main(args)
     out, err = capsys.readouterr()

@@ -16,7 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler import report
-from reconciler.plan import ClientState, Installed, JobRollup, JobState, Plan, Row
+from reconciler.plan import (
+    ClientState,
+    Installed,
+    JobRollup,
+    JobState,
+    Plan,
+    Reason,
+    Row,
+)
 from reconciler.repo_tree import load_repo
 from reconciler.report import Accepted, InventoryEntry
 from reconciler.resources import example_repo_dir, schemas_dir
@@ -256,6 +264,12 @@ def test_accepted_round_trip_and_tolerance() -> None:
     ({}, {"halted": True}, JobState.NO_TARGETS),
     ({"Failed": 1}, {"suspended": True}, JobState.SUSPENDED),
     ({"Failed": 1}, {"invalid": True, "suspended": True}, JobState.INVALID),
+    ({"Pending": 2, "Succeeded": 1}, {"scheduled": True}, JobState.SCHEDULED),
+    ({"Pending": 2, "Failed": 1}, {"scheduled": True}, JobState.SCHEDULED),
+    ({"Pending": 2, "InProgress": 1}, {"scheduled": True}, JobState.IN_PROGRESS),
+    ({"Pending": 2}, {"scheduled": True, "waiting": True}, JobState.IN_PROGRESS),
+    ({"Succeeded": 2}, {"scheduled": True}, JobState.COMPLETED),
+    ({"Pending": 2}, {"scheduled": True, "halted": True}, JobState.HALTED),
 ])
 def test_job_state(counts: dict[str, int], flags: dict[str, bool], expected: JobState) -> None:
     assert report.job_state({**report.zero_counts(), **counts}, **flags) is expected
@@ -356,6 +370,49 @@ def test_halted_and_suspended_roll_up() -> None:
     suspended = tuple(replace(j, suspend=True) if j.name == "install-putty" else j for j in specs.jobs)
     hq = report.aggregate(replace(specs, jobs=suspended), Accepted(C1, T0, C1, True), "main", (), fleet)
     assert _job(hq, "install-putty").state is JobState.SUSPENDED
+
+
+def test_a_job_every_relay_holds_for_its_schedule_is_scheduled_with_its_date() -> None:
+    from dataclasses import replace
+    specs = example_specs()
+    teams = next(j for j in specs.jobs if j.name == "install-teams-meeting")
+    assert teams.not_before is not None  # the example schedules it for the next fiscal year
+
+    def scheduled_files(relay: str, clients: list[str]) -> dict[str, bytes]:
+        plan_rows = tuple(Row("install-teams-meeting", relay, c, PEND, None, "teams-meeting", "24.1", None, 0,
+                              "scheduled", None, Reason.SCHEDULED) for c in clients)
+        rollups = (JobRollup("install-teams-meeting", JobState.SCHEDULED, report.count_states([PEND] * len(clients))),)
+        return report.render_relay_status(relay, C1, Plan(relay, plan_rows, (), rollups), {}, [], [])
+
+    fleet = _fleet()
+    for relay in ("relay-kanto", "relay-yokohama", "relay-osaka", "relay-fukuoka"):
+        fleet[relay] = report.parse_relay_status(scheduled_files(relay, [f"pc-{relay}-1", f"pc-{relay}-2"]))
+    hq = report.aggregate(specs, Accepted(C1, T0, C1, True), "main", (), fleet)
+    job = _job(hq, "install-teams-meeting")
+    assert job.state is JobState.SCHEDULED and job.scheduled_for == teams.not_before
+    assert {d.state for d in job.relays} == {JobState.SCHEDULED}
+    files = report.render_hq_status(hq)
+    assert_valid_status_files(files)
+    parsed = report.parse_job_report(files["jobs/install-teams-meeting.yaml"])
+    assert (parsed.state, parsed.scheduled_for) == (JobState.SCHEDULED, teams.not_before)
+    summary = files["summary.md"].decode()
+    line = next(line for line in summary.splitlines() if line.startswith("| install-teams-meeting"))
+    assert line.rstrip(" |").endswith("Scheduled (from 2027-04-01T00:00:00Z)"), line
+    # one relay with a row pending for another reason: the job is under way, no date shown
+    fleet["relay-osaka"] = report.parse_relay_status(relay_files(
+        "relay-osaka", C1, {"install-teams-meeting": [("pc-o1", PEND, "retry")]}))
+    job = _job(report.aggregate(specs, Accepted(C1, T0, C1, True), "main", (), fleet), "install-teams-meeting")
+    assert (job.state, job.scheduled_for) == (JobState.IN_PROGRESS, None)
+    # and a suspended job's rows get a column of their own in summary.md
+    suspended = tuple(replace(j, suspend=True) if j.name == "install-putty" else j for j in specs.jobs)
+    fleet["relay-yokohama"] = report.parse_relay_status(relay_files(
+        "relay-yokohama", C1, {"install-putty": [("pc-y1", ClientState.SUSPENDED, "job is suspended")]}))
+    summary = report.render_hq_status(report.aggregate(replace(specs, jobs=suspended), Accepted(C1, T0, C1, True),
+                                                       "main", (), fleet))["summary.md"].decode()
+    header = next(line for line in summary.splitlines() if line.startswith("| Job "))
+    assert "| Suspended |" in header
+    putty = next(line for line in summary.splitlines() if line.startswith("| install-putty"))
+    assert [c.strip() for c in putty.split("|")][-3:-1] == ["1", "Suspended"]
 
 
 def test_a_job_a_relay_cannot_plan_is_invalid_in_the_roll_up() -> None:

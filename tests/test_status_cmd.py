@@ -65,18 +65,19 @@ def test_json_report(fleet: Origin, tmp_path: Path) -> None:
             doc["validationErrors"]) == (fleet.head, fleet.head, True, None, [])
     jobs = {j["name"]: j for j in doc["jobs"]}
     seven = jobs["install-7zip"]
-    assert list(seven) == ["name", "state", "counts", "relays", "clients"]
+    assert list(seven) == ["name", "state", "scheduledFor", "counts", "relays", "clients"]
+    assert seven["scheduledFor"] is None
     assert seven["state"] == "Failed"
     assert seven["counts"]["Succeeded"] == 2 and seven["counts"]["Skipped"] == 1 and seven["counts"]["Failed"] == 1
     assert seven["relays"] == [{"relay": "relay-kanto", "state": "Failed", "counts": seven["counts"]}]
     assert seven["clients"] == [
-        {"client": "pc-kanto-001", "relay": "relay-kanto", "state": "Succeeded", "installedVersion": "1.0",
+        {"client": "pc-kanto-001", "relay": "relay-kanto", "state": "Succeeded", "reason": None, "installedVersion": "1.0",
          "attempts": 1, "message": "installed"},
-        {"client": "pc-kanto-002", "relay": "relay-kanto", "state": "Failed", "installedVersion": None,
+        {"client": "pc-kanto-002", "relay": "relay-kanto", "state": "Failed", "reason": None, "installedVersion": None,
          "attempts": 1, "message": "exit 3: disk full"},
-        {"client": "pc-yoko-001", "relay": "relay-yokohama", "state": "Succeeded", "installedVersion": "1.0",
+        {"client": "pc-yoko-001", "relay": "relay-yokohama", "state": "Succeeded", "reason": None, "installedVersion": "1.0",
          "attempts": 1, "message": ""},
-        {"client": "pc-yoko-002", "relay": "relay-yokohama", "state": "Skipped", "installedVersion": None,
+        {"client": "pc-yoko-002", "relay": "relay-yokohama", "state": "Skipped", "reason": None, "installedVersion": None,
          "attempts": 0, "message": "requires os windows"},
     ]
     assert jobs["install-vcredist"]["state"] == "NoTargets" and jobs["install-vcredist"]["clients"] == []

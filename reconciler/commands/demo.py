@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from reconciler.plan import Reason
 from reconciler.repo_tree import DirectoryTree, load_tree
 from reconciler.resources import example_repo_dir
 
@@ -321,7 +322,7 @@ def converged(report: dict[str, Any]) -> tuple[bool, list[str]]:
             message = row.get("message") or ""
             if state in ("Failed", "Conflict", "InProgress"):
                 problems.append(f"{job['name']} on {row['client']}: {state} {message}".strip())
-            elif state == "Pending" and not message.startswith("scheduled for"):
+            elif state == "Pending" and row.get("reason") != Reason.SCHEDULED.value:
                 problems.append(f"{job['name']} on {row['client']}: Pending {message}".strip())
     return (not problems), problems
 

@@ -49,7 +49,7 @@ from reconciler.gitstore import (
     GitStore,
     local_origin_path,
 )
-from reconciler.plan import ClientState
+from reconciler.plan import ClientState, JobState
 from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
@@ -333,11 +333,13 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
             digest = snap.relays[relay].jobs.get(job.name)
             if digest is None or not any(digest.counts.get(s, 0) for s in active_states):
                 continue
+            if digest.state is JobState.SCHEDULED:  # all it has still to run waits for the schedule
+                continue
             entry = snap.rows.get(job.name, {}).get(relay)
             if entry is None or entry[0] != accepted:
                 reasons.append(f"job {job.name}: rows of {relay} unreadable or not for the accepted commit")
                 continue
-            active = [r for r in entry[1].rows if report.is_waiting_row(r.state, r.message)]
+            active = [r for r in entry[1].rows if report.is_waiting_row(r.state, r.message, r.reason)]
             if active:
                 names = ", ".join(r.client for r in active[:5]) + (", …" if len(active) > 5 else "")
                 reasons.append(f"job {job.name}: {_plural(len(active), 'client')} Pending or InProgress "
@@ -376,10 +378,11 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
             {
                 "name": job.job,
                 "state": job.state.value,
+                "scheduledFor": report.format_time(job.scheduled_for),
                 "counts": dict(job.counts),
                 "relays": [{"relay": d.relay, "state": d.state.value, "counts": dict(d.counts)} for d in job.relays],
                 "clients": [
-                    {"client": row.client, "relay": relay, "state": row.state.value,
+                    {"client": row.client, "relay": relay, "state": row.state.value, "reason": row.reason,
                      "installedVersion": row.installed_version, "attempts": row.attempts, "message": row.message}
                     for relay, row in _client_rows(snap, job)
                 ],
@@ -390,10 +393,14 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
     return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False)
 
 
-_SHORT_STATES = (
-    ("OK", ClientState.SUCCEEDED), ("RUN", ClientState.IN_PROGRESS), ("PEND", ClientState.PENDING),
-    ("FAIL", ClientState.FAILED), ("SKIP", ClientState.SKIPPED), ("CONF", ClientState.CONFLICT),
-)
+_SHORT = {ClientState.SUCCEEDED: "OK", ClientState.IN_PROGRESS: "RUN", ClientState.PENDING: "PEND",
+          ClientState.FAILED: "FAIL", ClientState.SKIPPED: "SKIP", ClientState.CONFLICT: "CONF",
+          ClientState.SUSPENDED: "SUSP"}
+
+
+def _short_states(jobs: Sequence[JobReport]) -> list[tuple[str, ClientState]]:
+    """The state columns of the tables: the usual six, and Suspended when a row is."""
+    return [(_SHORT[state], state) for state in report.summary_columns(jobs)]
 
 
 def _columns(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
@@ -429,25 +436,24 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
         out.append(f"(origin's {hq.branch} is now {report.short(snap.main_commit)}; HQ has not evaluated it yet)")
     out.append("")
     jobs = [j for j in hq.jobs if only_job is None or j.job == only_job]
+    short_states = _short_states(jobs)
     if jobs:
-        header = ["JOB", "PACKAGE", "CLIENTS", *(s for s, _ in _SHORT_STATES), "STATE"]
+        header = ["JOB", "PACKAGE", "CLIENTS", *(s for s, _ in short_states), "STATE"]
         rows = [header]
         for job in jobs:
-            state = job.state.value + (f" (waiting for {_plural(job.waiting_count, 'relay')})"
-                                       if job.waiting_count else "")
             rows.append([job.job, report.package_label(job), str(job.clients),
-                         *(str(job.counts.get(s.value, 0)) for _, s in _SHORT_STATES), state])
-        out += _columns(rows, [False, False, True, *([True] * len(_SHORT_STATES)), False])
+                         *(str(job.counts.get(s.value, 0)) for _, s in short_states), report.state_label(job)])
+        out += _columns(rows, [False, False, True, *([True] * len(short_states)), False])
     else:
         out.append("No jobs." if accepted.accepted_commit else "No commit has been accepted yet.")
     if only_job is not None and jobs:
         job = jobs[0]
         out += ["", f"Destinations of {job.job} ({job.destination_type}: {', '.join(job.destinations)}):"]
-        rows = [["RELAY", "SUBTREE", "CLIENTS", *(s for s, _ in _SHORT_STATES), "STATE"]]
+        rows = [["RELAY", "SUBTREE", "CLIENTS", *(s for s, _ in short_states), "STATE"]]
         for d in job.relays:
             rows.append([d.relay, _one_line(", ".join(d.relays), 40), str(sum(d.counts.values())),
-                         *(str(d.counts.get(s.value, 0)) for _, s in _SHORT_STATES), d.state.value])
-        out += ["  " + line for line in _columns(rows, [False, False, True, *([True] * len(_SHORT_STATES)), False])]
+                         *(str(d.counts.get(s.value, 0)) for _, s in short_states), d.state.value])
+        out += ["  " + line for line in _columns(rows, [False, False, True, *([True] * len(short_states)), False])]
         clients = _client_rows(snap, job)
         out += ["", f"Clients ({len(clients)}):"]
         if clients:

@@ -1056,7 +1056,9 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         all_rows.extend(job_rows)
         base = cj.slot * _NSTATES
         by_state = {state.value: counts[base + k] for k, state in enumerate(_STATES)}
-        rollups.append(_rollup(cj.name, by_state, suspended=cj.suspend, max_failures=cj.max_failures))
+        # Before notBefore every row still to run waits for the schedule (rules.py says it per row).
+        rollups.append(_rollup(cj.name, by_state, suspended=cj.suspend, max_failures=cj.max_failures,
+                               scheduled=phases[cj.slot] == _BEFORE))
         usage[cj.name] = RolloutUsage(in_progress=gate.online_in_progress[cj.slot],
                                       failed=by_state[ClientState.FAILED.value],
                                       targets=len(job_rows) - by_state[ClientState.SKIPPED.value])

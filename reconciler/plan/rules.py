@@ -824,7 +824,10 @@ def plan_relay_by_rules(index: RelayIndex, clients: Sequence[Client], history: H
         total = len(job_rows)
         halted = jobs[name].max_failures is not None and failures_exceeded(
             counts[ClientState.FAILED.value], total - counts[ClientState.SKIPPED.value], jobs[name].max_failures)
-        rollups.append(JobRollup(name, job_state(counts, suspended=jobs[name].suspend, halted=halted), counts))
+        # Scheduled: every row still to run waits for the job's notBefore.
+        scheduled = all(r.reason is Reason.SCHEDULED for r in job_rows if r.state is ClientState.PENDING)
+        rollups.append(JobRollup(name, job_state(counts, suspended=jobs[name].suspend, halted=halted,
+                                                 scheduled=scheduled), counts))
         online = {c.id for c in clients if c.online}
         usage[name] = RolloutUsage(
             in_progress=sum(1 for r in job_rows if r.state is ClientState.IN_PROGRESS and r.client in online),

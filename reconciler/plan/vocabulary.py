@@ -54,6 +54,7 @@ class JobState(StrEnum):
     NO_TARGETS = "NoTargets"
     HALTED = "Halted"
     IN_PROGRESS = "InProgress"
+    SCHEDULED = "Scheduled"  # every row still to run waits for the job's future notBefore
     FAILED = "Failed"
     COMPLETED = "Completed"
 
@@ -270,40 +271,49 @@ def rollup(job: str, rows: Sequence[Row], *, suspended: bool = False,
     In order: ``Suspended`` (the job is suspended, or every row is),
     ``NoTargets`` (no rows), ``Halted`` (Failed rows exceed ``max_failures``,
     the job's ``rollout.maxFailures``, counted against its non-Skipped rows),
-    ``InProgress`` (any row Pending or InProgress, including rows waiting for
-    a future schedule), ``Failed`` (any Failed or Conflict), else
+    ``InProgress`` (any row InProgress, or Pending for another reason than
+    the job's future schedule), ``Scheduled`` (rows Pending only until the
+    job's ``notBefore``), ``Failed`` (any Failed or Conflict), else
     ``Completed``. (``Invalid`` is HQ's, for a commit that did not validate.)
     """
-    return _rollup(job, count_states(rows), suspended=suspended, max_failures=max_failures)
+    pending = [row for row in rows if row.state is ClientState.PENDING]
+    scheduled = all(row.reason is Reason.SCHEDULED for row in pending)
+    return _rollup(job, count_states(rows), suspended=suspended, max_failures=max_failures, scheduled=scheduled)
 
 
-def _rollup(job: str, counts: dict[str, int], *, suspended: bool, max_failures: int | str | None) -> JobRollup:
+def _rollup(job: str, counts: dict[str, int], *, suspended: bool, max_failures: int | str | None,
+            scheduled: bool = False) -> JobRollup:
     total = sum(counts.values())
     halted = max_failures is not None and failures_exceeded(
         counts[ClientState.FAILED], total - counts[ClientState.SKIPPED], max_failures)
-    return JobRollup(job=job, state=job_state(counts, suspended=suspended, halted=halted), counts=counts)
+    return JobRollup(job=job, state=job_state(counts, suspended=suspended, halted=halted, scheduled=scheduled),
+                     counts=counts)
 
 
 def job_state(counts: Mapping[str, int], *, suspended: bool = False, halted: bool = False,
-              waiting: bool = False, invalid: bool = False) -> JobState:
+              waiting: bool = False, invalid: bool = False, scheduled: bool = False) -> JobState:
     """Roll client counts up to a job state (DESIGN section 4): the worst state that applies.
 
     ``Invalid`` (the job cannot be planned, or HQ's commit did not validate),
     ``Suspended`` (the job is, or every row is), ``NoTargets`` (no rows and
     nothing ``waiting`` for a relay that has not reported yet), ``Halted``,
-    ``InProgress`` (any Pending or InProgress row, or ``waiting``),
-    ``Failed`` (any Failed or Conflict row), else ``Completed``. A job that
-    reaches no client yet but still waits for a relay is InProgress, not
-    NoTargets: the missing relay may well have clients.
+    ``InProgress`` (any InProgress row, any Pending row unless ``scheduled``,
+    or ``waiting``), ``Scheduled`` (Pending rows that all wait for the job's
+    future ``notBefore``: ``scheduled`` says so), ``Failed`` (any Failed or
+    Conflict row), else ``Completed``. A job that reaches no client yet but
+    still waits for a relay is InProgress, not NoTargets: the missing relay
+    may well have clients.
     """
     total = sum(counts.values())
+    pending = bool(counts.get(ClientState.PENDING.value, 0))
     applies = {
         JobState.INVALID: invalid,
         JobState.SUSPENDED: suspended or bool(total and counts.get(ClientState.SUSPENDED.value, 0) == total),
         JobState.NO_TARGETS: total == 0 and not waiting,
         JobState.HALTED: halted,
-        JobState.IN_PROGRESS: waiting or bool(counts.get(ClientState.PENDING.value, 0)
-                                              or counts.get(ClientState.IN_PROGRESS.value, 0)),
+        JobState.IN_PROGRESS: waiting or (pending and not scheduled)
+                              or bool(counts.get(ClientState.IN_PROGRESS.value, 0)),
+        JobState.SCHEDULED: pending and scheduled,
         JobState.FAILED: bool(counts.get(ClientState.FAILED.value, 0) or counts.get(ClientState.CONFLICT.value, 0)),
     }
     state = JobState.COMPLETED
