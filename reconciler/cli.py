@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", metavar="URL", help="git origin (default: the current repo's origin)")
     p.add_argument("--job", metavar="NAME", help="show only this job")
     p.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="output format")
-    p.add_argument("--wait", action="store_true", help="wait until the system has settled")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the commit is evaluated and rolled out; exit 0 all good, 1 settled with "
+                        "failures, 2 error, 3 commit rejected, 4 timeout")
+    p.add_argument("--commit", metavar="SHA",
+                   help="with --wait: the commit to wait for (default: the origin's current main)")
     p.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
                    help="give up waiting after S seconds (default: 300)")
     p.add_argument("--inventory", metavar="FILE",

@@ -482,6 +482,26 @@ class GitStore:
             return None
         return proc.stdout.decode("ascii").strip()
 
+    def resolve_commit(self, rev: str) -> str | None:
+        """The full sha of commit ``rev`` (a sha, an abbreviation or a branch) in the mirror; None if unknown."""
+        self._ensure_repo()
+        if not rev or rev.startswith("-") or "\n" in rev:
+            return None
+        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", check=False)
+        if proc.returncode != 0:
+            return None
+        return proc.stdout.decode("ascii").strip()
+
+    def contains(self, commit: str, other: str) -> bool:
+        """Whether ``commit`` is ``other`` or a descendant of it (``other`` is in its history)."""
+        if commit == other:
+            return True
+        self._ensure_repo()
+        proc = self._git("merge-base", "--is-ancestor", "--end-of-options", other, commit, check=False)
+        if proc.returncode in (0, 1):
+            return proc.returncode == 0
+        raise self._fail("merge-base", proc.stderr)
+
     def list_status_refs(self) -> dict[str, str]:
         """``{name: sha}`` for every ``status/<name>`` branch as of the last fetch."""
         self._ensure_repo()

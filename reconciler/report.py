@@ -54,6 +54,9 @@ from reconciler.times import parse_time as parse_time_text
 
 FAILURE_LIMIT = 50
 MAX_STATUS_FILE = 64 * 1024 * 1024
+# Skip messages summarised per job ("6 skipped: requires os windows"): the commonest few, cut short.
+SKIP_LIMIT = 5
+SKIP_MESSAGE_LIMIT = 200
 """Bytes a status file read from git may hold; a relay job file of 50,000 rows is about 7 MB."""
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
 
@@ -119,6 +122,8 @@ class RelayJobStatus:
     state: JobState
     counts: Mapping[str, int]
     rows: tuple[StatusRow, ...] = ()  # relays/<r>/jobs/<job>.yaml: every row; relay.yaml digest: first failures
+    pending: Mapping[str, int] = field(default_factory=dict)  # digest: Pending rows by reason
+    skipped: tuple[tuple[str, int], ...] = ()  # digest: the commonest skip messages, with their counts
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,8 @@ class JobReport:
     waiting_for: tuple[str, ...] = ()  # bounded
     waiting_count: int = 0
     scheduled_for: datetime | None = None  # the job's notBefore while it is Scheduled
+    pending: Mapping[str, int] = field(default_factory=dict)  # Pending rows by reason, all relays
+    skipped: tuple[tuple[str, int], ...] = ()  # the commonest skip messages, all relays
 
     @property
     def clients(self) -> int:
@@ -257,15 +264,17 @@ def add_counts(total: dict[str, int], more: Mapping[str, int]) -> None:
 
 
 def is_waiting_row(state: ClientState | str, message: str, reason: str | None = None) -> bool:
-    """Pending/InProgress and not merely waiting for a future schedule.
+    """Pending/InProgress and bound to move without a new commit.
 
-    Decided by the row's reason; only a row of a relay that writes none
-    (an older version) is judged by its message.
+    A row waiting for a future schedule or held by a Halted job is settled:
+    only time or a commit (a rerun) moves it. Decided by the row's reason;
+    only a row of a relay that writes none (an older version) is judged by
+    its message.
     """
     if ClientState(state) not in ACTIVE_STATES:
         return False
     if reason is not None:
-        return reason != Reason.SCHEDULED.value
+        return reason not in (Reason.SCHEDULED.value, Reason.HALTED.value)
     return not message.startswith(SCHEDULED_PREFIX)
 
 
@@ -488,6 +497,7 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                 "failures": [
                     {**_row_json(r), "message": _cut(r.message)} for r in failures
                 ],
+                **_why(rows),
             }
     files[f"{prefix}relay.yaml"] = dump_yaml({
         "relay": relay,
@@ -559,6 +569,24 @@ def render_fleet_inventory(clients: Sequence[tuple[str, InventoryEntry]]) -> str
                                 for relay, entry in sorted(clients, key=lambda c: (c[0], c[1].id))], {})
 
 
+def _why(rows: Iterable[StatusRow]) -> dict[str, Any]:
+    """A digest's ``pending`` (Pending rows by reason) and ``skipped`` (the commonest skip messages)."""
+    pending: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for r in rows:
+        if r.state is ClientState.PENDING and r.reason:
+            pending[r.reason] = pending.get(r.reason, 0) + 1
+        elif r.state is ClientState.SKIPPED:
+            message = _cut(r.message, SKIP_MESSAGE_LIMIT)
+            skipped[message] = skipped.get(message, 0) + 1
+    return {"pending": dict(sorted(pending.items())),
+            "skipped": [{"message": m, "count": n} for m, n in _commonest(skipped.items())]}
+
+
+def _commonest(counted: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    return sorted(counted, key=lambda item: (-item[1], item[0]))[:SKIP_LIMIT]
+
+
 def _row(raw: Mapping[str, Any], what: str) -> StatusRow:
     """A schema-checked row."""
     return StatusRow(client=raw["client"], state=ClientState(raw["state"]), installed_version=raw["installedVersion"],
@@ -583,7 +611,9 @@ def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:
         raise ReportError(f"{path}: relay {relay!r} does not match the file's path")
     jobs = {
         name: RelayJobStatus(job=name, state=JobState(digest["state"]), counts=_counts(digest["counts"]),
-                             rows=tuple(_row(r, path) for r in digest["failures"]))
+                             rows=tuple(_row(r, path) for r in digest["failures"]),
+                             pending=dict(digest.get("pending", {})),
+                             skipped=tuple((s["message"], int(s["count"])) for s in digest.get("skipped", ())))
         for name, digest in sorted(doc["jobs"].items())
     }
     return RelayStatus(relay=relay, observed_commit=doc["observedCommit"], clients=int(doc["clients"]),
@@ -819,6 +849,16 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
                 failures.append(Failure(job.name, name, row.client, row.state, row.installed_version,
                                         row.attempts, _cut(row.message)))
     failures.sort(key=lambda f: (f.relay, f.client))
+    pending: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for name in reached:
+        status = relays.get(name)
+        digest = status.jobs.get(job.name) if status else None
+        if digest is not None:
+            for reason, n in digest.pending.items():
+                pending[reason] = pending.get(reason, 0) + n
+            for message, n in digest.skipped:
+                skipped[message] = skipped.get(message, 0) + n
     shown, total = _bounded(waiting)
     return JobReport(
         job=job.name,
@@ -835,6 +875,8 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
         waiting_for=shown,
         waiting_count=total,
         scheduled_for=job.not_before if state is JobState.SCHEDULED else None,
+        pending=dict(sorted(pending.items())),
+        skipped=tuple(_commonest(skipped.items())),
     )
 
 
@@ -867,6 +909,8 @@ def render_job_report(report: JobReport, accepted_commit: str | None) -> bytes:
         "waitingCount": report.waiting_count,
         "failures": [_failure_json(f) for f in report.failures],
         "failureCount": report.failure_count,
+        "pending": dict(report.pending),
+        "skipped": [{"message": m, "count": n} for m, n in report.skipped],
     })
 
 
@@ -898,6 +942,8 @@ def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
         waiting_for=tuple(doc["waitingFor"]),
         waiting_count=int(doc["waitingCount"]),
         scheduled_for=_time(doc.get("scheduledFor"), what),
+        pending=dict(doc.get("pending", {})),
+        skipped=tuple((s["message"], int(s["count"])) for s in doc.get("skipped", ())),
     )
 
 
@@ -1005,6 +1051,16 @@ def state_label(job: JobReport) -> str:
     return label
 
 
+def pending_label(job: JobReport) -> str:
+    """``12 scheduled, 3 rolloutSlot``: the job's Pending rows by reason, most first ("" when none)."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(job.pending.items(), key=lambda i: (-i[1], i[0])) if n)
+
+
+def skipped_label(job: JobReport) -> str:
+    """``6 skipped: requires os windows; 1 skipped: ...``: the commonest skip messages ("" when none)."""
+    return "; ".join(f"{n} skipped: {message}" for message, n in job.skipped)
+
+
 def summary_columns(jobs: Iterable[JobReport]) -> tuple[ClientState, ...]:
     """The state columns of a jobs table: :data:`SUMMARY_COLUMNS`, plus Suspended when a row is."""
     suspended = any(job.counts.get(ClientState.SUSPENDED.value, 0) for job in jobs)
@@ -1057,6 +1113,15 @@ def render_summary(report: HqReport, only_job: str | None = None) -> str:
     else:
         out.append("No jobs in the accepted commit.")
     out.append("")
+
+    why = [(job, pending_label(job), skipped_label(job)) for job in jobs]
+    why = [(job, pending, skipped) for job, pending, skipped in why if pending or skipped]
+    if why:
+        out += ["## Why clients wait or were skipped", ""]
+        out += _table(["Job", "Pending, by reason", "Skipped"],
+                      [[_md(job.job), _md(pending) or "-", _md(skipped) or "-"] for job, pending, skipped in why],
+                      [False, False, False])
+        out.append("")
 
     failures = [f for j in jobs for f in j.failures]
     failure_total = sum(j.failure_count for j in jobs)

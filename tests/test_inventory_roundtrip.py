@@ -114,7 +114,7 @@ def test_a_moved_client_is_kept_once_and_a_bad_relay_inventory_is_said(origin: O
                                                                        [entry({"id": "pc-09"})], []))
 
     done = status(origin, tmp_path, "--inventory", str(tmp_path / "fleet.json"))
-    assert done.returncode == 1
+    assert done.returncode == 2
     notes = done.stderr.splitlines()
     assert "reconciler status: client pc-01 is in the inventories of relay-kanto and relay-yokohama; " \
            "kept relay-yokohama's (online)" in notes

@@ -597,3 +597,54 @@ def test_a_client_message_cannot_become_a_link_or_image_in_the_summary() -> None
     cell = report._md("[re-enter your password](https://evil.example/login) ![](https://evil.example/p.png) \\x")
     assert cell == ("\\[re-enter your password\\](https://evil.example/login) !\\[\\](https://evil.example/p.png) "
                     "\\\\x")
+
+
+def test_pending_reasons_and_skip_messages_are_counted_per_job_across_relays() -> None:
+    def files(relay: str, rows: list[tuple[str, ClientState, str, Reason]]) -> dict[str, bytes]:
+        plan_rows = tuple(Row("install-7zip", relay, client, state, None, "7zip", "23.01", None, 0, message, None,
+                              reason) for client, state, message, reason in rows)
+        counts = report.count_states(r.state for r in plan_rows)
+        rollups = (JobRollup("install-7zip", report.job_state(counts), counts),)
+        return report.render_relay_status(relay, C1, Plan(relay, plan_rows, (), rollups), {}, [], [])
+
+    windows = "requires os windows"
+    kanto = files("relay-kanto", [
+        ("pc-k1", PEND, "waiting for a rollout slot", Reason.ROLLOUT_SLOT),
+        ("pc-k2", PEND, "waiting for a rollout slot", Reason.ROLLOUT_SLOT),
+        ("pc-k3", PEND, "retry at 2026-06-01T12:05:00Z", Reason.RETRY_BACKOFF),
+        ("pc-k4", ClientState.SKIPPED, windows, Reason.REQUIREMENTS),
+        ("pc-k5", ClientState.SKIPPED, "needs 4000 MB free disk", Reason.REQUIREMENTS),
+    ])
+    assert_valid_status_files(kanto)
+    digest = report.parse_relay_status(kanto).jobs["install-7zip"]
+    assert dict(digest.pending) == {"retryBackoff": 1, "rolloutSlot": 2}
+    assert digest.skipped == (("needs 4000 MB free disk", 1), (windows, 1))
+    yokohama = files("relay-yokohama", [(f"pc-y{i}", ClientState.SKIPPED, windows, Reason.REQUIREMENTS)
+                                        for i in range(5)] + [("pc-y9", PEND, "queued", Reason.QUEUED)])
+    fleet = statuses(kanto, yokohama)
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet)
+    seven = _job(hq, "install-7zip")
+    assert dict(seven.pending) == {"queued": 1, "retryBackoff": 1, "rolloutSlot": 2}
+    assert seven.skipped == ((windows, 6), ("needs 4000 MB free disk", 1))
+    assert report.pending_label(seven) == "2 rolloutSlot, 1 queued, 1 retryBackoff"
+    assert report.skipped_label(seven) == f"6 skipped: {windows}; 1 skipped: needs 4000 MB free disk"
+    hq_files = report.render_hq_status(hq)
+    assert_valid_status_files(hq_files)
+    parsed = report.parse_job_report(hq_files["jobs/install-7zip.yaml"])
+    assert (dict(parsed.pending), parsed.skipped) == (dict(seven.pending), seven.skipped)
+    summary = hq_files["summary.md"].decode()
+    assert "## Why clients wait or were skipped" in summary
+    line = next(line for line in summary.splitlines() if line.startswith("| install-7zip") and "skipped" in line)
+    assert "2 rolloutSlot, 1 queued, 1 retryBackoff" in line and f"6 skipped: {windows}" in line
+
+
+def test_skip_messages_are_bounded_in_number_and_length() -> None:
+    rows = tuple(Row("install-7zip", "relay-kanto", f"pc-{i}", ClientState.SKIPPED, None, "7zip", "23.01", None, 0,
+                     f"reason {i % 9} " + "x" * 500, None, Reason.REQUIREMENTS) for i in range(90))
+    counts = report.count_states(r.state for r in rows)
+    files = report.render_relay_status("relay-kanto", C1, Plan("relay-kanto", rows, (), (
+        JobRollup("install-7zip", JobState.COMPLETED, counts),)), {}, [], [])
+    assert_valid_status_files(files)
+    skipped = report.parse_relay_status(files).jobs["install-7zip"].skipped
+    assert len(skipped) == report.SKIP_LIMIT and all(n == 10 for _, n in skipped)
+    assert all(len(message) <= report.SKIP_MESSAGE_LIMIT for message, _ in skipped)

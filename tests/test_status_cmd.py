@@ -65,8 +65,9 @@ def test_json_report(fleet: Origin, tmp_path: Path) -> None:
             doc["validationErrors"]) == (fleet.head, fleet.head, True, None, [])
     jobs = {j["name"]: j for j in doc["jobs"]}
     seven = jobs["install-7zip"]
-    assert list(seven) == ["name", "state", "scheduledFor", "counts", "relays", "clients"]
+    assert list(seven) == ["name", "state", "scheduledFor", "counts", "pending", "skipped", "relays", "clients"]
     assert seven["scheduledFor"] is None
+    assert seven["skipped"] == [{"message": "requires os windows", "count": 1}]
     assert seven["state"] == "Failed"
     assert seven["counts"]["Succeeded"] == 2 and seven["counts"]["Skipped"] == 1 and seven["counts"]["Failed"] == 1
     assert seven["relays"] == [{"relay": "relay-kanto", "state": "Failed", "counts": seven["counts"]}]
@@ -106,7 +107,7 @@ def test_text_and_markdown(fleet: Origin, tmp_path: Path) -> None:
     assert "Clients (4):" in one.stdout and "pc-yoko-002" in one.stdout and "install-putty" not in one.stdout
 
     unknown = status(fleet, tmp_path, "--job", "install-nothing")
-    assert unknown.returncode == 1
+    assert unknown.returncode == 2
     assert "no job 'install-nothing'" in unknown.stderr and "install-7zip" in unknown.stderr
 
 
@@ -120,11 +121,61 @@ def test_default_origin_is_the_current_repository_remote(fleet: Origin, tmp_path
     assert proc.returncode == 2 and "--origin" in proc.stderr
 
 
-def test_wait_exits_0_when_settled(fleet: Origin, tmp_path: Path) -> None:
+def test_wait_exits_1_when_settled_with_failures(fleet: Origin, tmp_path: Path) -> None:
     # Failed and Skipped rows are settled; the Pending row waits for a future schedule.
     proc = status(fleet, tmp_path, "--wait", "--timeout", "30", "--format", "json")
-    assert proc.returncode == 0, proc.stderr  # settled: a timeout would exit 1
+    assert proc.returncode == 1, proc.stderr  # settled: a timeout would exit 4
     assert json.loads(proc.stdout)["acceptedCommit"] == fleet.head
+    assert proc.stderr == "reconciler status: settled with failures: install-7zip (Failed, 1 failed)\n"
+    # the job asked about decides alone
+    assert status(fleet, tmp_path, "--wait", "--timeout", "30", "--job", "install-putty").returncode == 0
+
+
+def all_good(relay: str) -> dict[str, list[tuple[str, ClientState, str]]]:
+    rows = settled_rows(relay)
+    if relay == "relay-kanto":
+        rows = {"install-7zip": [("pc-kanto-001", OK, "installed"), ("pc-kanto-002", OK, "installed")]}
+    return rows
+
+
+def test_wait_exits_0_when_settled_and_all_good(origin: Origin, tmp_path: Path) -> None:
+    hq = hq_pass(origin, tmp_path / "hq")
+    publish_all(origin, tmp_path, all_good)
+    hq.run_pass()
+    proc = status(origin, tmp_path, "--wait", "--timeout", "30", "--commit", origin.head)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    # an older commit that the accepted one contains is rolled out too; an abbreviation will do
+    older = origin.head
+    origin.commit("docs", lambda w: (w / "README.md").write_text("more\n"))
+    hq.run_pass()
+    publish_all(origin, tmp_path, all_good)
+    assert status(origin, tmp_path, "--wait", "--timeout", "30", "--commit", older[:10]).returncode == 0
+    unknown = status(origin, tmp_path, "--wait", "--timeout", "30", "--commit", "0" * 40)
+    assert (unknown.returncode, unknown.stderr) == (2, f"reconciler status: commit {'0' * 40!r} is not on the origin\n")
+    assert status(origin, tmp_path, "--commit", origin.head).returncode == 2  # --commit needs --wait
+
+
+def test_wait_exits_3_when_the_awaited_commit_is_rejected(origin: Origin, tmp_path: Path) -> None:
+    hq = hq_pass(origin, tmp_path / "hq")
+    publish_all(origin, tmp_path, all_good)
+    hq.run_pass()
+    good = origin.head
+
+    def break_spec(work: Path) -> None:
+        path = work / "jobs" / "install-7zip.yaml"
+        path.write_text(path.read_text().replace('version: "23.01"', 'version: "99.0"'))
+
+    bad = origin.commit("a job naming a package that does not exist", break_spec)
+    hq.run_pass()
+    proc = status(origin, tmp_path, "--wait", "--timeout", "30")
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == (f"reconciler status: {bad[:12]} was rejected: main {bad[:12]} does not validate "
+                        f"(1 error); the accepted commit {good[:12]} stays in force")
+    assert lines[1].startswith("  jobs/install-7zip.yaml:") and "99.0" in lines[1]
+    assert "INVALID" in proc.stdout  # the report says it too
+    # the commit before it is in force and settled: waiting for it succeeds
+    assert status(origin, tmp_path, "--wait", "--timeout", "30", "--commit", good).returncode == 0
 
 
 def test_wait_times_out_saying_what_it_waits_for(origin: Origin, tmp_path: Path) -> None:
@@ -139,7 +190,7 @@ def test_wait_times_out_saying_what_it_waits_for(origin: Origin, tmp_path: Path)
     publish_all(origin, tmp_path, busy, relays=("relay-kanto", "relay-yokohama", "relay-osaka"))
     hq.run_pass()
     proc = status(origin, tmp_path, "--wait", "--timeout", "1")
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     assert "timed out after 1s; still waiting for:" in proc.stderr
     assert "relay relay-fukuoka has not published status yet" in proc.stderr
     assert "job install-7zip: 2 clients Pending or InProgress on relay-yokohama (pc-yoko-001, pc-yoko-002)" in proc.stderr
@@ -152,7 +203,7 @@ def test_wait_times_out_saying_what_it_waits_for(origin: Origin, tmp_path: Path)
     hq.run_pass()
     publish_all(origin, tmp_path, busy, commit=old, relays=("relay-fukuoka",))
     proc = status(origin, tmp_path, "--wait", "--timeout", "1")
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     assert f"relay relay-fukuoka has not published status for the accepted commit {origin.head[:12]} " \
            f"(it reports {old[:12]})" in proc.stderr
 
@@ -160,14 +211,14 @@ def test_wait_times_out_saying_what_it_waits_for(origin: Origin, tmp_path: Path)
 def test_wait_notices_hq_has_not_evaluated_main(fleet: Origin, tmp_path: Path) -> None:
     head = fleet.commit("change", lambda w: (w / "README.md").write_text("changed\n"))
     proc = status(fleet, tmp_path, "--wait", "--timeout", "1")
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     assert f"HQ has not evaluated main {head[:12]} yet" in proc.stderr
-    assert status(fleet, tmp_path, "--wait", "--timeout", "1", "--job", "install-7zip").returncode == 1
+    assert status(fleet, tmp_path, "--wait", "--timeout", "1", "--job", "install-7zip").returncode == 4
 
 
 def test_wait_without_hq(origin: Origin, tmp_path: Path) -> None:
     proc = status(origin, tmp_path, "--wait", "--timeout", "1")
-    assert proc.returncode == 1 and "HQ has not published status/hq yet" in proc.stderr
+    assert proc.returncode == 4 and "HQ has not published status/hq yet" in proc.stderr
     assert "HQ has not run a pass" in status(origin, tmp_path).stdout
 
 
@@ -184,7 +235,7 @@ def test_wait_returns_as_soon_as_the_system_settles(origin: Origin, tmp_path: Pa
             proc.wait(timeout=1.5)  # still waiting for relay-fukuoka
         publish_all(origin, tmp_path, relays=("relay-fukuoka",))
         out, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, err  # settled once fukuoka published, well before its 60 s timeout
+        assert proc.returncode == 1, err  # settled (with kanto's failure) once fukuoka published, before 60 s
         assert json.loads(out)["acceptedCommit"] == origin.head
     finally:
         if proc.poll() is None:

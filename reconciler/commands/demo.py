@@ -225,6 +225,8 @@ def progress_line(report: dict[str, Any]) -> str:
         text = f"{job['name']} {done}/{total}"
         if failed:
             text += f" ({failed} failed)"
+        if job.get("state") == "Scheduled":
+            text += " (scheduled)"
         parts.append(text)
     if not any(sum(job.get("counts", {}).values()) for job in report.get("jobs", [])):
         return "waiting for the relays to report their clients"
@@ -252,25 +254,30 @@ class Progress:
         self._stop.set()
         if self.enabled:
             self._thread.join(timeout=10)
+            if exc[0] is None and not self._thread.is_alive():
+                self._show()  # the settled counts, never the last poll's older ones
             if self.tty and self._last:
                 self.out.write("\n")
                 self.out.flush()
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
-            report = read_status(self.origin)
-            if report is None:
-                continue
-            line = progress_line(report)
-            if line == self._last:
-                continue
-            self._last = line
-            if self.tty:
-                width = shutil.get_terminal_size((120, 20)).columns
-                self.out.write("\r\033[K  " + line[: width - 3])
-            else:
-                self.out.write(f"  {line}\n")
-            self.out.flush()
+            self._show()
+
+    def _show(self) -> None:
+        report = read_status(self.origin)
+        if report is None:
+            return
+        line = progress_line(report)
+        if line == self._last:
+            return
+        self._last = line
+        if self.tty:
+            width = shutil.get_terminal_size((120, 20)).columns
+            self.out.write("\r\033[K  " + line[: width - 3])
+        else:
+            self.out.write(f"  {line}\n")
+        self.out.flush()
 
 
 def wait_settled(origin: Path, children: Children, timeout: float) -> None:
@@ -291,7 +298,8 @@ def wait_settled(origin: Path, children: Children, timeout: float) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if proc.returncode != 0:
+    # 0: settled, all good; 1: settled with failures (the demo's first round has two, by design)
+    if proc.returncode not in (0, 1):
         raise DemoError(f"the fleet did not settle within {timeout:.0f} s: {(stderr or stdout).strip()[-800:]}")
 
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -297,8 +297,28 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
-    """Why the system has not settled; empty when it has (DESIGN section 7, ``status --wait``)."""
+# ``status --wait`` exit codes (README, "Command reference").
+EXIT_SETTLED = 0  # settled, and no row Failed or Conflict, no job Halted
+EXIT_FAILURES = 1  # settled with Failed or Conflict rows, or a Halted job
+EXIT_ERROR = 2  # no origin, a git failure, an unknown job or commit, an unreadable inventory
+EXIT_REJECTED = 3  # HQ evaluated the awaited commit and rejected it as invalid
+EXIT_TIMEOUT = 4  # still not settled after --timeout
+
+Covers = Callable[[str, str], bool]  # covers(commit, other): other is commit or in its history
+
+
+def _same(commit: str, other: str) -> bool:
+    return commit == other
+
+
+def waiting_reasons(snap: Snapshot, only_job: str | None = None, target: str | None = None,
+                    covers: Covers = _same) -> list[str]:
+    """Why the system has not settled; empty when it has (DESIGN section 7, ``status --wait``).
+
+    ``target`` is the commit waited for (default: the origin's current
+    ``main``): HQ must have evaluated it or a commit after it. ``covers``
+    tells whether a commit includes another.
+    """
     reasons = list(snap.problems)
     hq = snap.view
     if hq is None:
@@ -307,10 +327,12 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
     if failed is not None:
         reasons.append(f"HQ could not evaluate {hq.branch} {report.short(failed.commit)} and retries it: "
                        f"{_one_line(failed.message, 200)}")
-    if (snap.main_commit is not None and hq.accepted.main_commit != snap.main_commit
-            and (failed is None or failed.commit != snap.main_commit)):
-        reasons.append(f"HQ has not evaluated {hq.branch} {report.short(snap.main_commit)} yet "
-                       f"({HQ_STATUS_REF} is for {report.short(hq.accepted.main_commit)})")
+    awaited = target if target is not None else snap.main_commit
+    evaluated = hq.accepted.main_commit
+    if (awaited is not None and (evaluated is None or not covers(evaluated, awaited))
+            and (failed is None or not covers(failed.commit, awaited))):
+        reasons.append(f"HQ has not evaluated {hq.branch} {report.short(awaited)} yet "
+                       f"({HQ_STATUS_REF} is for {report.short(evaluated)})")
     accepted = hq.accepted.accepted_commit
     if accepted is None or snap.specs is None or snap.reach is None:
         return reasons
@@ -347,6 +369,31 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None) -> list[str]:
     return reasons
 
 
+def rejected(snap: Snapshot, target: str | None, covers: Covers) -> bool:
+    """Whether HQ evaluated ``target`` (or a commit after it) as invalid, and the accepted commit lacks it."""
+    hq = snap.view
+    if hq is None or target is None:
+        return False
+    accepted = hq.accepted
+    return (accepted.main_valid is False and accepted.main_commit is not None
+            and covers(accepted.main_commit, target)
+            and (accepted.accepted_commit is None or not covers(accepted.accepted_commit, target)))
+
+
+def failed_jobs(snap: Snapshot, only_job: str | None = None) -> list[str]:
+    """Jobs with Failed or Conflict rows, or Halted: a settled system with these is not all good."""
+    if snap.view is None:
+        return []
+    bad = []
+    for job in snap.view.jobs:
+        if only_job is not None and job.job != only_job:
+            continue
+        if (job.state is JobState.HALTED or job.counts.get(ClientState.FAILED.value, 0)
+                or job.counts.get(ClientState.CONFLICT.value, 0)):
+            bad.append(f"{job.job} ({report.state_label(job)}, {job.failure_count} failed)")
+    return bad
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -380,6 +427,8 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
                 "state": job.state.value,
                 "scheduledFor": report.format_time(job.scheduled_for),
                 "counts": dict(job.counts),
+                "pending": dict(job.pending),
+                "skipped": [{"message": m, "count": n} for m, n in job.skipped],
                 "relays": [{"relay": d.relay, "state": d.state.value, "counts": dict(d.counts)} for d in job.relays],
                 "clients": [
                     {"client": row.client, "relay": relay, "state": row.state.value, "reason": row.reason,
@@ -444,6 +493,13 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
             rows.append([job.job, report.package_label(job), str(job.clients),
                          *(str(job.counts.get(s.value, 0)) for _, s in short_states), report.state_label(job)])
         out += _columns(rows, [False, False, True, *([True] * len(short_states)), False])
+        why = [(job.job, report.pending_label(job), report.skipped_label(job)) for job in jobs]
+        if any(pending for _, pending, _ in why):
+            out += ["", "Pending, by reason:"]
+            out += [f"  {name}  {pending}" for name, pending, _ in why if pending]
+        if any(skipped for _, _, skipped in why):
+            out += ["", "Skipped:"]
+            out += [f"  {name}  {_one_line(skipped, 200)}" for name, _, skipped in why if skipped]
     else:
         out.append("No jobs." if accepted.accepted_commit else "No commit has been accepted yet.")
     if only_job is not None and jobs:
@@ -457,11 +513,11 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
         clients = _client_rows(snap, job)
         out += ["", f"Clients ({len(clients)}):"]
         if clients:
-            rows = [["CLIENT", "RELAY", "STATE", "INSTALLED", "ATTEMPTS", "MESSAGE"]]
+            rows = [["CLIENT", "RELAY", "STATE", "REASON", "INSTALLED", "ATTEMPTS", "MESSAGE"]]
             for relay, row in clients:
-                rows.append([row.client, relay, row.state.value, row.installed_version or "-", str(row.attempts),
-                             _one_line(row.message)])
-            out += ["  " + line for line in _columns(rows, [False, False, False, False, True, False])]
+                rows.append([row.client, relay, row.state.value, row.reason or "-", row.installed_version or "-",
+                             str(row.attempts), _one_line(row.message)])
+            out += ["  " + line for line in _columns(rows, [False, False, False, False, False, True, False])]
     failures = [f for j in jobs for f in j.failures]
     total = sum(j.failure_count for j in jobs)
     if total and only_job is None:
@@ -593,18 +649,43 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
         known = ", ".join(j.job for j in snap.view.jobs) or "none"
         print(f"reconciler status: no job {args.job!r} in the accepted commit "
               f"{report.short(snap.view.accepted.accepted_commit)} (jobs: {known})", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    if args.commit is not None and not args.wait:
+        print("reconciler status: --commit needs --wait", file=sys.stderr)
+        return EXIT_ERROR
     if not args.wait:
-        return _show(args, reader, snap, 0)
+        return _show(args, reader, snap, EXIT_SETTLED)
+    target = snap.main_commit
+    if args.commit is not None:
+        target = reader.store.resolve_commit(args.commit)
+        if target is None:
+            print(f"reconciler status: commit {args.commit!r} is not on the origin", file=sys.stderr)
+            return EXIT_ERROR
+    covers = reader.store.contains
     deadline = time.monotonic() + args.timeout
     watcher = ChangeWatcher(origin, WAIT_POLL_SECONDS)
     watcher.start()
     last: list[str] | None = None
     try:
         while True:
-            reasons = waiting_reasons(snap, args.job)
+            if rejected(snap, target, covers):
+                assert snap.view is not None and target is not None
+                code = _show(args, reader, snap, EXIT_REJECTED)
+                accepted = snap.view.accepted
+                print(f"reconciler status: {report.short(target)} was rejected: {snap.view.branch} "
+                      f"{report.short(accepted.main_commit)} does not validate "
+                      f"({_plural(len(snap.view.validation_errors), 'error')}); the accepted commit "
+                      f"{report.short(accepted.accepted_commit)} stays in force", file=sys.stderr)
+                for e in snap.view.validation_errors[: report.LIST_LIMIT]:
+                    print(f"  {e.path}:{e.line}:{e.column}: {e.message}", file=sys.stderr)
+                return code
+            reasons = waiting_reasons(snap, args.job, target, covers)
             if not reasons:
-                return _show(args, reader, snap, 0)
+                failures = failed_jobs(snap, args.job)
+                code = _show(args, reader, snap, EXIT_FAILURES if failures else EXIT_SETTLED)
+                if failures:
+                    print(f"reconciler status: settled with failures: {'; '.join(failures)}", file=sys.stderr)
+                return code
             if sys.stderr.isatty() and reasons != last:
                 print(f"waiting: {reasons[0]}" + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""),
                       file=sys.stderr)
@@ -616,13 +697,13 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
             snap = _read(reader, args)
     finally:
         watcher.stop()
-    _show(args, reader, snap, 1)
+    _show(args, reader, snap, EXIT_TIMEOUT)
     print(f"reconciler status: timed out after {args.timeout:g}s; still waiting for:", file=sys.stderr)
     for reason in reasons[: report.LIST_LIMIT]:
         print(f"  - {reason}", file=sys.stderr)
     if len(reasons) > report.LIST_LIMIT:
         print(f"  - … and {len(reasons) - report.LIST_LIMIT} more", file=sys.stderr)
-    return 1
+    return EXIT_TIMEOUT
 
 
 def _show(args: argparse.Namespace, reader: Reader, snap: Snapshot, code: int) -> int:
@@ -630,10 +711,10 @@ def _show(args: argparse.Namespace, reader: Reader, snap: Snapshot, code: int) -
     if args.inventory is not None:
         try:
             if not write_inventory(reader, snap, args.inventory):
-                code = code or 1
+                code = code or EXIT_ERROR
         except OSError as e:
             print(f"reconciler status: cannot write {args.inventory}: {e.strerror or e}", file=sys.stderr)
-            return 2
+            return EXIT_ERROR
     if args.inventory != "-":
         _emit(render(snap, args.format, args.job), sys.stdout)
     return code
