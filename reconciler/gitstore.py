@@ -1064,6 +1064,22 @@ class _RefsHandler(FileSystemEventHandler):
                 return
 
 
+class _WatchdogStopNoise(logging.Filter):
+    """Drops the error line watchdog's inotify emitter logs when it is stopped while reading.
+
+    Stopping a watcher races with its reader thread; since watchdog 6 the
+    loser logs "queue_events() called when the thread is inactive" at error
+    level, which every ``status --wait`` would print on exit. Nothing is
+    lost: the watcher is being stopped on purpose. Other records pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_WatchdogStopNoise())
+
+
 class ChangeWatcher:
     """Wakes a reconcile loop: watchdog on a local origin's refs (reacts at once), an explicit trigger (webhook), or the poll interval as fallback.
 

@@ -618,3 +618,15 @@ def test_read_paths_reads_many_refs_in_one_batch(tmp_path: Path) -> None:
     ])
     assert got == [b"a: 1\n", b"b: 2\n", None, None, b"b: 2\n"]
     assert reader.read_paths([]) == []
+
+
+def test_watchdogs_stop_race_line_is_dropped_and_other_lines_are_not(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import reconciler.gitstore  # noqa: F401 - installs the filter
+
+    emitter = logging.getLogger("watchdog.observers.inotify")
+    with caplog.at_level(logging.ERROR, logger="watchdog"):
+        emitter.error("InotifyEmitter.queue_events() called when the thread is inactive")
+        emitter.error("inotify watch limit reached")
+    assert [r.getMessage() for r in caplog.records] == ["inotify watch limit reached"]
