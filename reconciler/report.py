@@ -56,6 +56,8 @@ FAILURE_LIMIT = 50
 MAX_STATUS_FILE = 64 * 1024 * 1024
 # Skip messages summarised per job ("6 skipped: requires os windows"): the commonest few, cut short.
 SKIP_LIMIT = 5
+# Failures named per relay in summary.md's relay section.
+RELAY_FAILURE_LIMIT = 3
 SKIP_MESSAGE_LIMIT = 200
 """Bytes a status file read from git may hold; a relay job file of 50,000 rows is about 7 MB."""
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
@@ -219,6 +221,7 @@ class RelayReport:
     clients: int
     updated_at: datetime | None
     errors: tuple[str, ...]
+    failed: int = 0  # Failed and Conflict rows over every job
 
 
 @dataclass(frozen=True)
@@ -784,6 +787,8 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
                 clients=status.clients if status else 0,
                 updated_at=status.updated_at if status else None,
                 errors=tuple(_cut(e) for e in status.errors[:LIST_LIMIT]) if status else (),
+                failed=sum(d.counts.get(ClientState.FAILED.value, 0) + d.counts.get(ClientState.CONFLICT.value, 0)
+                           for d in status.jobs.values()) if status else 0,
             ))
     return HqReport(branch=branch, accepted=accepted, validation_errors=tuple(sorted(validation_errors)),
                     jobs=tuple(jobs), relays=tuple(relay_reports))
@@ -953,7 +958,7 @@ def render_relays(report: HqReport) -> bytes:
         "relays": [
             {"relay": r.relay, "parent": r.parent, "reported": r.reported, "observedCommit": r.observed_commit,
              "current": r.current, "clients": r.clients, "updatedAt": format_time(r.updated_at),
-             "errors": list(r.errors)}
+             "errors": list(r.errors), "failed": r.failed}
             for r in report.relays
         ],
     })
@@ -966,7 +971,7 @@ def parse_relays(data: bytes) -> tuple[RelayReport, ...]:
     return tuple(
         RelayReport(relay=r["relay"], parent=r["parent"], reported=r["reported"], observed_commit=r["observedCommit"],
                     current=r["current"], clients=int(r["clients"]), updated_at=_time(r["updatedAt"], RELAYS_FILE),
-                    errors=tuple(r["errors"]))
+                    errors=tuple(r["errors"]), failed=int(r.get("failed", 0)))
         for r in doc["relays"]
     )
 
@@ -1039,6 +1044,60 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right)) + "|"
     return [line(header), rule, *(line(r) for r in rows)]
+
+
+def relay_tree(relays: Sequence[RelayReport]) -> list[tuple[int, RelayReport]]:
+    """The relays in tree order (each after its parent, siblings by name), with their depth below HQ."""
+    children: dict[str, list[RelayReport]] = {}
+    names = {r.relay for r in relays}
+    for r in sorted(relays, key=lambda r: r.relay):
+        children.setdefault(r.parent if r.parent in names else "", []).append(r)
+    ordered: list[tuple[int, RelayReport]] = []
+    stack = [(0, r) for r in reversed(children.get("", []))]
+    seen: set[str] = set()
+    while stack:
+        depth, r = stack.pop()
+        if r.relay in seen:  # a cycle cannot validate; never loop on one
+            continue
+        seen.add(r.relay)
+        ordered.append((depth, r))
+        stack += [(depth + 1, c) for c in reversed(children.get(r.relay, []))]
+    return ordered
+
+
+def _relay_section(report: HqReport, failures: Sequence[Failure]) -> list[str]:
+    """summary.md's relays: a table in tree order (nesting indented), then the first failures of each."""
+    out = [f"## Relays ({len(report.relays)})", ""]
+    behind = sum(1 for r in report.relays if not r.current)
+    if behind:
+        out += [f"{behind} of {len(report.relays)} relays have not reported the accepted commit.", ""]
+    rows = []
+    tree = relay_tree(report.relays)
+    for depth, r in tree[:LIST_LIMIT]:
+        if not r.reported:
+            seen = "no status yet"
+        elif r.current:
+            seen = "accepted commit"
+        else:
+            seen = f"behind: `{short(r.observed_commit)}`"
+        name = "\u00a0\u00a0" * depth + ("└ " if depth else "") + _md(r.relay)
+        rows.append([name, str(r.clients), seen, format_time(r.updated_at) or "-", str(r.failed),
+                     _md(r.errors[0], 200) if r.errors else "-"])
+    out += _table(["Relay", "Clients", "Status for", "Last change", "Failed", "Error"], rows,
+                  [False, True, False, False, True, False])
+    if len(tree) > LIST_LIMIT:
+        out.append(f"… and {len(tree) - LIST_LIMIT} more relays (all in `relays.yaml`)")
+    by_relay: dict[str, list[Failure]] = {}
+    for f in failures:
+        by_relay.setdefault(f.relay, []).append(f)
+    first = [(r.relay, by_relay[r.relay][:RELAY_FAILURE_LIMIT]) for _, r in tree if r.relay in by_relay]
+    if first:
+        out += ["", "First failures per relay:", ""]
+        for relay, shown in first[:LIST_LIMIT]:
+            listed = "; ".join(f"{_md(f.client)} ({_md(f.job)}): {_md(f.message, 120)}" for f in shown)
+            out.append(f"- {_md(relay)}: {listed}")
+    out.append("")
+    return out
 
 
 def state_label(job: JobReport) -> str:
@@ -1155,23 +1214,8 @@ def render_summary(report: HqReport, only_job: str | None = None) -> str:
         out.append("None." if accepted.main_commit else "main not evaluated.")
     out.append("")
 
-    behind = [r for r in report.relays if not r.current]
-    broken = [r for r in report.relays if r.errors]
-    if behind or broken:
-        out += ["## Relays", ""]
-        if behind:
-            out.append(f"{len(behind)} of {len(report.relays)} relays have not reported the accepted commit:")
-            out.append("")
-            for r in behind[:LIST_LIMIT]:
-                seen = f"reports `{short(r.observed_commit)}`" if r.reported else "no status yet"
-                out.append(f"- {_md(r.relay)}: {seen}")
-            if len(behind) > LIST_LIMIT:
-                out.append(f"- … and {len(behind) - LIST_LIMIT} more")
-            out.append("")
-        for r in broken[:LIST_LIMIT]:
-            out.append(f"- {_md(r.relay)} error: {_md(r.errors[0], 300)}")
-        if broken:
-            out.append("")
+    if report.relays:
+        out += _relay_section(report, failures)
 
     out += ["## Accepted commit", ""]
     if accepted.accepted_commit:

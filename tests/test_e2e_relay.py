@@ -406,10 +406,17 @@ def test_a_dependent_is_never_installed_when_its_dependency_fails(cluster: Clust
     roots = {c: cluster.base / "clients" / c for c in ("pc-1", "pc-2")}
     roots["pc-2"].mkdir(parents=True)
     (roots["pc-2"] / "break-me").write_text("yes\n")
-    for _ in range(3):  # several check-ins each: every retry, and a chance to hand out the addon
+
+    def settled() -> bool:
+        # a round of check-ins (every retry, and a chance to hand out the addon), then the published rows
         for client in roots:
             assert cluster.agent(client, relay).run_once() == 0
-    cluster.wait_rows("relay-a", "install-runtime", {"pc-1": "Succeeded", "pc-2": "Failed"})
+        states = {job: {c: r["state"] for c, r in cluster.rows("relay-a", job).items()}
+                  for job in ("install-runtime", "install-addon")}
+        return states == {"install-runtime": {"pc-1": "Succeeded", "pc-2": "Failed"},
+                          "install-addon": {"pc-1": "Succeeded", "pc-2": "Pending"}}
+
+    wait_for(settled, 60, what="runtime Failed on pc-2 and the addon settled")
     rows = cluster.wait_rows("relay-a", "install-addon", {"pc-1": "Succeeded", "pc-2": "Pending"})
     assert rows["pc-2"]["message"] == "waiting for dependency runtime"
     assert not (roots["pc-2"] / "addon-ran").exists(), "the addon installer ran although runtime failed"

@@ -481,7 +481,8 @@ def test_summary_sections_and_bounds() -> None:
     text = report.render_summary(_big_hq())
     lines = text.splitlines()
     headings = [line for line in lines if line.startswith("## ")]
-    assert headings == ["## Jobs (7)", "## Failures (1200)", "## Validation errors (120)", "## Accepted commit"]
+    assert headings == ["## Jobs (7)", "## Failures (1200)", "## Validation errors (120)", "## Relays (4)",
+                        "## Accepted commit"]
     assert "main `222222222222` is invalid and is not applied" in text
     table = lines[lines.index("## Jobs (7)") + 2]
     assert [c.strip() for c in table.strip("|").split("|")] == [
@@ -648,3 +649,29 @@ def test_skip_messages_are_bounded_in_number_and_length() -> None:
     skipped = report.parse_relay_status(files).jobs["install-7zip"].skipped
     assert len(skipped) == report.SKIP_LIMIT and all(n == 10 for _, n in skipped)
     assert all(len(message) <= report.SKIP_MESSAGE_LIMIT for message, _ in skipped)
+
+
+def test_summary_lists_relays_in_tree_order_with_their_failures() -> None:
+    fleet = _fleet()
+    del fleet["relay-fukuoka"]  # never reported
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet)
+    assert [(depth, r.relay) for depth, r in report.relay_tree(hq.relays)] == [
+        (0, "relay-fukuoka"), (0, "relay-kanto"), (1, "relay-yokohama"), (0, "relay-osaka")]
+    assert {r.relay: r.failed for r in hq.relays} == {
+        "relay-fukuoka": 0, "relay-kanto": 1, "relay-yokohama": 0, "relay-osaka": 1}
+    files = report.render_hq_status(hq)
+    assert_valid_status_files(files)
+    assert {r.relay: r.failed for r in report.parse_relays(files["relays.yaml"])} == {r.relay: r.failed
+                                                                                       for r in hq.relays}
+    text = files["summary.md"].decode()
+    section = text[text.index("## Relays (4)"):text.index("## Accepted commit")].splitlines()
+    assert "1 of 4 relays have not reported the accepted commit." in section
+    table = [[c.strip(" ") for c in line.strip("|").split("|")] for line in section if line.startswith("| ")][1:]
+    assert [(row[0], row[1], row[2], row[4]) for row in table] == [
+        ("relay-fukuoka", "0", "no status yet", "0"),
+        ("relay-kanto", "2", "accepted commit", "1"),
+        ("\u00a0\u00a0└ relay-yokohama", "2", "accepted commit", "0"),
+        ("relay-osaka", "2", "accepted commit", "1"),
+    ]
+    assert "- relay-kanto: pc-k2 (install-7zip): exit 2" in section
+    assert "- relay-osaka: pc-o1 (install-teams-meeting): no space" in section
