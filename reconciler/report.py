@@ -126,6 +126,8 @@ class RelayJobStatus:
     rows: tuple[StatusRow, ...] = ()  # relays/<r>/jobs/<job>.yaml: every row; relay.yaml digest: first failures
     pending: Mapping[str, int] = field(default_factory=dict)  # digest: Pending rows by reason
     skipped: tuple[tuple[str, int], ...] = ()  # digest: the commonest skip messages, with their counts
+    # digest of a clients job: the named clients registered at the relay (None: a relay that does not say)
+    named: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,8 @@ class JobReport:
     scheduled_for: datetime | None = None  # the job's notBefore while it is Scheduled
     pending: Mapping[str, int] = field(default_factory=dict)  # Pending rows by reason, all relays
     skipped: tuple[tuple[str, int], ...] = ()  # the commonest skip messages, all relays
+    not_registered: tuple[str, ...] = ()  # client ids the job names that no relay knows (bounded)
+    not_registered_count: int = 0
 
     @property
     def clients(self) -> int:
@@ -458,7 +462,8 @@ def _status_rows(rows: Iterable[Row], updated_at: Mapping[tuple[str, str], datet
 def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | None,
                         updated_at: Mapping[tuple[str, str], datetime],
                         inventory: Sequence[InventoryEntry], errors: Sequence[str],
-                        unplannable: Iterable[str] = (), problems: Sequence[Problem] = ()) -> dict[str, bytes]:
+                        unplannable: Iterable[str] = (), problems: Sequence[Problem] = (),
+                        named_jobs: Iterable[str] = ()) -> dict[str, bytes]:
     """The files of ``status/<relay>``: relay.yaml, jobs/<job>.yaml per job reaching the relay, inventory.json.
 
     ``updated_at`` maps (job, client) to when that row's state last changed;
@@ -468,9 +473,12 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
     ``unplannable`` (the relay left them out because planning them failed;
     ``errors`` says why) are ``Invalid`` here, with no rows. ``problems`` are
     the same failures for machines: kind (stalled, waiting, transient),
-    reason and message each.
+    reason and message each. ``named_jobs`` are the jobs that name their
+    clients: their digests list the named clients this relay has, so HQ can
+    tell which named clients no relay knows.
     """
     prefix = relay_prefix(relay)
+    named = set(named_jobs)
     files: dict[str, bytes] = {}
     digests: dict[str, Any] = {}
     newest: datetime | None = None
@@ -502,6 +510,8 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                 ],
                 **_why(rows),
             }
+            if job in named:
+                digests[job]["named"] = sorted({r.client for r in rows})
     files[f"{prefix}relay.yaml"] = dump_yaml({
         "relay": relay,
         "observedCommit": observed_commit,
@@ -616,7 +626,8 @@ def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:
         name: RelayJobStatus(job=name, state=JobState(digest["state"]), counts=_counts(digest["counts"]),
                              rows=tuple(_row(r, path) for r in digest["failures"]),
                              pending=dict(digest.get("pending", {})),
-                             skipped=tuple((s["message"], int(s["count"])) for s in digest.get("skipped", ())))
+                             skipped=tuple((s["message"], int(s["count"])) for s in digest.get("skipped", ())),
+                             named=tuple(digest["named"]) if "named" in digest else None)
         for name, digest in sorted(doc["jobs"].items())
     }
     return RelayStatus(relay=relay, observed_commit=doc["observedCommit"], clients=int(doc["clients"]),
@@ -841,6 +852,22 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
                                 invalid=invalid, scheduled=scheduled),
                 counts=counts, waiting_for=shown, waiting_count=total))
     counts, halted, waiting, invalid, scheduled = rollup(reached)
+    # A client the job names that no relay knows is a Pending row of HQ's (once every relay has reported).
+    missing: list[str] = []
+    if job.destination_type is DestinationType.CLIENTS and not waiting:
+        present: set[str] | None = set()
+        for name in reached:
+            status = relays.get(name)
+            digest = status.jobs.get(job.name) if status else None
+            if digest is not None and present is not None:
+                if digest.named is None:  # an older relay: which named clients it has is not known
+                    present = None if sum(digest.counts.values()) else present
+                else:
+                    present.update(digest.named)
+        missing = [] if present is None else sorted(set(job.destinations) - present)
+    if missing:
+        counts[ClientState.PENDING.value] += len(missing)
+        scheduled = False
     state = job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting), invalid=invalid,
                       scheduled=scheduled)
     failures: list[Failure] = []
@@ -880,8 +907,10 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
         waiting_for=shown,
         waiting_count=total,
         scheduled_for=job.not_before if state is JobState.SCHEDULED else None,
-        pending=dict(sorted(pending.items())),
+        pending=dict(sorted({**pending, **({Reason.NOT_REGISTERED.value: len(missing)} if missing else {})}.items())),
         skipped=tuple(_commonest(skipped.items())),
+        not_registered=tuple(missing[:LIST_LIMIT]),
+        not_registered_count=len(missing),
     )
 
 
@@ -916,6 +945,8 @@ def render_job_report(report: JobReport, accepted_commit: str | None) -> bytes:
         "failureCount": report.failure_count,
         "pending": dict(report.pending),
         "skipped": [{"message": m, "count": n} for m, n in report.skipped],
+        "notRegistered": list(report.not_registered),
+        "notRegisteredCount": report.not_registered_count,
     })
 
 
@@ -949,6 +980,8 @@ def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
         scheduled_for=_time(doc.get("scheduledFor"), what),
         pending=dict(doc.get("pending", {})),
         skipped=tuple((s["message"], int(s["count"])) for s in doc.get("skipped", ())),
+        not_registered=tuple(doc.get("notRegistered", ())),
+        not_registered_count=int(doc.get("notRegisteredCount", 0)),
     )
 
 
@@ -1120,6 +1153,12 @@ def skipped_label(job: JobReport) -> str:
     return "; ".join(f"{n} skipped: {message}" for message, n in job.skipped)
 
 
+def not_registered_label(job: JobReport) -> str:
+    """``pc-a, pc-b (+3 more)``: the client ids a job names that no relay knows."""
+    more = job.not_registered_count - len(job.not_registered)
+    return ", ".join(job.not_registered) + (f" (+{more} more)" if more > 0 else "")
+
+
 def summary_columns(jobs: Iterable[JobReport]) -> tuple[ClientState, ...]:
     """The state columns of a jobs table: :data:`SUMMARY_COLUMNS`, plus Suspended when a row is."""
     suspended = any(job.counts.get(ClientState.SUSPENDED.value, 0) for job in jobs)
@@ -1181,6 +1220,11 @@ def render_summary(report: HqReport, only_job: str | None = None) -> str:
                       [[_md(job.job), _md(pending) or "-", _md(skipped) or "-"] for job, pending, skipped in why],
                       [False, False, False])
         out.append("")
+        for job, _, _ in why:
+            if job.not_registered_count:
+                out.append(f"- {_md(job.job)} names clients no relay knows: {_md(not_registered_label(job))}")
+        if any(job.not_registered_count for job, _, _ in why):
+            out.append("")
 
     failures = [f for j in jobs for f in j.failures]
     failure_total = sum(j.failure_count for j in jobs)

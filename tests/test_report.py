@@ -82,7 +82,11 @@ def relay_files(relay: str, commit: str | None, rows: dict[str, list[tuple[str, 
         rollups.append(JobRollup(job, state, counts))
     plan = Plan(relay, tuple(sorted(plan_rows, key=lambda r: (r.job, r.client))), (), tuple(sorted(rollups, key=lambda r: r.job)))
     inventory = [InventoryEntry(c, {"os": "linux", "arch": "x86_64", "freeDiskMB": 1000}, {}, (), True) for c in sorted(clients)]
-    return report.render_relay_status(relay, commit, plan, updated_at, inventory, [])
+    return report.render_relay_status(relay, commit, plan, updated_at, inventory, [], named_jobs=NAMED_JOBS)
+
+
+# The example repo's jobs that name their clients: relays list which of those clients they have.
+NAMED_JOBS = ("install-office-addin",)
 
 
 def statuses(*file_sets: dict[str, bytes]) -> dict[str, report.RelayStatus]:
@@ -325,7 +329,10 @@ def test_aggregate_covers_nested_subtree_per_destination() -> None:
 
     addin = _job(hq, "install-office-addin")  # named clients: a row per relay holding one
     assert [d.relay for d in addin.relays] == ["relay-osaka"]
-    assert addin.state is JobState.COMPLETED
+    # it also names pc-kanto-001, which no relay of this fleet knows: a Pending row of HQ's
+    assert addin.state is JobState.IN_PROGRESS
+    assert (addin.not_registered, addin.not_registered_count) == (("pc-kanto-001",), 1)
+    assert (addin.counts["Pending"], addin.counts["Succeeded"], dict(addin.pending)) == (1, 1, {"notRegistered": 1})
 
     vcredist = _job(hq, "install-vcredist")  # reaches relays that report no rows for it
     assert vcredist.state is JobState.NO_TARGETS and vcredist.clients == 0
@@ -481,8 +488,10 @@ def test_summary_sections_and_bounds() -> None:
     text = report.render_summary(_big_hq())
     lines = text.splitlines()
     headings = [line for line in lines if line.startswith("## ")]
-    assert headings == ["## Jobs (7)", "## Failures (1200)", "## Validation errors (120)", "## Relays (4)",
-                        "## Accepted commit"]
+    assert headings == ["## Jobs (7)", "## Why clients wait or were skipped", "## Failures (1200)",
+                        "## Validation errors (120)", "## Relays (4)", "## Accepted commit"]
+    # the fleet has neither client that install-office-addin names
+    assert "- install-office-addin names clients no relay knows: pc-kanto-001, pc-osaka-001" in lines
     assert "main `222222222222` is invalid and is not applied" in text
     table = lines[lines.index("## Jobs (7)") + 2]
     assert [c.strip() for c in table.strip("|").split("|")] == [
@@ -675,3 +684,27 @@ def test_summary_lists_relays_in_tree_order_with_their_failures() -> None:
     ]
     assert "- relay-kanto: pc-k2 (install-7zip): exit 2" in section
     assert "- relay-osaka: pc-o1 (install-teams-meeting): no space" in section
+
+
+def test_a_named_client_is_not_registered_only_when_every_relay_has_reported() -> None:
+    fleet = _fleet()
+    fleet["relay-kanto"] = report.parse_relay_status(relay_files("relay-kanto", C1, {
+        "install-7zip": [("pc-k1", OK, ""), ("pc-k2", FAIL, "exit 2")],
+        "install-office-addin": [("pc-kanto-001", OK, "")]}))
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet)
+    assert _job(hq, "install-office-addin").state is JobState.COMPLETED  # both named clients have a row
+    # a relay behind the accepted commit may hold a named client: nobody is called unknown yet
+    fleet["relay-kanto"] = report.parse_relay_status(relay_files("relay-kanto", C2, {}))
+    addin = _job(report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet),
+                 "install-office-addin")
+    assert (addin.state, addin.not_registered_count) == (JobState.IN_PROGRESS, 0)
+    # an older relay that does not list its named clients but has rows for the job: unknown, not missing
+    old = relay_files("relay-kanto", C1, {"install-office-addin": [("pc-kanto-001", OK, "")]})
+    doc = yaml.safe_load(old["relays/relay-kanto/relay.yaml"])
+    del doc["jobs"]["install-office-addin"]["named"]
+    old["relays/relay-kanto/relay.yaml"] = yaml.safe_dump(doc).encode()
+    fleet["relay-kanto"] = report.parse_relay_status(old)
+    fleet["relay-osaka"] = report.parse_relay_status(relay_files("relay-osaka", C1, {}))
+    addin = _job(report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet),
+                 "install-office-addin")
+    assert addin.not_registered_count == 0

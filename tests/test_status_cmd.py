@@ -25,10 +25,12 @@ def origin(tmp_path: Path) -> Origin:
 
 def settled_rows(relay: str) -> dict[str, list[tuple[str, ClientState, str]]]:
     rows = {
-        "relay-kanto": {"install-7zip": [("pc-kanto-001", OK, "installed"), ("pc-kanto-002", FAIL, "exit 3: disk full")]},
+        "relay-kanto": {"install-7zip": [("pc-kanto-001", OK, "installed"), ("pc-kanto-002", FAIL, "exit 3: disk full")],
+                        "install-office-addin": [("pc-kanto-001", OK, "installed")]},
         "relay-yokohama": {"install-7zip": [("pc-yoko-001", OK, ""), ("pc-yoko-002", SKIP, "requires os windows")],
                            "install-putty": [("pc-yoko-001", PEND, "scheduled for 2030-01-01T00:00:00Z")]},
-        "relay-osaka": {"install-teams-meeting": [("pc-osaka-001", OK, "")]},
+        "relay-osaka": {"install-teams-meeting": [("pc-osaka-001", OK, "")],
+                        "install-office-addin": [("pc-osaka-001", OK, "installed")]},
         "relay-fukuoka": {},
     }
     return rows[relay]
@@ -65,7 +67,9 @@ def test_json_report(fleet: Origin, tmp_path: Path) -> None:
             doc["validationErrors"]) == (fleet.head, fleet.head, True, None, [])
     jobs = {j["name"]: j for j in doc["jobs"]}
     seven = jobs["install-7zip"]
-    assert list(seven) == ["name", "state", "scheduledFor", "counts", "pending", "skipped", "relays", "clients"]
+    assert list(seven) == ["name", "state", "scheduledFor", "counts", "pending", "skipped", "notRegistered",
+                           "relays", "clients"]
+    assert seven["notRegistered"] == []
     assert seven["scheduledFor"] is None
     assert seven["skipped"] == [{"message": "requires os windows", "count": 1}]
     assert seven["state"] == "Failed"
@@ -134,7 +138,7 @@ def test_wait_exits_1_when_settled_with_failures(fleet: Origin, tmp_path: Path) 
 def all_good(relay: str) -> dict[str, list[tuple[str, ClientState, str]]]:
     rows = settled_rows(relay)
     if relay == "relay-kanto":
-        rows = {"install-7zip": [("pc-kanto-001", OK, "installed"), ("pc-kanto-002", OK, "installed")]}
+        rows = {**rows, "install-7zip": [("pc-kanto-001", OK, "installed"), ("pc-kanto-002", OK, "installed")]}
     return rows
 
 

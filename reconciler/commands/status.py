@@ -391,6 +391,8 @@ def failed_jobs(snap: Snapshot, only_job: str | None = None) -> list[str]:
         if (job.state is JobState.HALTED or job.counts.get(ClientState.FAILED.value, 0)
                 or job.counts.get(ClientState.CONFLICT.value, 0)):
             bad.append(f"{job.job} ({report.state_label(job)}, {job.failure_count} failed)")
+        if job.not_registered_count:
+            bad.append(f"{job.job} names clients no relay knows: {report.not_registered_label(job)}")
     return bad
 
 
@@ -429,6 +431,7 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
                 "counts": dict(job.counts),
                 "pending": dict(job.pending),
                 "skipped": [{"message": m, "count": n} for m, n in job.skipped],
+                "notRegistered": list(job.not_registered),
                 "relays": [{"relay": d.relay, "state": d.state.value, "counts": dict(d.counts)} for d in job.relays],
                 "clients": [
                     {"client": row.client, "relay": relay, "state": row.state.value, "reason": row.reason,
@@ -500,6 +503,10 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
         if any(skipped for _, _, skipped in why):
             out += ["", "Skipped:"]
             out += [f"  {name}  {_one_line(skipped, 200)}" for name, _, skipped in why if skipped]
+        unknown = [job for job in jobs if job.not_registered_count]
+        if unknown:
+            out += ["", "Named clients no relay knows (not registered):"]
+            out += [f"  {job.job}  {report.not_registered_label(job)}" for job in unknown]
     else:
         out.append("No jobs." if accepted.accepted_commit else "No commit has been accepted yet.")
     if only_job is not None and jobs:

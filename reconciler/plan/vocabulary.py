@@ -90,6 +90,7 @@ class Reason(StrEnum):
     WAITING_REMOVAL = "waitingForRemoval"  # an uninstall of the installed version goes first
     ARTIFACT = "waitingForArtifact"  # the relay has not staged the package's artifact
     FAILED = "failed"  # out of attempts
+    NOT_REGISTERED = "notRegistered"  # HQ's: a client a job names that no relay knows
 
 
 class ActionKind(StrEnum):

@@ -326,8 +326,11 @@ class RelayLoop:
                   for e in inventory)))
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
+        named_jobs = {job.name for jobs in generation.index.client_jobs.values() for job in jobs} \
+            if generation.index is not None else set()
         files = report.render_relay_status(self.name, generation.commit, the_plan, updated_at, inventory, errors,
-                                           unplannable=generation.unplannable, problems=problems)
+                                           unplannable=generation.unplannable, problems=problems,
+                                           named_jobs=named_jobs)
         self._fingerprint = fingerprint
         return files
 
