@@ -53,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="validate the specs of a desired-state repo (CI)")
-    p.add_argument("repo", nargs="?", default=".", metavar="REPO", help="repo directory (default: .)")
+    p.add_argument("repo", nargs="?", metavar="REPO",
+                   help="repo directory (default: the nearest one at or above . that holds topology.yaml)")
     p.add_argument("--format", choices=["text", "json", "github"], default="text",
                    help="text lines, a JSON document, or GitHub workflow annotations")
 
     p = sub.add_parser("plan", help="preview what every client would do (blast radius)")
-    p.add_argument("repo", nargs="?", default=".", metavar="REPO", help="repo directory (default: .)")
+    p.add_argument("repo", nargs="?", metavar="REPO",
+                   help="repo directory (default: the nearest one at or above . that holds topology.yaml)")
     p.add_argument("--inventory", required=True, action="append", metavar="FILE",
                    help='JSON file {"clients": [{"id", "relay", "facts", "labels", "installed"}]}, or a relay\'s '
                         'published inventory.json; repeatable (the files are merged)')
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients")
     p.add_argument("job", metavar="JOB", help="job name (metadata.name)")
-    p.add_argument("repo", nargs="?", default=".", metavar="REPO", help="repo directory (default: .)")
+    p.add_argument("repo", nargs="?", metavar="REPO",
+                   help="repo directory (default: the nearest one at or above . that holds topology.yaml)")
 
     p = sub.add_parser("demo", help="run HQ, relays and agents locally on the example repo")
     p.add_argument("--clients", type=int, default=12, metavar="N", help="number of agents (default: 12)")

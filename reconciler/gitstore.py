@@ -167,6 +167,23 @@ def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
     return store, tree
 
 
+def local_commit(directory: Path, rev: str) -> str | None:
+    """The full sha ``rev`` names in the git checkout at ``directory`` (``HEAD``, ``HEAD~1``, a branch,
+    an abbreviation); None outside a checkout or when it names no commit there."""
+    if not rev or rev.startswith("-") or "\n" in rev or "\x00" in rev:
+        return None
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", LANGUAGE="C")
+    try:
+        proc = subprocess.run(["git", "-C", str(directory), "rev-parse", "--verify", "--quiet", "--end-of-options",
+                               f"{rev}^{{commit}}"], capture_output=True, env=env, stdin=subprocess.DEVNULL,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = proc.stdout.decode("ascii", "replace").strip()
+    return sha if proc.returncode == 0 and _SHA_RE.fullmatch(sha) else None
+
+
 def local_origin_path(origin: str) -> Path | None:
     """The filesystem path of a local or ``file://`` origin, else None.
 

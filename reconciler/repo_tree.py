@@ -188,6 +188,29 @@ def merge(result: LoadResult, selection: Selection) -> LoadResult:
     return LoadResult(None if errors else result.specs, errors, warnings)
 
 
+def find_repo(start: Path) -> Path:
+    """The desired-state repo holding ``start``, found as git finds ``.git``.
+
+    The nearest directory at or above ``start`` with a topology file; the
+    search stops at the top of a git work tree. ``start`` itself when there
+    is none (its problems are then said about it).
+    """
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        if any((folder / name).is_file() for name in TOPOLOGY_FILES):
+            return folder
+        if (folder / ".git").exists():
+            break
+    return start
+
+
+def repo_argument(given: str | None) -> str:
+    """A command's REPO: as given, else the repo holding the current directory (relative to it)."""
+    if given is not None:
+        return given
+    return os.path.relpath(find_repo(Path.cwd()))
+
+
 def load_repo(root: Path) -> LoadResult:
     """Load and validate the repo in directory ``root`` (OSError if it cannot be read).
 

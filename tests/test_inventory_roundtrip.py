@@ -156,3 +156,9 @@ def test_plan_names_what_is_wrong_with_a_relay_inventory(tmp_path: Path, doc: An
     done = run_cli("plan", str(ROOT / "example-repo"), "--inventory", str(path))
     assert done.returncode == 2
     assert f"{path}: {problem}" in done.stderr, done.stderr
+
+
+def test_an_inventory_given_twice_is_one_problem(tmp_path: Path) -> None:
+    done = run_cli("plan", str(ROOT / "example-repo"), "--inventory", str(SOURCE), "--inventory", str(SOURCE))
+    assert done.returncode == 2
+    assert done.stderr == f"{SOURCE}: given twice (also as {SOURCE}); each inventory is read once\n"

@@ -159,6 +159,29 @@ def test_wait_exits_0_when_settled_and_all_good(origin: Origin, tmp_path: Path) 
     assert status(origin, tmp_path, "--commit", origin.head).returncode == 2  # --commit needs --wait
 
 
+def test_wait_for_head_means_the_callers_checkout_and_it_must_be_pushed(origin: Origin, tmp_path: Path) -> None:
+    hq = hq_pass(origin, tmp_path / "hq")
+    publish_all(origin, tmp_path, all_good)
+    hq.run_pass()
+    pushed = origin.head
+    (origin.work / "README.md").write_text("not pushed\n")
+    subprocess.run(["git", "commit", "-q", "-am", "local only"], cwd=origin.work, check=True, env=env())
+    local = subprocess.run(["git", "rev-parse", "HEAD"], cwd=origin.work, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    proc = status(origin, tmp_path, "--origin", str(origin.bare), "--wait", "--timeout", "5", "--commit", "HEAD",
+                  cwd=origin.work)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"reconciler status: 'HEAD' is {local[:12]} here but {pushed[:12]} on the origin; "
+                           "push it, or give the sha\n")
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=origin.work, check=True, env=env())
+    hq.run_pass()
+    publish_all(origin, tmp_path, all_good, commit=local)
+    proc = status(origin, tmp_path, "--origin", str(origin.bare), "--wait", "--timeout", "30", "--commit", "HEAD~0",
+                  cwd=origin.work)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+
+
 def test_wait_exits_3_when_the_awaited_commit_is_rejected(origin: Origin, tmp_path: Path) -> None:
     hq = hq_pass(origin, tmp_path / "hq")
     publish_all(origin, tmp_path, all_good)

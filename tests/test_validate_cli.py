@@ -238,3 +238,40 @@ def test_an_ignored_file_inside_a_tracked_checkout_is_still_not_read(tmp_path: P
     (repo / "jobs" / "broken.yaml").write_text("kind: [\n", encoding="utf-8")
     proc = validate(".", cwd=repo)
     assert (proc.returncode, proc.stdout.strip()) == (0, "valid: no errors")
+
+
+def reconciler(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "reconciler", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_commands_find_the_repo_from_a_subdirectory_as_git_finds_its_own(tmp_path: Path) -> None:
+    repo = tmp_path / "desired"
+    shutil.copytree(EXAMPLE, repo)
+    _git("init", "-q", cwd=repo)
+    deep = repo / "artifacts" / "7zip-23.01"
+    assert deep.is_dir()
+    proc = validate(cwd=deep)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "valid: no errors")
+    (repo / "jobs" / "install-7zip.yaml").write_text("kind: [\n", encoding="utf-8")
+    proc = validate("--format", "github", cwd=repo / "jobs")
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("::error file=../jobs/install-7zip.yaml,line=2"), proc.stdout
+    shutil.copy(EXAMPLE / "jobs" / "install-7zip.yaml", repo / "jobs" / "install-7zip.yaml")
+    plan = reconciler("plan", "--inventory", str(PROJECT_ROOT / "examples" / "inventory.json"), cwd=repo / "jobs")
+    assert plan.returncode == 0 and "actions on" in plan.stdout, plan.stderr
+    rerun = reconciler("rerun", "install-vpn-client", cwd=repo / "packages")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "+  rerun: 1" in rerun.stdout or "rerun: 1" in (repo / "jobs" / "install-vpn-client.yaml").read_text()
+
+
+def test_the_search_stops_at_the_top_of_a_git_work_tree(tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLE, tmp_path / "outer")  # a topology above the work tree must not be taken
+    inner = tmp_path / "outer" / "inner"
+    (inner / "sub").mkdir(parents=True)
+    _git("init", "-q", cwd=inner)
+    proc = validate(cwd=inner / "sub")
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("topology.yaml:1:1: error: missing topology.yaml"), proc.stdout

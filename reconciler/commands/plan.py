@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -31,7 +32,7 @@ from typing import Any
 from reconciler import names, protocol
 from reconciler.commands.validate import render as render_validation
 from reconciler.plan import Client, Installed, Plan, Row, index_relay, plan_relay
-from reconciler.repo_tree import load_repo
+from reconciler.repo_tree import load_repo, repo_argument
 from reconciler.specs import Specs
 from reconciler.times import parse_time, utc_now
 
@@ -169,7 +170,13 @@ def read_inventories(paths: Sequence[str], relays: Sequence[str]) -> tuple[Clien
     problems: list[str] = []
     clients: list[Client] = []
     first: dict[str, tuple[str, int, str]] = {}
+    given: dict[str, str] = {}
     for path in paths:
+        real = os.path.realpath(path)
+        if real in given:
+            problems.append(f"{path}: given twice (also as {given[real]}); each inventory is read once")
+            continue
+        given[real] = path
         try:
             found = read_inventory(Path(path), relays, path)
         except InventoryError as e:
@@ -281,6 +288,7 @@ def render_text(plans: Sequence[Plan], clients: Sequence[Client]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    args.repo = repo_argument(args.repo)
     try:
         result = load_repo(Path(args.repo))
     except OSError as e:

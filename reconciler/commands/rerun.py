@@ -24,7 +24,7 @@ import yaml
 from reconciler import specs
 from reconciler.fileio import write_atomic
 from reconciler.repo_layout import select_specs
-from reconciler.repo_tree import DirectoryTree, load_repo
+from reconciler.repo_tree import DirectoryTree, load_repo, repo_argument
 
 _Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TOP_KEY = re.compile(r"^([A-Za-z_][\w-]*)\s*:(.*)$")
@@ -159,6 +159,7 @@ def rerun(repo: Path, job: str) -> tuple[Path, str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    args.repo = repo_argument(args.repo)
     repo = Path(args.repo)
     if not repo.is_dir():
         print(f"reconciler rerun: {args.repo}: not a directory", file=sys.stderr)

@@ -47,6 +47,7 @@ from reconciler.gitstore import (
     ChangeWatcher,
     GitError,
     GitStore,
+    local_commit,
     local_origin_path,
 )
 from reconciler.plan import ClientState, JobState
@@ -344,6 +345,8 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None, target: str | N
             status = snap.relays.get(relay)
             if status is None:
                 behind[relay] = f"relay {relay} has not published status yet"
+            elif status.observed_commit is None and status.errors:
+                behind[relay] = f"relay {relay}: {_one_line(status.errors[0], 200)}"
             elif status.observed_commit != accepted:
                 behind[relay] = (f"relay {relay} has not published status for the accepted commit "
                                  f"{report.short(accepted)} (it reports {report.short(status.observed_commit)})")
@@ -664,9 +667,21 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
         return _show(args, reader, snap, EXIT_SETTLED)
     target = snap.main_commit
     if args.commit is not None:
-        target = reader.store.resolve_commit(args.commit)
+        # HEAD, HEAD~1 or a branch mean the caller's own checkout when there is one; the commit
+        # must then be on the origin (HQ cannot evaluate what was never pushed).
+        local = local_commit(Path.cwd(), args.commit)
+        on_origin = reader.store.resolve_commit(local) if local else None
+        remote = reader.store.resolve_commit(args.commit)
+        target = on_origin or (None if local else remote)
         if target is None:
-            print(f"reconciler status: commit {args.commit!r} is not on the origin", file=sys.stderr)
+            if local and remote:
+                why = (f"{args.commit!r} is {local[:12]} here but {remote[:12]} on the origin; "
+                       f"push it, or give the sha")
+            elif local:
+                why = f"{args.commit!r} is {local[:12]} here, which is not on the origin: push it first"
+            else:
+                why = f"commit {args.commit!r} is not on the origin"
+            print(f"reconciler status: {why}", file=sys.stderr)
             return EXIT_ERROR
     covers = reader.store.contains
     deadline = time.monotonic() + args.timeout

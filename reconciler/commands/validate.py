@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from reconciler.repo_tree import TreeError, load_repo
+from reconciler.repo_tree import TreeError, load_repo, repo_argument
 from reconciler.specs import LoadResult, SpecError
 
 
@@ -61,6 +61,7 @@ def _count(errors: tuple[SpecError, ...], warnings: tuple[SpecError, ...] = ()) 
 
 
 def main(args: argparse.Namespace) -> int:
+    args.repo = repo_argument(args.repo)
     root = Path(args.repo)
     try:
         result = load_repo(root)
