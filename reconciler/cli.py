@@ -11,6 +11,7 @@ import argparse
 import errno
 import importlib
 import io
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 

@@ -56,6 +56,8 @@ FAILURE_LIMIT = 50
 MAX_STATUS_FILE = 64 * 1024 * 1024
 # Skip messages summarised per job ("6 skipped: requires os windows"): the commonest few, cut short.
 SKIP_LIMIT = 5
+# Distinct reasons counted per job (the schemas' maxProperties): the vocabulary is open, but not unbounded.
+MAX_REASONS = 64
 # Failures named per relay in summary.md's relay section.
 RELAY_FAILURE_LIMIT = 3
 SKIP_MESSAGE_LIMIT = 200
@@ -380,7 +382,27 @@ def load_yaml(data: bytes, what: str) -> dict[str, Any]:
         raise ReportError(f"{what}: not readable YAML: {text}") from None
     if not isinstance(value, dict):
         raise ReportError(f"{what}: expected a mapping")
+    _refuse_aliases(value, what)
     return value
+
+
+def _refuse_aliases(value: Any, what: str) -> None:
+    """A status file's YAML never uses anchors and aliases (our writer emits none); refuse one that does.
+
+    An alias makes one node appear many times: ten nested aliases of ten
+    items make 10^10 items for anything that walks the value (a schema
+    check, a message), however small the file. The walk here visits each
+    node once and stops at the first one seen twice.
+    """
+    seen: set[int] = set()
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (dict, list)):
+            if id(node) in seen:
+                raise ReportError(f"{what}: uses YAML anchors and aliases, which status files never do")
+            seen.add(id(node))
+            stack.extend(node.values() if isinstance(node, dict) else node)
 
 
 def _checked(doc: Mapping[str, Any], schema: str, what: str) -> dict[str, Any]:
@@ -570,6 +592,15 @@ def parse_relay_inventory(data: bytes, path: str) -> tuple[str, tuple[InventoryE
     relay = doc["relay"]
     if path != f"{relay_prefix(relay)}inventory.json":
         raise ReportError(f"{path}: names relay {relay!r}")
+    # What a relay would refuse at a check-in, and `plan --inventory` refuses, is refused here too.
+    problems: list[protocol.FieldProblem] = []
+    for i, c in enumerate(doc["clients"]):
+        protocol.check_facts(c["facts"], f"clients[{i}].facts", problems)
+        protocol.check_labels(c["labels"], f"clients[{i}].labels", problems)
+        protocol.check_inventory(c["installed"], f"clients[{i}].installed", problems)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ReportError(f"{path}: {problems[0]}{more}")
     return relay, tuple(
         InventoryEntry(id=c["id"], facts=c["facts"], labels=c["labels"], online=c["online"],
                        installed=tuple(Installed(i["name"], i["version"]) for i in c["installed"]))
@@ -594,6 +625,16 @@ def _why(rows: Iterable[StatusRow]) -> dict[str, Any]:
             skipped[message] = skipped.get(message, 0) + 1
     return {"pending": dict(sorted(pending.items())),
             "skipped": [{"message": m, "count": n} for m, n in _commonest(skipped.items())]}
+
+
+def _bounded_reasons(counts: Mapping[str, int]) -> dict[str, int]:
+    """Reason counts, sorted; beyond MAX_REASONS distinct reasons the rarest are summed as ``other``."""
+    if len(counts) <= MAX_REASONS:
+        return dict(sorted(counts.items()))
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = dict(ranked[:MAX_REASONS - 1])
+    kept["other"] = kept.get("other", 0) + sum(n for _, n in ranked[MAX_REASONS - 1:])
+    return dict(sorted(kept.items()))
 
 
 def _commonest(counted: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -907,7 +948,7 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
         waiting_for=shown,
         waiting_count=total,
         scheduled_for=job.not_before if state is JobState.SCHEDULED else None,
-        pending=dict(sorted({**pending, **({Reason.NOT_REGISTERED.value: len(missing)} if missing else {})}.items())),
+        pending=_bounded_reasons({**pending, **({Reason.NOT_REGISTERED.value: len(missing)} if missing else {})}),
         skipped=tuple(_commonest(skipped.items())),
         not_registered=tuple(missing[:LIST_LIMIT]),
         not_registered_count=len(missing),
@@ -1051,11 +1092,24 @@ SUMMARY_COLUMNS: tuple[ClientState, ...] = (
 _MD_SPECIAL = re.compile(r"([`|<>\[\]\\])")  # brackets too: a client's message never becomes a link or image
 
 
+# Characters that act on a terminal or reorder text (C0/C1 controls, DEL, bidi overrides): shown escaped.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# What GitHub turns into a live link without any markup.
+_AUTOLINK = re.compile(r"(?i)\b(https?|ftp)://|\bwww\.")
+
+
+def printable(text: str) -> str:
+    """``text`` on one line with every control character shown as an escape (``\\x1b``), never acted on."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", " ".join(text.split()))
+
+
 def _md(text: str, limit: int = 200) -> str:
-    """One table cell: a single line, bounded; pipes, backticks, angle and square brackets escaped."""
-    text = " ".join(text.split())
-    text = _cut(text, limit)
-    return _MD_SPECIAL.sub(r"\\\1", text)
+    """One table cell: a single line, bounded; controls shown escaped; pipes, backticks, angle and
+    square brackets escaped; bare URLs kept from becoming live links."""
+    text = _cut(printable(text), limit)
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    return _AUTOLINK.sub(lambda m: m.group().replace(":", "&#58;").replace(".", "&#46;"), text)
 
 
 def short(commit: str | None) -> str:

@@ -605,7 +605,7 @@ def test_a_status_file_larger_than_the_limit_is_refused_unread(monkeypatch: pyte
 
 def test_a_client_message_cannot_become_a_link_or_image_in_the_summary() -> None:
     cell = report._md("[re-enter your password](https://evil.example/login) ![](https://evil.example/p.png) \\x")
-    assert cell == ("\\[re-enter your password\\](https://evil.example/login) !\\[\\](https://evil.example/p.png) "
+    assert cell == ("\\[re-enter your password\\](https&#58;//evil.example/login) !\\[\\](https&#58;//evil.example/p.png) "
                     "\\\\x")
 
 
@@ -708,3 +708,62 @@ def test_a_named_client_is_not_registered_only_when_every_relay_has_reported() -
     addin = _job(report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet),
                  "install-office-addin")
     assert addin.not_registered_count == 0
+
+
+def _relay_yaml(relay: str = "relay-kanto") -> dict[str, Any]:
+    files = relay_files(relay, C1, {"install-7zip": [("pc-k1", OK, ""), ("pc-k2", PEND, "")]})
+    return yaml.safe_load(files[f"relays/{relay}/relay.yaml"])
+
+
+def test_a_relay_file_with_numbers_too_large_to_add_is_that_relays_error() -> None:
+    doc = _relay_yaml()
+    huge = int("9" * 4300)
+    doc["jobs"]["install-7zip"]["counts"] = {**doc["jobs"]["install-7zip"]["counts"], "Pending": huge,
+                                             "Succeeded": huge}
+    with pytest.raises(report.ReportError, match=r"jobs\.install-7zip\.counts\.(Pending|Succeeded)"):
+        report.parse_relay_status({"relays/relay-kanto/relay.yaml": yaml.safe_dump(doc).encode()})
+
+
+def test_a_relay_file_built_of_aliases_is_refused_before_anything_walks_it() -> None:
+    levels = ["errors:", '  - &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    data = ("relay: relay-kanto\nobservedCommit: null\nclients: 0\nupdatedAt: null\njobs: {}\n"
+            + "\n".join(levels) + "\n").encode()
+    assert len(data) < 1000  # 10^10 strings if expanded
+    with pytest.raises(report.ReportError, match="anchors and aliases"):
+        report.parse_relay_status({"relays/relay-kanto/relay.yaml": data})
+
+
+def test_reason_counts_are_bounded_in_a_relay_file_and_in_hqs_sum() -> None:
+    doc = _relay_yaml()
+    doc["jobs"]["install-7zip"]["pending"] = {f"reason{chr(97 + i // 26)}{chr(97 + i % 26)}": 1 for i in range(65)}
+    with pytest.raises(report.ReportError, match="pending"):
+        report.parse_relay_status({"relays/relay-kanto/relay.yaml": yaml.safe_dump(doc).encode()})
+    # 50 distinct reasons on each of two relays: HQ keeps 63 and sums the rest as "other"
+    fleet = {}
+    for n, relay in enumerate(("relay-kanto", "relay-yokohama")):
+        doc = _relay_yaml(relay)
+        doc["jobs"]["install-7zip"]["pending"] = {f"r{'ab'[n]}x{chr(97 + i // 26)}{chr(97 + i % 26)}": i + 1
+                                                  for i in range(50)}
+        fleet[relay] = report.parse_relay_status({f"relays/{relay}/relay.yaml": yaml.safe_dump(doc).encode()})
+    seven = _job(report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet), "install-7zip")
+    assert len(seven.pending) == report.MAX_REASONS and sum(seven.pending.values()) == 2 * sum(range(1, 51))
+    assert "other" in seven.pending
+
+
+def test_inventory_a_relay_publishes_is_held_to_what_a_check_in_may_carry() -> None:
+    files = report.render_relay_status("relay-kanto", C1, None, {}, [
+        InventoryEntry("pc-1", {"os": "linux", "freeDiskMB": -5}, {}, (), True)], [])
+    with pytest.raises(report.ReportError, match=r"clients\[0\]\.facts\.freeDiskMB: must be at least 0"):
+        report.parse_relay_inventory(files["relays/relay-kanto/inventory.json"], "relays/relay-kanto/inventory.json")
+
+
+def test_text_from_relays_never_acts_on_a_terminal_or_becomes_a_link() -> None:
+    evil = "boom \x1b[2J\x1b]0;pwned\x07 see https://evil.example/login or www.evil.example \u202egnp.exe"
+    fleet = statuses(relay_files("relay-kanto", C1, {"install-7zip": [("pc-k1", FAIL, evil)]}))
+    summary = report.render_summary(report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (),
+                                                     fleet))
+    assert not any(ch in summary for ch in "\x1b\x07\u202e")
+    assert "https://" not in summary and "www.evil" not in summary
+    assert "\\\\x1b\\[2J" in summary and "https&#58;//evil.example/login" in summary
+    assert report.printable(evil).startswith("boom \\x1b[2J\\x1b]0;pwned\\x07 see https://")

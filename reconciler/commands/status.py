@@ -468,7 +468,7 @@ def _columns(rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
 
 
 def _one_line(text: str, limit: int = 100) -> str:
-    text = " ".join(text.split())
+    text = report.printable(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -540,7 +540,7 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
     if hq.validation_errors:
         out += ["", f"Validation errors in {hq.branch} {report.short(accepted.main_commit)}:"]
         for e in hq.validation_errors[: report.LIST_LIMIT]:
-            out.append(f"  {e.path}:{e.line}:{e.column}: {_one_line(e.message, 200)}")
+            out.append(f"  {report.printable(e.path)}:{e.line}:{e.column}: {_one_line(e.message, 200)}")
         if len(hq.validation_errors) > report.LIST_LIMIT:
             out.append(f"  … and {len(hq.validation_errors) - report.LIST_LIMIT} more")
     behind = [r for r in hq.relays if not r.current]
@@ -699,7 +699,8 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
                       f"({_plural(len(snap.view.validation_errors), 'error')}); the accepted commit "
                       f"{report.short(accepted.accepted_commit)} stays in force", file=sys.stderr)
                 for e in snap.view.validation_errors[: report.LIST_LIMIT]:
-                    print(f"  {e.path}:{e.line}:{e.column}: {e.message}", file=sys.stderr)
+                    print(f"  {report.printable(e.path)}:{e.line}:{e.column}: {_one_line(e.message, 300)}",
+                          file=sys.stderr)
                 return code
             reasons = waiting_reasons(snap, args.job, target, covers)
             if not reasons:
