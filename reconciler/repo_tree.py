@@ -19,6 +19,7 @@ cannot hang it); like git, it skips ``.git`` and treats a folder holding a
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Collection, Sequence
@@ -218,7 +219,10 @@ def load_repo(root: Path) -> LoadResult:
     the commit HQ will see); a plain directory is read as it is.
     """
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory")
+        missing = not root.exists()
+        raise (FileNotFoundError if missing else NotADirectoryError)(
+            errno.ENOENT if missing else errno.ENOTDIR, "no such directory" if missing else "not a directory",
+            str(root))
     try:
         snapshot = worktree_snapshot(root)
     except GitError as e:

@@ -275,3 +275,13 @@ def test_the_search_stops_at_the_top_of_a_git_work_tree(tmp_path: Path) -> None:
     proc = validate(cwd=inner / "sub")
     assert proc.returncode == 1
     assert proc.stdout.startswith("topology.yaml:1:1: error: missing topology.yaml"), proc.stdout
+
+
+def test_a_repo_that_is_missing_or_a_file_is_named_once_with_the_reason(tmp_path: Path) -> None:
+    missing = validate(str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr == f"reconciler validate: cannot read {tmp_path / 'nowhere'}: no such directory\n"
+    (tmp_path / "file").write_text("x")
+    a_file = validate(str(tmp_path / "file"), cwd=tmp_path)
+    assert (a_file.returncode, a_file.stderr) == (
+        2, f"reconciler validate: cannot read {tmp_path / 'file'}: not a directory\n")
