@@ -102,6 +102,7 @@ def main() -> int:
     parser.add_argument("--agents-per-relay", type=int, default=10)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="agents' check-in interval")
+    parser.add_argument("--keep", action="store_true", help="keep the origin and logs")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="reconciler-idle-bench-"))
@@ -144,10 +145,11 @@ def main() -> int:
                       "--fact", "os=linux", "--fact", "arch=x86_64")
         settle_start = time.monotonic()
         wait_for(lambda: succeeded(origin) == total, 600, f"every one of {total} clients to succeed")
-        # Settled means the refs stay still for two check-in rounds.
+        # Settled means the refs stay still for a minute (and at least three check-in rounds): the
+        # software the clients report after their installs, and its publish, belong to the rollout.
         still = status_commits(origin)
         while True:
-            time.sleep(2 * args.poll_seconds)
+            time.sleep(max(60.0, 3 * args.poll_seconds))
             now = status_commits(origin)
             if now == still:
                 break
@@ -191,7 +193,10 @@ def main() -> int:
     if exited:
         print(f"processes that exited during the run: {', '.join(exited)} (logs in {logs})")
         return 1
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
