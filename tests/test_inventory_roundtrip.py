@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hq import ROOT, Origin, hq_pass, run_cli
+from test_hq import ROOT, Origin, env, hq_pass, run_cli
 
 from reconciler import report
 from reconciler.gitstore import GitStore
@@ -162,3 +163,14 @@ def test_an_inventory_given_twice_is_one_problem(tmp_path: Path) -> None:
     done = run_cli("plan", str(ROOT / "example-repo"), "--inventory", str(SOURCE), "--inventory", str(SOURCE))
     assert done.returncode == 2
     assert done.stderr == f"{SOURCE}: given twice (also as {SOURCE}); each inventory is read once\n"
+
+
+def test_an_endless_inventory_stops_at_the_size_limit_and_a_pipe_still_works(tmp_path: Path) -> None:
+    endless = run_cli("plan", str(ROOT / "example-repo"), "--inventory", "/dev/zero")
+    assert (endless.returncode, endless.stdout) == (2, "")
+    assert endless.stderr == "/dev/zero: more than 64 MiB; an inventory is at most what the relays publish\n"
+    piped = subprocess.run(["bash", "-c", f'"$0" -m reconciler plan "{ROOT / "example-repo"}" --format json '
+                            f'--inventory <(cat "{SOURCE}")', sys.executable], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env=env())
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["rows"]

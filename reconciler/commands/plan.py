@@ -33,10 +33,13 @@ from reconciler import names, protocol
 from reconciler.commands.validate import render as render_validation
 from reconciler.plan import Client, Installed, Plan, Row, index_relay, plan_relay
 from reconciler.repo_tree import load_repo, repo_argument
+from reconciler.report import MAX_STATUS_FILE
 from reconciler.specs import Specs
 from reconciler.times import parse_time, utc_now
 
 CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online")
+# One inventory file: as large as a relay's published inventory.json may be.
+MAX_INVENTORY_BYTES = MAX_STATUS_FILE
 MAX_ERRORS = 20
 
 
@@ -142,9 +145,15 @@ def read_inventory(path: Path, relays: Sequence[str], source: str | None = None)
     """Read and check an inventory file (raises :class:`InventoryError`)."""
     name = source if source is not None else str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:  # a pipe (`<(...)`) works; an endless one stops at the limit
+            data = stream.read(MAX_INVENTORY_BYTES + 1)
     except OSError as e:
         raise InventoryError([f"{name}: cannot read: {e.strerror or e}"]) from None
+    if len(data) > MAX_INVENTORY_BYTES:
+        raise InventoryError([f"{name}: more than {MAX_INVENTORY_BYTES // (1024 * 1024)} MiB; "
+                              "an inventory is at most what the relays publish"])
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InventoryError([f"{name}: not UTF-8 text"]) from None
     try:
