@@ -125,18 +125,9 @@ def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
     root = root.resolve()
     if not any((folder / ".git").exists() for folder in (root, *root.parents)):
         return None
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", LANGUAGE="C")
-
-    def run(*args: str, extra: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        try:
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
-                                  env={**env, **(extra or {})}, stdin=subprocess.DEVNULL, timeout=600)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise GitError(f"git {args[0]} in {root} failed: {e}") from None
 
     def git(*args: str, extra: Mapping[str, str] | None = None) -> str:
-        proc = run(*args, extra=extra)
+        proc = _git_in(root, *args, extra=extra)
         if proc.returncode != 0:
             detail = " ".join(proc.stderr.decode("utf-8", "replace").split())[:_MAX_MESSAGE]
             raise GitError(f"git {args[0]} in {root} failed: {detail or 'no output'}")
@@ -148,7 +139,7 @@ def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
     # A folder the enclosing repository ignores (a virtualenv's site-packages, a
     # build directory) is no part of it: git would commit none of it, so its
     # files are read as they are.
-    ignored = run("check-ignore", "--quiet", "--", ".")
+    ignored = _git_in(root, "check-ignore", "--quiet", "--", ".")
     if ignored.returncode == 0:
         return None
     prefix, git_dir = git("rev-parse", "--show-prefix", "--absolute-git-dir").splitlines()[:2]
@@ -167,18 +158,27 @@ def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
     return store, tree
 
 
+def _git_in(directory: Path, *args: str, extra: Mapping[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+    """``git -C directory ...`` on a user's checkout: no prompt, C locale, none of the caller's GIT_* overrides."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", LANGUAGE="C", **(extra or {}))
+    try:
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, env=env,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise GitError(f"git {args[0]} in {directory} failed: {e}") from None
+
+
 def local_commit(directory: Path, rev: str) -> str | None:
     """The full sha ``rev`` names in the git checkout at ``directory`` (``HEAD``, ``HEAD~1``, a branch,
     an abbreviation); None outside a checkout or when it names no commit there."""
     if not rev or rev.startswith("-") or "\n" in rev or "\x00" in rev:
         return None
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", LANGUAGE="C")
     try:
-        proc = subprocess.run(["git", "-C", str(directory), "rev-parse", "--verify", "--quiet", "--end-of-options",
-                               f"{rev}^{{commit}}"], capture_output=True, env=env, stdin=subprocess.DEVNULL,
-                              timeout=60)
-    except (OSError, subprocess.SubprocessError):
+        proc = _git_in(directory, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}",
+                       timeout=60)
+    except GitError:
         return None
     sha = proc.stdout.decode("ascii", "replace").strip()
     return sha if proc.returncode == 0 and _SHA_RE.fullmatch(sha) else None
@@ -502,12 +502,12 @@ class GitStore:
     def resolve_commit(self, rev: str) -> str | None:
         """The full sha of commit ``rev`` (a sha, an abbreviation or a branch) in the mirror; None if unknown."""
         self._ensure_repo()
-        if not rev or rev.startswith("-") or "\n" in rev:
+        if "\n" in rev or "\x00" in rev:
             return None
-        proc = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", check=False)
-        if proc.returncode != 0:
+        try:
+            return self._commit(rev)
+        except GitError:
             return None
-        return proc.stdout.decode("ascii").strip()
 
     def contains(self, commit: str, other: str) -> bool:
         """Whether ``commit`` is ``other`` or a descendant of it (``other`` is in its history)."""
