@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import yaml
+from relay_bench import cpu_seconds  # the same /proc reading as the check-in benchmark
 
 RELAYS = ("relay-east", "relay-west")
 
@@ -77,15 +78,6 @@ def succeeded(origin: Path) -> int:
     if result.returncode != 0:
         return 0
     return int(((yaml.safe_load(result.stdout) or {}).get("counts") or {}).get("Succeeded", 0))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (Linux ``/proc``; 0 elsewhere or once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(condition: object, timeout: float, what: str) -> None:

@@ -240,9 +240,9 @@ def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
             profiler = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--duration",
                                          str(int(args.duration)), "--format", "speedscope", "--output",
                                          f"{args.profile}-{size}.json", "--nonblocking"])
-        cpu_before = _cpu_seconds(proc.pid)
+        cpu_before = cpu_seconds(proc.pid)
         lat, elapsed, errors = run_load(host, clients, args.concurrency, args.duration, register=False)
-        cpu = _cpu_seconds(proc.pid) - cpu_before
+        cpu = cpu_seconds(proc.pid) - cpu_before
         if profiler is not None:
             profiler.wait(timeout=120)
         result = {
@@ -272,7 +272,7 @@ def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU time the process has used (Linux ``/proc``; 0 elsewhere).
 
     On a shared machine the rate moves with the neighbours' load; the relay's
