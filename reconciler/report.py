@@ -893,45 +893,38 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
                                 invalid=invalid, scheduled=scheduled),
                 counts=counts, waiting_for=shown, waiting_count=total))
     counts, halted, waiting, invalid, scheduled = rollup(reached)
+    digests = {name: digest for name in sorted(reached)
+               if (status := relays.get(name)) is not None and (digest := status.jobs.get(job.name)) is not None}
     # A client the job names that no relay knows is a Pending row of HQ's (once every relay has reported).
     missing: list[str] = []
     if job.destination_type is DestinationType.CLIENTS and not waiting:
-        present: set[str] | None = set()
-        for name in reached:
-            status = relays.get(name)
-            digest = status.jobs.get(job.name) if status else None
-            if digest is not None and present is not None:
-                if digest.named is None:  # an older relay: which named clients it has is not known
-                    present = None if sum(digest.counts.values()) else present
-                else:
-                    present.update(digest.named)
-        missing = [] if present is None else sorted(set(job.destinations) - present)
+        present: set[str] = set()
+        known = True
+        for digest in digests.values():
+            if digest.named is not None:
+                present.update(digest.named)
+            elif sum(digest.counts.values()):  # an older relay with rows: which named clients is not known
+                known = False
+                break
+        missing = sorted(set(job.destinations) - present) if known else []
     if missing:
         counts[ClientState.PENDING.value] += len(missing)
         scheduled = False
     state = job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting), invalid=invalid,
                       scheduled=scheduled)
     failures: list[Failure] = []
-    for name in sorted(reached):
-        status = relays.get(name)
-        digest = status.jobs.get(job.name) if status else None
-        if digest is None:
-            continue
+    pending: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for name, digest in digests.items():
         for row in digest.rows:
             if row.state in FAILURE_STATES:
                 failures.append(Failure(job.name, name, row.client, row.state, row.installed_version,
                                         row.attempts, _cut(row.message)))
+        for reason, n in digest.pending.items():
+            pending[reason] = pending.get(reason, 0) + n
+        for message, n in digest.skipped:
+            skipped[message] = skipped.get(message, 0) + n
     failures.sort(key=lambda f: (f.relay, f.client))
-    pending: dict[str, int] = {}
-    skipped: dict[str, int] = {}
-    for name in reached:
-        status = relays.get(name)
-        digest = status.jobs.get(job.name) if status else None
-        if digest is not None:
-            for reason, n in digest.pending.items():
-                pending[reason] = pending.get(reason, 0) + n
-            for message, n in digest.skipped:
-                skipped[message] = skipped.get(message, 0) + n
     shown, total = _bounded(waiting)
     return JobReport(
         job=job.name,
