@@ -1180,13 +1180,18 @@ def _relay_section(report: HqReport, failures: Sequence[Failure]) -> list[str]:
     return out
 
 
+def plural(count: int, word: str) -> str:
+    """``1 relay``, ``2 relays``."""
+    return f"{count} {word}{'s' if count != 1 else ''}"
+
+
 def state_label(job: JobReport) -> str:
     """A job's state as people read it: ``Scheduled (from 2027-04-01T00:00:00Z)``, ``InProgress (waiting for 2 relays)``."""
     label = job.state.value
     if job.state is JobState.SCHEDULED and job.scheduled_for is not None:
         label += f" (from {format_time(job.scheduled_for)})"
     if job.waiting_count:
-        label += f" (waiting for {job.waiting_count} relay{'s' if job.waiting_count != 1 else ''})"
+        label += f" (waiting for {plural(job.waiting_count, 'relay')})"
     return label
 
 

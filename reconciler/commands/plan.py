@@ -163,10 +163,10 @@ def read_inventory(path: Path, relays: Sequence[str], source: str | None = None)
     except (ValueError, RecursionError):  # an integer of thousands of digits, nesting too deep: said below
         pass
     try:  # then as the relay reads a check-in: no duplicate keys, NaN or lone surrogates
-        data = protocol.decode_json(text.encode("utf-8"), "inventory")
+        doc = protocol.decode_json(data, "inventory")
     except protocol.ProtocolError as e:
         raise InventoryError([f"{name}: {e}"]) from None
-    return parse_inventory(data, relays, name)
+    return parse_inventory(doc, relays, name)
 
 
 def read_inventories(paths: Sequence[str], relays: Sequence[str]) -> tuple[Client, ...]:

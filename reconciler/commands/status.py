@@ -294,9 +294,6 @@ def rows_for_wait(snap: Snapshot, only_job: str | None) -> list[tuple[str, str]]
 # ----------------------------------------------------------------- settled
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
-
 
 # ``status --wait`` exit codes (README, "Command reference").
 EXIT_SETTLED = 0  # settled, and no row Failed or Conflict, no job Halted
@@ -367,7 +364,7 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None, target: str | N
             active = [r for r in entry[1].rows if report.is_waiting_row(r.state, r.message, r.reason)]
             if active:
                 names = ", ".join(r.client for r in active[:5]) + (", …" if len(active) > 5 else "")
-                reasons.append(f"job {job.name}: {_plural(len(active), 'client')} Pending or InProgress "
+                reasons.append(f"job {job.name}: {report.plural(len(active), 'client')} Pending or InProgress "
                                f"on {relay} ({names})")
     return reasons
 
@@ -478,7 +475,7 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
         return f"No {HQ_STATUS_REF} on the origin yet: HQ has not run a pass."
     accepted = hq.accepted
     failed = accepted.evaluation_error
-    validity = {True: "valid", False: f"INVALID ({_plural(len(hq.validation_errors), 'error')}, not applied)",
+    validity = {True: "valid", False: f"INVALID ({report.plural(len(hq.validation_errors), 'error')}, not applied)",
                 None: "not found" if failed is None else "not evaluated yet"}[accepted.main_valid]
     when = report.format_time(accepted.accepted_at) or "?"
     out = [f"Accepted commit {report.short(accepted.accepted_commit)} (accepted {when}); "
@@ -534,7 +531,7 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
         out += ["", f"Failures ({total}):"]
         for f in failures[: report.FAILURE_LIMIT]:
             out.append(f"  {f.job}  {f.relay}/{f.client}  {f.state.value}  "
-                       f"{_plural(f.attempts, 'attempt')}  {_one_line(f.message)}")
+                       f"{report.plural(f.attempts, 'attempt')}  {_one_line(f.message)}")
         if total > len(failures[: report.FAILURE_LIMIT]):
             out.append(f"  … and {total - len(failures[: report.FAILURE_LIMIT])} more")
     if hq.validation_errors:
@@ -696,7 +693,7 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
                 accepted = snap.view.accepted
                 print(f"reconciler status: {report.short(target)} was rejected: {snap.view.branch} "
                       f"{report.short(accepted.main_commit)} does not validate "
-                      f"({_plural(len(snap.view.validation_errors), 'error')}); the accepted commit "
+                      f"({report.plural(len(snap.view.validation_errors), 'error')}); the accepted commit "
                       f"{report.short(accepted.accepted_commit)} stays in force", file=sys.stderr)
                 for e in snap.view.validation_errors[: report.LIST_LIMIT]:
                     print(f"  {report.printable(e.path)}:{e.line}:{e.column}: {_one_line(e.message, 300)}",
