@@ -16,6 +16,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+# Longest span a duration option takes (about three years): a datetime plus it never overflows.
+MAX_DURATION_SECONDS = 10**8
+
 # subcommand -> module whose main(args) runs it
 _HANDLERS: dict[str, str] = {
     "validate": "reconciler.commands.validate",
@@ -43,6 +46,14 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    """A positive number of seconds a datetime can hold as a span (at most about three years)."""
+    value = _positive_float(text)
+    if value > MAX_DURATION_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DURATION_SECONDS} seconds, got {text!r}")
     return value
 
 
@@ -88,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fallback poll interval for status/hq in seconds (default: 30)")
     p.add_argument("--publish-interval", type=_positive_float, default=10.0, metavar="S",
                    help="publish status/<relay> at most this often, in seconds (default: 10)")
+    p.add_argument("--offline-after", type=_duration, metavar="S",
+                   help="a client not heard from for this long is offline: it holds no rollout slot and its "
+                        "waiting rows say clientOffline (default: 3 check-in intervals + 30 s)")
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")

@@ -46,6 +46,7 @@ from reconciler.plan import (
     Reason,
     Row,
     job_state,
+    parked,
 )
 from reconciler.reach import Reach, reach_of
 from reconciler.specs import DestinationType, Job, SpecError, Specs
@@ -103,6 +104,7 @@ class InventoryEntry:
     labels: Mapping[str, str]
     installed: tuple[Installed, ...]
     online: bool
+    last_contact: datetime | None = None  # published for offline clients only (it would change every check-in)
 
 
 @dataclass(frozen=True)
@@ -272,18 +274,23 @@ def add_counts(total: dict[str, int], more: Mapping[str, int]) -> None:
         total[key] = total.get(key, 0) + int(value)
 
 
+# Pending rows that only time, a commit or the client's return moves.
+_SETTLED_REASONS = frozenset({Reason.SCHEDULED.value, Reason.HALTED.value, Reason.CLIENT_OFFLINE.value})
+
+
 def is_waiting_row(state: ClientState | str, message: str, reason: str | None = None) -> bool:
     """Pending/InProgress and bound to move without a new commit.
 
-    A row waiting for a future schedule or held by a Halted job is settled:
-    only time or a commit (a rerun) moves it. Decided by the row's reason;
+    A row waiting for a future schedule, held by a Halted job or waiting
+    for an offline client is settled: only time, a commit (a rerun) or the
+    client's return moves it. Decided by the row's reason;
     only a row of a relay that writes none (an older version) is judged by
     its message.
     """
     if ClientState(state) not in ACTIVE_STATES:
         return False
     if reason is not None:
-        return reason not in (Reason.SCHEDULED.value, Reason.HALTED.value)
+        return reason not in _SETTLED_REASONS
     return not message.startswith(SCHEDULED_PREFIX)
 
 
@@ -557,6 +564,8 @@ def _inventory_json(entry: InventoryEntry, relay: str | None = None) -> dict[str
                       for i in sorted(entry.installed, key=lambda i: (i.name, i.version))],
         "online": entry.online,
     }
+    if not entry.online and entry.last_contact is not None:
+        doc["lastContact"] = format_time(entry.last_contact)
     if relay is not None:
         doc["relay"] = relay
     return doc
@@ -603,7 +612,8 @@ def parse_relay_inventory(data: bytes, path: str) -> tuple[str, tuple[InventoryE
         raise ReportError(f"{path}: {problems[0]}{more}")
     return relay, tuple(
         InventoryEntry(id=c["id"], facts=c["facts"], labels=c["labels"], online=c["online"],
-                       installed=tuple(Installed(i["name"], i["version"]) for i in c["installed"]))
+                       installed=tuple(Installed(i["name"], i["version"]) for i in c["installed"]),
+                       last_contact=_time(c.get("lastContact"), path))
         for c in doc["clients"])
 
 
@@ -846,13 +856,18 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
                     jobs=tuple(jobs), relays=tuple(relay_reports))
 
 
+# A relay's job state when it has Pending rows -> the reason they all wait for (None: some run).
+_PARKED_BY = {JobState.SCHEDULED: Reason.SCHEDULED, JobState.CLIENTS_OFFLINE: Reason.CLIENT_OFFLINE}
+
+
 def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], current: set[str]) -> JobReport:
     reached = reach.relays_of(job.name)
 
-    def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str], bool, bool]:
+    def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str], bool, tuple[bool, bool]]:
+        """Counts, halted, relays waited for, invalid, and (scheduled, offline) as :func:`parked` says."""
         counts = zero_counts()
         halted = invalid = False
-        scheduled = True  # every relay with Pending rows says they wait for the schedule
+        parked_by: set[JobState] = set()  # states of the relays with Pending rows
         waiting: set[str] = set()
         for name in members:
             if name not in current:
@@ -864,20 +879,22 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
                 halted = halted or digest.state is JobState.HALTED
                 # a relay that cannot plan the job says so (its error is in relay.yaml)
                 invalid = invalid or (digest.state is JobState.INVALID and name in current)
-                if digest.counts.get(ClientState.PENDING.value, 0) and digest.state is not JobState.SCHEDULED:
-                    scheduled = False
-        return counts, halted, waiting, invalid, scheduled
+                if digest.counts.get(ClientState.PENDING.value, 0):
+                    parked_by.add(digest.state)
+        # A relay's Pending rows wait for its schedule (Scheduled), for offline clients (ClientsOffline), or run.
+        reasons = {_PARKED_BY.get(state) for state in parked_by}
+        return counts, halted, waiting, invalid, parked(reasons)
 
     destinations: list[DestinationReport] = []
     if job.destination_type is DestinationType.ALL_LOWER_CLIENTS:
         for destination in sorted(set(job.destinations)):
             members = reach.topology.subtree(destination)
-            counts, halted, waiting, invalid, scheduled = rollup(members)
+            counts, halted, waiting, invalid, (scheduled, offline) = rollup(members)
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
                 relay=destination, relays=tuple(sorted(members)),
                 state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
-                                invalid=invalid, scheduled=scheduled),
+                                invalid=invalid, scheduled=scheduled, offline=offline),
                 counts=counts, waiting_for=shown, waiting_count=total))
     else:
         for name in sorted(reached):
@@ -885,14 +902,14 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
             digest = status.jobs.get(job.name) if status else None
             if digest is None or not (sum(digest.counts.values()) or digest.state is JobState.INVALID):
                 continue
-            counts, halted, waiting, invalid, scheduled = rollup([name])
+            counts, halted, waiting, invalid, (scheduled, offline) = rollup([name])
             shown, total = _bounded(waiting)
             destinations.append(DestinationReport(
                 relay=name, relays=(name,),
                 state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
-                                invalid=invalid, scheduled=scheduled),
+                                invalid=invalid, scheduled=scheduled, offline=offline),
                 counts=counts, waiting_for=shown, waiting_count=total))
-    counts, halted, waiting, invalid, scheduled = rollup(reached)
+    counts, halted, waiting, invalid, (scheduled, offline) = rollup(reached)
     digests = {name: digest for name in sorted(reached)
                if (status := relays.get(name)) is not None and (digest := status.jobs.get(job.name)) is not None}
     # A client the job names that no relay knows is a Pending row of HQ's (once every relay has reported).
@@ -909,9 +926,9 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
         missing = sorted(set(job.destinations) - present) if known else []
     if missing:
         counts[ClientState.PENDING.value] += len(missing)
-        scheduled = False
+        scheduled = offline = False
     state = job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting), invalid=invalid,
-                      scheduled=scheduled)
+                      scheduled=scheduled, offline=offline)
     failures: list[Failure] = []
     pending: dict[str, int] = {}
     skipped: dict[str, int] = {}
@@ -1190,6 +1207,8 @@ def state_label(job: JobReport) -> str:
     label = job.state.value
     if job.state is JobState.SCHEDULED and job.scheduled_for is not None:
         label += f" (from {format_time(job.scheduled_for)})"
+    if job.state is JobState.CLIENTS_OFFLINE and job.pending.get(Reason.CLIENT_OFFLINE.value):
+        label += f" ({plural(job.pending[Reason.CLIENT_OFFLINE.value], 'client')} waited for)"
     if job.waiting_count:
         label += f" (waiting for {plural(job.waiting_count, 'relay')})"
     return label

@@ -155,8 +155,10 @@ class RelayProcess:
 
     def __init__(self, name: str, origin: str, workdir: Path, *, parent_url: str | None = None,
                  poll_interval: float = 30.0, publish_interval: float = 0.5, poll_seconds: float = 1.0,
-                 listen: str = "127.0.0.1:0", extra_env: Mapping[str, str] | None = None) -> None:
+                 listen: str = "127.0.0.1:0", extra_env: Mapping[str, str] | None = None,
+                 extra_args: Iterable[str] = ()) -> None:
         self.name = name
+        self.extra_args = list(extra_args)
         self.listen = listen
         self.origin = origin
         self.workdir = workdir
@@ -177,6 +179,7 @@ class RelayProcess:
                 "--poll-interval", str(self.poll_interval), "--publish-interval", str(self.publish_interval)]
         if self.parent_url:
             args += ["--parent-url", self.parent_url]
+        args += self.extra_args
         handle = open(self.log, "a", encoding="utf-8")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, text=True,
                                      env=env(**self.extra_env))

@@ -162,9 +162,13 @@ RELAYS = ["relay-a", "relay-b"]
                    "installed": [{"name": "x", "version": "1"}, {"name": "x", "version": "2"}]}]},
      "clients[0].installed[1].name: 'x' is listed twice (a client has one version per software)"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "instaled": []}]},
-     "clients[0].instaled: unknown field (allowed: id, relay, facts, labels, installed, online)"),
+     "clients[0].instaled: unknown field (allowed: id, relay, facts, labels, installed, online, lastContact)"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "online": "yes"}]},
      "clients[0].online: expected a boolean, got a string"),
+    ({"clients": [{"id": "pc-1", "relay": "relay-a", "online": False, "lastContact": "yesterday"}]},
+     "clients[0].lastContact: expected an RFC 3339 time such as 2026-11-30T08:00:00Z"),
+    ({"clients": [{"id": "pc-1", "relay": "relay-a", "online": False, "lastContact": 1700000000}]},
+     "clients[0].lastContact: expected an RFC 3339 time such as 2026-11-30T08:00:00Z"),
 ])
 def test_inventory_problems_name_the_field(document: Any, problem: str) -> None:
     with pytest.raises(InventoryError) as caught:
@@ -176,8 +180,9 @@ def test_inventory_parses_into_clients() -> None:
     clients = parse_inventory({"clients": [{
         "id": "pc-1", "relay": "relay-b", "facts": {"os": "linux", "arch": "arm64", "freeDiskMB": 10},
         "labels": {"b": "2", "a": "1"}, "installed": [{"name": "z", "version": "1"}, {"name": "a", "version": "2"}],
-        "online": False}]}, RELAYS)
+        "online": False, "lastContact": "2026-11-30T08:00:00Z"}]}, RELAYS)
     [c] = clients
     assert (c.id, c.relay, c.os, c.arch, c.free_disk_mb, c.labels, c.online) == \
         ("pc-1", "relay-b", "linux", "arm64", 10, (("a", "1"), ("b", "2")), False)
+    assert c.last_seen is not None and c.last_seen.isoformat() == "2026-11-30T08:00:00+00:00"
     assert [(i.name, i.version) for i in c.installed] == [("a", "2"), ("z", "1")]

@@ -145,8 +145,9 @@ def worlds(draw: st.DrawFn) -> World:
     history: dict[tuple[str, str], Attempt] = {}
     for cid in client_ids:
         os_, installed = rnd.choice(looks)
+        online = rnd.random() < 0.85
         clients.append(Client(id=cid, relay=relay, os=os_, arch="x86_64", free_disk_mb=5000, installed=installed,
-                              online=rnd.random() < 0.85))
+                              online=online, last_seen=None if online else rnd.choice([None, NOW - timedelta(hours=2)])))
         for job in jobs:
             if job.name in index.revisions and rnd.random() < 0.3:
                 history[(job.name, cid)] = _attempt(rnd, index, job, cid)

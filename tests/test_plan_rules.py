@@ -228,6 +228,48 @@ def test_pending_rows_for_another_reason_keep_a_job_in_progress() -> None:
     assert rollup("j", [rows[0], failed]).state is JobState.SCHEDULED  # still to run, so not finished
 
 
+def test_an_offline_clients_waiting_rows_say_so_with_its_last_contact_and_park_the_job() -> None:
+    from reconciler.plan.rules import plan_relay_by_rules
+    seen = NOW - timedelta(hours=5)
+    specs = build(APP, APP_JOB, pkg("tool", "2.0"),
+                  job("install-tool", "tool", "2.0", schedule={"notBefore": "2027-01-01T00:00:00Z"}),
+                  pkg("zip", "1.0"), job("install-limited", "zip", "1.0", rollout={"maxConcurrent": 1}))
+    away = replace(client("pc-2", installed={}), online=False, last_seen=seen)
+    history = {("install-app", "pc-3"): attempt(specs, "install-app", "pc-3", outcome=Outcome.DISPATCHED,
+                                                at=NOW - timedelta(seconds=30))}
+    clients = [client("pc-1", installed={"app": "1.0", "zip": "1.0"}), away,
+               replace(client("pc-3"), online=False, last_seen=seen)]
+    for plan in (run(specs, clients, history),
+                 plan_relay_by_rules(index_relay(specs, "site"), clients, history, NOW)):
+        rows = {(r.job, r.client): r for r in plan.rows}
+        queued = rows[("install-app", "pc-2")]
+        assert (queued.state, queued.reason) == (ClientState.PENDING, Reason.CLIENT_OFFLINE)
+        assert queued.message == "client offline, last contact 2026-06-01T07:00:00Z"
+        assert queued.action is ActionKind.INSTALL  # what it gets when it is back
+        # waiting for the schedule says so whether the client is up or not
+        assert rows[("install-tool", "pc-2")].reason is Reason.SCHEDULED
+        # an operation handed out before the client went away is still InProgress (its timeout bounds it)
+        assert rows[("install-app", "pc-3")].state is ClientState.IN_PROGRESS
+        jobs = {j.job: j.state for j in plan.jobs}
+        assert jobs["install-app"] is JobState.IN_PROGRESS  # pc-3's operation still runs
+        assert jobs["install-limited"] is JobState.CLIENTS_OFFLINE  # no slot taken by an offline client
+        assert jobs["install-tool"] is JobState.SCHEDULED
+        assert plan.usage["install-limited"].in_progress == 0
+
+
+def test_offline_rows_park_a_job_only_when_nothing_else_waits() -> None:
+    def row(cid: str, reason: Reason, state: ClientState = ClientState.PENDING) -> Row:
+        return Row("j", "site", cid, state, None, "app", "1.0", None, 0, "", None, reason)
+    offline = row("pc-1", Reason.CLIENT_OFFLINE)
+    assert rollup("j", [offline]).state is JobState.CLIENTS_OFFLINE
+    assert rollup("j", [offline, row("pc-2", Reason.QUEUED)]).state is JobState.IN_PROGRESS
+    assert rollup("j", [offline, row("pc-2", Reason.SCHEDULED)]).state is JobState.SCHEDULED
+    assert rollup("j", [offline, row("pc-2", Reason.IN_PROGRESS, ClientState.IN_PROGRESS)]).state \
+        is JobState.IN_PROGRESS
+    assert rollup("j", [offline, row("pc-2", Reason.FAILED, ClientState.FAILED)]).state is JobState.CLIENTS_OFFLINE
+    assert rollup("j", [row("pc-2", Reason.DONE, ClientState.SUCCEEDED)]).state is JobState.COMPLETED
+
+
 # ------------------------------------------------------------- requirements
 
 

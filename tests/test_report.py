@@ -274,6 +274,11 @@ def test_accepted_round_trip_and_tolerance() -> None:
     ({"Pending": 2}, {"scheduled": True, "waiting": True}, JobState.IN_PROGRESS),
     ({"Succeeded": 2}, {"scheduled": True}, JobState.COMPLETED),
     ({"Pending": 2}, {"scheduled": True, "halted": True}, JobState.HALTED),
+    ({"Pending": 2, "Succeeded": 1}, {"offline": True}, JobState.CLIENTS_OFFLINE),
+    ({"Pending": 2, "Failed": 1}, {"offline": True}, JobState.CLIENTS_OFFLINE),
+    ({"Pending": 2, "InProgress": 1}, {"offline": True}, JobState.IN_PROGRESS),
+    ({"Pending": 2}, {"offline": True, "waiting": True}, JobState.IN_PROGRESS),
+    ({"Succeeded": 2}, {"offline": True}, JobState.COMPLETED),
 ])
 def test_job_state(counts: dict[str, int], flags: dict[str, bool], expected: JobState) -> None:
     assert report.job_state({**report.zero_counts(), **counts}, **flags) is expected
@@ -377,6 +382,33 @@ def test_halted_and_suspended_roll_up() -> None:
     suspended = tuple(replace(j, suspend=True) if j.name == "install-putty" else j for j in specs.jobs)
     hq = report.aggregate(replace(specs, jobs=suspended), Accepted(C1, T0, C1, True), "main", (), fleet)
     assert _job(hq, "install-putty").state is JobState.SUSPENDED
+
+
+def test_a_job_whose_relays_wait_only_for_offline_clients_is_clients_offline() -> None:
+    specs = example_specs()
+    last = "client offline, last contact 2026-11-30T08:00:00Z"
+
+    def offline_files(relay: str, clients: list[str]) -> dict[str, bytes]:
+        plan_rows = tuple(Row("install-teams-meeting", relay, c, PEND, None, "teams-meeting", "24.1", None, 0,
+                              last, None, Reason.CLIENT_OFFLINE) for c in clients)
+        rollups = (JobRollup("install-teams-meeting", JobState.CLIENTS_OFFLINE,
+                             report.count_states([PEND] * len(clients))),)
+        return report.render_relay_status(relay, C1, Plan(relay, plan_rows, (), rollups), {}, [], [])
+
+    fleet = _fleet()
+    for relay in ("relay-kanto", "relay-yokohama", "relay-osaka", "relay-fukuoka"):
+        fleet[relay] = report.parse_relay_status(offline_files(relay, [f"pc-{relay}-1"]))
+    job = _job(report.aggregate(specs, Accepted(C1, T0, C1, True), "main", (), fleet), "install-teams-meeting")
+    assert job.state is JobState.CLIENTS_OFFLINE
+    assert dict(job.pending) == {"clientOffline": 4}
+    assert report.state_label(job) == "ClientsOffline (4 clients waited for)"
+    files = report.render_hq_status(report.aggregate(specs, Accepted(C1, T0, C1, True), "main", (), fleet))
+    assert_valid_status_files(files)
+    # one relay with a row that runs: the job is under way
+    fleet["relay-osaka"] = report.parse_relay_status(relay_files(
+        "relay-osaka", C1, {"install-teams-meeting": [("pc-o1", PEND, "retry")]}))
+    job = _job(report.aggregate(specs, Accepted(C1, T0, C1, True), "main", (), fleet), "install-teams-meeting")
+    assert job.state is JobState.IN_PROGRESS
 
 
 def test_a_job_every_relay_holds_for_its_schedule_is_scheduled_with_its_date() -> None:

@@ -37,7 +37,7 @@ from reconciler.report import MAX_STATUS_FILE
 from reconciler.specs import Specs
 from reconciler.times import parse_time, utc_now
 
-CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online")
+CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online", "lastContact")
 # One inventory file: as large as a relay's published inventory.json may be.
 MAX_INVENTORY_BYTES = MAX_STATUS_FILE
 MAX_ERRORS = 20
@@ -129,13 +129,19 @@ def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory")
         installed = protocol.check_inventory(raw.get("installed", []), f"{at}.installed", problems)
         online = raw.get("online", True)
         expect(f"{at}.online", online, bool, "a boolean")
+        last_seen = None
+        if "lastContact" in raw:
+            contact = raw["lastContact"]
+            last_seen = parse_time(contact) if isinstance(contact, str) and len(contact) <= 64 else None
+            if last_seen is None:
+                bad(f"{at}.lastContact", "expected an RFC 3339 time such as 2026-11-30T08:00:00Z")
         if len(problems) == before and isinstance(client_id, str) and isinstance(relay, str):
             clients.append(Client(
                 id=client_id, relay=relay, os=facts.get("os"), arch=facts.get("arch"),
                 free_disk_mb=facts.get("freeDiskMB"), labels=tuple(sorted(labels.items())),
                 installed=tuple(sorted((Installed(i["name"], i["version"]) for i in installed),
                                        key=lambda i: i.name)),
-                online=online))
+                online=online, last_seen=last_seen))
     if problems:
         raise failed()
     return tuple(clients)

@@ -355,8 +355,8 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None, target: str | N
             digest = snap.relays[relay].jobs.get(job.name)
             if digest is None or not any(digest.counts.get(s, 0) for s in active_states):
                 continue
-            if digest.state is JobState.SCHEDULED:  # all it has still to run waits for the schedule
-                continue
+            if digest.state in (JobState.SCHEDULED, JobState.CLIENTS_OFFLINE):
+                continue  # all it has still to run waits for the schedule or for offline clients
             entry = snap.rows.get(job.name, {}).get(relay)
             if entry is None or entry[0] != accepted:
                 reasons.append(f"job {job.name}: rows of {relay} unreadable or not for the accepted commit")

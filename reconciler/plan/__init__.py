@@ -28,7 +28,8 @@ INTERFACE CONTRACT (the relay is written against these names):
   (status publishing, ``reconciler plan``). It previews: a row that would
   start at the client's next check-in is ``Pending`` (reason ``queued``)
   with its action. ``Plan.usage`` is the rollout usage on its rows.
-* ``rollup(job, rows) -> JobRollup`` per job.
+* ``rollup(job, rows) -> JobRollup`` per job; ``parked(reasons)`` and
+  ``job_state(counts, ...)`` for roll-ups of counts (HQ).
 """
 
 from reconciler.plan.engine import PlanMemo, plan_client, plan_relay
@@ -57,6 +58,7 @@ from reconciler.plan.vocabulary import (
     count_states,
     failures_exceeded,
     job_state,
+    parked,
     parse_max_failures,
     rollup,
 )
@@ -65,6 +67,6 @@ __all__ = [
     "MAX_BACKOFF_SECONDS", "RESULT_MARGIN_SECONDS", "Action", "ActionKind", "Attempt", "Client", "ClientId",
     "ClientPlan", "ClientState", "History", "Installed", "JobRollup", "JobState", "OperationId", "Outcome", "Plan",
     "PlanMemo", "RelayIndex", "RolloutUsage", "Row", "count_states", "failures_exceeded", "index_relay", "operation_id",
-    "Reason", "job_state", "parse_max_failures", "plan_client", "plan_relay", "plan_revision",
+    "Reason", "job_state", "parked", "parse_max_failures", "plan_client", "plan_relay", "plan_revision",
     "rollup",
 ]

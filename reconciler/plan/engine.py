@@ -65,6 +65,8 @@ from reconciler.plan.vocabulary import (
     _rollup,
     failures_exceeded,
     halt_message,
+    offline_message,
+    waits_offline,
 )
 from reconciler.specs import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -101,6 +103,7 @@ class PlanMemo:
 # Rows being filled in are lists, indexed by these positions.
 _tnew = tuple.__new__
 _SUCCEEDED = Outcome.SUCCEEDED
+_OFFLINE = Reason.CLIENT_OFFLINE
 _R_CLIENT, _R_STATE, _R_ACTION, _R_ATTEMPTS, _R_MESSAGE, _R_OPERATION, _R_REASON = map(
     Row._fields.index, ("client", "state", "action", "attempts", "message", "operation_id", "reason"))
 
@@ -668,6 +671,11 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         for slot, fields in rows:
             if fields[_R_STATE] is ClientState.IN_PROGRESS:
                 gate.online_in_progress[slot] += 1
+    else:  # nothing it waits for moves before the client checks in again (rules.py, rule 11)
+        for _, row_fields in rows:
+            if waits_offline(row_fields[_R_STATE], row_fields[_R_REASON]):
+                row_fields[_R_REASON] = Reason.CLIENT_OFFLINE
+                row_fields[_R_MESSAGE] = offline_message(client.last_seen, row_fields[_R_MESSAGE])
     return [(slot, _tnew(Row, fields)) for slot, fields in rows], actions
 
 
@@ -999,6 +1007,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
     per_job: list[list[Row]] = [[] for _ in range(size)]
     append = [rows.append for rows in per_job]
     counts = [0] * (size * _NSTATES)
+    offline = [0] * size  # Pending rows of offline clients per job slot
     actions: list[Action] = []
     # Clients of one shape without history get the same rows and actions but for their id
     # (and operation ids), as long as the rollout slots they could take are as free: the first
@@ -1024,7 +1033,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
             continue
         decisions = shape.decisions
         replay_key: Any = None
-        if fresh:
+        if fresh and client.online:  # an offline client's rows say so: never replayed to or from others
             replay_key = (shape.replay, *map(lt, map(free, shape.caps), shape.capped)) if shape.caps else shape.replay
             replay = replays.get(replay_key)
             if replay is not None:
@@ -1035,6 +1044,8 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         for slot, row in rows:
             append[slot](row)
             counts[slot * _NSTATES + _STATE_INDEX[row.state]] += 1
+            if row.reason is _OFFLINE:
+                offline[slot] += 1
         actions.extend(new_actions)
         if replay_key is not None:
             replays[replay_key] = _Replay(ctx, rows, new_actions)
@@ -1056,9 +1067,12 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
         all_rows.extend(job_rows)
         base = cj.slot * _NSTATES
         by_state = {state.value: counts[base + k] for k, state in enumerate(_STATES)}
-        # Before notBefore every row still to run waits for the schedule (rules.py says it per row).
+        # Before notBefore every row still to run waits for the schedule (rules.py says it per row);
+        # ClientsOffline when every Pending row waits for an offline client.
+        scheduled = phases[cj.slot] == _BEFORE
         rollups.append(_rollup(cj.name, by_state, suspended=cj.suspend, max_failures=cj.max_failures,
-                               scheduled=phases[cj.slot] == _BEFORE))
+                               scheduled=scheduled,
+                               offline=not scheduled and offline[cj.slot] == by_state[ClientState.PENDING.value]))
         usage[cj.name] = RolloutUsage(in_progress=gate.online_in_progress[cj.slot],
                                       failed=by_state[ClientState.FAILED.value],
                                       targets=len(job_rows) - by_state[ClientState.SKIPPED.value])

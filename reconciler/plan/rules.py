@@ -79,6 +79,12 @@ The rules, per client and job, in this order:
 10. **Artifacts.** An install, upgrade or downgrade whose package the relay
     has not staged waits, ``Pending`` "waiting for artifact of X: why": a
     client is never handed an action it cannot download.
+11. **Offline clients.** A client that has not checked in within the
+    relay's online window holds no rollout slot, and its ``Pending`` rows
+    (except those waiting for the schedule or held by a halted job) say
+    ``clientOffline``: "client offline, last contact <time>; <why it would
+    wait anyway>". A job whose rows still to run all wait for offline
+    clients is ``ClientsOffline``, not ``InProgress``.
 
 Dedupe: when two jobs would make the same change on one client (same action,
 software and version), one action goes out, under the first job with the
@@ -121,6 +127,9 @@ from reconciler.plan.vocabulary import (
     failures_exceeded,
     halt_message,
     job_state,
+    offline_message,
+    parked,
+    waits_offline,
 )
 from reconciler.specs import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -644,6 +653,10 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
         waiting = still
 
     actions = _actions(index, decisions, rows, new, repeated, cid, gate, client.online, depth)
+    if not client.online:  # nothing it waits for moves before the client checks in again
+        for row in rows:
+            if waits_offline(row.state, row.reason):
+                row.reason, row.message = Reason.CLIENT_OFFLINE, offline_message(client.last_seen, row.message)
     return [_make_row(index.relay, cid, row) for row in rows], actions
 
 
@@ -824,10 +837,10 @@ def plan_relay_by_rules(index: RelayIndex, clients: Sequence[Client], history: H
         total = len(job_rows)
         halted = jobs[name].max_failures is not None and failures_exceeded(
             counts[ClientState.FAILED.value], total - counts[ClientState.SKIPPED.value], jobs[name].max_failures)
-        # Scheduled: every row still to run waits for the job's notBefore.
-        scheduled = all(r.reason is Reason.SCHEDULED for r in job_rows if r.state is ClientState.PENDING)
+        # Scheduled: every row still to run waits for the job's notBefore; ClientsOffline: for offline clients.
+        scheduled, offline = parked(r.reason for r in job_rows if r.state is ClientState.PENDING)
         rollups.append(JobRollup(name, job_state(counts, suspended=jobs[name].suspend, halted=halted,
-                                                 scheduled=scheduled), counts))
+                                                 scheduled=scheduled, offline=offline), counts))
         online = {c.id for c in clients if c.online}
         usage[name] = RolloutUsage(
             in_progress=sum(1 for r in job_rows if r.state is ClientState.IN_PROGRESS and r.client in online),

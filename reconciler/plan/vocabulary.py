@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import NamedTuple, NewType
 
 from reconciler.specs import Package
+from reconciler.times import format_time
 
 ClientId = NewType("ClientId", str)
 OperationId = NewType("OperationId", str)
@@ -55,6 +56,7 @@ class JobState(StrEnum):
     HALTED = "Halted"
     IN_PROGRESS = "InProgress"
     SCHEDULED = "Scheduled"  # every row still to run waits for the job's future notBefore
+    CLIENTS_OFFLINE = "ClientsOffline"  # every row still to run waits for a client that is offline
     FAILED = "Failed"
     COMPLETED = "Completed"
 
@@ -91,6 +93,13 @@ class Reason(StrEnum):
     ARTIFACT = "waitingForArtifact"  # the relay has not staged the package's artifact
     FAILED = "failed"  # out of attempts
     NOT_REGISTERED = "notRegistered"  # HQ's: a client a job names that no relay knows
+    CLIENT_OFFLINE = "clientOffline"  # Pending: the client has not checked in lately (last contact in the message)
+
+
+# Pending reasons an offline client's row keeps: they say why it waits whether the client is up or not.
+_OFFLINE_KEEPS = frozenset({Reason.SCHEDULED, Reason.HALTED})
+# Pending reasons that leave a job waiting for time or for people, not running: see rollup().
+PARKED_REASONS = frozenset({Reason.SCHEDULED, Reason.CLIENT_OFFLINE})
 
 
 class ActionKind(StrEnum):
@@ -125,6 +134,7 @@ class Client:
     labels: tuple[tuple[str, str], ...] = ()  # sorted
     installed: tuple[Installed, ...] = ()  # sorted by name, one per name
     online: bool = True  # offline clients hold no rollout slot
+    last_seen: datetime | None = None  # its last check-in: an offline client's rows say it
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,23 @@ class RolloutUsage:
     targets: int = 0  # rows that are not Skipped, for percentage maxFailures
 
 
+def offline_message(last_seen: datetime | None, message: str) -> str:
+    """An offline client's Pending row: ``client offline, last contact 2026-11-30T08:00:00Z; attempt 1/3``."""
+    contact = format_time(last_seen) if last_seen is not None else "unknown"
+    return f"client offline, last contact {contact}" + (f"; {message}" if message else "")
+
+
+def waits_offline(state: ClientState, reason: Reason | None) -> bool:
+    """Whether an offline client's row with this state and reason waits for the client to come back.
+
+    Every Pending row does (nothing moves before the client checks in again)
+    except those waiting for the schedule or held by a Halted job: they say
+    why they wait whether the client is up or not. An InProgress row stays
+    InProgress: its installer may still report, and its timeout bounds it.
+    """
+    return state is ClientState.PENDING and reason not in _OFFLINE_KEEPS
+
+
 def parse_max_failures(value: int | str | None) -> tuple[int | None, int | None]:
     """(count, percent): ``3`` -> (3, None); ``"10%"`` -> (None, 10); None -> (None, None)."""
     if value is None:
@@ -273,35 +300,54 @@ def rollup(job: str, rows: Sequence[Row], *, suspended: bool = False,
     ``NoTargets`` (no rows), ``Halted`` (Failed rows exceed ``max_failures``,
     the job's ``rollout.maxFailures``, counted against its non-Skipped rows),
     ``InProgress`` (any row InProgress, or Pending for another reason than
-    the job's future schedule), ``Scheduled`` (rows Pending only until the
-    job's ``notBefore``), ``Failed`` (any Failed or Conflict), else
-    ``Completed``. (``Invalid`` is HQ's, for a commit that did not validate.)
+    the job's future schedule or an offline client), ``Scheduled`` (rows
+    Pending only until the job's ``notBefore``, or for offline clients),
+    ``ClientsOffline`` (rows Pending only for offline clients), ``Failed``
+    (any Failed or Conflict), else ``Completed``. (``Invalid`` is HQ's, for
+    a commit that did not validate.)
     """
-    pending = [row for row in rows if row.state is ClientState.PENDING]
-    scheduled = all(row.reason is Reason.SCHEDULED for row in pending)
-    return _rollup(job, count_states(rows), suspended=suspended, max_failures=max_failures, scheduled=scheduled)
+    scheduled, offline = parked({row.reason for row in rows if row.state is ClientState.PENDING})
+    return _rollup(job, count_states(rows), suspended=suspended, max_failures=max_failures, scheduled=scheduled,
+                   offline=offline)
+
+
+def parked(reasons: Iterable[Reason | str | None]) -> tuple[bool, bool]:
+    """(scheduled, offline) for :func:`job_state`, from the reasons of a job's Pending rows.
+
+    Pending rows that all wait for the schedule or for offline clients park
+    the job: ``Scheduled`` when any waits for the schedule (it moves on its
+    own then), else ``ClientsOffline``.
+    """
+    seen = set(reasons)
+    if not seen <= PARKED_REASONS:
+        return False, False
+    return Reason.SCHEDULED in seen, Reason.CLIENT_OFFLINE in seen and Reason.SCHEDULED not in seen
 
 
 def _rollup(job: str, counts: dict[str, int], *, suspended: bool, max_failures: int | str | None,
-            scheduled: bool = False) -> JobRollup:
+            scheduled: bool = False, offline: bool = False) -> JobRollup:
     total = sum(counts.values())
     halted = max_failures is not None and failures_exceeded(
         counts[ClientState.FAILED], total - counts[ClientState.SKIPPED], max_failures)
-    return JobRollup(job=job, state=job_state(counts, suspended=suspended, halted=halted, scheduled=scheduled),
+    return JobRollup(job=job, state=job_state(counts, suspended=suspended, halted=halted, scheduled=scheduled,
+                                              offline=offline),
                      counts=counts)
 
 
 def job_state(counts: Mapping[str, int], *, suspended: bool = False, halted: bool = False,
-              waiting: bool = False, invalid: bool = False, scheduled: bool = False) -> JobState:
+              waiting: bool = False, invalid: bool = False, scheduled: bool = False,
+              offline: bool = False) -> JobState:
     """Roll client counts up to a job state (DESIGN section 4): the worst state that applies.
 
     ``Invalid`` (the job cannot be planned, or HQ's commit did not validate),
     ``Suspended`` (the job is, or every row is), ``NoTargets`` (no rows and
     nothing ``waiting`` for a relay that has not reported yet), ``Halted``,
-    ``InProgress`` (any InProgress row, any Pending row unless ``scheduled``,
-    or ``waiting``), ``Scheduled`` (Pending rows that all wait for the job's
-    future ``notBefore``: ``scheduled`` says so), ``Failed`` (any Failed or
-    Conflict row), else ``Completed``. A job that reaches no client yet but
+    ``InProgress`` (any InProgress row, any Pending row unless ``scheduled``
+    or ``offline``, or ``waiting``), ``Scheduled`` (Pending rows that all
+    wait for the job's future ``notBefore``, or some for offline clients:
+    ``scheduled`` says so), ``ClientsOffline`` (Pending rows that all wait
+    for offline clients: ``offline`` says so; see :func:`parked`),
+    ``Failed`` (any Failed or Conflict row), else ``Completed``. A job that reaches no client yet but
     still waits for a relay is InProgress, not NoTargets: the missing relay
     may well have clients.
     """
@@ -312,9 +358,10 @@ def job_state(counts: Mapping[str, int], *, suspended: bool = False, halted: boo
         JobState.SUSPENDED: suspended or bool(total and counts.get(ClientState.SUSPENDED.value, 0) == total),
         JobState.NO_TARGETS: total == 0 and not waiting,
         JobState.HALTED: halted,
-        JobState.IN_PROGRESS: waiting or (pending and not scheduled)
+        JobState.IN_PROGRESS: waiting or (pending and not (scheduled or offline))
                               or bool(counts.get(ClientState.IN_PROGRESS.value, 0)),
         JobState.SCHEDULED: pending and scheduled,
+        JobState.CLIENTS_OFFLINE: pending and offline and not scheduled,
         JobState.FAILED: bool(counts.get(ClientState.FAILED.value, 0) or counts.get(ClientState.CONFLICT.value, 0)),
     }
     state = JobState.COMPLETED

@@ -292,7 +292,7 @@ class RelayLoop:
                 clients = [
                     plan.Client(id=r.id, relay=self.name, os=r.facts.get("os"), arch=r.facts.get("arch"),
                                 free_disk_mb=r.facts.get("freeDiskMB"), labels=tuple(sorted(r.labels.items())),
-                                installed=r.inventory, online=online[r.id])
+                                installed=r.inventory, online=online[r.id], last_seen=r.last_seen)
                     for r in records]
                 index = generation.index
                 try:
@@ -315,15 +315,16 @@ class RelayLoop:
                     *(problem(Cause.INVALID_SPECS, text) for text in unplannable_errors(generation))]
         errors = [p.message for p in problems]
         inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
-                                           installed=r.inventory, online=online[r.id]) for r in records]
+                                           installed=r.inventory, online=online[r.id],
+                                           last_contact=None if online[r.id] else r.last_seen) for r in records]
         self.state.errors = tuple(errors)
         # Rendering is O(fleet) and the costliest part of a pass: skip it when nothing it shows changed.
         fingerprint = hash((
             generation.commit, the_plan.rows if the_plan is not None else None,
             tuple((j.job, j.state, tuple(sorted(j.counts.items()))) for j in the_plan.jobs)
             if the_plan is not None else None, tuple(errors),
-            tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed, e.online)
-                  for e in inventory)))
+            tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed, e.online,
+                   e.last_contact) for e in inventory)))
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
         named_jobs = {job.name for jobs in generation.index.client_jobs.values() for job in jobs} \

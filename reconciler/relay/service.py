@@ -170,7 +170,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     wake = _Wakeup()
     stop = threading.Event()
     poll_seconds = poll_seconds_from_env()
-    state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty)
+    state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty,
+                       offline_after=args.offline_after)
     git = GitStore(args.origin, workdir)
     cache = ArtifactCache(workdir, git, parent_url=args.parent_url)
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)

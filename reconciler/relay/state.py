@@ -30,7 +30,8 @@ from reconciler.specs import Specs
 log = logging.getLogger("reconciler.relay")
 
 DEFAULT_POLL_SECONDS = 30.0
-MIN_ONLINE_SECONDS = 90.0
+# A client is offline once it missed three check-ins and this margin more (network jitter, a slow reply).
+OFFLINE_MARGIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,11 @@ class RelayState:
 
     def __init__(self, name: str, store: Store, poll_seconds: float = DEFAULT_POLL_SECONDS,
                  on_change: Callable[[], None] | None = None,
-                 on_git_hook: Callable[[], None] | None = None) -> None:
+                 on_git_hook: Callable[[], None] | None = None, offline_after: float | None = None) -> None:
         self.name = name
         self.store = store
         self.poll_seconds = poll_seconds
+        self.offline_after = offline_after
         self.generation = Generation()
         self._generation_lock = threading.Lock()
         self._memo: PlanMemo | None = None
@@ -136,8 +138,15 @@ class RelayState:
         self.errors: tuple[str, ...] = ()
 
     def online_window(self) -> timedelta:
-        """How long after its last check-in a client still counts as online (3 poll periods, at least 90 s)."""
-        return timedelta(seconds=max(3 * self.poll_seconds, MIN_ONLINE_SECONDS))
+        """How long after its last check-in a client still counts as online.
+
+        ``--offline-after`` when given, else three check-in periods plus
+        :data:`OFFLINE_MARGIN_SECONDS`. An offline client holds no rollout
+        slot and its waiting rows say ``clientOffline``.
+        """
+        if self.offline_after is not None:
+            return timedelta(seconds=self.offline_after)
+        return timedelta(seconds=3 * self.poll_seconds + OFFLINE_MARGIN_SECONDS)
 
     def online_since(self, now: datetime) -> datetime:
         return now - self.online_window()
