@@ -57,6 +57,17 @@ def _duration(text: str) -> float:
     return value
 
 
+def _days(text: str) -> float:
+    """A positive number of days, at most ten years."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= 3650:
+        raise argparse.ArgumentTypeError(f"expected a number of days above 0 and at most 3650, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconciler",
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline-after", type=_duration, metavar="S",
                    help="a client not heard from for this long is offline: it holds no rollout slot and its "
                         "waiting rows say clientOffline (default: 3 check-in intervals + 30 s)")
+    p.add_argument("--retire-after", type=_days, default=30.0, metavar="DAYS",
+                   help="a client not heard from for this many days is retired: no longer counted or planned, "
+                        "listed in relay.yaml; a check-in brings it back (default: 30)")
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")

@@ -110,6 +110,7 @@ class CheckinRequest(TypedDict):
     labels: NotRequired[dict[str, str]]
     inventory: list[InventoryEntry]
     results: NotRequired[list[Result]]
+    lastRelay: NotRequired[str]  # the relay that last answered this client (it moved when that is another)
 
 
 # ------------------------------------------------------------------ shapes: check-in reply
@@ -167,6 +168,7 @@ class CheckinReply(TypedDict):
     pollSeconds: float
     actions: list[Action]
     token: NotRequired[str]  # only when the check-in registered the client
+    relay: NotRequired[str]  # the answering relay's name: the agent sends it back as lastRelay
 
 
 # ------------------------------------------------------------------ problems
@@ -460,6 +462,11 @@ def checkin_problems(doc: object) -> tuple[CheckinRequest, list[FieldProblem]]:
         "inventory": check_inventory(doc["inventory"], "inventory", problems) if "inventory" in doc else [],
         "results": check_results(doc["results"], "results", problems) if "results" in doc else [],
     }
+    if "lastRelay" in doc:
+        if names.is_name(doc["lastRelay"]):
+            body["lastRelay"] = doc["lastRelay"]
+        else:
+            problems.append(FieldProblem("lastRelay", "must be a relay name (lowercase letters, digits, '.', '-')"))
     return body, problems
 
 
@@ -499,6 +506,11 @@ def check_reply(doc: object) -> CheckinReply:
         if not names.is_token(token):
             raise ProtocolError(FieldProblem("token", "must be 16-128 letters, digits, '_' and '-'"))
         reply["token"] = token
+    if "relay" in doc:
+        relay = doc["relay"]
+        if not names.is_name(relay):
+            raise ProtocolError(FieldProblem("relay", "must be a relay name"))
+        reply["relay"] = relay
     return reply
 
 

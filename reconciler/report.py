@@ -31,7 +31,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import yaml
@@ -82,6 +82,8 @@ HQ_STATUS_REF = f"status/{HQ_REF}"
 ACCEPTED_FILE = "accepted.yaml"
 VALIDATION_FILE = "validation.yaml"
 RELAYS_FILE = "relays.yaml"
+MOVES_FILE = "moves.yaml"
+MOVES_LIMIT = 1000  # moves a relay lists (the newest) and HQ passes on per relay
 SUMMARY_FILE = "summary.md"
 HQ_JOBS_DIR = "jobs/"
 
@@ -134,6 +136,15 @@ class RelayJobStatus:
     named: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True, order=True)
+class Move:
+    """A client that moved between relays: ``relay`` is where it came from (movedIn) or went (moves.yaml)."""
+
+    client: str
+    relay: str
+    at: datetime
+
+
 @dataclass(frozen=True)
 class RelayStatus:
     """What HQ aggregates from one ``status/<relay>`` ref (relay.yaml)."""
@@ -144,6 +155,9 @@ class RelayStatus:
     updated_at: datetime | None
     errors: tuple[str, ...]
     jobs: Mapping[str, RelayJobStatus]  # digest: rows are the first FAILURE_LIMIT failures
+    moved_in: tuple[Move, ...] = ()  # clients that said they came from another relay (relay: that one)
+    moved_away: int = 0  # clients HQ says moved to another relay, no longer counted here
+    retired: int = 0  # clients not heard from for the retention period, no longer counted
 
 
 @dataclass(frozen=True)
@@ -241,6 +255,8 @@ class HqReport:
     validation_errors: tuple[SpecError, ...]
     jobs: tuple[JobReport, ...]
     relays: tuple[RelayReport, ...]
+    # relay -> the clients that left it for another relay (Move.relay: where to); moves.yaml
+    moves: Mapping[str, tuple[Move, ...]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------- small helpers
@@ -492,7 +508,9 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                         updated_at: Mapping[tuple[str, str], datetime],
                         inventory: Sequence[InventoryEntry], errors: Sequence[str],
                         unplannable: Iterable[str] = (), problems: Sequence[Problem] = (),
-                        named_jobs: Iterable[str] = ()) -> dict[str, bytes]:
+                        named_jobs: Iterable[str] = (), moved_in: Sequence[Move] = (),
+                        moved_away: Sequence[Move] = (),
+                        retired: Sequence[tuple[str, datetime]] = ()) -> dict[str, bytes]:
     """The files of ``status/<relay>``: relay.yaml, jobs/<job>.yaml per job reaching the relay, inventory.json.
 
     ``updated_at`` maps (job, client) to when that row's state last changed;
@@ -504,7 +522,12 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
     the same failures for machines: kind (stalled, waiting, transient),
     reason and message each. ``named_jobs`` are the jobs that name their
     clients: their digests list the named clients this relay has, so HQ can
-    tell which named clients no relay knows.
+    tell which named clients no relay knows. ``inventory`` holds the clients
+    the relay counts; ``moved_in`` (clients that came from another relay,
+    the newest :data:`MOVES_LIMIT`), ``moved_away`` (clients HQ says went to
+    another relay) and ``retired`` ((client, last contact) not heard from
+    for the retention period) are listed only when there are any, so a
+    fleet without moves keeps its files byte for byte.
     """
     prefix = relay_prefix(relay)
     named = set(named_jobs)
@@ -541,7 +564,7 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
             }
             if job in named:
                 digests[job]["named"] = sorted({r.client for r in rows})
-    files[f"{prefix}relay.yaml"] = dump_yaml({
+    relay_doc: dict[str, Any] = {
         "relay": relay,
         "observedCommit": observed_commit,
         "clients": len(inventory),
@@ -549,10 +572,28 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
         "errors": [_cut(e) for e in errors],
         "problems": [{**p.to_dict(), "message": _cut(p.message)} for p in problems],
         "jobs": digests,
-    })
+    }
+    if moved_in:
+        newest_moves = sorted(moved_in, key=lambda m: (m.at, m.client), reverse=True)[:MOVES_LIMIT]
+        # Rounded up to the second: the old relay compares it with the client's last check-in there,
+        # which came before it, and must still find it earlier.
+        relay_doc["movedIn"] = [{"client": m.client, "from": m.relay, "at": format_time(_second_up(m.at))}
+                                for m in sorted(newest_moves)]
+    if moved_away:
+        shown = sorted(moved_away)[:LIST_LIMIT]
+        relay_doc["movedAway"] = {"count": len(moved_away), "clients": [
+            {"client": m.client, "to": m.relay, "at": format_time(m.at)} for m in shown]}
+    if retired:
+        relay_doc["retired"] = {"count": len(retired), "clients": [
+            {"client": c, "lastContact": format_time(t)} for c, t in sorted(retired)[:LIST_LIMIT]]}
+    files[f"{prefix}relay.yaml"] = dump_yaml(relay_doc)
     clients = [_inventory_json(entry) for entry in sorted(inventory, key=lambda e: e.id)]
     files[f"{prefix}inventory.json"] = _inventory_document(clients, {"relay": relay}).encode("utf-8")
     return files
+
+
+def _second_up(moment: datetime) -> datetime:
+    return moment if not moment.microsecond else moment.replace(microsecond=0) + timedelta(seconds=1)
 
 
 def _inventory_json(entry: InventoryEntry, relay: str | None = None) -> dict[str, Any]:
@@ -681,8 +722,12 @@ def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:
                              named=tuple(digest["named"]) if "named" in digest else None)
         for name, digest in sorted(doc["jobs"].items())
     }
+    moved_in = tuple(Move(m["client"], m["from"], at) for m in doc.get("movedIn", ())
+                     if (at := _time(m["at"], path)) is not None)
     return RelayStatus(relay=relay, observed_commit=doc["observedCommit"], clients=int(doc["clients"]),
-                       updated_at=_time(doc["updatedAt"], path), errors=tuple(doc["errors"]), jobs=jobs)
+                       updated_at=_time(doc["updatedAt"], path), errors=tuple(doc["errors"]), jobs=jobs,
+                       moved_in=moved_in, moved_away=int(doc.get("movedAway", {}).get("count", 0)),
+                       retired=int(doc.get("retired", {}).get("count", 0)))
 
 
 _ROWS_MARKER = b"\nrows:\n"
@@ -853,7 +898,40 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
                            for d in status.jobs.values()) if status else 0,
             ))
     return HqReport(branch=branch, accepted=accepted, validation_errors=tuple(sorted(validation_errors)),
-                    jobs=tuple(jobs), relays=tuple(relay_reports))
+                    jobs=tuple(jobs), relays=tuple(relay_reports),
+                    moves=_moves(relays, {r.name for r in specs.topology.relays} if specs is not None else set()))
+
+
+def _moves(relays: Mapping[str, RelayStatus], names: set[str]) -> dict[str, tuple[Move, ...]]:
+    """Per relay of the topology, the clients that moved from it to another (the newest move per client)."""
+    newest: dict[tuple[str, str], Move] = {}  # (old relay, client) -> Move(client, new relay, when)
+    for relay in sorted(names):
+        status = relays.get(relay)
+        for m in status.moved_in if status is not None else ():
+            if m.relay in names and m.relay != relay:
+                seen = newest.get((m.relay, m.client))
+                if seen is None or (m.at, relay) > (seen.at, seen.relay):
+                    newest[(m.relay, m.client)] = Move(m.client, relay, m.at)
+    out: dict[str, list[Move]] = {}
+    for (old, _), move in newest.items():
+        out.setdefault(old, []).append(move)
+    return {old: tuple(sorted(sorted(moves, key=lambda m: (m.at, m.client), reverse=True)[:MOVES_LIMIT]))
+            for old, moves in sorted(out.items())}
+
+
+def render_moves(moves: Mapping[str, Sequence[Move]]) -> bytes:
+    """status/hq's ``moves.yaml``: per relay, the clients that moved from it and where to."""
+    return dump_yaml({"moves": {relay: [{"client": m.client, "to": m.relay, "at": format_time(m.at)}
+                                        for m in moved] for relay, moved in sorted(moves.items())}})
+
+
+@_reading("moves.yaml")
+def parse_moves(data: bytes) -> dict[str, tuple[Move, ...]]:
+    """Read status/hq's ``moves.yaml`` (``schemas/status-moves.schema.json``)."""
+    doc = _checked(load_yaml(data, MOVES_FILE), "status-moves", MOVES_FILE)
+    return {relay: tuple(Move(m["client"], m["to"], at) for m in moved
+                         if (at := _time(m["at"], MOVES_FILE)) is not None)
+            for relay, moved in doc["moves"].items()}
 
 
 # A relay's job state when it has Pending rows -> the reason they all wait for (None: some run).
@@ -1070,6 +1148,8 @@ def render_hq_status(report: HqReport) -> dict[str, bytes]:
     }
     for job in report.jobs:
         files[f"{HQ_JOBS_DIR}{job.job}.yaml"] = render_job_report(job, report.accepted.accepted_commit)
+    if report.moves:  # only when a client moved: a fleet without moves keeps its tree as it was
+        files[MOVES_FILE] = render_moves(report.moves)
     return files
 
 
@@ -1088,8 +1168,9 @@ def parse_hq_status(files: Mapping[str, bytes]) -> HqReport:
         if path.startswith(HQ_JOBS_DIR) and path.endswith(".yaml")
     )
     relays = parse_relays(files[RELAYS_FILE]) if RELAYS_FILE in files else ()
+    moves = parse_moves(files[MOVES_FILE]) if MOVES_FILE in files else {}
     return HqReport(branch=parse_branch(files[ACCEPTED_FILE]), accepted=accepted, validation_errors=errors,
-                    jobs=jobs, relays=relays)
+                    jobs=jobs, relays=relays, moves=moves)
 
 
 # ------------------------------------------------------------- summary.md
@@ -1350,6 +1431,7 @@ STATUS_SCHEMAS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"accepted\.yaml"), "status-accepted"),
     (re.compile(r"validation\.yaml"), "status-validation"),
     (re.compile(r"relays\.yaml"), "status-relays"),
+    (re.compile(r"moves\.yaml"), "status-moves"),
     (re.compile(r"jobs/[^/]+\.yaml"), "status-job"),
 )
 

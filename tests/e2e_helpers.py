@@ -316,6 +316,8 @@ def malformed_requests(client_id: str) -> list[tuple[str, str, str, dict[str, st
         ("JSON null body", post, path, js, b"null", 400),
         ("empty body", post, path, js, b"", 400),
         ("unknown top-level field", post, path, js, body(extra=1), 400),
+        ("lastRelay not a relay name", post, path, js, body(lastRelay="../relay-a"), 400),
+        ("lastRelay a number", post, path, js, body(lastRelay=7), 400),
         ("missing facts", post, path, js, without("facts"), 400),
         ("missing inventory", post, path, js, without("inventory"), 400),
         ("facts not an object", post, path, js, body(facts=[1]), 400),

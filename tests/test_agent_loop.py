@@ -192,6 +192,19 @@ def test_registration_facts_labels_and_token(relay: FakeRelay, tmp_path: Path) -
     assert relay.checkins[1]["auth"] == f"Bearer {relay.tokens['pc-001']}"
 
 
+def test_the_relay_that_answered_last_is_sent_back_and_a_damaged_record_of_it_is_ignored(
+        relay: FakeRelay, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "relay").write_bytes(b"../etc\xff\n")
+    agent = Agent("pc-001", relay.url, root, {}, [])
+    assert agent.step().reached
+    assert "lastRelay" not in relay.checkins[0]["body"]
+    (root / "relay").write_text("relay-kanto\n")
+    assert agent.step().reached
+    assert relay.checkins[1]["body"]["lastRelay"] == "relay-kanto"
+
+
 def test_measured_facts_without_overrides(relay: FakeRelay, tmp_path: Path) -> None:
     facts = Agent("pc-001", relay.url, tmp_path, {}, {}).facts()
     assert facts["os"] in ("linux", "windows", "darwin") and facts["arch"] in ARCH_VALUES

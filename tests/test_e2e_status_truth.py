@@ -237,3 +237,77 @@ def test_status_wait_exit_codes_for_good_failed_rejected_timeout_and_error(fleet
     # 2: a job that does not exist is an error, not a wait.
     code, _, err = fleet.status("--wait", "--timeout", "5", "--job", "no-such-job")
     assert code == 2, err
+
+
+TWO_RELAYS = TOPOLOGY + "    - {name: relay-b, parent: hq-x}\n"
+
+
+def test_a_client_that_moves_to_another_relay_is_counted_once_under_the_new_one(fleet: Fleet) -> None:
+    fleet.commit({**BASE, "topology.yaml": TWO_RELAYS,
+                  "jobs/install-tool.yaml": job("install-tool", "allLowerClients", "relay-a, relay-b")})
+    relay_a = RelayProcess("relay-a", fleet.origin.url, fleet.base / "relay-a", poll_interval=0.5).start()
+    relay_b = RelayProcess("relay-b", fleet.origin.url, fleet.base / "relay-b", poll_interval=0.5).start()
+    fleet.relay = relay_a
+    try:
+        root = fleet.base / "clients" / "pc-1"
+        at_a = Agent("pc-1", relay_a.url, root)
+
+        def done_at(relay: str, agent: Agent) -> bool:
+            assert agent.run_once() == 0
+            rows = fleet.origin.relay_file(relay, "jobs/install-tool.yaml") or {}
+            return {r["client"]: r["state"] for r in rows.get("rows", [])} == {"pc-1": "Succeeded"}
+
+        wait_for(lambda: done_at("relay-a", at_a), 30, what="pc-1 done at relay-a")
+        assert (root / "relay").read_text().strip() == "relay-a"
+
+        # The PC is moved to another site: same agent root, another relay.
+        at_b = Agent("pc-1", relay_b.url, root)
+        wait_for(lambda: done_at("relay-b", at_b), 30, what="pc-1 at relay-b")
+        relay_b_yaml = fleet.origin.relay_file("relay-b", "relay.yaml")
+        assert [(m["client"], m["from"]) for m in relay_b_yaml["movedIn"]] == [("pc-1", "relay-a")]
+        assert (root / "relay").read_text().strip() == "relay-b"
+
+        fleet.hq_once()  # HQ learns of the move and tells relay-a (moves.yaml)
+        moves = yaml.safe_load(fleet.origin.read("status/hq", "moves.yaml") or b"{}")
+        assert [(m["client"], m["to"]) for m in moves["moves"]["relay-a"]] == [("pc-1", "relay-b")]
+
+        def relay_a_let_go() -> dict[str, Any] | None:
+            doc = fleet.origin.relay_file("relay-a", "relay.yaml") or {}
+            return doc if doc.get("movedAway", {}).get("count") == 1 else None
+
+        doc = wait_for(relay_a_let_go, 30, what="relay-a marks pc-1 moved")
+        assert doc["clients"] == 0
+        assert doc["movedAway"]["clients"] == [{"client": "pc-1", "to": "relay-b", "at": relay_b_yaml["movedIn"][0]["at"]}]
+        assert fleet.origin.job_rows("relay-a", "install-tool") == {}
+        fleet.hq_once()
+        hq_job = fleet.hq_job("install-tool")
+        assert hq_job["counts"]["Succeeded"] == 1 and sum(hq_job["counts"].values()) == 1, hq_job
+        assert hq_job["state"] == "Completed"
+    finally:
+        relay_b.stop()
+
+
+def test_a_client_not_heard_from_for_the_retention_period_is_retired_until_it_returns(fleet: Fleet) -> None:
+    fleet.commit({**BASE, "jobs/install-tool.yaml": job("install-tool", "allLowerClients", "relay-a")})
+    relay = RelayProcess("relay-a", fleet.origin.url, fleet.base / "relay-a",
+                         extra_args=["--retire-after", "0.00005"]).start()  # 4.32 s
+    fleet.relay = relay
+    pc1 = fleet.agent("pc-1")
+    assert pc1.run_once() == 0
+
+    def retired() -> dict[str, Any] | None:
+        doc = fleet.origin.relay_file("relay-a", "relay.yaml") or {}
+        return doc if doc.get("retired", {}).get("count") == 1 else None
+
+    doc = wait_for(retired, 30, what="pc-1 retired")
+    assert doc["clients"] == 0 and doc["retired"]["clients"][0]["client"] == "pc-1"
+    assert fleet.origin.job_rows("relay-a", "install-tool") == {}
+    inventory = fleet.origin.relay_file("relay-a", "inventory.json")
+    assert inventory["clients"] == []
+    fleet.hq_once()
+    assert fleet.hq_job("install-tool")["state"] == "NoTargets"
+
+    # One check-in brings it back, with its history.
+    assert pc1.run_once() == 0
+    wait_for(lambda: (fleet.origin.relay_file("relay-a", "relay.yaml") or {}).get("clients") == 1, 30,
+             what="pc-1 back")

@@ -312,7 +312,7 @@ def test_limits_are_enforced_at_their_values() -> None:
 def test_problems_name_the_field() -> None:
     body = {"facts": {"os": "beos", "freeDiskMB": True}, "inventory": [{"name": "app"}, "x"], "extra": 1}
     assert [str(p) for p in protocol.checkin_problems(body)[1]] == [
-        "extra: unknown field (allowed: facts, labels, inventory, results)",
+        "extra: unknown field (allowed: facts, labels, inventory, results, lastRelay)",
         "facts.os: must be one of linux, windows, darwin, got 'beos'",
         "facts.freeDiskMB: expected an integer, got a boolean",
         "inventory[0].version: missing required field",

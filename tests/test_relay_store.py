@@ -86,6 +86,26 @@ def test_migration_from_version_1_keeps_clients_confirmed(tmp_path: Path) -> Non
     s.close()
 
 
+def test_a_move_counts_only_while_the_client_has_not_checked_in_here_since(store: Store) -> None:
+    with store.write() as db:
+        store.register(db, "pc-1", T0)
+        store.register(db, "pc-2", T0)
+        assert store.record_arrival(db, "pc-2", "relay-x", T0)
+        assert not store.record_arrival(db, "pc-2", "relay-x", T0 + timedelta(minutes=1))  # no news
+    # HQ: pc-1 went to relay-b a minute after its last check-in here; a stale word about pc-2 changes nothing
+    assert store.record_departures([("pc-1", "relay-b", T0 + timedelta(minutes=1)),
+                                    ("pc-2", "relay-b", T0 - timedelta(minutes=1)),
+                                    ("pc-9", "relay-b", T0 + timedelta(minutes=1))]) == 1
+    assert store.record_departures([("pc-1", "relay-b", T0 + timedelta(minutes=1))]) == 0  # the same again
+    pc1, pc2 = store.clients()
+    assert pc1.moved_away() and (pc1.moved_to, pc1.moved_at) == ("relay-b", T0 + timedelta(minutes=1))
+    assert not pc2.moved_away() and (pc2.came_from, pc2.came_at) == ("relay-x", T0)
+    # pc-1 comes back here: it counts here again
+    with store.write() as db:
+        store.record_report(db, "pc-1", {}, {}, (), T0 + timedelta(minutes=5))
+    assert not store.client("pc-1").moved_away()  # type: ignore[union-attr]
+
+
 def test_unconfirmed_registration_can_be_reissued_until_confirmed(store: Store) -> None:
     with store.write() as db:
         first = store.register(db, "pc-1", T0)

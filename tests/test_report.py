@@ -411,6 +411,42 @@ def test_a_job_whose_relays_wait_only_for_offline_clients_is_clients_offline() -
     assert job.state is JobState.IN_PROGRESS
 
 
+def test_hq_passes_each_move_to_the_relay_the_client_left_and_nothing_else() -> None:
+    from datetime import timedelta
+    fleet = _fleet()
+    t1, t2 = T0 + timedelta(minutes=1), T0 + timedelta(minutes=2)
+
+    def with_moves(relay: str, moves: list[report.Move]) -> report.RelayStatus:
+        files = report.render_relay_status(relay, C1, None, {}, [], [], moved_in=moves)
+        assert_valid_status_files(files)
+        return report.parse_relay_status(files)
+
+    fleet["relay-osaka"] = with_moves("relay-osaka", [report.Move("pc-1", "relay-kanto", t1),
+                                                      report.Move("pc-2", "relay-nowhere", t1),  # not a relay
+                                                      report.Move("pc-3", "relay-osaka", t1)])  # itself
+    fleet["relay-fukuoka"] = with_moves("relay-fukuoka", [report.Move("pc-1", "relay-kanto", t2)])  # moved on
+    hq = report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), fleet)
+    assert hq.moves == {"relay-kanto": (report.Move("pc-1", "relay-fukuoka", t2),)}
+    files = report.render_hq_status(hq)
+    assert_valid_status_files(files)
+    assert report.parse_hq_status(files).moves == hq.moves
+    # a fleet without moves writes no moves.yaml
+    assert report.MOVES_FILE not in report.render_hq_status(
+        report.aggregate(example_specs(), Accepted(C1, T0, C1, True), "main", (), _fleet()))
+
+
+def test_moved_and_retired_clients_are_listed_in_relay_yaml_only_when_there_are_any() -> None:
+    files = report.render_relay_status("relay-kanto", C1, None, {}, [], [],
+                                       moved_away=[report.Move("pc-1", "relay-osaka", T0)],
+                                       retired=[("pc-2", T0), ("pc-3", T0)])
+    assert_valid_status_files(files)
+    status = report.parse_relay_status(files)
+    assert (status.moved_away, status.retired, status.clients) == (1, 2, 0)
+    plain = report.render_relay_status("relay-kanto", C1, None, {}, [], [])
+    assert b"movedAway" not in plain["relays/relay-kanto/relay.yaml"]
+    assert b"retired" not in plain["relays/relay-kanto/relay.yaml"]
+
+
 def test_a_job_every_relay_holds_for_its_schedule_is_scheduled_with_its_date() -> None:
     from dataclasses import replace
     specs = example_specs()

@@ -420,6 +420,15 @@ class Agent:
         write_atomic(self.layout.token, token.encode("utf-8"), mode=0o600)
 
     @property
+    def last_relay(self) -> str | None:
+        """The name of the relay that last answered, if any (a bad file reads as none)."""
+        try:
+            name = self.layout.relay_name.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return name if names.is_name(name) else None
+
+    @property
     def poll_seconds(self) -> float:
         """Seconds between check-ins: ``--poll-interval``, else the relay's, else 30."""
         return float(self.poll_interval or self.relay_poll_seconds or DEFAULT_POLL_SECONDS)
@@ -445,6 +454,9 @@ class Agent:
         results = [_wire_result(r) for r in self.journal.pending_results(limit=MAX_RESULTS_PER_CHECKIN)]
         body: protocol.CheckinRequest = {"facts": self.facts(), "labels": dict(self.labels),
                                          "inventory": self.inventory(), "results": results}
+        last_relay = self.last_relay
+        if last_relay is not None:
+            body["lastRelay"] = last_relay
         url = f"{self.relay_url}/v1/clients/{self.client_id}/checkin"
         try:
             response = self.session.post(url, json=body, headers=self._headers(), timeout=HTTP_TIMEOUT)
@@ -467,6 +479,11 @@ class Agent:
         if token is not None and token != self.token:
             self._store_token(token)
             self.log.info("registered with relay %s", redact_url(self.relay_url))
+        relay = reply.get("relay")
+        if relay is not None and relay != last_relay:
+            write_atomic(self.layout.relay_name, f"{relay}\n".encode())
+            if last_relay is not None:
+                self.log.info("now served by relay %s (was %s)", relay, last_relay)
         self.journal.acknowledge(r["operationId"] for r in results)
         return CheckinReply(tuple(reply["actions"]), max(float(reply["pollSeconds"]), MIN_POLL_SECONDS),
                             len(results))

@@ -131,6 +131,11 @@ class Layout:
         return self.root / "token"
 
     @property
+    def relay_name(self) -> Path:
+        """The name of the relay that last answered (sent back as ``lastRelay``: a move shows)."""
+        return self.root / "relay"
+
+    @property
     def receipts(self) -> Path:
         return self.root / "receipts"
 

@@ -50,7 +50,7 @@ from reconciler.relay.state import (
     make_generation,
     unplannable_errors,
 )
-from reconciler.relay.store import Store
+from reconciler.relay.store import ClientRecord, Store
 from reconciler.repo_tree import load_commit
 from reconciler.report import HQ_STATUS_REF
 from reconciler.specs import Specs
@@ -119,6 +119,7 @@ class RelayLoop:
         self._specs: Specs | None = None
         self._fingerprint: int | None = None
         self.row_state_changes = 0
+        self._moves_tip: str | None = None  # the status/hq commit whose moves.yaml was last read
 
     # -- what went wrong ------------------------------------------------------
 
@@ -206,7 +207,7 @@ class RelayLoop:
         accepted = self.read_accepted(fetch)
         current = self.state.generation
         errors = [accepted.error] if accepted.error else []
-        changed = False
+        changed = self.follow_moves() > 0
         if accepted.specs is not None and accepted.commit is not None:
             if not self.known_relay(accepted.specs):
                 errors.append(problem(Cause.UNKNOWN_RELAY, f"relay {self.name!r} is not in the topology at accepted "
@@ -281,6 +282,7 @@ class RelayLoop:
             records = self.store.clients(db)
             history = self.store.history(db)
             stored_states = self.store.row_states(db)
+        records, moved_away, retired = self._counted(records, now)
         window = self.state.online_window()
         online = {r.id: now - r.last_seen <= window for r in records}
         self.state.client_count = len(records)
@@ -314,6 +316,9 @@ class RelayLoop:
         problems = [*self.status_problems(),
                     *(problem(Cause.INVALID_SPECS, text) for text in unplannable_errors(generation))]
         errors = [p.message for p in problems]
+        moved_in = tuple(report.Move(r.id, r.came_from, r.came_at) for r in records
+                         if r.came_from is not None and r.came_at is not None and r.came_from != self.name
+                         and now - r.came_at <= self.state.retire_after)
         inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
                                            installed=r.inventory, online=online[r.id],
                                            last_contact=None if online[r.id] else r.last_seen) for r in records]
@@ -324,16 +329,67 @@ class RelayLoop:
             tuple((j.job, j.state, tuple(sorted(j.counts.items()))) for j in the_plan.jobs)
             if the_plan is not None else None, tuple(errors),
             tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed, e.online,
-                   e.last_contact) for e in inventory)))
+                   e.last_contact) for e in inventory), moved_in, moved_away, retired))
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
         named_jobs = {job.name for jobs in generation.index.client_jobs.values() for job in jobs} \
             if generation.index is not None else set()
         files = report.render_relay_status(self.name, generation.commit, the_plan, updated_at, inventory, errors,
                                            unplannable=generation.unplannable, problems=problems,
-                                           named_jobs=named_jobs)
+                                           named_jobs=named_jobs, moved_in=moved_in, moved_away=moved_away,
+                                           retired=retired)
         self._fingerprint = fingerprint
         return files
+
+    def _counted(self, records: list[ClientRecord], now: datetime,
+                 ) -> tuple[list[ClientRecord], tuple[report.Move, ...], tuple[tuple[str, datetime], ...]]:
+        """The clients this relay counts and plans; those that moved to another relay; those retired.
+
+        A client HQ says moved elsewhere (and not seen here since) counts
+        there; one not heard from for ``retire_after`` is retired. Neither
+        has rows or an inventory entry here; a check-in here brings either
+        back.
+        """
+        retire_before = now - self.state.retire_after
+        counted: list[ClientRecord] = []
+        moved: list[report.Move] = []
+        retired: list[tuple[str, datetime]] = []
+        for r in records:
+            if r.moved_away():
+                assert r.moved_to is not None and r.moved_at is not None
+                moved.append(report.Move(r.id, r.moved_to, r.moved_at))
+            elif r.last_seen < retire_before:
+                retired.append((r.id, r.last_seen))
+            else:
+                counted.append(r)
+        return counted, tuple(moved), tuple(retired)
+
+    def follow_moves(self) -> int:
+        """Read ``moves.yaml`` on status/hq when it changed; record the clients that left this relay.
+
+        Returns how many clients it marked as moved away (then a pass is due).
+        A file HQ wrote that cannot be read is logged and skipped: moves only
+        correct counts, they never block the relay.
+        """
+        try:
+            tip = self.git.ref_sha(HQ_STATUS_REF)
+            if tip is None or tip == self._moves_tip:
+                return 0
+            data = self.git.read_file(tip, report.MOVES_FILE, report.MAX_STATUS_FILE)
+            moves = report.parse_moves(data) if data is not None else {}
+        except GitError as e:  # transient: tried again at the next sync
+            log.warning("cannot read %s:%s (client moves not followed yet): %s", HQ_STATUS_REF, report.MOVES_FILE, e)
+            return 0
+        except report.ReportError as e:  # the same commit reads the same: say it once
+            log.warning("cannot read %s:%s (client moves not followed): %s", HQ_STATUS_REF, report.MOVES_FILE, e)
+            self._moves_tip = tip
+            return 0
+        self._moves_tip = tip
+        mine = moves.get(self.name, ())
+        changed = self.store.record_departures((m.client, m.relay, m.at) for m in mine) if mine else 0
+        if changed:
+            log.info("%d clients moved to other relays (per HQ); they are counted there now", changed)
+        return changed
 
     def error_files(self, error: BaseException) -> dict[str, bytes]:
         """Status files when a pass failed outright: at least the commit and the error get published."""

@@ -105,6 +105,7 @@ class Checkin:
     labels: dict[str, str]
     inventory: tuple[Installed, ...]
     results: tuple[protocol.Result, ...]
+    last_relay: str | None = None  # the relay that last answered the client
 
 
 def parse_checkin(doc: Any) -> Checkin:
@@ -115,7 +116,8 @@ def parse_checkin(doc: Any) -> Checkin:
         raise _bad(str(e)) from None
     inventory = sorted((Installed(entry["name"], entry["version"]) for entry in body["inventory"]),
                        key=lambda i: i.name)
-    return Checkin(body["facts"], body.get("labels", {}), tuple(inventory), tuple(body.get("results", ())))
+    return Checkin(body["facts"], body.get("labels", {}), tuple(inventory), tuple(body.get("results", ())),
+                   body.get("lastRelay"))
 
 
 def _unauthorized(client_id: str) -> HttpError:
@@ -295,6 +297,9 @@ class RelayApp:
             elif confirm and not self.store.confirm(db, client_id, credentials[0]):
                 raise HttpError(403, f"this token does not belong to client {client_id}")
             changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
+            if request.last_relay is not None and request.last_relay != state.name:
+                # It moved here: HQ tells that relay, which stops counting it (README, "Clients move and retire").
+                changed |= self.store.record_arrival(db, client_id, request.last_relay, now)
             if self.store.record_results(db, client_id, request.results, now):
                 changed = True
             actions: tuple[Action, ...] = ()
@@ -345,6 +350,7 @@ class RelayApp:
         }
         if new_token is not None:
             reply["token"] = new_token
+        reply["relay"] = state.name
         return reply
 
     @staticmethod

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     stop = threading.Event()
     poll_seconds = poll_seconds_from_env()
     state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty,
-                       offline_after=args.offline_after)
+                       offline_after=args.offline_after, retire_after=timedelta(days=args.retire_after))
     git = GitStore(args.origin, workdir)
     cache = ArtifactCache(workdir, git, parent_url=args.parent_url)
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)

@@ -32,6 +32,8 @@ log = logging.getLogger("reconciler.relay")
 DEFAULT_POLL_SECONDS = 30.0
 # A client is offline once it missed three check-ins and this margin more (network jitter, a slow reply).
 OFFLINE_MARGIN_SECONDS = 30.0
+# A client not heard from this long is retired: no longer counted or planned (one check-in brings it back).
+DEFAULT_RETIRE_AFTER = timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,13 @@ class RelayState:
 
     def __init__(self, name: str, store: Store, poll_seconds: float = DEFAULT_POLL_SECONDS,
                  on_change: Callable[[], None] | None = None,
-                 on_git_hook: Callable[[], None] | None = None, offline_after: float | None = None) -> None:
+                 on_git_hook: Callable[[], None] | None = None, offline_after: float | None = None,
+                 retire_after: timedelta = DEFAULT_RETIRE_AFTER) -> None:
         self.name = name
         self.store = store
         self.poll_seconds = poll_seconds
         self.offline_after = offline_after
+        self.retire_after = retire_after
         self.generation = Generation()
         self._generation_lock = threading.Lock()
         self._memo: PlanMemo | None = None

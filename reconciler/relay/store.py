@@ -66,6 +66,14 @@ class ClientRecord:
     inventory: tuple[Installed, ...]
     first_seen: datetime
     last_seen: datetime
+    came_from: str | None = None  # the relay it said it moved here from (its lastRelay), when it did
+    came_at: datetime | None = None
+    moved_to: str | None = None  # the relay HQ says it moved to; it counts there unless seen here since
+    moved_at: datetime | None = None
+
+    def moved_away(self) -> bool:
+        """Whether it moved to another relay and has not checked in here since."""
+        return self.moved_at is not None and self.last_seen < self.moved_at
 
 
 @dataclass(frozen=True)
@@ -217,7 +225,16 @@ def _v4(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE operations ADD COLUMN deferrals INTEGER NOT NULL DEFAULT 0")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4)
+def _v5(db: sqlite3.Connection) -> None:
+    # Clients move between relays: where one came from (it said so at a check-in), and where HQ
+    # says it went (it counts there, and no longer here, unless it checks in here again).
+    db.execute("ALTER TABLE clients ADD COLUMN came_from TEXT")
+    db.execute("ALTER TABLE clients ADD COLUMN came_at REAL")
+    db.execute("ALTER TABLE clients ADD COLUMN moved_to TEXT")
+    db.execute("ALTER TABLE clients ADD COLUMN moved_at REAL")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5)
 """Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
 
 _ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
@@ -231,6 +248,15 @@ def _attempt(row: Sequence[Any]) -> Attempt:
         dispatched_at=_dt(row[9]),  # type: ignore[arg-type]
         finished_at=_dt(row[10]), message=row[11], deferrals=row[12],
     )
+
+
+_CLIENT_COLUMNS = ("id, token_hash, facts, labels, inventory, first_seen, last_seen, came_from, came_at, moved_to, "
+                   "moved_at")
+
+
+def _client(r: Sequence[Any]) -> ClientRecord:
+    return ClientRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), _inventory(r[4]),
+                        _dt(r[5]), _dt(r[6]), r[7], _dt(r[8]), r[9], _dt(r[10]))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ the store
@@ -386,22 +412,33 @@ class Store:
         return before is not None and (before[0] != labels_json or before[1] != inventory_text)
 
     def clients(self, db: sqlite3.Connection | None = None) -> list[ClientRecord]:
-        rows = (db or self.db).execute(
-            "SELECT id, token_hash, facts, labels, inventory, first_seen, last_seen FROM clients ORDER BY id")
-        return [
-            ClientRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), _inventory(r[4]),
-                         _dt(r[5]), _dt(r[6]))  # type: ignore[arg-type]
-            for r in rows
-        ]
+        rows = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients ORDER BY id")
+        return [_client(r) for r in rows]
 
     def client(self, client_id: str, db: sqlite3.Connection | None = None) -> ClientRecord | None:
-        r = (db or self.db).execute(
-            "SELECT id, token_hash, facts, labels, inventory, first_seen, last_seen FROM clients WHERE id = ?",
-            (client_id,)).fetchone()
-        if r is None:
-            return None
-        return ClientRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), _inventory(r[4]),
-                            _dt(r[5]), _dt(r[6]))  # type: ignore[arg-type]
+        r = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE id = ?", (client_id,)).fetchone()
+        return None if r is None else _client(r)
+
+    def record_arrival(self, db: sqlite3.Connection, client_id: str, came_from: str, now: datetime) -> bool:
+        """Note that the client says it last spoke to relay ``came_from``; True when that is news."""
+        cursor = db.execute("UPDATE clients SET came_from = ?, came_at = ? WHERE id = ? "
+                            "AND came_from IS NOT ?", (came_from, _ts(now), client_id, came_from))
+        return cursor.rowcount == 1
+
+    def record_departures(self, moves: Iterable[tuple[str, str, datetime]]) -> int:
+        """HQ's word that these (client, relay, when) moved to another relay; how many rows it changed.
+
+        A move older than the client's last check-in here is stale (it came
+        back since) and changes nothing; the newest move wins.
+        """
+        changed = 0
+        with self.write() as db:
+            for client_id, relay, when in moves:
+                changed += db.execute(
+                    "UPDATE clients SET moved_to = ?, moved_at = ? WHERE id = ? AND last_seen < ? "
+                    "AND (moved_at IS NULL OR moved_at < ?)",
+                    (relay, _ts(when), client_id, _ts(when), _ts(when))).rowcount
+        return changed
 
     def client_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM clients").fetchone()[0])
