@@ -65,3 +65,13 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second() -> None:
     assert commands[0].endswith("reconciler demo")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci
+
+
+def test_every_row_reason_and_job_state_is_explained_in_the_status_section() -> None:
+    from reconciler.plan import JobState, Reason
+    section = README[README.index("## Reading status"):README.index("## Scaling out")]
+    table = {cell for line in section.splitlines() if line.startswith("| ")
+             for cell in re.findall(r"`([A-Za-z]+)`", line)}
+    assert {r.value for r in Reason} <= table, sorted({r.value for r in Reason} - table)
+    assert all(f"`{state.value}`" in section for state in JobState), \
+        [s.value for s in JobState if f"`{s.value}`" not in section]
