@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 from test_hq import Origin, git
+from test_status_cmd import publish_all, settled_rows, status
 
 from reconciler import report
 from reconciler.errors import Cause, problem
@@ -33,6 +34,7 @@ from reconciler.liveness import (
     heartbeat_json,
     make_heartbeat,
 )
+from reconciler.plan import ClientState
 from reconciler.relay.heartbeat import DELIVERED, HeartbeatSender
 from reconciler.relay.state import Generation, RelayState
 from reconciler.serving import Server
@@ -340,3 +342,47 @@ def test_the_service_wakes_when_a_relay_timeout_runs_out_unless_passes_fail(tmp_
     clock.advance(60)  # past the deadline, not yet judged (the passes fail): still no busy loop
     assert next_wait(hq, failing, 30) == 30
     assert next_wait(Hq(GitStore(str(tmp_path / "nowhere.git"), tmp_path / "hq2")), Turn(None, None, None, 0), 30) == 30
+
+
+def test_status_names_a_lost_relay_and_waits_for_it_by_name(tmp_path: Path) -> None:
+    origin = Origin(tmp_path)
+    clock = Clock()
+    hq = _hq(origin, tmp_path / "hq", clock)
+    hq.run_pass()
+
+    def busy(relay: str) -> dict[str, list[tuple[str, ClientState, str]]]:
+        rows = settled_rows(relay)
+        if relay == "relay-yokohama":  # still installing when it died
+            rows = {**rows, "install-7zip": [("pc-yoko-001", ClientState.IN_PROGRESS, "installing")]}
+        return rows
+
+    publish_all(origin, tmp_path, busy)
+    for name in ("relay-kanto", "relay-yokohama", "relay-osaka", "relay-fukuoka"):
+        _beat(hq, name)
+    hq.run_pass()
+    clock.advance(200)
+    for name in ("relay-kanto", "relay-osaka", "relay-fukuoka"):
+        _beat(hq, name)
+    hq.run_pass()
+    clock.advance(101)
+    assert "relay relay-yokohama is LOST" in (hq.run_pass().line or "")
+
+    text = status(origin, tmp_path)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[1] == ("RELAY relay-yokohama LOST since 2026-11-23T10:05:00Z (last contact 2026-11-23T10:00:00Z): "
+                        "no heartbeat reaches HQ; jobs reaching it keep its last reported state: install-7zip, "
+                        "install-putty, install-teams-meeting, install-vcredist, uninstall-legacy-toolbar")
+    doc = json.loads(status(origin, tmp_path, "--format", "json").stdout)
+    relays = {r["relay"]: r for r in doc["relays"]}
+    assert relays["relay-yokohama"]["liveness"] == "lost"
+    assert relays["relay-yokohama"]["lastContact"] == "2026-11-23T10:00:00Z"
+    assert (relays["relay-kanto"]["liveness"], relays["relay-kanto"]["lastContact"]) == ("alive", None)
+    assert relays["relay-kanto"]["clients"] == {"total": 2, "online": 2, "offline": 0}
+    # the lost relay's InProgress row keeps the wait from settling, and the timeout names the relay as lost
+    waited = status(origin, tmp_path, "--wait", "--timeout", "1")
+    assert waited.returncode == 4, waited.stderr
+    assert ("job install-7zip: 1 client Pending or InProgress on relay-yokohama (pc-yoko-001); relay relay-yokohama "
+            "is LOST since") in waited.stderr
+    markdown = status(origin, tmp_path, "--format", "markdown").stdout
+    assert "> **Relay relay-yokohama is LOST since 2026-11-23T10:05:00Z" in markdown
