@@ -10,7 +10,9 @@ Two decisions shape it:
   present in every ``counts``, and the only timestamps are the ones the caller
   says changed (a row's ``updatedAt``; ``relay.yaml``'s ``updatedAt`` is the
   newest of them, never the wall clock). An unchanged fleet therefore renders
-  byte-identical files, git sees no change and nobody commits.
+  byte-identical files, git sees no change and nobody commits. Relay
+  liveness in ``relays.yaml`` follows the same rule: its state and the time
+  of its last transition, never the moving time of the last heartbeat.
 * **Bounded HQ reports.** ``relay.yaml`` carries, besides the fields of
   DESIGN section 5, a per-job digest (state, counts and the first
   :data:`FAILURE_LIMIT` failures). HQ aggregates those digests only, so its
@@ -61,6 +63,8 @@ SKIP_LIMIT = 5
 MAX_REASONS = 64
 # Failures named per relay in summary.md's relay section.
 RELAY_FAILURE_LIMIT = 3
+# Lost relays named one by one at the top of summary.md (the rest are counted; all are in the relay table).
+LOST_RELAY_NOTES = 5
 SKIP_MESSAGE_LIMIT = 200
 """Bytes a status file read from git may hold; a relay job file of 50,000 rows is about 7 MB."""
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
@@ -1222,14 +1226,14 @@ def _lost_relay_notes(report: HqReport) -> list[str]:
     """The top of summary.md: one line per lost relay, naming the jobs it holds in their last reported state."""
     lost = lost_relays(report.relays)
     out = []
-    for r in lost[:SKIP_LIMIT]:
+    for r in lost[:LOST_RELAY_NOTES]:
         jobs = jobs_reaching(report, r.relay)
         held = f"; jobs reaching it keep the state it last reported ({_md(_names(jobs))})" if jobs else ""
         out.append(f"> **Relay {_md(r.relay)} is {_md(liveness_label(r))}**: no heartbeat reaches HQ, so its "
                    f"status below is as it last published it{held}.")
         out.append("")
-    if len(lost) > SKIP_LIMIT:
-        out += [f"> … and {len(lost) - SKIP_LIMIT} more lost relays (see Relays below).", ""]
+    if len(lost) > LOST_RELAY_NOTES:
+        out += [f"> … and {len(lost) - LOST_RELAY_NOTES} more lost relays (see Relays below).", ""]
     return out
 
 

@@ -207,11 +207,11 @@ def test_the_sender_logs_a_failure_once_per_change(signed: Hq_, caplog: pytest.L
     caplog.set_level(logging.INFO, logger="reconciler.relay")
     nobody = HeartbeatSender(f"http://127.0.0.1:{closed_port()}", _state(), interval=60, secret=SECRET)
     assert [nobody.send() for _ in range(3)] == ["unreachable"] * 3
-    wrong = HeartbeatSender(signed.url, _state(), interval=60, secret=b"not the secret")
-    assert [wrong.send() for _ in range(3)] == ["HTTP 401"] * 3
-    right = HeartbeatSender(signed.url, _state(), interval=60, secret=SECRET)
-    right.outcome = "HTTP 401"  # as if the secret file had been fixed
-    assert [right.send() for _ in range(3)] == [DELIVERED] * 3
+    nobody.url = nobody.url.replace(nobody.url.split("/v1/")[0], signed.url)  # HQ comes up, wrong secret
+    nobody.secret = b"not the secret"
+    assert [nobody.send() for _ in range(3)] == ["HTTP 401"] * 3
+    nobody.secret = SECRET  # the secret fixed
+    assert [nobody.send() for _ in range(3)] == [DELIVERED] * 3
     lines = [r.getMessage() for r in caplog.records if "heartbeat" in r.getMessage()]
     assert len(lines) == 3, lines
     assert "failed (unreachable" in lines[0] and "failed (HTTP 401: bad X-Hub-Signature-256" in lines[1]

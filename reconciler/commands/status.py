@@ -3,8 +3,8 @@
 Reads only git, one snapshot per poll: one fetch, then every ref is read at
 the sha that fetch gave it. ``status/hq`` supplies what only HQ decides (the
 accepted commit, the last evaluated ``main`` commit, its validation errors, a
-commit HQ could not evaluate); each ``status/<relay>`` supplies its counts and
-client rows.
+commit HQ could not evaluate, whether each relay is alive or lost); each
+``status/<relay>`` supplies its counts and client rows.
 
 The job and relay roll-ups printed are not ``status/hq``'s: they are
 recomputed from the relay refs of the same snapshot with
