@@ -494,7 +494,8 @@ def _lost_lines(hq: HqReport, limit: int = 10) -> list[str]:
     out = []
     for r in lost[:limit]:
         jobs = report.jobs_reaching(hq, r.relay)
-        held = f"; jobs reaching it keep its last reported state: {', '.join(jobs)}" if jobs else ""
+        shown = ", ".join(jobs[:limit]) + (f" +{len(jobs) - limit} more" if len(jobs) > limit else "")
+        held = f"; jobs reaching it keep its last reported state: {shown}" if jobs else ""
         out.append(f"RELAY {r.relay} {report.liveness_label(r)}: no heartbeat reaches HQ{held}")
     if len(lost) > limit:
         out.append(f"… and {len(lost) - limit} more relays LOST")
