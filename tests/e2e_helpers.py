@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,7 +156,7 @@ class RelayProcess:
     def __init__(self, name: str, origin: str, workdir: Path, *, parent_url: str | None = None,
                  poll_interval: float = 30.0, publish_interval: float = 0.5, poll_seconds: float = 1.0,
                  listen: str = "127.0.0.1:0", extra_env: Mapping[str, str] | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Iterable[str] = ()) -> None:
         self.name = name
         self.extra_args = list(extra_args)
         self.listen = listen
