@@ -1,28 +1,32 @@
 """Idle fleet: what HQ, relays and agents cost, and commit, when nothing changes.
 
-Set-up: a local bare origin, ``reconciler hq`` and two sibling relays as real
-subprocesses on 127.0.0.1, and N real ``reconciler agent`` processes per
+Set-up: a local bare origin, ``reconciler hq --listen`` and two sibling
+relays as real subprocesses on 127.0.0.1, the relays sending HQ a heartbeat
+every ``--heartbeat-seconds``, and N real ``reconciler agent`` processes per
 relay (their check-in interval is the relays' ``RECONCILER_POLL_SECONDS``).
 One job installs a package on every client. Once ``status/hq`` shows every
-client Succeeded and the status refs have been still for a while, the
-measured window starts: for ``--minutes`` it counts the commits on every
-status ref and the CPU time each process uses.
+client Succeeded, both relays alive, and the status refs have been still for
+a while, the measured window starts: for ``--minutes`` it counts the commits
+on every status ref, the heartbeats HQ received (from its ``GET /v1/relays``)
+and the CPU time each process uses.
 
 Target (the status issue): an idle fleet of HQ, 2 relays and 20 agents makes
-0 commits in 5 minutes.
+0 commits in 5 minutes, heartbeats included.
 
-    python benchmarks/idle_bench.py [--agents-per-relay 10] [--minutes 5] [--poll-seconds 10]
+    python benchmarks/idle_bench.py [--agents-per-relay 10] [--minutes 5] [--poll-seconds 10] [--heartbeat-seconds 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -80,6 +84,20 @@ def succeeded(origin: Path) -> int:
     return int(((yaml.safe_load(result.stdout) or {}).get("counts") or {}).get("Succeeded", 0))
 
 
+def hq_relays(url: str) -> dict[str, dict[str, object]]:
+    """HQ's ``GET /v1/relays``, by relay name."""
+    with urllib.request.urlopen(f"{url}/v1/relays", timeout=10) as response:
+        return {r["relay"]: r for r in json.load(response)["relays"]}
+
+
+def published_liveness(origin: Path) -> dict[str, str]:
+    """Each relay's liveness as relays.yaml on status/hq gives it."""
+    result = subprocess.run(["git", "-C", str(origin), "show", "status/hq:relays.yaml"], capture_output=True, text=True)
+    if result.returncode != 0:
+        return {}
+    return {r["relay"]: r.get("liveness", "-") for r in (yaml.safe_load(result.stdout) or {}).get("relays", [])}
+
+
 def wait_for(condition: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,6 +112,7 @@ def main() -> int:
     parser.add_argument("--agents-per-relay", type=int, default=10)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--poll-seconds", type=float, default=10.0, help="agents' check-in interval")
+    parser.add_argument("--heartbeat-seconds", type=float, default=15.0, help="relays' heartbeat interval to HQ")
     parser.add_argument("--keep", action="store_true", help="keep the origin and logs")
     args = parser.parse_args()
 
@@ -123,10 +142,13 @@ def main() -> int:
 
     total = args.agents_per_relay * len(RELAYS)
     try:
-        spawn("hq", "hq", "--origin", str(origin), "--workdir", str(work / "hq"))
+        spawn("hq", "hq", "--origin", str(origin), "--workdir", str(work / "hq"), "--listen", "127.0.0.1:0")
+        hq_file = work / "hq" / "listen.url"
+        wait_for(lambda: hq_file.is_file() and hq_file.read_text().strip(), 60, "HQ to listen")
+        hq_url = hq_file.read_text().strip()
         for relay in RELAYS:
             spawn(relay, "relay", "--name", relay, "--origin", str(origin), "--workdir", str(work / relay),
-                  "--listen", "127.0.0.1:0")
+                  "--listen", "127.0.0.1:0", "--hq-url", hq_url, "--heartbeat-interval", f"{args.heartbeat_seconds:g}")
         for relay in RELAYS:
             url_file = work / relay / "listen.url"
             wait_for(lambda: url_file.is_file() and url_file.read_text().strip(), 60, f"{relay} to listen")
@@ -137,6 +159,7 @@ def main() -> int:
                       "--fact", "os=linux", "--fact", "arch=x86_64")
         settle_start = time.monotonic()
         wait_for(lambda: succeeded(origin) == total, 600, f"every one of {total} clients to succeed")
+        wait_for(lambda: set(published_liveness(origin).values()) == {"alive"}, 120, "both relays published alive")
         # Settled means the refs stay still for a minute (and at least three check-in rounds): the
         # software the clients report after their installs, and its publish, belong to the rollout.
         still = status_commits(origin)
@@ -150,6 +173,7 @@ def main() -> int:
               flush=True)
 
         cpu_before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+        contacts_before = {name: r["lastContact"] for name, r in hq_relays(hq_url).items()}
         window = args.minutes * 60
         start = time.monotonic()
         minute = 0
@@ -162,6 +186,8 @@ def main() -> int:
                   flush=True)
         cpu = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in procs.items()}
         exited = [name for name, p in procs.items() if p.poll() is not None]
+        live = hq_relays(hq_url)
+        liveness = published_liveness(origin)
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -179,6 +205,11 @@ def main() -> int:
     print(f"idle window {minutes:g} min, HQ + {len(RELAYS)} relays + {total} agents, check-in every "
           f"{args.poll_seconds:g} s")
     print(f"status commits in the window: {sum(new.values())} {new} (target 0)")
+    beats = int(window // args.heartbeat_seconds)
+    print(f"heartbeats: every {args.heartbeat_seconds:g} s, about {beats} per relay in the window; HQ's last contact "
+          + ", ".join(f"{name} {contacts_before[name]} -> {r['lastContact']} ({r['liveness']})"
+                      for name, r in sorted(live.items()))
+          + f"; relays.yaml says {liveness}")
     print(f"CPU seconds per minute: hq {cpu['hq'] / minutes:.2f}, "
           + ", ".join(f"{r} {cpu[r] / minutes:.2f}" for r in RELAYS)
           + f", agents {sum(agents) / minutes:.2f} together ({max(agents) / minutes:.2f} the busiest)")

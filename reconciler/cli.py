@@ -96,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", default="main", help="branch holding the specs (default: main)")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval in seconds (default: 30)")
-    p.add_argument("--listen", metavar="HOST:PORT", help="serve /healthz and the git webhook here")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="serve /healthz, the git webhook and the relays' heartbeats here (without it HQ reports "
+                        "no relay liveness)")
     p.add_argument("--webhook-secret-file", metavar="F", help="HMAC-SHA256 secret for POST /v1/hooks/git")
+    p.add_argument("--heartbeat-secret-file", metavar="F",
+                   help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
+    p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
+                   help="a relay with no heartbeat for S seconds is published as lost (default: 300)")
     p.add_argument("--once", action="store_true", help="do one full pass and exit")
 
     p = sub.add_parser("relay", help="run a relay reconciler serving its clients")
@@ -116,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retire-after", type=_days, default=30.0, metavar="DAYS",
                    help="a client not heard from for this many days is retired: no longer counted or planned, "
                         "listed in relay.yaml; a check-in brings it back (default: 30)")
+    p.add_argument("--hq-url", metavar="URL",
+                   help="HQ's --listen address: send it a heartbeat every --heartbeat-interval (none without it)")
+    p.add_argument("--heartbeat-interval", type=_positive_float, default=60.0, metavar="S",
+                   help="seconds between heartbeats to HQ (default: 60)")
+    p.add_argument("--heartbeat-secret-file", metavar="F",
+                   help="HMAC-SHA256 secret to sign heartbeats with (HQ's --heartbeat-secret-file)")
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")

@@ -20,6 +20,15 @@ gains an ``evaluationError`` naming the commit that could not be evaluated,
 so no reader ever sees that commit reported as valid. The evaluation is
 retried with exponential backoff on HQ's clock (:data:`RETRY_FIRST_SECONDS`
 doubling up to :data:`RETRY_MAX_SECONDS`), at once if ``main`` moves again.
+
+With ``--listen``, relays post heartbeats to HQ (:mod:`reconciler.hq_liveness`)
+and every pass judges each relay alive, lost or unknown on HQ's clock. A
+pass whose inputs (commits, relay refs, those judgements) are all as before
+renders nothing, so heartbeats alone never make a commit; a relay's
+transition re-renders ``status/hq`` from the relay status already read. The
+service wakes at least every poll interval, and at the moment a relay's
+timeout runs out, so a dead relay shows as lost within about
+``--relay-timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -46,12 +55,15 @@ from reconciler.errors import (
     problem_of,
     retry_delay,
 )
+from reconciler.fileio import write_atomic
 from reconciler.gitstore import (
     STATUS_PREFIX,
     ChangeWatcher,
     GitError,
     GitStore,
 )
+from reconciler.hq_liveness import LIVENESS_FILE, Contacts, RelaysApi
+from reconciler.liveness import RelayLiveness
 from reconciler.logs import configure_logging
 from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
@@ -128,10 +140,12 @@ class PassResult:
 class Hq:
     """HQ's reconcile state between passes (a cache: the truth is in git)."""
 
-    def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now,
+                 contacts: Contacts | None = None) -> None:
         self.store = store
         self.branch = branch
         self.clock = clock
+        self.contacts = contacts  # relay heartbeats (None: HQ does not listen, liveness is not reported)
         self._restored = False
         self._evaluated = False  # this process finished an evaluation of main_commit
         self.main_commit: str | None = None
@@ -240,16 +254,18 @@ class Hq:
         relays, changed = self._read_relays(specs_now)
         if changed:
             notes.append(f"read {changed} relay report{'s' if changed != 1 else ''}")
+        liveness = self._judge_relays(specs_now, notes)
         evaluation_error = (None if self.failed is None
                             else EvaluationError(self.failed.commit, self.failed.message, self.failed.cause.value))
         # Same inputs as the last pass that rendered: the output cannot differ.
         inputs = (self.main_commit, self.main_valid, self.accepted_commit, self.accepted_at, evaluation_error,
-                  tuple(sorted((name, sha) for name, (sha, _) in self._relays.items())))
+                  tuple(sorted((name, sha) for name, (sha, _) in self._relays.items())),
+                  None if liveness is None else tuple(sorted(liveness.items())))
         published = None
         if inputs != self._inputs or self._published is None:
             accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
                                 evaluation_error)
-            hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays)
+            hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
             files = report.render_hq_status(hq_report)
             if files != self._published:
                 published = self.store.publish(HQ_STATUS_REF, files, self._message(hq_report))
@@ -257,6 +273,19 @@ class Hq:
             self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
+
+    def _judge_relays(self, specs_now: Specs | None, notes: list[str]) -> dict[str, RelayLiveness] | None:
+        """Each relay's liveness now (None without heartbeats); a note for each relay that changed."""
+        if self.contacts is None:
+            return None
+        names = None if specs_now is None else [r.name for r in specs_now.topology.relays]
+        liveness, transitions = self.contacts.evaluate(names)
+        notes.extend(transitions)
+        return liveness
+
+    def seconds_until_liveness_change(self) -> float | None:
+        """Seconds until a relay's timeout runs out (the service wakes then); None when none can."""
+        return None if self.contacts is None else self.contacts.seconds_until_change()
 
     def _due(self, main: str | None) -> bool:
         """Whether to evaluate ``main`` now: always, unless its last attempt failed and the retry is not due."""
@@ -335,6 +364,9 @@ class Hq:
         for job in hq_report.jobs:
             states[job.state.value] = states.get(job.state.value, 0) + 1
         jobs = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no jobs"
+        lost = [r.relay for r in report.lost_relays(hq_report.relays)]
+        if lost:
+            jobs += f"; {report.plural(len(lost), 'relay')} LOST ({', '.join(lost[:5])}{', …' if len(lost) > 5 else ''})"
         validity = {True: "valid", False: "INVALID", None: "absent"}[accepted.main_valid]
         failed = accepted.evaluation_error
         unevaluated = "" if failed is None else f", {report.short(failed.commit)} NOT EVALUATED"
@@ -343,9 +375,12 @@ class Hq:
 
     def health(self) -> Mapping[str, Any]:
         failed = self.failed
-        return {"acceptedCommit": self.accepted_commit, "mainCommit": self.main_commit,
-                "mainValid": self.main_valid,
-                "evaluationError": None if failed is None else {"commit": failed.commit, "message": failed.message}}
+        out: dict[str, Any] = {
+            "acceptedCommit": self.accepted_commit, "mainCommit": self.main_commit, "mainValid": self.main_valid,
+            "evaluationError": None if failed is None else {"commit": failed.commit, "message": failed.message}}
+        if self.contacts is not None:
+            out["relays"] = self.contacts.counts()
+        return out
 
 
 # ------------------------------------------------------------------- shell
@@ -355,8 +390,9 @@ HEALTH_PATH = "/healthz"
 
 
 def make_app(trigger: Callable[[], None], secret: bytes | None,
-             health: Callable[[], Mapping[str, Any]] | None = None) -> WSGIApp:
-    """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in) and ``POST /v1/hooks/git``.
+             health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None) -> WSGIApp:
+    """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in), ``POST /v1/hooks/git`` and, with
+    ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`).
 
     Every response is JSON; errors are ``{"error": "..."}`` with a 4xx
     status, and a bug gives a JSON 500, never a traceback.
@@ -372,6 +408,9 @@ def make_app(trigger: Callable[[], None], secret: bytes | None,
                 return json_response(start_response, 200, {"ok": True, **(health() if health else {})})
             if path == HOOK_PATH:
                 return hook_handler(environ, start_response, secret, trigger)
+            answer = relays.route(path, environ, start_response) if relays is not None else None
+            if answer is not None:
+                return answer
             return json_response(start_response, 404, {"error": f"no such endpoint: {path[:200]}"})
         except Exception:  # noqa: BLE001 - a bug must give a JSON 500, not a traceback to the caller
             log.exception("error serving %s %s", method, path[:200])
@@ -413,23 +452,39 @@ def take_turn(hq: Hq, failures: int) -> Turn:
     return Turn(result.line, None, None, 0, result.seconds)
 
 
+LIVENESS_MARGIN_SECONDS = 1.0
+"""How long after a relay's timeout runs out the service wakes to call it lost (the rule is 'older than')."""
+
+
 def next_wait(hq: Hq, turn: Turn, poll_interval: float) -> float:
-    """How long the service sleeps without a change: the poll interval, or sooner for a due retry."""
-    wait = next_wakeup(poll_interval, turn.problem, turn.failures) if turn.failures else poll_interval
+    """How long the service sleeps without a change: the poll interval, or sooner for a due retry or a relay's timeout.
+
+    While passes fail (the origin is unreachable, say) their backoff rules:
+    a failed pass judged no relay, and could not publish one lost anyway.
+    """
+    if turn.failures:
+        wait = next_wakeup(poll_interval, turn.problem, turn.failures)
+    else:
+        lost_in = hq.seconds_until_liveness_change()
+        wait = poll_interval if lost_in is None else min(poll_interval, lost_in + LIVENESS_MARGIN_SECONDS)
     retry_in = hq.seconds_until_retry()
     return wait if retry_in is None else min(wait, retry_in)
 
 
+LISTEN_FILE = "listen.url"
+"""Written to HQ's workdir with the URL it serves on (useful with port 0), removed when it stops."""
+
+
 def main(args: argparse.Namespace) -> int:
     configure_logging()
-    secret: bytes | None = None
-    if args.webhook_secret_file:
-        try:
-            secret = read_secret_file(args.webhook_secret_file)
-        except (OSError, ValueError) as e:
-            print(f"reconciler hq: cannot read the webhook secret: {e}", file=sys.stderr)
-            return 2
-    store = GitStore(args.origin, Path(args.workdir))
+    try:
+        secret = read_secret_file(args.webhook_secret_file) if args.webhook_secret_file else None
+        heartbeat_secret = read_secret_file(args.heartbeat_secret_file) if args.heartbeat_secret_file else None
+    except (OSError, ValueError) as e:
+        print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir)
+    store = GitStore(args.origin, workdir)
     hq = Hq(store, args.branch)
     origin = redact_url(args.origin)
 
@@ -454,12 +509,20 @@ def main(args: argparse.Namespace) -> int:
     server: Server | None = None
     try:
         if args.listen:
+            timeout = args.relay_timeout
             try:
-                server = Server(make_app(watcher.trigger, secret, hq.health), args.listen, name="hq-http").start()
+                workdir.mkdir(parents=True, exist_ok=True)
+                hq.contacts = Contacts(workdir / LIVENESS_FILE, timeout, hq.clock(), hq.clock)
+                relays = RelaysApi(hq.contacts, heartbeat_secret, watcher.trigger)
+                server = Server(make_app(watcher.trigger, secret, hq.health, relays), args.listen,
+                                name="hq-http").start()
+                write_atomic(workdir / LISTEN_FILE, (server.url + "\n").encode("utf-8"))
             except (ListenError, OSError) as e:
                 print(f"reconciler hq: cannot listen on {args.listen}: {e}", file=sys.stderr)
                 return 2
-            log.info("listening on %s (webhook %s)", server.url, "signed" if secret else "unsigned")
+            log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one)",
+                     server.url, "signed" if secret else "unsigned", "signed" if heartbeat_secret else "unsigned",
+                     timeout)
         watcher.start()
         log.info("HQ following %s branch %s", origin, args.branch)
         turn = Turn(None, None, None, 0)
@@ -475,6 +538,9 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+            (workdir / LISTEN_FILE).unlink(missing_ok=True)
+        if hq.contacts is not None:
+            hq.contacts.save()
         watcher.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -10,7 +10,9 @@ Two decisions shape it:
   present in every ``counts``, and the only timestamps are the ones the caller
   says changed (a row's ``updatedAt``; ``relay.yaml``'s ``updatedAt`` is the
   newest of them, never the wall clock). An unchanged fleet therefore renders
-  byte-identical files, git sees no change and nobody commits.
+  byte-identical files, git sees no change and nobody commits. Relay
+  liveness in ``relays.yaml`` follows the same rule: its state and the time
+  of its last transition, never the moving time of the last heartbeat.
 * **Bounded HQ reports.** ``relay.yaml`` carries, besides the fields of
   DESIGN section 5, a per-job digest (state, counts and the first
   :data:`FAILURE_LIMIT` failures). HQ aggregates those digests only, so its
@@ -38,6 +40,7 @@ import yaml
 
 from reconciler import protocol, schema_check
 from reconciler.errors import Cause, Problem
+from reconciler.liveness import Liveness, RelayLiveness
 from reconciler.plan import (
     ClientState,
     Installed,
@@ -61,6 +64,8 @@ SKIP_LIMIT = 5
 MAX_REASONS = 64
 # Failures named per relay in summary.md's relay section.
 RELAY_FAILURE_LIMIT = 3
+# Lost relays named one by one at the top of summary.md (the rest are counted; all are in the relay table).
+LOST_RELAY_NOTES = 5
 SKIP_MESSAGE_LIMIT = 200
 """Bytes a status file read from git may hold; a relay job file of 50,000 rows is about 7 MB."""
 """Failed/Conflict rows kept per job in relay.yaml, HQ's job files and summary.md."""
@@ -158,6 +163,8 @@ class RelayStatus:
     moved_in: tuple[Move, ...] = ()  # clients that said they came from another relay (relay: that one)
     moved_away: int = 0  # clients HQ says moved to another relay, no longer counted here
     retired: int = 0  # clients not heard from for the retention period, no longer counted
+    clients_online: int | None = None  # None: a relay that does not say (older than these fields)
+    clients_offline: int | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,11 @@ class RelayReport:
     updated_at: datetime | None
     errors: tuple[str, ...]
     failed: int = 0  # Failed and Conflict rows over every job
+    clients_online: int | None = None  # as the relay last published them (None: it does not say)
+    clients_offline: int | None = None
+    liveness: RelayLiveness | None = None  # HQ's judgement of its heartbeats (None: HQ receives none)
+    moved_away: int = 0  # clients that moved to another relay (counted there)
+    retired: int = 0  # clients not heard from for the retention period (counted nowhere)
 
 
 @dataclass(frozen=True)
@@ -568,6 +580,8 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
         "relay": relay,
         "observedCommit": observed_commit,
         "clients": len(inventory),
+        "clientsOnline": sum(1 for entry in inventory if entry.online),
+        "clientsOffline": sum(1 for entry in inventory if not entry.online),
         "updatedAt": format_time(newest),
         "errors": [_cut(e) for e in errors],
         "problems": [{**p.to_dict(), "message": _cut(p.message)} for p in problems],
@@ -727,7 +741,13 @@ def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:
     return RelayStatus(relay=relay, observed_commit=doc["observedCommit"], clients=int(doc["clients"]),
                        updated_at=_time(doc["updatedAt"], path), errors=tuple(doc["errors"]), jobs=jobs,
                        moved_in=moved_in, moved_away=int(doc.get("movedAway", {}).get("count", 0)),
-                       retired=int(doc.get("retired", {}).get("count", 0)))
+                       retired=int(doc.get("retired", {}).get("count", 0)),
+                       clients_online=_optional_int(doc.get("clientsOnline")),
+                       clients_offline=_optional_int(doc.get("clientsOffline")))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 _ROWS_MARKER = b"\nrows:\n"
@@ -866,13 +886,16 @@ def _bounded(names: Iterable[str]) -> tuple[tuple[str, ...], int]:
 
 
 def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
-              validation_errors: Sequence[SpecError], relays: Mapping[str, RelayStatus]) -> HqReport:
+              validation_errors: Sequence[SpecError], relays: Mapping[str, RelayStatus],
+              liveness: Mapping[str, RelayLiveness] | None = None) -> HqReport:
     """HQ's roll-up of every relay's status for the accepted specs.
 
     A relay that has not published status for the accepted commit is
     *waiting*: its last known counts are still shown (stale data beats none),
     and every job reaching it is InProgress until it catches up. Status refs
-    of relays that are not in the topology are ignored.
+    of relays that are not in the topology are ignored. ``liveness`` is HQ's
+    judgement of each relay's heartbeats (None when HQ receives none); it
+    is shown beside the relay and changes no job's state.
     """
     accepted_commit = accepted.accepted_commit
     jobs: list[JobReport] = []
@@ -896,6 +919,11 @@ def aggregate(specs: Specs | None, accepted: Accepted, branch: str,
                 errors=tuple(_cut(e) for e in status.errors[:LIST_LIMIT]) if status else (),
                 failed=sum(d.counts.get(ClientState.FAILED.value, 0) + d.counts.get(ClientState.CONFLICT.value, 0)
                            for d in status.jobs.values()) if status else 0,
+                clients_online=status.clients_online if status else None,
+                clients_offline=status.clients_offline if status else None,
+                liveness=liveness.get(relay.name) if liveness is not None else None,
+                moved_away=status.moved_away if status else 0,
+                retired=status.retired if status else 0,
             ))
     return HqReport(branch=branch, accepted=accepted, validation_errors=tuple(sorted(validation_errors)),
                     jobs=tuple(jobs), relays=tuple(relay_reports),
@@ -1114,28 +1142,52 @@ def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
     )
 
 
+def _relay_json(r: RelayReport) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "relay": r.relay, "parent": r.parent, "reported": r.reported, "observedCommit": r.observed_commit,
+        "current": r.current, "clients": r.clients, "updatedAt": format_time(r.updated_at),
+        "errors": list(r.errors), "failed": r.failed}
+    if r.clients_online is not None and r.clients_offline is not None:
+        out["clientsOnline"], out["clientsOffline"] = r.clients_online, r.clients_offline
+    if r.liveness is not None:
+        out["liveness"] = r.liveness.state.value
+        out["livenessSince"] = format_time(r.liveness.since)
+        if r.liveness.state is Liveness.LOST:
+            out["lastContact"] = format_time(r.liveness.last_contact)
+    if r.moved_away:
+        out["movedAway"] = r.moved_away
+    if r.retired:
+        out["retired"] = r.retired
+    return out
+
+
 def render_relays(report: HqReport) -> bytes:
     return dump_yaml({
         "acceptedCommit": report.accepted.accepted_commit,
-        "relays": [
-            {"relay": r.relay, "parent": r.parent, "reported": r.reported, "observedCommit": r.observed_commit,
-             "current": r.current, "clients": r.clients, "updatedAt": format_time(r.updated_at),
-             "errors": list(r.errors), "failed": r.failed}
-            for r in report.relays
-        ],
+        "relays": [_relay_json(r) for r in report.relays],
     })
+
+
+def _relay_report(r: Mapping[str, Any]) -> RelayReport:
+    """A schema-checked entry of relays.yaml."""
+    liveness = None
+    if "liveness" in r:
+        state = Liveness(r["liveness"])
+        liveness = RelayLiveness(state, _time(r.get("livenessSince"), RELAYS_FILE),
+                                 _time(r.get("lastContact"), RELAYS_FILE) if state is Liveness.LOST else None)
+    return RelayReport(relay=r["relay"], parent=r["parent"], reported=r["reported"],
+                       observed_commit=r["observedCommit"], current=r["current"], clients=int(r["clients"]),
+                       updated_at=_time(r["updatedAt"], RELAYS_FILE), errors=tuple(r["errors"]),
+                       failed=int(r.get("failed", 0)), clients_online=_optional_int(r.get("clientsOnline")),
+                       clients_offline=_optional_int(r.get("clientsOffline")), liveness=liveness,
+                       moved_away=int(r.get("movedAway", 0)), retired=int(r.get("retired", 0)))
 
 
 @_reading("relays.yaml")
 def parse_relays(data: bytes) -> tuple[RelayReport, ...]:
     """Read status/hq's ``relays.yaml`` (``schemas/status-relays.schema.json``)."""
     doc = _checked(load_yaml(data, RELAYS_FILE), "status-relays", RELAYS_FILE)
-    return tuple(
-        RelayReport(relay=r["relay"], parent=r["parent"], reported=r["reported"], observed_commit=r["observedCommit"],
-                    current=r["current"], clients=int(r["clients"]), updated_at=_time(r["updatedAt"], RELAYS_FILE),
-                    errors=tuple(r["errors"]), failed=int(r.get("failed", 0)))
-        for r in doc["relays"]
-    )
+    return tuple(_relay_report(r) for r in doc["relays"])
 
 
 def render_hq_status(report: HqReport) -> dict[str, bytes]:
@@ -1243,6 +1295,62 @@ def relay_tree(relays: Sequence[RelayReport]) -> list[tuple[int, RelayReport]]:
     return ordered
 
 
+def relay_liveness(relays: Iterable[RelayReport]) -> dict[str, RelayLiveness] | None:
+    """The liveness HQ published for each relay, to aggregate with again (None when it published none)."""
+    found = {r.relay: r.liveness for r in relays if r.liveness is not None}
+    return found or None
+
+
+def lost_relays(relays: Sequence[RelayReport]) -> list[RelayReport]:
+    """The relays HQ calls lost, in tree order."""
+    return [r for _, r in relay_tree(relays) if r.liveness is not None and r.liveness.state is Liveness.LOST]
+
+
+def liveness_label(r: RelayReport) -> str:
+    """``alive``, ``LOST since T (last contact T0)``, or ``-`` when HQ cannot tell (or receives no heartbeats)."""
+    live = r.liveness
+    if live is None or live.state is Liveness.UNKNOWN:
+        return "-"
+    if live.state is Liveness.ALIVE:
+        return "alive"
+    contact = format_time(live.last_contact) if live.last_contact else "never"
+    return f"LOST since {format_time(live.since) or '?'} (last contact {contact})"
+
+
+def clients_label(r: RelayReport) -> str:
+    """``online/offline/total``, or the total alone for a relay that does not publish the split; then
+    the clients it no longer counts: ``3/1/4, 2 moved away, 1 retired``."""
+    if r.clients_online is None or r.clients_offline is None:
+        label = f"-/-/{r.clients}"
+    else:
+        label = f"{r.clients_online}/{r.clients_offline}/{r.clients}"
+    if r.moved_away:
+        label += f", {r.moved_away} moved away"
+    if r.retired:
+        label += f", {r.retired} retired"
+    return label
+
+
+def jobs_reaching(report: HqReport, relay: str) -> list[str]:
+    """The jobs whose destinations (subtrees, or the relays of named clients) include ``relay``."""
+    return [job.job for job in report.jobs if any(relay in d.relays for d in job.relays)]
+
+
+def _lost_relay_notes(report: HqReport) -> list[str]:
+    """The top of summary.md: one line per lost relay, naming the jobs it holds in their last reported state."""
+    lost = lost_relays(report.relays)
+    out = []
+    for r in lost[:LOST_RELAY_NOTES]:
+        jobs = jobs_reaching(report, r.relay)
+        held = f"; jobs reaching it keep the state it last reported ({_md(_names(jobs))})" if jobs else ""
+        out.append(f"> **Relay {_md(r.relay)} is {_md(liveness_label(r))}**: no heartbeat reaches HQ, so its "
+                   f"status below is as it last published it{held}.")
+        out.append("")
+    if len(lost) > LOST_RELAY_NOTES:
+        out += [f"> … and {len(lost) - LOST_RELAY_NOTES} more lost relays (see Relays below).", ""]
+    return out
+
+
 def _relay_section(report: HqReport, failures: Sequence[Failure]) -> list[str]:
     """summary.md's relays: a table in tree order (nesting indented), then the first failures of each."""
     out = [f"## Relays ({len(report.relays)})", ""]
@@ -1259,10 +1367,10 @@ def _relay_section(report: HqReport, failures: Sequence[Failure]) -> list[str]:
         else:
             seen = f"behind: `{short(r.observed_commit)}`"
         name = "\u00a0\u00a0" * depth + ("└ " if depth else "") + _md(r.relay)
-        rows.append([name, str(r.clients), seen, format_time(r.updated_at) or "-", str(r.failed),
-                     _md(r.errors[0], 200) if r.errors else "-"])
-    out += _table(["Relay", "Clients", "Status for", "Last change", "Failed", "Error"], rows,
-                  [False, True, False, False, True, False])
+        rows.append([name, liveness_label(r), clients_label(r), seen, format_time(r.updated_at) or "-",
+                     str(r.failed), _md(r.errors[0], 200) if r.errors else "-"])
+    out += _table(["Relay", "Liveness", "Clients on/off/total", "Status for", "Last change", "Failed", "Error"],
+                  rows, [False, False, True, False, False, True, False])
     if len(tree) > LIST_LIMIT:
         out.append(f"… and {len(tree) - LIST_LIMIT} more relays (all in `relays.yaml`)")
     by_relay: dict[str, list[Failure]] = {}
@@ -1346,6 +1454,7 @@ def render_summary(report: HqReport, only_job: str | None = None) -> str:
         out.append("")
     elif accepted.main_commit is None and failed is None:
         out += [f"> Branch `{report.branch}` not found on the origin.", ""]
+    out += _lost_relay_notes(report)
 
     out += [f"## Jobs ({len(jobs)})", ""]
     if jobs:

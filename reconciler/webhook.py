@@ -9,6 +9,8 @@ time; anything else is 401.
 
 HQ serves :func:`hook_handler`; a relay's app checks hooks with
 :func:`verify_signature`. Both read the secret with :func:`read_secret_file`.
+Relay heartbeats to HQ are signed the same way (:func:`sign`,
+:func:`verify_signature`), with a secret of their own.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ MAX_HOOK_BODY = 1024 * 1024
 
 
 def read_secret_file(path: str | Path) -> bytes:
-    """The webhook secret: the file's bytes without surrounding whitespace (a trailing newline is common)."""
+    """A shared secret (webhook, heartbeats): the file's bytes without surrounding whitespace (a trailing newline is common)."""
     secret = Path(path).read_bytes().strip()
     if not secret:
-        raise ValueError(f"webhook secret file {path} is empty")
+        raise ValueError(f"secret file {path} is empty")
     return secret
 
 

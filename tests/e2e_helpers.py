@@ -230,6 +230,61 @@ class RelayProcess:
         return response.json()  # type: ignore[no-any-return]
 
 
+class HqProcess:
+    """``reconciler hq`` as a long-running subprocess listening on 127.0.0.1; ``url`` once it has bound."""
+
+    def __init__(self, origin: str, workdir: Path, *args: str) -> None:
+        self.origin = origin
+        self.workdir = workdir
+        self.args = list(args)
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.log = workdir.parent / f"{workdir.name}.log"
+
+    def start(self, timeout: float = 30.0) -> HqProcess:
+        listen_file = self.workdir / "listen.url"
+        listen_file.unlink(missing_ok=True)
+        handle = open(self.log, "a", encoding="utf-8")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler", "hq", "--origin", self.origin,
+                                      "--workdir", str(self.workdir), "--listen", "127.0.0.1:0", *self.args],
+                                     stdout=handle, stderr=subprocess.STDOUT, text=True, env=env())
+        handle.close()
+
+        def bound() -> str | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hq exited {self.proc.returncode}:\n{self.output()}")
+            return listen_file.read_text().strip() if listen_file.is_file() else None
+
+        deadline = time.monotonic() + timeout
+        while not (url := bound()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hq did not bind within {timeout}s:\n{self.output()}")
+            time.sleep(0.05)
+        self.url = url
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"hq ignored SIGTERM:\n{self.output()}") from None
+
+    def relays(self) -> dict[str, dict[str, Any]]:
+        """``GET /v1/relays``, by relay name."""
+        response = requests.get(f"{self.url}/v1/relays", timeout=5)
+        response.raise_for_status()
+        return {r["relay"]: r for r in response.json()["relays"]}
+
+
 class FileServer:
     """A tiny HTTP server on 127.0.0.1 serving fixed bytes per path and counting hits."""
 

@@ -283,6 +283,10 @@ def test_a_client_that_moves_to_another_relay_is_counted_once_under_the_new_one(
         hq_job = fleet.hq_job("install-tool")
         assert hq_job["counts"]["Succeeded"] == 1 and sum(hq_job["counts"].values()) == 1, hq_job
         assert hq_job["state"] == "Completed"
+        relays = {r["relay"]: r for r in yaml.safe_load(fleet.origin.read("status/hq", "relays.yaml"))["relays"]}
+        assert (relays["relay-a"]["clients"], relays["relay-a"]["movedAway"]) == (0, 1)
+        assert "movedAway" not in relays["relay-b"]
+        assert "0/0/0, 1 moved away" in (fleet.origin.read("status/hq", "summary.md") or b"").decode()
     finally:
         relay_b.stop()
 
@@ -306,6 +310,8 @@ def test_a_client_not_heard_from_for_the_retention_period_is_retired_until_it_re
     assert inventory["clients"] == []
     fleet.hq_once()
     assert fleet.hq_job("install-tool")["state"] == "NoTargets"
+    relays = yaml.safe_load(fleet.origin.read("status/hq", "relays.yaml"))["relays"]
+    assert [(r["relay"], r["clients"], r["retired"]) for r in relays] == [("relay-a", 0, 1)]
 
     # One check-in brings it back, with its history.
     assert pc1.run_once() == 0

@@ -29,7 +29,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "reconciler"
 CORE = {
     "reconciler", "reconciler.specs", "reconciler.versions", "reconciler.names",
     "reconciler.reach", "reconciler.repo_layout", "reconciler.report", "reconciler.protocol", "reconciler.schema_check",
-    "reconciler.errors", "reconciler.times", "reconciler.redaction", "reconciler.resources",
+    "reconciler.errors", "reconciler.times", "reconciler.redaction", "reconciler.resources", "reconciler.liveness",
     "reconciler.plan", "reconciler.plan.vocabulary", "reconciler.plan.index", "reconciler.plan.identity", "reconciler.plan.rules",
     "reconciler.plan.engine",
 }
@@ -37,7 +37,7 @@ SHELLS = {
     "reconciler.gitstore", "reconciler.fileio", "reconciler.repo_tree", "reconciler.logs",
     "reconciler.serving", "reconciler.webhook",
 }
-SERVICES = {"reconciler.hq", "reconciler.relay", "reconciler.agent"}  # packages and modules
+SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.relay", "reconciler.agent"}  # packages and modules
 COMMANDS = {"reconciler.commands"}
 CLI = {"reconciler.cli", "reconciler.__main__"}
 
@@ -121,9 +121,10 @@ def test_shells_import_no_service_or_command(name: str) -> None:
 
 
 @pytest.mark.parametrize(("service", "forbidden"), [
-    ("reconciler.agent", {"reconciler.relay", "reconciler.hq"}),
-    ("reconciler.relay", {"reconciler.hq", "reconciler.agent"}),
+    ("reconciler.agent", {"reconciler.relay", "reconciler.hq", "reconciler.hq_liveness"}),
+    ("reconciler.relay", {"reconciler.hq", "reconciler.hq_liveness", "reconciler.agent"}),
     ("reconciler.hq", {"reconciler.relay", "reconciler.agent"}),
+    ("reconciler.hq_liveness", {"reconciler.hq", "reconciler.relay", "reconciler.agent"}),
 ])
 def test_services_stay_apart(service: str, forbidden: set[str]) -> None:
     for name in (n for n in MODULES if _within(n, {service})):

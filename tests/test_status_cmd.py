@@ -62,7 +62,8 @@ def test_json_report(fleet: Origin, tmp_path: Path) -> None:
     proc = status(fleet, tmp_path, "--format", "json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert list(doc) == ["acceptedCommit", "mainCommit", "valid", "evaluationError", "validationErrors", "jobs"]
+    assert list(doc) == ["acceptedCommit", "mainCommit", "valid", "evaluationError", "validationErrors", "jobs",
+                         "relays"]
     assert (doc["acceptedCommit"], doc["mainCommit"], doc["valid"], doc["evaluationError"],
             doc["validationErrors"]) == (fleet.head, fleet.head, True, None, [])
     jobs = {j["name"]: j for j in doc["jobs"]}

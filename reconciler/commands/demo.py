@@ -364,8 +364,10 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     steps: list[dict[str, Any]] = []
     env = {"RECONCILER_POLL_SECONDS": POLL_SECONDS}
     try:
+        # HQ listens so the relays' heartbeats reach it: its status shows each relay alive (or lost).
         children.start("hq", ["hq", "--origin", str(origin), "--workdir", str(workdir / "hq"),
-                              "--poll-interval", "5"], env)
+                              "--poll-interval", "5", "--listen", "127.0.0.1:0"], env)
+        hq_url = _wait_for_file(workdir / "hq" / "listen.url", children)
         urls: dict[str, str] = {}
         pending = list(relays)
         while pending:  # parents first, so a nested relay can name its parent's URL
@@ -375,13 +377,14 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
                     continue
                 relay_dir = workdir / relay
                 argv = ["relay", "--name", relay, "--origin", str(origin), "--workdir", str(relay_dir),
-                        "--listen", "127.0.0.1:0", "--poll-interval", "5", "--publish-interval", "1"]
+                        "--listen", "127.0.0.1:0", "--poll-interval", "5", "--publish-interval", "1",
+                        "--hq-url", hq_url, "--heartbeat-interval", "10"]
                 if parent in urls:
                     argv += ["--parent-url", urls[parent]]
                 children.start(relay, argv, env)
                 urls[relay] = _wait_for_file(relay_dir / "listen.url", children)
                 pending.remove(relay)
-        say(log, "started: hq, " + ", ".join(f"{r} ({urls[r]})" for r in relays))
+        say(log, f"started: hq ({hq_url}), " + ", ".join(f"{r} ({urls[r]})" for r in relays))
 
         agents = fleet(relays, clients)
         for agent in agents:

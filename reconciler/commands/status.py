@@ -3,8 +3,8 @@
 Reads only git, one snapshot per poll: one fetch, then every ref is read at
 the sha that fetch gave it. ``status/hq`` supplies what only HQ decides (the
 accepted commit, the last evaluated ``main`` commit, its validation errors, a
-commit HQ could not evaluate); each ``status/<relay>`` supplies its counts and
-client rows.
+commit HQ could not evaluate, whether each relay is alive or lost); each
+``status/<relay>`` supplies its counts and client rows.
 
 The job and relay roll-ups printed are not ``status/hq``'s: they are
 recomputed from the relay refs of the same snapshot with
@@ -260,10 +260,11 @@ class Reader:
 
 def current_view(hq: HqReport | None, specs_now: Specs | None,
                  relays: dict[str, RelayStatus]) -> HqReport | None:
-    """The report to print and decide on: HQ's decisions, roll-ups from the relay refs read with them."""
+    """The report to print and decide on: HQ's decisions (relay liveness too), roll-ups from the relay refs read with them."""
     if hq is None or specs_now is None:
         return hq
-    return report.aggregate(specs_now, hq.accepted, hq.branch, hq.validation_errors, relays)
+    return report.aggregate(specs_now, hq.accepted, hq.branch, hq.validation_errors, relays,
+                            report.relay_liveness(hq.relays))
 
 
 def counted_relays(snap: Snapshot, job: str) -> frozenset[str] | None:
@@ -336,11 +337,15 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None, target: str | N
         return reasons
     reach = snap.reach
     jobs = [j for j in snap.specs.jobs if only_job is None or j.name == only_job]
+    lost = {r.relay: report.liveness_label(r) for r in report.lost_relays(hq.relays)}
     behind: dict[str, str] = {}
     for job in jobs:
         for relay in sorted(reach.relays_of(job.name)):
             status = snap.relays.get(relay)
-            if status is None:
+            if relay in lost and (status is None or status.observed_commit != accepted):
+                behind[relay] = (f"relay {relay} is {lost[relay]} and has not published status for the accepted "
+                                 f"commit {report.short(accepted)}")
+            elif status is None:
                 behind[relay] = f"relay {relay} has not published status yet"
             elif status.observed_commit is None and status.errors:
                 behind[relay] = f"relay {relay}: {_one_line(status.errors[0], 200)}"
@@ -364,8 +369,9 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None, target: str | N
             active = [r for r in entry[1].rows if report.is_waiting_row(r.state, r.message, r.reason)]
             if active:
                 names = ", ".join(r.client for r in active[:5]) + (", …" if len(active) > 5 else "")
+                held = f"; relay {relay} is {lost[relay]}" if relay in lost else ""
                 reasons.append(f"job {job.name}: {report.plural(len(active), 'client')} Pending or InProgress "
-                               f"on {relay} ({names})")
+                               f"on {relay} ({names}){held}")
     return reasons
 
 
@@ -441,8 +447,22 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
             }
             for job in jobs
         ],
+        "relays": [_relay_json(r) for r in (hq.relays if hq else ())],
     }
     return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False)
+
+
+def _relay_json(r: report.RelayReport) -> dict[str, Any]:
+    live = r.liveness
+    return {
+        "relay": r.relay, "parent": r.parent, "observedCommit": r.observed_commit, "current": r.current,
+        "clients": {"total": r.clients, "online": r.clients_online, "offline": r.clients_offline,
+                    "movedAway": r.moved_away, "retired": r.retired},
+        "liveness": None if live is None else live.state.value,
+        "livenessSince": None if live is None else report.format_time(live.since),
+        "lastContact": None if live is None else report.format_time(live.last_contact),
+        "errors": list(r.errors), "failed": r.failed,
+    }
 
 
 _SHORT = {ClientState.SUCCEEDED: "OK", ClientState.IN_PROGRESS: "RUN", ClientState.PENDING: "PEND",
@@ -469,6 +489,20 @@ def _one_line(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _lost_lines(hq: HqReport, limit: int = 10) -> list[str]:
+    """One line per relay HQ calls lost, with the jobs that keep the state it last reported."""
+    lost = report.lost_relays(hq.relays)
+    out = []
+    for r in lost[:limit]:
+        jobs = report.jobs_reaching(hq, r.relay)
+        shown = ", ".join(jobs[:limit]) + (f" +{len(jobs) - limit} more" if len(jobs) > limit else "")
+        held = f"; jobs reaching it keep its last reported state: {shown}" if jobs else ""
+        out.append(f"RELAY {r.relay} {report.liveness_label(r)}: no heartbeat reaches HQ{held}")
+    if len(lost) > limit:
+        out.append(f"… and {len(lost) - limit} more relays LOST")
+    return out
+
+
 def render_text(snap: Snapshot, only_job: str | None) -> str:
     hq = snap.view
     if hq is None:
@@ -486,6 +520,7 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
     if snap.main_commit is not None and snap.main_commit not in (accepted.main_commit,
                                                                  failed.commit if failed else None):
         out.append(f"(origin's {hq.branch} is now {report.short(snap.main_commit)}; HQ has not evaluated it yet)")
+    out += _lost_lines(hq)
     out.append("")
     jobs = [j for j in hq.jobs if only_job is None or j.job == only_job]
     short_states = _short_states(jobs)

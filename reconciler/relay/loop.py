@@ -286,6 +286,7 @@ class RelayLoop:
         window = self.state.online_window()
         online = {r.id: now - r.last_seen <= window for r in records}
         self.state.client_count = len(records)
+        self.state.clients_online = sum(online.values())
         the_plan: plan.Plan | None = None
         updated_at: dict[tuple[str, str], datetime] = {}
         self.row_state_changes = 0

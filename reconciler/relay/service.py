@@ -14,6 +14,11 @@ full pass runs when the state is dirty (at most every
 state is in SQLite and git, so a relay killed at any moment converges when
 restarted. SIGTERM and SIGINT stop it cleanly.
 
+With ``--hq-url`` a :class:`~reconciler.relay.heartbeat.HeartbeatSender`
+thread tells HQ the relay is alive every ``--heartbeat-interval``, starting
+after the first full pass (so its first heartbeat already counts the
+clients).
+
 Two settings come from the environment rather than flags:
 ``RECONCILER_POLL_SECONDS`` (the check-in interval told to agents, default
 30 s) and ``RECONCILER_WEBHOOK_SECRET_FILE`` (require signed hooks).
@@ -37,6 +42,7 @@ from reconciler.gitstore import ChangeWatcher, GitStore
 from reconciler.logs import configure_logging
 from reconciler.redaction import redact_url
 from reconciler.relay.artifacts import ArtifactCache
+from reconciler.relay.heartbeat import HeartbeatSender
 from reconciler.relay.loop import FOLLOW, HOUSEKEEPING, PUBLISHING, RelayLoop
 from reconciler.relay.server import RelayApp
 from reconciler.relay.state import DEFAULT_POLL_SECONDS, RelayState
@@ -196,6 +202,17 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
         print(f"reconciler relay: cannot read the webhook secret: {e}", file=sys.stderr)
         store.close()
         return 2
+    heartbeats: HeartbeatSender | None = None
+    if args.hq_url:
+        try:
+            heartbeat_secret = read_secret_file(args.heartbeat_secret_file) if args.heartbeat_secret_file else None
+        except (OSError, ValueError) as e:
+            print(f"reconciler relay: cannot read the heartbeat secret: {e}", file=sys.stderr)
+            store.close()
+            return 2
+        heartbeats = HeartbeatSender(args.hq_url, state, interval=args.heartbeat_interval, secret=heartbeat_secret)
+    elif args.heartbeat_secret_file:
+        log.warning("--heartbeat-secret-file without --hq-url: this relay sends no heartbeats")
     app = RelayApp(state, cache.dir, webhook_secret=secret)
     try:
         server = relay_server(app, args.listen).start()
@@ -257,6 +274,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
                         log.exception("rendering the error status failed")
                 last_pass = time.monotonic()
                 next_pass = last_pass + pass_interval
+                if heartbeats is not None:
+                    heartbeats.start()  # after the first pass: its first heartbeat counts the clients
             try:
                 loop.publish()
             except Exception as e:  # noqa: BLE001
@@ -272,6 +291,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
             wake.event.clear()
     finally:
         log.info("relay %s stopping", name)
+        if heartbeats is not None:
+            heartbeats.stop()
         watcher.stop()
         server.stop()
         store.close()

@@ -139,6 +139,7 @@ class RelayState:
         self.on_change = on_change or (lambda: None)
         self.on_git_hook = on_git_hook or (lambda: None)
         self.client_count = 0
+        self.clients_online = 0  # of client_count, those within the online window at the last full pass
         self.errors: tuple[str, ...] = ()
 
     def online_window(self) -> timedelta:
