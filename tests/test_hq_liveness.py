@@ -378,7 +378,7 @@ def test_status_names_a_lost_relay_and_waits_for_it_by_name(tmp_path: Path) -> N
     assert relays["relay-yokohama"]["liveness"] == "lost"
     assert relays["relay-yokohama"]["lastContact"] == "2026-11-23T10:00:00Z"
     assert (relays["relay-kanto"]["liveness"], relays["relay-kanto"]["lastContact"]) == ("alive", None)
-    assert relays["relay-kanto"]["clients"] == {"total": 2, "online": 2, "offline": 0}
+    assert relays["relay-kanto"]["clients"] == {"total": 2, "online": 2, "offline": 0, "movedAway": 0, "retired": 0}
     # the lost relay's InProgress row keeps the wait from settling, and the timeout names the relay as lost
     waited = status(origin, tmp_path, "--wait", "--timeout", "1")
     assert waited.returncode == 4, waited.stderr
