@@ -291,3 +291,27 @@ def test_a_repair_starts_only_where_a_new_start_may(extra: dict[str, Any], state
     assert [(r.state.value, r.message) for r in plan.rows] == [(state, message)]
     assert len(plan.actions) == (1 if state == "Pending" else 0)
     assert plan == plan_relay_by_rules(index_relay(specs, "kanto"), [client], {}, NOW)
+
+
+def test_a_scoped_rerun_waits_while_the_failures_left_outside_it_halt_the_job() -> None:
+    clients = [Client(id=cid, relay="kanto") for cid in ("pc-k1", "pc-k2")]
+    history: dict[tuple[str, str], Attempt] = {}
+    for client in clients:
+        plan = plan_relay(index_relay(_specs(0, None, rollout={"maxFailures": 0}), "kanto"), [client], {}, NOW)
+        (action,) = plan.actions
+        history[("install-app", client.id)] = Attempt(
+            operation_id=action.operation_id, job="install-app", client=client.id, revision=action.revision,
+            rerun=0, attempt=1, action=action.kind, version="1.0", outcome=Outcome.FAILED,
+            dispatched_at=NOW - timedelta(hours=2), finished_at=NOW - timedelta(hours=2), message="exit code 1")
+
+    def rows(scope: Mapping[str, Any] | None) -> dict[str, tuple[str, str | None]]:
+        index = index_relay(_specs(1, scope, rollout={"maxFailures": 0}), "kanto")
+        plan = plan_relay(index, clients, history, NOW)
+        assert plan == plan_relay_by_rules(index, clients, history, NOW)
+        return {r.client: (r.state.value, r.reason.value if r.reason else None) for r in plan.rows}
+
+    # pc-k2's failure, outside the scope, still exceeds maxFailures 0: pc-k1 waits
+    assert rows({"clients": ["pc-k1"]}) == {"pc-k1": ("Pending", "halted"), "pc-k2": ("Failed", "failed")}
+    # scoped to the relay (or not scoped), both rows reset and the halt is lifted
+    assert rows({"relays": ["kanto"]}) == rows(None) == {"pc-k1": ("Pending", "queued"),
+                                                         "pc-k2": ("Pending", "queued")}
