@@ -156,7 +156,7 @@ def test_a_scope_is_written_after_rerun_and_the_repo_still_validates(repo: Path)
         "+  rerun: 1", "+  rerunScope:", "+    relays: [relay-osaka]", "+    clients: [pc-fukuoka-001, pc-fukuoka-002]"])
     assert path.read_text() == before.replace("  rerun: 0\n", "  rerun: 1\n  rerunScope:\n    relays: [relay-osaka]\n"
                                                               "    clients: [pc-fukuoka-001, pc-fukuoka-002]\n")
-    assert "only the Failed clients of relay-osaka and of the relays below and the Failed rows of " \
+    assert "only the Failed clients of relay-osaka (and of the relays below it) and the Failed rows of " \
            "pc-fukuoka-001, pc-fukuoka-002 run again" in proc.stderr
     loaded = load_repo(repo)
     assert loaded.specs is not None

@@ -308,7 +308,8 @@ def _summary(scope: RerunScope | None) -> str:
         return "every Failed client runs again"
     who = []
     if scope.relays:
-        who.append(f"the Failed clients of {_listed(scope.relays)} and of the relays below")
+        below = "it" if len(scope.relays) == 1 else "them"
+        who.append(f"the Failed clients of {_listed(scope.relays)} (and of the relays below {below})")
     if scope.clients:
         who.append(f"the Failed rows of {_listed(scope.clients)}")
     text = f"only {' and '.join(who)} run again"
