@@ -106,6 +106,7 @@ class PlanMemo:
 _tnew = tuple.__new__
 _SUCCEEDED = Outcome.SUCCEEDED
 _OFFLINE = Reason.CLIENT_OFFLINE
+_NOBODY: frozenset[str] = frozenset()
 _R_CLIENT, _R_STATE, _R_ACTION, _R_ATTEMPTS, _R_MESSAGE, _R_OPERATION, _R_REASON = map(
     Row._fields.index, ("client", "state", "action", "attempts", "message", "operation_id", "reason"))
 
@@ -155,9 +156,9 @@ class _CompiledJob:
         # client of this relay, else the clients it names; and the clients it repairs.
         scope = job.rerun_scope
         self.covers_relay = scope is None or any(relay in scope.relays for relay in chain)
-        self.covered_clients = frozenset(scope.clients) if scope is not None else frozenset()
-        self.repaired = self.covered_clients if scope is not None and scope.repair else frozenset()
-        self.repair_first = repair_start(job)
+        self.covered_clients = frozenset(scope.clients) if scope is not None else _NOBODY
+        self.repaired = self.covered_clients if scope is not None and scope.repair else _NOBODY
+        self.repair_first = repair_start(job) if self.repaired else FRESH  # the first step of a repair
 
     def order_key(self, depth: int) -> tuple[int, int, str]:
         """Where this job's action runs among a client's: uninstalls, dependencies first, by name."""
