@@ -156,10 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every relay's inventory, merged, to FILE for `reconciler plan --inventory` "
                         "(-: standard output, instead of the report)")
 
-    p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients")
+    p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients",
+                       description="Raise spec.rerun of a job in its file, keeping comments, and print the diff to "
+                                   "commit through a pull request. Without --relay and --client every Failed client "
+                                   "runs again; with them (written as spec.rerunScope, replacing an earlier scope) "
+                                   "only the Failed clients of those relays, of relays nested below them, and those "
+                                   "clients.")
     p.add_argument("job", metavar="JOB", help="job name (metadata.name)")
     p.add_argument("repo", nargs="?", metavar="REPO",
                    help="repo directory (default: the nearest one at or above . that holds topology.yaml)")
+    p.add_argument("--relay", action="append", metavar="R",
+                   help="re-run only the Failed clients of relay R and of the relays nested below it (repeatable)")
+    p.add_argument("--client", action="append", metavar="C",
+                   help="re-run only the Failed row of client id C (repeatable)")
+    p.add_argument("--repair", action="store_true",
+                   help="also reinstall the package on the --client clients where it is installed already "
+                        "(Succeeded), once for this rerun; needs --client")
 
     p = sub.add_parser("demo", help="run HQ, relays and agents locally on the example repo")
     p.add_argument("--clients", type=int, default=12, metavar="N", help="number of agents (default: 12)")
@@ -174,7 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse settles an optional REPO before it reads the options after JOB, so
+    # `rerun JOB --relay R REPO` leaves REPO over: it is the positional it belongs to.
+    if len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "repo", "") is None:
+        args.repo = extra.pop()
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = importlib.import_module(_HANDLERS[args.command])
     try:
         code: int = module.main(args)
