@@ -68,6 +68,18 @@ def _days(text: str) -> float:
     return value
 
 
+def _webhook_options(p: argparse.ArgumentParser, env: str | None = None) -> None:
+    """``--webhook-secret-file`` and ``--insecure-unsigned-webhook``: without either, hooks are refused (401)."""
+    group = p.add_mutually_exclusive_group()
+    fallback = f" (default: the file named by ${env})" if env else ""
+    group.add_argument("--webhook-secret-file", metavar="F",
+                       help="HMAC-SHA256 secret git hosts sign POST /v1/hooks/git with; without it (or "
+                            f"--insecure-unsigned-webhook) every hook is refused with 401{fallback}")
+    group.add_argument("--insecure-unsigned-webhook", action="store_true",
+                       help="accept unsigned hooks on POST /v1/hooks/git (anyone who can reach the port can "
+                            "make this service fetch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconciler",
@@ -99,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="serve /healthz, the git webhook and the relays' heartbeats here (without it HQ reports "
                         "no relay liveness)")
-    p.add_argument("--webhook-secret-file", metavar="F", help="HMAC-SHA256 secret for POST /v1/hooks/git")
+    _webhook_options(p)
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
     p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
@@ -128,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between heartbeats to HQ (default: 60)")
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret to sign heartbeats with (HQ's --heartbeat-secret-file)")
+    _webhook_options(p, env="RECONCILER_WEBHOOK_SECRET_FILE")
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")
