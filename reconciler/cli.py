@@ -68,6 +68,17 @@ def _days(text: str) -> float:
     return value
 
 
+def _output_tail(text: str) -> int:
+    """A number of characters from 0 to 8000 (the agent keeps at most that much of a command's output)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of characters, got {text!r}") from None
+    if not 0 <= value <= 8000:
+        raise argparse.ArgumentTypeError(f"expected 0 to 8000 characters, got {text!r}")
+    return value
+
+
 def _webhook_options(p: argparse.ArgumentParser, env: str | None = None) -> None:
     """``--webhook-secret-file`` and ``--insecure-unsigned-webhook``: without either, hooks are refused (401)."""
     group = p.add_mutually_exclusive_group()
@@ -152,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a reported fact: os, arch, hostname, freeDiskMB (repeatable)")
     p.add_argument("--poll-interval", type=_positive_float, metavar="S",
                    help="seconds between check-ins (default: what the relay says)")
+    p.add_argument("--output-tail", type=_output_tail, default=2000, metavar="CHARS",
+                   help="characters of an installer's output (its end, secrets masked) kept in the result sent "
+                        "to the relay (default: 2000, at most 8000)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
 
     p = sub.add_parser("status", help="show the HQ report from the status refs")

@@ -147,6 +147,8 @@ def action_json(action: Action, artifact: StagedArtifact | None) -> protocol.Act
         spec = package.installer
         installer = {"type": spec.type.value, "install": list(spec.install), "uninstall": list(spec.uninstall),
                      "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
+        if spec.redact:
+            installer["redact"] = list(spec.redact)
     reply: protocol.Action = {
         "operationId": action.operation_id,
         "job": action.job,
