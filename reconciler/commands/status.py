@@ -449,7 +449,7 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
         ],
         "relays": [_relay_json(r) for r in (hq.relays if hq else ())],
     }
-    return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False)
+    return report.escape_json_text(json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False))
 
 
 def _relay_json(r: report.RelayReport) -> dict[str, Any]:
