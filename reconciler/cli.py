@@ -79,6 +79,13 @@ def _output_tail(text: str) -> int:
     return value
 
 
+def _origin_password_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--origin-password-file", metavar="F",
+                   help="password or access token for an HTTP(S) origin, sent to git through its environment, "
+                        "never a command line (default: $RECONCILER_ORIGIN_PASSWORD; the user name comes from "
+                        "the URL, else 'git')")
+
+
 def _webhook_options(p: argparse.ArgumentParser, env: str | None = None) -> None:
     """``--webhook-secret-file`` and ``--insecure-unsigned-webhook``: without either, hooks are refused (401)."""
     group = p.add_mutually_exclusive_group()
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hq", help="run the headquarters reconciler")
     p.add_argument("--origin", required=True, metavar="URL", help="git origin holding main and the status refs")
     p.add_argument("--workdir", required=True, metavar="DIR", help="HQ's working directory")
+    _origin_password_option(p)
     p.add_argument("--branch", default="main", help="branch holding the specs (default: main)")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval in seconds (default: 30)")
@@ -134,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", required=True, metavar="URL", help="git origin")
     p.add_argument("--workdir", required=True, metavar="DIR", help="relay's working directory (SQLite, cache)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address of the client API")
+    _origin_password_option(p)
     p.add_argument("--parent-url", metavar="URL", help="parent relay to fetch artifacts from first")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval for status/hq in seconds (default: 30)")
@@ -170,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the HQ report from the status refs")
     p.add_argument("--origin", metavar="URL", help="git origin (default: the current repo's origin)")
+    _origin_password_option(p)
     p.add_argument("--job", metavar="NAME", help="show only this job")
     p.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="output format")
     p.add_argument("--wait", action="store_true",

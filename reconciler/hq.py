@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -61,6 +62,8 @@ from reconciler.gitstore import (
     ChangeWatcher,
     GitError,
     GitStore,
+    origin_password,
+    url_credentials_warning,
 )
 from reconciler.hq_liveness import LIVENESS_FILE, Contacts, RelaysApi
 from reconciler.liveness import RelayLiveness
@@ -482,6 +485,15 @@ LISTEN_FILE = "listen.url"
 
 def main(args: argparse.Namespace) -> int:
     configure_logging()
+    os.umask(0o077)  # the mirror, liveness file and anything else HQ writes: owner-only
+    try:
+        password = origin_password(getattr(args, "origin_password_file", None))
+    except (OSError, ValueError) as e:
+        print(f"reconciler hq: cannot read the origin password: {e}", file=sys.stderr)
+        return 2
+    warning = url_credentials_warning(args.origin, password is not None)
+    if warning:
+        log.warning("%s", warning)
     try:
         secret = read_secret_file(args.webhook_secret_file) if args.webhook_secret_file else None
         heartbeat_secret = read_secret_file(args.heartbeat_secret_file) if args.heartbeat_secret_file else None
@@ -489,7 +501,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir)
-    store = GitStore(args.origin, workdir)
+    store = GitStore(args.origin, workdir, password=password)
     hq = Hq(store, args.branch)
     origin = redact_url(args.origin)
 

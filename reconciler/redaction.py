@@ -200,3 +200,30 @@ def redact_output(text: str, patterns: Iterable[re.Pattern[str]] = ()) -> str:
     for pattern in patterns:
         text = pattern.sub("***", text)
     return text
+
+
+# ------------------------------------------------------------------ origin credentials
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its user-info, and the (percent-decoded) user name and password it held.
+
+    ``https://user:pa%40ss@host/x.git`` -> (``https://host/x.git``, ``user``, ``pa@ss``);
+    a URL without user-info, a local path or an scp-like ``git@host:path`` is
+    returned unchanged with (None, None).
+    """
+    if not _SCHEME_RE.match(url):
+        return url, None, None
+    scheme, rest = url.split("://", 1)
+    end = len(rest)
+    for sep in "/?#":
+        pos = rest.find(sep)
+        if pos != -1:
+            end = min(end, pos)
+    authority, tail = rest[:end], rest[end:]
+    if "@" not in authority:
+        return url, None, None
+    userinfo, host = authority.rsplit("@", 1)
+    user, sep, password = userinfo.partition(":")
+    return (f"{scheme}://{host}{tail}", urllib.parse.unquote(user) or None,
+            urllib.parse.unquote(password) if sep else None)

@@ -23,6 +23,7 @@ from reconciler import report
 from reconciler.gitstore import ChangeWatcher, GitStore
 from reconciler.hq import Hq, make_app
 from reconciler.plan import ClientState
+from reconciler.redaction import split_credentials
 from reconciler.resources import example_repo_dir
 from reconciler.serving import Server
 from reconciler.webhook import HookGuard, sign
@@ -300,7 +301,9 @@ def test_two_hq_processes_racing_cannot_corrupt_status(origin: Origin, tmp_path:
 
 def _credential_env(origin: Origin, url: str) -> dict[str, str]:
     """Make git fetch ``url`` (with credentials) from the local bare origin."""
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{origin.bare}.insteadOf", "GIT_CONFIG_VALUE_0": url}
+    # git sees the URL without its user-info (the credentials travel as an Authorization header entry)
+    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{origin.bare}.insteadOf",
+            "GIT_CONFIG_VALUE_0": split_credentials(url)[0]}
 
 
 def test_credentials_in_the_origin_url_never_reach_output(origin: Origin, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from reconciler.redaction import (
     compile_redact_patterns,
     redact_output,
     redact_pattern_problem,
+    split_credentials,
 )
 
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7s3cr3t\nq2w3e4r5t6y7\n-----END RSA PRIVATE KEY-----"
@@ -99,3 +100,20 @@ def test_hostile_output_is_masked_in_bounded_time() -> None:
 
 def test_compiled_patterns_are_python_re() -> None:
     assert all(isinstance(p, re.Pattern) for p in compile_redact_patterns(["abc", "d+e"]))
+
+
+# ------------------------------------------------------------------ origin credentials
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("https://user:pa%40ss@git.example/x.git", ("https://git.example/x.git", "user", "pa@ss")),
+    ("https://tok3n-abcdef@git.example:8443/x.git?a=b", ("https://git.example:8443/x.git?a=b", "tok3n-abcdef", None)),
+    ("https://user:@git.example/x.git", ("https://git.example/x.git", "user", "")),
+    ("ssh://git@git.example/x.git", ("ssh://git.example/x.git", "git", None)),
+    ("https://git.example/x.git", ("https://git.example/x.git", None, None)),
+    ("git@git.example:org/x.git", ("git@git.example:org/x.git", None, None)),
+    ("/srv/git/x.git", ("/srv/git/x.git", None, None)),
+    ("https://a:b@c@git.example/x.git", ("https://git.example/x.git", "a", "b@c")),
+])
+def test_split_credentials(url: str, expected: tuple[str, str | None, str | None]) -> None:
+    assert split_credentials(url) == expected

@@ -49,6 +49,7 @@ from reconciler.gitstore import (
     GitStore,
     local_commit,
     local_origin_path,
+    origin_password,
 )
 from reconciler.plan import ClientState, JobState
 from reconciler.reach import Reach, reach_of
@@ -608,11 +609,12 @@ def _emit(text: str, stream: TextIO) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         origin = args.origin or default_origin()
-    except StatusError as e:
+        password = origin_password(getattr(args, "origin_password_file", None))
+    except (StatusError, OSError, ValueError) as e:
         print(f"reconciler status: {e}", file=sys.stderr)
         return 2
     with mirror_dir(origin) as workdir:
-        store = GitStore(origin, workdir)
+        store = GitStore(origin, workdir, password=password)
         reader = Reader(store)
         try:
             return _run(args, origin, reader)

@@ -40,7 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import names, protocol
-from reconciler.gitstore import ChangeWatcher, GitStore
+from reconciler.gitstore import (
+    ChangeWatcher,
+    GitStore,
+    origin_password,
+    url_credentials_warning,
+)
 from reconciler.logs import configure_logging
 from reconciler.redaction import redact_url
 from reconciler.relay.artifacts import ArtifactCache
@@ -150,6 +155,8 @@ class _Wakeup:
 def main(args: argparse.Namespace) -> int:
     """Run ``reconciler relay`` until SIGTERM or SIGINT: 0 then, 2 when it cannot start."""
     configure_logging()
+    # SQLite (with its WAL), the artifact cache, the git mirror, listen.url: owner-only (0600/0700)
+    os.umask(0o077)
     name: str = args.name
     if not names.is_name(name):
         print(f"reconciler relay: invalid relay name {name!r}", file=sys.stderr)
@@ -178,7 +185,16 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     poll_seconds = poll_seconds_from_env()
     state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty,
                        offline_after=args.offline_after, retire_after=timedelta(days=args.retire_after))
-    git = GitStore(args.origin, workdir)
+    try:
+        password = origin_password(getattr(args, "origin_password_file", None))
+    except (OSError, ValueError) as e:
+        print(f"reconciler relay: cannot read the origin password: {e}", file=sys.stderr)
+        store.close()
+        return 2
+    warning = url_credentials_warning(args.origin, password is not None)
+    if warning:
+        log.warning("%s", warning)
+    git = GitStore(args.origin, workdir, password=password)
     cache = ArtifactCache(workdir, git, parent_url=args.parent_url)
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
     watcher = ChangeWatcher(args.origin, args.poll_interval)
