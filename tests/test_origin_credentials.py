@@ -155,6 +155,10 @@ def test_the_password_file_and_the_environment_keep_it_off_every_command_line(
     assert status.returncode == 0, status.stderr
     assert _helpers_seen(server) == len(server.requests) >= 4
     assert _leaks(server) == []  # not even the reconciler processes' own argv
+    in_url = run_cli("status", "--origin", server.url("origin.git", f"{USER}:{PASSWORD}@"),
+                     extra_env={"XDG_CACHE_HOME": str(tmp_path / "cache2")})
+    assert in_url.returncode == 0, in_url.stderr
+    assert "--origin-password-file" in in_url.stderr and PASSWORD not in in_url.stdout + in_url.stderr
     without = run_cli("hq", "--origin", url, "--workdir", str(tmp_path / "hq2"), "--once",
                       extra_env={"GIT_TERMINAL_PROMPT": "0"})
     assert without.returncode == 1 and server.refused > 0  # the server does insist

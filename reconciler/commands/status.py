@@ -50,6 +50,7 @@ from reconciler.gitstore import (
     local_commit,
     local_origin_path,
     origin_password,
+    url_credentials_warning,
 )
 from reconciler.plan import ClientState, JobState
 from reconciler.reach import Reach, reach_of
@@ -613,6 +614,9 @@ def main(args: argparse.Namespace) -> int:
     except (StatusError, OSError, ValueError) as e:
         print(f"reconciler status: {e}", file=sys.stderr)
         return 2
+    warning = url_credentials_warning(origin, password is not None)
+    if warning:
+        print(f"reconciler status: warning: {warning}", file=sys.stderr)
     with mirror_dir(origin) as workdir:
         store = GitStore(origin, workdir, password=password)
         reader = Reader(store)
