@@ -68,6 +68,36 @@ def _days(text: str) -> float:
     return value
 
 
+def _output_tail(text: str) -> int:
+    """A number of characters from 0 to 8000 (the agent keeps at most that much of a command's output)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of characters, got {text!r}") from None
+    if not 0 <= value <= 8000:
+        raise argparse.ArgumentTypeError(f"expected 0 to 8000 characters, got {text!r}")
+    return value
+
+
+def _origin_password_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--origin-password-file", metavar="F",
+                   help="password or access token for an HTTP(S) origin, sent to git through its environment, "
+                        "never a command line (default: $RECONCILER_ORIGIN_PASSWORD; the user name comes from "
+                        "the URL, else 'git')")
+
+
+def _webhook_options(p: argparse.ArgumentParser, env: str | None = None) -> None:
+    """``--webhook-secret-file`` and ``--insecure-unsigned-webhook``: without either, hooks are refused (401)."""
+    group = p.add_mutually_exclusive_group()
+    fallback = f" (default: the file named by ${env})" if env else ""
+    group.add_argument("--webhook-secret-file", metavar="F",
+                       help="HMAC-SHA256 secret git hosts sign POST /v1/hooks/git with; without it (or "
+                            f"--insecure-unsigned-webhook) every hook is refused with 401{fallback}")
+    group.add_argument("--insecure-unsigned-webhook", action="store_true",
+                       help="accept unsigned hooks on POST /v1/hooks/git (anyone who can reach the port can "
+                            "make this service fetch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconciler",
@@ -93,13 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hq", help="run the headquarters reconciler")
     p.add_argument("--origin", required=True, metavar="URL", help="git origin holding main and the status refs")
     p.add_argument("--workdir", required=True, metavar="DIR", help="HQ's working directory")
+    _origin_password_option(p)
     p.add_argument("--branch", default="main", help="branch holding the specs (default: main)")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval in seconds (default: 30)")
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="serve /healthz, the git webhook and the relays' heartbeats here (without it HQ reports "
                         "no relay liveness)")
-    p.add_argument("--webhook-secret-file", metavar="F", help="HMAC-SHA256 secret for POST /v1/hooks/git")
+    _webhook_options(p)
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
     p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
@@ -111,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", required=True, metavar="URL", help="git origin")
     p.add_argument("--workdir", required=True, metavar="DIR", help="relay's working directory (SQLite, cache)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address of the client API")
+    _origin_password_option(p)
     p.add_argument("--parent-url", metavar="URL", help="parent relay to fetch artifacts from first")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval for status/hq in seconds (default: 30)")
@@ -128,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between heartbeats to HQ (default: 60)")
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret to sign heartbeats with (HQ's --heartbeat-secret-file)")
+    _webhook_options(p, env="RECONCILER_WEBHOOK_SECRET_FILE")
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")
@@ -139,10 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a reported fact: os, arch, hostname, freeDiskMB (repeatable)")
     p.add_argument("--poll-interval", type=_positive_float, metavar="S",
                    help="seconds between check-ins (default: what the relay says)")
+    p.add_argument("--output-tail", type=_output_tail, default=2000, metavar="CHARS",
+                   help="characters of an installer's output (its end, secrets masked) kept in the result sent "
+                        "to the relay (default: 2000, at most 8000)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
 
     p = sub.add_parser("status", help="show the HQ report from the status refs")
     p.add_argument("--origin", metavar="URL", help="git origin (default: the current repo's origin)")
+    _origin_password_option(p)
     p.add_argument("--job", metavar="NAME", help="show only this job")
     p.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="output format")
     p.add_argument("--wait", action="store_true",

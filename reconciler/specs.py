@@ -43,6 +43,7 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from reconciler import names
+from reconciler.redaction import redact_pattern_problem
 from reconciler.resources import schemas_dir
 from reconciler.versions import VersionKey, version_key
 
@@ -150,6 +151,9 @@ class Installer:
     uninstall: tuple[str, ...] = ()
     detect: tuple[str, ...] = ()
     timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
+    # regular expressions whose matches the agent masks in installer output (checked by
+    # reconciler.redaction.redact_pattern_problem)
+    redact: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1146,7 +1150,13 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         uninstall=tuple(raw_installer.get("uninstall", ())),
         detect=tuple(raw_installer.get("detect", ())),
         timeout_seconds=_int(raw_installer.get("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)),
+        redact=tuple(raw_installer.get("redact", ())),
     )
+    for index, pattern in enumerate(installer.redact):
+        problem = redact_pattern_problem(pattern)
+        if problem is not None:
+            pointer = f"/spec/installer/redact/{index}"
+            errors.append(doc.error(pointer, f"{pointer}: pattern {pattern[:60]!r} {problem}"))
     raw_req = spec.get("requirements", {})
     requirements = Requirements(
         os=tuple(raw_req.get("os", ())),

@@ -36,6 +36,7 @@ from e2e_helpers import (
 )
 
 from reconciler.agent.agent import Agent
+from reconciler.webhook import sign
 
 pytestmark = [
     pytest.mark.slow,
@@ -637,3 +638,29 @@ def test_relay_before_hq_accepts_then_follows_and_refuses_unknown_names(cluster:
     assert unknown.returncode == 2 and "relay-zz" in unknown.stderr and "not in the topology" in unknown.stderr
     assert relay.stop() == 0
     assert not (relay.workdir / "listen.url").exists()
+
+
+def test_relay_git_hook_needs_a_secret_flag_or_the_insecure_opt_out(cluster: Cluster) -> None:
+    """``reconciler relay``: hooks refused by default, signed with --webhook-secret-file (or the environment
+    variable), open only with --insecure-unsigned-webhook; a replay of a signed hook is 409."""
+    cluster.accept({"topology.yaml": topology(("site-a", "hq-x"), ("site-b", "hq-x"), ("site-c", "hq-x"))})
+    secret_file = cluster.base / "hook-secret"
+    secret_file.write_text("relay-hook-secret\n")
+    body = b'{"ref": "refs/heads/status/hq", "after": "0123"}'
+    signed = {"X-Hub-Signature-256": sign(b"relay-hook-secret", body)}
+
+    default = cluster.relay("site-a")
+    assert requests.post(f"{default.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 401
+    assert default.health()["ok"] is True
+    assert "no webhook secret" in default.output()
+
+    flagged = cluster.relay("site-b", extra_args=["--webhook-secret-file", str(secret_file)])
+    assert requests.post(f"{flagged.url}/v1/hooks/git", data=body, timeout=10).status_code == 401
+    assert requests.post(f"{flagged.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 202
+    assert requests.post(f"{flagged.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 409
+
+    from_env = cluster.relay("site-c", extra_env={"RECONCILER_WEBHOOK_SECRET_FILE": str(secret_file)})
+    assert requests.post(f"{from_env.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 202
+    from_env.stop()
+    opened = cluster.relay("site-c", extra_args=["--insecure-unsigned-webhook"])
+    assert requests.post(f"{opened.url}/v1/hooks/git", data=body, timeout=10).status_code == 202
