@@ -14,6 +14,7 @@ import io
 import math
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 
 # Longest span a duration option takes (about three years): a datetime plus it never overflows.
@@ -217,6 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exec_without_url_password(args: argparse.Namespace) -> None:
+    """Start this command again with the password of ``--origin`` moved from the URL into the environment.
+
+    A process cannot portably rewrite its own argv, and ``ps`` shows argv to
+    every user: so a ``https://user:password@host/repo.git`` given anyway
+    makes the command exec itself (same process id) with
+    ``https://user@host/repo.git`` and the password in
+    ``$RECONCILER_ORIGIN_PASSWORD``, after saying how to give it properly.
+    POSIX only; elsewhere the warning of :func:`url_credentials_warning` stays.
+    """
+    from reconciler.gitstore import ORIGIN_PASSWORD_ENV
+    from reconciler.redaction import redact_url, split_credentials
+    origin = getattr(args, "origin", None)
+    if os.name != "posix" or not isinstance(origin, str) or not origin.lower().startswith(("http://", "https://")):
+        return
+    if getattr(args, "origin_password_file", None) or os.environ.get(ORIGIN_PASSWORD_ENV):
+        return  # a password given properly wins; the URL's is ignored and warned about later
+    bare, user, password = split_credentials(origin)
+    if user is None or password is None:
+        return
+    scheme, rest = bare.split("://", 1)
+    clean = f"{scheme}://{urllib.parse.quote(user, safe='')}@{rest}"
+    argv = [clean if a == origin else f"--origin={clean}" if a == f"--origin={origin}" else a for a in sys.argv[1:]]
+    print(f"reconciler {args.command}: the password in --origin {redact_url(origin)} is moved to "
+          f"${ORIGIN_PASSWORD_ENV} and the command restarted so that no command line shows it; give it with "
+          f"--origin-password-file F or ${ORIGIN_PASSWORD_ENV} instead", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "reconciler", *argv],
+              {**os.environ, ORIGIN_PASSWORD_ENV: password})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # A console that cannot show a character (cp932, ascii) gets an escape, not a traceback.
     for stream in (sys.stdout, sys.stderr):
@@ -230,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.repo = extra.pop()
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv is None:
+        _exec_without_url_password(args)
     module = importlib.import_module(_HANDLERS[args.command])
     try:
         code: int = module.main(args)

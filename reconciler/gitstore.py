@@ -214,7 +214,8 @@ def url_credentials_warning(origin: str, password_given: bool = False) -> str | 
     """What to say when ``--origin`` itself carries a secret (None when it does not).
 
     Git never sees it on a command line (:class:`GitStore`), but this
-    process's own argv cannot be rewritten portably once it runs, so ``ps``
+    process's own argv cannot be rewritten portably once it runs: on POSIX
+    the command line restarts itself without it (``cli``), elsewhere ``ps``
     still shows it there for as long as the process lives. A URL with a
     user name only is taken for the ``https://<token>@host`` form unless a
     password is given separately (``password_given``).
