@@ -121,6 +121,7 @@ class Cluster:
                  timeout, what=f"{relay.name} status for {commit[:12]}")
 
     def agent(self, client: str, relay: RelayProcess, **kwargs: Any) -> Agent:
+        kwargs.setdefault("enroll_secret", relay.enroll_secret)
         return Agent(client, relay.url, self.base / "clients" / client, **kwargs)
 
     def rows(self, relay: str, job_name: str) -> dict[str, dict[str, Any]]:
@@ -282,7 +283,7 @@ def test_requirements_conflict_uninstall_and_drift(cluster: Cluster) -> None:
     def run_agents() -> None:
         for client, root, disk in (("pc-small", small, "100"), ("pc-big", big, "100000")):
             reconciler("agent", "--id", client, "--relay", relay.url, "--root", str(root),
-                       "--fact", f"freeDiskMB={disk}", "--once")
+                       "--fact", f"freeDiskMB={disk}", "--enroll-secret-file", str(relay.enroll_secret_file), "--once")
 
     run_agents()
     both = {"pc-small": "Succeeded", "pc-big": "Succeeded"}
@@ -447,7 +448,8 @@ def test_kill_9_of_relay_and_agent_mid_install_converges_without_running_twice(c
     roots = {c: cluster.base / "clients" / c for c in ("pc-1", "pc-2")}
     for root in roots.values():
         root.mkdir(parents=True)
-    agents = {c: agent_process(c, relay.url, root) for c, root in roots.items()}
+    enrolled = ("--enroll-secret-file", str(relay.enroll_secret_file))
+    agents = {c: agent_process(c, relay.url, root, *enrolled) for c, root in roots.items()}
     try:
         # Both installs are running: kill -9 the relay, and pc-1's agent with its installer.
         wait_for(lambda: all((r / "started").exists() for r in roots.values()), 30, what="installs to start")
@@ -462,7 +464,7 @@ def test_kill_9_of_relay_and_agent_mid_install_converges_without_running_twice(c
                                  listen=f"127.0.0.1:{port}")
         cluster.relays.append(restarted)
         restarted.start()
-        agents["pc-1"] = agent_process("pc-1", restarted.url, roots["pc-1"])
+        agents["pc-1"] = agent_process("pc-1", restarted.url, roots["pc-1"], *enrolled)
         cluster.wait_rows("relay-a", "install-slow", {"pc-1": "Succeeded", "pc-2": "Succeeded"}, timeout=60)
     finally:
         for proc in agents.values():
@@ -573,7 +575,7 @@ def test_relay_before_hq_accepts_then_follows_and_refuses_unknown_names(cluster:
                       str(relay.workdir), "--listen", "127.0.0.1:0", check=False)
     assert same.returncode == 2 and "another relay" in same.stderr
     unknown = reconciler("relay", "--name", "relay-zz", "--origin", cluster.origin.url, "--workdir",
-                         str(cluster.base / "zz"), "--listen", "127.0.0.1:0", check=False)
+                         str(cluster.base / "zz"), "--listen", "127.0.0.1:0", "--open-enrollment", check=False)
     assert unknown.returncode == 2 and "relay-zz" in unknown.stderr and "not in the topology" in unknown.stderr
     assert relay.stop() == 0
     assert not (relay.workdir / "listen.url").exists()
