@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -579,3 +580,40 @@ def test_relay_before_hq_accepts_then_follows_and_refuses_unknown_names(cluster:
     assert unknown.returncode == 2 and "relay-zz" in unknown.stderr and "not in the topology" in unknown.stderr
     assert relay.stop() == 0
     assert not (relay.workdir / "listen.url").exists()
+
+
+def test_approval_rekey_and_forget_on_a_running_relay(cluster: Cluster) -> None:
+    """The lifecycle commands change what a running relay process serves and publishes, at once."""
+    commit = cluster.accept({
+        "topology.yaml": topology(("relay-a", "hq-x")),
+        "artifacts/app/app.txt": "app\n",
+        "packages/app-1.0.yaml": package("app", "1.0", "{path: artifacts/app}"),
+        "jobs/install-app.yaml": job("install-app", "app", "1.0", "relay-a"),
+    })
+    relay = cluster.relay("relay-a", extra_args=["--require-approval"])
+    cluster.at_commit(relay, commit)
+
+    def clients(*args: str) -> str:
+        return reconciler("clients", *args, "--workdir", str(relay.workdir)).stdout
+
+    agent = cluster.agent("pc-1", relay)
+    waiting = agent.step()
+    assert waiting.status_code == 403 and "clients approve pc-1" in (waiting.error or "")
+    assert json.loads(clients("list", "--format", "json"))["clients"][0]["state"] == "pending approval"
+    assert agent.run_once() == 1 and receipts(cluster.base / "clients" / "pc-1") == set()
+    assert "pc-1" not in cluster.rows("relay-a", "install-app"), "a pending client was planned"
+
+    clients("approve", "pc-1")
+    assert agent.run_once() == 0 and receipts(cluster.base / "clients" / "pc-1") == {"app"}
+    cluster.wait_rows("relay-a", "install-app", {"pc-1": "Succeeded"})
+
+    token = agent.token
+    clients("rekey", "pc-1")
+    assert agent.run_once() == 0 and agent.token not in (None, token)  # re-enrolled with its secret
+    cluster.wait_rows("relay-a", "install-app", {"pc-1": "Succeeded"})  # its history kept
+
+    clients("forget", "pc-1")
+    wait_for(lambda: cluster.rows("relay-a", "install-app") == {}, 30,
+             what="the forgotten client gone from the relay's status (at its next pass)")
+    assert "Traceback" not in relay.output()
+    assert relay.stop() == 0
