@@ -509,3 +509,87 @@ def test_open_enrolment_warns_at_start_up(tmp_path: Path) -> None:
 
 def test_the_test_relays_enrol_by_default() -> None:
     assert TRUST.enroll_secret == ENROLL_SECRET and not TRUST.open_enrollment
+
+
+# ------------------------------------------------------------------ secrets never follow a redirect
+
+
+class _Redirecting:
+    """Two HTTP servers on 127.0.0.1: ``url`` answers everything with a 307 to ``elsewhere``, which records headers."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[dict[str, str]] = []
+        outer = self
+
+        class Elsewhere(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.seen.append(dict(self.headers.items()))
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _answer  # noqa: N815 - http.server's naming
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.target = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+        elsewhere = f"http://127.0.0.1:{self.target.server_address[1]}"
+
+        class Redirect(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                self.send_response(307)
+                self.send_header("Location", elsewhere + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _answer  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.redirect = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        self.url = f"http://127.0.0.1:{self.redirect.server_address[1]}"
+        for server in (self.target, self.redirect):
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self) -> None:
+        for server in (self.target, self.redirect):
+            server.shutdown()
+            server.server_close()
+
+
+def test_secrets_never_follow_a_redirect(tmp_path: Path) -> None:
+    servers = _Redirecting()
+    try:
+        step = Agent("pc-1", servers.url, tmp_path / "root", {}, {}, enroll_secret=ENROLL_SECRET).step()
+        assert not step.reached and step.status_code == 307
+        cache = ArtifactCache(tmp_path / "child", None, parent_url=servers.url,  # type: ignore[arg-type]
+                              parent_secret=CHILD_SECRET)
+        with pytest.raises(ArtifactError):
+            cache.stage_url("http://127.0.0.1:9/tool.bin", "0" * 64)
+        assert all(protocol.ENROLLMENT_HEADER not in seen and protocol.RELAY_SECRET_HEADER not in seen
+                   for seen in servers.seen), servers.seen
+    finally:
+        servers.close()
+
+
+def test_the_relay_log_names_the_command_with_its_workdir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    relay, server = _start(tmp_path, trust=Trust(enroll_secret=ENROLL_SECRET, require_approval=True))
+    try:
+        with caplog.at_level("INFO", logger="reconciler.relay"):
+            token = checkin(relay, "pc-1").json()["token"]
+            checkin(relay, "pc-1", token)
+            _clients(relay, "approve", "pc-1")
+            checkin(relay, "pc-1", enroll=True)  # a re-imaged PC: the secret, no token
+        text = caplog.text
+        assert f"reconciler clients approve pc-1 --workdir {_workdir(relay)}" in text
+        assert f"reconciler clients rekey pc-1 --workdir {_workdir(relay)}" in text
+    finally:
+        server.stop()
+        relay.store.close()

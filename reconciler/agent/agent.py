@@ -549,7 +549,9 @@ class Agent:
 
     def _post(self, url: str, body: protocol.CheckinRequest, headers: Mapping[str, str]) -> requests.Response:
         try:
-            return self.session.post(url, json=body, headers=dict(headers), timeout=HTTP_TIMEOUT)
+            # No redirects: requests would resend the enrolment secret to wherever a redirect points.
+            return self.session.post(url, json=body, headers=dict(headers), timeout=HTTP_TIMEOUT,
+                                     allow_redirects=False)
         except requests.RequestException as exc:
             raise RelayUnavailable(f"relay {redact_url(self.relay_url)} unreachable: {_short_error(exc)}") from exc
 

@@ -440,7 +440,9 @@ class ArtifactCache:
 
     def _http_get(self, url: str, writer: _HashingWriter, source: str, headers: Mapping[str, str]) -> None:
         try:
-            with self.session.get(url, stream=True, timeout=HTTP_TIMEOUT, headers=dict(headers)) as response:
+            # A request carrying a secret follows no redirect: requests would resend the header to any host.
+            with self.session.get(url, stream=True, timeout=HTTP_TIMEOUT, headers=dict(headers),
+                                  allow_redirects=not headers) as response:
                 if response.status_code == 404:
                     raise _NotFound(f"{source} answered 404")
                 if response.status_code in (401, 403):

@@ -381,6 +381,10 @@ class RelayApp:
             confirm = not credentials.confirmed
         elif credentials.confirmed:
             # Its token has been used: nobody else gets one, whatever they present.
+            if enrolled is not None and self.trust.enroll_secret is not None:
+                log.warning("client %s presented the enrolment secret without its token; if that PC lost its "
+                            "token or was re-imaged: reconciler clients rekey %s --workdir %s", client_id, client_id,
+                            self.store.path.parent)
             if token is None:
                 raise _refused(401, protocol.REASON_TOKEN_REQUIRED,
                                f"client {client_id} is registered: send its token (Authorization: Bearer <token>)")
@@ -418,7 +422,8 @@ class RelayApp:
                 actions = ()
         if not approved:
             if new_token is not None and credentials is None:
-                log.info("client %s registered (%s); it waits for approval", client_id, enrolled)
+                log.info("client %s registered (%s); it waits for approval: reconciler clients approve %s "
+                         "--workdir %s", client_id, enrolled, client_id, self.store.path.parent)
             raise _pending(client_id, new_token)
         # Committed: everything this reply acknowledges and hands out is on disk.
         if new_token is not None:
