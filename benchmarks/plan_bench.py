@@ -15,6 +15,11 @@ and inventories. Then it times:
     the worst case, a brand-new site);
 * ``plan_client`` for one client (the check-in path), median of 1,000 calls.
 
+``--scoped`` raises two jobs' ``rerun`` with a ``rerunScope`` (one region's
+subtree and 500 clients for ``install-vpn-client``; a repair of 200 clients
+for ``install-agent-tools``), to show what scopes cost; without it no job
+has one, the figures to compare with a tree before scopes existed.
+
 Each figure is the median of ``--runs`` runs of the sum of the 50
 ``plan_relay`` calls' times (the caller freeing the plans afterwards is
 timed and printed apart), after one first pass on fresh
@@ -24,7 +29,7 @@ reference machine: 10^6 pairs under 2 s for either fleet, one client under
 1 ms. The machine's load average is printed too: a shared machine makes wall
 times noisy, so compare versions in the same time window.
 
-    python benchmarks/plan_bench.py [--runs 5] [--clients 100000] [--profile [steady|fresh]]
+    python benchmarks/plan_bench.py [--runs 5] [--clients 100000] [--scoped] [--profile [steady|fresh]]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -67,6 +73,7 @@ from reconciler.specs import (  # noqa: E402
     Package,
     Relay,
     Requirements,
+    RerunScope,
     Specs,
     Topology,
 )
@@ -127,6 +134,20 @@ def build_specs() -> Specs:
         job("install-pdf-reader", "pdf-reader", "11.0", allow_downgrade=True),
     )
     return Specs(Topology("hq", tuple(relays)), packages, tuple(sorted(jobs, key=lambda j: j.name)))
+
+
+def with_scopes(specs: Specs, clients: int) -> Specs:
+    """Two jobs re-run under a scope: a region's subtree and 500 clients; a repair of 200 clients."""
+    every = max(1, clients // 500)
+    scopes = {
+        "install-vpn-client": RerunScope(relays=("relay-region-2",),
+                                         clients=tuple(f"pc-{n:06d}" for n in range(0, clients, every))[:500]),
+        "install-agent-tools": RerunScope(clients=tuple(f"pc-{n:06d}" for n in range(3, clients, every))[:200],
+                                          repair=True),
+    }
+    jobs = tuple(replace(job, rerun=1, rerun_scope=scopes[job.name]) if job.name in scopes else job
+                 for job in specs.jobs)
+    return replace(specs, jobs=jobs)
 
 
 def build_fleet(specs: Specs, clients: int, *, steady: bool, seed: int = 7,
@@ -225,15 +246,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clients", type=int, default=100_000)
+    parser.add_argument("--scoped", action="store_true", help="two jobs re-run under a rerunScope (one a repair)")
     parser.add_argument("--profile", nargs="?", const="steady", choices=("steady", "fresh"),
                         help="print a cProfile of one pass over that fleet (default steady)")
     args = parser.parse_args()
 
     specs = build_specs()
+    if args.scoped:
+        specs = with_scopes(specs, args.clients)
     indexes = {r.name: index_relay(specs, r.name) for r in specs.topology.relays}
     print(f"cores: {os.cpu_count()}  python: {sys.version.split()[0]}  "
           f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"fleet: {args.clients} clients, {len(specs.jobs)} jobs, {len(indexes)} relays")
+    scoped = " (two with a rerunScope)" if args.scoped else ""
+    print(f"fleet: {args.clients} clients, {len(specs.jobs)} jobs{scoped}, {len(indexes)} relays")
 
     for label, steady in (("steady", True), ("fresh", False)):
         fleet, history = build_fleet(specs, args.clients, steady=steady)

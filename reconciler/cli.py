@@ -69,6 +69,36 @@ def _days(text: str) -> float:
     return value
 
 
+def _output_tail(text: str) -> int:
+    """A number of characters from 0 to 8000 (the agent keeps at most that much of a command's output)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of characters, got {text!r}") from None
+    if not 0 <= value <= 8000:
+        raise argparse.ArgumentTypeError(f"expected 0 to 8000 characters, got {text!r}")
+    return value
+
+
+def _origin_password_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--origin-password-file", metavar="F",
+                   help="password or access token for an HTTP(S) origin, sent to git through its environment, "
+                        "never a command line (default: $RECONCILER_ORIGIN_PASSWORD; the user name comes from "
+                        "the URL, else 'git')")
+
+
+def _webhook_options(p: argparse.ArgumentParser, env: str | None = None) -> None:
+    """``--webhook-secret-file`` and ``--insecure-unsigned-webhook``: without either, hooks are refused (401)."""
+    group = p.add_mutually_exclusive_group()
+    fallback = f" (default: the file named by ${env})" if env else ""
+    group.add_argument("--webhook-secret-file", metavar="F",
+                       help="HMAC-SHA256 secret git hosts sign POST /v1/hooks/git with; without it (or "
+                            f"--insecure-unsigned-webhook) every hook is refused with 401{fallback}")
+    group.add_argument("--insecure-unsigned-webhook", action="store_true",
+                       help="accept unsigned hooks on POST /v1/hooks/git (anyone who can reach the port can "
+                            "make this service fetch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconciler",
@@ -94,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hq", help="run the headquarters reconciler")
     p.add_argument("--origin", required=True, metavar="URL", help="git origin holding main and the status refs")
     p.add_argument("--workdir", required=True, metavar="DIR", help="HQ's working directory")
+    _origin_password_option(p)
     p.add_argument("--branch", default="main", help="branch holding the specs (default: main)")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval in seconds (default: 30)")
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="serve /healthz, the git webhook and the relays' heartbeats here (without it HQ reports "
                         "no relay liveness)")
-    p.add_argument("--webhook-secret-file", metavar="F", help="HMAC-SHA256 secret for POST /v1/hooks/git")
+    _webhook_options(p)
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
     p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
@@ -112,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", required=True, metavar="URL", help="git origin")
     p.add_argument("--workdir", required=True, metavar="DIR", help="relay's working directory (SQLite, cache)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address of the client API")
+    _origin_password_option(p)
     p.add_argument("--parent-url", metavar="URL", help="parent relay to fetch artifacts from first")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval for status/hq in seconds (default: 30)")
@@ -129,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between heartbeats to HQ (default: 60)")
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret to sign heartbeats with (HQ's --heartbeat-secret-file)")
+    _webhook_options(p, env="RECONCILER_WEBHOOK_SECRET_FILE")
     p.add_argument("--enroll-secret-file", metavar="F",
                    help="enrolment secret: only agents presenting it (their --enroll-secret-file) register")
     p.add_argument("--open-enrollment", action="store_true",
@@ -151,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a reported fact: os, arch, hostname, freeDiskMB (repeatable)")
     p.add_argument("--poll-interval", type=_positive_float, metavar="S",
                    help="seconds between check-ins (default: what the relay says)")
+    p.add_argument("--output-tail", type=_output_tail, default=2000, metavar="CHARS",
+                   help="characters of an installer's output (its end, secrets masked) kept in the result sent "
+                        "to the relay (default: 2000, at most 8000)")
     p.add_argument("--enroll-secret-file", metavar="F",
                    help="the relay's enrolment secret, presented to register (and to get a new token after a rekey)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
@@ -165,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the HQ report from the status refs")
     p.add_argument("--origin", metavar="URL", help="git origin (default: the current repo's origin)")
+    _origin_password_option(p)
     p.add_argument("--job", metavar="NAME", help="show only this job")
     p.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="output format")
     p.add_argument("--wait", action="store_true",
@@ -178,10 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every relay's inventory, merged, to FILE for `reconciler plan --inventory` "
                         "(-: standard output, instead of the report)")
 
-    p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients")
+    p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients",
+                       description="Raise spec.rerun of a job in its file, keeping comments, and print the diff to "
+                                   "commit through a pull request. Without --relay and --client every Failed client "
+                                   "runs again; with them (written as spec.rerunScope, replacing an earlier scope) "
+                                   "only the Failed clients of those relays, of relays nested below them, and those "
+                                   "clients.")
     p.add_argument("job", metavar="JOB", help="job name (metadata.name)")
     p.add_argument("repo", nargs="?", metavar="REPO",
                    help="repo directory (default: the nearest one at or above . that holds topology.yaml)")
+    p.add_argument("--relay", action="append", metavar="R",
+                   help="re-run only the Failed clients of relay R and of the relays nested below it (repeatable)")
+    p.add_argument("--client", action="append", metavar="C",
+                   help="re-run only the Failed row of client id C (repeatable)")
+    p.add_argument("--repair", action="store_true",
+                   help="also reinstall the package on the --client clients where it is installed already "
+                        "(Succeeded), once for this rerun; needs --client")
 
     p = sub.add_parser("demo", help="run HQ, relays and agents locally on the example repo")
     p.add_argument("--clients", type=int, default=12, metavar="N", help="number of agents (default: 12)")
@@ -196,7 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse settles an optional REPO before it reads the options after JOB, so
+    # `rerun JOB --relay R REPO` leaves REPO over: it is the positional it belongs to.
+    if len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "repo", "") is None:
+        args.repo = extra.pop()
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = importlib.import_module(_HANDLERS[args.command])
     try:
         code: int = module.main(args)

@@ -11,9 +11,15 @@ Decisions behind it:
 
 * **Credentials never reach disk, argv or a message.** The origin URL is handed
   to git through ``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n`` environment entries
-  as ``remote.origin.url`` (readable only by our own user), so it is neither
-  stored in the mirror's config nor visible in ``ps``; every failure is wrapped
-  in :class:`GitError` whose text went through :func:`redact_url`.
+  as ``remote.origin.url`` (readable only by our own user), so it is not
+  stored in the mirror's config. It is handed over *without* user-info: git
+  gives the URL to its remote helper (``git-remote-https origin <url>``) on
+  the command line, where ``ps`` shows it to every user. A user name and
+  password (from the URL, or ``password`` from a file or the environment)
+  travel as an ``http.<origin>.extraHeader: Authorization: Basic ...``
+  config entry in the environment instead, scoped to the origin's URL.
+  Every failure is wrapped in :class:`GitError` whose text went through
+  :func:`redact_url`.
 * **Single writer per ref, but no blind trust.** ``publish`` asks the origin for
   the ref's tip (``ls-remote``) before building, so a stale local copy can
   neither make it report "unchanged" wrongly nor overwrite anything: the push
@@ -28,6 +34,7 @@ Decisions behind it:
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import random
@@ -49,7 +56,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from reconciler.errors import Cause, ReconcilerError, git_cause
-from reconciler.redaction import redact_text, redact_url, url_secrets
+from reconciler.redaction import redact_text, redact_url, split_credentials, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +189,43 @@ def local_commit(directory: Path, rev: str) -> str | None:
         return None
     sha = proc.stdout.decode("ascii", "replace").strip()
     return sha if proc.returncode == 0 and _SHA_RE.fullmatch(sha) else None
+
+
+ORIGIN_PASSWORD_ENV: Final = "RECONCILER_ORIGIN_PASSWORD"
+
+
+def origin_password(path: str | None) -> str | None:
+    """The origin's password (or token) from ``--origin-password-file`` (the file's first line), else from
+    ``$RECONCILER_ORIGIN_PASSWORD``; None if neither is given. OSError or ValueError for a bad file."""
+    if path:
+        with open(path, "rb") as handle:
+            raw = handle.read(64 * 1024 + 1)
+        if len(raw) > 64 * 1024:
+            raise ValueError(f"password file {path} is larger than 64 KiB")
+        lines = raw.decode("utf-8").splitlines()
+        password = lines[0].strip() if lines else ""
+        if not password:
+            raise ValueError(f"password file {path} is empty")
+        return password
+    return os.environ.get(ORIGIN_PASSWORD_ENV) or None
+
+
+def url_credentials_warning(origin: str, password_given: bool = False) -> str | None:
+    """What to say when ``--origin`` itself carries a secret (None when it does not).
+
+    Git never sees it on a command line (:class:`GitStore`), but this
+    process's own argv cannot be rewritten portably once it runs, so ``ps``
+    still shows it there for as long as the process lives. A URL with a
+    user name only is taken for the ``https://<token>@host`` form unless a
+    password is given separately (``password_given``).
+    """
+    _, user, password = split_credentials(origin)
+    if password is None and (user is None or password_given or not url_secrets(origin)):
+        return None
+    return (f"the origin URL {redact_url(origin)} carries a secret: git gets it through the environment "
+            "only, but this process's own command line still shows it to every user (ps). Leave it out "
+            f"of the URL and give it with --origin-password-file F or ${ORIGIN_PASSWORD_ENV} (or use "
+            "git's credential helpers or an SSH key)")
 
 
 def local_origin_path(origin: str) -> Path | None:
@@ -320,14 +364,16 @@ class GitStore:
         push_attempts: int = 5,
         backoff_seconds: float = 0.05,
         network_timeout: float = 300.0,
+        password: str | None = None,
     ) -> None:
         self.origin = origin
+        self.password = password
         self.workdir = Path(workdir)
         self.repo_path = self.workdir / _REPO_DIR
         self.push_attempts = max(1, push_attempts)
         self.backoff_seconds = backoff_seconds
         self.network_timeout = network_timeout
-        self._secrets = url_secrets(origin)
+        self._secrets = url_secrets(origin) + ([password] if password and len(password) >= 3 else [])
         self._lock = threading.Lock()
         self._ready = False
         self._identity: dict[str, str] | None = None
@@ -357,13 +403,27 @@ class GitStore:
             n = int(env.get("GIT_CONFIG_COUNT", "0"))
         except ValueError:
             n = 0
-        origin_url = self.origin
+        origin_url, user, password = split_credentials(self.origin)
+        if self.password is not None:
+            password = self.password
         local = local_origin_path(self.origin)
         if local is not None and not self.origin.startswith("file://"):
             origin_url = str(local)
-        env[f"GIT_CONFIG_KEY_{n}"] = "remote.origin.url"
-        env[f"GIT_CONFIG_VALUE_{n}"] = origin_url
-        env["GIT_CONFIG_COUNT"] = str(n + 1)
+        entries = [("remote.origin.url", origin_url)]
+        if (user is not None or password is not None) and origin_url.lower().startswith(("http://", "https://")):
+            token = base64.b64encode(f"{user or 'git'}:{password or ''}".encode()).decode("ascii")
+            self._secrets = sorted({*self._secrets, token}, key=len, reverse=True)
+            entries.append((f"http.{origin_url}.extraHeader", f"Authorization: Basic {token}"))
+        elif user is not None and local is None:
+            # ssh://user@host: the user name is no secret and ssh needs it; a password cannot be
+            # given to ssh this way (use a key), so it is dropped rather than put on a command line.
+            scheme, rest = origin_url.split("://", 1)
+            entries[0] = ("remote.origin.url", f"{scheme}://{urllib.parse.quote(user, safe='')}@{rest}")
+        for key, value in entries:
+            env[f"GIT_CONFIG_KEY_{n}"] = key
+            env[f"GIT_CONFIG_VALUE_{n}"] = value
+            n += 1
+        env["GIT_CONFIG_COUNT"] = str(n)
         return env
 
     def redact(self, text: str) -> str:

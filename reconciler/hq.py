@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -61,6 +62,8 @@ from reconciler.gitstore import (
     ChangeWatcher,
     GitError,
     GitStore,
+    origin_password,
+    url_credentials_warning,
 )
 from reconciler.hq_liveness import LIVENESS_FILE, Contacts, RelaysApi
 from reconciler.liveness import RelayLiveness
@@ -83,7 +86,7 @@ from reconciler.serving import (
 )
 from reconciler.specs import SpecError, Specs
 from reconciler.times import utc_now
-from reconciler.webhook import HOOK_PATH, hook_handler, read_secret_file
+from reconciler.webhook import HOOK_PATH, HookGuard, hook_handler, read_secret_file
 
 log = logging.getLogger("reconciler.hq")
 
@@ -389,14 +392,19 @@ class Hq:
 HEALTH_PATH = "/healthz"
 
 
-def make_app(trigger: Callable[[], None], secret: bytes | None,
+def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
              health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None) -> WSGIApp:
     """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in), ``POST /v1/hooks/git`` and, with
     ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`).
 
+    ``hooks`` checks the git hook; a secret stands for ``HookGuard(secret)``
+    and None for a guard that refuses every hook.
+
     Every response is JSON; errors are ``{"error": "..."}`` with a 4xx
     status, and a bug gives a JSON 500, never a traceback.
     """
+
+    guard = hooks if isinstance(hooks, HookGuard) else HookGuard(hooks)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
@@ -407,7 +415,7 @@ def make_app(trigger: Callable[[], None], secret: bytes | None,
                     return json_response(start_response, 405, {"error": "use GET"})
                 return json_response(start_response, 200, {"ok": True, **(health() if health else {})})
             if path == HOOK_PATH:
-                return hook_handler(environ, start_response, secret, trigger)
+                return hook_handler(environ, start_response, guard, trigger)
             answer = relays.route(path, environ, start_response) if relays is not None else None
             if answer is not None:
                 return answer
@@ -477,6 +485,15 @@ LISTEN_FILE = "listen.url"
 
 def main(args: argparse.Namespace) -> int:
     configure_logging()
+    os.umask(0o077)  # the mirror, liveness file and anything else HQ writes: owner-only
+    try:
+        password = origin_password(getattr(args, "origin_password_file", None))
+    except (OSError, ValueError) as e:
+        print(f"reconciler hq: cannot read the origin password: {e}", file=sys.stderr)
+        return 2
+    warning = url_credentials_warning(args.origin, password is not None)
+    if warning:
+        log.warning("%s", warning)
     try:
         secret = read_secret_file(args.webhook_secret_file) if args.webhook_secret_file else None
         heartbeat_secret = read_secret_file(args.heartbeat_secret_file) if args.heartbeat_secret_file else None
@@ -484,7 +501,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir)
-    store = GitStore(args.origin, workdir)
+    store = GitStore(args.origin, workdir, password=password)
     hq = Hq(store, args.branch)
     origin = redact_url(args.origin)
 
@@ -514,14 +531,18 @@ def main(args: argparse.Namespace) -> int:
                 workdir.mkdir(parents=True, exist_ok=True)
                 hq.contacts = Contacts(workdir / LIVENESS_FILE, timeout, hq.clock(), hq.clock)
                 relays = RelaysApi(hq.contacts, heartbeat_secret, watcher.trigger)
-                server = Server(make_app(watcher.trigger, secret, hq.health, relays), args.listen,
+                hooks = HookGuard(secret, insecure=args.insecure_unsigned_webhook)
+                if hooks.mode == "refused":
+                    log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, "
+                                "or --insecure-unsigned-webhook); changes are picked up every --poll-interval")
+                server = Server(make_app(watcher.trigger, hooks, hq.health, relays), args.listen,
                                 name="hq-http").start()
                 write_atomic(workdir / LISTEN_FILE, (server.url + "\n").encode("utf-8"))
             except (ListenError, OSError) as e:
                 print(f"reconciler hq: cannot listen on {args.listen}: {e}", file=sys.stderr)
                 return 2
             log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one)",
-                     server.url, "signed" if secret else "unsigned", "signed" if heartbeat_secret else "unsigned",
+                     server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
                      timeout)
         watcher.start()
         log.info("HQ following %s branch %s", origin, args.branch)

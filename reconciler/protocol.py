@@ -152,6 +152,7 @@ class Installer(TypedDict):
     uninstall: list[str]
     detect: list[str]
     timeoutSeconds: int
+    redact: NotRequired[list[str]]  # spec.installer.redact, when the spec has patterns
 
 
 class Dependency(TypedDict):

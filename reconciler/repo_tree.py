@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -164,6 +164,22 @@ class CommitTree:
 # ---------------------------------------------------------------- loading
 
 
+class EditedTree:
+    """A tree with some of its spec files' bytes replaced: an edit judged before it is written."""
+
+    def __init__(self, tree: RepoTree, edited: Mapping[str, bytes]) -> None:
+        self.tree = tree
+        self.edited = dict(edited)
+
+    def entries(self) -> list[Entry]:
+        return self.tree.entries()
+
+    def read(self, paths: Collection[str], limit: int) -> dict[str, bytes]:
+        files = self.tree.read(paths, limit)
+        files.update((path, data[: limit + 1]) for path, data in self.edited.items() if path in files)
+        return files
+
+
 def load_tree(tree: RepoTree) -> LoadResult:
     """Select, read and validate the specs of a repo; the listing's own errors and warnings included."""
     entries = tree.entries()
@@ -218,6 +234,11 @@ def load_repo(root: Path) -> LoadResult:
     In a git work tree, what ``git add -A`` would commit is judged (read like
     the commit HQ will see); a plain directory is read as it is.
     """
+    return load_tree(open_repo(root))
+
+
+def open_repo(root: Path) -> RepoTree:
+    """The tree :func:`load_repo` judges for directory ``root`` (OSError if it cannot be read)."""
     if not root.is_dir():
         missing = not root.exists()
         raise (FileNotFoundError if missing else NotADirectoryError)(
@@ -228,8 +249,8 @@ def load_repo(root: Path) -> LoadResult:
     except GitError as e:
         raise TreeError(0, f"cannot read it as git would commit it: {e}") from None
     if snapshot is not None:
-        return load_tree(CommitTree(*snapshot))
-    return load_tree(DirectoryTree(root))
+        return CommitTree(*snapshot)
+    return DirectoryTree(root)
 
 
 def load_commit(store: GitReader, commit: str) -> LoadResult:

@@ -499,12 +499,21 @@ def render_relay_job(job: str, relay: str, observed_commit: str | None, state: J
     return "".join(out).encode("utf-8")
 
 
-# What JSON leaves raw but a YAML reader refuses, or folds as a line break.
-_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
+# What JSON leaves raw but a YAML reader refuses, or folds as a line break; and the bidi controls,
+# which reorder what a terminal or a diff shows (``cat``, ``git show`` of a status file). Escaped, so
+# a reader still gets the text back exactly.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                          "\ud800-\udfff\ufffe\uffff]")
 
 
 def _escape_char(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
+
+
+def escape_json_text(text: str) -> str:
+    """JSON text (``json.dumps(..., ensure_ascii=False)``) with the C1, bidi and other characters a
+    terminal would act on written as ``\\u`` escapes: the same JSON value, inert on a screen."""
+    return _YAML_UNSAFE.sub(_escape_char, text)
 
 
 def _status_rows(rows: Iterable[Row], updated_at: Mapping[tuple[str, str], datetime]) -> list[StatusRow]:
@@ -630,10 +639,11 @@ def _inventory_document(clients: Sequence[Mapping[str, Any]], extra: Mapping[str
     """``{"clients": [...], ...extra}`` with one client per line.
 
     A change to one client is a one-line diff, and the C JSON encoder (not
-    used with ``indent=``) keeps it fast for large relays.
+    used with ``indent=``) keeps it fast for large relays. Control and bidi
+    characters a JSON encoder leaves raw are written as ``\\u`` escapes.
     """
-    lines = ",\n".join(json.dumps(c, sort_keys=True, ensure_ascii=False) for c in clients)
-    tail = "".join(f", {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" for key, value in extra.items())
+    lines = ",\n".join(_yaml_flow(c) for c in clients)  # JSON, with C1 and bidi controls escaped
+    tail = "".join(f", {json.dumps(key)}: {_yaml_flow(value)}" for key, value in extra.items())
     return f'{{"clients": [\n{lines}\n]{tail}}}\n' if clients else f'{{"clients": []{tail}}}\n'
 
 
@@ -1238,7 +1248,7 @@ _MD_SPECIAL = re.compile(r"([`|<>\[\]\\])")  # brackets too: a client's message 
 # Characters that act on a terminal or reorder text (C0/C1 controls, DEL, bidi overrides): shown escaped.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # What GitHub turns into a live link without any markup.
-_AUTOLINK = re.compile(r"(?i)\b(https?|ftp)://|\bwww\.")
+_AUTOLINK = re.compile(r"(?i)\b(https?|ftp)://|\bwww\.|(?<=[\w.+-])@(?=[\w-]+\.)")  # URLs, e-mail addresses
 
 
 def printable(text: str) -> str:
@@ -1249,10 +1259,11 @@ def printable(text: str) -> str:
 
 def _md(text: str, limit: int = 200) -> str:
     """One table cell: a single line, bounded; controls shown escaped; pipes, backticks, angle and
-    square brackets escaped; bare URLs kept from becoming live links."""
+    square brackets escaped; bare URLs and e-mail addresses kept from becoming live links."""
     text = _cut(printable(text), limit)
     text = _MD_SPECIAL.sub(r"\\\1", text)
-    return _AUTOLINK.sub(lambda m: m.group().replace(":", "&#58;").replace(".", "&#46;"), text)
+    return _AUTOLINK.sub(lambda m: m.group().replace(":", "&#58;").replace(".", "&#46;").replace("@", "&#64;"),
+                         text)
 
 
 def short(commit: str | None) -> str:

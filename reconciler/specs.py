@@ -43,6 +43,7 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from reconciler import names
+from reconciler.redaction import redact_pattern_problem
 from reconciler.resources import schemas_dir
 from reconciler.versions import VersionKey, version_key
 
@@ -61,6 +62,11 @@ MAX_ERRORS_PER_FILE = 100  # then one line saying there are more
 # keys makes every pointer long.
 MAX_POINTER_TEXT = 16 * MAX_FILE_BYTES
 MAX_DEPTH = 64  # nesting of mappings and sequences
+# Entries of a job's spec.rerunScope lists. A scope names a few relays or the
+# clients an admin looked at; a fleet-wide rerun needs no scope, and a longer
+# list of clients is a sign the scope should name their relays instead.
+MAX_RERUN_SCOPE_RELAYS = 1_000
+MAX_RERUN_SCOPE_CLIENTS = 10_000
 RESERVED_RELAY_NAMES = frozenset({"hq"})
 DEFAULT_TIMEOUT_SECONDS = 600
 DEFAULT_RETRY_LIMIT = 3
@@ -145,6 +151,9 @@ class Installer:
     uninstall: tuple[str, ...] = ()
     detect: tuple[str, ...] = ()
     timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
+    # regular expressions whose matches the agent masks in installer output (checked by
+    # reconciler.redaction.redact_pattern_problem)
+    redact: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,25 @@ class Package:
 
 
 @dataclass(frozen=True)
+class RerunScope:
+    """``spec.rerunScope``: what the job's current ``spec.rerun`` number re-runs.
+
+    Without a scope, raising ``rerun`` resets every Failed row of the job.
+    With one, it resets only the Failed rows of clients planned on one of
+    ``relays`` or on a relay nested below one (a relay means its subtree, as
+    in ``allLowerClients``), and of the clients in ``clients``; every other
+    row keeps its series, so a later raise that covers it still resets it.
+    ``repair`` (only with ``clients``, only for install jobs) also reinstalls
+    the job's package on the listed clients where it is installed already,
+    once per rerun number.
+    """
+
+    relays: tuple[str, ...] = ()
+    clients: tuple[str, ...] = ()
+    repair: bool = False
+
+
+@dataclass(frozen=True)
 class Job:
     name: str  # metadata.name
     job_type: JobType
@@ -194,9 +222,10 @@ class Job:
     max_concurrent: int | None = None
     max_failures: int | str | None = None  # a count, or a percentage string such as "10%"
     source: str = ""
-    # sha256 of the canonical spec without rerun and suspend: raising rerun or
-    # pausing a job is not a new revision, any other edit is.
+    # sha256 of the canonical spec without rerun, rerunScope and suspend:
+    # re-running or pausing a job is not a new revision, any other edit is.
     revision: str = ""
+    rerun_scope: RerunScope | None = None  # None: the current rerun covers every Failed row
 
 
 @dataclass(frozen=True)
@@ -868,11 +897,25 @@ def _schema_message(error: ValidationError, pointer: str, raw: str | None = None
         return f"{where}: {field_name} must be at most {error.validator_value}, got {_clip(raw or str(error.instance))}"
     if kind == "minItems":
         return f"{where}: must list at least {error.validator_value} item(s)"
+    if kind == "maxItems":
+        count = len(error.instance) if isinstance(error.instance, list) else "more"
+        return f"{where}: must list at most {error.validator_value} items, got {count}"
     if kind == "uniqueItems":
         return f"{where}: items must be unique"
     if kind == "minLength":
         return f"{where}: must not be empty"
     return f"{where}: {error.message}"
+
+
+def _duplicate_at(items: list[Any]) -> int | None:
+    """Position of the first item of a list that repeats an earlier one."""
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        key = _canonical_json(item)
+        if key in seen:
+            return index
+        seen.add(key)
+    return None
 
 
 def _artifact_message(instance: Any) -> str:
@@ -896,6 +939,10 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
             if pointer.endswith("/artifact"):
                 found.append(doc.error(pointer, f"{pointer}: {_artifact_message(error.instance)}"))
                 continue
+            if pointer == "/spec/rerunScope":
+                found.append(doc.error(pointer, f"{pointer}: name relays, clients or both: a scope without "
+                                                f"either would re-run nothing"))
+                continue
             if pointer.endswith("/maxFailures"):
                 found.append(doc.error(pointer, f"{pointer}: must be a count (0 or more) or a percentage "
                                                 f"from \"0%\" to \"100%\", got {_describe(error.instance)}"))
@@ -916,6 +963,10 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
                 hint = ", ".join(sorted(allowed))
                 found.append(doc.error(child, f"{child}: unknown field {key!r} (allowed: {hint})", at_key=True))
             continue
+        if error.validator == "required" and pointer == "/spec/rerunScope":  # the "repair needs clients" rule
+            found.append(doc.error("/spec/rerunScope/repair", "/spec/rerunScope/repair: list the clients to "
+                                   "reinstall in rerunScope.clients; repair never applies to a whole relay"))
+            continue
         if error.validator == "required" and isinstance(error.instance, dict):
             required: Any = error.validator_value
             for key in required:
@@ -923,10 +974,19 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
                     found.append(doc.error(pointer, f"{pointer or '/'}: missing required field {key!r}", at_key=True))
             continue
         message = _schema_message(error, pointer, doc.raw_scalars.get(pointer))
+        if error.validator == "uniqueItems":  # a list can be long: say which item repeats, and where
+            items = error.instance if isinstance(error.instance, list) else []
+            index = _duplicate_at(items)
+            if index is not None:
+                line = doc.at(f"{pointer}/{index}")[0]
+                message += f" ({_describe(items[index])} is listed twice, again on line {line})"
         if pointer.startswith("/spec/destinations/") and kind is Kind.JOB:
             spec = doc.value.get("spec")
             clients = isinstance(spec, dict) and spec.get("destinationType") == DestinationType.CLIENTS.value
             message = message.replace("is not a valid name", "is not a valid client id" if clients else "is not a valid relay name")
+        elif pointer.startswith("/spec/rerunScope/") and kind is Kind.JOB:
+            relays = pointer.startswith("/spec/rerunScope/relays/")
+            message = message.replace("is not a valid name", "is not a valid relay name" if relays else "is not a valid client id")
         # An empty value ("spec:" and nothing after it) is best shown at its key.
         found.append(doc.error(pointer, message, at_key=doc.raw_scalars.get(pointer) == ""))
     listed = sorted(set(found))
@@ -1090,7 +1150,13 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         uninstall=tuple(raw_installer.get("uninstall", ())),
         detect=tuple(raw_installer.get("detect", ())),
         timeout_seconds=_int(raw_installer.get("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)),
+        redact=tuple(raw_installer.get("redact", ())),
     )
+    for index, pattern in enumerate(installer.redact):
+        problem = redact_pattern_problem(pattern)
+        if problem is not None:
+            pointer = f"/spec/installer/redact/{index}"
+            errors.append(doc.error(pointer, f"{pointer}: pattern {pattern[:60]!r} {problem}"))
     raw_req = spec.get("requirements", {})
     requirements = Requirements(
         os=tuple(raw_req.get("os", ())),
@@ -1123,9 +1189,10 @@ def _build_job(doc: _Document) -> tuple[Job | None, list[SpecError]]:
         errors.append(doc.error("/spec/schedule/notAfter", "/spec/schedule/notAfter: must be later than notBefore"))
     retry = spec.get("retry", {})
     rollout = spec.get("rollout", {})
+    scope = _rerun_scope(doc, errors)
     if errors:
         return None, errors
-    revision_basis = {k: v for k, v in spec.items() if k not in ("rerun", "suspend")}
+    revision_basis = {k: v for k, v in spec.items() if k not in NOT_REVISION_FIELDS}
     job = Job(
         name=doc.value["metadata"]["name"],
         job_type=JobType(spec["jobType"]),
@@ -1144,8 +1211,83 @@ def _build_job(doc: _Document) -> tuple[Job | None, list[SpecError]]:
         max_failures=_int(rollout.get("maxFailures")),
         source=doc.path,
         revision=_canonical_hash({"name": doc.value["metadata"]["name"], "spec": revision_basis}),
+        rerun_scope=scope,
     )
     return job, errors
+
+
+# Job fields whose edits are no new revision of the job: they say whether and
+# which rows run again, not what the job wants (a new revision would reset
+# every client's history).
+NOT_REVISION_FIELDS = ("rerun", "rerunScope", "suspend")
+
+
+def _rerun_scope(doc: _Document, errors: list[SpecError]) -> RerunScope | None:
+    """``spec.rerunScope`` (the schema checked its shape), with the checks that need the rest of the job."""
+    spec = doc.value["spec"]
+    raw = spec.get("rerunScope")
+    if raw is None:
+        return None
+    scope = RerunScope(relays=tuple(raw.get("relays", ())), clients=tuple(raw.get("clients", ())),
+                       repair=raw.get("repair", False))
+    if scope.repair and spec["jobType"] == JobType.UNINSTALL.value:
+        errors.append(doc.error("/spec/rerunScope/repair", "/spec/rerunScope/repair: an uninstall job has nothing "
+                                                           "to reinstall; repair is for install jobs"))
+    if spec["destinationType"] == DestinationType.CLIENTS.value:
+        named = set(spec["destinations"])
+        for index, client in enumerate(scope.clients):
+            if client not in named:
+                where = f"/spec/rerunScope/clients/{index}"
+                errors.append(doc.error(where, f"{where}: {client!r} is not one of this job's destinations, "
+                                               f"so the rerun would do nothing there"))
+    return scope
+
+
+def _scope_relay_errors(doc: _Document, job: Job, topology: Topology) -> list[SpecError]:
+    """Relays of a job's rerunScope that are not relays, or that hold no client the job reaches."""
+    if job.rerun_scope is None or not job.rerun_scope.relays:
+        return []
+    parents = {r.name: r.parent for r in topology.relays}
+    # A scope relay covers its subtree and an allLowerClients job reaches its destinations'
+    # subtrees: they meet when the scope relay is below (or is) a destination, or above one.
+    # A clients job may find its clients on any relay. Each walk up stops at a relay
+    # already judged, so this is linear in the relays whatever the tree's shape.
+    destinations = set(job.destinations)
+    above: set[str] = set()  # the destinations and every relay above one
+    for destination in destinations:
+        relay = destination
+        while relay in parents and relay not in above:
+            above.add(relay)
+            relay = parents[relay]
+    below: dict[str, bool] = {}  # relay -> whether it is a destination or lies below one
+
+    def is_below(relay: str) -> bool:
+        walked: list[str] = []
+        found = False
+        while relay in parents and relay not in below and relay not in walked:
+            if relay in destinations:
+                found = True
+                break
+            walked.append(relay)
+            relay = parents[relay]
+        else:
+            found = below.get(relay, False)
+        for name in walked:
+            below[name] = found
+        return found
+
+    errors: list[SpecError] = []
+    for index, relay in enumerate(job.rerun_scope.relays):
+        where = f"/spec/rerunScope/relays/{index}"
+        if relay not in parents:
+            hint = " (HQ has no clients of its own; name relays)" if relay == topology.headquarters else ""
+            errors.append(doc.error(where, f"{where}: {relay!r} is not a relay in the topology{hint}"))
+        elif (job.destination_type is DestinationType.ALL_LOWER_CLIENTS and relay not in above
+              and not is_below(relay)):
+            errors.append(doc.error(where, f"{where}: relay {relay!r} is outside this job's destinations "
+                                           f"({', '.join(job.destinations)} and the relays below them), "
+                                           f"so the rerun would do nothing there"))
+    return errors
 
 
 def _expected_kind(path: str) -> Kind:
@@ -1286,6 +1428,8 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
                     where = f"/spec/destinations/{index}"
                     hint = " (HQ has no clients of its own; name relays)" if destination == topology.headquarters else ""
                     errors.append(doc.error(where, f"{where}: {destination!r} is not a relay in the topology{hint}"))
+        if topology is not None:
+            errors.extend(_scope_relay_errors(doc, job, topology))
 
     if errors or topology is None:
         return LoadResult(None, _capped(errors))

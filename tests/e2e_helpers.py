@@ -162,7 +162,29 @@ class Origin:
         return {} if doc is None else {row["client"]: row for row in doc.get("rows", [])}
 
 
-class RelayProcess:
+class _Service:
+    """A reconciler service subprocess logging to ``log``: its output, and a stop that insists on SIGTERM."""
+
+    name: str
+    proc: subprocess.Popen[str] | None
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"{self.name} ignored SIGTERM:\n{self.output()}") from None
+
+
+class RelayProcess(_Service):
     """``reconciler relay`` as a subprocess; ``url`` once it has bound its port."""
 
     def __init__(self, name: str, origin: str, workdir: Path, *, parent_url: str | None = None,
@@ -232,24 +254,10 @@ class RelayProcess:
             time.sleep(0.05)
         return self
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            raise AssertionError(f"relay {self.name} ignored SIGTERM:\n{self.output()}") from None
 
     def health(self) -> dict[str, Any]:
         response = requests.get(f"{self.url}/healthz", timeout=5)
@@ -257,10 +265,11 @@ class RelayProcess:
         return response.json()  # type: ignore[no-any-return]
 
 
-class HqProcess:
+class HqProcess(_Service):
     """``reconciler hq`` as a long-running subprocess listening on 127.0.0.1; ``url`` once it has bound."""
 
     def __init__(self, origin: str, workdir: Path, *args: str) -> None:
+        self.name = "hq"
         self.origin = origin
         self.workdir = workdir
         self.args = list(args)
@@ -290,20 +299,6 @@ class HqProcess:
             time.sleep(0.05)
         self.url = url
         return self
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            raise AssertionError(f"hq ignored SIGTERM:\n{self.output()}") from None
 
     def relays(self) -> dict[str, dict[str, Any]]:
         """``GET /v1/relays``, by relay name."""

@@ -76,6 +76,14 @@ def hostile_files() -> dict[str, tuple[str, str]]:
         "many-client-ids": ("jobs/x.yaml", _numbered(
             _JOB + "  jobType: install\n  package: {name: app, version: '1'}\n  destinationType: clients\n"
             "  destinations: [", "pc-{:06d},", "pc-x]\n")),
+        # a rerun scope naming twice the clients it may, and one naming as many as a file holds
+        "many-scope-clients": ("jobs/x.yaml", _JOB + "  jobType: install\n  package: {name: app, version: '1'}\n"
+                               "  destinationType: allLowerClients\n  destinations: [r]\n  rerunScope:\n"
+                               "    repair: true\n    clients: [" + ",".join(f"pc-{i}" for i in range(20_000))
+                               + "]\n"),
+        "full-file-of-scope-clients": ("jobs/x.yaml", _fill(
+            _JOB + "  jobType: install\n  package: {name: app, version: '1'}\n  destinationType: clients\n"
+            "  destinations: [pc-1]\n  rerunScope:\n    clients: [", "pc-1,", "pc-1]\n")),
         "long-scalar": ("jobs/x.yaml", _JOB + "  x: " + "a" * (_LIMIT - len(_JOB) - 8) + "\n"),
         "huge-integer": ("jobs/x.yaml", _JOB + "  rerun: " + "9" * (_LIMIT - len(_JOB) - 12) + "\n"),
         "long-version": ("packages/x.yaml", _PACKAGE + "  version: \"" + "1." * (half // 2) + "1\"\n"),

@@ -512,3 +512,73 @@ def test_kill_9_mid_install_converges_after_restart(relay: FakeRelay, tmp_path: 
     assert results["op-kill-2"]["message"] == "installed on the second try"
     assert (root / "receipts" / "tool.json").exists()
     assert relay.checkins[-1]["body"]["inventory"] == [{"name": "tool", "version": "1.0"}]
+
+
+LEAKY_INSTALLER = """import sys
+def r(text):  # the secrets are spelled backwards here, so only the output holds them
+    return text[::-1]
+for i in range(300):
+    print('progress line', i)
+print('connecting with password=' + r('bd-2retnuh'))
+print('Authorization: Bearer ' + r('gis.daolyap.9JiN1IzUIJiOicGbhJye'))
+print('license key ' + r('2B77-A3F9-CIL') + ' accepted')
+print('-----BEGIN PRIVATE KEY-----')
+print(r('CSAAFEQAB0w9GikhqkgBNADABIQvEIIM'))
+print('-----END PRIVATE KEY-----')
+print('fatal: service did not start')
+sys.exit(4)
+"""
+LEAKED = ("hunter2-db", "eyJhbGciOiJIUzI1NiJ9", "LIC-9F3A-77B2", "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC")
+
+
+def _files_under(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_installer_output_is_masked_and_cut_before_it_is_journalled_or_sent(relay: FakeRelay, tmp_path: Path) -> None:
+    """``reconciler agent --output-tail``: built-in shapes and the spec's ``installer.redact`` patterns are
+    masked before the result is journalled, so neither the relay nor the client's disk holds the secrets."""
+    content, sha = make_tar({"install.py": LEAKY_INSTALLER})
+    relay.artifacts[sha] = content
+    action = files_action("op-leak", sha, len(content), name="tool")
+    action["installer"] = {"type": "command", "install": ["${PYTHON}", "install.py"], "uninstall": [],
+                           "detect": [], "timeoutSeconds": 60, "redact": ["LIC-[0-9A-F]{4}-[0-9A-F]{4}"]}
+    relay.replies.append([action])
+    root = tmp_path / "root"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-leak", "--relay", relay.url, "--root", str(root),
+         "--output-tail", "400", "--once"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = results_of(relay.bodies()[-1])["op-leak"]
+    message = result["message"]
+    assert result["status"] == "failed" and result["exitCode"] == 4
+    assert message.startswith("exit code 4: …") and message.endswith("fatal: service did not start")
+    assert len(message) <= 400 + len("exit code 4: ")  # --output-tail 400
+    assert "password=***" in message and "license key *** accepted" in message and "Authorization: ***" in message
+    assert "-----BEGIN PRIVATE KEY----- *** -----END PRIVATE KEY-----" in message
+    assert not any(secret in message for secret in LEAKED)
+    on_disk = _files_under(root)
+    leaks = [(str(path), s) for path, data in on_disk.items() for s in LEAKED if s.encode() in data]
+    assert leaks == [] and proc.stderr and not any(s in proc.stderr for s in LEAKED)
+
+
+def test_a_redact_pattern_the_agent_cannot_run_safely_fails_the_action_before_it_runs(
+        relay: FakeRelay, tmp_path: Path) -> None:
+    content, sha = make_tar({"install.py": "open('ran', 'w').close()\n"})
+    relay.artifacts[sha] = content
+    action = files_action("op-bad", sha, len(content), name="tool")
+    action["installer"] = {"type": "command", "install": ["${PYTHON}", "install.py"], "uninstall": [],
+                           "detect": [], "timeoutSeconds": 60, "redact": ["(a+)+b"]}
+    relay.replies.append([action])
+    agent = Agent("pc-bad", relay.url, tmp_path / "root", {}, {})
+    [result] = agent.step().results
+    assert result["status"] == "failed" and "installer.redact[0]" in result["message"]
+    assert not (tmp_path / "root" / "packages" / "tool" / "1.0" / "ran").exists()
+
+
+@pytest.mark.parametrize("tail", [-1, 8001])
+def test_output_tail_is_bounded(tail: int, relay: FakeRelay, tmp_path: Path) -> None:
+    with pytest.raises(AgentConfigError):
+        Agent("pc-1", relay.url, tmp_path / "root", {}, {}, output_tail=tail)

@@ -37,6 +37,7 @@ from e2e_helpers import (
 )
 
 from reconciler.agent.agent import Agent
+from reconciler.webhook import sign
 
 pytestmark = [
     pytest.mark.slow,
@@ -384,6 +385,66 @@ def test_failed_install_retries_then_fix_and_rerun_runs_only_failed_clients(clus
     assert relay.stop() == 0
 
 
+def test_a_scoped_rerun_committed_to_the_origin_re_runs_only_the_chosen_clients(cluster: Cluster) -> None:
+    """``reconciler rerun --client`` in a clone, pushed: only that Failed client runs again; then
+    ``--repair`` reinstalls a Succeeded client for real, and a plain rerun takes the one left."""
+    commit = cluster.accept({
+        "topology.yaml": topology(("relay-a", "hq-x")),
+        "artifacts/flaky/install.sh": FAILING_INSTALL,
+        "packages/flaky-1.0.yaml": package("flaky", "1.0", "{path: artifacts/flaky}", command_installer()),
+        "jobs/install-flaky.yaml": job("install-flaky", "flaky", "1.0", "relay-a",
+                                       extra="  retry: {limit: 1, backoffSeconds: 0}\n"),
+    })
+    relay = cluster.relay("relay-a")
+    cluster.at_commit(relay, commit)
+    roots = {c: cluster.base / "clients" / c for c in ("pc-1", "pc-2", "pc-3")}
+    for broken in ("pc-2", "pc-3"):
+        roots[broken].mkdir(parents=True)
+        (roots[broken] / "break-me").write_text("yes\n")
+    agents = {c: cluster.agent(c, relay) for c in roots}
+
+    def run_all() -> None:
+        for agent in agents.values():
+            assert agent.run_once() == 0
+
+    def rerun(*options: str) -> str:
+        """The admin's pull request: ``reconciler rerun`` in a clone, committed, accepted by HQ."""
+        reconciler("rerun", "install-flaky", *options, str(cluster.origin.work))
+        return cluster.accept({}, f"rerun install-flaky {' '.join(options)}")
+
+    run_all()
+    cluster.wait_rows("relay-a", "install-flaky", {"pc-1": "Succeeded", "pc-2": "Failed", "pc-3": "Failed"})
+    assert [marker_lines(r) for r in roots.values()] == [1, 1, 1]
+
+    # Both broken machines are mended on site, but the rerun is scoped to pc-3. (A fix to the
+    # package would be a new plan revision, which re-runs every Failed row whatever the scope.)
+    for mended in ("pc-2", "pc-3"):
+        (roots[mended] / "break-me").unlink()
+    cluster.at_commit(relay, rerun("--client", "pc-3"))
+    run_all()
+    rows = cluster.wait_rows("relay-a", "install-flaky", {"pc-1": "Succeeded", "pc-2": "Failed", "pc-3": "Succeeded"})
+    assert [marker_lines(r) for r in roots.values()] == [1, 1, 2], "only pc-3 ran again"
+    assert "this machine is broken" in rows["pc-2"]["message"]
+
+    # Repair: pc-1 has the package; it is installed again (its install command runs), once.
+    receipt_before = (roots["pc-1"] / "receipts" / "flaky.json").read_text()
+    cluster.at_commit(relay, rerun("--client", "pc-1", "--repair"))
+    run_all()
+    run_all()
+    cluster.wait_rows("relay-a", "install-flaky", {"pc-1": "Succeeded", "pc-2": "Failed", "pc-3": "Succeeded"})
+    assert [marker_lines(r) for r in roots.values()] == [2, 1, 2]
+    receipt_after = (roots["pc-1"] / "receipts" / "flaky.json").read_text()
+    operations = [op for op, _ in relay_operations(relay, "pc-1", "install-flaky")]
+    assert len(operations) == 2 and operations[0] in receipt_before and operations[1] in receipt_after
+
+    # A plain rerun removes the scope: the one Failed client left runs, no Succeeded one does.
+    cluster.at_commit(relay, rerun())
+    run_all()
+    cluster.wait_rows("relay-a", "install-flaky", {"pc-1": "Succeeded", "pc-2": "Succeeded", "pc-3": "Succeeded"})
+    assert [marker_lines(r) for r in roots.values()] == [2, 2, 2]
+    assert relay.stop() == 0
+
+
 ADDON_INSTALL = """\
 #!/bin/sh
 echo "addon" >> "$RECONCILER_ROOT/addon-ran"
@@ -580,6 +641,32 @@ def test_relay_before_hq_accepts_then_follows_and_refuses_unknown_names(cluster:
     assert unknown.returncode == 2 and "relay-zz" in unknown.stderr and "not in the topology" in unknown.stderr
     assert relay.stop() == 0
     assert not (relay.workdir / "listen.url").exists()
+
+
+def test_relay_git_hook_needs_a_secret_flag_or_the_insecure_opt_out(cluster: Cluster) -> None:
+    """``reconciler relay``: hooks refused by default, signed with --webhook-secret-file (or the environment
+    variable), open only with --insecure-unsigned-webhook; a replay of a signed hook is 409."""
+    cluster.accept({"topology.yaml": topology(("site-a", "hq-x"), ("site-b", "hq-x"), ("site-c", "hq-x"))})
+    secret_file = cluster.base / "hook-secret"
+    secret_file.write_text("relay-hook-secret\n")
+    body = b'{"ref": "refs/heads/status/hq", "after": "0123"}'
+    signed = {"X-Hub-Signature-256": sign(b"relay-hook-secret", body)}
+
+    default = cluster.relay("site-a")
+    assert requests.post(f"{default.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 401
+    assert default.health()["ok"] is True
+    assert "no webhook secret" in default.output()
+
+    flagged = cluster.relay("site-b", extra_args=["--webhook-secret-file", str(secret_file)])
+    assert requests.post(f"{flagged.url}/v1/hooks/git", data=body, timeout=10).status_code == 401
+    assert requests.post(f"{flagged.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 202
+    assert requests.post(f"{flagged.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 409
+
+    from_env = cluster.relay("site-c", extra_env={"RECONCILER_WEBHOOK_SECRET_FILE": str(secret_file)})
+    assert requests.post(f"{from_env.url}/v1/hooks/git", data=body, headers=signed, timeout=10).status_code == 202
+    from_env.stop()
+    opened = cluster.relay("site-c", extra_args=["--insecure-unsigned-webhook"])
+    assert requests.post(f"{opened.url}/v1/hooks/git", data=body, timeout=10).status_code == 202
 
 
 def test_approval_rekey_and_forget_on_a_running_relay(cluster: Cluster) -> None:

@@ -630,3 +630,30 @@ def test_watchdogs_stop_race_line_is_dropped_and_other_lines_are_not(caplog: pyt
         emitter.error("InotifyEmitter.queue_events() called when the thread is inactive")
         emitter.error("inotify watch limit reached")
     assert [r.getMessage() for r in caplog.records] == ["inotify watch limit reached"]
+
+
+def _git_config(store: GitStore) -> dict[str, str]:
+    env = store._env
+    return {env[f"GIT_CONFIG_KEY_{i}"]: env[f"GIT_CONFIG_VALUE_{i}"] for i in range(int(env["GIT_CONFIG_COUNT"]))}
+
+
+@pytest.mark.parametrize(("url", "password", "remote", "basic"), [
+    ("https://ci:s3cret-pw@git.example/org/x.git", None, "https://git.example/org/x.git", "ci:s3cret-pw"),
+    ("https://ci@git.example/org/x.git", "from-file-pw", "https://git.example/org/x.git", "ci:from-file-pw"),
+    ("https://git.example/org/x.git", "from-file-pw", "https://git.example/org/x.git", "git:from-file-pw"),
+    ("https://ghp_tok3nvalue@git.example/org/x.git", None, "https://git.example/org/x.git", "ghp_tok3nvalue:"),
+    ("https://git.example/org/x.git", None, "https://git.example/org/x.git", None),
+    ("ssh://deploy:no-use@git.example/org/x.git", None, "ssh://deploy@git.example/org/x.git", None),
+])
+def test_the_origin_reaches_git_without_user_info(url: str, password: str | None, remote: str, basic: str | None,
+                                                  tmp_path: Path) -> None:
+    """Git hands remote.origin.url to its remote helper on a command line: credentials go in a header entry."""
+    import base64
+
+    config = _git_config(GitStore(url, tmp_path, password=password))
+    assert config["remote.origin.url"] == remote
+    header = config.get(f"http.{remote}.extraHeader")
+    if basic is None:
+        assert not any("extraHeader" in key for key in config)
+    else:
+        assert header == "Authorization: Basic " + base64.b64encode(basic.encode()).decode()

@@ -23,9 +23,10 @@ from reconciler import report
 from reconciler.gitstore import ChangeWatcher, GitStore
 from reconciler.hq import Hq, make_app
 from reconciler.plan import ClientState
+from reconciler.redaction import split_credentials
 from reconciler.resources import example_repo_dir
 from reconciler.serving import Server
-from reconciler.webhook import sign
+from reconciler.webhook import HookGuard, sign
 
 ROOT = Path(__file__).resolve().parent.parent
 OK, RUN, PEND, FAIL = ClientState.SUCCEEDED, ClientState.IN_PROGRESS, ClientState.PENDING, ClientState.FAILED
@@ -300,7 +301,9 @@ def test_two_hq_processes_racing_cannot_corrupt_status(origin: Origin, tmp_path:
 
 def _credential_env(origin: Origin, url: str) -> dict[str, str]:
     """Make git fetch ``url`` (with credentials) from the local bare origin."""
-    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{origin.bare}.insteadOf", "GIT_CONFIG_VALUE_0": url}
+    # git sees the URL without its user-info (the credentials travel as an Authorization header entry)
+    return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{origin.bare}.insteadOf",
+            "GIT_CONFIG_VALUE_0": split_credentials(url)[0]}
 
 
 def test_credentials_in_the_origin_url_never_reach_output(origin: Origin, tmp_path: Path) -> None:
@@ -360,9 +363,17 @@ def test_webhook_checks_the_signature_and_wakes_the_watcher() -> None:
         watcher.stop()
 
 
-def test_unsigned_webhook_is_accepted_without_a_secret() -> None:
+def test_webhook_is_refused_without_a_secret_unless_explicitly_insecure() -> None:
     woke = threading.Event()
-    server = Server(make_app(woke.set, None), "127.0.0.1:0").start()
+    server = Server(make_app(woke.set, None, lambda: {"acceptedCommit": None}), "127.0.0.1:0").start()
+    try:
+        response = requests.post(server.url + "/v1/hooks/git", data=b"{}", timeout=10)
+        assert response.status_code == 401 and "--insecure-unsigned-webhook" in response.json()["error"]
+        assert not woke.is_set()
+        assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        server.close()
+    server = Server(make_app(woke.set, HookGuard(None, insecure=True)), "127.0.0.1:0").start()
     try:
         assert requests.post(server.url + "/v1/hooks/git", data=b"{}", timeout=10).status_code == 202
         assert woke.is_set()
@@ -454,6 +465,9 @@ def test_hq_service_is_woken_by_a_signed_webhook(origin: Origin, tmp_path: Path,
     response = requests.post(base + "/v1/hooks/git", data=body,
                              headers={"X-Hub-Signature-256": sign(b"hook-secret", body)}, timeout=10)
     assert response.status_code == 202
+    replay = requests.post(base + "/v1/hooks/git", data=body,
+                           headers={"X-Hub-Signature-256": sign(b"hook-secret", body)}, timeout=10)
+    assert replay.status_code == 409
     _wait_until(lambda: _accepted_commit(origin) == head)
     assert requests.get(base + "/healthz", timeout=10).json()["acceptedCommit"] == head
     proc.send_signal(signal.SIGTERM)

@@ -8,7 +8,9 @@ properties generate relays with nested topology, jobs of every kind
 clients that often look alike (so shapes and replays are exercised),
 history of every sort (dispatched within and past their timeout, failed
 with retries left and out of them, reruns, succeeded with drift, attempts
-of an older revision), offline clients, and artifacts not staged; then
+of an older revision), reruns narrowed by a ``rerunScope`` (relays nested
+above or beside the planned one, clients in and out of the fleet, repairs
+of installed software), offline clients, and artifacts not staged; then
 check that the engine and the rules agree on every row, action, job roll-up
 and usage, for a whole relay and for each check-in.
 """
@@ -49,6 +51,7 @@ from reconciler.specs import (
     Package,
     Relay,
     Requirements,
+    RerunScope,
     Specs,
     Topology,
 )
@@ -75,8 +78,9 @@ class World:
 
 def _attempt(rnd: random.Random, index: RelayIndex, job: Job, cid: str) -> Attempt:
     revision = index.revisions[job.name] if rnd.random() < 0.85 else "an-older-revision"
+    repaired = job.rerun_scope is not None and job.rerun_scope.repair
     outcome = rnd.choice([Outcome.DISPATCHED, Outcome.SUCCEEDED, Outcome.FAILED, Outcome.FAILED,
-                         Outcome.NOT_ATTEMPTED])
+                         Outcome.NOT_ATTEMPTED, *[Outcome.SUCCEEDED] * (3 if repaired else 0)])
     number = rnd.randint(1, max(1, job.retry_limit) + 1)
     dispatched = NOW - timedelta(seconds=rnd.choice([5, 200, 700, 4000, 90_000]))
     finished = None if outcome is Outcome.DISPATCHED else dispatched + timedelta(seconds=rnd.choice([1, 30]))
@@ -123,6 +127,13 @@ def worlds(draw: st.DrawFn) -> World:
         elif roll < 0.16:
             not_after = NOW - timedelta(days=1)
         failures: int | str | None = rnd.choice([None, None, 0, 1, "30%"])
+        scope = None
+        if rnd.random() < 0.4:
+            pool = [*client_ids, "pc-elsewhere"]
+            scope_clients = tuple(rnd.sample(pool, rnd.randint(0, min(6, len(pool)))))
+            scope_relays = tuple(rnd.sample(relay_names, rnd.randint(0 if scope_clients else 1, len(relay_names))))
+            repair = bool(scope_clients) and not uninstall and rnd.random() < 0.5
+            scope = RerunScope(relays=scope_relays, clients=scope_clients, repair=repair)
         jobs.append(Job(
             name=f"job-{k}", job_type=JobType.UNINSTALL if uninstall else JobType.INSTALL,
             package_name=package.name,
@@ -132,7 +143,7 @@ def worlds(draw: st.DrawFn) -> World:
             retry_limit=rnd.choice([0, 1, 3]), backoff_seconds=rnd.choice([0, 60, 3600]), rerun=rnd.randint(0, 2),
             suspend=rnd.random() < 0.08, allow_downgrade=rnd.random() < 0.3,
             max_concurrent=rnd.choice([None, None, 1, 2]), max_failures=failures,
-            revision=f"j-{k}-{rnd.random()}"))
+            revision=f"j-{k}-{rnd.random()}", rerun_scope=scope))
     specs = Specs(Topology("hq", relays), tuple(packages), tuple(jobs))
     staged = None
     if rnd.random() < 0.5:
@@ -141,6 +152,12 @@ def worlds(draw: st.DrawFn) -> World:
     # Few distinct looks, so that many clients share a shape.
     looks = [(rnd.choice([*OSES, None]), tuple(Installed(n, rnd.choice(VERSIONS)) for n in NAMES
                                                if rnd.random() < 0.4)) for _ in range(rnd.randint(1, 3))]
+    for job in jobs:  # a repair has something to do only where the job's version is installed
+        if job.rerun_scope is not None and job.rerun_scope.repair and job.package_version and rnd.random() < 0.7:
+            os_, installed = looks[0]
+            kept = tuple(item for item in installed if item.name != job.package_name)
+            looks[0] = (os_, tuple(sorted((*kept, Installed(job.package_name, job.package_version)),
+                                          key=lambda item: item.name)))
     clients = []
     history: dict[tuple[str, str], Attempt] = {}
     for cid in client_ids:
@@ -149,7 +166,8 @@ def worlds(draw: st.DrawFn) -> World:
         clients.append(Client(id=cid, relay=relay, os=os_, arch="x86_64", free_disk_mb=5000, installed=installed,
                               online=online, last_seen=None if online else rnd.choice([None, NOW - timedelta(hours=2)])))
         for job in jobs:
-            if job.name in index.revisions and rnd.random() < 0.3:
+            repaired = job.rerun_scope is not None and cid in job.rerun_scope.clients
+            if job.name in index.revisions and rnd.random() < (0.7 if repaired else 0.3):
                 history[(job.name, cid)] = _attempt(rnd, index, job, cid)
     return World(index, tuple(clients), history)
 
@@ -182,3 +200,37 @@ def test_plan_client_equals_the_rules_for_every_check_in(world: World) -> None:
         rules = plan_client_by_rules(world.index, checking_in, world.history, usage, NOW)
         assert engine == rules
         assert all(row.reason is not None for row in engine.rows)
+
+
+def _rescoped(world: World, scope: RerunScope | None, history: History | None = None) -> World:
+    """The same world with every job's rerunScope replaced (and its history, when given)."""
+    specs = world.index.specs
+    jobs = tuple(replace(job, rerun_scope=scope) for job in specs.jobs)
+    index = index_relay(replace(specs, jobs=jobs), world.index.relay, staged=world.index.staged,
+                        unavailable=world.index.unavailable)
+    return World(index, world.clients, world.history if history is None else history)
+
+
+def _plan(world: World) -> tuple[object, ...]:
+    plan = plan_relay(world.index, world.clients, world.history, NOW)
+    return plan.rows, plan.jobs, plan.usage
+
+
+@ORACLE
+@given(worlds())
+def test_a_scope_that_covers_every_client_plans_as_no_scope(world: World) -> None:
+    plain = _plan(_rescoped(world, None))
+    assert _plan(_rescoped(world, RerunScope(relays=(world.index.relay,)))) == plain
+    assert _plan(_rescoped(world, RerunScope(relays=world.index.chain[-1:]))) == plain  # the top of its subtree
+    assert _plan(_rescoped(world, RerunScope(clients=tuple(c.id for c in world.clients)))) == plain
+
+
+@ORACLE
+@given(worlds())
+def test_a_scope_that_covers_no_client_resets_no_row(world: World) -> None:
+    # As if the rerun had never been raised for anyone: every attempt at its job's current rerun.
+    rerun = {job.name: job.rerun for job in world.index.specs.jobs}
+    unraised = {key: replace(a, rerun=rerun[a.job]) for key, a in world.history.items()}
+    elsewhere = [r.name for r in world.index.specs.topology.relays if r.name not in world.index.chain]
+    scope = RerunScope(relays=tuple(elsewhere), clients=("pc-elsewhere",))
+    assert _plan(_rescoped(world, scope))[0] == _plan(_rescoped(world, None, unraised))[0]

@@ -454,3 +454,36 @@ def test_a_reply_from_a_newer_relay_keeps_working() -> None:
     action: dict[str, Any] = {"operationId": "op-1", "signature": "x"}
     reply = {"pollSeconds": 30, "actions": [action], "manifest": {}}
     assert protocol.check_reply(reply)["actions"] == [action]
+
+
+# ------------------------------------------------------------------ installer.redact
+
+
+def test_installer_redact_travels_to_the_agent_and_follows_the_schema() -> None:
+    from reconciler.plan import Action
+    from reconciler.specs import Artifact, Installer, InstallerType, Package
+
+    for redact in ((), ("LIC-[0-9]{4}", "(?i)pin=\\d++")):
+        package = Package("app-1.0", "app", "1.0", Artifact(path="artifacts/app"),
+                          Installer(InstallerType.COMMAND, ("run",), ("undo",), (), 60, redact))
+        action = Action("op-1", "install-app", "pc-1", ActionKind.INSTALL, package, "app", "1.0", None, "r1", 0, 1, 60)
+        artifact = StagedArtifact("a" * 64, 10, "tar", None)
+        wire = action_json(action, artifact)
+        reply = {"pollSeconds": 30, "actions": [wire]}
+        assert REPLY_VALIDATOR.is_valid(reply), list(REPLY_VALIDATOR.iter_errors(reply))
+        assert wire["installer"] is not None and wire["installer"].get("redact", []) == list(redact)
+        assert ("redact" in wire["installer"]) == bool(redact)  # absent when the spec has none
+    too_many = {"pollSeconds": 30, "actions": [{**wire, "installer": {**wire["installer"], "redact": ["x"] * 17}}]}
+    assert not REPLY_VALIDATOR.is_valid(too_many)
+
+
+def test_protocol_md_documents_installer_redact_with_the_schema_limits() -> None:
+    from reconciler.redaction import MAX_REDACT_PATTERN_LENGTH, MAX_REDACT_PATTERNS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    section = text[text.index("`installer.redact`"):]
+    section = section[: section.index("\n- ")]
+    assert f"up to {MAX_REDACT_PATTERNS} regular expressions" in " ".join(section.split())
+    assert f"1 to {MAX_REDACT_PATTERN_LENGTH} characters" in " ".join(section.split())
+    node = REPLY["$defs"]["installer"]["properties"]["redact"]
+    assert (node["maxItems"], node["items"]["maxLength"]) == (MAX_REDACT_PATTERNS, MAX_REDACT_PATTERN_LENGTH)

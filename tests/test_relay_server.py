@@ -48,14 +48,16 @@ ENROLL = {protocol.ENROLLMENT_HEADER: ENROLL_SECRET}
 CHILD = {protocol.RELAY_SECRET_HEADER: CHILD_SECRET}  # what a child relay presents for artifacts
 
 
-def _start(tmp_path: Path, secret: bytes | None = None, trust: Trust = TRUST) -> tuple[Relay, Server]:
+def _start(tmp_path: Path, secret: bytes | None = None, *, insecure: bool = False,
+           trust: Trust = TRUST) -> tuple[Relay, Server]:
     store = Store(tmp_path / "relay")
     changes: list[str] = []
     state = RelayState("relay-a", store, poll_seconds=7, on_change=lambda: changes.append("change"),
                        on_git_hook=lambda: changes.append("hook"))
     cache = tmp_path / "relay" / "cache" / "sha256"
     cache.mkdir(parents=True)
-    server = relay_server(RelayApp(state, cache, webhook_secret=secret, trust=trust), "127.0.0.1:0").start()
+    app = RelayApp(state, cache, webhook_secret=secret, insecure_webhook=insecure, trust=trust)
+    server = relay_server(app, "127.0.0.1:0").start()
     return Relay(server.url, store, state, cache, changes), server
 
 
@@ -225,13 +227,28 @@ def test_empty_artifact(relay: Relay) -> None:
     assert response.status_code == 200 and response.content == b""
 
 
-def test_git_hook_without_secret(relay: Relay) -> None:
+def test_git_hook_without_secret_is_refused(relay: Relay) -> None:
+    """Authenticated by default: no secret and no opt-out refuses every hook; the rest keeps serving."""
     response = requests.post(f"{relay.url}/v1/hooks/git", data=b"{}", timeout=5)
-    assert response.status_code == 202 and relay.changes == ["hook"]
+    assert_json_error(response, 401, "unsigned hook on a relay without a secret")
+    assert "--webhook-secret-file" in response.json()["error"]
+    assert relay.changes == []
+    assert requests.get(f"{relay.url}/healthz", timeout=5).status_code == 200
+
+
+def test_git_hook_unsigned_when_explicitly_insecure(tmp_path: Path) -> None:
+    r, server = _start(tmp_path, insecure=True)
+    try:
+        for _ in range(2):  # no signature, so nothing to recognise a replay by: each one wakes a fetch
+            assert requests.post(f"{r.url}/v1/hooks/git", data=b"{}", timeout=5).status_code == 202
+        assert r.changes == ["hook", "hook"]
+    finally:
+        server.stop()
+        r.store.close()
 
 
 def test_git_hook_with_secret(tmp_path: Path) -> None:
-    r, server = _start(tmp_path, secret=b"s3cret")
+    r, server = _start(tmp_path, secret=b"s3cret", insecure=True)  # a secret wins over the opt-out
     try:
         body = json.dumps({"ref": "refs/heads/status/hq"}).encode()
         assert_json_error(requests.post(f"{r.url}/v1/hooks/git", data=body, timeout=5), 401, "unsigned hook")
@@ -239,8 +256,16 @@ def test_git_hook_with_secret(tmp_path: Path) -> None:
         assert_json_error(requests.post(f"{r.url}/v1/hooks/git", data=body, headers=bad, timeout=5), 401,
                           "wrong signature")
         assert r.changes == []
-        good = {"X-Hub-Signature-256": "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()}
+        good = {"X-Hub-Signature-256": "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest(),
+                "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}
         assert requests.post(f"{r.url}/v1/hooks/git", data=body, headers=good, timeout=5).status_code == 202
+        assert r.changes == ["hook"]
+        assert_json_error(requests.post(f"{r.url}/v1/hooks/git", data=body, headers=good, timeout=5), 409,
+                          "replayed hook")
+        other_id = {**good, "X-GitHub-Delivery": "another-id"}
+        assert_json_error(requests.post(f"{r.url}/v1/hooks/git", data=body, headers=other_id, timeout=5), 409,
+                          "replayed signature under a fresh delivery id")
+        assert r.changes == ["hook"]
         assert r.changes == ["hook"]
     finally:
         server.stop()

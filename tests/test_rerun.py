@@ -1,4 +1,4 @@
-"""``reconciler rerun``: raise spec.rerun in place, keeping everything else byte for byte."""
+"""``reconciler rerun``: raise spec.rerun (and set spec.rerunScope) in place, keeping everything else byte for byte."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler.commands.rerun import RerunError, raise_rerun
+from reconciler import cli
+from reconciler.commands.rerun import RerunError, raise_rerun, set_scope
 from reconciler.repo_tree import load_repo
 from reconciler.resources import example_repo_dir
+from reconciler.specs import MAX_RERUN_SCOPE_CLIENTS, RerunScope
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,8 +26,10 @@ def repo(tmp_path: Path) -> Path:
     return target
 
 
-def rerun(repo: Path, job: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reconciler", "rerun", job, str(repo)], cwd=ROOT,
+def rerun(repo: Path, job: str, *options: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``reconciler rerun JOB [options] REPO`` (REPO after the options, as the README shows it)."""
+    where = [str(repo)] if repo != cwd else []
+    return subprocess.run([sys.executable, "-m", "reconciler", "rerun", job, *options, *where], cwd=cwd,
                           capture_output=True, text=True, timeout=60,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
 
@@ -131,4 +135,185 @@ def test_a_non_integer_rerun_is_refused_and_the_file_left_alone(repo: Path) -> N
     before = path.read_bytes()
     proc = rerun(repo, "install-putty")
     assert proc.returncode == 1 and "not a non-negative integer" in proc.stderr
+    assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------ scopes
+
+
+def _spec(path: Path) -> dict[str, object]:
+    spec: dict[str, object] = yaml.safe_load(path.read_text(encoding="utf-8"))["spec"]
+    return spec
+
+
+def test_a_scope_is_written_after_rerun_and_the_repo_still_validates(repo: Path) -> None:
+    path = repo / "jobs" / "install-vpn-client.yaml"
+    before = path.read_text()
+    proc = rerun(repo, "install-vpn-client", "--relay", "relay-osaka", "--client", "pc-fukuoka-001",
+                 "--client", "pc-fukuoka-002")
+    assert proc.returncode == 0, proc.stderr
+    assert changed_lines(proc.stdout) == (["-  rerun: 0"], [
+        "+  rerun: 1", "+  rerunScope:", "+    relays: [relay-osaka]", "+    clients: [pc-fukuoka-001, pc-fukuoka-002]"])
+    assert path.read_text() == before.replace("  rerun: 0\n", "  rerun: 1\n  rerunScope:\n    relays: [relay-osaka]\n"
+                                                              "    clients: [pc-fukuoka-001, pc-fukuoka-002]\n")
+    assert "only the Failed clients of relay-osaka (and of the relays below it) and the Failed rows of " \
+           "pc-fukuoka-001, pc-fukuoka-002 run again" in proc.stderr
+    loaded = load_repo(repo)
+    assert loaded.specs is not None
+    (job,) = [j for j in loaded.specs.jobs if j.name == "install-vpn-client"]
+    assert (job.rerun, job.rerun_scope) == (1, RerunScope(relays=("relay-osaka",),
+                                                          clients=("pc-fukuoka-001", "pc-fukuoka-002")))
+
+
+def test_a_new_scope_replaces_the_old_one_and_a_plain_rerun_removes_it(repo: Path) -> None:
+    path = repo / "jobs" / "install-7zip.yaml"
+    path.write_text(path.read_text() + (
+        "  rerun: 4  # ticket 812\n"
+        "  rerunScope:\n"
+        "    # the Yokohama PCs after the disk cleanup\n"
+        "    relays:\n"
+        "      - relay-yokohama\n"
+        "\n"
+        "    clients: [pc-kanto-007]\n"
+        "  # the rollout is paced by the night window\n"
+        "  allowDowngrade: false\n"
+        "# end of file\n"))
+    proc = rerun(repo, "install-7zip", "--client", "pc-kanto-001", "--repair")
+    assert proc.returncode == 0, proc.stderr
+    text = path.read_text()
+    assert text.endswith(
+        "  rerun: 5  # ticket 812\n"
+        "  rerunScope:\n"
+        "    clients: [pc-kanto-001]\n"
+        "    repair: true\n"
+        "  # the rollout is paced by the night window\n"
+        "  allowDowngrade: false\n"
+        "# end of file\n")
+    assert _spec(path)["rerunScope"] == {"clients": ["pc-kanto-001"], "repair": True}
+    proc = rerun(repo, "install-7zip")
+    assert proc.returncode == 0, proc.stderr
+    assert changed_lines(proc.stdout) == (
+        ["-  rerun: 5  # ticket 812", "-  rerunScope:", "-    clients: [pc-kanto-001]", "-    repair: true"],
+        ["+  rerun: 6  # ticket 812"])
+    assert "rerunScope" not in _spec(path) and "every Failed client runs again" in proc.stderr
+    assert load_repo(repo).valid
+
+
+@pytest.mark.parametrize(("options", "code", "message"), [
+    (["--repair"], 2, "--repair needs --client"),
+    (["--relay", "relay-osaka", "--repair"], 2, "--repair needs --client"),
+    (["--relay", "relay-nagoya"], 1, "jobs/install-vpn-client.yaml: unknown relay 'relay-nagoya' (relays in the "
+                                     "topology: relay-fukuoka, relay-kanto, relay-osaka, relay-yokohama)"),
+    (["--relay", "hq-tokyo"], 1, "unknown relay 'hq-tokyo'"),
+    # a relay of the topology that holds no client of the job: the repo would not validate
+    (["--relay", "relay-kanto"], 1, "the edit would not validate, so the file is left unchanged"),
+    (["--client", "PC-01"], 2, "--client 'PC-01' is not a valid client id"),
+    (["--client", "pc-\u00e9"], 2, "--client 'pc-\u00e9' is not a valid client id"),
+    (["--client", "pc-1\n"], 2, "is not a valid client id"),
+    (["--relay", "../relay-osaka"], 2, "--relay '../relay-osaka' is not a valid relay name"),
+    (["--client", "pc-1", "--client", "pc-1"], 2, "--client pc-1 is given twice"),
+])
+def test_bad_scopes_are_refused_and_the_file_left_alone(repo: Path, options: list[str], code: int,
+                                                        message: str) -> None:
+    path = repo / "jobs" / "install-vpn-client.yaml"
+    before = path.read_bytes()
+    mtime = path.stat().st_mtime_ns
+    proc = rerun(repo, "install-vpn-client", *options)
+    assert (proc.returncode, proc.stdout) == (code, "")
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("reconciler rerun: ")
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
+
+
+def test_a_relay_outside_the_job_names_the_field_and_the_line_it_would_have(repo: Path) -> None:
+    proc = rerun(repo, "install-vpn-client", "--relay", "relay-kanto")
+    assert proc.returncode == 1
+    assert ("  jobs/install-vpn-client.yaml:18:14: error: /spec/rerunScope/relays/0: relay 'relay-kanto' is "
+            "outside this job's destinations") in proc.stderr
+
+
+def test_a_clients_job_takes_only_its_own_clients(repo: Path) -> None:
+    path = repo / "jobs" / "install-office-addin.yaml"
+    before = path.read_bytes()
+    proc = rerun(repo, "install-office-addin", "--client", "pc-kanto-002")
+    assert proc.returncode == 1 and "'pc-kanto-002' is not one of this job's destinations" in proc.stderr
+    assert path.read_bytes() == before
+    proc = rerun(repo, "install-office-addin", "--client", "pc-osaka-001", "--repair")
+    assert proc.returncode == 0, proc.stderr
+    assert _spec(path)["rerunScope"] == {"clients": ["pc-osaka-001"], "repair": True}
+
+
+def test_any_valid_client_id_is_taken_and_read_back_as_written(repo: Path) -> None:
+    # Client ids are not in the repo: any id of the right shape is fine, even ones YAML would read as
+    # something else unquoted.
+    ids = ["no", "123", "null", "on", "1e3", "pc.kanto-1", "0x1f"]
+    proc = rerun(repo, "install-7zip", *[f"--client={cid}" for cid in ids])
+    assert proc.returncode == 0, proc.stderr
+    assert _spec(repo / "jobs" / "install-7zip.yaml")["rerunScope"] == {"clients": ids}
+    assert '"no", "123", "null", "on"' in proc.stdout
+    assert load_repo(repo).valid
+
+
+def test_many_clients_go_one_a_line_and_the_bound_is_the_specs(repo: Path, capsys: pytest.CaptureFixture[str]
+                                                                ) -> None:
+    path = repo / "jobs" / "install-7zip.yaml"
+    many = [f"pc-kanto-{i:05d}" for i in range(MAX_RERUN_SCOPE_CLIENTS)]
+    options = [f"--client={cid}" for cid in many]
+    assert cli.main(["rerun", "install-7zip", *options, str(repo)]) == 0
+    out, _ = capsys.readouterr()
+    assert "+    clients:\n+      - pc-kanto-00000\n+      - pc-kanto-00001\n" in out
+    assert _spec(path)["rerunScope"] == {"clients": many}
+    before = path.read_bytes()
+    assert cli.main(["rerun", "install-7zip", *options, "--client=pc-one-more", str(repo)]) == 2
+    _, err = capsys.readouterr()
+    assert f"at most {MAX_RERUN_SCOPE_CLIENTS} --client options (got {MAX_RERUN_SCOPE_CLIENTS + 1})" in err
+    assert path.read_bytes() == before
+
+
+def test_it_finds_the_repo_from_a_subdirectory_of_a_git_checkout(repo: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    proc = rerun(repo, "install-putty", "--relay", "relay-yokohama", cwd=repo / "jobs")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("--- a/jobs/install-putty.yaml\n")
+    assert _spec(repo / "jobs" / "install-putty.yaml")["rerunScope"] == {"relays": ["relay-yokohama"]}
+
+
+def test_crlf_and_a_byte_order_mark_are_kept(repo: Path) -> None:
+    path = repo / "jobs" / "install-putty.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_text().replace("\n", "\r\n").encode())
+    proc = rerun(repo, "install-putty", "--client", "pc-yokohama-001")
+    assert proc.returncode == 0, proc.stderr
+    raw = path.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf") and b"\n" not in raw.replace(b"\r\n", b"")
+    assert raw.endswith(b"  rerun: 1\r\n  rerunScope:\r\n    clients: [pc-yokohama-001]\r\n")
+
+
+def test_set_scope_takes_out_a_flow_scope_over_several_lines_wherever_it_is() -> None:
+    text = ("spec:\n"
+            "  jobType: install\n"
+            "  rerunScope: {relays: [a],\n"
+            "     clients: [b]}\n"
+            "  rerun: 2\n"
+            "  suspend: false\n")
+    assert set_scope(text, RerunScope(clients=("c",))) == (
+        "spec:\n  jobType: install\n  rerun: 2\n  rerunScope:\n    clients: [c]\n  suspend: false\n")
+    assert set_scope(text, None) == "spec:\n  jobType: install\n  rerun: 2\n  suspend: false\n"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("spec:\n  rerun: 1\n  rerunScope: {clients: [a]}\n  rerunScope: {clients: [b]}\n", "written twice"),
+    ("spec:\n  jobType: install\n", "no 'rerun:' line"),
+])
+def test_scopes_it_cannot_set_safely_are_refused(text: str, message: str) -> None:
+    with pytest.raises(RerunError, match=message):
+        set_scope(text, RerunScope(clients=("c",)))
+
+
+def test_a_scope_whose_anchor_is_used_elsewhere_is_refused_and_the_file_left_alone(repo: Path) -> None:
+    path = repo / "jobs" / "install-7zip.yaml"
+    path.write_text(path.read_text() + "  rerun: 1\n  rerunScope: &scope {clients: [pc-1]}\nx-copy: *scope\n")
+    before = path.read_bytes()
+    proc = rerun(repo, "install-7zip", "--client", "pc-2")
+    assert proc.returncode == 1
+    assert "install-7zip.yaml: could not set spec.rerun and spec.rerunScope safely" in proc.stderr
     assert path.read_bytes() == before

@@ -160,6 +160,13 @@ INVALID: list[tuple[str, str, dict[str, Any]]] = [
     ("job", "upper-case name", {**_job(), "metadata": {"name": "Install-App"}}),
     ("job", "wrong kind", {**_job(), "kind": "Package"}),
     ("job", "version as a number", _job(package={"name": "app", "version": 1.1})),
+    ("job", "empty rerun scope", _job(rerunScope={})),
+    ("job", "repair without clients", _job(rerunScope={"relays": ["relay-kanto"], "repair": True})),
+    ("job", "duplicate scope client", _job(rerunScope={"clients": ["pc-1", "pc-1"]})),
+    ("job", "empty scope relays", _job(rerunScope={"relays": []})),
+    ("job", "too many scope clients", _job(rerunScope={"clients": [f"pc-{i}" for i in range(10_001)]})),
+    ("job", "unknown scope field", _job(rerunScope={"clients": ["pc-1"], "relay": ["relay-kanto"]})),
+    ("job", "scope client id not a name", _job(rerunScope={"clients": ["PC 1"]})),
     ("package", "url without sha256", _package(artifact={"url": "https://example.com/a.zip"})),
     ("package", "path and url", _package(artifact={"path": "a", "url": "https://example.com/a", "sha256": SHA})),
     ("package", "upper-case sha256", _package(artifact={"url": "https://example.com/a", "sha256": SHA.upper()})),
@@ -187,6 +194,10 @@ def test_the_valid_twins_of_the_invalid_documents_pass() -> None:
     assert _validator("job").is_valid(_job(rollout={"maxFailures": "100%", "maxConcurrent": 1}))
     assert _validator("job").is_valid(_job(rollout={"maxFailures": 0}))
     assert _validator("job").is_valid(_job(schedule={"notBefore": "2027-04-01T09:00:00+09:00"}))
+    assert _validator("job").is_valid(_job(rerunScope={"relays": ["relay-kanto"]}))
+    assert _validator("job").is_valid(_job(rerunScope={"relays": ["relay-kanto"], "repair": False}))
+    assert _validator("job").is_valid(_job(rerunScope={"clients": ["pc-1"], "repair": True}))
+    assert _validator("job").is_valid(_job(rerunScope={"clients": [f"pc-{i}" for i in range(10_000)]}))
     assert _validator("package").is_valid(_package())
     assert _validator("package").is_valid(_package(artifact={"url": "https://example.com/a.zip", "sha256": SHA}))
     assert _validator("package").is_valid(_package(installer={"type": "command", "install": ["x"], "uninstall": ["y"]}))

@@ -232,7 +232,7 @@ def test_unique_lists_of_any_items_are_checked_in_linear_time() -> None:
             f"  destinations: [{items}, [0]]\n")
     result = parse_repo({"jobs/x.yaml": text.encode()}, lambda path: None)
     messages = [e.message for e in result.errors if e.path == "jobs/x.yaml"]
-    assert "/spec/destinations: items must be unique" in messages
+    assert "/spec/destinations: items must be unique ([0] is listed twice, again on line 8)" in messages
 
 
 def test_a_long_parent_chain_and_a_long_cycle_are_judged_once_each() -> None:

@@ -20,6 +20,9 @@ from reconciler.repo_tree import (
 )
 from reconciler.resources import example_repo_dir
 from reconciler.specs import (
+    MAX_RERUN_SCOPE_CLIENTS,
+    MAX_RERUN_SCOPE_RELAYS,
+    NOT_REVISION_FIELDS,
     Artifact,
     Dependency,
     DestinationType,
@@ -27,12 +30,15 @@ from reconciler.specs import (
     InstallerType,
     Job,
     JobType,
+    Kind,
     Relay,
     Requirements,
+    RerunScope,
     Specs,
     Topology,
     find_package,
     parse_repo,
+    schema_for,
 )
 
 EXAMPLE = example_repo_dir()
@@ -182,6 +188,9 @@ REVISION_KEPT = [
     ("  rerun: 0\n", "  rerun: 0\n  suspend: true\n"),
     ("  rerun: 0\n", ""),  # rerun 0 and no rerun are the same
     ("# The western sites", "# The sites in the west"),  # comments are not the spec
+    # which rows a rerun covers is not what the job wants: every client keeps its history
+    ("  rerun: 0\n", "  rerun: 1\n  rerunScope: {relays: [relay-osaka]}\n"),
+    ("  rerun: 0\n", "  rerun: 1\n  rerunScope:\n    clients: [pc-1, pc-2]\n    repair: true\n"),
 ]
 REVISION_CHANGED = [
     ("limit: 2", "limit: 4"),
@@ -215,6 +224,51 @@ def test_rerun_and_suspend_are_still_read(specs: Specs) -> None:
     assert result.specs is not None
     vpn = _job(result.specs, "install-vpn-client")
     assert (vpn.rerun, vpn.suspend) == (2, True)
+
+
+def test_rerun_scope_is_read_as_written() -> None:
+    files = _with_job_text(spec_files(DirectoryTree(EXAMPLE)), "install-vpn-client", "  rerun: 0\n",
+                           "  rerun: 3\n  rerunScope:\n    relays: [relay-fukuoka]\n    clients: [pc-9, pc-1]\n"
+                           "    repair: true\n")
+    result = parse_repo(files, tree_artifact_check(DirectoryTree(EXAMPLE)))
+    assert result.specs is not None
+    vpn = _job(result.specs, "install-vpn-client")
+    assert (vpn.rerun, vpn.rerun_scope) == (3, RerunScope(relays=("relay-fukuoka",), clients=("pc-9", "pc-1"),
+                                                          repair=True))
+    assert _job(specs_of_example(), "install-vpn-client").rerun_scope is None
+
+
+@pytest.mark.parametrize(("destinations", "scope", "outside"), [
+    ("[relay-osaka, relay-fukuoka]", "[relay-fukuoka]", []),
+    ("[relay-yokohama]", "[relay-kanto]", []),  # the scope relay's subtree holds the destination
+    ("[relay-kanto]", "[relay-yokohama]", []),  # a nested relay of the destination
+    ("[relay-osaka, relay-fukuoka]", "[relay-kanto, relay-osaka, relay-yokohama]",
+     ["relay-kanto", "relay-yokohama"]),
+    ("[relay-yokohama]", "[relay-osaka]", ["relay-osaka"]),
+])
+def test_rerun_scope_relays_must_hold_clients_of_the_job(destinations: str, scope: str, outside: list[str]) -> None:
+    files = _with_job_text(spec_files(DirectoryTree(EXAMPLE)), "install-vpn-client",
+                           "destinations: [relay-osaka, relay-fukuoka]", f"destinations: {destinations}")
+    files = _with_job_text(files, "install-vpn-client", "  rerun: 0\n",
+                           f"  rerun: 1\n  rerunScope: {{relays: {scope}}}\n")
+    result = parse_repo(files, tree_artifact_check(DirectoryTree(EXAMPLE)))
+    found = [e.message for e in result.errors]
+    assert found == [f"/spec/rerunScope/relays/{scope.strip('[]').split(', ').index(name)}: relay {name!r} is outside "
+                     f"this job's destinations ({destinations.strip('[]')} and the relays below them), so the rerun "
+                     f"would do nothing there" for name in outside]
+
+
+def specs_of_example() -> Specs:
+    result = load_repo(EXAMPLE)
+    assert result.specs is not None
+    return result.specs
+
+
+def test_rerun_scope_list_bounds_are_the_schemas() -> None:
+    scope = schema_for(Kind.JOB)["properties"]["spec"]["properties"]["rerunScope"]["properties"]
+    assert scope["relays"]["maxItems"] == MAX_RERUN_SCOPE_RELAYS
+    assert scope["clients"]["maxItems"] == MAX_RERUN_SCOPE_CLIENTS
+    assert "rerunScope" in NOT_REVISION_FIELDS
 
 
 def test_parse_repo_is_deterministic() -> None:

@@ -78,11 +78,16 @@ from reconciler.agent.installers import (
 )
 from reconciler.agent.installers import inventory as confirmed_inventory
 from reconciler.agent.journal import FINISHED, Entry, Journal
-from reconciler.agent.processes import ProcessRecord, settle_orphan
+from reconciler.agent.processes import (
+    DEFAULT_OUTPUT_TAIL,
+    OUTPUT_TAIL_CHARS,
+    ProcessRecord,
+    settle_orphan,
+)
 from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
 from reconciler.credentials import SecretFileError, read_header_secret
 from reconciler.fileio import sha256_file, write_atomic
-from reconciler.redaction import redact_url
+from reconciler.redaction import redact_output, redact_url
 from reconciler.times import format_time, utc_now
 
 log = logging.getLogger("reconciler.agent")
@@ -92,7 +97,7 @@ MIN_POLL_SECONDS = 1.0
 BACKOFF_BASE_SECONDS = 1.0
 HTTP_TIMEOUT = (10.0, 60.0)  # connect, read
 MAX_RESULTS_PER_CHECKIN = 100  # keeps the body far below the relay's 1 MiB limit
-MESSAGE_LIMIT = 2200  # "exit code N: " plus the ~2000-character output tail
+MESSAGE_MARGIN = 200  # characters of a message besides the output tail ("exit code N: ", "uninstalling ...")
 ONCE_MAX_ROUNDS = 5
 CACHE_MAX_AGE_SECONDS = 7 * 24 * 3600
 CHUNK = 1 << 20
@@ -370,6 +375,17 @@ class StepResult:
     poll_seconds: float = DEFAULT_POLL_SECONDS
 
 
+def _redact_patterns(action: Any) -> tuple[re.Pattern[str], ...]:
+    """The action's ``installer.redact`` patterns, compiled; none if its installer is malformed (it then fails)."""
+    installer = action.get("installer") if isinstance(action, dict) else None
+    if not isinstance(installer, dict):
+        return ()
+    try:
+        return InstallerSpec.from_dict(installer).redact_patterns
+    except InstallError:
+        return ()
+
+
 def _wire_result(journalled: Mapping[str, Any]) -> protocol.Result:
     """A journalled result as a check-in carries it (results journalled by older agents were not cleaned)."""
     return {"operationId": journalled["operationId"], "status": journalled["status"],
@@ -391,7 +407,8 @@ class Agent:
                  labels: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  fact_overrides: Mapping[str, Any] | Iterable[tuple[str, str]] | None = None,
                  session: requests.Session | None = None, *, poll_interval: float | None = None,
-                 enroll_secret: str | None = None, now: Callable[[], datetime] = utc_now) -> None:
+                 output_tail: int = DEFAULT_OUTPUT_TAIL, enroll_secret: str | None = None,
+                 now: Callable[[], datetime] = utc_now) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -418,7 +435,9 @@ class Agent:
         for fact, variable in (("os", "RECONCILER_OS"), ("arch", "RECONCILER_ARCH")):
             if fact in platform_facts:
                 client_env[variable] = str(platform_facts[fact])
-        self.layout = Layout(Path(root).absolute(), tuple(sorted(client_env.items())))
+        if isinstance(output_tail, bool) or not 0 <= output_tail <= OUTPUT_TAIL_CHARS:
+            raise AgentConfigError(f"--output-tail: expected 0 to {OUTPUT_TAIL_CHARS} characters, got {output_tail}")
+        self.layout = Layout(Path(root).absolute(), output_tail, tuple(sorted(client_env.items())))
         self.layout.create()
         self.session = session or requests.Session()
         self.poll_interval = poll_interval
@@ -655,7 +674,7 @@ class Agent:
         try:
             self._settle(entry)
         except InstallError as exc:
-            return self._finish(operation_id, "failed", None, exc.message)
+            return self._finish(operation_id, "failed", None, exc.message, _redact_patterns(action))
         self.journal.start(operation_id, action)
         try:
             outcome = self._execute(action)
@@ -671,13 +690,20 @@ class Agent:
         except Exception as exc:  # always record an outcome: a bug must not wedge the operation
             self.log.exception("operation %s crashed", operation_id)
             status, exit_code, message = "failed", None, f"agent error: {type(exc).__name__}: {exc}"
-        return self._finish(operation_id, status, exit_code, message)
+        return self._finish(operation_id, status, exit_code, message, _redact_patterns(action))
 
-    def _finish(self, operation_id: str, status: str, exit_code: int | None, message: str) -> dict[str, Any]:
-        """Journal an operation's result (to be reported at the next check-in) and log it."""
-        message = clean_text(message)
+    def _finish(self, operation_id: str, status: str, exit_code: int | None, message: str,
+                redact: tuple[re.Pattern[str], ...] = ()) -> dict[str, Any]:
+        """Journal an operation's result (to be reported at the next check-in) and log it.
+
+        The message is masked once more as a whole (:func:`redact_output`: an
+        error quoting a command line or a URL is covered too) before the
+        journal, the log or the relay sees it.
+        """
+        message = redact_output(clean_text(message), redact)
         result = {"operationId": operation_id, "status": status, "exitCode": exit_code,
-                  "message": _cut(message, MESSAGE_LIMIT), "finishedAt": format_time(self._now())}
+                  "message": _cut(message, self.layout.output_tail + MESSAGE_MARGIN),
+                  "finishedAt": format_time(self._now())}
         self.journal.finish(operation_id, result)
         discard_runs(self.layout.operation_runs(operation_id))
         self.log.info("operation %s %s: %s", operation_id, status, _cut(message.splitlines()[0]
@@ -761,7 +787,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         secret = read_header_secret(args.enroll_secret_file) if getattr(args, "enroll_secret_file", None) else None
         agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
-                      fact_overrides=list(args.fact), poll_interval=args.poll_interval, enroll_secret=secret)
+                      fact_overrides=list(args.fact), poll_interval=args.poll_interval,
+                      output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret)
     except (AgentConfigError, SecretFileError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2

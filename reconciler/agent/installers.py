@@ -27,7 +27,8 @@ rename, so a killed agent leaves either the old tree or the new one (stale
 staging directories are swept before the next install of that name).
 
 Commands run without a shell, with a timeout that kills the whole process
-group, and the tail of their combined output becomes the status message.
+group, and the tail of their combined output, its secrets masked
+(:func:`shown_output`), becomes the status message.
 Before running, these placeholders are substituted inside every argv element,
 which keeps a package spec portable between Windows and Linux clients:
 
@@ -63,6 +64,7 @@ directory vanished counts as absent, so drift is reported and healed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -83,6 +85,7 @@ from reconciler import names
 from reconciler.agent.errors import InstallError
 from reconciler.agent.journal import operation_key
 from reconciler.agent.processes import (
+    DEFAULT_OUTPUT_TAIL,
     CommandResult,
     ProcessHook,
     ProcessRecord,
@@ -94,6 +97,12 @@ from reconciler.agent.processes import (
 )
 from reconciler.agent.supervisor import run_supervised, start_supervised, stored_result
 from reconciler.fileio import quarantine, write_json_atomic
+from reconciler.redaction import (
+    MAX_REDACT_PATTERNS,
+    compile_redact_patterns,
+    redact_output,
+    redact_pattern_problem,
+)
 from reconciler.times import format_time, utc_now
 
 log = logging.getLogger("reconciler.agent")
@@ -121,6 +130,8 @@ class Layout:
     """Where everything lives under the agent root; the only place paths are built."""
 
     root: Path
+    # Characters of a command's output kept in its status message (the agent's --output-tail).
+    output_tail: int = DEFAULT_OUTPUT_TAIL
     # Who this client is, given to installer commands as RECONCILER_CLIENT_ID,
     # RECONCILER_OS and RECONCILER_ARCH (so a script can branch on the platform,
     # and --fact overrides reach it in simulations).
@@ -188,6 +199,39 @@ def check_sha256(value: Any) -> str:
     return value
 
 
+def _redact(value: Any) -> tuple[str, ...]:
+    """``installer.redact``: absent, or a list of patterns that pass :func:`redact_pattern_problem`.
+
+    The relay sends only patterns ``validate`` accepted, but the agent does not
+    take its word: a pattern that cannot run safely fails the action before
+    anything runs, rather than letting output through unmasked.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_REDACT_PATTERNS:
+        raise InstallError(f"installer.redact must be a list of at most {MAX_REDACT_PATTERNS} patterns")
+    for index, pattern in enumerate(value):
+        if not isinstance(pattern, str):
+            raise InstallError(f"installer.redact[{index}] must be a string")
+        problem = redact_pattern_problem(pattern)
+        if problem is not None:
+            raise InstallError(f"installer.redact[{index}] {problem}")
+    return tuple(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    return compile_redact_patterns(patterns)
+
+
+def shown_output(output: str, installer: InstallerSpec, tail: int) -> str:
+    """What of a command's output may leave the client: secrets masked, then its last ``tail`` characters."""
+    text = redact_output(output, installer.redact_patterns).strip()
+    if len(text) <= tail:
+        return text
+    return "…" + text[len(text) - tail + 1:] if tail > 1 else ""
+
+
 def _argv(value: Any, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -205,6 +249,7 @@ class InstallerSpec:
     uninstall: tuple[str, ...] = ()
     detect: tuple[str, ...] = ()
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    redact: tuple[str, ...] = ()  # patterns masked in the command's output (spec.installer.redact)
 
     @classmethod
     def from_dict(cls, data: Any) -> InstallerSpec:
@@ -219,7 +264,7 @@ class InstallerSpec:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise InstallError(f"invalid timeoutSeconds {timeout!r}")
         spec = cls(kind, _argv(data.get("install"), "install"), _argv(data.get("uninstall"), "uninstall"),
-                   _argv(data.get("detect"), "detect"), float(timeout))
+                   _argv(data.get("detect"), "detect"), float(timeout), _redact(data.get("redact")))
         if spec.type == "command" and not spec.install:
             raise InstallError("command installer has no install argv")
         return spec
@@ -227,8 +272,17 @@ class InstallerSpec:
     def to_dict(self) -> dict[str, Any]:
         timeout: float | int = int(self.timeout_seconds) if self.timeout_seconds.is_integer() \
             else self.timeout_seconds
-        return {"type": self.type, "install": list(self.install), "uninstall": list(self.uninstall),
-                "detect": list(self.detect), "timeoutSeconds": timeout}
+        data: dict[str, Any] = {"type": self.type, "install": list(self.install),
+                                "uninstall": list(self.uninstall), "detect": list(self.detect),
+                                "timeoutSeconds": timeout}
+        if self.redact:
+            data["redact"] = list(self.redact)
+        return data
+
+    @property
+    def redact_patterns(self) -> tuple[re.Pattern[str], ...]:
+        """:attr:`redact` compiled (they were checked when the spec was read)."""
+        return _compiled(self.redact)
 
 
 @dataclass(frozen=True)
@@ -483,8 +537,13 @@ def _run_step(layout: Layout, step: Path, argv: Sequence[str], cwd: Path, name: 
     return run_supervised(step, args, cwd, env, timeout)
 
 
-def _checked(result: CommandResult, timeout: float) -> Outcome:
-    """Turn a finished command into an outcome, or the failure message the relay shows."""
+def _checked(result: CommandResult, timeout: float, installer: InstallerSpec, tail: int) -> Outcome:
+    """Turn a finished command into an outcome, or the failure message the relay shows.
+
+    The output in it is masked and cut by :func:`shown_output` before anything else sees it.
+    """
+    result = CommandResult(result.exit_code, shown_output(result.output, installer, tail), result.timed_out,
+                           result.error)
     if result.error is not None:
         raise InstallError(result.error)
     if result.timed_out:
@@ -661,7 +720,7 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec,
         try:
             result = done if done is not None else _run_step(
                 layout, step, installer.install, target, name, version, installer.timeout_seconds, checked=True)
-            message = _checked(result, installer.timeout_seconds).message or message
+            message = _checked(result, installer.timeout_seconds, installer, layout.output_tail).message or message
         except BaseException:
             _not_installed(layout, name, target)
             raise
@@ -695,7 +754,7 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
         step = _step(layout, operation_id, "uninstall", receipt.version)
         try:
             output = _checked(_run_step(layout, step, receipt.installer.uninstall, cwd, name, receipt.version,
-                                        timeout), timeout).message
+                                        timeout), timeout, receipt.installer, layout.output_tail).message
         except InstallError as exc:
             raise InstallError(f"uninstalling {name} {receipt.version}: {exc.message}", exc.exit_code) from exc
     # receipt first: a crash now leaves an orphaned directory, never a receipt without files

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -128,7 +129,11 @@ class Journal:
         self.directory = directory
         self._now = now
         self._entries: dict[str, Entry] = {}
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Owner-only: entries hold results (installer output, masked but still the client's business)
+        # and the operations' directories hold the installers' raw output while they run.
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if os.name != "nt":
+            os.chmod(self.directory, 0o700)  # also a journal an older agent made with the umask's mode
         self._load()
 
     def path_for(self, operation_id: str) -> Path:
@@ -158,7 +163,7 @@ class Journal:
             self._entries[entry.operation_id] = entry
 
     def _store(self, entry: Entry) -> None:
-        write_json_atomic(self.path_for(entry.operation_id), entry.to_dict())
+        write_json_atomic(self.path_for(entry.operation_id), entry.to_dict(), mode=0o600)
         self._entries[entry.operation_id] = entry
 
     def get(self, operation_id: str) -> Entry | None:

@@ -34,7 +34,10 @@ from reconciler.times import parse_time, utc_now
 
 log = logging.getLogger("reconciler.agent")
 
-OUTPUT_TAIL_CHARS = 2000
+# Characters of a command's output kept from its end when it ends: the most an agent's --output-tail
+# may ask for. The secret masking runs over all of it, and the status message keeps --output-tail.
+OUTPUT_TAIL_CHARS = 8000
+DEFAULT_OUTPUT_TAIL = 2000
 ORPHAN_POLL_SECONDS = 0.05  # how often a restarted agent looks whether an orphaned command ended
 KILL_GRACE_SECONDS = 10.0  # how long a SIGKILLed orphan may take to go
 

@@ -379,10 +379,17 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     children = Children(logs)
     steps: list[dict[str, Any]] = []
     env = {"RECONCILER_POLL_SECONDS": POLL_SECONDS}
+    # The services' git hooks are signed, as in production (the demo's local origin needs no hook:
+    # they watch its refs), with a secret made for this run.
+    hook_secret = workdir / "webhook-secret"
+    fd = os.open(hook_secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+    hook_args = ["--webhook-secret-file", str(hook_secret)]
     try:
         # HQ listens so the relays' heartbeats reach it: its status shows each relay alive (or lost).
         children.start("hq", ["hq", "--origin", str(origin), "--workdir", str(workdir / "hq"),
-                              "--poll-interval", "5", "--listen", "127.0.0.1:0"], env)
+                              "--poll-interval", "5", "--listen", "127.0.0.1:0", *hook_args], env)
         hq_url = _wait_for_file(workdir / "hq" / "listen.url", children)
         urls: dict[str, str] = {}
         pending = list(relays)
@@ -394,7 +401,7 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
                 relay_dir = workdir / relay
                 argv = ["relay", "--name", relay, "--origin", str(origin), "--workdir", str(relay_dir),
                         "--listen", "127.0.0.1:0", "--poll-interval", "5", "--publish-interval", "1",
-                        "--hq-url", hq_url, "--heartbeat-interval", "10",
+                        "--hq-url", hq_url, "--heartbeat-interval", "10", *hook_args,
                         "--enroll-secret-file", str(enroll_secret), "--child-secret-file", str(child_secret)]
                 if parent in urls:
                     argv += ["--parent-url", urls[parent], "--parent-secret-file", str(child_secret)]

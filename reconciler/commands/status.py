@@ -49,6 +49,8 @@ from reconciler.gitstore import (
     GitStore,
     local_commit,
     local_origin_path,
+    origin_password,
+    url_credentials_warning,
 )
 from reconciler.plan import ClientState, JobState
 from reconciler.reach import Reach, reach_of
@@ -449,7 +451,7 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
         ],
         "relays": [_relay_json(r) for r in (hq.relays if hq else ())],
     }
-    return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False)
+    return report.escape_json_text(json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False))
 
 
 def _relay_json(r: report.RelayReport) -> dict[str, Any]:
@@ -608,11 +610,15 @@ def _emit(text: str, stream: TextIO) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         origin = args.origin or default_origin()
-    except StatusError as e:
+        password = origin_password(getattr(args, "origin_password_file", None))
+    except (StatusError, OSError, ValueError) as e:
         print(f"reconciler status: {e}", file=sys.stderr)
         return 2
+    warning = url_credentials_warning(origin, password is not None)
+    if warning:
+        print(f"reconciler status: warning: {warning}", file=sys.stderr)
     with mirror_dir(origin) as workdir:
-        store = GitStore(origin, workdir)
+        store = GitStore(origin, workdir, password=password)
         reader = Reader(store)
         try:
             return _run(args, origin, reader)

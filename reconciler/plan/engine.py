@@ -34,6 +34,7 @@ from reconciler.plan.rules import (
     FRESH,
     OutOfAttempts,
     Ready,
+    Repaired,
     RetryLater,
     Running,
     Step,
@@ -41,6 +42,7 @@ from reconciler.plan.rules import (
     artifact_missing,
     conflicting,
     history_step,
+    repair_start,
     repeat_action,
     requirement_reasons,
     retry_fields,
@@ -104,6 +106,7 @@ class PlanMemo:
 _tnew = tuple.__new__
 _SUCCEEDED = Outcome.SUCCEEDED
 _OFFLINE = Reason.CLIENT_OFFLINE
+_NOBODY: frozenset[str] = frozenset()
 _R_CLIENT, _R_STATE, _R_ACTION, _R_ATTEMPTS, _R_MESSAGE, _R_OPERATION, _R_REASON = map(
     Row._fields.index, ("client", "state", "action", "attempts", "message", "operation_id", "reason"))
 
@@ -118,10 +121,11 @@ class _CompiledJob:
         "job", "name", "slot", "install", "software", "version", "package", "revision",
         "requirements", "depends_on", "order", "limit", "backoff", "rerun", "suspend",
         "not_before", "not_after", "allow_downgrade", "max_concurrent", "max_failures",
-        "has_failure_limit", "hasher", "missing",
+        "has_failure_limit", "hasher", "missing", "covers_relay", "covered_clients", "repaired", "repair_first",
     )
 
-    def __init__(self, job: Job, slot: int, package: Package | None, revision: str) -> None:
+    def __init__(self, job: Job, slot: int, package: Package | None, revision: str,
+                 chain: tuple[str, ...] = ()) -> None:
         self.job = job
         self.name = job.name
         self.slot = slot
@@ -148,6 +152,13 @@ class _CompiledJob:
         self.hasher = hashlib.blake2b(f"{job.name}\x1f{revision}\x1f{job.rerun}\x1f".encode(), digest_size=12)
         # An install job whose package is not in the specs (only in unvalidated specs).
         self.missing = self.install and package is None
+        # The rerun's scope (rules.rerun_covers, rules.repairs): whether it covers every
+        # client of this relay, else the clients it names; and the clients it repairs.
+        scope = job.rerun_scope
+        self.covers_relay = scope is None or any(relay in scope.relays for relay in chain)
+        self.covered_clients = frozenset(scope.clients) if scope is not None else _NOBODY
+        self.repaired = self.covered_clients if scope is not None and scope.repair else _NOBODY
+        self.repair_first = repair_start(job) if self.repaired else FRESH  # the first step of a repair
 
     def order_key(self, depth: int) -> tuple[int, int, str]:
         """Where this job's action runs among a client's: uninstalls, dependencies first, by name."""
@@ -180,7 +191,7 @@ class _Context:
 
     def __init__(self, index: RelayIndex) -> None:
         compiled = {job.name: _CompiledJob(job, slot, index.packages.get((job.package_name, job.package_version))
-                                           if job.package_version else None, index.revisions[job.name])
+                                           if job.package_version else None, index.revisions[job.name], index.chain)
                     for slot, job in enumerate(index.jobs)}
         self.relay = index.relay
         self.packages = index.packages
@@ -202,6 +213,13 @@ class _Context:
                     thresholds.add(cj.requirements.min_free_disk_mb)
         self.label_keys = tuple(sorted(label_keys))
         self.thresholds = sorted(thresholds)
+        # client id -> slots of the jobs whose rerun repairs it: such a client's decisions
+        # differ from those of a client with the same facts, so they are part of its facts
+        repairs: dict[str, list[int]] = {}
+        for cj in self.by_slot:
+            for cid in cj.repaired:
+                repairs.setdefault(cid, []).append(cj.slot)
+        self.repairs = {cid: tuple(slots) for cid, slots in repairs.items()}
         # (schedule phases, fact key) -> per job slot: installed version -> decision
         self.levels: dict[Any, list[dict[str | None, _Decision]]] = {}
         # (job set, decisions, installed versions) -> the decisions after the cross-job rules
@@ -233,6 +251,8 @@ class _Context:
         view: tuple[str | None, ...] = ()
         if self.label_keys:
             view = tuple(map(dict(client.labels).get, self.label_keys))
+        if self.repairs:
+            return (client.os, client.arch, bucket, exact, view, self.repairs.get(client.id, ()))
         return (client.os, client.arch, bucket, exact, view)
 
     def level(self, phases: tuple[int, ...], facts: tuple[Any, ...]) -> list[dict[str | None, _Decision]]:
@@ -275,7 +295,7 @@ class _Decision:
 
     __slots__ = ("cj", "slot", "name", "revision", "final", "state", "count", "target", "template",
                  "kind", "version", "previous", "installed", "waits", "closed", "active", "eligible",
-                 "package", "timeout")
+                 "package", "timeout", "repair")
 
     def __init__(self, cj: _CompiledJob, installed: str | None) -> None:
         self.cj = cj
@@ -299,6 +319,7 @@ class _Decision:
         self.eligible = False  # may provide a dependency
         self.package: Package | None = None
         self.timeout = DEFAULT_TIMEOUT_SECONDS
+        self.repair = False  # the gap is a repair: the version is installed, the rerun reinstalls it
 
     def copy(self) -> _Decision:
         clone = _Decision(self.cj, self.installed)
@@ -374,6 +395,9 @@ def _decide_one(ctx: _Context, cj: _CompiledJob, phase: int, client: Client, ins
         if order < 0:
             return d.gap(ctx, ActionKind.UPGRADE, cj.version, installed)
         if order == 0:
+            if cj.repaired and not d.closed and client.id in cj.repaired:
+                d.repair = True
+                return d.gap(ctx, ActionKind.INSTALL, cj.version, None)
             return d.settle(relay, ClientState.SUCCEEDED, Reason.DONE, "")
         if cj.allow_downgrade:
             return d.gap(ctx, ActionKind.DOWNGRADE, cj.version, installed)
@@ -511,12 +535,13 @@ def _resolve_dependencies(ctx: _Context, decisions: list[_Decision], inst: Mappi
 # ------------------------------------------------------------ history step
 
 
-def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime) -> Step:
+def _history_step(ctx: _Context, d: _Decision, a: Attempt | None, now: datetime, cid: str) -> Step:
     """Rule 8 for a row with a gap (:func:`reconciler.plan.rules.history_step`)."""
     cj = d.cj
-    if a is None:
-        return CLOSED if d.closed else FRESH  # most rows: no need to ask
-    return history_step(cj.job, cj.revision, cj.package, ctx.packages, d.installed, d.closed, a, now)
+    if a is None:  # most rows: no need to ask
+        return cj.repair_first if d.repair else CLOSED if d.closed else FRESH
+    return history_step(cj.job, cj.revision, cj.package, ctx.packages, d.installed, d.closed, a, now,
+                        covered=cj.covers_relay or cid in cj.covered_clients, repair=d.repair)
 
 
 # ------------------------------------------------------------ finishing
@@ -616,6 +641,10 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_ATTEMPTS] = step.attempt.attempt
             fields[_R_MESSAGE] = step.message
             fields[_R_OPERATION] = step.attempt.operation_id
+        elif type(step) is Repaired:  # shown as any Succeeded row
+            fields[_R_STATE] = ClientState.SUCCEEDED
+            fields[_R_REASON] = Reason.DONE
+            fields[_R_ATTEMPTS] = step.attempt.attempt
         else:
             assert type(step) is RetryLater
             fields[_R_REASON], fields[_R_ATTEMPTS], fields[_R_MESSAGE] = retry_fields(step, cj.limit)
@@ -855,7 +884,7 @@ def plan_client(index: RelayIndex, client: Client, history: History,
     phases = tuple(_phase(cj, now) for cj in ctx.by_slot)
     inst = _inventory(client)
     decisions = _decisions(ctx, jobset, ctx.level(phases, ctx.facts(client)), phases, client, inst)
-    steps = [None if d.final else _history_step(ctx, d, history.get((d.name, client.id)), now)
+    steps = [None if d.final else _history_step(ctx, d, history.get((d.name, client.id)), now, client.id)
              for d in decisions]
     gate = _Gate(len(ctx.by_slot), take=False)
     for cj in jobset.jobs:
@@ -914,7 +943,7 @@ class _Shape:
             if d.closed:
                 self.fresh_steps[i] = CLOSED
             else:
-                self.fresh_steps[i] = FRESH
+                self.fresh_steps[i] = d.cj.repair_first if d.repair else FRESH
                 starts.append(d.slot)
             if d.cj.max_concurrent is not None:
                 caps.append(d.slot)
@@ -981,7 +1010,7 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
             if recorded is None:
                 step = own[i]
             else:
-                step = own[i] = _history_step(ctx, d, recorded, now)
+                step = own[i] = _history_step(ctx, d, recorded, now, cid)
             kind = type(step)
             if kind is not WindowClosed:
                 targets[d.slot] += 1

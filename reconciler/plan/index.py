@@ -36,6 +36,9 @@ class RelayIndex:
     jobs: tuple[Job, ...] = ()  # every job reaching the relay or one of its clients, by name
     staged: frozenset[tuple[str, str]] | None = None
     unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # The relay, then its parents up to HQ: a job's rerunScope covers this relay's
+    # clients when it names one of them (a relay stands for its subtree).
+    chain: tuple[str, ...] = ()
 
 
 def index_relay(specs: Specs, relay: str, reach: Reach | None = None, *,
@@ -65,4 +68,5 @@ def index_relay(specs: Specs, relay: str, reach: Reach | None = None, *,
         jobs=reaching,
         staged=staged,
         unavailable=dict(unavailable or {}),
+        chain=reach.topology.ancestors(relay),
     )

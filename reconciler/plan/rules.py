@@ -61,7 +61,11 @@ The rules, per client and job, in this order:
    finished at the deadline. Failed with attempts left -> ``Pending`` "retry
    k/limit at <time>" until ``finished + backoff * 2**(attempt-1)``, then
    attempt k. Out of attempts -> ``Failed`` with the attempt's message, unless
-   ``spec.rerun`` was raised since: then attempt 1 again. Not attempted (the
+   ``spec.rerun`` was raised since and the job's ``rerunScope`` (if any)
+   covers the client: then attempt 1 again. A scope covers the clients it
+   names and every client of the relays it names or of relays nested below
+   them (:func:`rerun_covers`); a row it does not cover keeps its series, so
+   a later raise that covers it still resets it. Not attempted (the
    client could not download the artifact, nothing ran) -> ``Pending``
    "attempt k/limit again at <time>" until ``finished +
    DOWNLOAD_RETRY_SECONDS * 2**deferrals`` (at most an hour), then attempt k
@@ -70,6 +74,14 @@ The rules, per client and job, in this order:
    attempt. Succeeded but the
    client no longer reports the desired state -> drift, planned again as
    attempt 1 of a fresh operation. A ``retry.limit`` of 0 means one attempt.
+   **Repair**: a client listed in a ``rerunScope`` with ``repair: true``
+   whose install row would be ``Succeeded`` (the version is installed, the
+   window open) has a gap instead, an install of the same version
+   (:func:`repairs`), until an attempt at the current rerun number succeeds:
+   such a success (under any spec revision) -> ``Succeeded``; no attempt at
+   this rerun yet -> attempt 1 "rerun N: repair"; one under way, retrying
+   or out of attempts -> as any row. So each raise reinstalls once, and a
+   failed reinstall shows as ``Failed`` like any other.
 9. **Rollout** per job on the relay, for rows about to start: with
    ``maxFailures`` exceeded (``failed > count``, or ``failed > N%`` of the
    job's non-Skipped rows) -> ``Pending`` "rollout halted: ..." (the job is
@@ -208,6 +220,24 @@ def artifact_missing(staged: frozenset[tuple[str, str]] | None, unavailable: Map
     return f"waiting for artifact of {key[0]} {key[1]}: {unavailable.get(key, 'not staged yet')}"
 
 
+def rerun_covers(index: RelayIndex, job: Job, client_id: str) -> bool:
+    """Whether raising the job's ``rerun`` resets this client's Failed row (rule 8).
+
+    Without a ``rerunScope`` every row; with one, the clients it names and the
+    clients of the relays it names, or of relays nested below them.
+    """
+    scope = job.rerun_scope
+    if scope is None:
+        return True
+    return client_id in scope.clients or any(relay in scope.relays for relay in index.chain)
+
+
+def repairs(job: Job, client_id: str) -> bool:
+    """Whether the job's current rerun reinstalls its package on this client where it is installed (rule 8)."""
+    scope = job.rerun_scope
+    return scope is not None and scope.repair and client_id in scope.clients
+
+
 # ------------------------------------------------------------------ decisions (rules 2-7)
 
 
@@ -238,6 +268,7 @@ class Decision:
     active: bool = False  # takes part in conflicts
     eligible: bool = False  # may provide a dependency
     waits: tuple[Wait, ...] = ()
+    repair: bool = False  # the gap is a repair: the version is installed, the rerun reinstalls it
 
     @property
     def settled(self) -> bool:
@@ -289,6 +320,8 @@ def decide(index: RelayIndex, job: Job, client: Client, installed: str | None, n
         if order < 0:
             return _gap(index, d, ActionKind.UPGRADE, job.package_version, installed)
         if order == 0:
+            if not closed and repairs(job, client.id):
+                return replace(_gap(index, d, ActionKind.INSTALL, job.package_version, None), repair=True)
             return d.settle(ClientState.SUCCEEDED, Reason.DONE, "")
         if job.allow_downgrade:
             return _gap(index, d, ActionKind.DOWNGRADE, job.package_version, installed)
@@ -442,7 +475,14 @@ class WindowClosed:
     pass
 
 
-Step = Ready | Running | OutOfAttempts | RetryLater | WindowClosed
+@dataclass(frozen=True)
+class Repaired:
+    """A repair's attempt at the current rerun number succeeded: the row is ``Succeeded``."""
+
+    attempt: Attempt
+
+
+Step = Ready | Running | OutOfAttempts | RetryLater | WindowClosed | Repaired
 
 
 FRESH = Ready(1, "", 0, "")
@@ -454,10 +494,31 @@ def _timeout(packages: Mapping[tuple[str, str], Package], job: Job, attempt: Att
     return package.installer.timeout_seconds if package is not None else DEFAULT_TIMEOUT_SECONDS
 
 
-def history_step(job: Job, revision: str, own: Package | None, packages: Mapping[tuple[str, str], Package],
-                 installed: str | None, closed: bool, attempt: Attempt | None, now: datetime) -> Step:
-    """What the latest attempt of ``job`` (at plan ``revision``) means for a row with a gap."""
+def repair_start(job: Job, previous_operation: str = "", attempts_so_far: int = 0) -> Ready:
+    """Attempt 1 of a repair under the job's current rerun number."""
     limit = max(1, job.retry_limit)
+    return Ready(1, previous_operation, attempts_so_far, f"rerun {job.rerun}: repair, attempt 1/{limit}")
+
+
+def history_step(job: Job, revision: str, own: Package | None, packages: Mapping[tuple[str, str], Package],
+                 installed: str | None, closed: bool, attempt: Attempt | None, now: datetime, *,
+                 covered: bool = True, repair: bool = False) -> Step:
+    """What the latest attempt of ``job`` (at plan ``revision``) means for a row with a gap.
+
+    ``covered``: the job's current rerun covers the client (:func:`rerun_covers`);
+    ``repair``: the gap is a repair (:func:`repairs`), never past the window.
+    """
+    limit = max(1, job.retry_limit)
+    if repair:
+        if attempt is None:
+            return repair_start(job)
+        if attempt.outcome is Outcome.SUCCEEDED and attempt.rerun >= job.rerun:
+            return Repaired(attempt)  # once per rerun number, whatever spec revision it ran under
+        if attempt.revision != revision:
+            return repair_start(job, attempt.operation_id)
+        if attempt.outcome is Outcome.SUCCEEDED:
+            return repair_start(job, attempt.operation_id, attempt.attempt)
+        # one under way, retrying or out of attempts: as any row
     if attempt is None:
         return CLOSED if closed else FRESH
     if attempt.revision != revision:
@@ -491,7 +552,7 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
         failed_at = aware(attempt.finished_at or attempt.dispatched_at)
         message = attempt.message
     if attempt.attempt >= limit:
-        if attempt.rerun < job.rerun:
+        if attempt.rerun < job.rerun and covered:
             if closed:
                 return CLOSED
             return Ready(1, attempt.operation_id, attempt.attempt, f"rerun {job.rerun}: attempt 1/{limit}")
@@ -622,6 +683,8 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
         elif isinstance(step, OutOfAttempts):
             row.state, row.reason, row.message = ClientState.FAILED, Reason.FAILED, step.message
             row.attempts, row.operation = step.attempt.attempt, step.attempt.operation_id
+        elif isinstance(step, Repaired):  # shown as any Succeeded row
+            row.state, row.reason, row.attempts = ClientState.SUCCEEDED, Reason.DONE, step.attempt.attempt
         else:
             assert isinstance(step, RetryLater)
             row.reason, row.attempts, row.message = retry_fields(step, limit)
@@ -760,7 +823,8 @@ def _make_row(relay: str, cid: str, row: _Row) -> Row:
 def _steps(index: RelayIndex, decisions: Sequence[Decision], client: Client, history: History,
            now: datetime) -> list[Step | None]:
     return [None if d.settled else history_step(d.job, index.revisions[d.job.name], d.package, index.packages,
-                                                d.installed, d.closed, history.get((d.job.name, client.id)), now)
+                                                d.installed, d.closed, history.get((d.job.name, client.id)), now,
+                                                covered=rerun_covers(index, d.job, client.id), repair=d.repair)
             for d in decisions]
 
 

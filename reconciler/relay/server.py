@@ -78,7 +78,7 @@ from reconciler.relay.state import (
 )
 from reconciler.relay.store import token_matches
 from reconciler.times import utc_now
-from reconciler.webhook import verify_signature
+from reconciler.webhook import HookGuard, HookRefused
 
 log = logging.getLogger("reconciler.relay")
 
@@ -209,6 +209,8 @@ def action_json(action: Action, artifact: StagedArtifact | None) -> protocol.Act
         spec = package.installer
         installer = {"type": spec.type.value, "install": list(spec.install), "uninstall": list(spec.uninstall),
                      "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
+        if spec.redact:
+            installer["redact"] = list(spec.redact)
     reply: protocol.Action = {
         "operationId": action.operation_id,
         "job": action.job,
@@ -245,12 +247,13 @@ class RelayApp:
     """The WSGI application. ``cache_dir`` is the content-addressed ``cache/sha256`` directory."""
 
     def __init__(self, state: RelayState, cache_dir: Path, *, webhook_secret: bytes | None = None,
-                 trust: Trust = Trust(), now: Callable[[], datetime] = utc_now) -> None:
+                 insecure_webhook: bool = False, trust: Trust = Trust(),
+                 now: Callable[[], datetime] = utc_now) -> None:
         self.trust = trust
         self.state = state
         self.store = state.store
         self.cache_dir = Path(cache_dir)
-        self.webhook_secret = webhook_secret
+        self.webhook = HookGuard(webhook_secret, insecure=insecure_webhook)
         self.now = now
 
     # -- plumbing ------------------------------------------------------------
@@ -546,11 +549,13 @@ class RelayApp:
     # -- git webhook ---------------------------------------------------------
 
     def git_hook(self, environ: Mapping[str, Any]) -> None:
+        """Wake a fetch if the hook passes :class:`~reconciler.webhook.HookGuard` (signed, fresh, not a replay)."""
         body = self._body(environ, json_required=False)
-        if self.webhook_secret is not None:
-            signature = environ.get("HTTP_X_HUB_SIGNATURE_256") or ""
-            if not verify_signature(self.webhook_secret, body, signature):
-                raise HttpError(401, "missing or wrong X-Hub-Signature-256 (HMAC-SHA256 of the body)")
+        try:
+            self.webhook.check(environ, body)
+        except HookRefused as e:
+            log.warning("%s", e.message)
+            raise HttpError(e.status, e.message) from None
         self.state.on_git_hook()
 
 

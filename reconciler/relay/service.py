@@ -27,9 +27,11 @@ must be a decision, never a default. ``--child-secret-file`` lets child
 relays download artifacts; ``--parent-secret-file`` is what this relay
 presents to its ``--parent-url``.
 
-Two settings come from the environment rather than flags:
 ``RECONCILER_POLL_SECONDS`` (the check-in interval told to agents, default
-30 s) and ``RECONCILER_WEBHOOK_SECRET_FILE`` (require signed hooks).
+30 s) comes from the environment rather than a flag. The git hook needs
+``--webhook-secret-file`` (or ``RECONCILER_WEBHOOK_SECRET_FILE``, kept as a
+fallback) unless ``--insecure-unsigned-webhook`` opens it; without either it
+is refused (401) and the poll interval alone picks up changes.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ from typing import Any
 
 from reconciler import names, protocol
 from reconciler.credentials import SecretFileError, read_header_secret
-from reconciler.gitstore import ChangeWatcher, GitStore
+from reconciler.gitstore import (
+    ChangeWatcher,
+    GitStore,
+    origin_password,
+    url_credentials_warning,
+)
 from reconciler.logs import configure_logging
 from reconciler.redaction import redact_url
 from reconciler.relay.artifacts import ArtifactCache
@@ -91,14 +98,11 @@ def poll_seconds_from_env(default: float = DEFAULT_POLL_SECONDS) -> float:
     return value
 
 
-def load_webhook_secret() -> bytes | None:
-    """The secret in the file named by ``RECONCILER_WEBHOOK_SECRET_FILE``; None leaves the hook open.
-
-    ``reconciler relay`` has no ``--webhook-secret-file`` flag: the hook only
-    wakes the loop (it fetches and decides for itself), so an open hook costs
-    at most an extra fetch; set the variable to require signed hooks.
-    """
-    path = os.environ.get(WEBHOOK_SECRET_ENV)
+def load_webhook_secret(path: str | None = None) -> bytes | None:
+    """The webhook secret in ``path`` (``--webhook-secret-file``), else in the file named by
+    ``RECONCILER_WEBHOOK_SECRET_FILE``; None when neither is set (hooks are then refused unless
+    ``--insecure-unsigned-webhook``)."""
+    path = path or os.environ.get(WEBHOOK_SECRET_ENV)
     return read_secret_file(path) if path else None
 
 
@@ -181,6 +185,8 @@ class _Wakeup:
 def main(args: argparse.Namespace) -> int:
     """Run ``reconciler relay`` until SIGTERM or SIGINT: 0 then, 2 when it cannot start."""
     configure_logging()
+    # SQLite (with its WAL), the artifact cache, the git mirror, listen.url: owner-only (0600/0700)
+    os.umask(0o077)
     name: str = args.name
     if not names.is_name(name):
         print(f"reconciler relay: invalid relay name {name!r}", file=sys.stderr)
@@ -220,7 +226,16 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     poll_seconds = poll_seconds_from_env()
     state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty,
                        offline_after=args.offline_after, retire_after=timedelta(days=args.retire_after))
-    git = GitStore(args.origin, workdir)
+    try:
+        password = origin_password(getattr(args, "origin_password_file", None))
+    except (OSError, ValueError) as e:
+        print(f"reconciler relay: cannot read the origin password: {e}", file=sys.stderr)
+        store.close()
+        return 2
+    warning = url_credentials_warning(args.origin, password is not None)
+    if warning:
+        log.warning("%s", warning)
+    git = GitStore(args.origin, workdir, password=password)
     cache = ArtifactCache(workdir, git, parent_url=args.parent_url, parent_secret=parent_secret)
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
     watcher = ChangeWatcher(args.origin, args.poll_interval)
@@ -238,7 +253,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
         log.warning("%s", accepted.error.message)
 
     try:
-        secret = load_webhook_secret()
+        secret = load_webhook_secret(args.webhook_secret_file)
     except (OSError, ValueError) as e:
         print(f"reconciler relay: cannot read the webhook secret: {e}", file=sys.stderr)
         store.close()
@@ -254,7 +269,11 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
         heartbeats = HeartbeatSender(args.hq_url, state, interval=args.heartbeat_interval, secret=heartbeat_secret)
     elif args.heartbeat_secret_file:
         log.warning("--heartbeat-secret-file without --hq-url: this relay sends no heartbeats")
-    app = RelayApp(state, cache.dir, webhook_secret=secret, trust=trust)
+    insecure = bool(args.insecure_unsigned_webhook) and secret is None
+    if secret is None and not insecure:
+        log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, or "
+                    "--insecure-unsigned-webhook); changes are picked up every --poll-interval")
+    app = RelayApp(state, cache.dir, webhook_secret=secret, insecure_webhook=insecure, trust=trust)
     try:
         server = relay_server(app, args.listen).start()
     except (ListenError, OSError) as e:
