@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reconciler.agent.agent import Agent  # noqa: E402
 
 RELAYS = ("relay-east", "relay-west")
+ENROLL_SECRET = "benchmark-enrolment-secret-0123456789"
 
 TOPOLOGY = """apiVersion: reconciler/v1
 kind: Topology
@@ -108,7 +109,8 @@ class Fleet:
     def __init__(self, root: Path, urls: dict[str, str], per_relay: int) -> None:
         self.agents = [
             Agent(f"pc-{relay.removeprefix('relay-')}-{i:04d}", urls[relay], root / relay / str(i),
-                  fact_overrides=[("os", "linux"), ("arch", "x86_64")], poll_interval=1.0)
+                  fact_overrides=[("os", "linux"), ("arch", "x86_64")], poll_interval=1.0,
+                  enroll_secret=ENROLL_SECRET)
             for relay in RELAYS for i in range(per_relay)
         ]
         self.first_action: dict[str, float] = {}
@@ -169,12 +171,15 @@ def main() -> int:
                                           stdout=log, stderr=subprocess.STDOUT, env=env))
 
     fleet: Fleet | None = None
+    enroll_file = work / "enroll.secret"  # the relays admit the agents that present it
+    enroll_file.write_text(ENROLL_SECRET + "\n")
     try:
         spawn("hq", "hq", "--origin", str(origin), "--workdir", str(work / "hq"), "--poll-interval", "10")
         urls: dict[str, str] = {}
         for relay in RELAYS:
             spawn(relay, "relay", "--name", relay, "--origin", str(origin), "--workdir", str(work / relay),
-                  "--listen", "127.0.0.1:0", "--poll-interval", "10", "--publish-interval", "1")
+                  "--listen", "127.0.0.1:0", "--poll-interval", "10", "--publish-interval", "1",
+                  "--enroll-secret-file", str(enroll_file))
         for relay in RELAYS:
             url_file = work / relay / "listen.url"
             wait_for(lambda: url_file.is_file() and url_file.read_text().strip(), 60, f"{relay} to listen")

@@ -141,6 +141,8 @@ def main() -> int:
                                            stdout=log, stderr=subprocess.STDOUT, env=env)
 
     total = args.agents_per_relay * len(RELAYS)
+    enroll_file = work / "enroll.secret"  # the relays admit the agents that present it
+    enroll_file.write_text("benchmark-enrolment-secret-0123456789\n")
     try:
         spawn("hq", "hq", "--origin", str(origin), "--workdir", str(work / "hq"), "--listen", "127.0.0.1:0")
         hq_file = work / "hq" / "listen.url"
@@ -148,7 +150,8 @@ def main() -> int:
         hq_url = hq_file.read_text().strip()
         for relay in RELAYS:
             spawn(relay, "relay", "--name", relay, "--origin", str(origin), "--workdir", str(work / relay),
-                  "--listen", "127.0.0.1:0", "--hq-url", hq_url, "--heartbeat-interval", f"{args.heartbeat_seconds:g}")
+                  "--listen", "127.0.0.1:0", "--hq-url", hq_url, "--heartbeat-interval", f"{args.heartbeat_seconds:g}",
+                  "--enroll-secret-file", str(enroll_file))
         for relay in RELAYS:
             url_file = work / relay / "listen.url"
             wait_for(lambda: url_file.is_file() and url_file.read_text().strip(), 60, f"{relay} to listen")
@@ -156,7 +159,7 @@ def main() -> int:
             for i in range(args.agents_per_relay):
                 cid = f"pc-{relay.removeprefix('relay-')}-{i:03d}"
                 spawn(cid, "agent", "--id", cid, "--relay", url, "--root", str(work / "clients" / cid),
-                      "--fact", "os=linux", "--fact", "arch=x86_64")
+                      "--fact", "os=linux", "--fact", "arch=x86_64", "--enroll-secret-file", str(enroll_file))
         settle_start = time.monotonic()
         wait_for(lambda: succeeded(origin) == total, 600, f"every one of {total} clients to succeed")
         wait_for(lambda: set(published_liveness(origin).values()) == {"alive"}, 120, "both relays published alive")

@@ -108,10 +108,12 @@ def build_origin(base: Path, jobs: int) -> Path:
 
 def start_relay(base: Path, origin: Path, publish_interval: float) -> tuple[subprocess.Popen[bytes], str]:
     workdir = base / "relay"
+    enroll_file = base / "enroll.secret"  # the benchmark's clients register with it
+    enroll_file.write_text(ENROLL_SECRET + "\n")
     log = open(base / "relay.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "reconciler", "relay", "--name", "relay-bench", "--origin",
                              str(origin), "--workdir", str(workdir), "--listen", "127.0.0.1:0",
-                             "--publish-interval", str(publish_interval)],
+                             "--publish-interval", str(publish_interval), "--enroll-secret-file", str(enroll_file)],
                             stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.monotonic() + 60
     url_file = workdir / "listen.url"
@@ -143,6 +145,9 @@ def wait_published(origin: Path, size: int, timeout: float = 600) -> None:
     raise SystemExit(f"the relay did not publish status for {size} clients within {timeout}s")
 
 
+ENROLL_SECRET = "benchmark-enrolment-secret-0123456789"
+
+
 class Client:
     __slots__ = ("id", "token", "body")
 
@@ -160,6 +165,8 @@ def _checkin(conn: http.client.HTTPConnection, client: Client) -> dict[str, Any]
     headers = {"Content-Type": "application/json"}
     if client.token:
         headers["Authorization"] = f"Bearer {client.token}"
+    else:
+        headers["X-Reconciler-Enrollment"] = ENROLL_SECRET
     conn.request("POST", f"/v1/clients/{client.id}/checkin", body=client.body, headers=headers)
     response = conn.getresponse()
     data = response.read()

@@ -30,6 +30,7 @@ _HANDLERS: dict[str, str] = {
     "status": "reconciler.commands.status",
     "rerun": "reconciler.commands.rerun",
     "demo": "reconciler.commands.demo",
+    "clients": "reconciler.commands.clients",
 }
 
 
@@ -162,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret to sign heartbeats with (HQ's --heartbeat-secret-file)")
     _webhook_options(p, env="RECONCILER_WEBHOOK_SECRET_FILE")
+    p.add_argument("--enroll-secret-file", metavar="F",
+                   help="enrolment secret: only agents presenting it (their --enroll-secret-file) register")
+    p.add_argument("--open-enrollment", action="store_true",
+                   help="let any caller register a client id (trust on first use); a relay needs this or "
+                        "--enroll-secret-file")
+    p.add_argument("--require-approval", action="store_true",
+                   help="new clients wait for `reconciler clients approve ID --workdir DIR` before they get work")
+    p.add_argument("--child-secret-file", metavar="F",
+                   help="secret child relays present (their --parent-secret-file) to download artifacts from here")
+    p.add_argument("--parent-secret-file", metavar="F",
+                   help="secret to present to --parent-url for artifacts (the parent's --child-secret-file)")
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")
@@ -176,7 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tail", type=_output_tail, default=2000, metavar="CHARS",
                    help="characters of an installer's output (its end, secrets masked) kept in the result sent "
                         "to the relay (default: 2000, at most 8000)")
+    p.add_argument("--enroll-secret-file", metavar="F",
+                   help="the relay's enrolment secret, presented to register (and to get a new token after a rekey)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
+
+    p = sub.add_parser("clients", help="list, approve, forget or rekey a relay's clients (on the relay host)")
+    p.add_argument("action", choices=["list", "approve", "forget", "rekey"], metavar="list|approve|forget|rekey",
+                   help="list: the clients and their state; approve: admit a client waiting for approval; "
+                        "forget: delete a registration and its history; rekey: revoke a token (history kept)")
+    p.add_argument("id", nargs="?", metavar="ID", help="the client (optional for list: then its events too)")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="the relay's --workdir")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format of list")
 
     p = sub.add_parser("status", help="show the HQ report from the status refs")
     p.add_argument("--origin", metavar="URL", help="git origin (default: the current repo's origin)")

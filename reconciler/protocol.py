@@ -57,6 +57,18 @@ ACTION_KINDS = ("install", "upgrade", "downgrade", "uninstall")
 INSTALLER_TYPES = ("files", "command")
 ARTIFACT_FORMATS = ("tar", "file")
 
+# Credentials (docs/PROTOCOL.md, "Enrolment and credentials").
+ENROLLMENT_HEADER = "X-Reconciler-Enrollment"  # the relay's enrolment secret, sent to register
+RELAY_SECRET_HEADER = "X-Reconciler-Relay-Secret"  # a child relay's secret, sent to fetch artifacts from its parent
+# The ``reason`` of a 401/403 error body: what the caller (an agent) has to do next.
+REASON_ENROLLMENT_REQUIRED = "enrollmentRequired"  # present the enrolment secret (unknown id, or its token revoked)
+REASON_ENROLLMENT_REFUSED = "enrollmentRefused"  # the enrolment secret presented is wrong
+REASON_TOKEN_REQUIRED = "tokenRequired"  # a registered client: send its token
+REASON_TOKEN_REFUSED = "tokenRefused"  # the token is not this client's
+REASON_PENDING_APPROVAL = "pendingApproval"  # registered, waits for `reconciler clients approve`
+REFUSAL_REASONS = (REASON_ENROLLMENT_REQUIRED, REASON_ENROLLMENT_REFUSED, REASON_TOKEN_REQUIRED,
+                   REASON_TOKEN_REFUSED, REASON_PENDING_APPROVAL)
+
 MAX_HOSTNAME = 255
 MAX_FREE_DISK_MB = 2**53 - 1  # the largest integer every JSON reader holds exactly
 MAX_LABELS = 64

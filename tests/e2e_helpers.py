@@ -28,6 +28,18 @@ T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# The secrets test relays run with unless a test gives its own (README, "Enrolment").
+ENROLL_SECRET = "test-enrolment-secret-0123456789"
+CHILD_SECRET = "test-child-relay-secret-0123456789"
+
+
+def secret_file(path: Path, secret: str) -> Path:
+    """Write ``secret`` to ``path`` (mode 0600) and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(secret + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
 
 # ------------------------------------------------------------------ waiting
 
@@ -191,6 +203,21 @@ class RelayProcess(_Service):
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.log = workdir.parent / f"{workdir.name}.log"
+        # Enrolled by default: agents of the tests present ``enroll_secret`` (None with --open-enrollment
+        # or a test's own --enroll-secret-file); child relays present CHILD_SECRET to their parent.
+        given = set(self.extra_args)
+        self.enroll_secret: str | None = None
+        self.enroll_secret_file: Path | None = None  # for agents run as subprocesses
+        if not given & {"--open-enrollment", "--enroll-secret-file"}:
+            self.enroll_secret = ENROLL_SECRET
+            self.enroll_secret_file = secret_file(workdir.parent / f"{workdir.name}.enroll-secret", ENROLL_SECRET)
+            self.extra_args += ["--enroll-secret-file", str(self.enroll_secret_file)]
+        if "--child-secret-file" not in given:
+            path = secret_file(workdir.parent / f"{workdir.name}.child-secret", CHILD_SECRET)
+            self.extra_args += ["--child-secret-file", str(path)]
+        if parent_url and "--parent-secret-file" not in given:
+            path = secret_file(workdir.parent / f"{workdir.name}.parent-secret", CHILD_SECRET)
+            self.extra_args += ["--parent-secret-file", str(path)]
 
     def start(self, timeout: float = 30.0) -> RelayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -426,8 +453,9 @@ def malformed_requests(client_id: str) -> list[tuple[str, str, str, dict[str, st
         ("PUT on check-in", "PUT", path, js, body(), 405),
         ("unknown endpoint", "GET", "/v1/nothing", {}, b"", 404),
         ("path traversal", "GET", "/v1/artifacts/../../relay.sqlite3", {}, b"", None),
-        ("artifact id not a hash", "GET", "/v1/artifacts/not-a-hash", {}, b"", 400),
-        ("unknown artifact", "GET", "/v1/artifacts/" + "0" * 64, {}, b"", 404),
+        # 401 without a credential, 400 and 404 with one (tests/test_enrollment.py tells them apart)
+        ("artifact id not a hash", "GET", "/v1/artifacts/not-a-hash", {}, b"", None),
+        ("unknown artifact", "GET", "/v1/artifacts/" + "0" * 64, {}, b"", None),
         ("POST on artifact", post, "/v1/artifacts/" + "0" * 64, js, b"{}", 405),
         ("DELETE on healthz", "DELETE", "/healthz", {}, b"", 405),
         ("GET on git hook", "GET", "/v1/hooks/git", {}, b"", 405),

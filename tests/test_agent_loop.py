@@ -407,7 +407,8 @@ def test_refused_token_keeps_state_and_backs_off(relay: FakeRelay, tmp_path: Pat
     relay.tokens["pc-001"] = "rotated-by-someone-else"
     refused = agent.step()
     assert not refused.reached and refused.status_code == 403
-    assert "refused our token" in (refused.error or "") and str(root / "token") in (refused.error or "")
+    assert "refused our token" in (refused.error or "")
+    assert "reconciler clients rekey pc-001 --workdir <the relay's workdir>" in (refused.error or "")
     assert agent.failures == 1
     assert (root / "token").exists() and (root / "receipts" / "notes.json").exists()
     assert [r["operationId"] for r in agent.journal.pending_results()] == ["op-1"]  # still owed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -122,6 +123,7 @@ class Cluster:
                  timeout, what=f"{relay.name} status for {commit[:12]}")
 
     def agent(self, client: str, relay: RelayProcess, **kwargs: Any) -> Agent:
+        kwargs.setdefault("enroll_secret", relay.enroll_secret)
         return Agent(client, relay.url, self.base / "clients" / client, **kwargs)
 
     def rows(self, relay: str, job_name: str) -> dict[str, dict[str, Any]]:
@@ -283,7 +285,7 @@ def test_requirements_conflict_uninstall_and_drift(cluster: Cluster) -> None:
     def run_agents() -> None:
         for client, root, disk in (("pc-small", small, "100"), ("pc-big", big, "100000")):
             reconciler("agent", "--id", client, "--relay", relay.url, "--root", str(root),
-                       "--fact", f"freeDiskMB={disk}", "--once")
+                       "--fact", f"freeDiskMB={disk}", "--enroll-secret-file", str(relay.enroll_secret_file), "--once")
 
     run_agents()
     both = {"pc-small": "Succeeded", "pc-big": "Succeeded"}
@@ -508,7 +510,8 @@ def test_kill_9_of_relay_and_agent_mid_install_converges_without_running_twice(c
     roots = {c: cluster.base / "clients" / c for c in ("pc-1", "pc-2")}
     for root in roots.values():
         root.mkdir(parents=True)
-    agents = {c: agent_process(c, relay.url, root) for c, root in roots.items()}
+    enrolled = ("--enroll-secret-file", str(relay.enroll_secret_file))
+    agents = {c: agent_process(c, relay.url, root, *enrolled) for c, root in roots.items()}
     try:
         # Both installs are running: kill -9 the relay, and pc-1's agent with its installer.
         wait_for(lambda: all((r / "started").exists() for r in roots.values()), 30, what="installs to start")
@@ -523,7 +526,7 @@ def test_kill_9_of_relay_and_agent_mid_install_converges_without_running_twice(c
                                  listen=f"127.0.0.1:{port}")
         cluster.relays.append(restarted)
         restarted.start()
-        agents["pc-1"] = agent_process("pc-1", restarted.url, roots["pc-1"])
+        agents["pc-1"] = agent_process("pc-1", restarted.url, roots["pc-1"], *enrolled)
         cluster.wait_rows("relay-a", "install-slow", {"pc-1": "Succeeded", "pc-2": "Succeeded"}, timeout=60)
     finally:
         for proc in agents.values():
@@ -634,7 +637,7 @@ def test_relay_before_hq_accepts_then_follows_and_refuses_unknown_names(cluster:
                       str(relay.workdir), "--listen", "127.0.0.1:0", check=False)
     assert same.returncode == 2 and "another relay" in same.stderr
     unknown = reconciler("relay", "--name", "relay-zz", "--origin", cluster.origin.url, "--workdir",
-                         str(cluster.base / "zz"), "--listen", "127.0.0.1:0", check=False)
+                         str(cluster.base / "zz"), "--listen", "127.0.0.1:0", "--open-enrollment", check=False)
     assert unknown.returncode == 2 and "relay-zz" in unknown.stderr and "not in the topology" in unknown.stderr
     assert relay.stop() == 0
     assert not (relay.workdir / "listen.url").exists()
@@ -664,3 +667,40 @@ def test_relay_git_hook_needs_a_secret_flag_or_the_insecure_opt_out(cluster: Clu
     from_env.stop()
     opened = cluster.relay("site-c", extra_args=["--insecure-unsigned-webhook"])
     assert requests.post(f"{opened.url}/v1/hooks/git", data=body, timeout=10).status_code == 202
+
+
+def test_approval_rekey_and_forget_on_a_running_relay(cluster: Cluster) -> None:
+    """The lifecycle commands change what a running relay process serves and publishes, at once."""
+    commit = cluster.accept({
+        "topology.yaml": topology(("relay-a", "hq-x")),
+        "artifacts/app/app.txt": "app\n",
+        "packages/app-1.0.yaml": package("app", "1.0", "{path: artifacts/app}"),
+        "jobs/install-app.yaml": job("install-app", "app", "1.0", "relay-a"),
+    })
+    relay = cluster.relay("relay-a", extra_args=["--require-approval"])
+    cluster.at_commit(relay, commit)
+
+    def clients(*args: str) -> str:
+        return reconciler("clients", *args, "--workdir", str(relay.workdir)).stdout
+
+    agent = cluster.agent("pc-1", relay)
+    waiting = agent.step()
+    assert waiting.status_code == 403 and "clients approve pc-1" in (waiting.error or "")
+    assert json.loads(clients("list", "--format", "json"))["clients"][0]["state"] == "pending approval"
+    assert agent.run_once() == 1 and receipts(cluster.base / "clients" / "pc-1") == set()
+    assert "pc-1" not in cluster.rows("relay-a", "install-app"), "a pending client was planned"
+
+    clients("approve", "pc-1")
+    assert agent.run_once() == 0 and receipts(cluster.base / "clients" / "pc-1") == {"app"}
+    cluster.wait_rows("relay-a", "install-app", {"pc-1": "Succeeded"})
+
+    token = agent.token
+    clients("rekey", "pc-1")
+    assert agent.run_once() == 0 and agent.token not in (None, token)  # re-enrolled with its secret
+    cluster.wait_rows("relay-a", "install-app", {"pc-1": "Succeeded"})  # its history kept
+
+    clients("forget", "pc-1")
+    wait_for(lambda: cluster.rows("relay-a", "install-app") == {}, 30,
+             what="the forgotten client gone from the relay's status (at its next pass)")
+    assert "Traceback" not in relay.output()
+    assert relay.stop() == 0

@@ -12,9 +12,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from e2e_helpers import assert_json_error, checkin_body, malformed_requests, send_raw
+from e2e_helpers import (
+    CHILD_SECRET,
+    ENROLL_SECRET,
+    assert_json_error,
+    checkin_body,
+    malformed_requests,
+    send_raw,
+)
 
-from reconciler.relay.server import RelayApp
+from reconciler import protocol
+from reconciler.relay.server import RelayApp, Trust
 from reconciler.relay.service import poll_seconds_from_env, relay_server
 from reconciler.relay.state import (
     Generation,
@@ -35,14 +43,21 @@ class Relay:
     changes: list[str]
 
 
-def _start(tmp_path: Path, secret: bytes | None = None, *, insecure: bool = False) -> tuple[Relay, Server]:
+TRUST = Trust(enroll_secret=ENROLL_SECRET, child_secret=CHILD_SECRET)
+ENROLL = {protocol.ENROLLMENT_HEADER: ENROLL_SECRET}
+CHILD = {protocol.RELAY_SECRET_HEADER: CHILD_SECRET}  # what a child relay presents for artifacts
+
+
+def _start(tmp_path: Path, secret: bytes | None = None, *, insecure: bool = False,
+           trust: Trust = TRUST) -> tuple[Relay, Server]:
     store = Store(tmp_path / "relay")
     changes: list[str] = []
     state = RelayState("relay-a", store, poll_seconds=7, on_change=lambda: changes.append("change"),
                        on_git_hook=lambda: changes.append("hook"))
     cache = tmp_path / "relay" / "cache" / "sha256"
     cache.mkdir(parents=True)
-    server = relay_server(RelayApp(state, cache, webhook_secret=secret, insecure_webhook=insecure), "127.0.0.1:0").start()
+    app = RelayApp(state, cache, webhook_secret=secret, insecure_webhook=insecure, trust=trust)
+    server = relay_server(app, "127.0.0.1:0").start()
     return Relay(server.url, store, state, cache, changes), server
 
 
@@ -54,8 +69,12 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
     r.store.close()
 
 
-def checkin(relay: Relay, client: str, token: str | None = None, **kwargs: object) -> requests.Response:
+def checkin(relay: Relay, client: str, token: str | None = None, *, enroll: bool | None = None,
+            **kwargs: object) -> requests.Response:
+    """A check-in with ``token``; with the enrolment secret when ``enroll`` (default: when there is no token)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if enroll or (enroll is None and not token):
+        headers.update(ENROLL)
     return requests.post(f"{relay.url}/v1/clients/{client}/checkin", json=checkin_body(**kwargs),  # type: ignore[arg-type]
                          headers=headers, timeout=10)
 
@@ -107,20 +126,25 @@ def test_registration_then_token_required(relay: Relay) -> None:
 
 
 def test_lost_registration_reply_does_not_lock_the_client_out(relay: Relay) -> None:
-    """Until a client has used its token, a token-less check-in gets a new one (the old one stops working)."""
+    """Until a client has used its token, an enrolled check-in gets a new one (the old one stops working)."""
     lost = checkin(relay, "pc-1").json()["token"]
     retry = checkin(relay, "pc-1")
     assert retry.status_code == 200
     token = retry.json()["token"]
     assert token != lost
-    assert_json_error(checkin(relay, "pc-1", lost), 403, "the token whose reply was lost")
+    stale = checkin(relay, "pc-1", lost)  # not yet confirmed: only the enrolment secret gets a token now
+    assert_json_error(stale, 401, "the token whose reply was lost")
+    assert stale.json()["reason"] == "enrollmentRequired"
     assert checkin(relay, "pc-1", token).status_code == 200
     assert_json_error(checkin(relay, "pc-1"), 401, "no token once confirmed")
 
 
 def test_unregistered_client_with_a_token_registers_afresh(relay: Relay) -> None:
-    """A relay that lost its database re-registers clients: the agent stores the new token."""
-    response = checkin(relay, "pc-9", "y" * 43)
+    """A relay that lost its database re-registers clients that present the enrolment secret."""
+    refused = checkin(relay, "pc-9", "y" * 43)
+    assert_json_error(refused, 401, "unknown client with a token")
+    assert refused.json()["reason"] == protocol.REASON_ENROLLMENT_REQUIRED
+    response = checkin(relay, "pc-9", "y" * 43, enroll=True)
     assert response.status_code == 200 and response.json()["token"]
 
 
@@ -176,30 +200,30 @@ def _stage(relay: Relay, content: bytes) -> str:
 def test_artifact_download_and_resume(relay: Relay) -> None:
     content = bytes(range(256)) * 4096  # 1 MiB
     sha = _stage(relay, content)
-    full = requests.get(f"{relay.url}/v1/artifacts/{sha}", timeout=10)
+    full = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers=CHILD, timeout=10)
     assert full.status_code == 200 and full.content == content
     assert full.headers["Content-Type"] == "application/octet-stream"
     assert full.headers["Accept-Ranges"] == "bytes"
 
-    part = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={"Range": "bytes=1000-"}, timeout=10)
+    part = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={**CHILD, "Range": "bytes=1000-"}, timeout=10)
     assert part.status_code == 206 and part.content == content[1000:]
     assert part.headers["Content-Range"] == f"bytes 1000-{len(content) - 1}/{len(content)}"
 
-    middle = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={"Range": "bytes=10-19"}, timeout=10)
+    middle = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={**CHILD, "Range": "bytes=10-19"}, timeout=10)
     assert middle.status_code == 206 and middle.content == content[10:20]
 
-    beyond = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={"Range": f"bytes={len(content)}-"},
+    beyond = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers={**CHILD, "Range": f"bytes={len(content)}-"},
                           timeout=10)
     assert_json_error(beyond, 416, "range beyond the end")
     assert beyond.headers["Content-Range"] == f"bytes */{len(content)}"
 
-    head = requests.head(f"{relay.url}/v1/artifacts/{sha}", timeout=10)
+    head = requests.head(f"{relay.url}/v1/artifacts/{sha}", headers=CHILD, timeout=10)
     assert head.status_code == 200 and head.headers["Content-Length"] == str(len(content))
 
 
 def test_empty_artifact(relay: Relay) -> None:
     sha = _stage(relay, b"")
-    response = requests.get(f"{relay.url}/v1/artifacts/{sha}", timeout=10)
+    response = requests.get(f"{relay.url}/v1/artifacts/{sha}", headers=CHILD, timeout=10)
     assert response.status_code == 200 and response.content == b""
 
 
@@ -470,9 +494,9 @@ def test_a_download_blip_uses_up_no_attempt(tmp_path: Path) -> None:
     sha = hashlib.sha256(content).hexdigest()
     state.generation = make_generation("c" * 40, _specs(), "relay-a",
                                        artifacts={("app", "1.0"): StagedArtifact(sha, len(content), "tar")})
-    server = relay_server(RelayApp(state, cache, now=lambda: clock[0]), "127.0.0.1:0").start()
+    server = relay_server(RelayApp(state, cache, trust=TRUST, now=lambda: clock[0]), "127.0.0.1:0").start()
     try:
-        agent = Agent("pc-1", server.url, tmp_path / "client", [], [])
+        agent = Agent("pc-1", server.url, tmp_path / "client", [], [], enroll_secret=ENROLL_SECRET)
         first = agent.step()  # the action goes out; its artifact is not in the relay's cache (a 404)
         [result] = first.results
         assert result["status"] == "notAttempted"

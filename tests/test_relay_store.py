@@ -82,7 +82,7 @@ def test_migration_from_version_1_keeps_clients_confirmed(tmp_path: Path) -> Non
     db.execute("INSERT INTO clients (id, token_hash, first_seen, last_seen) VALUES ('pc-1', 'h', 0, 0)")
     db.close()
     s = Store(tmp_path)
-    assert s.schema_version() == len(MIGRATIONS) and s.credentials("pc-1") == ("h", True)
+    assert s.schema_version() == len(MIGRATIONS) and s.credentials("pc-1") == ("h", True, True)
     s.close()
 
 
@@ -109,13 +109,13 @@ def test_a_move_counts_only_while_the_client_has_not_checked_in_here_since(store
 def test_unconfirmed_registration_can_be_reissued_until_confirmed(store: Store) -> None:
     with store.write() as db:
         first = store.register(db, "pc-1", T0)
-        assert first and store.credentials("pc-1") == (hash_token(first), False)
+        assert first and store.credentials("pc-1") == (hash_token(first), False, True)
         second = store.reissue(db, "pc-1")
         assert second and second != first
         assert not store.confirm(db, "pc-1", hash_token(first))
         assert store.confirm(db, "pc-1", hash_token(second))
         assert store.reissue(db, "pc-1") is None
-    assert store.credentials("pc-1") == (hash_token(second), True)
+    assert store.credentials("pc-1") == (hash_token(second), True, True)
 
 
 def test_register_once_and_token_is_stored_hashed(store: Store) -> None:

@@ -29,7 +29,13 @@ Relay failures are classified at the HTTP boundary: unreachable or 5xx
 (:class:`RelayUnavailable`, back off exponentially up to the poll interval),
 401/403 (:class:`RelayRefused`, our token is not accepted; logged loudly,
 backed off, and no state is deleted, since only an operator knows whether the
-relay or the client is wrong), any other refusal (:class:`RelayError`).
+relay or the client is wrong), any other refusal (:class:`RelayError`). A
+refusal's ``reason`` tells the agent what to do and the operator what to run:
+with its enrolment secret (``--enroll-secret-file``) the agent registers, and
+re-enrols at once when the relay says its token was revoked (``reconciler
+clients rekey`` on the relay host); a client waiting for approval keeps its
+token and asks again every poll interval; every other refusal names the
+``reconciler clients`` command to run on the relay host.
 
 ``Agent`` is usable in-process (tests, load generators, ``reconciler demo``):
 ``step()`` does one round, ``run_once()`` and ``run_forever(stop)`` drive it.
@@ -79,6 +85,7 @@ from reconciler.agent.processes import (
     settle_orphan,
 )
 from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
+from reconciler.credentials import SecretFileError, read_header_secret
 from reconciler.fileio import sha256_file, write_atomic
 from reconciler.redaction import redact_output, redact_url
 from reconciler.times import format_time, utc_now
@@ -126,6 +133,10 @@ class RelayUnavailable(RelayError):
 class RelayRefused(RelayError):
     """401/403: the relay does not accept our token; needs an operator, but we keep trying."""
 
+    def __init__(self, message: str, status: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message, status)
+        self.reason = reason  # the refusal's protocol reason, e.g. pendingApproval
+
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -170,6 +181,19 @@ def _short_error(exc: BaseException) -> str:
     if isinstance(exc, requests.Timeout):
         return "timed out"
     return _cut(f"{type(exc).__name__}: {text}", 200)
+
+
+def _refusal(response: requests.Response) -> tuple[str | None, str | None]:
+    """The ``reason`` and ``token`` of a 401/403 body (docs/PROTOCOL.md), each None when absent or malformed."""
+    try:
+        data = response.json()
+    except ValueError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    reason, token = data.get("reason"), data.get("token")
+    return (reason if reason in protocol.REFUSAL_REASONS else None,
+            token if names.is_token(token) else None)
 
 
 def _error_body(response: requests.Response) -> str:
@@ -383,7 +407,8 @@ class Agent:
                  labels: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  fact_overrides: Mapping[str, Any] | Iterable[tuple[str, str]] | None = None,
                  session: requests.Session | None = None, *, poll_interval: float | None = None,
-                 output_tail: int = DEFAULT_OUTPUT_TAIL, now: Callable[[], datetime] = utc_now) -> None:
+                 output_tail: int = DEFAULT_OUTPUT_TAIL, enroll_secret: str | None = None,
+                 now: Callable[[], datetime] = utc_now) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -416,6 +441,7 @@ class Agent:
         self.layout.create()
         self.session = session or requests.Session()
         self.poll_interval = poll_interval
+        self.enroll_secret = enroll_secret  # the relay's enrolment secret: presented only to get a token
         self.relay_poll_seconds: float | None = None
         self.failures = 0
         self._now = now
@@ -461,9 +487,36 @@ class Agent:
         """Installed packages per the receipts, each confirmed (``detect``, files present)."""
         return [{"name": entry["name"], "version": entry["version"]} for entry in confirmed_inventory(self.layout)]
 
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, enroll: bool = False) -> dict[str, str]:
         token = self.token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if self.enroll_secret is not None and (enroll or not token):
+            headers[protocol.ENROLLMENT_HEADER] = self.enroll_secret
+        return headers
+
+    def _refused(self, response: requests.Response) -> RelayRefused:
+        """The error for a 401/403 of a check-in, naming what the operator runs on the relay host."""
+        status = response.status_code
+        reason, _ = _refusal(response)
+        said = f"{status}: {_error_body(response)}"
+        on_relay = "on the relay host run `reconciler clients {} " + self.client_id + " --workdir <the relay's workdir>`"
+        if reason == protocol.REASON_PENDING_APPROVAL:
+            text = (f"registered with relay {redact_url(self.relay_url)}, waiting for approval: "
+                    f"{on_relay.format('approve')} ({said})")
+        elif reason == protocol.REASON_ENROLLMENT_REFUSED:
+            text = (f"relay refused our enrolment secret ({said}); give this agent --enroll-secret-file with the "
+                    "relay's --enroll-secret-file")
+        elif reason == protocol.REASON_ENROLLMENT_REQUIRED and self.enroll_secret is None:
+            text = (f"relay refused the check-in ({said}); this agent has no enrolment secret: give it "
+                    "--enroll-secret-file with the relay's --enroll-secret-file")
+        elif reason == protocol.REASON_ENROLLMENT_REQUIRED:
+            text = (f"relay refused the check-in ({said}); if the relay lost this client, "
+                    f"{on_relay.format('list')}")
+        else:
+            text = (f"relay refused our token ({said}); if this client should be served (its token was lost, "
+                    f"or it was re-imaged), {on_relay.format('rekey')}: this agent then re-enrols with its "
+                    "--enroll-secret-file at its next check-in")
+        return RelayRefused(text, status, reason)
 
     # -- relay
 
@@ -476,15 +529,22 @@ class Agent:
         if last_relay is not None:
             body["lastRelay"] = last_relay
         url = f"{self.relay_url}/v1/clients/{self.client_id}/checkin"
-        try:
-            response = self.session.post(url, json=body, headers=self._headers(), timeout=HTTP_TIMEOUT)
-        except requests.RequestException as exc:
-            raise RelayUnavailable(f"relay {redact_url(self.relay_url)} unreachable: {_short_error(exc)}") from exc
+        headers = self._headers()
+        response = self._post(url, body, headers)
         status = response.status_code
+        if (status == 401 and _refusal(response)[0] == protocol.REASON_ENROLLMENT_REQUIRED
+                and self.enroll_secret is not None and protocol.ENROLLMENT_HEADER not in headers):
+            # Our token was revoked (`reconciler clients rekey`) or the relay no longer knows us: enrol again.
+            self.log.info("relay %s asks this client to enrol again; presenting the enrolment secret",
+                          redact_url(self.relay_url))
+            response = self._post(url, body, self._headers(enroll=True))
+            status = response.status_code
         if status in (401, 403):
-            raise RelayRefused(
-                f"relay refused our token ({status}: {_error_body(response)}); if the relay lost its "
-                f"registrations, an operator must delete {self.layout.token} to register again", status)
+            reason, token = _refusal(response)
+            if reason == protocol.REASON_PENDING_APPROVAL and token is not None and token != self.token:
+                self._store_token(token)  # registered: the approval admits the holder of this token
+                self.log.info("registered with relay %s; waiting for approval", redact_url(self.relay_url))
+            raise self._refused(response)
         if status >= 500:
             raise RelayUnavailable(f"relay error {status}: {_error_body(response)}", status)
         if status != 200:
@@ -506,9 +566,19 @@ class Agent:
         return CheckinReply(tuple(reply["actions"]), max(float(reply["pollSeconds"]), MIN_POLL_SECONDS),
                             len(results))
 
+    def _post(self, url: str, body: protocol.CheckinRequest, headers: Mapping[str, str]) -> requests.Response:
+        try:
+            # No redirects: requests would resend the enrolment secret to wherever a redirect points.
+            return self.session.post(url, json=body, headers=dict(headers), timeout=HTTP_TIMEOUT,
+                                     allow_redirects=False)
+        except requests.RequestException as exc:
+            raise RelayUnavailable(f"relay {redact_url(self.relay_url)} unreachable: {_short_error(exc)}") from exc
+
     def fetch(self, ref: ArtifactRef) -> Path:
         """A verified copy of the artifact in ``cache/``."""
-        return fetch_artifact(self.session, self.relay_url, ref, self.layout, self._headers())
+        token = self.token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}  # never the enrolment secret
+        return fetch_artifact(self.session, self.relay_url, ref, self.layout, headers)
 
     # -- actions
 
@@ -648,7 +718,8 @@ class Agent:
             reply = self.checkin()
         except RelayError as exc:
             self.failures += 1
-            level = logging.ERROR if isinstance(exc, RelayRefused) else logging.WARNING
+            waiting = isinstance(exc, RelayRefused) and exc.reason == protocol.REASON_PENDING_APPROVAL
+            level = logging.ERROR if isinstance(exc, RelayRefused) and not waiting else logging.WARNING
             self.log.log(level, "check-in failed: %s", exc.message)
             return StepResult(False, exc.status, exc.message, poll_seconds=self.poll_seconds)
         self.failures = 0
@@ -714,10 +785,11 @@ def main(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        secret = read_header_secret(args.enroll_secret_file) if getattr(args, "enroll_secret_file", None) else None
         agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
                       fact_overrides=list(args.fact), poll_interval=args.poll_interval,
-                      output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL))
-    except AgentConfigError as exc:
+                      output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret)
+    except (AgentConfigError, SecretFileError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2
     if args.once:

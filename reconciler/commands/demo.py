@@ -7,6 +7,11 @@ shows live progress until the fleet settles, then repairs the package that
 fails by design the GitOps way (a commit that fixes its install script and
 raises ``rerun``), waits again and prints the HQ report.
 
+The relays admit only enrolled agents, as in production: the demo writes an
+enrolment secret and a child-relay secret (mode 0600) into its workdir and
+gives them to every relay (``--enroll-secret-file``, ``--child-secret-file``,
+a nested relay's ``--parent-secret-file``) and agent (``--enroll-secret-file``).
+
 Every child runs in the demo's care: on any exit path (success, error,
 timeout, Ctrl-C, SIGTERM) they are stopped, so no process is left behind.
 """
@@ -180,6 +185,14 @@ def _git(cwd: Path, *args: str) -> str:
     if result.returncode != 0:
         raise DemoError(f"git {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout.strip()
+
+
+def write_secret(path: Path) -> Path:
+    """A new random secret in ``path``, readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 def seed_origin(workdir: Path) -> tuple[Path, Path]:
@@ -361,6 +374,8 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     origin, admin = seed_origin(workdir)
     say(log, f"origin: {origin} (seeded from example-repo: 2 commits on main)")
 
+    enroll_secret = write_secret(workdir / "enroll.secret")  # relays admit the agents that present it
+    child_secret = write_secret(workdir / "child-relay.secret")  # nested relays present it to their parents
     children = Children(logs)
     steps: list[dict[str, Any]] = []
     env = {"RECONCILER_POLL_SECONDS": POLL_SECONDS}
@@ -386,9 +401,10 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
                 relay_dir = workdir / relay
                 argv = ["relay", "--name", relay, "--origin", str(origin), "--workdir", str(relay_dir),
                         "--listen", "127.0.0.1:0", "--poll-interval", "5", "--publish-interval", "1",
-                        "--hq-url", hq_url, "--heartbeat-interval", "10", *hook_args]
+                        "--hq-url", hq_url, "--heartbeat-interval", "10", *hook_args,
+                        "--enroll-secret-file", str(enroll_secret), "--child-secret-file", str(child_secret)]
                 if parent in urls:
-                    argv += ["--parent-url", urls[parent]]
+                    argv += ["--parent-url", urls[parent], "--parent-secret-file", str(child_secret)]
                 children.start(relay, argv, env)
                 urls[relay] = _wait_for_file(relay_dir / "listen.url", children)
                 pending.remove(relay)
@@ -397,7 +413,8 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
         agents = fleet(relays, clients)
         for agent in agents:
             argv = ["agent", "--id", agent.id, "--relay", urls[agent.relay],
-                    "--root", str(workdir / "clients" / agent.id), "--poll-interval", POLL_SECONDS]
+                    "--root", str(workdir / "clients" / agent.id), "--poll-interval", POLL_SECONDS,
+                    "--enroll-secret-file", str(enroll_secret)]
             for key, value in agent.facts:
                 argv += ["--fact", f"{key}={value}"]
             for key, value in agent.labels:

@@ -13,7 +13,10 @@ served from here by ``GET /v1/artifacts/<sha256>``:
 * a **url** artifact is fetched with requests, streamed to disk and verified
   against the spec's sha256 (a mismatch is refused). With ``--parent-url`` the
   parent relay's cache is asked first, so the far origin serves each artifact
-  once per top-level relay, not once per relay. A ``.tar`` URL is served as a
+  once per top-level relay, not once per relay. The parent serves its cache
+  only to child relays that present its ``--child-secret-file``
+  (``--parent-secret-file`` here); without it the parent's 401 is logged and
+  the artifact comes from its URL. A ``.tar`` URL is served as a
   tar after checking that no entry leaves the archive (zip-slip).
 
 Files appear in the cache only by atomic rename after verification, so a
@@ -41,6 +44,7 @@ from typing import Any, BinaryIO, Protocol
 
 import requests
 
+from reconciler import protocol
 from reconciler.fileio import fsync_dir, sha256_file, write_atomic
 from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
@@ -237,7 +241,8 @@ class ArtifactCache:
     """Stages artifacts into ``<workdir>/cache/sha256`` and remembers what each in-repo path packed to."""
 
     def __init__(self, workdir: Path, git: GitReader, *, parent_url: str | None = None,
-                 session: requests.Session | None = None, clock: Any = time.monotonic) -> None:
+                 parent_secret: str | None = None, session: requests.Session | None = None,
+                 clock: Any = time.monotonic) -> None:
         self.root = Path(workdir) / "cache"
         self.dir = self.root / "sha256"
         self.tmp = self.root / "tmp"
@@ -248,6 +253,8 @@ class ArtifactCache:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         self.git = git
         self.parent_url = parent_url.rstrip("/") if parent_url else None
+        # The parent serves artifacts only to its clients and to child relays presenting its --child-secret-file.
+        self.parent_headers = {protocol.RELAY_SECRET_HEADER: parent_secret} if parent_secret else {}
         self.session = session or requests.Session()
         self.clock = clock
         self._parent_missing_since: dict[str, float] = {}
@@ -390,15 +397,20 @@ class ArtifactCache:
     def _try_parent(self, sha: str) -> str:
         """'ok' (now cached), 'missing' (parent answered 404) or 'error' (unreachable, bad data)."""
         try:
-            self._download(f"{self.parent_url}/v1/artifacts/{sha}", sha, source="the parent relay")
+            self._download(f"{self.parent_url}/v1/artifacts/{sha}", sha, source="the parent relay",
+                           headers=self.parent_headers)
             return "ok"
         except _NotFound:
             return "missing"
+        except _Refused as e:
+            log.warning("parent relay refused to serve %s (%s): give this relay --parent-secret-file holding the "
+                        "parent's --child-secret-file; using the artifact's URL", sha, e)
+            return "error"
         except ArtifactError as e:
             log.warning("parent relay could not provide %s (%s); using the artifact's URL", sha, e)
             return "error"
 
-    def _download(self, url: str, sha: str, *, source: str) -> None:
+    def _download(self, url: str, sha: str, *, source: str, headers: Mapping[str, str] | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         handle, temp_name = tempfile.mkstemp(prefix="download-", dir=self.tmp)
         temp = Path(temp_name)
@@ -413,7 +425,7 @@ class ArtifactCache:
                     except OSError as e:
                         raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
                 elif parsed.scheme in ("http", "https"):
-                    self._http_get(url, writer, source)
+                    self._http_get(url, writer, source, headers or {})
                 else:
                     raise ArtifactRefused(f"unsupported artifact URL scheme {parsed.scheme!r} (http, https, file)")
                 out.flush()
@@ -426,11 +438,15 @@ class ArtifactCache:
         finally:
             temp.unlink(missing_ok=True)
 
-    def _http_get(self, url: str, writer: _HashingWriter, source: str) -> None:
+    def _http_get(self, url: str, writer: _HashingWriter, source: str, headers: Mapping[str, str]) -> None:
         try:
-            with self.session.get(url, stream=True, timeout=HTTP_TIMEOUT) as response:
+            # A request carrying a secret follows no redirect: requests would resend the header to any host.
+            with self.session.get(url, stream=True, timeout=HTTP_TIMEOUT, headers=dict(headers),
+                                  allow_redirects=not headers) as response:
                 if response.status_code == 404:
                     raise _NotFound(f"{source} answered 404")
+                if response.status_code in (401, 403):
+                    raise _Refused(f"{source} answered HTTP {response.status_code}")
                 if response.status_code != 200:
                     raise ArtifactError(f"{source} answered HTTP {response.status_code}")
                 for chunk in response.iter_content(CHUNK):
@@ -480,6 +496,10 @@ class ArtifactCache:
 
 class _NotFound(ArtifactError):
     pass
+
+
+class _Refused(ArtifactError):
+    """The server wants a credential we lack (401/403)."""
 
 
 def _url_file_name(url: str) -> str:

@@ -15,13 +15,28 @@ Two rules shape the code:
   mistyped fields, bad ids, bodies over 1 MiB, wrong Content-Type, malformed
   JSON); any refusal is a 4xx with ``{"error": "..."}``. A 500 means a relay
   bug, is logged with its traceback, and still answers in JSON.
-* **Registration is trust on first use, confirmed by use.** The first check-in
-  of an unknown id registers it and the reply carries its token. Once the
-  client has checked in with that token, a check-in without it is 401 and one
-  with another token 403. Until then a token-less check-in gets a fresh token
-  (the old one stops working): otherwise a reply lost after the relay
-  committed the registration (a relay killed at that instant, a dropped
-  connection) would lock the client out for good.
+* **Only an enrolled caller registers, and a token is never handed to anyone
+  else.** A check-in of an unknown id registers it only when it presents the
+  relay's enrolment secret (``X-Reconciler-Enrollment``, compared in constant
+  time), or when the relay runs with open enrolment (trust on first use, an
+  explicit flag); the reply carries the client's token. Once the client has
+  checked in with that token (its registration is *confirmed*), a check-in
+  without it is 401 and one with another token 403, secret or not. Until
+  then an enrolled check-in gets a fresh token (the old one stops working),
+  so a reply lost after the relay committed the registration (a relay killed
+  at that instant, a dropped connection) never locks the client out, while a
+  caller without the secret can neither register an id nor take over one
+  that has not used its token yet. ``reconciler clients rekey`` revokes a
+  token, which puts the registration back in that unconfirmed state.
+* **Approval.** With ``--require-approval`` a new registration gets its token
+  but every check-in is answered 403 ``pendingApproval`` (nothing planned,
+  nothing handed out) until ``reconciler clients approve``: the operator
+  admits the very machine that holds the token.
+* **Artifacts need a credential:** the token of an approved client of this
+  relay (``Authorization: Bearer``) or, for a child relay, the secret of
+  ``--child-secret-file`` (``X-Reconciler-Relay-Secret``). Credentials are
+  checked before the hash is even looked at, so a stranger cannot learn what
+  the cache holds.
 * **A reply acknowledges only what is committed.** The results it accepts and
   the operations it hands out are in SQLite (one transaction, committed)
   before the first byte of the reply is written, so a relay killed at any
@@ -38,6 +53,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,6 +61,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from reconciler import names, protocol
+from reconciler.credentials import secret_matches
 from reconciler.plan import (
     Action,
     ActionKind,
@@ -73,16 +90,31 @@ ARTIFACT_PATH = re.compile(r"/v1/artifacts/([^/]*)")
 
 CHUNK = 256 * 1024
 
+# The WSGI environ keys of the credential headers.
+_ENROLLMENT_ENVIRON = "HTTP_" + protocol.ENROLLMENT_HEADER.upper().replace("-", "_")
+_RELAY_SECRET_ENVIRON = "HTTP_" + protocol.RELAY_SECRET_HEADER.upper().replace("-", "_")
+
 
 # ------------------------------------------------------------------ validation
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = (), *,
+                 reason: str | None = None, token: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = list(headers)
+        self.reason = reason  # one of protocol.REFUSAL_REASONS on a 401/403 of a check-in
+        self.token = token  # a pending client's new token rides on its 403
+
+    def body(self) -> dict[str, str]:
+        out = {"error": self.message}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.token is not None:
+            out["token"] = self.token
+        return out
 
 
 def _bad(message: str) -> HttpError:
@@ -120,9 +152,39 @@ def parse_checkin(doc: Any) -> Checkin:
                    body.get("lastRelay"))
 
 
-def _unauthorized(client_id: str) -> HttpError:
-    return HttpError(401, f"client {client_id} is registered: send its token (Authorization: Bearer <token>)",
-                     [("WWW-Authenticate", 'Bearer realm="reconciler"')])
+_CHALLENGE = ("WWW-Authenticate", 'Bearer realm="reconciler"')
+
+
+def _refused(status: int, reason: str, message: str, token: str | None = None) -> HttpError:
+    return HttpError(status, message, [_CHALLENGE] if status == 401 else [], reason=reason, token=token)
+
+
+def _needs_enrollment(client_id: str, registered: bool) -> HttpError:
+    why = ("has no valid token (it was revoked, or the reply that carried it was lost)" if registered
+           else "is not registered with this relay")
+    return _refused(401, protocol.REASON_ENROLLMENT_REQUIRED,
+                    f"client {client_id} {why}: check in with the relay's enrolment secret "
+                    f"({protocol.ENROLLMENT_HEADER}; the agent's --enroll-secret-file) to get a token")
+
+
+def _pending(client_id: str, token: str | None = None) -> HttpError:
+    return _refused(403, protocol.REASON_PENDING_APPROVAL,
+                    f"client {client_id} is registered and waits for approval: on the relay host, run "
+                    f"`reconciler clients approve {client_id} --workdir <the relay's workdir>`", token)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Who may register with the relay and who may download its artifacts (README, "Enrolment").
+
+    The default admits nobody new: ``reconciler relay`` refuses to start
+    without ``--enroll-secret-file`` or ``--open-enrollment``.
+    """
+
+    enroll_secret: str | None = None  # agents present it (X-Reconciler-Enrollment) to register
+    open_enrollment: bool = False  # any caller registers an unknown id: trust on first use
+    require_approval: bool = False  # new registrations wait for `reconciler clients approve`
+    child_secret: str | None = None  # child relays present it (X-Reconciler-Relay-Secret) for artifacts
 
 
 def _bearer(environ: Mapping[str, Any]) -> str | None:
@@ -185,7 +247,9 @@ class RelayApp:
     """The WSGI application. ``cache_dir`` is the content-addressed ``cache/sha256`` directory."""
 
     def __init__(self, state: RelayState, cache_dir: Path, *, webhook_secret: bytes | None = None,
-                 insecure_webhook: bool = False, now: Callable[[], datetime] = utc_now) -> None:
+                 insecure_webhook: bool = False, trust: Trust = Trust(),
+                 now: Callable[[], datetime] = utc_now) -> None:
+        self.trust = trust
         self.state = state
         self.store = state.store
         self.cache_dir = Path(cache_dir)
@@ -198,7 +262,7 @@ class RelayApp:
         try:
             return self._route(environ, start_response)
         except HttpError as e:
-            return self._json(start_response, e.status, {"error": e.message}, e.headers)
+            return self._json(start_response, e.status, e.body(), e.headers)
         except Exception:
             log.exception("relay error handling %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             return self._json(start_response, 500, {"error": "internal relay error (logged on the relay)"})
@@ -260,26 +324,79 @@ class RelayApp:
             raise HttpError(413, f"request body is larger than {MAX_BODY} bytes")
         return body
 
+    # -- credentials ---------------------------------------------------------
+
+    def _enrolled(self, client_id: str, environ: Mapping[str, Any]) -> str | None:
+        """How the caller may register: "enrolment secret", "open enrolment", or None (it may not).
+
+        A secret presented and wrong is refused outright (401), even with open
+        enrolment: an agent configured with a stale secret should hear so.
+        """
+        presented = environ.get(_ENROLLMENT_ENVIRON)
+        if presented is None:
+            return "open enrolment" if self.trust.open_enrollment else None
+        secret = self.trust.enroll_secret
+        if secret is not None and secret_matches(presented, secret):
+            return "enrolment secret"
+        if secret is None and self.trust.open_enrollment:
+            return "open enrolment"
+        log.warning("client %s presented a wrong enrolment secret", client_id)
+        raise _refused(401, protocol.REASON_ENROLLMENT_REFUSED,
+                       f"wrong enrolment secret ({protocol.ENROLLMENT_HEADER}): the agent's --enroll-secret-file "
+                       "must hold the relay's --enroll-secret-file")
+
+    def _authorize_download(self, environ: Mapping[str, Any]) -> None:
+        """Let an artifact go only to an approved client of this relay or to a child relay (401/403 otherwise)."""
+        presented = environ.get(_RELAY_SECRET_ENVIRON)
+        if presented is not None:
+            if self.trust.child_secret is not None and secret_matches(presented, self.trust.child_secret):
+                return
+            log.warning("a download presented a wrong child-relay secret")
+            raise HttpError(401, f"wrong relay secret ({protocol.RELAY_SECRET_HEADER}): the child relay's "
+                                 "--parent-secret-file must hold this relay's --child-secret-file", [_CHALLENGE])
+        token = _bearer(environ)
+        if token is None:
+            raise HttpError(401, "artifacts are served to this relay's clients and child relays only: send the "
+                                 "client's token (Authorization: Bearer <token>) or a child relay's secret "
+                                 f"({protocol.RELAY_SECRET_HEADER})", [_CHALLENGE])
+        holder = self.store.client_of_token(token)
+        if holder is None:
+            raise _refused(401, protocol.REASON_TOKEN_REFUSED, "this token belongs to no client of this relay")
+        client_id, approved = holder
+        if not approved:
+            raise _pending(client_id)
+
     # -- check-in ------------------------------------------------------------
 
     def checkin(self, client_id: str, environ: Mapping[str, Any]) -> protocol.CheckinReply:
         if not names.is_client_id(client_id):
             raise _bad("invalid client id: use 1-63 lowercase letters, digits, '.' and '-'")
         token = _bearer(environ)
+        enrolled = self._enrolled(client_id, environ)
         request = parse_checkin(parse_json(self._body(environ, json_required=True)))
         # Authenticate before taking the write lock: a refused client costs one indexed read.
         credentials = self.store.credentials(client_id)
         reissue = confirm = False
-        if credentials is not None:
-            known_hash, confirmed = credentials
+        if credentials is None:
+            if enrolled is None:
+                raise _needs_enrollment(client_id, registered=False)
+        elif token is not None and token_matches(token, credentials.token_hash):
+            confirm = not credentials.confirmed
+        elif credentials.confirmed:
+            # Its token has been used: nobody else gets one, whatever they present.
+            if enrolled is not None and self.trust.enroll_secret is not None:
+                log.warning("client %s presented the enrolment secret without its token; if that PC lost its "
+                            "token or was re-imaged: reconciler clients rekey %s --workdir %s", client_id, client_id,
+                            self.store.path.parent)
             if token is None:
-                if confirmed:
-                    raise _unauthorized(client_id)
-                reissue = True  # the reply that carried its token may have been lost
-            elif not token_matches(token, known_hash):
-                raise HttpError(403, f"this token does not belong to client {client_id}")
-            else:
-                confirm = not confirmed
+                raise _refused(401, protocol.REASON_TOKEN_REQUIRED,
+                               f"client {client_id} is registered: send its token (Authorization: Bearer <token>)")
+            raise _refused(403, protocol.REASON_TOKEN_REFUSED, f"this token does not belong to client {client_id}")
+        elif enrolled is not None:
+            reissue = True  # never used (its reply may have been lost) or rekeyed: an enrolled caller gets one
+        else:
+            raise _needs_enrollment(client_id, registered=True)
+        approved = credentials.approved if credentials is not None else not self.trust.require_approval
         now = self.now()
         state = self.state
         generation = state.generation
@@ -287,62 +404,34 @@ class RelayApp:
         new_token: str | None = None
         with self.store.write() as db:
             if credentials is None:
-                # First check-in (or a relay that lost its database): trust on first use.
-                new_token = self.store.register(db, client_id, now)
+                # First check-in (or a relay that lost its database), by an enrolled caller.
+                new_token = self.store.register(db, client_id, now, approved=approved, actor=f"relay ({enrolled})")
                 if new_token is None:
                     raise HttpError(409, f"client {client_id} registered concurrently; check in again with its token")
-                changed = True
+                changed = approved
             elif reissue:
-                new_token = self.store.reissue(db, client_id)
+                new_token = self.store.reissue(db, client_id, now, actor=f"relay ({enrolled})")
                 if new_token is None:
-                    raise _unauthorized(client_id)
-            elif confirm and not self.store.confirm(db, client_id, credentials[0]):
-                raise HttpError(403, f"this token does not belong to client {client_id}")
-            changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
-            if request.last_relay is not None and request.last_relay != state.name:
-                # It moved here: HQ tells that relay, which stops counting it (README, "Clients move and retire").
-                changed |= self.store.record_arrival(db, client_id, request.last_relay, now)
-            if self.store.record_results(db, client_id, request.results, now):
-                changed = True
-            actions: tuple[Action, ...] = ()
-            if generation.index is not None:
-                client = Client(
-                    id=client_id, relay=state.name, os=request.facts.get("os"), arch=request.facts.get("arch"),
-                    free_disk_mb=request.facts.get("freeDiskMB"),
-                    labels=tuple(sorted(request.labels.items())), installed=request.inventory, online=True)
-                history = self.store.history_of(client_id, db)
-                index = generation.index
-                # Rollout limits count the other clients' rows, in this transaction: whatever
-                # another check-in started and committed before this one holds its slot.
-                limited = tuple(j.name for j in (*index.relay_jobs, *index.client_jobs.get(client_id, ()))
-                                if j.max_concurrent is not None or j.max_failures is not None)
-                previous = self.store.row_states_of(client_id, db)
-                usage = self.store.usage(db, limited, client_id, state.online_since(now), previous)
-                try:
-                    planned = plan_client(index, client, history, usage, now, state.memo_for(index))
-                except Exception:
-                    isolated = state.isolate(generation, lambda alone: plan_client(alone, client, history, {}, now))
-                    if isolated is None or isolated.index is None:
-                        raise
-                    generation = isolated
-                    planned = plan_client(isolated.index, client, history, usage, now, state.memo_for(isolated.index))
-                rows, actions = planned.rows, planned.actions
-                for action in actions:
-                    attempt = Attempt(
-                        operation_id=action.operation_id, job=action.job, client=client_id,
-                        revision=action.revision, rerun=action.rerun, attempt=action.attempt, action=action.kind,
-                        version=action.version, outcome=Outcome.DISPATCHED, dispatched_at=now)
-                    if self.store.record_dispatch(db, attempt):
-                        changed = True
-                moved = [(row.job, client_id, row.state.value, now) for row in rows
-                         if previous.get(row.job) is None or previous[row.job].state != row.state.value]
-                if moved:
-                    self.store.set_row_states(db, moved)
-                    changed = True
+                    raise _refused(401, protocol.REASON_TOKEN_REQUIRED,
+                                   f"client {client_id} is registered: send its token (Authorization: Bearer <token>)")
+            elif confirm and not self.store.confirm(db, client_id, credentials.token_hash):
+                raise _refused(403, protocol.REASON_TOKEN_REFUSED, f"this token does not belong to client {client_id}")
+            if approved:
+                actions, generation, planned_change = self._record_and_plan(db, client_id, request, generation, now)
+                changed |= planned_change
+            else:
+                # Registered, waiting: remember what it is (the operator sees its host name), plan nothing.
+                self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
+                actions = ()
+        if not approved:
+            if new_token is not None and credentials is None:
+                log.info("client %s registered (%s); it waits for approval: reconciler clients approve %s "
+                         "--workdir %s", client_id, enrolled, client_id, self.store.path.parent)
+            raise _pending(client_id, new_token)
         # Committed: everything this reply acknowledges and hands out is on disk.
         if new_token is not None:
-            log.info("client %s %s", client_id, "registered" if credentials is None else "got a new token "
-                     "(its registration reply was lost)")
+            log.info("client %s %s (%s)", client_id, "registered" if credentials is None else "got a new token "
+                     "(its token was revoked, or its registration reply was lost)", enrolled)
         if changed:
             state.on_change()
         poll = state.poll_seconds
@@ -355,6 +444,55 @@ class RelayApp:
         reply["relay"] = state.name
         return reply
 
+    def _record_and_plan(self, db: sqlite3.Connection, client_id: str, request: Checkin, generation: Generation,
+                         now: datetime) -> tuple[tuple[Action, ...], Generation, bool]:
+        """Record an admitted client's report and results, plan it, record what is handed out (in ``db``'s
+        transaction): the actions, the generation they were planned with, and whether anything changed."""
+        state = self.state
+        changed = False
+        changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
+        if request.last_relay is not None and request.last_relay != state.name:
+            # It moved here: HQ tells that relay, which stops counting it (README, "Clients move and retire").
+            changed |= self.store.record_arrival(db, client_id, request.last_relay, now)
+        if self.store.record_results(db, client_id, request.results, now):
+            changed = True
+        actions: tuple[Action, ...] = ()
+        if generation.index is not None:
+            client = Client(
+                id=client_id, relay=state.name, os=request.facts.get("os"), arch=request.facts.get("arch"),
+                free_disk_mb=request.facts.get("freeDiskMB"),
+                labels=tuple(sorted(request.labels.items())), installed=request.inventory, online=True)
+            history = self.store.history_of(client_id, db)
+            index = generation.index
+            # Rollout limits count the other clients' rows, in this transaction: whatever
+            # another check-in started and committed before this one holds its slot.
+            limited = tuple(j.name for j in (*index.relay_jobs, *index.client_jobs.get(client_id, ()))
+                            if j.max_concurrent is not None or j.max_failures is not None)
+            previous = self.store.row_states_of(client_id, db)
+            usage = self.store.usage(db, limited, client_id, state.online_since(now), previous)
+            try:
+                planned = plan_client(index, client, history, usage, now, state.memo_for(index))
+            except Exception:
+                isolated = state.isolate(generation, lambda alone: plan_client(alone, client, history, {}, now))
+                if isolated is None or isolated.index is None:
+                    raise
+                generation = isolated
+                planned = plan_client(isolated.index, client, history, usage, now, state.memo_for(isolated.index))
+            rows, actions = planned.rows, planned.actions
+            for action in actions:
+                attempt = Attempt(
+                    operation_id=action.operation_id, job=action.job, client=client_id,
+                    revision=action.revision, rerun=action.rerun, attempt=action.attempt, action=action.kind,
+                    version=action.version, outcome=Outcome.DISPATCHED, dispatched_at=now)
+                if self.store.record_dispatch(db, attempt):
+                    changed = True
+            moved = [(row.job, client_id, row.state.value, now) for row in rows
+                     if previous.get(row.job) is None or previous[row.job].state != row.state.value]
+            if moved:
+                self.store.set_row_states(db, moved)
+                changed = True
+        return actions, generation, changed
+
     @staticmethod
     def _artifact_for(action: Action, generation: Generation) -> StagedArtifact | None:
         if action.kind is ActionKind.UNINSTALL or action.package is None:
@@ -365,6 +503,7 @@ class RelayApp:
 
     def artifact(self, sha: str, environ: Mapping[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
+        self._authorize_download(environ)
         if not names.is_sha256(sha):
             raise _bad("artifact id must be 64 lowercase hex digits (its sha256)")
         path = self.cache_dir / sha
@@ -377,7 +516,7 @@ class RelayApp:
             start, end = 0, size - 1
             status = 200
             headers = [("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
-                       ("ETag", f'"{sha}"'), ("Cache-Control", "public, max-age=31536000, immutable")]
+                       ("ETag", f'"{sha}"'), ("Cache-Control", "private, max-age=31536000, immutable")]
             raw_range = environ.get("HTTP_RANGE")
             if raw_range:
                 match = RANGE.fullmatch(raw_range.strip())

@@ -19,6 +19,14 @@ thread tells HQ the relay is alive every ``--heartbeat-interval``, starting
 after the first full pass (so its first heartbeat already counts the
 clients).
 
+Who may register is decided at start-up: ``--enroll-secret-file`` (agents
+present the same secret to register), ``--open-enrollment`` (anyone may:
+trust on first use, logged as a warning), either with ``--require-approval``.
+A relay given neither refuses to start (exit 2): an unauthenticated relay
+must be a decision, never a default. ``--child-secret-file`` lets child
+relays download artifacts; ``--parent-secret-file`` is what this relay
+presents to its ``--parent-url``.
+
 ``RECONCILER_POLL_SECONDS`` (the check-in interval told to agents, default
 30 s) comes from the environment rather than a flag. The git hook needs
 ``--webhook-secret-file`` (or ``RECONCILER_WEBHOOK_SECRET_FILE``, kept as a
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import names, protocol
+from reconciler.credentials import SecretFileError, read_header_secret
 from reconciler.gitstore import (
     ChangeWatcher,
     GitStore,
@@ -51,7 +60,7 @@ from reconciler.redaction import redact_url
 from reconciler.relay.artifacts import ArtifactCache
 from reconciler.relay.heartbeat import HeartbeatSender
 from reconciler.relay.loop import FOLLOW, HOUSEKEEPING, PUBLISHING, RelayLoop
-from reconciler.relay.server import RelayApp
+from reconciler.relay.server import RelayApp, Trust
 from reconciler.relay.state import DEFAULT_POLL_SECONDS, RelayState
 from reconciler.relay.store import Store, StoreError
 from reconciler.serving import ListenError, Server
@@ -95,6 +104,27 @@ def load_webhook_secret(path: str | None = None) -> bytes | None:
     ``--insecure-unsigned-webhook``)."""
     path = path or os.environ.get(WEBHOOK_SECRET_ENV)
     return read_secret_file(path) if path else None
+
+
+def trust_from_args(args: argparse.Namespace) -> Trust:
+    """The relay's :class:`Trust` from its options; :class:`StartupError` (exit 2) naming what is wrong."""
+    secret_file: str | None = getattr(args, "enroll_secret_file", None)
+    open_enrollment = bool(getattr(args, "open_enrollment", False))
+    if secret_file and open_enrollment:
+        raise StartupError("--enroll-secret-file and --open-enrollment exclude each other: with open enrolment "
+                           "the secret would admit nobody the relay does not admit anyway")
+    if not secret_file and not open_enrollment:
+        raise StartupError("no way for clients to enrol: give --enroll-secret-file F (agents present the same "
+                           "secret with their --enroll-secret-file) or, to let any caller that reaches the relay "
+                           "register a client id (trust on first use), --open-enrollment")
+    try:
+        secret = read_header_secret(secret_file) if secret_file else None
+        child_secret_file: str | None = getattr(args, "child_secret_file", None)
+        child_secret = read_header_secret(child_secret_file) if child_secret_file else None
+    except SecretFileError as e:
+        raise StartupError(str(e)) from None
+    return Trust(enroll_secret=secret, open_enrollment=open_enrollment,
+                 require_approval=bool(getattr(args, "require_approval", False)), child_secret=child_secret)
 
 
 def relay_server(app: RelayApp, listen: str) -> Server:
@@ -176,6 +206,17 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     try:
+        trust = trust_from_args(args)
+        parent_secret = read_header_secret(args.parent_secret_file) if args.parent_secret_file else None
+    except (StartupError, SecretFileError) as e:
+        print(f"reconciler relay: {e}", file=sys.stderr)
+        return 2
+    if trust.open_enrollment:
+        log.warning("open enrolment: any caller that reaches %s can register a client id and get its token "
+                    "(trust on first use); use --enroll-secret-file to admit only enrolled agents", args.listen)
+    if parent_secret is not None and not args.parent_url:
+        log.warning("--parent-secret-file without --parent-url: this relay has no parent to present it to")
+    try:
         store = Store(workdir)
     except StoreError as e:
         print(f"reconciler relay: {e}", file=sys.stderr)
@@ -195,7 +236,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     if warning:
         log.warning("%s", warning)
     git = GitStore(args.origin, workdir, password=password)
-    cache = ArtifactCache(workdir, git, parent_url=args.parent_url)
+    cache = ArtifactCache(workdir, git, parent_url=args.parent_url, parent_secret=parent_secret)
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
     watcher = ChangeWatcher(args.origin, args.poll_interval)
     state.on_git_hook = watcher.trigger
@@ -232,7 +273,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     if secret is None and not insecure:
         log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, or "
                     "--insecure-unsigned-webhook); changes are picked up every --poll-interval")
-    app = RelayApp(state, cache.dir, webhook_secret=secret, insecure_webhook=insecure)
+    app = RelayApp(state, cache.dir, webhook_secret=secret, insecure_webhook=insecure, trust=trust)
     try:
         server = relay_server(app, args.listen).start()
     except (ListenError, OSError) as e:
@@ -240,8 +281,9 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
         store.close()
         return 2
     _write_listen_file(workdir, server.url)
-    log.info("relay %s listening on %s (origin %s, poll %ss for clients)", name, server.url,
-             redact_url(args.origin), f"{poll_seconds:g}")
+    log.info("relay %s listening on %s (origin %s, poll %ss for clients; enrolment: %s%s)", name, server.url,
+             redact_url(args.origin), f"{poll_seconds:g}", "open" if trust.open_enrollment else "secret",
+             ", approval required" if trust.require_approval else "")
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()

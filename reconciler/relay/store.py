@@ -21,6 +21,16 @@ Decisions behind it:
   serialised by a process-wide lock before ``BEGIN IMMEDIATE``, so concurrent
   check-ins queue on a cheap Python lock instead of SQLite's sleeping busy
   handler.
+* **Who may be a client is decided here, by rows.** A client's token is
+  stored as its SHA-256 only; an empty hash means "no valid token" (the
+  operator revoked it with ``reconciler clients rekey``: the client's next
+  check-in with the enrolment secret gets a new one). ``approved`` is 0 while
+  a registration waits for ``reconciler clients approve``. The lifecycle
+  commands run in other processes while the relay serves: they write through
+  :meth:`Store.write` (``BEGIN IMMEDIATE``, so they queue behind the relay's
+  writers on SQLite's own lock), and the relay reads credentials from the
+  database at every request, never from a cache, so a change counts at the
+  next check-in. Each change is a row of ``client_events`` (who, when, what).
 * **Versioned migrations.** ``schema_version`` holds the number of migrations
   applied; :data:`MIGRATIONS` is append-only. A database written by a newer
   program is refused rather than guessed at.
@@ -40,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from reconciler.plan import ActionKind, Attempt, Installed, Outcome, RolloutUsage
 
@@ -70,10 +80,36 @@ class ClientRecord:
     came_at: datetime | None = None
     moved_to: str | None = None  # the relay HQ says it moved to; it counts there unless seen here since
     moved_at: datetime | None = None
+    approved: bool = True  # False while it waits for `reconciler clients approve`
+    confirmed: bool = True  # False until it has used its token (and after a rekey)
+
+    @property
+    def has_token(self) -> bool:
+        """Whether a token is valid for it (a rekey revokes it until the next enrolled check-in)."""
+        return bool(self.token_hash)
 
     def moved_away(self) -> bool:
         """Whether it moved to another relay and has not checked in here since."""
         return self.moved_at is not None and self.last_seen < self.moved_at
+
+
+class Credentials(NamedTuple):
+    """What authenticating a client needs: its token hash ('' when revoked), and its registration's state."""
+
+    token_hash: str
+    confirmed: bool  # its token was used at least once: nobody may take the registration over
+    approved: bool  # False while it waits for `reconciler clients approve`
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """One change to a registration: who made it (an OS user, or the relay itself) and when."""
+
+    at: datetime
+    client: str
+    action: str  # registered, newToken, approved, forgotten, rekeyed
+    actor: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -234,7 +270,25 @@ def _v5(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE clients ADD COLUMN moved_at REAL")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5)
+def _v6(db: sqlite3.Connection) -> None:
+    # Enrolment: a registration may wait for an operator's approval (clients registered before
+    # this migration were admitted under the old rules and stay approved); artifacts are served
+    # to a client's token, looked up by its hash; every change to a registration is recorded.
+    db.execute("ALTER TABLE clients ADD COLUMN approved INTEGER NOT NULL DEFAULT 1")
+    db.execute("CREATE INDEX clients_by_token ON clients (token_hash)")
+    db.execute("""
+        CREATE TABLE client_events (
+            seq     INTEGER PRIMARY KEY,
+            at      REAL NOT NULL,
+            client  TEXT NOT NULL,
+            action  TEXT NOT NULL,
+            actor   TEXT NOT NULL,
+            detail  TEXT NOT NULL DEFAULT ''
+        )""")
+    db.execute("CREATE INDEX client_events_by_client ON client_events (client, seq)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
 """Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
 
 _ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
@@ -251,12 +305,13 @@ def _attempt(row: Sequence[Any]) -> Attempt:
 
 
 _CLIENT_COLUMNS = ("id, token_hash, facts, labels, inventory, first_seen, last_seen, came_from, came_at, moved_to, "
-                   "moved_at")
+                   "moved_at, approved, confirmed")
 
 
 def _client(r: Sequence[Any]) -> ClientRecord:
     return ClientRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), _inventory(r[4]),
-                        _dt(r[5]), _dt(r[6]), r[7], _dt(r[8]), r[9], _dt(r[10]))  # type: ignore[arg-type]
+                        _dt(r[5]), _dt(r[6]), r[7], _dt(r[8]), r[9], _dt(r[10]),  # type: ignore[arg-type]
+                        bool(r[11]), bool(r[12]))
 
 
 # ------------------------------------------------------------------ the store
@@ -370,32 +425,114 @@ class Store:
         row = self.db.execute("SELECT token_hash FROM clients WHERE id = ?", (client_id,)).fetchone()
         return None if row is None else str(row[0])
 
-    def credentials(self, client_id: str) -> tuple[str, bool] | None:
-        """(token hash, confirmed) of a registered client; None if unknown."""
-        row = self.db.execute("SELECT token_hash, confirmed FROM clients WHERE id = ?", (client_id,)).fetchone()
-        return None if row is None else (str(row[0]), bool(row[1]))
+    def credentials(self, client_id: str) -> Credentials | None:
+        """How to authenticate a registered client; None if unknown."""
+        row = self.db.execute("SELECT token_hash, confirmed, approved FROM clients WHERE id = ?",
+                              (client_id,)).fetchone()
+        return None if row is None else Credentials(str(row[0]), bool(row[1]), bool(row[2]))
 
-    def register(self, db: sqlite3.Connection, client_id: str, now: datetime) -> str | None:
+    def client_of_token(self, token: str) -> tuple[str, bool] | None:
+        """(client id, approved) of the client holding ``token``; None if no client does.
+
+        Looked up by the token's SHA-256 (an index): tokens are 256 random
+        bits, so how long the lookup takes tells a guesser nothing.
+        """
+        row = self.db.execute("SELECT id, approved, token_hash FROM clients WHERE token_hash = ? LIMIT 1",
+                              (hash_token(token),)).fetchone()
+        if row is None or not token_matches(token, str(row[2])):
+            return None
+        return str(row[0]), bool(row[1])
+
+    def register(self, db: sqlite3.Connection, client_id: str, now: datetime, *, approved: bool = True,
+                 actor: str = "relay") -> str | None:
         """Create a client and return its new token; None if it exists already (inside :meth:`write`)."""
         token = new_token()
         cursor = db.execute(
-            "INSERT INTO clients (id, token_hash, first_seen, last_seen, confirmed) VALUES (?, ?, ?, ?, 0) "
-            "ON CONFLICT (id) DO NOTHING",
-            (client_id, hash_token(token), _ts(now), _ts(now)))
-        return token if cursor.rowcount == 1 else None
+            "INSERT INTO clients (id, token_hash, first_seen, last_seen, confirmed, approved) "
+            "VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (id) DO NOTHING",
+            (client_id, hash_token(token), _ts(now), _ts(now), int(approved)))
+        if cursor.rowcount != 1:
+            return None
+        self.record_event(db, client_id, "registered", actor, "" if approved else "waits for approval", now)
+        return token
 
-    def reissue(self, db: sqlite3.Connection, client_id: str) -> str | None:
-        """A new token for a registration never confirmed; None once it is confirmed."""
+    def reissue(self, db: sqlite3.Connection, client_id: str, now: datetime | None = None, *,
+                actor: str = "relay") -> str | None:
+        """A new token for a registration never confirmed (or rekeyed); None once it is confirmed.
+
+        Only for a caller that presented the enrolment secret (or a relay
+        with open enrolment): the server decides that.
+        """
         token = new_token()
         cursor = db.execute("UPDATE clients SET token_hash = ? WHERE id = ? AND confirmed = 0",
                             (hash_token(token), client_id))
-        return token if cursor.rowcount == 1 else None
+        if cursor.rowcount != 1:
+            return None
+        if now is not None:
+            self.record_event(db, client_id, "newToken", actor, "", now)
+        return token
 
     def confirm(self, db: sqlite3.Connection, client_id: str, token_hash: str) -> bool:
         """Mark the registration confirmed (its token was used); False if the token changed meanwhile."""
         cursor = db.execute("UPDATE clients SET confirmed = 1 WHERE id = ? AND token_hash = ?",
                             (client_id, token_hash))
         return cursor.rowcount == 1
+
+    # -- registrations: the operator's lifecycle commands -------------------
+
+    @staticmethod
+    def record_event(db: sqlite3.Connection, client_id: str, action: str, actor: str, detail: str,
+                     now: datetime) -> None:
+        db.execute("INSERT INTO client_events (at, client, action, actor, detail) VALUES (?, ?, ?, ?, ?)",
+                   (_ts(now), client_id, action, actor, detail))
+
+    def approve(self, client_id: str, actor: str, now: datetime) -> bool | None:
+        """Admit a registration waiting for approval: True; False if it was approved already; None if unknown."""
+        with self.write() as db:
+            row = db.execute("SELECT approved FROM clients WHERE id = ?", (client_id,)).fetchone()
+            if row is None:
+                return None
+            if row[0]:
+                return False
+            db.execute("UPDATE clients SET approved = 1 WHERE id = ?", (client_id,))
+            self.record_event(db, client_id, "approved", actor, "", now)
+            return True
+
+    def rekey(self, client_id: str, actor: str, now: datetime) -> bool:
+        """Revoke a client's token, keeping its history; its next enrolled check-in gets a new one. False if unknown."""
+        with self.write() as db:
+            cursor = db.execute("UPDATE clients SET token_hash = '', confirmed = 0 WHERE id = ?", (client_id,))
+            if cursor.rowcount != 1:
+                return False
+            self.record_event(db, client_id, "rekeyed", actor, "token revoked; history kept", now)
+            return True
+
+    def forget(self, client_id: str, actor: str, now: datetime) -> bool:
+        """Delete a registration with its history (operations, attempts, row states); False if unknown.
+
+        A re-imaged PC enrols again as a new client: a fresh start, rather
+        than rows Failed or Succeeded on a machine that no longer exists.
+        The events of the id are kept.
+        """
+        with self.write() as db:
+            if db.execute("DELETE FROM clients WHERE id = ?", (client_id,)).rowcount != 1:
+                return False
+            operations = db.execute("DELETE FROM operations WHERE client = ?", (client_id,)).rowcount
+            db.execute("DELETE FROM latest_attempts WHERE client = ?", (client_id,))
+            rows = db.execute("DELETE FROM row_states WHERE client = ?", (client_id,)).rowcount
+            self.record_event(db, client_id, "forgotten", actor,
+                              f"registration deleted with {operations} operations and {rows} status rows", now)
+            return True
+
+    def events(self, client_id: str | None = None, db: sqlite3.Connection | None = None) -> list[ClientEvent]:
+        """Changes to registrations, oldest first (one client's, or every client's)."""
+        sql = "SELECT at, client, action, actor, detail FROM client_events"
+        args: tuple[str, ...] = ()
+        if client_id is not None:
+            sql += " WHERE client = ?"
+            args = (client_id,)
+        rows = (db or self.db).execute(sql + " ORDER BY seq", args)
+        return [ClientEvent(_dt(r[0]), r[1], r[2], r[3], r[4]) for r in rows]  # type: ignore[arg-type]
 
     def record_report(self, db: sqlite3.Connection, client_id: str, facts: Mapping[str, Any],
                       labels: Mapping[str, str], inventory: Iterable[Installed], now: datetime) -> bool:
@@ -411,8 +548,10 @@ class Store:
                    (facts_json, labels_json, inventory_text, _ts(now), client_id))
         return before is not None and (before[0] != labels_json or before[1] != inventory_text)
 
-    def clients(self, db: sqlite3.Connection | None = None) -> list[ClientRecord]:
-        rows = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients ORDER BY id")
+    def clients(self, db: sqlite3.Connection | None = None, *, pending: bool = False) -> list[ClientRecord]:
+        """The registered clients by id; with ``pending``, also those waiting for approval (never planned)."""
+        where = "" if pending else " WHERE approved = 1"
+        rows = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients{where} ORDER BY id")
         return [_client(r) for r in rows]
 
     def client(self, client_id: str, db: sqlite3.Connection | None = None) -> ClientRecord | None:
@@ -441,7 +580,7 @@ class Store:
         return changed
 
     def client_count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM clients").fetchone()[0])
+        return int(self.db.execute("SELECT count(*) FROM clients WHERE approved = 1").fetchone()[0])
 
     # -- operations ----------------------------------------------------------
 
