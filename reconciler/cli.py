@@ -41,33 +41,31 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _positive_float(text: str) -> float:
+def _positive_number(text: str, unit: str, most: float | None = None) -> float:
+    """A finite number above 0 (and at most ``most``) of ``unit``, or argparse's error naming the unit."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}")
+    if most is not None and value > most:
+        raise argparse.ArgumentTypeError(f"expected at most {most:g} {unit}, got {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _positive_number(text, "seconds")
 
 
 def _duration(text: str) -> float:
     """A positive number of seconds a datetime can hold as a span (at most about three years)."""
-    value = _positive_float(text)
-    if value > MAX_DURATION_SECONDS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_DURATION_SECONDS} seconds, got {text!r}")
-    return value
+    return _positive_number(text, "seconds", MAX_DURATION_SECONDS)
 
 
 def _days(text: str) -> float:
     """A positive number of days, at most ten years."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
-    if not math.isfinite(value) or not 0 < value <= 3650:
-        raise argparse.ArgumentTypeError(f"expected a number of days above 0 and at most 3650, got {text!r}")
-    return value
+    return _positive_number(text, "days", 3650)
 
 
 def _output_tail(text: str) -> int:

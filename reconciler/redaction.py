@@ -16,6 +16,20 @@ _URL_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]]+")
 _SCHEME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+def _authority(rest: str) -> tuple[str, str]:
+    """``user@host:port`` and the rest of a URL after ``scheme://``.
+
+    Split by hand: urllib would choke on odd ports or brackets, and a
+    redactor must never raise.
+    """
+    end = len(rest)
+    for sep in "/?#":
+        pos = rest.find(sep)
+        if pos != -1:
+            end = min(end, pos)
+    return rest[:end], rest[end:]
+
+
 def redact_url(url: str) -> str:
     """Return ``url`` with its user-info and query values replaced by ``***``.
 
@@ -27,14 +41,7 @@ def redact_url(url: str) -> str:
     if not _SCHEME_RE.match(url):
         return url
     scheme, rest = url.split("://", 1)
-    # Split off the authority by hand: urllib would choke on odd ports or
-    # brackets, and a redactor must never raise.
-    end = len(rest)
-    for sep in "/?#":
-        pos = rest.find(sep)
-        if pos != -1:
-            end = min(end, pos)
-    authority, tail = rest[:end], rest[end:]
+    authority, tail = _authority(rest)
     if "@" in authority:
         authority = "***@" + authority.rsplit("@", 1)[1]
     query_start = tail.find("?")
@@ -215,12 +222,7 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
     if not _SCHEME_RE.match(url):
         return url, None, None
     scheme, rest = url.split("://", 1)
-    end = len(rest)
-    for sep in "/?#":
-        pos = rest.find(sep)
-        if pos != -1:
-            end = min(end, pos)
-    authority, tail = rest[:end], rest[end:]
+    authority, tail = _authority(rest)
     if "@" not in authority:
         return url, None, None
     userinfo, host = authority.rsplit("@", 1)
