@@ -108,7 +108,7 @@ class Fleet:
     def __init__(self, root: Path, urls: dict[str, str], per_relay: int) -> None:
         self.agents = [
             Agent(f"pc-{relay.removeprefix('relay-')}-{i:04d}", urls[relay], root / relay / str(i),
-                  fact_overrides=[("os", "linux"), ("arch", "x86_64")], poll_interval=1.0)
+                  fact_overrides=[("os", "linux"), ("arch", "x86_64")], poll_interval=1.0, insecure_http=True)
             for relay in RELAYS for i in range(per_relay)
         ]
         self.first_action: dict[str, float] = {}
@@ -174,7 +174,7 @@ def main() -> int:
         urls: dict[str, str] = {}
         for relay in RELAYS:
             spawn(relay, "relay", "--name", relay, "--origin", str(origin), "--workdir", str(work / relay),
-                  "--listen", "127.0.0.1:0", "--poll-interval", "10", "--publish-interval", "1")
+                  "--listen", "127.0.0.1:0", "--insecure-http", "--poll-interval", "10", "--publish-interval", "1")
         for relay in RELAYS:
             url_file = work / relay / "listen.url"
             wait_for(lambda: url_file.is_file() and url_file.read_text().strip(), 60, f"{relay} to listen")

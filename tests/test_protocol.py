@@ -395,7 +395,7 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
 def test_what_the_agent_sends_and_the_relay_replies_follows_the_schemas(relay: Relay, tmp_path: Path) -> None:
     _serve(relay)
     session = _Recording()
-    agent = Agent("pc-1", relay.url, tmp_path / "agent", {"dept": "sales"}, [("hostname", "pc-1")], session)
+    agent = Agent("pc-1", relay.url, tmp_path / "agent", {"dept": "sales"}, [("hostname", "pc-1")], session, insecure_http=True)
     for _ in range(3):
         assert agent.step().reached
     assert agent.inventory() == [{"name": "addon", "version": "2.0"}, {"name": "app", "version": "1.0"}]

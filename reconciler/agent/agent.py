@@ -82,6 +82,14 @@ from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
 from reconciler.fileio import sha256_file, write_atomic
 from reconciler.redaction import redact_output, redact_url
 from reconciler.times import format_time, utc_now
+from reconciler.tls import (
+    PlainHttpRefused,
+    TLSConfigError,
+    check_url_scheme,
+    client_session,
+    client_tls_of,
+    tls_problem,
+)
 
 log = logging.getLogger("reconciler.agent")
 
@@ -121,6 +129,10 @@ class RelayError(Exception):
 
 class RelayUnavailable(RelayError):
     """Unreachable, timed out, 5xx or a garbled reply: try again later."""
+
+
+class RelayUntrusted(RelayError):
+    """TLS failed (the relay's certificate is not trusted, or it wants ours) or HTTP met HTTPS: needs an operator."""
 
 
 class RelayRefused(RelayError):
@@ -170,6 +182,11 @@ def _short_error(exc: BaseException) -> str:
     if isinstance(exc, requests.Timeout):
         return "timed out"
     return _cut(f"{type(exc).__name__}: {text}", 200)
+
+
+def _speaks_https(response: requests.Response) -> bool:
+    """Whether a 400 to a plain-HTTP request is an HTTPS server's refusal rather than the relay's JSON error."""
+    return "json" not in response.headers.get("Content-Type", "") or "https" in _error_body(response).lower()
 
 
 def _error_body(response: requests.Response) -> str:
@@ -383,7 +400,8 @@ class Agent:
                  labels: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  fact_overrides: Mapping[str, Any] | Iterable[tuple[str, str]] | None = None,
                  session: requests.Session | None = None, *, poll_interval: float | None = None,
-                 output_tail: int = DEFAULT_OUTPUT_TAIL, now: Callable[[], datetime] = utc_now) -> None:
+                 output_tail: int = DEFAULT_OUTPUT_TAIL, now: Callable[[], datetime] = utc_now,
+                 insecure_http: bool = False) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -391,6 +409,11 @@ class Agent:
         check_text(relay_url, "--relay", redact_url(relay_url))
         if not relay_url.startswith(("http://", "https://")):
             raise AgentConfigError(f"relay URL must start with http:// or https://, got {redact_url(relay_url)!r}")
+        try:
+            check_url_scheme(relay_url, f"--relay {redact_url(relay_url)}", insecure_http)
+        except PlainHttpRefused as e:
+            raise AgentConfigError(str(e)) from None
+        self.plain_http = relay_url.lower().startswith("http://")
         self.client_id = client_id
         self.relay_url = relay_url.rstrip("/")
         pairs = labels.items() if isinstance(labels, Mapping) else (labels or [])
@@ -479,8 +502,14 @@ class Agent:
         try:
             response = self.session.post(url, json=body, headers=self._headers(), timeout=HTTP_TIMEOUT)
         except requests.RequestException as exc:
+            problem = tls_problem(exc)
+            if problem is not None:
+                raise RelayUntrusted(f"TLS with relay {redact_url(self.relay_url)} failed: {problem}") from exc
             raise RelayUnavailable(f"relay {redact_url(self.relay_url)} unreachable: {_short_error(exc)}") from exc
         status = response.status_code
+        if self.plain_http and status == 400 and _speaks_https(response):
+            raise RelayUntrusted(f"relay {redact_url(self.relay_url)} did not accept plain HTTP (400: "
+                                 f"{_error_body(response)}); it serves HTTPS: use an https:// URL", status)
         if status in (401, 403):
             raise RelayRefused(
                 f"relay refused our token ({status}: {_error_body(response)}); if the relay lost its "
@@ -648,7 +677,7 @@ class Agent:
             reply = self.checkin()
         except RelayError as exc:
             self.failures += 1
-            level = logging.ERROR if isinstance(exc, RelayRefused) else logging.WARNING
+            level = logging.ERROR if isinstance(exc, (RelayRefused, RelayUntrusted)) else logging.WARNING
             self.log.log(level, "check-in failed: %s", exc.message)
             return StepResult(False, exc.status, exc.message, poll_seconds=self.poll_seconds)
         self.failures = 0
@@ -714,10 +743,13 @@ def main(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        tls = client_tls_of(getattr(args, "ca_file", None), getattr(args, "client_cert", None),
+                            getattr(args, "client_key", None))
         agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
-                      fact_overrides=list(args.fact), poll_interval=args.poll_interval,
-                      output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL))
-    except AgentConfigError as exc:
+                      fact_overrides=list(args.fact), session=client_session(tls), poll_interval=args.poll_interval,
+                      output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL),
+                      insecure_http=bool(getattr(args, "insecure_http", False)))
+    except (AgentConfigError, TLSConfigError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2
     if args.once:

@@ -46,6 +46,7 @@ from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
 from reconciler.relay.state import StagedArtifact
 from reconciler.specs import JobType, Package, Specs
+from reconciler.tls import tls_problem
 
 log = logging.getLogger("reconciler.relay")
 
@@ -237,7 +238,8 @@ class ArtifactCache:
     """Stages artifacts into ``<workdir>/cache/sha256`` and remembers what each in-repo path packed to."""
 
     def __init__(self, workdir: Path, git: GitReader, *, parent_url: str | None = None,
-                 session: requests.Session | None = None, clock: Any = time.monotonic) -> None:
+                 session: requests.Session | None = None, parent_session: requests.Session | None = None,
+                 clock: Any = time.monotonic) -> None:
         self.root = Path(workdir) / "cache"
         self.dir = self.root / "sha256"
         self.tmp = self.root / "tmp"
@@ -249,6 +251,9 @@ class ArtifactCache:
         self.git = git
         self.parent_url = parent_url.rstrip("/") if parent_url else None
         self.session = session or requests.Session()
+        # The parent is a relay of our own tree: trusted through --ca-file (and our client certificate, with
+        # mutual TLS); artifact URLs elsewhere through the system's trust store.
+        self.parent_session = parent_session or self.session
         self.clock = clock
         self._parent_missing_since: dict[str, float] = {}
 
@@ -390,7 +395,8 @@ class ArtifactCache:
     def _try_parent(self, sha: str) -> str:
         """'ok' (now cached), 'missing' (parent answered 404) or 'error' (unreachable, bad data)."""
         try:
-            self._download(f"{self.parent_url}/v1/artifacts/{sha}", sha, source="the parent relay")
+            self._download(f"{self.parent_url}/v1/artifacts/{sha}", sha, source="the parent relay",
+                           session=self.parent_session)
             return "ok"
         except _NotFound:
             return "missing"
@@ -398,7 +404,7 @@ class ArtifactCache:
             log.warning("parent relay could not provide %s (%s); using the artifact's URL", sha, e)
             return "error"
 
-    def _download(self, url: str, sha: str, *, source: str) -> None:
+    def _download(self, url: str, sha: str, *, source: str, session: requests.Session | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         handle, temp_name = tempfile.mkstemp(prefix="download-", dir=self.tmp)
         temp = Path(temp_name)
@@ -413,7 +419,7 @@ class ArtifactCache:
                     except OSError as e:
                         raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
                 elif parsed.scheme in ("http", "https"):
-                    self._http_get(url, writer, source)
+                    self._http_get(session or self.session, url, writer, source)
                 else:
                     raise ArtifactRefused(f"unsupported artifact URL scheme {parsed.scheme!r} (http, https, file)")
                 out.flush()
@@ -426,9 +432,9 @@ class ArtifactCache:
         finally:
             temp.unlink(missing_ok=True)
 
-    def _http_get(self, url: str, writer: _HashingWriter, source: str) -> None:
+    def _http_get(self, session: requests.Session, url: str, writer: _HashingWriter, source: str) -> None:
         try:
-            with self.session.get(url, stream=True, timeout=HTTP_TIMEOUT) as response:
+            with session.get(url, stream=True, timeout=HTTP_TIMEOUT) as response:
                 if response.status_code == 404:
                     raise _NotFound(f"{source} answered 404")
                 if response.status_code != 200:
@@ -436,7 +442,8 @@ class ArtifactCache:
                 for chunk in response.iter_content(CHUNK):
                     writer.write(chunk)
         except requests.RequestException as e:
-            raise ArtifactError(f"cannot download from {source}: {type(e).__name__}") from None
+            problem = tls_problem(e)
+            raise ArtifactError(f"cannot download from {source}: {problem or type(e).__name__}") from None
 
     def prune(self, keep: Iterable[str], max_age_seconds: float) -> int:
         """Delete cached artifacts not in ``keep`` and untouched for ``max_age_seconds``.
