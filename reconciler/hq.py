@@ -508,6 +508,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
         return 2
     tls_context = None
+    tls_given = [getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_client_ca")]
+    if not getattr(args, "listen", None) and any(tls_given):
+        print("reconciler hq: --tls-cert, --tls-key and --tls-client-ca need --listen (HQ serves nothing without it)",
+              file=sys.stderr)
+        return 2
     if getattr(args, "listen", None):
         try:
             server_tls = server_tls_of(args.tls_cert, args.tls_key, args.tls_client_ca)

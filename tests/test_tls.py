@@ -217,6 +217,23 @@ def test_mutual_tls_refuses_an_agent_without_a_client_certificate_and_accepts_th
     wait_for(converged, 90, interval=0.5, what="the agent with a client certificate to converge")
 
 
+def test_a_child_relay_presents_its_client_certificate_to_a_parent_that_requires_one(world: World,
+                                                                                      pki: Pki) -> None:
+    ca = str(pki.ca.cert_file)
+    region = world.relay("region", pki.good, "--tls-client-ca", ca)
+    site = world.relay("site", pki.good, "--ca-file", ca, "--client-cert", str(pki.client.cert), "--client-key",
+                       str(pki.client.key), parent_url=region.url)
+    wait_for(lambda: _health(site.url, pki.ca.cert_file)["acceptedCommit"] == world.commit, 60,
+             what="site serving the accepted commit")
+
+    def converged() -> bool:
+        proc = _agent_cli(world, "pc-site", site.url, "--ca-file", ca)
+        assert proc.returncode == 0, proc.stderr
+        return _receipts(world, "pc-site") == {"tool"}
+    wait_for(converged, 90, interval=0.5, what="pc-site to install the tool")
+    assert world.files.hits == {"/tool.sh": 1}, "the child relay did not get the artifact from its mTLS parent"
+
+
 def test_a_relay_with_a_bad_certificate_pair_does_not_start(world: World, pki: Pki) -> None:
     mismatched = reconciler("relay", "--name", "region", "--origin", world.origin.url, "--workdir",
                             str(world.base / "r1"), "--listen", "127.0.0.1:0", "--tls-cert", str(pki.good.cert),
@@ -233,6 +250,21 @@ def test_a_relay_with_a_bad_certificate_pair_does_not_start(world: World, pki: P
                        str(world.base / "r4"), "--listen", "127.0.0.1:0", check=False)
     assert plain.returncode == 2 and "--insecure-http" in plain.stderr
     for proc in (mismatched, missing, half, plain):
+        assert "Traceback" not in proc.stderr
+
+
+def test_hq_refuses_tls_options_it_cannot_use(world: World, pki: Pki) -> None:
+    without_listen = reconciler("hq", "--origin", world.origin.url, "--workdir", str(world.base / "h1"), "--once",
+                                "--tls-cert", str(pki.good.cert), "--tls-key", str(pki.good.key), check=False)
+    assert without_listen.returncode == 2 and "need --listen" in without_listen.stderr
+    plain = reconciler("hq", "--origin", world.origin.url, "--workdir", str(world.base / "h2"), "--listen",
+                       "127.0.0.1:0", check=False)
+    assert plain.returncode == 2 and "--insecure-http" in plain.stderr
+    mismatched = reconciler("hq", "--origin", world.origin.url, "--workdir", str(world.base / "h3"), "--listen",
+                            "127.0.0.1:0", "--tls-cert", str(pki.good.cert), "--tls-key", str(pki.client.key),
+                            check=False)
+    assert mismatched.returncode == 2 and "the key does not belong to the certificate" in mismatched.stderr
+    for proc in (without_listen, plain, mismatched):
         assert "Traceback" not in proc.stderr
 
 

@@ -752,6 +752,9 @@ def main(args: argparse.Namespace) -> int:
     except (AgentConfigError, TLSConfigError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2
+    if agent.plain_http:
+        agent.log.warning("talking plain HTTP to relay %s (--insecure-http): anyone on the network can read and "
+                          "change check-ins, actions and artifacts", redact_url(agent.relay_url))
     if args.once:
         return agent.run_once()
     agent.run_forever()

@@ -19,6 +19,13 @@ thread tells HQ the relay is alive every ``--heartbeat-interval``, starting
 after the first full pass (so its first heartbeat already counts the
 clients).
 
+TLS (:mod:`reconciler.tls`): the client API is HTTPS with ``--tls-cert`` and
+``--tls-key`` (client certificates required with ``--tls-client-ca``), plain
+HTTP only with ``--insecure-http``. One ``--ca-file`` (and one
+``--client-cert``/``--client-key``) serves every connection the relay makes
+inside the fleet, to its parent relay and to HQ; artifact URLs outside the
+fleet are verified against the system's trust store.
+
 ``RECONCILER_POLL_SECONDS`` (the check-in interval told to agents, default
 30 s) comes from the environment rather than a flag. The git hook needs
 ``--webhook-secret-file`` (or ``RECONCILER_WEBHOOK_SECRET_FILE``, kept as a
