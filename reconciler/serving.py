@@ -21,10 +21,11 @@ the map we pass, ``wasyncore.loop(map=..., count=1)`` polls it, and a
 ``trigger`` of our own in that map wakes the poll.
 
 :class:`TLSServer` runs cheroot with an SSL adapter of its own: the TLS
-handshake happens on a worker thread, at the connection's first request, with
-a deadline of :data:`HANDSHAKE_SECONDS` (cheroot's own adapter shakes hands
-on the thread that accepts connections, so one client that connects and
-stalls would hold up every other). A handshake that fails (a client that
+handshake is advanced without blocking by a worker each time the client
+sends something, and the connection waits on cheroot's selector in between,
+with a deadline of :data:`HANDSHAKE_SECONDS` (cheroot's own adapter shakes
+hands on the thread that accepts connections, so one client that connects
+and stalls would hold up every other). A handshake that fails (a client that
 does not trust us, a missing client certificate, garbage instead of a TLS
 hello) closes that connection and nothing else; a client speaking plain HTTP
 gets a 400 with a JSON error saying the server speaks HTTPS.
@@ -260,7 +261,7 @@ class Server:
 
 
 HANDSHAKE_SECONDS = 10.0
-"""Longest a client may take over its TLS handshake (a worker thread waits that long at most)."""
+"""Longest a client may take over its TLS handshake (no thread waits for it meanwhile)."""
 
 _PLAIN_HTTP_BODY = (json.dumps({"error": "this server speaks HTTPS only: use an https:// URL"}) + "\n").encode()
 

@@ -319,3 +319,27 @@ def test_a_relay_sends_heartbeats_to_a_tls_hq_with_its_ca(world: World, pki: Pki
     assert "heartbeat to HQ" in site.output() and "Traceback" not in site.output()
     with pytest.raises(requests.exceptions.SSLError):
         requests.get(f"{hq.url}/healthz", timeout=10, verify=str(pki.mitm.cert_file))
+
+
+def test_hq_with_mutual_tls_hears_only_the_relay_with_a_client_certificate(world: World, pki: Pki) -> None:
+    ca = str(pki.ca.cert_file)
+    hq = HqProcess(world.origin.url, world.base / "hq", "--poll-interval", "1", "--tls-cert", str(pki.good.cert),
+                   "--tls-key", str(pki.good.key), "--tls-client-ca", ca)
+    world.services.append(hq)
+    hq.start()
+    region = world.relay("region", pki.good, "--ca-file", ca, "--client-cert", str(pki.client.cert),
+                         "--client-key", str(pki.client.key), "--hq-url", hq.url, "--heartbeat-interval", "1")
+    site = world.relay("site", pki.good, "--ca-file", ca, "--hq-url", hq.url, "--heartbeat-interval", "1",
+                       parent_url=region.url)
+    mtls = client_session(ClientTLS(pki.ca.cert_file, pki.client.cert, pki.client.key))
+
+    def contacts() -> dict[str, object]:
+        body = mtls.get(f"{hq.url}/v1/relays", timeout=10).json()
+        return {row["relay"]: row["lastContact"] for row in body["relays"]}
+    wait_for(lambda: contacts().get("region"), 60, interval=0.3, what="HQ to hear region's heartbeat over mutual TLS")
+    wait_for(lambda: "client certificate" in site.output(), 60, interval=0.3,
+             what="site to log that HQ wants a client certificate")
+    assert contacts().get("site") is None, "HQ heard a relay that presented no client certificate"
+    assert "Traceback" not in site.output()
+    with pytest.raises(requests.exceptions.RequestException):
+        client_session(ClientTLS(pki.ca.cert_file)).get(f"{hq.url}/healthz", timeout=10)
