@@ -144,21 +144,21 @@ def main() -> int:
     enroll_file = work / "enroll.secret"  # the relays admit the agents that present it
     enroll_file.write_text("benchmark-enrolment-secret-0123456789\n")
     try:
-        spawn("hq", "hq", "--origin", str(origin), "--workdir", str(work / "hq"), "--listen", "127.0.0.1:0")
+        spawn("hq", "hq", "--origin", str(origin), "--workdir", str(work / "hq"), "--listen", "127.0.0.1:0", "--insecure-http")
         hq_file = work / "hq" / "listen.url"
         wait_for(lambda: hq_file.is_file() and hq_file.read_text().strip(), 60, "HQ to listen")
         hq_url = hq_file.read_text().strip()
         for relay in RELAYS:
             spawn(relay, "relay", "--name", relay, "--origin", str(origin), "--workdir", str(work / relay),
-                  "--listen", "127.0.0.1:0", "--hq-url", hq_url, "--heartbeat-interval", f"{args.heartbeat_seconds:g}",
-                  "--enroll-secret-file", str(enroll_file))
+                  "--listen", "127.0.0.1:0", "--insecure-http", "--hq-url", hq_url,
+                  "--heartbeat-interval", f"{args.heartbeat_seconds:g}", "--enroll-secret-file", str(enroll_file))
         for relay in RELAYS:
             url_file = work / relay / "listen.url"
             wait_for(lambda: url_file.is_file() and url_file.read_text().strip(), 60, f"{relay} to listen")
             url = url_file.read_text().strip()
             for i in range(args.agents_per_relay):
                 cid = f"pc-{relay.removeprefix('relay-')}-{i:03d}"
-                spawn(cid, "agent", "--id", cid, "--relay", url, "--root", str(work / "clients" / cid),
+                spawn(cid, "agent", "--id", cid, "--relay", url, "--insecure-http", "--root", str(work / "clients" / cid),
                       "--fact", "os=linux", "--fact", "arch=x86_64", "--enroll-secret-file", str(enroll_file))
         settle_start = time.monotonic()
         wait_for(lambda: succeeded(origin) == total, 600, f"every one of {total} clients to succeed")

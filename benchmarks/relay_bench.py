@@ -13,6 +13,12 @@ Usage::
 
     python benchmarks/relay_bench.py                      # 1,000 and 10,000 clients
     python benchmarks/relay_bench.py --clients 1000 --duration 5 --concurrency 8
+    python benchmarks/relay_bench.py --tls                # HTTPS (cheroot) instead of plain HTTP (waitress)
+
+With ``--tls`` a throw-away CA (``tests/tls_helpers.py``, needs
+``cryptography``) issues the relay a certificate for 127.0.0.1 and every
+connection of the load generator verifies it; connections are kept alive, so
+the handshake is paid once per connection, as by real agents.
 
 The load generator is deliberately light (``http.client``, bodies serialised
 once per client) so that on a small machine most of the CPU goes to the
@@ -27,6 +33,7 @@ import http.client
 import json
 import os
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -106,13 +113,40 @@ def build_origin(base: Path, jobs: int) -> Path:
     return origin
 
 
-def start_relay(base: Path, origin: Path, publish_interval: float) -> tuple[subprocess.Popen[bytes], str]:
+TLS_CONTEXT: ssl.SSLContext | None = None
+"""Set by ``--tls``: every connection of the load generator is HTTPS, verified with the throw-away CA."""
+
+
+def connect(host: str, timeout: float) -> http.client.HTTPConnection:
+    if TLS_CONTEXT is not None:
+        return http.client.HTTPSConnection(host, timeout=timeout, context=TLS_CONTEXT)
+    return http.client.HTTPConnection(host, timeout=timeout)
+
+
+def _strip_scheme(url: str) -> str:
+    return url.removeprefix("https://").removeprefix("http://")
+
+
+def tls_options(base: Path) -> list[str]:
+    """Issue the relay a certificate from a throw-away CA; set :data:`TLS_CONTEXT` to trust it."""
+    global TLS_CONTEXT
+    sys.path.insert(0, str(REPO / "tests"))
+    from tls_helpers import CA
+    ca = CA(base / "pki")
+    issued = ca.issue("relay")
+    TLS_CONTEXT = ssl.create_default_context(cafile=str(ca.cert_file))
+    return ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key)]
+
+
+def start_relay(base: Path, origin: Path, publish_interval: float,
+                tls: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     workdir = base / "relay"
     enroll_file = base / "enroll.secret"  # the benchmark's clients register with it
     enroll_file.write_text(ENROLL_SECRET + "\n")
     log = open(base / "relay.log", "wb")  # noqa: SIM115
+    serving = tls_options(base) if tls else ["--insecure-http"]
     proc = subprocess.Popen([sys.executable, "-m", "reconciler", "relay", "--name", "relay-bench", "--origin",
-                             str(origin), "--workdir", str(workdir), "--listen", "127.0.0.1:0",
+                             str(origin), "--workdir", str(workdir), "--listen", "127.0.0.1:0", *serving,
                              "--publish-interval", str(publish_interval), "--enroll-secret-file", str(enroll_file)],
                             stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.monotonic() + 60
@@ -123,7 +157,7 @@ def start_relay(base: Path, origin: Path, publish_interval: float) -> tuple[subp
         time.sleep(0.05)
     url = url_file.read_text().strip()
     while True:  # wait until it serves the accepted commit
-        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        conn = connect(_strip_scheme(url), timeout=10)
         conn.request("GET", "/healthz")
         health = json.loads(conn.getresponse().read())
         conn.close()
@@ -185,7 +219,7 @@ def run_load(host: str, clients: list[Client], concurrency: int, duration: float
     stop_at = None if duration is None else time.perf_counter() + duration
 
     def worker(slot: int) -> None:
-        conn = http.client.HTTPConnection(host, timeout=30)
+        conn = connect(host, timeout=30)
         mine = latencies[slot]
         while True:
             with lock:
@@ -204,7 +238,7 @@ def run_load(host: str, clients: list[Client], concurrency: int, duration: float
                 if errors[0] <= 5:
                     print(f"  error: {e}", file=sys.stderr)
                 conn.close()
-                conn = http.client.HTTPConnection(host, timeout=30)
+                conn = connect(host, timeout=30)
                 continue
             mine.append(time.perf_counter() - started)
             if register:
@@ -231,8 +265,8 @@ def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
     proc: subprocess.Popen[bytes] | None = None
     try:
         origin = build_origin(base, args.jobs)
-        proc, url = start_relay(base, origin, args.publish_interval)
-        host = url.removeprefix("http://")
+        proc, url = start_relay(base, origin, args.publish_interval, args.tls)
+        host = _strip_scheme(url)
         clients = [Client(f"pc-{i:06d}", args.jobs) for i in range(size)]
         lat, elapsed, errors = run_load(host, clients, args.concurrency, None, register=True)
         print(f"{size:>6} clients: registered in {elapsed:.1f}s ({size / elapsed:.0f}/s), errors {errors}")
@@ -299,6 +333,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of measured load per size")
     parser.add_argument("--jobs", type=int, default=5, help="install jobs reaching every client (default 5)")
     parser.add_argument("--publish-interval", type=float, default=10.0, help="relay --publish-interval")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve and drive HTTPS (cheroot, a throw-away CA) instead of plain HTTP (waitress)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--no-settle", action="store_true",
@@ -307,7 +343,7 @@ def main() -> int:
                         help="record the relay with py-spy during the measured load (PREFIX-<size>.json)")
     args = parser.parse_args()
     print(f"relay benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.jobs} jobs, "
-          f"concurrency {args.concurrency}")
+          f"concurrency {args.concurrency}, {'HTTPS' if args.tls else 'plain HTTP'}")
     results = [bench(int(size), args) for size in args.clients.split(",")]
     if args.json:
         print(json.dumps(results, indent=2))

@@ -98,6 +98,26 @@ def _webhook_options(p: argparse.ArgumentParser, env: str | None = None) -> None
                             "make this service fetch)")
 
 
+def _server_tls_options(p: argparse.ArgumentParser) -> None:
+    """``--tls-cert``/``--tls-key`` (HTTPS), ``--tls-client-ca`` (mutual TLS), ``--insecure-http`` (plain HTTP)."""
+    p.add_argument("--tls-cert", metavar="F", help="PEM certificate (chain) to serve HTTPS with; needs --tls-key")
+    p.add_argument("--tls-key", metavar="F", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="F",
+                   help="require client certificates issued by the CA(s) in this PEM file (mutual TLS)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="serve plain HTTP without --tls-cert (and accept http:// URLs): unencrypted, logged as a "
+                        "warning")
+
+
+def _client_tls_options(p: argparse.ArgumentParser, towards: str) -> None:
+    """``--ca-file`` and ``--client-cert``/``--client-key`` for the connections to ``towards``."""
+    p.add_argument("--ca-file", metavar="F",
+                   help=f"PEM file of the CA(s) that {towards} certificates must be issued by (default: the "
+                        "system's trust store)")
+    p.add_argument("--client-cert", metavar="F", help=f"PEM client certificate to present to {towards} (mutual TLS)")
+    p.add_argument("--client-key", metavar="F", help="PEM private key of --client-cert")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reconciler",
@@ -130,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="serve /healthz, the git webhook and the relays' heartbeats here (without it HQ reports "
                         "no relay liveness)")
+    _server_tls_options(p)
     _webhook_options(p)
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
@@ -142,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", required=True, metavar="URL", help="git origin")
     p.add_argument("--workdir", required=True, metavar="DIR", help="relay's working directory (SQLite, cache)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address of the client API")
+    _server_tls_options(p)
+    _client_tls_options(p, "the parent relay's and HQ's")
     _origin_password_option(p)
     p.add_argument("--parent-url", metavar="URL", help="parent relay to fetch artifacts from first")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
@@ -175,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")
-    p.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL")
+    p.add_argument("--relay", required=True, metavar="URL", help="the relay's base URL (https://...)")
+    _client_tls_options(p, "the relay's")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="accept an http:// relay URL: unencrypted and unauthenticated")
     p.add_argument("--root", required=True, metavar="DIR", help="agent root: packages, receipts, journal, token")
     p.add_argument("--label", action="append", type=_key_value, default=[], metavar="K=V",
                    help="a label reported to the relay (repeatable)")

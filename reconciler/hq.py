@@ -78,14 +78,21 @@ from reconciler.report import (
     ReportError,
 )
 from reconciler.serving import (
+    AnyServer,
     ListenError,
-    Server,
     StartResponse,
     WSGIApp,
     json_response,
+    make_server,
 )
 from reconciler.specs import SpecError, Specs
 from reconciler.times import utc_now
+from reconciler.tls import (
+    PLAIN_HTTP_WARNING,
+    TLSConfigError,
+    server_context,
+    server_tls_of,
+)
 from reconciler.webhook import HOOK_PATH, HookGuard, hook_handler, read_secret_file
 
 log = logging.getLogger("reconciler.hq")
@@ -500,6 +507,22 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
         return 2
+    tls_context = None
+    tls_given = [getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_client_ca")]
+    if not getattr(args, "listen", None) and any(tls_given):
+        print("reconciler hq: --tls-cert, --tls-key and --tls-client-ca need --listen (HQ serves nothing without it)",
+              file=sys.stderr)
+        return 2
+    if getattr(args, "listen", None):
+        try:
+            server_tls = server_tls_of(args.tls_cert, args.tls_key, args.tls_client_ca)
+            if server_tls is None and not args.insecure_http:
+                raise TLSConfigError("give --tls-cert and --tls-key to serve HTTPS on --listen, or --insecure-http "
+                                     "to serve plain HTTP")
+            tls_context = server_context(server_tls) if server_tls is not None else None
+        except TLSConfigError as e:
+            print(f"reconciler hq: {e}", file=sys.stderr)
+            return 2
     workdir = Path(args.workdir)
     store = GitStore(args.origin, workdir, password=password)
     hq = Hq(store, args.branch)
@@ -523,7 +546,7 @@ def main(args: argparse.Namespace) -> int:
         watcher.trigger()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server: Server | None = None
+    server: AnyServer | None = None
     try:
         if args.listen:
             timeout = args.relay_timeout
@@ -535,8 +558,10 @@ def main(args: argparse.Namespace) -> int:
                 if hooks.mode == "refused":
                     log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, "
                                 "or --insecure-unsigned-webhook); changes are picked up every --poll-interval")
-                server = Server(make_app(watcher.trigger, hooks, hq.health, relays), args.listen,
-                                name="hq-http").start()
+                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays), args.listen,
+                                     tls=tls_context, name="hq-http").start()
+                if tls_context is None:
+                    log.warning("%s", PLAIN_HTTP_WARNING)
                 write_atomic(workdir / LISTEN_FILE, (server.url + "\n").encode("utf-8"))
             except (ListenError, OSError) as e:
                 print(f"reconciler hq: cannot listen on {args.listen}: {e}", file=sys.stderr)

@@ -1,4 +1,10 @@
-"""Serving HTTP: the one waitress server HQ and the relays run their WSGI apps on.
+"""Serving HTTP and HTTPS: the servers HQ and the relays run their WSGI apps on.
+
+:func:`make_server` picks one: :class:`TLSServer` (cheroot, which can speak
+TLS) when given an :class:`ssl.SSLContext`, else :class:`Server` (waitress,
+plain HTTP, only with ``--insecure-http``). Both bind in their constructor,
+serve on a daemon thread, and have the same ``url``/``host``/``port``,
+``start`` and ``close``.
 
 A :class:`Server` binds in its constructor (so a bad address or a port in use
 fails before anything starts, and port 0 is resolved to the real port at
@@ -14,6 +20,16 @@ Only waitress's public API is used: ``create_server(app, map=...)`` fills
 the map we pass, ``wasyncore.loop(map=..., count=1)`` polls it, and a
 ``trigger`` of our own in that map wakes the poll.
 
+:class:`TLSServer` runs cheroot with an SSL adapter of its own: the TLS
+handshake is advanced without blocking by a worker each time the client
+sends something, and the connection waits on cheroot's selector in between,
+with a deadline of :data:`HANDSHAKE_SECONDS` (cheroot's own adapter shakes
+hands on the thread that accepts connections, so one client that connects
+and stalls would hold up every other). A handshake that fails (a client that
+does not trust us, a missing client certificate, garbage instead of a TLS
+hello) closes that connection and nothing else; a client speaking plain HTTP
+gets a 400 with a JSON error saying the server speaks HTTPS.
+
 The module also holds the small WSGI helpers both apps share: the
 ``WSGIApp`` type, :func:`json_response` and :func:`read_body`.
 """
@@ -22,11 +38,19 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
+from cheroot import wsgi as cheroot_wsgi
+from cheroot.makefile import StreamReader, StreamWriter
+from cheroot.server import HTTPConnection
+from cheroot.ssl import Adapter
 from waitress import trigger, wasyncore  # type: ignore[import-untyped]
 from waitress.server import BaseWSGIServer, create_server  # type: ignore[import-untyped]
 
@@ -97,8 +121,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 # ------------------------------------------------------------------ the server
@@ -231,3 +255,176 @@ class Server:
             close(*args)
         except Exception:  # noqa: BLE001 - closing: nothing left to protect
             log.debug("error closing %r", args or close, exc_info=True)
+
+
+# ------------------------------------------------------------------ HTTPS (cheroot)
+
+
+HANDSHAKE_SECONDS = 10.0
+"""Longest a client may take over its TLS handshake (no thread waits for it meanwhile)."""
+
+_PLAIN_HTTP_BODY = (json.dumps({"error": "this server speaks HTTPS only: use an https:// URL"}) + "\n").encode()
+
+
+class _WorkerHandshakeAdapter(Adapter):
+    """Wraps accepted sockets without a handshake; :class:`_HandshakingConnection` does it on a worker."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__("", "")
+        self.context = context
+
+    def bind(self, sock: Any) -> Any:
+        return sock
+
+    def wrap(self, sock: Any) -> tuple[Any, dict[str, str]]:
+        wrapped = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return wrapped, self.get_environ(wrapped)
+
+    def get_environ(self, sock: Any = None) -> dict[str, str]:
+        return {"wsgi.url_scheme": "https", "HTTPS": "on"}
+
+    def makefile(self, sock: Any, mode: str = "r", bufsize: int = -1) -> Any:
+        return (StreamReader if "r" in mode else StreamWriter)(sock, mode, bufsize)
+
+
+class _HandshakingConnection(HTTPConnection):
+    """A cheroot connection whose TLS handshake runs step by step, never blocking a worker.
+
+    Each time the connection has input, a worker advances the handshake
+    without blocking; when it needs more from the client, the connection
+    goes back to cheroot's selector (``communicate`` returns True, "keep it
+    open") and no thread waits for it. Once the handshake is done the
+    requests are served as usual. A handshake not done within
+    :data:`HANDSHAKE_SECONDS` (counted when the client next sends
+    something; a silent one is closed as idle) or one that fails closes
+    this connection only.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshaken = False
+        self.since = time.monotonic()
+
+    def communicate(self) -> bool:
+        if not self.handshaken and isinstance(self.socket, ssl.SSLSocket):
+            step = self._handshake_step()
+            if step is not True:
+                return step is None  # None: waiting for the client (back to the selector); False: close
+            if not self._has_input():
+                return True
+        return bool(super().communicate())  # type: ignore[no-untyped-call]
+
+    def _handshake_step(self) -> bool | None:
+        """True once the handshake is done, None while it waits for the client, False when it failed."""
+        sock: ssl.SSLSocket = self.socket
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            if time.monotonic() - self.since > HANDSHAKE_SECONDS:
+                log.debug("TLS handshake with %s took over %gs: closed", self.remote_addr, HANDSHAKE_SECONDS)
+                return False
+            return None
+        except ssl.SSLError as e:
+            if "HTTP_REQUEST" in (getattr(e, "reason", None) or "").upper():
+                self._answer_plain_http()
+            log.debug("TLS handshake with %s failed: %s", self.remote_addr, e)
+            return False
+        except OSError as e:  # a reset: this connection only
+            log.debug("TLS handshake with %s failed: %s", self.remote_addr, e)
+            return False
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
+        self.handshaken = True
+        return True
+
+    def _has_input(self) -> bool:
+        """Whether a request is already there to read (decrypted and buffered, or on the socket)."""
+        try:
+            return self.socket.pending() > 0 or bool(select.select([self.socket], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True  # let the read find out
+
+    def _answer_plain_http(self) -> None:
+        """A 400 in plain HTTP on the raw socket, below the TLS layer, to a client that sent plain HTTP."""
+        head = ("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(_PLAIN_HTTP_BODY)}\r\nConnection: close\r\n\r\n").encode("ascii")
+        try:
+            self.socket.settimeout(1.0)
+            socket.socket.sendall(self.socket, head + _PLAIN_HTTP_BODY)  # the raw socket, below TLS
+        except OSError:
+            pass
+
+
+class _CherootServer(cheroot_wsgi.Server):
+    ConnectionClass = _HandshakingConnection
+
+    def error_log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
+        log.log(min(level, logging.DEBUG) if not traceback else logging.ERROR, "%s", msg, exc_info=traceback)
+
+
+class TLSServer:
+    """A WSGI app served over HTTPS by cheroot on a daemon thread; the same interface as :class:`Server`.
+
+    ``threads`` workers run the app (and the handshakes); at most
+    ``connection_limit`` requests wait for a worker; an idle connection is
+    closed after ``channel_timeout`` seconds; a body over
+    ``max_request_body_size`` is refused (413) before the app sees it.
+    """
+
+    def __init__(self, app: WSGIApp, listen: str, context: ssl.SSLContext, *, name: str = "https",
+                 ident: str = "reconciler", threads: int = 4, connection_limit: int = 100, backlog: int = 1024,
+                 channel_timeout: float = 120.0, max_request_body_size: int = 16 * 1024 * 1024,
+                 quiet_queue: bool = False) -> None:
+        host, port = parse_listen(listen)
+        self._server: Any = _CherootServer((host, port), app, numthreads=threads, server_name=ident,
+                                           max=connection_limit, request_queue_size=backlog,
+                                           timeout=max(1, round(channel_timeout)),
+                                           shutdown_timeout=round(JOIN_SECONDS / 2))
+        self._server.ssl_adapter = _WorkerHandshakeAdapter(context)
+        self._server.max_request_body_size = max_request_body_size
+        self._server.keep_alive_conn_limit = connection_limit
+        self._server.prepare()  # binds: a port in use fails here
+        bound = self._server.bind_addr
+        self.host: str = str(bound[0])
+        self.port: int = int(bound[1])
+        self.url: str = _url(self.host, self.port, "https")
+        self._closed = False
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            self._server.serve()
+        except Exception:  # noqa: BLE001
+            log.exception("HTTPS server on %s failed", self.url)
+
+    def start(self) -> TLSServer:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop accepting, close every open connection and end the serving thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._server.stop()
+        if self.thread.ident is not None:
+            self.thread.join(timeout=JOIN_SECONDS)
+            if self.thread.is_alive():
+                log.warning("HTTPS server on %s did not stop within %gs", self.url, JOIN_SECONDS)
+
+    stop = close
+
+
+AnyServer = Server | TLSServer
+
+
+def make_server(app: WSGIApp, listen: str, *, tls: ssl.SSLContext | None = None, **options: Any) -> AnyServer:
+    """:class:`TLSServer` with ``tls``, else :class:`Server` (plain HTTP), bound to ``listen``, not yet started."""
+    if tls is not None:
+        return TLSServer(app, listen, tls, **options)
+    return Server(app, listen, **options)

@@ -190,8 +190,9 @@ class RelayProcess(_Service):
     def __init__(self, name: str, origin: str, workdir: Path, *, parent_url: str | None = None,
                  poll_interval: float = 30.0, publish_interval: float = 0.5, poll_seconds: float = 1.0,
                  listen: str = "127.0.0.1:0", extra_env: Mapping[str, str] | None = None,
-                 extra_args: Iterable[str] = ()) -> None:
+                 extra_args: Iterable[str] = (), insecure_http: bool = True) -> None:
         self.name = name
+        self.insecure_http = insecure_http
         self.extra_args = list(extra_args)
         self.listen = listen
         self.origin = origin
@@ -225,7 +226,7 @@ class RelayProcess(_Service):
         listen_file.unlink(missing_ok=True)
         args = [sys.executable, "-m", "reconciler", "relay", "--name", self.name, "--origin", self.origin,
                 "--workdir", str(self.workdir), "--listen", self.listen,
-                "--poll-interval", str(self.poll_interval), "--publish-interval", str(self.publish_interval)]
+                *(["--insecure-http"] if self.insecure_http else []), "--poll-interval", str(self.poll_interval), "--publish-interval", str(self.publish_interval)]
         if self.parent_url:
             args += ["--parent-url", self.parent_url]
         args += self.extra_args
@@ -282,7 +283,8 @@ class HqProcess(_Service):
         listen_file.unlink(missing_ok=True)
         handle = open(self.log, "a", encoding="utf-8")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen([sys.executable, "-m", "reconciler", "hq", "--origin", self.origin,
-                                      "--workdir", str(self.workdir), "--listen", "127.0.0.1:0", *self.args],
+                                      "--workdir", str(self.workdir), "--listen", "127.0.0.1:0",
+                                      *([] if "--tls-cert" in self.args else ["--insecure-http"]), *self.args],
                                      stdout=handle, stderr=subprocess.STDOUT, text=True, env=env())
         handle.close()
 

@@ -45,7 +45,7 @@ def order(root: Path) -> list[str]:
 def run_reply(relay: FakeRelay, root: Path, *actions: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One check-in whose reply carries ``actions``, and the next, which reports their results."""
     relay.replies.append(list(actions))
-    agent = Agent("pc-dep", relay.url, root, {}, {})
+    agent = Agent("pc-dep", relay.url, root, {}, {}, insecure_http=True)
     agent.step()
     agent.step()
     return results_of(relay.checkins[-1]["body"])

@@ -337,7 +337,7 @@ def test_command_sees_client_identity_and_platform_facts(tmp_path: Path) -> None
     from reconciler.agent.agent import Agent
 
     agent = Agent("pc-env-001", "http://127.0.0.1:9", tmp_path / "root",
-                  fact_overrides=[("arch", "arm64"), ("os", "windows")])
+                  fact_overrides=[("arch", "arm64"), ("os", "windows")], insecure_http=True)
     env = dict(agent.layout.client_env)
     assert env == {"RECONCILER_ARCH": "arm64", "RECONCILER_CLIENT_ID": "pc-env-001", "RECONCILER_OS": "windows"}
     out = tmp_path / "env.txt"

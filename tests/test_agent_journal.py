@@ -66,7 +66,7 @@ def action(root: Path, tmp_path: Path) -> dict[str, Any]:
 
 def agent_at(root: Path) -> Agent:
     """A fresh agent process on the same root, as after a restart."""
-    return Agent("pc-001", NO_RELAY, root, {}, {})
+    return Agent("pc-001", NO_RELAY, root, {}, {}, insecure_http=True)
 
 
 def runs(root: Path) -> int:

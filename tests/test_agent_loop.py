@@ -174,7 +174,7 @@ def closed_port() -> int:
 
 def test_registration_facts_labels_and_token(relay: FakeRelay, tmp_path: Path) -> None:
     agent = Agent("pc-001", relay.url, tmp_path / "root", {"dept": "sales"},
-                  [("os", "windows"), ("freeDiskMB", "123"), ("hostname", "sim-001")])
+                  [("os", "windows"), ("freeDiskMB", "123"), ("hostname", "sim-001")], insecure_http=True)
     first = agent.step()
     assert first.reached and first.poll_seconds == 7
     body = relay.checkins[0]["body"]
@@ -197,7 +197,7 @@ def test_the_relay_that_answered_last_is_sent_back_and_a_damaged_record_of_it_is
     root = tmp_path / "root"
     root.mkdir()
     (root / "relay").write_bytes(b"../etc\xff\n")
-    agent = Agent("pc-001", relay.url, root, {}, [])
+    agent = Agent("pc-001", relay.url, root, {}, [], insecure_http=True)
     assert agent.step().reached
     assert "lastRelay" not in relay.checkins[0]["body"]
     (root / "relay").write_text("relay-kanto\n")
@@ -206,7 +206,7 @@ def test_the_relay_that_answered_last_is_sent_back_and_a_damaged_record_of_it_is
 
 
 def test_measured_facts_without_overrides(relay: FakeRelay, tmp_path: Path) -> None:
-    facts = Agent("pc-001", relay.url, tmp_path, {}, {}).facts()
+    facts = Agent("pc-001", relay.url, tmp_path, {}, {}, insecure_http=True).facts()
     assert facts["os"] in ("linux", "windows", "darwin") and facts["arch"] in ARCH_VALUES
     assert isinstance(facts["freeDiskMB"], int) and facts["freeDiskMB"] >= 0
     assert facts["hostname"] == socket.gethostname()
@@ -221,8 +221,8 @@ def test_measured_facts_without_overrides(relay: FakeRelay, tmp_path: Path) -> N
 def test_bad_fact_override_is_a_usage_error(fact: tuple[str, str], message: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(AgentConfigError, match=message):
-        Agent("pc-001", "http://127.0.0.1:9", tmp_path, {}, [fact])
-    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=[],
+        Agent("pc-001", "http://127.0.0.1:9", tmp_path, {}, [fact], insecure_http=True)
+    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=[], insecure_http=True,
                               fact=[fact], poll_interval=None, once=True)
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -235,7 +235,7 @@ def test_bad_fact_override_is_a_usage_error(fact: tuple[str, str], message: str,
 ])
 def test_labels_the_relay_would_refuse_are_a_usage_error(labels: list[tuple[str, str]], message: str,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=labels,
+    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=labels, insecure_http=True,
                               fact=[], poll_interval=None, once=True)
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -245,7 +245,7 @@ def test_install_then_results_and_inventory_reported(relay: FakeRelay, tmp_path:
     content, sha = make_tar({"notes.txt": "hello"})
     relay.artifacts[sha] = content
     relay.replies.append([files_action("op-1", sha, len(content))])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     first = agent.step()
     assert first.actions == 1 and first.ran == 1 and first.results[0]["status"] == "succeeded"
     assert (tmp_path / "root" / "packages" / "notes" / "1.0" / "notes.txt").read_text() == "hello"
@@ -271,7 +271,7 @@ def test_upgrade_and_uninstall_through_the_relay(relay: FakeRelay, tmp_path: Pat
           "package": {"name": "notes", "version": None}, "previousVersion": None, "artifact": None,
           "installer": None}],
     ])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     for _ in range(4):
         agent.step()
     inventories = [b["inventory"] for b in relay.bodies()]
@@ -285,7 +285,7 @@ def test_drift_is_reported_as_absent(relay: FakeRelay, tmp_path: Path) -> None:
     content, sha = make_tar({"notes.txt": "hello"})
     relay.artifacts[sha] = content
     relay.replies.append([files_action("op-1", sha, len(content))])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     agent.step()
     assert agent.inventory() == [{"name": "notes", "version": "1.0"}]
     (tmp_path / "root" / "packages" / "notes" / "1.0" / "notes.txt").unlink()
@@ -299,7 +299,7 @@ def test_sha256_mismatch_is_refused(relay: FakeRelay, tmp_path: Path) -> None:
     tampered = content.replace(b"hello", b"HELLO")
     relay.artifacts[sha] = tampered
     relay.replies.append([files_action("op-1", sha, len(content))])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     result = agent.step().results[0]
     actual = hashlib.sha256(tampered).hexdigest()
     assert result["status"] == "failed"
@@ -318,7 +318,7 @@ def test_a_download_that_cannot_be_made_is_not_attempted(blip: str, relay: FakeR
         relay.artifacts[sha] = content
         relay.drop_downloads = True
     relay.replies.append([files_action("op-1", sha, len(content))])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     result = agent.step().results[0]
     assert (result["operationId"], result["status"], result["exitCode"]) == ("op-1", "notAttempted", None)
     assert sha in result["message"]
@@ -338,7 +338,7 @@ def test_a_relay_sending_more_than_the_artifact_size_is_cut_off(relay: FakeRelay
     content, sha = make_tar({"notes.txt": "hello"})
     relay.artifacts[sha] = content + b"\0" * (4 * 1024 * 1024)  # an endless body, as far as the client cares
     relay.replies.append([files_action("op-1", sha, len(content))])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     result = agent.step().results[0]
     assert result["status"] == "failed"
     assert result["message"] == f"downloading artifact {sha}: the relay sent more than its {len(content)} bytes"
@@ -353,7 +353,7 @@ def test_interrupted_download_resumes_with_range(relay: FakeRelay, tmp_path: Pat
     root = tmp_path / "root"
     (root / "cache").mkdir(parents=True)
     (root / "cache" / f"{sha}.part").write_bytes(content[:20_000])
-    result = Agent("pc-001", relay.url, root, {}, {}).step().results[0]
+    result = Agent("pc-001", relay.url, root, {}, {}, insecure_http=True).step().results[0]
     assert result["status"] == "succeeded"
     assert relay.artifact_requests == [{"sha256": sha, "range": "bytes=20000-"}]
     assert (root / "cache" / sha).read_bytes() == content
@@ -365,7 +365,7 @@ def test_verified_cached_artifact_is_reused(relay: FakeRelay, tmp_path: Path) ->
     root = tmp_path / "root"
     (root / "cache").mkdir(parents=True)
     (root / "cache" / sha).write_bytes(content)
-    assert Agent("pc-001", relay.url, root, {}, {}).step().results[0]["status"] == "succeeded"
+    assert Agent("pc-001", relay.url, root, {}, {}, insecure_http=True).step().results[0]["status"] == "succeeded"
     assert relay.artifact_requests == []
 
 
@@ -374,7 +374,7 @@ def test_relay_down_then_up_delivers_pending_result(relay: FakeRelay, tmp_path: 
     relay.artifacts[sha] = content
     relay.replies.append([files_action("op-1", sha, len(content))])
     relay.poll_seconds = 5
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     assert agent.step().ran == 1
     relay.stop()
     for failures in (1, 2, 3, 4, 5):
@@ -383,7 +383,7 @@ def test_relay_down_then_up_delivers_pending_result(relay: FakeRelay, tmp_path: 
         assert agent.failures == failures
         assert 0.8 * min(5, 2 ** (failures - 1)) <= agent.next_delay() <= min(5, 2 ** (failures - 1))
     # a restart of the agent process keeps the owed result too
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     assert [r["operationId"] for r in agent.journal.pending_results()] == ["op-1"]
     relay.start()
     assert agent.step().reported == 1
@@ -392,7 +392,7 @@ def test_relay_down_then_up_delivers_pending_result(relay: FakeRelay, tmp_path: 
 
 
 def test_relay_never_reachable_once_exits_1(tmp_path: Path) -> None:
-    args = argparse.Namespace(id="pc-001", relay=f"http://127.0.0.1:{closed_port()}", root=str(tmp_path / "r"),
+    args = argparse.Namespace(id="pc-001", relay=f"http://127.0.0.1:{closed_port()}", insecure_http=True, root=str(tmp_path / "r"),
                               label=[], fact=[], poll_interval=None, once=True)
     assert main(args) == 1
 
@@ -402,7 +402,7 @@ def test_refused_token_keeps_state_and_backs_off(relay: FakeRelay, tmp_path: Pat
     relay.artifacts[sha] = content
     relay.replies.append([files_action("op-1", sha, len(content))])
     root = tmp_path / "root"
-    agent = Agent("pc-001", relay.url, root, {}, {})
+    agent = Agent("pc-001", relay.url, root, {}, {}, insecure_http=True)
     agent.step()
     relay.tokens["pc-001"] = "rotated-by-someone-else"
     refused = agent.step()
@@ -421,7 +421,7 @@ def test_finished_action_sent_again_is_not_rerun(relay: FakeRelay, tmp_path: Pat
     relay.artifacts[sha] = content
     action = files_action("op-1", sha, len(content))
     relay.replies.extend([[action], [action]])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     agent.step()
     again = agent.step()  # reports op-1, and the reply asks for op-1 again
     assert again.actions == 1 and again.ran == 0
@@ -440,7 +440,7 @@ def test_cli_once_as_a_subprocess(relay: FakeRelay, tmp_path: Path) -> None:
     root = tmp_path / "root"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-cli", "--relay", relay.url, "--root", str(root),
+        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-cli", "--relay", relay.url, "--insecure-http", "--root", str(root),
          "--label", "dept=it", "--fact", "arch=arm64", "--once"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -481,7 +481,7 @@ def test_kill_9_mid_install_converges_after_restart(relay: FakeRelay, tmp_path: 
     root, fifo = tmp_path / "root", tmp_path / "fifo"
     os.mkfifo(fifo)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TEST_FIFO": str(fifo)}
-    argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-kill", "--relay", relay.url,
+    argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-kill", "--relay", relay.url, "--insecure-http",
             "--root", str(root), "--once"]
     agent = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     installer_pid: list[int] = []
@@ -547,7 +547,7 @@ def test_installer_output_is_masked_and_cut_before_it_is_journalled_or_sent(rela
     root = tmp_path / "root"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-leak", "--relay", relay.url, "--root", str(root),
+        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-leak", "--relay", relay.url, "--insecure-http", "--root", str(root),
          "--output-tail", "400", "--once"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -572,7 +572,7 @@ def test_a_redact_pattern_the_agent_cannot_run_safely_fails_the_action_before_it
     action["installer"] = {"type": "command", "install": ["${PYTHON}", "install.py"], "uninstall": [],
                            "detect": [], "timeoutSeconds": 60, "redact": ["(a+)+b"]}
     relay.replies.append([action])
-    agent = Agent("pc-bad", relay.url, tmp_path / "root", {}, {})
+    agent = Agent("pc-bad", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
     [result] = agent.step().results
     assert result["status"] == "failed" and "installer.redact[0]" in result["message"]
     assert not (tmp_path / "root" / "packages" / "tool" / "1.0" / "ran").exists()
@@ -581,4 +581,4 @@ def test_a_redact_pattern_the_agent_cannot_run_safely_fails_the_action_before_it
 @pytest.mark.parametrize("tail", [-1, 8001])
 def test_output_tail_is_bounded(tail: int, relay: FakeRelay, tmp_path: Path) -> None:
     with pytest.raises(AgentConfigError):
-        Agent("pc-1", relay.url, tmp_path / "root", {}, {}, output_tail=tail)
+        Agent("pc-1", relay.url, tmp_path / "root", {}, {}, output_tail=tail, insecure_http=True)

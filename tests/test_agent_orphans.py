@@ -119,7 +119,7 @@ class AgentRun:
     started: list[AgentRun] = []  # stopped by the ``root`` fixture if a test fails half-way
 
     def __init__(self, relay_url: str, root: Path, env: dict[str, str] | None = None) -> None:
-        argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-orphan", "--relay", relay_url,
+        argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-orphan", "--relay", relay_url, "--insecure-http",
                 "--root", str(root), "--once"]
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
         self.proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -262,11 +262,11 @@ def settle_through(where: str, root: Path, record: dict[str, Any]) -> None:
         journal = Journal(root / "journal")
         journal.start("op-guard", JOURNAL_ACTION)
         journal.record_process("op-guard", record)
-        agent = Agent("pc-001", "http://127.0.0.1:9", root, {}, {})
+        agent = Agent("pc-001", "http://127.0.0.1:9", root, {}, {}, insecure_http=True)
         entry = agent.journal.get("op-guard")
         assert entry is not None and entry.state == STARTED and entry.process is None  # still to run
     elif where == "re-run":
-        agent = Agent("pc-001", "http://127.0.0.1:9", root, {}, {})
+        agent = Agent("pc-001", "http://127.0.0.1:9", root, {}, {}, insecure_http=True)
         agent.journal.start("op-guard", JOURNAL_ACTION)
         agent.journal.record_process("op-guard", record)
         result = agent.run_action(JOURNAL_ACTION)

@@ -124,7 +124,7 @@ class Cluster:
 
     def agent(self, client: str, relay: RelayProcess, **kwargs: Any) -> Agent:
         kwargs.setdefault("enroll_secret", relay.enroll_secret)
-        return Agent(client, relay.url, self.base / "clients" / client, **kwargs)
+        return Agent(client, relay.url, self.base / "clients" / client, **kwargs, insecure_http=True)
 
     def rows(self, relay: str, job_name: str) -> dict[str, dict[str, Any]]:
         return self.origin.job_rows(relay, job_name)
@@ -203,7 +203,7 @@ def crash_agent(proc: subprocess.Popen[str]) -> None:
 def agent_process(client: str, relay_url: str, root: Path, *args: str) -> subprocess.Popen[str]:
     """A continuously running ``reconciler agent`` in its own session."""
     log = open(root.parent / f"{client}.log", "a", encoding="utf-8")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "agent", "--id", client, "--relay", relay_url,
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "agent", "--id", client, "--relay", relay_url, "--insecure-http",
                              "--root", str(root), "--poll-interval", "0.3", *args],
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env(), start_new_session=True)
     log.close()
@@ -284,7 +284,7 @@ def test_requirements_conflict_uninstall_and_drift(cluster: Cluster) -> None:
 
     def run_agents() -> None:
         for client, root, disk in (("pc-small", small, "100"), ("pc-big", big, "100000")):
-            reconciler("agent", "--id", client, "--relay", relay.url, "--root", str(root),
+            reconciler("agent", "--id", client, "--relay", relay.url, "--insecure-http", "--root", str(root),
                        "--fact", f"freeDiskMB={disk}", "--enroll-secret-file", str(relay.enroll_secret_file), "--once")
 
     run_agents()
@@ -634,10 +634,11 @@ def test_relay_before_hq_accepts_then_follows_and_refuses_unknown_names(cluster:
 
     # A second relay on the same workdir, and a relay the topology does not know, refuse to start.
     same = reconciler("relay", "--name", "relay-a", "--origin", cluster.origin.url, "--workdir",
-                      str(relay.workdir), "--listen", "127.0.0.1:0", check=False)
+                      str(relay.workdir), "--listen", "127.0.0.1:0", "--insecure-http", check=False)
     assert same.returncode == 2 and "another relay" in same.stderr
     unknown = reconciler("relay", "--name", "relay-zz", "--origin", cluster.origin.url, "--workdir",
-                         str(cluster.base / "zz"), "--listen", "127.0.0.1:0", "--open-enrollment", check=False)
+                         str(cluster.base / "zz"), "--listen", "127.0.0.1:0", "--open-enrollment", "--insecure-http",
+                         check=False)
     assert unknown.returncode == 2 and "relay-zz" in unknown.stderr and "not in the topology" in unknown.stderr
     assert relay.stop() == 0
     assert not (relay.workdir / "listen.url").exists()

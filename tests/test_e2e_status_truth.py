@@ -84,7 +84,8 @@ class Fleet:
 
     def agent(self, client: str) -> Agent:
         assert self.relay is not None
-        return Agent(client, self.relay.url, self.base / "clients" / client, enroll_secret=self.relay.enroll_secret)
+        return Agent(client, self.relay.url, self.base / "clients" / client, enroll_secret=self.relay.enroll_secret,
+                     insecure_http=True)
 
     def relay_job(self, name: str) -> dict[str, Any]:
         return self.origin.relay_file("relay-a", f"jobs/{name}.yaml") or {}
@@ -250,7 +251,7 @@ def test_a_client_that_moves_to_another_relay_is_counted_once_under_the_new_one(
     fleet.relay = relay_a
     try:
         root = fleet.base / "clients" / "pc-1"
-        at_a = Agent("pc-1", relay_a.url, root, enroll_secret=relay_a.enroll_secret)
+        at_a = Agent("pc-1", relay_a.url, root, enroll_secret=relay_a.enroll_secret, insecure_http=True)
 
         def done_at(relay: str, agent: Agent) -> bool:
             assert agent.run_once() == 0
@@ -261,7 +262,7 @@ def test_a_client_that_moves_to_another_relay_is_counted_once_under_the_new_one(
         assert (root / "relay").read_text().strip() == "relay-a"
 
         # The PC is moved to another site: same agent root, another relay.
-        at_b = Agent("pc-1", relay_b.url, root, enroll_secret=relay_b.enroll_secret)
+        at_b = Agent("pc-1", relay_b.url, root, enroll_secret=relay_b.enroll_secret, insecure_http=True)
         wait_for(lambda: done_at("relay-b", at_b), 30, what="pc-1 at relay-b")
         relay_b_yaml = fleet.origin.relay_file("relay-b", "relay.yaml")
         assert [(m["client"], m["from"]) for m in relay_b_yaml["movedIn"]] == [("pc-1", "relay-a")]

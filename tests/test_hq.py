@@ -455,7 +455,7 @@ def test_hq_service_is_woken_by_a_signed_webhook(origin: Origin, tmp_path: Path,
     secret_file = tmp_path / "hook-secret"
     secret_file.write_text("hook-secret\n")
     proc, lines = service("--origin", url, "--workdir", str(tmp_path / "hq"), "--poll-interval", "3600",
-                          "--listen", "127.0.0.1:0", "--webhook-secret-file", str(secret_file),
+                          "--listen", "127.0.0.1:0", "--insecure-http", "--webhook-secret-file", str(secret_file),
                           extra_env=_credential_env(origin, url))
     base = lines.wait_for(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
     lines.wait_for(r"pass: accepted main")

@@ -292,7 +292,7 @@ def test_hq_service_keeps_serving_and_retries_until_the_fault_clears(origin: Ori
     new = origin.commit("edit a job", edit_job)
     broken = break_mirror(origin, workdir, new, "jobs/install-7zip.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "reconciler", "hq", "--origin", str(origin.bare),
-                             "--workdir", str(workdir), "--poll-interval", "3600", "--listen", "127.0.0.1:0"],
+                             "--workdir", str(workdir), "--poll-interval", "3600", "--listen", "127.0.0.1:0", "--insecure-http"],
                             cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         lines = _Lines(proc.stderr)

@@ -35,7 +35,7 @@ CORE = {
 }
 SHELLS = {
     "reconciler.gitstore", "reconciler.fileio", "reconciler.repo_tree", "reconciler.logs",
-    "reconciler.serving", "reconciler.webhook", "reconciler.credentials",
+    "reconciler.serving", "reconciler.webhook", "reconciler.credentials", "reconciler.tls",
 }
 SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.relay", "reconciler.agent"}  # packages and modules
 COMMANDS = {"reconciler.commands"}
@@ -43,7 +43,7 @@ CLI = {"reconciler.cli", "reconciler.__main__"}
 
 IO_MODULES = {
     "os", "gc", "subprocess", "sqlite3", "socket", "threading", "multiprocessing", "asyncio", "signal",
-    "shutil", "tempfile", "http", "urllib.request", "requests", "waitress", "watchdog", "selectors",
+    "shutil", "tempfile", "http", "urllib.request", "requests", "waitress", "cheroot", "ssl", "watchdog", "selectors",
     "concurrent",
 }
 

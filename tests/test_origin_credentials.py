@@ -178,7 +178,8 @@ def test_hq_and_relay_state_and_the_agent_journal_and_token_are_owner_only(tmp_p
 
     relay = RelayProcess("relay-kanto", str(origin.bare), tmp_path / "relay-kanto").start()
     try:
-        agent = Agent("pc-kanto-001", relay.url, tmp_path / "agent", {}, {}, enroll_secret=relay.enroll_secret)
+        agent = Agent("pc-kanto-001", relay.url, tmp_path / "agent", {}, {}, enroll_secret=relay.enroll_secret,
+                      insecure_http=True)
         assert agent.step().reached
         relay_files = list((tmp_path / "relay-kanto").rglob("*"))  # the helper made the workdir itself
         assert any(p.name.startswith("relay.sqlite3") for p in relay_files)

@@ -396,7 +396,7 @@ def test_what_the_agent_sends_and_the_relay_replies_follows_the_schemas(relay: R
     _serve(relay)
     session = _Recording()
     agent = Agent("pc-1", relay.url, tmp_path / "agent", {"dept": "sales"}, [("hostname", "pc-1")], session,
-                  enroll_secret=ENROLL_SECRET)
+                  enroll_secret=ENROLL_SECRET, insecure_http=True)
     for _ in range(3):
         assert agent.step().reached
     assert agent.inventory() == [{"name": "addon", "version": "2.0"}, {"name": "app", "version": "1.0"}]

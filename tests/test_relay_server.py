@@ -496,7 +496,8 @@ def test_a_download_blip_uses_up_no_attempt(tmp_path: Path) -> None:
                                        artifacts={("app", "1.0"): StagedArtifact(sha, len(content), "tar")})
     server = relay_server(RelayApp(state, cache, trust=TRUST, now=lambda: clock[0]), "127.0.0.1:0").start()
     try:
-        agent = Agent("pc-1", server.url, tmp_path / "client", [], [], enroll_secret=ENROLL_SECRET)
+        agent = Agent("pc-1", server.url, tmp_path / "client", [], [], enroll_secret=ENROLL_SECRET,
+                      insecure_http=True)
         first = agent.step()  # the action goes out; its artifact is not in the relay's cache (a 404)
         [result] = first.results
         assert result["status"] == "notAttempted"

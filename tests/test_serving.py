@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -10,14 +11,18 @@ from typing import Any
 
 import pytest
 import requests
+from tls_helpers import CA, Issued
 
 from reconciler.serving import (
     ListenError,
     Server,
     StartResponse,
+    TLSServer,
     json_response,
+    make_server,
     parse_listen,
 )
+from reconciler.tls import ServerTLS, server_context
 
 DEADLINE = 10.0
 
@@ -144,3 +149,80 @@ def test_parse_listen_refuses(bad: str) -> None:
     with pytest.raises(ListenError, match="HOST:PORT"):
         parse_listen(bad)
     assert issubclass(ListenError, ValueError)
+
+
+# ------------------------------------------------------------------ HTTPS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[CA, Issued]:
+    ca = CA(tmp_path_factory.mktemp("pki"))
+    return ca, ca.issue("server")
+
+
+@pytest.fixture
+def tls_server(pki: tuple[CA, Issued]) -> Iterator[TLSServer]:
+    ca, issued = pki
+    s = TLSServer(_hello, "127.0.0.1:0", server_context(ServerTLS(issued.cert, issued.key)), name="test-https",
+                  max_request_body_size=1000).start()
+    yield s
+    s.close()
+
+
+def _tls_connection(ca: CA, port: int) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(ca.cert_file))
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE),
+                               server_hostname="127.0.0.1")
+
+
+def test_https_serves_a_request_on_the_bound_port(tls_server: TLSServer, pki: tuple[CA, Issued]) -> None:
+    assert tls_server.port != 0 and tls_server.url == f"https://127.0.0.1:{tls_server.port}"
+    response = requests.get(tls_server.url + "/anything", timeout=DEADLINE, verify=str(pki[0].cert_file))
+    assert response.status_code == 200 and response.json() == {"path": "/anything"}
+
+
+def test_https_refuses_a_body_over_the_limit_before_the_app(tls_server: TLSServer, pki: tuple[CA, Issued]) -> None:
+    response = requests.post(tls_server.url + "/big", data=b"x" * 5000, timeout=DEADLINE,
+                             verify=str(pki[0].cert_file))
+    assert response.status_code == 413
+
+
+def test_https_answers_plain_http_with_a_json_400(tls_server: TLSServer) -> None:
+    response = requests.get(tls_server.url.replace("https://", "http://") + "/x", timeout=DEADLINE)
+    assert response.status_code == 400 and "https://" in response.json()["error"]
+
+
+def test_https_stop_closes_an_idle_keep_alive_connection_and_ends_the_thread(tls_server: TLSServer,
+                                                                            pki: tuple[CA, Issued]) -> None:
+    conn = _tls_connection(pki[0], tls_server.port)
+    try:
+        for path in ("/one", "/two"):
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode("ascii"))
+            assert _read_response(conn).startswith(b"HTTP/1.1 200 ")
+        tls_server.stop()
+        try:
+            assert conn.recv(1) == b""
+        except (ssl.SSLError, ConnectionResetError):
+            pass  # closed under us: also not a hang
+    finally:
+        conn.close()
+    _wait_until(lambda: not tls_server.thread.is_alive(), "the serving thread to end")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", tls_server.port), timeout=DEADLINE).close()
+    tls_server.close()
+
+
+def test_https_a_port_in_use_fails_when_the_server_is_made(tls_server: TLSServer, pki: tuple[CA, Issued]) -> None:
+    with pytest.raises(OSError):
+        TLSServer(_hello, f"127.0.0.1:{tls_server.port}", server_context(ServerTLS(pki[1].cert, pki[1].key)))
+
+
+def test_make_server_picks_https_with_a_context(pki: tuple[CA, Issued]) -> None:
+    plain = make_server(_hello, "127.0.0.1:0")
+    secure = make_server(_hello, "127.0.0.1:0", tls=server_context(ServerTLS(pki[1].cert, pki[1].key)))
+    try:
+        assert isinstance(plain, Server) and plain.url.startswith("http://")
+        assert isinstance(secure, TLSServer) and secure.url.startswith("https://")
+    finally:
+        plain.close()
+        secure.close()

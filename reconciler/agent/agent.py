@@ -89,6 +89,14 @@ from reconciler.credentials import SecretFileError, read_header_secret
 from reconciler.fileio import sha256_file, write_atomic
 from reconciler.redaction import redact_output, redact_url
 from reconciler.times import format_time, utc_now
+from reconciler.tls import (
+    PlainHttpRefused,
+    TLSConfigError,
+    check_url_scheme,
+    client_session,
+    client_tls_of,
+    tls_problem,
+)
 
 log = logging.getLogger("reconciler.agent")
 
@@ -128,6 +136,10 @@ class RelayError(Exception):
 
 class RelayUnavailable(RelayError):
     """Unreachable, timed out, 5xx or a garbled reply: try again later."""
+
+
+class RelayUntrusted(RelayError):
+    """TLS failed (the relay's certificate is not trusted, or it wants ours) or HTTP met HTTPS: needs an operator."""
 
 
 class RelayRefused(RelayError):
@@ -194,6 +206,11 @@ def _refusal(response: requests.Response) -> tuple[str | None, str | None]:
     reason, token = data.get("reason"), data.get("token")
     return (reason if reason in protocol.REFUSAL_REASONS else None,
             token if names.is_token(token) else None)
+
+
+def _speaks_https(response: requests.Response) -> bool:
+    """Whether a 400 to a plain-HTTP request is an HTTPS server's refusal rather than the relay's JSON error."""
+    return "json" not in response.headers.get("Content-Type", "") or "https" in _error_body(response).lower()
 
 
 def _error_body(response: requests.Response) -> str:
@@ -408,7 +425,7 @@ class Agent:
                  fact_overrides: Mapping[str, Any] | Iterable[tuple[str, str]] | None = None,
                  session: requests.Session | None = None, *, poll_interval: float | None = None,
                  output_tail: int = DEFAULT_OUTPUT_TAIL, enroll_secret: str | None = None,
-                 now: Callable[[], datetime] = utc_now) -> None:
+                 now: Callable[[], datetime] = utc_now, insecure_http: bool = False) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -416,6 +433,11 @@ class Agent:
         check_text(relay_url, "--relay", redact_url(relay_url))
         if not relay_url.startswith(("http://", "https://")):
             raise AgentConfigError(f"relay URL must start with http:// or https://, got {redact_url(relay_url)!r}")
+        try:
+            check_url_scheme(relay_url, f"--relay {redact_url(relay_url)}", insecure_http)
+        except PlainHttpRefused as e:
+            raise AgentConfigError(str(e)) from None
+        self.plain_http = relay_url.lower().startswith("http://")
         self.client_id = client_id
         self.relay_url = relay_url.rstrip("/")
         pairs = labels.items() if isinstance(labels, Mapping) else (labels or [])
@@ -539,6 +561,9 @@ class Agent:
                           redact_url(self.relay_url))
             response = self._post(url, body, self._headers(enroll=True))
             status = response.status_code
+        if self.plain_http and status == 400 and _speaks_https(response):
+            raise RelayUntrusted(f"relay {redact_url(self.relay_url)} did not accept plain HTTP (400: "
+                                 f"{_error_body(response)}); it serves HTTPS: use an https:// URL", status)
         if status in (401, 403):
             reason, token = _refusal(response)
             if reason == protocol.REASON_PENDING_APPROVAL and token is not None and token != self.token:
@@ -572,6 +597,9 @@ class Agent:
             return self.session.post(url, json=body, headers=dict(headers), timeout=HTTP_TIMEOUT,
                                      allow_redirects=False)
         except requests.RequestException as exc:
+            problem = tls_problem(exc)
+            if problem is not None:
+                raise RelayUntrusted(f"TLS with relay {redact_url(self.relay_url)} failed: {problem}") from exc
             raise RelayUnavailable(f"relay {redact_url(self.relay_url)} unreachable: {_short_error(exc)}") from exc
 
     def fetch(self, ref: ArtifactRef) -> Path:
@@ -719,7 +747,8 @@ class Agent:
         except RelayError as exc:
             self.failures += 1
             waiting = isinstance(exc, RelayRefused) and exc.reason == protocol.REASON_PENDING_APPROVAL
-            level = logging.ERROR if isinstance(exc, RelayRefused) and not waiting else logging.WARNING
+            level = (logging.ERROR if isinstance(exc, (RelayRefused, RelayUntrusted)) and not waiting
+                     else logging.WARNING)
             self.log.log(level, "check-in failed: %s", exc.message)
             return StepResult(False, exc.status, exc.message, poll_seconds=self.poll_seconds)
         self.failures = 0
@@ -786,12 +815,18 @@ def main(args: argparse.Namespace) -> int:
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         secret = read_header_secret(args.enroll_secret_file) if getattr(args, "enroll_secret_file", None) else None
+        tls = client_tls_of(getattr(args, "ca_file", None), getattr(args, "client_cert", None),
+                            getattr(args, "client_key", None))
         agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
-                      fact_overrides=list(args.fact), poll_interval=args.poll_interval,
-                      output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret)
-    except (AgentConfigError, SecretFileError) as exc:
+                      fact_overrides=list(args.fact), session=client_session(tls), poll_interval=args.poll_interval,
+                      output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret,
+                      insecure_http=bool(getattr(args, "insecure_http", False)))
+    except (AgentConfigError, SecretFileError, TLSConfigError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2
+    if agent.plain_http:
+        agent.log.warning("talking plain HTTP to relay %s (--insecure-http): anyone on the network can read and "
+                          "change check-ins, actions and artifacts", redact_url(agent.relay_url))
     if args.once:
         return agent.run_once()
     agent.run_forever()

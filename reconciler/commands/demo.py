@@ -3,6 +3,7 @@
 It builds a bare git origin seeded from the shipped ``example-repo`` (as an
 admin would: commits on ``main``), starts HQ, every relay of the example
 topology and N agents as real subprocesses of this same CLI on 127.0.0.1,
+over HTTPS with a CA made for the run (:mod:`reconciler.commands.demo_pki`),
 shows live progress until the fleet settles, then repairs the package that
 fails by design the GitOps way (a commit that fixes its install script and
 raises ``rerun``), waits again and prints the HQ report.
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from reconciler.commands.demo_pki import make_demo_pki
 from reconciler.plan import Reason
 from reconciler.repo_tree import DirectoryTree, load_tree
 from reconciler.resources import example_repo_dir
@@ -386,10 +388,14 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(secrets.token_urlsafe(32) + "\n")
     hook_args = ["--webhook-secret-file", str(hook_secret)]
+    # Real TLS on loopback, from a CA made for this run (demo_pki.py).
+    pki = make_demo_pki(workdir / "tls")
+    serve_tls = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
+    trust = ["--ca-file", str(pki.ca_file)]
     try:
         # HQ listens so the relays' heartbeats reach it: its status shows each relay alive (or lost).
         children.start("hq", ["hq", "--origin", str(origin), "--workdir", str(workdir / "hq"),
-                              "--poll-interval", "5", "--listen", "127.0.0.1:0", *hook_args], env)
+                              "--poll-interval", "5", "--listen", "127.0.0.1:0", *serve_tls, *hook_args], env)
         hq_url = _wait_for_file(workdir / "hq" / "listen.url", children)
         urls: dict[str, str] = {}
         pending = list(relays)
@@ -400,8 +406,8 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
                     continue
                 relay_dir = workdir / relay
                 argv = ["relay", "--name", relay, "--origin", str(origin), "--workdir", str(relay_dir),
-                        "--listen", "127.0.0.1:0", "--poll-interval", "5", "--publish-interval", "1",
-                        "--hq-url", hq_url, "--heartbeat-interval", "10", *hook_args,
+                        "--listen", "127.0.0.1:0", *serve_tls, *trust, "--poll-interval", "5",
+                        "--publish-interval", "1", "--hq-url", hq_url, "--heartbeat-interval", "10", *hook_args,
                         "--enroll-secret-file", str(enroll_secret), "--child-secret-file", str(child_secret)]
                 if parent in urls:
                     argv += ["--parent-url", urls[parent], "--parent-secret-file", str(child_secret)]
@@ -412,7 +418,7 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
 
         agents = fleet(relays, clients)
         for agent in agents:
-            argv = ["agent", "--id", agent.id, "--relay", urls[agent.relay],
+            argv = ["agent", "--id", agent.id, "--relay", urls[agent.relay], *trust,
                     "--root", str(workdir / "clients" / agent.id), "--poll-interval", POLL_SECONDS,
                     "--enroll-secret-file", str(enroll_secret)]
             for key, value in agent.facts:

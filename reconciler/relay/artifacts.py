@@ -50,6 +50,7 @@ from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
 from reconciler.relay.state import StagedArtifact
 from reconciler.specs import JobType, Package, Specs
+from reconciler.tls import tls_problem
 
 log = logging.getLogger("reconciler.relay")
 
@@ -242,6 +243,7 @@ class ArtifactCache:
 
     def __init__(self, workdir: Path, git: GitReader, *, parent_url: str | None = None,
                  parent_secret: str | None = None, session: requests.Session | None = None,
+                 parent_session: requests.Session | None = None,
                  clock: Any = time.monotonic) -> None:
         self.root = Path(workdir) / "cache"
         self.dir = self.root / "sha256"
@@ -256,6 +258,9 @@ class ArtifactCache:
         # The parent serves artifacts only to its clients and to child relays presenting its --child-secret-file.
         self.parent_headers = {protocol.RELAY_SECRET_HEADER: parent_secret} if parent_secret else {}
         self.session = session or requests.Session()
+        # The parent is a relay of our own tree: trusted through --ca-file (and our client certificate, with
+        # mutual TLS); artifact URLs elsewhere through the system's trust store.
+        self.parent_session = parent_session or self.session
         self.clock = clock
         self._parent_missing_since: dict[str, float] = {}
 
@@ -398,7 +403,7 @@ class ArtifactCache:
         """'ok' (now cached), 'missing' (parent answered 404) or 'error' (unreachable, bad data)."""
         try:
             self._download(f"{self.parent_url}/v1/artifacts/{sha}", sha, source="the parent relay",
-                           headers=self.parent_headers)
+                           headers=self.parent_headers, session=self.parent_session)
             return "ok"
         except _NotFound:
             return "missing"
@@ -410,7 +415,8 @@ class ArtifactCache:
             log.warning("parent relay could not provide %s (%s); using the artifact's URL", sha, e)
             return "error"
 
-    def _download(self, url: str, sha: str, *, source: str, headers: Mapping[str, str] | None = None) -> None:
+    def _download(self, url: str, sha: str, *, source: str, headers: Mapping[str, str] | None = None,
+                  session: requests.Session | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         handle, temp_name = tempfile.mkstemp(prefix="download-", dir=self.tmp)
         temp = Path(temp_name)
@@ -425,7 +431,7 @@ class ArtifactCache:
                     except OSError as e:
                         raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
                 elif parsed.scheme in ("http", "https"):
-                    self._http_get(url, writer, source, headers or {})
+                    self._http_get(session or self.session, url, writer, source, headers or {})
                 else:
                     raise ArtifactRefused(f"unsupported artifact URL scheme {parsed.scheme!r} (http, https, file)")
                 out.flush()
@@ -438,11 +444,12 @@ class ArtifactCache:
         finally:
             temp.unlink(missing_ok=True)
 
-    def _http_get(self, url: str, writer: _HashingWriter, source: str, headers: Mapping[str, str]) -> None:
+    def _http_get(self, session: requests.Session, url: str, writer: _HashingWriter, source: str,
+                  headers: Mapping[str, str]) -> None:
         try:
             # A request carrying a secret follows no redirect: requests would resend the header to any host.
-            with self.session.get(url, stream=True, timeout=HTTP_TIMEOUT, headers=dict(headers),
-                                  allow_redirects=not headers) as response:
+            with session.get(url, stream=True, timeout=HTTP_TIMEOUT, headers=dict(headers),
+                             allow_redirects=not headers) as response:
                 if response.status_code == 404:
                     raise _NotFound(f"{source} answered 404")
                 if response.status_code in (401, 403):
@@ -452,7 +459,8 @@ class ArtifactCache:
                 for chunk in response.iter_content(CHUNK):
                     writer.write(chunk)
         except requests.RequestException as e:
-            raise ArtifactError(f"cannot download from {source}: {type(e).__name__}") from None
+            problem = tls_problem(e)
+            raise ArtifactError(f"cannot download from {source}: {problem or type(e).__name__}") from None
 
     def prune(self, keep: Iterable[str], max_age_seconds: float) -> int:
         """Delete cached artifacts not in ``keep`` and untouched for ``max_age_seconds``.

@@ -30,6 +30,7 @@ from reconciler.liveness import ClientCounts, heartbeat_json, make_heartbeat
 from reconciler.redaction import redact_text, redact_url, url_secrets
 from reconciler.relay.state import RelayState
 from reconciler.times import utc_now
+from reconciler.tls import tls_problem
 from reconciler.webhook import SIGNATURE_HEADER, sign
 
 log = logging.getLogger("reconciler.relay")
@@ -43,7 +44,7 @@ class HeartbeatSender:
     """Posts the relay's heartbeat to HQ every ``interval`` seconds on a daemon thread, until :meth:`stop`."""
 
     def __init__(self, hq_url: str, state: RelayState, *, interval: float, secret: bytes | None = None,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, session: requests.Session | None = None) -> None:
         self.url = f"{hq_url.rstrip('/')}/v1/relays/{state.name}/heartbeat"
         self.shown_url = redact_url(self.url)
         self.state = state
@@ -52,7 +53,7 @@ class HeartbeatSender:
         self.secret = secret
         self.clock = clock
         self.outcome: str | None = None  # DELIVERED or the kind of the last failure, as last logged
-        self._session = requests.Session()
+        self._session = session or requests.Session()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relay-heartbeat", daemon=True)
 
@@ -76,6 +77,9 @@ class HeartbeatSender:
         except requests.Timeout:
             return self._settle("timeout", f"no answer within {self.timeout:g}s")
         except requests.RequestException as e:
+            problem = tls_problem(e)
+            if problem is not None:
+                return self._settle("TLS", problem)
             return self._settle("unreachable", f"{type(e).__name__}: {e}")
         if response.status_code == 200:
             return self._settle(DELIVERED, "")

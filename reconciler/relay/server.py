@@ -1,4 +1,4 @@
-"""The relay's client API: a WSGI app (served by waitress) speaking docs/PROTOCOL.md.
+"""The relay's client API: a WSGI app (served by :mod:`reconciler.serving`, HTTPS) speaking docs/PROTOCOL.md.
 
 A check-in is the hot path, and it touches only the calling client's rows:
 authenticate, record its facts, labels, inventory and results, plan that one

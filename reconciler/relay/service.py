@@ -27,6 +27,13 @@ must be a decision, never a default. ``--child-secret-file`` lets child
 relays download artifacts; ``--parent-secret-file`` is what this relay
 presents to its ``--parent-url``.
 
+TLS (:mod:`reconciler.tls`): the client API is HTTPS with ``--tls-cert`` and
+``--tls-key`` (client certificates required with ``--tls-client-ca``), plain
+HTTP only with ``--insecure-http``. One ``--ca-file`` (and one
+``--client-cert``/``--client-key``) serves every connection the relay makes
+inside the fleet, to its parent relay and to HQ; artifact URLs outside the
+fleet are verified against the system's trust store.
+
 ``RECONCILER_POLL_SECONDS`` (the check-in interval told to agents, default
 30 s) comes from the environment rather than a flag. The git hook needs
 ``--webhook-secret-file`` (or ``RECONCILER_WEBHOOK_SECRET_FILE``, kept as a
@@ -40,9 +47,11 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -63,7 +72,18 @@ from reconciler.relay.loop import FOLLOW, HOUSEKEEPING, PUBLISHING, RelayLoop
 from reconciler.relay.server import RelayApp, Trust
 from reconciler.relay.state import DEFAULT_POLL_SECONDS, RelayState
 from reconciler.relay.store import Store, StoreError
-from reconciler.serving import ListenError, Server
+from reconciler.serving import AnyServer, ListenError, make_server
+from reconciler.tls import (
+    PLAIN_HTTP_WARNING,
+    ClientTLS,
+    PlainHttpRefused,
+    TLSConfigError,
+    check_url_scheme,
+    client_session,
+    client_tls_of,
+    server_context,
+    server_tls_of,
+)
 from reconciler.webhook import read_secret_file
 
 log = logging.getLogger("reconciler.relay")
@@ -127,17 +147,40 @@ def trust_from_args(args: argparse.Namespace) -> Trust:
                  require_approval=bool(getattr(args, "require_approval", False)), child_secret=child_secret)
 
 
-def relay_server(app: RelayApp, listen: str) -> Server:
+def relay_server(app: RelayApp, listen: str, tls: ssl.SSLContext | None = None) -> AnyServer:
     """The server of the client API, bound to ``listen`` (not yet started).
 
     Sized for thousands of agents polling one relay: 8 worker threads, up to
     2,000 open connections, and waitress's "task queue depth" warning muted
     (requests queued behind busy workers are normal under load). Bodies above
-    1 MiB get the app's own JSON 413; waitress only refuses absurd uploads.
+    1 MiB get the app's own JSON 413; the server only refuses absurd uploads.
+    HTTPS with ``tls`` (cheroot), plain HTTP without (waitress).
     """
-    return Server(app, listen, name="relay-http", ident="reconciler-relay", threads=8,
+    return make_server(app, listen, tls=tls, name="relay-http", ident="reconciler-relay", threads=8,
                   connection_limit=2000, backlog=1024, channel_timeout=120,
                   max_request_body_size=16 * protocol.MAX_BODY, quiet_queue=True)
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """The relay's TLS: the server context of its client API (None: plain HTTP), and what it trusts and presents
+    towards its parent relay and HQ."""
+
+    server: ssl.SSLContext | None
+    outgoing: ClientTLS
+
+
+def tls_settings(args: argparse.Namespace) -> TLSSettings:
+    """The TLS options of ``reconciler relay``, checked; TLSConfigError or PlainHttpRefused (exit 2)."""
+    server_tls = server_tls_of(args.tls_cert, args.tls_key, args.tls_client_ca)
+    insecure = bool(getattr(args, "insecure_http", False))
+    if server_tls is None and not insecure:
+        raise PlainHttpRefused("give --tls-cert and --tls-key to serve HTTPS, or --insecure-http to serve plain HTTP")
+    for url, flag in ((args.parent_url, "--parent-url"), (args.hq_url, "--hq-url")):
+        if url:
+            check_url_scheme(url, flag, insecure)
+    return TLSSettings(server_context(server_tls) if server_tls is not None else None,
+                       client_tls_of(args.ca_file, args.client_cert, args.client_key))
 
 
 # ------------------------------------------------------------------ the process
@@ -191,6 +234,11 @@ def main(args: argparse.Namespace) -> int:
     if not names.is_name(name):
         print(f"reconciler relay: invalid relay name {name!r}", file=sys.stderr)
         return 2
+    try:
+        tls = tls_settings(args)
+    except (TLSConfigError, PlainHttpRefused) as e:
+        print(f"reconciler relay: {e}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir).absolute()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -199,12 +247,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"reconciler relay: {e}", file=sys.stderr)
         return 2
     try:
-        return _run(args, name, workdir)
+        return _run(args, name, workdir, tls)
     finally:
         lock.close()
 
 
-def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
+def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -> int:
     try:
         trust = trust_from_args(args)
         parent_secret = read_header_secret(args.parent_secret_file) if args.parent_secret_file else None
@@ -236,7 +284,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
     if warning:
         log.warning("%s", warning)
     git = GitStore(args.origin, workdir, password=password)
-    cache = ArtifactCache(workdir, git, parent_url=args.parent_url, parent_secret=parent_secret)
+    cache = ArtifactCache(workdir, git, parent_url=args.parent_url, parent_secret=parent_secret,
+                          parent_session=client_session(tls.outgoing))
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
     watcher = ChangeWatcher(args.origin, args.poll_interval)
     state.on_git_hook = watcher.trigger
@@ -266,7 +315,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
             print(f"reconciler relay: cannot read the heartbeat secret: {e}", file=sys.stderr)
             store.close()
             return 2
-        heartbeats = HeartbeatSender(args.hq_url, state, interval=args.heartbeat_interval, secret=heartbeat_secret)
+        heartbeats = HeartbeatSender(args.hq_url, state, interval=args.heartbeat_interval, secret=heartbeat_secret,
+                                     session=client_session(tls.outgoing))
     elif args.heartbeat_secret_file:
         log.warning("--heartbeat-secret-file without --hq-url: this relay sends no heartbeats")
     insecure = bool(args.insecure_unsigned_webhook) and secret is None
@@ -275,11 +325,13 @@ def _run(args: argparse.Namespace, name: str, workdir: Path) -> int:
                     "--insecure-unsigned-webhook); changes are picked up every --poll-interval")
     app = RelayApp(state, cache.dir, webhook_secret=secret, insecure_webhook=insecure, trust=trust)
     try:
-        server = relay_server(app, args.listen).start()
+        server = relay_server(app, args.listen, tls.server).start()
     except (ListenError, OSError) as e:
         print(f"reconciler relay: cannot listen on {args.listen}: {e}", file=sys.stderr)
         store.close()
         return 2
+    if tls.server is None:
+        log.warning("%s", PLAIN_HTTP_WARNING)
     _write_listen_file(workdir, server.url)
     log.info("relay %s listening on %s (origin %s, poll %ss for clients; enrolment: %s%s)", name, server.url,
              redact_url(args.origin), f"{poll_seconds:g}", "open" if trust.open_enrollment else "secret",
