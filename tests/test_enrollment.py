@@ -70,7 +70,7 @@ def _serve_app(relay: Relay) -> str:
 
 
 def _agent(relay: Relay, root: Path, client: str = "pc-1", secret: str | None = ENROLL_SECRET) -> Agent:
-    return Agent(client, relay.url, root, {}, {}, enroll_secret=secret)
+    return Agent(client, relay.url, root, {}, {}, enroll_secret=secret, insecure_http=True)
 
 
 def _clients(relay: Relay, *args: str, check: bool = True) -> str:
@@ -442,7 +442,7 @@ def test_a_flood_of_huge_headers_is_refused_without_a_traceback(relay: Relay) ->
 
 def _relay_exit(tmp_path: Path, *args: str) -> tuple[int, str]:
     proc = reconciler("relay", "--name", "relay-a", "--origin", str(tmp_path / "no-origin.git"),
-                      "--workdir", str(tmp_path / "relay-work"), "--listen", "127.0.0.1:0", *args,
+                      "--workdir", str(tmp_path / "relay-work"), "--listen", "127.0.0.1:0", "--insecure-http", *args,
                       check=False, timeout=60)
     return proc.returncode, proc.stderr
 
@@ -485,8 +485,8 @@ def test_an_unreadable_secret_file_stops_the_relay(tmp_path: Path) -> None:
 def test_bad_secret_files_stop_the_agent_with_a_clear_message(tmp_path: Path) -> None:
     for expected, path in (("does not exist", tmp_path / "missing.secret"),
                            ("is empty", secret_file(tmp_path / "empty.secret", "\n"))):
-        proc = reconciler("agent", "--id", "pc-1", "--relay", "http://127.0.0.1:9", "--root", str(tmp_path / "root"),
-                          "--enroll-secret-file", str(path), "--once", check=False)
+        proc = reconciler("agent", "--id", "pc-1", "--relay", "http://127.0.0.1:9", "--insecure-http",
+                          "--root", str(tmp_path / "root"), "--enroll-secret-file", str(path), "--once", check=False)
         assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -567,7 +567,8 @@ class _Redirecting:
 def test_secrets_never_follow_a_redirect(tmp_path: Path) -> None:
     servers = _Redirecting()
     try:
-        step = Agent("pc-1", servers.url, tmp_path / "root", {}, {}, enroll_secret=ENROLL_SECRET).step()
+        step = Agent("pc-1", servers.url, tmp_path / "root", {}, {}, enroll_secret=ENROLL_SECRET,
+                     insecure_http=True).step()
         assert not step.reached and step.status_code == 307
         cache = ArtifactCache(tmp_path / "child", None, parent_url=servers.url,  # type: ignore[arg-type]
                               parent_secret=CHILD_SECRET)
