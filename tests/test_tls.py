@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from e2e_helpers import REPO_ROOT as PROJECT_ROOT
 from e2e_helpers import (
     ENROLL_SECRET,
     FileServer,
@@ -32,6 +31,7 @@ from e2e_helpers import (
     secret_file,
     wait_for,
 )
+from e2e_helpers import REPO_ROOT as PROJECT_ROOT
 from tls_helpers import CA, Issued
 
 from reconciler.agent.agent import Agent, AgentConfigError
