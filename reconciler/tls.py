@@ -82,11 +82,7 @@ def server_context(tls: ServerTLS) -> ssl.SSLContext:
     except ssl.SSLError as e:
         raise TLSConfigError(f"--tls-cert {tls.cert} and --tls-key {tls.key}: {_pair_problem(e)}") from None
     if tls.client_ca is not None:
-        _readable(tls.client_ca, "--tls-client-ca")
-        try:
-            context.load_verify_locations(cafile=str(tls.client_ca))
-        except ssl.SSLError:
-            raise TLSConfigError(f"--tls-client-ca {tls.client_ca}: not a PEM file of CA certificates") from None
+        _load_cas(context, tls.client_ca, "--tls-client-ca")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -119,15 +115,20 @@ def client_tls_of(ca_file: str | None, cert: str | None, key: str | None) -> Cli
     return tls
 
 
+def _load_cas(context: ssl.SSLContext, path: Path, flag: str) -> None:
+    """Trust the CA certificates of ``path`` (given as ``flag``); TLSConfigError naming both when it cannot."""
+    _readable(path, flag)
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except ssl.SSLError:
+        raise TLSConfigError(f"{flag} {path}: not a PEM file of CA certificates") from None
+
+
 def check_client_tls(tls: ClientTLS) -> None:
     """Load the files of ``tls`` once, so a mistake shows at start-up rather than at the first connection."""
     context = ssl.create_default_context()
     if tls.ca_file is not None:
-        _readable(tls.ca_file, "--ca-file")
-        try:
-            context.load_verify_locations(cafile=str(tls.ca_file))
-        except ssl.SSLError:
-            raise TLSConfigError(f"--ca-file {tls.ca_file}: not a PEM file of CA certificates") from None
+        _load_cas(context, tls.ca_file, "--ca-file")
     if tls.cert is not None and tls.key is not None:
         _readable(tls.cert, "--client-cert")
         _readable(tls.key, "--client-key")
