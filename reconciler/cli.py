@@ -274,11 +274,11 @@ def _exec_without_url_password(args: argparse.Namespace) -> None:
     ``$RECONCILER_ORIGIN_PASSWORD``, after saying how to give it properly.
     POSIX only; elsewhere the warning of :func:`url_credentials_warning` stays.
     """
-    from reconciler.gitstore import ORIGIN_PASSWORD_ENV
-    from reconciler.redaction import redact_url, split_credentials
     origin = getattr(args, "origin", None)
     if os.name != "posix" or not isinstance(origin, str) or not origin.lower().startswith(("http://", "https://")):
-        return
+        return  # decided before any import: `validate` and the agent pay nothing for this
+    from reconciler.gitstore import ORIGIN_PASSWORD_ENV
+    from reconciler.redaction import redact_url, split_credentials
     if getattr(args, "origin_password_file", None) or os.environ.get(ORIGIN_PASSWORD_ENV):
         return  # a password given properly wins; the URL's is ignored and warned about later
     bare, user, password = split_credentials(origin)
