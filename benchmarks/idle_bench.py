@@ -158,7 +158,7 @@ def main() -> int:
             url = url_file.read_text().strip()
             for i in range(args.agents_per_relay):
                 cid = f"pc-{relay.removeprefix('relay-')}-{i:03d}"
-                spawn(cid, "agent", "--id", cid, "--relay", url, "--insecure-http", "--root", str(work / "clients" / cid),
+                spawn(cid, "agent", "--id", cid, "--relay", url, "--insecure-http", "--insecure-unsigned-actions", "--root", str(work / "clients" / cid),
                       "--fact", "os=linux", "--fact", "arch=x86_64", "--enroll-secret-file", str(enroll_file))
         settle_start = time.monotonic()
         wait_for(lambda: succeeded(origin) == total, 600, f"every one of {total} clients to succeed")

@@ -31,6 +31,7 @@ _HANDLERS: dict[str, str] = {
     "rerun": "reconciler.commands.rerun",
     "demo": "reconciler.commands.demo",
     "clients": "reconciler.commands.clients",
+    "keygen": "reconciler.commands.keygen",
 }
 
 
@@ -156,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
     p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
                    help="a relay with no heartbeat for S seconds is published as lost (default: 300)")
+    p.add_argument("--signing-key", action="append", default=[], metavar="F",
+                   help="Ed25519 private key (reconciler keygen) to sign the manifest of each accepted commit "
+                        "with; repeatable (every key signs: a rotation); agents with --trust-key need it")
+    p.add_argument("--next-key", action="append", default=[], metavar="F",
+                   help="public key HQ will sign with next: listed in the manifest, agents learn to trust it "
+                        "(repeatable)")
+    p.add_argument("--revoke-key", action="append", default=[], metavar="F",
+                   help="public key agents must stop trusting, even their own --trust-key (repeatable)")
     p.add_argument("--once", action="store_true", help="do one full pass and exit")
 
     p = sub.add_parser("relay", help="run a relay reconciler serving its clients")
@@ -214,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the relay (default: 2000, at most 8000)")
     p.add_argument("--enroll-secret-file", metavar="F",
                    help="the relay's enrolment secret, presented to register (and to get a new token after a rekey)")
+    p.add_argument("--trust-key", action="append", default=[], metavar="F",
+                   help="HQ's public key (reconciler keygen): run only actions HQ's signed manifest covers "
+                        "(repeatable); an agent needs this or --insecure-unsigned-actions")
+    p.add_argument("--insecure-unsigned-actions", action="store_true",
+                   help="run whatever the relay sends, unverified (a test bench; never a fleet)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
 
     p = sub.add_parser("clients", help="list, approve, forget or rekey a relay's clients (on the relay host)")
@@ -256,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true",
                    help="also reinstall the package on the --client clients where it is installed already "
                         "(Succeeded), once for this rerun; needs --client")
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for HQ's manifest signatures")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="private key file to write (owner-only); the public key goes beside it as .pub")
+    p.add_argument("--force", action="store_true", help="replace existing files")
 
     p = sub.add_parser("demo", help="run HQ, relays and agents locally on the example repo")
     p.add_argument("--clients", type=int, default=12, metavar="N", help="number of agents (default: 12)")

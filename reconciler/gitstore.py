@@ -611,6 +611,11 @@ class GitStore:
                            Cause.MISSING_REF)
         return proc.stdout.decode("ascii").strip()
 
+    def object_id(self, commit: str, path: str) -> str | None:
+        """``<object id>-<mode>`` of ``path`` at ``commit`` (None if absent): equal ids, equal content."""
+        entry = self._entry(commit, path)
+        return None if entry is None else f"{entry.sha}-{entry.mode}"
+
     def _entry(self, commit: str, path: str) -> _TreeEntry | None:
         self._ensure_repo()
         sha = self._commit(commit)

@@ -66,6 +66,7 @@ from reconciler.gitstore import (
     url_credentials_warning,
 )
 from reconciler.hq_liveness import LIVENESS_FILE, Contacts, RelaysApi
+from reconciler.hq_manifest import ManifestSigner, signer_from_files
 from reconciler.liveness import RelayLiveness
 from reconciler.logs import configure_logging
 from reconciler.redaction import redact_url
@@ -151,8 +152,9 @@ class Hq:
     """HQ's reconcile state between passes (a cache: the truth is in git)."""
 
     def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now,
-                 contacts: Contacts | None = None) -> None:
+                 contacts: Contacts | None = None, signer: ManifestSigner | None = None) -> None:
         self.store = store
+        self.signer = signer  # signs the manifest of the accepted commit (None: HQ publishes none)
         self.branch = branch
         self.clock = clock
         self.contacts = contacts  # relay heartbeats (None: HQ does not listen, liveness is not reported)
@@ -197,6 +199,8 @@ class Hq:
         self.main_valid = accepted.main_valid
         self.validation_errors = errors if validated == accepted.main_commit else ()
         self._published = files
+        if self.signer is not None:
+            self.signer.restore(files.get(report.MANIFEST_FILE))
         log.info("resumed from %s %s: accepted commit %s", HQ_STATUS_REF, sha[:12], report.short(self.accepted_commit))
 
     def _accepted_specs(self) -> Specs | None:
@@ -261,6 +265,7 @@ class Hq:
                 notes.append(f"{error} (attempt {failed.attempts}, next in {retry_delay(failed.attempts):g}s; "
                              f"{HQ_STATUS_REF} keeps {report.short(self.main_commit)} as the last evaluated commit)")
         specs_now = self._accepted_specs()
+        manifest = self._manifest(specs_now)
         relays, changed = self._read_relays(specs_now)
         if changed:
             notes.append(f"read {changed} relay report{'s' if changed != 1 else ''}")
@@ -270,19 +275,27 @@ class Hq:
         # Same inputs as the last pass that rendered: the output cannot differ.
         inputs = (self.main_commit, self.main_valid, self.accepted_commit, self.accepted_at, evaluation_error,
                   tuple(sorted((name, sha) for name, (sha, _) in self._relays.items())),
-                  None if liveness is None else tuple(sorted(liveness.items())))
+                  None if liveness is None else tuple(sorted(liveness.items())), manifest)
         published = None
         if inputs != self._inputs or self._published is None:
             accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
                                 evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
             files = report.render_hq_status(hq_report)
+            if manifest is not None:
+                files[report.MANIFEST_FILE] = manifest
             if files != self._published:
                 published = self.store.publish(HQ_STATUS_REF, files, self._message(hq_report))
                 self._published = files
             self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
+
+    def _manifest(self, specs_now: Specs | None) -> bytes | None:
+        """The signed manifest of the accepted commit (None without a signing key or an accepted commit)."""
+        if self.signer is None or specs_now is None or self.accepted_commit is None:
+            return None
+        return self.signer.envelope_for(self.store, self.accepted_commit, specs_now, self.clock())
 
     def _judge_relays(self, specs_now: Specs | None, notes: list[str]) -> dict[str, RelayLiveness] | None:
         """Each relay's liveness now (None without heartbeats); a note for each relay that changed."""
@@ -524,8 +537,22 @@ def main(args: argparse.Namespace) -> int:
             print(f"reconciler hq: {e}", file=sys.stderr)
             return 2
     workdir = Path(args.workdir)
+    signer: ManifestSigner | None = None
+    if getattr(args, "signing_key", None):
+        try:
+            signer = signer_from_files(args.signing_key, workdir, next_keys=args.next_key or (),
+                                       revoked=args.revoke_key or ())
+        except ValueError as e:
+            print(f"reconciler hq: {e}", file=sys.stderr)
+            return 2
+    elif getattr(args, "next_key", None) or getattr(args, "revoke_key", None):
+        print("reconciler hq: --next-key and --revoke-key need --signing-key", file=sys.stderr)
+        return 2
     store = GitStore(args.origin, workdir, password=password)
-    hq = Hq(store, args.branch)
+    hq = Hq(store, args.branch, signer=signer)
+    if signer is None:
+        log.warning("no --signing-key: HQ signs no manifest, and agents that verify (--trust-key) refuse every "
+                    "action")
     origin = redact_url(args.origin)
 
     if args.once:

@@ -51,8 +51,9 @@ from reconciler import names
 FACT_KEYS = ("os", "arch", "freeDiskMB", "hostname")
 OS_VALUES = ("linux", "windows", "darwin")
 ARCH_VALUES = ("x86_64", "arm64", "x86")
-RESULT_STATUSES = ("succeeded", "failed", "notAttempted")
-"""What a :class:`Result` may report; every check of a result's status reads this."""
+RESULT_STATUSES = ("succeeded", "failed", "notAttempted", "refused")
+"""What a :class:`Result` may report; every check of a result's status reads this. ``refused``: the agent
+did not run the action because it does not match HQ's signed manifest (nothing ran; never retried)."""
 ACTION_KINDS = ("install", "upgrade", "downgrade", "uninstall")
 INSTALLER_TYPES = ("files", "command")
 ARTIFACT_FORMATS = ("tar", "file")
@@ -123,6 +124,7 @@ class CheckinRequest(TypedDict):
     inventory: list[InventoryEntry]
     results: NotRequired[list[Result]]
     lastRelay: NotRequired[str]  # the relay that last answered this client (it moved when that is another)
+    trustSerial: NotRequired[int]  # the newest manifest serial the agent has verified (the relay sends newer ones)
 
 
 # ------------------------------------------------------------------ shapes: check-in reply
@@ -162,6 +164,13 @@ class Dependency(TypedDict):
     minVersion: NotRequired[str]
 
 
+class ActionDocuments(TypedDict):
+    """The repo paths of the signed documents an action comes from (their text is in the reply's ``documents``)."""
+
+    job: str
+    package: NotRequired[str]  # absent for an uninstall of a version the specs no longer define
+
+
 class Action(TypedDict):
     """One operation for the agent to run, in reply order."""
 
@@ -173,6 +182,7 @@ class Action(TypedDict):
     artifact: Artifact | None  # None for an uninstall
     installer: Installer | None
     dependsOn: NotRequired[list[Dependency]]
+    documents: NotRequired[ActionDocuments]  # with a signed manifest: where the action comes from
 
 
 class CheckinReply(TypedDict):
@@ -182,6 +192,8 @@ class CheckinReply(TypedDict):
     actions: list[Action]
     token: NotRequired[str]  # only when the check-in registered the client
     relay: NotRequired[str]  # the answering relay's name: the agent sends it back as lastRelay
+    manifest: NotRequired[dict[str, Any]]  # HQ's signed manifest envelope (reconciler.signing), with actions
+    documents: NotRequired[dict[str, str]]  # repo path -> the exact text of each document the actions name
 
 
 # ------------------------------------------------------------------ problems
@@ -475,6 +487,12 @@ def checkin_problems(doc: object) -> tuple[CheckinRequest, list[FieldProblem]]:
         "inventory": check_inventory(doc["inventory"], "inventory", problems) if "inventory" in doc else [],
         "results": check_results(doc["results"], "results", problems) if "results" in doc else [],
     }
+    if "trustSerial" in doc:
+        serial = doc["trustSerial"]
+        if _is_int(serial) and 0 <= serial < 2**63:
+            body["trustSerial"] = serial
+        else:
+            problems.append(FieldProblem("trustSerial", f"must be an integer from 0 to {2**63 - 1}"))
     if "lastRelay" in doc:
         if names.is_name(doc["lastRelay"]):
             body["lastRelay"] = doc["lastRelay"]
@@ -524,6 +542,15 @@ def check_reply(doc: object) -> CheckinReply:
         if not names.is_name(relay):
             raise ProtocolError(FieldProblem("relay", "must be a relay name"))
         reply["relay"] = relay
+    if "manifest" in doc:  # checked by the agent's verifier, which refuses every action without a good one
+        if not isinstance(doc["manifest"], dict):
+            raise ProtocolError(FieldProblem("manifest", f"expected an object, got {type_name(doc['manifest'])}"))
+        reply["manifest"] = doc["manifest"]
+    if "documents" in doc:
+        documents = doc["documents"]
+        if not (isinstance(documents, dict) and all(isinstance(v, str) for v in documents.values())):
+            raise ProtocolError(FieldProblem("documents", "expected an object of paths to document text"))
+        reply["documents"] = documents
     return reply
 
 

@@ -86,6 +86,7 @@ HQ_STATUS_REF = f"status/{HQ_REF}"
 """The branch HQ publishes its report on (``gitstore.STATUS_PREFIX`` + :data:`HQ_REF`); relays follow it."""
 ACCEPTED_FILE = "accepted.yaml"
 VALIDATION_FILE = "validation.yaml"
+MANIFEST_FILE = "manifest.json"  # HQ's signed manifest of the accepted commit (reconciler.hq_manifest)
 RELAYS_FILE = "relays.yaml"
 MOVES_FILE = "moves.yaml"
 MOVES_LIMIT = 1000  # moves a relay lists (the newest) and HQ passes on per relay

@@ -1475,3 +1475,22 @@ def find_package(specs: Specs, name: str, version: str) -> Package | None:
         if package.name == name and package.version == version:
             return package
     return None
+
+
+def parse_document(path: str, data: bytes) -> Package | Job:
+    """One package or job file on its own, checked as ``validate`` checks it (an agent reading a signed
+    document). ``ValueError`` with the first problem otherwise; an artifact path is taken as it is."""
+    doc, errors = _parse_file(path, data)
+    if doc is None or errors:
+        raise ValueError(str(errors[0]) if errors else f"{path}: unreadable")
+    kind = _expected_kind(path)
+    built: Package | Job | None
+    if kind is Kind.PACKAGE:
+        built, errors = _build_package(doc, lambda _path: None)
+    elif kind is Kind.JOB:
+        built, errors = _build_job(doc)
+    else:
+        raise ValueError(f"{path}: not a package or job document")
+    if built is None or errors:
+        raise ValueError(str(errors[0]) if errors else f"{path}: unreadable")
+    return built

@@ -33,6 +33,24 @@ ENROLL_SECRET = "test-enrolment-secret-0123456789"
 CHILD_SECRET = "test-child-relay-secret-0123456789"
 
 
+def signing_keys(directory: Path) -> tuple[Path, Path]:
+    """HQ's manifest signing key and its public half under ``directory`` (made on first use): (private, public)."""
+    from reconciler.signing import write_key_pair
+
+    private = directory / "hq-signing.key"
+    public = directory / "hq-signing.pub"
+    if not private.is_file():
+        write_key_pair(private)
+    return private, public
+
+
+def trust_keys(directory: Path) -> list[Any]:
+    """The public keys an in-process Agent trusts (``trust_keys=``) for HQ's key under ``directory``."""
+    from reconciler.signing import read_public_key
+
+    return [read_public_key(signing_keys(directory)[1])]
+
+
 def secret_file(path: Path, secret: str) -> Path:
     """Write ``secret`` to ``path`` (mode 0600) and return the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +124,19 @@ class Origin:
     def url(self) -> str:
         return str(self.path)
 
+    @property
+    def signing_key(self) -> Path:
+        """HQ's manifest signing key for this origin (``hq --signing-key``)."""
+        return signing_keys(self.path.parent / "keys")[0]
+
+    @property
+    def trust_key(self) -> Path:
+        """Its public half (``agent --trust-key``)."""
+        return signing_keys(self.path.parent / "keys")[1]
+
+    def trust_keys(self) -> list[Any]:
+        return trust_keys(self.path.parent / "keys")
+
     def write(self, files: Mapping[str, str | bytes | None]) -> None:
         """Write (or with None, delete) files in the working clone."""
         for rel, content in files.items():
@@ -144,7 +175,8 @@ class Origin:
 
     def accept(self, hq_workdir: Path) -> str:
         """Run ``reconciler hq --once`` and return the accepted commit."""
-        reconciler("hq", "--origin", self.url, "--workdir", str(hq_workdir), "--once", timeout=120)
+        reconciler("hq", "--origin", self.url, "--workdir", str(hq_workdir), "--signing-key", str(self.signing_key),
+                   "--once", timeout=120)
         data = self.read("status/hq", "accepted.yaml")
         assert data is not None, "hq published no accepted.yaml"
         accepted = yaml.safe_load(data)["acceptedCommit"]

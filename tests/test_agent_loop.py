@@ -222,7 +222,7 @@ def test_bad_fact_override_is_a_usage_error(fact: tuple[str, str], message: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(AgentConfigError, match=message):
         Agent("pc-001", "http://127.0.0.1:9", tmp_path, {}, [fact], insecure_http=True)
-    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=[], insecure_http=True,
+    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), insecure_unsigned_actions=True, label=[], insecure_http=True,
                               fact=[fact], poll_interval=None, once=True)
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -235,7 +235,7 @@ def test_bad_fact_override_is_a_usage_error(fact: tuple[str, str], message: str,
 ])
 def test_labels_the_relay_would_refuse_are_a_usage_error(labels: list[tuple[str, str]], message: str,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), label=labels, insecure_http=True,
+    args = argparse.Namespace(id="pc-001", relay="http://127.0.0.1:9", root=str(tmp_path), insecure_unsigned_actions=True, label=labels, insecure_http=True,
                               fact=[], poll_interval=None, once=True)
     assert main(args) == 2
     assert message in capsys.readouterr().err
@@ -392,7 +392,7 @@ def test_relay_down_then_up_delivers_pending_result(relay: FakeRelay, tmp_path: 
 
 
 def test_relay_never_reachable_once_exits_1(tmp_path: Path) -> None:
-    args = argparse.Namespace(id="pc-001", relay=f"http://127.0.0.1:{closed_port()}", insecure_http=True, root=str(tmp_path / "r"),
+    args = argparse.Namespace(id="pc-001", relay=f"http://127.0.0.1:{closed_port()}", insecure_http=True, insecure_unsigned_actions=True, root=str(tmp_path / "r"),
                               label=[], fact=[], poll_interval=None, once=True)
     assert main(args) == 1
 
@@ -440,7 +440,7 @@ def test_cli_once_as_a_subprocess(relay: FakeRelay, tmp_path: Path) -> None:
     root = tmp_path / "root"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-cli", "--relay", relay.url, "--insecure-http", "--root", str(root),
+        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-cli", "--relay", relay.url, "--insecure-http", "--insecure-unsigned-actions", "--root", str(root),
          "--label", "dept=it", "--fact", "arch=arm64", "--once"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -481,7 +481,7 @@ def test_kill_9_mid_install_converges_after_restart(relay: FakeRelay, tmp_path: 
     root, fifo = tmp_path / "root", tmp_path / "fifo"
     os.mkfifo(fifo)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TEST_FIFO": str(fifo)}
-    argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-kill", "--relay", relay.url, "--insecure-http",
+    argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-kill", "--relay", relay.url, "--insecure-http", "--insecure-unsigned-actions",
             "--root", str(root), "--once"]
     agent = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     installer_pid: list[int] = []
@@ -547,7 +547,7 @@ def test_installer_output_is_masked_and_cut_before_it_is_journalled_or_sent(rela
     root = tmp_path / "root"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-leak", "--relay", relay.url, "--insecure-http", "--root", str(root),
+        [sys.executable, "-m", "reconciler", "agent", "--id", "pc-leak", "--relay", relay.url, "--insecure-http", "--insecure-unsigned-actions", "--root", str(root),
          "--output-tail", "400", "--once"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

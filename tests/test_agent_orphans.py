@@ -119,7 +119,7 @@ class AgentRun:
     started: list[AgentRun] = []  # stopped by the ``root`` fixture if a test fails half-way
 
     def __init__(self, relay_url: str, root: Path, env: dict[str, str] | None = None) -> None:
-        argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-orphan", "--relay", relay_url, "--insecure-http",
+        argv = [sys.executable, "-m", "reconciler", "agent", "--id", "pc-orphan", "--relay", relay_url, "--insecure-http", "--insecure-unsigned-actions",
                 "--root", str(root), "--once"]
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
         self.proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,

@@ -34,7 +34,7 @@ POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="POSIX argv and paths ar
 
 def agent_argv(root: bytes, relay_url: bytes, *extra: bytes) -> list[bytes]:
     return [os.fsencode(sys.executable), b"-m", b"reconciler", b"agent", b"--id", b"pc-text", b"--relay", relay_url,
-            b"--insecure-http", b"--root", root, *extra, b"--once"]
+            b"--insecure-http", b"--insecure-unsigned-actions", b"--root", root, *extra, b"--once"]
 
 
 def run_cli(argv: list[bytes]) -> subprocess.CompletedProcess[bytes]:
@@ -123,7 +123,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.skipif(not _can_set_hostname(), reason="needs a Linux UTS namespace (unshare -u, as root)")
 def test_a_host_name_that_is_not_utf8_is_sent_as_text(relay: FakeRelay, tmp_path: Path) -> None:
     argv = ["unshare", "-u", sys.executable, "-c", SET_HOSTNAME_THEN_RUN, "agent", "--id", "pc-host", "--relay",
-            relay.url, "--insecure-http", "--root", str(tmp_path / "root"), "--once"]
+            relay.url, "--insecure-http", "--insecure-unsigned-actions", "--root", str(tmp_path / "root"), "--once"]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(argv, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -33,6 +33,7 @@ from e2e_helpers import (
     malformed_requests,
     reconciler,
     send_raw,
+    signing_keys,
     wait_for,
 )
 
@@ -124,6 +125,7 @@ class Cluster:
 
     def agent(self, client: str, relay: RelayProcess, **kwargs: Any) -> Agent:
         kwargs.setdefault("enroll_secret", relay.enroll_secret)
+        kwargs.setdefault("trust_keys", self.origin.trust_keys())
         return Agent(client, relay.url, self.base / "clients" / client, **kwargs, insecure_http=True)
 
     def rows(self, relay: str, job_name: str) -> dict[str, dict[str, Any]]:
@@ -204,7 +206,8 @@ def agent_process(client: str, relay_url: str, root: Path, *args: str) -> subpro
     """A continuously running ``reconciler agent`` in its own session."""
     log = open(root.parent / f"{client}.log", "a", encoding="utf-8")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "reconciler", "agent", "--id", client, "--relay", relay_url, "--insecure-http",
-                             "--root", str(root), "--poll-interval", "0.3", *args],
+                             "--root", str(root), "--poll-interval", "0.3",
+                             "--trust-key", str(signing_keys(root.parent.parent / "keys")[1]), *args],
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env(), start_new_session=True)
     log.close()
     return proc
@@ -246,7 +249,8 @@ def test_all_lower_clients_reach_nested_sites_but_not_siblings(cluster: Cluster)
 
         # HQ's aggregate sees both relays of the subtree.
         def aggregated() -> dict[str, Any] | None:
-            reconciler("hq", "--origin", cluster.origin.url, "--workdir", str(cluster.hq), "--once")
+            reconciler("hq", "--origin", cluster.origin.url, "--workdir", str(cluster.hq), "--signing-key",
+                       str(cluster.origin.signing_key), "--once")
             import yaml
             doc = yaml.safe_load(cluster.origin.read("status/hq", "jobs/install-tool.yaml") or b"{}")
             return doc if doc.get("counts", {}).get("Succeeded") == 2 and doc.get("state") == "Completed" else None
@@ -285,7 +289,7 @@ def test_requirements_conflict_uninstall_and_drift(cluster: Cluster) -> None:
     def run_agents() -> None:
         for client, root, disk in (("pc-small", small, "100"), ("pc-big", big, "100000")):
             reconciler("agent", "--id", client, "--relay", relay.url, "--insecure-http", "--root", str(root),
-                       "--fact", f"freeDiskMB={disk}", "--enroll-secret-file", str(relay.enroll_secret_file), "--once")
+                       "--trust-key", str(cluster.origin.trust_key), "--fact", f"freeDiskMB={disk}", "--enroll-secret-file", str(relay.enroll_secret_file), "--once")
 
     run_agents()
     both = {"pc-small": "Succeeded", "pc-big": "Succeeded"}

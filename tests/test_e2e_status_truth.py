@@ -75,7 +75,8 @@ class Fleet:
         return commit
 
     def hq_once(self) -> None:
-        reconciler("hq", "--origin", self.origin.url, "--workdir", str(self.hq), "--once", timeout=120, check=False)
+        reconciler("hq", "--origin", self.origin.url, "--workdir", str(self.hq), "--signing-key",
+                   str(self.origin.signing_key), "--once", timeout=120, check=False)
 
     def start_relay(self) -> RelayProcess:
         self.relay = RelayProcess("relay-a", self.origin.url, self.base / "relay-a",
@@ -85,7 +86,7 @@ class Fleet:
     def agent(self, client: str) -> Agent:
         assert self.relay is not None
         return Agent(client, self.relay.url, self.base / "clients" / client, enroll_secret=self.relay.enroll_secret,
-                     insecure_http=True)
+                     insecure_http=True, trust_keys=self.origin.trust_keys())
 
     def relay_job(self, name: str) -> dict[str, Any]:
         return self.origin.relay_file("relay-a", f"jobs/{name}.yaml") or {}
@@ -251,7 +252,8 @@ def test_a_client_that_moves_to_another_relay_is_counted_once_under_the_new_one(
     fleet.relay = relay_a
     try:
         root = fleet.base / "clients" / "pc-1"
-        at_a = Agent("pc-1", relay_a.url, root, enroll_secret=relay_a.enroll_secret, insecure_http=True)
+        at_a = Agent("pc-1", relay_a.url, root, enroll_secret=relay_a.enroll_secret, insecure_http=True,
+                     trust_keys=fleet.origin.trust_keys())
 
         def done_at(relay: str, agent: Agent) -> bool:
             assert agent.run_once() == 0
@@ -262,7 +264,8 @@ def test_a_client_that_moves_to_another_relay_is_counted_once_under_the_new_one(
         assert (root / "relay").read_text().strip() == "relay-a"
 
         # The PC is moved to another site: same agent root, another relay.
-        at_b = Agent("pc-1", relay_b.url, root, enroll_secret=relay_b.enroll_secret, insecure_http=True)
+        at_b = Agent("pc-1", relay_b.url, root, enroll_secret=relay_b.enroll_secret, insecure_http=True,
+                     trust_keys=fleet.origin.trust_keys())
         wait_for(lambda: done_at("relay-b", at_b), 30, what="pc-1 at relay-b")
         relay_b_yaml = fleet.origin.relay_file("relay-b", "relay.yaml")
         assert [(m["client"], m["from"]) for m in relay_b_yaml["movedIn"]] == [("pc-1", "relay-a")]

@@ -34,7 +34,8 @@ from test_relay_server import TRUST, Relay, _package_tar, _specs, _start, checki
 
 from reconciler import protocol
 from reconciler.agent.agent import Agent
-from reconciler.relay.artifacts import ArtifactCache, ArtifactError
+from reconciler.packing import ArtifactError
+from reconciler.relay.artifacts import ArtifactCache
 from reconciler.relay.server import Trust
 from reconciler.relay.state import StagedArtifact, make_generation
 from reconciler.serving import Server
@@ -485,7 +486,7 @@ def test_an_unreadable_secret_file_stops_the_relay(tmp_path: Path) -> None:
 def test_bad_secret_files_stop_the_agent_with_a_clear_message(tmp_path: Path) -> None:
     for expected, path in (("does not exist", tmp_path / "missing.secret"),
                            ("is empty", secret_file(tmp_path / "empty.secret", "\n"))):
-        proc = reconciler("agent", "--id", "pc-1", "--relay", "http://127.0.0.1:9", "--insecure-http",
+        proc = reconciler("agent", "--id", "pc-1", "--relay", "http://127.0.0.1:9", "--insecure-http", "--insecure-unsigned-actions",
                           "--root", str(tmp_path / "root"), "--enroll-secret-file", str(path), "--once", check=False)
         assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
 

@@ -35,9 +35,10 @@ CORE = {
 }
 SHELLS = {
     "reconciler.gitstore", "reconciler.fileio", "reconciler.repo_tree", "reconciler.logs",
-    "reconciler.serving", "reconciler.webhook", "reconciler.credentials", "reconciler.tls",
+    "reconciler.serving", "reconciler.webhook", "reconciler.credentials", "reconciler.tls", "reconciler.signing",
+    "reconciler.packing",
 }
-SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.relay", "reconciler.agent"}  # packages and modules
+SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.relay", "reconciler.agent"}  # packages and modules
 COMMANDS = {"reconciler.commands"}
 CLI = {"reconciler.cli", "reconciler.__main__"}
 
@@ -121,10 +122,11 @@ def test_shells_import_no_service_or_command(name: str) -> None:
 
 
 @pytest.mark.parametrize(("service", "forbidden"), [
-    ("reconciler.agent", {"reconciler.relay", "reconciler.hq", "reconciler.hq_liveness"}),
-    ("reconciler.relay", {"reconciler.hq", "reconciler.hq_liveness", "reconciler.agent"}),
+    ("reconciler.agent", {"reconciler.relay", "reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest"}),
+    ("reconciler.relay", {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.agent"}),
     ("reconciler.hq", {"reconciler.relay", "reconciler.agent"}),
     ("reconciler.hq_liveness", {"reconciler.hq", "reconciler.relay", "reconciler.agent"}),
+    ("reconciler.hq_manifest", {"reconciler.hq", "reconciler.relay", "reconciler.agent"}),
 ])
 def test_services_stay_apart(service: str, forbidden: set[str]) -> None:
     for name in (n for n in MODULES if _within(n, {service})):

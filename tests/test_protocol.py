@@ -115,6 +115,7 @@ SHAPES: list[tuple[Any, dict[str, Any], str]] = [
     (protocol.Artifact, REPLY, "#/$defs/artifact"),
     (protocol.Installer, REPLY, "#/$defs/installer"),
     (protocol.Dependency, REPLY, "#/$defs/dependency"),
+    (protocol.ActionDocuments, REPLY, "#/$defs/action/properties/documents"),
 ]
 
 
@@ -312,7 +313,7 @@ def test_limits_are_enforced_at_their_values() -> None:
 def test_problems_name_the_field() -> None:
     body = {"facts": {"os": "beos", "freeDiskMB": True}, "inventory": [{"name": "app"}, "x"], "extra": 1}
     assert [str(p) for p in protocol.checkin_problems(body)[1]] == [
-        "extra: unknown field (allowed: facts, labels, inventory, results, lastRelay)",
+        "extra: unknown field (allowed: facts, labels, inventory, results, lastRelay, trustSerial)",
         "facts.os: must be one of linux, windows, darwin, got 'beos'",
         "facts.freeDiskMB: expected an integer, got a boolean",
         "inventory[0].version: missing required field",

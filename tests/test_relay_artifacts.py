@@ -15,13 +15,11 @@ import pytest
 from e2e_helpers import FileServer, Origin
 
 from reconciler.gitstore import GitStore
+from reconciler.packing import ArtifactError, ArtifactPending, pack_directory
 from reconciler.relay.artifacts import (
     PARENT_GRACE_SECONDS,
     ArtifactCache,
-    ArtifactError,
-    ArtifactPending,
     check_tar,
-    pack_directory,
     packages_to_stage,
     with_artifact_revisions,
 )

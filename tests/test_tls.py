@@ -136,7 +136,7 @@ def _agent_cli(world: World, client: str, url: str, *args: str) -> subprocess.Co
     enroll = secret_file(world.base / "agent.enroll-secret", ENROLL_SECRET)  # the test relays' default secret
     return subprocess.run([sys.executable, "-m", "reconciler", "agent", "--id", client, "--relay", url,
                            "--root", str(world.base / "clients" / client), "--enroll-secret-file", str(enroll),
-                           *args, "--once"],
+                           "--insecure-unsigned-actions", *args, "--once"],
                           cwd=PROJECT_ROOT, env=env(), capture_output=True, text=True, timeout=120)
 
 

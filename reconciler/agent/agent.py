@@ -56,13 +56,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
 import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from reconciler import names, protocol
 from reconciler.agent.dependencies import parse_depends_on, unmet
@@ -85,9 +86,11 @@ from reconciler.agent.processes import (
     settle_orphan,
 )
 from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
+from reconciler.agent.verify import Verifier
 from reconciler.credentials import SecretFileError, read_header_secret
 from reconciler.fileio import sha256_file, write_atomic
 from reconciler.redaction import redact_output, redact_url
+from reconciler.signing import KeyFileError, read_public_key
 from reconciler.times import format_time, utc_now
 from reconciler.tls import (
     PlainHttpRefused,
@@ -376,6 +379,7 @@ class CheckinReply:
     actions: tuple[protocol.Action, ...]  # each action's fields are checked when it runs
     poll_seconds: float
     acknowledged: int
+    reply: protocol.CheckinReply | None = None  # the whole reply (its manifest and documents, for the verifier)
 
 
 @dataclass(frozen=True)
@@ -425,7 +429,8 @@ class Agent:
                  fact_overrides: Mapping[str, Any] | Iterable[tuple[str, str]] | None = None,
                  session: requests.Session | None = None, *, poll_interval: float | None = None,
                  output_tail: int = DEFAULT_OUTPUT_TAIL, enroll_secret: str | None = None,
-                 now: Callable[[], datetime] = utc_now, insecure_http: bool = False) -> None:
+                 now: Callable[[], datetime] = utc_now, insecure_http: bool = False,
+                 trust_keys: Sequence[Ed25519PublicKey] = ()) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -468,6 +473,8 @@ class Agent:
         self.failures = 0
         self._now = now
         self.journal = Journal(self.layout.journal, now)
+        # With HQ's key(s): every action is checked against HQ's signed manifest before it runs (verify.py).
+        self.verifier = Verifier(trust_keys, self.layout.root, client_id) if trust_keys else None
         self.log = _ClientLog(log, {"client": client_id})
         prune_cache(self.layout)
         self.settle_interrupted()
@@ -550,6 +557,8 @@ class Agent:
         last_relay = self.last_relay
         if last_relay is not None:
             body["lastRelay"] = last_relay
+        if self.verifier is not None:
+            body["trustSerial"] = self.verifier.serial
         url = f"{self.relay_url}/v1/clients/{self.client_id}/checkin"
         headers = self._headers()
         response = self._post(url, body, headers)
@@ -589,7 +598,7 @@ class Agent:
                 self.log.info("now served by relay %s (was %s)", relay, last_relay)
         self.journal.acknowledge(r["operationId"] for r in results)
         return CheckinReply(tuple(reply["actions"]), max(float(reply["pollSeconds"]), MIN_POLL_SECONDS),
-                            len(results))
+                            len(results), reply)
 
     def _post(self, url: str, body: protocol.CheckinRequest, headers: Mapping[str, str]) -> requests.Response:
         try:
@@ -720,6 +729,23 @@ class Agent:
             status, exit_code, message = "failed", None, f"agent error: {type(exc).__name__}: {exc}"
         return self._finish(operation_id, status, exit_code, message, _redact_patterns(action))
 
+    def refuse_action(self, action: Any, why: str) -> dict[str, Any] | None:
+        """Answer an action the verifier refused: nothing runs, the result is ``refused`` with the reason.
+
+        An operation already finished is answered from the journal, as by
+        :meth:`run_action` (the relay asked again; what happened stands).
+        """
+        operation_id = action.get("operationId") if isinstance(action, dict) else None
+        if not isinstance(operation_id, str) or not names.is_operation_id(operation_id):
+            self.log.error("refused an action without a valid operationId: security: %s", _cut(why, 300))
+            return None
+        entry = self.journal.get(operation_id)
+        if entry is not None and entry.state == FINISHED and entry.result is not None:
+            self.journal.requeue(operation_id)
+            return dict(entry.result)
+        self.log.error("operation %s refused: %s", operation_id, _cut(why, 300))
+        return self._finish(operation_id, "refused", None, f"security: {why}")
+
     def _finish(self, operation_id: str, status: str, exit_code: int | None, message: str,
                 redact: tuple[re.Pattern[str], ...] = ()) -> dict[str, Any]:
         """Journal an operation's result (to be reported at the next check-in) and log it.
@@ -755,11 +781,15 @@ class Agent:
         self.relay_poll_seconds = reply.poll_seconds
         results: list[dict[str, Any]] = []
         ran = 0
-        for action in reply.actions:
+        refused: dict[int, str] = {}
+        if self.verifier is not None and reply.reply is not None:
+            refused = self.verifier.refusals(reply.reply, self.relay_url)
+        for index, action in enumerate(reply.actions):
             operation_id = action.get("operationId")  # missing or mistyped in a malformed action: run_action skips it
             entry = self.journal.get(operation_id) if isinstance(operation_id, str) else None
             answered_from_journal = entry is not None and entry.state == FINISHED
-            result = self.run_action(action)
+            why = refused.get(index)
+            result = self.run_action(action) if why is None else self.refuse_action(action, why)
             if result is not None:
                 results.append(result)
                 ran += 0 if answered_from_journal else 1
@@ -817,13 +847,23 @@ def main(args: argparse.Namespace) -> int:
         secret = read_header_secret(args.enroll_secret_file) if getattr(args, "enroll_secret_file", None) else None
         tls = client_tls_of(getattr(args, "ca_file", None), getattr(args, "client_cert", None),
                             getattr(args, "client_key", None))
+        trust_files = list(getattr(args, "trust_key", None) or [])
+        unsigned = bool(getattr(args, "insecure_unsigned_actions", False))
+        if not trust_files and not unsigned:
+            raise AgentConfigError("give --trust-key with HQ's public key (reconciler keygen; run only what HQ "
+                                   "signed), or --insecure-unsigned-actions to run whatever the relay sends")
+        if trust_files and unsigned:
+            raise AgentConfigError("--trust-key and --insecure-unsigned-actions contradict each other")
+        trust_keys = [read_public_key(path) for path in trust_files]
         agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
                       fact_overrides=list(args.fact), session=client_session(tls), poll_interval=args.poll_interval,
                       output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret,
-                      insecure_http=bool(getattr(args, "insecure_http", False)))
-    except (AgentConfigError, SecretFileError, TLSConfigError) as exc:
+                      insecure_http=bool(getattr(args, "insecure_http", False)), trust_keys=trust_keys)
+    except (AgentConfigError, SecretFileError, TLSConfigError, KeyFileError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2
+    if agent.verifier is None:
+        agent.log.warning("--insecure-unsigned-actions: this client runs whatever its relay sends, unverified")
     if agent.plain_http:
         agent.log.warning("talking plain HTTP to relay %s (--insecure-http): anyone on the network can read and "
                           "change check-ins, actions and artifacts", redact_url(agent.relay_url))

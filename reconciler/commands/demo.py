@@ -40,6 +40,7 @@ from reconciler.commands.demo_pki import make_demo_pki
 from reconciler.plan import Reason
 from reconciler.repo_tree import DirectoryTree, load_tree
 from reconciler.resources import example_repo_dir
+from reconciler.signing import write_key_pair
 
 SETTLE_TIMEOUT_SECONDS = 150.0
 POLL_SECONDS = "1"
@@ -392,10 +393,14 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     pki = make_demo_pki(workdir / "tls")
     serve_tls = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
     trust = ["--ca-file", str(pki.ca_file)]
+    # HQ signs the manifest of what it accepts; every agent runs only what that manifest covers.
+    signing_key = workdir / "keys" / "hq-signing.key"
+    signing_public, _ = write_key_pair(signing_key, force=True)
     try:
         # HQ listens so the relays' heartbeats reach it: its status shows each relay alive (or lost).
         children.start("hq", ["hq", "--origin", str(origin), "--workdir", str(workdir / "hq"),
-                              "--poll-interval", "5", "--listen", "127.0.0.1:0", *serve_tls, *hook_args], env)
+                              "--poll-interval", "5", "--listen", "127.0.0.1:0", *serve_tls, *hook_args,
+                              "--signing-key", str(signing_key)], env)
         hq_url = _wait_for_file(workdir / "hq" / "listen.url", children)
         urls: dict[str, str] = {}
         pending = list(relays)
@@ -420,7 +425,7 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
         for agent in agents:
             argv = ["agent", "--id", agent.id, "--relay", urls[agent.relay], *trust,
                     "--root", str(workdir / "clients" / agent.id), "--poll-interval", POLL_SECONDS,
-                    "--enroll-secret-file", str(enroll_secret)]
+                    "--enroll-secret-file", str(enroll_secret), "--trust-key", str(signing_public)]
             for key, value in agent.facts:
                 argv += ["--fact", f"{key}={value}"]
             for key, value in agent.labels:

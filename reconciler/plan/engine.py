@@ -637,7 +637,7 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_MESSAGE] = f"schedule window closed at {format_precise(cj.not_after)}"
         elif type(step) is OutOfAttempts:
             fields[_R_STATE] = ClientState.FAILED
-            fields[_R_REASON] = Reason.FAILED
+            fields[_R_REASON] = step.reason
             fields[_R_ATTEMPTS] = step.attempt.attempt
             fields[_R_MESSAGE] = step.message
             fields[_R_OPERATION] = step.attempt.operation_id

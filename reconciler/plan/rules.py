@@ -458,6 +458,7 @@ class Running:
 class OutOfAttempts:
     attempt: Attempt
     message: str
+    reason: Reason = Reason.FAILED  # SECURITY_ERROR: refused by the client, never retried
 
 
 @dataclass(frozen=True)
@@ -543,6 +544,12 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
     elif attempt.outcome is Outcome.NOT_ATTEMPTED:  # too many in a row: the attempt counts as failed
         failed_at = aware(attempt.finished_at or attempt.dispatched_at)
         message = f"artifact not downloaded in {MAX_DEFERRALS} tries: {attempt.message}"
+    elif attempt.outcome is Outcome.REFUSED:
+        # Nothing ran, and running it again would be refused again: no retry, only a rerun (or a new
+        # revision, above) sends it once more.
+        if attempt.rerun < job.rerun and covered and not closed:
+            return Ready(1, attempt.operation_id, attempt.attempt, f"rerun {job.rerun}: attempt 1/{limit}")
+        return OutOfAttempts(attempt, f"refused by the client (security): {attempt.message}", Reason.SECURITY_ERROR)
     elif attempt.outcome is Outcome.SUCCEEDED:
         if closed:
             return CLOSED
@@ -681,7 +688,7 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
             row.state, row.reason = ClientState.SKIPPED, Reason.WINDOW_CLOSED
             row.message = f"schedule window closed at {format_precise(d.job.not_after)}"
         elif isinstance(step, OutOfAttempts):
-            row.state, row.reason, row.message = ClientState.FAILED, Reason.FAILED, step.message
+            row.state, row.reason, row.message = ClientState.FAILED, step.reason, step.message
             row.attempts, row.operation = step.attempt.attempt, step.attempt.operation_id
         elif isinstance(step, Repaired):  # shown as any Succeeded row
             row.state, row.reason, row.attempts = ClientState.SUCCEEDED, Reason.DONE, step.attempt.attempt

@@ -94,6 +94,7 @@ class Reason(StrEnum):
     FAILED = "failed"  # out of attempts
     NOT_REGISTERED = "notRegistered"  # HQ's: a client a job names that no relay knows
     CLIENT_OFFLINE = "clientOffline"  # Pending: the client has not checked in lately (last contact in the message)
+    SECURITY_ERROR = "securityError"  # Failed: the client refused an action its signed manifest does not cover
 
 
 # Pending reasons an offline client's row keeps: they say why it waits whether the client is up or not.
@@ -114,6 +115,7 @@ class Outcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     NOT_ATTEMPTED = "notAttempted"  # the client could not fetch the artifact; nothing ran
+    REFUSED = "refused"  # the client refused it: it does not match HQ's signed manifest; nothing ran
 
 
 @dataclass(frozen=True)

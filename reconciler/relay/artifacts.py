@@ -30,9 +30,7 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import shutil
-import stat
 import tarfile
 import tempfile
 import time
@@ -40,12 +38,22 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Protocol
+from typing import Any
 
 import requests
 
 from reconciler import protocol
-from reconciler.fileio import fsync_dir, sha256_file, write_atomic
+from reconciler.fileio import fsync_dir, write_atomic
+from reconciler.packing import (
+    ArtifactError,
+    ArtifactPending,
+    ArtifactRefused,
+    GitReader,
+    HashingWriter,
+    escapes,
+    pack_repo_path,
+    resolve_repo_path,
+)
 from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
 from reconciler.relay.state import StagedArtifact
@@ -56,27 +64,8 @@ log = logging.getLogger("reconciler.relay")
 
 CHUNK = 1 << 20
 HTTP_TIMEOUT = (10.0, 300.0)
-MAX_SYMLINK_HOPS = 8
 PARENT_GRACE_SECONDS = 60.0
 """How long a child relay waits for its parent to stage an artifact before going to the URL itself."""
-
-
-class ArtifactError(Exception):
-    """The artifact cannot be staged (refused or unavailable); the message says why."""
-
-
-class ArtifactRefused(ArtifactError):
-    """The artifact itself is wrong (sha256 mismatch, zip-slip, escaping link): only a new commit fixes it."""
-
-
-class ArtifactPending(ArtifactError):
-    """Not staged yet, but expected soon (the parent relay is still staging it): try again shortly."""
-
-
-class GitReader(Protocol):
-    def path_kind(self, commit: str, path: str) -> str | None: ...
-    def symlink_target(self, commit: str, path: str) -> str | None: ...
-    def export_path(self, commit: str, path: str, dest: Path) -> None: ...
 
 
 # ------------------------------------------------------------------ which packages
@@ -127,87 +116,6 @@ def with_artifact_revisions(specs: Specs, staged: Mapping[tuple[str, str], Stage
     return replace(specs, packages=tuple(packages))
 
 
-# ------------------------------------------------------------------ hashing writer
-
-
-class _HashingWriter:
-    """A write-only file that hashes and counts what passes through it."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.handle.write(data)
-        self.digest.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-
-
-# ------------------------------------------------------------------ deterministic tar
-
-
-def _escapes(link_path: str, target: str) -> bool:
-    """Whether a symlink at ``link_path`` (relative to the artifact root) points outside it."""
-    if not target or target.startswith("/") or "\\" in target or (len(target) > 1 and target[1] == ":"):
-        return True
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
-    return joined == ".." or joined.startswith("../") or joined.startswith("/")
-
-
-def pack_directory(root: Path, out: BinaryIO) -> tuple[str, int]:
-    """Write ``root`` as a deterministic tar to ``out``; (sha256, size). ArtifactError on an escaping link."""
-    entries: list[tuple[tuple[str, ...], str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        base = Path(dirpath)
-        for name in [*dirnames, *filenames]:
-            full = base / name
-            rel = full.relative_to(root).as_posix()
-            entries.append((tuple(rel.split("/")), rel, full))
-    entries.sort()
-    real_root = root.resolve()
-    writer = _HashingWriter(out)
-    with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        for _, rel, full in entries:
-            st = os.lstat(full)
-            info = tarfile.TarInfo(rel)
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(full)
-                real = full.resolve()  # through every link on the way, not just this one
-                if _escapes(rel, target) or (real != real_root and real_root not in real.parents):
-                    raise ArtifactRefused(f"symlink {rel} -> {target} leaves the artifact directory")
-                info.type = tarfile.SYMTYPE
-                info.linkname = target
-                info.mode = 0o755
-                tar.addfile(info)
-            elif stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tar.addfile(info)
-            elif stat.S_ISREG(st.st_mode):
-                info.type = tarfile.REGTYPE
-                info.mode = 0o755 if st.st_mode & 0o111 else 0o644
-                info.size = st.st_size
-                with open(full, "rb") as handle:
-                    tar.addfile(info, handle)
-            else:
-                raise ArtifactRefused(f"{rel} is neither a file, a directory nor a symlink")
-    return writer.digest.hexdigest(), writer.size
-
-
 def check_tar(path: Path) -> None:
     """Refuse a tar with an entry that would land outside the unpack directory (zip-slip) or is a device."""
     try:
@@ -217,9 +125,9 @@ def check_tar(path: Path) -> None:
                 parts = PurePosixPath(name).parts
                 if name.startswith("/") or "\\" in name or ".." in parts or (len(name) > 1 and name[1] == ":"):
                     raise ArtifactRefused(f"archive entry {name!r} would be written outside the package directory")
-                if member.issym() and _escapes(name, member.linkname):
+                if member.issym() and escapes(name, member.linkname):
                     raise ArtifactRefused(f"archive symlink {name!r} -> {member.linkname!r} leaves the package")
-                if member.islnk() and _escapes("", member.linkname):  # hard link names are archive-relative
+                if member.islnk() and escapes("", member.linkname):  # hard link names are archive-relative
                     raise ArtifactRefused(f"archive hard link {name!r} -> {member.linkname!r} leaves the package")
                 if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
                     raise ArtifactRefused(f"archive entry {name!r} is a device, fifo or other special file")
@@ -307,22 +215,17 @@ class ArtifactCache:
 
     def _memo(self, commit: str, path: str) -> Path | None:
         """Memo file keyed by the git object id of ``path`` (same tree, same tar: skip re-packing)."""
-        entry_of = getattr(self.git, "_entry", None)  # GitStore has no public object-id accessor yet
-        if entry_of is None:
+        object_id_of = getattr(self.git, "object_id", None)  # test doubles of the git reader may lack it
+        if object_id_of is None:
             return None
         try:
-            entry = entry_of(commit, path)
+            object_id = object_id_of(commit, path)
         except Exception:  # noqa: BLE001 - the memo is an optimisation only
             return None
-        object_id = getattr(entry, "sha", None)
-        if not isinstance(object_id, str):
-            return None
-        return self.memo_dir / f"{object_id}-{getattr(entry, 'mode', '')}.json"
+        return None if not isinstance(object_id, str) else self.memo_dir / f"{object_id}.json"
 
     def stage_repo_path(self, commit: str, path: str) -> StagedArtifact:
-        resolved = self._resolve(commit, path)
-        kind = self.git.path_kind(commit, resolved)
-        memo = self._memo(commit, resolved)
+        memo = self._memo(commit, resolve_repo_path(self.git, commit, path))
         file_name = PurePosixPath(path).name
         if memo is not None and memo.is_file():
             try:
@@ -334,44 +237,15 @@ class ArtifactCache:
                 pass
         work = Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp))
         try:
-            if kind == "file":
-                exported = work / "file"
-                self.git.export_path(commit, resolved, exported)
-                sha, size = sha256_file(exported), exported.stat().st_size
-                self._install(exported, sha)
-                result = StagedArtifact(sha, size, "file", file_name)
-            elif kind == "dir":
-                tree = work / "tree"
-                self.git.export_path(commit, resolved, tree)
-                packed = work / "packed.tar"
-                with open(packed, "wb") as out:
-                    sha, size = pack_directory(tree, out)
-                    out.flush()
-                    os.fsync(out.fileno())
-                self._install(packed, sha)
-                result = StagedArtifact(sha, size, "tar")
-            elif kind is None:
-                raise ArtifactRefused(f"artifact path {path!r} does not exist at {commit[:12]}")
-            else:
-                raise ArtifactRefused(f"artifact path {path!r} is a {kind}, not a file or directory")
+            packed = pack_repo_path(self.git, commit, path, work, durable=True)
+            self._install(packed.path, packed.sha256)
+            result = StagedArtifact(packed.sha256, packed.size, packed.format, packed.file_name)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if memo is not None:
             write_atomic(memo, json.dumps({"sha256": result.sha256, "size": result.size,
                                             "format": result.format}).encode())
         return result
-
-    def _resolve(self, commit: str, path: str) -> str:
-        """Follow symlinks (within the repo) to the file or directory an artifact path names."""
-        current = path
-        for _ in range(MAX_SYMLINK_HOPS):
-            if self.git.path_kind(commit, current) != "symlink":
-                return current
-            target = self.git.symlink_target(commit, current) or ""
-            if _escapes(current, target):
-                raise ArtifactRefused(f"artifact path {path!r} leaves the repository through a symlink")
-            current = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
-        raise ArtifactRefused(f"artifact path {path!r}: too many levels of symlinks")
 
     def stage_url(self, url: str, sha: str) -> StagedArtifact:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
@@ -422,7 +296,7 @@ class ArtifactCache:
         temp = Path(temp_name)
         try:
             with os.fdopen(handle, "wb") as out:
-                writer = _HashingWriter(out)
+                writer = HashingWriter(out)
                 if parsed.scheme == "file":
                     try:
                         with open(urllib.parse.unquote(parsed.path), "rb") as src:
@@ -444,7 +318,7 @@ class ArtifactCache:
         finally:
             temp.unlink(missing_ok=True)
 
-    def _http_get(self, session: requests.Session, url: str, writer: _HashingWriter, source: str,
+    def _http_get(self, session: requests.Session, url: str, writer: HashingWriter, source: str,
                   headers: Mapping[str, str]) -> None:
         try:
             # A request carrying a secret follows no redirect: requests would resend the header to any host.

@@ -21,6 +21,7 @@ them (wake-ups, timers, signals) is the process's business,
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,12 +48,14 @@ from reconciler.relay.artifacts import (
 from reconciler.relay.state import (
     Generation,
     RelayState,
+    TrustBundle,
     make_generation,
     unplannable_errors,
 )
 from reconciler.relay.store import ClientRecord, Store
-from reconciler.repo_tree import load_commit
+from reconciler.repo_tree import CommitTree, load_commit, spec_files
 from reconciler.report import HQ_STATUS_REF
+from reconciler.signing import ManifestError, parse_manifest
 from reconciler.specs import Specs
 from reconciler.times import utc_now
 
@@ -93,6 +96,7 @@ class Accepted:
     commit: str | None
     specs: Specs | None
     error: Problem | None
+    manifest: tuple[Mapping[str, Any], int] | None = None  # HQ's signed envelope of ``commit`` and its serial
 
 
 class RelayLoop:
@@ -186,15 +190,46 @@ class RelayLoop:
         if commit is None:
             return Accepted(None, None, problem(
                 Cause.MISSING_REF, "no accepted commit yet: HQ has not accepted any commit of main"))
+        manifest = self._read_manifest(hq_tip, commit)
         if commit == self.state.generation.commit and self._specs is not None:
-            return Accepted(commit, self._specs, None)
+            return Accepted(commit, self._specs, None, manifest)
         loaded = load_commit(self.git, commit)  # the same reading and checks as HQ's
         if not loaded.valid or loaded.specs is None:
             first = loaded.errors[0] if loaded.errors else "no specs"
             return Accepted(commit, None, problem(
                 Cause.INVALID_SPECS, f"the specs at accepted commit {commit[:12]} do not load here "
                                      f"({len(loaded.errors)} errors, first: {first})"))
-        return Accepted(commit, loaded.specs, None)
+        return Accepted(commit, loaded.specs, None, manifest)
+
+    def _read_manifest(self, hq_tip: str, commit: str) -> tuple[Mapping[str, Any], int] | None:
+        """HQ's signed manifest envelope on ``status/hq`` if it is the one of ``commit`` (not checked: no key here)."""
+        data = self.git.read_file(hq_tip, report.MANIFEST_FILE, report.MAX_STATUS_FILE)
+        if data is None:
+            return None
+        try:
+            envelope = json.loads(data)
+            manifest = parse_manifest(envelope["payload"])
+        except (ValueError, KeyError, TypeError, ManifestError) as e:
+            log.warning("%s:%s unreadable (%s); agents that verify refuse every action", HQ_STATUS_REF,
+                        report.MANIFEST_FILE, e)
+            return None
+        if manifest.commit != commit:
+            log.warning("%s:%s is for commit %s, not the accepted %s; agents that verify refuse every action",
+                        HQ_STATUS_REF, report.MANIFEST_FILE, manifest.commit[:12], commit[:12])
+            return None
+        return envelope, manifest.serial
+
+    def _trust(self, commit: str, specs: Specs, manifest: tuple[Mapping[str, Any], int] | None) -> TrustBundle | None:
+        """What agents get with their actions: the manifest and the documents of ``commit`` (read once per commit)."""
+        if manifest is None:
+            return None
+        current = self.state.generation.trust
+        if current is not None and self.state.generation.commit == commit:
+            if current.serial == manifest[1]:
+                return current
+            return replace(current, envelope=manifest[0], serial=manifest[1])
+        documents = {path: data.decode("utf-8") for path, data in spec_files(CommitTree(self.git, commit)).items()}
+        return TrustBundle(manifest[0], manifest[1], documents, {job.name: job.source for job in specs.jobs})
 
     def known_relay(self, specs: Specs) -> bool:
         return any(relay.name == self.name for relay in specs.topology.relays)
@@ -218,11 +253,17 @@ class RelayLoop:
                 self._specs = accepted.specs
             elif accepted.commit != current.commit or current.index is None or self.retry_due():
                 generation = self._build(accepted.commit, accepted.specs)
+                generation = replace(generation, trust=self._trust(accepted.commit, accepted.specs, accepted.manifest))
                 self._specs = accepted.specs
                 if (generation.commit != current.commit or current.index is None
-                        or generation.artifacts != current.artifacts or generation.unavailable != current.unavailable):
+                        or generation.artifacts != current.artifacts or generation.unavailable != current.unavailable
+                        or generation.trust != current.trust):
                     self.state.serve(generation)
                     changed = True
+            else:
+                trust = self._trust(accepted.commit, accepted.specs, accepted.manifest)
+                if trust != current.trust:  # the same commit, signed anew (a key rotation), or HQ stopped signing
+                    self.state.serve(replace(current, trust=trust))
         self.settle(FOLLOW, errors or None)
         return changed
 

@@ -75,6 +75,7 @@ from reconciler.relay.state import (
     Generation,
     RelayState,
     StagedArtifact,
+    TrustBundle,
 )
 from reconciler.relay.store import token_matches
 from reconciler.times import utc_now
@@ -138,6 +139,7 @@ class Checkin:
     inventory: tuple[Installed, ...]
     results: tuple[protocol.Result, ...]
     last_relay: str | None = None  # the relay that last answered the client
+    trust_serial: int | None = None  # the newest manifest serial the agent has verified
 
 
 def parse_checkin(doc: Any) -> Checkin:
@@ -149,7 +151,7 @@ def parse_checkin(doc: Any) -> Checkin:
     inventory = sorted((Installed(entry["name"], entry["version"]) for entry in body["inventory"]),
                        key=lambda i: i.name)
     return Checkin(body["facts"], body.get("labels", {}), tuple(inventory), tuple(body.get("results", ())),
-                   body.get("lastRelay"))
+                   body.get("lastRelay"), body.get("trustSerial"))
 
 
 _CHALLENGE = ("WWW-Authenticate", 'Bearer realm="reconciler"')
@@ -201,8 +203,9 @@ def _bearer(environ: Mapping[str, Any]) -> str | None:
 # ------------------------------------------------------------------ the app
 
 
-def action_json(action: Action, artifact: StagedArtifact | None) -> protocol.Action:
-    """An action as the check-in reply carries it (``schemas/checkin-reply.schema.json``)."""
+def action_json(action: Action, artifact: StagedArtifact | None, trust: TrustBundle | None = None) -> protocol.Action:
+    """An action as the check-in reply carries it (``schemas/checkin-reply.schema.json``); with HQ's signed
+    manifest, the paths of the documents it comes from."""
     package = action.package
     installer: protocol.Installer | None = None
     if package is not None:
@@ -225,7 +228,32 @@ def action_json(action: Action, artifact: StagedArtifact | None) -> protocol.Act
         # The agent runs the action only when these are installed (the plan never
         # sends a dependent before that, but an agent does not take a relay's word).
         reply["dependsOn"] = [_dependency(d.name, d.min_version) for d in package.depends_on]
+    if trust is not None:
+        documents: protocol.ActionDocuments = {"job": trust.job_sources.get(action.job, "")}
+        if package is not None:
+            documents["package"] = package.source
+        reply["documents"] = documents
     return reply
+
+
+def attach_trust(reply: protocol.CheckinReply, trust: TrustBundle | None, agent_serial: int | None) -> None:
+    """Add HQ's signed manifest and the documents the actions name to a reply.
+
+    Sent with every reply that hands out actions, and once to an agent that
+    has not verified this serial yet (so idle agents learn new serials and
+    next keys too); an idle check-in of an agent that has it costs nothing.
+    """
+    if trust is None or (not reply["actions"] and agent_serial is not None and agent_serial >= trust.serial):
+        return
+    reply["manifest"] = dict(trust.envelope)
+    paths: set[str] = set()
+    for action in reply["actions"]:
+        named = action.get("documents")
+        if named is not None:
+            paths.add(named["job"])
+            if "package" in named:
+                paths.add(named["package"])
+    reply["documents"] = {path: trust.documents[path] for path in sorted(paths) if path in trust.documents}
 
 
 def _dependency(name: str, min_version: str | None) -> protocol.Dependency:
@@ -437,8 +465,9 @@ class RelayApp:
         poll = state.poll_seconds
         reply: protocol.CheckinReply = {
             "pollSeconds": int(poll) if float(poll).is_integer() else poll,
-            "actions": [action_json(a, self._artifact_for(a, generation)) for a in actions],
+            "actions": [action_json(a, self._artifact_for(a, generation), generation.trust) for a in actions],
         }
+        attach_trust(reply, generation.trust, request.trust_serial)
         if new_token is not None:
             reply["token"] = new_token
         reply["relay"] = state.name

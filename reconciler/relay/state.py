@@ -53,6 +53,20 @@ class StagedArtifact:
 
 
 @dataclass(frozen=True)
+class TrustBundle:
+    """HQ's signed manifest of the generation's commit and the exact documents it covers, passed to agents.
+
+    The relay does not check the signature (it holds no key; the agent
+    does); it only makes sure the manifest is the one of the commit it serves.
+    """
+
+    envelope: Mapping[str, Any]
+    serial: int
+    documents: Mapping[str, str]  # repo path -> the document's text (UTF-8, as committed)
+    job_sources: Mapping[str, str]  # job name -> its document's path
+
+
+@dataclass(frozen=True)
 class Generation:
     """What the relay serves from: one accepted commit's index and staged artifacts."""
 
@@ -63,6 +77,7 @@ class Generation:
     unavailable: Mapping[tuple[str, str], str] = field(default_factory=dict)
     # job -> why it cannot be planned on this relay; such jobs are left out of ``index``
     unplannable: Mapping[str, str] = field(default_factory=dict)
+    trust: TrustBundle | None = None  # HQ's signed manifest of ``commit`` (None: HQ signs none)
 
 
 def make_generation(commit: str, specs: Specs, relay: str, *, reach: Reach | None = None,
