@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
     p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
                    help="a relay with no heartbeat for S seconds is published as lost (default: 300)")
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="accept a main commit only when it is signed by a key of this SSH allowed-signers file "
+                        "(as git's gpg.ssh.allowedSignersFile); an unsigned one is rejected like invalid specs")
+    p.add_argument("--signature-policy", choices=["head", "all"], default=None,
+                   help="with --allowed-signers: head (default) checks the tip of main, all also every commit "
+                        "it brings in since the accepted one")
     p.add_argument("--once", action="store_true", help="do one full pass and exit")
 
     p = sub.add_parser("relay", help="run a relay reconciler serving its clients")

@@ -85,7 +85,8 @@ from reconciler.serving import (
     json_response,
     make_server,
 )
-from reconciler.specs import SpecError, Specs
+from reconciler.signatures import SignatureGate
+from reconciler.specs import LoadResult, SpecError, Specs
 from reconciler.times import utc_now
 from reconciler.tls import (
     PLAIN_HTTP_WARNING,
@@ -151,11 +152,12 @@ class Hq:
     """HQ's reconcile state between passes (a cache: the truth is in git)."""
 
     def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now,
-                 contacts: Contacts | None = None) -> None:
+                 contacts: Contacts | None = None, signatures: SignatureGate | None = None) -> None:
         self.store = store
         self.branch = branch
         self.clock = clock
         self.contacts = contacts  # relay heartbeats (None: HQ does not listen, liveness is not reported)
+        self.signatures = signatures  # None: any commit may be accepted, signed or not
         self._restored = False
         self._evaluated = False  # this process finished an evaluation of main_commit
         self.main_commit: str | None = None
@@ -321,6 +323,10 @@ class Hq:
             self.main_commit, self.main_valid, self.validation_errors = None, None, ()
             return f"branch {self.branch} not found on the origin"
         result = load_commit(self.store, main)
+        if self.signatures is not None and main != self.accepted_commit:  # an accepted commit is not re-judged
+            unsigned = self.signatures.errors(self.store, main, self.accepted_commit)
+            if unsigned:
+                result = LoadResult(None, tuple(sorted((*result.errors, *unsigned))), result.warnings)
         self._evaluated = True
         self.main_commit = main
         self.main_valid = result.valid
@@ -523,9 +529,22 @@ def main(args: argparse.Namespace) -> int:
         except TLSConfigError as e:
             print(f"reconciler hq: {e}", file=sys.stderr)
             return 2
+    policy = getattr(args, "signature_policy", None)
+    signatures = None
+    if getattr(args, "allowed_signers", None):
+        try:
+            signatures = SignatureGate.checked(args.allowed_signers, policy)
+        except ValueError as e:
+            print(f"reconciler hq: --allowed-signers: {e}", file=sys.stderr)
+            return 2
+        log.info("main commits must be signed by a key of %s (signature policy %s)", signatures.allowed_signers,
+                 signatures.policy)
+    elif policy is not None:
+        print("reconciler hq: --signature-policy needs --allowed-signers", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir)
     store = GitStore(args.origin, workdir, password=password)
-    hq = Hq(store, args.branch)
+    hq = Hq(store, args.branch, signatures=signatures)
     origin = redact_url(args.origin)
 
     if args.once:

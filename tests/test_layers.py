@@ -36,6 +36,7 @@ CORE = {
 SHELLS = {
     "reconciler.gitstore", "reconciler.fileio", "reconciler.repo_tree", "reconciler.logs",
     "reconciler.serving", "reconciler.webhook", "reconciler.credentials", "reconciler.tls",
+    "reconciler.signatures",
 }
 SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.relay", "reconciler.agent"}  # packages and modules
 COMMANDS = {"reconciler.commands"}
