@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repo directory (default: the nearest one at or above . that holds topology.yaml)")
     p.add_argument("--format", choices=["text", "json", "github"], default="text",
                    help="text lines, a JSON document, or GitHub workflow annotations")
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="also check that commits are signed by a key of this SSH allowed-signers file (REPO must "
+                        "be in a git work tree)")
+    p.add_argument("--verify-commits", metavar="REV|BASE..TIP",
+                   help="with --allowed-signers: the commit to check, or every commit of a range (default: HEAD)")
 
     p = sub.add_parser("plan", help="preview what every client would do (blast radius)")
     p.add_argument("repo", nargs="?", metavar="REPO",

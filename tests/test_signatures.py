@@ -8,6 +8,7 @@ real PATH without it.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -329,3 +330,70 @@ def test_hq_signature_policy_needs_allowed_signers(origin: Origin, tmp_path: Pat
     assert proc.returncode == 2 and "--signature-policy needs --allowed-signers" in proc.stderr
 
 
+def validate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "reconciler", "validate", *args], cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_validate_checks_the_head_commit(origin: Origin, keys: Keys) -> None:
+    unsigned = origin.head
+    allowed = ("--allowed-signers", str(keys.allowed))
+    proc = validate(".", *allowed, cwd=origin.work)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [f"(commit):1:1: error: commit {unsigned[:12]} is not signed", "1 error"]
+    signed_commit(origin, keys.admin, "signed by admin")
+    proc = validate(".", *allowed, cwd=origin.work)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "valid: no errors"), proc.stderr
+    proc = validate(".", *allowed, "--verify-commits", "HEAD~1", "--format", "github", cwd=origin.work)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [f"::error title=Commit signature::commit {unsigned[:12]} is not signed",
+                                        "1 error"]
+
+
+def test_validate_checks_every_commit_of_a_range(origin: Origin, keys: Keys) -> None:
+    base = origin.head
+    first = origin.commit("unsigned", touch("d"))
+    stranger = signed_commit(origin, keys.stranger, "signed by a stranger", touch("e"))
+    tip = signed_commit(origin, keys.admin, "signed by admin", touch("f"))
+    allowed = ("--allowed-signers", str(keys.allowed))
+    proc = validate(".", *allowed, "--verify-commits", f"{base}..{tip}", cwd=origin.work)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "2 errors" and sorted(lines[:-1]) == sorted([
+        f"(commit):1:1: error: commit {stranger[:12]} is signed by a key not in the allowed signers file "
+        f"({keys.stranger_fingerprint})",
+        f"(commit):1:1: error: commit {first[:12]} is not signed",
+    ])
+    proc = validate(".", *allowed, "--verify-commits", f"{stranger}..{tip}", "--format", "github", cwd=origin.work)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "valid: no errors"), proc.stderr
+    # spec errors of the work tree and signature errors together
+    break_job(origin.work)
+    proc = validate(".", *allowed, "--verify-commits", f"{base}..{first}", "--format", "github", cwd=origin.work)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"::error title=Commit signature::commit {first[:12]} is not signed"
+    assert any(re.match(r"::error file=.*jobs/broken\.yaml,", line) for line in lines)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (("--verify-commits", "no-such-branch"), "no commit 'no-such-branch'"),
+    (("--verify-commits", "HEAD...HEAD"), "takes REV or BASE..TIP"),
+])
+def test_validate_a_bad_revision_is_a_usage_error(origin: Origin, keys: Keys, extra: tuple[str, ...],
+                                                  says: str) -> None:
+    proc = validate(".", "--allowed-signers", str(keys.allowed), *extra, cwd=origin.work)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+
+
+def test_validate_with_a_bad_allowed_signers_file_or_outside_git_exits_2(origin: Origin, tmp_path: Path,
+                                                                          keys: Keys) -> None:
+    proc = validate(".", "--allowed-signers", str(keys.admin) + ".pub", cwd=origin.work)
+    assert proc.returncode == 2 and "has no valid entry" in proc.stderr, proc.stderr
+    proc = validate(".", "--allowed-signers", str(tmp_path / "missing"), cwd=origin.work)
+    assert proc.returncode == 2 and "cannot read the allowed signers file" in proc.stderr, proc.stderr
+    plain = tmp_path / "plain"
+    shutil.copytree(origin.work, plain, ignore=shutil.ignore_patterns(".git"))
+    proc = validate(str(plain), "--allowed-signers", str(keys.allowed), cwd=tmp_path)
+    assert proc.returncode == 2 and "is not in a git work tree" in proc.stderr, proc.stderr
+    proc = validate(".", "--verify-commits", "HEAD", cwd=origin.work)
+    assert proc.returncode == 2 and "--verify-commits needs --allowed-signers" in proc.stderr, proc.stderr
