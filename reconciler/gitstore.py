@@ -1043,8 +1043,10 @@ class GitStore:
         )
         stderr = proc.stderr.decode("utf-8", "replace")
         # git calls the signature bad when it cannot start ssh-keygen: that is no verdict
+        lines = dict.fromkeys(" ".join(line.split()) for line in stderr.splitlines() if line.strip())
+        detail = " ".join(lines)[:_MAX_MESSAGE] or "no output"
         if proc.returncode != 0 or "cannot run" in stderr:
-            raise self._fail("log (checking signatures)", stderr)
+            raise GitError(self.redact(f"git log cannot check commit signatures: {detail}"), Cause.GIT)
         found: dict[str, SignatureCheck] = {}
         for line in proc.stdout.decode("utf-8", "replace").splitlines():
             fields = line.split("\0")
@@ -1052,7 +1054,8 @@ class GitStore:
                 found[fields[0]] = SignatureCheck(*fields)
         missing = [sha for sha in shas if sha not in found]
         if missing:
-            raise self._fail("log (checking signatures)", f"no verdict for commit {missing[0]}: {stderr}")
+            raise GitError(self.redact(f"git log gave no signature verdict for commit {missing[0]}: {detail}"),
+                           Cause.GIT)
         return [found[sha] for sha in shas]
 
     def commit_info(self, commit: str) -> tuple[str, datetime]:
