@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repo directory (default: the nearest one at or above . that holds topology.yaml)")
     p.add_argument("--format", choices=["text", "json", "github"], default="text",
                    help="text lines, a JSON document, or GitHub workflow annotations")
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="also check that commits are signed by a key of this SSH allowed-signers file (REPO must "
+                        "be in a git work tree)")
+    p.add_argument("--verify-commits", metavar="REV|BASE..TIP",
+                   help="with --allowed-signers: the commit to check, or every commit of a range (default: HEAD)")
 
     p = sub.add_parser("plan", help="preview what every client would do (blast radius)")
     p.add_argument("repo", nargs="?", metavar="REPO",
@@ -157,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
     p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
                    help="a relay with no heartbeat for S seconds is published as lost (default: 300)")
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="accept a main commit only when it is signed by a key of this SSH allowed-signers file "
+                        "(as git's gpg.ssh.allowedSignersFile); an unsigned one is rejected like invalid specs")
+    p.add_argument("--signature-policy", choices=["head", "all"], default=None,
+                   help="with --allowed-signers: head (default) checks the tip of main, all also every commit "
+                        "it brings in since the accepted one")
     p.add_argument("--signing-key", action="append", default=[], metavar="F",
                    help="Ed25519 private key (reconciler keygen) to sign the manifest of each accepted commit "
                         "with; repeatable (every key signs: a rotation); agents with --trust-key need it")

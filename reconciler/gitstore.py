@@ -47,6 +47,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -108,6 +109,48 @@ class PushRejected(GitError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, Cause.PUSH_REJECTED)
+
+
+# --------------------------------------------------------------------------
+# Commit signatures
+
+SIGNATURE_PROBLEMS: Final[Mapping[str, str]] = {
+    "N": "is not signed",
+    "U": "is signed by a key not in the allowed signers file",
+    "B": "has a bad signature",
+    "E": "has a signature that cannot be checked",
+    "X": "has an expired signature",
+    "Y": "is signed by an expired key",
+    "R": "is signed by a revoked key",
+}
+"""What each of git's ``%G?`` letters but ``G`` says of a commit, after "commit <sha> "."""
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """git's verdict on one commit's signature against an allowed-signers file.
+
+    ``status`` is git's ``%G?`` letter: only ``G`` (a good signature by a
+    principal the file lists) is good; ``U`` is a good signature by a key the
+    file does not list. ``signer`` is the principal (``%GS``, empty unless
+    ``G``), ``fingerprint`` the key's (``%GF``, ``SHA256:...``).
+    """
+
+    commit: str
+    status: str
+    signer: str = ""
+    fingerprint: str = ""
+
+    @property
+    def good(self) -> bool:
+        return self.status == "G"
+
+    def problem(self) -> str | None:
+        """What is wrong with the signature, after "commit <sha> " (None when it is good)."""
+        if self.good:
+            return None
+        text = SIGNATURE_PROBLEMS.get(self.status, f"has a signature git reports as {self.status!r}")
+        return f"{text} ({self.fingerprint})" if self.fingerprint and self.status != "N" else text
 
 
 # --------------------------------------------------------------------------
@@ -189,6 +232,18 @@ def local_commit(directory: Path, rev: str) -> str | None:
         return None
     sha = proc.stdout.decode("ascii", "replace").strip()
     return sha if proc.returncode == 0 and _SHA_RE.fullmatch(sha) else None
+
+
+def checkout_store(directory: Path) -> GitStore | None:
+    """A reader of the repository whose work tree holds ``directory`` (for its commits); None outside one."""
+    directory = directory.resolve()
+    if not any((folder / ".git").exists() for folder in (directory, *directory.parents)):
+        return None
+    proc = _git_in(directory, "rev-parse", "--is-inside-work-tree", "--absolute-git-dir", timeout=60)
+    lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
+    if proc.returncode != 0 or len(lines) < 2 or lines[0] != "true":
+        return None
+    return GitStore.reading(Path(lines[1]))
 
 
 ORIGIN_PASSWORD_ENV: Final = "RECONCILER_ORIGIN_PASSWORD"
@@ -951,6 +1006,62 @@ class GitStore:
         if len(data) < n:
             raise self._fail("cat-file", f"object {sha} shorter than its listed size")
         return bytes(data)
+
+    def count_commits(self, tip: str, exclude: str | None = None) -> int:
+        """How many commits ``git rev-list tip ^exclude`` lists (the whole history without ``exclude``)."""
+        self._ensure_repo()
+        args = [self._commit(tip)] + ([f"^{self._commit(exclude)}"] if exclude is not None else [])
+        return int(self._out("rev-list", "--count", "--end-of-options", *args))
+
+    def rev_list(self, tip: str, exclude: str | None = None, limit: int | None = None) -> list[str]:
+        """The commits reachable from ``tip`` and not from ``exclude``, newest first, as ``git rev-list`` lists them."""
+        self._ensure_repo()
+        args = [self._commit(tip)] + ([f"^{self._commit(exclude)}"] if exclude is not None else [])
+        most = [] if limit is None else [f"--max-count={limit}"]
+        return self._out("rev-list", *most, "--end-of-options", *args).split()
+
+    def signature_checks(self, commits: Sequence[str], allowed_signers: Path) -> list[SignatureCheck]:
+        """git's verdict on the signature of each of ``commits`` (in their order) against ``allowed_signers``.
+
+        The file is given with ``-c gpg.ssh.allowedSignersFile`` and the
+        verifier with ``-c gpg.ssh.program=ssh-keygen``, so no user or global
+        git config decides who may sign. git runs ``ssh-keygen`` for every
+        signed commit; a missing ``ssh-keygen`` or an unreadable file is a
+        :class:`GitError` (git itself would call the signature bad, or the
+        key unknown), never a verdict.
+        """
+        self._ensure_repo()
+        if not commits:
+            return []
+        try:
+            with open(allowed_signers, "rb"):
+                pass
+        except OSError as e:
+            raise GitError(f"cannot read the allowed signers file {allowed_signers}: {e.strerror or e}",
+                           Cause.GIT) from None
+        shas = [self._commit(c) for c in commits]
+        proc = self._git(
+            "-c", f"gpg.ssh.allowedSignersFile={Path(allowed_signers).absolute()}",
+            "-c", "gpg.ssh.program=ssh-keygen",
+            "log", "--no-walk=unsorted", "--no-show-signature", "--stdin", "--format=%H%x00%G?%x00%GS%x00%GF",
+            input="".join(f"{sha}\n" for sha in dict.fromkeys(shas)).encode("ascii"), check=False,
+        )
+        stderr = proc.stderr.decode("utf-8", "replace")
+        # git calls the signature bad when it cannot start ssh-keygen: that is no verdict
+        lines = dict.fromkeys(" ".join(line.split()) for line in stderr.splitlines() if line.strip())
+        detail = " ".join(lines)[:_MAX_MESSAGE] or "no output"
+        if proc.returncode != 0 or "cannot run" in stderr:
+            raise GitError(self.redact(f"git log cannot check commit signatures: {detail}"), Cause.GIT)
+        found: dict[str, SignatureCheck] = {}
+        for line in proc.stdout.decode("utf-8", "replace").splitlines():
+            fields = line.split("\0")
+            if len(fields) == 4 and fields[0]:
+                found[fields[0]] = SignatureCheck(*fields)
+        missing = [sha for sha in shas if sha not in found]
+        if missing:
+            raise GitError(self.redact(f"git log gave no signature verdict for commit {missing[0]}: {detail}"),
+                           Cause.GIT)
+        return [found[sha] for sha in shas]
 
     def commit_info(self, commit: str) -> tuple[str, datetime]:
         """(subject, committer time as an aware UTC datetime) of ``commit``."""

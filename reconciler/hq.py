@@ -86,7 +86,8 @@ from reconciler.serving import (
     json_response,
     make_server,
 )
-from reconciler.specs import SpecError, Specs
+from reconciler.signatures import SignatureGate
+from reconciler.specs import LoadResult, SpecError, Specs
 from reconciler.times import utc_now
 from reconciler.tls import (
     PLAIN_HTTP_WARNING,
@@ -152,12 +153,14 @@ class Hq:
     """HQ's reconcile state between passes (a cache: the truth is in git)."""
 
     def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now,
-                 contacts: Contacts | None = None, signer: ManifestSigner | None = None) -> None:
+                 contacts: Contacts | None = None, signatures: SignatureGate | None = None,
+                 signer: ManifestSigner | None = None) -> None:
         self.store = store
         self.signer = signer  # signs the manifest of the accepted commit (None: HQ publishes none)
         self.branch = branch
         self.clock = clock
         self.contacts = contacts  # relay heartbeats (None: HQ does not listen, liveness is not reported)
+        self.signatures = signatures  # None: any commit may be accepted, signed or not
         self._restored = False
         self._evaluated = False  # this process finished an evaluation of main_commit
         self.main_commit: str | None = None
@@ -334,6 +337,10 @@ class Hq:
             self.main_commit, self.main_valid, self.validation_errors = None, None, ()
             return f"branch {self.branch} not found on the origin"
         result = load_commit(self.store, main)
+        if self.signatures is not None and main != self.accepted_commit:  # an accepted commit is not re-judged
+            unsigned = self.signatures.errors(self.store, main, self.accepted_commit)
+            if unsigned:
+                result = LoadResult(None, tuple(sorted((*result.errors, *unsigned))), result.warnings)
         self._evaluated = True
         self.main_commit = main
         self.main_valid = result.valid
@@ -536,6 +543,19 @@ def main(args: argparse.Namespace) -> int:
         except TLSConfigError as e:
             print(f"reconciler hq: {e}", file=sys.stderr)
             return 2
+    policy = getattr(args, "signature_policy", None)
+    signatures = None
+    if getattr(args, "allowed_signers", None):
+        try:
+            signatures = SignatureGate.checked(args.allowed_signers, policy)
+        except ValueError as e:
+            print(f"reconciler hq: --allowed-signers: {e}", file=sys.stderr)
+            return 2
+        log.info("main commits must be signed by a key of %s (signature policy %s)", signatures.allowed_signers,
+                 signatures.policy)
+    elif policy is not None:
+        print("reconciler hq: --signature-policy needs --allowed-signers", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir)
     signer: ManifestSigner | None = None
     if getattr(args, "signing_key", None):
@@ -549,7 +569,7 @@ def main(args: argparse.Namespace) -> int:
         print("reconciler hq: --next-key and --revoke-key need --signing-key", file=sys.stderr)
         return 2
     store = GitStore(args.origin, workdir, password=password)
-    hq = Hq(store, args.branch, signer=signer)
+    hq = Hq(store, args.branch, signatures=signatures, signer=signer)
     if signer is None:
         log.warning("no --signing-key: HQ signs no manifest, and agents that verify (--trust-key) refuse every "
                     "action")
