@@ -198,12 +198,33 @@ def write_secret(path: Path) -> Path:
     return path
 
 
-def seed_origin(workdir: Path) -> tuple[Path, Path]:
-    """A bare origin and an admin checkout, seeded from example-repo in two commits."""
+def admin_signing(workdir: Path, admin: Path) -> Path | None:
+    """Make the admin checkout sign every commit with an SSH key made for the run; the allowed-signers file
+    HQ checks them against (``hq --allowed-signers``). None when ``ssh-keygen`` is not installed."""
+    if shutil.which("ssh-keygen") is None:
+        return None
+    keys = workdir / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    key = keys / "admin-ssh"
+    result = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@example.invalid",
+                             "-f", str(key)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DemoError(f"ssh-keygen failed: {result.stderr.strip()}")
+    allowed = keys / "allowed_signers"
+    allowed.write_text(f"admin@example.invalid {(keys / 'admin-ssh.pub').read_text().strip()}\n", encoding="utf-8")
+    for name, value in (("gpg.format", "ssh"), ("user.signingkey", str(key)), ("commit.gpgsign", "true")):
+        _git(admin, "config", name, value)
+    return allowed
+
+
+def seed_origin(workdir: Path) -> tuple[Path, Path, Path | None]:
+    """A bare origin and an admin checkout, seeded from example-repo in two signed commits (unsigned without
+    ``ssh-keygen``); the allowed-signers file of the admin's key."""
     origin = workdir / "origin.git"
     admin = workdir / "admin"
     _git(workdir, "init", "-q", "--bare", "-b", "main", str(origin))
     _git(workdir, "init", "-q", "-b", "main", str(admin))
+    allowed = admin_signing(workdir, admin)
     source = example_repo_dir()
     shutil.copytree(source, admin, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     _git(admin, "add", "topology.yaml", "packages", "artifacts", "README.md", ".github")
@@ -212,7 +233,7 @@ def seed_origin(workdir: Path) -> tuple[Path, Path]:
     _git(admin, "commit", "-q", "-m", "Add jobs")
     _git(admin, "remote", "add", "origin", str(origin))
     _git(admin, "push", "-q", "origin", "main")
-    return origin, admin
+    return origin, admin, allowed
 
 
 # ----------------------------------------------------------------- status
@@ -374,8 +395,12 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     parents = {r.name: r.parent for r in specs.topology.relays}
 
     say(log, f"demo workdir: {workdir}")
-    origin, admin = seed_origin(workdir)
+    origin, admin, allowed = seed_origin(workdir)
     say(log, f"origin: {origin} (seeded from example-repo: 2 commits on main)")
+    gate = ["--allowed-signers", str(allowed)] if allowed is not None else []
+    say(log, "HQ accepts only commits signed by the demo admin's SSH key, and signs a manifest of what it accepts; "
+             "agents run only what that manifest covers" if allowed is not None else
+             "ssh-keygen not found: HQ does not check commit signatures (it still signs a manifest agents verify)")
 
     enroll_secret = write_secret(workdir / "enroll.secret")  # relays admit the agents that present it
     child_secret = write_secret(workdir / "child-relay.secret")  # nested relays present it to their parents
@@ -400,7 +425,7 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
         # HQ listens so the relays' heartbeats reach it: its status shows each relay alive (or lost).
         children.start("hq", ["hq", "--origin", str(origin), "--workdir", str(workdir / "hq"),
                               "--poll-interval", "5", "--listen", "127.0.0.1:0", *serve_tls, *hook_args,
-                              "--signing-key", str(signing_key)], env)
+                              "--signing-key", str(signing_key), *gate], env)
         hq_url = _wait_for_file(workdir / "hq" / "listen.url", children)
         urls: dict[str, str] = {}
         pending = list(relays)
