@@ -14,6 +14,7 @@ import os
 import posixpath
 import stat
 import tarfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
@@ -158,7 +159,7 @@ def pack_repo_path(git: GitReader, commit: str, path: str, work: Path, *, durabl
     if kind == "file":
         exported = work / "file"
         git.export_path(commit, resolved, exported)
-        return Packed(exported, sha256_file(exported), exported.stat().st_size, "file", PurePosixPath(path).name)
+        return Packed(exported, sha256_file(exported), exported.stat().st_size, "file", repo_file_name(path))
     if kind == "dir":
         tree = work / "tree"
         git.export_path(commit, resolved, tree)
@@ -172,3 +173,22 @@ def pack_repo_path(git: GitReader, commit: str, path: str, work: Path, *, durabl
     if kind is None:
         raise ArtifactRefused(f"artifact path {path!r} does not exist at {commit[:12]}")
     raise ArtifactRefused(f"artifact path {path!r} is a {kind}, not a file or directory")
+
+
+def url_file_name(url: str) -> str:
+    """The file name a ``url`` artifact is served and unpacked under (``artifact`` when the URL has none)."""
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    if not name or name in (".", "..") or "\\" in name or "\0" in name or len(name) > 255:
+        return "artifact"
+    return name
+
+
+def url_artifact_form(url: str) -> tuple[str, str | None]:
+    """How relays serve a ``url`` artifact: (format, ``fileName``): a ``.tar`` as a tar, anything else as a file."""
+    name = url_file_name(url)
+    return ("tar", None) if name.lower().endswith(".tar") else ("file", name)
+
+
+def repo_file_name(path: str) -> str:
+    """The ``fileName`` of an in-repo file artifact: the base name of its path as the package names it."""
+    return PurePosixPath(path).name

@@ -42,6 +42,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from reconciler.fileio import write_atomic
+from reconciler.packing import repo_file_name, url_artifact_form
 from reconciler.signing import (
     KeyFileError,
     Manifest,
@@ -324,17 +325,23 @@ class Verifier:
         if not isinstance(raw, dict):
             raise Refusal("the action has no artifact")
         sha = raw.get("sha256")
+        shown = (raw.get("format"), raw.get("fileName"))
         if package.artifact.url is not None:
             expected = (package.artifact.sha256 or "").lower()
             if sha != expected:
                 raise Refusal(f"the action's artifact sha256 {str(sha)[:64]} is not the package document's {expected}")
+            if shown != url_artifact_form(package.artifact.url):
+                raise Refusal("the action's artifact format or file name is not the package document's")
             return
         digest = manifest.artifacts.get(package.source)
         if digest is None:
             raise Refusal(f"HQ's manifest has no digest of the artifact of {package.source}")
-        if sha != digest.sha256 or raw.get("format") != digest.format or raw.get("size") != digest.size:
+        if sha != digest.sha256 or raw.get("size") != digest.size:
             raise Refusal(f"the action's artifact (sha256 {str(sha)[:64]}) is not the one HQ signed "
                           f"({digest.sha256})")
+        name = repo_file_name(package.artifact.path or "") if digest.format == "file" else None
+        if shown != (digest.format, name):
+            raise Refusal("the action's artifact format or file name is not the one HQ signed")
 
 
 def _dependency(name: str, min_version: str | None) -> dict[str, str]:

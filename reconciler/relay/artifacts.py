@@ -52,7 +52,10 @@ from reconciler.packing import (
     HashingWriter,
     escapes,
     pack_repo_path,
+    repo_file_name,
     resolve_repo_path,
+    url_artifact_form,
+    url_file_name,
 )
 from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
@@ -226,7 +229,7 @@ class ArtifactCache:
 
     def stage_repo_path(self, commit: str, path: str) -> StagedArtifact:
         memo = self._memo(commit, resolve_repo_path(self.git, commit, path))
-        file_name = PurePosixPath(path).name
+        file_name = repo_file_name(path)
         if memo is not None and memo.is_file():
             try:
                 known = json.loads(memo.read_text())
@@ -250,8 +253,8 @@ class ArtifactCache:
     def stage_url(self, url: str, sha: str) -> StagedArtifact:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise ArtifactRefused(f"artifact sha256 {sha!r} is not 64 hex digits")
-        file_name = _url_file_name(url)
-        fmt = "tar" if file_name.lower().endswith(".tar") else "file"
+        fmt, shown_name = url_artifact_form(url)
+        file_name = shown_name or url_file_name(url)
         if not self.has(sha):
             self._fetch(url, sha)
         if fmt == "tar":
@@ -384,8 +387,3 @@ class _Refused(ArtifactError):
     """The server wants a credential we lack (401/403)."""
 
 
-def _url_file_name(url: str) -> str:
-    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
-    if not name or name in (".", "..") or "\\" in name or "\0" in name or len(name) > 255:
-        return "artifact"
-    return name
