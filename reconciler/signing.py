@@ -127,10 +127,10 @@ def read_private_key(path: str | Path) -> Ed25519PrivateKey:
 
 
 def read_public_key(path: str | Path) -> Ed25519PublicKey:
-    """A public key file; a private key file is read as the public key it holds (for convenience, never sent)."""
+    """A public key file. A private key is refused: it belongs on HQ only, never beside an agent."""
     data = _read_key_file(path)
     if b"PRIVATE KEY" in data:
-        return parse_private_key(data, str(path)).public_key()
+        raise KeyFileError(f"{path}: this is a private key; give the public key (the .pub beside it)")
     return parse_public_key(data, str(path))
 
 
