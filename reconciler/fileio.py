@@ -29,6 +29,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class TooLarge(ValueError):
+    """A file holds more than the reader takes."""
+
+
+def read_at_most(path: str | Path, limit: int) -> bytes:
+    """A small file's bytes (a key, a list of keys): OSError when unreadable, :class:`TooLarge` beyond ``limit``."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"{path} is larger than {limit} bytes")
+    return data
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename durable. Windows cannot open directories; NTFS journals renames."""
     if os.name == "nt":

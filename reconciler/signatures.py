@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from reconciler.fileio import TooLarge, read_at_most
 from reconciler.gitstore import GitStore, SignatureCheck
 from reconciler.specs import SpecError
 
@@ -70,12 +71,12 @@ def allowed_signers_entries(path: str | Path) -> int:
     (``admin@acme ssh-ed25519 AAAA...``), as ``ssh-keygen -Y verify`` reads it.
     """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_ALLOWED_SIGNERS_BYTES + 1)
+        data = read_at_most(path, MAX_ALLOWED_SIGNERS_BYTES)
     except OSError as e:
         raise ValueError(f"cannot read the allowed signers file {path}: {e.strerror or e}") from None
-    if len(data) > MAX_ALLOWED_SIGNERS_BYTES:
-        raise ValueError(f"the allowed signers file {path} is larger than {MAX_ALLOWED_SIGNERS_BYTES // 1024} KiB")
+    except TooLarge:
+        raise ValueError(f"the allowed signers file {path} is larger than "
+                         f"{MAX_ALLOWED_SIGNERS_BYTES // 1024} KiB") from None
     entries = 0
     for line in data.decode("utf-8", "replace").splitlines():
         words = line.split()

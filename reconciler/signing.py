@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from reconciler import names
+from reconciler.fileio import TooLarge, read_at_most
 
 MANIFEST_KIND = "Manifest"
 MANIFEST_API = "reconciler/v1"
@@ -113,13 +114,11 @@ def _first_line(error: Exception) -> str:
 
 def _read_key_file(path: str | Path) -> bytes:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_KEY_FILE + 1)
+        return read_at_most(path, MAX_KEY_FILE)
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read it: {e.strerror or e}") from None
-    if len(data) > MAX_KEY_FILE:
-        raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE} bytes, not a key file")
-    return data
+    except TooLarge:
+        raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE} bytes, not a key file") from None
 
 
 def read_private_key(path: str | Path) -> Ed25519PrivateKey:
