@@ -44,6 +44,20 @@ def signing_keys(directory: Path) -> tuple[Path, Path]:
     return private, public
 
 
+def admin_signing(directory: Path, work: Path) -> Path:
+    """Make ``work`` sign every commit with an SSH key made here; the allowed-signers file listing it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory / "admin-ssh"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "admin@example.invalid", "-f", str(key)],
+                       check=True, capture_output=True)
+    allowed = directory / "allowed_signers"
+    allowed.write_text(f"test@example.invalid {(directory / 'admin-ssh.pub').read_text().strip()}\n")
+    for name, value in (("gpg.format", "ssh"), ("user.signingkey", str(key)), ("commit.gpgsign", "true")):
+        git(work, "config", name, value)
+    return allowed
+
+
 def trust_keys(directory: Path) -> list[Any]:
     """The public keys an in-process Agent trusts (``trust_keys=``) for HQ's key under ``directory``."""
     from reconciler.signing import read_public_key
@@ -119,6 +133,8 @@ class Origin:
                        env=env())
         subprocess.run(["git", "init", "-q", "--initial-branch=main", str(self.work)], check=True, env=env())
         git(self.work, "remote", "add", "origin", str(self.path))
+        # The admin signs every commit; HQ accepts only commits signed by an allowed key (README, "Signed commits").
+        self.allowed_signers = admin_signing(base / "keys", self.work)
 
     @property
     def url(self) -> str:
@@ -136,6 +152,10 @@ class Origin:
 
     def trust_keys(self) -> list[Any]:
         return trust_keys(self.path.parent / "keys")
+
+    def hq_trust_args(self) -> list[str]:
+        """HQ's half of the chain of trust: the commit signature gate and the manifest signing key."""
+        return ["--allowed-signers", str(self.allowed_signers), "--signing-key", str(self.signing_key)]
 
     def write(self, files: Mapping[str, str | bytes | None]) -> None:
         """Write (or with None, delete) files in the working clone."""
@@ -175,8 +195,8 @@ class Origin:
 
     def accept(self, hq_workdir: Path) -> str:
         """Run ``reconciler hq --once`` and return the accepted commit."""
-        reconciler("hq", "--origin", self.url, "--workdir", str(hq_workdir), "--signing-key", str(self.signing_key),
-                   "--once", timeout=120)
+        reconciler("hq", "--origin", self.url, "--workdir", str(hq_workdir), *self.hq_trust_args(), "--once",
+                   timeout=120)
         data = self.read("status/hq", "accepted.yaml")
         assert data is not None, "hq published no accepted.yaml"
         accepted = yaml.safe_load(data)["acceptedCommit"]

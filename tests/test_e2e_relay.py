@@ -249,8 +249,8 @@ def test_all_lower_clients_reach_nested_sites_but_not_siblings(cluster: Cluster)
 
         # HQ's aggregate sees both relays of the subtree.
         def aggregated() -> dict[str, Any] | None:
-            reconciler("hq", "--origin", cluster.origin.url, "--workdir", str(cluster.hq), "--signing-key",
-                       str(cluster.origin.signing_key), "--once")
+            reconciler("hq", "--origin", cluster.origin.url, "--workdir", str(cluster.hq),
+                       *cluster.origin.hq_trust_args(), "--once")
             import yaml
             doc = yaml.safe_load(cluster.origin.read("status/hq", "jobs/install-tool.yaml") or b"{}")
             return doc if doc.get("counts", {}).get("Succeeded") == 2 and doc.get("state") == "Completed" else None

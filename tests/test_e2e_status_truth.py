@@ -75,8 +75,8 @@ class Fleet:
         return commit
 
     def hq_once(self) -> None:
-        reconciler("hq", "--origin", self.origin.url, "--workdir", str(self.hq), "--signing-key",
-                   str(self.origin.signing_key), "--once", timeout=120, check=False)
+        reconciler("hq", "--origin", self.origin.url, "--workdir", str(self.hq), *self.origin.hq_trust_args(),
+                   "--once", timeout=120, check=False)
 
     def start_relay(self) -> RelayProcess:
         self.relay = RelayProcess("relay-a", self.origin.url, self.base / "relay-a",
