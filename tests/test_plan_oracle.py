@@ -80,7 +80,7 @@ def _attempt(rnd: random.Random, index: RelayIndex, job: Job, cid: str) -> Attem
     revision = index.revisions[job.name] if rnd.random() < 0.85 else "an-older-revision"
     repaired = job.rerun_scope is not None and job.rerun_scope.repair
     outcome = rnd.choice([Outcome.DISPATCHED, Outcome.SUCCEEDED, Outcome.FAILED, Outcome.FAILED,
-                         Outcome.NOT_ATTEMPTED, *[Outcome.SUCCEEDED] * (3 if repaired else 0)])
+                         Outcome.NOT_ATTEMPTED, Outcome.REFUSED, *[Outcome.SUCCEEDED] * (3 if repaired else 0)])
     number = rnd.randint(1, max(1, job.retry_limit) + 1)
     dispatched = NOW - timedelta(seconds=rnd.choice([5, 200, 700, 4000, 90_000]))
     finished = None if outcome is Outcome.DISPATCHED else dispatched + timedelta(seconds=rnd.choice([1, 30]))

@@ -723,6 +723,20 @@ def test_rerun_resets_only_failed_rows(recorded: dict[str, Any], installed: str 
         assert (plan.actions[0].attempt, plan.actions[0].rerun) == (1, 1)
 
 
+def test_a_refused_action_fails_at_once_and_only_a_rerun_sends_it_again() -> None:
+    """The client refused it as not covered by HQ's signed manifest: nothing ran, retrying cannot help."""
+    specs = build(APP, APP_JOB)
+    refused = attempt(specs, "install-app", "pc-1", n=1, outcome=Outcome.REFUSED, at=NOW - timedelta(days=2),
+                      message="security: the manifest is not signed by a trusted key")
+    plan = run(specs, [client("pc-1")], {("install-app", "pc-1"): refused})
+    [row] = plan.rows
+    assert (row.state.value, row.reason, plan.actions) == ("Failed", Reason.SECURITY_ERROR, ())
+    assert row.message == "refused by the client: security: the manifest is not signed by a trusted key"
+    rerun = build(APP, job("install-app", "app", "1.0", rerun=1))
+    again = run(rerun, [client("pc-1")], {("install-app", "pc-1"): refused})
+    assert states(again) == {("install-app", "pc-1"): ("Pending", "install", "rerun 1: attempt 1/3")}
+
+
 def test_a_download_the_client_could_not_make_uses_no_attempt() -> None:
     """A client that could not fetch the artifact did not attempt the install: same attempt, later."""
     specs = build(APP, APP_JOB)

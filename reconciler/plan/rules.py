@@ -549,7 +549,7 @@ def history_step(job: Job, revision: str, own: Package | None, packages: Mapping
         # revision, above) sends it once more.
         if attempt.rerun < job.rerun and covered and not closed:
             return Ready(1, attempt.operation_id, attempt.attempt, f"rerun {job.rerun}: attempt 1/{limit}")
-        return OutOfAttempts(attempt, f"refused by the client (security): {attempt.message}", Reason.SECURITY_ERROR)
+        return OutOfAttempts(attempt, f"refused by the client: {attempt.message}", Reason.SECURITY_ERROR)
     elif attempt.outcome is Outcome.SUCCEEDED:
         if closed:
             return CLOSED
