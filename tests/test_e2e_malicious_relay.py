@@ -163,27 +163,27 @@ def install_script(name: str) -> str:
     return f'#!/bin/sh\necho "ran" >> "$RECONCILER_ROOT/ran-{name}"\n'
 
 
-def package(name: str, extra: str = "") -> str:
+def package(name: str, extra: str = "", version: str = "1.0", artifact: str | None = None) -> str:
     return f"""\
 apiVersion: reconciler/v1
 kind: Package
-metadata: {{name: {name}-1.0}}
+metadata: {{name: {name}-{version}}}
 spec:
   name: {name}
-  version: "1.0"
-  artifact: {{path: artifacts/{name}}}
+  version: "{version}"
+  artifact: {{path: artifacts/{artifact or name}}}
   installer: {{type: command, install: [sh, install.sh], uninstall: [sh, -c, "true"], timeoutSeconds: 60}}
 {extra}"""
 
 
-def job(name: str, pkg: str, destination: str) -> str:
+def job(name: str, pkg: str, destination: str, version: str = "1.0") -> str:
     return f"""\
 apiVersion: reconciler/v1
 kind: Job
 metadata: {{name: {name}}}
 spec:
   jobType: install
-  package: {{name: {pkg}, version: "1.0"}}
+  package: {{name: {pkg}, version: "{version}"}}
   destinationType: allLowerClients
   destinations: [{destination}]
   retry: {{limit: 1, backoffSeconds: 0}}
@@ -232,6 +232,16 @@ def installer_json(pkg: Package) -> dict[str, Any]:
     if spec.redact:
         out["redact"] = list(spec.redact)
     return out
+
+
+def relay_operations(relay: RelayProcess, client: str, job_name: str) -> list[tuple[str, str]]:
+    """(operation id, outcome) of the job's operations for the client, in the relay's own database."""
+    db = sqlite3.connect(relay.workdir / "relay.sqlite3")
+    try:
+        return db.execute("SELECT operation_id, outcome FROM operations WHERE client = ? AND job = ? "
+                          "ORDER BY dispatched_at", (client, job_name)).fetchall()
+    finally:
+        db.close()
 
 
 class World:
@@ -329,13 +339,7 @@ class World:
         return row
 
     def operations(self, client: str, job_name: str) -> list[tuple[str, str]]:
-        """(operation id, outcome) of the job's operations for the client, in the relay's own database."""
-        db = sqlite3.connect(self.relay.workdir / "relay.sqlite3")
-        try:
-            return db.execute("SELECT operation_id, outcome FROM operations WHERE client = ? AND job = ? "
-                              "ORDER BY dispatched_at", (client, job_name)).fetchall()
-        finally:
-            db.close()
+        return relay_operations(self.relay, client, job_name)
 
     def close(self) -> None:
         for proxy in self.proxies:
@@ -614,3 +618,85 @@ def test_a_relay_claiming_another_relays_name_after_it_was_pinned_is_refused(wor
     assert trust["relays"] == {proxy.url: "relay-a"}
     # To an agent that had not pinned the name, the same reply is a valid job of relay-b's.
     assert world.fresh_verifier("pc-pinned", "pinned").refusals(proxy.tampered[0][1], proxy.url) == {}
+
+
+def test_an_older_version_sent_as_an_upgrade_is_refused_as_a_downgrade(tmp_path: Path) -> None:
+    """The client has tool 2.0; HQ's current commit has a job for tool 1.0 without allowDowngrade (the plan
+    skips it: newer version present). The relay sends that signed job's action, calling it an upgrade."""
+    origin = Origin(tmp_path)
+    hq = tmp_path / "hq"
+    first = origin.commit({
+        "topology.yaml": TOPOLOGY,
+        "artifacts/tool/install.sh": install_script("tool"),
+        "artifacts/tool2/install.sh": install_script("tool2"),
+        "packages/tool-1.0.yaml": package("tool"),
+        "packages/tool-2.0.yaml": package("tool", version="2.0", artifact="tool2"),
+        "jobs/install-tool-2.yaml": job("install-tool-2", "tool", "relay-a", version="2.0"),
+    })
+    assert origin.accept(hq) == first
+    relay = RelayProcess("relay-a", origin.url, tmp_path / "relay-a").start()
+    proxy: TamperingProxy | None = None
+    try:
+        wait_for(lambda: relay.health()["acceptedCommit"] == first, 30, what="relay-a at the first commit")
+        second_files = {"jobs/install-tool-2.yaml": None,
+                        "jobs/install-tool-1.yaml": job("install-tool-1", "tool", "relay-a"),
+                        "artifacts/other/install.sh": install_script("other"),
+                        "packages/other-1.0.yaml": package("other"),
+                        "jobs/install-other.yaml": job("install-other", "other", "relay-a")}
+        signed: dict[str, str] = {}
+
+        def downgrade(client: str, reply: Reply) -> Reply:
+            action = action_for(reply, "install-other")
+            if action is None:
+                return reply
+            pkg = parse_document("packages/tool-1.0.yaml", signed["packages/tool-1.0.yaml"].encode())
+            assert isinstance(pkg, Package)
+            digest = parse_manifest(reply["manifest"]["payload"]).artifacts["packages/tool-1.0.yaml"]
+            action.update({"job": "install-tool-1", "action": "upgrade", "package": {"name": "tool", "version": "1.0"},
+                           "previousVersion": "2.0", "installer": installer_json(pkg), "artifact": digest.to_json(),
+                           "documents": {"job": "jobs/install-tool-1.yaml", "package": "packages/tool-1.0.yaml"}})
+            reply["documents"].update(signed)
+            return reply
+
+        proxy = TamperingProxy(relay.url, downgrade)
+        root = tmp_path / "clients" / "pc-down"
+        agent = Agent("pc-down", proxy.url, root, enroll_secret=relay.enroll_secret, insecure_http=True,
+                      trust_keys=origin.trust_keys())
+        assert agent.run_once() == 0
+        wait_for(lambda: origin.job_rows("relay-a", "install-tool-2").get("pc-down", {}).get("state") == "Succeeded",
+                 30, what="tool 2.0 installed")
+        assert json.loads((root / "receipts" / "tool.json").read_text())["version"] == "2.0"
+        assert (root / "ran-tool2").exists() and proxy.tampered == []
+
+        second = origin.commit(second_files, "tool 1.0 again, and other")
+        assert origin.accept(hq) == second
+        for path in ("jobs/install-tool-1.yaml", "packages/tool-1.0.yaml"):
+            data = origin.read(second, path)
+            assert data is not None
+            signed[path] = data.decode()
+        wait_for(lambda: relay.health()["acceptedCommit"] == second, 30, what="relay-a at the second commit")
+
+        def refused() -> dict[str, Any] | None:
+            assert agent.run_once() == 0
+            row = origin.job_rows("relay-a", "install-other").get("pc-down", {})
+            return row if row.get("state") == "Failed" else None
+
+        row = wait_for(refused, 30, interval=0.2, what="install-other refused")
+        assert row["reason"] == "securityError", row
+        assert "job install-tool-1 does not allow downgrades: tool 2.0 is installed, the action (upgrade) " \
+               "installs 1.0" in row["message"], row
+        assert [outcome for _, outcome in relay_operations(relay, "pc-down", "install-other")] == ["refused"]
+        # HQ's own plan for that job on this client: nothing to do, a newer version is there.
+        skipped = origin.job_rows("relay-a", "install-tool-1").get("pc-down", {})
+        assert (skipped.get("state"), skipped.get("reason")) == ("Skipped", "newerPresent"), skipped
+        assert json.loads((root / "receipts" / "tool.json").read_text())["version"] == "2.0"
+        assert [p.name for p in (root / "packages" / "tool").iterdir()] == ["2.0"]
+        assert not (root / "ran-tool").exists() and not (root / "ran-other").exists()
+        # Signed, destined to this client and complete: only the version installed here refuses it.
+        fresh = Verifier(origin.trust_keys(), tmp_path / "fresh", "pc-down")
+        assert fresh.refusals(proxy.tampered[0][1], proxy.url, {}) == {}
+        assert fresh.refusals(proxy.tampered[0][1], proxy.url, {"tool": "2.0"}) != {}
+    finally:
+        if proxy is not None:
+            proxy.close()
+        relay.stop()

@@ -164,6 +164,28 @@ def test_an_honest_reply_passes_and_a_tampered_one_is_refused(keys: Any, tmp_pat
     assert "without HQ's signed manifest" in verifier.refusals(unsigned, RELAY_URL)[0]
 
 
+@pytest.mark.parametrize("kind", ["install", "upgrade", "downgrade"])
+def test_an_older_version_is_a_downgrade_whatever_the_action_calls_it(keys: Any, tmp_path: Path, kind: str) -> None:
+    """The job installs tool 1.0 and does not allow downgrades; the client has tool 2.0 (HQ's plan skips it)."""
+    verifier = Verifier([keys[0].public_key()], tmp_path, "pc-1")
+    envelope = sign(manifest(1), [keys[0]])
+    older = action()
+    older["action"] = kind
+    why = verifier.refusals(reply(envelope, older), RELAY_URL, {"tool": "2.0"})[0]
+    assert why.startswith("job install-tool does not allow downgrades"), why
+    # The same action where 1.0 is not older than what is there (or nothing is) passes.
+    for installed in ({}, {"tool": "1.0"}, {"tool": "0.9"}, {"other": "9.0"}):
+        plain = action()
+        plain["action"] = "install"
+        assert verifier.refusals(reply(envelope, plain), RELAY_URL, installed) == {}, installed
+    # A job that allows downgrades takes the downgrade.
+    allowing = JOB.replace("  destinations: [relay-a]\n", "  destinations: [relay-a]\n  allowDowngrade: true\n")
+    texts = {**DOCUMENTS, "jobs/install-tool.yaml": allowing}
+    allowed = reply(sign(manifest(2, documents=texts), [keys[0]]), older)
+    allowed["documents"] = texts
+    assert verifier.refusals(allowed, RELAY_URL, {"tool": "2.0"}) == {}
+
+
 def test_key_rotation_is_accepted_only_when_announced(keys: Any, tmp_path: Path) -> None:
     key1, key2, _ = keys
     rotated = sign(manifest(2), [key2])

@@ -75,6 +75,7 @@ from reconciler.agent.installers import (
     Outcome,
     check_segment,
     install,
+    read_receipts,
     uninstall,
 )
 from reconciler.agent.installers import inventory as confirmed_inventory
@@ -783,7 +784,8 @@ class Agent:
         ran = 0
         refused: dict[int, str] = {}
         if self.verifier is not None and reply.reply is not None:
-            refused = self.verifier.refusals(reply.reply, self.relay_url)
+            installed = {r.name: r.version for r in read_receipts(self.layout)} if reply.actions else {}
+            refused = self.verifier.refusals(reply.reply, self.relay_url, installed)
         for index, action in enumerate(reply.actions):
             operation_id = action.get("operationId")  # missing or mistyped in a malformed action: run_action skips it
             entry = self.journal.get(operation_id) if isinstance(operation_id, str) else None

@@ -13,7 +13,9 @@ An agent given HQ's public key (``--trust-key``) runs an action only when
   version; for installs the installer's type, argv, timeout and redaction
   patterns, the artifact's sha256 (the package's ``url`` sha256, or the
   manifest's digest of an in-repo artifact) and the dependencies; a
-  downgrade only when the job allows it; nothing of a suspended job;
+  downgrade only when the job allows it (an older version than the one
+  this client's receipt says is installed is a downgrade, whatever the
+  action calls it); nothing of a suspended job;
 * the job's destination covers this client as far as the agent can tell: a
   ``clients`` job names its id; an ``allLowerClients`` job names the relay
   this agent talks to or one above it in the manifest's relay tree. The
@@ -52,6 +54,7 @@ from reconciler.signing import (
     parse_public_key,
 )
 from reconciler.specs import DestinationType, Job, JobType, Package, parse_document
+from reconciler.versions import compare_versions
 
 log = logging.getLogger("reconciler.agent")
 
@@ -139,8 +142,13 @@ class Verifier:
 
     # -- a reply --------------------------------------------------------------
 
-    def refusals(self, reply: Mapping[str, Any], relay_url: str) -> dict[int, str]:
-        """For each action of ``reply`` (by position) that must not run, why; learns what the manifest says."""
+    def refusals(self, reply: Mapping[str, Any], relay_url: str,
+                 installed: Mapping[str, str] | None = None) -> dict[int, str]:
+        """For each action of ``reply`` (by position) that must not run, why; learns what the manifest says.
+
+        ``installed``: package name -> version installed on this client before the reply's actions run (its
+        receipts), so that an older version sent as an install or upgrade is still a downgrade.
+        """
         actions = reply.get("actions") or []
         try:
             manifest = self._accept(reply, relay_url)
@@ -158,7 +166,7 @@ class Verifier:
         relay = str(reply.get("relay") or "")
         for i, action in enumerate(actions):
             try:
-                self.check_action(action, manifest, documents, relay)
+                self.check_action(action, manifest, documents, relay, installed)
             except Refusal as e:
                 refused[i] = str(e)
         return refused
@@ -248,7 +256,8 @@ class Verifier:
             self._parsed[digest] = parsed
         return parsed
 
-    def check_action(self, action: Any, manifest: Manifest | None, documents: Mapping[str, Any], relay: str) -> None:
+    def check_action(self, action: Any, manifest: Manifest | None, documents: Mapping[str, Any], relay: str,
+                     installed: Mapping[str, str] | None = None) -> None:
         """Refusal unless the action is what HQ's manifest and the documents it covers say."""
         if manifest is None:
             raise Refusal("the relay sent actions without HQ's signed manifest")
@@ -281,6 +290,12 @@ class Verifier:
             raise Refusal(f"job {job.name} installs; the action says {str(kind)[:40]!r}")
         if kind == "downgrade" and not job.allow_downgrade:
             raise Refusal(f"job {job.name} does not allow downgrades")
+        have = (installed or {}).get(job.package_name)
+        if (have is not None and job.package_version is not None and not job.allow_downgrade
+                and compare_versions(have, job.package_version) > 0):
+            # install() replaces whatever version is there: an older one is a downgrade whatever the action says
+            raise Refusal(f"job {job.name} does not allow downgrades: {job.package_name} {have} is installed, "
+                          f"the action ({str(kind)[:40]}) installs {job.package_version}")
         if version != job.package_version:
             raise Refusal(f"job {job.name} installs version {job.package_version}; the action says "
                           f"{str(version)[:64]!r}")
