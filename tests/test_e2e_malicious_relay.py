@@ -620,6 +620,18 @@ def test_a_relay_claiming_another_relays_name_after_it_was_pinned_is_refused(wor
     assert world.fresh_verifier("pc-pinned", "pinned").refusals(proxy.tampered[0][1], proxy.url) == {}
 
 
+UNINSTALL_TOOL_2 = """\
+apiVersion: reconciler/v1
+kind: Job
+metadata: {name: uninstall-tool}
+spec:
+  jobType: uninstall
+  package: {name: tool, version: "2.0"}
+  destinationType: allLowerClients
+  destinations: [relay-a]
+"""
+
+
 def test_an_older_version_sent_as_an_upgrade_is_refused_as_a_downgrade(tmp_path: Path) -> None:
     """The client has tool 2.0; HQ's current commit has a job for tool 1.0 without allowDowngrade (the plan
     skips it: newer version present). The relay sends that signed job's action, calling it an upgrade."""
@@ -645,7 +657,10 @@ def test_an_older_version_sent_as_an_upgrade_is_refused_as_a_downgrade(tmp_path:
                         "jobs/install-other.yaml": job("install-other", "other", "relay-a")}
         signed: dict[str, str] = {}
 
+        seen: list[list[str]] = []  # the jobs of each reply with actions, as the relay sent them
+
         def downgrade(client: str, reply: Reply) -> Reply:
+            seen.append([a["job"] for a in reply["actions"]])
             action = action_for(reply, "install-other")
             if action is None:
                 return reply
@@ -696,6 +711,23 @@ def test_an_older_version_sent_as_an_upgrade_is_refused_as_a_downgrade(tmp_path:
         fresh = Verifier(origin.trust_keys(), tmp_path / "fresh", "pc-down")
         assert fresh.refusals(proxy.tampered[0][1], proxy.url, {}) == {}
         assert fresh.refusals(proxy.tampered[0][1], proxy.url, {"tool": "2.0"}) != {}
+
+        # HQ removes 2.0 (an uninstall job naming it): the relay sends the removal and the install of 1.0
+        # that waits for it in one reply, and the agent runs both: the install starts from nothing.
+        third = origin.commit({"jobs/uninstall-tool.yaml": UNINSTALL_TOOL_2}, "remove tool 2.0")
+        assert origin.accept(hq) == third
+        wait_for(lambda: relay.health()["acceptedCommit"] == third, 30, what="relay-a at the third commit")
+
+        def installed_old() -> dict[str, Any] | None:
+            assert agent.run_once() == 0
+            row = origin.job_rows("relay-a", "install-tool-1").get("pc-down", {})
+            return row if row.get("state") == "Succeeded" else None
+
+        wait_for(installed_old, 30, interval=0.2, what="tool 1.0 installed after the removal")
+        assert ["uninstall-tool", "install-tool-1"] in seen, seen
+        assert json.loads((root / "receipts" / "tool.json").read_text())["version"] == "1.0"
+        assert (root / "ran-tool").exists() and len(proxy.tampered) == 1
+        assert [r["status"] for r in proxy.results if r["status"] == "refused"] == ["refused"]
     finally:
         if proxy is not None:
             proxy.close()

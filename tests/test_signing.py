@@ -186,6 +186,45 @@ def test_an_older_version_is_a_downgrade_whatever_the_action_calls_it(keys: Any,
     assert verifier.refusals(allowed, RELAY_URL, {"tool": "2.0"}) == {}
 
 
+UNINSTALL_JOB = """\
+apiVersion: reconciler/v1
+kind: Job
+metadata: {name: uninstall-tool}
+spec:
+  jobType: uninstall
+  package: {name: tool}
+  destinationType: allLowerClients
+  destinations: [relay-a]
+"""
+
+
+def test_an_install_after_a_removal_in_the_same_reply_is_not_a_downgrade(keys: Any, tmp_path: Path) -> None:
+    """HQ's plan sends an uninstall job's removal and the install that waits for it in one reply."""
+    texts = {**DOCUMENTS, "jobs/uninstall-tool.yaml": UNINSTALL_JOB}
+    envelope = sign(manifest(1, documents=texts), [keys[0]])
+    verifier = Verifier([keys[0].public_key()], tmp_path, "pc-1")
+
+    def removal(version: str | None) -> dict[str, Any]:
+        return {"operationId": "op-rm", "job": "uninstall-tool", "action": "uninstall",
+                "package": {"name": "tool", "version": version}, "previousVersion": None, "artifact": None,
+                "installer": None, "documents": {"job": "jobs/uninstall-tool.yaml"}}
+
+    def check(*actions: dict[str, Any]) -> dict[int, str]:
+        document = reply(envelope, *actions)
+        document["documents"] = texts
+        return verifier.refusals(document, RELAY_URL, {"tool": "2.0"})
+
+    assert check(removal("2.0"), action()) == {}
+    assert check(removal(None), action()) == {}
+    # Not freed: the removal comes after the install, or removes a version that is not there.
+    assert list(check(action(), removal("2.0"))) == [0]
+    assert "does not allow downgrades" in check(removal("3.0"), action())[1]
+    # A removal the verifier refuses frees nothing either.
+    forged = removal("2.0")
+    forged["documents"] = {"job": "jobs/uninstall-other.yaml"}
+    assert sorted(check(forged, action())) == [0, 1]
+
+
 def test_key_rotation_is_accepted_only_when_announced(keys: Any, tmp_path: Path) -> None:
     key1, key2, _ = keys
     rotated = sign(manifest(2), [key2])

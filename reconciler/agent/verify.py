@@ -147,7 +147,9 @@ class Verifier:
         """For each action of ``reply`` (by position) that must not run, why; learns what the manifest says.
 
         ``installed``: package name -> version installed on this client before the reply's actions run (its
-        receipts), so that an older version sent as an install or upgrade is still a downgrade.
+        receipts), so that an older version sent as an install or upgrade is still a downgrade. A verified
+        uninstall earlier in the reply removes its package first (HQ's plan sends a removal and the install
+        that waits for it together): the install after it starts from nothing.
         """
         actions = reply.get("actions") or []
         try:
@@ -164,11 +166,17 @@ class Verifier:
         documents = reply.get("documents")
         documents = documents if isinstance(documents, dict) else {}
         relay = str(reply.get("relay") or "")
+        view = dict(installed or {})  # as the actions before this one leave it (HQ's plan: removals go first)
         for i, action in enumerate(actions):
             try:
-                self.check_action(action, manifest, documents, relay, installed)
+                self.check_action(action, manifest, documents, relay, view)
             except Refusal as e:
                 refused[i] = str(e)
+                continue
+            if action.get("action") == "uninstall":
+                name, version = action["package"]["name"], action["package"].get("version")
+                if version is None or view.get(name) == version:  # as installers.uninstall removes it
+                    view.pop(name, None)
         return refused
 
     def _accept(self, reply: Mapping[str, Any], relay_url: str) -> Manifest | None:
