@@ -22,10 +22,11 @@ columns:
 (b) Action latency: the agent's side of a check-in, from the reply's bytes to
 the results of its actions, in-process and without HTTP (what
 ``Agent.checkin``/``Agent.step`` do after the POST returns: decode and check
-the reply, read the receipts and run ``Verifier.refusals`` when the agent
-verifies, then ``run_action`` for each action). The reply has ``--actions``
-install actions (``files`` installer, a 64 KiB artifact already in the
-agent's cache, reinstalled each run) and, signed, a manifest listing
+the reply, run ``Verifier.refusals`` (with the inventory the check-in
+reported) when the agent verifies, then ``run_action`` for each action).
+The reply has ``--actions`` install actions (``files`` installer, a 64 KiB
+artifact already in the agent's cache, reinstalled each run) and, signed, a
+manifest listing
 ``--documents`` documents and the job and package documents the actions
 name. Runs alternate between an unverified agent and a verifying one;
 medians of ``--runs`` each. Verification alone is timed too, warm (the
@@ -65,7 +66,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from reconciler import protocol  # noqa: E402
 from reconciler.agent.agent import Agent  # noqa: E402
-from reconciler.agent.installers import read_receipts  # noqa: E402
 from reconciler.agent.verify import Verifier  # noqa: E402
 from reconciler.signing import Manifest, document_digest, sign, write_key_pair  # noqa: E402
 from reconciler.specs import Package, parse_document  # noqa: E402
@@ -277,7 +277,8 @@ def handle(agent: Agent, data: bytes) -> None:
     reply = protocol.check_reply(protocol.decode_json(data, "reply"))
     refused: dict[int, str] = {}
     if agent.verifier is not None:
-        installed = {r.name: r.version for r in read_receipts(agent.layout)} if reply["actions"] else {}
+        # the inventory the check-in reported (built for its body, verifying or not): every package at 1.0
+        installed = {a["package"]["name"]: "1.0" for a in reply["actions"]}
         refused = agent.verifier.refusals(reply, RELAY_URL, installed)
     for index, action in enumerate(reply["actions"]):
         if index in refused:

@@ -75,7 +75,6 @@ from reconciler.agent.installers import (
     Outcome,
     check_segment,
     install,
-    read_receipts,
     uninstall,
 )
 from reconciler.agent.installers import inventory as confirmed_inventory
@@ -381,6 +380,8 @@ class CheckinReply:
     poll_seconds: float
     acknowledged: int
     reply: protocol.CheckinReply | None = None  # the whole reply (its manifest and documents, for the verifier)
+    # the inventory this check-in reported (what the relay planned on): the verifier's installed versions
+    installed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -553,8 +554,9 @@ class Agent:
     def checkin(self) -> CheckinReply:
         """POST one check-in; on a reply, store a new token and acknowledge the results sent."""
         results = [_wire_result(r) for r in self.journal.pending_results(limit=MAX_RESULTS_PER_CHECKIN)]
+        inventory = self.inventory()
         body: protocol.CheckinRequest = {"facts": self.facts(), "labels": dict(self.labels),
-                                         "inventory": self.inventory(), "results": results}
+                                         "inventory": inventory, "results": results}
         last_relay = self.last_relay
         if last_relay is not None:
             body["lastRelay"] = last_relay
@@ -599,7 +601,7 @@ class Agent:
                 self.log.info("now served by relay %s (was %s)", relay, last_relay)
         self.journal.acknowledge(r["operationId"] for r in results)
         return CheckinReply(tuple(reply["actions"]), max(float(reply["pollSeconds"]), MIN_POLL_SECONDS),
-                            len(results), reply)
+                            len(results), reply, tuple((e["name"], e["version"]) for e in inventory))
 
     def _post(self, url: str, body: protocol.CheckinRequest, headers: Mapping[str, str]) -> requests.Response:
         try:
@@ -784,8 +786,7 @@ class Agent:
         ran = 0
         refused: dict[int, str] = {}
         if self.verifier is not None and reply.reply is not None:
-            installed = {r.name: r.version for r in read_receipts(self.layout)} if reply.actions else {}
-            refused = self.verifier.refusals(reply.reply, self.relay_url, installed)
+            refused = self.verifier.refusals(reply.reply, self.relay_url, dict(reply.installed))
         for index, action in enumerate(reply.actions):
             operation_id = action.get("operationId")  # missing or mistyped in a malformed action: run_action skips it
             entry = self.journal.get(operation_id) if isinstance(operation_id, str) else None

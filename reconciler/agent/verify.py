@@ -14,8 +14,8 @@ An agent given HQ's public key (``--trust-key``) runs an action only when
   patterns, the artifact's sha256 (the package's ``url`` sha256, or the
   manifest's digest of an in-repo artifact) and the dependencies; a
   downgrade only when the job allows it (an older version than the one
-  this client's receipt says is installed is a downgrade, whatever the
-  action calls it); nothing of a suspended job;
+  this client reported installed is a downgrade, whatever the action calls
+  it); nothing of a suspended job;
 * the job's destination covers this client as far as the agent can tell: a
   ``clients`` job names its id; an ``allLowerClients`` job names the relay
   this agent talks to or one above it in the manifest's relay tree. The
@@ -146,10 +146,11 @@ class Verifier:
                  installed: Mapping[str, str] | None = None) -> dict[int, str]:
         """For each action of ``reply`` (by position) that must not run, why; learns what the manifest says.
 
-        ``installed``: package name -> version installed on this client before the reply's actions run (its
-        receipts), so that an older version sent as an install or upgrade is still a downgrade. A verified
-        uninstall earlier in the reply removes its package first (HQ's plan sends a removal and the install
-        that waits for it together): the install after it starts from nothing.
+        ``installed``: package name -> version installed on this client before the reply's actions run (the
+        inventory its check-in reported, which HQ's rules planned on), so that an older version sent as an
+        install or upgrade is still a downgrade. A verified uninstall earlier in the reply removes its
+        package first (HQ's plan sends a removal and the install that waits for it together): the install
+        after it starts from nothing.
         """
         actions = reply.get("actions") or []
         try:
