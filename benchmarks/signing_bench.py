@@ -26,9 +26,8 @@ the reply, run ``Verifier.refusals`` (with the inventory the check-in
 reported) when the agent verifies, then ``run_action`` for each action).
 The reply has ``--actions`` install actions (``files`` installer, a 64 KiB
 artifact already in the agent's cache, reinstalled each run) and, signed, a
-manifest listing
-``--documents`` documents and the job and package documents the actions
-name. Runs alternate between an unverified agent and a verifying one;
+manifest listing ``--documents`` documents and the job and package documents
+the actions name. Runs alternate between an unverified agent and a verifying one;
 medians of ``--runs`` each. Verification alone is timed too, warm (the
 agent's own verifier: documents parsed before, the serial known) and cold
 (a new verifier per reply: parses the documents and writes ``trust.json``,
