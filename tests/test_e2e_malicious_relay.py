@@ -327,7 +327,7 @@ class World:
         """The relay's row is Failed for a security reason naming ``why``; the refusal reached it as sent."""
         row = self.wait_row(job_name, client, "Failed")
         assert row["reason"] == "securityError", row
-        assert row["message"].startswith("refused by the client (security): security: "), row
+        assert row["message"].startswith("refused by the client: security: "), row
         assert why in row["message"], row
         assert proxy.tampered and all(c == client for c, _ in proxy.tampered)
         refused = [r for r in proxy.results if r["status"] == "refused"]

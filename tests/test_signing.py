@@ -56,7 +56,7 @@ metadata: {{name: tool-1.0}}
 spec:
   name: tool
   version: "1.0"
-  artifact: {{url: "https://downloads.example.invalid/tool.tar", sha256: "{ARTIFACT_SHA}"}}
+  artifact: {{url: "https://downloads.example.invalid/tool.bin", sha256: "{ARTIFACT_SHA}"}}
   installer: {{type: command, install: [sh, install.sh], uninstall: [sh, -c, "true"], timeoutSeconds: 60}}
 """
 
@@ -77,7 +77,7 @@ def action(operation_id: str = "op-1") -> dict[str, Any]:
     return {
         "operationId": operation_id, "job": "install-tool", "action": "install",
         "package": {"name": "tool", "version": "1.0"}, "previousVersion": None,
-        "artifact": {"sha256": ARTIFACT_SHA, "size": 16, "format": "file", "fileName": "tool.tar"},
+        "artifact": {"sha256": ARTIFACT_SHA, "size": 16, "format": "file", "fileName": "tool.bin"},
         "installer": {"type": "command", "install": ["sh", "install.sh"], "uninstall": ["sh", "-c", "true"],
                       "detect": [], "timeoutSeconds": 60},
         "documents": {"job": "jobs/install-tool.yaml", "package": "packages/tool-1.0.yaml"},
