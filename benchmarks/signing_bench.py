@@ -7,8 +7,8 @@ second one's manifest (``--signing-key``). One ``reconciler relay`` per
 origin on 127.0.0.1; ``--clients`` clients register with each, then idle
 check-ins are driven from ``--concurrency`` threads with keep-alive
 connections, alternating between the relays for ``--rounds`` rounds of
-``--duration`` seconds each, so both see the same neighbours' load. Three
-columns:
+``--duration`` seconds each (the column that goes first rotates), so both
+see the same neighbours' load. Three columns:
 
 * ``unsigned``: HQ does not sign; agents send no ``trustSerial``;
 * ``signed``: HQ signs; agents send the serial they verified (what a
@@ -159,7 +159,9 @@ def checkin_rates(args: argparse.Namespace) -> dict[str, Any]:
         p99: dict[str, list[float]] = {mode: [] for mode in modes}
         for round_ in range(args.rounds):
             line = []
-            for mode, (host, pid, clients) in modes.items():
+            order = list(modes.items())
+            order = order[round_ % len(order):] + order[:round_ % len(order)]  # no column always goes first
+            for mode, (host, pid, clients) in order:
                 before = relay_bench.cpu_seconds(pid)
                 lat, elapsed, errors = relay_bench.run_load(host, clients, args.concurrency, args.duration,
                                                             register=False)
