@@ -20,7 +20,14 @@ from reconciler.hq import Hq
 from reconciler.hq_manifest import ManifestSigner
 from reconciler.relay.artifacts import ArtifactCache
 from reconciler.repo_tree import load_commit
-from reconciler.signing import Manifest, key_id, open_envelope, parse_manifest, read_private_key, write_key_pair
+from reconciler.signing import (
+    Manifest,
+    key_id,
+    open_envelope,
+    parse_manifest,
+    read_private_key,
+    write_key_pair,
+)
 
 
 class Clock:

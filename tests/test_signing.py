@@ -164,6 +164,37 @@ def test_an_honest_reply_passes_and_a_tampered_one_is_refused(keys: Any, tmp_pat
     assert "without HQ's signed manifest" in verifier.refusals(unsigned, RELAY_URL)[0]
 
 
+def test_a_verified_envelope_is_not_checked_again_but_any_change_is(keys: Any, tmp_path: Path) -> None:
+    """The relay sends the same envelope with every reply: one check; a changed signature or payload, or a
+    revoked key, is checked afresh."""
+    verifier = Verifier([keys[0].public_key(), keys[1].public_key()], tmp_path, "pc-1")
+    envelope = sign(manifest(1), [keys[0]])
+    calls: list[int] = []
+    import reconciler.agent.verify as verify_module
+    real = verify_module.open_envelope
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    verify_module.open_envelope = counting  # type: ignore[assignment]
+    try:
+        for n in range(3):
+            assert verifier.refusals(reply(envelope, action(f"op-{n}")), RELAY_URL) == {}
+        assert len(calls) == 1
+        forged = copy.deepcopy(envelope)
+        raw = bytearray(base64.b64decode(forged["signatures"][0]["signature"]))
+        raw[5] ^= 0x01
+        forged["signatures"][0]["signature"] = base64.b64encode(bytes(raw)).decode()
+        assert "does not verify" in verifier.refusals(reply(forged, action("op-9")), RELAY_URL)[0]
+        assert len(calls) == 2
+        revoking = sign(manifest(2, revoked=(key_id(keys[0].public_key()),)), [keys[1]])
+        assert verifier.refusals(reply(revoking, action("op-10")), RELAY_URL) == {}
+        assert "not signed by a trusted key" in verifier.refusals(reply(envelope, action("op-11")), RELAY_URL)[0]
+    finally:
+        verify_module.open_envelope = real  # type: ignore[assignment]
+
+
 @pytest.mark.parametrize("kind", ["install", "upgrade", "downgrade"])
 def test_an_older_version_is_a_downgrade_whatever_the_action_calls_it(keys: Any, tmp_path: Path, kind: str) -> None:
     """The job installs tool 1.0 and does not allow downgrades; the client has tool 2.0 (HQ's plan skips it)."""

@@ -108,6 +108,7 @@ class Verifier:
         self.client_id = client_id
         self.state = self._load()
         self._parsed: dict[str, Package | Job] = {}
+        self._opened: tuple[tuple[str, str, frozenset[str]], tuple[Manifest, str]] | None = None
 
     def _load(self) -> TrustState:
         try:
@@ -201,7 +202,7 @@ class Verifier:
                 raise Refusal("the relay sent actions without HQ's signed manifest")
             return None
         try:
-            manifest, signer = open_envelope(envelope, self.trusted())
+            manifest, signer = self._open(envelope)
         except ManifestError as e:
             if changed:
                 self._save()
@@ -218,6 +219,19 @@ class Verifier:
         if changed:
             self._save()
         return manifest
+
+    def _open(self, envelope: object) -> tuple[Manifest, str]:
+        """:func:`open_envelope`, remembering the last envelope that verified: the relay sends the same one with
+        every reply until HQ signs a new one, and checking it again would give the same answer (same payload,
+        same signatures, same trusted keys) at a cost that grows with the number of documents."""
+        trusted = self.trusted()
+        key = _envelope_key(envelope, trusted)
+        if key is not None and self._opened is not None and self._opened[0] == key:
+            return self._opened[1]
+        opened = open_envelope(envelope, trusted)
+        if key is not None:
+            self._opened = (key, opened)
+        return opened
 
     def _learn(self, manifest: Manifest, signer: str) -> bool:
         """Take the manifest's next and revoked keys (it verified with ``signer``, which it cannot revoke)."""
@@ -370,6 +384,17 @@ class Verifier:
 
 def _dependency(name: str, min_version: str | None) -> dict[str, str]:
     return {"name": name, "minVersion": min_version} if min_version else {"name": name}
+
+
+def _envelope_key(envelope: object, trusted: Mapping[str, Ed25519PublicKey]) -> tuple[str, str, frozenset[str]] | None:
+    """What makes two verifications of an envelope the same: its payload, its signatures, the trusted keys."""
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), str):
+        return None
+    try:
+        signatures = json.dumps(envelope.get("signatures"), sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return envelope["payload"], signatures, frozenset(trusted)
 
 
 def _is_key(line: str, kid: str) -> bool:
