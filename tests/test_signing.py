@@ -256,6 +256,35 @@ def test_an_install_after_a_removal_in_the_same_reply_is_not_a_downgrade(keys: A
     assert sorted(check(forged, action())) == [0, 1]
 
 
+def test_requirements_and_schedule_the_client_can_see_are_checked(keys: Any, tmp_path: Path) -> None:
+    """A package for another os or label, or a job whose notBefore is well ahead of this client's clock, is
+    refused; the same action for a client that fits (or within the clock skew allowed) is not."""
+    from datetime import UTC, datetime, timedelta
+
+    job = JOB.replace("  destinations: [relay-a]\n",
+                      '  destinations: [relay-a]\n  schedule: {notBefore: "2027-01-01T00:00:00Z"}\n')
+    package = PACKAGE + "  requirements: {os: [windows], labels: {dept: sales}}\n"
+    documents = {"jobs/install-tool.yaml": job, "packages/tool-1.0.yaml": package}
+    envelope = sign(manifest(1, documents=documents), [keys[0]])
+    document = reply(envelope, action())
+    document["documents"] = dict(documents)
+    start = datetime(2027, 1, 1, tzinfo=UTC)
+    fits = {"facts": {"os": "windows", "arch": "x86_64"}, "labels": {"dept": "sales"}}
+
+    def why(facts: dict[str, str], labels: dict[str, str], now: datetime) -> str | None:
+        verifier = Verifier([keys[0].public_key()], tmp_path / str(len(list(tmp_path.iterdir()))), "pc-1")
+        return verifier.refusals(document, RELAY_URL, {}, facts=facts, labels=labels, now=now).get(0)
+
+    assert why(fits["facts"], fits["labels"], start) is None
+    assert why(fits["facts"], fits["labels"], start - timedelta(minutes=10)) is None  # clocks drift a little
+    early = why(fits["facts"], fits["labels"], start - timedelta(days=1))
+    assert early is not None and "starts at 2027-01-01T00:00:00Z" in early
+    linux = why({"os": "linux", "arch": "x86_64"}, fits["labels"], start)
+    assert linux is not None and "requires os windows; this client reports linux" in linux
+    other_dept = why(fits["facts"], {"dept": "hr"}, start)
+    assert other_dept is not None and "requires label dept=sales" in other_dept
+
+
 def test_key_rotation_is_accepted_only_when_announced(keys: Any, tmp_path: Path) -> None:
     key1, key2, _ = keys
     rotated = sign(manifest(2), [key2])

@@ -382,6 +382,8 @@ class CheckinReply:
     reply: protocol.CheckinReply | None = None  # the whole reply (its manifest and documents, for the verifier)
     # the inventory this check-in reported (what the relay planned on): the verifier's installed versions
     installed: tuple[tuple[str, str], ...] = ()
+    facts: protocol.Facts | None = None  # ... and its facts and labels (the package's requirements are checked)
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -601,7 +603,8 @@ class Agent:
                 self.log.info("now served by relay %s (was %s)", relay, last_relay)
         self.journal.acknowledge(r["operationId"] for r in results)
         return CheckinReply(tuple(reply["actions"]), max(float(reply["pollSeconds"]), MIN_POLL_SECONDS),
-                            len(results), reply, tuple((e["name"], e["version"]) for e in inventory))
+                            len(results), reply, tuple((e["name"], e["version"]) for e in inventory),
+                            body["facts"], tuple(sorted(self.labels.items())))
 
     def _post(self, url: str, body: protocol.CheckinRequest, headers: Mapping[str, str]) -> requests.Response:
         try:
@@ -786,7 +789,8 @@ class Agent:
         ran = 0
         refused: dict[int, str] = {}
         if self.verifier is not None and reply.reply is not None:
-            refused = self.verifier.refusals(reply.reply, self.relay_url, dict(reply.installed))
+            refused = self.verifier.refusals(reply.reply, self.relay_url, dict(reply.installed), facts=reply.facts,
+                                             labels=dict(reply.labels), now=self._now())
         for index, action in enumerate(reply.actions):
             operation_id = action.get("operationId")  # missing or mistyped in a malformed action: run_action skips it
             entry = self.journal.get(operation_id) if isinstance(operation_id, str) else None

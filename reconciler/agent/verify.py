@@ -15,7 +15,9 @@ An agent given HQ's public key (``--trust-key``) runs an action only when
   manifest's digest of an in-repo artifact) and the dependencies; a
   downgrade only when the job allows it (an older version than the one
   this client reported installed is a downgrade, whatever the action calls
-  it); nothing of a suspended job;
+  it); nothing of a suspended job, nothing of a job whose ``notBefore`` is
+  more than :data:`SCHEDULE_SKEW` ahead of this client's clock, no package
+  whose os, arch or label requirements this client's check-in did not meet;
 * the job's destination covers this client as far as the agent can tell: a
   ``clients`` job names its id; an ``allLowerClients`` job names the relay
   this agent talks to or one above it in the manifest's relay tree. The
@@ -38,12 +40,14 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from reconciler.fileio import write_atomic
+from reconciler.times import aware, format_time, utc_now
 from reconciler.packing import repo_file_name, url_artifact_form
 from reconciler.signing import (
     KeyFileError,
@@ -143,17 +147,21 @@ class Verifier:
 
     # -- a reply --------------------------------------------------------------
 
-    def refusals(self, reply: Mapping[str, Any], relay_url: str,
-                 installed: Mapping[str, str] | None = None) -> dict[int, str]:
+    def refusals(self, reply: Mapping[str, Any], relay_url: str, installed: Mapping[str, str] | None = None, *,
+                 facts: Mapping[str, Any] | None = None, labels: Mapping[str, str] | None = None,
+                 now: datetime | None = None) -> dict[int, str]:
         """For each action of ``reply`` (by position) that must not run, why; learns what the manifest says.
 
         ``installed``: package name -> version installed on this client before the reply's actions run (the
         inventory its check-in reported, which HQ's rules planned on), so that an older version sent as an
         install or upgrade is still a downgrade. A verified uninstall earlier in the reply removes its
         package first (HQ's plan sends a removal and the install that waits for it together): the install
-        after it starts from nothing.
+        after it starts from nothing. ``facts`` and ``labels``: what the check-in reported (the package's
+        os, arch and label requirements are checked against them, when given); ``now``: this client's clock
+        (a job's ``notBefore`` more than :data:`SCHEDULE_SKEW` ahead of it is refused).
         """
         actions = reply.get("actions") or []
+        client = _Client(facts, labels, now or utc_now())
         try:
             manifest = self._accept(reply, relay_url)
         except Refusal as e:
@@ -171,7 +179,7 @@ class Verifier:
         view = dict(installed or {})  # as the actions before this one leave it (HQ's plan: removals go first)
         for i, action in enumerate(actions):
             try:
-                self.check_action(action, manifest, documents, relay, view)
+                self.check_action(action, manifest, documents, relay, view, client)
             except Refusal as e:
                 refused[i] = str(e)
                 continue
@@ -280,7 +288,7 @@ class Verifier:
         return parsed
 
     def check_action(self, action: Any, manifest: Manifest | None, documents: Mapping[str, Any], relay: str,
-                     installed: Mapping[str, str] | None = None) -> None:
+                     installed: Mapping[str, str] | None = None, client: _Client | None = None) -> None:
         """Refusal unless the action is what HQ's manifest and the documents it covers say."""
         if manifest is None:
             raise Refusal("the relay sent actions without HQ's signed manifest")
@@ -296,6 +304,9 @@ class Verifier:
             raise Refusal(f"the action says job {str(action.get('job'))[:100]!r}, its document is job {job.name!r}")
         if job.suspend:
             raise Refusal(f"job {job.name} is suspended")
+        if client is not None and job.not_before is not None and client.now < aware(job.not_before) - SCHEDULE_SKEW:
+            raise Refusal(f"job {job.name} starts at {format_time(aware(job.not_before))}; this client's clock "
+                          f"says {format_time(client.now)}")
         self._check_destination(job, manifest, relay)
         kind = action.get("action")
         raw_package = action.get("package")
@@ -327,6 +338,8 @@ class Verifier:
             raise Refusal("the action's package document is not a package")
         if (package.name, package.version) != (name, version):
             raise Refusal(f"the package document is {package.name} {package.version}, the action {name} {version}")
+        if client is not None:
+            _check_requirements(package, client)
         self._check_installer(action.get("installer"), package)
         self._check_artifact(action.get("artifact"), package, manifest)
         expected_deps = [_dependency(d.name, d.min_version) for d in package.depends_on]
@@ -384,6 +397,35 @@ class Verifier:
 
 def _dependency(name: str, min_version: str | None) -> dict[str, str]:
     return {"name": name, "minVersion": min_version} if min_version else {"name": name}
+
+
+SCHEDULE_SKEW = timedelta(minutes=15)
+"""How far this client's clock may be behind the relay's before a job's ``notBefore`` refuses its action."""
+
+
+@dataclass(frozen=True)
+class _Client:
+    """What this client reported in the check-in the reply answers, and its clock."""
+
+    facts: Mapping[str, Any] | None
+    labels: Mapping[str, str] | None
+    now: datetime
+
+
+def _check_requirements(package: Package, client: _Client) -> None:
+    """The package's os, arch and label requirements, against what this client reported (free disk changes
+    by the minute: that one is the relay's to judge)."""
+    required = package.requirements
+    facts = client.facts
+    if facts is not None:
+        for fact, allowed in (("os", required.os), ("arch", required.arch)):
+            if allowed and facts.get(fact) not in allowed:
+                raise Refusal(f"package {package.name} {package.version} requires {fact} {', '.join(allowed)}; "
+                              f"this client reports {str(facts.get(fact))[:40]}")
+    if client.labels is not None:
+        for key, value in required.labels:
+            if client.labels.get(key) != value:
+                raise Refusal(f"package {package.name} {package.version} requires label {key}={value}")
 
 
 def _envelope_key(envelope: object, trusted: Mapping[str, Ed25519PublicKey]) -> tuple[str, str, frozenset[str]] | None:
