@@ -40,6 +40,7 @@ from reconciler.commands.demo_pki import make_demo_pki
 from reconciler.plan import Reason
 from reconciler.repo_tree import DirectoryTree, load_tree
 from reconciler.resources import example_repo_dir
+from reconciler.settings import ENV_PREFIX
 from reconciler.signing import write_key_pair
 
 SETTLE_TIMEOUT_SECONDS = 150.0
@@ -99,6 +100,15 @@ def fleet(relays: Sequence[str], clients: int) -> list[AgentPlan]:
 # ------------------------------------------------------------ processes
 
 
+def _own_environment() -> dict[str, str]:
+    """This environment without the caller's ``RECONCILER_*`` settings: the demo's services run on its flags only.
+
+    (A ``RECONCILER_CONFIG`` or ``RECONCILER_LABEL`` meant for a real service would otherwise reach every
+    demo relay and agent; see :mod:`reconciler.settings`.)
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+
+
 @dataclass
 class Children:
     """Every child process of the demo, stopped together on any exit path."""
@@ -112,7 +122,7 @@ class Children:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "reconciler", *argv],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env={**_own_environment(), **(env or {})},
             )
         finally:
             log.close()
