@@ -17,8 +17,10 @@ an error names its source (``RECONCILER_POLL_INTERVAL: ...``,
   commas or newlines (``RECONCILER_LABEL=dept=sales,site=kanto``); an item
   holding a comma must come from the command line or the file;
 - a switch (``--insecure-http``) takes ``true``/``false`` in the file and
-  1/true/yes/on or 0/false/no/off (or empty) in the environment;
-- a required flag (``--origin``) may come from either fallback too.
+  1/true/yes/on or 0/false/no/off in the environment (an empty variable is
+  not set, whatever the flag);
+- a required flag (``--origin``) may come from either fallback too;
+- flags that exclude each other on the command line do so across sources.
 
 Secrets are never values: a secret comes from a file a ``--*-file`` flag
 names (``RECONCILER_ENROLL_SECRET_FILE`` names a file too).
@@ -38,7 +40,7 @@ SERVICES = ("hq", "relay", "agent")
 CONFIG_FLAG = "--config"
 _ATTRIBUTE = "_reconciler_settings"
 _TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class _Unset:
@@ -215,6 +217,20 @@ def load_config(path: str, known: Mapping[str, _Setting]) -> dict[str, Any]:
     return data
 
 
+def _check_exclusive(parser: argparse.ArgumentParser, args: argparse.Namespace, sources: Mapping[str, str]) -> None:
+    """Flags of one mutually exclusive group may not be set together from different sources either.
+
+    (argparse checks only the command line: ``--insecure-unsigned-webhook`` there and
+    ``RECONCILER_WEBHOOK_SECRET_FILE`` in the environment would otherwise both hold.)
+    """
+    for group in parser._mutually_exclusive_groups:
+        given = [a for a in group._group_actions
+                 if a.dest in sources and getattr(args, a.dest) not in (None, False, [])]
+        if len(given) > 1:
+            shown = " and ".join(f"{_long_flag(a)} (from {sources[a.dest]})" for a in given)
+            raise SettingError(f"{shown} exclude each other")
+
+
 def fill(parser: argparse.ArgumentParser, args: argparse.Namespace,
          environ: Mapping[str, str] | None = None) -> None:
     """Fill every service option the command line left out from the environment, the config file or its default.
@@ -233,22 +249,27 @@ def fill(parser: argparse.ArgumentParser, args: argparse.Namespace,
         args.config = config_path
         known = {s.key: s for s in spec.settings}
         config = load_config(config_path, known) if config_path else {}
+        sources: dict[str, str] = {}  # dest -> where a value other than the default came from
         for setting in spec.settings:
             dest = setting.action.dest
             value = getattr(args, dest, UNSET)
             if value is not UNSET and not (setting.repeatable and value is None):
-                continue  # given on the command line
+                sources[dest] = "the command line"
+                continue
             raw = env.get(setting.env)
-            if raw is not None and (raw != "" or setting.switch):
+            if raw:  # an empty variable is not set
                 value = _from_env(setting, sub, raw)
+                sources[dest] = setting.env
             elif setting.key in config:
                 value = _from_file(setting, sub, config[setting.key], config_path or "")
+                sources[dest] = f"config {config_path}"
             elif setting.required:
                 missing.append(f"--{setting.key}")
                 value = None
             else:
                 value = list(setting.default) if isinstance(setting.default, list) else setting.default
             setattr(args, dest, value)
+        _check_exclusive(sub, args, sources)
     except SettingError as e:
         sub.error(str(e))
     if missing:

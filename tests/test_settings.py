@@ -229,3 +229,24 @@ def test_services_run_on_the_environment_alone_and_on_a_config_file_alone(tmp_pa
     accepted = report.parse_accepted(origin.files("status/hq")["accepted.yaml"])
     assert accepted.accepted_commit == origin.head  # main now, from the file
     assert (tmp_path / "hq-file").is_dir()
+
+
+def test_exclusive_flags_are_exclusive_across_sources(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for variable in [v for v in os.environ if v.startswith("RECONCILER_")]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("RECONCILER_WEBHOOK_SECRET_FILE", "/etc/r/hook")
+    code, err = run_main(["hq", *REQUIRED["hq"], "--insecure-unsigned-webhook"], capsys)
+    assert code == 2
+    assert "reconciler hq: error: --webhook-secret-file (from RECONCILER_WEBHOOK_SECRET_FILE) and " \
+           "--insecure-unsigned-webhook (from the command line) exclude each other" in err
+    # false in one source and set in another is no conflict
+    args = parse(["hq", *REQUIRED["hq"], "--webhook-secret-file", "/f"], {"RECONCILER_INSECURE_UNSIGNED_WEBHOOK": "no"})
+    assert (args.webhook_secret_file, args.insecure_unsigned_webhook) == ("/f", False)
+
+
+def test_an_empty_variable_is_not_set(tmp_path: Path) -> None:
+    config = toml(tmp_path, "insecure-http = true\npoll-interval = 12\n")
+    args = parse(["hq", *REQUIRED["hq"], "--config", config],
+                 {"RECONCILER_INSECURE_HTTP": "", "RECONCILER_POLL_INTERVAL": ""})
+    assert (args.insecure_http, args.poll_interval) == (True, 12.0)
