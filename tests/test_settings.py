@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from e2e_helpers import ENROLL_SECRET, RelayProcess, checkin_body
+from e2e_helpers import Origin as E2EOrigin
 from test_hq import Origin, git
 
-from reconciler import cli, report, settings
+from reconciler import cli, protocol, report, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -250,3 +253,19 @@ def test_an_empty_variable_is_not_set(tmp_path: Path) -> None:
     args = parse(["hq", *REQUIRED["hq"], "--config", config],
                  {"RECONCILER_INSECURE_HTTP": "", "RECONCILER_POLL_INTERVAL": ""})
     assert (args.insecure_http, args.poll_interval) == (True, 12.0)
+
+
+def test_a_relay_tells_agents_the_checkin_interval_of_its_config_file(tmp_path: Path) -> None:
+    """``checkin-interval`` in the file beats the older RECONCILER_POLL_SECONDS (1 s here), as the README says."""
+    origin = E2EOrigin(tmp_path)
+    config = toml(tmp_path, "checkin-interval = 7\nsqlite-synchronous = \"full\"\n")
+    relay = RelayProcess("relay-kanto", origin.url, tmp_path / "relay", extra_args=["--config", config])
+    assert relay.extra_env["RECONCILER_POLL_SECONDS"] == "1.0"
+    relay.start()
+    try:
+        reply = requests.post(f"{relay.url}/v1/clients/pc-1/checkin", json=checkin_body(),
+                              headers={protocol.ENROLLMENT_HEADER: ENROLL_SECRET}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["pollSeconds"] == 7
+    finally:
+        relay.stop()
