@@ -17,6 +17,8 @@ import sys
 import urllib.parse
 from collections.abc import Sequence
 
+from reconciler import settings
+
 # Longest span a duration option takes (about three years): a datetime plus it never overflows.
 MAX_DURATION_SECONDS = 10**8
 
@@ -59,6 +61,11 @@ def _positive_float(text: str) -> float:
     return _positive_number(text, "seconds")
 
 
+def _checkin_interval(text: str) -> float:
+    """A positive number of seconds of at most a day (agents refuse a longer interval)."""
+    return _positive_number(text, "seconds", 86400)
+
+
 def _duration(text: str) -> float:
     """A positive number of seconds a datetime can hold as a span (at most about three years)."""
     return _positive_number(text, "seconds", MAX_DURATION_SECONDS)
@@ -87,13 +94,12 @@ def _origin_password_option(p: argparse.ArgumentParser) -> None:
                         "the URL, else 'git')")
 
 
-def _webhook_options(p: argparse.ArgumentParser, env: str | None = None) -> None:
+def _webhook_options(p: argparse.ArgumentParser) -> None:
     """``--webhook-secret-file`` and ``--insecure-unsigned-webhook``: without either, hooks are refused (401)."""
     group = p.add_mutually_exclusive_group()
-    fallback = f" (default: the file named by ${env})" if env else ""
     group.add_argument("--webhook-secret-file", metavar="F",
                        help="HMAC-SHA256 secret git hosts sign POST /v1/hooks/git with; without it (or "
-                            f"--insecure-unsigned-webhook) every hook is refused with 401{fallback}")
+                            "--insecure-unsigned-webhook) every hook is refused with 401")
     group.add_argument("--insecure-unsigned-webhook", action="store_true",
                        help="accept unsigned hooks on POST /v1/hooks/git (anyone who can reach the port can "
                             "make this service fetch)")
@@ -189,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-url", metavar="URL", help="parent relay to fetch artifacts from first")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval for status/hq in seconds (default: 30)")
+    p.add_argument("--checkin-interval", type=_checkin_interval, metavar="S",
+                   help="seconds between check-ins told to agents, at most a day (default: $RECONCILER_POLL_SECONDS, "
+                        "else 30)")
     p.add_argument("--publish-interval", type=_positive_float, default=10.0, metavar="S",
                    help="publish status/<relay> at most this often, in seconds (default: 10)")
     p.add_argument("--offline-after", type=_duration, metavar="S",
@@ -203,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between heartbeats to HQ (default: 60)")
     p.add_argument("--heartbeat-secret-file", metavar="F",
                    help="HMAC-SHA256 secret to sign heartbeats with (HQ's --heartbeat-secret-file)")
-    _webhook_options(p, env="RECONCILER_WEBHOOK_SECRET_FILE")
+    _webhook_options(p)
     p.add_argument("--enroll-secret-file", metavar="F",
                    help="enrolment secret: only agents presenting it (their --enroll-secret-file) register")
     p.add_argument("--open-enrollment", action="store_true",
@@ -215,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="secret child relays present (their --parent-secret-file) to download artifacts from here")
     p.add_argument("--parent-secret-file", metavar="F",
                    help="secret to present to --parent-url for artifacts (the parent's --child-secret-file)")
+    p.add_argument("--sqlite-synchronous", type=str.upper, choices=["NORMAL", "FULL", "EXTRA"], default=None,
+                   help="SQLite's synchronous mode: FULL keeps the last commits through a power loss, at some "
+                        "write speed (default: NORMAL)")
 
     p = sub.add_parser("agent", help="run the agent on a client machine")
     p.add_argument("--id", required=True, help="this client's id")
@@ -291,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=12, metavar="N", help="number of agents (default: 12)")
     p.add_argument("--workdir", metavar="DIR", help="working directory (default: a new temp dir)")
     p.add_argument("--format", choices=["text", "json"], default="text", help="format of the final report")
+
+    for service in settings.SERVICES:
+        settings.install(sub.choices[service])
     return parser
 
 
@@ -311,6 +326,8 @@ def _exec_without_url_password(args: argparse.Namespace) -> None:
     from reconciler.redaction import redact_url, split_credentials
     if getattr(args, "origin_password_file", None) or os.environ.get(ORIGIN_PASSWORD_ENV):
         return  # a password given properly wins; the URL's is ignored and warned about later
+    if not any(a in (origin, f"--origin={origin}") for a in sys.argv[1:]):
+        return  # from the environment or --config: no command line shows it
     bare, user, password = split_credentials(origin)
     if user is None or password is None:
         return
@@ -332,13 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    with settings.parsing(parser):
+        args, extra = parser.parse_known_args(argv)
     # argparse settles an optional REPO before it reads the options after JOB, so
     # `rerun JOB --relay R REPO` leaves REPO over: it is the positional it belongs to.
     if len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "repo", "") is None:
         args.repo = extra.pop()
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    settings.fill(parser, args)
     if argv is None:
         _exec_without_url_password(args)
     module = importlib.import_module(_HANDLERS[args.command])

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import shlex
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -287,7 +293,7 @@ def test_wait_times_out_saying_what_it_waits_for(origin: Origin, tmp_path: Path)
     assert "timed out after 1s; still waiting for:" in proc.stderr
     assert "relay relay-fukuoka has not published status yet" in proc.stderr
     assert "job install-7zip: 2 clients Pending or InProgress on relay-yokohama (pc-yoko-001, pc-yoko-002)" in proc.stderr
-    assert "install-putty" not in proc.stderr  # its only row waits for a schedule
+    assert "install-putty" not in proc.stderr.split("still waiting for:")[1]  # its only row waits for a schedule
     assert proc.stdout.startswith("Accepted commit")  # the report is still printed
 
     # A relay still on an older accepted commit is waited for too.
@@ -346,3 +352,132 @@ def test_concurrent_status_commands_share_nothing_unsafely(fleet: Origin, tmp_pa
         assert proc.returncode == 0, err
         assert json.loads(out)["acceptedCommit"] == fleet.head
     assert os.listdir(tmp_path / "cache" / "reconciler" / "status")
+
+
+# ------------------------------------------------------------ --wait progress
+
+
+def yokohama_installing(relay: str) -> dict[str, list[tuple[ClientState, ...]]]:
+    rows = settled_rows(relay)
+    if relay == "relay-yokohama":
+        rows = {**rows, "install-7zip": [("pc-yoko-001", RUN, "installing"), ("pc-yoko-002", SKIP, "requires os windows")]}
+    return rows
+
+
+def read_until(fd: int, seen: bytearray, wanted: bytes, seconds: float = 60.0) -> None:
+    """Read ``fd`` into ``seen`` until ``wanted`` is in it (or the writer closed it), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {wanted!r} within {seconds:g} s; got {bytes(seen)!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # a pseudo-terminal whose other end closed: EIO
+            chunk = b""
+        if not chunk:
+            return
+        seen += chunk
+
+
+def start_wait(origin: Origin, tmp_path: Path, stderr: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "reconciler", "status", "--origin", str(origin.bare), "--wait",
+                             "--timeout", "60", "--format", "json"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            env=env(XDG_CACHE_HOME=str(tmp_path / "cache-wait")), stdout=subprocess.PIPE,
+                            stderr=stderr)
+
+
+def busy_fleet(origin: Origin, tmp_path: Path) -> None:
+    hq = hq_pass(origin, tmp_path / "hq")
+    publish_all(origin, tmp_path, yokohama_installing)
+    hq.run_pass()
+
+
+OTHERS = b" | install-office-addin 2/2 | install-putty 0/1 | install-teams-meeting 1/1 | install-vcredist 0/0 | " \
+    b"install-vpn-client 0/0 | uninstall-legacy-toolbar 0/0"
+# kanto's pc-kanto-002 Failed, yokohama's pc-yoko-001 InProgress; then pc-yoko-001 Succeeded: settled
+BEFORE = b"install-7zip 1/4 (1 failed)" + OTHERS + \
+    b" \xe2\x80\x94 waiting: job install-7zip: 1 client Pending or InProgress on relay-yokohama (pc-yoko-001)"
+AFTER = b"install-7zip 2/4 (1 failed)" + OTHERS
+
+
+def test_wait_on_a_terminal_redraws_one_progress_line(origin: Origin, tmp_path: Path) -> None:
+    busy_fleet(origin, tmp_path)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 400, 0, 0))  # wide: no line is cut
+    proc = start_wait(origin, tmp_path, slave)
+    os.close(slave)
+    seen = bytearray()
+    try:
+        read_until(master, seen, BEFORE)
+        publish_all(origin, tmp_path, relays=("relay-yokohama",))
+        out, _ = proc.communicate(timeout=60)
+        read_until(master, seen, b"\x00")  # the rest, up to the end of the output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        os.close(master)
+    assert proc.returncode == 1, bytes(seen)  # settled, with kanto's failure
+    assert json.loads(out)["acceptedCommit"] == origin.head
+    text = bytes(seen).replace(b"\r\n", b"\n")  # the terminal's own newline translation
+    # each state is drawn over the last from column 0, erasing its rest: one line, redrawn once per change
+    assert text.split(b"\r\x1b[K") == [b"", BEFORE, AFTER + b"\n" + text.split(b"\n", 1)[1]], text
+    assert text.split(b"\n", 1)[1].startswith(b"reconciler status: settled with failures: install-7zip"), text
+
+
+def test_wait_on_a_narrow_terminal_cuts_the_line_instead_of_wrapping(origin: Origin, tmp_path: Path) -> None:
+    busy_fleet(origin, tmp_path)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    proc = start_wait(origin, tmp_path, slave)
+    os.close(slave)
+    seen = bytearray()
+    try:
+        read_until(master, seen, BEFORE[:39])
+        publish_all(origin, tmp_path, relays=("relay-yokohama",))
+        out, _ = proc.communicate(timeout=60)
+        read_until(master, seen, b"\x00")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        os.close(master)
+    assert proc.returncode == 1, bytes(seen)
+    # 40 columns: 39 characters, so the cursor stays on the line \r returns to
+    draws = bytes(seen).split(b"\r\n")[0].split(b"\r\x1b[K")
+    assert draws == [b"", BEFORE[:39], AFTER[:39]], bytes(seen)
+
+
+def test_wait_into_a_pipe_prints_one_plain_line_per_change(origin: Origin, tmp_path: Path) -> None:
+    busy_fleet(origin, tmp_path)
+    proc = start_wait(origin, tmp_path, subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = bytearray()
+    try:
+        read_until(proc.stderr.fileno(), seen, BEFORE)
+        publish_all(origin, tmp_path, relays=("relay-yokohama",))
+        out, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    seen += rest
+    assert proc.returncode == 1, bytes(seen)
+    assert json.loads(out)["acceptedCommit"] == origin.head
+    assert b"\r" not in seen and b"\x1b" not in seen, bytes(seen)
+    lines = bytes(seen).split(b"\n")
+    # one line per change, then the verdict
+    assert lines[:2] == [BEFORE, AFTER], lines
+    assert lines[2].startswith(b"reconciler status: settled with failures: install-7zip") and lines[3:] == [b""], lines
+
+
+def test_wait_into_a_pipe_repeats_no_line_while_nothing_changes(origin: Origin, tmp_path: Path) -> None:
+    busy_fleet(origin, tmp_path)
+    proc = status(origin, tmp_path, "--wait", "--timeout", "3")  # about three polls, a second apart
+    assert proc.returncode == 4, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == BEFORE.decode(), lines
+    assert lines[1].startswith("reconciler status: timed out after 3s; still waiting for:"), lines

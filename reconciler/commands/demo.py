@@ -38,8 +38,11 @@ from typing import Any, TextIO
 
 from reconciler.commands.demo_pki import make_demo_pki
 from reconciler.plan import Reason
+from reconciler.progress import LiveLine
+from reconciler.progress import progress_line as shared_progress_line
 from reconciler.repo_tree import DirectoryTree, load_tree
 from reconciler.resources import example_repo_dir
+from reconciler.settings import ENV_PREFIX
 from reconciler.signing import write_key_pair
 
 SETTLE_TIMEOUT_SECONDS = 150.0
@@ -99,6 +102,15 @@ def fleet(relays: Sequence[str], clients: int) -> list[AgentPlan]:
 # ------------------------------------------------------------ processes
 
 
+def _own_environment() -> dict[str, str]:
+    """This environment without the caller's ``RECONCILER_*`` settings: the demo's services run on its flags only.
+
+    (A ``RECONCILER_CONFIG`` or ``RECONCILER_LABEL`` meant for a real service would otherwise reach every
+    demo relay and agent; see :mod:`reconciler.settings`.)
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+
+
 @dataclass
 class Children:
     """Every child process of the demo, stopped together on any exit path."""
@@ -112,7 +124,7 @@ class Children:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "reconciler", *argv],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env={**_own_environment(), **(env or {})},
             )
         finally:
             log.close()
@@ -254,21 +266,8 @@ def read_status(origin: Path) -> dict[str, Any] | None:
 
 
 def progress_line(report: dict[str, Any]) -> str:
-    parts = []
-    for job in report.get("jobs", []):
-        counts = job.get("counts", {})
-        total = sum(counts.values())
-        done = counts.get("Succeeded", 0)
-        failed = counts.get("Failed", 0)
-        text = f"{job['name']} {done}/{total}"
-        if failed:
-            text += f" ({failed} failed)"
-        if job.get("state") == "Scheduled":
-            text += " (scheduled)"
-        parts.append(text)
-    if not any(sum(job.get("counts", {}).values()) for job in report.get("jobs", [])):
-        return "waiting for the relays to report their clients"
-    return " | ".join(parts)
+    """The live line of a status JSON report (see :func:`reconciler.progress.progress_line`)."""
+    return shared_progress_line(report.get("jobs", []))
 
 
 class Progress:
@@ -278,10 +277,9 @@ class Progress:
         self.origin = origin
         self.out = out
         self.enabled = enabled
-        self.tty = out.isatty()
+        self.line = LiveLine(out, indent="  ")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._last = ""
 
     def __enter__(self) -> Progress:
         if self.enabled:
@@ -294,9 +292,7 @@ class Progress:
             self._thread.join(timeout=10)
             if exc[0] is None and not self._thread.is_alive():
                 self._show()  # the settled counts, never the last poll's older ones
-            if self.tty and self._last:
-                self.out.write("\n")
-                self.out.flush()
+            self.line.finish()
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
@@ -306,16 +302,7 @@ class Progress:
         report = read_status(self.origin)
         if report is None:
             return
-        line = progress_line(report)
-        if line == self._last:
-            return
-        self._last = line
-        if self.tty:
-            width = shutil.get_terminal_size((120, 20)).columns
-            self.out.write("\r\033[K  " + line[: width - 3])
-        else:
-            self.out.write(f"  {line}\n")
-        self.out.flush()
+        self.line.show(progress_line(report))
 
 
 def wait_settled(origin: Path, children: Children, timeout: float) -> None:

@@ -53,6 +53,7 @@ from reconciler.gitstore import (
     url_credentials_warning,
 )
 from reconciler.plan import ClientState, JobState
+from reconciler.progress import LiveLine, progress_line
 from reconciler.reach import Reach, reach_of
 from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
@@ -739,11 +740,12 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
     deadline = time.monotonic() + args.timeout
     watcher = ChangeWatcher(origin, WAIT_POLL_SECONDS)
     watcher.start()
-    last: list[str] | None = None
+    live = LiveLine(sys.stderr)
     try:
         while True:
             if rejected(snap, target, covers):
                 assert snap.view is not None and target is not None
+                live.finish()
                 code = _show(args, reader, snap, EXIT_REJECTED)
                 accepted = snap.view.accepted
                 print(f"reconciler status: {report.short(target)} was rejected: {snap.view.branch} "
@@ -755,16 +757,15 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
                           file=sys.stderr)
                 return code
             reasons = waiting_reasons(snap, args.job, target, covers)
+            if reasons or live.last:  # a commit settled at the first look needs no progress
+                live.show(wait_line(snap, args.job, reasons))
             if not reasons:
+                live.finish()
                 failures = failed_jobs(snap, args.job)
                 code = _show(args, reader, snap, EXIT_FAILURES if failures else EXIT_SETTLED)
                 if failures:
                     print(f"reconciler status: settled with failures: {'; '.join(failures)}", file=sys.stderr)
                 return code
-            if sys.stderr.isatty() and reasons != last:
-                print(f"waiting: {reasons[0]}" + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""),
-                      file=sys.stderr)
-            last = reasons
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -772,6 +773,7 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
             snap = _read(reader, args)
     finally:
         watcher.stop()
+        live.finish()
     _show(args, reader, snap, EXIT_TIMEOUT)
     print(f"reconciler status: timed out after {args.timeout:g}s; still waiting for:", file=sys.stderr)
     for reason in reasons[: report.LIST_LIMIT]:
@@ -779,6 +781,17 @@ def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
     if len(reasons) > report.LIST_LIMIT:
         print(f"  - … and {len(reasons) - report.LIST_LIMIT} more", file=sys.stderr)
     return EXIT_TIMEOUT
+
+
+def wait_line(snap: Snapshot, only_job: str | None, reasons: Sequence[str]) -> str:
+    """``--wait``'s live line: each job's counts (as the demo shows them), then the first thing waited for."""
+    shown = [j for j in (snap.view.jobs if snap.view else ()) if only_job is None or j.job == only_job]
+    jobs = [{"name": j.job, "state": j.state.value, "counts": dict(j.counts)} for j in shown]
+    parts = [progress_line(jobs)] if any(sum(j.counts.values()) for j in shown) else []
+    if reasons:
+        parts.append(f"waiting: {_one_line(reasons[0], 200)}"
+                     + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""))
+    return " — ".join(parts) or "settled"
 
 
 def _show(args: argparse.Namespace, reader: Reader, snap: Snapshot, code: int) -> int:

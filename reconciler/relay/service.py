@@ -34,10 +34,10 @@ HTTP only with ``--insecure-http``. One ``--ca-file`` (and one
 inside the fleet, to its parent relay and to HQ; artifact URLs outside the
 fleet are verified against the system's trust store.
 
-``RECONCILER_POLL_SECONDS`` (the check-in interval told to agents, default
-30 s) comes from the environment rather than a flag. The git hook needs
-``--webhook-secret-file`` (or ``RECONCILER_WEBHOOK_SECRET_FILE``, kept as a
-fallback) unless ``--insecure-unsigned-webhook`` opens it; without either it
+``--checkin-interval`` is the check-in interval told to agents (default
+``RECONCILER_POLL_SECONDS``, kept from before the flag, else 30 s). The git
+hook needs ``--webhook-secret-file`` (or ``RECONCILER_WEBHOOK_SECRET_FILE``,
+the environment fallback every flag has) unless ``--insecure-unsigned-webhook`` opens it; without either it
 is refused (401) and the poll interval alone picks up changes.
 """
 
@@ -265,13 +265,14 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
     if parent_secret is not None and not args.parent_url:
         log.warning("--parent-secret-file without --parent-url: this relay has no parent to present it to")
     try:
-        store = Store(workdir)
+        store = Store(workdir, synchronous=getattr(args, "sqlite_synchronous", None))
     except StoreError as e:
         print(f"reconciler relay: {e}", file=sys.stderr)
         return 2
     wake = _Wakeup()
     stop = threading.Event()
-    poll_seconds = poll_seconds_from_env()
+    checkin: float | None = getattr(args, "checkin_interval", None)
+    poll_seconds = checkin if checkin is not None else poll_seconds_from_env()
     state = RelayState(name, store, poll_seconds=poll_seconds, on_change=wake.mark_dirty,
                        offline_after=args.offline_after, retire_after=timedelta(days=args.retire_after))
     try:
