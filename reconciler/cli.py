@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format of list")
 
     p = sub.add_parser("status", help="show the HQ report from the status refs")
-    p.add_argument("--origin", metavar="URL", help="git origin (default: the current repo's origin)")
+    p.add_argument("--origin", metavar="URL", help="git origin (default: the remote the current clone fetches from: its branch's upstream, else origin)")
     _origin_password_option(p)
     p.add_argument("--job", metavar="NAME", help="show only this job")
     p.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="output format")
