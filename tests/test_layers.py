@@ -36,11 +36,11 @@ CORE = {
 SHELLS = {
     "reconciler.gitstore", "reconciler.fileio", "reconciler.repo_tree", "reconciler.logs",
     "reconciler.serving", "reconciler.webhook", "reconciler.credentials", "reconciler.tls", "reconciler.signing",
-    "reconciler.packing", "reconciler.signatures",
+    "reconciler.packing", "reconciler.signatures", "reconciler.progress",
 }
 SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.relay", "reconciler.agent"}  # packages and modules
 COMMANDS = {"reconciler.commands"}
-CLI = {"reconciler.cli", "reconciler.__main__"}
+CLI = {"reconciler.cli", "reconciler.__main__", "reconciler.settings"}
 
 IO_MODULES = {
     "os", "gc", "subprocess", "sqlite3", "socket", "threading", "multiprocessing", "asyncio", "signal",
