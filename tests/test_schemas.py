@@ -120,7 +120,15 @@ def test_example_file_validates_against_its_schema(kind: str, path: Path) -> Non
     modeline = path.read_text(encoding="utf-8").splitlines()[0]
     assert modeline.startswith("# yaml-language-server: $schema=")
     assert modeline.endswith(f"schemas/{kind}.schema.json")
-    assert (path.parent / modeline.split("$schema=", 1)[1]).resolve() == (SCHEMAS / f"{kind}.schema.json").resolve()
+    # the repo's own copy of the schemas, as `reconciler init` lays a repo out: it resolves offline
+    assert (path.parent / modeline.split("$schema=", 1)[1]).resolve() == (EXAMPLE / "schemas" / f"{kind}.schema.json")
+
+
+def test_the_example_repo_vendors_exactly_the_shipped_spec_schemas() -> None:
+    vendored = sorted(p.name for p in (EXAMPLE / "schemas").iterdir())
+    assert vendored == sorted(f"{kind}.schema.json" for kind in KINDS)
+    for name in vendored:  # byte for byte: `reconciler schemas export example-repo/schemas` refreshes them
+        assert (EXAMPLE / "schemas" / name).read_bytes() == (SCHEMAS / name).read_bytes(), name
 
 
 def test_example_repo_has_every_kind() -> None:
