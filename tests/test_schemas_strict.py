@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_schema_compiles_under_ajv_strict_mode(schema: Path) -> None:
 
 
 # What strict mode refuses and lenient validators pass: the check above is strict only if these fail.
-_LAX = {
+_LAX: dict[str, dict[str, Any]] = {
     "required-not-declared": {"type": "object", "properties": {"a": {"type": "string"}},
                               "oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
     "required-without-type": {"properties": {"a": {"required": ["b"]}}},
