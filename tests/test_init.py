@@ -132,10 +132,14 @@ def test_the_pre_commit_config_uses_the_projects_hook_at_this_version(repo: Path
     assert hook["id"] == hook_definition["id"] == "reconciler-validate"
     if entry["repo"] == "local":  # no repository URL in the metadata: the same hook, pinned by its dependency
         assert hook["additional_dependencies"] == [f"{name}=={version}"]
-        assert {k: hook[k] for k in hook_definition if k != "description"} == \
+        assert {k: v for k, v in hook.items() if k != "additional_dependencies"} == \
             {k: v for k, v in hook_definition.items() if k != "description"}
     else:
         assert entry["rev"] == f"v{version}"
+    # and pre-commit itself (a test dependency) accepts the file
+    done = subprocess.run([str(Path(sys.executable).with_name("pre-commit")), "validate-config",
+                           str(repo / ".pre-commit-config.yaml")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_init_refuses_a_repo_that_holds_specs_and_writes_nothing(tmp_path: Path) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_hq import ROOT, Origin, env, hq_pass, publish_relay, run_cli
+from test_hq import ROOT, Origin, env, git, hq_pass, publish_relay, run_cli
 
 from reconciler.plan import ClientState
 
@@ -124,6 +126,69 @@ def test_default_origin_is_the_current_repository_remote(fleet: Origin, tmp_path
     elsewhere.mkdir()
     proc = status(fleet, tmp_path, cwd=elsewhere)
     assert proc.returncode == 2 and "--origin" in proc.stderr
+
+
+def test_default_origin_from_any_folder_of_an_admins_clone(fleet: Origin, tmp_path: Path) -> None:
+    """Without --origin, status reads the remote ``git fetch`` would: the branch's upstream, else origin."""
+    def accepted(cwd: Path) -> str:
+        proc = status(fleet, tmp_path, "--format", "json", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        return str(json.loads(proc.stdout)["acceptedCommit"])
+
+    clones = tmp_path / "clones"
+    clones.mkdir()
+    git(clones, "clone", "-q", str(fleet.bare), "admin")
+    admin = clones / "admin"
+    nested = admin / "artifacts" / "7zip-23.01" / "bin"
+    assert nested.is_dir()
+    assert accepted(admin / "jobs") == fleet.head
+    assert accepted(nested) == fleet.head
+    # A remote not named origin that the branch tracks (git clone -o hq).
+    git(clones, "clone", "-q", "-o", "hq", str(fleet.bare), "named")
+    assert accepted(clones / "named" / "jobs") == fleet.head
+    # origin is someone's fork, empty; main tracks the company's remote, which wins as git fetch's does.
+    git(tmp_path, "init", "-q", "--bare", "fork.git")
+    git(clones, "clone", "-q", "-o", "company", str(fleet.bare), "forked")
+    git(clones / "forked", "remote", "add", "origin", str(tmp_path / "fork.git"))
+    assert accepted(clones / "forked" / "packages") == fleet.head
+    # Detached (no branch, so no upstream): origin; here that is the fork, which has no status yet.
+    git(clones / "forked", "checkout", "-q", "--detach")
+    proc = status(fleet, tmp_path, cwd=clones / "forked" / "jobs")
+    assert proc.returncode == 0 and "No status/hq on the origin yet" in proc.stdout, proc.stdout + proc.stderr
+    # A relative local URL is read from the top of the work tree, as git reads it, not from the folder.
+    git(admin, "remote", "set-url", "origin", "../../origin.git")
+    assert accepted(nested) == fleet.head
+    # No upstream and no origin: exit 2, asking for --origin.
+    git(admin, "remote", "rename", "origin", "mirror")
+    git(admin, "config", "--unset", "branch.main.remote")
+    proc = status(fleet, tmp_path, cwd=admin / "jobs")
+    assert proc.returncode == 2 and "--origin" in proc.stderr, proc.stderr
+
+
+def test_the_readmes_git_commands_for_status_work_in_an_admins_clone(fleet: Origin, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Reading status"):readme.index("### Clients move and retire")]
+    commands = [c for c in re.findall(r"`(git [^`]+)`", section) if " -C " not in c]
+    assert {c.split()[1] for c in commands} >= {"fetch", "log", "show"}, commands
+    git(tmp_path, "clone", "-q", str(fleet.bare), "admin")
+    jobs = tmp_path / "admin" / "jobs"
+    # In a clone the status refs are remote branches: the short name is not a ref there.
+    bare_name = subprocess.run(["git", "log", "--oneline", "status/hq"], cwd=jobs, capture_output=True, text=True)
+    assert bare_name.returncode != 0
+    # Give HQ a newer report after the clone was made, so only a fetch brings it.
+    cloned = git(jobs, "rev-parse", "origin/status/hq").strip()
+    publish_all(fleet, tmp_path, rows_of=lambda relay: {})
+    hq_pass(fleet, tmp_path / "hq-again")
+    assert git(fleet.bare, "rev-parse", "status/hq").strip() != cloned
+    outputs = {}
+    for command in commands:
+        proc = subprocess.run(shlex.split(command), cwd=jobs, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"{command}: {proc.stderr}"
+        outputs[command] = proc.stdout
+    summary = next(out for command, out in outputs.items() if command.startswith("git show"))
+    assert summary == git(fleet.bare, "show", "status/hq:summary.md")
+    history = next(out for command, out in outputs.items() if command.startswith("git log"))
+    assert git(fleet.bare, "rev-parse", "status/hq").strip() in history
 
 
 def test_wait_exits_1_when_settled_with_failures(fleet: Origin, tmp_path: Path) -> None:

@@ -267,6 +267,37 @@ def test_commands_find_the_repo_from_a_subdirectory_as_git_finds_its_own(tmp_pat
     assert "+  rerun: 1" in rerun.stdout or "rerun: 1" in (repo / "jobs" / "install-vpn-client.yaml").read_text()
 
 
+def test_validate_and_rerun_from_folders_of_an_admins_clone(tmp_path: Path) -> None:
+    """An admin's clone of the origin, the desired-state repo at its top or in a folder of it."""
+    seed = tmp_path / "seed"
+    shutil.copytree(EXAMPLE, seed / "fleet")  # a monorepo: the desired state lives in fleet/
+    (seed / "README.md").write_text("infrastructure\n", encoding="utf-8")
+    _git("init", "-q", "--initial-branch=main", cwd=seed)
+    _git("add", "--all", cwd=seed)
+    _git("-c", "user.name=Admin", "-c", "user.email=admin@example.org", "commit", "-q", "-m", "seed", cwd=seed)
+    _git("init", "-q", "--bare", "--initial-branch=main", "origin.git", cwd=tmp_path)
+    _git("push", "-q", str(tmp_path / "origin.git"), "main", cwd=seed)
+    _git("clone", "-q", "origin.git", "admin", cwd=tmp_path)
+    fleet = tmp_path / "admin" / "fleet"
+    nested = fleet / "artifacts" / "7zip-23.01" / "bin"
+    for folder in (fleet / "jobs", nested):
+        proc = validate(cwd=folder)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "valid: no errors"), (folder, proc.stdout, proc.stderr)
+    (fleet / "jobs" / "install-7zip.yaml").write_text("kind: [\n", encoding="utf-8")
+    for folder in (fleet / "jobs", nested):
+        proc = validate(cwd=folder)
+        assert proc.returncode == 1
+        assert proc.stdout.startswith("jobs/install-7zip.yaml:2:1: error:"), proc.stdout  # as git prints paths
+    # At the top of the clone there is no topology at or above (the search stops at .git): said, not guessed.
+    top = validate(cwd=tmp_path / "admin")
+    assert top.returncode == 1 and top.stdout.startswith("topology.yaml:1:1: error: missing topology.yaml")
+    _git("checkout", "-q", "--", "fleet/jobs/install-7zip.yaml", cwd=tmp_path / "admin")
+    rerun = reconciler("rerun", "install-vpn-client", cwd=nested)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _git("status", "--porcelain", cwd=tmp_path / "admin") == " M fleet/jobs/install-vpn-client.yaml\n"
+    assert "  rerun: 1\n" in (fleet / "jobs" / "install-vpn-client.yaml").read_text(encoding="utf-8")
+
+
 def test_the_search_stops_at_the_top_of_a_git_work_tree(tmp_path: Path) -> None:
     shutil.copytree(EXAMPLE, tmp_path / "outer")  # a topology above the work tree must not be taken
     inner = tmp_path / "outer" / "inner"

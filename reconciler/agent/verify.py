@@ -47,7 +47,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from reconciler.fileio import write_atomic
-from reconciler.times import aware, format_time, utc_now
 from reconciler.packing import repo_file_name, url_artifact_form
 from reconciler.signing import (
     KeyFileError,
@@ -58,6 +57,7 @@ from reconciler.signing import (
     parse_public_key,
 )
 from reconciler.specs import DestinationType, Job, JobType, Package, parse_document
+from reconciler.times import aware, format_time, utc_now
 from reconciler.versions import compare_versions
 
 log = logging.getLogger("reconciler.agent")

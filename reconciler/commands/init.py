@@ -54,10 +54,13 @@ class InitError(Exception):
 
 def distribution() -> tuple[str, str]:
     """(name, version) of the installed distribution that provides the ``reconciler`` package."""
-    names = importlib.metadata.packages_distributions().get("reconciler") or []
+    names = list(dict.fromkeys(importlib.metadata.packages_distributions().get("reconciler") or []))
     if not names:
         raise InitError("cannot tell which installed distribution provides the reconciler package; "
                         "install it with pip to pin its version in the scaffold")
+    if len(names) > 1:
+        raise InitError(f"several installed distributions provide the reconciler package ({', '.join(names)}), "
+                        "so which to pin is unclear; uninstall the stale one")
     metadata = importlib.metadata.metadata(names[0])
     return str(metadata["Name"]), str(metadata["Version"])
 
@@ -141,9 +144,14 @@ jobs:
       - uses: actions/setup-python@v5
         with:
           python-version: "3.11"
-      - run: pip install "{dist}=={version}"
+      - run: {_install_command(dist, version)}
       - run: reconciler validate . --format github
 """
+
+
+def _install_command(dist: str, version: str) -> str:
+    """The pip command that installs exactly this distribution and version."""
+    return " ".join(["pip", "install", f'"{dist}=={version}"'])
 
 
 def _hook() -> dict[str, Any]:
@@ -161,8 +169,7 @@ def _pre_commit(dist: str, version: str) -> str:
         repo: dict[str, Any] = {"repo": url, "rev": f"v{version}", "hooks": [{"id": hook["id"]}]}
         note = f"# Runs `reconciler validate` before each commit: the project's {HOOK_ID} hook at v{version}.\n"
     else:
-        local = {key: hook[key] for key in ("id", "name", "entry", "language", "pass_filenames", "always_run",
-                                            "files") if key in hook}
+        local = {key: value for key, value in hook.items() if key != "description"}
         repo = {"repo": "local", "hooks": [{**local, "additional_dependencies": [f"{dist}=={version}"]}]}
         note = (f"# Runs `reconciler validate` before each commit: the project's {HOOK_ID} hook, declared here\n"
                 f"# as a local hook of {dist} {version}.\n")

@@ -78,21 +78,35 @@ class StatusError(Exception):
 
 
 def default_origin(cwd: Path | None = None) -> str:
-    """The ``origin`` remote of the git repository in ``cwd`` (a relative local path made absolute)."""
+    """The URL of the remote the git repository in ``cwd`` fetches from, as ``git fetch`` picks it.
+
+    That is the current branch's upstream remote (``branch.<name>.remote``),
+    else ``origin``; a relative local path is made absolute (git reads it
+    from the top of the work tree). Works from any folder of the clone.
+    """
     where = str(cwd or Path.cwd())
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+
     try:
-        url = subprocess.run(["git", "-C", where, "remote", "get-url", "origin"], capture_output=True,
-                             text=True, check=True, stdin=subprocess.DEVNULL).stdout.strip()
-        top = subprocess.run(["git", "-C", where, "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, check=True, stdin=subprocess.DEVNULL).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        raise StatusError("no --origin given and the current directory is not a git repository "
-                          "with a remote named origin") from None
+        top = git("rev-parse", "--show-toplevel")
+        branch = git("symbolic-ref", "--quiet", "--short", "HEAD").stdout.strip()
+        upstream = git("config", "--get", f"branch.{branch}.remote").stdout.strip() if branch else ""
+        remote = upstream if upstream and upstream != "." else "origin"
+        got = git("remote", "get-url", remote)
+    except OSError:
+        got = top = subprocess.CompletedProcess([], 1)
+    if top.returncode != 0 or got.returncode != 0:
+        raise StatusError("no --origin given and the current directory is not in a git clone "
+                          "with an upstream remote or a remote named origin")
+    url, top_dir = got.stdout.strip(), top.stdout.strip()
     if not url:
-        raise StatusError("the current repository's origin remote has no URL; pass --origin")
+        raise StatusError(f"the current repository's {remote} remote has no URL; pass --origin")
     local = local_origin_path(url)
     if local is not None and not url.startswith("file://") and not Path(url).expanduser().is_absolute():
-        return str((Path(top) / url).resolve())
+        return str((Path(top_dir) / url).resolve())
     return url
 
 
