@@ -193,3 +193,40 @@ def test_schemas_export_says_when_it_cannot_write(tmp_path: Path) -> None:
     done = reconciler("schemas", "export", str(tmp_path / "file"))
     assert done.returncode == 2
     assert done.stderr.startswith("reconciler schemas export: cannot write")
+
+
+def test_pre_commit_runs_the_scaffolds_hook_and_it_catches_a_broken_spec(tmp_path: Path) -> None:
+    # The scaffold's configuration as written, except that pre-commit runs the reconciler installed next to
+    # this Python (language: system) instead of installing the pinned one from an index: no network.
+    root = tmp_path / "fleet"
+    assert reconciler("init", str(root)).returncode == 0
+    config: Any = yaml.safe_load((root / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
+    for entry in config["repos"]:
+        if entry["repo"] != "local":  # a repository URL: declare its hook locally, from the shipped definition
+            (definition,) = yaml.safe_load(pre_commit_hooks_file().read_text(encoding="utf-8"))
+            entry.clear()
+            entry.update({"repo": "local", "hooks": [definition]})
+        for hook in entry["hooks"]:
+            hook.update(language="system")
+            hook.pop("additional_dependencies", None)
+    (root / ".pre-commit-config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "Admin", "GIT_AUTHOR_EMAIL": "admin@example.org",
+           "GIT_COMMITTER_NAME": "Admin", "GIT_COMMITTER_EMAIL": "admin@example.org",
+           "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "PRE_COMMIT_HOME": str(tmp_path / "home"),
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(args), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    assert run("git", "init", "-q", "--initial-branch=main").returncode == 0
+    assert run("git", "add", "--all").returncode == 0
+    passed = run(sys.executable, "-m", "pre_commit", "run", "--all-files")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "reconciler validate" in passed.stdout and "Passed" in passed.stdout
+    job = root / "jobs" / "install-hello.yaml"
+    job.write_text(job.read_text(encoding="utf-8").replace("  jobType: install\n", "  jobType: install\n"
+                                                           "  suspend: yes\n"), encoding="utf-8")
+    assert run("git", "add", "jobs").returncode == 0
+    failed = run(sys.executable, "-m", "pre_commit", "run")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "jobs/install-hello.yaml:" in failed.stdout and "/spec/suspend: expected boolean" in failed.stdout

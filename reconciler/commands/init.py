@@ -17,7 +17,8 @@ Decisions:
 * The version pinned in CI is the running installation's: the distribution
   that provides the ``reconciler`` package, found through
   :func:`importlib.metadata.packages_distributions`, with its name and
-  version read from its metadata, never written down here.
+  version read from its metadata, never written down here (exit 2 when none
+  or several do: a source tree run without installing, a stale install).
 * The pre-commit hook is the one of the project's ``.pre-commit-hooks.yaml``
   (shipped with the package). With a repository URL in the distribution's
   metadata (``Project-URL``) the configuration names that repository at
