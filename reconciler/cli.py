@@ -34,6 +34,8 @@ _HANDLERS: dict[str, str] = {
     "demo": "reconciler.commands.demo",
     "clients": "reconciler.commands.clients",
     "keygen": "reconciler.commands.keygen",
+    "init": "reconciler.commands.init",
+    "schemas": "reconciler.commands.schemas",
 }
 
 
@@ -298,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE",
                    help="private key file to write (owner-only); the public key goes beside it as .pub")
     p.add_argument("--force", action="store_true", help="replace existing files")
+
+    p = sub.add_parser("init", help="scaffold a desired-state repo that validates, with schemas, CI and a hook",
+                       description="Write a topology (HQ and one relay), a package with its artifact, a job, the "
+                                   "spec schemas of this version in schemas/ (the spec files' yaml-language-server "
+                                   "modelines point there), a CI workflow and a pre-commit configuration pinned to "
+                                   "this version, and a README. A DIR that already holds specs is refused (exit 2); "
+                                   "other files that exist are kept.")
+    p.add_argument("dir", nargs="?", default=".", metavar="DIR", help="directory of the new repo (default: .)")
+
+    p = sub.add_parser("schemas", help="write the spec schemas of this version into a directory")
+    p.add_argument("action", choices=["export"], metavar="export",
+                   help="export: write (refresh) topology, package and job .schema.json into DIR")
+    p.add_argument("dir", metavar="DIR", help="directory to write them into, e.g. a repo's schemas/")
 
     p = sub.add_parser("demo", help="run HQ, relays and agents locally on the example repo")
     p.add_argument("--clients", type=int, default=12, metavar="N", help="number of agents (default: 12)")

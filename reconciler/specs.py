@@ -316,7 +316,13 @@ def _unsupported_tag(tag: str) -> str:
     shown = "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
     return f"YAML tag {_clip(shown)} is not supported here; write a plain value"
 
-_BOOL = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+# Booleans as YAML 1.2's core schema (and JSON Schema tools reading YAML) has them: true and false in
+# any of their three spellings. YAML 1.1's yes/no/on/off, which the YAML library resolves as booleans,
+# stay the strings they are written as: a boolean field refuses them (with a hint), a string field,
+# such as a label value, keeps them.
+_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+# Words YAML 1.1 (and so many an admin) reads as booleans: named in the hint of a boolean field given one.
+YAML11_BOOL_WORDS = frozenset({"yes", "no", "on", "off", "y", "n"})
 
 
 def _scalar(tag: str, value: str) -> Any:
@@ -345,7 +351,7 @@ def _scalar(tag: str, value: str) -> Any:
         except ValueError:
             return value
     if tag == "tag:yaml.org,2002:bool":
-        return _BOOL.get(value.lower(), value)
+        return _BOOL.get(value, value)
     if tag == "tag:yaml.org,2002:null":
         return None
     return value
@@ -880,6 +886,8 @@ def _schema_message(error: ValidationError, pointer: str, raw: str | None = None
         message = f"{where}: expected {expected}, got {got}"
         if expected == "string" and isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool):
             message += f" (YAML reads it as a number; quote it: \"{_clip(raw or str(error.instance))}\")"
+        if expected == "boolean" and isinstance(error.instance, str) and error.instance.lower() in YAML11_BOOL_WORDS:
+            message += "; write true or false: YAML 1.1 words like yes/on are not booleans here"
         return message
     if kind == "pattern":
         pattern = str(error.validator_value)

@@ -239,7 +239,7 @@ def seed_origin(workdir: Path) -> tuple[Path, Path, Path | None]:
     allowed = admin_signing(workdir, admin)
     source = example_repo_dir()
     shutil.copytree(source, admin, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    _git(admin, "add", "topology.yaml", "packages", "artifacts", "README.md", ".github")
+    _git(admin, "add", "topology.yaml", "packages", "artifacts", "schemas", "README.md", ".github")
     _git(admin, "commit", "-q", "-m", "Add topology and packages")
     _git(admin, "add", "-A")
     _git(admin, "commit", "-q", "-m", "Add jobs")
