@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from reconciler.commands.init import scaffold, source_of
 from reconciler.resources import pre_commit_hooks_file, schemas_dir
 
 SPEC_FILES = ("topology.yaml", "packages/hello-1.0.yaml", "jobs/install-hello.yaml")
@@ -118,9 +119,40 @@ def test_a_broken_spec_is_rejected_by_the_real_tool_and_by_validate(tmp_path: Pa
 
 def test_the_workflow_installs_the_running_version_and_validates(repo: Path) -> None:
     name, version = installed()
-    workflow: Any = yaml.safe_load((repo / ".github/workflows/validate.yml").read_text(encoding="utf-8"))
+    text = (repo / ".github/workflows/validate.yml").read_text(encoding="utf-8")
+    workflow: Any = yaml.safe_load(text)
     runs = [step["run"] for step in workflow["jobs"]["validate"]["steps"] if "run" in step]
     assert runs == [f'pip install "{name}=={version}"', "reconciler validate . --format github"]
+    # these tests run from a checkout (pip install -e .): nobody else can install from it, and the file says so
+    assert "installed from a local directory" in text
+
+
+@pytest.mark.parametrize(("direct", "requirement", "installable"), [
+    (None, "reconciler-gitops==0.1.0", True),  # by name from an index
+    ({"url": "https://git.example.org/it/reconciler.git",
+      "vcs_info": {"vcs": "git", "commit_id": "0123abc", "requested_revision": "v0.1.0"}},
+     "reconciler-gitops @ git+https://git.example.org/it/reconciler.git@0123abc", True),
+    ({"url": "file:///home/admin/reconciler", "vcs_info": {"vcs": "git", "commit_id": "0123abc"}},
+     "reconciler-gitops @ git+file:///home/admin/reconciler@0123abc", False),
+    ({"url": "https://files.example.org/reconciler_gitops-0.1.0-py3-none-any.whl",
+      "archive_info": {"hashes": {"sha256": "00"}}},
+     "reconciler-gitops @ https://files.example.org/reconciler_gitops-0.1.0-py3-none-any.whl", True),
+    ({"url": "file:///home/admin/reconciler", "dir_info": {"editable": True}}, "reconciler-gitops==0.1.0", False),
+    ({"url": "file:///tmp/reconciler_gitops-0.1.0-py3-none-any.whl", "archive_info": {}},
+     "reconciler-gitops==0.1.0", False),
+])
+def test_the_pin_follows_where_the_running_installation_came_from(direct: Any, requirement: str,
+                                                                 installable: bool) -> None:
+    source = source_of("reconciler-gitops", "0.1.0", direct)
+    assert (source.requirement, source.installable) == (requirement, installable)
+    workflow = yaml.safe_load(scaffold("reconciler-gitops", "0.1.0", source)[".github/workflows/validate.yml"])
+    assert workflow["jobs"]["validate"]["steps"][2]["run"] == f'pip install "{requirement}"'
+    config = yaml.safe_load(scaffold("reconciler-gitops", "0.1.0", source)[".pre-commit-config.yaml"])
+    (hook,) = config["repos"][0]["hooks"]
+    if installable:
+        assert hook["language"] == "python" and hook["additional_dependencies"] == [requirement]
+    else:  # nothing to install the pin from: the reconciler on the committer's PATH
+        assert hook["language"] == "system" and "additional_dependencies" not in hook
 
 
 def test_the_pre_commit_config_uses_the_projects_hook_at_this_version(repo: Path) -> None:
@@ -130,7 +162,10 @@ def test_the_pre_commit_config_uses_the_projects_hook_at_this_version(repo: Path
     (entry,) = config["repos"]
     (hook,) = entry["hooks"]
     assert hook["id"] == hook_definition["id"] == "reconciler-validate"
-    if entry["repo"] == "local":  # no repository URL in the metadata: the same hook, pinned by its dependency
+    if entry["repo"] == "local" and hook["language"] == "system":  # installed from this checkout: nothing to pin
+        assert {k: v for k, v in hook.items() if k != "language"} == \
+            {k: v for k, v in hook_definition.items() if k not in ("description", "language")}
+    elif entry["repo"] == "local":  # no repository URL in the metadata: the same hook, pinned by its dependency
         assert hook["additional_dependencies"] == [f"{name}=={version}"]
         assert {k: v for k, v in hook.items() if k != "additional_dependencies"} == \
             {k: v for k, v in hook_definition.items() if k != "description"}

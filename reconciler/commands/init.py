@@ -19,18 +19,30 @@ Decisions:
   :func:`importlib.metadata.packages_distributions`, with its name and
   version read from its metadata, never written down here (exit 2 when none
   or several do: a source tree run without installing, a stale install).
+* Where the running installation came from decides what is pinned
+  (:func:`install_source`, from the installer's ``direct_url.json``, PEP
+  610): installed from a package index, ``<distribution>==<version>``; from
+  a git URL, ``<distribution> @ git+<url>@<commit>``; from a local directory
+  (a checkout, a wheel file), there is no source anyone else can install
+  from: the workflow still names ``<distribution>==<version>`` with a comment
+  saying to point it at your index or a pinned git URL.
 * The pre-commit hook is the one of the project's ``.pre-commit-hooks.yaml``
   (shipped with the package). With a repository URL in the distribution's
   metadata (``Project-URL``) the configuration names that repository at
   ``rev: v<version>``; without one it declares the same hook as a local hook
-  that installs ``<distribution>==<version>``, which pre-commit runs alike.
+  that installs the pinned requirement (``language: python``), which
+  pre-commit runs alike; when the running installation came from a local
+  directory, the local hook runs the ``reconciler`` on the committer's PATH
+  (``language: system``), since nothing could install the pin.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +76,38 @@ def distribution() -> tuple[str, str]:
                         "so which to pin is unclear; uninstall the stale one")
     metadata = importlib.metadata.metadata(names[0])
     return str(metadata["Name"]), str(metadata["Version"])
+
+
+@dataclass(frozen=True)
+class Source:
+    """What installs the running version elsewhere: a pip requirement, and whether anyone but this machine can."""
+
+    requirement: str
+    installable: bool
+
+
+def install_source(name: str, version: str) -> Source:
+    """Where the running installation came from (PEP 610 ``direct_url.json``), as a pinned requirement."""
+    try:
+        raw = importlib.metadata.distribution(name).read_text("direct_url.json")
+        direct = json.loads(raw) if raw else None
+    except (OSError, ValueError, importlib.metadata.PackageNotFoundError):
+        direct = None
+    return source_of(name, version, direct)
+
+
+def source_of(name: str, version: str, direct: object) -> Source:
+    """The pinned requirement for an installation whose PEP 610 record is ``direct`` (None: from an index)."""
+    pinned = Source(f"{name}=={version}", True)
+    if not isinstance(direct, dict) or not isinstance(direct.get("url"), str):
+        return pinned  # installed by name from an index
+    url = direct["url"]
+    vcs = direct.get("vcs_info")
+    if isinstance(vcs, dict) and vcs.get("vcs") == "git" and isinstance(vcs.get("commit_id"), str):
+        return Source(f"{name} @ git+{url}@{vcs['commit_id']}", not url.startswith("file:"))
+    if "archive_info" in direct and url.startswith(("https://", "http://")):
+        return Source(f"{name} @ {url}", True)
+    return Source(f"{name}=={version}", False)  # a local directory or file: nothing to point others at
 
 
 def repository_url(name: str) -> str | None:
@@ -128,11 +172,14 @@ spec:
 """
 
 
-def _workflow(dist: str, version: str) -> str:
+def _workflow(dist: str, version: str, source: Source) -> str:
+    local = "" if source.installable else (
+        f"# reconciler {version} was installed from a local directory when this was written: point the\n"
+        f"# install step at your package index or at a git URL pinned to a commit ({dist} @ git+URL@SHA).\n")
     return f"""\
 # Validate every spec on each pull request with reconciler {version}, the version that wrote this
 # repo; errors appear as annotations on the changed lines.
-name: validate
+{local}name: validate
 on:
   pull_request:
   push:
@@ -145,14 +192,14 @@ jobs:
       - uses: actions/setup-python@v5
         with:
           python-version: "3.11"
-      - run: {_install_command(dist, version)}
+      - run: {_install_command(source)}
       - run: reconciler validate . --format github
 """
 
 
-def _install_command(dist: str, version: str) -> str:
+def _install_command(source: Source) -> str:
     """The pip command that installs exactly this distribution and version."""
-    return " ".join(["pip", "install", f'"{dist}=={version}"'])
+    return " ".join(["pip", "install", f'"{source.requirement}"'])
 
 
 def _hook() -> dict[str, Any]:
@@ -163,17 +210,24 @@ def _hook() -> dict[str, Any]:
     raise InitError(f"the shipped pre-commit hooks define no {HOOK_ID!r} hook")
 
 
-def _pre_commit(dist: str, version: str) -> str:
+def _pre_commit(dist: str, version: str, source: Source) -> str:
     hook = _hook()
     url = repository_url(dist)
-    if url:
+    if url and source.installable:
         repo: dict[str, Any] = {"repo": url, "rev": f"v{version}", "hooks": [{"id": hook["id"]}]}
         note = f"# Runs `reconciler validate` before each commit: the project's {HOOK_ID} hook at v{version}.\n"
-    else:
+    elif source.installable:
         local = {key: value for key, value in hook.items() if key != "description"}
-        repo = {"repo": "local", "hooks": [{**local, "additional_dependencies": [f"{dist}=={version}"]}]}
+        repo = {"repo": "local", "hooks": [{**local, "additional_dependencies": [source.requirement]}]}
         note = (f"# Runs `reconciler validate` before each commit: the project's {HOOK_ID} hook, declared here\n"
                 f"# as a local hook of {dist} {version}.\n")
+    else:
+        local = {key: value for key, value in hook.items() if key != "description"}
+        repo = {"repo": "local", "hooks": [{**local, "language": "system"}]}
+        note = (f"# Runs `reconciler validate` before each commit: the project's {HOOK_ID} hook, declared here\n"
+                f"# as a local hook. reconciler {version} was installed from a local directory, which no one\n"
+                f"# else can install from, so the hook runs the `reconciler` on your PATH (language: system).\n"
+                f"# Installed from an index or a pinned git URL, `reconciler init` pins it here instead.\n")
     return note + yaml.safe_dump({"repos": [repo]}, sort_keys=False, default_flow_style=False)
 
 
@@ -195,16 +249,17 @@ Change anything through a pull request: CI (`.github/workflows/validate.yml`) an
 """
 
 
-def scaffold(dist: str, version: str) -> dict[str, bytes]:
+def scaffold(dist: str, version: str, source: Source | None = None) -> dict[str, bytes]:
     """Repo-relative path -> content of every file init writes."""
+    source = source or Source(f"{dist}=={version}", True)
     files = {
         "topology.yaml": _topology(),
         f"{PACKAGES_DIR}{PACKAGE}-{VERSION}.yaml": _package(),
         f"{JOBS_DIR}install-{PACKAGE}.yaml": _job(),
         f"artifacts/{PACKAGE}-{VERSION}/README.txt": f"{PACKAGE} {VERSION}: the files of this package, "
                                                      f"unpacked on each client as they are here.\n",
-        ".github/workflows/validate.yml": _workflow(dist, version),
-        ".pre-commit-config.yaml": _pre_commit(dist, version),
+        ".github/workflows/validate.yml": _workflow(dist, version, source),
+        ".pre-commit-config.yaml": _pre_commit(dist, version, source),
         "README.md": _readme(dist, version),
     }
     encoded = {path: text.encode("utf-8") for path, text in files.items()}
@@ -235,7 +290,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         dist, version = distribution()
-        files = scaffold(dist, version)
+        files = scaffold(dist, version, install_source(dist, version))
         kept = []
         for rel, data in files.items():
             path = root / rel
