@@ -67,6 +67,7 @@ from reconciler.gitstore import (
 )
 from reconciler.hq_liveness import LIVENESS_FILE, Contacts, RelaysApi
 from reconciler.hq_manifest import ManifestSigner, signer_from_files
+from reconciler.hq_notify import Notifier
 from reconciler.liveness import RelayLiveness
 from reconciler.logs import configure_logging
 from reconciler.redaction import redact_url
@@ -161,6 +162,7 @@ class Hq:
         self.clock = clock
         self.contacts = contacts  # relay heartbeats (None: HQ does not listen, liveness is not reported)
         self.signatures = signatures  # None: any commit may be accepted, signed or not
+        self.notifier: Notifier | None = None  # posts spec.notifications events (None: HQ notifies nobody)
         self._restored = False
         self._evaluated = False  # this process finished an evaluation of main_commit
         self.main_commit: str | None = None
@@ -290,6 +292,8 @@ class Hq:
             if files != self._published:
                 published = self.store.publish(HQ_STATUS_REF, files, self._message(hq_report))
                 self._published = files
+            if self.notifier is not None:  # transitions are known once status/hq says them; never raises or waits
+                self.notifier.observe(hq_report, () if specs_now is None else specs_now.topology.notifications)
             self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
@@ -570,6 +574,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     store = GitStore(args.origin, workdir, password=password)
     hq = Hq(store, args.branch, signatures=signatures, signer=signer)
+    secrets_dir = getattr(args, "notification_secrets_dir", None)
+    if secrets_dir:
+        if not Path(secrets_dir).is_dir():
+            print(f"reconciler hq: --notification-secrets-dir {secrets_dir} is not a directory", file=sys.stderr)
+            return 2
+        workdir.mkdir(parents=True, exist_ok=True)
+        hq.notifier = Notifier(workdir, Path(secrets_dir), hq.clock)
+    else:
+        log.info("no --notification-secrets-dir: HQ sends no notifications (spec.notifications of the topology)")
     if signer is None:
         log.warning("no --signing-key: HQ signs no manifest, and agents that verify (--trust-key) refuse every "
                     "action")
@@ -577,6 +590,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.once:
         turn = take_turn(hq, 0)
+        if hq.notifier is not None:  # one delivery attempt each; what fails waits for the next run
+            hq.notifier.deliver_due()
         if turn.problem is not None:  # one line; the traceback of a bug at debug level
             if turn.exception is not None:
                 log.debug("pass failed", exc_info=turn.exception)
@@ -617,6 +632,8 @@ def main(args: argparse.Namespace) -> int:
                      server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
                      timeout)
         watcher.start()
+        if hq.notifier is not None:
+            hq.notifier.start()
         log.info("HQ following %s branch %s", origin, args.branch)
         turn = Turn(None, None, None, 0)
         while not stop.is_set():
@@ -634,6 +651,8 @@ def main(args: argparse.Namespace) -> int:
             (workdir / LISTEN_FILE).unlink(missing_ok=True)
         if hq.contacts is not None:
             hq.contacts.save()
+        if hq.notifier is not None:
+            hq.notifier.stop()
         watcher.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -129,10 +129,40 @@ class Relay:
     labels: tuple[tuple[str, str], ...] = ()
 
 
+NOTIFICATION_EVENTS = ("jobCompleted", "jobFailed", "jobHalted", "relayLost", "commitRejected")
+"""The event kinds HQ notifies (``spec.notifications[].events`` of the Topology)."""
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A webhook HQ posts events to (``spec.notifications`` of the Topology).
+
+    ``secret_file`` names a file in HQ's ``--notification-secrets-dir``: the
+    HMAC key never lives in git. Empty ``jobs``/``relays`` mean every job or
+    relay; ``events`` defaults to every kind.
+    """
+
+    name: str
+    url: str
+    secret_file: str
+    events: tuple[str, ...] = NOTIFICATION_EVENTS
+    jobs: tuple[str, ...] = ()
+    relays: tuple[str, ...] = ()
+
+    def wants(self, kind: str, job: str | None = None, relay: str | None = None) -> bool:
+        """Whether an event of ``kind`` about ``job``/``relay`` passes this notification's filters."""
+        if kind not in self.events:
+            return False
+        if job is not None and self.jobs and job not in self.jobs:
+            return False
+        return relay is None or not self.relays or relay in self.relays
+
+
 @dataclass(frozen=True)
 class Topology:
     headquarters: str
     relays: tuple[Relay, ...]
+    notifications: tuple[Notification, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1130,7 +1160,35 @@ def _build_topology(doc: _Document) -> tuple[Topology, list[SpecError]]:
             errors.append(doc.error(pointer, f"{pointer}: relay {relay.name!r} is on a parent cycle ({loop}); the relays must form one tree under {hq!r}"))
         else:
             errors.append(doc.error(pointer, f"{pointer}: relay {relay.name!r} does not reach the headquarters {hq!r}: its ancestor {verdict[1]!r} is on a parent cycle"))
-    return Topology(headquarters=hq, relays=relays), errors
+    notifications = _notifications(doc, hq, set(parents), errors)
+    return Topology(headquarters=hq, relays=relays, notifications=notifications), errors
+
+
+def _notifications(doc: _Document, hq: str, relays: set[str], errors: list[SpecError]) -> tuple[Notification, ...]:
+    """``spec.notifications``, with what the schema cannot say: unique names, known relays, no URL credentials."""
+    built: list[Notification] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(doc.value["spec"].get("notifications", ())):
+        notification = Notification(name=raw["name"], url=raw["url"], secret_file=raw["secretFile"],
+                                    events=tuple(raw.get("events", NOTIFICATION_EVENTS)),
+                                    jobs=tuple(raw.get("jobs", ())), relays=tuple(raw.get("relays", ())))
+        pointer = f"/spec/notifications/{index}"
+        if notification.name in seen:
+            errors.append(doc.error(f"{pointer}/name", f"{pointer}/name: duplicate notification name "
+                                    f"{notification.name!r} (first at /spec/notifications/{seen[notification.name]})"))
+        else:
+            seen[notification.name] = index
+        authority = notification.url.split("://", 1)[-1].split("/", 1)[0]
+        if "@" in authority:
+            errors.append(doc.error(f"{pointer}/url", f"{pointer}/url: the URL carries credentials; put no secret "
+                                    "in git (HQ signs each event with the key in secretFile)"))
+        for at, relay in enumerate(notification.relays):
+            if relay not in relays:
+                hint = " (HQ is not a relay)" if relay == hq else ""
+                errors.append(doc.error(f"{pointer}/relays/{at}", f"{pointer}/relays/{at}: {relay!r} is not a "
+                                        f"relay in the topology{hint}"))
+        built.append(notification)
+    return tuple(built)
 
 
 def _cycle_text(start: str, parents: Mapping[str, str], length: int, shown: int = 8) -> str:

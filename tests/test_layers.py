@@ -38,7 +38,8 @@ SHELLS = {
     "reconciler.serving", "reconciler.webhook", "reconciler.credentials", "reconciler.tls", "reconciler.signing",
     "reconciler.packing", "reconciler.signatures", "reconciler.progress",
 }
-SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.relay", "reconciler.agent"}  # packages and modules
+SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.hq_notify", "reconciler.relay",
+            "reconciler.agent"}  # packages and modules
 COMMANDS = {"reconciler.commands"}
 CLI = {"reconciler.cli", "reconciler.__main__", "reconciler.settings"}
 
@@ -122,11 +123,14 @@ def test_shells_import_no_service_or_command(name: str) -> None:
 
 
 @pytest.mark.parametrize(("service", "forbidden"), [
-    ("reconciler.agent", {"reconciler.relay", "reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest"}),
-    ("reconciler.relay", {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.agent"}),
+    ("reconciler.agent", {"reconciler.relay", "reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest",
+                          "reconciler.hq_notify"}),
+    ("reconciler.relay", {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.hq_notify",
+                          "reconciler.agent"}),
     ("reconciler.hq", {"reconciler.relay", "reconciler.agent"}),
     ("reconciler.hq_liveness", {"reconciler.hq", "reconciler.relay", "reconciler.agent"}),
     ("reconciler.hq_manifest", {"reconciler.hq", "reconciler.relay", "reconciler.agent"}),
+    ("reconciler.hq_notify", {"reconciler.hq", "reconciler.relay", "reconciler.agent"}),
 ])
 def test_services_stay_apart(service: str, forbidden: set[str]) -> None:
     for name in (n for n in MODULES if _within(n, {service})):
