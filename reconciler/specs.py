@@ -1496,6 +1496,13 @@ def parse_repo(files: Mapping[str, bytes], check_artifact: ArtifactCheck) -> Loa
                     errors.append(doc.error(where, f"{where}: {destination!r} is not a relay in the topology{hint}"))
         if topology is not None:
             errors.extend(_scope_relay_errors(doc, job, topology))
+    if topology is not None:
+        job_names = {job.name for _, job in jobs}
+        for index, notification in enumerate(topology.notifications):
+            for at, name in enumerate(notification.jobs):
+                if name not in job_names:
+                    where = f"/spec/notifications/{index}/jobs/{at}"
+                    errors.append(topologies[0][0].error(where, f"{where}: no job named {name!r}"))
 
     if errors or topology is None:
         return LoadResult(None, _capped(errors))

@@ -346,6 +346,9 @@ def _errors(origin: Origin, text: str) -> list[SpecError]:
      25, "/spec/notifications/0/url", "credentials"),
     ("  notifications:\n    - name: ops\n      url: https://x.example/hook\n      secretFile: k\n"
      "      relays: [relay-kanto, relay-nara]\n", 27, "/spec/notifications/0/relays/1", "'relay-nara' is not a relay"),
+    ("  notifications:\n    - name: ops\n      url: https://x.example/hook\n      secretFile: k\n"
+     "      jobs: [install-7zip, install-nothing]\n", 27, "/spec/notifications/0/jobs/1",
+     "no job named 'install-nothing'"),
 ])
 def test_invalid_notifications_are_errors_at_file_line_and_field(origin: Origin, text: str, line: int,
                                                                   pointer: str, words: str) -> None:
