@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hq import FAIL, OK, Origin, break_job, publish_relay
+from test_hq import FAIL, OK, Origin, break_job, publish_relay, run_cli
 
 from reconciler.gitstore import GitStore
 from reconciler.hq import Hq
@@ -319,6 +319,24 @@ def test_a_hanging_receiver_delays_only_its_own_events(setup: Setup, receiver: R
         notifier.stop()
     finally:
         other.close()
+
+
+def test_hq_once_with_the_flag_notifies_and_a_missing_directory_is_refused(setup: Setup,
+                                                                              receiver: Receiver) -> None:
+    setup.origin.commit("notify ops", with_notification(receiver.url, extra="      events: [jobFailed]\n"))
+    args = ("hq", "--origin", str(setup.origin.bare), "--workdir", str(setup.workdir), "--once",
+            "--notification-secrets-dir")
+    first = run_cli(*args, str(setup.secrets))
+    assert first.returncode == 0, first.stderr
+    setup.putty(FAIL)
+    second = run_cli(*args, str(setup.secrets))
+    assert second.returncode == 0, second.stderr
+    assert "notification ops: delivered jobFailed" in second.stderr
+    third = run_cli(*args, str(setup.secrets))
+    assert third.returncode == 0, third.stderr
+    assert [e["kind"] for e in receiver.events()] == ["jobFailed"] and verified(*receiver.requests[0])
+    missing = run_cli(*args, str(setup.secrets / "nope"))
+    assert missing.returncode == 2 and "--notification-secrets-dir" in missing.stderr
 
 
 # ------------------------------------------------------------- the spec
