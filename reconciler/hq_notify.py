@@ -187,16 +187,16 @@ class Notifier:
     # -- the state file --------------------------------------------------------
 
     def _load(self) -> None:
+        if not self.path.exists():
+            return
         try:
             raw = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
+            self._observed = {k: dict(v) for k, v in raw.get("observed", {}).items()}
+            self._sequence = int(raw.get("sequence", 0))
+            self._queue = [Pending(**p) for p in raw.get("queue", [])]
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             log.error("cannot read %s (%s): starting from a new baseline, queued events are lost", self.path, e)
-            return
-        self._observed = {k: dict(v) for k, v in raw.get("observed", {}).items()}
-        self._sequence = int(raw.get("sequence", 0))
-        self._queue = [Pending(**p) for p in raw.get("queue", [])]
+            self._observed, self._sequence, self._queue = None, 0, []
 
     def _save(self) -> None:
         data = {"version": 1, "sequence": self._sequence, "observed": self._observed or {},

@@ -233,6 +233,36 @@ def test_a_restarted_hq_does_not_resend_and_delivers_what_was_queued(setup: Setu
     assert [e["kind"] for e in receiver.events()] == ["jobFailed", "jobCompleted"]
 
 
+def test_a_crash_between_send_and_record_resends_that_event_once_with_the_same_id(setup: Setup,
+                                                                                receiver: Receiver) -> None:
+    setup.origin.commit("notify ops", with_notification(receiver.url, extra="      jobs: [install-putty]\n"))
+    hq = setup.hq()
+    hq.run_pass()
+    setup.putty(FAIL)
+    hq.run_pass()
+    before_send = (setup.workdir / STATE_FILE).read_bytes()
+    assert deliver(hq) == 1
+    (setup.workdir / STATE_FILE).write_bytes(before_send)  # as if HQ died before recording the delivery
+    restarted = setup.hq()
+    restarted.run_pass()
+    assert deliver(restarted) == 1
+    assert deliver(setup.hq()) == 0
+    first, second = receiver.events()
+    assert first == second  # the same event, the same id: the receiver dedups
+
+
+def test_an_unreadable_state_file_starts_a_new_baseline(setup: Setup, receiver: Receiver) -> None:
+    setup.origin.commit("notify ops", with_notification(receiver.url))
+    setup.workdir.mkdir()
+    (setup.workdir / STATE_FILE).write_text('{"queue": [{"nonsense": 1}]}')
+    hq = setup.hq()
+    hq.run_pass()
+    assert deliver(hq) == 0 and receiver.requests == []
+    setup.putty(FAIL)
+    hq.run_pass()
+    assert deliver(hq) == 1
+
+
 def test_without_a_state_file_the_first_pass_is_a_baseline(setup: Setup, receiver: Receiver) -> None:
     setup.origin.commit("notify ops", with_notification(receiver.url))
     setup.putty(FAIL)  # already Failed when notifications are turned on
