@@ -154,6 +154,21 @@ def event_body(kind: str, subject: str, previous: str | None, hq_report: report.
     return body
 
 
+def _trimmed(queue: list[Pending]) -> list[Pending]:
+    """``queue`` with at most :data:`MAX_QUEUED` events per notification: the oldest beyond that are dropped (logged)."""
+    counts: dict[str, int] = {}
+    for p in queue:
+        counts[p.notification] = counts.get(p.notification, 0) + 1
+    kept: list[Pending] = []
+    for p in queue:
+        if counts[p.notification] > MAX_QUEUED:
+            counts[p.notification] -= 1
+            log.error("notification %s: queue full, dropped %s %s", p.notification, p.kind, p.id)
+            continue
+        kept.append(p)
+    return kept
+
+
 def _post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
     """POST and return the HTTP status (an HTTP error status too); network failures raise OSError."""
     request = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
@@ -198,10 +213,19 @@ class Notifier:
             log.error("cannot read %s (%s): starting from a new baseline, queued events are lost", self.path, e)
             self._observed, self._sequence, self._queue = None, 0, []
 
-    def _save(self) -> None:
-        data = {"version": 1, "sequence": self._sequence, "observed": self._observed or {},
-                "queue": [asdict(p) for p in self._queue]}
+    def _save(self, sequence: int | None = None, observed: dict[str, dict[str, str]] | None = None,
+              queue: list[Pending] | None = None) -> None:
+        """Write the state (the current one, or the one given, which the caller applies only once written)."""
+        data = {"version": 1, "sequence": self._sequence if sequence is None else sequence,
+                "observed": (self._observed if observed is None else observed) or {},
+                "queue": [asdict(p) for p in (self._queue if queue is None else queue)]}
         write_atomic(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"), 0o600)
+
+    def _save_after_delivery(self) -> None:
+        try:
+            self._save()
+        except OSError as e:  # the receiver has the event; a restart may send it once more
+            log.error("notifications: cannot write %s: %s", self.path, e)
 
     # -- a pass ---------------------------------------------------------------
 
@@ -223,46 +247,39 @@ class Notifier:
             before = self._observed
             merged = {key: {**(before or {}).get(key, {}), **now[key]} for key in now}
             if before is None:  # the baseline: nothing is announced
+                self._save(observed=merged)
                 self._observed = merged
-                self._save()
                 return 0
             found = _transitions(before, now)
             if not found and merged == before:
                 return 0
             at = self.clock()
-            queued = 0
+            sequence = self._sequence
+            queue = list(self._queue)
+            added: list[Pending] = []
             for kind, subject, previous, _new in found:
-                self._sequence += 1
+                sequence += 1
                 for n in notifications:
                     job = subject if kind in JOB_EVENTS.values() else None
                     relay = subject if kind == "relayLost" else None
                     if not n.wants(kind, job=job, relay=relay):
                         continue
-                    event_id = hashlib.sha256(f"{n.name}\n{kind}\n{subject}\n{self._sequence}\n{format_time(at)}"
+                    event_id = hashlib.sha256(f"{n.name}\n{kind}\n{subject}\n{sequence}\n{format_time(at)}"
                                               .encode("utf-8")).hexdigest()[:32]
                     body = event_body(kind, subject, previous, hq_report, n.name, event_id, at)
-                    self._queue.append(Pending(event_id, n.name, n.url, n.secret_file, kind,
-                                               json.dumps(body, sort_keys=True, separators=(",", ":")),
-                                               format_time(at) or "", next_at=format_time(at) or ""))
-                    queued += 1
-                    log.info("notification %s: queued %s %s (%s)", n.name, kind, subject[:40], event_id)
-            self._trim()
-            self._observed = merged
-            self._save()
-            if queued:
+                    added.append(Pending(event_id, n.name, n.url, n.secret_file, kind,
+                                         json.dumps(body, sort_keys=True, separators=(",", ":")),
+                                         format_time(at), next_at=format_time(at)))
+            queue = _trimmed(queue + added)
+            # recorded before anything is sent; if this write fails nothing changed and the next pass tries again
+            self._save(sequence, merged, queue)
+            self._sequence, self._observed, self._queue = sequence, merged, queue
+            for p in added:
+                log.info("notification %s: queued %s (%s)", p.notification, p.kind, p.id)
+            if added:
                 self._spawn_workers()
                 self._cond.notify_all()
-            return queued
-
-    def _trim(self) -> None:
-        counts: dict[str, int] = {}
-        for p in reversed(self._queue):
-            counts[p.notification] = counts.get(p.notification, 0) + 1
-        for name, count in counts.items():
-            for _ in range(count - MAX_QUEUED):
-                oldest = next(p for p in self._queue if p.notification == name)
-                self._queue.remove(oldest)
-                log.error("notification %s: queue full, dropped %s %s", name, oldest.kind, oldest.id)
+            return len(added)
 
     # -- delivery -------------------------------------------------------------
 
@@ -297,7 +314,7 @@ class Notifier:
                     for later in due:
                         if later.notification == pending.notification and later is not pending:
                             later.next_at = pending.next_at
-                    self._save()
+                    self._save_after_delivery()
         finally:
             with self._cond:
                 self._in_flight.difference_update(p.id for p in due)
@@ -321,7 +338,7 @@ class Notifier:
                 return not error
             if not error:
                 self._queue.remove(pending)
-                self._save()
+                self._save_after_delivery()
                 log.info("notification %s: delivered %s %s", pending.notification, pending.kind, pending.id)
                 return True
             pending.attempts += 1
@@ -336,7 +353,7 @@ class Notifier:
                 pending.next_at = format_precise(now + timedelta(seconds=delay))
                 log.warning("notification %s: %s %s failed (%s), attempt %d, next in %gs", pending.notification,
                             pending.kind, pending.id, error, pending.attempts, delay)
-            self._save()
+            self._save_after_delivery()
         return False
 
     def seconds_until_due(self, notification: str | None = None) -> float | None:

@@ -351,6 +351,21 @@ def test_a_hanging_receiver_delays_only_its_own_events(setup: Setup, receiver: R
         other.close()
 
 
+def test_a_notifier_that_cannot_write_its_file_never_breaks_the_pass(setup: Setup, receiver: Receiver,
+                                                                      tmp_path: Path) -> None:
+    setup.origin.commit("notify ops", with_notification(receiver.url))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    hq = Hq(GitStore(str(setup.origin.bare), setup.workdir), clock=setup.clock)
+    hq.notifier = Notifier(blocker / "hq", setup.secrets, setup.clock)  # its state file cannot be written
+    result = hq.run_pass()
+    assert result.published is not None and result.error is None
+    setup.putty(FAIL)
+    assert hq.run_pass().published is not None
+    assert setup.origin.yaml("status/hq", "jobs/install-putty.yaml")["state"] == "Failed"
+    assert hq.notifier.deliver_due() == 0 and receiver.requests == []
+
+
 def test_hq_once_with_the_flag_notifies_and_a_missing_directory_is_refused(setup: Setup,
                                                                               receiver: Receiver) -> None:
     setup.origin.commit("notify ops", with_notification(receiver.url, extra="      events: [jobFailed]\n"))
