@@ -13,7 +13,9 @@ After a pass that rendered ``status/hq`` HQ hands the report to
 
 A subject that goes back and forth (Failed, rerun, Failed again) is announced
 again on each entry. Subjects absent from a report (a job removed from git)
-keep their last observation.
+keep their last observation, and so does a job while some relay it reaches
+has not reported the accepted commit yet (a new commit does not turn
+Completed into Completed again).
 
 **At most once per transition.** ``observe`` records the new observations
 and queues one event per matching notification in ``notifications.json`` in
@@ -105,7 +107,9 @@ def _retry_delay(attempts: int) -> float:
 
 def observations(hq_report: report.HqReport) -> dict[str, dict[str, str]]:
     """What a report says of each subject: job -> state, relay -> liveness (when known), main -> rejected commit."""
-    jobs = {job.job: job.state.value for job in hq_report.jobs}
+    # A job waiting for relays to report the accepted commit says nothing new: every accepted commit puts
+    # jobs back InProgress until the relays catch up, and that alone must not re-announce a Completed job.
+    jobs = {job.job: job.state.value for job in hq_report.jobs if not job.waiting_count}
     relays = {r.relay: r.liveness.state.value for r in hq_report.relays
               if r.liveness is not None and r.liveness.state is not Liveness.UNKNOWN}
     accepted = hq_report.accepted

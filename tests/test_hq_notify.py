@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hq import FAIL, OK, Origin, break_job, publish_relay, run_cli
+from test_hq import FAIL, OK, RUN, Origin, break_job, publish_relay, run_cli
 
 from reconciler.gitstore import GitStore
 from reconciler.hq import Hq
@@ -163,23 +163,34 @@ def test_a_job_failing_sends_one_signed_event_per_transition(setup: Setup, recei
     assert not verified(headers, body, b"another key")
     event = json.loads(body)
     assert event["kind"] == "jobFailed" and headers["x-reconciler-event"] == "jobFailed"
-    assert event["job"] == "install-putty" and event["state"] == "Failed" and event["previousState"] == "InProgress"
+    # InProgress only because relay-yokohama had not reported the commit: not an observation
+    assert event["job"] == "install-putty" and event["state"] == "Failed" and event["previousState"] is None
     assert event["counts"]["Failed"] == 1 and event["failures"] == 1
     assert event["notification"] == "ops" and event["acceptedCommit"] == setup.origin.head
     assert event["id"] == headers["x-reconciler-delivery"] and len(event["id"]) == 32
     assert event["time"] == "2027-03-01T09:00:00Z"
     assert int(headers["x-reconciler-timestamp"]) == int(T0.timestamp())
 
-    # back and forth: Completed, then Failed again, each announced once, each with its own id
-    setup.putty(OK)
+    # back and forth: rerun (InProgress), Failed again, then Completed: each announced once, each its own id
+    setup.putty(RUN)
     hq.run_pass()
     setup.putty(FAIL)
     hq.run_pass()
+    setup.putty(OK)
+    hq.run_pass()
     assert deliver(hq) == 2
     kinds = [(e["kind"], e["previousState"]) for e in receiver.events()]
-    assert kinds == [("jobFailed", "InProgress"), ("jobCompleted", "Failed"), ("jobFailed", "Completed")]
+    assert kinds == [("jobFailed", None), ("jobFailed", "InProgress"), ("jobCompleted", "Failed")]
     assert len({e["id"] for e in receiver.events()}) == 3
     assert all(verified(h, b) for h, b in receiver.requests)
+
+    # a new accepted commit: InProgress until relay-yokohama reports it, then Completed again: nothing to say
+    setup.origin.commit("an unrelated change")
+    hq.run_pass()
+    assert hq.accepted_commit == setup.origin.head
+    setup.putty(OK)
+    hq.run_pass()
+    assert deliver(hq) == 0 and len(receiver.requests) == 3
 
 
 def test_a_receiver_answering_500_gets_the_event_again_with_backoff_and_once(setup: Setup,
