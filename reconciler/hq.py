@@ -40,11 +40,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.metrics_core import Metric
 
 from reconciler import report
 from reconciler.errors import (
@@ -67,8 +69,15 @@ from reconciler.gitstore import (
 )
 from reconciler.hq_liveness import LIVENESS_FILE, Contacts, RelaysApi
 from reconciler.hq_manifest import ManifestSigner, signer_from_files
-from reconciler.liveness import RelayLiveness
+from reconciler.liveness import Liveness, RelayLiveness
 from reconciler.logs import configure_logging
+from reconciler.metrics import (
+    METRICS_PATH,
+    HqMetrics,
+    gauge,
+    metrics_app_response,
+    row_gauge,
+)
 from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
 from reconciler.report import (
@@ -174,6 +183,8 @@ class Hq:
         self._published: dict[str, bytes] | None = None
         self._inputs: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
+        self.report: report.HqReport | None = None  # the last one aggregated (what status/hq shows)
+        self.metrics: HqMetrics | None = None  # times passes when set
 
     # -- state from git ------------------------------------------------------
 
@@ -235,7 +246,10 @@ class Hq:
         publishes nothing.
         """
         with self._lock:
-            return self._run_pass()
+            if self.metrics is None:
+                return self._run_pass()
+            with self.metrics.pass_seconds.time():
+                return self._run_pass()
 
     def seconds_until_retry(self) -> float | None:
         """Seconds until a failed evaluation is due again (0 if due now); None when none failed."""
@@ -284,6 +298,7 @@ class Hq:
             accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
                                 evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
+            self.report = hq_report
             files = report.render_hq_status(hq_report)
             if manifest is not None:
                 files[report.MANIFEST_FILE] = manifest
@@ -419,8 +434,29 @@ class Hq:
 HEALTH_PATH = "/healthz"
 
 
+def hq_metrics(hq: Hq) -> HqMetrics:
+    """HQ's metrics; its gauges read the last aggregated report (what status/hq shows) when scraped."""
+    metrics = HqMetrics()
+
+    def snapshot() -> Iterator[Metric]:
+        last = hq.report
+        jobs = last.jobs if last is not None else ()
+        yield row_gauge(sorted(((job.job, state), n) for job in jobs for state, n in job.counts.items()))
+        relays = last.relays if last is not None else ()
+        yield gauge("reconciler_relay_up", "1 while HQ receives the relay's heartbeats (alive), 0 once it is lost; "
+                    "absent while unknown (HQ listens without heartbeats of it yet)", ("relay",),
+                    [((r.relay,), 1 if r.liveness.state is Liveness.ALIVE else 0) for r in relays
+                     if r.liveness is not None and r.liveness.state is not Liveness.UNKNOWN])
+
+    metrics.add_snapshot(snapshot)
+    hq.metrics = metrics
+    hq.store.metrics = metrics
+    return metrics
+
+
 def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
-             health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None) -> WSGIApp:
+             health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None,
+             metrics: HqMetrics | None = None) -> WSGIApp:
     """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in), ``POST /v1/hooks/git`` and, with
     ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`).
 
@@ -441,6 +477,8 @@ def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
                 if method not in ("GET", "HEAD"):
                     return json_response(start_response, 405, {"error": "use GET"})
                 return json_response(start_response, 200, {"ok": True, **(health() if health else {})})
+            if path == METRICS_PATH and metrics is not None:
+                return metrics_app_response(metrics, method, start_response)
             if path == HOOK_PATH:
                 return hook_handler(environ, start_response, guard, trigger)
             answer = relays.route(path, environ, start_response) if relays is not None else None
@@ -605,7 +643,7 @@ def main(args: argparse.Namespace) -> int:
                 if hooks.mode == "refused":
                     log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, "
                                 "or --insecure-unsigned-webhook); changes are picked up every --poll-interval")
-                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays), args.listen,
+                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays, hq_metrics(hq)), args.listen,
                                      tls=tls_context, name="hq-http").start()
                 if tls_context is None:
                     log.warning("%s", PLAIN_HTTP_WARNING)

@@ -62,6 +62,7 @@ from typing import Any, cast
 
 from reconciler import names, protocol
 from reconciler.credentials import secret_matches
+from reconciler.metrics import METRICS_PATH, RelayMetrics, metrics_app_response
 from reconciler.plan import (
     Action,
     ActionKind,
@@ -276,7 +277,8 @@ class RelayApp:
 
     def __init__(self, state: RelayState, cache_dir: Path, *, webhook_secret: bytes | None = None,
                  insecure_webhook: bool = False, trust: Trust = Trust(),
-                 now: Callable[[], datetime] = utc_now) -> None:
+                 now: Callable[[], datetime] = utc_now, metrics: RelayMetrics | None = None) -> None:
+        self.metrics = metrics  # None: GET /metrics is 404
         self.trust = trust
         self.state = state
         self.store = state.store
@@ -309,7 +311,9 @@ class RelayApp:
         match = CHECKIN_PATH.fullmatch(path)
         if match:
             self._allow(method, ("POST",))
-            return self._json(start_response, 200, self.checkin(match.group(1), environ))
+            if self.metrics is None:
+                return self._json(start_response, 200, self.checkin(match.group(1), environ))
+            return self._json(start_response, 200, self._counted_checkin(match.group(1), environ, self.metrics))
         match = ARTIFACT_PATH.fullmatch(path)
         if match:
             self._allow(method, ("GET", "HEAD"))
@@ -320,6 +324,8 @@ class RelayApp:
             return self._json(start_response, 200, {
                 "ok": True, "relay": self.state.name, "acceptedCommit": generation.commit,
                 "clients": self.state.client_count, "errors": list(self.state.errors)})
+        if path == METRICS_PATH and self.metrics is not None:
+            return metrics_app_response(self.metrics, method, start_response)
         if path == "/v1/hooks/git":
             self._allow(method, ("POST",))
             self.git_hook(environ)
@@ -396,6 +402,23 @@ class RelayApp:
 
     # -- check-in ------------------------------------------------------------
 
+    def _counted_checkin(self, client_id: str, environ: Mapping[str, Any],
+                         metrics: RelayMetrics) -> protocol.CheckinReply:
+        """:meth:`checkin`, counted by status code (refusals by reason) and timed."""
+        code = 500
+        with metrics.checkin_seconds.time():
+            try:
+                reply = self.checkin(client_id, environ)
+                code = 200
+                return reply
+            except HttpError as e:
+                code = e.status
+                if e.reason is not None:
+                    metrics.enrolment_refusals.labels(e.reason).inc()
+                raise
+            finally:
+                metrics.checkins.labels(str(code)).inc()
+
     def checkin(self, client_id: str, environ: Mapping[str, Any]) -> protocol.CheckinReply:
         if not names.is_client_id(client_id):
             raise _bad("invalid client id: use 1-63 lowercase letters, digits, '.' and '-'")
@@ -436,6 +459,8 @@ class RelayApp:
                 new_token = self.store.register(db, client_id, now, approved=approved, actor=f"relay ({enrolled})")
                 if new_token is None:
                     raise HttpError(409, f"client {client_id} registered concurrently; check in again with its token")
+                if self.metrics is not None:
+                    self.metrics.registrations.inc()
                 changed = approved
             elif reissue:
                 new_token = self.store.reissue(db, client_id, now, actor=f"relay ({enrolled})")
@@ -483,8 +508,12 @@ class RelayApp:
         if request.last_relay is not None and request.last_relay != state.name:
             # It moved here: HQ tells that relay, which stops counting it (README, "Clients move and retire").
             changed |= self.store.record_arrival(db, client_id, request.last_relay, now)
-        if self.store.record_results(db, client_id, request.results, now):
+        finished = self.store.record_results(db, client_id, request.results, now)
+        if finished:
             changed = True
+            if self.metrics is not None:
+                for operation in finished:
+                    self.metrics.results.labels(operation.outcome.value).inc()
         actions: tuple[Action, ...] = ()
         if generation.index is not None:
             client = Client(
