@@ -166,6 +166,10 @@ def test_relay_and_hq_metrics_count_what_they_serve_and_publish(fleet: Fleet) ->
 
     hq_samples = wait_for(hq_agrees, 60, what="HQ's rows metric to match status/hq and relay-east up")
     assert (value(hq_samples, "reconciler_hq_pass_seconds_count") or 0) >= 1
+    # A healthy fleet: no git command failed on either side, no push was retried.
+    for samples in (agreed, hq_samples):
+        assert [k for k, v in samples.items() if k[0] == "reconciler_git_errors_total" and v] == []
+        assert value(samples, "reconciler_git_push_retries_total") == 0
     assert value(hq_samples, "reconciler_checkins_total", code="200") is None  # relay metrics stay on relays
 
     # /metrics is read-only.

@@ -78,7 +78,7 @@ from reconciler.relay.state import (
     StagedArtifact,
     TrustBundle,
 )
-from reconciler.relay.store import token_matches
+from reconciler.relay.store import FinishedOperation, token_matches
 from reconciler.times import utc_now
 from reconciler.webhook import HookGuard, HookRefused
 
@@ -453,14 +453,13 @@ class RelayApp:
         generation = state.generation
         changed = False
         new_token: str | None = None
+        finished: Sequence[FinishedOperation] = ()
         with self.store.write() as db:
             if credentials is None:
                 # First check-in (or a relay that lost its database), by an enrolled caller.
                 new_token = self.store.register(db, client_id, now, approved=approved, actor=f"relay ({enrolled})")
                 if new_token is None:
                     raise HttpError(409, f"client {client_id} registered concurrently; check in again with its token")
-                if self.metrics is not None:
-                    self.metrics.registrations.inc()
                 changed = approved
             elif reissue:
                 new_token = self.store.reissue(db, client_id, now, actor=f"relay ({enrolled})")
@@ -470,18 +469,25 @@ class RelayApp:
             elif confirm and not self.store.confirm(db, client_id, credentials.token_hash):
                 raise _refused(403, protocol.REASON_TOKEN_REFUSED, f"this token does not belong to client {client_id}")
             if approved:
-                actions, generation, planned_change = self._record_and_plan(db, client_id, request, generation, now)
+                actions, generation, planned_change, finished = self._record_and_plan(db, client_id, request,
+                                                                                     generation, now)
                 changed |= planned_change
             else:
                 # Registered, waiting: remember what it is (the operator sees its host name), plan nothing.
                 self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
                 actions = ()
+        # Committed: count it (a transaction rolled back counts nothing).
+        if self.metrics is not None:
+            if new_token is not None and credentials is None:
+                self.metrics.registrations.inc()
+            for operation in finished:
+                self.metrics.results.labels(operation.outcome.value).inc()
         if not approved:
             if new_token is not None and credentials is None:
                 log.info("client %s registered (%s); it waits for approval: reconciler clients approve %s "
                          "--workdir %s", client_id, enrolled, client_id, self.store.path.parent)
             raise _pending(client_id, new_token)
-        # Committed: everything this reply acknowledges and hands out is on disk.
+        # Everything this reply acknowledges and hands out is on disk.
         if new_token is not None:
             log.info("client %s %s (%s)", client_id, "registered" if credentials is None else "got a new token "
                      "(its token was revoked, or its registration reply was lost)", enrolled)
@@ -499,9 +505,10 @@ class RelayApp:
         return reply
 
     def _record_and_plan(self, db: sqlite3.Connection, client_id: str, request: Checkin, generation: Generation,
-                         now: datetime) -> tuple[tuple[Action, ...], Generation, bool]:
+                         now: datetime) -> tuple[tuple[Action, ...], Generation, bool, list[FinishedOperation]]:
         """Record an admitted client's report and results, plan it, record what is handed out (in ``db``'s
-        transaction): the actions, the generation they were planned with, and whether anything changed."""
+        transaction): the actions, the generation they were planned with, whether anything changed, and the
+        operations whose results were recorded."""
         state = self.state
         changed = False
         changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
@@ -511,9 +518,6 @@ class RelayApp:
         finished = self.store.record_results(db, client_id, request.results, now)
         if finished:
             changed = True
-            if self.metrics is not None:
-                for operation in finished:
-                    self.metrics.results.labels(operation.outcome.value).inc()
         actions: tuple[Action, ...] = ()
         if generation.index is not None:
             client = Client(
@@ -549,7 +553,7 @@ class RelayApp:
             if moved:
                 self.store.set_row_states(db, moved)
                 changed = True
-        return actions, generation, changed
+        return actions, generation, changed, finished
 
     @staticmethod
     def _artifact_for(action: Action, generation: Generation) -> StagedArtifact | None:
