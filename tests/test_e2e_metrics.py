@@ -21,8 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_e2e_relay import job, package, topology
 
 from reconciler.agent.agent import Agent
-from reconciler.gitstore import GitError, GitStore
-from reconciler.metrics import RelayMetrics
 
 pytestmark = pytest.mark.slow
 
@@ -181,16 +179,3 @@ def test_relay_and_hq_metrics_count_what_they_serve_and_publish(fleet: Fleet) ->
     wait_for(lambda: value(scrape(fleet.hq.url), "reconciler_relay_up", relay="relay-east") == 0, 60,
              what="relay-east down on HQ's metrics")
 
-
-def test_a_failed_git_command_is_counted_by_subcommand(tmp_path: Path) -> None:
-    metrics = RelayMetrics()
-    store = GitStore(str(tmp_path / "no-such-origin.git"), tmp_path / "work", network_timeout=30)
-    store.metrics = metrics
-    with pytest.raises(GitError):
-        store.fetch()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(metrics.render().decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    assert value(samples, "reconciler_git_errors_total", command="fetch") == 1
-    assert value(samples, "reconciler_git_push_retries_total") == 0
