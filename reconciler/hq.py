@@ -46,7 +46,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from reconciler import report
+from reconciler import report, web
 from reconciler.errors import (
     Cause,
     Problem,
@@ -77,6 +77,7 @@ from reconciler.report import (
     EvaluationError,
     RelayStatus,
     ReportError,
+    StatusRow,
 )
 from reconciler.serving import (
     AnyServer,
@@ -174,6 +175,9 @@ class Hq:
         self._published: dict[str, bytes] | None = None
         self._inputs: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
+        self.snapshot: web.Snapshot | None = None  # the web view's: the report of the last pass that rendered
+        self._job_rows: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[tuple[str, StatusRow], ...]] = {}
+        self._rows_lock = threading.Lock()
 
     # -- state from git ------------------------------------------------------
 
@@ -284,6 +288,7 @@ class Hq:
             accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
                                 evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
+            self.snapshot = web.Snapshot(hq_report, _relay_counts(hq_report, relays))
             files = report.render_hq_status(hq_report)
             if manifest is not None:
                 files[report.MANIFEST_FILE] = manifest
@@ -293,6 +298,48 @@ class Hq:
             self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
+
+    def job_rows(self, job: str) -> tuple[tuple[str, StatusRow], ...] | None:
+        """Every client row of ``job`` as (relay, row), relays in tree order, for the web view's job page.
+
+        Read from each relay's ``relays/<relay>/jobs/<job>.yaml`` at the relay
+        ref HQ last read (files over :data:`report.MAX_STATUS_FILE` are
+        skipped), and kept per set of ref shas for the last
+        :data:`JOB_ROWS_CACHED` jobs, so polling a page reads git only after
+        a relay published. None when git cannot be read.
+        """
+        snapshot = self.snapshot
+        with self._lock:
+            shas = {name: sha for name, (sha, _) in self._relays.items()}
+        order = [r.relay for _, r in report.relay_tree(snapshot.report.relays)] if snapshot is not None else []
+        refs = tuple((name, shas[name]) for name in order if name in shas)
+        key = (job, refs)
+        with self._rows_lock:
+            cached = self._job_rows.get(key)
+            if cached is not None:
+                return cached
+            paths = [f"{report.relay_prefix(name)}jobs/{job}.yaml" for name, _ in refs]
+            try:
+                contents = self.store.read_paths([(sha, p) for (_, sha), p in zip(refs, paths)],
+                                                 max_size=report.MAX_STATUS_FILE)
+            except GitError as e:
+                log.warning("cannot read the rows of job %s: %s", job, e)
+                return None
+            rows: list[tuple[str, StatusRow]] = []
+            for (name, _), path, data in zip(refs, paths, contents):
+                if data is None or len(data) > report.MAX_STATUS_FILE:
+                    continue
+                try:
+                    _, _, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{name}:{path}")
+                except ReportError as e:
+                    log.warning("%s", e)
+                    continue
+                rows.extend((name, row) for row in status.rows)
+            self._job_rows = {k: v for k, v in self._job_rows.items() if k[0] != job}
+            while len(self._job_rows) >= JOB_ROWS_CACHED:
+                del self._job_rows[next(iter(self._job_rows))]
+            self._job_rows[key] = result = tuple(rows)
+            return result
 
     def _manifest(self, specs_now: Specs | None) -> bytes | None:
         """The signed manifest of the accepted commit (None without a signing key or an accepted commit)."""
@@ -413,6 +460,23 @@ class Hq:
         return out
 
 
+JOB_ROWS_CACHED = 4
+"""Jobs whose client rows HQ keeps for the web view (a job of 100,000 clients is that many rows)."""
+
+
+def _relay_counts(hq_report: report.HqReport, relays: Mapping[str, RelayStatus]) -> dict[str, dict[str, int]]:
+    """Each relay's own rows by state, over the jobs of the report."""
+    jobs = {j.job for j in hq_report.jobs}
+    out: dict[str, dict[str, int]] = {}
+    for name, status in relays.items():
+        total = report.zero_counts()
+        for job, digest in status.jobs.items():
+            if job in jobs:
+                report.add_counts(total, digest.counts)
+        out[name] = total
+    return out
+
+
 # ------------------------------------------------------------------- shell
 
 
@@ -420,14 +484,16 @@ HEALTH_PATH = "/healthz"
 
 
 def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
-             health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None) -> WSGIApp:
+             health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None,
+             view: web.WebView | None = None) -> WSGIApp:
     """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in), ``POST /v1/hooks/git`` and, with
-    ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`).
+    ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`)
+    and, with ``view``, the HTML web view at ``/`` and ``/ui/`` (:mod:`reconciler.web`).
 
     ``hooks`` checks the git hook; a secret stands for ``HookGuard(secret)``
     and None for a guard that refuses every hook.
 
-    Every response is JSON; errors are ``{"error": "..."}`` with a 4xx
+    Every response but the web view's is JSON; errors are ``{"error": "..."}`` with a 4xx
     status, and a bug gives a JSON 500, never a traceback.
     """
 
@@ -446,6 +512,9 @@ def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
             answer = relays.route(path, environ, start_response) if relays is not None else None
             if answer is not None:
                 return answer
+            page = view.route(path, environ, start_response) if view is not None else None
+            if page is not None:
+                return page
             return json_response(start_response, 404, {"error": f"no such endpoint: {path[:200]}"})
         except Exception:  # noqa: BLE001 - a bug must give a JSON 500, not a traceback to the caller
             log.exception("error serving %s %s", method, path[:200])
@@ -524,11 +593,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         secret = read_secret_file(args.webhook_secret_file) if args.webhook_secret_file else None
         heartbeat_secret = read_secret_file(args.heartbeat_secret_file) if args.heartbeat_secret_file else None
+        ui_token = read_secret_file(args.ui_token_file) if getattr(args, "ui_token_file", None) else None
     except (OSError, ValueError) as e:
         print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
         return 2
     tls_context = None
     tls_given = [getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_client_ca")]
+    if not getattr(args, "listen", None) and ui_token is not None:
+        print("reconciler hq: --ui-token-file needs --listen (HQ serves no web view without it)", file=sys.stderr)
+        return 2
     if not getattr(args, "listen", None) and any(tls_given):
         print("reconciler hq: --tls-cert, --tls-key and --tls-client-ca need --listen (HQ serves nothing without it)",
               file=sys.stderr)
@@ -605,7 +678,8 @@ def main(args: argparse.Namespace) -> int:
                 if hooks.mode == "refused":
                     log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, "
                                 "or --insecure-unsigned-webhook); changes are picked up every --poll-interval")
-                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays), args.listen,
+                view = web.WebView(lambda: hq.snapshot, hq.job_rows, ui_token)
+                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays, view), args.listen,
                                      tls=tls_context, name="hq-http").start()
                 if tls_context is None:
                     log.warning("%s", PLAIN_HTTP_WARNING)
@@ -613,9 +687,9 @@ def main(args: argparse.Namespace) -> int:
             except (ListenError, OSError) as e:
                 print(f"reconciler hq: cannot listen on {args.listen}: {e}", file=sys.stderr)
                 return 2
-            log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one)",
-                     server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
-                     timeout)
+            log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one, "
+                     "web view at %s/ %s)", server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
+                     timeout, server.url, "behind its read token" if ui_token else "open to every client")
         watcher.start()
         log.info("HQ following %s branch %s", origin, args.branch)
         turn = Turn(None, None, None, 0)
