@@ -176,6 +176,7 @@ class Hq:
         self._inputs: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
         self.snapshot: web.Snapshot | None = None  # the web view's: the report of the last pass that rendered
+        self._snapshot_refs: tuple[tuple[str, str], ...] = ()  # (relay, ref sha) it was read from, in tree order
         self._job_rows: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[tuple[str, StatusRow], ...]] = {}
         self._rows_lock = threading.Lock()
 
@@ -288,6 +289,8 @@ class Hq:
             accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
                                 evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
+            self._snapshot_refs = tuple((r.relay, self._relays[r.relay][0])
+                                        for _, r in report.relay_tree(hq_report.relays) if r.relay in self._relays)
             self.snapshot = web.Snapshot(hq_report, _relay_counts(hq_report, relays))
             files = report.render_hq_status(hq_report)
             if manifest is not None:
@@ -303,16 +306,12 @@ class Hq:
         """Every client row of ``job`` as (relay, row), relays in tree order, for the web view's job page.
 
         Read from each relay's ``relays/<relay>/jobs/<job>.yaml`` at the relay
-        ref HQ last read (files over :data:`report.MAX_STATUS_FILE` are
+        ref the view's report was aggregated from (files over :data:`report.MAX_STATUS_FILE` are
         skipped), and kept per set of ref shas for the last
         :data:`JOB_ROWS_CACHED` jobs, so polling a page reads git only after
         a relay published. None when git cannot be read.
         """
-        snapshot = self.snapshot
-        with self._lock:
-            shas = {name: sha for name, (sha, _) in self._relays.items()}
-        order = [r.relay for _, r in report.relay_tree(snapshot.report.relays)] if snapshot is not None else []
-        refs = tuple((name, shas[name]) for name in order if name in shas)
+        refs = self._snapshot_refs  # never waits for a pass: the refs of the report the view shows
         key = (job, refs)
         with self._rows_lock:
             cached = self._job_rows.get(key)

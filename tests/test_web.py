@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 import requests
 from e2e_helpers import HqProcess
-from test_hq import FAIL, OK, PEND, RUN, Origin, publish_relay
+from test_hq import FAIL, OK, PEND, RUN, Origin, break_job, publish_relay, run_cli
 
 from reconciler import web
 from reconciler.gitstore import GitStore
@@ -138,6 +138,27 @@ def test_hostile_names_and_messages_stay_inert(hq: Hq) -> None:
         assert "&lt;script&gt;window.pwned=1&lt;/script&gt;&quot;&#x27;&gt;&lt;img" in page
         assert re.findall(r"<script\b[^>]*>", page) == ['<script src="/ui/static/web.js" defer>']
     assert f'href="/ui/jobs/%3Cscript%3Ewindow.pwned%3D1%3C%2Fscript%3E%22%27%3E%3Cimg' in pages[0]
+
+
+def test_validation_errors_of_the_newest_main_are_shown_next_to_the_accepted_commit(hq: Hq, origin: Origin) -> None:
+    accepted = origin.head
+    broken = origin.commit("break a job", break_job)
+    hq.run_pass()
+    assert hq.snapshot is not None
+    page = web.render_overview(hq.snapshot)
+    assert f'<code id="accepted-commit">{accepted}</code>' in page
+    assert f"<code>{broken[:12]}</code> <span id=\"main-validity\">INVALID</span>" in page
+    errors = re.search(r'<ul class="errors" id="validation-errors">(.*?)</ul>', page, re.S)
+    assert errors is not None and "broken.yaml" in errors.group(1)
+    assert counts_in(page, "job", "install-7zip")["Failed"] == 50  # the accepted commit's jobs go on
+
+
+def test_the_token_file_needs_listen(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    done = run_cli("hq", "--origin", str(tmp_path / "none.git"), "--workdir", str(tmp_path / "hq"),
+                   "--ui-token-file", str(token), "--once")
+    assert done.returncode == 2 and "--ui-token-file needs --listen" in done.stderr
 
 
 def call(app: Any, path: str, query: str = "", headers: dict[str, str] | None = None) -> tuple[str, dict[str, str],
