@@ -29,6 +29,10 @@ transition re-renders ``status/hq`` from the relay status already read. The
 service wakes at least every poll interval, and at the moment a relay's
 timeout runs out, so a dead relay shows as lost within about
 ``--relay-timeout`` seconds.
+
+``--listen`` also serves the read-only web view (:mod:`reconciler.web`):
+HQ keeps the report of the last pass that rendered (``Hq.snapshot``) and
+reads a job's client rows from the relay refs that report came from.
 """
 
 from __future__ import annotations

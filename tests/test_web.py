@@ -122,6 +122,18 @@ def test_rows_filter_by_reason_and_pages_stay_bounded() -> None:
     assert web.RowFilter.from_query({"page": "-4", "state": ""}) == web.RowFilter()
 
 
+def test_a_job_of_100000_clients_renders_one_bounded_page(hq: Hq) -> None:
+    rows = [(("relay-kanto", "relay-yokohama")[i % 2],
+             StatusRow(f"pc-{i:06d}", FAIL if i % 10 == 0 else OK, "1.0", 1, "exit 1" if i % 10 == 0 else "", None,
+                       "done")) for i in range(100_000)]
+    page = web.render_job(hq.snapshot, "install-7zip", rows, web.RowFilter(state="Failed", relay="relay-kanto",
+                                                                          page=100))
+    assert page is not None and "10000 matching clients, page 100 of 100" in page  # every tenth, all on kanto
+    assert len(client_rows(page)) == web.PAGE_SIZE and len(page) < 100_000
+    assert 'rel="prev" href="/ui/jobs/install-7zip?state=Failed&amp;relay=relay-kanto&amp;page=99"' in page
+    assert 'rel="next"' not in page
+
+
 def test_hostile_names_and_messages_stay_inert(hq: Hq) -> None:
     snapshot = hq.snapshot
     assert snapshot is not None
