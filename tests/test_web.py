@@ -17,6 +17,7 @@ import pytest
 import requests
 from e2e_helpers import HqProcess
 from test_hq import FAIL, OK, PEND, RUN, Origin, break_job, publish_relay, run_cli
+from tls_helpers import CA
 
 from reconciler import web
 from reconciler.gitstore import GitStore
@@ -236,17 +237,26 @@ def test_a_live_hq_serves_the_same_counts_without_javascript(live: HqProcess, or
 
 
 @pytest.mark.slow
-def test_a_live_hq_with_a_token_file_refuses_the_view_without_it(origin: Origin, tmp_path: Path) -> None:
+def test_a_live_hq_serves_the_view_over_its_tls_behind_the_token(origin: Origin, tmp_path: Path) -> None:
+    ca = CA(tmp_path / "ca", "view-ca")
+    cert = ca.issue("hq")
     token = tmp_path / "ui-token"
     token.write_text("v13w-t0ken\n")
-    hq = HqProcess(str(origin.bare), tmp_path / "hq", "--ui-token-file", str(token)).start()
+    hq = HqProcess(str(origin.bare), tmp_path / "hq", "--tls-cert", str(cert.cert), "--tls-key", str(cert.key),
+                   "--ui-token-file", str(token)).start()
     try:
-        assert requests.get(f"{hq.url}/", timeout=5).status_code == 401
-        page = wait_for_page(f"{hq.url}/", lambda p: 'id="jobs"' in p, "the overview",
+        assert hq.url.startswith("https://")
+        verify = str(ca.cert_file)
+        refused = requests.get(f"{hq.url}/", timeout=5, verify=verify)
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Basic ")
+        assert requests.get(f"{hq.url}/", timeout=5, verify=verify, auth=("admin", "wrong")).status_code == 401
+        page = wait_for_page(f"{hq.url}/", lambda p: 'id="jobs"' in p, "the overview", verify=verify,
                              auth=("admin", "v13w-t0ken"))
         assert "install-7zip" in page
-        assert requests.get(f"{hq.url}/", headers={"Authorization": "Bearer v13w-t0ken"}, timeout=5).ok
-        assert requests.get(f"{hq.url}/healthz", timeout=5).ok
+        bearer = requests.get(f"{hq.url}/ui/jobs/install-7zip", headers={"Authorization": "Bearer v13w-t0ken"},
+                              timeout=5, verify=verify)
+        assert bearer.status_code == 200 and "Job install-7zip" in bearer.text
+        assert requests.get(f"{hq.url}/healthz", timeout=5, verify=verify).ok
     finally:
         hq.stop()
 
