@@ -16,7 +16,8 @@ inline script or style, only this module's stylesheet and script from
 ``/ui/static/``. Progress bars are CSS widths by class (``w0`` … ``w100``),
 so no ``style`` attribute is needed. The script polls the same URL with
 ``?fragment=1`` every :data:`REFRESH_SECONDS` and swaps the ``<main>``
-element; with JavaScript off the page is complete, only not live.
+element (not while the filter form has the focus); with JavaScript off the
+page is complete, only not live.
 
 With a read token (``hq --ui-token-file``) every view request must carry it,
 either as ``Authorization: Bearer <token>`` (scripts) or as the password of
@@ -84,6 +85,8 @@ SCRIPT = """\
   "use strict";
   var seconds = Number(document.body.getAttribute("data-refresh")) || 5;
   function refresh() {
+    var active = document.activeElement;
+    if (active && active.closest && active.closest("main form")) { return; }  // never under the user's hands
     var url = new URL(window.location.href);
     url.searchParams.set("fragment", "1");
     fetch(url.toString(), {credentials: "same-origin", cache: "no-store"})
