@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HMAC-SHA256 secret relays sign their heartbeats with (unsigned ones are then refused)")
     p.add_argument("--relay-timeout", type=_positive_float, default=300.0, metavar="S",
                    help="a relay with no heartbeat for S seconds is published as lost (default: 300)")
+    p.add_argument("--ui-token-file", metavar="F",
+                   help="require this read token for the web view at / and /ui/ (Authorization: Bearer, or HTTP "
+                        "Basic with the token as password); without it the view is open to whoever reaches --listen")
     p.add_argument("--allowed-signers", metavar="FILE",
                    help="accept a main commit only when it is signed by a key of this SSH allowed-signers file "
                         "(as git's gpg.ssh.allowedSignersFile); an unsigned one is rejected like invalid specs")

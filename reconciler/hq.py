@@ -29,6 +29,10 @@ transition re-renders ``status/hq`` from the relay status already read. The
 service wakes at least every poll interval, and at the moment a relay's
 timeout runs out, so a dead relay shows as lost within about
 ``--relay-timeout`` seconds.
+
+``--listen`` also serves the read-only web view (:mod:`reconciler.web`):
+HQ keeps the report of the last pass that rendered (``Hq.snapshot``) and
+reads a job's client rows from the relay refs that report came from.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
-from reconciler import report
+from reconciler import report, web
 from reconciler.errors import (
     Cause,
     Problem,
@@ -86,6 +90,7 @@ from reconciler.report import (
     EvaluationError,
     RelayStatus,
     ReportError,
+    StatusRow,
 )
 from reconciler.serving import (
     AnyServer,
@@ -185,6 +190,10 @@ class Hq:
         self._lock = threading.Lock()
         self.report: report.HqReport | None = None  # the last one aggregated (what status/hq shows)
         self.metrics: HqMetrics | None = None  # times passes when set
+        self.snapshot: web.Snapshot | None = None  # the web view's: the report of the last pass that rendered
+        self._snapshot_refs: tuple[tuple[str, str], ...] = ()  # (relay, ref sha) it was read from, in tree order
+        self._job_rows: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[tuple[str, StatusRow], ...]] = {}
+        self._rows_lock = threading.Lock()
 
     # -- state from git ------------------------------------------------------
 
@@ -299,6 +308,9 @@ class Hq:
                                 evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
             self.report = hq_report
+            self._snapshot_refs = tuple((r.relay, self._relays[r.relay][0])
+                                        for _, r in report.relay_tree(hq_report.relays) if r.relay in self._relays)
+            self.snapshot = web.Snapshot(hq_report, _relay_counts(hq_report, relays))
             files = report.render_hq_status(hq_report)
             if manifest is not None:
                 files[report.MANIFEST_FILE] = manifest
@@ -308,6 +320,44 @@ class Hq:
             self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
+
+    def job_rows(self, job: str) -> tuple[tuple[str, StatusRow], ...] | None:
+        """Every client row of ``job`` as (relay, row), relays in tree order, for the web view's job page.
+
+        Read from each relay's ``relays/<relay>/jobs/<job>.yaml`` at the relay
+        ref the view's report was aggregated from (files over :data:`report.MAX_STATUS_FILE` are
+        skipped), and kept per set of ref shas for the last
+        :data:`JOB_ROWS_CACHED` jobs, so polling a page reads git only after
+        a relay published. None when git cannot be read.
+        """
+        refs = self._snapshot_refs  # never waits for a pass: the refs of the report the view shows
+        key = (job, refs)
+        with self._rows_lock:
+            cached = self._job_rows.get(key)
+            if cached is not None:
+                return cached
+            paths = [f"{report.relay_prefix(name)}jobs/{job}.yaml" for name, _ in refs]
+            try:
+                contents = self.store.read_paths([(sha, p) for (_, sha), p in zip(refs, paths)],
+                                                 max_size=report.MAX_STATUS_FILE)
+            except GitError as e:
+                log.warning("cannot read the rows of job %s: %s", job, e)
+                return None
+            rows: list[tuple[str, StatusRow]] = []
+            for (name, _), path, data in zip(refs, paths, contents):
+                if data is None or len(data) > report.MAX_STATUS_FILE:
+                    continue
+                try:
+                    _, _, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{name}:{path}")
+                except ReportError as e:
+                    log.warning("%s", e)
+                    continue
+                rows.extend((name, row) for row in status.rows)
+            self._job_rows = {k: v for k, v in self._job_rows.items() if k[0] != job}
+            while len(self._job_rows) >= JOB_ROWS_CACHED:
+                del self._job_rows[next(iter(self._job_rows))]
+            self._job_rows[key] = result = tuple(rows)
+            return result
 
     def _manifest(self, specs_now: Specs | None) -> bytes | None:
         """The signed manifest of the accepted commit (None without a signing key or an accepted commit)."""
@@ -428,6 +478,23 @@ class Hq:
         return out
 
 
+JOB_ROWS_CACHED = 4
+"""Jobs whose client rows HQ keeps for the web view (a job of 100,000 clients is that many rows)."""
+
+
+def _relay_counts(hq_report: report.HqReport, relays: Mapping[str, RelayStatus]) -> dict[str, dict[str, int]]:
+    """Each relay's own rows by state, over the jobs of the report."""
+    jobs = {j.job for j in hq_report.jobs}
+    out: dict[str, dict[str, int]] = {}
+    for name, status in relays.items():
+        total = report.zero_counts()
+        for job, digest in status.jobs.items():
+            if job in jobs:
+                report.add_counts(total, digest.counts)
+        out[name] = total
+    return out
+
+
 # ------------------------------------------------------------------- shell
 
 
@@ -456,14 +523,15 @@ def hq_metrics(hq: Hq) -> HqMetrics:
 
 def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
              health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None,
-             metrics: HqMetrics | None = None) -> WSGIApp:
+             metrics: HqMetrics | None = None, view: web.WebView | None = None) -> WSGIApp:
     """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in), ``POST /v1/hooks/git`` and, with
-    ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`).
+    ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`)
+    and, with ``view``, the HTML web view at ``/`` and ``/ui/`` (:mod:`reconciler.web`).
 
     ``hooks`` checks the git hook; a secret stands for ``HookGuard(secret)``
     and None for a guard that refuses every hook.
 
-    Every response is JSON; errors are ``{"error": "..."}`` with a 4xx
+    Every response but the web view's is JSON; errors are ``{"error": "..."}`` with a 4xx
     status, and a bug gives a JSON 500, never a traceback.
     """
 
@@ -484,6 +552,9 @@ def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
             answer = relays.route(path, environ, start_response) if relays is not None else None
             if answer is not None:
                 return answer
+            page = view.route(path, environ, start_response) if view is not None else None
+            if page is not None:
+                return page
             return json_response(start_response, 404, {"error": f"no such endpoint: {path[:200]}"})
         except Exception:  # noqa: BLE001 - a bug must give a JSON 500, not a traceback to the caller
             log.exception("error serving %s %s", method, path[:200])
@@ -562,11 +633,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         secret = read_secret_file(args.webhook_secret_file) if args.webhook_secret_file else None
         heartbeat_secret = read_secret_file(args.heartbeat_secret_file) if args.heartbeat_secret_file else None
+        ui_token = read_secret_file(args.ui_token_file) if getattr(args, "ui_token_file", None) else None
     except (OSError, ValueError) as e:
         print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
         return 2
     tls_context = None
     tls_given = [getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_client_ca")]
+    if not getattr(args, "listen", None) and ui_token is not None:
+        print("reconciler hq: --ui-token-file needs --listen (HQ serves no web view without it)", file=sys.stderr)
+        return 2
     if not getattr(args, "listen", None) and any(tls_given):
         print("reconciler hq: --tls-cert, --tls-key and --tls-client-ca need --listen (HQ serves nothing without it)",
               file=sys.stderr)
@@ -643,7 +718,9 @@ def main(args: argparse.Namespace) -> int:
                 if hooks.mode == "refused":
                     log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, "
                                 "or --insecure-unsigned-webhook); changes are picked up every --poll-interval")
-                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays, hq_metrics(hq)), args.listen,
+                view = web.WebView(lambda: hq.snapshot, hq.job_rows, ui_token)
+                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays, hq_metrics(hq), view),
+                                     args.listen,
                                      tls=tls_context, name="hq-http").start()
                 if tls_context is None:
                     log.warning("%s", PLAIN_HTTP_WARNING)
@@ -651,9 +728,9 @@ def main(args: argparse.Namespace) -> int:
             except (ListenError, OSError) as e:
                 print(f"reconciler hq: cannot listen on {args.listen}: {e}", file=sys.stderr)
                 return 2
-            log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one)",
-                     server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
-                     timeout)
+            log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one, "
+                     "web view at %s/ %s)", server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
+                     timeout, server.url, "behind its read token" if ui_token else "open to every client")
         watcher.start()
         log.info("HQ following %s branch %s", origin, args.branch)
         turn = Turn(None, None, None, 0)
