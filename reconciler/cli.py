@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notification-secrets-dir", metavar="DIR",
                    help="directory of the HMAC-SHA256 keys the topology's spec.notifications name in secretFile; "
                         "without it HQ sends no notifications")
+    p.add_argument("--ui-token-file", metavar="F",
+                   help="require this read token for the web view at / and /ui/ (Authorization: Bearer, or HTTP "
+                        "Basic with the token as password); without it the view is open to whoever reaches --listen")
     p.add_argument("--allowed-signers", metavar="FILE",
                    help="accept a main commit only when it is signed by a key of this SSH allowed-signers file "
                         "(as git's gpg.ssh.allowedSignersFile); an unsigned one is rejected like invalid specs")

@@ -57,6 +57,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from reconciler.errors import Cause, ReconcilerError, git_cause
+from reconciler.metrics import Metrics
 from reconciler.redaction import redact_text, redact_url, split_credentials, url_secrets
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,9 @@ def worktree_snapshot(root: Path) -> tuple[GitStore, str] | None:
         found = store._git("rev-parse", "--verify", "--quiet", f"{tree}:{prefix.rstrip('/')}", check=False)
         tree = found.stdout.decode("ascii").strip() if found.returncode == 0 else _EMPTY_TREE
     return store, tree
+
+
+_SUBCOMMAND = re.compile(r"[a-z][a-z-]{0,30}")  # a git subcommand: the label of reconciler_git_errors_total
 
 
 def _git_in(directory: Path, *args: str, extra: Mapping[str, str] | None = None,
@@ -434,6 +438,7 @@ class GitStore:
         self._ready = False
         self._identity: dict[str, str] | None = None
         self._env = self._make_env()
+        self.metrics: Metrics | None = None  # counts failed git commands and push retries when set
 
     def __repr__(self) -> str:
         return f"GitStore(origin={redact_url(self.origin)!r}, workdir={str(self.workdir)!r})"
@@ -493,6 +498,8 @@ class GitStore:
         if len(detail) > _MAX_MESSAGE:
             detail = detail[:_MAX_MESSAGE] + " …"
         msg = f"git {what} failed: {detail or 'no output'} (origin {redact_url(self.origin)})"
+        if self.metrics is not None:
+            self.metrics.git_errors.labels(what if _SUBCOMMAND.fullmatch(what) else "other").inc()
         return GitError(redact_text(msg, self._secrets), git_cause(detail))
 
     def _git(
@@ -1097,6 +1104,8 @@ class GitStore:
         last_error = ""
         for attempt in range(self.push_attempts):
             if attempt:
+                if self.metrics is not None:
+                    self.metrics.push_retries.inc()
                 delay = self.backoff_seconds * (2 ** (attempt - 1))
                 time.sleep(delay * random.uniform(0.5, 1.5))
             tip = self._sync_ref(ref)

@@ -29,6 +29,10 @@ transition re-renders ``status/hq`` from the relay status already read. The
 service wakes at least every poll interval, and at the moment a relay's
 timeout runs out, so a dead relay shows as lost within about
 ``--relay-timeout`` seconds.
+
+``--listen`` also serves the read-only web view (:mod:`reconciler.web`):
+HQ keeps the report of the last pass that rendered (``Hq.snapshot``) and
+reads a job's client rows from the relay refs that report came from.
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from reconciler import report
+from prometheus_client.metrics_core import Metric
+
+from reconciler import report, web
 from reconciler.errors import (
     Cause,
     Problem,
@@ -68,8 +74,15 @@ from reconciler.gitstore import (
 from reconciler.hq_liveness import LIVENESS_FILE, Contacts, RelaysApi
 from reconciler.hq_manifest import ManifestSigner, signer_from_files
 from reconciler.hq_notify import Notifier
-from reconciler.liveness import RelayLiveness
+from reconciler.liveness import Liveness, RelayLiveness
 from reconciler.logs import configure_logging
+from reconciler.metrics import (
+    METRICS_PATH,
+    HqMetrics,
+    gauge,
+    metrics_app_response,
+    row_gauge,
+)
 from reconciler.redaction import redact_url
 from reconciler.repo_tree import load_commit
 from reconciler.report import (
@@ -78,6 +91,7 @@ from reconciler.report import (
     EvaluationError,
     RelayStatus,
     ReportError,
+    StatusRow,
 )
 from reconciler.serving import (
     AnyServer,
@@ -176,6 +190,12 @@ class Hq:
         self._published: dict[str, bytes] | None = None
         self._inputs: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
+        self.report: report.HqReport | None = None  # the last one aggregated (what status/hq shows)
+        self.metrics: HqMetrics | None = None  # times passes when set
+        self.snapshot: web.Snapshot | None = None  # the web view's: the report of the last pass that rendered
+        self._snapshot_refs: tuple[tuple[str, str], ...] = ()  # (relay, ref sha) it was read from, in tree order
+        self._job_rows: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[tuple[str, StatusRow], ...]] = {}
+        self._rows_lock = threading.Lock()
 
     # -- state from git ------------------------------------------------------
 
@@ -237,7 +257,10 @@ class Hq:
         publishes nothing.
         """
         with self._lock:
-            return self._run_pass()
+            if self.metrics is None:
+                return self._run_pass()
+            with self.metrics.pass_seconds.time():
+                return self._run_pass()
 
     def seconds_until_retry(self) -> float | None:
         """Seconds until a failed evaluation is due again (0 if due now); None when none failed."""
@@ -286,6 +309,10 @@ class Hq:
             accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
                                 evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
+            self.report = hq_report
+            self._snapshot_refs = tuple((r.relay, self._relays[r.relay][0])
+                                        for _, r in report.relay_tree(hq_report.relays) if r.relay in self._relays)
+            self.snapshot = web.Snapshot(hq_report, _relay_counts(hq_report, relays))
             files = report.render_hq_status(hq_report)
             if manifest is not None:
                 files[report.MANIFEST_FILE] = manifest
@@ -297,6 +324,44 @@ class Hq:
             self._inputs = inputs
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
+
+    def job_rows(self, job: str) -> tuple[tuple[str, StatusRow], ...] | None:
+        """Every client row of ``job`` as (relay, row), relays in tree order, for the web view's job page.
+
+        Read from each relay's ``relays/<relay>/jobs/<job>.yaml`` at the relay
+        ref the view's report was aggregated from (files over :data:`report.MAX_STATUS_FILE` are
+        skipped), and kept per set of ref shas for the last
+        :data:`JOB_ROWS_CACHED` jobs, so polling a page reads git only after
+        a relay published. None when git cannot be read.
+        """
+        refs = self._snapshot_refs  # never waits for a pass: the refs of the report the view shows
+        key = (job, refs)
+        with self._rows_lock:
+            cached = self._job_rows.get(key)
+            if cached is not None:
+                return cached
+            paths = [f"{report.relay_prefix(name)}jobs/{job}.yaml" for name, _ in refs]
+            try:
+                contents = self.store.read_paths([(sha, p) for (_, sha), p in zip(refs, paths)],
+                                                 max_size=report.MAX_STATUS_FILE)
+            except GitError as e:
+                log.warning("cannot read the rows of job %s: %s", job, e)
+                return None
+            rows: list[tuple[str, StatusRow]] = []
+            for (name, _), path, data in zip(refs, paths, contents):
+                if data is None or len(data) > report.MAX_STATUS_FILE:
+                    continue
+                try:
+                    _, _, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{name}:{path}")
+                except ReportError as e:
+                    log.warning("%s", e)
+                    continue
+                rows.extend((name, row) for row in status.rows)
+            self._job_rows = {k: v for k, v in self._job_rows.items() if k[0] != job}
+            while len(self._job_rows) >= JOB_ROWS_CACHED:
+                del self._job_rows[next(iter(self._job_rows))]
+            self._job_rows[key] = result = tuple(rows)
+            return result
 
     def _manifest(self, specs_now: Specs | None) -> bytes | None:
         """The signed manifest of the accepted commit (None without a signing key or an accepted commit)."""
@@ -417,21 +482,60 @@ class Hq:
         return out
 
 
+JOB_ROWS_CACHED = 4
+"""Jobs whose client rows HQ keeps for the web view (a job of 100,000 clients is that many rows)."""
+
+
+def _relay_counts(hq_report: report.HqReport, relays: Mapping[str, RelayStatus]) -> dict[str, dict[str, int]]:
+    """Each relay's own rows by state, over the jobs of the report."""
+    jobs = {j.job for j in hq_report.jobs}
+    out: dict[str, dict[str, int]] = {}
+    for name, status in relays.items():
+        total = report.zero_counts()
+        for job, digest in status.jobs.items():
+            if job in jobs:
+                report.add_counts(total, digest.counts)
+        out[name] = total
+    return out
+
+
 # ------------------------------------------------------------------- shell
 
 
 HEALTH_PATH = "/healthz"
 
 
+def hq_metrics(hq: Hq) -> HqMetrics:
+    """HQ's metrics; its gauges read the last aggregated report (what status/hq shows) when scraped."""
+    metrics = HqMetrics()
+
+    def snapshot() -> Iterator[Metric]:
+        last = hq.report
+        jobs = last.jobs if last is not None else ()
+        yield row_gauge(sorted(((job.job, state), n) for job in jobs for state, n in job.counts.items()))
+        relays = last.relays if last is not None else ()
+        yield gauge("reconciler_relay_up", "1 while HQ receives the relay's heartbeats (alive), 0 once it is lost; "
+                    "absent while unknown (HQ listens without heartbeats of it yet)", ("relay",),
+                    [((r.relay,), 1 if r.liveness.state is Liveness.ALIVE else 0) for r in relays
+                     if r.liveness is not None and r.liveness.state is not Liveness.UNKNOWN])
+
+    metrics.add_snapshot(snapshot)
+    hq.metrics = metrics
+    hq.store.metrics = metrics
+    return metrics
+
+
 def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
-             health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None) -> WSGIApp:
+             health: Callable[[], Mapping[str, Any]] | None = None, relays: RelaysApi | None = None,
+             metrics: HqMetrics | None = None, view: web.WebView | None = None) -> WSGIApp:
     """HQ's whole HTTP API: ``GET /healthz`` (``health()`` merged in), ``POST /v1/hooks/git`` and, with
-    ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`).
+    ``relays``, ``POST /v1/relays/<relay>/heartbeat`` and ``GET /v1/relays`` (:mod:`reconciler.hq_liveness`)
+    and, with ``view``, the HTML web view at ``/`` and ``/ui/`` (:mod:`reconciler.web`).
 
     ``hooks`` checks the git hook; a secret stands for ``HookGuard(secret)``
     and None for a guard that refuses every hook.
 
-    Every response is JSON; errors are ``{"error": "..."}`` with a 4xx
+    Every response but the web view's is JSON; errors are ``{"error": "..."}`` with a 4xx
     status, and a bug gives a JSON 500, never a traceback.
     """
 
@@ -445,11 +549,16 @@ def make_app(trigger: Callable[[], None], hooks: HookGuard | bytes | None,
                 if method not in ("GET", "HEAD"):
                     return json_response(start_response, 405, {"error": "use GET"})
                 return json_response(start_response, 200, {"ok": True, **(health() if health else {})})
+            if path == METRICS_PATH and metrics is not None:
+                return metrics_app_response(metrics, method, start_response)
             if path == HOOK_PATH:
                 return hook_handler(environ, start_response, guard, trigger)
             answer = relays.route(path, environ, start_response) if relays is not None else None
             if answer is not None:
                 return answer
+            page = view.route(path, environ, start_response) if view is not None else None
+            if page is not None:
+                return page
             return json_response(start_response, 404, {"error": f"no such endpoint: {path[:200]}"})
         except Exception:  # noqa: BLE001 - a bug must give a JSON 500, not a traceback to the caller
             log.exception("error serving %s %s", method, path[:200])
@@ -528,11 +637,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         secret = read_secret_file(args.webhook_secret_file) if args.webhook_secret_file else None
         heartbeat_secret = read_secret_file(args.heartbeat_secret_file) if args.heartbeat_secret_file else None
+        ui_token = read_secret_file(args.ui_token_file) if getattr(args, "ui_token_file", None) else None
     except (OSError, ValueError) as e:
         print(f"reconciler hq: cannot read a secret: {e}", file=sys.stderr)
         return 2
     tls_context = None
     tls_given = [getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_client_ca")]
+    if not getattr(args, "listen", None) and ui_token is not None:
+        print("reconciler hq: --ui-token-file needs --listen (HQ serves no web view without it)", file=sys.stderr)
+        return 2
     if not getattr(args, "listen", None) and any(tls_given):
         print("reconciler hq: --tls-cert, --tls-key and --tls-client-ca need --listen (HQ serves nothing without it)",
               file=sys.stderr)
@@ -620,7 +733,9 @@ def main(args: argparse.Namespace) -> int:
                 if hooks.mode == "refused":
                     log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, "
                                 "or --insecure-unsigned-webhook); changes are picked up every --poll-interval")
-                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays), args.listen,
+                view = web.WebView(lambda: hq.snapshot, hq.job_rows, ui_token)
+                server = make_server(make_app(watcher.trigger, hooks, hq.health, relays, hq_metrics(hq), view),
+                                     args.listen,
                                      tls=tls_context, name="hq-http").start()
                 if tls_context is None:
                     log.warning("%s", PLAIN_HTTP_WARNING)
@@ -628,9 +743,9 @@ def main(args: argparse.Namespace) -> int:
             except (ListenError, OSError) as e:
                 print(f"reconciler hq: cannot listen on {args.listen}: {e}", file=sys.stderr)
                 return 2
-            log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one)",
-                     server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
-                     timeout)
+            log.info("listening on %s (webhook %s, relay heartbeats %s, relays lost after %gs without one, "
+                     "web view at %s/ %s)", server.url, hooks.mode, "signed" if heartbeat_secret else "unsigned",
+                     timeout, server.url, "behind its read token" if ui_token else "open to every client")
         watcher.start()
         if hq.notifier is not None:
             hq.notifier.start()

@@ -21,6 +21,7 @@ from reconciler.gitstore import (
     PushRejected,
     local_origin_path,
 )
+from reconciler.metrics import Metrics
 from reconciler.redaction import redact_url
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -390,6 +391,33 @@ def test_push_rejected_after_bounded_attempts(origin: Path, tmp_path: Path) -> N
         s.publish("status/x", {"a": b"1"}, "m")
     assert "rejected 3 times" in str(info.value)
     assert git(f"--git-dir={origin}", "for-each-ref", "refs/heads/status/") == ""
+
+
+
+def test_a_rejected_push_is_counted_as_a_retry_and_a_failed_command_as_a_git_error(origin: Path,
+                                                                                   tmp_path: Path) -> None:
+    """reconciler_git_push_retries_total counts each rebuilt push; reconciler_git_errors_total each failed
+    git command, by subcommand (README, "Metrics")."""
+    hook = origin / "hooks" / "pre-receive"
+    marker = tmp_path / "refused-once"
+    hook.write_text(f"#!/bin/sh\nif [ ! -e '{marker}' ]; then touch '{marker}'; echo 'busy' >&2; exit 1; fi\n")
+    hook.chmod(0o755)
+    metrics = Metrics()
+    s = GitStore(str(origin), tmp_path / "w", push_attempts=3, backoff_seconds=0.01)
+    s.metrics = metrics
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert s.publish("status/x", {"a": b"1"}, "m") is not None
+    assert sample("reconciler_git_push_retries_total") == 1
+    assert sample("reconciler_git_errors_total", command="push") is None
+    gone = GitStore(str(tmp_path / "gone.git"), tmp_path / "w2")
+    gone.metrics = metrics
+    with pytest.raises(GitError):
+        gone.fetch()
+    assert sample("reconciler_git_errors_total", command="fetch") == 1
+    assert sample("reconciler_git_push_retries_total") == 1
 
 
 RACER = """

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from test_report import assert_valid_status_files, relay_files
 
 from reconciler import report
 from reconciler.gitstore import ChangeWatcher, GitStore
-from reconciler.hq import Hq, make_app
+from reconciler.hq import Hq, hq_metrics, make_app
 from reconciler.plan import ClientState
 from reconciler.redaction import split_credentials
 from reconciler.resources import example_repo_dir
@@ -361,6 +362,38 @@ def test_webhook_checks_the_signature_and_wakes_the_watcher() -> None:
     finally:
         server.close()
         watcher.stop()
+
+
+def test_metrics_show_the_aggregated_rows_and_time_passes(origin: Origin, tmp_path: Path) -> None:
+    """HQ's ``GET /metrics`` (README, "Metrics"): rows by job and state are the counts status/hq publishes."""
+    hq = Hq(GitStore(str(origin.bare), tmp_path / "hq"))
+    metrics = hq_metrics(hq)
+    server = Server(make_app(lambda: None, None, hq.health, metrics=metrics), "127.0.0.1:0").start()
+    try:
+        def scrape() -> dict[tuple[str, str], float]:
+            response = requests.get(server.url + "/metrics", timeout=10)
+            assert response.status_code == 200
+            return {(s.labels["job"], s.labels["state"]): s.value for f in text_string_to_metric_families(response.text)
+                    for s in f.samples if s.name == "reconciler_rows"}
+
+        assert scrape() == {}  # no pass yet
+        hq.run_pass()
+        publish_relay(origin, tmp_path / "relays", "relay-kanto", origin.head, {
+            "install-7zip": [("pc-kanto-001", OK, ""), ("pc-kanto-002", FAIL, "exit 3")]})
+        hq.run_pass()
+        rows = scrape()
+        published = origin.yaml("status/hq", "jobs/install-7zip.yaml")["counts"]
+        assert {state: rows[("install-7zip", state)] for state in published} == published
+        assert (rows[("install-7zip", "Succeeded")], rows[("install-7zip", "Failed")]) == (1, 1)
+        assert metrics.registry.get_sample_value("reconciler_hq_pass_seconds_count") == 2
+        assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        server.close()
+    bare = Server(make_app(lambda: None, None), "127.0.0.1:0").start()
+    try:
+        assert requests.get(bare.url + "/metrics", timeout=10).status_code == 404
+    finally:
+        bare.close()
 
 
 def test_webhook_is_refused_without_a_secret_unless_explicitly_insecure() -> None:

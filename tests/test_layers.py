@@ -36,7 +36,7 @@ CORE = {
 SHELLS = {
     "reconciler.gitstore", "reconciler.fileio", "reconciler.repo_tree", "reconciler.logs",
     "reconciler.serving", "reconciler.webhook", "reconciler.credentials", "reconciler.tls", "reconciler.signing",
-    "reconciler.packing", "reconciler.signatures", "reconciler.progress",
+    "reconciler.packing", "reconciler.signatures", "reconciler.progress", "reconciler.metrics", "reconciler.web",
 }
 SERVICES = {"reconciler.hq", "reconciler.hq_liveness", "reconciler.hq_manifest", "reconciler.hq_notify", "reconciler.relay",
             "reconciler.agent"}  # packages and modules

@@ -22,6 +22,7 @@ from e2e_helpers import (
 )
 
 from reconciler import protocol
+from reconciler.metrics import RelayMetrics
 from reconciler.relay.server import RelayApp, Trust
 from reconciler.relay.service import poll_seconds_from_env, relay_server
 from reconciler.relay.state import (
@@ -49,14 +50,14 @@ CHILD = {protocol.RELAY_SECRET_HEADER: CHILD_SECRET}  # what a child relay prese
 
 
 def _start(tmp_path: Path, secret: bytes | None = None, *, insecure: bool = False,
-           trust: Trust = TRUST) -> tuple[Relay, Server]:
+           trust: Trust = TRUST, metrics: RelayMetrics | None = None) -> tuple[Relay, Server]:
     store = Store(tmp_path / "relay")
     changes: list[str] = []
     state = RelayState("relay-a", store, poll_seconds=7, on_change=lambda: changes.append("change"),
                        on_git_hook=lambda: changes.append("hook"))
     cache = tmp_path / "relay" / "cache" / "sha256"
     cache.mkdir(parents=True)
-    app = RelayApp(state, cache, webhook_secret=secret, insecure_webhook=insecure, trust=trust)
+    app = RelayApp(state, cache, webhook_secret=secret, insecure_webhook=insecure, trust=trust, metrics=metrics)
     server = relay_server(app, "127.0.0.1:0").start()
     return Relay(server.url, store, state, cache, changes), server
 
@@ -103,6 +104,46 @@ def test_healthz(relay: Relay) -> None:
     response = requests.get(f"{relay.url}/healthz", timeout=5)
     assert response.status_code == 200
     assert response.json()["ok"] is True and response.json()["relay"] == "relay-a"
+
+
+def test_metrics_count_check_ins_by_code_and_refusals_by_reason(tmp_path: Path) -> None:
+    """``GET /metrics`` (README, "Metrics"): a pending registration, a stolen token and a malformed body."""
+    metrics = RelayMetrics()
+    relay, server = _start(tmp_path, trust=Trust(enroll_secret=ENROLL_SECRET, require_approval=True),
+                           metrics=metrics)
+    try:
+        def sample(name: str, **labels: str) -> float | None:
+            return metrics.registry.get_sample_value(name, labels)
+
+        pending = checkin(relay, "pc-1")
+        assert_json_error(pending, 403, "pending approval")
+        token = pending.json()["token"]
+        assert sample("reconciler_registrations_total") == 1
+        assert sample("reconciler_checkin_refusals_total", reason=protocol.REASON_PENDING_APPROVAL) == 1
+        other = checkin(relay, "pc-2").json()["token"]
+        assert checkin(relay, "pc-1", token).status_code == 403  # confirms pc-1's token: it is taken now
+        assert_json_error(checkin(relay, "pc-1", other), 403, "another client's token")
+        assert sample("reconciler_checkin_refusals_total", reason=protocol.REASON_TOKEN_REFUSED) == 1
+        assert sample("reconciler_checkin_refusals_total", reason=protocol.REASON_PENDING_APPROVAL) == 3
+        assert sample("reconciler_registrations_total") == 2
+        bad = requests.post(f"{relay.url}/v1/clients/pc-1/checkin", data=b"{", timeout=5,
+                            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        assert_json_error(bad, 400, "malformed JSON")
+        assert sample("reconciler_checkins_total", code="400") == 1
+        assert sample("reconciler_checkins_total", code="403") == 4
+        assert sample("reconciler_checkins_total", code="200") is None
+        assert sample("reconciler_checkin_seconds_count") == 5
+        scraped = requests.get(f"{relay.url}/metrics", timeout=5)
+        assert scraped.status_code == 200
+        assert 'reconciler_checkins_total{code="403"} 4.0' in scraped.text.splitlines()
+        assert "pc-1" not in scraped.text and token not in scraped.text  # never a client id or a token
+    finally:
+        server.stop()
+        relay.store.close()
+
+
+def test_metrics_are_not_served_without_a_registry(relay: Relay) -> None:
+    assert requests.get(f"{relay.url}/metrics", timeout=5).status_code == 404
 
 
 def test_registration_then_token_required(relay: Relay) -> None:

@@ -44,6 +44,7 @@ import requests
 
 from reconciler import protocol
 from reconciler.fileio import fsync_dir, write_atomic
+from reconciler.metrics import RelayMetrics
 from reconciler.packing import (
     ArtifactError,
     ArtifactPending,
@@ -174,6 +175,7 @@ class ArtifactCache:
         self.parent_session = parent_session or self.session
         self.clock = clock
         self._parent_missing_since: dict[str, float] = {}
+        self.metrics: RelayMetrics | None = None  # counts cache hits and misses when set
 
     def path(self, sha: str) -> Path:
         return self.dir / sha
@@ -234,10 +236,12 @@ class ArtifactCache:
             try:
                 known = json.loads(memo.read_text())
                 if self.has(known["sha256"]):
+                    self._lookup(True)
                     return StagedArtifact(known["sha256"], int(known["size"]), known["format"],
                                           file_name if known["format"] == "file" else None)
             except (ValueError, KeyError, TypeError):
                 pass
+        self._lookup(False)
         work = Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp))
         try:
             packed = pack_repo_path(self.git, commit, path, work, durable=True)
@@ -255,12 +259,29 @@ class ArtifactCache:
             raise ArtifactRefused(f"artifact sha256 {sha!r} is not 64 hex digits")
         fmt, shown_name = url_artifact_form(url)
         file_name = shown_name or url_file_name(url)
-        if not self.has(sha):
+        cached = self.has(sha)
+        self._lookup(cached)
+        if not cached:
             self._fetch(url, sha)
         if fmt == "tar":
             check_tar(self.path(sha))
         size = self.path(sha).stat().st_size
         return StagedArtifact(sha, size, fmt, file_name if fmt == "file" else None)
+
+    def _lookup(self, hit: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_lookups.labels("hit" if hit else "miss").inc()
+
+    def size_bytes(self) -> int:
+        """The bytes of every artifact in the cache (read when metrics are scraped)."""
+        total = 0
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass  # pruned meanwhile
+        return total
 
     def _fetch(self, url: str, sha: str) -> None:
         if self.parent_url is not None:

@@ -39,6 +39,7 @@ from reconciler.errors import (
     retry_delay,
 )
 from reconciler.gitstore import STATUS_PREFIX, GitError, GitStore
+from reconciler.metrics import RelayMetrics
 from reconciler.reach import reach_of
 from reconciler.relay.artifacts import (
     ArtifactCache,
@@ -119,6 +120,7 @@ class RelayLoop:
         self._stage_failures = 0  # stagings in a row with downloads worth retrying
         self.last_files: dict[str, bytes] | None = None
         self.published_files: dict[str, bytes] | None = None
+        self.metrics: RelayMetrics | None = None  # times full passes and publishing when set
         self.last_publish = float("-inf")
         self._specs: Specs | None = None
         self._fingerprint: int | None = None
@@ -310,6 +312,8 @@ class RelayLoop:
             if collecting:
                 gc.enable()
         elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.full_pass_seconds.observe(elapsed)
         if elapsed > 1.0:
             log.info("full pass over %d clients took %.1fs", self.state.client_count, elapsed)
         return files
@@ -350,6 +354,7 @@ class RelayLoop:
                                               self.state.memo_for(isolated.index))
                     generation = isolated
                 the_plan = planned
+                self.state.row_counts = {(j.job, state): n for j in planned.jobs for state, n in j.counts.items()}
                 updated_at = self._record_row_states(the_plan.rows, stored_states, now)
             self.settle(PLANNING, None)
         except Exception as e:  # noqa: BLE001 - always publish what we know, plus the error
@@ -491,8 +496,11 @@ class RelayLoop:
         self.last_publish = self.monotonic()
         commit = self.state.generation.commit
         message = (f"status/{self.name}: accepted {commit[:12]}" if commit else f"status/{self.name}: no accepted commit")
+        started = time.perf_counter()
         try:
             sha = self.git.publish(STATUS_PREFIX + self.name, files, message)
+            if self.metrics is not None:
+                self.metrics.publish_seconds.observe(time.perf_counter() - started)
         except (GitError, ValueError) as e:
             cause = e.cause if isinstance(e, GitError) else Cause.INTERNAL
             self.settle(PUBLISHING, problem(cause, f"publishing status failed (will retry): {e}"))

@@ -62,6 +62,7 @@ from typing import Any, cast
 
 from reconciler import names, protocol
 from reconciler.credentials import secret_matches
+from reconciler.metrics import METRICS_PATH, RelayMetrics, metrics_app_response
 from reconciler.plan import (
     Action,
     ActionKind,
@@ -77,7 +78,7 @@ from reconciler.relay.state import (
     StagedArtifact,
     TrustBundle,
 )
-from reconciler.relay.store import token_matches
+from reconciler.relay.store import FinishedOperation, token_matches
 from reconciler.times import utc_now
 from reconciler.webhook import HookGuard, HookRefused
 
@@ -276,7 +277,8 @@ class RelayApp:
 
     def __init__(self, state: RelayState, cache_dir: Path, *, webhook_secret: bytes | None = None,
                  insecure_webhook: bool = False, trust: Trust = Trust(),
-                 now: Callable[[], datetime] = utc_now) -> None:
+                 now: Callable[[], datetime] = utc_now, metrics: RelayMetrics | None = None) -> None:
+        self.metrics = metrics  # None: GET /metrics is 404
         self.trust = trust
         self.state = state
         self.store = state.store
@@ -309,7 +311,9 @@ class RelayApp:
         match = CHECKIN_PATH.fullmatch(path)
         if match:
             self._allow(method, ("POST",))
-            return self._json(start_response, 200, self.checkin(match.group(1), environ))
+            if self.metrics is None:
+                return self._json(start_response, 200, self.checkin(match.group(1), environ))
+            return self._json(start_response, 200, self._counted_checkin(match.group(1), environ, self.metrics))
         match = ARTIFACT_PATH.fullmatch(path)
         if match:
             self._allow(method, ("GET", "HEAD"))
@@ -320,6 +324,8 @@ class RelayApp:
             return self._json(start_response, 200, {
                 "ok": True, "relay": self.state.name, "acceptedCommit": generation.commit,
                 "clients": self.state.client_count, "errors": list(self.state.errors)})
+        if path == METRICS_PATH and self.metrics is not None:
+            return metrics_app_response(self.metrics, method, start_response)
         if path == "/v1/hooks/git":
             self._allow(method, ("POST",))
             self.git_hook(environ)
@@ -396,6 +402,23 @@ class RelayApp:
 
     # -- check-in ------------------------------------------------------------
 
+    def _counted_checkin(self, client_id: str, environ: Mapping[str, Any],
+                         metrics: RelayMetrics) -> protocol.CheckinReply:
+        """:meth:`checkin`, counted by status code (refusals by reason) and timed."""
+        code = 500
+        with metrics.checkin_seconds.time():
+            try:
+                reply = self.checkin(client_id, environ)
+                code = 200
+                return reply
+            except HttpError as e:
+                code = e.status
+                if e.reason is not None:
+                    metrics.enrolment_refusals.labels(e.reason).inc()
+                raise
+            finally:
+                metrics.checkins.labels(str(code)).inc()
+
     def checkin(self, client_id: str, environ: Mapping[str, Any]) -> protocol.CheckinReply:
         if not names.is_client_id(client_id):
             raise _bad("invalid client id: use 1-63 lowercase letters, digits, '.' and '-'")
@@ -430,6 +453,7 @@ class RelayApp:
         generation = state.generation
         changed = False
         new_token: str | None = None
+        finished: Sequence[FinishedOperation] = ()
         with self.store.write() as db:
             if credentials is None:
                 # First check-in (or a relay that lost its database), by an enrolled caller.
@@ -445,18 +469,25 @@ class RelayApp:
             elif confirm and not self.store.confirm(db, client_id, credentials.token_hash):
                 raise _refused(403, protocol.REASON_TOKEN_REFUSED, f"this token does not belong to client {client_id}")
             if approved:
-                actions, generation, planned_change = self._record_and_plan(db, client_id, request, generation, now)
+                actions, generation, planned_change, finished = self._record_and_plan(db, client_id, request,
+                                                                                     generation, now)
                 changed |= planned_change
             else:
                 # Registered, waiting: remember what it is (the operator sees its host name), plan nothing.
                 self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
                 actions = ()
+        # Committed: count it (a transaction rolled back counts nothing).
+        if self.metrics is not None:
+            if new_token is not None and credentials is None:
+                self.metrics.registrations.inc()
+            for operation in finished:
+                self.metrics.results.labels(operation.outcome.value).inc()
         if not approved:
             if new_token is not None and credentials is None:
                 log.info("client %s registered (%s); it waits for approval: reconciler clients approve %s "
                          "--workdir %s", client_id, enrolled, client_id, self.store.path.parent)
             raise _pending(client_id, new_token)
-        # Committed: everything this reply acknowledges and hands out is on disk.
+        # Everything this reply acknowledges and hands out is on disk.
         if new_token is not None:
             log.info("client %s %s (%s)", client_id, "registered" if credentials is None else "got a new token "
                      "(its token was revoked, or its registration reply was lost)", enrolled)
@@ -474,16 +505,18 @@ class RelayApp:
         return reply
 
     def _record_and_plan(self, db: sqlite3.Connection, client_id: str, request: Checkin, generation: Generation,
-                         now: datetime) -> tuple[tuple[Action, ...], Generation, bool]:
+                         now: datetime) -> tuple[tuple[Action, ...], Generation, bool, list[FinishedOperation]]:
         """Record an admitted client's report and results, plan it, record what is handed out (in ``db``'s
-        transaction): the actions, the generation they were planned with, and whether anything changed."""
+        transaction): the actions, the generation they were planned with, whether anything changed, and the
+        operations whose results were recorded."""
         state = self.state
         changed = False
         changed |= self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
         if request.last_relay is not None and request.last_relay != state.name:
             # It moved here: HQ tells that relay, which stops counting it (README, "Clients move and retire").
             changed |= self.store.record_arrival(db, client_id, request.last_relay, now)
-        if self.store.record_results(db, client_id, request.results, now):
+        finished = self.store.record_results(db, client_id, request.results, now)
+        if finished:
             changed = True
         actions: tuple[Action, ...] = ()
         if generation.index is not None:
@@ -520,7 +553,7 @@ class RelayApp:
             if moved:
                 self.store.set_row_states(db, moved)
                 changed = True
-        return actions, generation, changed
+        return actions, generation, changed, finished
 
     @staticmethod
     def _artifact_for(action: Action, generation: Generation) -> StagedArtifact | None:

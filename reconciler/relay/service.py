@@ -51,10 +51,13 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.metrics_core import Metric
 
 from reconciler import names, protocol
 from reconciler.credentials import SecretFileError, read_header_secret
@@ -65,6 +68,7 @@ from reconciler.gitstore import (
     url_credentials_warning,
 )
 from reconciler.logs import configure_logging
+from reconciler.metrics import RelayMetrics, gauge, row_gauge
 from reconciler.redaction import redact_url
 from reconciler.relay.artifacts import ArtifactCache
 from reconciler.relay.heartbeat import HeartbeatSender
@@ -186,6 +190,23 @@ def tls_settings(args: argparse.Namespace) -> TLSSettings:
 # ------------------------------------------------------------------ the process
 
 
+def relay_metrics(state: RelayState, cache: ArtifactCache) -> RelayMetrics:
+    """The relay's metrics; its gauges read ``state`` (the last full pass) and the cache directory when scraped."""
+    metrics = RelayMetrics()
+
+    def snapshot() -> Iterator[Metric]:
+        yield row_gauge(sorted(state.row_counts.items()))
+        online = state.clients_online
+        yield gauge("reconciler_clients", "Registered clients of this relay by state (online: checked in within "
+                    "the online window), as the last full pass counted them", ("relay", "state"),
+                    [((state.name, "online"), online), ((state.name, "offline"), state.client_count - online)])
+        yield gauge("reconciler_artifact_cache_bytes", "Bytes of the artifacts in the relay's cache", (),
+                    [((), cache.size_bytes())])
+
+    metrics.add_snapshot(snapshot)
+    return metrics
+
+
 def _lock_workdir(workdir: Path) -> Any:
     """Hold an exclusive lock on ``<workdir>/relay.lock``: two relays must never share a database."""
     handle = open(workdir / "relay.lock", "a+")  # noqa: SIM115 - held for the process's life
@@ -288,6 +309,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
     cache = ArtifactCache(workdir, git, parent_url=args.parent_url, parent_secret=parent_secret,
                           parent_session=client_session(tls.outgoing))
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
+    metrics = relay_metrics(state, cache)
+    git.metrics = cache.metrics = loop.metrics = metrics
     watcher = ChangeWatcher(args.origin, args.poll_interval)
     state.on_git_hook = watcher.trigger
 
@@ -324,7 +347,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
     if secret is None and not insecure:
         log.warning("no webhook secret: POST /v1/hooks/git is refused (give --webhook-secret-file, or "
                     "--insecure-unsigned-webhook); changes are picked up every --poll-interval")
-    app = RelayApp(state, cache.dir, webhook_secret=secret, insecure_webhook=insecure, trust=trust)
+    app = RelayApp(state, cache.dir, webhook_secret=secret, insecure_webhook=insecure, trust=trust,
+                   metrics=metrics)
     try:
         server = relay_server(app, args.listen, tls.server).start()
     except (ListenError, OSError) as e:

@@ -156,6 +156,7 @@ class RelayState:
         self.client_count = 0
         self.clients_online = 0  # of client_count, those within the online window at the last full pass
         self.errors: tuple[str, ...] = ()
+        self.row_counts: dict[tuple[str, str], int] = {}  # (job, state) -> rows, at the last full pass
 
     def online_window(self) -> timedelta:
         """How long after its last check-in a client still counts as online.
