@@ -432,6 +432,7 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
                 urls[relay] = _wait_for_file(relay_dir / "listen.url", children)
                 pending.remove(relay)
         say(log, f"started: hq ({hq_url}), " + ", ".join(f"{r} ({urls[r]})" for r in relays))
+        say(log, f"web view, live while the demo runs: {hq_url}/ (certificate of the run's CA {pki.ca_file})")
 
         agents = fleet(relays, clients)
         for agent in agents:
