@@ -28,6 +28,10 @@ OPERATION_ID = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 TOKEN = r"[A-Za-z0-9_-]{16,128}"
 LABEL_KEY = r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})"
 COMMIT = r"[0-9a-f]{40}([0-9a-f]{24})?"
+# A notification receiver's URL (topology.yaml spec.notifications[].url): http(s), a host, no whitespace.
+HTTP_URL = r"https?://[^\s/?#]+[^\s]*"
+# A file name inside a directory given on the command line (a notification's secretFile): no path, no dot first.
+FILE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 # A machine-readable reason or problem kind in a status file (``retryBackoff``,
 # ``unreachable``): lower camel case. The vocabularies stay open, so a reader
 # of an older version accepts a reason a newer relay writes.
