@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict, TypeGuard
 
-from reconciler import names
+from reconciler import names, specs
 
 # ------------------------------------------------------------------ vocabularies and limits
 
@@ -194,6 +194,26 @@ class CheckinReply(TypedDict):
     relay: NotRequired[str]  # the answering relay's name: the agent sends it back as lastRelay
     manifest: NotRequired[dict[str, Any]]  # HQ's signed manifest envelope (reconciler.signing), with actions
     documents: NotRequired[dict[str, str]]  # repo path -> the exact text of each document the actions name
+
+
+def installer_of(spec: specs.Installer) -> Installer:
+    """A package's installer as an action carries it: what the relay sends and what a verifying agent expects."""
+    installer: Installer = {"type": spec.type.value, "install": list(spec.install), "uninstall": list(spec.uninstall),
+                            "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
+    if spec.redact:
+        installer["redact"] = list(spec.redact)
+    return installer
+
+
+def dependencies_of(package: specs.Package) -> list[Dependency]:
+    """A package's ``dependsOn`` as an action carries it."""
+    out: list[Dependency] = []
+    for d in package.depends_on:
+        dependency: Dependency = {"name": d.name}
+        if d.min_version:
+            dependency["minVersion"] = d.min_version
+        out.append(dependency)
+    return out
 
 
 # ------------------------------------------------------------------ problems

@@ -46,6 +46,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from reconciler import protocol
 from reconciler.fileio import write_atomic
 from reconciler.packing import repo_file_name, url_artifact_form
 from reconciler.signing import (
@@ -342,8 +343,7 @@ class Verifier:
             _check_requirements(package, client)
         self._check_installer(action.get("installer"), package)
         self._check_artifact(action.get("artifact"), package, manifest)
-        expected_deps = [_dependency(d.name, d.min_version) for d in package.depends_on]
-        if (action.get("dependsOn") or []) != expected_deps:
+        if (action.get("dependsOn") or []) != protocol.dependencies_of(package):
             raise Refusal("the action's dependencies are not the package document's")
 
     def _check_destination(self, job: Job, manifest: Manifest, relay: str) -> None:
@@ -360,12 +360,7 @@ class Verifier:
 
     @staticmethod
     def _check_installer(raw: Any, package: Package) -> None:
-        spec = package.installer
-        expected: dict[str, Any] = {"type": spec.type.value, "install": list(spec.install),
-                                    "uninstall": list(spec.uninstall), "detect": list(spec.detect),
-                                    "timeoutSeconds": spec.timeout_seconds}
-        if spec.redact:
-            expected["redact"] = list(spec.redact)
+        expected: dict[str, Any] = dict(protocol.installer_of(package.installer))
         if not isinstance(raw, dict) or raw != expected:
             differs = ("the installer" if not isinstance(raw, dict) else
                        ", ".join(k for k in sorted(set(raw) | set(expected)) if raw.get(k) != expected.get(k)))
@@ -393,10 +388,6 @@ class Verifier:
         name = repo_file_name(package.artifact.path or "") if digest.format == "file" else None
         if shown != (digest.format, name):
             raise Refusal("the action's artifact format or file name is not the one HQ signed")
-
-
-def _dependency(name: str, min_version: str | None) -> dict[str, str]:
-    return {"name": name, "minVersion": min_version} if min_version else {"name": name}
 
 
 SCHEDULE_SKEW = timedelta(minutes=15)

@@ -208,13 +208,7 @@ def action_json(action: Action, artifact: StagedArtifact | None, trust: TrustBun
     """An action as the check-in reply carries it (``schemas/checkin-reply.schema.json``); with HQ's signed
     manifest, the paths of the documents it comes from."""
     package = action.package
-    installer: protocol.Installer | None = None
-    if package is not None:
-        spec = package.installer
-        installer = {"type": spec.type.value, "install": list(spec.install), "uninstall": list(spec.uninstall),
-                     "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
-        if spec.redact:
-            installer["redact"] = list(spec.redact)
+    installer = protocol.installer_of(package.installer) if package is not None else None
     reply: protocol.Action = {
         "operationId": action.operation_id,
         "job": action.job,
@@ -228,7 +222,7 @@ def action_json(action: Action, artifact: StagedArtifact | None, trust: TrustBun
     if package is not None and action.kind is not ActionKind.UNINSTALL and package.depends_on:
         # The agent runs the action only when these are installed (the plan never
         # sends a dependent before that, but an agent does not take a relay's word).
-        reply["dependsOn"] = [_dependency(d.name, d.min_version) for d in package.depends_on]
+        reply["dependsOn"] = protocol.dependencies_of(package)
     if trust is not None:
         documents: protocol.ActionDocuments = {"job": trust.job_sources.get(action.job, "")}
         if package is not None:
@@ -255,13 +249,6 @@ def attach_trust(reply: protocol.CheckinReply, trust: TrustBundle | None, agent_
             if "package" in named:
                 paths.add(named["package"])
     reply["documents"] = {path: trust.documents[path] for path in sorted(paths) if path in trust.documents}
-
-
-def _dependency(name: str, min_version: str | None) -> protocol.Dependency:
-    dependency: protocol.Dependency = {"name": name}
-    if min_version:
-        dependency["minVersion"] = min_version
-    return dependency
 
 
 _STATUS_TEXT = {200: "200 OK", 202: "202 Accepted", 206: "206 Partial Content", 400: "400 Bad Request",
