@@ -190,10 +190,8 @@ class Hq:
         self._published: dict[str, bytes] | None = None
         self._inputs: tuple[Any, ...] | None = None
         self._lock = threading.Lock()
-        self.report: report.HqReport | None = None  # the last one aggregated (what status/hq shows)
         self.metrics: HqMetrics | None = None  # times passes when set
-        self.snapshot: web.Snapshot | None = None  # the web view's: the report of the last pass that rendered
-        self._snapshot_refs: tuple[tuple[str, str], ...] = ()  # (relay, ref sha) it was read from, in tree order
+        self.snapshot: web.Snapshot | None = None  # the report of the last pass that rendered, and its relay refs
         self._job_rows: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[tuple[str, StatusRow], ...]] = {}
         self._rows_lock = threading.Lock()
 
@@ -309,10 +307,9 @@ class Hq:
             accepted = Accepted(self.accepted_commit, self.accepted_at, self.main_commit, self.main_valid,
                                 evaluation_error)
             hq_report = report.aggregate(specs_now, accepted, self.branch, self.validation_errors, relays, liveness)
-            self.report = hq_report
-            self._snapshot_refs = tuple((r.relay, self._relays[r.relay][0])
-                                        for _, r in report.relay_tree(hq_report.relays) if r.relay in self._relays)
-            self.snapshot = web.Snapshot(hq_report, _relay_counts(hq_report, relays))
+            refs = tuple((r.relay, self._relays[r.relay][0])
+                         for _, r in report.relay_tree(hq_report.relays) if r.relay in self._relays)
+            self.snapshot = web.Snapshot(hq_report, _relay_counts(hq_report, relays), refs)
             files = report.render_hq_status(hq_report)
             if manifest is not None:
                 files[report.MANIFEST_FILE] = manifest
@@ -325,6 +322,11 @@ class Hq:
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
 
+    @property
+    def last_report(self) -> report.HqReport | None:
+        """The last report aggregated (what status/hq shows); None before the first pass that rendered."""
+        return None if self.snapshot is None else self.snapshot.report
+
     def job_rows(self, job: str) -> tuple[tuple[str, StatusRow], ...] | None:
         """Every client row of ``job`` as (relay, row), relays in tree order, for the web view's job page.
 
@@ -334,7 +336,8 @@ class Hq:
         :data:`JOB_ROWS_CACHED` jobs, so polling a page reads git only after
         a relay published. None when git cannot be read.
         """
-        refs = self._snapshot_refs  # never waits for a pass: the refs of the report the view shows
+        snapshot = self.snapshot  # never waits for a pass: the refs of the report the view shows
+        refs = snapshot.relay_refs if snapshot is not None else ()
         key = (job, refs)
         with self._rows_lock:
             cached = self._job_rows.get(key)
@@ -510,7 +513,7 @@ def hq_metrics(hq: Hq) -> HqMetrics:
     metrics = HqMetrics()
 
     def snapshot() -> Iterator[Metric]:
-        last = hq.report
+        last = hq.last_report
         jobs = last.jobs if last is not None else ()
         yield row_gauge(sorted(((job.job, state), n) for job in jobs for state, n in job.counts.items()))
         relays = last.relays if last is not None else ()

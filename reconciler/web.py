@@ -110,6 +110,7 @@ class Snapshot:
 
     report: HqReport
     relay_counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    relay_refs: tuple[tuple[str, str], ...] = ()  # (relay, status ref sha) the report was read from, in tree order
 
 
 @dataclass(frozen=True)
