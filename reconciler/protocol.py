@@ -114,6 +114,7 @@ class Result(TypedDict):
     exitCode: NotRequired[int | None]
     message: NotRequired[str | None]
     finishedAt: NotRequired[str | None]
+    rebootRequired: NotRequired[bool]  # succeeded, and the installer asked for a reboot (an exit code such as 3010)
 
 
 class CheckinRequest(TypedDict):
@@ -451,10 +452,18 @@ def check_result(raw: object, where: str, problems: list[FieldProblem]) -> Resul
                                      and _is_time(finished)):
         problems.append(FieldProblem(f"{where}.finishedAt", "must be an RFC 3339 time (2026-11-23T10:00:00Z) "
                                 "or null"))
+    reboot = raw.get("rebootRequired", False)
+    if not isinstance(reboot, bool):
+        problems.append(FieldProblem(f"{where}.rebootRequired", f"expected a boolean, got {type_name(reboot)}"))
+    elif reboot and status != "succeeded":
+        problems.append(FieldProblem(f"{where}.rebootRequired", "may be true only for a succeeded result"))
     if len(problems) > before or operation is None or not isinstance(status, str):
         return None
-    return {"operationId": operation, "status": status, "exitCode": code, "message": message or "",
-            "finishedAt": finished}
+    result: Result = {"operationId": operation, "status": status, "exitCode": code, "message": message or "",
+                      "finishedAt": finished}
+    if reboot:
+        result["rebootRequired"] = True
+    return result
 
 
 _TIME = re.compile(names.TIME)

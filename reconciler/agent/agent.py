@@ -413,9 +413,13 @@ def _redact_patterns(action: Any) -> tuple[re.Pattern[str], ...]:
 
 def _wire_result(journalled: Mapping[str, Any]) -> protocol.Result:
     """A journalled result as a check-in carries it (results journalled by older agents were not cleaned)."""
-    return {"operationId": journalled["operationId"], "status": journalled["status"],
-            "exitCode": journalled.get("exitCode"), "message": clean_text(str(journalled.get("message") or "")),
-            "finishedAt": journalled.get("finishedAt")}
+    result: protocol.Result = {
+        "operationId": journalled["operationId"], "status": journalled["status"],
+        "exitCode": journalled.get("exitCode"), "message": clean_text(str(journalled.get("message") or "")),
+        "finishedAt": journalled.get("finishedAt")}
+    if journalled.get("rebootRequired") is True and journalled["status"] == "succeeded":
+        result["rebootRequired"] = True
+    return result
 
 
 class _ClientLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -723,17 +727,20 @@ class Agent:
             outcome = self._execute(action)
             status, message = "succeeded", outcome.message
             exit_code: int | None = outcome.exit_code
+            reboot = outcome.reboot_required
         except ArtifactUnavailable as exc:
+            reboot = False
             # Nothing of this operation ran: the relay sends the same attempt again later. Once a
             # command of it ran (a resumed upgrade removed the old version), it is a failed attempt.
             ran = ran_commands(self.layout.operation_runs(operation_id))
             status, exit_code, message = "failed" if ran else "notAttempted", None, exc.message
         except InstallError as exc:
-            status, exit_code, message = "failed", exc.exit_code, exc.message
+            status, exit_code, message, reboot = "failed", exc.exit_code, exc.message, False
         except Exception as exc:  # always record an outcome: a bug must not wedge the operation
             self.log.exception("operation %s crashed", operation_id)
             status, exit_code, message = "failed", None, f"agent error: {type(exc).__name__}: {exc}"
-        return self._finish(operation_id, status, exit_code, message, _redact_patterns(action))
+            reboot = False
+        return self._finish(operation_id, status, exit_code, message, _redact_patterns(action), reboot)
 
     def refuse_action(self, action: Any, why: str) -> dict[str, Any] | None:
         """Answer an action the verifier refused: nothing runs, the result is ``refused`` with the reason.
@@ -753,7 +760,7 @@ class Agent:
         return self._finish(operation_id, "refused", None, f"security: {why}")
 
     def _finish(self, operation_id: str, status: str, exit_code: int | None, message: str,
-                redact: tuple[re.Pattern[str], ...] = ()) -> dict[str, Any]:
+                redact: tuple[re.Pattern[str], ...] = (), reboot_required: bool = False) -> dict[str, Any]:
         """Journal an operation's result (to be reported at the next check-in) and log it.
 
         The message is masked once more as a whole (:func:`redact_output`: an
@@ -764,6 +771,8 @@ class Agent:
         result = {"operationId": operation_id, "status": status, "exitCode": exit_code,
                   "message": _cut(message, self.layout.output_tail + MESSAGE_MARGIN),
                   "finishedAt": format_time(self._now())}
+        if reboot_required:
+            result["rebootRequired"] = True
         self.journal.finish(operation_id, result)
         discard_runs(self.layout.operation_runs(operation_id))
         self.log.info("operation %s %s: %s", operation_id, status, _cut(message.splitlines()[0]

@@ -355,10 +355,12 @@ class Receipt:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A successful action: the exit code of the command (0 for ``files``) and a message."""
+    """A successful action: the exit code of the command (0 for ``files``), a message, and whether the
+    installer asked for a reboot (an exit code it declares as "success, reboot required")."""
 
     exit_code: int
     message: str
+    reboot_required: bool = False
 
 
 # ---------------------------------------------------------------- receipts
