@@ -604,14 +604,38 @@ class GitStore:
 
     # -- refs ---------------------------------------------------------------
 
-    def fetch(self) -> None:
-        """Copy every origin branch into the mirror's refs/heads, pruning deleted ones."""
+    def fetch(self, branches: Sequence[str] | None = None) -> None:
+        """Copy origin's branches into the mirror's refs/heads: every one (pruning deleted ones), or only ``branches``.
+
+        With ``branches``, only those are asked for (git's protocol v2 sends a
+        ref prefix, so the origin lists just them: the cost of a fetch does
+        not grow with the number of status branches others publish), and a
+        branch origin no longer has is deleted from the mirror.
+        """
         self._ensure_repo()
-        self._git(
-            "fetch", "--quiet", "--prune", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
-            "origin", "+refs/heads/*:refs/heads/*",
-            network=True,
-        )
+        flags = ("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules")
+        if branches is None:
+            self._git(*flags, "--prune", "origin", "+refs/heads/*:refs/heads/*", network=True)
+            return
+        wanted = sorted(set(branches))
+        for ref in wanted:
+            _check_branch(ref)
+        if not wanted:
+            return
+        specs = [f"+refs/heads/{ref}:refs/heads/{ref}" for ref in wanted]
+        proc = self._git(*flags, "origin", *specs, network=True, check=False)
+        if proc.returncode == 0:
+            return
+        # One of them is missing on origin (git fails the whole fetch then): ask which exist.
+        out = self._git("ls-remote", "--heads", "origin", *(f"refs/heads/{ref}" for ref in wanted),
+                        network=True).stdout.decode("utf-8", "replace")
+        present = {line.partition("\t")[2] for line in out.splitlines()}
+        for ref in wanted:
+            if f"refs/heads/{ref}" not in present and self.ref_sha(ref) is not None:
+                self._git("update-ref", "-d", f"refs/heads/{ref}")
+        specs = [f"+refs/heads/{ref}:refs/heads/{ref}" for ref in wanted if f"refs/heads/{ref}" in present]
+        if specs:
+            self._git(*flags, "origin", *specs, network=True)
 
     def ref_sha(self, ref: str) -> str | None:
         """Commit sha of origin's branch ``ref`` as of the last fetch, None if absent."""

@@ -156,6 +156,34 @@ def test_fetch_prunes_deleted_branches_and_follows_recreated_origin(
     assert store.ref_sha("main") == fresh
 
 
+def test_fetch_of_named_branches_copies_only_them(store: GitStore, author: Author, origin: Path) -> None:
+    """A relay asks for main and status/hq: other relays' status branches never reach its mirror."""
+    hq = author.commit({"accepted.yaml": "x"}, branch="status/hq")
+    main = author.commit({"topology.yaml": "kind: Topology\n"})
+    author.commit({"a": "1"}, branch="status/relay-kanto")  # a child of main: its objects are kanto's alone
+    store.fetch(("main", "status/hq"))
+    assert store.ref_sha("main") == main
+    assert store.ref_sha("status/hq") == hq
+    assert store.list_status_refs() == {"hq": hq}
+    # only the named refs went over the wire: the other branch's commit is not in the mirror either
+    assert store.resolve_commit(git(f"--git-dir={origin}", "rev-parse", "status/relay-kanto")) is None
+
+
+def test_fetch_of_named_branches_drops_one_origin_lost_and_fetches_the_rest(
+    store: GitStore, author: Author, origin: Path
+) -> None:
+    author.commit({"accepted.yaml": "x"}, branch="status/hq")
+    store.fetch(("main", "status/hq"))  # main does not exist yet: status/hq still arrives
+    assert store.ref_sha("main") is None and store.ref_sha("status/hq") is not None
+    main = author.commit({"b": "2"})
+    git(f"--git-dir={origin}", "branch", "-D", "status/hq")
+    store.fetch(("main", "status/hq"))
+    assert store.ref_sha("main") == main
+    assert store.ref_sha("status/hq") is None
+    with pytest.raises(ValueError):
+        store.fetch(("main", "--upload-pack=touch /tmp/x"))
+
+
 def test_list_status_refs(store: GitStore, author: Author) -> None:
     main = author.commit({"x": "1"})
     hq = author.commit({"y": "2"}, branch="status/hq")
