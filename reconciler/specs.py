@@ -1292,20 +1292,21 @@ def _check_installer_type(doc: _Document, installer: Installer, raw: Mapping[str
     suffix = NATIVE_ARTIFACT_SUFFIXES.get(kind)
     if suffix is None:
         return
+    an = "a" if kind is InstallerType.DEB else "an"  # an msi, an exe, an rpm, a deb
     if path is not None:
         pointer = "/spec/artifact/path"
         if isinstance(check, ArtifactKinds) and check.is_directory(path):
-            errors.append(doc.error(pointer, f"{pointer}: an {kind.value} installer's artifact must be one "
+            errors.append(doc.error(pointer, f"{pointer}: {an} {kind.value} installer's artifact must be one "
                                              f"{suffix} file; {path!r} is a directory"))
         elif not path.lower().endswith(suffix):
-            errors.append(doc.error(pointer, f"{pointer}: an {kind.value} installer's artifact must be a "
+            errors.append(doc.error(pointer, f"{pointer}: {an} {kind.value} installer's artifact must be a "
                                              f"{suffix} file; {path!r} is not named *{suffix}"))
     url = raw_artifact.get("url")
     if isinstance(url, str):
         name = posixpath.basename(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
         if not name.lower().endswith(suffix) or name.lower() == suffix:
             pointer = "/spec/artifact/url"
-            errors.append(doc.error(pointer, f"{pointer}: an {kind.value} installer's artifact must be a "
+            errors.append(doc.error(pointer, f"{pointer}: {an} {kind.value} installer's artifact must be a "
                                              f"{suffix} file; the URL's file name is {name!r}"))
 
 

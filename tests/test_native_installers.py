@@ -584,3 +584,112 @@ def test_native_installer_needs_a_file_artifact(tmp_path: Path) -> None:
     tar.write_bytes(b"")
     with pytest.raises(InstallError, match="needs a single-file artifact"):
         install(layout, "hello", "1.0", _msi(), tar, ArtifactRef(_sha(tar), "tar"), "op-1")
+
+
+# ------------------------------------------------------------------ the verifier
+
+
+MSI_SHA = hashlib.sha256(b"hello msi").hexdigest()
+DEB_SHA = hashlib.sha256(b"hello deb").hexdigest()
+VERIFY_DOCUMENTS = {
+    "jobs/install-hello.yaml": """\
+apiVersion: reconciler/v1
+kind: Job
+metadata: {name: install-hello}
+spec:
+  jobType: install
+  package: {name: hello, version: "1.0"}
+  destinationType: allLowerClients
+  destinations: [relay-a]
+""",
+    "jobs/install-hello-deb.yaml": """\
+apiVersion: reconciler/v1
+kind: Job
+metadata: {name: install-hello-deb}
+spec:
+  jobType: install
+  package: {name: hello-deb, version: "1.0"}
+  destinationType: allLowerClients
+  destinations: [relay-a]
+""",
+    "packages/hello-1.0.yaml": f"""\
+apiVersion: reconciler/v1
+kind: Package
+metadata: {{name: hello-1.0}}
+spec:
+  name: hello
+  version: "1.0"
+  artifact: {{url: "https://downloads.example.invalid/Hello-1.0.msi", sha256: "{MSI_SHA}"}}
+  installer:
+    type: msi
+    productCode: "{PRODUCT}"
+    properties: {{INSTALLDIR: 'C:\\Hello', ALLUSERS: "1"}}
+    successExitCodes: [1638]
+    rebootExitCodes: [1]
+""",
+    "packages/hello-deb-1.0.yaml": f"""\
+apiVersion: reconciler/v1
+kind: Package
+metadata: {{name: hello-deb-1.0}}
+spec:
+  name: hello-deb
+  version: "1.0"
+  artifact: {{url: "https://downloads.example.invalid/hello_1.0_all.deb", sha256: "{DEB_SHA}"}}
+  installer: {{type: deb, packageName: hello}}
+""",
+}
+
+
+def _signed_action(kind: str) -> dict[str, Any]:
+    """The install action a relay hands out for the msi or deb package above."""
+    if kind == "msi":
+        return {"operationId": "op-1", "job": "install-hello", "action": "install",
+                "package": {"name": "hello", "version": "1.0"}, "previousVersion": None,
+                "artifact": {"sha256": MSI_SHA, "size": 9, "format": "file", "fileName": "Hello-1.0.msi"},
+                "installer": {"type": "msi", "install": [], "uninstall": [], "detect": [], "timeoutSeconds": 600,
+                              "successExitCodes": [1638], "rebootExitCodes": [1], "productCode": PRODUCT,
+                              "properties": {"INSTALLDIR": "C:\\Hello", "ALLUSERS": "1"}},
+                "documents": {"job": "jobs/install-hello.yaml", "package": "packages/hello-1.0.yaml"}}
+    return {"operationId": "op-2", "job": "install-hello-deb", "action": "install",
+            "package": {"name": "hello-deb", "version": "1.0"}, "previousVersion": None,
+            "artifact": {"sha256": DEB_SHA, "size": 9, "format": "file", "fileName": "hello_1.0_all.deb"},
+            "installer": {"type": "deb", "install": [], "uninstall": [], "detect": [], "timeoutSeconds": 600,
+                          "packageName": "hello"},
+            "documents": {"job": "jobs/install-hello-deb.yaml", "package": "packages/hello-deb-1.0.yaml"}}
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), [
+    ("msi", "productCode", "{00000000-0000-0000-0000-000000000000}"),
+    ("msi", "properties", {"INSTALLDIR": "C:\\Hello", "ALLUSERS": "1", "EXTRA": "x"}),
+    ("msi", "successExitCodes", [1638, 1603]),
+    ("msi", "rebootExitCodes", None),
+    ("deb", "packageName", "bash"),
+    ("deb", "successExitCodes", [0, 1]),
+])
+def test_verifier_refuses_a_changed_native_installer_field(tmp_path: Path, kind: str, field: str,
+                                                           value: Any) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from reconciler.agent.verify import Verifier
+    from reconciler.signing import Manifest, document_digest, sign
+
+    key = Ed25519PrivateKey.generate()
+    signed = Manifest(serial=1, commit="c0ffee" + "0" * 34, issued_at="2026-11-30T12:00:00Z",
+                      headquarters="hq-x", relays={"relay-a": "hq-x"},
+                      documents={path: document_digest(text.encode()) for path, text in VERIFY_DOCUMENTS.items()})
+    envelope = sign(signed, [key])
+    verifier = Verifier([key.public_key()], tmp_path, "pc-1")
+
+    def reply(*actions: dict[str, Any]) -> dict[str, Any]:
+        return {"pollSeconds": 30, "relay": "relay-a", "actions": list(actions), "manifest": envelope,
+                "documents": dict(VERIFY_DOCUMENTS)}
+
+    honest = _signed_action(kind)
+    assert verifier.refusals(reply(honest), "http://127.0.0.1:8080") == {}
+    tampered = _signed_action(kind)
+    if value is None:
+        del tampered["installer"][field]
+    else:
+        tampered["installer"][field] = value
+    refused = verifier.refusals(reply(tampered), "http://127.0.0.1:8080")
+    assert list(refused) == [0] and f"installer is not the package document's ({field} differ)" in refused[0]

@@ -956,7 +956,9 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec,
     replaced: Receipt | None = None  # the version a deb/rpm replaces in place
     if done is None:
         if installer.type in NATIVE_TYPES and (ref.format != "file" or ref.file_name is None):
-            raise InstallError(f"an {installer.type} installer needs a single-file artifact, got format {ref.format!r}")
+            article = "a" if installer.type == "deb" else "an"
+            raise InstallError(f"{article} {installer.type} installer needs a single-file artifact, "
+                               f"got format {ref.format!r}")
         source = artifact if isinstance(artifact, Path) else artifact()
         name_dir.mkdir(parents=True, exist_ok=True)
         _sweep(name_dir)
