@@ -60,13 +60,14 @@ needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None or shutil.which
 DEB_NAME = "reconciler-test-hello"
 
 
-def build_deb(where: Path, version: str, package: str = DEB_NAME) -> Path:
+def build_deb(where: Path, version: str, package: str = DEB_NAME, depends: str = "") -> Path:
     """A maintainer-script-free .deb holding /opt/<package>/version.txt."""
     tree = where / f"tree-{package}-{version}"
     (tree / "DEBIAN").mkdir(parents=True)
     (tree / "DEBIAN" / "control").write_text(
         f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
-        "Maintainer: Test <test@example.org>\nDescription: a file under /opt\n")
+        + (f"Depends: {depends}\n" if depends else "")
+        + "Maintainer: Test <test@example.org>\nDescription: a file under /opt\n")
     (tree / "opt" / package).mkdir(parents=True)
     (tree / "opt" / package / "version.txt").write_text(version + "\n")
     out = where / f"{package}_{version}_all.deb"
@@ -163,6 +164,24 @@ def test_deb_of_another_version_or_name_is_refused_before_dpkg_runs(tmp_path: Pa
     assert native.dpkg_installed_version(DEB_NAME, sandbox) is None
     assert not (sandbox / "opt" / DEB_NAME).exists()
     assert read_receipt(layout, "hello") is None and not layout.package_dir("hello", "1.1").exists()
+
+
+@needs_dpkg
+def test_an_unmet_dependency_fails_dpkg_and_the_install(tmp_path: Path) -> None:
+    """dpkg resolves nothing: a Depends that is not installed fails ``dpkg -i`` with its exit code."""
+    sandbox = tmp_path / "sandbox"
+    layout = Layout(tmp_path / "agent", dpkg_root=sandbox)
+    layout.create()
+    v10 = build_deb(tmp_path, "1.0")
+    install(layout, "hello", "1.0", _deb(), v10, _ref(v10), "op-1")
+    needy = build_deb(tmp_path / "needy", "1.1", depends="reconciler-test-missing")
+    with pytest.raises(InstallError) as caught:
+        install(layout, "hello", "1.1", _deb(), needy, _ref(needy), "op-2")
+    assert caught.value.exit_code == 1 and caught.value.message.startswith("exit code 1: ")
+    assert "reconciler-test-missing" in caught.value.message
+    # dpkg unpacked 1.1 and left it unconfigured: neither version counts as installed any more
+    assert native.dpkg_installed_version(DEB_NAME, sandbox) is None
+    assert read_receipt(layout, "hello") is None and inventory(layout) == []
 
 
 @needs_dpkg
@@ -693,3 +712,34 @@ def test_verifier_refuses_a_changed_native_installer_field(tmp_path: Path, kind:
         tampered["installer"][field] = value
     refused = verifier.refusals(reply(tampered), "http://127.0.0.1:8080")
     assert list(refused) == [0] and f"installer is not the package document's ({field} differ)" in refused[0]
+
+
+# ------------------------------------------------------------------ the example repo's packages
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "example-repo"
+
+
+@pytest.mark.parametrize("kind", ["deb", "rpm"])
+def test_example_repo_native_packages_install_in_a_sandbox(tmp_path: Path, kind: str) -> None:
+    """The committed .deb and .rpm are what their specs say (name, version), and install and remove."""
+    if shutil.which("dpkg-deb" if kind == "deb" else "rpm") is None:
+        pytest.skip(f"{kind} tools are not installed")
+    from reconciler import protocol
+    from reconciler.repo_tree import load_repo
+
+    specs = load_repo(EXAMPLE).specs
+    assert specs is not None
+    (package,) = [p for p in specs.packages if p.name == f"acme-motd-{kind}"]
+    assert package.artifact.path is not None
+    artifact = EXAMPLE / package.artifact.path
+    installer = InstallerSpec.from_dict(dict(protocol.installer_of(package.installer)))
+    sandbox = tmp_path / "sandbox"
+    layout = Layout(tmp_path / "agent", dpkg_root=sandbox if kind == "deb" else None,
+                    rpm_root=sandbox if kind == "rpm" else None)
+    layout.create()
+    install(layout, package.name, package.version, installer, artifact, _ref(artifact), "op-1")
+    assert (sandbox / "usr/share/acme-motd/banner.txt").read_text().startswith("Authorised use only.")
+    assert inventory(layout) == [{"name": package.name, "version": package.version}]
+    uninstall(layout, package.name, None, "op-2")
+    assert inventory(layout) == [] and not (sandbox / "usr/share/acme-motd/banner.txt").exists()

@@ -139,7 +139,6 @@ _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 NATIVE_TYPES = ("msi", "exe", "deb", "rpm")  # a single-file artifact handed to the OS's installer
 INSTALLER_TYPES = ("files", "command", *NATIVE_TYPES)
 COMMAND_TYPES = ("command", *NATIVE_TYPES)  # types whose install runs a command
-ARTIFACT_SUFFIXES = {"msi": ".msi", "exe": ".exe", "deb": ".deb", "rpm": ".rpm"}
 MAX_EXIT_CODES = 32
 MAX_EXIT_CODE = 4294967295  # a Windows exit code is a 32-bit DWORD; a POSIX one is 0-255
 MAX_MSI_PROPERTIES = 64
