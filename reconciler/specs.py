@@ -1333,6 +1333,9 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         package_name=raw_installer.get("packageName"),
     )
     _check_installer_type(doc, installer, raw_installer, raw_artifact, path, check, errors)
+    if installer.type is InstallerType.RPM and spec["version"].count("-") != 1:
+        errors.append(doc.error("/spec/version", f"/spec/version: an rpm package's version is its VERSION-RELEASE, "
+                                                 f"such as \"1.0-1\" (one '-'), got {spec['version']!r}"))
     for index, pattern in enumerate(installer.redact):
         problem = redact_pattern_problem(pattern)
         if problem is not None:

@@ -29,7 +29,7 @@ PRODUCT = "{8A1F3C2D-1B2C-4D5E-8F90-A1B2C3D4E5F6}"
 SHA = "0" * 64
 
 
-def _repo(tmp_path: Path, body: str) -> Path:
+def _repo(tmp_path: Path, body: str, version: str = "1.0") -> Path:
     """A repo with one package ``packages/app.yaml`` whose spec ends with ``body`` (artifact and installer)."""
     repo = tmp_path / "repo"
     (repo / "packages").mkdir(parents=True)
@@ -42,7 +42,7 @@ def _repo(tmp_path: Path, body: str) -> Path:
     (repo / "topology.yaml").write_text(TOPOLOGY)
     (repo / "packages" / "app.yaml").write_text(
         "apiVersion: reconciler/v1\nkind: Package\nmetadata: {name: app}\nspec:\n  name: app\n"
-        "  version: \"1.0\"\n" + body)
+        f"  version: \"{version}\"\n" + body)
     return repo
 
 
@@ -88,7 +88,7 @@ VALID = {
 
 @pytest.mark.parametrize("kind", sorted(VALID))
 def test_valid_installer_types_load(tmp_path: Path, kind: str) -> None:
-    result = load_repo(_repo(tmp_path, VALID[kind]))
+    result = load_repo(_repo(tmp_path, VALID[kind], "1.0-1" if kind == "rpm" else "1.0"))
     assert result.errors == (), [str(e) for e in result.errors]
     assert result.specs is not None
     (package,) = result.specs.packages
@@ -112,8 +112,8 @@ def test_valid_installer_types_load(tmp_path: Path, kind: str) -> None:
         assert installer.exit_codes() == ((0, 5), (7,))
 
 
-def _one_error(tmp_path: Path, body: str) -> tuple[int, str]:
-    result = load_repo(_repo(tmp_path, body))
+def _one_error(tmp_path: Path, body: str, version: str = "1.0") -> tuple[int, str]:
+    result = load_repo(_repo(tmp_path, body, version))
     errors = [e for e in result.errors if e.path == "packages/app.yaml"]
     assert len(errors) == 1 and result.specs is None, [str(e) for e in result.errors]
     return errors[0].line, str(errors[0])
@@ -121,6 +121,8 @@ def _one_error(tmp_path: Path, body: str) -> tuple[int, str]:
 
 def _line_of(body: str, marker: str) -> int:
     """The line of ``packages/app.yaml`` holding ``marker`` (the body starts on line 7)."""
+    if marker == "version:":
+        return 6
     for number, line in enumerate(body.splitlines(), start=7):
         if marker in line:
             return number
@@ -195,12 +197,16 @@ BAD = [
      "artifact", "/spec/artifact/url: a deb installer's artifact must be a .deb file; the URL's file name is 'get'"),
     ("  artifact: {path: artifacts/tree}\n  installer: {type: rpm, packageName: hello}\n",
      "artifact", "is a directory"),
+    ("  artifact: {path: artifacts/hello-1.0-1.noarch.rpm}\n  installer: {type: rpm, packageName: hello}\n",
+     "version:", "/spec/version: an rpm package's version is its VERSION-RELEASE, such as \"1.0-1\" (one '-'), "
+                 "got '1.0'"),
 ]
 
 
 @pytest.mark.parametrize(("body", "marker", "message"), BAD, ids=[m[:60] for _, _, m in BAD])
 def test_bad_installer_fields_are_errors_at_their_line(tmp_path: Path, body: str, marker: str, message: str) -> None:
-    line, text = _one_error(tmp_path, body)
+    rpm = "type: rpm" in body and marker != "version:"
+    line, text = _one_error(tmp_path, body, "1.0-1" if rpm else "1.0")
     assert message in text, text
     assert text.startswith(f"packages/app.yaml:{line}:")
     assert line == _line_of(body, marker), text
