@@ -76,8 +76,8 @@ class NativeToolMissing(Exception):
     """``msiexec``, ``dpkg`` or ``rpm`` is not on this machine's PATH."""
 
 
-def exit_meaning(code: int, meanings: Mapping[int, str] = MSI_EXIT_MEANINGS) -> str:
-    """``"exit code 1603 (fatal error during installation)"``, or just the code when it has no known meaning."""
+def exit_meaning(code: int, meanings: Mapping[int, str]) -> str:
+    """``"exit code 1603 (fatal error during installation)"``, or just the code when ``meanings`` has none for it."""
     meaning = meanings.get(code)
     return f"exit code {code} ({meaning})" if meaning else f"exit code {code}"
 
