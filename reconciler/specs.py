@@ -105,8 +105,7 @@ NATIVE_ARTIFACT_SUFFIXES = {InstallerType.MSI: ".msi", InstallerType.EXE: ".exe"
                             InstallerType.RPM: ".rpm"}
 MSI_DEFAULT_SUCCESS_CODES = (0,)
 MSI_DEFAULT_REBOOT_CODES = (3010, 1641)
-# Debian policy 5.6.1: lower-case letters, digits and '+-.', at least two characters, starting alphanumeric.
-DEB_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{1,127}")
+DEB_PACKAGE_NAME = re.compile(names.DEB_PACKAGE_NAME)
 # Which installer fields each type takes besides type, timeoutSeconds and redact.
 INSTALLER_FIELDS: Mapping[str, tuple[InstallerType, ...]] = {
     "install": (InstallerType.FILES, InstallerType.COMMAND, InstallerType.EXE),
@@ -951,14 +950,14 @@ _PATTERN_MEANINGS = {
                                       "\"2027-04-01T09:00:00+09:00\" (years 1970 to 9999)",
     "^(100|[1-9]?[0-9])%$": "is not a percentage from \"0%\" to \"100%\"",
     "^https?://": "is not an http:// or https:// URL",
-    "^\\{[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}\\}$":
+    names.schema_pattern(names.MSI_PRODUCT_CODE):
         "is not a product code: a GUID in braces with upper-case hexadecimal digits, such as "
         "\"{12345678-9ABC-DEF0-1234-56789ABCDEF0}\"",
-    "^[A-Z][A-Z0-9_.]*$": "is not a public property name: upper-case letters, digits, '_' and '.', starting "
+    names.schema_pattern(names.MSI_PROPERTY): "is not a public property name: upper-case letters, digits, '_' and '.', starting "
                           "with a letter",
-    "^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$": "is not a package name: letters, digits and '._+-', at most 128 "
+    names.schema_pattern(names.PACKAGE_NAME): "is not a package name: letters, digits and '._+-', at most 128 "
                                             "characters",
-    "^[^\"\\u0000-\\u001f]*$": "holds a double quote or a control character, which msiexec's command line "
+    names.schema_pattern(names.MSI_PROPERTY_VALUE): "holds a double quote or a control character, which msiexec's command line "
                                 "cannot carry",
 }
 

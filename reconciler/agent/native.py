@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler import names
+
 QUERY_TIMEOUT_SECONDS = 60.0
 
 # Windows Installer (msiexec) exit codes: https://learn.microsoft.com/windows/win32/msi/error-codes
@@ -53,14 +55,11 @@ MSI_EXIT_MEANINGS: Mapping[int, str] = {
     3010: "a restart is required to complete the installation",
 }
 
-# The PUBLIC_PROPERTY names msiexec takes on its command line, and a product code as the
-# registry spells it (Windows Installer requires upper-case GUIDs).
-MSI_PROPERTY = re.compile(r"[A-Z][A-Z0-9_.]*")
-PRODUCT_CODE = re.compile(r"\{[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}\}")
-# Debian policy 5.6.1: lower case letters, digits, + - . ; at least two characters, starting alphanumeric.
-DEB_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{1,127}")
-# rpm names: letters, digits and ._+- (no whitespace, no path separators), starting with a letter, digit or _.
-RPM_PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
+# The shapes of the spec's fields (reconciler.names, the schemas' patterns), matched with fullmatch.
+MSI_PROPERTY = re.compile(names.MSI_PROPERTY)
+PRODUCT_CODE = re.compile(names.MSI_PRODUCT_CODE)
+DEB_PACKAGE_NAME = re.compile(names.DEB_PACKAGE_NAME)
+RPM_PACKAGE_NAME = re.compile(names.PACKAGE_NAME)
 
 UNINSTALL_KEYS = (
     r"SOFTWARE\Microsoft\Windows\CurrentVersion\Uninstall",
