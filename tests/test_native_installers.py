@@ -185,6 +185,27 @@ def test_an_unmet_dependency_fails_dpkg_and_the_install(tmp_path: Path) -> None:
 
 
 @needs_dpkg
+def test_a_dpkg_that_installs_nothing_fails_the_version_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ``dpkg -i``, dpkg-query must report the spec's version: a dpkg that exits 0 and does nothing
+    (a stand-in first on PATH) leaves the package not installed, and the install fails saying so."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "dpkg-calls.jsonl"
+    _standin(bin_dir / "dpkg", calls)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    sandbox = tmp_path / "sandbox"
+    layout = Layout(tmp_path / "agent", dpkg_root=sandbox)
+    layout.create()
+    v10 = build_deb(tmp_path, "1.0")
+    with pytest.raises(InstallError, match=f"^after installing, dpkg reports {DEB_NAME} not installed, not 1.0$"):
+        install(layout, "hello", "1.0", _deb(), v10, _ref(v10), "op-1")
+    target = layout.package_dir("hello", "1.0") / v10.name
+    assert _calls(calls) == [[str(bin_dir / "dpkg"), f"--root={sandbox}", f"--log={sandbox}/var/log/dpkg.log",
+                              "--force-not-root", "--force-script-chrootless", "-i", str(target)]]
+    assert read_receipt(layout, "hello") is None
+
+
+@needs_dpkg
 def test_a_failing_dpkg_fails_the_install_with_its_exit_code(tmp_path: Path) -> None:
     """A file named .deb that is not one: dpkg-deb cannot read it, nothing is installed."""
     layout = Layout(tmp_path / "agent", dpkg_root=tmp_path / "sandbox")
@@ -451,6 +472,25 @@ def test_msi_uninstall_from_the_receipt(tmp_path: Path, msiexec: tuple[Path, Pat
     install(layout, "hello", "1.0", _msi(), msi, _ref(msi), "op-5")
     assert uninstall(layout, "hello", None, "op-6") == Outcome(0, "stand-in ran")
     assert read_receipt(layout, "hello") is None
+
+
+def test_msi_upgrade_removes_the_old_product_first(tmp_path: Path, msiexec: tuple[Path, Path]) -> None:
+    """A new version of an msi package: msiexec /x of the old receipt's product code, then /i of the new file."""
+    tool, calls = msiexec
+    layout = Layout(tmp_path / "agent")
+    layout.create()
+    old, new = tmp_path / "Hello-1.0.msi", tmp_path / "Hello-2.0.msi"
+    old.write_bytes(b"msi 1.0")
+    new.write_bytes(b"msi 2.0")
+    new_code = "{11111111-2222-3333-4444-555555555555}"
+    install(layout, "hello", "1.0", _msi(), old, _ref(old), "op-1")
+    install(layout, "hello", "2.0", _msi(productCode=new_code), new, _ref(new), "op-2")
+    verbs = [(call[1], call[2]) for call in _calls(calls)]
+    assert verbs == [("/i", str(layout.package_dir("hello", "1.0") / old.name)), ("/x", PRODUCT),
+                     ("/i", str(layout.package_dir("hello", "2.0") / new.name))]
+    receipt = read_receipt(layout, "hello")
+    assert receipt is not None and receipt.version == "2.0" and receipt.installer.product_code == new_code
+    assert not layout.package_dir("hello", "1.0").exists()
 
 
 def test_msi_uninstall_of_a_product_already_gone_succeeds(tmp_path: Path, msiexec: tuple[Path, Path],
