@@ -288,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable); an agent needs this or --insecure-unsigned-actions")
     p.add_argument("--insecure-unsigned-actions", action="store_true",
                    help="run whatever the relay sends, unverified (a test bench; never a fleet)")
+    p.add_argument("--dpkg-root", metavar="DIR",
+                   help="run dpkg and dpkg-query with --root=DIR (a sandbox with its own package database) for "
+                        "deb packages (default: the system's dpkg)")
+    p.add_argument("--rpm-root", metavar="DIR",
+                   help="run rpm with --root DIR --dbpath /var/lib/rpm (a sandbox with its own database) for rpm "
+                        "packages (default: the system's rpm)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
 
     p = sub.add_parser("clients", help="list, approve, forget or rekey a relay's clients (on the relay host)")

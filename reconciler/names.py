@@ -44,6 +44,16 @@ UTC_TIME = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z"
 TIME = (r"(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]"
         r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
 
+# Native installers (docs/INSTALLERS.md): an MSI ProductCode as Windows Installer requires it and the
+# registry spells it (an upper-case GUID in braces), a public property name msiexec takes on its command
+# line and a value it can carry there (no double quote, no control character), and a package manager's
+# package name (rpm's shape; Debian's rule, policy 5.6.1, is narrower).
+MSI_PRODUCT_CODE = r"\{[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}\}"
+MSI_PROPERTY = r"[A-Z][A-Z0-9_.]*"
+MSI_PROPERTY_VALUE = r'[^"\u0000-\u001f]*'
+PACKAGE_NAME = r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}"
+DEB_PACKAGE_NAME = r"[a-z0-9][a-z0-9+.-]{1,127}"
+
 _NAME = re.compile(NAME)
 _VERSION = re.compile(VERSION)
 _SHA256 = re.compile(SHA256)

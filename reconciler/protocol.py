@@ -55,7 +55,7 @@ RESULT_STATUSES = ("succeeded", "failed", "notAttempted", "refused")
 """What a :class:`Result` may report; every check of a result's status reads this. ``refused``: the agent
 did not run the action because it does not match HQ's signed manifest (nothing ran; never retried)."""
 ACTION_KINDS = ("install", "upgrade", "downgrade", "uninstall")
-INSTALLER_TYPES = ("files", "command")
+INSTALLER_TYPES = ("files", "command", "msi", "exe", "deb", "rpm")
 ARTIFACT_FORMATS = ("tar", "file")
 
 # Credentials (docs/PROTOCOL.md, "Enrolment and credentials").
@@ -156,6 +156,11 @@ class Installer(TypedDict):
     detect: list[str]
     timeoutSeconds: int
     redact: NotRequired[list[str]]  # spec.installer.redact, when the spec has patterns
+    successExitCodes: NotRequired[list[int]]  # spec.installer.successExitCodes, when the spec has them
+    rebootExitCodes: NotRequired[list[int]]  # spec.installer.rebootExitCodes, when the spec has them
+    productCode: NotRequired[str]  # msi
+    properties: NotRequired[dict[str, str]]  # msi, when the spec has some
+    packageName: NotRequired[str]  # deb, rpm
 
 
 class Dependency(TypedDict):
@@ -203,6 +208,16 @@ def installer_of(spec: specs.Installer) -> Installer:
                             "detect": list(spec.detect), "timeoutSeconds": spec.timeout_seconds}
     if spec.redact:
         installer["redact"] = list(spec.redact)
+    if spec.success_exit_codes:
+        installer["successExitCodes"] = list(spec.success_exit_codes)
+    if spec.reboot_exit_codes:
+        installer["rebootExitCodes"] = list(spec.reboot_exit_codes)
+    if spec.product_code is not None:
+        installer["productCode"] = spec.product_code
+    if spec.properties:
+        installer["properties"] = dict(spec.properties)
+    if spec.package_name is not None:
+        installer["packageName"] = spec.package_name
     return installer
 
 

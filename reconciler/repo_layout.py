@@ -202,10 +202,20 @@ class _Listing:
 
 
 def artifact_checker(entries: Sequence[Entry]) -> ArtifactCheck:
-    """An :data:`~reconciler.specs.ArtifactCheck` answering from the listing alone."""
-    listing = _Listing(entries)
+    """An :data:`~reconciler.specs.ArtifactCheck` answering from the listing alone.
 
-    def check(relpath: str) -> str | None:
+    It is also an :class:`~reconciler.specs.ArtifactKinds`: it tells a directory
+    (packed as a tar) from a file (a native installer's artifact must be one).
+    """
+    return _ArtifactChecker(_Listing(entries))
+
+
+class _ArtifactChecker:
+    def __init__(self, listing: _Listing) -> None:
+        self.listing = listing
+
+    def __call__(self, relpath: str) -> str | None:
+        listing = self.listing
         resolved, problem = listing.resolve(relpath)
         if problem is not None or resolved is None:
             return problem or "does not exist"
@@ -220,7 +230,10 @@ def artifact_checker(entries: Sequence[Entry]) -> ArtifactCheck:
             return None
         return _check_directory(listing, resolved)
 
-    return check
+    def is_directory(self, relpath: str) -> bool:
+        """Whether ``relpath`` (which the check accepted) leads to a directory rather than a file."""
+        resolved, problem = self.listing.resolve(relpath)
+        return problem is None and resolved is not None and resolved not in self.listing.by_path
 
 
 def _check_directory(listing: _Listing, directory: str) -> str | None:

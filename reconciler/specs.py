@@ -31,12 +31,13 @@ import hashlib
 import json
 import posixpath
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jsonschema
 import yaml
@@ -92,6 +93,30 @@ class Kind(StrEnum):
 class InstallerType(StrEnum):
     FILES = "files"
     COMMAND = "command"
+    MSI = "msi"
+    EXE = "exe"
+    DEB = "deb"
+    RPM = "rpm"
+
+
+NATIVE_INSTALLER_TYPES = (InstallerType.MSI, InstallerType.EXE, InstallerType.DEB, InstallerType.RPM)
+"""Installer types whose artifact is one file handed to the operating system's installer (docs/INSTALLERS.md)."""
+NATIVE_ARTIFACT_SUFFIXES = {InstallerType.MSI: ".msi", InstallerType.EXE: ".exe", InstallerType.DEB: ".deb",
+                            InstallerType.RPM: ".rpm"}
+MSI_DEFAULT_SUCCESS_CODES = (0,)
+MSI_DEFAULT_REBOOT_CODES = (3010, 1641)
+DEB_PACKAGE_NAME = re.compile(names.DEB_PACKAGE_NAME)
+# Which installer fields each type takes besides type, timeoutSeconds and redact.
+INSTALLER_FIELDS: Mapping[str, tuple[InstallerType, ...]] = {
+    "install": (InstallerType.FILES, InstallerType.COMMAND, InstallerType.EXE),
+    "uninstall": (InstallerType.FILES, InstallerType.COMMAND, InstallerType.EXE),
+    "detect": (InstallerType.FILES, InstallerType.COMMAND, InstallerType.EXE),
+    "successExitCodes": (InstallerType.COMMAND, InstallerType.EXE, InstallerType.MSI),
+    "rebootExitCodes": (InstallerType.COMMAND, InstallerType.EXE, InstallerType.MSI),
+    "productCode": (InstallerType.MSI,),
+    "properties": (InstallerType.MSI,),
+    "packageName": (InstallerType.DEB, InstallerType.RPM),
+}
 
 
 class JobType(StrEnum):
@@ -184,6 +209,19 @@ class Installer:
     # regular expressions whose matches the agent masks in installer output (checked by
     # reconciler.redaction.redact_pattern_problem)
     redact: tuple[str, ...] = ()
+    # exit codes as declared (command/exe: success defaults to (0,); msi: added to 0 and 3010/1641)
+    success_exit_codes: tuple[int, ...] = ()
+    reboot_exit_codes: tuple[int, ...] = ()
+    product_code: str | None = None  # msi
+    properties: tuple[tuple[str, str], ...] = ()  # msi PUBLIC_PROPERTY=value, in spec order
+    package_name: str | None = None  # deb, rpm
+
+    def exit_codes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The exit codes that mean success, and success with a reboot required, for this installer."""
+        if self.type is InstallerType.MSI:
+            return ((*MSI_DEFAULT_SUCCESS_CODES, *self.success_exit_codes),
+                    (*MSI_DEFAULT_REBOOT_CODES, *self.reboot_exit_codes))
+        return self.success_exit_codes or (0,), self.reboot_exit_codes
 
 
 @dataclass(frozen=True)
@@ -280,6 +318,15 @@ class LoadResult:
 
 ArtifactCheck = Callable[[str], str | None]
 """Given a normalised repo-relative path, return a problem (``"does not exist"``) or None."""
+
+
+@runtime_checkable
+class ArtifactKinds(Protocol):
+    """An :data:`ArtifactCheck` that can also tell a directory from a file (``repo_layout.artifact_checker``).
+
+    A check without it (a test's ``lambda path: None``) is taken to accept a file."""
+
+    def is_directory(self, relpath: str) -> bool: ...
 
 
 # ------------------------------------------------------------- YAML → values
@@ -903,6 +950,15 @@ _PATTERN_MEANINGS = {
                                       "\"2027-04-01T09:00:00+09:00\" (years 1970 to 9999)",
     "^(100|[1-9]?[0-9])%$": "is not a percentage from \"0%\" to \"100%\"",
     "^https?://": "is not an http:// or https:// URL",
+    names.schema_pattern(names.MSI_PRODUCT_CODE):
+        "is not a product code: a GUID in braces with upper-case hexadecimal digits, such as "
+        "\"{12345678-9ABC-DEF0-1234-56789ABCDEF0}\"",
+    names.schema_pattern(names.MSI_PROPERTY): "is not a public property name: upper-case letters, digits, '_' and '.', starting "
+                          "with a letter",
+    names.schema_pattern(names.PACKAGE_NAME): "is not a package name: letters, digits and '._+-', at most 128 "
+                                            "characters",
+    names.schema_pattern(names.MSI_PROPERTY_VALUE): "holds a double quote or a control character, which msiexec's command line "
+                                "cannot carry",
 }
 
 
@@ -1201,6 +1257,58 @@ def _cycle_text(start: str, parents: Mapping[str, str], length: int, shown: int 
     return " -> ".join([*members, f"... ({length} relays)", start])
 
 
+def _check_installer_type(doc: _Document, installer: Installer, raw: Mapping[str, Any],
+                          raw_artifact: Mapping[str, Any], path: str | None, check: ArtifactCheck,
+                          errors: list[SpecError]) -> None:
+    """What the schema leaves to code: which fields each installer type takes, exit codes that
+    contradict each other, Debian package names, and that a native installer's artifact is one file."""
+    kind = installer.type
+    for key, types in INSTALLER_FIELDS.items():
+        if key in raw and kind not in types:
+            pointer = f"/spec/installer/{key}"
+            allowed = ", ".join(t.value for t in types)
+            errors.append(doc.error(pointer, f"{pointer}: {key} is for installer type {allowed}, not {kind.value}",
+                                    at_key=True))
+    success, reboot = installer.exit_codes()
+    for index, code in enumerate(installer.reboot_exit_codes):
+        if code in success:
+            pointer = f"/spec/installer/rebootExitCodes/{index}"
+            where = "successExitCodes" if code in installer.success_exit_codes else "the default success codes"
+            errors.append(doc.error(pointer, f"{pointer}: exit code {code} is also in {where}; a code is either "
+                                             "success or success with a reboot required"))
+    if kind is InstallerType.MSI:
+        for index, code in enumerate(installer.success_exit_codes):
+            if code in MSI_DEFAULT_REBOOT_CODES:
+                pointer = f"/spec/installer/successExitCodes/{index}"
+                errors.append(doc.error(pointer, f"{pointer}: exit code {code} already means success with a reboot "
+                                                 "required for msi"))
+    if kind is InstallerType.DEB and installer.package_name is not None \
+            and not DEB_PACKAGE_NAME.fullmatch(installer.package_name):
+        pointer = "/spec/installer/packageName"
+        errors.append(doc.error(pointer, f"{pointer}: {installer.package_name!r} is not a Debian package name: "
+                                         "lower-case letters, digits and '+-.', at least two characters, "
+                                         "starting with a letter or digit"))
+    suffix = NATIVE_ARTIFACT_SUFFIXES.get(kind)
+    if suffix is None:
+        return
+    an = "a" if kind is InstallerType.DEB else "an"  # an msi, an exe, an rpm, a deb
+    if path is not None:
+        pointer = "/spec/artifact/path"
+        if isinstance(check, ArtifactKinds) and check.is_directory(path):
+            errors.append(doc.error(pointer, f"{pointer}: {an} {kind.value} installer's artifact must be one "
+                                             f"{suffix} file; {path!r} is a directory"))
+        elif not path.lower().endswith(suffix):
+            errors.append(doc.error(pointer, f"{pointer}: {an} {kind.value} installer's artifact must be a "
+                                             f"{suffix} file; {path!r} is not named *{suffix}"))
+    url = raw_artifact.get("url")
+    if isinstance(url, str):
+        name = posixpath.basename(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+        if not name.lower().endswith(suffix) or name.lower() == suffix:
+            pointer = "/spec/artifact/url"
+            errors.append(doc.error(pointer, f"{pointer}: {an} {kind.value} installer's artifact must be a "
+                                             f"{suffix} file; the URL's file name is {name!r}"))
+
+
 def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None, list[SpecError]]:
     spec = doc.value["spec"]
     errors: list[SpecError] = []
@@ -1217,7 +1325,16 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         detect=tuple(raw_installer.get("detect", ())),
         timeout_seconds=_int(raw_installer.get("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)),
         redact=tuple(raw_installer.get("redact", ())),
+        success_exit_codes=tuple(_int(c) for c in raw_installer.get("successExitCodes", ())),
+        reboot_exit_codes=tuple(_int(c) for c in raw_installer.get("rebootExitCodes", ())),
+        product_code=raw_installer.get("productCode"),
+        properties=tuple(raw_installer.get("properties", {}).items()),
+        package_name=raw_installer.get("packageName"),
     )
+    _check_installer_type(doc, installer, raw_installer, raw_artifact, path, check, errors)
+    if installer.type is InstallerType.RPM and spec["version"].count("-") != 1:
+        errors.append(doc.error("/spec/version", f"/spec/version: an rpm package's version is its VERSION-RELEASE, "
+                                                 f"such as \"1.0-1\" (one '-'), got {spec['version']!r}"))
     for index, pattern in enumerate(installer.redact):
         problem = redact_pattern_problem(pattern)
         if problem is not None:

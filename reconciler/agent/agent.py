@@ -438,7 +438,8 @@ class Agent:
                  session: requests.Session | None = None, *, poll_interval: float | None = None,
                  output_tail: int = DEFAULT_OUTPUT_TAIL, enroll_secret: str | None = None,
                  now: Callable[[], datetime] = utc_now, insecure_http: bool = False,
-                 trust_keys: Sequence[Ed25519PublicKey] = ()) -> None:
+                 trust_keys: Sequence[Ed25519PublicKey] = (), dpkg_root: Path | None = None,
+                 rpm_root: Path | None = None) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -472,7 +473,9 @@ class Agent:
                 client_env[variable] = str(platform_facts[fact])
         if isinstance(output_tail, bool) or not 0 <= output_tail <= OUTPUT_TAIL_CHARS:
             raise AgentConfigError(f"--output-tail: expected 0 to {OUTPUT_TAIL_CHARS} characters, got {output_tail}")
-        self.layout = Layout(Path(root).absolute(), output_tail, tuple(sorted(client_env.items())))
+        self.layout = Layout(Path(root).absolute(), output_tail, tuple(sorted(client_env.items())),
+                             dpkg_root=Path(dpkg_root).absolute() if dpkg_root else None,
+                             rpm_root=Path(rpm_root).absolute() if rpm_root else None)
         self.layout.create()
         self.session = session or requests.Session()
         self.poll_interval = poll_interval
@@ -874,7 +877,8 @@ def main(args: argparse.Namespace) -> int:
         agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
                       fact_overrides=list(args.fact), session=client_session(tls), poll_interval=args.poll_interval,
                       output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret,
-                      insecure_http=bool(getattr(args, "insecure_http", False)), trust_keys=trust_keys)
+                      insecure_http=bool(getattr(args, "insecure_http", False)), trust_keys=trust_keys,
+                      dpkg_root=getattr(args, "dpkg_root", None), rpm_root=getattr(args, "rpm_root", None))
     except (AgentConfigError, SecretFileError, TLSConfigError, KeyFileError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2

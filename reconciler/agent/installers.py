@@ -18,6 +18,25 @@ Two installer types (DESIGN section 6):
     the artifact is unpacked the same way, then the ``install`` argv runs in that
     directory; the directory stays, because ``uninstall`` runs there too.
 
+and four native ones, whose artifact is a single file copied into the package
+directory and handed to the operating system's installer (``native.py``;
+docs/INSTALLERS.md has the exact commands and exit codes):
+
+``msi``
+    ``msiexec /i`` the file, ``msiexec /x`` the product code; present while the
+    product code's Uninstall registry key exists.
+``exe``
+    the file itself runs with the spec's ``install`` arguments; ``uninstall``
+    and ``detect`` are argvs as for ``command``.
+``deb`` / ``rpm``
+    ``dpkg -i`` / ``rpm -U`` the file, ``dpkg -r`` / ``rpm -e`` the package
+    name; present while the package manager reports the receipt's version.
+    A new version replaces the old one in place (no uninstall first).
+
+``command`` and ``exe`` declare which exit codes mean success
+(``successExitCodes``, default ``[0]``) and success with a reboot required
+(``rebootExitCodes``); ``msi`` adds its own to 0 and 3010/1641.
+
 Archives come from the network, so they are checked member by member *before*
 anything is extracted: absolute paths, ``..``, links whose target leaves the
 package directory, members written through a symlink, and device or special
@@ -82,6 +101,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import names
+from reconciler.agent import native
 from reconciler.agent.errors import InstallError
 from reconciler.agent.journal import operation_key
 from reconciler.agent.processes import (
@@ -116,6 +136,14 @@ DETECT_TIMEOUT_SECONDS = 60.0
 # receipt written under it readable.
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 
+NATIVE_TYPES = ("msi", "exe", "deb", "rpm")  # a single-file artifact handed to the OS's installer
+INSTALLER_TYPES = ("files", "command", *NATIVE_TYPES)
+COMMAND_TYPES = ("command", *NATIVE_TYPES)  # types whose install runs a command
+MAX_EXIT_CODES = 32
+MAX_EXIT_CODE = 4294967295  # a Windows exit code is a 32-bit DWORD; a POSIX one is 0-255
+MAX_MSI_PROPERTIES = 64
+MAX_MSI_PROPERTY_VALUE = 1024
+
 
 class UnsafeArchiveError(InstallError):
     """An archive member would land outside the package directory (or is a device)."""
@@ -136,6 +164,11 @@ class Layout:
     # RECONCILER_OS and RECONCILER_ARCH (so a script can branch on the platform,
     # and --fact overrides reach it in simulations).
     client_env: tuple[tuple[str, str], ...] = ()
+    # Sandbox roots for dpkg and rpm (the agent's --dpkg-root, --rpm-root); None: the system's own.
+    dpkg_root: Path | None = None
+    rpm_root: Path | None = None
+    # Reads HKLM for msi presence (native.RegistryReader); None: the real registry (Windows only).
+    registry: native.RegistryReader | None = field(default=None, compare=False)
 
     @property
     def token(self) -> Path:
@@ -175,6 +208,15 @@ class Layout:
 
     def cached_artifact(self, sha256: str) -> Path:
         return self.cache / check_sha256(sha256)
+
+    @property
+    def installer_logs(self) -> Path:
+        """Logs the native installers write (``msiexec /l*v``), one per package version and command."""
+        return self.root / "logs"
+
+    def installer_log(self, name: str, version: str, command: str) -> Path:
+        return self.installer_logs / (f"{check_segment(name, 'package name')}-"
+                                      f"{check_segment(version, 'package version')}-{command}.log")
 
     def operation_runs(self, operation_id: str) -> Path:
         """The directory of an operation's supervised commands, beside its journal entry."""
@@ -240,6 +282,47 @@ def _argv(value: Any, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _exit_codes(value: Any, what: str) -> tuple[int, ...]:
+    """``successExitCodes``/``rebootExitCodes``: absent, or a short list of distinct codes in the exit-code range."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_EXIT_CODES:
+        raise InstallError(f"installer {what} must be a list of at most {MAX_EXIT_CODES} exit codes")
+    for code in value:
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= MAX_EXIT_CODE:
+            raise InstallError(f"installer {what}: {code!r} is not an exit code (0 to {MAX_EXIT_CODE})")
+    if len(set(value)) != len(value):
+        raise InstallError(f"installer {what} lists a code twice")
+    return tuple(value)
+
+
+def _properties(value: Any) -> tuple[tuple[str, str], ...]:
+    """An msi's ``properties``: PUBLIC_PROPERTY names to values msiexec can take on its command line."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_MSI_PROPERTIES:
+        raise InstallError(f"installer properties must be an object of at most {MAX_MSI_PROPERTIES} entries")
+    out = []
+    for key, text in value.items():
+        if not isinstance(key, str) or not native.MSI_PROPERTY.fullmatch(key) or len(key) > 128:
+            raise InstallError(f"installer properties: {key!r} is not a public property name")
+        if (not isinstance(text, str) or len(text) > MAX_MSI_PROPERTY_VALUE or '"' in text
+                or any(ord(c) < 32 for c in text)):
+            raise InstallError(f"installer properties: the value of {key} must be text without quotes or "
+                               "control characters")
+        out.append((key, text))
+    return tuple(out)
+
+
+def _native_name(value: Any, kind: str) -> str | None:
+    if value is None:
+        return None
+    pattern = native.DEB_PACKAGE_NAME if kind == "deb" else native.RPM_PACKAGE_NAME
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InstallError(f"invalid packageName {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class InstallerSpec:
     """The ``installer`` object of an action (and of a receipt)."""
@@ -250,23 +333,42 @@ class InstallerSpec:
     detect: tuple[str, ...] = ()
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     redact: tuple[str, ...] = ()  # patterns masked in the command's output (spec.installer.redact)
+    success_exit_codes: tuple[int, ...] = ()  # as declared; see exit_policy() for what applies
+    reboot_exit_codes: tuple[int, ...] = ()
+    product_code: str | None = None  # msi
+    properties: tuple[tuple[str, str], ...] = ()  # msi, in spec order
+    package_name: str | None = None  # deb, rpm
 
     @classmethod
     def from_dict(cls, data: Any) -> InstallerSpec:
         if not isinstance(data, dict):
             raise InstallError("installer must be an object")
         kind = data.get("type")
-        if kind not in ("files", "command"):
+        if kind not in INSTALLER_TYPES:
             raise InstallError(f"unknown installer type {kind!r}")
         timeout = data.get("timeoutSeconds")
         if timeout is None:
             timeout = DEFAULT_TIMEOUT_SECONDS
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise InstallError(f"invalid timeoutSeconds {timeout!r}")
+        product_code = data.get("productCode")
+        if product_code is not None and (not isinstance(product_code, str)
+                                         or not native.PRODUCT_CODE.fullmatch(product_code)):
+            raise InstallError(f"invalid productCode {product_code!r}")
         spec = cls(kind, _argv(data.get("install"), "install"), _argv(data.get("uninstall"), "uninstall"),
-                   _argv(data.get("detect"), "detect"), float(timeout), _redact(data.get("redact")))
+                   _argv(data.get("detect"), "detect"), float(timeout), _redact(data.get("redact")),
+                   _exit_codes(data.get("successExitCodes"), "successExitCodes"),
+                   _exit_codes(data.get("rebootExitCodes"), "rebootExitCodes"),
+                   product_code, _properties(data.get("properties")), _native_name(data.get("packageName"), kind))
         if spec.type == "command" and not spec.install:
             raise InstallError("command installer has no install argv")
+        if spec.type == "msi" and spec.product_code is None:
+            raise InstallError("msi installer has no productCode")
+        if spec.type in ("deb", "rpm") and spec.package_name is None:
+            raise InstallError(f"{spec.type} installer has no packageName")
+        both = set(spec.exit_policy().success) & set(spec.exit_policy().reboot)
+        if both:
+            raise InstallError(f"installer exit code {min(both)} is both success and reboot required")
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,12 +379,44 @@ class InstallerSpec:
                                 "timeoutSeconds": timeout}
         if self.redact:
             data["redact"] = list(self.redact)
+        if self.success_exit_codes:
+            data["successExitCodes"] = list(self.success_exit_codes)
+        if self.reboot_exit_codes:
+            data["rebootExitCodes"] = list(self.reboot_exit_codes)
+        if self.product_code is not None:
+            data["productCode"] = self.product_code
+        if self.properties:
+            data["properties"] = dict(self.properties)
+        if self.package_name is not None:
+            data["packageName"] = self.package_name
         return data
+
+    def exit_policy(self, uninstalling: bool = False) -> ExitPolicy:
+        """What the exit codes of this installer's commands mean."""
+        if self.type == "msi":
+            return ExitPolicy((*native.MSI_SUCCESS_CODES, *self.success_exit_codes),
+                              (*native.MSI_REBOOT_CODES, *self.reboot_exit_codes),
+                              native.MSI_EXIT_MEANINGS,
+                              (native.MSI_NOT_INSTALLED,) if uninstalling else ())
+        if self.type in ("command", "exe"):
+            return ExitPolicy(self.success_exit_codes or (0,), self.reboot_exit_codes)
+        return ExitPolicy((0,), ())
 
     @property
     def redact_patterns(self) -> tuple[re.Pattern[str], ...]:
         """:attr:`redact` compiled (they were checked when the spec was read)."""
         return _compiled(self.redact)
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Exit codes that mean success, success with a reboot required, and "was not installed" (an uninstall's
+    success); any other code fails, its message naming the code and, from ``meanings``, what it means."""
+
+    success: tuple[int, ...] = (0,)
+    reboot: tuple[int, ...] = ()
+    meanings: Mapping[int, str] = field(default_factory=dict)
+    absent: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -410,6 +544,10 @@ def is_present(layout: Layout, receipt: Receipt) -> bool:
     package_dir = layout.package_dir(receipt.name, receipt.version)
     if receipt.installer.type == "files" and not package_dir.is_dir():
         return False
+    if receipt.installer.type == "msi":
+        return native_version(layout, receipt.installer) is not None
+    if receipt.installer.type in ("deb", "rpm"):  # another version installed by hand is drift too
+        return native_version(layout, receipt.installer) == receipt.version
     if not receipt.installer.detect:
         return True
     cwd = package_dir if package_dir.is_dir() else layout.root
@@ -539,10 +677,12 @@ def _run_step(layout: Layout, step: Path, argv: Sequence[str], cwd: Path, name: 
     return run_supervised(step, args, cwd, env, timeout)
 
 
-def _checked(result: CommandResult, timeout: float, installer: InstallerSpec, tail: int) -> Outcome:
+def _checked(result: CommandResult, timeout: float, installer: InstallerSpec, tail: int,
+             policy: ExitPolicy | None = None) -> Outcome:
     """Turn a finished command into an outcome, or the failure message the relay shows.
 
-    The output in it is masked and cut by :func:`shown_output` before anything else sees it.
+    ``policy`` says which exit codes succeed (default: 0 only). The output in it is
+    masked and cut by :func:`shown_output` before anything else sees it.
     """
     result = CommandResult(result.exit_code, shown_output(result.output, installer, tail), result.timed_out,
                            result.error)
@@ -552,10 +692,115 @@ def _checked(result: CommandResult, timeout: float, installer: InstallerSpec, ta
         suffix = f": {result.output}" if result.output else ""
         raise InstallError(f"timed out after {timeout:g} s{suffix}")
     assert result.exit_code is not None
+    policy = policy or ExitPolicy()
+    code = result.exit_code
+    if code in policy.reboot:
+        return Outcome(code, result.output, reboot_required=True)
+    if code not in policy.success and code not in policy.absent:
+        raise InstallError(f"{native.exit_meaning(code, policy.meanings)}: {result.output or '(no output)'}", code)
+    return Outcome(code, result.output)
+
+
+# ---------------------------------------------------------------- native installers
+
+
+def native_version(layout: Layout, installer: InstallerSpec) -> str | None:
+    """The version the operating system reports for an msi, deb or rpm installer's product, or None.
+
+    An msi product counts as present while its Uninstall key exists (its
+    ``DisplayVersion`` is Windows Installer's ProductVersion, which need not be
+    spelled like the spec's version); a deb or rpm package at the version its
+    package manager reports.
+    """
+    if installer.type == "msi" and installer.product_code is not None:
+        return native.msi_installed_version(installer.product_code, layout.registry)
+    if installer.type == "deb" and installer.package_name is not None:
+        return native.dpkg_installed_version(installer.package_name, layout.dpkg_root)
+    if installer.type == "rpm" and installer.package_name is not None:
+        return native.rpm_installed_version(installer.package_name, layout.rpm_root)
+    return None
+
+
+def _tool(name: str, layout: Layout) -> str:
+    try:
+        return native.find_tool(name)
+    except native.NativeToolMissing as exc:
+        raise InstallError(f"cannot install: {exc}") from None
+
+
+def _query(argv: Sequence[str], what: str) -> str:
+    """Run a read-only query of a package file; its output, or InstallError naming ``what`` failed."""
+    try:
+        result = native.run_query(argv)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"cannot read {what}: {exc}") from None
     if result.exit_code != 0:
-        raise InstallError(f"exit code {result.exit_code}: {result.output or '(no output)'}",
-                           result.exit_code)
-    return Outcome(0, result.output)
+        raise InstallError(f"cannot read {what}: exit code {result.exit_code}: {result.output.strip()[:300]}")
+    return result.output
+
+
+def check_package_file(layout: Layout, installer: InstallerSpec, file: Path, version: str) -> None:
+    """Before anything is installed: the .deb or .rpm is the spec's ``packageName`` at the spec's ``version``.
+
+    For rpm the spec's version is ``VERSION-RELEASE`` (``1.0-1``).
+    """
+    if installer.type == "deb":
+        fields = native.parse_deb_fields(_query(native.deb_fields_argv(_tool("dpkg-deb", layout), file),
+                                                f"the .deb {file.name}"))
+        name, found = fields.get("Package"), fields.get("Version")
+    elif installer.type == "rpm":
+        words = _query(native.rpm_file_argv(_tool("rpm", layout), file), f"the .rpm {file.name}").split()
+        name, found = (words[0], words[1]) if len(words) >= 2 else (None, None)
+    else:
+        return
+    if name != installer.package_name:
+        raise InstallError(f"{file.name} is package {name!r}, the spec's packageName is {installer.package_name!r}")
+    if found != version:
+        raise InstallError(f"{file.name} is {name} version {found!r}, the spec's version is {version!r}")
+
+
+def native_install_argv(layout: Layout, installer: InstallerSpec, file: Path, name: str, version: str) -> list[str]:
+    """The install command of a native installer for the artifact ``file`` (module docstring of ``native``)."""
+    if installer.type == "msi":
+        log_file = layout.installer_log(name, version, "install")
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        return native.msi_install_argv(_tool("msiexec", layout), file, log_file, installer.properties)
+    if installer.type == "exe":
+        return [str(file), *installer.install]
+    if installer.type == "deb":
+        if layout.dpkg_root is not None:
+            native.prepare_dpkg_root(layout.dpkg_root)
+        return native.dpkg_install_argv(_tool("dpkg", layout), layout.dpkg_root, file)
+    if installer.type == "rpm":
+        return native.rpm_install_argv(_tool("rpm", layout), layout.rpm_root, file)
+    return list(installer.install)
+
+
+def native_uninstall_argv(layout: Layout, installer: InstallerSpec, name: str, version: str) -> list[str] | None:
+    """The uninstall command of a receipt's installer; None when there is nothing to run."""
+    if installer.type == "msi" and installer.product_code is not None:
+        log_file = layout.installer_log(name, version, "uninstall")
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        return native.msi_uninstall_argv(_tool("msiexec", layout), installer.product_code, log_file)
+    if installer.type in ("deb", "rpm") and installer.package_name is not None:
+        if native_version(layout, installer) is None:
+            return None  # removed behind the agent's back: nothing to run, the receipt goes
+        if installer.type == "deb":
+            return native.dpkg_uninstall_argv(_tool("dpkg", layout), layout.dpkg_root, installer.package_name)
+        return native.rpm_uninstall_argv(_tool("rpm", layout), layout.rpm_root, installer.package_name)
+    return list(installer.uninstall) or None
+
+
+def _in_place(old: InstallerSpec, new: InstallerSpec) -> bool:
+    """Whether the package manager replaces the old version itself (same deb or rpm package name)."""
+    return old.type == new.type and old.type in ("deb", "rpm") and old.package_name == new.package_name
+
+
+def _with_exit_note(outcome: Outcome, default: str, policy: ExitPolicy) -> str:
+    message = outcome.message or default
+    if outcome.reboot_required:
+        return f"{message} ({native.exit_meaning(outcome.exit_code, policy.meanings)}: reboot required)"
+    return message
 
 
 # ---------------------------------------------------------------- archives
@@ -696,39 +941,75 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec,
     goes, so a refused archive changes nothing. ``artifact`` may be a function
     that fetches it: an operation resumed after its install command ran
     needs no artifact, since it only records the command's result.
+
+    A deb or rpm replacing a version of the same package is not removed first:
+    ``dpkg -i`` and ``rpm -U`` replace it in place. Their file is checked to be
+    the spec's package name and version before anything changes.
     """
     target = layout.package_dir(name, version)
     name_dir = target.parent
     step = _step(layout, operation_id, "install", version)
     # the install command already ran for this operation (the agent was killed after): its result
-    done = stored_result(step) if installer.type == "command" else None
+    done = stored_result(step) if installer.type in COMMAND_TYPES else None
     message = f"installed {name} {version}"
+    replaced: Receipt | None = None  # the version a deb/rpm replaces in place
     if done is None:
+        if installer.type in NATIVE_TYPES and (ref.format != "file" or ref.file_name is None):
+            article = "a" if installer.type == "deb" else "an"
+            raise InstallError(f"{article} {installer.type} installer needs a single-file artifact, "
+                               f"got format {ref.format!r}")
         source = artifact if isinstance(artifact, Path) else artifact()
         name_dir.mkdir(parents=True, exist_ok=True)
         _sweep(name_dir)
         staging = name_dir / f".staging-{_safe_suffix(operation_id)}"
         try:
             count = unpack(source, ref, staging)
+            if ref.file_name is not None:
+                check_package_file(layout, installer, staging / ref.file_name, version)
             current = read_receipt(layout, name)
             if current is not None and current.version != version:
-                uninstall(layout, name, None, operation_id)
+                if _in_place(current.installer, installer):
+                    replaced = current
+                else:
+                    uninstall(layout, name, None, operation_id)
             _place(staging, target, operation_id)
         except BaseException:
             _remove_tree(staging)
             raise
         message = f"{message} ({count} {'entry' if count == 1 else 'entries'})"
-    if installer.type == "command":
+    else:
+        current = read_receipt(layout, name)
+        if current is not None and current.version != version and _in_place(current.installer, installer):
+            replaced = current
+    reboot = False
+    exit_code = 0
+    if installer.type in COMMAND_TYPES:
+        policy = installer.exit_policy()
         try:
-            result = done if done is not None else _run_step(
-                layout, step, installer.install, target, name, version, installer.timeout_seconds, checked=True)
-            message = _checked(result, installer.timeout_seconds, installer, layout.output_tail).message or message
+            if done is None:
+                file = target / ref.file_name if ref.file_name is not None else target
+                argv = native_install_argv(layout, installer, file, name, version)
+                done = _run_step(layout, step, argv, target, name, version, installer.timeout_seconds, checked=True)
+            outcome = _checked(done, installer.timeout_seconds, installer, layout.output_tail, policy)
+            message = _with_exit_note(outcome, message, policy)
+            reboot, exit_code = outcome.reboot_required, outcome.exit_code
+            if installer.type in ("deb", "rpm"):
+                found = native_version(layout, installer)
+                if found != version:
+                    tool = "dpkg" if installer.type == "deb" else "rpm"
+                    raise InstallError(f"after installing, {tool} reports {installer.package_name} "
+                                       f"{found or 'not installed'}, not {version}")
         except BaseException:
-            _not_installed(layout, name, target)
+            if replaced is not None and is_present(layout, replaced):
+                _remove_tree(target)  # the old version is still what the package manager has: keep its receipt
+            else:
+                _not_installed(layout, name, target)
             raise
     write_receipt(layout, Receipt(name, version, installer, operation_id,
                                   format_time(now or utc_now()), ref.to_dict()))
-    return Outcome(0, message)
+    if replaced is not None:
+        _remove_tree(layout.package_dir(name, replaced.version))
+    return Outcome(exit_code, message, reboot)
 
 
 def _not_installed(layout: Layout, name: str, target: Path) -> None:
@@ -741,7 +1022,10 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
     """Remove an installed package as its receipt says; no receipt means nothing to do.
 
     With ``version`` given, only that version is removed: an uninstall meant for
-    22.00 must not take away the 23.01 someone installed since.
+    22.00 must not take away the 23.01 someone installed since. A msi, deb or rpm
+    is removed by its product code or package name from the receipt; without a
+    receipt the agent removes nothing, even if the package manager has a package
+    of that name: it did not install it.
     """
     receipt = read_receipt(layout, name)
     if receipt is None:
@@ -750,13 +1034,32 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
         return Outcome(0, f"not installed ({receipt.version} present)")
     package_dir = layout.package_dir(name, receipt.version)
     output = ""
-    if receipt.installer.type == "command" and receipt.installer.uninstall:
+    outcome = Outcome(0, "")
+    installer = receipt.installer
+    if installer.type in COMMAND_TYPES:
+        policy = installer.exit_policy(uninstalling=True)
         cwd = package_dir if package_dir.is_dir() else layout.root
-        timeout = receipt.installer.timeout_seconds
+        timeout = installer.timeout_seconds
         step = _step(layout, operation_id, "uninstall", receipt.version)
         try:
-            output = _checked(_run_step(layout, step, receipt.installer.uninstall, cwd, name, receipt.version,
-                                        timeout), timeout, receipt.installer, layout.output_tail).message
+            result = stored_result(step)
+            if result is None:
+                argv = native_uninstall_argv(layout, installer, name, receipt.version)
+                if argv is not None:
+                    result = _run_step(layout, step, argv, cwd, name, receipt.version, timeout, checked=True)
+                elif installer.type in ("deb", "rpm"):
+                    output = f"{installer.package_name} was not installed; receipt removed"
+            if result is not None:
+                outcome = _checked(result, timeout, installer, layout.output_tail, policy)
+                output = outcome.message
+                if outcome.exit_code in policy.absent:
+                    output = f"{native.exit_meaning(outcome.exit_code, policy.meanings)}; receipt removed"
+                elif outcome.reboot_required:
+                    output = _with_exit_note(outcome, f"uninstalled {name} {receipt.version}", policy)
+            if installer.type in ("deb", "rpm") and native_version(layout, installer) is not None:
+                tool = "dpkg" if installer.type == "deb" else "rpm"
+                raise InstallError(f"{tool} still reports {installer.package_name} "
+                                   f"{native_version(layout, installer)} installed")
         except InstallError as exc:
             raise InstallError(f"uninstalling {name} {receipt.version}: {exc.message}", exc.exit_code) from exc
     # receipt first: a crash now leaves an orphaned directory, never a receipt without files
@@ -766,4 +1069,4 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
         package_dir.parent.rmdir()
     except OSError:
         pass  # other versions or leftovers remain
-    return Outcome(0, output or f"uninstalled {name} {receipt.version}")
+    return Outcome(outcome.exit_code, output or f"uninstalled {name} {receipt.version}", outcome.reboot_required)
