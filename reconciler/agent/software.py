@@ -28,7 +28,7 @@ entries kept whose JSON fits ``protocol.MAX_SOFTWARE_BYTES``; how many were
 cut is ``omitted``, which the check-in reports (``softwareOmitted``).
 
 Where a test or an odd installation keeps its database elsewhere, the
-collectors take it as a parameter (``dpkg_admindir``, ``rpm_dbpath``) and a
+collectors take it as a parameter (``dpkg_admindir``, ``rpm_root``) and a
 command prefix (``prefix``, e.g. ``["chroot", DIR]``).
 """
 
@@ -103,7 +103,7 @@ def bound(raw: Iterable[tuple[str, str, str]]) -> tuple[tuple[protocol.SoftwareE
     size = 2
     for name, version, source in ordered[: protocol.MAX_SOFTWARE]:
         item: protocol.SoftwareEntry = {"name": name, "version": version, "source": source}
-        size += len(json.dumps(item, ensure_ascii=False).encode("utf-8")) + 1
+        size += len(json.dumps(item)) + 2  # as the check-in's JSON carries it (ASCII, ", " between items)
         if size > protocol.MAX_SOFTWARE_BYTES:
             break
         kept.append(item)
@@ -206,11 +206,11 @@ def parse_dpkg(text: str) -> list[tuple[str, str, str]]:
 RPM_FORMAT = "%{NAME}\\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\\n"
 
 
-def rpm_command(dbpath: Path | None = None, prefix: Sequence[str] = ()) -> list[str]:
-    """``rpm -qa`` with name and ``[epoch:]version-release`` per line (``dbpath``: another database)."""
+def rpm_command(root: Path | None = None, prefix: Sequence[str] = ()) -> list[str]:
+    """``rpm -qa`` with name and ``[epoch:]version-release`` per line (``root``: the database of another root)."""
     argv = [*prefix, "rpm", "-qa"]
-    if dbpath is not None:
-        argv += ["--dbpath", str(dbpath)]
+    if root is not None:
+        argv += ["--root", str(root)]
     return [*argv, "--qf", RPM_FORMAT]
 
 
@@ -320,7 +320,7 @@ class Collector:
 
     platform: str = sys.platform
     dpkg_admindir: Path | None = None  # None: dpkg's own (/var/lib/dpkg)
-    rpm_dbpath: Path | None = None
+    rpm_root: Path | None = None  # None: rpm's own database (rpm --root)
     prefix: tuple[str, ...] = ()  # a command prefix for every tool, e.g. ("chroot", "/mnt/image")
     registry: RegistryReader | None = None  # None: the real registry (on Windows)
     timeout: float = COMMAND_TIMEOUT
@@ -347,7 +347,7 @@ class Collector:
             if kind == "dpkg":
                 raw = parse_dpkg(run_tool(dpkg_command(self.dpkg_admindir, self.prefix), deadline))
             elif kind == "rpm":
-                raw = parse_rpm(run_tool(rpm_command(self.rpm_dbpath, self.prefix), deadline))
+                raw = parse_rpm(run_tool(rpm_command(self.rpm_root, self.prefix), deadline))
             elif kind == "registry":
                 reader = self.registry or windows_registry
                 raw = registry_entries(_bounded_iter(reader(), protocol.MAX_SOFTWARE * 4))
