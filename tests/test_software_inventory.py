@@ -22,7 +22,7 @@ from package_sandbox import DpkgSandbox, RpmSandbox, have, system_dpkg_fingerpri
 
 from reconciler import protocol
 from reconciler.agent import software
-from reconciler.agent.software import Collector, CollectError, bound, run_tool
+from reconciler.agent.software import CollectError, Collector, bound, run_tool
 
 needs_dpkg = pytest.mark.skipif(not have("dpkg", "dpkg-deb", "dpkg-query"), reason="needs dpkg")
 needs_rpm = pytest.mark.skipif(not have("rpm", "rpmbuild"), reason="needs rpm and rpmbuild")
