@@ -664,7 +664,7 @@ def fleet_inventory(reader: Reader, snap: Snapshot) -> tuple[str, list[str], boo
     paths = [f"{report.relay_prefix(name)}inventory.json" for name in wanted]
     contents = reader.store.read_paths([(snap.relay_shas[name], path) for name, path in zip(wanted, paths)],
                                        report.MAX_STATUS_FILE)
-    software, software_notes = read_software(reader, snap, wanted)
+    software, software_notes = read_software(reader, snap, wanted, note_missing=False)
     notes += software_notes
     complete = True
     chosen: dict[str, tuple[str, report.InventoryEntry]] = {}
@@ -694,12 +694,12 @@ def fleet_inventory(reader: Reader, snap: Snapshot) -> tuple[str, list[str], boo
 # ------------------------------------------------------------------ software inventory
 
 
-def read_software(reader: Reader, snap: Snapshot, relays: Sequence[str] | None = None,
-                  ) -> tuple[dict[str, report.RelaySoftware], list[str]]:
+def read_software(reader: Reader, snap: Snapshot, relays: Sequence[str] | None = None, *,
+                  note_missing: bool = True) -> tuple[dict[str, report.RelaySoftware], list[str]]:
     """Each relay's ``software.json`` of the snapshot (``relays``: only these), and notes on those unreadable.
 
     A relay without the file (one that predates software inventories) is
-    left out with a note.
+    left out, with a note when ``note_missing``.
     """
     names = sorted(snap.relay_shas) if relays is None else list(relays)
     paths = [f"{report.relay_prefix(name)}{report.SOFTWARE_FILE}" for name in names]
@@ -709,8 +709,9 @@ def read_software(reader: Reader, snap: Snapshot, relays: Sequence[str] | None =
     notes: list[str] = []
     for name, path, data in zip(names, paths, contents):
         if data is None:
-            notes.append(f"{STATUS_PREFIX}{name} publishes no {report.SOFTWARE_FILE} (a relay older than software "
-                         "inventories); its clients' software is not shown")
+            if note_missing:
+                notes.append(f"{STATUS_PREFIX}{name} publishes no {report.SOFTWARE_FILE} (a relay older than software "
+                             "inventories); its clients' software is not shown")
             continue
         try:
             found[name] = report.parse_relay_software(data, path)
