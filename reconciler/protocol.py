@@ -533,17 +533,24 @@ def is_digest(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
-def _software_text(raw: Mapping[str, Any], key: str, limit: int, at: str, problems: list[FieldProblem], *,
-                   empty: bool) -> str | None:
+def software_text_problem(value: str, key: str) -> str | None:
+    """Why a software entry's ``name`` or ``version`` (``key``) cannot be taken, or None."""
+    empty = key == "version"
+    limit = MAX_SOFTWARE_VERSION if empty else MAX_SOFTWARE_NAME
+    if len(value) > limit or (not value and not empty):
+        return f"must be a string of {0 if empty else 1} to {limit} characters, got {len(value)}"
+    if _CONTROL.search(value):
+        return "holds a control character (the agent removes them)"
+    return None
+
+
+def _software_text(raw: Mapping[str, Any], key: str, at: str, problems: list[FieldProblem]) -> str | None:
     value = _string(raw, key, at, problems, required=True)
     if value is None:
         return None
-    if len(value) > limit or (not value and not empty):
-        problems.append(FieldProblem(f"{at}.{key}", f"must be a string of {0 if empty else 1} to {limit} characters, "
-                                                    f"got {len(value)}"))
-        return None
-    if _CONTROL.search(value):
-        problems.append(FieldProblem(f"{at}.{key}", "holds a control character (the agent removes them)"))
+    problem = software_text_problem(value, key)
+    if problem is not None:
+        problems.append(FieldProblem(f"{at}.{key}", problem))
         return None
     return value
 
@@ -569,8 +576,8 @@ def check_software(raw: object, where: str, problems: list[FieldProblem]) -> lis
             continue
         before = len(problems)
         _unknown_keys(item, _SOFTWARE_FIELDS, at, "field", problems)
-        name = _software_text(item, "name", MAX_SOFTWARE_NAME, at, problems, empty=False)
-        version = _software_text(item, "version", MAX_SOFTWARE_VERSION, at, problems, empty=True)
+        name = _software_text(item, "name", at, problems)
+        version = _software_text(item, "version", at, problems)
         source = item.get("source")
         if "source" not in item:
             problems.append(FieldProblem(f"{at}.source", "missing required field"))

@@ -784,11 +784,10 @@ def parse_relay_software(data: bytes, path: str) -> RelaySoftware:
             raise ReportError(f"{path}: omitted.{client[:64]}: not one of its clients")
     holders: list[SoftwareHolder] = []
     for i, item in enumerate(doc["software"]):
-        problems: list[protocol.FieldProblem] = []
-        protocol.check_software([{"name": item["name"], "version": v, "source": item["source"]}
-                                 for v in item["versions"]], f"software[{i}]", problems)
-        if problems:
-            raise ReportError(f"{path}: {problems[0]}")
+        for key, text in (("name", item["name"]), *((f"versions.{v[:64]}", v) for v in item["versions"])):
+            problem = protocol.software_text_problem(text, "name" if key == "name" else "version")
+            if problem is not None:
+                raise ReportError(f"{path}: software[{i}].{key}: {problem}")
         for version, who in sorted(item["versions"].items()):
             if "allBut" in who:
                 left_out = set(who["allBut"])

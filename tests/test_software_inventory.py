@@ -296,3 +296,55 @@ def test_the_digest_changes_with_any_entry_and_with_the_cut() -> None:
 def test_the_windows_reader_is_only_imported_on_windows() -> None:
     source = Path(software.__file__).read_text(encoding="utf-8")
     assert "import winreg" not in source and "winreg" not in sys.modules
+
+
+# ------------------------------------------------------------------ software.json (pure render and read)
+
+from reconciler import report  # noqa: E402
+
+
+def test_software_json_round_trips_and_names_most_clients_by_who_lacks_it() -> None:
+    lists = {
+        "pc-1": ([("bash", "5.2", "dpkg"), ("Firefox", "120", "registry")], 0),
+        "pc-2": ([("bash", "5.2", "dpkg"), ("Firefox", "121", "registry")], 12),
+        "pc-3": ([("bash", "5.2", "dpkg"), ("bash", "5.1", "dpkg")], 0),
+        "pc-4": ([], 0),
+    }
+    data = report.render_relay_software("relay-a", lists)
+    doc = json.loads(data)
+    assert doc["clients"] == ["pc-1", "pc-2", "pc-3", "pc-4"] and doc["omitted"] == {"pc-2": 12}
+    assert doc["software"][0] == {"name": "bash", "source": "dpkg",
+                                  "versions": {"5.1": {"clients": [2]}, "5.2": {"allBut": [3]}}}
+    assert len(data.splitlines()) == 2 + len(doc["software"])  # one line per (name, source): one-line diffs
+    parsed = report.parse_relay_software(data, "relays/relay-a/software.json")
+    assert parsed.lists()["pc-3"] == ({"name": "bash", "version": "5.1", "source": "dpkg"},
+                                      {"name": "bash", "version": "5.2", "source": "dpkg"})
+    assert parsed.lists()["pc-4"] == () and parsed.omitted == {"pc-2": 12}
+    assert report.render_relay_software("relay-a", lists) == data  # deterministic: no commit when nothing changed
+    assert report.schema_name("relays/relay-a/software.json") == "status-software"
+
+
+def test_the_same_packages_on_every_client_cost_one_line_each() -> None:
+    packages = [(f"pkg-{i}", "1.0", "dpkg") for i in range(300)]
+    data = report.render_relay_software("relay-a", {f"pc-{n:05d}": (packages, 0) for n in range(2000)})
+    assert all(line.endswith('{"allBut": []}}},') or line.endswith('{"allBut": []}}}')
+               for line in data.decode().splitlines()[1:-1])
+    assert len(data) < 2000 * 12 + 300 * 80
+
+
+@pytest.mark.parametrize(("doc", "problem"), [
+    ({"relay": "relay-b", "clients": [], "omitted": {}, "software": []}, "names relay 'relay-b'"),
+    ({"relay": "relay-a", "clients": ["pc-1"], "omitted": {}, "software": [
+        {"name": "x", "source": "dpkg", "versions": {"1": {"clients": [1]}}}]}, "a client index beyond the 1 clients"),
+    ({"relay": "relay-a", "clients": ["pc-1"], "omitted": {}, "software": [
+        {"name": "x\u001b[2J", "source": "dpkg", "versions": {"1": {"clients": [0]}}}]}, "software[0].name"),
+    ({"relay": "relay-a", "clients": ["pc-1"], "omitted": {"pc-2": 3}, "software": []}, "omitted.pc-2"),
+    ({"relay": "relay-a", "clients": ["pc-1", "pc-1"], "omitted": {}, "software": []}, "lists a client twice"),
+    ({"relay": "relay-a", "clients": ["PC 1"], "omitted": {}, "software": []}, "clients[0]"),
+    ({"relay": "relay-a", "clients": [], "omitted": {}, "software": [
+        {"name": "x", "source": "apt", "versions": {}}]}, "software[0].source"),
+])
+def test_a_hostile_software_json_is_refused_naming_the_file_and_field(doc: dict[str, Any], problem: str) -> None:
+    with pytest.raises(report.ReportError, match="relays/relay-a/software.json") as caught:
+        report.parse_relay_software(json.dumps(doc).encode(), "relays/relay-a/software.json")
+    assert problem in str(caught.value)
