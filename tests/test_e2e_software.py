@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,59 @@ def test_software_installed_outside_the_tool_is_published_and_found_by_status(cl
     assert system_dpkg_fingerprint() == before
     for relay in cluster.relays:
         assert relay.stop() == 0, relay.output()
+
+
+def _agent_process(relay: Relay, tmp_path: Path, client: str, *args: str) -> Any:
+    secret = tmp_path / "enroll.secret"
+    secret.write_text(ENROLL_SECRET + "\n")
+    secret.chmod(0o600)
+    return reconciler("agent", "--id", client, "--relay", relay.url, "--insecure-http", "--root",
+                      str(tmp_path / client), "--enroll-secret-file", str(secret), "--insecure-unsigned-actions",
+                      "--once", *args, check=False)
+
+
+def test_the_agent_command_reports_this_machines_dpkg_list_unless_turned_off(relay: Relay, tmp_path: Path) -> None:
+    """``reconciler agent`` with its defaults reads the machine's own dpkg database (read only)."""
+    before = system_dpkg_fingerprint()
+    if before is None:
+        pytest.skip("this machine has no dpkg database")
+    proc = _agent_process(relay, tmp_path, "pc-real")
+    assert proc.returncode == 0, proc.stderr
+    listed = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}\t${Package}\n"], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    installed = sorted({line.split("\t")[1] for line in listed if line.startswith("installed\t")})
+    stored = held(relay, "pc-real")
+    assert stored is not None and sorted({name for name, _, _ in stored}) == installed[:protocol.MAX_SOFTWARE]
+    assert {source for _, _, source in stored} == {"dpkg"}
+    assert system_dpkg_fingerprint() == before
+
+    proc = _agent_process(relay, tmp_path, "pc-off", "--software-inventory", "off")
+    assert proc.returncode == 0, proc.stderr
+    assert held(relay, "pc-off") is None
+    bad = _agent_process(relay, tmp_path, "pc-bad", "--software-interval", "0")
+    assert bad.returncode == 2 and "--software-interval: expected 1 to 10080 minutes" in bad.stderr
+
+
+def test_the_relay_store_keeps_one_list_per_client_apart_from_planning(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from reconciler.relay.store import Store
+
+    store = Store(tmp_path / "relay")
+    now = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
+    entries: list[protocol.SoftwareEntry] = [{"name": "bash", "version": "5.2", "source": "dpkg"}]
+    try:
+        with store.write() as db:
+            store.register(db, "pc-1", now)
+            assert store.record_software(db, "pc-1", protocol.software_digest(entries), 0, entries, now)
+            assert not store.record_software(db, "pc-1", protocol.software_digest(entries), 0, entries, now)
+            more = [*entries, {"name": "curl", "version": "8.0", "source": "dpkg"}]
+            assert store.record_software(db, "pc-1", protocol.software_digest(more, 4), 4, more, now)  # type: ignore[arg-type]
+        assert store.software_digests() == {"pc-1": protocol.software_digest(more, 4)}  # type: ignore[arg-type]
+        assert store.software_lists(["pc-1", "pc-2"]) == {
+            "pc-1": ((("bash", "5.2", "dpkg"), ("curl", "8.0", "dpkg")), 4)}
+        assert store.client("pc-1") is not None and store.client("pc-1").inventory == ()  # type: ignore[union-attr]
+        assert store.forget("pc-1", "test", now)
+        assert store.software_digests() == {}
+    finally:
+        store.close()
