@@ -22,6 +22,11 @@ One definition for both ends and for ``reconciler plan --inventory``:
   (:func:`check_facts`, :func:`check_labels`, :func:`check_inventory`).
   :func:`decode_json` is the byte-level rule: UTF-8, no duplicate keys, no
   ``NaN``, no lone surrogates.
+* **The OS's software inventory.** :class:`SoftwareEntry` lists
+  (``software``, bounded by ``MAX_SOFTWARE*``) travel with their
+  :func:`software_digest` (``softwareDigest``), and only when the digest
+  differs from the one the relay last replied with; :func:`check_software`
+  checks a list, and the check-in's check holds the list to its digest.
 
 The JSON Schemas ``schemas/checkin-request.schema.json`` and
 ``schemas/checkin-reply.schema.json`` publish the same shapes for other

@@ -739,21 +739,25 @@ def render_relay_software(relay: str, lists: Mapping[str, tuple[Sequence[tuple[s
     """
     clients = sorted(lists)
     index = {c: i for i, c in enumerate(clients)}
-    holders: dict[tuple[str, str], dict[str, list[int]]] = {}
+    groups: dict[tuple[tuple[str, str, str], ...], list[int]] = {}  # clients with the same list, walked once
     for client in clients:
-        for name, version, source in lists[client][0]:
-            holders.setdefault((name, source), {}).setdefault(version, []).append(index[client])
+        groups.setdefault(tuple(lists[client][0]), []).append(index[client])
+    holders: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for entries, members in groups.items():
+        for name, version, source in set(entries):  # an entry listed twice holds its client once
+            holders.setdefault((name, source), {}).setdefault(version, []).extend(members)
     lines = []
     everyone = len(clients)
+    all_indices = frozenset(range(everyone))
     for (name, source) in sorted(holders, key=lambda k: (k[0].lower(), k[0], k[1])):
         versions: dict[str, Any] = {}
         for version, have in sorted(holders[(name, source)].items()):
-            have = sorted(set(have))
-            if len(have) * 2 > everyone:
-                mine = set(have)
-                versions[version] = {"allBut": [i for i in range(everyone) if i not in mine]}
+            if len(have) == everyone:  # every client: nothing to compute (each index appears once)
+                versions[version] = {"allBut": []}
+            elif len(have) * 2 > everyone:
+                versions[version] = {"allBut": sorted(all_indices.difference(have))}
             else:
-                versions[version] = {"clients": have}
+                versions[version] = {"clients": sorted(have)}
         lines.append(_yaml_flow({"name": name, "source": source, "versions": versions}))
     omitted = {c: lists[c][1] for c in clients if lists[c][1]}
     head = f'{{"relay": {_yaml_flow(relay)}, "clients": {_yaml_flow(clients)}, "omitted": {_yaml_flow(omitted)}'
@@ -783,23 +787,22 @@ def parse_relay_software(data: bytes, path: str) -> RelaySoftware:
         if client not in set(clients):
             raise ReportError(f"{path}: omitted.{client[:64]}: not one of its clients")
     holders: list[SoftwareHolder] = []
+    everyone = frozenset(range(len(clients)))
     for i, item in enumerate(doc["software"]):
         for key, text in (("name", item["name"]), *((f"versions.{v[:64]}", v) for v in item["versions"])):
             problem = protocol.software_text_problem(text, "name" if key == "name" else "version")
             if problem is not None:
                 raise ReportError(f"{path}: software[{i}].{key}: {problem}")
         for version, who in sorted(item["versions"].items()):
-            if "allBut" in who:
-                left_out = set(who["allBut"])
-                indices = [n for n in range(len(clients)) if n not in left_out]
-                listed = who["allBut"]
-            else:
-                indices = listed = who["clients"]
-            if any(n >= len(clients) for n in listed):
+            listed = who["allBut"] if "allBut" in who else who["clients"]
+            if listed and max(listed) >= len(clients):
                 raise ReportError(f"{path}: software[{i}].versions.{version[:64]}: a client index beyond "
                                   f"the {len(clients)} clients")
-            holders.append(SoftwareHolder(item["name"], version, item["source"],
-                                          tuple(sorted({clients[n] for n in indices}))))
+            if "allBut" in who and not listed:
+                holders.append(SoftwareHolder(item["name"], version, item["source"], clients))
+                continue
+            indices = sorted(everyone.difference(listed)) if "allBut" in who else sorted(set(listed))
+            holders.append(SoftwareHolder(item["name"], version, item["source"], tuple(clients[n] for n in indices)))
     return RelaySoftware(relay, clients, {c: int(n) for c, n in doc["omitted"].items()}, tuple(holders))
 
 

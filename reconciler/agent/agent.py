@@ -37,6 +37,12 @@ clients rekey`` on the relay host); a client waiting for approval keeps its
 token and asks again every poll interval; every other refusal names the
 ``reconciler clients`` command to run on the relay host.
 
+With ``--software-inventory auto`` (the command's default; an in-process
+``Agent`` has none unless given a :class:`~reconciler.agent.software.Collector`)
+each check-in also carries the digest of the software the operating system
+lists as installed, and the list itself only when the relay does not hold
+that digest yet (``software.py``; README, "Software inventory").
+
 ``Agent`` is usable in-process (tests, load generators, ``reconciler demo``):
 ``step()`` does one round, ``run_once()`` and ``run_forever(stop)`` drive it.
 """

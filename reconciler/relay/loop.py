@@ -71,6 +71,7 @@ RESTAGE_SECONDS = 5.0  # retry artifacts the parent relay is still staging this 
 OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
 CACHE_RETENTION_SECONDS = 7 * 24 * 3600.0  # unused artifacts kept this long after their last use
 WRITE_CHUNK = 2000  # row states per write transaction in a full pass
+SOFTWARE_RENDER_FACTOR = 10.0  # software.json is rendered again no sooner than 10x its last render took
 
 
 DISK_GRANULARITY_MB = 1024
@@ -127,6 +128,7 @@ class RelayLoop:
         self.row_state_changes = 0
         self._moves_tip: str | None = None  # the status/hq commit whose moves.yaml was last read
         self._software: tuple[dict[str, str], bytes] | None = None  # the digests software.json was rendered from
+        self._software_due = float("-inf")  # monotonic time before which software.json is not rendered again
 
     # -- what went wrong ------------------------------------------------------
 
@@ -397,13 +399,18 @@ class RelayLoop:
 
         The digests are read at every pass (one small row per client); the
         lists themselves only when a digest changed, or a client came or went.
+        A render that took T seconds is not repeated within 10 T (a fleet of
+        50,000 varied lists takes seconds): software lists never hold up
+        check-ins for more than a tenth of the relay's time.
         """
         wanted = {client: digest for client, digest in digests.items() if client in counted}
-        if self._software is not None and self._software[0] == wanted:
+        if self._software is not None and (self._software[0] == wanted or self.monotonic() < self._software_due):
             return self._software[1]
+        started = time.perf_counter()
         lists = self.store.software_lists(wanted)
         data = report.render_relay_software(self.name, lists)
         self._software = (wanted, data)
+        self._software_due = self.monotonic() + SOFTWARE_RENDER_FACTOR * (time.perf_counter() - started)
         return data
 
     def _counted(self, records: list[ClientRecord], now: datetime,
