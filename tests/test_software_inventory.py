@@ -348,3 +348,51 @@ def test_a_hostile_software_json_is_refused_naming_the_file_and_field(doc: dict[
     with pytest.raises(report.ReportError, match="relays/relay-a/software.json") as caught:
         report.parse_relay_software(json.dumps(doc).encode(), "relays/relay-a/software.json")
     assert problem in str(caught.value)
+
+
+# ------------------------------------------------------------------ status --software (search and output)
+
+from reconciler.commands import status as status_cmd  # noqa: E402
+
+
+def _found() -> dict[str, report.RelaySoftware]:
+    kanto = report.parse_relay_software(report.render_relay_software("relay-kanto", {
+        "pc-1": ([("Mozilla Firefox (x64 en-US)", "120.0.1", "registry"), ("7-Zip", "23.01", "registry")], 0),
+        "pc-2": ([("Mozilla Firefox (x64 en-US)", "121.0", "registry"), ("evil\u202etxt.exe", "1", "registry")], 40),
+    }), "relays/relay-kanto/software.json")
+    osaka = report.parse_relay_software(report.render_relay_software("relay-osaka", {
+        "pc-7": ([("firefox-esr", "115.5.0esr-1", "dpkg")], 0)}), "relays/relay-osaka/software.json")
+    return {"relay-kanto": kanto, "relay-osaka": osaka}
+
+
+@pytest.mark.parametrize(("pattern", "clients"), [
+    ("firefox", ["pc-1", "pc-2", "pc-7"]),  # a part of the name, any case
+    ("FIREFOX-ESR", ["pc-7"]),
+    ("firefox*", ["pc-7"]),  # a glob matches the whole name
+    ("*firefox*", ["pc-1", "pc-2", "pc-7"]),
+    ("7-zip", ["pc-1"]),
+    ("[0-9]-Zip", ["pc-1"]),
+    ("chrome", []),
+])
+def test_software_search_is_case_insensitive_by_part_or_by_glob(pattern: str, clients: list[str]) -> None:
+    hits, searched, cut = status_cmd.find_software(_found(), pattern)
+    assert sorted(h.client for h in hits) == clients
+    assert searched == 3 and cut == {"pc-2": 40}
+
+
+def test_software_search_output_in_text_json_and_summary() -> None:
+    hits, searched, cut = status_cmd.find_software(_found(), "firefox")
+    text = status_cmd.render_software(hits, searched, cut, "firefox", "text", False).splitlines()
+    assert [line.split("  ")[0] for line in text[1:4]] == ["firefox-esr"] + ["Mozilla Firefox (x64 en-US)"] * 2
+    assert text[4] == "3 clients of 3 with a software inventory have software matching 'firefox'"
+    assert text[5].startswith("the lists of 1 client were cut by their agents") and text[5].endswith("pc-2")
+    doc = json.loads(status_cmd.render_software(hits, searched, cut, "firefox", "json", True))
+    assert doc["versions"] == [
+        {"name": "firefox-esr", "version": "115.5.0esr-1", "source": "dpkg", "clients": 1},
+        {"name": "Mozilla Firefox (x64 en-US)", "version": "120.0.1", "source": "registry", "clients": 1},
+        {"name": "Mozilla Firefox (x64 en-US)", "version": "121.0", "source": "registry", "clients": 1}]
+    assert (doc["clientsSearched"], doc["clientsFound"], doc["truncatedLists"]) == (3, 3, {"pc-2": 40})
+    evil, searched, cut = status_cmd.find_software(_found(), "evil")
+    shown = status_cmd.render_software(evil, searched, cut, "evil", "json", False)
+    assert "\u202e" not in shown and json.loads(shown)["matches"][0]["name"] == "evil\u202etxt.exe"
+    assert "\u202e" not in status_cmd.render_software(evil, searched, cut, "evil", "text", False)

@@ -783,7 +783,7 @@ def render_software(hits: Sequence[SoftwareHit], searched: int, cut: dict[str, i
         else:
             doc["matches"] = [{"name": h.name, "version": h.version, "source": h.source, "client": h.client,
                                "relay": h.relay} for h in hits]
-        return json.dumps(doc, indent=2, ensure_ascii=False)
+        return report.escape_json_text(json.dumps(doc, indent=2, ensure_ascii=False))  # bidi controls inert
     if summary:
         table: list[Sequence[str]] = [("SOFTWARE", "VERSION", "SOURCE", "CLIENTS")]
         table += [(report.printable(n), report.printable(v) or "-", s, str(c)) for n, v, s, c in software_summary(hits)]
