@@ -522,7 +522,7 @@ def check_results(raw: object, where: str, problems: list[FieldProblem]) -> list
 # ------------------------------------------------------------------ software inventory
 
 _SOFTWARE_FIELDS = _fields(SoftwareEntry)
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SOFTWARE_TEXT = re.compile(names.SOFTWARE_TEXT)
 _DIGEST = re.compile("[0-9a-f]{64}")
 
 
@@ -544,7 +544,7 @@ def software_text_problem(value: str, key: str) -> str | None:
     limit = MAX_SOFTWARE_VERSION if empty else MAX_SOFTWARE_NAME
     if len(value) > limit or (not value and not empty):
         return f"must be a string of {0 if empty else 1} to {limit} characters, got {len(value)}"
-    if _CONTROL.search(value):
+    if _SOFTWARE_TEXT.fullmatch(value) is None:
         return "holds a control character (the agent removes them)"
     return None
 

@@ -21,7 +21,7 @@ from reconciler.resources import schemas_dir
 KNOWN = {names.schema_pattern(p) for p in (names.NAME, names.VERSION, names.SHA256, names.LABEL_KEY, names.TIME,
                                            names.COMMIT, names.UTC_TIME, names.OPERATION_ID, names.TOKEN,
                                            names.REASON, names.HTTP_URL,
-                                           names.FILE_NAME)}
+                                           names.FILE_NAME, names.SOFTWARE_TEXT)}
 
 
 def _patterns(node: Any) -> Iterator[str]:
