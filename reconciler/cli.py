@@ -78,6 +78,17 @@ def _days(text: str) -> float:
     return _positive_number(text, "days", 3650)
 
 
+def _software_minutes(text: str) -> float:
+    """Minutes between software inventory collections: 1 to 10080 (a week)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not 1.0 <= value <= 10080.0:
+        raise argparse.ArgumentTypeError(f"expected 1 to 10080 minutes (a week), got {text}")
+    return value
+
+
 def _history_days(text: str) -> float:
     """Days of status history to keep: 0 keeps all, else a positive number of at most ten years."""
     if text.strip() in ("0", "0.0"):
@@ -294,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm-root", metavar="DIR",
                    help="run rpm with --root DIR --dbpath /var/lib/rpm (a sandbox with its own database) for rpm "
                         "packages (default: the system's rpm)")
+    p.add_argument("--software-inventory", choices=["auto", "off"], default="auto",
+                   help="report the OS's installed software (dpkg, rpm, the Windows registry's Uninstall keys or "
+                        "pkgutil, whichever this machine has) to the relay; off: do not (default: auto)")
+    p.add_argument("--software-interval", type=_software_minutes, default=60.0, metavar="MINUTES",
+                   help="collect the software inventory at most this often, and after actions ran; it is sent "
+                        "only when it changed (default: 60)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
 
     p = sub.add_parser("clients", help="list, approve, forget or rekey a relay's clients (on the relay host)")
@@ -319,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", metavar="FILE",
                    help="also write every relay's inventory, merged, to FILE for `reconciler plan --inventory` "
                         "(-: standard output, instead of the report)")
+    p.add_argument("--software", metavar="NAME",
+                   help="instead of the report, list the clients whose OS lists software matching NAME, with "
+                        "version, source and relay (case-insensitive; a part of the name, or a glob such as "
+                        "'firefox*'); exit 1 when none has it")
+    p.add_argument("--summary", action="store_true",
+                   help="with --software: how many clients have each version, instead of one line per client")
 
     p = sub.add_parser("rerun", help="raise spec.rerun of a job to re-run its failed clients",
                        description="Raise spec.rerun of a job in its file, keeping comments, and print the diff to "

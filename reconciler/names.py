@@ -32,6 +32,8 @@ COMMIT = r"[0-9a-f]{40}([0-9a-f]{24})?"
 HTTP_URL = r"https?://[^\s/?#]+[^\s]*"
 # A file name inside a directory given on the command line (a notification's secretFile): no path, no dot first.
 FILE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+# Text of the OS's software inventory (a software name or version): anything but C0 and C1 control characters.
+SOFTWARE_TEXT = r"[^\u0000-\u001f\u007f-\u009f]*"
 # A machine-readable reason or problem kind in a status file (``retryBackoff``,
 # ``unreachable``): lower camel case. The vocabularies stay open, so a reader
 # of an older version accepts a reason a newer relay writes.

@@ -22,6 +22,11 @@ One definition for both ends and for ``reconciler plan --inventory``:
   (:func:`check_facts`, :func:`check_labels`, :func:`check_inventory`).
   :func:`decode_json` is the byte-level rule: UTF-8, no duplicate keys, no
   ``NaN``, no lone surrogates.
+* **The OS's software inventory.** :class:`SoftwareEntry` lists
+  (``software``, bounded by ``MAX_SOFTWARE*``) travel with their
+  :func:`software_digest` (``softwareDigest``), and only when the digest
+  differs from the one the relay last replied with; :func:`check_software`
+  checks a list, and the check-in's check holds the list to its digest.
 
 The JSON Schemas ``schemas/checkin-request.schema.json`` and
 ``schemas/checkin-reply.schema.json`` publish the same shapes for other
@@ -38,6 +43,7 @@ reads ``NotRequired`` from evaluated annotations (``__required_keys__``),
 which the checks use as their list of fields.
 """
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -83,6 +89,14 @@ MAX_MESSAGE = 64 * 1024
 MIN_EXIT_CODE = -(2**31)  # a Windows NTSTATUS read as signed
 MAX_EXIT_CODE = 2**32 - 1  # ... or as unsigned
 MAX_TIME_TEXT = 40
+# The OS's software inventory (README, "Software inventory"): what dpkg, rpm, the Windows registry or
+# pkgutil list, bounded so that the largest list fits in a check-in with room to spare.
+SOFTWARE_SOURCES = ("dpkg", "rpm", "registry", "pkgutil")
+MAX_SOFTWARE = 5000  # entries in one client's list; the agent cuts what is beyond and says how many
+MAX_SOFTWARE_NAME = 200  # characters of a software name
+MAX_SOFTWARE_VERSION = 100  # characters of a version ("" when the OS does not say)
+MAX_SOFTWARE_BYTES = 640 * 1024  # the list as JSON, within MAX_BODY with the rest of a check-in
+MAX_SOFTWARE_OMITTED = 2**31 - 1
 
 _SHOWN_KEY = 64  # characters of an unknown key kept in a problem's field name
 
@@ -106,6 +120,14 @@ class InventoryEntry(TypedDict):
     version: str
 
 
+class SoftwareEntry(TypedDict):
+    """One piece of software the operating system lists as installed (not only what reconciler installed)."""
+
+    name: str
+    version: str  # "" when the OS does not record one
+    source: str  # one of SOFTWARE_SOURCES
+
+
 class Result(TypedDict):
     """The outcome of one finished operation, re-sent until a check-in reply arrives."""
 
@@ -126,6 +148,11 @@ class CheckinRequest(TypedDict):
     results: NotRequired[list[Result]]
     lastRelay: NotRequired[str]  # the relay that last answered this client (it moved when that is another)
     trustSerial: NotRequired[int]  # the newest manifest serial the agent has verified (the relay sends newer ones)
+    # The OS's software inventory: its digest at every check-in to a relay that reads it, the list itself
+    # only when the digest differs from the one the relay last acknowledged (the reply's softwareDigest).
+    softwareDigest: NotRequired[str]
+    software: NotRequired[list[SoftwareEntry]]
+    softwareOmitted: NotRequired[int]  # entries the agent cut from the list (beyond MAX_SOFTWARE or the bytes)
 
 
 # ------------------------------------------------------------------ shapes: check-in reply
@@ -200,6 +227,9 @@ class CheckinReply(TypedDict):
     relay: NotRequired[str]  # the answering relay's name: the agent sends it back as lastRelay
     manifest: NotRequired[dict[str, Any]]  # HQ's signed manifest envelope (reconciler.signing), with actions
     documents: NotRequired[dict[str, str]]  # repo path -> the exact text of each document the actions name
+    # The digest of the software list the relay holds for this client (None: none). Present when the relay
+    # reads software inventories; the agent sends its list again whenever this differs from its own digest.
+    softwareDigest: NotRequired[str | None]
 
 
 def installer_of(spec: specs.Installer) -> Installer:
@@ -504,6 +534,117 @@ def check_results(raw: object, where: str, problems: list[FieldProblem]) -> list
     return results
 
 
+# ------------------------------------------------------------------ software inventory
+
+_SOFTWARE_FIELDS = _fields(SoftwareEntry)
+_SOFTWARE_TEXT = re.compile(names.SOFTWARE_TEXT)
+_DIGEST = re.compile("[0-9a-f]{64}")
+
+
+def software_digest(entries: list[SoftwareEntry], omitted: int = 0) -> str:
+    """The SHA-256 (hex) of a software list as sent: its entries in order and how many were cut."""
+    canonical = json.dumps({"omitted": omitted, "software": [[e["name"], e["version"], e["source"]] for e in entries]},
+                           ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def is_digest(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a software digest: 64 lowercase hex digits."""
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
+
+
+def software_text_problem(value: str, key: str) -> str | None:
+    """Why a software entry's ``name`` or ``version`` (``key``) cannot be taken, or None."""
+    empty = key == "version"
+    limit = MAX_SOFTWARE_VERSION if empty else MAX_SOFTWARE_NAME
+    if len(value) > limit or (not value and not empty):
+        return f"must be a string of {0 if empty else 1} to {limit} characters, got {len(value)}"
+    if _SOFTWARE_TEXT.fullmatch(value) is None:
+        return "holds a control character (the agent removes them)"
+    return None
+
+
+def _software_text(raw: Mapping[str, Any], key: str, at: str, problems: list[FieldProblem]) -> str | None:
+    value = _string(raw, key, at, problems, required=True)
+    if value is None:
+        return None
+    problem = software_text_problem(value, key)
+    if problem is not None:
+        problems.append(FieldProblem(f"{at}.{key}", problem))
+        return None
+    return value
+
+
+def check_software(raw: object, where: str, problems: list[FieldProblem]) -> list[SoftwareEntry]:
+    """The OS's software list of a check-in (or of a ``plan --inventory`` client): at most MAX_SOFTWARE entries.
+
+    One name may be listed more than once (two versions side by side, or
+    from two sources); each entry is a name, a version ("" when the OS does
+    not record one) and a source, without control characters.
+    """
+    if not isinstance(raw, list):
+        problems.append(FieldProblem(where, f"expected an array, got {type_name(raw)}"))
+        return []
+    if len(raw) > MAX_SOFTWARE:
+        problems.append(FieldProblem(where, f"at most {MAX_SOFTWARE} entries, got {len(raw)}"))
+        return []
+    entries: list[SoftwareEntry] = []
+    for index, item in enumerate(raw):
+        at = f"{where}[{index}]"
+        if not isinstance(item, dict):
+            problems.append(FieldProblem(at, f"expected an object, got {type_name(item)}"))
+            continue
+        before = len(problems)
+        _unknown_keys(item, _SOFTWARE_FIELDS, at, "field", problems)
+        name = _software_text(item, "name", at, problems)
+        version = _software_text(item, "version", at, problems)
+        source = item.get("source")
+        if "source" not in item:
+            problems.append(FieldProblem(f"{at}.source", "missing required field"))
+        elif source not in SOFTWARE_SOURCES:
+            problems.append(FieldProblem(f"{at}.source", f"must be one of {', '.join(SOFTWARE_SOURCES)}, "
+                                                         f"got {source!r:.80}"))
+        if len(problems) == before and name is not None and version is not None and isinstance(source, str):
+            entries.append({"name": name, "version": version, "source": source})
+    return entries
+
+
+def _check_software_fields(doc: Mapping[str, Any], body: CheckinRequest, problems: list[FieldProblem]) -> None:
+    """``softwareDigest``, ``software`` and ``softwareOmitted`` of a check-in: the list must match its digest."""
+    digest = doc.get("softwareDigest")
+    if "softwareDigest" in doc and not is_digest(digest):
+        problems.append(FieldProblem("softwareDigest", "must be 64 lowercase hexadecimal digits (a SHA-256)"))
+        return
+    omitted = doc.get("softwareOmitted", 0)
+    if not _is_int(omitted):
+        problems.append(FieldProblem("softwareOmitted", f"expected an integer, got {type_name(omitted)}"))
+        return
+    if not 0 <= omitted <= MAX_SOFTWARE_OMITTED:
+        problems.append(FieldProblem("softwareOmitted", f"must be an integer from 0 to {MAX_SOFTWARE_OMITTED}"))
+        return
+    if "software" not in doc:
+        if "softwareOmitted" in doc:
+            problems.append(FieldProblem("softwareOmitted", "is sent only with software"))
+        elif is_digest(digest):
+            body["softwareDigest"] = digest
+        return
+    if not is_digest(digest):
+        problems.append(FieldProblem("softwareDigest", "missing: software is sent with its digest"))
+        return
+    before = len(problems)
+    software = check_software(doc["software"], "software", problems)
+    if len(problems) > before:
+        return
+    if software_digest(software, omitted) != digest:
+        problems.append(FieldProblem("softwareDigest", "is not the SHA-256 of the software list sent "
+                                                       "(protocol.software_digest)"))
+        return
+    body["softwareDigest"] = digest
+    body["software"] = software
+    if omitted:
+        body["softwareOmitted"] = omitted
+
+
 # ------------------------------------------------------------------ check-in
 
 _CHECKIN_FIELDS = _fields(CheckinRequest)
@@ -542,6 +683,7 @@ def checkin_problems(doc: object) -> tuple[CheckinRequest, list[FieldProblem]]:
             body["lastRelay"] = doc["lastRelay"]
         else:
             problems.append(FieldProblem("lastRelay", "must be a relay name (lowercase letters, digits, '.', '-')"))
+    _check_software_fields(doc, body, problems)
     return body, problems
 
 
@@ -595,6 +737,11 @@ def check_reply(doc: object) -> CheckinReply:
         if not (isinstance(documents, dict) and all(isinstance(v, str) for v in documents.values())):
             raise ProtocolError(FieldProblem("documents", "expected an object of paths to document text"))
         reply["documents"] = documents
+    if "softwareDigest" in doc:
+        held = doc["softwareDigest"]
+        if held is not None and not is_digest(held):
+            raise ProtocolError(FieldProblem("softwareDigest", "must be 64 lowercase hexadecimal digits or null"))
+        reply["softwareDigest"] = held
     return reply
 
 

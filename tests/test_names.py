@@ -22,7 +22,7 @@ KNOWN = {names.schema_pattern(p) for p in (names.NAME, names.VERSION, names.SHA2
                                            names.COMMIT, names.UTC_TIME, names.OPERATION_ID, names.TOKEN,
                                            names.REASON, names.HTTP_URL,
                                            names.FILE_NAME, names.MSI_PRODUCT_CODE, names.MSI_PROPERTY,
-                                           names.MSI_PROPERTY_VALUE, names.PACKAGE_NAME)}
+                                           names.MSI_PROPERTY_VALUE, names.PACKAGE_NAME, names.SOFTWARE_TEXT)}
 
 
 def _patterns(node: Any) -> Iterator[str]:

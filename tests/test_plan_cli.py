@@ -162,7 +162,7 @@ RELAYS = ["relay-a", "relay-b"]
                    "installed": [{"name": "x", "version": "1"}, {"name": "x", "version": "2"}]}]},
      "clients[0].installed[1].name: 'x' is listed twice (a client has one version per software)"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "instaled": []}]},
-     "clients[0].instaled: unknown field (allowed: id, relay, facts, labels, installed, online, lastContact)"),
+     "clients[0].instaled: unknown field (allowed: id, relay, facts, labels, installed, online, lastContact, software)"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "online": "yes"}]},
      "clients[0].online: expected a boolean, got a string"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "online": False, "lastContact": "yesterday"}]},

@@ -109,6 +109,7 @@ SHAPES: list[tuple[Any, dict[str, Any], str]] = [
     (protocol.Facts, REQUEST, "#/$defs/facts"),
     (protocol.InventoryEntry, REQUEST, "#/$defs/inventoryEntry"),
     (protocol.Result, REQUEST, "#/$defs/result"),
+    (protocol.SoftwareEntry, REQUEST, "#/$defs/softwareEntry"),
     (protocol.CheckinReply, REPLY, "#"),
     (protocol.Action, REPLY, "#/$defs/action"),
     (protocol.PackageRef, REPLY, "#/$defs/action/properties/package"),
@@ -196,7 +197,7 @@ def test_patterns_are_the_names_patterns() -> None:
 # What the check refuses beyond the schema, on purpose: a package listed twice (no JSON Schema keyword
 # compares one field across items), and 1.0 where an integer is expected (JSON Schema's integer type
 # takes it; the relay does not guess what a number with a fraction point meant).
-BEYOND_THE_SCHEMA = ("is listed twice", "expected an integer, got a number",
+BEYOND_THE_SCHEMA = ("is listed twice", "expected an integer, got a number", "is not the SHA-256 of the software list",
                      "must be an integer from -2147483648 to 4294967295 or null")
 
 
@@ -221,6 +222,26 @@ GOOD_BODIES: list[Any] = [
                           {"operationId": "op-3", "status": "failed"}]),
     {**checkin_body(), "labels": {"dept": "sales", "Floor/3": "x" * 256}},
     checkin_body(freeDiskMB=protocol.MAX_FREE_DISK_MB, hostname="h" * 255, os="darwin", arch="arm64"),
+]
+
+
+def _with_software(entries: list[dict[str, Any]], omitted: int = 0, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {**checkin_body(), "software": entries,
+                            "softwareDigest": protocol.software_digest(entries, omitted)}  # type: ignore[arg-type]
+    if omitted:
+        body["softwareOmitted"] = omitted
+    return {**body, **extra}
+
+
+GOOD_BODIES += [
+    {**checkin_body(), "softwareDigest": "0" * 64},
+    _with_software([]),
+    _with_software([{"name": "Mozilla Firefox (x64 en-US)", "version": "120.0.1", "source": "registry"},
+                    {"name": "bash", "version": "5.2.15-2+b2", "source": "dpkg"},
+                    {"name": "bash", "version": "5.2.15-2+b2", "source": "rpm"},
+                    {"name": "com.apple.pkg.Xcode", "version": "", "source": "pkgutil"},
+                    {"name": "n" * protocol.MAX_SOFTWARE_NAME, "version": "v" * protocol.MAX_SOFTWARE_VERSION,
+                     "source": "dpkg"}], omitted=3),
 ]
 
 
@@ -310,10 +331,82 @@ def test_limits_are_enforced_at_their_values() -> None:
         f"inventory: at most {protocol.MAX_INVENTORY} entries, got {protocol.MAX_INVENTORY + 1}"]
 
 
+SOFTWARE_MUTATIONS: list[tuple[str, Any, str]] = [
+    ("software", "x", "software: expected an array, got a string"),
+    ("software", [{"name": "a", "version": "1"}], "software[0].source: missing required field"),
+    ("software", [{"name": "a", "version": "1", "source": "apt"}],
+     "software[0].source: must be one of dpkg, rpm, registry, pkgutil, got 'apt'"),
+    ("software", [{"name": "", "version": "1", "source": "dpkg"}],
+     "software[0].name: must be a string of 1 to 200 characters, got 0"),
+    ("software", [{"name": "a", "version": 3, "source": "dpkg"}], "software[0].version: expected a string, got an "
+                                                                    "integer"),
+    ("software", [{"name": "a\x1b[2J", "version": "1", "source": "dpkg"}],
+     "software[0].name: holds a control character (the agent removes them)"),
+    ("software", [{"name": "a", "version": "1" * 101, "source": "dpkg"}],
+     "software[0].version: must be a string of 0 to 100 characters, got 101"),
+    ("software", [{"name": "a", "version": "1", "source": "dpkg", "arch": "amd64"}],
+     "software[0].arch: unknown field (allowed: name, version, source)"),
+    ("softwareDigest", "F" * 64, "softwareDigest: must be 64 lowercase hexadecimal digits (a SHA-256)"),
+    ("softwareDigest", "0" * 64, "softwareDigest: is not the SHA-256 of the software list sent "
+                                 "(protocol.software_digest)"),
+    ("softwareDigest", ..., "softwareDigest: missing: software is sent with its digest"),
+    ("softwareOmitted", -1, "softwareOmitted: must be an integer from 0 to 2147483647"),
+    ("softwareOmitted", "3", "softwareOmitted: expected an integer, got a string"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), SOFTWARE_MUTATIONS, ids=[m[2][:40] for m in SOFTWARE_MUTATIONS])
+def test_software_problems_name_the_field_and_the_schema_agrees(key: str, value: Any, problem: str) -> None:
+    body = _with_software([{"name": "bash", "version": "5.2", "source": "dpkg"}])
+    if value is ...:
+        del body[key]
+    else:
+        body[key] = value
+    problems = [str(p) for p in protocol.checkin_problems(body)[1]]
+    assert problems[:1] == [problem]
+    _verdicts_agree(body)
+
+
+def test_software_limits_are_the_schemas_and_enforced_at_their_values() -> None:
+    entry = REQUEST["$defs"]["softwareEntry"]["properties"]
+    assert REQUEST["properties"]["software"]["maxItems"] == protocol.MAX_SOFTWARE
+    assert (entry["name"]["maxLength"], entry["version"]["maxLength"]) == (protocol.MAX_SOFTWARE_NAME,
+                                                                          protocol.MAX_SOFTWARE_VERSION)
+    assert tuple(entry["source"]["enum"]) == protocol.SOFTWARE_SOURCES
+    assert REQUEST["properties"]["softwareOmitted"]["maximum"] == protocol.MAX_SOFTWARE_OMITTED
+    many = [{"name": f"p{i}", "version": "1", "source": "dpkg"} for i in range(protocol.MAX_SOFTWARE + 1)]
+    assert protocol.checkin_problems(_with_software(many[:-1]))[1] == []
+    assert [str(p) for p in protocol.checkin_problems(_with_software(many))[1]] == [
+        f"software: at most {protocol.MAX_SOFTWARE} entries, got {protocol.MAX_SOFTWARE + 1}"]
+    # the largest list an agent sends fits a check-in body with room for everything else
+    assert protocol.MAX_SOFTWARE_BYTES + 300 * 1024 < protocol.MAX_BODY
+
+
+def test_a_checked_body_carries_the_software_list_and_its_digest() -> None:
+    entries = [{"name": "bash", "version": "5.2", "source": "dpkg"}]
+    body = protocol.check_checkin(_with_software(entries, omitted=7))
+    assert (body["software"], body["softwareOmitted"]) == (entries, 7)
+    assert body["softwareDigest"] == protocol.software_digest(entries, 7) != protocol.software_digest(entries, 0)
+    assert "software" not in protocol.check_checkin({**checkin_body(), "softwareDigest": "a" * 64})
+
+
+@pytest.mark.parametrize(("held", "ok"), [(None, True), ("a" * 64, True), ("A" * 64, False), (3, False)])
+def test_the_agent_reads_the_relays_software_digest(held: Any, ok: bool) -> None:
+    doc = {"pollSeconds": 30, "actions": [], "softwareDigest": held}
+    if ok:
+        assert protocol.check_reply(doc)["softwareDigest"] == held
+        assert REPLY_VALIDATOR.is_valid(doc)
+    else:
+        with pytest.raises(protocol.ProtocolError, match="softwareDigest"):
+            protocol.check_reply(doc)
+        assert not REPLY_VALIDATOR.is_valid(doc)
+
+
 def test_problems_name_the_field() -> None:
     body = {"facts": {"os": "beos", "freeDiskMB": True}, "inventory": [{"name": "app"}, "x"], "extra": 1}
     assert [str(p) for p in protocol.checkin_problems(body)[1]] == [
-        "extra: unknown field (allowed: facts, labels, inventory, results, lastRelay, trustSerial)",
+        "extra: unknown field (allowed: facts, labels, inventory, results, lastRelay, trustSerial, softwareDigest, "
+            "software, softwareOmitted)",
         "facts.os: must be one of linux, windows, darwin, got 'beos'",
         "facts.freeDiskMB: expected an integer, got a boolean",
         "inventory[0].version: missing required field",

@@ -150,7 +150,8 @@ def test_registration_then_token_required(relay: Relay) -> None:
     first = checkin(relay, "pc-1")
     assert first.status_code == 200, first.text
     token = first.json()["token"]
-    assert first.json() == {"token": token, "pollSeconds": 7, "actions": [], "relay": "relay-a"}
+    assert first.json() == {"token": token, "pollSeconds": 7, "actions": [], "relay": "relay-a",
+                            "softwareDigest": None}
     assert relay.changes == ["change"]
 
     again = checkin(relay, "pc-1", token)

@@ -58,6 +58,13 @@ def _documents() -> list[tuple[str, Any]]:
         ("status-inventory", {"relay": "relay-kanto", "clients": [
             {"id": "pc-1", "facts": {"os": "linux", "freeDiskMB": 10}, "labels": {"dept": "x"},
              "installed": [{"name": "app", "version": "1.0"}], "online": True}]}),
+        ("status-inventory", {"relay": "relay-kanto", "clients": [
+            {"id": "pc-1", "facts": {}, "labels": {}, "installed": [], "online": True,
+             "software": [{"name": "7-Zip 23.01 (x64)", "version": "23.01", "source": "registry"},
+                          {"name": "bash", "version": "", "source": "dpkg"}]}]}),
+        ("status-software", json.loads(report.render_relay_software("relay-kanto", {
+            "pc-1": ([("bash", "5.2", "dpkg"), ("Firefox", "120", "registry")], 0),
+            "pc-2": ([("bash", "5.2", "dpkg")], 3), "pc-3": ([("bash", "5.1", "dpkg")], 0)}))),
     ]
 
 

@@ -37,6 +37,12 @@ clients rekey`` on the relay host); a client waiting for approval keeps its
 token and asks again every poll interval; every other refusal names the
 ``reconciler clients`` command to run on the relay host.
 
+With ``--software-inventory auto`` (the command's default; an in-process
+``Agent`` has none unless given a :class:`~reconciler.agent.software.Collector`)
+each check-in also carries the digest of the software the operating system
+lists as installed, and the list itself only when the relay does not hold
+that digest yet (``software.py``; README, "Software inventory").
+
 ``Agent`` is usable in-process (tests, load generators, ``reconciler demo``):
 ``step()`` does one round, ``run_once()`` and ``run_forever(stop)`` drive it.
 """
@@ -85,6 +91,7 @@ from reconciler.agent.processes import (
     ProcessRecord,
     settle_orphan,
 )
+from reconciler.agent.software import DEFAULT_INTERVAL_MINUTES, Collected, Collector
 from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
 from reconciler.agent.verify import Verifier
 from reconciler.credentials import SecretFileError, read_header_secret
@@ -439,7 +446,9 @@ class Agent:
                  output_tail: int = DEFAULT_OUTPUT_TAIL, enroll_secret: str | None = None,
                  now: Callable[[], datetime] = utc_now, insecure_http: bool = False,
                  trust_keys: Sequence[Ed25519PublicKey] = (), dpkg_root: Path | None = None,
-                 rpm_root: Path | None = None) -> None:
+                 rpm_root: Path | None = None, software: Collector | None = None,
+                 software_interval: float = DEFAULT_INTERVAL_MINUTES * 60.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -487,6 +496,13 @@ class Agent:
         # With HQ's key(s): every action is checked against HQ's signed manifest before it runs (verify.py).
         self.verifier = Verifier(trust_keys, self.layout.root, client_id) if trust_keys else None
         self.log = _ClientLog(log, {"client": client_id})
+        # The OS's software inventory (software.py): None is off (--software-inventory off; in-process agents).
+        self.software = software
+        self.software_interval = software_interval
+        self._monotonic = monotonic
+        self._software: Collected | None = None
+        self._software_at = float("-inf")
+        self._software_error: str | None = None
         prune_cache(self.layout)
         self.settle_interrupted()
 
@@ -526,6 +542,58 @@ class Agent:
     def inventory(self) -> list[protocol.InventoryEntry]:
         """Installed packages per the receipts, each confirmed (``detect``, files present)."""
         return [{"name": entry["name"], "version": entry["version"]} for entry in confirmed_inventory(self.layout)]
+
+    # -- the OS's software inventory
+
+    @property
+    def software_ack_path(self) -> Path:
+        """The digest of the software list the relay last said it holds, and that relay's URL."""
+        return self.layout.root / "software-ack.json"
+
+    def software_list(self, force: bool = False) -> Collected | None:
+        """The OS's software list: collected at most every ``software_interval`` seconds (or when ``force``).
+
+        None when off, or when no collection has worked yet; a collection that
+        fails keeps the last good list (a timeout is not "nothing installed").
+        """
+        if self.software is None:
+            return None
+        now = self._monotonic()
+        if force or self._software is None or now - self._software_at >= self.software_interval:
+            self._software_at = now
+            collected = self.software.collect()
+            if collected.error is not None:
+                if collected.error != self._software_error:
+                    self.log.warning("software inventory not collected: %s", collected.error)
+                self._software_error = collected.error
+            else:
+                if collected.omitted and (self._software is None or self._software.digest != collected.digest):
+                    self.log.warning("software inventory: %d entries cut (at most %d entries, %d bytes are sent); "
+                                     "the relay shows the list as cut", collected.omitted, protocol.MAX_SOFTWARE,
+                                     protocol.MAX_SOFTWARE_BYTES)
+                self._software_error = None
+                self._software = collected
+        return self._software
+
+    def software_acknowledged(self) -> tuple[bool, str | None]:
+        """Whether this relay reads software inventories (it said so in a reply), and the digest it holds."""
+        try:
+            data = json.loads(self.software_ack_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False, None
+        if not isinstance(data, dict) or data.get("relay") != self.relay_url:
+            return False, None  # another relay: it says what it holds at the first check-in
+        digest = data.get("digest")
+        return True, digest if protocol.is_digest(digest) else None
+
+    def software_pending(self) -> bool:
+        """Whether the relay reads software inventories and does not hold this client's current list."""
+        known, held = self.software_acknowledged()
+        return known and self._software is not None and held != self._software.digest
+
+    def _acknowledge_software(self, held: str | None) -> None:
+        if self.software_acknowledged() != (True, held):
+            write_atomic(self.software_ack_path, json.dumps({"relay": self.relay_url, "digest": held}).encode())
 
     def _headers(self, enroll: bool = False) -> dict[str, str]:
         token = self.token
@@ -571,6 +639,14 @@ class Agent:
             body["lastRelay"] = last_relay
         if self.verifier is not None:
             body["trustSerial"] = self.verifier.serial
+        software = self.software_list()
+        reads_software, held = self.software_acknowledged()
+        if software is not None and reads_software:
+            body["softwareDigest"] = software.digest
+            if held != software.digest:  # only a list the relay does not hold yet is sent
+                body["software"] = list(software.entries)
+                if software.omitted:
+                    body["softwareOmitted"] = software.omitted
         url = f"{self.relay_url}/v1/clients/{self.client_id}/checkin"
         headers = self._headers()
         response = self._post(url, body, headers)
@@ -609,6 +685,8 @@ class Agent:
             if last_relay is not None:
                 self.log.info("now served by relay %s (was %s)", relay, last_relay)
         self.journal.acknowledge(r["operationId"] for r in results)
+        if "softwareDigest" in reply and self.software is not None:
+            self._acknowledge_software(reply["softwareDigest"])
         return CheckinReply(tuple(reply["actions"]), max(float(reply["pollSeconds"]), MIN_POLL_SECONDS),
                             len(results), reply, tuple((e["name"], e["version"]) for e in inventory),
                             body["facts"], tuple(sorted(self.labels.items())))
@@ -814,6 +892,7 @@ class Agent:
                 ran += 0 if answered_from_journal else 1
         if ran:
             prune_cache(self.layout)
+            self.software_list(force=True)  # an install may have changed what the OS lists
         return StepResult(True, 200, None, len(reply.actions), ran, tuple(results), reply.acknowledged,
                           self.poll_seconds)
 
@@ -834,7 +913,7 @@ class Agent:
         if not result.reached:
             return 1
         for _ in range(ONCE_MAX_ROUNDS):
-            if not result.actions and not self.journal.pending_results():
+            if not result.actions and not self.journal.pending_results() and not self.software_pending():
                 break
             result = self.step()
             if not result.reached:
@@ -878,7 +957,12 @@ def main(args: argparse.Namespace) -> int:
                       fact_overrides=list(args.fact), session=client_session(tls), poll_interval=args.poll_interval,
                       output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret,
                       insecure_http=bool(getattr(args, "insecure_http", False)), trust_keys=trust_keys,
-                      dpkg_root=getattr(args, "dpkg_root", None), rpm_root=getattr(args, "rpm_root", None))
+                      dpkg_root=getattr(args, "dpkg_root", None), rpm_root=getattr(args, "rpm_root", None),
+                      software=None if getattr(args, "software_inventory", "auto") == "off" else Collector(
+                          dpkg_admindir=None if getattr(args, "dpkg_root", None) is None
+                          else Path(args.dpkg_root) / "var/lib/dpkg",
+                          rpm_root=None if getattr(args, "rpm_root", None) is None else Path(args.rpm_root)),
+                      software_interval=float(getattr(args, "software_interval", DEFAULT_INTERVAL_MINUTES)) * 60.0)
     except (AgentConfigError, SecretFileError, TLSConfigError, KeyFileError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from reconciler.report import MAX_STATUS_FILE
 from reconciler.specs import Specs
 from reconciler.times import parse_time, utc_now
 
-CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online", "lastContact")
+CLIENT_FIELDS = ("id", "relay", "facts", "labels", "installed", "online", "lastContact", "software")
 # One inventory file: as large as a relay's published inventory.json may be.
 MAX_INVENTORY_BYTES = MAX_STATUS_FILE
 MAX_ERRORS = 20
@@ -127,6 +127,8 @@ def parse_inventory(data: Any, relays: Sequence[str], source: str = "inventory")
         facts = protocol.check_facts(raw.get("facts", {}), f"{at}.facts", problems)
         labels = protocol.check_labels(raw.get("labels", {}), f"{at}.labels", problems)
         installed = protocol.check_inventory(raw.get("installed", []), f"{at}.installed", problems)
+        if "software" in raw:  # the OS's software list (status --inventory writes it): checked, not planned on
+            protocol.check_software(raw["software"], f"{at}.software", problems)
         online = raw.get("online", True)
         expect(f"{at}.online", online, bool, "a boolean")
         last_seen = None

@@ -25,6 +25,7 @@ change watcher (at once for a local origin) with a short poll as fallback.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -36,11 +37,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from reconciler import report
+from reconciler import protocol, report
 from reconciler.fileio import write_atomic
 from reconciler.gitstore import (
     STATUS_PREFIX,
@@ -319,6 +320,7 @@ EXIT_FAILURES = 1  # settled with Failed or Conflict rows, or a Halted job
 EXIT_ERROR = 2  # no origin, a git failure, an unknown job or commit, an unreadable inventory
 EXIT_REJECTED = 3  # HQ evaluated the awaited commit and rejected it as invalid
 EXIT_TIMEOUT = 4  # still not settled after --timeout
+EXIT_NO_MATCH = 1  # --software: no client has matching software
 
 Covers = Callable[[str, str], bool]  # covers(commit, other): other is commit or in its history
 
@@ -662,6 +664,8 @@ def fleet_inventory(reader: Reader, snap: Snapshot) -> tuple[str, list[str], boo
     paths = [f"{report.relay_prefix(name)}inventory.json" for name in wanted]
     contents = reader.store.read_paths([(snap.relay_shas[name], path) for name, path in zip(wanted, paths)],
                                        report.MAX_STATUS_FILE)
+    software, software_notes = read_software(reader, snap, wanted, note_missing=False)
+    notes += software_notes
     complete = True
     chosen: dict[str, tuple[str, report.InventoryEntry]] = {}
     for name, path, data in zip(wanted, paths, contents):
@@ -673,6 +677,8 @@ def fleet_inventory(reader: Reader, snap: Snapshot) -> tuple[str, list[str], boo
             notes.append(f"inventory of {name} unreadable, its clients are left out: {e}")
             complete = False
             continue
+        lists = software[name].lists() if name in software else {}
+        entries = tuple(replace(e, software=lists[e.id]) if e.id in lists else e for e in entries)
         for entry in entries:
             seen = chosen.get(entry.id)
             if seen is None:
@@ -683,6 +689,131 @@ def fleet_inventory(reader: Reader, snap: Snapshot) -> tuple[str, list[str], boo
                          f"kept {keep[0]}'s ({'online' if keep[1].online else 'first by relay name'})")
             chosen[entry.id] = keep
     return report.render_fleet_inventory(list(chosen.values())), notes, complete
+
+
+# ------------------------------------------------------------------ software inventory
+
+
+def read_software(reader: Reader, snap: Snapshot, relays: Sequence[str] | None = None, *,
+                  note_missing: bool = True) -> tuple[dict[str, report.RelaySoftware], list[str]]:
+    """Each relay's ``software.json`` of the snapshot (``relays``: only these), and notes on those unreadable.
+
+    A relay without the file (one that predates software inventories) is
+    left out, with a note when ``note_missing``.
+    """
+    names = sorted(snap.relay_shas) if relays is None else list(relays)
+    paths = [f"{report.relay_prefix(name)}{report.SOFTWARE_FILE}" for name in names]
+    contents = reader.store.read_paths([(snap.relay_shas[name], path) for name, path in zip(names, paths)],
+                                       report.MAX_STATUS_FILE)
+    found: dict[str, report.RelaySoftware] = {}
+    notes: list[str] = []
+    for name, path, data in zip(names, paths, contents):
+        if data is None:
+            if note_missing:
+                notes.append(f"{STATUS_PREFIX}{name} publishes no {report.SOFTWARE_FILE} (a relay older than software "
+                             "inventories); its clients' software is not shown")
+            continue
+        try:
+            found[name] = report.parse_relay_software(data, path)
+        except ReportError as e:
+            notes.append(f"software inventory of {name} unreadable, its clients are left out: {e}")
+    return found, notes
+
+
+_GLOB = frozenset("*?[")
+
+
+def software_matcher(pattern: str) -> Callable[[str], bool]:
+    """Case-insensitive: a glob (``*``, ``?``, ``[...]``) matches the whole name, other text any part of it."""
+    folded = pattern.casefold()
+    if _GLOB & set(pattern):
+        return lambda name: fnmatch.fnmatchcase(name.casefold(), folded)
+    return lambda name: folded in name.casefold()
+
+
+@dataclass(frozen=True)
+class SoftwareHit:
+    name: str
+    version: str
+    source: str
+    client: str
+    relay: str
+
+
+def find_software(found: dict[str, report.RelaySoftware], pattern: str) -> tuple[list[SoftwareHit], int, dict[str, int]]:
+    """Every (software, client) whose name matches ``pattern``, how many clients were searched, and the cut ones.
+
+    The clients whose list their agent cut (client -> entries left out)
+    are returned too: what is not in a cut list may still be installed.
+    """
+    match = software_matcher(pattern)
+    hits: list[SoftwareHit] = []
+    searched = 0
+    cut: dict[str, int] = {}
+    for relay, software in sorted(found.items()):
+        searched += len(software.clients)
+        cut.update(software.omitted)
+        for holder in software.holders:
+            if match(holder.name):
+                hits.extend(SoftwareHit(holder.name, holder.version, holder.source, client, relay)
+                            for client in holder.clients)
+    hits.sort(key=lambda h: (h.name.casefold(), h.name, h.version, h.source, h.client, h.relay))
+    return hits, searched, cut
+
+
+def software_summary(hits: Sequence[SoftwareHit]) -> list[tuple[str, str, str, int]]:
+    """(name, version, source, clients) per version found."""
+    counts: dict[tuple[str, str, str], set[str]] = {}
+    for h in hits:
+        counts.setdefault((h.name, h.version, h.source), set()).add(h.client)
+    return [(name, version, source, len(clients)) for (name, version, source), clients in
+            sorted(counts.items(), key=lambda kv: (kv[0][0].casefold(), kv[0][0], kv[0][1], kv[0][2]))]
+
+
+def render_software(hits: Sequence[SoftwareHit], searched: int, cut: dict[str, int], pattern: str, fmt: str,
+                    summary: bool) -> str:
+    """``--software``: one line per (software, client), or with ``summary`` per version, in text or JSON."""
+    clients = len({h.client for h in hits})
+    if fmt == "json":
+        doc: dict[str, Any] = {"pattern": pattern, "clientsSearched": searched, "clientsFound": clients,
+                               "truncatedLists": dict(sorted(cut.items()))}
+        if summary:
+            doc["versions"] = [{"name": n, "version": v, "source": s, "clients": c}
+                               for n, v, s, c in software_summary(hits)]
+        else:
+            doc["matches"] = [{"name": h.name, "version": h.version, "source": h.source, "client": h.client,
+                               "relay": h.relay} for h in hits]
+        return report.escape_json_text(json.dumps(doc, indent=2, ensure_ascii=False))  # bidi controls inert
+    if summary:
+        table: list[Sequence[str]] = [("SOFTWARE", "VERSION", "SOURCE", "CLIENTS")]
+        table += [(report.printable(n), report.printable(v) or "-", s, str(c)) for n, v, s, c in software_summary(hits)]
+        right: Sequence[bool] = (False, False, False, True)
+    else:
+        table = [("SOFTWARE", "VERSION", "SOURCE", "CLIENT", "RELAY")]
+        table += [(report.printable(h.name), report.printable(h.version) or "-", h.source, h.client, h.relay)
+                  for h in hits]
+        right = (False,) * 5
+    out = _columns(table, right) if len(table) > 1 else []
+    out.append(f"{report.plural(clients, 'client')} of {searched} with a software inventory "
+               f"{'have' if clients != 1 else 'has'} software matching {pattern!r}")
+    if cut:
+        out.append(f"the lists of {report.plural(len(cut), 'client')} were cut by their agents (more than "
+                   f"{protocol.MAX_SOFTWARE} entries or {protocol.MAX_SOFTWARE_BYTES // 1024} KiB); "
+                   f"software missing there may still be installed: {', '.join(sorted(cut)[:10])}"
+                   + (" …" if len(cut) > 10 else ""))
+    return "\n".join(out)
+
+
+def show_software(reader: Reader, snap: Snapshot, pattern: str, fmt: str, summary: bool) -> int:
+    """``--software PATTERN``: print the clients that have matching software; 0 if any, 1 if none."""
+    known = {r.name for r in snap.specs.topology.relays} if snap.specs is not None else None
+    relays = [name for name in sorted(snap.relay_shas) if known is None or name in known]
+    found, notes = read_software(reader, snap, relays)
+    for note in notes:
+        print(f"reconciler status: {note}", file=sys.stderr)
+    hits, searched, cut = find_software(found, pattern)
+    _emit(render_software(hits, searched, cut, pattern, fmt, summary), sys.stdout)
+    return EXIT_SETTLED if hits else EXIT_NO_MATCH
 
 
 def write_inventory(reader: Reader, snap: Snapshot, target: str) -> bool:
@@ -707,6 +838,20 @@ def _read(reader: Reader, args: argparse.Namespace) -> Snapshot:
 
 
 def _run(args: argparse.Namespace, origin: str, reader: Reader) -> int:
+    pattern = getattr(args, "software", None)
+    if pattern is not None:
+        if args.wait or args.inventory is not None or args.job or args.format == "markdown":
+            print("reconciler status: --software is a search of its own: not with --wait, --inventory, --job "
+                  "or --format markdown", file=sys.stderr)
+            return EXIT_ERROR
+        if not pattern.strip() or len(pattern) > protocol.MAX_SOFTWARE_NAME:
+            print(f"reconciler status: --software: give 1 to {protocol.MAX_SOFTWARE_NAME} characters",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        return show_software(reader, reader.read(), pattern, args.format, bool(getattr(args, "summary", False)))
+    if getattr(args, "summary", False):
+        print("reconciler status: --summary goes with --software", file=sys.stderr)
+        return EXIT_ERROR
     snap = _read(reader, args)
     if args.job and snap.view is not None and not any(j.job == args.job for j in snap.view.jobs):
         known = ", ".join(j.job for j in snap.view.jobs) or "none"

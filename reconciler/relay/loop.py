@@ -71,6 +71,7 @@ RESTAGE_SECONDS = 5.0  # retry artifacts the parent relay is still staging this 
 OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
 CACHE_RETENTION_SECONDS = 7 * 24 * 3600.0  # unused artifacts kept this long after their last use
 WRITE_CHUNK = 2000  # row states per write transaction in a full pass
+SOFTWARE_RENDER_FACTOR = 10.0  # software.json is rendered again no sooner than 10x its last render took
 
 
 DISK_GRANULARITY_MB = 1024
@@ -126,6 +127,8 @@ class RelayLoop:
         self._fingerprint: int | None = None
         self.row_state_changes = 0
         self._moves_tip: str | None = None  # the status/hq commit whose moves.yaml was last read
+        self._software: tuple[dict[str, str], bytes] | None = None  # the digests software.json was rendered from
+        self._software_due = float("-inf")  # monotonic time before which software.json is not rendered again
         # The branch HQ accepts commits of (accepted.yaml names it): fetched with status/hq, and no
         # other branch: the fetch's cost does not grow with the status branches other relays publish.
         self.branch = "main"
@@ -336,7 +339,9 @@ class RelayLoop:
             records = self.store.clients(db)
             history = self.store.history(db)
             stored_states = self.store.row_states(db)
+            digests = self.store.software_digests(db)
         records, moved_away, retired = self._counted(records, now)
+        software = self._software_file({r.id for r in records}, digests)
         window = self.state.online_window()
         online = {r.id: now - r.last_seen <= window for r in records}
         self.state.client_count = len(records)
@@ -385,7 +390,7 @@ class RelayLoop:
             tuple((j.job, j.state, tuple(sorted(j.counts.items()))) for j in the_plan.jobs)
             if the_plan is not None else None, tuple(errors),
             tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed, e.online,
-                   e.last_contact) for e in inventory), moved_in, moved_away, retired))
+                   e.last_contact) for e in inventory), moved_in, moved_away, retired, software))
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
         named_jobs = {job.name for jobs in generation.index.client_jobs.values() for job in jobs} \
@@ -394,8 +399,28 @@ class RelayLoop:
                                            unplannable=generation.unplannable, problems=problems,
                                            named_jobs=named_jobs, moved_in=moved_in, moved_away=moved_away,
                                            retired=retired)
+        files[f"{report.relay_prefix(self.name)}{report.SOFTWARE_FILE}"] = software
         self._fingerprint = fingerprint
         return files
+
+    def _software_file(self, counted: set[str], digests: dict[str, str]) -> bytes:
+        """``software.json`` of the clients this relay counts: rendered again only when a list changed.
+
+        The digests are read at every pass (one small row per client); the
+        lists themselves only when a digest changed, or a client came or went.
+        A render that took T seconds is not repeated within 10 T (a fleet of
+        50,000 varied lists takes seconds): software lists never hold up
+        check-ins for more than a tenth of the relay's time.
+        """
+        wanted = {client: digest for client, digest in digests.items() if client in counted}
+        if self._software is not None and (self._software[0] == wanted or self.monotonic() < self._software_due):
+            return self._software[1]
+        started = time.perf_counter()
+        lists = self.store.software_lists(wanted)
+        data = report.render_relay_software(self.name, lists)
+        self._software = (wanted, data)
+        self._software_due = self.monotonic() + SOFTWARE_RENDER_FACTOR * (time.perf_counter() - started)
+        return data
 
     def _counted(self, records: list[ClientRecord], now: datetime,
                  ) -> tuple[list[ClientRecord], tuple[report.Move, ...], tuple[tuple[str, datetime], ...]]:

@@ -141,6 +141,9 @@ class Checkin:
     results: tuple[protocol.Result, ...]
     last_relay: str | None = None  # the relay that last answered the client
     trust_serial: int | None = None  # the newest manifest serial the agent has verified
+    software_digest: str | None = None  # the digest of the client's current OS software list
+    software: tuple[protocol.SoftwareEntry, ...] | None = None  # the list, when it was sent
+    software_omitted: int = 0
 
 
 def parse_checkin(doc: Any) -> Checkin:
@@ -151,8 +154,10 @@ def parse_checkin(doc: Any) -> Checkin:
         raise _bad(str(e)) from None
     inventory = sorted((Installed(entry["name"], entry["version"]) for entry in body["inventory"]),
                        key=lambda i: i.name)
+    software = body.get("software")
     return Checkin(body["facts"], body.get("labels", {}), tuple(inventory), tuple(body.get("results", ())),
-                   body.get("lastRelay"), body.get("trustSerial"))
+                   body.get("lastRelay"), body.get("trustSerial"), body.get("softwareDigest"),
+                   None if software is None else tuple(software), body.get("softwareOmitted", 0))
 
 
 _CHALLENGE = ("WWW-Authenticate", 'Bearer realm="reconciler"')
@@ -441,6 +446,7 @@ class RelayApp:
         changed = False
         new_token: str | None = None
         finished: Sequence[FinishedOperation] = ()
+        held_software: str | None = None
         with self.store.write() as db:
             if credentials is None:
                 # First check-in (or a relay that lost its database), by an enrolled caller.
@@ -463,6 +469,13 @@ class RelayApp:
                 # Registered, waiting: remember what it is (the operator sees its host name), plan nothing.
                 self.store.record_report(db, client_id, request.facts, request.labels, request.inventory, now)
                 actions = ()
+            # The OS's software list: stored when sent, never a reason to plan (it changes no plan).
+            if request.software is not None and request.software_digest is not None:
+                self.store.record_software(db, client_id, request.software_digest, request.software_omitted,
+                                           request.software, now)
+                held_software = request.software_digest
+            else:
+                held_software = self.store.software_digest(client_id, db)
         # Committed: count it (a transaction rolled back counts nothing).
         if self.metrics is not None:
             if new_token is not None and credentials is None:
@@ -489,6 +502,7 @@ class RelayApp:
         if new_token is not None:
             reply["token"] = new_token
         reply["relay"] = state.name
+        reply["softwareDigest"] = held_software  # the agent sends its list again when this is not its digest
         return reply
 
     def _record_and_plan(self, db: sqlite3.Connection, client_id: str, request: Checkin, generation: Generation,

@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from reconciler import protocol
 from reconciler.plan import ActionKind, Attempt, Installed, Outcome, RolloutUsage
 
 DB_NAME = "relay.sqlite3"
@@ -288,7 +289,20 @@ def _v6(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX client_events_by_client ON client_events (client, seq)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
+def _v7(db: sqlite3.Connection) -> None:
+    # The OS's software inventory a client reported (README, "Software inventory"): apart from the clients
+    # row, so the check-ins that do not carry it (nearly all) never rewrite it, and planning never reads it.
+    db.execute("""
+        CREATE TABLE client_software (
+            client    TEXT PRIMARY KEY,
+            digest    TEXT NOT NULL,
+            omitted   INTEGER NOT NULL DEFAULT 0,
+            software  TEXT NOT NULL,
+            updated   REAL NOT NULL
+        ) WITHOUT ROWID""")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
 """Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
 
 _ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
@@ -520,6 +534,7 @@ class Store:
             operations = db.execute("DELETE FROM operations WHERE client = ?", (client_id,)).rowcount
             db.execute("DELETE FROM latest_attempts WHERE client = ?", (client_id,))
             rows = db.execute("DELETE FROM row_states WHERE client = ?", (client_id,)).rowcount
+            db.execute("DELETE FROM client_software WHERE client = ?", (client_id,))
             self.record_event(db, client_id, "forgotten", actor,
                               f"registration deleted with {operations} operations and {rows} status rows", now)
             return True
@@ -547,6 +562,42 @@ class Store:
         db.execute("UPDATE clients SET facts = ?, labels = ?, inventory = ?, last_seen = ? WHERE id = ?",
                    (facts_json, labels_json, inventory_text, _ts(now), client_id))
         return before is not None and (before[0] != labels_json or before[1] != inventory_text)
+
+    # -- software inventory --------------------------------------------------
+
+    def record_software(self, db: sqlite3.Connection, client_id: str, digest: str, omitted: int,
+                        software: Sequence[protocol.SoftwareEntry], now: datetime) -> bool:
+        """Store a client's software list (checked, with its digest); True if it differs from the one held.
+
+        Not a change for planning: the caller does not wake a pass for it
+        (the software list never changes a plan); the next pass publishes it.
+        """
+        cursor = db.execute(
+            "INSERT INTO client_software (client, digest, omitted, software, updated) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (client) DO UPDATE SET digest = excluded.digest, omitted = excluded.omitted, "
+            "software = excluded.software, updated = excluded.updated WHERE client_software.digest != excluded.digest",
+            (client_id, digest, omitted,
+             _dumps([[e["name"], e["version"], e["source"]] for e in software]), _ts(now)))
+        return cursor.rowcount == 1
+
+    def software_digest(self, client_id: str, db: sqlite3.Connection | None = None) -> str | None:
+        """The digest of the software list held for a client, or None."""
+        row = (db or self.db).execute("SELECT digest FROM client_software WHERE client = ?", (client_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def software_digests(self, db: sqlite3.Connection | None = None) -> dict[str, str]:
+        """Client -> digest of every software list held (cheap: no list is read)."""
+        return dict((db or self.db).execute("SELECT client, digest FROM client_software"))
+
+    def software_lists(self, client_ids: Iterable[str], db: sqlite3.Connection | None = None,
+                       ) -> dict[str, tuple[tuple[tuple[str, str, str], ...], int]]:
+        """Client -> (its (name, version, source) entries, how many its agent cut) for ``client_ids``."""
+        wanted = set(client_ids)
+        out: dict[str, tuple[tuple[tuple[str, str, str], ...], int]] = {}
+        for client, omitted, text in (db or self.db).execute("SELECT client, omitted, software FROM client_software"):
+            if client in wanted:
+                out[client] = (tuple((str(e[0]), str(e[1]), str(e[2])) for e in json.loads(text)), int(omitted))
+        return out
 
     def clients(self, db: sqlite3.Connection | None = None, *, pending: bool = False) -> list[ClientRecord]:
         """The registered clients by id; with ``pending``, also those waiting for approval (never planned)."""
