@@ -43,6 +43,7 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from reconciler import names
+from reconciler.detection_rules import rule_problems
 from reconciler.redaction import redact_pattern_problem
 from reconciler.resources import schemas_dir
 from reconciler.versions import VersionKey, version_key
@@ -175,6 +176,21 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class Detection:
+    """``spec.detect``: how a client finds the installed version (:mod:`reconciler.detection_rules`).
+
+    Exactly one of ``command``, ``file`` and ``registry_key`` is set.
+    """
+
+    command: tuple[str, ...] = ()
+    file: str | None = None
+    registry_key: str | None = None
+    registry_value: str | None = None
+    version_pattern: str | None = None
+    timeout_seconds: int | None = None
+
+
+@dataclass(frozen=True)
 class Installer:
     type: InstallerType
     install: tuple[str, ...] = ()
@@ -184,6 +200,8 @@ class Installer:
     # regular expressions whose matches the agent masks in installer output (checked by
     # reconciler.redaction.redact_pattern_problem)
     redact: tuple[str, ...] = ()
+    # the package's spec.detect: it travels with the installer (protocol.installer_of)
+    detection: Detection | None = None
 
 
 @dataclass(frozen=True)
@@ -1217,6 +1235,7 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         detect=tuple(raw_installer.get("detect", ())),
         timeout_seconds=_int(raw_installer.get("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)),
         redact=tuple(raw_installer.get("redact", ())),
+        detection=_detection(doc, spec.get("detect"), errors),
     )
     for index, pattern in enumerate(installer.redact):
         problem = redact_pattern_problem(pattern)
@@ -1243,6 +1262,22 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         source=doc.path, revision=_canonical_hash(spec),
     )
     return package, errors
+
+
+def _detection(doc: _Document, raw: Any, errors: list[SpecError]) -> Detection | None:
+    """``spec.detect`` (its shape already passed the schema), or None; placeholders and pattern checked here."""
+    if raw is None:
+        return None
+    problems = rule_problems(raw)
+    for where, message in problems:
+        pointer = f"/spec/detect/{where}" if where else "/spec/detect"
+        errors.append(doc.error(pointer, f"{pointer}: {message}"))
+    if problems:
+        return None
+    registry = raw.get("registry") or {}
+    return Detection(command=tuple(raw.get("command", ())), file=raw.get("file"), registry_key=registry.get("key"),
+                     registry_value=registry.get("value"), version_pattern=raw.get("versionPattern"),
+                     timeout_seconds=_int(raw.get("timeoutSeconds")))
 
 
 def _build_job(doc: _Document) -> tuple[Job | None, list[SpecError]]:

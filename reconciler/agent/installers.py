@@ -9,6 +9,8 @@ Layout under the agent root (see :class:`Layout`)::
     journal/                      operations (see ``journal.py``), and per operation
     journal/<key>/                its supervised commands (see ``supervisor.py``)
     detect-process.json           the ``detect`` command running right now, if any
+    detections/<name>.json        the detection rule (spec.detect) of a package last asked about
+    content/<name>.json           per-file digests of an installed ``files`` package (drift)
 
 Two installer types (DESIGN section 6):
 
@@ -82,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import names
+from reconciler.agent import content
 from reconciler.agent.errors import InstallError
 from reconciler.agent.journal import operation_key
 from reconciler.agent.processes import (
@@ -96,6 +99,7 @@ from reconciler.agent.processes import (
     settle_orphan,
 )
 from reconciler.agent.supervisor import run_supervised, start_supervised, stored_result
+from reconciler.detection_rules import rule_problems
 from reconciler.fileio import quarantine, write_json_atomic
 from reconciler.redaction import (
     MAX_REDACT_PATTERNS,
@@ -136,6 +140,9 @@ class Layout:
     # RECONCILER_OS and RECONCILER_ARCH (so a script can branch on the platform,
     # and --fact overrides reach it in simulations).
     client_env: tuple[tuple[str, str], ...] = ()
+    # Seconds between full re-hashes of a ``files`` package's content; check-ins in between compare
+    # stat signatures and re-hash only what changed (content.py; the agent's --rehash-interval).
+    rehash_seconds: float = content.DEFAULT_REHASH_SECONDS
 
     @property
     def token(self) -> Path:
@@ -165,6 +172,22 @@ class Layout:
     @property
     def detect_process(self) -> Path:
         return self.root / "detect-process.json"
+
+    @property
+    def detections(self) -> Path:
+        return self.root / "detections"
+
+    @property
+    def contents(self) -> Path:
+        return self.root / "content"
+
+    def detection(self, name: str) -> Path:
+        """The remembered detection rule of a package name (detection.py)."""
+        return self.detections / f"{check_segment(name, 'package name')}.json"
+
+    def content_index(self, name: str) -> Path:
+        """The per-file digests of an installed ``files`` package (content.py)."""
+        return self.contents / f"{check_segment(name, 'package name')}.json"
 
     def receipt(self, name: str) -> Path:
         return self.receipts / f"{check_segment(name, 'package name')}.json"
@@ -219,6 +242,17 @@ def _redact(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _detection(value: Any) -> Mapping[str, Any] | None:
+    """``installer.detection``: absent, or a rule :func:`rule_problems` accepts (else the action fails)."""
+    if value is None:
+        return None
+    problems = rule_problems(value)
+    if problems:
+        where, message = problems[0]
+        raise InstallError(f"installer.detection{'.' + where.replace('/', '.') if where else ''}: {message}")
+    return dict(value)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
     return compile_redact_patterns(patterns)
@@ -250,6 +284,8 @@ class InstallerSpec:
     detect: tuple[str, ...] = ()
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     redact: tuple[str, ...] = ()  # patterns masked in the command's output (spec.installer.redact)
+    # the package's spec.detect as the wire carries it (checked by detection_rules.rule_problems)
+    detection: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @classmethod
     def from_dict(cls, data: Any) -> InstallerSpec:
@@ -264,7 +300,8 @@ class InstallerSpec:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise InstallError(f"invalid timeoutSeconds {timeout!r}")
         spec = cls(kind, _argv(data.get("install"), "install"), _argv(data.get("uninstall"), "uninstall"),
-                   _argv(data.get("detect"), "detect"), float(timeout), _redact(data.get("redact")))
+                   _argv(data.get("detect"), "detect"), float(timeout), _redact(data.get("redact")),
+                   _detection(data.get("detection")))
         if spec.type == "command" and not spec.install:
             raise InstallError("command installer has no install argv")
         return spec
@@ -277,6 +314,8 @@ class InstallerSpec:
                                 "timeoutSeconds": timeout}
         if self.redact:
             data["redact"] = list(self.redact)
+        if self.detection is not None:
+            data["detection"] = json.loads(json.dumps(self.detection))
         return data
 
     @property
@@ -335,11 +374,21 @@ class Receipt:
     operation_id: str
     installed_at: str
     artifact: Mapping[str, Any] = field(default_factory=dict)
+    # "reconciler": this agent installed it; "detected": found installed by the package's detection
+    # rule before an install, and adopted without running anything (detection.py)
+    origin: str = "reconciler"
+    # a ``files`` package: the digest of its whole directory (content.py; the per-file index is beside it)
+    content: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "installer": self.installer.to_dict(),
-                "operationId": self.operation_id, "installedAt": self.installed_at,
-                "artifact": dict(self.artifact)}
+        out = {"name": self.name, "version": self.version, "installer": self.installer.to_dict(),
+               "operationId": self.operation_id, "installedAt": self.installed_at,
+               "artifact": dict(self.artifact)}
+        if self.origin != "reconciler":
+            out["origin"] = self.origin
+        if self.content is not None:
+            out["content"] = dict(self.content)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> Receipt:
@@ -348,9 +397,14 @@ class Receipt:
         name = check_segment(data.get("name"), "package name")
         version = check_segment(data.get("version"), "package version")
         artifact = data.get("artifact") or {}
+        origin = data.get("origin", "reconciler")
+        if origin not in ("reconciler", "detected"):
+            raise ValueError(f"unknown origin {origin!r:.40}")
+        digest = data.get("content")
         return cls(name, version, InstallerSpec.from_dict(data.get("installer")),
                    str(data.get("operationId", "")), str(data.get("installedAt", "")),
-                   artifact if isinstance(artifact, dict) else {})
+                   artifact if isinstance(artifact, dict) else {}, origin,
+                   digest if isinstance(digest, dict) else None)
 
 
 @dataclass(frozen=True)
@@ -406,10 +460,22 @@ def write_receipt(layout: Layout, receipt: Receipt) -> None:
 
 
 def is_present(layout: Layout, receipt: Receipt) -> bool:
-    """Confirm a receipt against the machine: files still there, ``detect`` still exits 0."""
+    """Confirm a receipt against the machine: files still there and unchanged, ``detect`` still exits 0.
+
+    A receipt adopted from detection (``origin: detected``) has no package
+    directory of ours: the package's detection rule confirms it (detection.py).
+    """
     package_dir = layout.package_dir(receipt.name, receipt.version)
-    if receipt.installer.type == "files" and not package_dir.is_dir():
-        return False
+    if receipt.origin == "reconciler" and receipt.installer.type == "files":
+        if not package_dir.is_dir():
+            return False
+        if receipt.content is not None:
+            changes = content.check(package_dir, layout.content_index(receipt.name),
+                                    receipt.content.get("digest"), layout.rehash_seconds)
+            if changes is not None:
+                log.warning("drift: %s %s changed on disk (%s); it is reported as not installed, so it is "
+                            "installed again", receipt.name, receipt.version, changes)
+                return False
     if not receipt.installer.detect:
         return True
     cwd = package_dir if package_dir.is_dir() else layout.root
@@ -726,8 +792,11 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec,
         except BaseException:
             _not_installed(layout, name, target)
             raise
+    digest = content.record(target, layout.content_index(name)) if installer.type == "files" else None
+    if digest is None:
+        layout.content_index(name).unlink(missing_ok=True)
     write_receipt(layout, Receipt(name, version, installer, operation_id,
-                                  format_time(now or utc_now()), ref.to_dict()))
+                                  format_time(now or utc_now()), ref.to_dict(), content=digest))
     return Outcome(0, message)
 
 
@@ -761,6 +830,7 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
             raise InstallError(f"uninstalling {name} {receipt.version}: {exc.message}", exc.exit_code) from exc
     # receipt first: a crash now leaves an orphaned directory, never a receipt without files
     layout.receipt(name).unlink(missing_ok=True)
+    layout.content_index(name).unlink(missing_ok=True)
     _remove_tree(package_dir)
     try:
         package_dir.parent.rmdir()
