@@ -995,6 +995,13 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
             if pointer.endswith("/artifact"):
                 found.append(doc.error(pointer, f"{pointer}: {_artifact_message(error.instance)}"))
                 continue
+            if pointer == "/spec/detect":
+                kinds = [k for k in ("command", "file", "registry") if isinstance(error.instance, dict)
+                         and k in error.instance]
+                found.append(doc.error(pointer, f"{pointer}: must have exactly one of command, file, registry "
+                                                f"(timeoutSeconds only with command), has "
+                                                f"{', '.join(kinds) if kinds else 'none'}"))
+                continue
             if pointer == "/spec/rerunScope":
                 found.append(doc.error(pointer, f"{pointer}: name relays, clients or both: a scope without "
                                                 f"either would re-run nothing"))
