@@ -91,5 +91,6 @@ def test_software_installed_by_hand_is_seen_by_the_plan(cluster: Cluster) -> Non
         return clients if len(clients) == 3 and all(clients.values()) else None
 
     clients = wait_for(published, 30, what="relay-a inventory.json with three clients")
-    assert [(i["name"], i["version"]) for i in clients["pc-newer"]] == [("app", "9.9")]
-    assert [(i["name"], i["version"]) for i in clients["pc-same"]] == [("app", "1.0")]
+    assert clients["pc-newer"] == [{"name": "app", "version": "9.9", "source": "detected"}]
+    assert clients["pc-same"] == [{"name": "app", "version": "1.0", "source": "detected"}]
+    assert clients["pc-clean"] == [{"name": "app", "version": "1.0"}]  # its own receipt
