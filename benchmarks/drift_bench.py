@@ -33,7 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reconciler.agent import content  # noqa: E402
-from reconciler.agent.installers import ArtifactRef, InstallerSpec, Layout, install, read_receipt  # noqa: E402
+from reconciler.agent.installers import (  # noqa: E402
+    ArtifactRef,
+    InstallerSpec,
+    Layout,
+    install,
+    read_receipt,
+)
 
 MB = 1024 * 1024
 

@@ -357,3 +357,18 @@ def test_an_uninstall_forgets_the_rule(relay: FakeRelay, tmp_path: Path) -> None
     assert results["op-2"]["status"] == "succeeded"
     assert inv == []  # software installed by other means is not removed, and no longer looked for
     assert (root / "apps" / "app" / "VERSION").exists()
+
+
+def test_a_hung_or_broken_rule_costs_only_its_own_package(tmp_path: Path) -> None:
+    from reconciler.agent.detection import remember
+    layout = Layout(tmp_path / "root")
+    layout.create()
+    by_hand(layout.root, "2.0")
+    remember(layout, "app", "1.0", InstallerSpec("files", detection=RULE))
+    remember(layout, "hung", "1.0", InstallerSpec("files", detection={
+        "command": py("import time; time.sleep(600)"), "timeoutSeconds": 1}))
+    remember(layout, "crash", "1.0", InstallerSpec("files", detection={"command": py("import os; os.abort()")}))
+    (layout.detections / "junk.json").write_text("{ not json")
+    assert inventory(layout) == [{"name": "app", "version": "2.0", "source": "detected"}]
+    assert (layout.detections / "junk.json.corrupt").exists()
+    assert not layout.detect_process.exists()
