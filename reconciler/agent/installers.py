@@ -61,7 +61,11 @@ restarted agent waits for (or kills) one left running before detecting again
 A receipt is written only after a successful install, atomically; its presence
 is what "installed" means. A receipt whose installer has a ``detect`` argv is
 confirmed by running it (exit 0 = present), and a ``files`` package whose
-directory vanished counts as absent, so drift is reported and healed.
+directory vanished, or whose content changed (``content.py``: the receipt
+records a digest of the tree), counts as absent, so drift is reported and
+healed. A package's detection rule (``spec.detect``, ``detection.py``) can
+also find a version installed by other means; a receipt adopting such an
+installation is marked ``"origin": "detected"``.
 """
 
 from __future__ import annotations
