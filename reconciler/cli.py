@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tail", type=_output_tail, default=2000, metavar="CHARS",
                    help="characters of an installer's output (its end, secrets masked) kept in the result sent "
                         "to the relay (default: 2000, at most 8000)")
+    p.add_argument("--rehash-interval", type=_positive_float, default=86400.0, metavar="S",
+                   help="seconds between full re-hashes of installed files packages; check-ins in between "
+                        "compare file sizes and times and re-hash only what changed (default: 86400, a day)")
     p.add_argument("--enroll-secret-file", metavar="F",
                    help="the relay's enrolment secret, presented to register (and to get a new token after a rekey)")
     p.add_argument("--trust-key", action="append", default=[], metavar="F",

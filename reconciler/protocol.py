@@ -62,6 +62,8 @@ RESULT_STATUSES = ("succeeded", "failed", "notAttempted", "refused")
 did not run the action because it does not match HQ's signed manifest (nothing ran; never retried)."""
 ACTION_KINDS = ("install", "upgrade", "downgrade", "uninstall")
 INSTALLER_TYPES = ("files", "command", "msi", "exe", "deb", "rpm")
+INVENTORY_SOURCES = ("reconciler", "detected")
+"""How an agent knows an inventory entry: its own receipt (confirmed), or the package's detection rule found it."""
 ARTIFACT_FORMATS = ("tar", "file")
 
 # Credentials (docs/PROTOCOL.md, "Enrolment and credentials").
@@ -114,10 +116,11 @@ class Facts(TypedDict, total=False):
 
 
 class InventoryEntry(TypedDict):
-    """One installed package, as the client's receipts confirm it."""
+    """One installed package, as the client's receipts confirm it or its detection rule finds it."""
 
     name: str
     version: str
+    source: NotRequired[str]  # one of INVENTORY_SOURCES; absent means "reconciler"
 
 
 class SoftwareEntry(TypedDict):
@@ -174,6 +177,23 @@ class Artifact(TypedDict):
     fileName: NotRequired[str]  # only with format "file"
 
 
+class RegistryRule(TypedDict):
+    """A Windows registry value whose data is the installed version."""
+
+    key: str
+    value: str
+
+
+class Detection(TypedDict, total=False):
+    """A package's ``spec.detect``: exactly one of command, file, registry (:mod:`reconciler.detection_rules`)."""
+
+    command: list[str]
+    file: str
+    registry: RegistryRule
+    versionPattern: str
+    timeoutSeconds: int
+
+
 class Installer(TypedDict):
     """How to install, remove and detect the package (argv lists, no shell)."""
 
@@ -188,6 +208,7 @@ class Installer(TypedDict):
     productCode: NotRequired[str]  # msi
     properties: NotRequired[dict[str, str]]  # msi, when the spec has some
     packageName: NotRequired[str]  # deb, rpm
+    detection: NotRequired[Detection]  # the package's spec.detect, when it has one
 
 
 class Dependency(TypedDict):
@@ -248,7 +269,25 @@ def installer_of(spec: specs.Installer) -> Installer:
         installer["properties"] = dict(spec.properties)
     if spec.package_name is not None:
         installer["packageName"] = spec.package_name
+    if spec.detection is not None:
+        installer["detection"] = detection_of(spec.detection)
     return installer
+
+
+def detection_of(rule: specs.Detection) -> Detection:
+    """A package's ``spec.detect`` as the wire (and the agent's memory of it) carries it."""
+    out: Detection = {}
+    if rule.command:
+        out["command"] = list(rule.command)
+    elif rule.file is not None:
+        out["file"] = rule.file
+    elif rule.registry_key is not None:
+        out["registry"] = {"key": rule.registry_key, "value": rule.registry_value or ""}
+    if rule.version_pattern is not None:
+        out["versionPattern"] = rule.version_pattern
+    if rule.timeout_seconds is not None:
+        out["timeoutSeconds"] = rule.timeout_seconds
+    return out
 
 
 def dependencies_of(package: specs.Package) -> list[Dependency]:
@@ -460,10 +499,18 @@ def check_inventory(raw: object, where: str, problems: list[FieldProblem]) -> li
             problems.append(FieldProblem(f"{at}.name", f"{name!r} is listed twice (a client has one version "
                                     "per software)"))
             continue
+        source = _string(item, "source", at, problems, required=False)
+        if source is not None and source not in INVENTORY_SOURCES:
+            problems.append(FieldProblem(f"{at}.source", f"must be one of {', '.join(INVENTORY_SOURCES)}, "
+                                    f"got {source!r:.80}"))
+            source = None
         if name is not None:
             seen.add(name)
             if version is not None:
-                entries.append({"name": name, "version": version})
+                entry: InventoryEntry = {"name": name, "version": version}
+                if source is not None:
+                    entry["source"] = source
+                entries.append(entry)
     return entries
 
 

@@ -627,7 +627,8 @@ def _inventory_json(entry: InventoryEntry, relay: str | None = None) -> dict[str
         "id": entry.id,
         "facts": dict(sorted(entry.facts.items())),
         "labels": dict(sorted(entry.labels.items())),
-        "installed": [{"name": i.name, "version": i.version}
+        "installed": [{"name": i.name, "version": i.version,
+                       **({"source": i.source} if i.source != "reconciler" else {})}
                       for i in sorted(entry.installed, key=lambda i: (i.name, i.version))],
         "online": entry.online,
     }
@@ -682,7 +683,8 @@ def parse_relay_inventory(data: bytes, path: str) -> tuple[str, tuple[InventoryE
         raise ReportError(f"{path}: {problems[0]}{more}")
     return relay, tuple(
         InventoryEntry(id=c["id"], facts=c["facts"], labels=c["labels"], online=c["online"],
-                       installed=tuple(Installed(i["name"], i["version"]) for i in c["installed"]),
+                       installed=tuple(Installed(i["name"], i["version"], i.get("source", "reconciler"))
+                                       for i in c["installed"]),
                        last_contact=_time(c.get("lastContact"), path))
         for c in doc["clients"])
 

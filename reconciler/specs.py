@@ -44,6 +44,7 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from reconciler import names
+from reconciler.detection_rules import rule_problems
 from reconciler.redaction import redact_pattern_problem
 from reconciler.resources import schemas_dir
 from reconciler.versions import VersionKey, version_key
@@ -200,6 +201,21 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class Detection:
+    """``spec.detect``: how a client finds the installed version (:mod:`reconciler.detection_rules`).
+
+    Exactly one of ``command``, ``file`` and ``registry_key`` is set.
+    """
+
+    command: tuple[str, ...] = ()
+    file: str | None = None
+    registry_key: str | None = None
+    registry_value: str | None = None
+    version_pattern: str | None = None
+    timeout_seconds: int | None = None
+
+
+@dataclass(frozen=True)
 class Installer:
     type: InstallerType
     install: tuple[str, ...] = ()
@@ -215,6 +231,8 @@ class Installer:
     product_code: str | None = None  # msi
     properties: tuple[tuple[str, str], ...] = ()  # msi PUBLIC_PROPERTY=value, in spec order
     package_name: str | None = None  # deb, rpm
+    # the package's spec.detect: it travels with the installer (protocol.installer_of)
+    detection: Detection | None = None
 
     def exit_codes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The exit codes that mean success, and success with a reboot required, for this installer."""
@@ -1033,6 +1051,13 @@ def _schema_errors(doc: _Document, kind: Kind) -> list[SpecError]:
             if pointer.endswith("/artifact"):
                 found.append(doc.error(pointer, f"{pointer}: {_artifact_message(error.instance)}"))
                 continue
+            if pointer == "/spec/detect":
+                kinds = [k for k in ("command", "file", "registry") if isinstance(error.instance, dict)
+                         and k in error.instance]
+                found.append(doc.error(pointer, f"{pointer}: must have exactly one of command, file, registry "
+                                                f"(timeoutSeconds only with command), has "
+                                                f"{', '.join(kinds) if kinds else 'none'}"))
+                continue
             if pointer == "/spec/rerunScope":
                 found.append(doc.error(pointer, f"{pointer}: name relays, clients or both: a scope without "
                                                 f"either would re-run nothing"))
@@ -1330,6 +1355,7 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         product_code=raw_installer.get("productCode"),
         properties=tuple(raw_installer.get("properties", {}).items()),
         package_name=raw_installer.get("packageName"),
+        detection=_detection(doc, spec.get("detect"), errors),
     )
     _check_installer_type(doc, installer, raw_installer, raw_artifact, path, check, errors)
     if installer.type is InstallerType.RPM and spec["version"].count("-") != 1:
@@ -1360,6 +1386,22 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
         source=doc.path, revision=_canonical_hash(spec),
     )
     return package, errors
+
+
+def _detection(doc: _Document, raw: Any, errors: list[SpecError]) -> Detection | None:
+    """``spec.detect`` (its shape already passed the schema), or None; placeholders and pattern checked here."""
+    if raw is None:
+        return None
+    problems = rule_problems(raw)
+    for where, message in problems:
+        pointer = f"/spec/detect/{where}" if where else "/spec/detect"
+        errors.append(doc.error(pointer, f"{pointer}: {message}"))
+    if problems:
+        return None
+    registry = raw.get("registry") or {}
+    return Detection(command=tuple(raw.get("command", ())), file=raw.get("file"), registry_key=registry.get("key"),
+                     registry_value=registry.get("value"), version_pattern=raw.get("versionPattern"),
+                     timeout_seconds=_int(raw.get("timeoutSeconds")))
 
 
 def _build_job(doc: _Document) -> tuple[Job | None, list[SpecError]]:

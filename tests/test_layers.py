@@ -31,7 +31,7 @@ CORE = {
     "reconciler.reach", "reconciler.repo_layout", "reconciler.report", "reconciler.protocol", "reconciler.schema_check",
     "reconciler.errors", "reconciler.times", "reconciler.redaction", "reconciler.resources", "reconciler.liveness",
     "reconciler.plan", "reconciler.plan.vocabulary", "reconciler.plan.index", "reconciler.plan.identity", "reconciler.plan.rules",
-    "reconciler.plan.engine",
+    "reconciler.plan.engine", "reconciler.detection_rules",
 }
 SHELLS = {
     "reconciler.gitstore", "reconciler.fileio", "reconciler.repo_tree", "reconciler.logs",

@@ -115,6 +115,8 @@ SHAPES: list[tuple[Any, dict[str, Any], str]] = [
     (protocol.PackageRef, REPLY, "#/$defs/action/properties/package"),
     (protocol.Artifact, REPLY, "#/$defs/artifact"),
     (protocol.Installer, REPLY, "#/$defs/installer"),
+    (protocol.Detection, REPLY, "#/$defs/installer/properties/detection"),
+    (protocol.RegistryRule, REPLY, "#/$defs/installer/properties/detection/properties/registry"),
     (protocol.Dependency, REPLY, "#/$defs/dependency"),
     (protocol.ActionDocuments, REPLY, "#/$defs/action/properties/documents"),
 ]
@@ -581,3 +583,38 @@ def test_protocol_md_documents_installer_redact_with_the_schema_limits() -> None
     assert f"1 to {MAX_REDACT_PATTERN_LENGTH} characters" in " ".join(section.split())
     node = REPLY["$defs"]["installer"]["properties"]["redact"]
     assert (node["maxItems"], node["items"]["maxLength"]) == (MAX_REDACT_PATTERNS, MAX_REDACT_PATTERN_LENGTH)
+
+
+# ------------------------------------------------------------------ inventory sources and detection rules
+
+
+def test_inventory_sources_are_the_schemas() -> None:
+    source = REQUEST["$defs"]["inventoryEntry"]["properties"]["source"]
+    assert source["enum"] == list(protocol.INVENTORY_SOURCES)
+
+
+def test_inventory_source_is_kept_and_checked() -> None:
+    problems: list[protocol.FieldProblem] = []
+    entries = protocol.check_inventory([{"name": "app", "version": "9.9", "source": "detected"},
+                                        {"name": "lib", "version": "1.0"}], "inventory", problems)
+    assert problems == []
+    assert entries == [{"name": "app", "version": "9.9", "source": "detected"}, {"name": "lib", "version": "1.0"}]
+    entries = protocol.check_inventory([{"name": "app", "version": "9.9", "source": "guessed"},
+                                        {"name": "lib", "version": "1.0", "source": 7}], "inventory", problems)
+    assert [str(p) for p in problems] == [
+        "inventory[0].source: must be one of reconciler, detected, got 'guessed'",
+        "inventory[1].source: expected a string, got an integer"]
+    assert entries == [{"name": "app", "version": "9.9"}, {"name": "lib", "version": "1.0"}]
+
+
+def test_detection_travels_in_the_installer_as_the_spec_has_it() -> None:
+    from reconciler import specs
+    rule = specs.Detection(file="${PROGRAMFILES}/App/version.txt", version_pattern=r"version=(\S+)")
+    installer = specs.Installer(type=specs.InstallerType.FILES, detection=rule)
+    wire = protocol.installer_of(installer)
+    assert wire["detection"] == {"file": "${PROGRAMFILES}/App/version.txt", "versionPattern": r"version=(\S+)"}
+    registry = specs.Detection(registry_key="HKLM\\SOFTWARE\\App", registry_value="DisplayVersion")
+    assert protocol.detection_of(registry) == {"registry": {"key": "HKLM\\SOFTWARE\\App", "value": "DisplayVersion"}}
+    command = specs.Detection(command=("app", "--version"), timeout_seconds=5)
+    assert protocol.detection_of(command) == {"command": ["app", "--version"], "timeoutSeconds": 5}
+    assert "detection" not in protocol.installer_of(specs.Installer(type=specs.InstallerType.FILES))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -264,3 +265,15 @@ def test_prune_keeps_latest_attempts_and_recent_operations(store: Store) -> None
     assert store.prune_operations(T0 - timedelta(days=3)) == 0
     assert store.prune_operations(T0 + timedelta(days=1)) == 2  # op-old and the superseded op-lost
     assert [a.operation_id for a in store.operations_of("pc-1")] == ["op-open", "op-third", "op-latest"]
+
+
+def test_an_inventory_entry_keeps_its_source(store: Store) -> None:
+    with store.write() as db:
+        store.register(db, "pc-1", T0)
+        store.record_report(db, "pc-1", {}, {}, [Installed("app", "1.0")], T0)
+        # the same version, now found by the package's detection rule instead of the agent's receipt
+        assert store.record_report(db, "pc-1", {}, {}, [Installed("app", "1.0", "detected")], T0)
+    record = store.client("pc-1")
+    assert record is not None and record.inventory == (Installed("app", "1.0", "detected"),)
+    stored = store.db.execute("SELECT inventory FROM clients WHERE id = 'pc-1'").fetchone()[0]
+    assert json.loads(stored) == [{"name": "app", "version": "1.0", "source": "detected"}]

@@ -72,6 +72,8 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from reconciler import names, protocol
+from reconciler.agent import detection
+from reconciler.agent.content import DEFAULT_REHASH_SECONDS
 from reconciler.agent.dependencies import parse_depends_on, unmet
 from reconciler.agent.errors import ArtifactUnavailable, InstallError
 from reconciler.agent.installers import (
@@ -79,11 +81,13 @@ from reconciler.agent.installers import (
     InstallerSpec,
     Layout,
     Outcome,
+    Receipt,
     check_segment,
     install,
+    read_receipt,
     uninstall,
+    write_receipt,
 )
-from reconciler.agent.installers import inventory as confirmed_inventory
 from reconciler.agent.journal import FINISHED, Entry, Journal
 from reconciler.agent.processes import (
     DEFAULT_OUTPUT_TAIL,
@@ -107,6 +111,7 @@ from reconciler.tls import (
     client_tls_of,
     tls_problem,
 )
+from reconciler.versions import compare_versions
 
 log = logging.getLogger("reconciler.agent")
 
@@ -448,7 +453,8 @@ class Agent:
                  trust_keys: Sequence[Ed25519PublicKey] = (), dpkg_root: Path | None = None,
                  rpm_root: Path | None = None, software: Collector | None = None,
                  software_interval: float = DEFAULT_INTERVAL_MINUTES * 60.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 rehash_seconds: float = DEFAULT_REHASH_SECONDS) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -482,7 +488,10 @@ class Agent:
                 client_env[variable] = str(platform_facts[fact])
         if isinstance(output_tail, bool) or not 0 <= output_tail <= OUTPUT_TAIL_CHARS:
             raise AgentConfigError(f"--output-tail: expected 0 to {OUTPUT_TAIL_CHARS} characters, got {output_tail}")
+        if isinstance(rehash_seconds, bool) or not rehash_seconds > 0:
+            raise AgentConfigError(f"--rehash-interval: expected a positive number of seconds, got {rehash_seconds}")
         self.layout = Layout(Path(root).absolute(), output_tail, tuple(sorted(client_env.items())),
+                             float(rehash_seconds),
                              dpkg_root=Path(dpkg_root).absolute() if dpkg_root else None,
                              rpm_root=Path(rpm_root).absolute() if rpm_root else None)
         self.layout.create()
@@ -540,8 +549,9 @@ class Agent:
         return facts
 
     def inventory(self) -> list[protocol.InventoryEntry]:
-        """Installed packages per the receipts, each confirmed (``detect``, files present)."""
-        return [{"name": entry["name"], "version": entry["version"]} for entry in confirmed_inventory(self.layout)]
+        """Installed packages: receipts confirmed (files present and unchanged, ``detect``), and what the
+        remembered detection rules find, receipt or not (detection.py)."""
+        return detection.inventory(self.layout)
 
     # -- the OS's software inventory
 
@@ -761,23 +771,66 @@ class Agent:
         operation_id = str(action["operationId"])
         if kind == "uninstall":
             only = None if raw_version is None else check_segment(raw_version, "package version")
-            return uninstall(self.layout, name, only, operation_id)
+            outcome = uninstall(self.layout, name, only, operation_id)
+            # software installed by other means stays, and is no longer looked for (no uninstall loop)
+            detection.forget(self.layout, name)
+            return outcome
         if kind not in ("install", "upgrade", "downgrade"):
             raise InstallError(f"unknown action {kind!r}")
         version = check_segment(raw_version, "package version")
         installer = InstallerSpec.from_dict(action.get("installer"))
         ref = ArtifactRef.from_dict(action.get("artifact"))
         dependencies = parse_depends_on(action.get("dependsOn"))
+        detection.remember(self.layout, name, version, installer)
         # a resumed operation already ran commands: it finishes as they ended, whatever changed since
         if not ran_commands(self.layout.operation_runs(operation_id)):
+            present = self._preflight(str(kind), name, version, installer, operation_id)
+            if present is not None:
+                return present
             why = unmet(self.layout, dependencies)
             if why is not None:
                 raise InstallError(f"not run: {why}")
         previous = action.get("previousVersion")
         if previous:
             self.log.info("%s %s: replacing %s with %s", kind, name, previous, version)
-        return install(self.layout, name, version, installer, lambda: self.fetch(ref), ref, operation_id,
-                       self._now())
+        outcome = install(self.layout, name, version, installer, lambda: self.fetch(ref), ref, operation_id,
+                          self._now())
+        if installer.detection is not None:
+            found = detection.installed_version(self.layout, name, version, installer)
+            if found is None or found.version != version:
+                what = "does not find it" if found is None else f"finds version {found.version}"
+                raise InstallError(f"installed {name} {version}, but the package's detection rule {what}")
+        return outcome
+
+    def _preflight(self, kind: str, name: str, version: str, installer: InstallerSpec,
+                   operation_id: str) -> Outcome | None:
+        """Before an install: ask the package's detection rule; an outcome when nothing needs to run.
+
+        The version wanted already there (installed by hand, or by another
+        tool) is adopted: a receipt marked ``origin: detected``, nothing run.
+        A newer one is left alone unless the action is a downgrade; the next
+        check-in's inventory reports it, so the plan shows the row Skipped
+        "newer version ... present". An older one is upgraded: the action
+        runs. A receipt of the wanted version means a reinstall (a repair, or
+        drift healing): it runs whatever the rule says.
+        """
+        found = detection.installed_version(self.layout, name, version, installer)
+        if found is None:
+            return None
+        receipt = read_receipt(self.layout, name)
+        if receipt is not None and receipt.version == version:
+            return None
+        order = compare_versions(found.version, version)
+        if order == 0:
+            write_receipt(self.layout, Receipt(name, version, installer, operation_id, format_time(self._now()),
+                                               {}, origin="detected"))
+            self.log.info("%s %s already present (%s); adopted, nothing run", name, version, found.how)
+            return Outcome(0, f"{name} {version} already present ({found.how}); adopted, nothing run")
+        if order > 0 and kind != "downgrade":
+            self.log.info("%s: newer version %s present (%s); %s not installed", name, found.version, found.how,
+                          version)
+            return Outcome(0, f"not installed: newer version {found.version} present ({found.how})")
+        return None
 
     def run_action(self, action: Any) -> dict[str, Any] | None:
         """Run one action exactly once per operationId, journalled; returns its result.
@@ -956,6 +1009,7 @@ def main(args: argparse.Namespace) -> int:
         agent = Agent(args.id, args.relay, Path(args.root), labels=list(args.label),
                       fact_overrides=list(args.fact), session=client_session(tls), poll_interval=args.poll_interval,
                       output_tail=getattr(args, "output_tail", DEFAULT_OUTPUT_TAIL), enroll_secret=secret,
+                      rehash_seconds=getattr(args, "rehash_interval", DEFAULT_REHASH_SECONDS),
                       insecure_http=bool(getattr(args, "insecure_http", False)), trust_keys=trust_keys,
                       dpkg_root=getattr(args, "dpkg_root", None), rpm_root=getattr(args, "rpm_root", None),
                       software=None if getattr(args, "software_inventory", "auto") == "off" else Collector(

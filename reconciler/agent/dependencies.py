@@ -6,7 +6,8 @@ of one reply run in order, and the dependency sent first may fail, be
 refused, or time out; the dependent must then not run on top of nothing. So
 the agent checks, just before it would run the dependent, the same thing it
 reports as its inventory: a receipt confirmed against the machine (files
-present, ``detect`` exits 0) at ``minVersion`` or newer.
+present, ``detect`` exits 0), or what the package's detection rule finds
+(detection.py), at ``minVersion`` or newer.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from reconciler import names
+from reconciler.agent.detection import installed_now
 from reconciler.agent.errors import InstallError
-from reconciler.agent.installers import Layout, is_present, read_receipt
+from reconciler.agent.installers import Layout
 from reconciler.versions import at_least
 
 MAX_DEPENDENCIES = 64
@@ -66,9 +68,9 @@ def parse_depends_on(value: Any) -> tuple[Dependency, ...]:
 def unmet(layout: Layout, dependencies: tuple[Dependency, ...]) -> str | None:
     """Why the first unmet dependency is unmet, or ``None`` when every one is installed and confirmed."""
     for dependency in dependencies:
-        receipt = read_receipt(layout, dependency.name)
-        if receipt is None or not is_present(layout, receipt):
+        entry = installed_now(layout, dependency.name)
+        if entry is None:
             return f"dependency {dependency.describe()} is not installed"
-        if dependency.min_version is not None and not at_least(receipt.version, dependency.min_version):
-            return f"dependency {dependency.describe()} is not installed ({receipt.version} is)"
+        if dependency.min_version is not None and not at_least(entry["version"], dependency.min_version):
+            return f"dependency {dependency.describe()} is not installed ({entry['version']} is)"
     return None

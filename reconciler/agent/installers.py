@@ -9,6 +9,8 @@ Layout under the agent root (see :class:`Layout`)::
     journal/                      operations (see ``journal.py``), and per operation
     journal/<key>/                its supervised commands (see ``supervisor.py``)
     detect-process.json           the ``detect`` command running right now, if any
+    detections/<name>.json        the detection rule (spec.detect) of a package last asked about
+    content/<name>.json           per-file digests of an installed ``files`` package (drift)
 
 Two installer types (DESIGN section 6):
 
@@ -78,7 +80,11 @@ restarted agent waits for (or kills) one left running before detecting again
 A receipt is written only after a successful install, atomically; its presence
 is what "installed" means. A receipt whose installer has a ``detect`` argv is
 confirmed by running it (exit 0 = present), and a ``files`` package whose
-directory vanished counts as absent, so drift is reported and healed.
+directory vanished, or whose content changed (``content.py``: the receipt
+records a digest of the tree), counts as absent, so drift is reported and
+healed. A package's detection rule (``spec.detect``, ``detection.py``) can
+also find a version installed by other means; a receipt adopting such an
+installation is marked ``"origin": "detected"``.
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ from typing import Any
 
 from reconciler import names
 from reconciler.agent import native
+from reconciler.agent import content
 from reconciler.agent.errors import InstallError
 from reconciler.agent.journal import operation_key
 from reconciler.agent.processes import (
@@ -116,6 +123,7 @@ from reconciler.agent.processes import (
     settle_orphan,
 )
 from reconciler.agent.supervisor import run_supervised, start_supervised, stored_result
+from reconciler.detection_rules import rule_problems
 from reconciler.fileio import quarantine, write_json_atomic
 from reconciler.redaction import (
     MAX_REDACT_PATTERNS,
@@ -164,6 +172,9 @@ class Layout:
     # RECONCILER_OS and RECONCILER_ARCH (so a script can branch on the platform,
     # and --fact overrides reach it in simulations).
     client_env: tuple[tuple[str, str], ...] = ()
+    # Seconds between full re-hashes of a ``files`` package's content; check-ins in between compare
+    # stat signatures and re-hash only what changed (content.py; the agent's --rehash-interval).
+    rehash_seconds: float = content.DEFAULT_REHASH_SECONDS
     # Sandbox roots for dpkg and rpm (the agent's --dpkg-root, --rpm-root); None: the system's own.
     dpkg_root: Path | None = None
     rpm_root: Path | None = None
@@ -198,6 +209,22 @@ class Layout:
     @property
     def detect_process(self) -> Path:
         return self.root / "detect-process.json"
+
+    @property
+    def detections(self) -> Path:
+        return self.root / "detections"
+
+    @property
+    def contents(self) -> Path:
+        return self.root / "content"
+
+    def detection(self, name: str) -> Path:
+        """The remembered detection rule of a package name (detection.py)."""
+        return self.detections / f"{check_segment(name, 'package name')}.json"
+
+    def content_index(self, name: str) -> Path:
+        """The per-file digests of an installed ``files`` package (content.py)."""
+        return self.contents / f"{check_segment(name, 'package name')}.json"
 
     def receipt(self, name: str) -> Path:
         return self.receipts / f"{check_segment(name, 'package name')}.json"
@@ -259,6 +286,17 @@ def _redact(value: Any) -> tuple[str, ...]:
         if problem is not None:
             raise InstallError(f"installer.redact[{index}] {problem}")
     return tuple(value)
+
+
+def _detection(value: Any) -> Mapping[str, Any] | None:
+    """``installer.detection``: absent, or a rule :func:`rule_problems` accepts (else the action fails)."""
+    if value is None:
+        return None
+    problems = rule_problems(value)
+    if problems:
+        where, message = problems[0]
+        raise InstallError(f"installer.detection{'.' + where.replace('/', '.') if where else ''}: {message}")
+    return dict(value)
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,6 +376,8 @@ class InstallerSpec:
     product_code: str | None = None  # msi
     properties: tuple[tuple[str, str], ...] = ()  # msi, in spec order
     package_name: str | None = None  # deb, rpm
+    # the package's spec.detect as the wire carries it (checked by detection_rules.rule_problems)
+    detection: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @classmethod
     def from_dict(cls, data: Any) -> InstallerSpec:
@@ -359,7 +399,8 @@ class InstallerSpec:
                    _argv(data.get("detect"), "detect"), float(timeout), _redact(data.get("redact")),
                    _exit_codes(data.get("successExitCodes"), "successExitCodes"),
                    _exit_codes(data.get("rebootExitCodes"), "rebootExitCodes"),
-                   product_code, _properties(data.get("properties")), _native_name(data.get("packageName"), kind))
+                   product_code, _properties(data.get("properties")), _native_name(data.get("packageName"), kind),
+                   _detection(data.get("detection")))
         if spec.type == "command" and not spec.install:
             raise InstallError("command installer has no install argv")
         if spec.type == "msi" and spec.product_code is None:
@@ -389,16 +430,20 @@ class InstallerSpec:
             data["properties"] = dict(self.properties)
         if self.package_name is not None:
             data["packageName"] = self.package_name
+        if self.detection is not None:
+            data["detection"] = json.loads(json.dumps(self.detection))
         return data
 
     def exit_policy(self, uninstalling: bool = False) -> ExitPolicy:
         """What the exit codes of this installer's commands mean."""
         if self.type == "msi":
-            return ExitPolicy((*native.MSI_SUCCESS_CODES, *self.success_exit_codes),
-                              (*native.MSI_REBOOT_CODES, *self.reboot_exit_codes),
-                              native.MSI_EXIT_MEANINGS,
-                              (native.MSI_NOT_INSTALLED,) if uninstalling else ())
-        if self.type in ("command", "exe"):
+            return _posix_view(ExitPolicy((*native.MSI_SUCCESS_CODES, *self.success_exit_codes),
+                                          (*native.MSI_REBOOT_CODES, *self.reboot_exit_codes),
+                                          native.MSI_EXIT_MEANINGS,
+                                          (native.MSI_NOT_INSTALLED,) if uninstalling else ()))
+        if self.type == "exe":
+            return _posix_view(ExitPolicy(self.success_exit_codes or (0,), self.reboot_exit_codes))
+        if self.type == "command":
             return ExitPolicy(self.success_exit_codes or (0,), self.reboot_exit_codes)
         return ExitPolicy((0,), ())
 
@@ -406,6 +451,38 @@ class InstallerSpec:
     def redact_patterns(self) -> tuple[re.Pattern[str], ...]:
         """:attr:`redact` compiled (they were checked when the spec was read)."""
         return _compiled(self.redact)
+
+
+def _posix_view(policy: ExitPolicy, platform: str = sys.platform) -> ExitPolicy:
+    """A Windows installer's exit codes as a POSIX system sees them: only their low 8 bits.
+
+    Windows reports a process's whole 32-bit exit code; POSIX keeps 8 bits of
+    it, so an ``msiexec`` or ``.exe`` run elsewhere (a compatibility layer, a
+    stand-in) that exits 3010 is seen as 194. Off Windows, each declared code
+    above 255 also matches its low 8 bits, unless those already mean
+    something else in the policy. On Windows the policy is as declared.
+    """
+    if platform == "win32":
+        return policy
+    taken = {*policy.success, *policy.reboot, *policy.absent}
+    meanings = dict(policy.meanings)
+
+    def low(codes: tuple[int, ...]) -> tuple[int, ...]:
+        extra = []
+        for code in codes:
+            seen = code & 0xFF
+            if code > 0xFF and seen not in taken:
+                taken.add(seen)
+                extra.append(seen)
+                meanings[seen] = (f"{native.exit_meaning(code, policy.meanings)} as a POSIX exit status "
+                                  f"(its low 8 bits)")
+        return (*codes, *extra)
+
+    success, reboot, absent = low(policy.success), low(policy.reboot), low(policy.absent)
+    for code, meaning in policy.meanings.items():  # a failure's message still says what the code likely was
+        if code > 0xFF:
+            meanings.setdefault(code & 0xFF, f"{meaning}, if it was exit code {code}")
+    return ExitPolicy(success, reboot, meanings, absent)
 
 
 @dataclass(frozen=True)
@@ -469,11 +546,21 @@ class Receipt:
     operation_id: str
     installed_at: str
     artifact: Mapping[str, Any] = field(default_factory=dict)
+    # "reconciler": this agent installed it; "detected": found installed by the package's detection
+    # rule before an install, and adopted without running anything (detection.py)
+    origin: str = "reconciler"
+    # a ``files`` package: the digest of its whole directory (content.py; the per-file index is beside it)
+    content: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "installer": self.installer.to_dict(),
-                "operationId": self.operation_id, "installedAt": self.installed_at,
-                "artifact": dict(self.artifact)}
+        out = {"name": self.name, "version": self.version, "installer": self.installer.to_dict(),
+               "operationId": self.operation_id, "installedAt": self.installed_at,
+               "artifact": dict(self.artifact)}
+        if self.origin != "reconciler":
+            out["origin"] = self.origin
+        if self.content is not None:
+            out["content"] = dict(self.content)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> Receipt:
@@ -482,9 +569,14 @@ class Receipt:
         name = check_segment(data.get("name"), "package name")
         version = check_segment(data.get("version"), "package version")
         artifact = data.get("artifact") or {}
+        origin = data.get("origin", "reconciler")
+        if origin not in ("reconciler", "detected"):
+            raise ValueError(f"unknown origin {origin!r:.40}")
+        digest = data.get("content")
         return cls(name, version, InstallerSpec.from_dict(data.get("installer")),
                    str(data.get("operationId", "")), str(data.get("installedAt", "")),
-                   artifact if isinstance(artifact, dict) else {})
+                   artifact if isinstance(artifact, dict) else {}, origin,
+                   digest if isinstance(digest, dict) else None)
 
 
 @dataclass(frozen=True)
@@ -540,14 +632,38 @@ def write_receipt(layout: Layout, receipt: Receipt) -> None:
 
 
 def is_present(layout: Layout, receipt: Receipt) -> bool:
-    """Confirm a receipt against the machine: files still there, ``detect`` still exits 0."""
+    """Confirm a receipt against the machine: files still there and unchanged, ``detect`` still exits 0.
+
+    A receipt adopted from detection (``origin: detected``) has no package
+    directory of ours: the package's detection rule confirms it (detection.py).
+    """
     package_dir = layout.package_dir(receipt.name, receipt.version)
-    if receipt.installer.type == "files" and not package_dir.is_dir():
-        return False
+    if receipt.origin == "reconciler" and receipt.installer.type == "files":
+        if not package_dir.is_dir():
+            return False
+        if receipt.content is not None:
+            changes = content.check(package_dir, layout.content_index(receipt.name),
+                                    receipt.content.get("digest"), layout.rehash_seconds)
+            if changes is not None:
+                log.warning("drift: %s %s changed on disk (%s); it is reported as not installed, so it is "
+                            "installed again", receipt.name, receipt.version, changes)
+                return False
     if receipt.installer.type == "msi":
+        if layout.registry is None and sys.platform != "win32":
+            return True  # no Windows registry to ask (a compatibility layer, a stand-in): the receipt says it
         return native_version(layout, receipt.installer) is not None
     if receipt.installer.type in ("deb", "rpm"):  # another version installed by hand is drift too
-        return native_version(layout, receipt.installer) == receipt.version
+        if native_version(layout, receipt.installer) != receipt.version:
+            return False
+        # a file of the package edited or removed by hand (configuration files aside) is drift: reinstalled
+        altered = native.package_changes(receipt.installer.type, receipt.installer.package_name or "",
+                                         layout.dpkg_root if receipt.installer.type == "deb" else layout.rpm_root)
+        if altered:
+            log.warning("drift: %s %s has %d changed file%s (%s); it is reported as not installed, so it is "
+                        "installed again", receipt.name, receipt.version, len(altered),
+                        "" if len(altered) == 1 else "s", ", ".join(altered[:5]))
+            return False
+        return True
     if not receipt.installer.detect:
         return True
     cwd = package_dir if package_dir.is_dir() else layout.root
@@ -1005,8 +1121,11 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec,
             else:
                 _not_installed(layout, name, target)
             raise
+    digest = content.record(target, layout.content_index(name)) if installer.type == "files" else None
+    if digest is None:
+        layout.content_index(name).unlink(missing_ok=True)
     write_receipt(layout, Receipt(name, version, installer, operation_id,
-                                  format_time(now or utc_now()), ref.to_dict()))
+                                  format_time(now or utc_now()), ref.to_dict(), content=digest))
     if replaced is not None:
         _remove_tree(layout.package_dir(name, replaced.version))
     return Outcome(exit_code, message, reboot)
@@ -1064,6 +1183,7 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
             raise InstallError(f"uninstalling {name} {receipt.version}: {exc.message}", exc.exit_code) from exc
     # receipt first: a crash now leaves an orphaned directory, never a receipt without files
     layout.receipt(name).unlink(missing_ok=True)
+    layout.content_index(name).unlink(missing_ok=True)
     _remove_tree(package_dir)
     try:
         package_dir.parent.rmdir()

@@ -279,3 +279,55 @@ def rpm_installed_version(package_name: str, root: Path | None = None,
         return None
     lines = [line.strip() for line in result.output.splitlines() if line.strip()]
     return lines[-1] if lines else None
+
+
+# ------------------------------------------------------------------ content drift
+
+
+def dpkg_verify_argv(dpkg: str, root: Path | None, package_name: str) -> list[str]:
+    """``dpkg --verify <name>``: every file of the package checked against the md5sums it was shipped with."""
+    options = [f"--root={root}"] if root is not None else []
+    return [dpkg, *options, "--verify", package_name]
+
+
+def rpm_verify_argv(rpm: str, root: Path | None, package_name: str) -> list[str]:
+    """``rpm -V <name>``: every file checked against the package's digests, sizes and modes."""
+    return [rpm, *rpm_options(root), "-V", package_name]
+
+
+def changed_files(output: str) -> list[str]:
+    """The files a ``dpkg --verify`` or ``rpm -V`` report says were altered or removed, configuration aside.
+
+    Each line is ``<attributes> [c] <path>`` (``??5??????  /opt/x`` for dpkg,
+    ``S.5....T.  /opt/x`` for rpm) or ``missing [c] <path>``. A configuration
+    file (``c``) an administrator edits is not drift; its removal is not either.
+    A changed digest (``5``), size (``S``) or a missing file is.
+    """
+    changed: list[str] = []
+    for line in output.splitlines():
+        attributes, _, rest = line.partition(" ")
+        rest = rest.lstrip(" ")
+        if rest.startswith("c "):
+            continue  # a configuration file: the administrator's to edit
+        if not rest.startswith("/"):
+            continue  # a warning line, not a file
+        if attributes == "missing" or "5" in attributes or attributes.startswith("S"):
+            changed.append(rest)
+    return changed
+
+
+def package_changes(kind: str, package_name: str, root: Path | None = None,
+                    env: Mapping[str, str] | None = None) -> list[str] | None:
+    """The files of an installed deb or rpm package changed on disk (empty: none), None if it cannot be checked."""
+    try:
+        if kind == "deb":
+            argv = dpkg_verify_argv(find_tool("dpkg", env), root, package_name)
+        elif kind == "rpm":
+            argv = rpm_verify_argv(find_tool("rpm", env), root, package_name)
+        else:
+            return None
+        result = run_query(argv)
+    except (NativeToolMissing, OSError, subprocess.TimeoutExpired):
+        return None
+    return changed_files(result.output)
+

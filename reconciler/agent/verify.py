@@ -10,8 +10,8 @@ An agent given HQ's public key (``--trust-key``) runs an action only when
 * the job document and (for installs) the package document the action names
   are in the reply, and their sha256 are the manifest's;
 * the action is what those documents say: the job's name, type, package and
-  version; for installs the installer's type, argv, timeout and redaction
-  patterns, the artifact's sha256 (the package's ``url`` sha256, or the
+  version; for installs the installer's type, argv, timeout, redaction
+  patterns and detection rule, the artifact's sha256 (the package's ``url`` sha256, or the
   manifest's digest of an in-repo artifact) and the dependencies; a
   downgrade only when the job allows it (an older version than the one
   this client reported installed is a downgrade, whatever the action calls

@@ -122,6 +122,8 @@ class Outcome(StrEnum):
 class Installed:
     name: str
     version: str
+    # how the client knows (protocol.INVENTORY_SOURCES): its own receipt, or the package's detection rule
+    source: str = "reconciler"
 
 
 @dataclass(frozen=True)

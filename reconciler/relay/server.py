@@ -152,7 +152,8 @@ def parse_checkin(doc: Any) -> Checkin:
         body = protocol.check_checkin(doc)
     except protocol.ProtocolError as e:
         raise _bad(str(e)) from None
-    inventory = sorted((Installed(entry["name"], entry["version"]) for entry in body["inventory"]),
+    inventory = sorted((Installed(entry["name"], entry["version"], entry.get("source", "reconciler"))
+                        for entry in body["inventory"]),
                        key=lambda i: i.name)
     software = body.get("software")
     return Checkin(body["facts"], body.get("labels", {}), tuple(inventory), tuple(body.get("results", ())),

@@ -157,11 +157,12 @@ def _dumps(value: Any) -> str:
 
 
 def _inventory(raw: str) -> tuple[Installed, ...]:
-    return tuple(Installed(e["name"], e["version"]) for e in json.loads(raw))
+    return tuple(Installed(e["name"], e["version"], e.get("source", "reconciler")) for e in json.loads(raw))
 
 
 def inventory_json(installed: Iterable[Installed]) -> str:
-    return _dumps([{"name": i.name, "version": i.version} for i in sorted(installed, key=lambda i: i.name)])
+    return _dumps([{"name": i.name, "version": i.version, **({"source": i.source} if i.source != "reconciler" else {})}
+                   for i in sorted(installed, key=lambda i: i.name)])
 
 
 # ------------------------------------------------------------------ schema
