@@ -47,10 +47,12 @@ from reconciler.plan.rules import (
     requirement_reasons,
     retry_fields,
     rollout_block,
+    reboot_fields,
     succeeded_attempts,
     wants,
 )
 from reconciler.plan.vocabulary import (
+    REBOOT_MESSAGE,
     Action,
     ActionKind,
     Attempt,
@@ -68,6 +70,7 @@ from reconciler.plan.vocabulary import (
     failures_exceeded,
     halt_message,
     offline_message,
+    waits_for_reboot,
     waits_offline,
 )
 from reconciler.specs import (
@@ -600,6 +603,8 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         if d.final:
             if d.state is ClientState.SUCCEEDED:
                 fields[_R_ATTEMPTS] = succeeded_attempts(history, d.name, cid)
+                if fields[_R_REASON] is Reason.DONE and waits_for_reboot(history.get((d.name, cid))):
+                    fields[_R_REASON], fields[_R_MESSAGE] = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
             continue
         step = steps[i]
         if type(step) is Ready:
@@ -645,6 +650,8 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_STATE] = ClientState.SUCCEEDED
             fields[_R_REASON] = Reason.DONE
             fields[_R_ATTEMPTS] = step.attempt.attempt
+            if waits_for_reboot(step.attempt):
+                fields[_R_REASON], fields[_R_MESSAGE] = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
         else:
             assert type(step) is RetryLater
             fields[_R_REASON], fields[_R_ATTEMPTS], fields[_R_MESSAGE] = retry_fields(step, cj.limit)
@@ -846,8 +853,10 @@ class _Replay:
                 in_progress[slot] += 1
         for append_row, (job, relay, _, state, action, name, version, installed, attempts, message, op, reason) \
                 in self.rows:
-            if state is ClientState.SUCCEEDED and history:
-                attempts = succeeded_attempts(history, job, cid)
+            if state is ClientState.SUCCEEDED:
+                if history:
+                    attempts = succeeded_attempts(history, job, cid)
+                reason, message = reboot_fields(history, job, cid, reason, message)
             append_row(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
                                    reason)))
 
@@ -1057,6 +1066,8 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
                     recorded = hget((job, cid))  # type: ignore[misc]
                     if recorded is not None and recorded.outcome is _SUCCEEDED:
                         attempts = recorded.attempt
+                        if recorded.reboot_pending and reason is Reason.DONE:
+                            reason, message = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
                 add(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
                                 reason)))
             continue
