@@ -76,8 +76,9 @@ def test_json_report(fleet: Origin, tmp_path: Path) -> None:
             doc["validationErrors"]) == (fleet.head, fleet.head, True, None, [])
     jobs = {j["name"]: j for j in doc["jobs"]}
     seven = jobs["install-7zip"]
-    assert list(seven) == ["name", "state", "scheduledFor", "counts", "pending", "skipped", "notRegistered",
-                           "relays", "clients"]
+    assert list(seven) == ["name", "state", "scheduledFor", "counts", "rebootRequired", "pending", "skipped",
+                           "notRegistered", "relays", "clients"]
+    assert seven["rebootRequired"] == 0
     assert seven["notRegistered"] == []
     assert seven["scheduledFor"] is None
     assert seven["skipped"] == [{"message": "requires os windows", "count": 1}]

@@ -502,9 +502,12 @@ class RelayApp:
         if request.last_relay is not None and request.last_relay != state.name:
             # It moved here: HQ tells that relay, which stops counting it (README, "Clients move and retire").
             changed |= self.store.record_arrival(db, client_id, request.last_relay, now)
-        finished = self.store.record_results(db, client_id, request.results, now)
+        boot_id = request.facts.get("bootId")
+        finished = self.store.record_results(db, client_id, request.results, now, boot_id)
         if finished:
             changed = True
+        if self.store.clear_reboots(db, client_id, boot_id, now):
+            changed = True  # rows waiting for this client's reboot are plain Succeeded now
         actions: tuple[Action, ...] = ()
         if generation.index is not None:
             client = Client(
