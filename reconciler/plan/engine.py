@@ -42,12 +42,12 @@ from reconciler.plan.rules import (
     artifact_missing,
     conflicting,
     history_step,
+    reboot_fields,
     repair_start,
     repeat_action,
     requirement_reasons,
     retry_fields,
     rollout_block,
-    reboot_fields,
     succeeded_attempts,
     wants,
 )
