@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_plan_rules import build, job, pkg
 from test_signing import DOCUMENTS, JOB, PACKAGE, RELAY_URL, action, manifest, reply
 
-from reconciler import protocol, report, specs
+from reconciler import protocol, report, specs, web
 from reconciler.agent.agent import AgentConfigError, reboot_command_of
 from reconciler.agent.reboot import (
     RebootGate,
@@ -313,3 +313,20 @@ def test_boot_id_of_this_machine_is_a_valid_fact() -> None:
     assert protocol.fact_problem("bootId", boot) is None
     assert read_boot_id() == boot  # stable within one boot
     assert read_boot_id("plan9") is None
+
+
+def test_the_web_job_page_links_the_waiting_clients_and_filters_on_the_reason() -> None:
+    status, files = _status_files(2)
+    hq = report.aggregate(SPECS, report.Accepted("c" * 40, NOW, "c" * 40, True), "main", (), {"site": status})
+    _, _, job_file = report.parse_relay_job(files["relays/site/jobs/install-tool.yaml"])
+    rows = [("site", row) for row in job_file.rows]
+    snapshot = web.Snapshot(report=hq)
+    page = web.render_job(snapshot, "install-tool", rows, web.RowFilter(reason="rebootRequired"))
+    assert page is not None
+    assert '<a href="/ui/jobs/install-tool?reason=rebootRequired">2 waiting for a reboot</a>' in page
+    assert "2 matching clients" in page
+    assert '<option value="rebootRequired" selected>' in page
+    plain = web.render_job(web.Snapshot(report=report.aggregate(SPECS, report.Accepted("c" * 40, NOW, "c" * 40, True),
+                                                                "main", (), {"site": _status_files(0)[0]})),
+                           "install-tool", rows, web.RowFilter())
+    assert plain is not None and 'id="reboots"' not in plain
