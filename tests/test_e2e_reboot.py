@@ -155,10 +155,27 @@ def test_reboot_required_counts_until_the_client_reports_a_new_boot_id(cluster: 
     assert cluster.rows("relay-a", "install-tool")["pc-1"]["reason"] == "rebootRequired"
     assert len(record.read_text().splitlines()) == 1
 
+    # Still in boot 1, the job moves to tool 2.0, whose installer asks again: the upgrade's own result
+    # decides the row (waiting again), and the reboot command, which ran in this boot already, does not run.
+    commit = cluster.accept({
+        "artifacts/tool2/install.sh": INSTALL,
+        "packages/tool-2.0.yaml": package("tool", "2.0", "{path: artifacts/tool2}", command_installer(),
+                                          extra="  reboot: ifRequired\n"),
+        "jobs/install-tool.yaml": job("install-tool", "tool", "2.0", "relay-a"),
+    })
+    cluster.at_commit(relay, commit)
+    assert agent("boot-1").run_once() == 0
+    upgraded = cluster.wait_rows("relay-a", "install-tool", {"pc-1": "Succeeded"})["pc-1"]
+    wait_for(lambda: (r := cluster.rows("relay-a", "install-tool")["pc-1"])["installedVersion"] == "2.0" and r,
+             30, what="tool 2.0 installed")
+    assert cluster.rows("relay-a", "install-tool")["pc-1"]["reason"] == "rebootRequired", upgraded
+    assert len(_reboots(relay.workdir, "pc-1")) == 3
+    assert len(record.read_text().splitlines()) == 1, "the reboot command ran twice in one boot"
+
     # A new boot: the waits clear (and when is recorded), the rows are plain Succeeded, the counts go to 0.
     assert agent("boot-2").run_once() == 0
     assert [(job_, boot) for job_, boot, cleared in _reboots(relay.workdir, "pc-1") if cleared is not None] == [
-        ("install-other", "boot-1"), ("install-tool", "boot-1")]
+        ("install-other", "boot-1"), ("install-tool", "boot-1"), ("install-tool", "boot-1")]
 
     def cleared() -> bool:
         rows = [cluster.rows("relay-a", name).get("pc-1", {}) for name in ("install-tool", "install-other")]
