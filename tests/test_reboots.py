@@ -12,10 +12,12 @@ import argparse
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client.parser import text_string_to_metric_families
 from test_plan_rules import build, job, pkg
 from test_signing import DOCUMENTS, JOB, PACKAGE, RELAY_URL, action, manifest, reply
 
@@ -28,6 +30,7 @@ from reconciler.agent.reboot import (
     reboot_argv,
 )
 from reconciler.agent.verify import Verifier
+from reconciler.hq import Hq, hq_metrics
 from reconciler.plan import (
     REBOOT_MESSAGE,
     ActionKind,
@@ -330,3 +333,32 @@ def test_the_web_job_page_links_the_waiting_clients_and_filters_on_the_reason() 
                                                                 "main", (), {"site": _status_files(0)[0]})),
                            "install-tool", rows, web.RowFilter())
     assert plain is not None and 'id="reboots"' not in plain
+
+
+def test_hq_metrics_count_the_clients_waiting_per_job() -> None:
+    status, _ = _status_files(3)
+    hq = report.aggregate(SPECS, report.Accepted("c" * 40, NOW, "c" * 40, True), "main", (), {"site": status})
+    metrics = hq_metrics(cast(Hq, SimpleNamespace(last_report=hq, store=SimpleNamespace())))
+    samples = {s.labels["job"]: s.value for family in text_string_to_metric_families(metrics.render().decode())
+               for s in family.samples if s.name == "reconciler_reboots_pending"}
+    assert samples == {"install-tool": 3}
+
+
+@pytest.mark.parametrize(("job_reboot", "package_reboot", "refused"), [
+    ("", "", True), ("  reboot: ifRequired\n", "", False), ("", "  reboot: ifRequired\n", False),
+    ("  reboot: never\n", "  reboot: ifRequired\n", True)])
+def test_an_uninstall_may_reboot_only_as_its_signed_job_or_package_says(
+        tmp_path: Path, job_reboot: str, package_reboot: str, refused: bool) -> None:
+    uninstall = JOB.replace("install-tool", "remove-tool").replace("jobType: install", "jobType: uninstall")
+    documents = {"jobs/remove-tool.yaml": uninstall + job_reboot, "packages/tool-1.0.yaml": PACKAGE + package_reboot}
+    key = Ed25519PrivateKey.generate()
+    envelope = sign(manifest(1, documents=documents), [key])
+    act = {"operationId": "op-1", "job": "remove-tool", "action": "uninstall",
+           "package": {"name": "tool", "version": "1.0"}, "previousVersion": None, "artifact": None,
+           "installer": None, "reboot": "ifRequired",
+           "documents": {"job": "jobs/remove-tool.yaml", "package": "packages/tool-1.0.yaml"}}
+    sent = {**reply(envelope, act), "documents": documents}
+    found = Verifier([key.public_key()], tmp_path, "pc-1").refusals(sent, RELAY_URL)
+    assert (found != {}) == refused, found
+    if refused:
+        assert "the action says reboot ifRequired; job remove-tool and its package say never" in found[0]
