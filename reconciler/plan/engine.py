@@ -602,9 +602,13 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         rows.append((d.slot, fields))
         if d.final:
             if d.state is ClientState.SUCCEEDED:
-                fields[_R_ATTEMPTS] = succeeded_attempts(history, d.name, cid)
-                if fields[_R_REASON] is Reason.DONE and waits_for_reboot(history.get((d.name, cid))):
-                    fields[_R_REASON], fields[_R_MESSAGE] = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
+                recorded = history.get((d.name, cid)) if history else None
+                if recorded is not None and recorded.outcome is _SUCCEEDED:
+                    fields[_R_ATTEMPTS] = recorded.attempt
+                    if recorded.reboot_pending and fields[_R_REASON] is Reason.DONE:
+                        fields[_R_REASON], fields[_R_MESSAGE] = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
+                else:
+                    fields[_R_ATTEMPTS] = 0
             continue
         step = steps[i]
         if type(step) is Ready:
@@ -856,7 +860,8 @@ class _Replay:
             if state is ClientState.SUCCEEDED:
                 if history:
                     attempts = succeeded_attempts(history, job, cid)
-                reason, message = reboot_fields(history, job, cid, reason, message)
+                if reason is Reason.REBOOT_REQUIRED or (history and reason is Reason.DONE):
+                    reason, message = reboot_fields(history, job, cid, reason, message)
             append_row(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
                                    reason)))
 
