@@ -2,8 +2,9 @@
 
 * **Boot id.** :func:`read_boot_id` tells one boot of this machine from the
   next: Linux's ``/proc/sys/kernel/random/boot_id``; on Windows the boot
-  time (the clock less ``GetTickCount64``, rounded to the minute so that
-  clock drift between two readings does not make a new boot); on macOS
+  counter the prefetcher keeps (``BootId``), else the boot time (the clock
+  less ``GetTickCount64``, rounded to the minute so that two readings in one
+  boot agree); on macOS
   ``sysctl -n kern.boottime``'s seconds. None where it cannot be read: the
   agent then sends no ``bootId`` and a relay keeps a pending reboot until
   another boot id arrives.
@@ -24,6 +25,7 @@ import logging
 import platform
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -57,7 +59,21 @@ def read_boot_id(system: str | None = None) -> str | None:
     return text if text is not None and protocol.is_boot_id(text) else None
 
 
+_PREFETCH_KEY = r"SYSTEM\CurrentControlSet\Control\Session Manager\Memory Management\PrefetchParameters"
+
+
 def _windows_boot_time() -> str | None:
+    """Windows' boot counter (``BootId`` under the prefetch parameters, one more at every boot), else the boot
+    time: the clock less ``GetTickCount64``, rounded to the minute."""
+    if sys.platform == "win32":
+        import winreg
+        try:
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, _PREFETCH_KEY) as key:
+                value, kind = winreg.QueryValueEx(key, "BootId")
+            if kind == winreg.REG_DWORD and isinstance(value, int):
+                return f"boot-{value}"
+        except OSError:
+            pass
     windll = getattr(ctypes, "windll", None)
     if windll is None:
         return None
