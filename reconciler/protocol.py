@@ -85,7 +85,8 @@ MAX_EXIT_CODE = 2**32 - 1  # ... or as unsigned
 MAX_TIME_TEXT = 40
 MAX_BOOT_ID = 64
 BOOT_ID = r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}"
-"""A boot id: what tells one boot of a client from the next (Linux's boot_id, Windows' boot counter, macOS's boot time)."""
+"""A boot id: what tells one boot of a client from the next (Linux's boot_id, Windows' boot counter, macOS's
+boot time)."""
 REBOOT_POLICIES = ("never", "ifRequired")
 """An action's ``reboot``: whether the agent may restart the client when an installer asks for it."""
 
