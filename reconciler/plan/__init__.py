@@ -66,7 +66,8 @@ from reconciler.plan.vocabulary import (
 )
 
 __all__ = [
-    "MAX_BACKOFF_SECONDS", "REBOOT_MESSAGE", "RESULT_MARGIN_SECONDS", "Action", "ActionKind", "Attempt", "Client", "ClientId",
+    "MAX_BACKOFF_SECONDS", "REBOOT_MESSAGE", "RESULT_MARGIN_SECONDS", "Action", "ActionKind", "Attempt", "Client",
+    "ClientId",
     "ClientPlan", "ClientState", "History", "Installed", "JobRollup", "JobState", "OperationId", "Outcome", "Plan",
     "PlanMemo", "RelayIndex", "RolloutUsage", "Row", "count_states", "failures_exceeded", "index_relay", "operation_id",
     "Reason", "job_state", "parked", "parse_max_failures", "plan_client", "plan_relay", "plan_revision",
