@@ -148,6 +148,8 @@ def test_reboot_required_counts_until_the_client_reports_a_new_boot_id(cluster: 
     assert summary.count("| 1 (1 waiting for a reboot) |") == 2, summary
     assert {name: j["rebootRequired"] for name, j in _status_json(cluster).items()} == {
         "install-tool": 1, "install-other": 1}
+    text = reconciler("status", "--origin", cluster.origin.url, check=False).stdout
+    assert "Succeeded, waiting for a reboot:\n  install-other  1 client\n  install-tool  1 client" in text, text
 
     # The same boot again: still waiting, and the reboot command does not run again.
     assert agent("boot-1").run_once() == 0
