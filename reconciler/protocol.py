@@ -84,7 +84,7 @@ MIN_EXIT_CODE = -(2**31)  # a Windows NTSTATUS read as signed
 MAX_EXIT_CODE = 2**32 - 1  # ... or as unsigned
 MAX_TIME_TEXT = 40
 MAX_BOOT_ID = 64
-BOOT_ID = r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}"
+BOOT_ID = names.BOOT_ID
 """A boot id: what tells one boot of a client from the next (Linux's boot_id, Windows' boot counter, macOS's
 boot time)."""
 REBOOT_POLICIES = ("never", "ifRequired")
@@ -490,12 +490,11 @@ def check_result(raw: object, where: str, problems: list[FieldProblem]) -> Resul
 
 
 _TIME = re.compile(names.TIME)
-_BOOT_ID = re.compile(BOOT_ID)
 
 
 def is_boot_id(text: str) -> bool:
     """Whether ``text`` is a boot id (:data:`BOOT_ID`)."""
-    return _BOOT_ID.fullmatch(text) is not None
+    return names.is_boot_id(text)
 
 
 def _is_time(text: str) -> bool:

@@ -20,7 +20,7 @@ from reconciler.resources import schemas_dir
 
 KNOWN = {names.schema_pattern(p) for p in (names.NAME, names.VERSION, names.SHA256, names.LABEL_KEY, names.TIME,
                                            names.COMMIT, names.UTC_TIME, names.OPERATION_ID, names.TOKEN,
-                                           names.REASON, names.HTTP_URL,
+                                           names.REASON, names.HTTP_URL, names.BOOT_ID,
                                            names.FILE_NAME)}
 
 
@@ -55,6 +55,7 @@ CHECKS: list[tuple[Callable[[Any], bool], str]] = [
     (names.is_token, "A" * 32),
     (names.is_label_key, "dept"),
     (names.is_commit, "b" * 40),
+    (names.is_boot_id, "0b5c2a9e-1d7f-4c33-9a41-6f0e0c1b2d3e"),
 ]
 
 
