@@ -78,6 +78,33 @@ def _days(text: str) -> float:
     return _positive_number(text, "days", 3650)
 
 
+def _history_days(text: str) -> float:
+    """Days of status history to keep: 0 keeps all, else a positive number of at most ten years."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_number(text, "days", 3650)
+
+
+def _history_commits(text: str) -> int:
+    """Status commits to keep: 0 keeps all, else 10 to 10,000,000."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of commits, got {text!r}") from None
+    if value != 0 and not 10 <= value <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"expected 0 (keep all) or 10 to 10000000 commits, got {text!r}")
+    return value
+
+
+def _status_history_options(p: argparse.ArgumentParser, ref: str) -> None:
+    p.add_argument("--status-history-days", type=_history_days, default=30.0, metavar="DAYS",
+                   help=f"keep this many days of {ref} history; older commits are squashed by this writer once "
+                        "the history is a quarter past the bound (0: keep all; default: 30)")
+    p.add_argument("--status-history-commits", type=_history_commits, default=10_000, metavar="N",
+                   help=f"keep at most N commits of {ref} history, squashing older ones likewise (0: keep all; "
+                        "default: 10000)")
+
+
 def _output_tail(text: str) -> int:
     """A number of characters from 0 to 8000 (the agent keeps at most that much of a command's output)."""
     try:
@@ -190,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable)")
     p.add_argument("--revoke-key", action="append", default=[], metavar="F",
                    help="public key agents must stop trusting, even their own --trust-key (repeatable)")
+    _status_history_options(p, "status/hq")
     p.add_argument("--once", action="store_true", help="do one full pass and exit")
 
     p = sub.add_parser("relay", help="run a relay reconciler serving its clients")
@@ -208,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else 30)")
     p.add_argument("--publish-interval", type=_positive_float, default=10.0, metavar="S",
                    help="publish status/<relay> at most this often, in seconds (default: 10)")
+    _status_history_options(p, "status/<relay>")
     p.add_argument("--offline-after", type=_duration, metavar="S",
                    help="a client not heard from for this long is offline: it holds no rollout slot and its "
                         "waiting rows say clientOffline (default: 3 check-in intervals + 30 s)")

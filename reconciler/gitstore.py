@@ -408,6 +408,33 @@ def _parse_ls_tree(out: bytes, with_size: bool) -> list[_TreeEntry]:
 # The store
 
 
+@dataclass(frozen=True)
+class History:
+    """How much history a writer keeps on its ``status/*`` branch: commits newer than ``days`` and at most ``commits``.
+
+    ``None`` for either means no bound of that kind. The branch's single
+    writer squashes older history when it has grown a quarter past a bound
+    (so it rewrites rarely, not at every publish): the oldest kept commit
+    becomes a root whose tree is what it always had. ``main`` and other
+    writers' branches are never touched.
+    """
+
+    days: float | None = 30.0
+    commits: int | None = 10_000
+
+    @property
+    def bounded(self) -> bool:
+        return self.days is not None or self.commits is not None
+
+
+KEEP_ALL = History(None, None)
+
+
+def history_of(days: float | None, commits: int | None) -> History:
+    """The history a ``--status-history-days``/``--status-history-commits`` pair asks for (0 or None: no bound)."""
+    return History(days or None, commits or None)
+
+
 class GitStore:
     """A reconciler's view of its origin: a bare mirror it fetches, reads and pushes from.
 
@@ -425,8 +452,11 @@ class GitStore:
         backoff_seconds: float = 0.05,
         network_timeout: float = 300.0,
         password: str | None = None,
+        history: History = KEEP_ALL,
     ) -> None:
         self.origin = origin
+        self.history = history
+        self.clock: Callable[[], float] = time.time  # the squashing's "now" (tests turn it)
         self.password = password
         self.workdir = Path(workdir)
         self.repo_path = self.workdir / _REPO_DIR
@@ -604,14 +634,38 @@ class GitStore:
 
     # -- refs ---------------------------------------------------------------
 
-    def fetch(self) -> None:
-        """Copy every origin branch into the mirror's refs/heads, pruning deleted ones."""
+    def fetch(self, branches: Sequence[str] | None = None) -> None:
+        """Copy origin's branches into the mirror's refs/heads: every one (pruning deleted ones), or only ``branches``.
+
+        With ``branches``, only those are asked for (git's protocol v2 sends a
+        ref prefix, so the origin lists just them: the cost of a fetch does
+        not grow with the number of status branches others publish), and a
+        branch origin no longer has is deleted from the mirror.
+        """
         self._ensure_repo()
-        self._git(
-            "fetch", "--quiet", "--prune", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
-            "origin", "+refs/heads/*:refs/heads/*",
-            network=True,
-        )
+        flags = ("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules")
+        if branches is None:
+            self._git(*flags, "--prune", "origin", "+refs/heads/*:refs/heads/*", network=True)
+            return
+        wanted = sorted(set(branches))
+        for ref in wanted:
+            _check_branch(ref)
+        if not wanted:
+            return
+        specs = [f"+refs/heads/{ref}:refs/heads/{ref}" for ref in wanted]
+        proc = self._git(*flags, "origin", *specs, network=True, check=False)
+        if proc.returncode == 0:
+            return
+        # One of them is missing on origin (git fails the whole fetch then): ask which exist.
+        out = self._git("ls-remote", "--heads", "origin", *(f"refs/heads/{ref}" for ref in wanted),
+                        network=True).stdout.decode("utf-8", "replace")
+        present = {line.partition("\t")[2] for line in out.splitlines()}
+        for ref in wanted:
+            if f"refs/heads/{ref}" not in present and self.ref_sha(ref) is not None:
+                self._git("update-ref", "-d", f"refs/heads/{ref}")
+        specs = [f"+refs/heads/{ref}:refs/heads/{ref}" for ref in wanted if f"refs/heads/{ref}" in present]
+        if specs:
+            self._git(*flags, "origin", *specs, network=True)
 
     def ref_sha(self, ref: str) -> str | None:
         """Commit sha of origin's branch ``ref`` as of the last fetch, None if absent."""
@@ -1111,8 +1165,10 @@ class GitStore:
             tip = self._sync_ref(ref)
             if tip is not None and self._out("rev-parse", f"{tip}^{{tree}}") == tree:
                 return None
-            commit = self._commit_tree(tree, tip, message)
-            rejected, detail = self._push(commit, ref)
+            base = self._bounded(tip) if tip is not None else None
+            commit = self._commit_tree(tree, base, message)
+            # a squashed history replaces the branch: only if origin's tip is still the one squashed
+            rejected, detail = self._push(commit, ref, lease=tip if base != tip else None)
             if not rejected:
                 self._git("update-ref", f"refs/heads/{ref}", commit)
                 log.info("published %s to %s", commit[:12], ref)
@@ -1179,6 +1235,57 @@ class GitStore:
             return self.ref_sha(ref)
         return remote
 
+    def _bounded(self, tip: str) -> str:
+        """``tip``, or when its history has grown a quarter past :attr:`history`'s bounds, a squashed copy of it.
+
+        The copy keeps the newest commits within the bounds, with their trees,
+        messages, authors and dates; the oldest of them loses its parents.
+        It is written to the mirror only (the caller's push publishes it).
+        """
+        policy = self.history
+        if not policy.bounded:
+            return tip
+        lines = self._out("rev-list", "--first-parent", "--timestamp", tip).splitlines()
+        stamps = [int(line.split(" ", 1)[0]) for line in lines]  # newest first
+        now = self.clock()
+        over_count = policy.commits is not None and len(lines) > policy.commits + max(1, policy.commits // 4)
+        over_age = policy.days is not None and bool(stamps) and \
+            now - stamps[-1] > policy.days * 1.25 * 86400
+        if not (over_count or over_age):
+            return tip
+        keep = len(lines)
+        if policy.commits is not None:
+            keep = min(keep, max(1, policy.commits))
+        if policy.days is not None:
+            cutoff = now - policy.days * 86400
+            keep = min(keep, max(1, sum(1 for stamp in stamps if stamp >= cutoff)))
+        # one git log for every kept commit, newest first: fields split by US, commits by NUL
+        fmt = "%T%x1f%an%x1f%ae%x1f%ad%x1f%cn%x1f%ce%x1f%cd%x1f%B"
+        raw = self._git("log", "-z", "--first-parent", "--date=raw", f"--format={fmt}", f"--max-count={keep}",
+                        tip).stdout.decode("utf-8", "surrogateescape")
+        records = [record.split("\x1f", 7) for record in raw.split("\x00") if record][::-1]  # oldest first
+        stream = bytearray()
+        for mark, (tree, an, ae, ad, cn, ce, cd, body) in enumerate(records, start=1):
+            message = body.rstrip("\n") + "\n"
+            if mark == 1:
+                message += (f"\nHistory before this commit was squashed by the branch's writer "
+                            f"({len(lines) - keep} older commits).\n")
+            data = message.encode("utf-8", "surrogateescape")
+            stream += f"commit {_SQUASH_REF}\nmark :{mark}\n".encode()
+            stream += f"author {an} <{ae}> {ad}\ncommitter {cn} <{ce}> {cd}\n".encode("utf-8", "surrogateescape")
+            stream += b"data %d\n%s\n" % (len(data), data)
+            if mark > 1:
+                stream += f"from :{mark - 1}\n".encode()
+            stream += f"M 040000 {tree} \"\"\n\n".encode()
+        # the first commit has no parent: the scratch ref starts empty
+        stream = bytearray(f"reset {_SQUASH_REF}\n\n".encode()) + stream
+        self._git("fast-import", "--quiet", "--force", input=bytes(stream))
+        squashed = self._out("rev-parse", _SQUASH_REF)
+        self._git("update-ref", "-d", _SQUASH_REF)
+        log.info("squashing %d commits of history older than the newest %d (tip %s)", len(lines) - keep, keep,
+                 tip[:12])
+        return squashed
+
     def _commit_tree(self, tree: str, parent: str | None, message: str) -> str:
         args = ["commit-tree", "--no-gpg-sign", tree]
         if parent is not None:
@@ -1203,10 +1310,16 @@ class GitStore:
             self._identity = identity
         return self._identity
 
-    def _push(self, commit: str, ref: str) -> tuple[bool, str]:
-        """Push without force. (True, detail) if origin rejected it; raise on any other failure."""
+    def _push(self, commit: str, ref: str, lease: str | None = None) -> tuple[bool, str]:
+        """Push (True, detail) if origin rejected it; raise on any other failure.
+
+        Never forced, except with ``lease``: then ``commit`` replaces the
+        branch only if origin's tip is still ``lease`` (``--force-with-lease``),
+        which is how a squashed history is published.
+        """
+        force = [f"--force-with-lease=refs/heads/{ref}:{lease}"] if lease is not None else []
         proc = self._git(
-            "push", "--porcelain", "--no-verify", "--no-signed", "--quiet",
+            "push", "--porcelain", "--no-verify", "--no-signed", "--quiet", *force,
             "origin", f"{commit}:refs/heads/{ref}",
             check=False, network=True,
         )
@@ -1218,6 +1331,9 @@ class GitStore:
         if status:
             return True, redact_text(" ".join(status[0].split("\t")[2:]) or "rejected", self._secrets)
         raise self._fail("push", stderr or stdout)
+
+
+_SQUASH_REF = "refs/reconciler/squash"  # where a squashed history is built before it is pushed
 
 
 def _pid_alive(pid: int) -> bool:

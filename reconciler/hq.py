@@ -68,6 +68,7 @@ from reconciler.gitstore import (
     ChangeWatcher,
     GitError,
     GitStore,
+    history_of,
     origin_password,
     url_credentials_warning,
 )
@@ -691,7 +692,8 @@ def main(args: argparse.Namespace) -> int:
     elif getattr(args, "next_key", None) or getattr(args, "revoke_key", None):
         print("reconciler hq: --next-key and --revoke-key need --signing-key", file=sys.stderr)
         return 2
-    store = GitStore(args.origin, workdir, password=password)
+    store = GitStore(args.origin, workdir, password=password,
+                     history=history_of(args.status_history_days, args.status_history_commits))
     hq = Hq(store, args.branch, signatures=signatures, signer=signer)
     secrets_dir = getattr(args, "notification_secrets_dir", None)
     if secrets_dir:

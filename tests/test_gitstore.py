@@ -18,6 +18,7 @@ from reconciler.gitstore import (
     ChangeWatcher,
     GitError,
     GitStore,
+    History,
     PushRejected,
     local_origin_path,
 )
@@ -154,6 +155,34 @@ def test_fetch_prunes_deleted_branches_and_follows_recreated_origin(
     fresh = Author(origin, tmp_path / "author2").commit({"b": "2"})
     store.fetch()
     assert store.ref_sha("main") == fresh
+
+
+def test_fetch_of_named_branches_copies_only_them(store: GitStore, author: Author, origin: Path) -> None:
+    """A relay asks for main and status/hq: other relays' status branches never reach its mirror."""
+    hq = author.commit({"accepted.yaml": "x"}, branch="status/hq")
+    main = author.commit({"topology.yaml": "kind: Topology\n"})
+    author.commit({"a": "1"}, branch="status/relay-kanto")  # a child of main: its objects are kanto's alone
+    store.fetch(("main", "status/hq"))
+    assert store.ref_sha("main") == main
+    assert store.ref_sha("status/hq") == hq
+    assert store.list_status_refs() == {"hq": hq}
+    # only the named refs went over the wire: the other branch's commit is not in the mirror either
+    assert store.resolve_commit(git(f"--git-dir={origin}", "rev-parse", "status/relay-kanto")) is None
+
+
+def test_fetch_of_named_branches_drops_one_origin_lost_and_fetches_the_rest(
+    store: GitStore, author: Author, origin: Path
+) -> None:
+    author.commit({"accepted.yaml": "x"}, branch="status/hq")
+    store.fetch(("main", "status/hq"))  # main does not exist yet: status/hq still arrives
+    assert store.ref_sha("main") is None and store.ref_sha("status/hq") is not None
+    main = author.commit({"b": "2"})
+    git(f"--git-dir={origin}", "branch", "-D", "status/hq")
+    store.fetch(("main", "status/hq"))
+    assert store.ref_sha("main") == main
+    assert store.ref_sha("status/hq") is None
+    with pytest.raises(ValueError):
+        store.fetch(("main", "--upload-pack=touch /tmp/x"))
 
 
 def test_list_status_refs(store: GitStore, author: Author) -> None:
@@ -339,6 +368,85 @@ def test_publish_changed_content_extends_history(store: GitStore, origin: Path) 
     assert origin_tree(origin, "status/hq") == {"a.yaml": "2"}  # complete tree: b.yaml removed
     empty = store.publish("status/hq", {}, "nothing to report")
     assert empty is not None and origin_tree(origin, "status/hq") == {}
+
+
+def _first_parent_chain(origin: Path, ref: str) -> list[str]:
+    return git(f"--git-dir={origin}", "rev-list", "--first-parent", ref).splitlines()
+
+
+def test_a_bounded_history_is_squashed_by_its_writer_keeping_the_newest_commits(
+    origin: Path, author: Author, tmp_path: Path
+) -> None:
+    main = author.commit({"topology.yaml": "kind: Topology\n"})
+    store = GitStore(str(origin), tmp_path / "bounded", history=History(days=None, commits=10))
+    trees = []
+    for n in range(13):  # 13 commits: a quarter past the bound of 10 is 12.5
+        store.publish("status/relay-a", {"n.txt": f"{n}\n".encode()}, f"publish {n}")
+        trees.append(git(f"--git-dir={origin}", "rev-parse", "status/relay-a^{tree}"))
+    assert len(_first_parent_chain(origin, "status/relay-a")) == 13
+    before = git(f"--git-dir={origin}", "rev-parse", "status/relay-a")
+    store.publish("status/relay-a", {"n.txt": b"13\n"}, "publish 13")  # the newest 10 kept, then the new one
+    trees.append(git(f"--git-dir={origin}", "rev-parse", "status/relay-a^{tree}"))
+    chain = _first_parent_chain(origin, "status/relay-a")
+    assert len(chain) == 11
+    # every kept commit still has its tree and message, newest first; the oldest kept one is a root
+    kept_trees = [git(f"--git-dir={origin}", "rev-parse", f"{sha}^{{tree}}") for sha in chain]
+    assert kept_trees == trees[::-1][:11]
+    messages = [git(f"--git-dir={origin}", "log", "-1", "--format=%s", sha) for sha in chain]
+    assert messages == [f"publish {n}" for n in range(13, 2, -1)]
+    root = chain[-1]
+    assert git(f"--git-dir={origin}", "rev-list", "--parents", "-n1", root) == root  # no parent
+    assert "squashed" in git(f"--git-dir={origin}", "log", "-1", "--format=%B", root)
+    # the old tip is no longer reachable from the branch; main and other branches are untouched
+    assert subprocess.run(["git", f"--git-dir={origin}", "merge-base", "--is-ancestor", before, "status/relay-a"],
+                          env=GIT_ENV).returncode == 1
+    assert git(f"--git-dir={origin}", "rev-parse", "main") == main
+    # publishing on goes on from the squashed chain (a fast-forward again)
+    store.publish("status/relay-a", {"n.txt": b"14\n"}, "publish 14")
+    assert len(_first_parent_chain(origin, "status/relay-a")) == 12
+
+
+def test_a_history_bound_by_age_keeps_recent_commits_and_a_fresh_clone_gets_only_them(
+    origin: Path, tmp_path: Path
+) -> None:
+    store = GitStore(str(origin), tmp_path / "aged", history=History(days=30, commits=None))
+    for n in range(5):
+        store.publish("status/hq", {"n.txt": f"{n}\n".encode()}, f"publish {n}")
+    store.clock = lambda: time.time() + 36 * 86400  # a month on: under 30 * 1.25 days, nothing squashed yet
+    store.publish("status/hq", {"n.txt": b"5\n"}, "publish 5")
+    assert len(_first_parent_chain(origin, "status/hq")) == 6
+    store.clock = lambda: time.time() + 40 * 86400  # every commit is now past 37.5 days: only the tip is kept
+    store.publish("status/hq", {"n.txt": b"6\n"}, "publish 6")
+    assert len(_first_parent_chain(origin, "status/hq")) == 2
+    git(f"--git-dir={origin}", "gc", "--quiet", "--prune=now")
+    clone = tmp_path / "clone.git"
+    git("clone", "--quiet", "--mirror", str(origin), str(clone))
+    assert int(git(f"--git-dir={clone}", "rev-list", "--all", "--count")) == 2
+
+
+def test_a_squash_never_overwrites_a_tip_that_moved_on_origin(origin: Path, tmp_path: Path) -> None:
+    """The squashed chain is pushed with a lease on the tip it was built from: a push in between wins, and the
+    squash is rebuilt on it."""
+    other = GitStore(str(origin), tmp_path / "w2")
+    moved: list[str] = []
+
+    class Racing(GitStore):
+        def _bounded(self, tip: str) -> str:
+            squashed = super()._bounded(tip)
+            if squashed != tip and not moved:  # another writer pushes between the squash and its push
+                sha = other.publish("status/relay-a", {"n.txt": b"from elsewhere\n"}, "elsewhere")
+                assert sha is not None
+                moved.append(sha)
+            return squashed
+
+    store = Racing(str(origin), tmp_path / "w1", history=History(days=None, commits=10), backoff_seconds=0.0)
+    for n in range(14):
+        store.publish("status/relay-a", {"n.txt": f"{n}\n".encode()}, f"publish {n}")
+    assert moved, "no squash happened"
+    chain = _first_parent_chain(origin, "status/relay-a")
+    messages = [git(f"--git-dir={origin}", "log", "-1", "--format=%s", sha) for sha in chain]
+    assert messages[:2] == ["publish 13", "elsewhere"]  # the other push is kept, the squash rebuilt on top
+    assert len(chain) == 11
 
 
 def test_publish_refuses_non_status_refs_and_bad_paths(store: GitStore, origin: Path, author: Author) -> None:

@@ -126,6 +126,9 @@ class RelayLoop:
         self._fingerprint: int | None = None
         self.row_state_changes = 0
         self._moves_tip: str | None = None  # the status/hq commit whose moves.yaml was last read
+        # The branch HQ accepts commits of (accepted.yaml names it): fetched with status/hq, and no
+        # other branch: the fetch's cost does not grow with the status branches other relays publish.
+        self.branch = "main"
 
     # -- what went wrong ------------------------------------------------------
 
@@ -161,12 +164,12 @@ class RelayLoop:
         fetch_error: Problem | None = None
         if fetch:
             try:
-                self.git.fetch()
+                self.git.fetch((HQ_STATUS_REF, self.branch))
             except GitError as e:
                 fetch_error = problem(e.cause, f"fetch failed (using the last fetched state): {e}")
                 log.warning("%s", fetch_error.message)
         try:
-            accepted = self._read_accepted()
+            accepted = self._read_accepted(fetch and fetch_error is None)
         except GitError as e:
             accepted = Accepted(None, None, problem(e.cause, f"cannot read {HQ_STATUS_REF}: {e}"))
         if fetch_error is not None:
@@ -175,7 +178,7 @@ class RelayLoop:
             accepted = replace(accepted, error=error)
         return accepted
 
-    def _read_accepted(self) -> Accepted:
+    def _read_accepted(self, fetch: bool) -> Accepted:
         hq_tip = self.git.ref_sha(HQ_STATUS_REF)
         if hq_tip is None:
             return Accepted(None, None, problem(
@@ -192,6 +195,12 @@ class RelayLoop:
         if commit is None:
             return Accepted(None, None, problem(
                 Cause.MISSING_REF, "no accepted commit yet: HQ has not accepted any commit of main"))
+        branch = report.parse_branch(data)
+        if branch != self.branch:
+            log.info("HQ accepts commits of branch %r: following it", branch)
+            self.branch = branch
+            if fetch and self.git.resolve_commit(commit) is None:
+                self.git.fetch((branch,))
         manifest = self._read_manifest(hq_tip, commit)
         if commit == self.state.generation.commit and self._specs is not None:
             return Accepted(commit, self._specs, None, manifest)

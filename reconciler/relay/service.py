@@ -64,6 +64,7 @@ from reconciler.credentials import SecretFileError, read_header_secret
 from reconciler.gitstore import (
     ChangeWatcher,
     GitStore,
+    history_of,
     origin_password,
     url_credentials_warning,
 )
@@ -305,7 +306,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
     warning = url_credentials_warning(args.origin, password is not None)
     if warning:
         log.warning("%s", warning)
-    git = GitStore(args.origin, workdir, password=password)
+    git = GitStore(args.origin, workdir, password=password,
+                   history=history_of(args.status_history_days, args.status_history_commits))
     cache = ArtifactCache(workdir, git, parent_url=args.parent_url, parent_secret=parent_secret,
                           parent_session=client_session(tls.outgoing))
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
