@@ -295,6 +295,8 @@ def test_reboot_command_options() -> None:
         of(reboot_command="shutdown 'unclosed")
     assert reboot_argv(default_reboot_command("windows"), ["a", "b"])[-1] == "reconciler: reboot required by a, b"
     assert default_reboot_command("linux")[:3] == ["shutdown", "-r", "+1"]
+    many = reboot_argv(default_reboot_command("windows"), [f"package-{n:03}" for n in range(100)])
+    assert len(many[-1]) < 512 and many[-1].endswith("…")
 
 
 def test_reboot_gate_runs_once_per_boot(tmp_path: Path) -> None:

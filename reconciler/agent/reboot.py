@@ -41,6 +41,7 @@ LINUX_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 REBOOT_STATE = "reboot.json"
 REBOOT_COMMAND_TIMEOUT = 120  # seconds the reboot command may take to schedule the reboot
 PACKAGES_PLACEHOLDER = "{packages}"  # replaced, in each argument of the reboot command, by the package names
+MAX_PACKAGES_TEXT = 200  # characters of package names put into the reboot command
 
 
 def read_boot_id(system: str | None = None) -> str | None:
@@ -137,6 +138,8 @@ class RebootGate:
 def reboot_argv(command: Sequence[str], packages: Sequence[str]) -> list[str]:
     """The reboot command with ``{packages}`` replaced by the names of the packages that asked for it."""
     names = ", ".join(packages)
+    if len(names) > MAX_PACKAGES_TEXT:  # Windows' shutdown /c takes at most 512 characters
+        names = names[:MAX_PACKAGES_TEXT - 1] + "…"
     return [part.replace(PACKAGES_PLACEHOLDER, names) for part in command]
 
 
