@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", type=_key_value, default=[], metavar="K=V",
                    help="a label reported to the relay (repeatable)")
     p.add_argument("--fact", action="append", type=_key_value, default=[], metavar="K=V",
-                   help="override a reported fact: os, arch, hostname, freeDiskMB (repeatable)")
+                   help="override a reported fact: os, arch, hostname, freeDiskMB, bootId (repeatable)")
     p.add_argument("--poll-interval", type=_positive_float, metavar="S",
                    help="seconds between check-ins (default: what the relay says)")
     p.add_argument("--output-tail", type=_output_tail, default=2000, metavar="CHARS",
@@ -314,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--software-interval", type=_software_minutes, default=60.0, metavar="MINUTES",
                    help="collect the software inventory at most this often, and after actions ran; it is sent "
                         "only when it changed (default: 60)")
+    p.add_argument("--reboot-command", metavar="ARGV",
+                   help="command (split like a shell, run without one) that reboots this client when an action "
+                        "with reboot: ifRequired succeeds and asks for a reboot; {packages} is replaced by the "
+                        "package names; '' turns it off (default: shutdown -r +1 ..., on Windows "
+                        "shutdown /r /t 60 /c ...)")
+    p.add_argument("--no-reboot", action="store_true",
+                   help="never run the reboot command (clients wait for a reboot by other means)")
     p.add_argument("--once", action="store_true", help="check in, run the actions, report, and exit")
 
     p = sub.add_parser("clients", help="list, approve, forget or rekey a relay's clients (on the relay host)")

@@ -517,6 +517,9 @@ def hq_metrics(hq: Hq) -> HqMetrics:
         last = hq.last_report
         jobs = last.jobs if last is not None else ()
         yield row_gauge(sorted(((job.job, state), n) for job in jobs for state, n in job.counts.items()))
+        yield gauge("reconciler_reboots_pending", "Succeeded rows whose client waits for a reboot an installer "
+                    "asked for (reason rebootRequired), by job", ("job",),
+                    [((job.job,), job.reboot_required) for job in jobs])
         relays = last.relays if last is not None else ()
         yield gauge("reconciler_relay_up", "1 while HQ receives the relay's heartbeats (alive), 0 once it is lost; "
                     "absent while unknown (HQ listens without heartbeats of it yet)", ("relay",),

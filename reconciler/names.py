@@ -28,6 +28,9 @@ OPERATION_ID = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 TOKEN = r"[A-Za-z0-9_-]{16,128}"
 LABEL_KEY = r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})"
 COMMIT = r"[0-9a-f]{40}([0-9a-f]{24})?"
+# A client's boot id (the check-in's bootId fact and result field): Linux's boot_id (a UUID), Windows' boot
+# counter, a boot time; it changes at every boot of the machine.
+BOOT_ID = r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}"
 # A notification receiver's URL (topology.yaml spec.notifications[].url): http(s), a host, no whitespace.
 HTTP_URL = r"https?://[^\s/?#]+[^\s]*"
 # A file name inside a directory given on the command line (a notification's secretFile): no path, no dot first.
@@ -63,6 +66,7 @@ _OPERATION_ID = re.compile(OPERATION_ID)
 _TOKEN = re.compile(TOKEN)
 _LABEL_KEY = re.compile(LABEL_KEY)
 _COMMIT = re.compile(COMMIT)
+_BOOT_ID = re.compile(BOOT_ID)
 
 
 def schema_pattern(pattern: str) -> str:
@@ -106,3 +110,7 @@ def is_label_key(value: object) -> TypeGuard[str]:
 
 def is_commit(value: object) -> TypeGuard[str]:
     return _full(_COMMIT, value)
+
+
+def is_boot_id(value: object) -> TypeGuard[str]:
+    return _full(_BOOT_ID, value)

@@ -54,7 +54,7 @@ from reconciler import names, specs
 
 # ------------------------------------------------------------------ vocabularies and limits
 
-FACT_KEYS = ("os", "arch", "freeDiskMB", "hostname")
+FACT_KEYS = ("os", "arch", "freeDiskMB", "hostname", "bootId")
 OS_VALUES = ("linux", "windows", "darwin")
 ARCH_VALUES = ("x86_64", "arm64", "x86")
 RESULT_STATUSES = ("succeeded", "failed", "notAttempted", "refused")
@@ -99,6 +99,12 @@ MAX_SOFTWARE_NAME = 200  # characters of a software name
 MAX_SOFTWARE_VERSION = 100  # characters of a version ("" when the OS does not say)
 MAX_SOFTWARE_BYTES = 640 * 1024  # the list as JSON, within MAX_BODY with the rest of a check-in
 MAX_SOFTWARE_OMITTED = 2**31 - 1
+MAX_BOOT_ID = 64
+BOOT_ID = names.BOOT_ID
+"""A boot id: what tells one boot of a client from the next (Linux's boot_id, Windows' boot counter, macOS's
+boot time)."""
+REBOOT_POLICIES = ("never", "ifRequired")
+"""An action's ``reboot``: whether the agent may restart the client when an installer asks for it."""
 
 _SHOWN_KEY = 64  # characters of an unknown key kept in a problem's field name
 
@@ -113,6 +119,7 @@ class Facts(TypedDict, total=False):
     arch: str  # one of ARCH_VALUES
     freeDiskMB: int
     hostname: str
+    bootId: str  # changes at every boot (BOOT_ID); a pending reboot clears when it does
 
 
 class InventoryEntry(TypedDict):
@@ -140,6 +147,7 @@ class Result(TypedDict):
     message: NotRequired[str | None]
     finishedAt: NotRequired[str | None]
     rebootRequired: NotRequired[bool]  # succeeded, and the installer asked for a reboot (an exit code such as 3010)
+    bootId: NotRequired[str]  # the client's boot id when the operation finished (the reboot clears once it changes)
 
 
 class CheckinRequest(TypedDict):
@@ -236,6 +244,7 @@ class Action(TypedDict):
     artifact: Artifact | None  # None for an uninstall
     installer: Installer | None
     dependsOn: NotRequired[list[Dependency]]
+    reboot: NotRequired[str]  # one of REBOOT_POLICIES; absent means never
     documents: NotRequired[ActionDocuments]  # with a signed manifest: where the action comes from
 
 
@@ -376,6 +385,12 @@ def _fact_value_problem(key: str, value: object) -> str | None:
             return f"expected a string, got {type_name(value)}"
         if len(value) > MAX_HOSTNAME:
             return f"must be a string of at most {MAX_HOSTNAME} characters, got {len(value)}"
+    elif key == "bootId":
+        if not isinstance(value, str):
+            return f"expected a string, got {type_name(value)}"
+        if not is_boot_id(value):
+            return (f"must be 1-{MAX_BOOT_ID} letters, digits and '._:+-', starting with a letter or digit, "
+                    f"got {value[:80]!r}")
     elif key == "freeDiskMB":
         if not _is_int(value):
             return f"expected an integer, got {type_name(value)}"
@@ -423,6 +438,8 @@ def check_facts(raw: object, where: str, problems: list[FieldProblem]) -> Facts:
             facts["arch"] = value
         elif key == "freeDiskMB":
             facts["freeDiskMB"] = value
+        elif key == "bootId":
+            facts["bootId"] = value
         else:
             facts["hostname"] = value
     return facts
@@ -549,16 +566,27 @@ def check_result(raw: object, where: str, problems: list[FieldProblem]) -> Resul
         problems.append(FieldProblem(f"{where}.rebootRequired", f"expected a boolean, got {type_name(reboot)}"))
     elif reboot and status != "succeeded":
         problems.append(FieldProblem(f"{where}.rebootRequired", "may be true only for a succeeded result"))
+    boot = raw.get("bootId")
+    if "bootId" in raw and not (isinstance(boot, str) and is_boot_id(boot)):
+        problems.append(FieldProblem(f"{where}.bootId", f"must be a boot id (1-{MAX_BOOT_ID} letters, digits and "
+                                "'._:+-', starting with a letter or digit)"))
     if len(problems) > before or operation is None or not isinstance(status, str):
         return None
     result: Result = {"operationId": operation, "status": status, "exitCode": code, "message": message or "",
                       "finishedAt": finished}
     if reboot:
         result["rebootRequired"] = True
+    if isinstance(boot, str):
+        result["bootId"] = boot
     return result
 
 
 _TIME = re.compile(names.TIME)
+
+
+def is_boot_id(text: str) -> bool:
+    """Whether ``text`` is a boot id (:data:`BOOT_ID`)."""
+    return names.is_boot_id(text)
 
 
 def _is_time(text: str) -> bool:

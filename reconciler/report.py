@@ -142,6 +142,7 @@ class RelayJobStatus:
     skipped: tuple[tuple[str, int], ...] = ()  # digest: the commonest skip messages, with their counts
     # digest of a clients job: the named clients registered at the relay (None: a relay that does not say)
     named: tuple[str, ...] | None = None
+    reboot_required: int = 0  # Succeeded rows whose client waits for a reboot (reason rebootRequired)
 
 
 @dataclass(frozen=True, order=True)
@@ -213,6 +214,7 @@ class DestinationReport:
     counts: Mapping[str, int]
     waiting_for: tuple[str, ...] = ()  # relays of the subtree without status for the accepted commit (bounded)
     waiting_count: int = 0
+    reboot_required: int = 0  # Succeeded rows of the subtree whose client waits for a reboot
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ class JobReport:
     skipped: tuple[tuple[str, int], ...] = ()  # the commonest skip messages, all relays
     not_registered: tuple[str, ...] = ()  # client ids the job names that no relay knows (bounded)
     not_registered_count: int = 0
+    reboot_required: int = 0  # Succeeded rows whose client waits for a reboot, all relays
 
     @property
     def clients(self) -> int:
@@ -471,6 +474,16 @@ def relay_prefix(relay: str) -> str:
     return f"relays/{relay}/"
 
 
+def reboots_waiting(rows: Iterable[StatusRow | Row]) -> int:
+    """How many rows are Succeeded with reason ``rebootRequired``: clients waiting for a reboot."""
+    return sum(1 for r in rows if r.reason == Reason.REBOOT_REQUIRED.value)
+
+
+def _reboot_field(count: int) -> dict[str, int]:
+    """``rebootRequired`` of a status file: written only when a client waits (files stay byte-stable)."""
+    return {"rebootRequired": count} if count else {}
+
+
 def _row_json(row: StatusRow) -> dict[str, Any]:
     out = {
         "client": row.client,
@@ -486,7 +499,7 @@ def _row_json(row: StatusRow) -> dict[str, Any]:
 
 
 def render_relay_job(job: str, relay: str, observed_commit: str | None, state: JobState,
-                     counts: Mapping[str, int], rows: Sequence[StatusRow]) -> bytes:
+                     counts: Mapping[str, int], rows: Sequence[StatusRow], reboot_required: int = 0) -> bytes:
     """A relay's job file: a small YAML head, then one row per line as a JSON object.
 
     A row is a YAML flow mapping written by the C JSON encoder, with every
@@ -496,7 +509,7 @@ def render_relay_job(job: str, relay: str, observed_commit: str | None, state: J
     whole file is still one YAML document for any YAML reader and the schema.
     """
     head = dump_yaml({"counts": dict(counts), "job": job, "observedCommit": observed_commit, "relay": relay,
-                      "state": state.value}).decode("utf-8")
+                      "state": state.value, **_reboot_field(reboot_required)}).decode("utf-8")
     out = [head, "rows:\n" if rows else "rows: []\n"]
     out.extend(f"- {_yaml_flow(_row_json(row))}\n" for row in rows)
     return "".join(out).encode("utf-8")
@@ -576,7 +589,9 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                 if r.updated_at is not None:
                     stamp = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=timezone.utc)
                     newest = stamp if newest is None or stamp > newest else newest
-            files[f"{prefix}jobs/{job}.yaml"] = render_relay_job(job, relay, observed_commit, state, counts, rows)
+            reboots = reboots_waiting(rows)
+            files[f"{prefix}jobs/{job}.yaml"] = render_relay_job(job, relay, observed_commit, state, counts, rows,
+                                                                 reboots)
             failures = [r for r in rows if r.state in FAILURE_STATES][:FAILURE_LIMIT]
             digests[job] = {
                 "state": state.value,
@@ -585,6 +600,7 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                     {**_row_json(r), "message": _cut(r.message)} for r in failures
                 ],
                 **_why(rows),
+                **_reboot_field(reboots),
             }
             if job in named:
                 digests[job]["named"] = sorted({r.client for r in rows})
@@ -863,7 +879,8 @@ def parse_relay_status(files: Mapping[str, bytes]) -> RelayStatus:
                              rows=tuple(_row(r, path) for r in digest["failures"]),
                              pending=dict(digest.get("pending", {})),
                              skipped=tuple((s["message"], int(s["count"])) for s in digest.get("skipped", ())),
-                             named=tuple(digest["named"]) if "named" in digest else None)
+                             named=tuple(digest["named"]) if "named" in digest else None,
+                             reboot_required=int(digest.get("rebootRequired", 0)))
         for name, digest in sorted(doc["jobs"].items())
     }
     moved_in = tuple(Move(m["client"], m["from"], at) for m in doc.get("movedIn", ())
@@ -924,7 +941,8 @@ def parse_relay_job(data: bytes, what: str = "job status") -> tuple[str, str | N
             problem = schema_check.problem("status-relay-job", raw, "/$defs/row", f"rows[{index}]")
             raise ReportError(f"{what}: {problem}")
     status = RelayJobStatus(job=head["job"], state=JobState(head["state"]), counts=_counts(head["counts"]),
-                            rows=tuple(_row(raw, what) for raw in raw_rows))
+                            rows=tuple(_row(raw, what) for raw in raw_rows),
+                            reboot_required=int(head.get("rebootRequired", 0)))
     return head["relay"], head["observedCommit"], status
 
 
@@ -1099,6 +1117,15 @@ _PARKED_BY = {JobState.SCHEDULED: Reason.SCHEDULED, JobState.CLIENTS_OFFLINE: Re
 def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], current: set[str]) -> JobReport:
     reached = reach.relays_of(job.name)
 
+    def reboots(members: Iterable[str]) -> int:
+        """Clients of these relays waiting for a reboot."""
+        total = 0
+        for name in members:
+            status = relays.get(name)
+            digest = status.jobs.get(job.name) if status else None
+            total += digest.reboot_required if digest is not None else 0
+        return total
+
     def rollup(members: Iterable[str]) -> tuple[dict[str, int], bool, set[str], bool, tuple[bool, bool]]:
         """Counts, halted, relays waited for, invalid, and (scheduled, offline) as :func:`parked` says."""
         counts = zero_counts()
@@ -1131,7 +1158,7 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
                 relay=destination, relays=tuple(sorted(members)),
                 state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
                                 invalid=invalid, scheduled=scheduled, offline=offline),
-                counts=counts, waiting_for=shown, waiting_count=total))
+                counts=counts, waiting_for=shown, waiting_count=total, reboot_required=reboots(members)))
     else:
         for name in sorted(reached):
             status = relays.get(name)
@@ -1144,7 +1171,7 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
                 relay=name, relays=(name,),
                 state=job_state(counts, suspended=job.suspend, halted=halted, waiting=bool(waiting),
                                 invalid=invalid, scheduled=scheduled, offline=offline),
-                counts=counts, waiting_for=shown, waiting_count=total))
+                counts=counts, waiting_for=shown, waiting_count=total, reboot_required=reboots([name])))
     counts, halted, waiting, invalid, (scheduled, offline) = rollup(reached)
     digests = {name: digest for name in sorted(reached)
                if (status := relays.get(name)) is not None and (digest := status.jobs.get(job.name)) is not None}
@@ -1198,6 +1225,7 @@ def _job_report(reach: Reach, job: Job, relays: Mapping[str, RelayStatus], curre
         skipped=tuple(_commonest(skipped.items())),
         not_registered=tuple(missing[:LIST_LIMIT]),
         not_registered_count=len(missing),
+        reboot_required=reboots(reached),
     )
 
 
@@ -1223,7 +1251,8 @@ def render_job_report(report: JobReport, accepted_commit: str | None) -> bytes:
         "counts": dict(report.counts),
         "relays": [
             {"relay": d.relay, "subtree": list(d.relays), "state": d.state.value, "counts": dict(d.counts),
-             "waitingFor": list(d.waiting_for), "waitingCount": d.waiting_count}
+             "waitingFor": list(d.waiting_for), "waitingCount": d.waiting_count,
+             **_reboot_field(d.reboot_required)}
             for d in report.relays
         ],
         "waitingFor": list(report.waiting_for),
@@ -1234,6 +1263,7 @@ def render_job_report(report: JobReport, accepted_commit: str | None) -> bytes:
         "skipped": [{"message": m, "count": n} for m, n in report.skipped],
         "notRegistered": list(report.not_registered),
         "notRegisteredCount": report.not_registered_count,
+        **_reboot_field(report.reboot_required),
     })
 
 
@@ -1253,7 +1283,8 @@ def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
         relays=tuple(
             DestinationReport(relay=d["relay"], relays=tuple(d["subtree"]), state=JobState(d["state"]),
                               counts=_counts(d["counts"]), waiting_for=tuple(d["waitingFor"]),
-                              waiting_count=int(d["waitingCount"]))
+                              waiting_count=int(d["waitingCount"]),
+                              reboot_required=int(d.get("rebootRequired", 0)))
             for d in doc["relays"]
         ),
         failures=tuple(
@@ -1269,6 +1300,7 @@ def parse_job_report(data: bytes, what: str = "job report") -> JobReport:
         skipped=tuple((s["message"], int(s["count"])) for s in doc.get("skipped", ())),
         not_registered=tuple(doc.get("notRegistered", ())),
         not_registered_count=int(doc.get("notRegisteredCount", 0)),
+        reboot_required=int(doc.get("rebootRequired", 0)),
     )
 
 
@@ -1556,6 +1588,15 @@ def summary_columns(jobs: Iterable[JobReport]) -> tuple[ClientState, ...]:
     return SUMMARY_COLUMNS + ((ClientState.SUSPENDED,) if suspended else ())
 
 
+def count_label(job: JobReport, state: ClientState) -> str:
+    """A jobs table cell: the rows in ``state``; Succeeded says how many wait for a reboot: ``40 (3 waiting for
+    a reboot)``."""
+    cell = str(job.counts.get(state.value, 0))
+    if state is ClientState.SUCCEEDED and job.reboot_required:
+        cell += f" ({job.reboot_required} waiting for a reboot)"
+    return cell
+
+
 def package_label(job: JobReport) -> str:
     version = job.version or "any version"
     verb = "" if job.job_type == "install" else f"{job.job_type} "
@@ -1595,7 +1636,7 @@ def render_summary(report: HqReport, only_job: str | None = None) -> str:
         for job in jobs:
             rows.append([
                 _md(job.job), _md(package_label(job)), _md(_names(job.destinations)), str(job.clients),
-                *(str(job.counts.get(s.value, 0)) for s in columns), state_label(job),
+                *(count_label(job, s) for s in columns), state_label(job),
             ])
         out += _table(header, rows, [False, False, False, True, *([True] * len(columns)), False])
     elif accepted.accepted_commit is None:

@@ -269,6 +269,7 @@ class Package:
     depends_on: tuple[Dependency, ...] = ()
     source: str = ""
     revision: str = ""  # sha256 of the canonical spec: changes whenever the spec does
+    reboot: str | None = None  # spec.reboot: never or ifRequired (None: not set, which means never)
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,7 @@ class Job:
     # re-running or pausing a job is not a new revision, any other edit is.
     revision: str = ""
     rerun_scope: RerunScope | None = None  # None: the current rerun covers every Failed row
+    reboot: str | None = None  # spec.reboot, overriding the package's (None: the package's)
 
 
 @dataclass(frozen=True)
@@ -1383,7 +1385,7 @@ def _build_package(doc: _Document, check: ArtifactCheck) -> tuple[Package | None
     package = Package(
         spec_name=doc.value["metadata"]["name"], name=spec["name"], version=spec["version"],
         artifact=artifact, installer=installer, requirements=requirements, depends_on=depends,
-        source=doc.path, revision=_canonical_hash(spec),
+        source=doc.path, revision=_canonical_hash(spec), reboot=spec.get("reboot"),
     )
     return package, errors
 
@@ -1437,8 +1439,18 @@ def _build_job(doc: _Document) -> tuple[Job | None, list[SpecError]]:
         source=doc.path,
         revision=_canonical_hash({"name": doc.value["metadata"]["name"], "spec": revision_basis}),
         rerun_scope=scope,
+        reboot=spec.get("reboot"),
     )
     return job, errors
+
+
+def reboot_policy(job: Job, package: Package | None) -> str:
+    """The reboot policy of a job's actions: the job's ``spec.reboot``, else its package's, else ``never``."""
+    if job.reboot is not None:
+        return job.reboot
+    if package is not None and package.reboot is not None:
+        return package.reboot
+    return "never"
 
 
 # Job fields whose edits are no new revision of the job: they say whether and

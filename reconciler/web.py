@@ -36,7 +36,7 @@ from html import escape
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
-from reconciler.plan import ClientState
+from reconciler.plan import ClientState, Reason
 from reconciler.report import (
     HqReport,
     JobReport,
@@ -255,11 +255,20 @@ def _job_summary(job: JobReport) -> str:
         f"{counts_cells(d.counts)}</tr>" for d in job.relays)
     version = f" {_e(job.version)}" if job.version else ""
     return (f"<h1>Job {_e(job.job)}</h1><p>{_e(job.job_type)} {_e(job.package)}{version}: "
-            f'<span id="job-state">{_e(state_label(job))}</span></p>'
+            f'<span id="job-state">{_e(state_label(job))}</span></p>{_reboots(job)}'
             f'<table id="job-counts"><thead><tr><th>Progress</th>{_state_headers()}</tr></thead>'
             f"<tbody><tr><td>{progress_bar(job.counts)}</td>{counts_cells(job.counts)}</tr></tbody></table>"
             f'<h2>Destinations</h2><table id="destinations"><thead><tr><th>Relay</th><th>State</th>'
             f"<th>Progress</th>{_state_headers()}</tr></thead><tbody>{destinations}</tbody></table>")
+
+
+def _reboots(job: JobReport) -> str:
+    """How many clients wait for a reboot, linking to their rows (the reason filter); nothing when none."""
+    if not job.reboot_required:
+        return ""
+    link = f"{job_url(job.job)}?{RowFilter(reason=Reason.REBOOT_REQUIRED.value).query()}"
+    return (f'<p id="reboots">Succeeded, <a href="{_e(link)}">{job.reboot_required} waiting for a reboot</a>'
+            "</p>")
 
 
 def _failures(job: JobReport) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from reconciler.agent.agent import ARCH_VALUES, Agent, AgentConfigError, main
+from reconciler.agent.reboot import read_boot_id
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,8 +180,9 @@ def test_registration_facts_labels_and_token(relay: FakeRelay, tmp_path: Path) -
     assert first.reached and first.poll_seconds == 7
     body = relay.checkins[0]["body"]
     assert set(body) == {"facts", "labels", "inventory", "results"}
+    boot = read_boot_id()  # this machine's, where it has one readable
     assert body["facts"] == {"os": "windows", "arch": body["facts"]["arch"], "hostname": "sim-001",
-                             "freeDiskMB": 123}
+                             "freeDiskMB": 123, **({"bootId": boot} if boot is not None else {})}
     assert body["facts"]["arch"] in ARCH_VALUES
     assert body["labels"] == {"dept": "sales"} and body["inventory"] == [] and body["results"] == []
     assert relay.checkins[0]["auth"] is None

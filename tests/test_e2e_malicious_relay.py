@@ -435,6 +435,22 @@ def test_an_altered_artifact_sha256_is_refused_before_the_download(world: World)
     assert agent.run_once() == 0 and proxy.rewritten == 1, "the relay sent the refused action again"
 
 
+def test_a_reboot_the_signed_documents_do_not_allow_is_refused(world: World) -> None:
+    """The relay adds ``reboot: ifRequired`` to an action whose job and package say nothing (never)."""
+    def add_reboot(client: str, reply: Reply) -> Reply:
+        action = action_for(reply, "install-tool")
+        if action is not None:
+            action["reboot"] = "ifRequired"
+        return reply
+
+    proxy = world.proxy(add_reboot)
+    agent = world.agent("pc-reboot", proxy)
+    assert agent.run_once() == 0
+    world.assert_refused(proxy, "pc-reboot", "install-tool",
+                         "the action says reboot ifRequired; job install-tool and its package say never")
+    assert world.ran("pc-reboot") == set() and world.installed("pc-reboot") == set()
+
+
 def test_other_bytes_under_the_signed_sha256_fail_the_download_check(world: World) -> None:
     """The action is HQ's to the letter; the bytes served for it are not (same size, one word changed)."""
     proxy = world.proxy()

@@ -22,7 +22,7 @@ KNOWN = {names.schema_pattern(p) for p in (names.NAME, names.VERSION, names.SHA2
                                            names.COMMIT, names.UTC_TIME, names.OPERATION_ID, names.TOKEN,
                                            names.REASON, names.HTTP_URL,
                                            names.FILE_NAME, names.MSI_PRODUCT_CODE, names.MSI_PROPERTY,
-                                           names.MSI_PROPERTY_VALUE, names.PACKAGE_NAME, names.SOFTWARE_TEXT)}
+                                           names.MSI_PROPERTY_VALUE, names.PACKAGE_NAME, names.SOFTWARE_TEXT, names.BOOT_ID)}
 
 
 def _patterns(node: Any) -> Iterator[str]:
@@ -56,6 +56,7 @@ CHECKS: list[tuple[Callable[[Any], bool], str]] = [
     (names.is_token, "A" * 32),
     (names.is_label_key, "dept"),
     (names.is_commit, "b" * 40),
+    (names.is_boot_id, "0b5c2a9e-1d7f-4c33-9a41-6f0e0c1b2d3e"),
 ]
 
 

@@ -151,7 +151,7 @@ RELAYS = ["relay-a", "relay-b"]
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "facts": {"os": 1}}]},
      "clients[0].facts.os: expected a string, got an integer"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "facts": {"ram": 4}}]},
-     "clients[0].facts.ram: unknown fact (allowed: os, arch, freeDiskMB, hostname)"),
+     "clients[0].facts.ram: unknown fact (allowed: os, arch, freeDiskMB, hostname, bootId)"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "labels": {"dept": 3}}]},
      "clients[0].labels.dept: expected a string, got an integer"),
     ({"clients": [{"id": "pc-1", "relay": "relay-a", "installed": {}}]},

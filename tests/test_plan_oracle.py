@@ -92,7 +92,9 @@ def _attempt(rnd: random.Random, index: RelayIndex, job: Job, cid: str) -> Attem
                    rerun=max(0, job.rerun - rnd.randint(0, 1)), attempt=number, action=kind, version=version,
                    outcome=outcome, dispatched_at=dispatched, finished_at=finished,
                    message=rnd.choice(["", "exit code 3: disk full"]),
-                   deferrals=rnd.choice([0, 0, 1, 5, MAX_DEFERRALS - 1]))
+                   deferrals=rnd.choice([0, 0, 1, 5, MAX_DEFERRALS - 1]),
+                   # the installer asked for a reboot the client has not made yet (only a success keeps it)
+                   reboot_pending=outcome is Outcome.SUCCEEDED and rnd.random() < 0.4)
 
 
 @st.composite

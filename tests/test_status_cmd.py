@@ -76,14 +76,16 @@ def test_json_report(fleet: Origin, tmp_path: Path) -> None:
             doc["validationErrors"]) == (fleet.head, fleet.head, True, None, [])
     jobs = {j["name"]: j for j in doc["jobs"]}
     seven = jobs["install-7zip"]
-    assert list(seven) == ["name", "state", "scheduledFor", "counts", "pending", "skipped", "notRegistered",
-                           "relays", "clients"]
+    assert list(seven) == ["name", "state", "scheduledFor", "counts", "rebootRequired", "pending", "skipped",
+                           "notRegistered", "relays", "clients"]
+    assert seven["rebootRequired"] == 0
     assert seven["notRegistered"] == []
     assert seven["scheduledFor"] is None
     assert seven["skipped"] == [{"message": "requires os windows", "count": 1}]
     assert seven["state"] == "Failed"
     assert seven["counts"]["Succeeded"] == 2 and seven["counts"]["Skipped"] == 1 and seven["counts"]["Failed"] == 1
-    assert seven["relays"] == [{"relay": "relay-kanto", "state": "Failed", "counts": seven["counts"]}]
+    assert seven["relays"] == [{"relay": "relay-kanto", "state": "Failed", "counts": seven["counts"],
+                                "rebootRequired": 0}]
     assert seven["clients"] == [
         {"client": "pc-kanto-001", "relay": "relay-kanto", "state": "Succeeded", "reason": None, "installedVersion": "1.0",
          "attempts": 1, "message": "installed"},

@@ -57,6 +57,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -94,6 +95,13 @@ from reconciler.agent.processes import (
     OUTPUT_TAIL_CHARS,
     ProcessRecord,
     settle_orphan,
+)
+from reconciler.agent.reboot import (
+    RebootGate,
+    default_reboot_command,
+    read_boot_id,
+    reboot_argv,
+    run_reboot_command,
 )
 from reconciler.agent.software import DEFAULT_INTERVAL_MINUTES, Collected, Collector
 from reconciler.agent.supervisor import discard_runs, ran_commands, settle_runs
@@ -253,13 +261,17 @@ def normalize_arch(machine: str) -> str:
 
 
 def detect_facts(root: Path) -> protocol.Facts:
-    """What this machine is, measured now (free disk changes between check-ins)."""
-    return {
+    """What this machine is, measured now (free disk changes between check-ins; the boot id at a reboot)."""
+    facts: protocol.Facts = {
         "os": normalize_os(platform.system()),
         "arch": normalize_arch(platform.machine()),
         "hostname": clean_text(socket.gethostname()),
         "freeDiskMB": shutil.disk_usage(root).free // 2**20,
     }
+    boot_id = read_boot_id()
+    if boot_id is not None:
+        facts["bootId"] = boot_id
+    return facts
 
 
 def parse_fact_overrides(pairs: Iterable[tuple[str, str]] | Mapping[str, Any] | None) -> protocol.Facts:
@@ -410,6 +422,7 @@ class StepResult:
     results: tuple[dict[str, Any], ...] = ()
     reported: int = 0
     poll_seconds: float = DEFAULT_POLL_SECONDS
+    rebooting: tuple[str, ...] = ()  # packages whose installers asked for the reboot command this step ran
 
 
 def _redact_patterns(action: Any) -> tuple[re.Pattern[str], ...]:
@@ -431,6 +444,9 @@ def _wire_result(journalled: Mapping[str, Any]) -> protocol.Result:
         "finishedAt": journalled.get("finishedAt")}
     if journalled.get("rebootRequired") is True and journalled["status"] == "succeeded":
         result["rebootRequired"] = True
+        boot_id = journalled.get("bootId")
+        if isinstance(boot_id, str) and protocol.is_boot_id(boot_id):
+            result["bootId"] = boot_id
     return result
 
 
@@ -454,7 +470,7 @@ class Agent:
                  rpm_root: Path | None = None, software: Collector | None = None,
                  software_interval: float = DEFAULT_INTERVAL_MINUTES * 60.0,
                  monotonic: Callable[[], float] = time.monotonic,
-                 rehash_seconds: float = DEFAULT_REHASH_SECONDS) -> None:
+                 rehash_seconds: float = DEFAULT_REHASH_SECONDS, reboot_command: Sequence[str] = ()) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -512,6 +528,9 @@ class Agent:
         self._software: Collected | None = None
         self._software_at = float("-inf")
         self._software_error: str | None = None
+        # Run when an action with reboot: ifRequired succeeds and asks for a reboot (empty: never; reboot.py).
+        self.reboot_command = tuple(reboot_command)
+        self.reboot_gate = RebootGate(self.layout.root)
         prune_cache(self.layout)
         self.settle_interrupted()
 
@@ -547,6 +566,10 @@ class Agent:
         facts = detect_facts(self.layout.root)
         facts.update(self.fact_overrides)
         return facts
+
+    def boot_id(self) -> str | None:
+        """This boot's id: the ``--fact bootId`` override, else the one the machine says (None: unknown)."""
+        return self.fact_overrides.get("bootId") or read_boot_id()
 
     def inventory(self) -> list[protocol.InventoryEntry]:
         """Installed packages: receipts confirmed (files present and unchanged, ``detect``), and what the
@@ -907,6 +930,9 @@ class Agent:
                   "finishedAt": format_time(self._now())}
         if reboot_required:
             result["rebootRequired"] = True
+            boot_id = self.boot_id()  # the relay waits for another one: the result may arrive after the reboot
+            if boot_id is not None:
+                result["bootId"] = boot_id
         self.journal.finish(operation_id, result)
         discard_runs(self.layout.operation_runs(operation_id))
         self.log.info("operation %s %s: %s", operation_id, status, _cut(message.splitlines()[0]
@@ -934,6 +960,7 @@ class Agent:
         if self.verifier is not None and reply.reply is not None:
             refused = self.verifier.refusals(reply.reply, self.relay_url, dict(reply.installed), facts=reply.facts,
                                              labels=dict(reply.labels), now=self._now())
+        wants_reboot: list[str] = []  # packages of this reply's actions that may reboot and asked to
         for index, action in enumerate(reply.actions):
             operation_id = action.get("operationId")  # missing or mistyped in a malformed action: run_action skips it
             entry = self.journal.get(operation_id) if isinstance(operation_id, str) else None
@@ -943,11 +970,37 @@ class Agent:
             if result is not None:
                 results.append(result)
                 ran += 0 if answered_from_journal else 1
+                if (why is None and not answered_from_journal and action.get("reboot") == "ifRequired"
+                        and result.get("status") == "succeeded" and result.get("rebootRequired") is True):
+                    package = action.get("package")
+                    wants_reboot.append(str(package.get("name")) if isinstance(package, dict) else "?")
         if ran:
             prune_cache(self.layout)
             self.software_list(force=True)  # an install may have changed what the OS lists
+        # Every action of the reply has finished and its result is journalled: only now may the client reboot.
+        rebooting = self._reboot(wants_reboot) if wants_reboot else ()
         return StepResult(True, 200, None, len(reply.actions), ran, tuple(results), reply.acknowledged,
-                          self.poll_seconds)
+                          self.poll_seconds, rebooting)
+
+    def _reboot(self, packages: Sequence[str]) -> tuple[str, ...]:
+        """Run the reboot command for ``packages`` unless it is off or ran in this boot; the packages if it ran."""
+        names_ = tuple(sorted(set(packages)))
+        if not self.reboot_command:
+            self.log.warning("%s asked for a reboot (reboot: ifRequired); the reboot command is off: reboot this "
+                             "client to finish", ", ".join(names_))
+            return ()
+        boot_id = self.boot_id()
+        if self.reboot_gate.ran_in(boot_id):
+            self.log.info("%s asked for a reboot; the reboot command ran in this boot already", ", ".join(names_))
+            return ()
+        argv = reboot_argv(self.reboot_command, names_)
+        self.reboot_gate.record(boot_id, names_, self._now())
+        self.log.warning("rebooting: %s asked for it; running %s", ", ".join(names_), " ".join(argv))
+        problem = run_reboot_command(argv)
+        if problem is not None:
+            self.log.error("the reboot command failed: %s", problem)
+            return ()
+        return names_
 
     def next_delay(self) -> float:
         """Seconds until the next check-in: the poll interval, or a jittered backoff after failures."""
@@ -989,6 +1042,21 @@ class Agent:
             stop.wait(min(delay, protocol.MAX_POLL_SECONDS))
 
 
+def reboot_command_of(args: argparse.Namespace) -> list[str]:
+    """``--reboot-command`` split like a shell would (no shell runs it), the OS's default without it, nothing
+    with ``--no-reboot`` or an empty command."""
+    if getattr(args, "no_reboot", False):
+        return []
+    text = getattr(args, "reboot_command", None)
+    if text is None:
+        return default_reboot_command()
+    check_text(text, "--reboot-command")
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise AgentConfigError(f"--reboot-command: {exc}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     """``reconciler agent``: run one client until killed, or one round with ``--once``."""
     if not logging.getLogger().handlers:
@@ -1016,7 +1084,8 @@ def main(args: argparse.Namespace) -> int:
                           dpkg_admindir=None if getattr(args, "dpkg_root", None) is None
                           else Path(args.dpkg_root) / "var/lib/dpkg",
                           rpm_root=None if getattr(args, "rpm_root", None) is None else Path(args.rpm_root)),
-                      software_interval=float(getattr(args, "software_interval", DEFAULT_INTERVAL_MINUTES)) * 60.0)
+                      software_interval=float(getattr(args, "software_interval", DEFAULT_INTERVAL_MINUTES)) * 60.0,
+                      reboot_command=reboot_command_of(args))
     except (AgentConfigError, SecretFileError, TLSConfigError, KeyFileError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2

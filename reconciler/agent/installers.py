@@ -107,8 +107,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import names
-from reconciler.agent import native
-from reconciler.agent import content
+from reconciler.agent import content, native
 from reconciler.agent.errors import InstallError
 from reconciler.agent.journal import operation_key
 from reconciler.agent.processes import (

@@ -57,7 +57,14 @@ from reconciler.signing import (
     open_envelope,
     parse_public_key,
 )
-from reconciler.specs import DestinationType, Job, JobType, Package, parse_document
+from reconciler.specs import (
+    DestinationType,
+    Job,
+    JobType,
+    Package,
+    parse_document,
+    reboot_policy,
+)
 from reconciler.times import aware, format_time, utc_now
 from reconciler.versions import compare_versions
 
@@ -320,6 +327,10 @@ class Verifier:
                 raise Refusal(f"job {job.name} uninstalls; the action says {str(kind)[:40]!r}")
             if job.package_version is not None and version not in (None, job.package_version):
                 raise Refusal(f"job {job.name} uninstalls {job.package_version}; the action says {str(version)[:64]!r}")
+            removed: Package | Job | None = None
+            if action.get("reboot", "never") != "never" and job.reboot is None and named.get("package") is not None:
+                removed = self._document(manifest, documents, named.get("package"), "package")
+            _check_reboot(action, job, removed if isinstance(removed, Package) else None)
             return  # the uninstall runs the installer recorded when the package was installed (verified then)
         if kind not in INSTALL_KINDS:
             raise Refusal(f"job {job.name} installs; the action says {str(kind)[:40]!r}")
@@ -345,6 +356,7 @@ class Verifier:
         self._check_artifact(action.get("artifact"), package, manifest)
         if (action.get("dependsOn") or []) != protocol.dependencies_of(package):
             raise Refusal("the action's dependencies are not the package document's")
+        _check_reboot(action, job, package)
 
     def _check_destination(self, job: Job, manifest: Manifest, relay: str) -> None:
         if job.destination_type is DestinationType.CLIENTS:
@@ -401,6 +413,20 @@ class _Client:
     facts: Mapping[str, Any] | None
     labels: Mapping[str, str] | None
     now: datetime
+
+
+def _check_reboot(action: Mapping[str, Any], job: Job, package: Package | None) -> None:
+    """Refusal if the action may reboot the client where the signed documents do not allow it.
+
+    ``reboot`` absent or ``never`` is always accepted: it asks for less
+    than the documents may allow (a relay that does not know the field).
+    """
+    said = action.get("reboot", "never")
+    if said not in protocol.REBOOT_POLICIES:
+        raise Refusal(f"the action's reboot {str(said)[:40]!r} is not one of {', '.join(protocol.REBOOT_POLICIES)}")
+    allowed = reboot_policy(job, package)
+    if said != "never" and said != allowed:
+        raise Refusal(f"the action says reboot {said}; job {job.name} and its package say {allowed}")
 
 
 def _check_requirements(package: Package, client: _Client) -> None:

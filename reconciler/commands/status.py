@@ -454,10 +454,12 @@ def render_json(snap: Snapshot, only_job: str | None) -> str:
                 "state": job.state.value,
                 "scheduledFor": report.format_time(job.scheduled_for),
                 "counts": dict(job.counts),
+                "rebootRequired": job.reboot_required,
                 "pending": dict(job.pending),
                 "skipped": [{"message": m, "count": n} for m, n in job.skipped],
                 "notRegistered": list(job.not_registered),
-                "relays": [{"relay": d.relay, "state": d.state.value, "counts": dict(d.counts)} for d in job.relays],
+                "relays": [{"relay": d.relay, "state": d.state.value, "counts": dict(d.counts),
+                            "rebootRequired": d.reboot_required} for d in job.relays],
                 "clients": [
                     {"client": row.client, "relay": relay, "state": row.state.value, "reason": row.reason,
                      "installedVersion": row.installed_version, "attempts": row.attempts, "message": row.message}
@@ -554,6 +556,10 @@ def render_text(snap: Snapshot, only_job: str | None) -> str:
         if any(pending for _, pending, _ in why):
             out += ["", "Pending, by reason:"]
             out += [f"  {name}  {pending}" for name, pending, _ in why if pending]
+        rebooting = [job for job in jobs if job.reboot_required]
+        if rebooting:
+            out += ["", "Succeeded, waiting for a reboot:"]
+            out += [f"  {job.job}  {report.plural(job.reboot_required, 'client')}" for job in rebooting]
         if any(skipped for _, _, skipped in why):
             out += ["", "Skipped:"]
             out += [f"  {name}  {_one_line(skipped, 200)}" for name, _, skipped in why if skipped]

@@ -37,6 +37,7 @@ from reconciler.plan.identity import operation_id, plan_revision
 from reconciler.plan.index import RelayIndex, index_relay
 from reconciler.plan.vocabulary import (
     MAX_BACKOFF_SECONDS,
+    REBOOT_MESSAGE,
     RESULT_MARGIN_SECONDS,
     Action,
     ActionKind,
@@ -61,12 +62,14 @@ from reconciler.plan.vocabulary import (
     parked,
     parse_max_failures,
     rollup,
+    waits_for_reboot,
 )
 
 __all__ = [
-    "MAX_BACKOFF_SECONDS", "RESULT_MARGIN_SECONDS", "Action", "ActionKind", "Attempt", "Client", "ClientId",
+    "MAX_BACKOFF_SECONDS", "REBOOT_MESSAGE", "RESULT_MARGIN_SECONDS", "Action", "ActionKind", "Attempt", "Client",
+    "ClientId",
     "ClientPlan", "ClientState", "History", "Installed", "JobRollup", "JobState", "OperationId", "Outcome", "Plan",
     "PlanMemo", "RelayIndex", "RolloutUsage", "Row", "count_states", "failures_exceeded", "index_relay", "operation_id",
     "Reason", "job_state", "parked", "parse_max_failures", "plan_client", "plan_relay", "plan_revision",
-    "rollup",
+    "rollup", "waits_for_reboot",
 ]

@@ -42,6 +42,7 @@ from reconciler.plan.rules import (
     artifact_missing,
     conflicting,
     history_step,
+    reboot_fields,
     repair_start,
     repeat_action,
     requirement_reasons,
@@ -51,6 +52,7 @@ from reconciler.plan.rules import (
     wants,
 )
 from reconciler.plan.vocabulary import (
+    REBOOT_MESSAGE,
     Action,
     ActionKind,
     Attempt,
@@ -68,6 +70,7 @@ from reconciler.plan.vocabulary import (
     failures_exceeded,
     halt_message,
     offline_message,
+    waits_for_reboot,
     waits_offline,
 )
 from reconciler.specs import (
@@ -599,7 +602,13 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
         rows.append((d.slot, fields))
         if d.final:
             if d.state is ClientState.SUCCEEDED:
-                fields[_R_ATTEMPTS] = succeeded_attempts(history, d.name, cid)
+                recorded = history.get((d.name, cid)) if history else None
+                if recorded is not None and recorded.outcome is _SUCCEEDED:
+                    fields[_R_ATTEMPTS] = recorded.attempt
+                    if recorded.reboot_pending and fields[_R_REASON] is Reason.DONE:
+                        fields[_R_REASON], fields[_R_MESSAGE] = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
+                else:
+                    fields[_R_ATTEMPTS] = 0
             continue
         step = steps[i]
         if type(step) is Ready:
@@ -645,6 +654,8 @@ def _finish(ctx: _Context, client: Client, decisions: Sequence[_Decision], steps
             fields[_R_STATE] = ClientState.SUCCEEDED
             fields[_R_REASON] = Reason.DONE
             fields[_R_ATTEMPTS] = step.attempt.attempt
+            if waits_for_reboot(step.attempt):
+                fields[_R_REASON], fields[_R_MESSAGE] = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
         else:
             assert type(step) is RetryLater
             fields[_R_REASON], fields[_R_ATTEMPTS], fields[_R_MESSAGE] = retry_fields(step, cj.limit)
@@ -846,8 +857,11 @@ class _Replay:
                 in_progress[slot] += 1
         for append_row, (job, relay, _, state, action, name, version, installed, attempts, message, op, reason) \
                 in self.rows:
-            if state is ClientState.SUCCEEDED and history:
-                attempts = succeeded_attempts(history, job, cid)
+            if state is ClientState.SUCCEEDED:
+                if history:
+                    attempts = succeeded_attempts(history, job, cid)
+                if reason is Reason.REBOOT_REQUIRED or (history and reason is Reason.DONE):
+                    reason, message = reboot_fields(history, job, cid, reason, message)
             append_row(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
                                    reason)))
 
@@ -1057,6 +1071,8 @@ def _plan_relay(index: RelayIndex, clients: Sequence[Client], history: History, 
                     recorded = hget((job, cid))  # type: ignore[misc]
                     if recorded is not None and recorded.outcome is _SUCCEEDED:
                         attempts = recorded.attempt
+                        if recorded.reboot_pending and reason is Reason.DONE:
+                            reason, message = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
                 add(_tnew(Row, (job, relay, cid, state, action, name, version, installed, attempts, message, op,
                                 reason)))
             continue

@@ -121,6 +121,7 @@ from reconciler.plan.vocabulary import (
     MAX_BACKOFF_SECONDS,
     MAX_DEFERRALS,
     MAX_DOWNLOAD_RETRY_SECONDS,
+    REBOOT_MESSAGE,
     RESULT_MARGIN_SECONDS,
     Action,
     ActionKind,
@@ -141,6 +142,7 @@ from reconciler.plan.vocabulary import (
     job_state,
     offline_message,
     parked,
+    waits_for_reboot,
     waits_offline,
 )
 from reconciler.specs import (
@@ -660,7 +662,10 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
         if d.settled:
             assert d.state is not None
             attempts = succeeded_attempts(history, d.job.name, cid) if d.state is ClientState.SUCCEEDED else 0
-            rows.append(_Row(d, d.state, d.reason, d.message, attempts))
+            reason, message = d.reason, d.message
+            if d.state is ClientState.SUCCEEDED:
+                reason, message = reboot_fields(history, d.job.name, cid, reason, message)
+            rows.append(_Row(d, d.state, reason, message, attempts))
             continue
         row = _Row(d, ClientState.PENDING, None, "")
         rows.append(row)
@@ -692,6 +697,8 @@ def finish_client(index: RelayIndex, client: Client, decisions: Sequence[Decisio
             row.attempts, row.operation = step.attempt.attempt, step.attempt.operation_id
         elif isinstance(step, Repaired):  # shown as any Succeeded row
             row.state, row.reason, row.attempts = ClientState.SUCCEEDED, Reason.DONE, step.attempt.attempt
+            if waits_for_reboot(step.attempt):
+                row.reason, row.message = Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
         else:
             assert isinstance(step, RetryLater)
             row.reason, row.attempts, row.message = retry_fields(step, limit)
@@ -818,6 +825,20 @@ def succeeded_attempts(history: History, job: str, cid: str) -> int:
         return 0
     a = history.get((job, cid))
     return a.attempt if a is not None and a.outcome is Outcome.SUCCEEDED else 0
+
+
+def reboot_fields(history: History, job: str, cid: str, reason: Reason | None,
+                  message: str) -> tuple[Reason | None, str]:
+    """A Succeeded row's reason and message: ``rebootRequired`` while the operation that made it so waits for
+    the client to reboot (a ``done`` row only: the desired state holds, and it took an installer that asked).
+
+    A row that says ``rebootRequired`` already (one made for another client and replayed) is judged anew.
+    """
+    if reason is not Reason.DONE and reason is not Reason.REBOOT_REQUIRED:
+        return reason, message
+    if history and waits_for_reboot(history.get((job, cid))):
+        return Reason.REBOOT_REQUIRED, REBOOT_MESSAGE
+    return Reason.DONE, ""
 
 
 def _make_row(relay: str, cid: str, row: _Row) -> Row:

@@ -95,6 +95,11 @@ class Reason(StrEnum):
     NOT_REGISTERED = "notRegistered"  # HQ's: a client a job names that no relay knows
     CLIENT_OFFLINE = "clientOffline"  # Pending: the client has not checked in lately (last contact in the message)
     SECURITY_ERROR = "securityError"  # Failed: the client refused an action its signed manifest does not cover
+    REBOOT_REQUIRED = "rebootRequired"  # Succeeded: the installer asked for a reboot; the client has not rebooted
+
+
+REBOOT_MESSAGE = "reboot required"
+"""The message of a Succeeded row whose client waits for a reboot (reason ``rebootRequired``)."""
 
 
 # Pending reasons an offline client's row keeps: they say why it waits whether the client is up or not.
@@ -158,6 +163,13 @@ class Attempt:
     finished_at: datetime | None = None
     message: str = ""
     deferrals: int = 0  # times in a row this attempt came back not attempted before this operation
+    # succeeded, its installer asked for a reboot, and the client has not reported another boot id since
+    reboot_pending: bool = False
+
+
+def waits_for_reboot(attempt: Attempt | None) -> bool:
+    """Whether a Succeeded row made by ``attempt`` shows that its client waits for a reboot."""
+    return attempt is not None and attempt.reboot_pending and attempt.outcome is Outcome.SUCCEEDED
 
 
 History = Mapping[tuple[str, str], Attempt]

@@ -60,7 +60,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from reconciler import names, protocol
+from reconciler import names, protocol, specs
 from reconciler.credentials import secret_matches
 from reconciler.metrics import METRICS_PATH, RelayMetrics, metrics_app_response
 from reconciler.plan import (
@@ -210,9 +210,11 @@ def _bearer(environ: Mapping[str, Any]) -> str | None:
 # ------------------------------------------------------------------ the app
 
 
-def action_json(action: Action, artifact: StagedArtifact | None, trust: TrustBundle | None = None) -> protocol.Action:
+def action_json(action: Action, artifact: StagedArtifact | None, trust: TrustBundle | None = None,
+                reboot: str = "never") -> protocol.Action:
     """An action as the check-in reply carries it (``schemas/checkin-reply.schema.json``); with HQ's signed
-    manifest, the paths of the documents it comes from."""
+    manifest, the paths of the documents it comes from. ``reboot`` is the job's reboot policy
+    (:func:`reconciler.specs.reboot_policy`); ``never`` is not written."""
     package = action.package
     installer = protocol.installer_of(package.installer) if package is not None else None
     reply: protocol.Action = {
@@ -229,6 +231,8 @@ def action_json(action: Action, artifact: StagedArtifact | None, trust: TrustBun
         # The agent runs the action only when these are installed (the plan never
         # sends a dependent before that, but an agent does not take a relay's word).
         reply["dependsOn"] = protocol.dependencies_of(package)
+    if reboot != "never":
+        reply["reboot"] = reboot
     if trust is not None:
         documents: protocol.ActionDocuments = {"job": trust.job_sources.get(action.job, "")}
         if package is not None:
@@ -497,7 +501,8 @@ class RelayApp:
         poll = state.poll_seconds
         reply: protocol.CheckinReply = {
             "pollSeconds": int(poll) if float(poll).is_integer() else poll,
-            "actions": [action_json(a, self._artifact_for(a, generation), generation.trust) for a in actions],
+            "actions": [action_json(a, self._artifact_for(a, generation), generation.trust,
+                                    self._reboot_for(a, generation)) for a in actions],
         }
         attach_trust(reply, generation.trust, request.trust_serial)
         if new_token is not None:
@@ -517,9 +522,12 @@ class RelayApp:
         if request.last_relay is not None and request.last_relay != state.name:
             # It moved here: HQ tells that relay, which stops counting it (README, "Clients move and retire").
             changed |= self.store.record_arrival(db, client_id, request.last_relay, now)
-        finished = self.store.record_results(db, client_id, request.results, now)
+        boot_id = request.facts.get("bootId")
+        finished = self.store.record_results(db, client_id, request.results, now, boot_id)
         if finished:
             changed = True
+        if self.store.clear_reboots(db, client_id, boot_id, now):
+            changed = True  # rows waiting for this client's reboot are plain Succeeded now
         actions: tuple[Action, ...] = ()
         if generation.index is not None:
             client = Client(
@@ -556,6 +564,13 @@ class RelayApp:
                 self.store.set_row_states(db, moved)
                 changed = True
         return actions, generation, changed, finished
+
+    @staticmethod
+    def _reboot_for(action: Action, generation: Generation) -> str:
+        """The reboot policy of an action's job (``never`` when the job is not in the index)."""
+        index = generation.index
+        job = next((j for j in index.jobs if j.name == action.job), None) if index is not None else None
+        return "never" if job is None else specs.reboot_policy(job, action.package)
 
     @staticmethod
     def _artifact_for(action: Action, generation: Generation) -> StagedArtifact | None:

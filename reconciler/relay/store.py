@@ -129,6 +129,17 @@ class FinishedOperation:
     outcome: Outcome
 
 
+@dataclass(frozen=True)
+class RebootRecord:
+    """A succeeded operation whose installer asked for a reboot: since which boot, and when that ended."""
+
+    operation_id: str
+    job: str
+    finished_at: datetime | None
+    boot_id: str | None  # the client's boot id when it finished (None: not known yet)
+    cleared_at: datetime | None  # when a check-in first reported another boot id (None: still waiting)
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -303,11 +314,24 @@ def _v7(db: sqlite3.Connection) -> None:
         ) WITHOUT ROWID""")
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
+def _v8(db: sqlite3.Connection) -> None:
+    # Reboots: a succeeded operation whose installer asked for one waits for the client to reboot. The
+    # boot id is the client's when the operation finished; the wait ends (and when is recorded) at the
+    # first check-in that reports another boot id.
+    db.execute("ALTER TABLE operations ADD COLUMN reboot_required INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE operations ADD COLUMN reboot_boot_id TEXT")
+    db.execute("ALTER TABLE operations ADD COLUMN reboot_cleared_at REAL")
+    # The operations still waiting, per client: a check-in looks them up by this index.
+    db.execute("CREATE INDEX operations_waiting_for_reboot ON operations (client) "
+               "WHERE reboot_required = 1 AND reboot_cleared_at IS NULL")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8)
 """Append-only: migration ``n`` (1-based) brings the schema from version n-1 to n."""
 
 _ATTEMPT_COLUMNS = ("o.operation_id, o.job, o.client, o.revision, o.rerun, o.attempt, o.action, o.version, "
-                    "o.outcome, o.dispatched_at, o.finished_at, o.message, o.deferrals")
+                    "o.outcome, o.dispatched_at, o.finished_at, o.message, o.deferrals, "
+                    "o.reboot_required = 1 AND o.reboot_cleared_at IS NULL")
 
 
 def _attempt(row: Sequence[Any]) -> Attempt:
@@ -315,7 +339,7 @@ def _attempt(row: Sequence[Any]) -> Attempt:
         operation_id=row[0], job=row[1], client=row[2], revision=row[3], rerun=row[4], attempt=row[5],
         action=ActionKind(row[6]), version=row[7], outcome=Outcome(row[8]),
         dispatched_at=_dt(row[9]),  # type: ignore[arg-type]
-        finished_at=_dt(row[10]), message=row[11], deferrals=row[12],
+        finished_at=_dt(row[10]), message=row[11], deferrals=row[12], reboot_pending=bool(row[13]),
     )
 
 
@@ -637,25 +661,49 @@ class Store:
     # -- operations ----------------------------------------------------------
 
     def record_results(self, db: sqlite3.Connection, client_id: str,
-                       results: Iterable[Mapping[str, Any]], now: datetime) -> list[FinishedOperation]:
+                       results: Iterable[Mapping[str, Any]], now: datetime,
+                       boot_id: str | None = None) -> list[FinishedOperation]:
         """Record the outcomes of this client's dispatched operations.
 
         A result for an operation that already has one, that belongs to another
         client or that the relay never dispatched is ignored: the agent re-sends
-        results until a reply reaches it, so repeats are normal.
+        results until a reply reaches it, so repeats are normal. A succeeded
+        result with ``rebootRequired`` waits for the client to reboot from the
+        result's ``bootId`` (else ``boot_id``, the one this check-in reports).
         """
         finished: list[FinishedOperation] = []
         for result in results:
             outcome = Outcome(result["status"])  # succeeded, failed or notAttempted (validated at the door)
             message = str(result.get("message") or "")[:MESSAGE_LIMIT]
+            reboot = outcome is Outcome.SUCCEEDED and result.get("rebootRequired") is True
             row = db.execute(
-                "UPDATE operations SET outcome = ?, finished_at = ?, exit_code = ?, message = ? "
+                "UPDATE operations SET outcome = ?, finished_at = ?, exit_code = ?, message = ?, "
+                "reboot_required = ?, reboot_boot_id = ? "
                 "WHERE operation_id = ? AND client = ? AND outcome = ? RETURNING job, attempt",
-                (outcome.value, _ts(now), result.get("exitCode"), message, result["operationId"], client_id,
+                (outcome.value, _ts(now), result.get("exitCode"), message, int(reboot),
+                 (result.get("bootId") or boot_id) if reboot else None, result["operationId"], client_id,
                  Outcome.DISPATCHED.value)).fetchone()
             if row is not None:
                 finished.append(FinishedOperation(result["operationId"], row[0], row[1], outcome))
         return finished
+
+    def clear_reboots(self, db: sqlite3.Connection, client_id: str, boot_id: str | None, now: datetime) -> int:
+        """The client reports boot id ``boot_id``: every operation of it waiting for a reboot from another
+        boot id is done waiting (at ``now``); how many. One whose boot id is not known waits from this one."""
+        if boot_id is None:
+            return 0
+        db.execute("UPDATE operations SET reboot_boot_id = ? WHERE client = ? AND reboot_required = 1 "
+                   "AND reboot_cleared_at IS NULL AND reboot_boot_id IS NULL", (boot_id, client_id))
+        return db.execute("UPDATE operations SET reboot_cleared_at = ? WHERE client = ? AND reboot_required = 1 "
+                          "AND reboot_cleared_at IS NULL AND reboot_boot_id != ?",
+                          (_ts(now), client_id, boot_id)).rowcount
+
+    def reboots_of(self, client_id: str, db: sqlite3.Connection | None = None) -> list[RebootRecord]:
+        """Every operation of one client whose installer asked for a reboot, oldest first."""
+        rows = (db or self.db).execute(
+            "SELECT operation_id, job, finished_at, reboot_boot_id, reboot_cleared_at FROM operations "
+            "WHERE client = ? AND reboot_required = 1 ORDER BY finished_at, operation_id", (client_id,))
+        return [RebootRecord(r[0], r[1], _dt(r[2]), r[3], _dt(r[4])) for r in rows]
 
     def record_dispatch(self, db: sqlite3.Connection, attempt: Attempt) -> bool:
         """Record a newly dispatched operation as the latest attempt of its (job, client).
