@@ -274,9 +274,14 @@ def installed_version(layout: Layout, name: str, version: str, installer: Instal
                     track=lambda record: _track_detect(layout, record))
 
 
-def has_detection(installer: InstallerSpec) -> bool:
-    """Whether the agent can tell, receipt or not, that this package is installed: a rule, or a native type."""
-    return installer.detection is not None or installer.type in NATIVE_DETECTED
+def has_detection(layout: Layout, installer: InstallerSpec) -> bool:
+    """Whether the agent can tell, receipt or not, that this package is installed: a rule, or a native type
+    whose database it can read (an msi's needs the Windows registry; elsewhere its receipt alone says it)."""
+    if installer.detection is not None:
+        return True
+    if installer.type == "msi":
+        return layout.registry is not None or sys.platform == "win32"
+    return installer.type in NATIVE_DETECTED
 
 
 NATIVE_DETECTED = ("msi", "deb", "rpm")
@@ -316,7 +321,7 @@ class Remembered:
 
 def remember(layout: Layout, name: str, version: str, installer: InstallerSpec) -> None:
     """Keep the rule of a verified install action for the check-ins to come (a package without one: forget)."""
-    if not has_detection(installer):
+    if not has_detection(layout, installer):
         forget(layout, name)
         return
     layout.detections.mkdir(parents=True, exist_ok=True)
@@ -353,11 +358,11 @@ def remembered(layout: Layout) -> dict[str, Remembered]:
 # ---------------------------------------------------------------- inventory
 
 
-def _rule_of(receipt: Receipt | None, rule: Remembered | None) -> tuple[str, InstallerSpec] | None:
+def _rule_of(layout: Layout, receipt: Receipt | None, rule: Remembered | None) -> tuple[str, InstallerSpec] | None:
     """The rule to ask for a name: the last one an action brought, else the one its receipt was installed with."""
     if rule is not None:
         return rule.version, rule.installer
-    if receipt is not None and has_detection(receipt.installer):
+    if receipt is not None and has_detection(layout, receipt.installer):
         return receipt.version, receipt.installer
     return None
 
@@ -373,7 +378,7 @@ def installed(layout: Layout, name: str, receipt: Receipt | None, rule: Remember
     version found is reported as ``detected``: it was installed by other
     means since.
     """
-    asked = _rule_of(receipt, rule)
+    asked = _rule_of(layout, receipt, rule)
     if asked is None:
         if receipt is not None and is_present(layout, receipt):
             return {"name": name, "version": receipt.version}  # no source: its own receipt ("reconciler")
