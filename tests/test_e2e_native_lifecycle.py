@@ -171,6 +171,7 @@ def test_an_msi_exiting_3010_waits_for_a_reboot_until_the_boot_id_changes(cluste
     stand_in.write_text(MSIEXEC.format(record=record))
     stand_in.chmod(0o755)
     assert subprocess.run([str(stand_in)], check=False).returncode == 3010 & 0xFF  # what POSIX keeps of 3010
+    record.unlink()
 
     def agent(boot: str) -> None:
         run_agent(cluster, relay.url, relay.enroll_secret_file, "pc-win", "--fact", f"bootId={boot}",
