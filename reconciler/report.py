@@ -669,13 +669,9 @@ def _inventory_document(clients: Sequence[Mapping[str, Any]], extra: Mapping[str
     return f'{{"clients": [\n{lines}\n]{tail}}}\n' if clients else f'{{"clients": []{tail}}}\n'
 
 
-@_reading("inventory.json")
-def parse_relay_inventory(data: bytes, path: str) -> tuple[str, tuple[InventoryEntry, ...]]:
-    """A relay's published ``relays/<relay>/inventory.json``: its relay and clients.
-
-    Raises :class:`ReportError` when it is not JSON, does not follow
-    ``schemas/status-inventory.schema.json`` or names another relay than its path.
-    """
+def _published_json(data: bytes, path: str, schema: str, name: str) -> dict[str, Any]:
+    """A relay's published JSON status file, checked against ``schemas/<schema>.schema.json`` and its path
+    (``relays/<relay>/<name>`` of the relay it names); :class:`ReportError` naming the file and field."""
     if len(data) > MAX_STATUS_FILE:
         raise ReportError(f"{path}: {len(data)} bytes, more than a status file may hold ({MAX_STATUS_FILE})")
     try:
@@ -684,10 +680,21 @@ def parse_relay_inventory(data: bytes, path: str) -> tuple[str, tuple[InventoryE
         raise ReportError(str(e)) from None
     if not isinstance(value, dict):
         raise ReportError(f"{path}: expected an object")
-    doc = _checked(value, "status-inventory", path)
+    doc: dict[str, Any] = _checked(value, schema, path)
+    if path != f"{relay_prefix(doc['relay'])}{name}":
+        raise ReportError(f"{path}: names relay {doc['relay']!r}")
+    return doc
+
+
+@_reading("inventory.json")
+def parse_relay_inventory(data: bytes, path: str) -> tuple[str, tuple[InventoryEntry, ...]]:
+    """A relay's published ``relays/<relay>/inventory.json``: its relay and clients.
+
+    Raises :class:`ReportError` when it is not JSON, does not follow
+    ``schemas/status-inventory.schema.json`` or names another relay than its path.
+    """
+    doc = _published_json(data, path, "status-inventory", "inventory.json")
     relay = doc["relay"]
-    if path != f"{relay_prefix(relay)}inventory.json":
-        raise ReportError(f"{path}: names relay {relay!r}")
     # What a relay would refuse at a check-in, and `plan --inventory` refuses, is refused here too.
     problems: list[protocol.FieldProblem] = []
     for i, c in enumerate(doc["clients"]):
@@ -786,18 +793,8 @@ def render_relay_software(relay: str, lists: Mapping[str, tuple[Sequence[tuple[s
 @_reading("software.json")
 def parse_relay_software(data: bytes, path: str) -> RelaySoftware:
     """A relay's published ``relays/<relay>/software.json``; :class:`ReportError` naming the file and field."""
-    if len(data) > MAX_STATUS_FILE:
-        raise ReportError(f"{path}: {len(data)} bytes, more than a status file may hold ({MAX_STATUS_FILE})")
-    try:
-        value = protocol.decode_json(data, path)
-    except protocol.ProtocolError as e:
-        raise ReportError(str(e)) from None
-    if not isinstance(value, dict):
-        raise ReportError(f"{path}: expected an object")
-    doc = _checked(value, "status-software", path)
+    doc = _published_json(data, path, "status-software", SOFTWARE_FILE)
     relay = doc["relay"]
-    if path != f"{relay_prefix(relay)}{SOFTWARE_FILE}":
-        raise ReportError(f"{path}: names relay {relay!r}")
     clients = tuple(doc["clients"])
     if len(set(clients)) != len(clients):
         raise ReportError(f"{path}: clients: lists a client twice")
