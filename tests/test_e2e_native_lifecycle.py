@@ -86,7 +86,9 @@ def test_a_real_deb_is_installed_upgraded_healed_after_drift_and_removed(cluster
     motd = sandbox / "opt" / DEB / "motd.txt"
 
     def agent() -> None:
-        run_agent(cluster, relay.url, relay.enroll_secret_file, "pc-1", "--dpkg-root", str(sandbox))
+        # dpkg --verify at every run (by default once a day per package)
+        run_agent(cluster, relay.url, relay.enroll_secret_file, "pc-1", "--dpkg-root", str(sandbox),
+                  "--rehash-interval", "0.001")
 
     # install
     agent()

@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from reconciler.agent.installers import (
     InstallerSpec,
     Layout,
     Outcome,
+    _native_drift,
     install,
     inventory,
     is_present,
@@ -149,6 +151,30 @@ def test_deb_downgrade_and_drift(tmp_path: Path) -> None:
     assert not is_present(layout, receipt) and inventory(layout) == []
     outcome = uninstall(layout, "hello", None, "op-3")
     assert "was not installed" in outcome.message and read_receipt(layout, "hello") is None
+
+
+@needs_dpkg
+def test_deb_content_drift_is_verified_once_per_rehash_interval(tmp_path: Path) -> None:
+    """dpkg --verify reads every file: it runs once per --rehash-interval, and its finding stands until reinstalled."""
+    sandbox = tmp_path / "sandbox"
+    layout = Layout(tmp_path / "agent", dpkg_root=sandbox, rehash_seconds=3600.0)
+    layout.create()
+    v10 = build_deb(tmp_path, "1.0")
+    install(layout, "hello", "1.0", _deb(), v10, _ref(v10), "op-1")
+    receipt = read_receipt(layout, "hello")
+    assert receipt is not None
+    start = time.time()
+    assert not _native_drift(layout, receipt, start)  # verified clean, and recorded
+    shipped = sandbox / "opt" / DEB_NAME / "version.txt"
+    shipped.write_text("9.9\n")  # edited by hand, same size
+    assert not _native_drift(layout, receipt, start + 60)  # within the interval: not read again
+    assert _native_drift(layout, receipt, start + 3600)  # due: dpkg --verify sees the changed digest
+    assert _native_drift(layout, receipt, start + 3601)  # and it stays drifted (nothing recorded) ...
+    assert not is_present(layout, receipt) and inventory(layout) == []
+    install(layout, "hello", "1.0", _deb(), v10, _ref(v10), "op-2")  # ... until installed again
+    assert shipped.read_text() == "1.0\n"
+    assert not _native_drift(layout, receipt, start + 3602) and inventory(layout) == [
+        {"name": "hello", "version": "1.0"}]
 
 
 @needs_dpkg

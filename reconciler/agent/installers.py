@@ -100,6 +100,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -224,6 +225,10 @@ class Layout:
     def content_index(self, name: str) -> Path:
         """The per-file digests of an installed ``files`` package (content.py)."""
         return self.contents / f"{check_segment(name, 'package name')}.json"
+
+    def verified_mark(self, name: str) -> Path:
+        """When a deb or rpm package's files were last verified unchanged (``dpkg --verify``, ``rpm -V``)."""
+        return self.contents / f"{check_segment(name, 'package name')}.verified.json"
 
     def receipt(self, name: str) -> Path:
         return self.receipts / f"{check_segment(name, 'package name')}.json"
@@ -654,15 +659,7 @@ def is_present(layout: Layout, receipt: Receipt) -> bool:
     if receipt.installer.type in ("deb", "rpm"):  # another version installed by hand is drift too
         if native_version(layout, receipt.installer) != receipt.version:
             return False
-        # a file of the package edited or removed by hand (configuration files aside) is drift: reinstalled
-        altered = native.package_changes(receipt.installer.type, receipt.installer.package_name or "",
-                                         layout.dpkg_root if receipt.installer.type == "deb" else layout.rpm_root)
-        if altered:
-            log.warning("drift: %s %s has %d changed file%s (%s); it is reported as not installed, so it is "
-                        "installed again", receipt.name, receipt.version, len(altered),
-                        "" if len(altered) == 1 else "s", ", ".join(altered[:5]))
-            return False
-        return True
+        return not _native_drift(layout, receipt)
     if not receipt.installer.detect:
         return True
     cwd = package_dir if package_dir.is_dir() else layout.root
@@ -674,6 +671,40 @@ def is_present(layout: Layout, receipt: Receipt) -> bool:
         log.info("detect for %s %s failed: %s", receipt.name, receipt.version, exc.message)
         return False
     return result.exit_code == 0 and not result.timed_out
+
+
+def _native_drift(layout: Layout, receipt: Receipt, now: float | None = None) -> bool:
+    """Whether a file of an installed deb or rpm package was edited or removed by hand (configuration aside).
+
+    ``dpkg --verify`` and ``rpm -V`` read every file of the package, so they
+    run once every ``rehash_seconds`` per package (the agent's
+    ``--rehash-interval``, as for the full re-hash of ``files`` packages), not
+    at every check-in; a version change or a removal is seen at every
+    check-in by the version query. Only a clean verification is recorded: a
+    drifted package stays drifted until it is installed again.
+    """
+    now = time.time() if now is None else now
+    mark = layout.verified_mark(receipt.name)
+    try:
+        last = json.loads(mark.read_text(encoding="utf-8"))
+        verified_at = float(last["verifiedAt"]) if last.get("version") == receipt.version else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        verified_at = None
+    if verified_at is not None and 0 <= now - verified_at < layout.rehash_seconds:
+        return False
+    altered = native.package_changes(receipt.installer.type, receipt.installer.package_name or "",
+                                     layout.dpkg_root if receipt.installer.type == "deb" else layout.rpm_root)
+    if altered is None:
+        return False  # the package manager could not be asked: nothing is known to have changed
+    if altered:
+        log.warning("drift: %s %s has %d changed file%s (%s); it is reported as not installed, so it is "
+                    "installed again", receipt.name, receipt.version, len(altered),
+                    "" if len(altered) == 1 else "s", ", ".join(altered[:5]))
+        mark.unlink(missing_ok=True)
+        return True
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(mark, {"version": receipt.version, "verifiedAt": now})
+    return False
 
 
 def _track_detect(layout: Layout, record: ProcessRecord | None) -> None:
@@ -1133,6 +1164,7 @@ def install(layout: Layout, name: str, version: str, installer: InstallerSpec,
 def _not_installed(layout: Layout, name: str, target: Path) -> None:
     """After a failed install command: no receipt, no directory (a stale receipt of this version goes too)."""
     layout.receipt(name).unlink(missing_ok=True)
+    layout.verified_mark(name).unlink(missing_ok=True)
     _remove_tree(target)
 
 
@@ -1182,6 +1214,7 @@ def uninstall(layout: Layout, name: str, version: str | None, operation_id: str)
             raise InstallError(f"uninstalling {name} {receipt.version}: {exc.message}", exc.exit_code) from exc
     # receipt first: a crash now leaves an orphaned directory, never a receipt without files
     layout.receipt(name).unlink(missing_ok=True)
+    layout.verified_mark(name).unlink(missing_ok=True)
     layout.content_index(name).unlink(missing_ok=True)
     _remove_tree(package_dir)
     try:
