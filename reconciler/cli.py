@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkin-interval", type=_checkin_interval, metavar="S",
                    help="seconds between check-ins told to agents, at most a day (default: $RECONCILER_POLL_SECONDS, "
                         "else 30)")
-    p.add_argument("--publish-interval", type=_positive_float, default=10.0, metavar="S",
-                   help="publish status/<relay> at most this often, in seconds (default: 10)")
+    p.add_argument("--publish-interval", type=_positive_float, default=60.0, metavar="S",
+                   help="publish status/<relay> at most this often, in seconds (default: 60: at most one push a "
+                        "minute per relay, as hosted git services expect)")
     _status_history_options(p, "status/<relay>")
     p.add_argument("--offline-after", type=_duration, metavar="S",
                    help="a client not heard from for this long is offline: it holds no rollout slot and its "
