@@ -457,6 +457,7 @@ class GitStore:
         self.origin = origin
         self.history = history
         self.clock: Callable[[], float] = time.time  # the squashing's "now" (tests turn it)
+        self._squash_refused_until = float("-inf")  # origin refused a rewrite: no squashing before then
         self.password = password
         self.workdir = Path(workdir)
         self.repo_path = self.workdir / _REPO_DIR
@@ -1165,7 +1166,9 @@ class GitStore:
             tip = self._sync_ref(ref)
             if tip is not None and self._out("rev-parse", f"{tip}^{{tree}}") == tree:
                 return None
-            base = self._bounded(tip) if tip is not None else None
+            # squash only on a first try, and not while origin refuses rewrites: a retry is a plain fast-forward
+            squashing = attempt == 0 and tip is not None and self.clock() >= self._squash_refused_until
+            base = self._bounded(tip) if squashing and tip is not None else tip
             commit = self._commit_tree(tree, base, message)
             # a squashed history replaces the branch: only if origin's tip is still the one squashed
             rejected, detail = self._push(commit, ref, lease=tip if base != tip else None)
@@ -1173,6 +1176,12 @@ class GitStore:
                 self._git("update-ref", f"refs/heads/{ref}", commit)
                 log.info("published %s to %s", commit[:12], ref)
                 return commit
+            if base != tip and "stale info" not in detail:
+                # not a push that came in between: origin refuses to rewrite the branch (a protected branch)
+                self._squash_refused_until = self.clock() + SQUASH_RETRY_SECONDS
+                log.warning("origin refused the squashed history of %s (%s); publishing without squashing, and "
+                            "trying again in a day (allow force pushes on status branches for this account)",
+                            ref, detail)
             last_error = detail
             log.info("push of %s rejected (attempt %d/%d), rebuilding on the new tip", ref, attempt + 1, self.push_attempts)
         raise PushRejected(
@@ -1333,6 +1342,7 @@ class GitStore:
         raise self._fail("push", stderr or stdout)
 
 
+SQUASH_RETRY_SECONDS = 86400.0  # after origin refused a squashed history, how long to publish without squashing
 _SQUASH_REF = "refs/reconciler/squash"  # where a squashed history is built before it is pushed
 
 

@@ -445,8 +445,29 @@ def test_a_squash_never_overwrites_a_tip_that_moved_on_origin(origin: Path, tmp_
     assert moved, "no squash happened"
     chain = _first_parent_chain(origin, "status/relay-a")
     messages = [git(f"--git-dir={origin}", "log", "-1", "--format=%s", sha) for sha in chain]
-    assert messages[:2] == ["publish 13", "elsewhere"]  # the other push is kept, the squash rebuilt on top
-    assert len(chain) == 11
+    # the other push is kept: the lease refused the squash, and the retry went on top as a fast-forward
+    assert messages[:2] == ["publish 13", "elsewhere"] and moved[0] == chain[1]
+    assert len(chain) == 15
+    store.publish("status/relay-a", {"n.txt": b"14\n"}, "publish 14")  # the next publish squashes
+    assert len(_first_parent_chain(origin, "status/relay-a")) == 11
+
+
+def test_an_origin_that_refuses_rewrites_still_gets_every_publish(origin: Path, tmp_path: Path) -> None:
+    """A protected status branch (no force pushes): publishing goes on unsquashed, and squashing waits a day."""
+    git(f"--git-dir={origin}", "config", "receive.denyNonFastForwards", "true")
+    store = GitStore(str(origin), tmp_path / "w", history=History(days=None, commits=10), backoff_seconds=0.0)
+    now = [time.time()]
+    store.clock = lambda: now[0]
+    published = [store.publish("status/relay-a", {"n.txt": f"{n}\n".encode()}, f"publish {n}") for n in range(16)]
+    assert all(published) and git(f"--git-dir={origin}", "rev-parse", "status/relay-a") == published[-1]
+    assert len(_first_parent_chain(origin, "status/relay-a")) == 16  # nothing lost, nothing squashed
+    assert store._squash_refused_until == pytest.approx(now[0] + 86400)
+    git(f"--git-dir={origin}", "config", "receive.denyNonFastForwards", "false")
+    store.publish("status/relay-a", {"n.txt": b"16\n"}, "publish 16")  # within the day: still not tried
+    assert len(_first_parent_chain(origin, "status/relay-a")) == 17
+    now[0] += 86401
+    store.publish("status/relay-a", {"n.txt": b"17\n"}, "publish 17")  # a day later: squashed
+    assert len(_first_parent_chain(origin, "status/relay-a")) == 11
 
 
 def test_publish_refuses_non_status_refs_and_bad_paths(store: GitStore, origin: Path, author: Author) -> None:
