@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.agent import native
+from reconciler.agent import detection, native
 from reconciler.agent.errors import InstallError
 from reconciler.agent.installers import (
     ArtifactRef,
@@ -175,6 +175,25 @@ def test_deb_content_drift_is_verified_once_per_rehash_interval(tmp_path: Path) 
     assert shipped.read_text() == "1.0\n"
     assert not _native_drift(layout, receipt, start + 3602) and inventory(layout) == [
         {"name": "hello", "version": "1.0"}]
+
+
+@needs_dpkg
+def test_a_check_in_asks_dpkg_once_per_deb_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detection that finds the receipt's version answers for the receipt too: dpkg-query runs once."""
+    sandbox = tmp_path / "sandbox"
+    layout = Layout(tmp_path / "agent", dpkg_root=sandbox)
+    layout.create()
+    v10 = build_deb(tmp_path, "1.0")
+    install(layout, "hello", "1.0", _deb(), v10, _ref(v10), "op-1")
+    detection.remember(layout, "hello", "1.0", _deb())
+    shims, calls = tmp_path / "shims", tmp_path / "dpkg-query-calls"
+    shims.mkdir()
+    real = native.find_tool("dpkg-query")
+    (shims / "dpkg-query").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{real}" "$@"\n')
+    (shims / "dpkg-query").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    assert detection.inventory(layout) == [{"name": "hello", "version": "1.0"}]
+    assert len(calls.read_text().splitlines()) == 1
 
 
 @needs_dpkg

@@ -280,7 +280,7 @@ def has_detection(layout: Layout, installer: InstallerSpec) -> bool:
     if installer.detection is not None:
         return True
     if installer.type == "msi":
-        return layout.registry is not None or sys.platform == "win32"
+        return layout.reads_registry
     return installer.type in NATIVE_DETECTED
 
 
@@ -388,7 +388,8 @@ def installed(layout: Layout, name: str, receipt: Receipt | None, rule: Remember
     if found is None:
         return None
     if receipt is not None and found.version == receipt.version:
-        if not is_present(layout, receipt):
+        # the package database answered (no rule): the receipt's confirmation need not ask it again
+        if not is_present(layout, receipt, found.version if installer.detection is None else None):
             return None
         if receipt.origin == "reconciler":
             return {"name": name, "version": found.version}

@@ -226,6 +226,11 @@ class Layout:
         """The per-file digests of an installed ``files`` package (content.py)."""
         return self.contents / f"{check_segment(name, 'package name')}.json"
 
+    @property
+    def reads_registry(self) -> bool:
+        """Whether an msi's presence can be asked of a Windows registry here (elsewhere its receipt says it)."""
+        return self.registry is not None or sys.platform == "win32"
+
     def verified_mark(self, name: str) -> Path:
         """When a deb or rpm package's files were last verified unchanged (``dpkg --verify``, ``rpm -V``)."""
         return self.contents / f"{check_segment(name, 'package name')}.verified.json"
@@ -635,11 +640,13 @@ def write_receipt(layout: Layout, receipt: Receipt) -> None:
     write_json_atomic(layout.receipt(receipt.name), receipt.to_dict())
 
 
-def is_present(layout: Layout, receipt: Receipt) -> bool:
+def is_present(layout: Layout, receipt: Receipt, found: str | None = None) -> bool:
     """Confirm a receipt against the machine: files still there and unchanged, ``detect`` still exits 0.
 
     A receipt adopted from detection (``origin: detected``) has no package
     directory of ours: the package's detection rule confirms it (detection.py).
+    ``found`` is what the package database reported for an msi, deb or rpm
+    package just now, when the caller asked already: it is not asked again.
     """
     package_dir = layout.package_dir(receipt.name, receipt.version)
     if receipt.origin == "reconciler" and receipt.installer.type == "files":
@@ -652,14 +659,15 @@ def is_present(layout: Layout, receipt: Receipt) -> bool:
                 log.warning("drift: %s %s changed on disk (%s); it is reported as not installed, so it is "
                             "installed again", receipt.name, receipt.version, changes)
                 return False
-    if receipt.installer.type == "msi":
-        if layout.registry is None and sys.platform != "win32":
+    if receipt.installer.type in ("msi", "deb", "rpm"):
+        if receipt.installer.type == "msi" and not layout.reads_registry:
             return True  # no Windows registry to ask (a compatibility layer, a stand-in): the receipt says it
-        return native_version(layout, receipt.installer) is not None
-    if receipt.installer.type in ("deb", "rpm"):  # another version installed by hand is drift too
-        if native_version(layout, receipt.installer) != receipt.version:
-            return False
-        return not _native_drift(layout, receipt)
+        if found is None:
+            found = native_version(layout, receipt.installer)
+        if receipt.installer.type == "msi":
+            return found is not None
+        # another version installed by hand is drift too
+        return found == receipt.version and not _native_drift(layout, receipt)
     if not receipt.installer.detect:
         return True
     cwd = package_dir if package_dir.is_dir() else layout.root
