@@ -96,12 +96,17 @@ def _history_days(text: str) -> float:
     return _positive_number(text, "days", 3650)
 
 
+def _whole_number(text: str, unit: str) -> int:
+    """An integer of ``unit``, or argparse's error naming the unit (the caller checks the range)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+
+
 def _history_commits(text: str) -> int:
     """Status commits to keep: 0 keeps all, else 10 to 10,000,000."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of commits, got {text!r}") from None
+    value = _whole_number(text, "commits")
     if value != 0 and not 10 <= value <= 10_000_000:
         raise argparse.ArgumentTypeError(f"expected 0 (keep all) or 10 to 10000000 commits, got {text!r}")
     return value
@@ -118,10 +123,7 @@ def _status_history_options(p: argparse.ArgumentParser, ref: str) -> None:
 
 def _output_tail(text: str) -> int:
     """A number of characters from 0 to 8000 (the agent keeps at most that much of a command's output)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of characters, got {text!r}") from None
+    value = _whole_number(text, "characters")
     if not 0 <= value <= 8000:
         raise argparse.ArgumentTypeError(f"expected 0 to 8000 characters, got {text!r}")
     return value

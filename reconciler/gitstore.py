@@ -1167,8 +1167,9 @@ class GitStore:
             if tip is not None and self._out("rev-parse", f"{tip}^{{tree}}") == tree:
                 return None
             # squash only on a first try, and not while origin refuses rewrites: a retry is a plain fast-forward
-            squashing = attempt == 0 and tip is not None and self.clock() >= self._squash_refused_until
-            base = self._bounded(tip) if squashing and tip is not None else tip
+            base = tip
+            if attempt == 0 and tip is not None and self.clock() >= self._squash_refused_until:
+                base = self._bounded(tip)
             commit = self._commit_tree(tree, base, message)
             # a squashed history replaces the branch: only if origin's tip is still the one squashed
             rejected, detail = self._push(commit, ref, lease=tip if base != tip else None)
