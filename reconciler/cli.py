@@ -63,6 +63,13 @@ def _positive_float(text: str) -> float:
     return _positive_number(text, "seconds")
 
 
+def _inventory_interval(text: str) -> float:
+    """Seconds between refreshes of per-client detail: 0 (every pass) to a day."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_number(text, "seconds", 86400)
+
+
 def _checkin_interval(text: str) -> float:
     """A positive number of seconds of at most a day (agents refuse a longer interval)."""
     return _positive_number(text, "seconds", 86400)
@@ -250,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--publish-interval", type=_positive_float, default=60.0, metavar="S",
                    help="publish status/<relay> at most this often, in seconds (default: 60: at most one push a "
                         "minute per relay, as hosted git services expect)")
+    p.add_argument("--inventory-interval", type=_inventory_interval, default=900.0, metavar="S",
+                   help="refresh the per-client detail of status/<relay> (inventory.json, software.json, client "
+                        "counts) at most this often, in seconds; job rows are never held back (default: 900; "
+                        "0: at every pass)")
     _status_history_options(p, "status/<relay>")
     p.add_argument("--offline-after", type=_duration, metavar="S",
                    help="a client not heard from for this long is offline: it holds no rollout slot and its "

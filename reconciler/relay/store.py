@@ -525,6 +525,11 @@ class Store:
         db.execute("INSERT INTO client_events (at, client, action, actor, detail) VALUES (?, ?, ?, ?, ?)",
                    (_ts(now), client_id, action, actor, detail))
 
+    def last_event(self, db: sqlite3.Connection | None = None) -> int:
+        """The sequence number of the newest client event (0: none): it moves when an operator changed a client."""
+        row = (db or self.db).execute("SELECT max(seq) FROM client_events").fetchone()
+        return int(row[0] or 0)
+
     def approve(self, client_id: str, actor: str, now: datetime) -> bool | None:
         """Admit a registration waiting for approval: True; False if it was approved already; None if unknown."""
         with self.write() as db:
