@@ -24,6 +24,7 @@ target under 400 MB), and the load average at start and end.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import subprocess
@@ -108,6 +109,12 @@ def span(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} s (min {min(values):.2f}, max {max(values):.2f})"
 
 
+def cpu() -> float:
+    """CPU seconds of this process and its finished children (git): what the relay spent, load aside."""
+    self_, children = os.times()[:2], os.times()[2:4]
+    return sum(self_) + sum(children)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50_000)
@@ -130,8 +137,9 @@ def main() -> int:
         state = RelayState(RELAY, store, poll_seconds=30.0, retire_after=timedelta(days=30))
         git = GitStore(str(origin), workdir)
         cache = ArtifactCache(workdir, git)
-        loop = RelayLoop(RELAY, git, store, cache, state, publish_interval=0.0,
-                         inventory_interval=args.inventory_interval)
+        cadence = ({"inventory_interval": args.inventory_interval}
+                   if "inventory_interval" in inspect.signature(RelayLoop).parameters else {})
+        loop = RelayLoop(RELAY, git, store, cache, state, publish_interval=0.0, **cadence)
         loop.sync()
         started = time.perf_counter()
         loop.last_files = loop.full_pass()
@@ -139,19 +147,22 @@ def main() -> int:
         print(f"first pass + publish: {time.perf_counter() - started:.2f} s; RSS {memory_mb('VmRSS'):.0f} MB")
 
         steady: list[float] = []
+        steady_cpu: list[float] = []
         for _ in range(args.runs):
-            started = time.perf_counter()
+            started, used = time.perf_counter(), cpu()
             loop.sync(fetch=False)
             loop.last_files = loop.full_pass()
             loop.publish(force=True)
             steady.append(time.perf_counter() - started)
-        print(f"steady pass (nothing changed): {span(steady)}")
+            steady_cpu.append(cpu() - used)
+        print(f"steady pass (nothing changed): {span(steady)}; CPU {span(steady_cpu)}")
 
         total: list[float] = []
+        total_cpu: list[float] = []
         parts: dict[str, list[float]] = {"sync": [], "pass": [], "publish": []}
         for n in range(args.runs):
             add_job(base, origin, n)
-            t0 = time.perf_counter()
+            t0, used = time.perf_counter(), cpu()
             changed = loop.sync()
             t1 = time.perf_counter()
             loop.last_files = loop.full_pass()
@@ -160,11 +171,13 @@ def main() -> int:
             t3 = time.perf_counter()
             assert changed and sha, "the new commit was neither followed nor published"
             total.append(t3 - t0)
+            total_cpu.append(cpu() - used)
             parts["sync"].append(t1 - t0)
             parts["pass"].append(t2 - t1)
             parts["publish"].append(t3 - t2)
         print(f"commit -> published: {span(total)}  [sync {statistics.median(parts['sync']):.2f} s, "
-              f"pass {statistics.median(parts['pass']):.2f} s, publish {statistics.median(parts['publish']):.2f} s]")
+              f"pass {statistics.median(parts['pass']):.2f} s, publish {statistics.median(parts['publish']):.2f} s]; "
+              f"CPU {span(total_cpu)}")
         print(f"memory: RSS {memory_mb('VmRSS'):.0f} MB, peak {memory_mb('VmHWM'):.0f} MB")
         store.close()
     print(f"load average at end: {os.getloadavg()[0]:.2f}")

@@ -238,3 +238,24 @@ def test_an_unchanged_file_is_not_written_to_git_again(relay: Relay) -> None:
     assert tip is not None
     # what the origin holds is what was rendered, byte for byte
     assert relay.origin.read(f"status/{RELAY}", inventory_path) == after[inventory_path][0]
+
+
+def test_row_lines_are_what_each_row_renders_to_alone() -> None:
+    """The job file's rows, rendered with shared templates, equal rendering each row on its own (hostile text too)."""
+    import random
+
+    from reconciler.plan import ClientState
+    from reconciler.report import StatusRow, _row_json, _row_lines, _yaml_flow
+
+    chooser = random.Random(17)
+    texts = ["", "attempt 1/3", "client-placeholder", '"client": "x"', "\u2028 line\u0085 sep", "日本語 ✓",
+             "\u202e reversed", "back\\slash", "tab\tnew\nline"]
+    stamps = [None, T0, T0 + timedelta(seconds=1)]
+    rows = [StatusRow(client=f"pc-{chooser.randrange(50):03d}" if n % 7 else "client-placeholder",
+                      state=chooser.choice(list(ClientState)), installed_version=chooser.choice([None, "1.0", "2"]),
+                      attempts=chooser.randrange(4), message=chooser.choice(texts),
+                      updated_at=chooser.choice(stamps), reason=chooser.choice([None, "queued", "done"]))
+            for n in range(400)]
+    expected = "".join(f"- {_yaml_flow(_row_json(row))}\n" for row in rows).encode("utf-8")
+    assert _row_lines(rows) == expected
+    assert yaml.safe_load(b"rows:\n" + _row_lines(rows))["rows"][5]["client"] == rows[5].client

@@ -10,8 +10,11 @@ for the check-in path to plan with.
 A *full pass* plans every client (:func:`reconciler.plan.plan_relay`) from a
 database snapshot, refreshes the rollout counters the check-in path uses,
 records when each row's state changed, and publishes the status files when
-their content changed, at most every ``--publish-interval``. A pass that
-fails still publishes what it knows plus the error.
+their content changed, at most every ``--publish-interval``. Job rows and
+digests are rendered again only for jobs whose rows changed; per-client
+detail (inventory.json, software.json, client counts) at most every
+``--inventory-interval``. A pass that fails still publishes what it knows
+plus the error.
 
 :class:`RelayLoop` holds these steps and the state between them; when to run
 them (wake-ups, timers, signals) is the process's business,

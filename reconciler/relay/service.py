@@ -8,9 +8,14 @@ on :class:`~reconciler.serving.Server`, writes the URL it bound to
 
 Wake-ups: the :class:`~reconciler.gitstore.ChangeWatcher` (a local origin's
 refs change: immediately; ``POST /v1/hooks/git``; or every
-``--poll-interval``) schedules a fetch; check-ins mark the state dirty. A
-full pass runs when the state is dirty (at most every
-``--publish-interval``) and at least every poll period of the clients. All
+``--poll-interval``) schedules a fetch; check-ins that changed a client, a
+new generation and an operator's ``reconciler clients`` change mark the
+state dirty. A full pass runs when the state is dirty (at most every
+``--publish-interval``), when a timer the last pass set is due (a schedule
+starts or ends, a client with waiting rows goes offline, one is retired:
+:meth:`RelayLoop.full_pass` sets ``timer_at``), every pass interval while
+rows wait for a result or a retry, and once per ``--inventory-interval`` to
+refresh per-client detail; an idle relay plans nothing in between. All
 state is in SQLite and git, so a relay killed at any moment converges when
 restarted. SIGTERM and SIGINT stop it cleanly.
 

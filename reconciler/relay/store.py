@@ -38,6 +38,7 @@ Decisions behind it:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -167,7 +168,9 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=8192)
 def _inventory(raw: str) -> tuple[Installed, ...]:
+    """A stored inventory (immutable: clients reporting the same list share one, a full pass parses it once)."""
     return tuple(Installed(e["name"], e["version"], e.get("source", "reconciler")) for e in json.loads(raw))
 
 
@@ -781,7 +784,15 @@ class Store:
 
     def row_states(self, db: sqlite3.Connection | None = None) -> dict[tuple[str, str], RowState]:
         rows = (db or self.db).execute("SELECT job, client, state, since FROM row_states")
-        return {(r[0], r[1]): RowState(r[2], _dt(r[3])) for r in rows}  # type: ignore[arg-type]
+        # A pass writes thousands of rows at one moment: they share one datetime (and one conversion).
+        stamps: dict[float, datetime] = {}
+        out: dict[tuple[str, str], RowState] = {}
+        for job, client, state, since in rows:
+            stamp = stamps.get(since)
+            if stamp is None:
+                stamp = stamps[since] = datetime.fromtimestamp(since, tz=timezone.utc)
+            out[(job, client)] = RowState(state, stamp)
+        return out
 
     def set_row_states(self, db: sqlite3.Connection, changes: Iterable[tuple[str, str, str, datetime]]) -> None:
         """Upsert (job, client, state, since) rows; callers pass only rows whose state changed."""
