@@ -572,9 +572,10 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
     for the retention period) are listed only when there are any, so a
     fleet without moves keeps its files byte for byte.
 
-    ``job_cache`` (job -> the key of its rows and what they rendered to),
-    kept by the caller between calls, spares re-rendering a job whose rows
-    did not change: a commit that adds one job renders one job's rows.
+    ``job_cache`` (job -> the key of its rows and what they rendered to,
+    :class:`CachedJob`), kept by the caller between calls, spares
+    re-rendering a job whose rows did not change: a commit that adds one job
+    renders one job's rows (the others get a new head naming the commit).
     ``detail`` (:func:`relay_detail`), when given, is the per-client part
     published instead of one rendered from ``inventory``: ``inventory.json``
     and the client counts, refreshed by the caller at its own cadence.
@@ -598,17 +599,24 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
             job_rows = by_job[job]
             key = hash((tuple(job_rows), tuple(updated_at.get((r.job, r.client)) for r in job_rows)))
             cached = job_cache.get(job) if job_cache is not None else None
-            if cached is not None and cached[0] == key:
-                part = cached[1]
+            if cached is not None and cached.key == key:
+                part, body = cached.part, None
             else:
-                part = _job_part(_status_rows(job_rows, updated_at))
-                if job_cache is not None:
-                    job_cache[job] = (key, part)
+                status_rows = _status_rows(job_rows, updated_at)
+                part, body = _job_part(status_rows), _row_lines(status_rows)
             state = states.get(job) or job_state(part.counts)
             if part.newest is not None:
                 newest = part.newest if newest is None or part.newest > newest else newest
-            files[f"{prefix}jobs/{job}.yaml"] = _job_head(job, relay, observed_commit, state, part.counts,
-                                                          part.reboots, bool(part.body)) + part.body
+            head = _job_head(job, relay, observed_commit, state, part.counts, part.reboots, bool(job_rows))
+            if body is not None:
+                data = head + body
+            else:
+                assert cached is not None  # the rows are the cached file's: only its head may differ
+                data = cached.file if cached.head == len(head) and cached.file.startswith(head) \
+                    else head + cached.file[cached.head:]
+            if job_cache is not None:
+                job_cache[job] = CachedJob(key, part, data, len(head))
+            files[f"{prefix}jobs/{job}.yaml"] = data
             digests[job] = {
                 "state": state.value,
                 "counts": dict(part.counts),
@@ -672,7 +680,6 @@ def relay_detail(relay: str, inventory: Sequence[InventoryEntry]) -> RelayDetail
 class JobPart:
     """What a job's rows on one relay render to, apart from the file's head (which names the commit)."""
 
-    body: bytes  # the rows lines of jobs/<job>.yaml
     counts: Mapping[str, int]
     failures: tuple[Mapping[str, Any], ...]
     why: Mapping[str, Any]
@@ -681,8 +688,18 @@ class JobPart:
     newest: datetime | None  # the latest row update
 
 
-JobCache = dict[str, tuple[int, JobPart]]
-"""Per job: the key of the rows a :class:`JobPart` was rendered from, and the part."""
+@dataclass(frozen=True)
+class CachedJob:
+    """A job file as last rendered: the key of its rows, their digest, the file, and its head's length."""
+
+    key: int
+    part: JobPart
+    file: bytes
+    head: int
+
+
+JobCache = dict[str, CachedJob]
+"""Per job: the job file as last rendered (:func:`render_relay_status`'s ``job_cache``)."""
 
 
 _CLIENT_MARK = "client-placeholder"
@@ -717,7 +734,6 @@ def _job_part(rows: Sequence[StatusRow]) -> JobPart:
             newest = stamp if newest is None or stamp > newest else newest
     failures = [r for r in rows if r.state in FAILURE_STATES][:FAILURE_LIMIT]
     return JobPart(
-        body=_row_lines(rows),
         counts=count_states(r.state for r in rows),
         failures=tuple({**_row_json(r), "message": _cut(r.message)} for r in failures),
         why=_why(rows), reboots=reboots_waiting(rows), clients=tuple(sorted({r.client for r in rows})),
