@@ -67,7 +67,7 @@ class StoreError(Exception):
 # ------------------------------------------------------------------ values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientRecord:
     """One registered client as last reported."""
 
@@ -114,7 +114,7 @@ class ClientEvent:
     detail: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RowState:
     state: str
     since: datetime
