@@ -364,6 +364,7 @@ class RelayLoop:
         generation = self.state.generation
         problems = self.status_problems()
         with self.store.snapshot() as db:
+            self._last_event = self.store.last_event(db)  # what this pass sees needs no pass of its own
             records = self.store.clients(db)
             history = self.store.history(db)
             stored_states = self.store.row_states(db)
@@ -491,7 +492,7 @@ class RelayLoop:
 
     def clients_changed(self) -> bool:
         """Whether a client event (``reconciler clients approve``/``rekey``/``forget``, a registration) was
-        recorded since the last call: one indexed read, asked at every poll of the origin."""
+        recorded since the last pass or call: one indexed read, asked once per check-in interval."""
         seen, self._last_event = self._last_event, self.store.last_event()
         return self._last_event != seen
 
