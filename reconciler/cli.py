@@ -63,6 +63,17 @@ def _positive_float(text: str) -> float:
     return _positive_number(text, "seconds")
 
 
+def _detect_interval(text: str) -> float:
+    """Seconds between detections: 0 (every check-in) up to a week."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"expected 0 (every check-in) to 604800 seconds (a week), got {text!r}")
+    return value
+
+
 def _checkin_interval(text: str) -> float:
     """A positive number of seconds of at most a day (agents refuse a longer interval)."""
     return _positive_number(text, "seconds", 86400)
@@ -298,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rehash-interval", type=_positive_float, default=86400.0, metavar="S",
                    help="seconds between full re-hashes of installed files packages; check-ins in between "
                         "compare file sizes and times and re-hash only what changed (default: 86400, a day)")
+    p.add_argument("--detect-interval", type=_detect_interval, default=600.0, metavar="S",
+                   help="seconds a package's detection (its detect command or rule, dpkg or rpm, the file check of "
+                        "a files package) is reused before it is asked again; an action for the package asks "
+                        "again at once; 0: at every check-in (default: 600)")
     p.add_argument("--enroll-secret-file", metavar="F",
                    help="the relay's enrolment secret, presented to register (and to get a new token after a rekey)")
     p.add_argument("--trust-key", action="append", default=[], metavar="F",
