@@ -201,8 +201,8 @@ def test_a_rewritten_receipt_is_asked_again(tmp_path: Path) -> None:
     assert cache.asked == 2
 
 
-@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 7 * 86400.0 + 1, True])
-def test_a_bad_detect_interval_is_refused(tmp_path: Path, value: float) -> None:
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 7 * 86400.0 + 1, True, "600"])
+def test_a_bad_detect_interval_is_refused(tmp_path: Path, value: Any) -> None:
     with pytest.raises(AgentConfigError, match="--detect-interval"):
         Agent("pc-1", "http://127.0.0.1:1", tmp_path, insecure_http=True, detect_seconds=value)
 

@@ -507,7 +507,8 @@ class Agent:
             raise AgentConfigError(f"--output-tail: expected 0 to {OUTPUT_TAIL_CHARS} characters, got {output_tail}")
         if isinstance(rehash_seconds, bool) or not rehash_seconds > 0:
             raise AgentConfigError(f"--rehash-interval: expected a positive number of seconds, got {rehash_seconds}")
-        if isinstance(detect_seconds, bool) or not 0 <= detect_seconds <= detection.MAX_DETECT_SECONDS:
+        if (isinstance(detect_seconds, bool) or not isinstance(detect_seconds, (int, float))
+                or not 0 <= detect_seconds <= detection.MAX_DETECT_SECONDS):
             raise AgentConfigError(f"--detect-interval: expected 0 (every check-in) to "
                                    f"{detection.MAX_DETECT_SECONDS:g} seconds, got {detect_seconds}")
         self.layout = Layout(Path(root).absolute(), output_tail, tuple(sorted(client_env.items())),
