@@ -196,7 +196,7 @@ class Reader:
 
     def read(self) -> Snapshot:
         store = self.store
-        store.fetch()
+        store.fetch_tips()
         problems: list[str] = []
         refs = store.list_status_refs()
         hq: HqReport | None = None
