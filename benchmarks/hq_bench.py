@@ -33,7 +33,9 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import queue
 import random
 import re
@@ -226,7 +228,7 @@ def fast_import(bare: Path, refs: dict[str, dict[str, bytes]]) -> None:
     subprocess.run(["git", "fast-import", "--quiet"], cwd=bare, input=b"".join(chunks), check=True)
 
 
-def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
+def bench_aggregation(relays: int, clients: int, jobs: int, profile: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="hq-bench-b-") as tmp:
         root = Path(tmp)
         bare, work = make_origin(root)
@@ -252,6 +254,9 @@ def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
         hq._evaluate(store.ref_sha("main"))
         assert hq.accepted_commit == main, hq.validation_errors[:3]
         specs = hq._accepted_specs()
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
         t = time.monotonic()
         statuses, read = hq._read_relays(specs)
         read_s = time.monotonic() - t
@@ -260,6 +265,9 @@ def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
         hq_report = report.aggregate(specs, accepted, "main", (), statuses)
         files = report.render_hq_status(hq_report)
         pure_s = time.monotonic() - t
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         assert read == relays and len(files) == jobs + 4
         print(f"    fetch (mirror the origin):          {fetch_s:6.2f} s")
         print(f"    aggregate (cold): read + parse      {read_s:6.2f} s  ({relays} relay.yaml from git)")
@@ -300,13 +308,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--only", choices=["a", "b"])
+    parser.add_argument("--profile", action="store_true", help="(b): cProfile of the cold aggregation, top 30")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
           f"{git(Path.cwd(), '--version').strip()}")
     if args.only in (None, "a"):
         bench_push_latency(args.pushes)
     if args.only in (None, "b"):
-        bench_aggregation(args.relays, args.clients, args.jobs)
+        bench_aggregation(args.relays, args.clients, args.jobs, args.profile)
 
 
 if __name__ == "__main__":
