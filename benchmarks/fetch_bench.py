@@ -14,7 +14,8 @@ side, the order rotating each round, on three mirrors:
   newest commit only (``--depth 1``) — what HQ does now;
 - ``named``: ``GitStore.fetch(("main", "status/hq"))`` — what a relay does.
 
-Also timed: a no-op fetch (nothing moved). Printed: median wall time and
+Also timed: a no-op fetch (nothing moved), and a fetch after one relay
+moved (``named`` fetches nothing then: that relay is not its business). Printed: median wall time and
 git's CPU time (children's user+system) per fetch, the CPU ratio against
 ``all``, and CPU seconds per hour at one fetch every ``--interval`` seconds
 (HQ's poll interval, 30 s by default); then the size of the ``all`` and
@@ -158,6 +159,7 @@ def main() -> None:
             fetch()
         moved: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
         idle: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
+        one: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
         for generation in range(1, args.rounds + 1):
             fast_import(bare, ["status/hq", *others], generation)
             shift = generation % len(ways)
@@ -166,12 +168,16 @@ def main() -> None:
                 moved[way].append(timed(fetches[way]))
             for way in order:
                 idle[way].append(timed(fetches[way]))
+            fast_import(bare, [others[generation % len(others)]], args.rounds + generation)
+            for way in order:
+                one[way].append(timed(fetches[way]))
         mirrored = {way: len(store.list_status_refs()) for way, store in stores.items()}
         print(f"{args.relays} other status branches on the origin, {args.rounds} rounds; "
               f"status branches in the mirror: " + ", ".join(f"{w} {n}" for w, n in mirrored.items()))
         print(f"{'fetch':<30} " + " ".join(f"{w + ': wall':>11} {'cpu':>7}" for w in ways)
               + f" {'cpu ratio all/tips':>19} " + " ".join(f"{'cpu-s/h ' + w:>13}" for w in ways))
-        for label, runs in (("every other relay moved by 1", moved), ("nothing moved (no-op)", idle)):
+        for label, runs in (("every other relay moved by 1", moved), ("one relay moved", one),
+                            ("nothing moved (no-op)", idle)):
             wall = {w: statistics.median(r[0] for r in runs[w]) for w in runs}
             cpu = {w: statistics.median(r[1] for r in runs[w]) for w in runs}
             ratio = cpu["all"] / cpu["tips"] if cpu["tips"] else float("inf")

@@ -325,15 +325,19 @@ def bench_aggregation(relays: int, clients: int, jobs: int, profile: bool = Fals
         # HQ as a process: one pass on a fresh workdir (fetch, validate, aggregate, publish), its peak memory.
         env = {**os.environ, **GIT_ENV, "PYTHONPATH": str(PROJECT_ROOT)}
         t = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "reconciler", "hq", "--origin", str(bare), "--workdir",
-                                 str(root / "hq-process"), "--once"], cwd=PROJECT_ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, code, usage = os.wait4(proc.pid, 0)  # this child's own usage (with the git processes it waited for)
-        proc.returncode = os.waitstatus_to_exitcode(code)
+        # the Python process's own peak (RUSAGE_SELF) apart from the git processes it ran (with a local
+        # origin those include the origin's upload-pack and pack-objects)
+        script = ("import resource, sys; from reconciler.cli import main; code = main(sys.argv[1:]); "
+                  "print('self', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'children', "
+                  "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+        proc = subprocess.run([sys.executable, "-c", script, "hq", "--origin", str(bare), "--workdir",
+                               str(root / "hq-process"), "--once"], cwd=PROJECT_ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         once_s = time.monotonic() - t
-        assert proc.returncode == 0, proc.returncode
-        print(f"    hq --once, fresh workdir (a process): {once_s:6.2f} s, peak resident memory "
-              f"{usage.ru_maxrss / 1024:.0f} MB")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        fields = proc.stderr.split()[-4:]
+        print(f"    hq --once, fresh workdir (a process): {once_s:6.2f} s, peak resident memory: HQ (Python) "
+              f"{int(fields[1]) / 1024:.0f} MB, largest git process under it {int(fields[3]) / 1024:.0f} MB")
 
 
 def main() -> None:

@@ -723,11 +723,16 @@ class GitStore:
         if whole:
             self.fetch(whole)
         if tips:
-            # one pattern, not one refspec per moved branch: git matches a thousand named refspecs far more slowly
-            exclude = [f"^refs/heads/{name}" for name in sorted(keep or ()) if name.startswith(STATUS_PREFIX)]
+            negotiation: list[str] = []
+            if len(tips) <= _NAMED_TIPS:
+                specs = [f"+refs/heads/{name}:refs/heads/{name}" for name in tips]
+                # what the mirror has of these branches is all the origin needs to hear of (not every ref)
+                negotiation = [f"--negotiation-tip=refs/heads/{name}" for name in tips if name in local]
+            else:  # one pattern: git matches a thousand named refspecs (or negotiation tips) far more slowly
+                specs = [f"+refs/heads/{STATUS_PREFIX}*:refs/heads/{STATUS_PREFIX}*",
+                         *(f"^refs/heads/{name}" for name in sorted(keep or ()) if name.startswith(STATUS_PREFIX))]
             proc = self._git("-c", f"gc.pruneExpire={_SHALLOW_PRUNE_EXPIRE}", "-c", "gc.cruftPacks=true",
-                             *flags, "--depth=1", "origin", f"+refs/heads/{STATUS_PREFIX}*:refs/heads/{STATUS_PREFIX}*",
-                             *exclude, network=True, check=False)
+                             *flags, "--depth=1", *negotiation, "origin", *specs, network=True, check=False)
             if proc.returncode != 0:
                 if not _retry:
                     raise self._fail("fetch", proc.stderr or proc.stdout)
@@ -1413,6 +1418,7 @@ class GitStore:
 
 SQUASH_RETRY_SECONDS = 86400.0  # after origin refused a squashed history, how long to publish without squashing
 _SQUASH_REF = "refs/reconciler/squash"  # where a squashed history is built before it is pushed
+_NAMED_TIPS = 64  # up to this many moved status branches are fetched by name, more by one pattern
 _SHALLOW_PRUNE_EXPIRE = "1.hour.ago"  # how long gc keeps the objects of status tips a shallow fetch replaced
 
 
