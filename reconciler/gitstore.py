@@ -690,8 +690,10 @@ class GitStore:
 
         The old tips a shallow fetch leaves unreachable are dropped by the gc
         git runs inside a fetch once they are an hour old (in a cruft pack
-        until then), not git's default two weeks. Needs git 2.37 or later for
-        the cruft pack (older gits keep them loose until then).
+        until then), not git's default two weeks. Needs git 2.29 or later
+        (negative refspecs keep ``full`` status branches out of the pattern);
+        with git before 2.37 the replaced tips wait loose rather than in a
+        cruft pack.
         """
         self._ensure_repo()
         keep = None if full is None else {_check_branch(ref) for ref in full}

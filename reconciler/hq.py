@@ -103,7 +103,7 @@ from reconciler.serving import (
     make_server,
 )
 from reconciler.signatures import SignatureGate
-from reconciler.specs import LoadResult, SpecError, Specs
+from reconciler.specs import LoadResult, Notification, SpecError, Specs
 from reconciler.times import utc_now
 from reconciler.tls import (
     PLAIN_HTTP_WARNING,
@@ -175,7 +175,8 @@ class Hq:
         # report-only changes of status/hq wait until this long after the last publish (0: never wait)
         self.publish_interval = publish_interval
         self._published_at: datetime | None = None  # when this process last pushed status/hq
-        self._held: tuple[dict[str, bytes], str] | None = None  # a report-only change waiting for its turn
+        # a report-only change waiting for its turn: files, commit message, the report, its notifications
+        self._held: tuple[dict[str, bytes], str, report.HqReport, tuple[Notification, ...]] | None = None
         self.signer = signer  # signs the manifest of the accepted commit (None: HQ publishes none)
         self.branch = branch
         self.clock = clock
@@ -318,14 +319,15 @@ class Hq:
             files = report.render_hq_status(hq_report)
             if manifest is not None:
                 files[report.MANIFEST_FILE] = manifest
+            notifications = () if specs_now is None else specs_now.topology.notifications
             self._held = None
             if files != self._published:
-                self._held = (files, self._message(hq_report))
-            if self.notifier is not None:  # transitions are known once status/hq says them; never raises or waits
-                self.notifier.observe(hq_report, () if specs_now is None else specs_now.topology.notifications)
+                self._held = (files, self._message(hq_report), hq_report, notifications)
+            elif self.notifier is not None:  # transitions are known once status/hq says them; never raises or waits
+                self.notifier.observe(hq_report, notifications)
             self._inputs = inputs
         if self._held is not None:
-            files, message = self._held
+            files, message, held_report, notifications = self._held
             wait = self._publish_wait(files)
             if wait > 0:
                 notes.append(f"report changes held {wait:.0f}s more (--publish-interval {self.publish_interval:g}s)")
@@ -335,6 +337,8 @@ class Hq:
                 self._held = None
                 if published is not None:
                     self._published_at = self.clock()
+                if self.notifier is not None:  # status/hq says them now
+                    self.notifier.observe(held_report, notifications)
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
 
