@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_hq import OK, Origin, break_job, fix_job, publish_relay, run_cli
+from test_hq_notify import FAIL, Receiver, Setup, deliver, receiver, with_notification  # noqa: F401 - receiver: the fixture
 
 from reconciler.gitstore import GitStore
 from reconciler.hq import PUBLISH_MARGIN_SECONDS, Hq, Turn, next_wait
@@ -125,3 +126,19 @@ def test_the_flag_refuses_what_is_not_a_positive_number_of_seconds(tmp_path: Pat
         proc = run_cli("hq", "--origin", str(tmp_path / "none.git"), "--workdir", str(tmp_path / "hq"), "--once",
                        "--publish-interval", bad)
         assert proc.returncode == 2 and "--publish-interval" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_held_report_notifies_when_it_is_pushed(tmp_path: Path, receiver: Receiver) -> None:
+    """A transition is announced once status/hq says it: a job failing while the report is held waits with it."""
+    setup = Setup(tmp_path, Origin(tmp_path))
+    setup.origin.commit("notify ops", with_notification(receiver.url, extra="      jobs: [install-putty]\n"))
+    hq = setup.hq()
+    hq.publish_interval = 60
+    hq.run_pass()  # the baseline, pushed at once
+    setup.putty(FAIL)
+    setup.clock.advance(10)
+    held = hq.run_pass()
+    assert held.published is None and deliver(hq) == 0 and receiver.requests == []
+    setup.clock.advance(50)
+    assert hq.run_pass().published is not None
+    assert deliver(hq) == 1 and [e["kind"] for e in receiver.events()] == ["jobFailed"]
