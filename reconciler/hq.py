@@ -1,6 +1,8 @@
 """``reconciler hq``: accept valid ``main`` commits, aggregate the relays, publish ``status/hq``.
 
-One pass: fetch; if the branch moved since the last evaluation, validate the
+One pass: fetch (``main`` and ``status/hq`` with their history, every relay's
+``status/<relay>`` by its newest commit only: ``GitStore.fetch_tips``); if the
+branch moved since the last evaluation, validate the
 new commit at that commit (never a checkout) and accept it if it is valid,
 else keep the last accepted commit and publish the errors; read every
 relay's ``status/<relay>`` ref that changed; aggregate (:mod:`reconciler.report`,
@@ -29,6 +31,13 @@ transition re-renders ``status/hq`` from the relay status already read. The
 service wakes at least every poll interval, and at the moment a relay's
 timeout runs out, so a dead relay shows as lost within about
 ``--relay-timeout`` seconds.
+
+Pushes are bounded: a change of the report alone (job reports,
+``summary.md``, ``relays.yaml``, ``moves.yaml``) is held until
+``--publish-interval`` after HQ's last push (the service wakes then), while
+a newly accepted or rejected commit and its manifest are pushed at once,
+with whatever was held. The web view shows each rendered report at once;
+notifications go out when ``status/hq`` says them.
 
 ``--listen`` also serves the read-only web view (:mod:`reconciler.web`):
 HQ keeps the report of the last pass that rendered (``Hq.snapshot``) and
