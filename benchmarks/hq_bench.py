@@ -33,7 +33,9 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import queue
 import random
 import re
@@ -226,7 +228,7 @@ def fast_import(bare: Path, refs: dict[str, dict[str, bytes]]) -> None:
     subprocess.run(["git", "fast-import", "--quiet"], cwd=bare, input=b"".join(chunks), check=True)
 
 
-def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
+def bench_aggregation(relays: int, clients: int, jobs: int, profile: bool = False, repeat: int = 3) -> None:
     with tempfile.TemporaryDirectory(prefix="hq-bench-b-") as tmp:
         root = Path(tmp)
         bare, work = make_origin(root)
@@ -252,6 +254,9 @@ def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
         hq._evaluate(store.ref_sha("main"))
         assert hq.accepted_commit == main, hq.validation_errors[:3]
         specs = hq._accepted_specs()
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
         t = time.monotonic()
         statuses, read = hq._read_relays(specs)
         read_s = time.monotonic() - t
@@ -260,6 +265,9 @@ def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
         hq_report = report.aggregate(specs, accepted, "main", (), statuses)
         files = report.render_hq_status(hq_report)
         pure_s = time.monotonic() - t
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         assert read == relays and len(files) == jobs + 4
         print(f"    fetch (mirror the origin):          {fetch_s:6.2f} s")
         print(f"    aggregate (cold): read + parse      {read_s:6.2f} s  ({relays} relay.yaml from git)")
@@ -292,6 +300,45 @@ def bench_aggregation(relays: int, clients: int, jobs: int) -> None:
         print(f"    status/hq size: {sum(len(d) for d in files.values()) / 1e3:.0f} kB, "
               f"summary.md {len(summary) / 1e3:.1f} kB, {len(summary.splitlines())} lines")
 
+        # The cold read + parse again, interleaved: relay.yaml read line by line (report.load_dumped) and
+        # through the YAML parser alone (what HQ did before), on the same fetched mirror.
+        if repeat:
+            fast_reader = report.load_dumped
+            times: dict[str, list[float]] = {"line reader": [], "yaml only": []}
+            for round_ in range(repeat):
+                for way in (("line reader", "yaml only") if round_ % 2 == 0 else ("yaml only", "line reader")):
+                    report.load_dumped = fast_reader if way == "line reader" else (lambda data: None)  # type: ignore[assignment]
+                    fresh = Hq(store)
+                    fresh._restored = True
+                    fresh._evaluate(store.ref_sha("main"))
+                    specs_again = fresh._accepted_specs()
+                    t = time.monotonic()
+                    again, _ = fresh._read_relays(specs_again)
+                    report.render_hq_status(report.aggregate(specs_again, accepted, "main", (), again))
+                    times[way].append(time.monotonic() - t)
+            report.load_dumped = fast_reader
+            medians = {way: statistics.median(values) for way, values in times.items()}
+            print(f"    cold read + parse + aggregate + render, median of {repeat}: line reader "
+                  f"{medians['line reader']:.2f} s, yaml only {medians['yaml only']:.2f} s, "
+                  f"ratio {medians['yaml only'] / medians['line reader']:.2f}")
+
+        # HQ as a process: one pass on a fresh workdir (fetch, validate, aggregate, publish), its peak memory.
+        env = {**os.environ, **GIT_ENV, "PYTHONPATH": str(PROJECT_ROOT)}
+        t = time.monotonic()
+        # the Python process's own peak (RUSAGE_SELF) apart from the git processes it ran (with a local
+        # origin those include the origin's upload-pack and pack-objects)
+        script = ("import resource, sys; from reconciler.cli import main; code = main(sys.argv[1:]); "
+                  "print('self', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'children', "
+                  "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+        proc = subprocess.run([sys.executable, "-c", script, "hq", "--origin", str(bare), "--workdir",
+                               str(root / "hq-process"), "--once"], cwd=PROJECT_ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        once_s = time.monotonic() - t
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        fields = proc.stderr.split()[-4:]
+        print(f"    hq --once, fresh workdir (a process): {once_s:6.2f} s, peak resident memory: HQ (Python) "
+              f"{int(fields[1]) / 1024:.0f} MB, largest git process under it {int(fields[3]) / 1024:.0f} MB")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -300,13 +347,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--only", choices=["a", "b"])
+    parser.add_argument("--profile", action="store_true", help="(b): cProfile of the cold aggregation, top 30")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="(b): rounds of the cold read with and without the line reader, interleaved (0: none)")
     args = parser.parse_args()
+    load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, "
-          f"{git(Path.cwd(), '--version').strip()}")
+          f"{git(Path.cwd(), '--version').strip()}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.only in (None, "a"):
         bench_push_latency(args.pushes)
     if args.only in (None, "b"):
-        bench_aggregation(args.relays, args.clients, args.jobs)
+        bench_aggregation(args.relays, args.clients, args.jobs, args.profile, args.repeat)
+    load = os.getloadavg()
+    print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", default="main", help="branch holding the specs (default: main)")
     p.add_argument("--poll-interval", type=_positive_float, default=30.0, metavar="S",
                    help="fallback poll interval in seconds (default: 30)")
+    p.add_argument("--publish-interval", type=_duration, default=60.0, metavar="S",
+                   help="push a change of the report alone (job reports, summary.md, relays.yaml) at most this "
+                        "often, in seconds (default: 60); a newly accepted or rejected commit is pushed at once")
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="serve /healthz, the git webhook and the relays' heartbeats here (without it HQ reports "
                         "no relay liveness)")

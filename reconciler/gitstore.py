@@ -670,6 +670,81 @@ class GitStore:
         if specs:
             self._git(*flags, "origin", *specs, network=True)
 
+    def fetch_tips(self, full: Sequence[str] | None = None, *, _retry: bool = True) -> None:
+        """Copy origin's branches into the mirror, ``status/*`` branches by their newest commit only.
+
+        Every ``status/<name>`` branch is fetched shallow (``--depth 1``):
+        the mirror holds its tip commit and tree, never its history, so a
+        fresh mirror does not copy months of every relay's history, and the
+        mirror's size follows the number of relays, not of their publishes.
+        A rewritten (squashed) status branch is simply a new tip (``+``).
+
+        ``full`` names the branches that keep their whole history: HQ's
+        ``main``, which validation and ``status --commit`` walk, and the
+        ``status/*`` branch the caller writes itself, whose squash walks it.
+        With ``full`` None, every branch outside ``status/`` keeps its
+        history.
+
+        One ``ls-remote`` lists origin's branches first; branches origin no
+        longer has are deleted, and git fetches only when a tip differs from
+        the mirror's (the ``status/*`` ones with one pattern, the kept ones
+        by name). So a fetch when nothing moved is that listing alone.
+
+        The old tips a shallow fetch leaves unreachable are dropped by the gc
+        git runs inside a fetch once they are an hour old (in a cruft pack
+        until then), not git's default two weeks. Needs git 2.29 or later
+        (negative refspecs keep ``full`` status branches out of the pattern);
+        with git before 2.37 the replaced tips wait loose rather than in a
+        cruft pack.
+        """
+        self._ensure_repo()
+        keep = None if full is None else {_check_branch(ref) for ref in full}
+        out = self._git("ls-remote", "--heads", "origin", network=True).stdout.decode("utf-8", "surrogateescape")
+        remote: dict[str, str] = {}
+        for line in out.splitlines():
+            sha, _, name = line.partition("\t")
+            if name.startswith("refs/heads/"):
+                remote[name[len("refs/heads/"):]] = sha
+        local: dict[str, str] = {}
+        for line in self._out("for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/").splitlines():
+            sha, _, name = line.partition(" ")
+            local[name[len("refs/heads/"):]] = sha
+
+        def followed(name: str) -> bool:
+            return name.startswith(STATUS_PREFIX) or (name in keep if keep is not None else True)
+
+        def shallow(name: str) -> bool:
+            return name.startswith(STATUS_PREFIX) and (keep is None or name not in keep)
+
+        gone = sorted(name for name in local if followed(name) and name not in remote)
+        if gone:
+            self._git("update-ref", "--stdin", input="".join(f"delete refs/heads/{name}\n" for name in gone).encode(
+                "utf-8", "surrogateescape"))
+        moved = sorted(name for name, sha in remote.items() if followed(name) and local.get(name) != sha)
+        whole = [name for name in moved if not shallow(name)]
+        tips = [name for name in moved if shallow(name)]
+        flags = ("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules")
+        if whole:
+            self.fetch(whole)
+        if tips:
+            negotiation: list[str] = []
+            if len(tips) <= _NAMED_TIPS:
+                specs = [f"+refs/heads/{name}:refs/heads/{name}" for name in tips]
+                # what the mirror has of these branches is all the origin needs to hear of (not every ref)
+                negotiation = [f"--negotiation-tip=refs/heads/{name}" for name in tips if name in local]
+            else:  # one pattern: git matches a thousand named refspecs (or negotiation tips) far more slowly
+                specs = [f"+refs/heads/{STATUS_PREFIX}*:refs/heads/{STATUS_PREFIX}*",
+                         *(f"^refs/heads/{name}" for name in sorted(keep or ()) if name.startswith(STATUS_PREFIX))]
+            proc = self._git("-c", f"gc.pruneExpire={_SHALLOW_PRUNE_EXPIRE}", "-c", "gc.cruftPacks=true",
+                             *flags, "--depth=1", *negotiation, "origin", *specs, network=True, check=False)
+            if proc.returncode != 0:
+                if not _retry:
+                    raise self._fail("fetch", proc.stderr or proc.stdout)
+                # every status branch deleted between the listing and the fetch fails it: list again, once
+                log.info("fetching %d moved status branches failed (%s); listing origin again", len(tips),
+                         self.redact(" ".join(proc.stderr.decode("utf-8", "replace").split()))[:200])
+                self.fetch_tips(full, _retry=False)
+
     def ref_sha(self, ref: str) -> str | None:
         """Commit sha of origin's branch ``ref`` as of the last fetch, None if absent."""
         _check_branch(ref)
@@ -1369,6 +1444,8 @@ class GitStore:
 
 SQUASH_RETRY_SECONDS = 86400.0  # after origin refused a squashed history, how long to publish without squashing
 _SQUASH_REF = "refs/reconciler/squash"  # where a squashed history is built before it is pushed
+_NAMED_TIPS = 64  # up to this many moved status branches are fetched by name, more by one pattern
+_SHALLOW_PRUNE_EXPIRE = "1.hour.ago"  # how long gc keeps the objects of status tips a shallow fetch replaced
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,6 +1,8 @@
 """``reconciler hq``: accept valid ``main`` commits, aggregate the relays, publish ``status/hq``.
 
-One pass: fetch; if the branch moved since the last evaluation, validate the
+One pass: fetch (``main`` and ``status/hq`` with their history, every relay's
+``status/<relay>`` by its newest commit only: ``GitStore.fetch_tips``); if the
+branch moved since the last evaluation, validate the
 new commit at that commit (never a checkout) and accept it if it is valid,
 else keep the last accepted commit and publish the errors; read every
 relay's ``status/<relay>`` ref that changed; aggregate (:mod:`reconciler.report`,
@@ -29,6 +31,13 @@ transition re-renders ``status/hq`` from the relay status already read. The
 service wakes at least every poll interval, and at the moment a relay's
 timeout runs out, so a dead relay shows as lost within about
 ``--relay-timeout`` seconds.
+
+Pushes are bounded: a change of the report alone (job reports,
+``summary.md``, ``relays.yaml``, ``moves.yaml``) is held until
+``--publish-interval`` after HQ's last push (the service wakes then), while
+a newly accepted or rejected commit and its manifest are pushed at once,
+with whatever was held. The web view shows each rendered report at once;
+notifications go out when ``status/hq`` says them.
 
 ``--listen`` also serves the read-only web view (:mod:`reconciler.web`):
 HQ keeps the report of the last pass that rendered (``Hq.snapshot``) and
@@ -103,7 +112,7 @@ from reconciler.serving import (
     make_server,
 )
 from reconciler.signatures import SignatureGate
-from reconciler.specs import LoadResult, SpecError, Specs
+from reconciler.specs import LoadResult, Notification, SpecError, Specs
 from reconciler.times import utc_now
 from reconciler.tls import (
     PLAIN_HTTP_WARNING,
@@ -170,8 +179,13 @@ class Hq:
 
     def __init__(self, store: GitStore, branch: str = "main", *, clock: Callable[[], datetime] = _now,
                  contacts: Contacts | None = None, signatures: SignatureGate | None = None,
-                 signer: ManifestSigner | None = None) -> None:
+                 signer: ManifestSigner | None = None, publish_interval: float = 0.0) -> None:
         self.store = store
+        # report-only changes of status/hq wait until this long after the last publish (0: never wait)
+        self.publish_interval = publish_interval
+        self._published_at: datetime | None = None  # when this process last pushed status/hq
+        # a report-only change waiting for its turn: files, commit message, the report, its notifications
+        self._held: tuple[dict[str, bytes], str, report.HqReport, tuple[Notification, ...]] | None = None
         self.signer = signer  # signs the manifest of the accepted commit (None: HQ publishes none)
         self.branch = branch
         self.clock = clock
@@ -271,7 +285,7 @@ class Hq:
 
     def _run_pass(self) -> PassResult:
         started = time.monotonic()
-        self.store.fetch()
+        self.store.fetch_tips((self.branch, HQ_STATUS_REF))
         if not self._restored:
             self._restore()
         notes: list[str] = []
@@ -314,14 +328,51 @@ class Hq:
             files = report.render_hq_status(hq_report)
             if manifest is not None:
                 files[report.MANIFEST_FILE] = manifest
+            notifications = () if specs_now is None else specs_now.topology.notifications
+            self._held = None
             if files != self._published:
-                published = self.store.publish(HQ_STATUS_REF, files, self._message(hq_report))
-                self._published = files
-            if self.notifier is not None:  # transitions are known once status/hq says them; never raises or waits
-                self.notifier.observe(hq_report, () if specs_now is None else specs_now.topology.notifications)
+                self._held = (files, self._message(hq_report), hq_report, notifications)
+            elif self.notifier is not None:  # transitions are known once status/hq says them; never raises or waits
+                self.notifier.observe(hq_report, notifications)
             self._inputs = inputs
+        if self._held is not None:
+            files, message, held_report, notifications = self._held
+            wait = self._publish_wait(files)
+            if wait > 0:
+                notes.append(f"report changes held {wait:.0f}s more (--publish-interval {self.publish_interval:g}s)")
+            else:
+                published = self.store.publish(HQ_STATUS_REF, files, message)
+                self._published = files
+                self._held = None
+                if published is not None:
+                    self._published_at = self.clock()
+                if self.notifier is not None:  # status/hq says them now
+                    self.notifier.observe(held_report, notifications)
         return PassResult(main, self.accepted_commit, published, changed, time.monotonic() - started, notes, error,
                           exception)
+
+    def _publish_wait(self, files: Mapping[str, bytes]) -> float:
+        """Seconds a change to ``files`` waits before it is pushed; 0 to push it now.
+
+        What relays act on goes at once: a newly accepted or rejected commit
+        (``accepted.yaml``, ``validation.yaml``) and its signed manifest. A
+        change of the report alone (job reports, ``summary.md``,
+        ``relays.yaml``, ``moves.yaml``) waits until ``publish_interval``
+        after the last push, so HQ pushes at most once per interval however
+        often relays publish; it goes out whole with the next push.
+        """
+        last, published = self._published_at, self._published
+        if self.publish_interval <= 0 or last is None or published is None:
+            return 0.0
+        if any(files.get(name) != published.get(name) for name in _ACT_ON_AT_ONCE):
+            return 0.0
+        return max(0.0, (last + timedelta(seconds=self.publish_interval) - self.clock()).total_seconds())
+
+    def seconds_until_publish(self) -> float | None:
+        """Seconds until a held report change is due (the service wakes then); None when none is held."""
+        with self._lock:
+            held = self._held
+            return None if held is None else self._publish_wait(held[0])
 
     @property
     def last_report(self) -> report.HqReport | None:
@@ -486,6 +537,9 @@ class Hq:
         return out
 
 
+_ACT_ON_AT_ONCE = (report.ACCEPTED_FILE, report.VALIDATION_FILE, report.MANIFEST_FILE)
+"""Files of status/hq whose change is pushed at once, whatever ``--publish-interval`` says: relays act on them."""
+
 JOB_ROWS_CACHED = 4
 """Jobs whose client rows HQ keeps for the web view (a job of 100,000 clients is that many rows)."""
 
@@ -623,7 +677,13 @@ def next_wait(hq: Hq, turn: Turn, poll_interval: float) -> float:
         lost_in = hq.seconds_until_liveness_change()
         wait = poll_interval if lost_in is None else min(poll_interval, lost_in + LIVENESS_MARGIN_SECONDS)
     retry_in = hq.seconds_until_retry()
-    return wait if retry_in is None else min(wait, retry_in)
+    wait = wait if retry_in is None else min(wait, retry_in)
+    publish_in = None if turn.failures else hq.seconds_until_publish()
+    return wait if publish_in is None else min(wait, publish_in + PUBLISH_MARGIN_SECONDS)
+
+
+PUBLISH_MARGIN_SECONDS = 0.5
+"""How long after a held report change is due the service wakes to push it (HQ's clock counts whole seconds)."""
 
 
 LISTEN_FILE = "listen.url"
@@ -694,7 +754,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     store = GitStore(args.origin, workdir, password=password,
                      history=history_of(args.status_history_days, args.status_history_commits))
-    hq = Hq(store, args.branch, signatures=signatures, signer=signer)
+    hq = Hq(store, args.branch, signatures=signatures, signer=signer,
+            publish_interval=getattr(args, "publish_interval", 0.0))
     secrets_dir = getattr(args, "notification_secrets_dir", None)
     if secrets_dir:
         if not Path(secrets_dir).is_dir():

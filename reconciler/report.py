@@ -415,6 +415,9 @@ def _reading(name: str) -> Callable[[_Parse], _Parse]:
 def load_yaml(data: bytes, what: str) -> dict[str, Any]:
     if len(data) > MAX_STATUS_FILE:
         raise ReportError(f"{what}: {len(data)} bytes, more than a status file may hold ({MAX_STATUS_FILE})")
+    dumped = load_dumped(data)
+    if dumped is not None:  # dump_yaml's own layout: read line by line, JSON values through the C decoder
+        return dumped
     try:
         value = yaml.load(data.decode("utf-8"), Loader=_Loader)
     except (UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError, OverflowError) as e:
@@ -425,6 +428,109 @@ def load_yaml(data: bytes, what: str) -> dict[str, Any]:
         raise ReportError(f"{what}: expected a mapping")
     _refuse_aliases(value, what)
     return value
+
+
+class _NotDumped(Exception):
+    """The text is not laid out as :func:`dump_yaml` writes it (read it as YAML)."""
+
+
+# A line :func:`load_dumped` cannot be sure YAML reads as JSON does: a control character (tab, CR), a
+# character YAML breaks lines at or refuses, or an escaped surrogate (JSON pairs them, YAML does not).
+_NOT_DUMPED_TEXT = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                              "\u2066-\u2069\ud800-\udfff\ufeff\ufffe\uffff]|\\\\u[dD][89abAB]")
+_DUMPED_KEY = re.compile(r'([A-Za-z][A-Za-z0-9_./-]*|"(?:[^"\\]|\\.)*"):(?: (.*))?')
+
+
+def load_dumped(data: bytes) -> dict[str, Any] | None:
+    """``data`` read as the mapping :func:`dump_yaml` wrote, when it is laid out exactly so; else None.
+
+    That layout is block mappings indented by two, list items as ``- `` and
+    one JSON value a line, and every other value a plain word or a JSON
+    text. Read line by line, each JSON text through the C JSON decoder, it
+    takes a fraction of the time PyYAML's constructor does (HQ reads one
+    ``relay.yaml`` per relay). Whatever YAML might read differently from
+    JSON sends the whole file back to the YAML reader (None): a number with
+    an exponent (a string to YAML 1.1), a word YAML reads as a boolean or
+    null, a tab, a comment, an anchor, a key given twice, any other
+    indentation. So the result is always what ``yaml.safe_load`` gives.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text.endswith("\n") or _NOT_DUMPED_TEXT.search(text):
+        return None
+    lines = text[:-1].split("\n")
+    try:
+        value, end = _dumped_mapping(lines, 0, 0)
+    except (_NotDumped, ValueError, RecursionError):
+        return None
+    return value if end == len(lines) and value else None
+
+
+def _dumped_mapping(lines: list[str], at: int, indent: int) -> tuple[dict[str, Any], int]:
+    out: dict[str, Any] = {}
+    prefix, item = " " * indent, " " * indent + "- "
+    while at < len(lines):
+        line = lines[at]
+        body = line[indent:]
+        if not line.startswith(prefix) or body.startswith(" "):
+            if len(line) - len(line.lstrip(" ")) < indent and line.strip():
+                break  # the end of this mapping
+            raise _NotDumped
+        match = _DUMPED_KEY.fullmatch(body)
+        if match is None:
+            raise _NotDumped
+        key = _dumped_word(match.group(1)) if not match.group(1).startswith('"') else _dumped_json(match.group(1))
+        if not isinstance(key, str) or key in out:
+            raise _NotDumped
+        at += 1
+        rest = match.group(2)
+        value: Any
+        if rest is not None:
+            value = _dumped_word(rest) if _YAML_PLAIN.fullmatch(rest) or rest in ("null", "true", "false") \
+                else _dumped_json(rest)
+        elif at < len(lines) and lines[at].startswith(item):
+            items: list[Any] = []
+            while at < len(lines) and lines[at].startswith(item):
+                items.append(_dumped_json(lines[at][len(item):]))
+                at += 1
+            value = items
+        elif at < len(lines) and lines[at].startswith(prefix + "  ") and lines[at][indent + 2:indent + 3] != " ":
+            value, at = _dumped_mapping(lines, at, indent + 2)
+        else:
+            raise _NotDumped  # "key:" with nothing under it is null to YAML; dump_yaml never writes it
+        out[key] = value
+    return out, at
+
+
+def _dumped_word(word: str) -> Any:
+    if word in ("null", "true", "false"):
+        return {"null": None, "true": True, "false": False}[word]
+    if word in _YAML_WORDS:
+        raise _NotDumped
+    return word
+
+
+def _dumped_float(text: str) -> float:
+    if "e" in text or "E" in text:
+        raise _NotDumped  # 1e3 is a number to JSON and a string to YAML 1.1
+    return float(text)
+
+
+def _not_json(text: str) -> Any:
+    raise _NotDumped  # NaN, Infinity
+
+
+_DUMPED_JSON = json.JSONDecoder(parse_float=_dumped_float, parse_constant=_not_json)
+
+
+def _dumped_json(text: str) -> Any:
+    if text.isdigit() and text.isascii() and (text[0] != "0" or text == "0"):
+        return int(text)  # the counts: most values of a relay.yaml
+    if text.startswith(" "):
+        raise _NotDumped
+    return _DUMPED_JSON.decode(text)
 
 
 def _refuse_aliases(value: Any, what: str) -> None:

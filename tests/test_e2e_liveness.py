@@ -43,7 +43,7 @@ class Fleet:
         self.base = base
         self.origin = Origin(base)
         self.commit = self.origin.commit(SPECS)
-        self.hq = HqProcess(self.origin.url, base / "hq", "--poll-interval", "1",
+        self.hq = HqProcess(self.origin.url, base / "hq", "--poll-interval", "1", "--publish-interval", "1",
                             "--relay-timeout", str(RELAY_TIMEOUT), *self.origin.hq_trust_args()).start()
         wait_for(lambda: self.accepted() == self.commit, 60, what="HQ to accept the specs")
         self.relays = {name: RelayProcess(name, self.origin.url, base / name, extra_args=[

@@ -65,7 +65,7 @@ class Fleet:
         self.base = base
         self.origin = Origin(base)
         self.commit = self.origin.commit(SPECS)
-        self.hq = HqProcess(self.origin.url, base / "hq", "--poll-interval", "1", "--relay-timeout", "5",
+        self.hq = HqProcess(self.origin.url, base / "hq", "--poll-interval", "1", "--publish-interval", "1", "--relay-timeout", "5",
                             *self.origin.hq_trust_args()).start()
         wait_for(lambda: self.read_hq("accepted.yaml").get("acceptedCommit") == self.commit, 60,
                  what="HQ to accept the specs")

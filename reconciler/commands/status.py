@@ -18,7 +18,9 @@ commit cannot be read here are HQ's published roll-ups shown as they are; the
 read problem then keeps ``--wait`` from settling.)
 
 The origin is mirrored into a cache directory keyed by the (redacted) origin
-URL, so repeated calls fetch only what changed. ``--wait`` is woken by the
+URL, so repeated calls fetch only what changed: branches outside ``status/``
+with their history (``--commit`` walks ``main``), each ``status/*`` branch by
+its newest commit only (``GitStore.fetch_tips``), never a relay's history. ``--wait`` is woken by the
 change watcher (at once for a local origin) with a short poll as fallback.
 """
 
@@ -196,7 +198,7 @@ class Reader:
 
     def read(self) -> Snapshot:
         store = self.store
-        store.fetch()
+        store.fetch_tips()
         problems: list[str] = []
         refs = store.list_status_refs()
         hq: HqReport | None = None
