@@ -82,9 +82,10 @@ from hq_bench import synthetic_repo
 
 from reconciler import plan, report
 from reconciler.gitstore import GitStore
+from reconciler.hq import Hq
 from reconciler.plan import ClientState, Installed, Reason
 from reconciler.plan.vocabulary import offline_message
-from reconciler.report import InventoryEntry, StatusRow
+from reconciler.report import Accepted, InventoryEntry, StatusRow
 from reconciler.times import format_precise, format_time
 
 GIT_ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
@@ -742,6 +743,8 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
         print(f"{'' if 'again' in label else chr(10)}reconciler hq --once ({label}): {time.perf_counter() - t:.1f} s, "
               f"exit {proc.returncode}; {lines[0].strip() if lines else proc.stderr[-300:]}")
 
+    hq_aggregation(bare, root / "hq-parts", mains[-1])
+
     for way in ("--mirror", "--bare"):
         target = root / f"clone{way}.git"
         t = time.perf_counter()
@@ -769,6 +772,28 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
               f"{old_writer.raw_bytes / max(1, sub_writer.raw_bytes):>7.1f}")
         print(f"{'origin growth after gc':<30} {mb(old_added):>12} {mb(sub_added):>12} "
               f"{old_added / max(1, sub_added):>7.1f}")
+
+
+def hq_aggregation(bare: Path, workdir: Path, main: str) -> None:
+    """HQ's first pass in parts, in process (as ``hq_bench.py`` does): the mirror fetch, then the aggregation."""
+    store = GitStore(str(bare), workdir)
+    t = time.perf_counter()
+    store.fetch()
+    fetch_s = time.perf_counter() - t
+    hq = Hq(store)
+    hq._restored = True
+    hq._evaluate(store.ref_sha("main"))
+    assert hq.accepted_commit == main, hq.validation_errors[:3]
+    specs = hq._accepted_specs()
+    t = time.perf_counter()
+    statuses, read = hq._read_relays(specs)
+    read_s = time.perf_counter() - t
+    t = time.perf_counter()
+    files = report.render_hq_status(report.aggregate(specs, Accepted(hq.accepted_commit, hq.accepted_at, main, True),
+                                                     "main", (), statuses))
+    pure_s = time.perf_counter() - t
+    print(f"HQ in process, fresh workdir: fetch (mirror every status branch) {fetch_s:.1f} s; read + parse {read} "
+          f"relay.yaml {read_s:.2f} s; aggregate + render {pure_s:.2f} s ({len(files)} files)")
 
 
 def check_real_pushes(args: argparse.Namespace, root: Path) -> None:
@@ -824,6 +849,9 @@ def check_real_pushes(args: argparse.Namespace, root: Path) -> None:
     for path in origins.values():
         gc(path)
     after_gc = {way: dir_bytes(path) for way, path in origins.items()}
+    for path in origins.values():  # deltas found again (none reused), the same way for both
+        git(path, "repack", "-a", "-d", "-f", "--window=10", "--depth=50")
+    after_f = {way: dir_bytes(path) for way, path in origins.items()}
     print(f"\ncheck: {args.check_relays} relays x {args.clients} clients, {args.check_hour:02d}:00-"
           f"{args.check_hour + 1:02d}:00, {pushes} commits each way ({time.perf_counter() - t:.0f} s; "
           f"GitStore.publish: {publish_s / max(1, pushes) * 1000:.0f} ms per real push)")
@@ -834,6 +862,8 @@ def check_real_pushes(args: argparse.Namespace, root: Path) -> None:
           f" {before_gc['fast-import'][1]['count']:>6,}, {before_gc['fast-import'][1]['packs']:>3}")
     print(f"{'origin after gc':<28} {mb(after_gc['publish']):>17} {mb(after_gc['fast-import']):>12} "
           f"{after_gc['publish'] / max(1, after_gc['fast-import']):>7.2f}")
+    print(f"{'after git repack -a -d -f':<28} {mb(after_f['publish']):>17} {mb(after_f['fast-import']):>12} "
+          f"{after_f['publish'] / max(1, after_f['fast-import']):>7.2f}")
 
 
 def main(argv: Iterable[str] | None = None) -> None:
