@@ -649,14 +649,17 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
     def observed(at: float) -> str:
         return mains[sum(1 for r in rollouts if r <= at)]
 
-    print(f"simulating {len(names)} relays x {args.clients} clients x {hours} h, relay by relay "
+    print(f"simulating {len(names)} relays x {args.clients} clients x {hours} h from {args.start_hour:02d}:00, relay by relay "
           f"(each relay's day is independent of the others')", flush=True)
     for n, name in enumerate(names):
         model = RelayModel(name, args.clients, 1000 + n, rollouts, args.laptops)
         pub = Publisher(model, writer, args.inventory_interval, phases.uniform(0, args.inventory_interval))
-        files = pub.step(0, observed(0), verify=n == 0)
+        begin = args.start_hour * 3600.0
+        model.advance(begin - STEP)
+        files = pub.step(begin - STEP, observed(begin - STEP), verify=n == 0)
         assert files is not None
-        first: Commit = (-60, f"status/{name}: accepted {observed(0)[:12]}", files)  # yesterday's state
+        # the state before the first step (yesterday's at 00:00), already on the origin: not counted
+        first: Commit = (begin - STEP, f"status/{name}: accepted {observed(begin - STEP)[:12]}", files)
         start_writer.relay(name, [first])
         day: list[Commit] = [first]
         old_day: list[Commit] = [first]
@@ -664,7 +667,7 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
                             software=pub.software, online=pub.online) if n < old_n else None
         for hour in range(hours):
             for minute in range(60):
-                at = hour * 3600.0 + (minute + 1) * STEP
+                at = begin + hour * 3600.0 + (minute + 1) * STEP
                 if old_pub is not None:  # the previous layout: six 10 s publishes a minute, inventory live
                     for sub in range(STEP // OLD_STEP):
                         sub_at = at - STEP + (sub + 1) * OLD_STEP
@@ -700,14 +703,14 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
     print("pushes are counted, not performed: every relay's commits went into the origin through git fast-import "
           "(the same commits, trees and blobs one push per commit makes; packed, where small pushes leave "
           "loose objects)")
-    rollout_hours = {h + k for h in args.rollout_hours for k in (0, 1)}
+    rollout_hours = {h + k - args.start_hour for h in args.rollout_hours for k in (0, 1)}
     idle = [h for h in range(hours) if h not in rollout_hours]
     busy = [h for h in range(hours) if h in rollout_hours]
     total = sum(map(sum, per_hour))
     print(f"\npushes in {hours} h: {total:,} ({total / len(names):.0f} per relay). By hour of the day:")
     print(f"{'hour':<8} {'all relays':>11} {'per relay':>10} {'max relay':>10}")
     for h in range(hours):
-        print(f"{h:02d}:00{'*' if h in rollout_hours else ' ':<3} {sum(per_hour[h]):>11,} "
+        print(f"{h + args.start_hour:02d}:00{'*' if h in rollout_hours else ' ':<3} {sum(per_hour[h]):>11,} "
               f"{sum(per_hour[h]) / len(names):>10.1f} {max(per_hour[h]):>10}")
     for label, group in (("idle hours (mean)", idle), ("rollout hours* (mean)", busy)):
         if group:
@@ -729,9 +732,10 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
           f"fast-import, {objects['in-pack']:,} objects in packs)")
     print(f"  after git gc --prune=now ({gc_s:.0f} s): {mb(day_after)}; yesterday's states alone: {mb(start_after)}")
     print(f"  added by the day (after gc): {mb(added)}, {mb(added / len(names))} per relay")
-    print(f"  extrapolated, linear (not simulated): a year without a bound {mb(start_after + added * 365)}; with "
-          f"--status-history-days 30 (squashed at 37.5 days) the origin holds "
-          f"{mb(start_after + added * 30)}-{mb(start_after + added * 37.5)}")
+    if hours == 24:
+        print(f"  extrapolated, linear (not simulated): a year without a bound {mb(start_after + added * 365)}; with "
+              f"--status-history-days 30 (squashed at 37.5 days) the origin holds "
+              f"{mb(start_after + added * 30)}-{mb(start_after + added * 37.5)}")
 
     env = {**GIT_ENV, "PYTHONPATH": str(PROJECT_ROOT)}
     for label in ("fresh workdir: mirror fetch + validate + aggregate + publish", "again, nothing moved"):
@@ -871,6 +875,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--relays", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--hours", type=int, default=24)
+    parser.add_argument("--start-hour", type=int, default=0,
+                        help="publish from this hour of the day on (the fleet's day before it is simulated, not published)")
     parser.add_argument("--rollouts", default="10,14", help="hours of the day at which a commit adds a job")
     parser.add_argument("--inventory-interval", type=float, default=900.0)
     parser.add_argument("--laptops", type=float, default=0.15,
