@@ -113,7 +113,10 @@ _why: Any = report._why
 _cut: Any = report._cut
 
 
-def _status_fields(row: tuple[ClientState, Reason, int, str, str | None, datetime]) -> tuple[Any, ...]:
+RowFields = tuple[ClientState, Reason, int, str, str | None, datetime]  # state, reason, attempts, message, installed, since
+
+
+def _status_fields(row: RowFields) -> tuple[Any, ...]:
     state, reason, attempts, message, installed, updated = row
     return state, installed, attempts, message, updated, reason.value
 
@@ -134,7 +137,7 @@ class JobRows:
     """One job's rows on one relay: per client (state, reason, attempts, message, installed, updated)."""
 
     index: int
-    rows: list[tuple[ClientState, Reason, int, str, str | None, datetime]]
+    rows: list[RowFields]
     lines: list[str]
     waiting: deque[int] = field(default_factory=deque)  # online clients waiting for a slot, in order
     taken: int = 0  # slots held: queued for a check-in or in progress
@@ -202,10 +205,10 @@ class RelayModel:
         heapq.heappush(self.events, (at, self._seq, kind, client, job))
 
     def _settled_job(self, j: int) -> JobRows:
-        done = [(ClientState.SUCCEEDED, Reason.DONE, 1, "", f"1.{j}",
-                 DAY0 - timedelta(days=3, seconds=self.rng.randrange(86400))) for _ in self.ids]
+        done: list[RowFields] = [(ClientState.SUCCEEDED, Reason.DONE, 1, "", f"1.{j}",
+                                  DAY0 - timedelta(days=3, seconds=self.rng.randrange(86400))) for _ in self.ids]
         rows = JobRows(j, done, [""] * len(self.ids), dirty=set(range(len(self.ids))))
-        for _i, row in enumerate(done):
+        for row in done:
             self.newest = row[5] if self.newest is None or row[5] > self.newest else self.newest
         return rows
 
@@ -379,7 +382,7 @@ class RelayModel:
 
     def entry(self, i: int) -> InventoryEntry:
         cid = self.ids[i]
-        facts = {"arch": "x86_64", "freeDiskMB": self.disk[i] // 1024 * 1024, "hostname": cid, "os": "windows"}
+        facts: dict[str, str | int] = {"arch": "x86_64", "freeDiskMB": self.disk[i] // 1024 * 1024, "hostname": cid, "os": "windows"}
         installed = tuple(Installed(f"tool-{j}", f"1.{j}") for j in sorted(self.installed[i]))
         online = self.online[i]
         return InventoryEntry(cid, facts, self.labels[i], installed, online, None if online else self.last_seen[i])
@@ -420,7 +423,7 @@ class RelayModel:
         return data
 
     def relay_yaml(self, observed: str | None, digests: dict[str, Any], online: int) -> bytes:
-        doc = {"relay": self.name, "observedCommit": observed, "clients": len(self.ids), "clientsOnline": online,
+        doc: dict[str, Any] = {"relay": self.name, "observedCommit": observed, "clients": len(self.ids), "clientsOnline": online,
                "clientsOffline": len(self.ids) - online, "updatedAt": format_time(self.newest), "errors": [],
                "problems": [], "jobs": digests}
         return report.dump_yaml(doc)
