@@ -729,12 +729,12 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
     (day_before, objects), day_after, gc_s = sizes["day"]
     start_after = sizes["start"][1]
     added = day_after - start_after
-    print(f"\norigin: {writer.commits - len(names):,} commits in the day, {mb(writer.raw_bytes)} of changed files "
+    print(f"\norigin: {writer.commits - len(names):,} commits in {hours} h, {mb(writer.raw_bytes)} of changed files "
           f"committed (raw, including yesterday's {len(names)} states)")
     print(f"  before gc: {mb(day_before)} ({objects['count']:,} loose objects, {objects['packs']} packs from "
           f"fast-import, {objects['in-pack']:,} objects in packs)")
     print(f"  after git gc --prune=now ({gc_s:.0f} s): {mb(day_after)}; yesterday's states alone: {mb(start_after)}")
-    print(f"  added by the day (after gc): {mb(added)}, {mb(added / len(names))} per relay")
+    print(f"  added by the {hours} simulated h (after gc): {mb(added)}, {mb(added / len(names))} per relay")
     if hours == 24:
         print(f"  extrapolated, linear (not simulated): a year without a bound {mb(start_after + added * 365)}; with "
               f"--status-history-days 30 (squashed at 37.5 days) the origin holds "
