@@ -530,7 +530,6 @@ class Publisher:
     """One layout's publishing for one relay: what was committed last, when the inventory is due."""
 
     relay: RelayModel
-    writer: Writer | None
     inventory_interval: float  # 0: inventory and online counts live in every commit (the previous layout)
     phase: float
     committed: dict[str, bytes] = field(default_factory=dict)
@@ -656,7 +655,7 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
           f"(each relay's day is independent of the others')", flush=True)
     for n, name in enumerate(names):
         model = RelayModel(name, args.clients, 1000 + n, rollouts, args.laptops)
-        pub = Publisher(model, writer, args.inventory_interval, phases.uniform(0, args.inventory_interval))
+        pub = Publisher(model, args.inventory_interval, phases.uniform(0, args.inventory_interval))
         begin = args.start_hour * 3600.0
         model.advance(begin - STEP)
         files = pub.step(begin - STEP, observed(begin - STEP), verify=n == 0)
@@ -666,7 +665,7 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
         start_writer.relay(name, [first])
         day: list[Commit] = [first]
         old_day: list[Commit] = [first]
-        old_pub = Publisher(model, old_writer, 0, 0, committed=dict(pub.committed), inventory=pub.inventory,
+        old_pub = Publisher(model, 0, 0, committed=dict(pub.committed), inventory=pub.inventory,
                             software=pub.software, online=pub.online) if n < old_n else None
         for hour in range(hours):
             for minute in range(60):
@@ -705,7 +704,8 @@ def simulate(args: argparse.Namespace, root: Path) -> None:
           f"{verified} commits checked byte-for-byte against report.render_relay_status")
     print("pushes are counted, not performed: every relay's commits went into the origin through git fast-import "
           "(the same commits, trees and blobs one push per commit makes; packed, where small pushes leave "
-          "loose objects)")
+          f"loose objects): {commits_made:,} pushes at the 0.1-0.2 s one GitStore.publish takes on this machine "
+          f"(--check-relays times them) would take {commits_made * 0.15 / 3600:.1f} h")
     rollout_hours = {h + k - args.start_hour for h in args.rollout_hours for k in (0, 1)}
     idle = [h for h in range(hours) if h not in rollout_hours]
     busy = [h for h in range(hours) if h in rollout_hours]
@@ -823,7 +823,7 @@ def check_real_pushes(args: argparse.Namespace, root: Path) -> None:
         for n, name in enumerate(names):
             if first_pass:
                 model = RelayModel(name, args.clients, 5000 + n, rollouts, args.laptops)
-                pub = Publisher(model, None, args.inventory_interval, phases.uniform(0, args.inventory_interval))
+                pub = Publisher(model, args.inventory_interval, phases.uniform(0, args.inventory_interval))
                 model.advance(start)
                 files = pub.step(start, commit, verify=False)
                 assert files is not None
