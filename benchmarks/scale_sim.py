@@ -861,9 +861,6 @@ def check_real_pushes(args: argparse.Namespace, root: Path) -> None:
     for path in origins.values():  # deltas found again (none reused), the same way for both
         git(path, "repack", "-a", "-d", "-f", "--window=10", "--depth=50")
     after_f = {way: dir_bytes(path) for way, path in origins.items()}
-    for path in origins.values():  # what git gc --aggressive does: a wider search for delta bases
-        git(path, "repack", "-a", "-d", "-f", "--window=250", "--depth=50")
-    after_wide = {way: dir_bytes(path) for way, path in origins.items()}
     print(f"\ncheck: {args.check_relays} relays x {args.clients} clients, {args.check_hour:02d}:00-"
           f"{args.check_hour + 1:02d}:00, {pushes} commits each way ({time.perf_counter() - t:.0f} s; "
           f"GitStore.publish: {publish_s / max(1, pushes) * 1000:.0f} ms per real push)")
@@ -876,8 +873,6 @@ def check_real_pushes(args: argparse.Namespace, root: Path) -> None:
           f"{after_gc['publish'] / max(1, after_gc['fast-import']):>7.2f}")
     print(f"{'after git repack -a -d -f':<28} {mb(after_f['publish']):>17} {mb(after_f['fast-import']):>12} "
           f"{after_f['publish'] / max(1, after_f['fast-import']):>7.2f}")
-    print(f"{'  ... -f --window=250':<28} {mb(after_wide['publish']):>17} {mb(after_wide['fast-import']):>12} "
-          f"{after_wide['publish'] / max(1, after_gc['fast-import']):>7.2f} (against fast-import after gc)")
 
 
 def main(argv: Iterable[str] | None = None) -> None:
