@@ -6,7 +6,11 @@ client against the relay's in-memory :class:`~reconciler.plan.RelayIndex`
 and the rollout usage counted on the other clients' row states (one indexed
 query, in the same transaction), record the operations handed out, commit,
 reply. Nothing in it scans all clients; the loop's full pass does that, off
-the request path.
+the request path. A check-in that changes nothing (the same report but for
+free disk, no results, nothing handed out, no row moved) is read and planned
+in a read transaction and takes no write lock at all: the store's in-memory
+overlay remembers when the client was seen (:meth:`Store.flush_seen` writes
+it in batches).
 
 Two rules shape the code:
 
