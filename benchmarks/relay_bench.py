@@ -16,13 +16,15 @@ Usage::
     python benchmarks/relay_bench.py --tls                # HTTPS (cheroot) instead of plain HTTP (waitress)
 
 With ``--pass-commits K`` the measured window includes full passes: K times,
-evenly spaced in it, a changed job is pushed to the origin and ``reconciler hq
---once`` accepts it; the relay's watch picks the commit up and re-plans every
-client. A monitor reads the relay's ``GET /metrics`` every 0.1 s
-(``reconciler_relay_full_pass_seconds`` count and sum): each new pass ended
-when its count moved and lasted what its sum grew by. Check-ins whose request
-overlapped a pass are reported apart from the others (p50/p99/max), with the
-relay's peak resident memory (``VmHWM``) and the load average at start and end::
+a changed job is pushed to the origin and ``reconciler hq --once`` accepts
+it; the relay's watch picks the commit up and re-plans every client; the
+next commit waits until that pass ended, and the load runs until the last
+one did (at least ``--duration`` seconds). A monitor reads the relay's ``GET
+/metrics`` every 0.1 s (``reconciler_relay_full_pass_seconds`` count and
+sum): each new pass ended when its count moved and lasted what its sum grew
+by. Check-ins whose request overlapped a pass are reported apart from the
+others (p50/p99/max), with the relay's peak resident memory (``VmHWM``) and
+the load average at start and end::
 
     python benchmarks/relay_bench.py --clients 10000,50000 --duration 40 --pass-commits 3
 
@@ -56,6 +58,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,9 +245,11 @@ def _checkin(conn: http.client.HTTPConnection, client: Client) -> dict[str, Any]
 
 
 def run_load(host: str, clients: list[Client], concurrency: int, duration: float | None,
-             register: bool, starts: list[float] | None = None) -> tuple[list[float], float, int]:
+             register: bool, starts: list[float] | None = None,
+             keep_going: Callable[[], bool] | None = None) -> tuple[list[float], float, int]:
     """Check clients in; returns (latencies in seconds, elapsed, errors). With ``starts``, each check-in's
-    start (``time.perf_counter()``) is appended to it, in the order of the latencies."""
+    start (``time.perf_counter()``) is appended to it, in the order of the latencies. With ``keep_going``,
+    the load goes on past ``duration`` while it answers True."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     began_at: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0]
@@ -262,7 +267,7 @@ def run_load(host: str, clients: list[Client], concurrency: int, duration: float
                 cursor[0] += 1
             if register and index >= len(clients):
                 break
-            if stop_at is not None and time.perf_counter() >= stop_at:
+            if stop_at is not None and time.perf_counter() >= stop_at and (keep_going is None or not keep_going()):
                 break
             client = clients[index % len(clients)]
             started = time.perf_counter()
@@ -392,20 +397,24 @@ def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
         starts: list[float] = []
         passes: list[tuple[float, float]] = []
         if args.pass_commits:
-            # The relay passes at most once per --publish-interval: commits spaced evenly in the window.
+            # One commit, then wait for a full pass to end, K times; the load runs until then (at least
+            # --duration s, at most --pass-timeout s more per commit).
             def changes() -> None:
+                stopped.wait(min(5.0, args.duration / 4))
                 for k in range(args.pass_commits):
-                    if stopped.wait(args.duration * (k + 1) / (args.pass_commits + 1) - (time.perf_counter() - t0)):
-                        return
+                    seen = len(monitor.passes)
                     push_change(base, origin, k + 1)
+                    deadline = time.perf_counter() + args.pass_timeout
+                    while len(monitor.passes) <= seen and time.perf_counter() < deadline:
+                        time.sleep(0.1)
+                    time.sleep(1.0)  # some check-ins after the pass, before the next commit
 
             stopped = threading.Event()
             changer = threading.Thread(target=changes, daemon=True)
             with PassMonitor(host) as monitor:
-                t0 = time.perf_counter()
                 changer.start()
                 lat, elapsed, errors = run_load(host, clients, args.concurrency, args.duration, register=False,
-                                                starts=starts)
+                                                starts=starts, keep_going=changer.is_alive)
                 stopped.set()
                 changer.join()
             passes = monitor.passes
@@ -497,6 +506,8 @@ def main() -> int:
     parser.add_argument("--pass-commits", type=int, default=0, metavar="K",
                         help="push K changed commits during the measured window, so full passes run in it, and "
                              "report the check-ins during passes apart (default 0)")
+    parser.add_argument("--pass-timeout", type=float, default=120.0,
+                        help="with --pass-commits: the longest to wait for the full pass after a commit (s)")
     parser.add_argument("--trees", metavar="DIR,DIR",
                         help="run the relay from these checkouts in turn, per fleet size (default: this one)")
     args = parser.parse_args()
