@@ -954,6 +954,12 @@ class Store:
         left out: its plan replaces them, and only the others' rows can hold
         its starts back. ``own`` is that client's row states when the caller
         has read them already (:meth:`row_states_of`, in the same transaction).
+        Online is judged by ``last_seen`` in SQLite, without the overlay: a
+        client seen within the window is there as long as flushes keep to
+        :attr:`flush_interval` (the server writes at once a check-in whose
+        stored ``last_seen`` is older than the window less two flush
+        intervals), so a late flush can hide a client that just came back for
+        at most its lateness beyond one interval.
         """
         if not jobs:
             return {}
