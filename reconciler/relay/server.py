@@ -82,7 +82,7 @@ from reconciler.relay.state import (
     StagedArtifact,
     TrustBundle,
 )
-from reconciler.relay.store import FinishedOperation, token_matches
+from reconciler.relay.store import CheckinView, FinishedOperation, token_matches
 from reconciler.times import utc_now
 from reconciler.webhook import HookGuard, HookRefused
 
@@ -426,8 +426,10 @@ class RelayApp:
         token = _bearer(environ)
         enrolled = self._enrolled(client_id, environ)
         request = parse_checkin(parse_json(self._body(environ, json_required=True)))
-        # Authenticate before taking the write lock: a refused client costs one indexed read.
-        credentials = self.store.credentials(client_id)
+        # Authenticate before taking the write lock: a refused client costs one indexed read (which also
+        # reads what tells whether this check-in changes anything).
+        view = self.store.checkin_view(client_id)
+        credentials = None if view is None else view.credentials
         reissue = confirm = False
         if credentials is None:
             if enrolled is None:
@@ -452,8 +454,8 @@ class RelayApp:
         now = self.now()
         state = self.state
         generation = state.generation
-        if credentials is not None and not reissue and not confirm:
-            quiet = self._quiet_checkin(client_id, request, approved, generation, now)
+        if view is not None and not reissue and not confirm:
+            quiet = self._quiet_checkin(client_id, view, request, approved, generation, now)
             if quiet is not None:  # nothing to write: no write transaction, the overlay remembers it was seen
                 if not approved:
                     raise _pending(client_id)
@@ -525,46 +527,47 @@ class RelayApp:
         reply["softwareDigest"] = held_software  # the agent sends its list again when this is not its digest
         return reply
 
-    def _quiet_checkin(self, client_id: str, request: Checkin, approved: bool, generation: Generation,
-                       now: datetime) -> tuple[tuple[Action, ...], Generation, str | None] | None:
+    def _quiet_checkin(self, client_id: str, view: CheckinView, request: Checkin, approved: bool,
+                       generation: Generation, now: datetime,
+                       ) -> tuple[tuple[Action, ...], Generation, str | None] | None:
         """A check-in of a registered client that changes nothing: its actions, generation and held software
-        digest, read and planned in one read transaction (no write lock); None when something must be written.
+        digest, planned in one read transaction (no write lock); None when something must be written.
 
-        Something must be written when the check-in carries results; when its labels, inventory or facts
-        other than :data:`~reconciler.relay.store.FAST_FACTS` differ from the stored ones; when it arrived
-        from another relay, sends a new software list, or ends a wait for a reboot; when its plan hands out
-        an action or moves one of its rows; and when its stored ``last_seen`` is older than the online window
-        less two flush intervals (a client coming back: :meth:`Store.usage` counts online clients by
-        ``last_seen`` in SQLite). Otherwise the overlay remembers when it was seen and its facts.
+        ``view`` is the client's row as read at authentication. Something must be written when the check-in
+        carries results; when its labels, inventory or facts other than
+        :data:`~reconciler.relay.store.FAST_FACTS` differ from the stored ones; when it arrived from another
+        relay, sends a new software list, or ends a wait for a reboot; when its plan hands out an action or
+        moves one of its rows; and when its stored ``last_seen`` is older than the online window less two
+        flush intervals (a client coming back: :meth:`Store.usage` counts online clients by ``last_seen`` in
+        SQLite). Otherwise the overlay remembers when it was seen and its facts.
         """
-        if request.results:
-            return None
         store = self.store
         state = self.state
-        db = store.db
+        stored, held = view.report, view.software_digest
+        if request.results or store.report_changes(stored, request.facts, request.labels, request.inventory):
+            return None
+        if stored.last_seen < state.online_since(now) + timedelta(seconds=2 * store.flush_interval):
+            return None
+        if request.last_relay is not None and request.last_relay != state.name \
+                and stored.came_from != request.last_relay:
+            return None
+        if request.software is not None and request.software_digest is not None \
+                and request.software_digest != held:
+            return None
         actions: tuple[Action, ...] = ()
-        db.execute("BEGIN")
-        try:
-            stored = store.report_of(client_id, db)
-            if stored is None or store.report_changes(stored, request.facts, request.labels, request.inventory):
-                return None
-            if stored.last_seen < state.online_since(now) + timedelta(seconds=2 * store.flush_interval):
-                return None
-            if request.last_relay is not None and request.last_relay != state.name \
-                    and stored.came_from != request.last_relay:
-                return None
-            held = store.software_digest(client_id, db)
-            if request.software is not None and request.software_digest is not None \
-                    and request.software_digest != held:
-                return None
-            if store.reboot_would_clear(db, client_id, request.facts.get("bootId")):
-                return None
-            if approved and generation.index is not None:
-                actions, generation, moved = self._plan(db, client_id, request, generation, now)
-                if actions or moved:
+        boot_id = request.facts.get("bootId")
+        if boot_id is not None or (approved and generation.index is not None):
+            db = store.db
+            db.execute("BEGIN")
+            try:
+                if store.reboot_would_clear(db, client_id, boot_id):
                     return None
-        finally:
-            db.execute("COMMIT")
+                if approved and generation.index is not None:
+                    actions, generation, moved = self._plan(db, client_id, request, generation, now)
+                    if actions or moved:
+                        return None
+            finally:
+                db.execute("COMMIT")
         store.note_seen(client_id, request.facts, now)
         return actions, generation, held
 

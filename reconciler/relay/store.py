@@ -126,6 +126,14 @@ class StoredReport(NamedTuple):
     came_from: str | None
 
 
+class CheckinView(NamedTuple):
+    """What a check-in reads of its client before deciding whether it writes: one indexed query."""
+
+    credentials: Credentials
+    report: StoredReport
+    software_digest: str | None  # of the software list held, if any
+
+
 class Credentials(NamedTuple):
     """What authenticating a client needs: its token hash ('' when revoked), and its registration's state."""
 
@@ -748,6 +756,18 @@ class Store:
             with self._seen_lock:
                 self._flushing = {}
             return len(batch)
+
+    def checkin_view(self, client_id: str) -> CheckinView | None:
+        """A client's credentials, stored report and software digest in one query; None if unknown."""
+        row = self.db.execute(
+            "SELECT c.token_hash, c.confirmed, c.approved, c.facts, c.labels, c.inventory, c.last_seen, c.came_from, "
+            "s.digest FROM clients c LEFT JOIN client_software s ON s.client = c.id WHERE c.id = ?",
+            (client_id,)).fetchone()
+        if row is None:
+            return None
+        return CheckinView(Credentials(str(row[0]), bool(row[1]), bool(row[2])),
+                           StoredReport(row[3], row[4], row[5], _dt(row[6]), row[7]),  # type: ignore[arg-type]
+                           None if row[8] is None else str(row[8]))
 
     def report_of(self, client_id: str, db: sqlite3.Connection | None = None) -> StoredReport | None:
         """The client's stored facts, labels, inventory (JSON text), SQLite's ``last_seen``, its ``came_from``."""
