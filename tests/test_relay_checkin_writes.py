@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 from e2e_helpers import ENROLL_SECRET, checkin_body
+from test_e2e_relay import Cluster, cluster, topology  # noqa: F401 - the cluster fixture
 from test_relay_server import _specs
 
 from reconciler import protocol
@@ -235,3 +236,25 @@ def test_a_flush_never_moves_last_seen_back(tmp_path: Path) -> None:
     finally:
         store.close()
 
+
+
+def test_a_relay_process_writes_what_waits_in_memory_when_it_stops(cluster: Cluster) -> None:
+    """``reconciler relay`` on SIGTERM: the overlay's check-ins reach the database before it exits."""
+    commit = cluster.accept({"topology.yaml": topology(("relay-a", "hq-x"))})
+    relay = cluster.relay("relay-a", poll_seconds=60)  # online window 210 s: nothing counts as coming back
+    cluster.at_commit(relay, commit)
+
+    def post(token: str | None, disk: int) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {protocol.ENROLLMENT_HEADER: ENROLL_SECRET}
+        response = requests.post(f"{relay.url}/v1/clients/pc-1/checkin", json=checkin_body(freeDiskMB=disk),
+                                 headers=headers, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    token = post(None, 1000)["token"]  # registered: written
+    post(token, 2000)  # the token's first use confirms the registration: written
+    post(token, 3000)  # nothing but free disk changed: kept in memory
+    assert relay.stop() == 0
+    with sqlite3.connect(relay.workdir / "relay.sqlite3") as db:
+        facts = json.loads(db.execute("SELECT facts FROM clients WHERE id = 'pc-1'").fetchone()[0])
+    assert facts["freeDiskMB"] == 3000
