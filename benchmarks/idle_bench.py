@@ -98,6 +98,15 @@ def published_liveness(origin: Path) -> dict[str, str]:
     return {r["relay"]: r.get("liveness", "-") for r in (yaml.safe_load(result.stdout) or {}).get("relays", [])}
 
 
+def full_passes(url: str) -> int:
+    """How many full passes a relay ran (its ``GET /metrics``)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("reconciler_relay_full_pass_seconds_count"):
+                return int(float(line.split()[-1]))
+    return 0
+
+
 def wait_for(condition: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -175,6 +184,8 @@ def main() -> int:
         print(f"settled in {time.monotonic() - settle_start:.0f} s: {total} clients, status refs {sorted(still)}",
               flush=True)
 
+        relay_urls = {relay: (work / relay / "listen.url").read_text().strip() for relay in RELAYS}
+        passes_before = {relay: full_passes(url) for relay, url in relay_urls.items()}
         cpu_before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
         contacts_before = {name: r["lastContact"] for name, r in hq_relays(hq_url).items()}
         window = args.minutes * 60
@@ -188,6 +199,7 @@ def main() -> int:
             print(f"  after {time.monotonic() - start:.0f} s: {sum(new.values())} new status commits {new}",
                   flush=True)
         cpu = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in procs.items()}
+        passes = {relay: full_passes(url) - passes_before[relay] for relay, url in relay_urls.items()}
         exited = [name for name, p in procs.items() if p.poll() is not None]
         live = hq_relays(hq_url)
         liveness = published_liveness(origin)
@@ -208,6 +220,8 @@ def main() -> int:
     print(f"idle window {minutes:g} min, HQ + {len(RELAYS)} relays + {total} agents, check-in every "
           f"{args.poll_seconds:g} s")
     print(f"status commits in the window: {sum(new.values())} {new} (target 0)")
+    print(f"relay full passes in the window: {passes} (an idle relay plans only to refresh per-client detail, "
+          f"once per --inventory-interval, 900 s by default)")
     beats = int(window // args.heartbeat_seconds)
     print(f"heartbeats: every {args.heartbeat_seconds:g} s, about {beats} per relay in the window; HQ's last contact "
           + ", ".join(f"{name} {contacts_before[name]} -> {r['lastContact']} ({r['liveness']})"

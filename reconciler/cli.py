@@ -63,6 +63,23 @@ def _positive_float(text: str) -> float:
     return _positive_number(text, "seconds")
 
 
+def _zero_or_seconds(text: str, most: float) -> float:
+    """0 (the flag's "every time") or a positive number of seconds of at most ``most``."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_number(text, "seconds", most)
+
+
+def _inventory_interval(text: str) -> float:
+    """Seconds between refreshes of per-client detail: 0 (every pass) to a day."""
+    return _zero_or_seconds(text, 86400)
+
+
+def _detect_interval(text: str) -> float:
+    """Seconds between detections: 0 (every check-in) up to a week."""
+    return _zero_or_seconds(text, 7 * 86400)
+
+
 def _checkin_interval(text: str) -> float:
     """A positive number of seconds of at most a day (agents refuse a longer interval)."""
     return _positive_number(text, "seconds", 86400)
@@ -250,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--publish-interval", type=_positive_float, default=60.0, metavar="S",
                    help="publish status/<relay> at most this often, in seconds (default: 60: at most one push a "
                         "minute per relay, as hosted git services expect)")
+    p.add_argument("--inventory-interval", type=_inventory_interval, default=900.0, metavar="S",
+                   help="refresh the per-client detail of status/<relay> (inventory.json, software.json, client "
+                        "counts) at most this often, in seconds; job rows are never held back (default: 900; "
+                        "0: at every pass)")
     _status_history_options(p, "status/<relay>")
     p.add_argument("--offline-after", type=_duration, metavar="S",
                    help="a client not heard from for this long is offline: it holds no rollout slot and its "
@@ -298,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rehash-interval", type=_positive_float, default=86400.0, metavar="S",
                    help="seconds between full re-hashes of installed files packages; check-ins in between "
                         "compare file sizes and times and re-hash only what changed (default: 86400, a day)")
+    p.add_argument("--detect-interval", type=_detect_interval, default=600.0, metavar="S",
+                   help="seconds a package's detection (its detect command or rule, dpkg or rpm, the file check of "
+                        "a files package) is reused before it is asked again; an action for the package asks "
+                        "again at once; 0: at every check-in (default: 600)")
     p.add_argument("--enroll-secret-file", metavar="F",
                    help="the relay's enrolment secret, presented to register (and to get a new token after a rekey)")
     p.add_argument("--trust-key", action="append", default=[], metavar="F",

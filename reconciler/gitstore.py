@@ -458,6 +458,8 @@ class GitStore:
         self.history = history
         self.clock: Callable[[], float] = time.time  # the squashing's "now" (tests turn it)
         self._squash_refused_until = float("-inf")  # origin refused a rewrite: no squashing before then
+        # path -> (content, blob id) of the tree last written: unchanged files are not written again
+        self._blobs: dict[str, tuple[bytes, str]] = {}
         self.password = password
         self.workdir = Path(workdir)
         self.repo_path = self.workdir / _REPO_DIR
@@ -1201,27 +1203,49 @@ class GitStore:
         """
         if not files:
             return self._out("hash-object", "-w", "-t", "tree", "--stdin", input=b"") or _EMPTY_TREE
+        try:
+            return self._write_tree_once(files)
+        except GitError:
+            if not self._blobs:
+                raise
+            self._blobs = {}  # a blob written before is gone from the mirror: write them all
+            return self._write_tree_once(files)
+
+    def _write_tree_once(self, files: Mapping[str, bytes]) -> str:
         paths = sorted(files)
+        # A file with the content it had at the last publish keeps its blob: only changed files are
+        # streamed (a 50,000-client relay's status is tens of MB; a pass changes a few files of it).
+        known = {path: held[1] for path in paths if (held := self._blobs.get(path)) is not None
+                 and held[0] == files[path]}
         stream = bytearray()
         for mark, path in enumerate(paths, start=1):
+            if path in known:
+                continue
             content = files[path]
             stream += b"blob\nmark :%d\ndata %d\n" % (mark, len(content))
             stream += content
             stream += b"\n"
         with tempfile.TemporaryDirectory(prefix="publish-", dir=self.workdir) as tmp:
-            marks_file = Path(tmp, "marks")
-            self._git("fast-import", "--quiet", f"--export-marks={marks_file}", input=bytes(stream))
             shas: dict[int, str] = {}
-            for line in marks_file.read_text(encoding="ascii").splitlines():
-                label, _, sha = line.partition(" ")
-                shas[int(label[1:])] = sha
+            if stream:
+                marks_file = Path(tmp, "marks")
+                self._git("fast-import", "--quiet", f"--export-marks={marks_file}", input=bytes(stream))
+                for line in marks_file.read_text(encoding="ascii").splitlines():
+                    label, _, sha = line.partition(" ")
+                    shas[int(label[1:])] = sha
+            del stream
+            for mark, path in enumerate(paths, start=1):
+                if path not in known:
+                    known[path] = shas[mark]
             index_env = {"GIT_INDEX_FILE": str(Path(tmp, "index"))}
             info = b"".join(
-                f"100644 {shas[mark]}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"
-                for mark, path in enumerate(paths, start=1)
+                f"100644 {known[path]}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"
+                for path in paths
             )
             self._git("update-index", "--add", "-z", "--index-info", input=info, env=index_env)
-            return self._out("write-tree", env=index_env)
+            tree = self._out("write-tree", env=index_env)
+        self._blobs = {path: (files[path], known[path]) for path in paths}
+        return tree
 
     def _sync_ref(self, ref: str) -> str | None:
         """Origin's current tip of ``ref``, mirrored locally; None if origin has no such branch."""

@@ -32,7 +32,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -508,11 +508,15 @@ def render_relay_job(job: str, relay: str, observed_commit: str | None, state: J
     few milliseconds of work and a change to one client a one-line diff; the
     whole file is still one YAML document for any YAML reader and the schema.
     """
+    body = "".join(f"- {_yaml_flow(_row_json(row))}\n" for row in rows).encode("utf-8")
+    return _job_head(job, relay, observed_commit, state, counts, reboot_required, bool(rows)) + body
+
+
+def _job_head(job: str, relay: str, observed_commit: str | None, state: JobState, counts: Mapping[str, int],
+              reboot_required: int, has_rows: bool) -> bytes:
     head = dump_yaml({"counts": dict(counts), "job": job, "observedCommit": observed_commit, "relay": relay,
-                      "state": state.value, **_reboot_field(reboot_required)}).decode("utf-8")
-    out = [head, "rows:\n" if rows else "rows: []\n"]
-    out.extend(f"- {_yaml_flow(_row_json(row))}\n" for row in rows)
-    return "".join(out).encode("utf-8")
+                      "state": state.value, **_reboot_field(reboot_required)})
+    return head + (b"rows:\n" if has_rows else b"rows: []\n")
 
 
 # What JSON leaves raw but a YAML reader refuses, or folds as a line break; and the bidi controls,
@@ -547,7 +551,9 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                         unplannable: Iterable[str] = (), problems: Sequence[Problem] = (),
                         named_jobs: Iterable[str] = (), moved_in: Sequence[Move] = (),
                         moved_away: Sequence[Move] = (),
-                        retired: Sequence[tuple[str, datetime]] = ()) -> dict[str, bytes]:
+                        retired: Sequence[tuple[str, datetime]] = (),
+                        job_cache: JobCache | None = None,
+                        detail: RelayDetail | None = None) -> dict[str, bytes]:
     """The files of ``status/<relay>``: relay.yaml, jobs/<job>.yaml per job reaching the relay, inventory.json.
 
     ``updated_at`` maps (job, client) to when that row's state last changed;
@@ -565,6 +571,14 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
     another relay) and ``retired`` ((client, last contact) not heard from
     for the retention period) are listed only when there are any, so a
     fleet without moves keeps its files byte for byte.
+
+    ``job_cache`` (job -> the key of its rows and what they rendered to,
+    :class:`CachedJob`), kept by the caller between calls, spares
+    re-rendering a job whose rows did not change: a commit that adds one job
+    renders one job's rows (the others get a new head naming the commit).
+    ``detail`` (:func:`relay_detail`), when given, is the per-client part
+    published instead of one rendered from ``inventory``: ``inventory.json``
+    and the client counts, refreshed by the caller at its own cadence.
     """
     prefix = relay_prefix(relay)
     named = set(named_jobs)
@@ -582,34 +596,47 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
             by_job.setdefault(job, [])
             states[job] = JobState.INVALID
         for job in sorted(by_job):
-            rows = _status_rows(by_job[job], updated_at)
-            counts = count_states(r.state for r in rows)
-            state = states.get(job) or job_state(counts)
-            for r in rows:
-                if r.updated_at is not None:
-                    stamp = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=timezone.utc)
-                    newest = stamp if newest is None or stamp > newest else newest
-            reboots = reboots_waiting(rows)
-            files[f"{prefix}jobs/{job}.yaml"] = render_relay_job(job, relay, observed_commit, state, counts, rows,
-                                                                 reboots)
-            failures = [r for r in rows if r.state in FAILURE_STATES][:FAILURE_LIMIT]
+            job_rows = by_job[job]
+            key = hash((tuple(job_rows), tuple(updated_at.get((r.job, r.client)) for r in job_rows)))
+            cached = job_cache.get(job) if job_cache is not None else None
+            if cached is not None and cached.key == key:
+                part, body = cached.part, None
+            else:
+                status_rows = _status_rows(job_rows, updated_at)
+                part, body = _job_part(status_rows), _row_lines(status_rows)
+            state = states.get(job) or job_state(part.counts)
+            if part.newest is not None:
+                newest = part.newest if newest is None or part.newest > newest else newest
+            head = _job_head(job, relay, observed_commit, state, part.counts, part.reboots, bool(job_rows))
+            if body is not None:
+                data = head + body
+            else:
+                assert cached is not None  # the rows are the cached file's: only its head may differ
+                data = cached.file if cached.head == len(head) and cached.file.startswith(head) \
+                    else head + cached.file[cached.head:]
+            if job_cache is not None:
+                job_cache[job] = CachedJob(key, part, data, len(head))
+            files[f"{prefix}jobs/{job}.yaml"] = data
             digests[job] = {
                 "state": state.value,
-                "counts": counts,
-                "failures": [
-                    {**_row_json(r), "message": _cut(r.message)} for r in failures
-                ],
-                **_why(rows),
-                **_reboot_field(reboots),
+                "counts": dict(part.counts),
+                "failures": list(part.failures),
+                **part.why,
+                **_reboot_field(part.reboots),
             }
             if job in named:
-                digests[job]["named"] = sorted({r.client for r in rows})
+                digests[job]["named"] = list(part.clients)
+        if job_cache is not None:
+            for gone in set(job_cache) - set(by_job):
+                del job_cache[gone]
+    if detail is None:
+        detail = relay_detail(relay, inventory)
     relay_doc: dict[str, Any] = {
         "relay": relay,
         "observedCommit": observed_commit,
-        "clients": len(inventory),
-        "clientsOnline": sum(1 for entry in inventory if entry.online),
-        "clientsOffline": sum(1 for entry in inventory if not entry.online),
+        "clients": detail.clients,
+        "clientsOnline": detail.online,
+        "clientsOffline": detail.clients - detail.online,
         "updatedAt": format_time(newest),
         "errors": [_cut(e) for e in errors],
         "problems": [{**p.to_dict(), "message": _cut(p.message)} for p in problems],
@@ -629,9 +656,88 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
         relay_doc["retired"] = {"count": len(retired), "clients": [
             {"client": c, "lastContact": format_time(t)} for c, t in sorted(retired)[:LIST_LIMIT]]}
     files[f"{prefix}relay.yaml"] = dump_yaml(relay_doc)
-    clients = [_inventory_json(entry) for entry in sorted(inventory, key=lambda e: e.id)]
-    files[f"{prefix}inventory.json"] = _inventory_document(clients, {"relay": relay}).encode("utf-8")
+    files[f"{prefix}inventory.json"] = detail.inventory
     return files
+
+
+@dataclass(frozen=True)
+class RelayDetail:
+    """The per-client part of a relay's status: ``inventory.json`` and the client counts it implies."""
+
+    clients: int
+    online: int
+    inventory: bytes
+
+
+def relay_detail(relay: str, inventory: Sequence[InventoryEntry]) -> RelayDetail:
+    """``inventory.json`` of ``inventory`` (the clients the relay counts), with its counts."""
+    clients = [_inventory_json(entry) for entry in sorted(inventory, key=lambda e: e.id)]
+    return RelayDetail(len(inventory), sum(1 for entry in inventory if entry.online),
+                       _inventory_document(clients, {"relay": relay}).encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class JobPart:
+    """What a job's rows on one relay render to, apart from the file's head (which names the commit)."""
+
+    counts: Mapping[str, int]
+    failures: tuple[Mapping[str, Any], ...]
+    why: Mapping[str, Any]
+    reboots: int
+    clients: tuple[str, ...]  # sorted
+    newest: datetime | None  # the latest row update
+
+
+@dataclass(frozen=True)
+class CachedJob:
+    """A job file as last rendered: the key of its rows, their digest, the file, and its head's length."""
+
+    key: int
+    part: JobPart
+    file: bytes
+    head: int
+
+
+JobCache = dict[str, CachedJob]
+"""Per job: the job file as last rendered (:func:`render_relay_status`'s ``job_cache``)."""
+
+
+_CLIENT_MARK = "client-placeholder"
+
+
+def _row_lines(rows: Sequence[StatusRow]) -> bytes:
+    """The rows lines of a job file, byte for byte what ``_yaml_flow(_row_json(row))`` gives each row.
+
+    Rows differ mostly in their client: each distinct rest of a row is
+    encoded once, and the client spliced in where the sorted keys put it
+    (second, after the integer ``attempts``, so the first occurrence of the
+    mark is the client's).
+    """
+    templates: dict[tuple[Any, ...], tuple[str, str]] = {}
+    out: list[str] = []
+    for row in rows:
+        key = (row.attempts, row.installed_version, row.message, row.reason, row.state, row.updated_at)
+        template = templates.get(key)
+        if template is None:
+            text = _yaml_flow(_row_json(replace(row, client=_CLIENT_MARK)))
+            head, _, tail = text.partition(json.dumps(_CLIENT_MARK))
+            template = templates[key] = (f"- {head}", f"{tail}\n")
+        out.append(template[0] + _yaml_flow(row.client) + template[1])
+    return "".join(out).encode("utf-8")
+
+
+def _job_part(rows: Sequence[StatusRow]) -> JobPart:
+    newest: datetime | None = None
+    for r in rows:
+        if r.updated_at is not None:
+            stamp = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=timezone.utc)
+            newest = stamp if newest is None or stamp > newest else newest
+    failures = [r for r in rows if r.state in FAILURE_STATES][:FAILURE_LIMIT]
+    return JobPart(
+        counts=count_states(r.state for r in rows),
+        failures=tuple({**_row_json(r), "message": _cut(r.message)} for r in failures),
+        why=_why(rows), reboots=reboots_waiting(rows), clients=tuple(sorted({r.client for r in rows})),
+        newest=newest)
 
 
 def _second_up(moment: datetime) -> datetime:

@@ -265,6 +265,8 @@ class RelayProcess(_Service):
             self.enroll_secret = ENROLL_SECRET
             self.enroll_secret_file = secret_file(workdir.parent / f"{workdir.name}.enroll-secret", ENROLL_SECRET)
             self.extra_args += ["--enroll-secret-file", str(self.enroll_secret_file)]
+        if "--inventory-interval" not in given:  # the tests read per-client detail at once
+            self.extra_args += ["--inventory-interval", "0"]
         if "--child-secret-file" not in given:
             path = secret_file(workdir.parent / f"{workdir.name}.child-secret", CHILD_SECRET)
             self.extra_args += ["--child-secret-file", str(path)]

@@ -287,7 +287,7 @@ def test_drift_is_reported_as_absent(relay: FakeRelay, tmp_path: Path) -> None:
     content, sha = make_tar({"notes.txt": "hello"})
     relay.artifacts[sha] = content
     relay.replies.append([files_action("op-1", sha, len(content))])
-    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True)
+    agent = Agent("pc-001", relay.url, tmp_path / "root", {}, {}, insecure_http=True, detect_seconds=0)
     agent.step()
     assert agent.inventory() == [{"name": "notes", "version": "1.0"}]
     (tmp_path / "root" / "packages" / "notes" / "1.0" / "notes.txt").unlink()

@@ -18,7 +18,7 @@ from test_agent_loop import FakeRelay, files_action, make_tar, relay  # noqa: F4
 
 from reconciler.agent import content
 from reconciler.agent.agent import Agent
-from reconciler.agent.detection import inventory
+from reconciler.agent.detection import DEFAULT_DETECT_SECONDS, inventory
 from reconciler.agent.installers import Layout, install, is_present, read_receipt
 
 
@@ -139,12 +139,17 @@ def test_a_drifted_package_is_reported_absent_and_a_reinstall_heals_it(relay: Fa
     data, sha = make_tar({"notes.txt": "original\n"})
     relay.artifacts[sha] = data
     relay.replies.append([files_action("op-1", sha, len(data))])
-    agent = Agent("pc-drift", relay.url, root, {}, {}, insecure_http=True)
+    clock = [0.0]
+    agent = Agent("pc-drift", relay.url, root, {}, {}, insecure_http=True, monotonic=lambda: clock[0])
     agent.step()
     agent.step()
     assert relay.checkins[-1]["body"]["inventory"] == [{"name": "notes", "version": "1.0"}]
     (root / "packages" / "notes" / "1.0" / "notes.txt").write_text("edited!!\n")  # same size
-    agent.step()
+    clock[0] += DEFAULT_DETECT_SECONDS - 1
+    agent.step()  # within --detect-interval: the last detection stands
+    assert relay.checkins[-1]["body"]["inventory"] == [{"name": "notes", "version": "1.0"}]
+    clock[0] += 1
+    agent.step()  # the first check-in after it finds the drift
     assert relay.checkins[-1]["body"]["inventory"] == []
     relay.replies.append([files_action("op-2", sha, len(data))])  # the plan's "drift: client reports notes missing"
     agent.step()

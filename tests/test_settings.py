@@ -57,6 +57,7 @@ CASES = [
     ("hq", "--signing-key", "/k/a.key,/k/b.key", '["/k/a.key", "/k/b.key"]', ["/k/a.key", "/k/b.key"]),
     ("hq", "--insecure-http", "yes", "true", True),
     ("relay", "--publish-interval", "2.5", "2.5", 2.5),
+    ("relay", "--inventory-interval", "0", "0", 0.0),
     ("relay", "--enroll-secret-file", "/etc/r/enroll", '"/etc/r/enroll"', "/etc/r/enroll"),
     ("relay", "--sqlite-synchronous", "full", '"full"', "FULL"),
     ("relay", "--require-approval", "1", "true", True),
@@ -269,3 +270,14 @@ def test_a_relay_tells_agents_the_checkin_interval_of_its_config_file(tmp_path: 
         assert reply.json()["pollSeconds"] == 7
     finally:
         relay.stop()
+
+
+@pytest.mark.parametrize("value,message", [
+    ("-1", "expected a positive number of seconds, got '-1'"),
+    ("nan", "expected a positive number of seconds, got 'nan'"),
+    ("100000", "expected at most 86400 seconds, got '100000'"),
+])
+def test_a_bad_inventory_interval_exits_2(capsys: pytest.CaptureFixture[str], value: str, message: str) -> None:
+    code, err = run_main(["relay", *REQUIRED["relay"], "--inventory-interval", value], capsys)
+    assert code == 2
+    assert f"argument --inventory-interval: {message}" in err

@@ -470,7 +470,8 @@ class Agent:
                  rpm_root: Path | None = None, software: Collector | None = None,
                  software_interval: float = DEFAULT_INTERVAL_MINUTES * 60.0,
                  monotonic: Callable[[], float] = time.monotonic,
-                 rehash_seconds: float = DEFAULT_REHASH_SECONDS, reboot_command: Sequence[str] = ()) -> None:
+                 rehash_seconds: float = DEFAULT_REHASH_SECONDS, reboot_command: Sequence[str] = (),
+                 detect_seconds: float = detection.DEFAULT_DETECT_SECONDS) -> None:
         if isinstance(client_id, str):
             check_text(client_id, "--id")
         if not names.is_client_id(client_id):
@@ -506,6 +507,10 @@ class Agent:
             raise AgentConfigError(f"--output-tail: expected 0 to {OUTPUT_TAIL_CHARS} characters, got {output_tail}")
         if isinstance(rehash_seconds, bool) or not rehash_seconds > 0:
             raise AgentConfigError(f"--rehash-interval: expected a positive number of seconds, got {rehash_seconds}")
+        if (isinstance(detect_seconds, bool) or not isinstance(detect_seconds, (int, float))
+                or not 0 <= detect_seconds <= detection.MAX_DETECT_SECONDS):
+            raise AgentConfigError(f"--detect-interval: expected 0 (every check-in) to "
+                                   f"{detection.MAX_DETECT_SECONDS:g} seconds, got {detect_seconds}")
         self.layout = Layout(Path(root).absolute(), output_tail, tuple(sorted(client_env.items())),
                              float(rehash_seconds),
                              dpkg_root=Path(dpkg_root).absolute() if dpkg_root else None,
@@ -528,6 +533,8 @@ class Agent:
         self._software: Collected | None = None
         self._software_at = float("-inf")
         self._software_error: str | None = None
+        # Each package's last detection, reused for --detect-interval seconds (detection.py); not kept on disk.
+        self.detections = detection.DetectionCache(float(detect_seconds), monotonic)
         # Run when an action with reboot: ifRequired succeeds and asks for a reboot (empty: never; reboot.py).
         self.reboot_command = tuple(reboot_command)
         self.reboot_gate = RebootGate(self.layout.root)
@@ -573,8 +580,9 @@ class Agent:
 
     def inventory(self) -> list[protocol.InventoryEntry]:
         """Installed packages: receipts confirmed (files present and unchanged, ``detect``), and what the
-        remembered detection rules find, receipt or not (detection.py)."""
-        return detection.inventory(self.layout)
+        remembered detection rules find, receipt or not (detection.py); each package asked at most every
+        ``--detect-interval`` seconds, and at the first check-in after an action ran for it."""
+        return detection.inventory(self.layout, cache=self.detections)
 
     # -- the OS's software inventory
 
@@ -875,6 +883,8 @@ class Agent:
                           operation_id, entry.result.get("status"))
             self.journal.requeue(operation_id)
             return dict(entry.result)
+        # whatever this action does to its package, the next check-in asks about that package again
+        self._forget_detected(action)
         try:
             self._settle(entry)
         except InstallError as exc:
@@ -897,7 +907,14 @@ class Agent:
             self.log.exception("operation %s crashed", operation_id)
             status, exit_code, message = "failed", None, f"agent error: {type(exc).__name__}: {exc}"
             reboot = False
+        self._forget_detected(action)
         return self._finish(operation_id, status, exit_code, message, _redact_patterns(action), reboot)
+
+    def _forget_detected(self, action: Mapping[str, Any]) -> None:
+        """Drop the cached detection of an action's package (the whole cache when it names none properly)."""
+        package = action.get("package")
+        name = package.get("name") if isinstance(package, dict) else None
+        self.detections.forget(name if isinstance(name, str) else None)
 
     def refuse_action(self, action: Any, why: str) -> dict[str, Any] | None:
         """Answer an action the verifier refused: nothing runs, the result is ``refused`` with the reason.
@@ -1085,7 +1102,8 @@ def main(args: argparse.Namespace) -> int:
                           else Path(args.dpkg_root) / "var/lib/dpkg",
                           rpm_root=None if getattr(args, "rpm_root", None) is None else Path(args.rpm_root)),
                       software_interval=float(getattr(args, "software_interval", DEFAULT_INTERVAL_MINUTES)) * 60.0,
-                      reboot_command=reboot_command_of(args))
+                      reboot_command=reboot_command_of(args),
+                      detect_seconds=getattr(args, "detect_interval", detection.DEFAULT_DETECT_SECONDS))
     except (AgentConfigError, SecretFileError, TLSConfigError, KeyFileError) as exc:
         print(f"reconciler agent: {exc}", file=sys.stderr)
         return 2

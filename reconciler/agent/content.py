@@ -11,7 +11,9 @@ writes an index, ``content/<name>.json``::
 sha256 or link target): the whole tree in one value, which the receipt
 keeps too (``content``: algorithm, digest, file and byte counts).
 
-At each check-in :func:`check` compares the tree with the index *cheaply*:
+At each detection (a check-in once the agent's ``--detect-interval`` has
+passed, or the first after an action; detection.py) :func:`check` compares
+the tree with the index *cheaply*:
 one ``lstat`` per file, and a file whose signature (size, mtime, inode and,
 on POSIX, ctime) differs is re-hashed; a removed or added file is a change
 at once. A file whose signature changed but whose content did not (touched,

@@ -19,10 +19,22 @@ check-in.
 
 The agent remembers the rule of each package name it was sent an install
 for (``detections/<name>.json``: the package version and installer the rule
-came with, from a verified action), and :func:`inventory` reports at every
-check-in what those rules find, receipt or not; an entry found by a rule
-rather than confirmed from the agent's own receipt carries ``source:
-detected`` (no ``source`` means ``reconciler``, as before).
+came with, from a verified action), and :func:`inventory` reports what those
+rules find, receipt or not; an entry found by a rule rather than confirmed
+from the agent's own receipt carries ``source: detected`` (no ``source``
+means ``reconciler``, as before).
+
+Asking is what costs (a process per ``detect`` command, a dpkg or rpm query,
+one ``lstat`` per file of a ``files`` package), so the agent asks on a
+schedule, not at every check-in: with a :class:`DetectionCache`,
+:func:`inventory` reuses a package's last answer while it is younger than the
+agent's ``--detect-interval`` and its receipt and remembered rule are the
+ones it was asked with. A new receipt or rule (an install, an adoption, an
+uninstall) asks again at once, as does any action the agent ran for that
+package (it drops the entry, :meth:`DetectionCache.forget`). The pre-flight
+before an install, the check after it and the dependency check never use the
+cache: they call :func:`installed_version` and :func:`installed_now`
+directly. Nothing of the cache is kept on disk: a restarted agent asks again.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from reconciler import names, protocol
 from reconciler.agent.errors import InstallError
@@ -396,18 +408,97 @@ def installed(layout: Layout, name: str, receipt: Receipt | None, rule: Remember
     return {"name": name, "version": found.version, "source": "detected"}
 
 
-def inventory(layout: Layout, *, registry: RegistryReader | None = None) -> list[protocol.InventoryEntry]:
-    """The ``inventory`` of a check-in: every receipt and every remembered rule, each asked (:func:`installed`)."""
+DEFAULT_DETECT_SECONDS: Final = 600.0
+"""The agent's ``--detect-interval`` by default: a package is asked again at most every ten minutes."""
+MAX_DETECT_SECONDS: Final = 7 * 86400.0
+"""The longest ``--detect-interval`` accepted (a week): drift must still be found."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    asked: str  # the receipt and rule the answer was asked with (:func:`_asked_with`)
+    at: float  # the cache's clock when it was asked
+    entry: protocol.InventoryEntry | None  # None: not installed
+
+
+class DetectionCache:
+    """The last answer per package name, reused while younger than ``interval`` seconds (0: never reused).
+
+    ``clock`` is a monotonic clock (tests inject one). An answer is only
+    reused for the same receipt and remembered rule it was asked with, so
+    anything that rewrites either (an install, an adoption, a repair, an
+    uninstall) asks again at the next check-in; :meth:`forget` drops a name
+    outright (the agent calls it after every action it ran for that package).
+    """
+
+    def __init__(self, interval: float = DEFAULT_DETECT_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = float(interval)
+        self.clock = clock
+        self._answers: dict[str, _Answer] = {}
+        self.asked = 0  # packages actually asked since the cache was made (for logs and benchmarks)
+
+    def fresh(self, name: str, asked: str, now: float) -> _Answer | None:
+        answer = self._answers.get(name)
+        if answer is None or answer.asked != asked or not 0 <= now - answer.at < self.interval:
+            return None
+        return answer
+
+    def store(self, name: str, asked: str, now: float, entry: protocol.InventoryEntry | None) -> None:
+        self._answers[name] = _Answer(asked, now, entry)
+        self.asked += 1
+
+    def forget(self, name: str | None = None) -> None:
+        """Ask ``name`` again at the next check-in (every name when None)."""
+        if name is None:
+            self._answers.clear()
+        else:
+            self._answers.pop(name, None)
+
+    def keep_only(self, names_: set[str]) -> None:
+        for name in [n for n in self._answers if n not in names_]:
+            del self._answers[name]
+
+
+def _asked_with(receipt: Receipt | None, rule: Remembered | None) -> str:
+    """What an answer depends on besides the machine: the receipt and remembered rule, as one string."""
+    return json.dumps([None if receipt is None else receipt.to_dict(),
+                       None if rule is None else [rule.version, rule.installer.to_dict()]], sort_keys=True)
+
+
+def inventory(layout: Layout, *, registry: RegistryReader | None = None,
+              cache: DetectionCache | None = None) -> list[protocol.InventoryEntry]:
+    """The ``inventory`` of a check-in: every receipt and every remembered rule, each asked (:func:`installed`).
+
+    With a ``cache``, a package's answer younger than its interval is reused
+    instead of asking again (the receipts and rules themselves are read every
+    time: that is a file read each, no process).
+    """
     settle_detect(layout)
     receipts = {r.name: r for r in read_receipts(layout)}
     rules = remembered(layout)
     out: list[protocol.InventoryEntry] = []
-    for name in sorted(set(receipts) | set(rules)):
+    wanted = set(receipts) | set(rules)
+    if cache is not None:
+        cache.keep_only(wanted)
+    for name in sorted(wanted):
+        receipt, rule = receipts.get(name), rules.get(name)
+        asked = now = None
+        if cache is not None:
+            asked, now = _asked_with(receipt, rule), cache.clock()
+            answer = cache.fresh(name, asked, now)
+            if answer is not None:
+                if answer.entry is not None:
+                    out.append(answer.entry.copy())
+                continue
         try:
-            entry = installed(layout, name, receipts.get(name), rules.get(name), registry=registry)
+            entry = installed(layout, name, receipt, rule, registry=registry)
         except (OSError, InstallError) as exc:  # one package's trouble must not cost the whole check-in
             log.error("detecting %s failed: %s", name, getattr(exc, "message", None) or exc)
+            if cache is not None:
+                cache.forget(name)  # asked again at the next check-in
             continue
+        if cache is not None and asked is not None and now is not None:
+            cache.store(name, asked, now, entry)
         if entry is not None:
             out.append(entry)
     return out

@@ -72,8 +72,8 @@ directory (``supervisor.py``): each runs at most once per operation, and an
 operation resumed after a crash takes the recorded result instead of running
 the command again. Once the install command has run, resuming skips the
 unpacking, so whatever the command did in the package directory stays. A
-``detect`` command is only a question, asked again at every check-in, so it
-runs directly; it is recorded in ``detect-process.json`` while it runs, and a
+``detect`` command is only a question, asked again at each detection (the
+agent's ``--detect-interval``, detection.py), so it runs directly; it is recorded in ``detect-process.json`` while it runs, and a
 restarted agent waits for (or kills) one left running before detecting again
 (``processes.settle_orphan``).
 
@@ -687,8 +687,8 @@ def _native_drift(layout: Layout, receipt: Receipt, now: float | None = None) ->
     ``dpkg --verify`` and ``rpm -V`` read every file of the package, so they
     run once every ``rehash_seconds`` per package (the agent's
     ``--rehash-interval``, as for the full re-hash of ``files`` packages), not
-    at every check-in; a version change or a removal is seen at every
-    check-in by the version query. Only a clean verification is recorded: a
+    at every detection; a version change or a removal is seen at every
+    detection (every ``--detect-interval``) by the version query. Only a clean verification is recorded: a
     drifted package stays drifted until it is installed again.
     """
     now = time.time() if now is None else now

@@ -123,7 +123,7 @@ class Outcome(StrEnum):
     REFUSED = "refused"  # the client refused it: it does not match HQ's signed manifest; nothing ran
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Installed:
     name: str
     version: str
@@ -131,7 +131,7 @@ class Installed:
     source: str = "reconciler"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Client:
     """What the relay knows of one client, as last reported."""
 
@@ -146,7 +146,7 @@ class Client:
     last_seen: datetime | None = None  # its last check-in: an offline client's rows say it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """The latest operation the relay dispatched for one (job, client)."""
 

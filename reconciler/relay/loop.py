@@ -10,8 +10,11 @@ for the check-in path to plan with.
 A *full pass* plans every client (:func:`reconciler.plan.plan_relay`) from a
 database snapshot, refreshes the rollout counters the check-in path uses,
 records when each row's state changed, and publishes the status files when
-their content changed, at most every ``--publish-interval``. A pass that
-fails still publishes what it knows plus the error.
+their content changed, at most every ``--publish-interval``. Job rows and
+digests are rendered again only for jobs whose rows changed; per-client
+detail (inventory.json, software.json, client counts) at most every
+``--inventory-interval``. A pass that fails still publishes what it knows
+plus the error.
 
 :class:`RelayLoop` holds these steps and the state between them; when to run
 them (wake-ups, timers, signals) is the process's business,
@@ -40,6 +43,7 @@ from reconciler.errors import (
 )
 from reconciler.gitstore import STATUS_PREFIX, GitError, GitStore
 from reconciler.metrics import RelayMetrics
+from reconciler.plan.vocabulary import waits_offline
 from reconciler.reach import reach_of
 from reconciler.relay.artifacts import (
     ArtifactCache,
@@ -92,6 +96,19 @@ def published_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class _Detail:
+    """The per-client part of the status files as last refreshed, and the key of what it shows."""
+
+    key: int
+    detail: report.RelayDetail
+    software: bytes
+
+
+# Rows that wait for time itself: a result due (its timeout), a retry's backoff.
+_TICKING_REASONS = frozenset({plan.Reason.IN_PROGRESS, plan.Reason.RETRY_BACKOFF, plan.Reason.DOWNLOAD_RETRY})
+
+
+@dataclass(frozen=True)
 class Accepted:
     """HQ's accepted commit and the specs at it, or why there are none."""
 
@@ -105,14 +122,17 @@ class RelayLoop:
     """One relay's reconcile loop; ``sync`` and ``full_pass`` are usable on their own in tests."""
 
     def __init__(self, name: str, git: GitStore, store: Store, cache: ArtifactCache, state: RelayState, *,
-                 publish_interval: float = 10.0, clock: Callable[[], datetime] = utc_now,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 publish_interval: float = 10.0, inventory_interval: float = 0.0,
+                 clock: Callable[[], datetime] = utc_now, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.git = git
         self.store = store
         self.cache = cache
         self.state = state
         self.publish_interval = publish_interval
+        # Per-client detail (inventory.json, software.json, the client counts) is refreshed at most this often
+        # (0: at every pass); job rows, digests and errors are not held back.
+        self.inventory_interval = inventory_interval
         self.clock = clock
         self.monotonic = monotonic
         # What went wrong, by where: the status files show these, in this order.
@@ -129,6 +149,14 @@ class RelayLoop:
         self._moves_tip: str | None = None  # the status/hq commit whose moves.yaml was last read
         self._software: tuple[dict[str, str], bytes] | None = None  # the digests software.json was rendered from
         self._software_due = float("-inf")  # monotonic time before which software.json is not rendered again
+        self._detail: _Detail | None = None  # the per-client part of the status files, as last refreshed
+        self._detail_due = float("-inf")  # monotonic time from which it may be refreshed again
+        self._job_cache: report.JobCache = {}  # per job: its rows as last rendered (a pass renders changed jobs only)
+        # When time alone next changes a row (monotonic; inf: never), and whether rows wait for a timer the
+        # plan does not date (results due, retries): the process's business to pass again then.
+        self.timer_at = float("inf")
+        self.ticking = False
+        self._last_event = -1  # the newest client event seen (clients_changed)
         # The branch HQ accepts commits of (accepted.yaml names it): fetched with status/hq, and no
         # other branch: the fetch's cost does not grow with the status branches other relays publish.
         self.branch = "main"
@@ -336,12 +364,12 @@ class RelayLoop:
         generation = self.state.generation
         problems = self.status_problems()
         with self.store.snapshot() as db:
+            self._last_event = self.store.last_event(db)  # what this pass sees needs no pass of its own
             records = self.store.clients(db)
             history = self.store.history(db)
             stored_states = self.store.row_states(db)
             digests = self.store.software_digests(db)
         records, moved_away, retired = self._counted(records, now)
-        software = self._software_file({r.id for r in records}, digests)
         window = self.state.online_window()
         online = {r.id: now - r.last_seen <= window for r in records}
         self.state.client_count = len(records)
@@ -380,28 +408,99 @@ class RelayLoop:
         moved_in = tuple(report.Move(r.id, r.came_from, r.came_at) for r in records
                          if r.came_from is not None and r.came_at is not None and r.came_from != self.name
                          and now - r.came_at <= self.state.retire_after)
-        inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
-                                           installed=r.inventory, online=online[r.id],
-                                           last_contact=None if online[r.id] else r.last_seen) for r in records]
+        detail = self._refresh_detail(records, online, digests)
+        self._set_timers(the_plan, records, online, now, window, generation)
         self.state.errors = tuple(errors)
         # Rendering is O(fleet) and the costliest part of a pass: skip it when nothing it shows changed.
         fingerprint = hash((
             generation.commit, the_plan.rows if the_plan is not None else None,
             tuple((j.job, j.state, tuple(sorted(j.counts.items()))) for j in the_plan.jobs)
-            if the_plan is not None else None, tuple(errors),
-            tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed, e.online,
-                   e.last_contact) for e in inventory), moved_in, moved_away, retired, software))
+            if the_plan is not None else None, tuple(errors), moved_in, moved_away, retired, detail.key))
         if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
             return self.last_files
         named_jobs = {job.name for jobs in generation.index.client_jobs.values() for job in jobs} \
             if generation.index is not None else set()
-        files = report.render_relay_status(self.name, generation.commit, the_plan, updated_at, inventory, errors,
+        files = report.render_relay_status(self.name, generation.commit, the_plan, updated_at, (), errors,
                                            unplannable=generation.unplannable, problems=problems,
                                            named_jobs=named_jobs, moved_in=moved_in, moved_away=moved_away,
-                                           retired=retired)
-        files[f"{report.relay_prefix(self.name)}{report.SOFTWARE_FILE}"] = software
+                                           retired=retired, job_cache=self._job_cache, detail=detail.detail)
+        files[f"{report.relay_prefix(self.name)}{report.SOFTWARE_FILE}"] = detail.software
         self._fingerprint = fingerprint
         return files
+
+    def _refresh_detail(self, records: list[ClientRecord], online: Mapping[str, bool],
+                        digests: dict[str, str]) -> _Detail:
+        """The per-client part of the status files, refreshed when ``--inventory-interval`` allows.
+
+        Facts, free disk, online state and installed software change at some
+        client nearly every minute in a large fleet; refreshed at every pass,
+        they would make nearly every pass a status commit. So they are
+        refreshed at most every ``inventory_interval`` seconds, and at once
+        when the number of clients changed (a registration, a retirement):
+        between refreshes the last refresh is published unchanged. Job rows
+        show what a person acts on (an offline client's waiting rows say it)
+        at every pass regardless.
+        """
+        held = self._detail
+        if held is not None and held.detail.clients == len(records) and self.monotonic() < self._detail_due:
+            return held
+        self._detail_due = self.monotonic() + self.inventory_interval
+        inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
+                                           installed=r.inventory, online=online[r.id],
+                                           last_contact=None if online[r.id] else r.last_seen) for r in records]
+        software = self._software_file({r.id for r in records}, digests)
+        key = hash((tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed,
+                           e.online, e.last_contact) for e in inventory), software))
+        if held is not None and held.key == key:
+            return held
+        self._detail = _Detail(key, report.relay_detail(self.name, inventory), software)
+        return self._detail
+
+    def _set_timers(self, the_plan: plan.Plan | None, records: list[ClientRecord], online: Mapping[str, bool],
+                    now: datetime, window: timedelta, generation: Generation) -> None:
+        """When time alone changes what the next pass would find: :attr:`timer_at` and :attr:`ticking`.
+
+        A job's ``notBefore``/``notAfter``; a client going offline whose rows
+        would then say so, or that frees a rollout slot by it; a client
+        reaching ``--retire-after``. Rows waiting for a result or a retry
+        (``inProgress``, ``retryBackoff``, ``downloadRetry``) set
+        :attr:`ticking`: the process passes again after its pass interval.
+        Nothing else changes without a commit or a check-in.
+        """
+        ticking = False
+        waiting: set[str] = set()
+        if the_plan is not None:
+            for row in the_plan.rows:
+                if row.state is plan.ClientState.IN_PROGRESS or waits_offline(row.state, row.reason):
+                    waiting.add(row.client)
+                if row.reason in _TICKING_REASONS:
+                    ticking = True
+        moments: list[datetime] = []
+        if generation.index is not None:
+            moments.extend(t for job in generation.index.jobs for t in (job.not_before, job.not_after)
+                           if t is not None and t > now)
+        moments.extend(r.last_seen + window for r in records if online[r.id] and r.id in waiting)
+        if records:
+            moments.append(min(r.last_seen for r in records) + self.state.retire_after)
+        self.ticking = ticking
+        if moments:
+            # a second late: the pass then finds the change made, never just before it
+            seconds = max(0.0, (min(moments) - now).total_seconds()) + 1.0
+            self.timer_at = self.monotonic() + seconds
+        else:
+            self.timer_at = float("inf")
+
+    def clients_changed(self) -> bool:
+        """Whether a client event (``reconciler clients approve``/``rekey``/``forget``, a registration) was
+        recorded since the last pass or call: one indexed read, asked once per check-in interval."""
+        seen, self._last_event = self._last_event, self.store.last_event()
+        return self._last_event != seen
+
+    def detail_due_in(self) -> float | None:
+        """Seconds until per-client detail may be refreshed; None when it is refreshed at every pass."""
+        if self.inventory_interval <= 0:
+            return None
+        return max(0.0, self._detail_due - self.monotonic())
 
     def _software_file(self, counted: set[str], digests: dict[str, str]) -> bytes:
         """``software.json`` of the clients this relay counts: rendered again only when a list changed.

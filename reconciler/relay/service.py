@@ -8,9 +8,14 @@ on :class:`~reconciler.serving.Server`, writes the URL it bound to
 
 Wake-ups: the :class:`~reconciler.gitstore.ChangeWatcher` (a local origin's
 refs change: immediately; ``POST /v1/hooks/git``; or every
-``--poll-interval``) schedules a fetch; check-ins mark the state dirty. A
-full pass runs when the state is dirty (at most every
-``--publish-interval``) and at least every poll period of the clients. All
+``--poll-interval``) schedules a fetch; check-ins that changed a client, a
+new generation and an operator's ``reconciler clients`` change mark the
+state dirty. A full pass runs when the state is dirty (at most every
+``--publish-interval``), when a timer the last pass set is due (a schedule
+starts or ends, a client with waiting rows goes offline, one is retired:
+:meth:`RelayLoop.full_pass` sets ``timer_at``), every pass interval while
+rows wait for a result or a retry, and once per ``--inventory-interval`` to
+refresh per-client detail; an idle relay plans nothing in between. All
 state is in SQLite and git, so a relay killed at any moment converges when
 restarted. SIGTERM and SIGINT stop it cleanly.
 
@@ -310,7 +315,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
                    history=history_of(args.status_history_days, args.status_history_commits))
     cache = ArtifactCache(workdir, git, parent_url=args.parent_url, parent_secret=parent_secret,
                           parent_session=client_session(tls.outgoing))
-    loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval)
+    loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval,
+                     inventory_interval=args.inventory_interval)
     metrics = relay_metrics(state, cache)
     git.metrics = cache.metrics = loop.metrics = metrics
     watcher = ChangeWatcher(args.origin, args.poll_interval)
@@ -380,10 +386,21 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
     watch_thread = threading.Thread(target=watch, name="relay-watch", daemon=True)
     watch_thread.start()
     pass_interval = max(args.publish_interval, min(poll_seconds, 60.0))
+
+    def next_pass_after(finished: float) -> float:
+        """When a pass is due with no new input: the loop's timers (README, "Scaling out")."""
+        at = loop.timer_at
+        if loop.ticking or loop.inventory_interval <= 0:
+            at = min(at, finished + pass_interval)
+        due = loop.detail_due_in()
+        if due is not None:
+            at = min(at, time.monotonic() + due)
+        return max(at, finished + float(args.publish_interval))
     next_pass = 0.0
     last_pass = float("-inf")
     next_restage: float = float("inf")
     next_housekeeping = time.monotonic() + 60.0
+    next_events = 0.0  # when to look for client events again (once per check-in interval)
     # Last-seen times of check-ins that changed nothing wait in memory (Store.flush_seen): at most this long.
     store.flush_interval = min(SEEN_FLUSH_SECONDS, state.online_window().total_seconds() / 4)
     next_flush = time.monotonic() + store.flush_interval
@@ -404,6 +421,13 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
                 except Exception as e:  # noqa: BLE001 - a bug in one round must not end the service
                     loop.settle(HOUSEKEEPING, e)
             fetch, wake.fetch = wake.fetch, False
+            if now >= next_events:
+                next_events = now + poll_seconds
+                try:
+                    if loop.clients_changed():  # an operator's `reconciler clients` change, from another process
+                        wake.dirty = True
+                except Exception as e:  # noqa: BLE001
+                    loop.settle(FOLLOW, e)
             if fetch or loop.retry_due():
                 try:
                     if loop.sync(fetch=fetch):
@@ -422,14 +446,14 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
                     except Exception:  # noqa: BLE001
                         log.exception("rendering the error status failed")
                 last_pass = time.monotonic()
-                next_pass = last_pass + pass_interval
+                next_pass = next_pass_after(last_pass)
                 if heartbeats is not None:
                     heartbeats.start()  # after the first pass: its first heartbeat counts the clients
             try:
                 loop.publish()
             except Exception as e:  # noqa: BLE001
                 loop.settle(PUBLISHING, e)
-            deadlines = [next_pass, next_restage, next_housekeeping, next_flush]
+            deadlines = [next_pass, next_restage, next_housekeeping, next_events, next_flush]
             if wake.dirty:
                 deadlines.append(last_pass + args.publish_interval)
             due = loop.publish_due_in()

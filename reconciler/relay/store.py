@@ -56,6 +56,7 @@ Decisions behind it:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -88,7 +89,7 @@ class StoreError(Exception):
 # ------------------------------------------------------------------ values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientRecord:
     """One registered client as last reported."""
 
@@ -153,7 +154,7 @@ class ClientEvent:
     detail: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RowState:
     state: str
     since: datetime
@@ -212,7 +213,9 @@ def slow_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in facts.items() if k not in FAST_FACTS}
 
 
+@functools.lru_cache(maxsize=8192)
 def _inventory(raw: str) -> tuple[Installed, ...]:
+    """A stored inventory (immutable: clients reporting the same list share one, a full pass parses it once)."""
     return tuple(Installed(e["name"], e["version"], e.get("source", "reconciler")) for e in json.loads(raw))
 
 
@@ -580,6 +583,11 @@ class Store:
         db.execute("INSERT INTO client_events (at, client, action, actor, detail) VALUES (?, ?, ?, ?, ?)",
                    (_ts(now), client_id, action, actor, detail))
 
+    def last_event(self, db: sqlite3.Connection | None = None) -> int:
+        """The sequence number of the newest client event (0: none): it moves when an operator changed a client."""
+        row = (db or self.db).execute("SELECT max(seq) FROM client_events").fetchone()
+        return int(row[0] or 0)
+
     def approve(self, client_id: str, actor: str, now: datetime) -> bool | None:
         """Admit a registration waiting for approval: True; False if it was approved already; None if unknown."""
         with self.write() as db:
@@ -939,7 +947,15 @@ class Store:
 
     def row_states(self, db: sqlite3.Connection | None = None) -> dict[tuple[str, str], RowState]:
         rows = (db or self.db).execute("SELECT job, client, state, since FROM row_states")
-        return {(r[0], r[1]): RowState(r[2], _dt(r[3])) for r in rows}  # type: ignore[arg-type]
+        # A pass writes thousands of rows at one moment: they share one datetime (and one conversion).
+        stamps: dict[float, datetime] = {}
+        out: dict[tuple[str, str], RowState] = {}
+        for job, client, state, since in rows:
+            stamp = stamps.get(since)
+            if stamp is None:
+                stamp = stamps[since] = datetime.fromtimestamp(since, tz=timezone.utc)
+            out[(job, client)] = RowState(state, stamp)
+        return out
 
     def set_row_states(self, db: sqlite3.Connection, changes: Iterable[tuple[str, str, str, datetime]]) -> None:
         """Upsert (job, client, state, since) rows; callers pass only rows whose state changed."""
