@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import threading
@@ -161,6 +162,7 @@ def main() -> int:
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     store.close()
+    shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
