@@ -15,6 +15,23 @@ Usage::
     python benchmarks/relay_bench.py --clients 1000 --duration 5 --concurrency 8
     python benchmarks/relay_bench.py --tls                # HTTPS (cheroot) instead of plain HTTP (waitress)
 
+With ``--pass-commits K`` the measured window includes full passes: K times,
+a changed job is pushed to the origin and ``reconciler hq --once`` accepts
+it; the relay's watch picks the commit up and re-plans every client; the
+next commit waits until that pass ended, and the load runs until the last
+one did (at least ``--duration`` seconds). A monitor reads the relay's ``GET
+/metrics`` every 0.1 s (``reconciler_relay_full_pass_seconds`` count and
+sum): each new pass ended when its count moved and lasted what its sum grew
+by. Check-ins whose request overlapped a pass are reported apart from the
+others (p50/p99/max), with the relay's peak resident memory (``VmHWM``) and
+the load average at start and end::
+
+    python benchmarks/relay_bench.py --clients 10000,50000 --duration 40 --pass-commits 3
+
+``--trees A,B`` runs the same benchmark against other checkouts (their
+``reconciler`` package), alternating between them per fleet size, so two
+versions are compared in one run on the same machine.
+
 With ``--tls`` a throw-away CA (``tests/tls_helpers.py``, needs
 ``cryptography``) issues the relay a certificate for 127.0.0.1 and every
 connection of the load generator verifies it; connections are kept alive, so
@@ -41,17 +58,19 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+TREE = REPO  # the checkout whose ``reconciler`` the relay runs (``--trees``)
 TARGET_RATE = 500.0
 TARGET_P99_MS = 100.0
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(TREE) + os.pathsep + env.get("PYTHONPATH", "")
     for key, value in (("GIT_AUTHOR_NAME", "bench"), ("GIT_AUTHOR_EMAIL", "bench@example.invalid"),
                        ("GIT_COMMITTER_NAME", "bench"), ("GIT_COMMITTER_EMAIL", "bench@example.invalid")):
         env.setdefault(key, value)
@@ -108,9 +127,25 @@ def build_origin(base: Path, jobs: int) -> Path:
     _git(work, "commit", "-q", "-m", "bench specs")
     _git(work, "remote", "add", "origin", str(origin))
     _git(work, "push", "-q", "origin", "main")
+    accept(base, origin)
+    return origin
+
+
+def accept(base: Path, origin: Path) -> None:
     subprocess.run([sys.executable, "-m", "reconciler", "hq", "--origin", str(origin), "--workdir",
                     str(base / "hq"), "--once"], check=True, capture_output=True, env=_env())
-    return origin
+
+
+def push_change(base: Path, origin: Path, round_: int) -> None:
+    """Commit a changed job (app0's maxConcurrent) and let HQ accept it: every client is re-planned."""
+    work = base / "work"
+    job = work / "jobs" / "install-app0.yaml"
+    text = job.read_text()
+    head, _, tail = text.partition("maxConcurrent: ")
+    job.write_text(f"{head}maxConcurrent: {50 + round_}{tail[tail.index(','):]}")
+    _git(work, "commit", "-q", "-am", f"bench change {round_}")
+    _git(work, "push", "-q", "origin", "main")
+    accept(base, origin)
 
 
 TLS_CONTEXT: ssl.SSLContext | None = None
@@ -210,9 +245,13 @@ def _checkin(conn: http.client.HTTPConnection, client: Client) -> dict[str, Any]
 
 
 def run_load(host: str, clients: list[Client], concurrency: int, duration: float | None,
-             register: bool) -> tuple[list[float], float, int]:
-    """Check clients in; returns (latencies in seconds, elapsed, errors)."""
+             register: bool, starts: list[float] | None = None,
+             keep_going: Callable[[], bool] | None = None) -> tuple[list[float], float, int]:
+    """Check clients in; returns (latencies in seconds, elapsed, errors). With ``starts``, each check-in's
+    start (``time.perf_counter()``) is appended to it, in the order of the latencies. With ``keep_going``,
+    the load goes on past ``duration`` while it answers True."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    began_at: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0]
     cursor = [0]
     lock = threading.Lock()
@@ -221,13 +260,14 @@ def run_load(host: str, clients: list[Client], concurrency: int, duration: float
     def worker(slot: int) -> None:
         conn = connect(host, timeout=30)
         mine = latencies[slot]
+        mine_started = began_at[slot]
         while True:
             with lock:
                 index = cursor[0]
                 cursor[0] += 1
             if register and index >= len(clients):
                 break
-            if stop_at is not None and time.perf_counter() >= stop_at:
+            if stop_at is not None and time.perf_counter() >= stop_at and (keep_going is None or not keep_going()):
                 break
             client = clients[index % len(clients)]
             started = time.perf_counter()
@@ -241,6 +281,7 @@ def run_load(host: str, clients: list[Client], concurrency: int, duration: float
                 conn = connect(host, timeout=30)
                 continue
             mine.append(time.perf_counter() - started)
+            mine_started.append(started)
             if register:
                 client.token = reply["token"]
         conn.close()
@@ -252,7 +293,78 @@ def run_load(host: str, clients: list[Client], concurrency: int, duration: float
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
+    if starts is not None:
+        starts.extend(x for chunk in began_at for x in chunk)
     return [x for chunk in latencies for x in chunk], elapsed, errors[0]
+
+
+class PassMonitor:
+    """Reads the relay's full-pass histogram every ``interval`` s: (start, end) of each pass seen, in
+    ``time.perf_counter()`` time (the end is when the count moved: within ``interval`` of the real one)."""
+
+    def __init__(self, host: str, interval: float = 0.1) -> None:
+        self.host = host
+        self.interval = interval
+        self.passes: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def read(self, conn: http.client.HTTPConnection) -> tuple[float, float]:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        count = total = 0.0
+        for line in text.splitlines():
+            if line.startswith("reconciler_relay_full_pass_seconds_count"):
+                count = float(line.split()[-1])
+            elif line.startswith("reconciler_relay_full_pass_seconds_sum"):
+                total = float(line.split()[-1])
+        return count, total
+
+    def _run(self) -> None:
+        conn = connect(self.host, timeout=30)
+        count, total = self.read(conn)
+        while not self._stop.wait(self.interval):
+            try:
+                now_count, now_total = self.read(conn)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = connect(self.host, timeout=30)
+                continue
+            if now_count > count:
+                ended = time.perf_counter()
+                self.passes.append((ended - (now_total - total), ended))
+                count, total = now_count, now_total
+        conn.close()
+
+    def __enter__(self) -> PassMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def split_by_passes(latencies: list[float], starts: list[float], passes: list[tuple[float, float]],
+                    ) -> tuple[list[float], list[float]]:
+    """(latencies of check-ins whose request overlapped a pass, the others)."""
+    during: list[float] = []
+    outside: list[float] = []
+    for latency, start in zip(latencies, starts):
+        end = start + latency
+        (during if any(start <= p_end and end >= p_start for p_start, p_end in passes) else outside).append(latency)
+    return during, outside
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """The process's peak resident memory (``VmHWM``), MB; 0 where ``/proc`` does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -282,23 +394,73 @@ def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
                                          str(int(args.duration)), "--format", "speedscope", "--output",
                                          f"{args.profile}-{size}.json", "--nonblocking"])
         cpu_before = cpu_seconds(proc.pid)
-        lat, elapsed, errors = run_load(host, clients, args.concurrency, args.duration, register=False)
+        starts: list[float] = []
+        passes: list[tuple[float, float]] = []
+        if args.pass_commits:
+            # One commit, then wait for a full pass to end, K times; the load runs until then (at least
+            # --duration s, at most --pass-timeout s more per commit).
+            def changes() -> None:
+                stopped.wait(min(5.0, args.duration / 4))
+                for k in range(args.pass_commits):
+                    seen = len(monitor.passes)
+                    push_change(base, origin, k + 1)
+                    deadline = time.perf_counter() + args.pass_timeout
+                    while len(monitor.passes) <= seen and time.perf_counter() < deadline:
+                        time.sleep(0.1)
+                    time.sleep(1.0)  # some check-ins after the pass, before the next commit
+
+            stopped = threading.Event()
+            changer = threading.Thread(target=changes, daemon=True)
+            with PassMonitor(host) as monitor:
+                changer.start()
+                lat, elapsed, errors = run_load(host, clients, args.concurrency, args.duration, register=False,
+                                                starts=starts, keep_going=changer.is_alive)
+                stopped.set()
+                changer.join()
+            passes = monitor.passes
+        else:
+            lat, elapsed, errors = run_load(host, clients, args.concurrency, args.duration, register=False,
+                                            starts=starts)
         cpu = cpu_seconds(proc.pid) - cpu_before
         if profiler is not None:
             profiler.wait(timeout=120)
-        result = {
+        result: dict[str, Any] = {
             "clients": size, "checkins": len(lat), "seconds": elapsed, "rate": len(lat) / elapsed,
             "p50_ms": statistics.median(lat) * 1000, "p90_ms": _percentile(lat, 90) * 1000,
             "p99_ms": _percentile(lat, 99) * 1000, "max_ms": max(lat) * 1000, "errors": errors,
             "relay_cpu_us_per_checkin": cpu / max(len(lat), 1) * 1e6,
         }
+        result["tree"] = str(TREE)
+        result["relay_hwm_mb"] = vm_hwm_mb(proc.pid)
+        if args.pass_commits:
+            during, outside = split_by_passes(lat, starts, passes)
+            result["passes"] = [round(end - start, 2) for start, end in passes]
+            for name, values in (("during", during), ("outside", outside)):
+                result[f"{name}_checkins"] = len(values)
+                result[f"{name}_p50_ms"] = statistics.median(values) * 1000 if values else None
+                result[f"{name}_p99_ms"] = _percentile(values, 99) * 1000 if values else None
+                result[f"{name}_max_ms"] = max(values) * 1000 if values else None
+            # check-ins/s while a pass ran: those that overlapped one, over the passes' total time
+            busy = sum(end - start for start, end in passes)
+            result["during_rate"] = len(during) / busy if busy > 0 else None
+
+            def ms(value: float | None) -> str:
+                return "-" if value is None else f"{value:.1f} ms"
+
+            print(f"{size:>6} clients: {len(passes)} full passes in the window ({', '.join(f'{d:.2f}s' for d in result['passes'])}); "
+                  f"during passes {len(during)} check-ins"
+                  + (f" ({result['during_rate']:.0f}/s)" if result["during_rate"] else "")
+                  + f", p50 {ms(result['during_p50_ms'])}, p99 {ms(result['during_p99_ms'])}, "
+                  f"max {ms(result['during_max_ms'])}; outside {len(outside)}, p50 {ms(result['outside_p50_ms'])}, "
+                  f"p99 {ms(result['outside_p99_ms'])}, max {ms(result['outside_max_ms'])}")
         ok = result["rate"] >= TARGET_RATE and result["p99_ms"] < TARGET_P99_MS and not errors
         print(f"{size:>6} clients: {result['rate']:.0f} check-ins/s over {elapsed:.1f}s "
               f"({result['checkins']} check-ins, concurrency {args.concurrency}), "
               f"p50 {result['p50_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
               f"max {result['max_ms']:.1f} ms, errors {errors} -> {'OK' if ok else 'MISSED'} "
               f"(target >= {TARGET_RATE:.0f}/s, p99 < {TARGET_P99_MS:.0f} ms); "
-              f"relay CPU {result['relay_cpu_us_per_checkin']:.0f} µs per check-in")
+              f"relay CPU {result['relay_cpu_us_per_checkin']:.0f} µs per check-in, "
+              f"relay peak RSS {result['relay_hwm_mb']:.0f} MB [{TREE}]")
         return result
     finally:
         if proc is not None:
@@ -341,10 +503,36 @@ def main() -> int:
                         help="measure right after registration, while the relay's first full pass runs")
     parser.add_argument("--profile", metavar="PREFIX",
                         help="record the relay with py-spy during the measured load (PREFIX-<size>.json)")
+    parser.add_argument("--pass-commits", type=int, default=0, metavar="K",
+                        help="push K changed commits during the measured window, so full passes run in it, and "
+                             "report the check-ins during passes apart (default 0)")
+    parser.add_argument("--pass-timeout", type=float, default=120.0,
+                        help="with --pass-commits: the longest to wait for the full pass after a commit (s)")
+    parser.add_argument("--trees", metavar="DIR,DIR",
+                        help="run the relay from these checkouts in turn, per fleet size (default: this one)")
     args = parser.parse_args()
     print(f"relay benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.jobs} jobs, "
-          f"concurrency {args.concurrency}, {'HTTPS' if args.tls else 'plain HTTP'}")
-    results = [bench(int(size), args) for size in args.clients.split(",")]
+          f"concurrency {args.concurrency}, {'HTTPS' if args.tls else 'plain HTTP'}; "
+          f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    global TREE
+    trees = [Path(t).resolve() for t in args.trees.split(",")] if args.trees else [REPO]
+    results = []
+    for size in args.clients.split(","):
+        for tree in trees:
+            TREE = tree
+            results.append(bench(int(size), args))
+    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.pass_commits:
+        print("| tree | clients | check-ins/s | p99 | max | passes | during passes: check-ins/s, p50, p99, max | "
+              "outside: p99, max | relay VmHWM |")
+        for r in results:
+            def ms(value: float | None) -> str:
+                return "-" if value is None else f"{value:.0f} ms"
+            print(f"| {r['tree']} | {r['clients']:,} | {r['rate']:,.0f} | {r['p99_ms']:.0f} ms | {r['max_ms']:.0f} ms | "
+                  f"{' / '.join(f'{d:.1f} s' for d in r['passes'])} | "
+                  f"{'-' if not r['during_rate'] else format(r['during_rate'], ',.0f')}, {ms(r['during_p50_ms'])}, "
+                  f"{ms(r['during_p99_ms'])}, {ms(r['during_max_ms'])} | {ms(r['outside_p99_ms'])}, "
+                  f"{ms(r['outside_max_ms'])} | {r['relay_hwm_mb']:.0f} MB |")
     if args.json:
         print(json.dumps(results, indent=2))
     return 0 if all(r["rate"] >= TARGET_RATE and r["p99_ms"] < TARGET_P99_MS and not r["errors"]

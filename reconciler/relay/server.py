@@ -6,7 +6,11 @@ client against the relay's in-memory :class:`~reconciler.plan.RelayIndex`
 and the rollout usage counted on the other clients' row states (one indexed
 query, in the same transaction), record the operations handed out, commit,
 reply. Nothing in it scans all clients; the loop's full pass does that, off
-the request path.
+the request path. A check-in that changes nothing (the same report but for
+free disk, no results, nothing handed out, no row moved) is read and planned
+in a read transaction and takes no write lock at all: the store's in-memory
+overlay remembers when the client was seen (:meth:`Store.flush_seen` writes
+it in batches).
 
 Two rules shape the code:
 
@@ -56,7 +60,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -78,7 +82,7 @@ from reconciler.relay.state import (
     StagedArtifact,
     TrustBundle,
 )
-from reconciler.relay.store import FinishedOperation, token_matches
+from reconciler.relay.store import CheckinView, FinishedOperation, token_matches
 from reconciler.times import utc_now
 from reconciler.webhook import HookGuard, HookRefused
 
@@ -422,8 +426,10 @@ class RelayApp:
         token = _bearer(environ)
         enrolled = self._enrolled(client_id, environ)
         request = parse_checkin(parse_json(self._body(environ, json_required=True)))
-        # Authenticate before taking the write lock: a refused client costs one indexed read.
-        credentials = self.store.credentials(client_id)
+        # Authenticate before taking the write lock: a refused client costs one indexed read (which also
+        # reads what tells whether this check-in changes anything).
+        view = self.store.checkin_view(client_id)
+        credentials = None if view is None else view.credentials
         reissue = confirm = False
         if credentials is None:
             if enrolled is None:
@@ -448,6 +454,12 @@ class RelayApp:
         now = self.now()
         state = self.state
         generation = state.generation
+        if view is not None and not reissue and not confirm:
+            quiet = self._quiet_checkin(client_id, view, request, approved, generation, now)
+            if quiet is not None:  # nothing to write: no write transaction, the overlay remembers it was seen
+                if not approved:
+                    raise _pending(client_id)
+                return self._reply(*quiet[:2], request, None, quiet[2])
         changed = False
         new_token: str | None = None
         finished: Sequence[FinishedOperation] = ()
@@ -498,7 +510,11 @@ class RelayApp:
                      "(its token was revoked, or its registration reply was lost)", enrolled)
         if changed:
             state.on_change()
-        poll = state.poll_seconds
+        return self._reply(actions, generation, request, new_token, held_software)
+
+    def _reply(self, actions: Sequence[Action], generation: Generation, request: Checkin, new_token: str | None,
+               held_software: str | None) -> protocol.CheckinReply:
+        poll = self.state.poll_seconds
         reply: protocol.CheckinReply = {
             "pollSeconds": int(poll) if float(poll).is_integer() else poll,
             "actions": [action_json(a, self._artifact_for(a, generation), generation.trust,
@@ -507,9 +523,53 @@ class RelayApp:
         attach_trust(reply, generation.trust, request.trust_serial)
         if new_token is not None:
             reply["token"] = new_token
-        reply["relay"] = state.name
+        reply["relay"] = self.state.name
         reply["softwareDigest"] = held_software  # the agent sends its list again when this is not its digest
         return reply
+
+    def _quiet_checkin(self, client_id: str, view: CheckinView, request: Checkin, approved: bool,
+                       generation: Generation, now: datetime,
+                       ) -> tuple[tuple[Action, ...], Generation, str | None] | None:
+        """A check-in of a registered client that changes nothing: its actions, generation and held software
+        digest, planned in one read transaction (no write lock); None when something must be written.
+
+        ``view`` is the client's row as read at authentication. Something must be written when the check-in
+        carries results; when its labels, inventory or facts other than
+        :data:`~reconciler.relay.store.FAST_FACTS` differ from the stored ones; when it arrived from another
+        relay, sends a new software list, or ends a wait for a reboot; when its plan hands out an action or
+        moves one of its rows; and when its stored ``last_seen`` is older than the online window less two
+        flush intervals (a client coming back: :meth:`Store.usage` counts online clients by ``last_seen`` in
+        SQLite). Otherwise the overlay remembers when it was seen and its facts.
+        """
+        store = self.store
+        state = self.state
+        stored, held = view.report, view.software_digest
+        if request.results or store.report_changes(stored, request.facts, request.labels, request.inventory):
+            return None
+        if stored.last_seen < state.online_since(now) + timedelta(seconds=2 * store.flush_interval):
+            return None
+        if request.last_relay is not None and request.last_relay != state.name \
+                and stored.came_from != request.last_relay:
+            return None
+        if request.software is not None and request.software_digest is not None \
+                and request.software_digest != held:
+            return None
+        actions: tuple[Action, ...] = ()
+        boot_id = request.facts.get("bootId")
+        if boot_id is not None or (approved and generation.index is not None):
+            db = store.db
+            db.execute("BEGIN")
+            try:
+                if store.reboot_would_clear(db, client_id, boot_id):
+                    return None
+                if approved and generation.index is not None:
+                    actions, generation, moved = self._plan(db, client_id, request, generation, now)
+                    if actions or moved:
+                        return None
+            finally:
+                db.execute("COMMIT")
+        store.note_seen(client_id, request.facts, now)
+        return actions, generation, held
 
     def _record_and_plan(self, db: sqlite3.Connection, client_id: str, request: Checkin, generation: Generation,
                          now: datetime) -> tuple[tuple[Action, ...], Generation, bool, list[FinishedOperation]]:
@@ -530,27 +590,7 @@ class RelayApp:
             changed = True  # rows waiting for this client's reboot are plain Succeeded now
         actions: tuple[Action, ...] = ()
         if generation.index is not None:
-            client = Client(
-                id=client_id, relay=state.name, os=request.facts.get("os"), arch=request.facts.get("arch"),
-                free_disk_mb=request.facts.get("freeDiskMB"),
-                labels=tuple(sorted(request.labels.items())), installed=request.inventory, online=True)
-            history = self.store.history_of(client_id, db)
-            index = generation.index
-            # Rollout limits count the other clients' rows, in this transaction: whatever
-            # another check-in started and committed before this one holds its slot.
-            limited = tuple(j.name for j in (*index.relay_jobs, *index.client_jobs.get(client_id, ()))
-                            if j.max_concurrent is not None or j.max_failures is not None)
-            previous = self.store.row_states_of(client_id, db)
-            usage = self.store.usage(db, limited, client_id, state.online_since(now), previous)
-            try:
-                planned = plan_client(index, client, history, usage, now, state.memo_for(index))
-            except Exception:
-                isolated = state.isolate(generation, lambda alone: plan_client(alone, client, history, {}, now))
-                if isolated is None or isolated.index is None:
-                    raise
-                generation = isolated
-                planned = plan_client(isolated.index, client, history, usage, now, state.memo_for(isolated.index))
-            rows, actions = planned.rows, planned.actions
+            actions, generation, moved = self._plan(db, client_id, request, generation, now)
             for action in actions:
                 attempt = Attempt(
                     operation_id=action.operation_id, job=action.job, client=client_id,
@@ -558,12 +598,40 @@ class RelayApp:
                     version=action.version, outcome=Outcome.DISPATCHED, dispatched_at=now)
                 if self.store.record_dispatch(db, attempt):
                     changed = True
-            moved = [(row.job, client_id, row.state.value, now) for row in rows
-                     if previous.get(row.job) is None or previous[row.job].state != row.state.value]
             if moved:
                 self.store.set_row_states(db, moved)
                 changed = True
         return actions, generation, changed, finished
+
+    def _plan(self, db: sqlite3.Connection, client_id: str, request: Checkin, generation: Generation,
+              now: datetime) -> tuple[tuple[Action, ...], Generation, list[tuple[str, str, str, datetime]]]:
+        """Plan one client in ``db``'s transaction: its actions, the generation planned with, and its rows
+        whose state moved as (job, client, state, since)."""
+        state = self.state
+        index = generation.index
+        assert index is not None
+        client = Client(
+            id=client_id, relay=state.name, os=request.facts.get("os"), arch=request.facts.get("arch"),
+            free_disk_mb=request.facts.get("freeDiskMB"),
+            labels=tuple(sorted(request.labels.items())), installed=request.inventory, online=True)
+        history = self.store.history_of(client_id, db)
+        # Rollout limits count the other clients' rows, in this transaction: whatever
+        # another check-in started and committed before this one holds its slot.
+        limited = tuple(j.name for j in (*index.relay_jobs, *index.client_jobs.get(client_id, ()))
+                        if j.max_concurrent is not None or j.max_failures is not None)
+        previous = self.store.row_states_of(client_id, db)
+        usage = self.store.usage(db, limited, client_id, state.online_since(now), previous)
+        try:
+            planned = plan_client(index, client, history, usage, now, state.memo_for(index))
+        except Exception:
+            isolated = state.isolate(generation, lambda alone: plan_client(alone, client, history, {}, now))
+            if isolated is None or isolated.index is None:
+                raise
+            generation = isolated
+            planned = plan_client(isolated.index, client, history, usage, now, state.memo_for(isolated.index))
+        moved = [(row.job, client_id, row.state.value, now) for row in planned.rows
+                 if previous.get(row.job) is None or previous[row.job].state != row.state.value]
+        return planned.actions, generation, moved
 
     @staticmethod
     def _reboot_for(action: Action, generation: Generation) -> str:

@@ -81,7 +81,7 @@ from reconciler.relay.heartbeat import HeartbeatSender
 from reconciler.relay.loop import FOLLOW, HOUSEKEEPING, PUBLISHING, RelayLoop
 from reconciler.relay.server import RelayApp, Trust
 from reconciler.relay.state import DEFAULT_POLL_SECONDS, RelayState
-from reconciler.relay.store import Store, StoreError
+from reconciler.relay.store import SEEN_FLUSH_SECONDS, Store, StoreError
 from reconciler.serving import AnyServer, ListenError, make_server
 from reconciler.tls import (
     PLAIN_HTTP_WARNING,
@@ -401,9 +401,18 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
     next_restage: float = float("inf")
     next_housekeeping = time.monotonic() + 60.0
     next_events = 0.0  # when to look for client events again (once per check-in interval)
+    # Last-seen times of check-ins that changed nothing wait in memory (Store.flush_seen): at most this long.
+    store.flush_interval = min(SEEN_FLUSH_SECONDS, state.online_window().total_seconds() / 4)
+    next_flush = time.monotonic() + store.flush_interval
     try:
         while not stop.is_set():
             now = time.monotonic()
+            if now >= next_flush:
+                next_flush = now + store.flush_interval
+                try:
+                    store.flush_seen()
+                except Exception:  # noqa: BLE001 - kept in memory, tried again at the next deadline
+                    log.exception("writing last-seen times failed")
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING_SECONDS
                 try:
@@ -444,7 +453,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
                 loop.publish()
             except Exception as e:  # noqa: BLE001
                 loop.settle(PUBLISHING, e)
-            deadlines = [next_pass, next_restage, next_housekeeping, next_events]
+            deadlines = [next_pass, next_restage, next_housekeeping, next_events, next_flush]
             if wake.dirty:
                 deadlines.append(last_pass + args.publish_interval)
             due = loop.publish_due_in()
@@ -459,6 +468,10 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
             heartbeats.stop()
         watcher.stop()
         server.stop()
+        try:
+            store.flush_seen()  # served check-ins are done: their last-seen times are written
+        except Exception:  # noqa: BLE001
+            log.exception("writing last-seen times at shutdown failed")
         store.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

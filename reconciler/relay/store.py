@@ -31,6 +31,24 @@ Decisions behind it:
   writers on SQLite's own lock), and the relay reads credentials from the
   database at every request, never from a cache, so a change counts at the
   next check-in. Each change is a row of ``client_events`` (who, when, what).
+* **A check-in that changes nothing writes nothing.** What moves at nearly
+  every check-in (``last_seen``, and the facts in :data:`FAST_FACTS`, free
+  disk space) is kept in memory, in an overlay (client id -> when seen, its
+  facts), and written to ``clients`` in batches by :meth:`Store.flush_seen`
+  (the relay calls it every :attr:`Store.flush_interval` seconds, at most
+  :data:`SEEN_FLUSH_SECONDS`, and when it stops). Everything else a check-in
+  brings (results, dispatches, registrations, labels, inventory, the other
+  facts, reboots, software lists, arrivals) is written in the check-in's own
+  transaction before the reply, as ever. Readers in the relay's process see
+  the overlay: :meth:`Store.clients` and :meth:`Store.client` (the full
+  pass, retirement, the online counts) are exact. What reads ``last_seen``
+  in SQL may be one flush interval stale: another process's ``reconciler
+  clients list``, and the online test of :meth:`Store.usage` (rollout slots
+  held by online clients), which the server keeps exact by writing at once
+  the check-in of a client whose stored ``last_seen`` is older than the
+  online window less two flush intervals (a client coming back). A relay
+  killed between flushes loses at most the last flush interval of
+  ``last_seen`` times and free-disk figures, nothing else.
 * **Versioned migrations.** ``schema_version`` holds the number of migrations
   applied; :data:`MIGRATIONS` is append-only. A database written by a newer
   program is refused rather than guessed at.
@@ -58,6 +76,10 @@ from reconciler.plan import ActionKind, Attempt, Installed, Outcome, RolloutUsag
 
 DB_NAME = "relay.sqlite3"
 MESSAGE_LIMIT = 4000  # characters of an operation's message kept
+# Facts that move at nearly every check-in: kept in the overlay, never a reason to write a check-in.
+FAST_FACTS = frozenset({"freeDiskMB"})
+SEEN_FLUSH_SECONDS = 10.0  # the longest the overlay of last-seen times waits for SQLite
+SEEN_FLUSH_CHUNK = 2000  # rows per flush transaction: bounds how long one holds the write lock
 
 
 class StoreError(Exception):
@@ -93,6 +115,24 @@ class ClientRecord:
     def moved_away(self) -> bool:
         """Whether it moved to another relay and has not checked in here since."""
         return self.moved_at is not None and self.last_seen < self.moved_at
+
+
+class StoredReport(NamedTuple):
+    """A client's row as stored (JSON text as written), to tell whether a check-in changes it."""
+
+    facts: str
+    labels: str
+    inventory: str
+    last_seen: datetime  # as in SQLite: may be older than the overlay's
+    came_from: str | None
+
+
+class CheckinView(NamedTuple):
+    """What a check-in reads of its client before deciding whether it writes: one indexed query."""
+
+    credentials: Credentials
+    report: StoredReport
+    software_digest: str | None  # of the software list held, if any
 
 
 class Credentials(NamedTuple):
@@ -166,6 +206,11 @@ def _dt(value: float | None) -> datetime | None:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def slow_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """``facts`` without :data:`FAST_FACTS`: what must be written at once when it changes."""
+    return {k: v for k, v in facts.items() if k not in FAST_FACTS}
 
 
 @functools.lru_cache(maxsize=8192)
@@ -350,9 +395,12 @@ _CLIENT_COLUMNS = ("id, token_hash, facts, labels, inventory, first_seen, last_s
                    "moved_at, approved, confirmed")
 
 
-def _client(r: Sequence[Any]) -> ClientRecord:
-    return ClientRecord(r[0], r[1], json.loads(r[2]), json.loads(r[3]), _inventory(r[4]),
-                        _dt(r[5]), _dt(r[6]), r[7], _dt(r[8]), r[9], _dt(r[10]),  # type: ignore[arg-type]
+def _client(r: Sequence[Any], seen: tuple[float, str] | None = None) -> ClientRecord:
+    facts, last_seen = r[2], r[6]
+    if seen is not None and seen[0] > last_seen:  # the overlay's newer check-in
+        last_seen, facts = seen
+    return ClientRecord(r[0], r[1], json.loads(facts), json.loads(r[3]), _inventory(r[4]),
+                        _dt(r[5]), _dt(last_seen), r[7], _dt(r[8]), r[9], _dt(r[10]),  # type: ignore[arg-type]
                         bool(r[11]), bool(r[12]))
 
 
@@ -373,6 +421,13 @@ class Store:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self.write_lock = threading.Lock()
+        # The overlay of last-seen times (see the module's docstring): client id -> (last_seen, facts JSON).
+        # ``_flushing`` holds a batch being written, so readers see it until it is committed.
+        self.flush_interval = SEEN_FLUSH_SECONDS
+        self._seen: dict[str, tuple[float, str]] = {}
+        self._flushing: dict[str, tuple[float, str]] = {}
+        self._seen_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._migrate()
 
     # -- connections ---------------------------------------------------------
@@ -594,6 +649,10 @@ class Store:
         before = db.execute("SELECT labels, inventory FROM clients WHERE id = ?", (client_id,)).fetchone()
         db.execute("UPDATE clients SET facts = ?, labels = ?, inventory = ?, last_seen = ? WHERE id = ?",
                    (facts_json, labels_json, inventory_text, _ts(now), client_id))
+        with self._seen_lock:  # written: an older overlay entry would only be skipped by the flush
+            held = self._seen.get(client_id)
+            if held is not None and held[0] <= _ts(now):
+                del self._seen[client_id]
         return before is not None and (before[0] != labels_json or before[1] != inventory_text)
 
     # -- software inventory --------------------------------------------------
@@ -633,14 +692,117 @@ class Store:
         return out
 
     def clients(self, db: sqlite3.Connection | None = None, *, pending: bool = False) -> list[ClientRecord]:
-        """The registered clients by id; with ``pending``, also those waiting for approval (never planned)."""
+        """The registered clients by id; with ``pending``, also those waiting for approval (never planned).
+
+        ``last_seen`` and the facts are the overlay's where it holds newer
+        ones (exact in the relay's process; another process reads SQLite,
+        at most one flush interval stale).
+        """
         where = "" if pending else " WHERE approved = 1"
         rows = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients{where} ORDER BY id")
-        return [_client(r) for r in rows]
+        overlay = self._overlay()
+        if not overlay:
+            return [_client(r) for r in rows]
+        return [_client(r, overlay.get(r[0])) for r in rows]
 
     def client(self, client_id: str, db: sqlite3.Connection | None = None) -> ClientRecord | None:
         r = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE id = ?", (client_id,)).fetchone()
-        return None if r is None else _client(r)
+        return None if r is None else _client(r, self.seen_of(client_id))
+
+    # -- the overlay of last-seen times ---------------------------------------
+
+    def _overlay(self) -> dict[str, tuple[float, str]]:
+        with self._seen_lock:
+            if not self._flushing:
+                return dict(self._seen) if self._seen else {}
+            merged = dict(self._flushing)
+            merged.update(self._seen)  # newer than the batch being written
+            return merged
+
+    def seen_of(self, client_id: str) -> tuple[float, str] | None:
+        """The overlay's (last_seen timestamp, facts JSON) of one client, or None."""
+        with self._seen_lock:
+            return self._seen.get(client_id) or self._flushing.get(client_id)
+
+    def note_seen(self, client_id: str, facts: Mapping[str, Any], now: datetime) -> None:
+        """Remember a check-in that changed nothing else: written by the next :meth:`flush_seen`."""
+        entry = (_ts(now), _dumps(facts))
+        with self._seen_lock:
+            held = self._seen.get(client_id)
+            if held is None or held[0] <= entry[0]:
+                self._seen[client_id] = entry
+
+    def unflushed(self) -> int:
+        """How many clients' last-seen times wait for :meth:`flush_seen`."""
+        with self._seen_lock:
+            return len(self._seen) + len(self._flushing)
+
+    def flush_seen(self) -> int:
+        """Write the overlay to ``clients`` (transactions of :data:`SEEN_FLUSH_CHUNK` rows); how many clients.
+
+        A row is only moved forward: a check-in that wrote the client since
+        (a newer ``last_seen``) keeps what it wrote.
+        """
+        with self._flush_lock:
+            with self._seen_lock:
+                if not self._seen:
+                    return 0
+                self._flushing, self._seen = self._seen, {}
+                batch = [(facts, seen, client, seen) for client, (seen, facts) in self._flushing.items()]
+            try:
+                for start in range(0, len(batch), SEEN_FLUSH_CHUNK):
+                    with self.write() as db:
+                        db.executemany("UPDATE clients SET facts = ?, last_seen = ? WHERE id = ? AND last_seen < ?",
+                                       batch[start:start + SEEN_FLUSH_CHUNK])
+            except BaseException:
+                with self._seen_lock:  # not written: keep it for the next flush (newer entries win)
+                    for client, entry in self._flushing.items():
+                        if client not in self._seen:
+                            self._seen[client] = entry
+                    self._flushing = {}
+                raise
+            with self._seen_lock:
+                self._flushing = {}
+            return len(batch)
+
+    def checkin_view(self, client_id: str) -> CheckinView | None:
+        """A client's credentials, stored report and software digest in one query; None if unknown."""
+        row = self.db.execute(
+            "SELECT c.token_hash, c.confirmed, c.approved, c.facts, c.labels, c.inventory, c.last_seen, c.came_from, "
+            "s.digest FROM clients c LEFT JOIN client_software s ON s.client = c.id WHERE c.id = ?",
+            (client_id,)).fetchone()
+        if row is None:
+            return None
+        return CheckinView(Credentials(str(row[0]), bool(row[1]), bool(row[2])),
+                           StoredReport(row[3], row[4], row[5], _dt(row[6]), row[7]),  # type: ignore[arg-type]
+                           None if row[8] is None else str(row[8]))
+
+    def report_of(self, client_id: str, db: sqlite3.Connection | None = None) -> StoredReport | None:
+        """The client's stored facts, labels, inventory (JSON text), SQLite's ``last_seen``, its ``came_from``."""
+        row = (db or self.db).execute("SELECT facts, labels, inventory, last_seen, came_from FROM clients "
+                                      "WHERE id = ?", (client_id,)).fetchone()
+        return None if row is None else StoredReport(row[0], row[1], row[2], _dt(row[3]),  # type: ignore[arg-type]
+                                                     row[4])
+
+    @staticmethod
+    def report_changes(stored: StoredReport, facts: Mapping[str, Any], labels: Mapping[str, str],
+                       inventory: Iterable[Installed]) -> bool:
+        """Whether a report differs from the stored one in anything but :data:`FAST_FACTS`."""
+        if stored.labels != _dumps(labels) or stored.inventory != inventory_json(inventory):
+            return True
+        try:
+            before = json.loads(stored.facts)
+        except ValueError:
+            return True
+        return not isinstance(before, dict) or slow_facts(before) != slow_facts(facts)
+
+    def reboot_would_clear(self, db: sqlite3.Connection, client_id: str, boot_id: str | None) -> bool:
+        """Whether :meth:`clear_reboots` with ``boot_id`` would change anything (a read: one indexed query)."""
+        if boot_id is None:
+            return False
+        return db.execute("SELECT 1 FROM operations WHERE client = ? AND reboot_required = 1 "
+                          "AND reboot_cleared_at IS NULL AND (reboot_boot_id IS NULL OR reboot_boot_id != ?) "
+                          "LIMIT 1", (client_id, boot_id)).fetchone() is not None
 
     def record_arrival(self, db: sqlite3.Connection, client_id: str, came_from: str, now: datetime) -> bool:
         """Note that the client says it last spoke to relay ``came_from``; True when that is news."""
@@ -655,6 +817,7 @@ class Store:
         back since) and changes nothing; the newest move wins.
         """
         changed = 0
+        self.flush_seen()  # compared with last_seen in SQL: the overlay's check-ins count
         with self.write() as db:
             for client_id, relay, when in moves:
                 changed += db.execute(
@@ -827,6 +990,12 @@ class Store:
         left out: its plan replaces them, and only the others' rows can hold
         its starts back. ``own`` is that client's row states when the caller
         has read them already (:meth:`row_states_of`, in the same transaction).
+        Online is judged by ``last_seen`` in SQLite, without the overlay: a
+        client seen within the window is there as long as flushes keep to
+        :attr:`flush_interval` (the server writes at once a check-in whose
+        stored ``last_seen`` is older than the window less two flush
+        intervals), so a late flush can hide a client that just came back for
+        at most its lateness beyond one interval.
         """
         if not jobs:
             return {}
