@@ -411,7 +411,8 @@ def run_demo(workdir: Path, clients: int, fmt: str, out: TextIO) -> int:
     try:
         # HQ listens so the relays' heartbeats reach it: its status shows each relay alive (or lost).
         children.start("hq", ["hq", "--origin", str(origin), "--workdir", str(workdir / "hq"),
-                              "--poll-interval", "5", "--listen", "127.0.0.1:0", *serve_tls, *hook_args,
+                              "--poll-interval", "5", "--publish-interval", "1", "--listen", "127.0.0.1:0",
+                              *serve_tls, *hook_args,
                               "--signing-key", str(signing_key), *gate], env)
         hq_url = _wait_for_file(workdir / "hq" / "listen.url", children)
         urls: dict[str, str] = {}
