@@ -660,15 +660,24 @@ class GitStore:
         if proc.returncode == 0:
             return
         # One of them is missing on origin (git fails the whole fetch then): ask which exist.
-        out = self._git("ls-remote", "--heads", "origin", *(f"refs/heads/{ref}" for ref in wanted),
-                        network=True).stdout.decode("utf-8", "replace")
-        present = {line.partition("\t")[2] for line in out.splitlines()}
+        present = self._remote_heads(wanted)
         for ref in wanted:
-            if f"refs/heads/{ref}" not in present and self.ref_sha(ref) is not None:
+            if ref not in present and self.ref_sha(ref) is not None:
                 self._git("update-ref", "-d", f"refs/heads/{ref}")
-        specs = [f"+refs/heads/{ref}:refs/heads/{ref}" for ref in wanted if f"refs/heads/{ref}" in present]
+        specs = [f"+refs/heads/{ref}:refs/heads/{ref}" for ref in wanted if ref in present]
         if specs:
             self._git(*flags, "origin", *specs, network=True)
+
+    def _remote_heads(self, refs: Sequence[str] | None = None) -> dict[str, str]:
+        """Origin's branches (``refs``, or all) and their tips, as one ``git ls-remote --heads`` lists them."""
+        names = () if refs is None else tuple(f"refs/heads/{ref}" for ref in refs)
+        out = self._git("ls-remote", "--heads", "origin", *names, network=True).stdout
+        heads: dict[str, str] = {}
+        for line in out.decode("utf-8", "surrogateescape").splitlines():
+            sha, _, name = line.partition("\t")
+            if name.startswith("refs/heads/") and (refs is None or name in names):
+                heads[name[len("refs/heads/"):]] = sha
+        return heads
 
     def fetch_tips(self, full: Sequence[str] | None = None, *, _retry: bool = True) -> None:
         """Copy origin's branches into the mirror, ``status/*`` branches by their newest commit only.
@@ -699,12 +708,7 @@ class GitStore:
         """
         self._ensure_repo()
         keep = None if full is None else {_check_branch(ref) for ref in full}
-        out = self._git("ls-remote", "--heads", "origin", network=True).stdout.decode("utf-8", "surrogateescape")
-        remote: dict[str, str] = {}
-        for line in out.splitlines():
-            sha, _, name = line.partition("\t")
-            if name.startswith("refs/heads/"):
-                remote[name[len("refs/heads/"):]] = sha
+        remote = self._remote_heads()
         local: dict[str, str] = {}
         for line in self._out("for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/").splitlines():
             sha, _, name = line.partition(" ")
@@ -1324,12 +1328,7 @@ class GitStore:
 
     def _sync_ref(self, ref: str) -> str | None:
         """Origin's current tip of ``ref``, mirrored locally; None if origin has no such branch."""
-        out = self._git("ls-remote", "--heads", "origin", f"refs/heads/{ref}", network=True).stdout
-        remote: str | None = None
-        for line in out.decode("utf-8", "replace").splitlines():
-            sha, _, name = line.partition("\t")
-            if name == f"refs/heads/{ref}":
-                remote = sha
+        remote = self._remote_heads((ref,)).get(ref)
         local = self.ref_sha(ref)
         if remote is None:
             if local is not None:

@@ -614,8 +614,7 @@ def render_relay_job(job: str, relay: str, observed_commit: str | None, state: J
     few milliseconds of work and a change to one client a one-line diff; the
     whole file is still one YAML document for any YAML reader and the schema.
     """
-    body = "".join(f"- {_yaml_flow(_row_json(row))}\n" for row in rows).encode("utf-8")
-    return _job_head(job, relay, observed_commit, state, counts, reboot_required, bool(rows)) + body
+    return _job_head(job, relay, observed_commit, state, counts, reboot_required, bool(rows)) + _row_lines(rows)
 
 
 def _job_head(job: str, relay: str, observed_commit: str | None, state: JobState, counts: Mapping[str, int],
