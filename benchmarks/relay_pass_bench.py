@@ -59,6 +59,15 @@ def memory_mb(field: str) -> float:
     return float("nan")
 
 
+def reset_peak() -> bool:
+    """Start ``VmHWM`` again from the current RSS (Linux: ``/proc/self/clear_refs``), so each phase has its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def populate(store: Store, clients: int, jobs: int) -> None:
     now = utc_now()
     inventory = [Installed(f"app{i}", "1.0") for i in range(jobs)]
@@ -141,10 +150,14 @@ def main() -> int:
                    if "inventory_interval" in inspect.signature(RelayLoop).parameters else {})
         loop = RelayLoop(RELAY, git, store, cache, state, publish_interval=0.0, **cadence)
         loop.sync()
+        peaks = reset_peak()
         started = time.perf_counter()
         loop.last_files = loop.full_pass()
         loop.publish(force=True)
-        print(f"first pass + publish: {time.perf_counter() - started:.2f} s; RSS {memory_mb('VmRSS'):.0f} MB")
+        print(f"first pass + publish: {time.perf_counter() - started:.2f} s; RSS {memory_mb('VmRSS'):.0f} MB, "
+              f"peak {memory_mb('VmHWM'):.0f} MB")
+        overall = memory_mb("VmHWM")
+        reset_peak()
 
         steady: list[float] = []
         steady_cpu: list[float] = []
@@ -155,7 +168,10 @@ def main() -> int:
             loop.publish(force=True)
             steady.append(time.perf_counter() - started)
             steady_cpu.append(cpu() - used)
-        print(f"steady pass (nothing changed): {span(steady)}; CPU {span(steady_cpu)}")
+        print(f"steady pass (nothing changed): {span(steady)}; CPU {span(steady_cpu)}; "
+              f"peak {memory_mb('VmHWM'):.0f} MB")
+        overall = max(overall, memory_mb("VmHWM"))
+        reset_peak()
 
         total: list[float] = []
         total_cpu: list[float] = []
@@ -178,7 +194,10 @@ def main() -> int:
         print(f"commit -> published: {span(total)}  [sync {statistics.median(parts['sync']):.2f} s, "
               f"pass {statistics.median(parts['pass']):.2f} s, publish {statistics.median(parts['publish']):.2f} s]; "
               f"CPU {span(total_cpu)}")
-        print(f"memory: RSS {memory_mb('VmRSS'):.0f} MB, peak {memory_mb('VmHWM'):.0f} MB")
+        print(f"commit passes: peak {memory_mb('VmHWM'):.0f} MB")
+        overall = max(overall, memory_mb("VmHWM"))
+        print(f"memory: RSS {memory_mb('VmRSS'):.0f} MB, peak {overall:.0f} MB"
+              + ("" if peaks else " (peaks per phase not available: no /proc/self/clear_refs)"))
         store.close()
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0

@@ -407,7 +407,7 @@ class Hq:
                 if data is None or len(data) > report.MAX_STATUS_FILE:
                     continue
                 try:
-                    _, _, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{name}:{path}")
+                    _, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{name}:{path}")
                 except ReportError as e:
                     log.warning("%s", e)
                     continue

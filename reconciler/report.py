@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
@@ -604,8 +604,8 @@ def _row_json(row: StatusRow) -> dict[str, Any]:
     return out
 
 
-def render_relay_job(job: str, relay: str, observed_commit: str | None, state: JobState,
-                     counts: Mapping[str, int], rows: Sequence[StatusRow], reboot_required: int = 0) -> bytes:
+def render_relay_job(job: str, relay: str, state: JobState, counts: Mapping[str, int],
+                     rows: Sequence[StatusRow], reboot_required: int = 0) -> bytes:
     """A relay's job file: a small YAML head, then one row per line as a JSON object.
 
     A row is a YAML flow mapping written by the C JSON encoder, with every
@@ -614,12 +614,14 @@ def render_relay_job(job: str, relay: str, observed_commit: str | None, state: J
     few milliseconds of work and a change to one client a one-line diff; the
     whole file is still one YAML document for any YAML reader and the schema.
     """
-    return _job_head(job, relay, observed_commit, state, counts, reboot_required, bool(rows)) + _row_lines(rows)
+    return _job_head(job, relay, state, counts, reboot_required, bool(rows)) + _row_lines(rows)
 
 
-def _job_head(job: str, relay: str, observed_commit: str | None, state: JobState, counts: Mapping[str, int],
+def _job_head(job: str, relay: str, state: JobState, counts: Mapping[str, int],
               reboot_required: int, has_rows: bool) -> bytes:
-    head = dump_yaml({"counts": dict(counts), "job": job, "observedCommit": observed_commit, "relay": relay,
+    """A job file's head. It names no commit: ``relay.yaml`` in the same tree does, so a job whose rows
+    did not change keeps its file byte for byte across commits (no new blob to hash, store and push)."""
+    head = dump_yaml({"counts": dict(counts), "job": job, "relay": relay,
                       "state": state.value, **_reboot_field(reboot_required)})
     return head + (b"rows:\n" if has_rows else b"rows: []\n")
 
@@ -641,10 +643,43 @@ def escape_json_text(text: str) -> str:
     return _YAML_UNSAFE.sub(_escape_char, text)
 
 
-def _status_rows(rows: Iterable[Row], updated_at: Mapping[tuple[str, str], datetime]) -> list[StatusRow]:
+class RowTimes(Mapping[tuple[str, str], datetime]):
+    """When each row last changed state, (job, client) -> time, held per job (job -> client -> time).
+
+    A relay of 50,000 clients and six jobs has 300,000 rows: one dict per
+    job keyed by the client id the rows already hold costs half of one dict
+    keyed by a (job, client) tuple made for each row.
+    """
+
+    __slots__ = ("by_job",)
+
+    def __init__(self, by_job: dict[str, dict[str, datetime]] | None = None) -> None:
+        self.by_job: dict[str, dict[str, datetime]] = {} if by_job is None else by_job
+
+    def __getitem__(self, key: tuple[str, str]) -> datetime:
+        return self.by_job[key[0]][key[1]]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return ((job, client) for job, times in self.by_job.items() for client in times)
+
+    def __len__(self) -> int:
+        return sum(len(times) for times in self.by_job.values())
+
+
+def _times_by_job(updated_at: Mapping[tuple[str, str], datetime]) -> dict[str, dict[str, datetime]]:
+    if isinstance(updated_at, RowTimes):
+        return updated_at.by_job
+    by_job: dict[str, dict[str, datetime]] = {}
+    for (job, client), at in updated_at.items():
+        by_job.setdefault(job, {})[client] = at
+    return by_job
+
+
+def _status_rows(rows: Iterable[Row], times: Mapping[str, datetime]) -> list[StatusRow]:
+    """One job's rows as status rows, sorted by client; ``times``: client -> when its row last changed."""
     return sorted(
         (StatusRow(r.client, ClientState(r.state), r.installed_version, r.attempts, r.message,
-                   updated_at.get((r.job, r.client)), r.reason.value if r.reason is not None else None)
+                   times.get(r.client), r.reason.value if r.reason is not None else None)
          for r in rows),
         key=lambda r: r.client,
     )
@@ -680,7 +715,8 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
     ``job_cache`` (job -> the key of its rows and what they rendered to,
     :class:`CachedJob`), kept by the caller between calls, spares
     re-rendering a job whose rows did not change: a commit that adds one job
-    renders one job's rows (the others get a new head naming the commit).
+    renders one job's rows (the others keep their files, head included, unless
+    their state moved).
     ``detail`` (:func:`relay_detail`), when given, is the per-client part
     published instead of one rendered from ``inventory``: ``inventory.json``
     and the client counts, refreshed by the caller at its own cadence.
@@ -700,19 +736,21 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
         for job in unplannable:
             by_job.setdefault(job, [])
             states[job] = JobState.INVALID
+        times_by_job = _times_by_job(updated_at)
         for job in sorted(by_job):
             job_rows = by_job[job]
-            key = hash((tuple(job_rows), tuple(updated_at.get((r.job, r.client)) for r in job_rows)))
+            times = times_by_job.get(job, {})
+            key = hash((tuple(job_rows), tuple(times.get(r.client) for r in job_rows)))
             cached = job_cache.get(job) if job_cache is not None else None
             if cached is not None and cached.key == key:
                 part, body = cached.part, None
             else:
-                status_rows = _status_rows(job_rows, updated_at)
+                status_rows = _status_rows(job_rows, times)
                 part, body = _job_part(status_rows), _row_lines(status_rows)
             state = states.get(job) or job_state(part.counts)
             if part.newest is not None:
                 newest = part.newest if newest is None or part.newest > newest else newest
-            head = _job_head(job, relay, observed_commit, state, part.counts, part.reboots, bool(job_rows))
+            head = _job_head(job, relay, state, part.counts, part.reboots, bool(job_rows))
             if body is not None:
                 data = head + body
             else:
@@ -1125,8 +1163,11 @@ def _relay_job_lines(data: bytes) -> tuple[bytes, list[bytes]] | None:
 
 
 @_reading("job status file")
-def parse_relay_job(data: bytes, what: str = "job status") -> tuple[str, str | None, RelayJobStatus]:
-    """Read ``relays/<relay>/jobs/<job>.yaml``: (relay, observed commit, the job with every row).
+def parse_relay_job(data: bytes, what: str = "job status") -> tuple[str, RelayJobStatus]:
+    """Read ``relays/<relay>/jobs/<job>.yaml``: (relay, the job with every row).
+
+    The commit the rows are for is ``relay.yaml``'s ``observedCommit`` in the
+    same tree (files of earlier versions also name it in the head; ignored).
 
     Checked against ``schemas/status-relay-job.schema.json``: the head (job,
     relay, state, counts) as a whole, then each row with the schema's
@@ -1151,7 +1192,7 @@ def parse_relay_job(data: bytes, what: str = "job status") -> tuple[str, str | N
     status = RelayJobStatus(job=head["job"], state=JobState(head["state"]), counts=_counts(head["counts"]),
                             rows=tuple(_row(raw, what) for raw in raw_rows),
                             reboot_required=int(head.get("rebootRequired", 0)))
-    return head["relay"], head["observedCommit"], status
+    return head["relay"], status
 
 
 def _read_relay_job_lines(head: bytes, lines: list[bytes], what: str) -> tuple[dict[str, Any], list[Any]] | None:
@@ -1944,7 +1985,7 @@ def load_status_file(path: str, data: bytes) -> Any:
 __all__ = [
     "ACCEPTED_FILE", "Accepted", "DestinationReport", "EvaluationError", "FAILURE_LIMIT", "Failure", "HqReport",
     "InventoryEntry", "JobReport", "RELAYS_FILE", "RelayJobStatus", "RelayReport", "RelayStatus", "ReportError",
-    "SUMMARY_FILE", "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row",
+    "RowTimes", "SUMMARY_FILE", "StatusRow", "VALIDATION_FILE", "aggregate", "count_states", "format_time", "is_waiting_row",
     "job_state", "parse_accepted", "parse_hq_status", "parse_job_report", "parse_relay_job",
     "parse_relay_status", "parse_validation", "render_accepted", "render_hq_status", "render_relay_status",
     "render_summary", "render_validation", "schema_name",

@@ -208,7 +208,7 @@ def test_relay_status_counts_clients_waiting_for_a_reboot() -> None:
     status, files = _status_files(3)
     assert status.jobs["install-tool"].reboot_required == 3
     assert status.jobs["install-tool"].counts[ClientState.SUCCEEDED.value] == 4
-    _, _, job_file = report.parse_relay_job(files["relays/site/jobs/install-tool.yaml"])
+    _, job_file = report.parse_relay_job(files["relays/site/jobs/install-tool.yaml"])
     assert job_file.reboot_required == 3
     assert sum(r.reason == Reason.REBOOT_REQUIRED.value for r in job_file.rows) == 3
     cleared, cleared_files = _status_files(0)
@@ -323,7 +323,7 @@ def test_boot_id_of_this_machine_is_a_valid_fact() -> None:
 def test_the_web_job_page_links_the_waiting_clients_and_filters_on_the_reason() -> None:
     status, files = _status_files(2)
     hq = report.aggregate(SPECS, report.Accepted("c" * 40, NOW, "c" * 40, True), "main", (), {"site": status})
-    _, _, job_file = report.parse_relay_job(files["relays/site/jobs/install-tool.yaml"])
+    _, job_file = report.parse_relay_job(files["relays/site/jobs/install-tool.yaml"])
     rows = [("site", row) for row in job_file.rows]
     snapshot = web.Snapshot(report=hq)
     page = web.render_job(snapshot, "install-tool", rows, web.RowFilter(reason="rebootRequired"))

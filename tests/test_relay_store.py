@@ -199,7 +199,7 @@ def test_row_states_upsert_and_delete(store: Store) -> None:
     assert states["job-a"].state == "InProgress" and states["job-a"].since == T0 + timedelta(seconds=1)
     with store.write() as db:
         store.delete_row_states(db, [("job-b", "pc-1")])
-    assert set(store.row_states()) == {("job-a", "pc-1")}
+    assert {job: set(of_job) for job, of_job in store.row_states().items()} == {"job-a": {"pc-1"}}
 
 
 def test_failed_transaction_rolls_back(store: Store) -> None:

@@ -172,8 +172,8 @@ TRICKY_TEXT = [
 ]
 
 
-def _relay_job_doc(rows: list[report.StatusRow], commit: str | None = C1) -> dict[str, Any]:
-    return {"job": "install-7zip", "relay": "relay-kanto", "observedCommit": commit, "state": "Failed",
+def _relay_job_doc(rows: list[report.StatusRow]) -> dict[str, Any]:
+    return {"job": "install-7zip", "relay": "relay-kanto", "state": "Failed",
             "counts": report.count_states(r.state for r in rows),
             "rows": [report._row_json(r) for r in rows]}
 
@@ -182,10 +182,10 @@ def test_relay_job_file_is_one_yaml_document_with_a_json_line_per_row() -> None:
     rows = [report.StatusRow(f"pc-{i:03d}", list(ClientState)[i % 7], text or None, i % 4, text,
                              None if i % 5 == 0 else T0 + timedelta(seconds=i))
             for i, text in enumerate(TRICKY_TEXT)]
-    for subset, commit in ((rows, C1), (rows[:1], C1), ([], None)):
-        data = report.render_relay_job("install-7zip", "relay-kanto", commit, JobState.FAILED,
+    for subset in (rows, rows[:1], []):
+        data = report.render_relay_job("install-7zip", "relay-kanto", JobState.FAILED,
                                        report.count_states(r.state for r in subset), subset)
-        assert yaml.safe_load(data.decode("utf-8")) == _relay_job_doc(subset, commit)
+        assert yaml.safe_load(data.decode("utf-8")) == _relay_job_doc(subset)
         lines = data.decode("utf-8").splitlines()
         row_lines = [line for line in lines if line.startswith("- ")]
         assert [json.loads(line[2:]) for line in row_lines] == [report._row_json(r) for r in subset]
@@ -199,10 +199,10 @@ def test_relay_job_file_round_trips_any_text(cases: list[tuple[str, str | None, 
     rows = []
     for i, (message, version, attempts) in enumerate(cases):
         rows.append(report.StatusRow(f"pc-{i}", ClientState.FAILED, version, attempts, message, T0))
-    data = report.render_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
+    data = report.render_relay_job("install-7zip", "relay-kanto", JobState.FAILED,
                                    report.count_states(r.state for r in rows), rows)
     assert yaml.safe_load(data.decode("utf-8")) == _relay_job_doc(rows)
-    back = report.parse_relay_job(data)[2]
+    back = report.parse_relay_job(data)[1]
     assert [(r.message, r.installed_version, r.attempts) for r in back.rows] == [
         (m, v, a) for m, v, a in cases]
 
@@ -225,8 +225,9 @@ def test_relay_digest_round_trip_and_bounded_failures() -> None:
     assert digest.state is JobState.FAILED
     assert digest.counts["Failed"] == 300 and digest.counts["Succeeded"] == 1
     assert [r.client for r in digest.rows] == [f"pc-{i:04d}" for i in range(report.FAILURE_LIMIT)]
-    relay, observed, full = report.parse_relay_job(files["relays/relay-osaka/jobs/install-7zip.yaml"])
-    assert (relay, observed, len(full.rows)) == ("relay-osaka", C1, 301)
+    relay, full = report.parse_relay_job(files["relays/relay-osaka/jobs/install-7zip.yaml"])
+    assert (relay, len(full.rows)) == ("relay-osaka", 301)
+    assert b"observedCommit" not in files["relays/relay-osaka/jobs/install-7zip.yaml"]  # relay.yaml's says it
     assert_valid_status_files(files)
 
 

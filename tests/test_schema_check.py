@@ -39,7 +39,7 @@ def _documents() -> list[tuple[str, Any]]:
     """(schema, document) for one of every status file, as the writers render them."""
     rows = _rows(12)
     counts = report.count_states(r.state for r in rows)
-    job = report.render_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED, counts, rows)
+    job = report.render_relay_job("install-7zip", "relay-kanto", JobState.FAILED, counts, rows)
     relay = (
         "relay: relay-kanto\nobservedCommit: null\nclients: 3\nupdatedAt: \"2026-11-23T10:00:00Z\"\n"
         "errors: [\"artifact app 1.0 could not be staged\"]\njobs:\n  install-7zip:\n    state: Failed\n"
@@ -183,7 +183,7 @@ def test_a_relay_yaml_that_fails_its_schema_names_the_file_and_field(changes: di
 
 def test_a_relay_job_row_that_fails_its_schema_names_the_row() -> None:
     rows = _rows(5)
-    data = report.render_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
+    data = report.render_relay_job("install-7zip", "relay-kanto", JobState.FAILED,
                                    report.count_states(r.state for r in rows), rows)
     bad = data.replace(b'"attempts": 2, "client": "pc-0002"', b'"attempts": -2, "client": "pc-0002"')
     with pytest.raises(report.ReportError) as caught:
@@ -197,28 +197,41 @@ def test_a_relay_job_row_that_fails_its_schema_names_the_row() -> None:
 
 def test_a_relay_job_file_reads_the_same_in_any_yaml_layout() -> None:
     rows = _rows(40)
-    data = report.render_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
+    data = report.render_relay_job("install-7zip", "relay-kanto", JobState.FAILED,
                                    report.count_states(r.state for r in rows), rows)
     fast = report.parse_relay_job(data)
-    assert fast[2].rows == tuple(rows)
+    assert fast[1].rows == tuple(rows)
     doc = yaml.safe_load(data)
     for other in (yaml.safe_dump(doc, sort_keys=False).encode(), json.dumps(doc).encode(),
                   data.replace(b"\nrows:\n", b"\n# rows below\nrows:\n"), data + b"# end\n"):
         assert report.parse_relay_job(other) == fast
-    empty = report.render_relay_job("install-7zip", "relay-kanto", None, JobState.NO_TARGETS, report.zero_counts(), [])
-    assert report.parse_relay_job(empty)[2].rows == ()
+    empty = report.render_relay_job("install-7zip", "relay-kanto", JobState.NO_TARGETS, report.zero_counts(), [])
+    assert report.parse_relay_job(empty)[1].rows == ()
     with pytest.raises(report.ReportError, match="rows: None is not of type 'array'"):
         report.parse_relay_job(empty.replace(b"rows: []", b"rows:"))
     with pytest.raises(report.ReportError, match="'rows' is a required property"):
         report.parse_relay_job(empty.replace(b"rows: []\n", b""))
 
 
+def test_a_relay_job_file_of_an_earlier_version_naming_its_commit_reads_the_same() -> None:
+    rows = _rows(4)
+    data = report.render_relay_job("install-7zip", "relay-kanto", JobState.FAILED,
+                                   report.count_states(r.state for r in rows), rows)
+    assert b"observedCommit" not in data
+    for commit in (C1, None):
+        earlier = data.replace(b"job: install-7zip\n", b"job: install-7zip\nobservedCommit: "
+                               + (json.dumps(commit).encode() if commit else b"null") + b"\n")
+        assert earlier != data and report.parse_relay_job(earlier) == report.parse_relay_job(data)
+    with pytest.raises(report.ReportError, match="observedCommit"):
+        report.parse_relay_job(data.replace(b"job: install-7zip\n", b"job: install-7zip\nobservedCommit: abc\n"))
+
+
 def test_a_relay_job_row_that_is_not_json_is_read_as_yaml() -> None:
     rows = _rows(3)
-    data = report.render_relay_job("install-7zip", "relay-kanto", C1, JobState.FAILED,
+    data = report.render_relay_job("install-7zip", "relay-kanto", JobState.FAILED,
                                    report.count_states(r.state for r in rows), rows)
     yaml_row = b"- {client: pc-0009, state: Failed, installedVersion: null, attempts: 1, message: x, updatedAt: null}\n"
-    status = report.parse_relay_job(data + yaml_row)[2]
+    status = report.parse_relay_job(data + yaml_row)[1]
     assert [r.client for r in status.rows] == ["pc-0000", "pc-0001", "pc-0002", "pc-0009"]
 
 

@@ -175,7 +175,7 @@ class Snapshot:
     relays: dict[str, RelayStatus]  # relay.yaml of every status/<relay> ref
     relay_shas: dict[str, str]
     view: HqReport | None
-    rows: dict[str, dict[str, tuple[str | None, RelayJobStatus]]] = field(default_factory=dict)  # job -> relay -> (observed, rows)
+    rows: dict[str, dict[str, RelayJobStatus]] = field(default_factory=dict)  # job -> relay -> rows (at relay_shas)
     problems: list[str] = field(default_factory=list)
 
 
@@ -186,7 +186,7 @@ class Reader:
         self.store = store
         self.workers = workers
         self._relays: dict[str, tuple[str, RelayStatus]] = {}
-        self._rows: dict[tuple[str, str], tuple[str | None, RelayJobStatus] | str | None] = {}  # (sha, job) ->
+        self._rows: dict[tuple[str, str], RelayJobStatus | str | None] = {}  # (sha, job) ->
         self._hq: tuple[str, HqReport] | None = None
         self._specs: tuple[str, Specs | None] | None = None
 
@@ -256,15 +256,14 @@ class Reader:
         pairs = sorted({(relay, job) for relay, job in wanted if relay in snap.relay_shas})
         todo = [(relay, job) for relay, job in pairs if (snap.relay_shas[relay], job) not in self._rows]
 
-        def read(pair: tuple[str, str]) -> tuple[str | None, RelayJobStatus] | str | None:
+        def read(pair: tuple[str, str]) -> RelayJobStatus | str | None:
             relay, job = pair
             path = f"{report.relay_prefix(relay)}jobs/{job}.yaml"
             try:
                 data = self.store.read_file(snap.relay_shas[relay], path, report.MAX_STATUS_FILE)
                 if data is None:
                     return None
-                _, observed, status = report.parse_relay_job(data, f"{STATUS_PREFIX}{relay}:{path}")
-                return observed, status
+                return report.parse_relay_job(data, f"{STATUS_PREFIX}{relay}:{path}")[1]
             except (GitError, ReportError) as e:
                 return f"rows of {relay} unreadable: {e}"  # said, never silently left out
 
@@ -383,11 +382,11 @@ def waiting_reasons(snap: Snapshot, only_job: str | None = None, target: str | N
                 continue
             if digest.state in (JobState.SCHEDULED, JobState.CLIENTS_OFFLINE):
                 continue  # all it has still to run waits for the schedule or for offline clients
-            entry = snap.rows.get(job.name, {}).get(relay)
-            if entry is None or entry[0] != accepted:
-                reasons.append(f"job {job.name}: rows of {relay} unreadable or not for the accepted commit")
+            entry = snap.rows.get(job.name, {}).get(relay)  # read at the tree whose relay.yaml is current
+            if entry is None:
+                reasons.append(f"job {job.name}: rows of {relay} unreadable")
                 continue
-            active = [r for r in entry[1].rows if report.is_waiting_row(r.state, r.message, r.reason)]
+            active = [r for r in entry.rows if report.is_waiting_row(r.state, r.message, r.reason)]
             if active:
                 names = ", ".join(r.client for r in active[:5]) + (", …" if len(active) > 5 else "")
                 held = f"; relay {relay} is {lost[relay]}" if relay in lost else ""
@@ -430,7 +429,7 @@ def _client_rows(snap: Snapshot, job: JobReport) -> list[tuple[str, StatusRow]]:
     """The rows behind ``job``'s counts: only relays its roll-up counts (``--wait`` may have read others)."""
     counted = counted_relays(snap, job.job)
     out: list[tuple[str, StatusRow]] = []
-    for relay, (_, status) in sorted(snap.rows.get(job.job, {}).items()):
+    for relay, status in sorted(snap.rows.get(job.job, {}).items()):
         if counted is None or relay in counted:
             out.extend((relay, row) for row in status.rows)
     out.sort(key=lambda item: (item[1].client, item[0]))

@@ -57,7 +57,7 @@ from reconciler.relay.state import (
     make_generation,
     unplannable_errors,
 )
-from reconciler.relay.store import ClientRecord, Store
+from reconciler.relay.store import ClientRecord, RowState, Store
 from reconciler.repo_tree import CommitTree, load_commit, spec_files
 from reconciler.report import HQ_STATUS_REF
 from reconciler.signing import ManifestError, parse_manifest
@@ -375,7 +375,7 @@ class RelayLoop:
         self.state.client_count = len(records)
         self.state.clients_online = sum(online.values())
         the_plan: plan.Plan | None = None
-        updated_at: dict[tuple[str, str], datetime] = {}
+        updated_at = report.RowTimes()
         self.row_state_changes = 0
         try:
             if generation.index is not None:
@@ -397,11 +397,13 @@ class RelayLoop:
                     generation = isolated
                 the_plan = planned
                 self.state.row_counts = {(j.job, state): n for j in planned.jobs for state, n in j.counts.items()}
+                del clients  # the pass's peak memory is what is alive at once: let go of what is done
                 updated_at = self._record_row_states(the_plan.rows, stored_states, now)
             self.settle(PLANNING, None)
         except Exception as e:  # noqa: BLE001 - always publish what we know, plus the error
             self.settle(PLANNING, e)
             the_plan = None
+        del stored_states
         problems = [*self.status_problems(),
                     *(problem(Cause.INVALID_SPECS, text) for text in unplannable_errors(generation))]
         errors = [p.message for p in problems]
@@ -579,20 +581,29 @@ class RelayLoop:
         return report.render_relay_status(self.name, self.state.generation.commit, None, {}, [],
                                           [p.message for p in problems], problems=problems)
 
-    def _record_row_states(self, rows: tuple[plan.Row, ...], stored: dict[tuple[str, str], Any],
-                           now: datetime) -> dict[tuple[str, str], datetime]:
-        updated_at: dict[tuple[str, str], datetime] = {}
+    def _record_row_states(self, rows: tuple[plan.Row, ...], stored: dict[str, dict[str, RowState]],
+                           now: datetime) -> report.RowTimes:
+        """Write the rows whose state moved (compare-and-set against ``stored``, read with the plan's
+        snapshot) and drop rows no longer planned; return when each row last changed state."""
+        times = report.RowTimes()
         changes = []
-        for row in rows:
-            key = (row.job, row.client)
-            previous = stored.get(key)
-            if previous is not None and previous.state == row.state.value:
-                updated_at[key] = previous.since
+        job: str | None = None
+        of_job: dict[str, RowState] = {}
+        job_times: dict[str, datetime] = {}
+        for row in rows:  # sorted by (job, client): one lookup of the job's dicts per job
+            if row.job != job:
+                job = row.job
+                of_job = stored.get(job, {})
+                job_times = times.by_job.setdefault(job, {})
+            previous = of_job.get(row.client)
+            state = row.state.value
+            if previous is not None and previous.state == state:
+                job_times[row.client] = previous.since
             else:
-                updated_at[key] = now
-                changes.append((row.job, row.client, row.state.value, now,
-                                None if previous is None else previous.state))
-        stale = [key for key in stored if key not in updated_at]
+                job_times[row.client] = now
+                changes.append((job, row.client, state, now, None if previous is None else previous.state))
+        stale = [(job, client) for job, of_job in stored.items()
+                 for client in of_job.keys() - times.by_job.get(job, {}).keys()]
         # Small transactions: check-ins wait for the write lock between chunks, never for a whole fleet.
         for start in range(0, len(changes), WRITE_CHUNK):
             with self.store.write() as db:
@@ -601,7 +612,7 @@ class RelayLoop:
             with self.store.write() as db:
                 self.store.delete_row_states(db, stale[start:start + WRITE_CHUNK])
         self.row_state_changes = len(changes) + len(stale)
-        return updated_at
+        return times
 
     def housekeeping(self) -> None:
         """Prune old finished operations and artifacts no current package uses."""

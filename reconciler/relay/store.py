@@ -945,16 +945,28 @@ class Store:
         rows = (db or self.db).execute("SELECT job, state, since FROM row_states WHERE client = ?", (client_id,))
         return {r[0]: RowState(r[1], _dt(r[2])) for r in rows}  # type: ignore[arg-type]
 
-    def row_states(self, db: sqlite3.Connection | None = None) -> dict[tuple[str, str], RowState]:
+    def row_states(self, db: sqlite3.Connection | None = None) -> dict[str, dict[str, RowState]]:
+        """Every row's state, job -> client -> state.
+
+        A full pass at 50,000 clients and six jobs reads 300,000 of them; a
+        pass writes thousands of rows at one moment, so (state, since) pairs
+        repeat: one :class:`RowState` per pair, one string per client, job
+        and state, one dict per job. About a quarter of the memory of a dict
+        of fresh objects keyed by (job, client).
+        """
         rows = (db or self.db).execute("SELECT job, client, state, since FROM row_states")
-        # A pass writes thousands of rows at one moment: they share one datetime (and one conversion).
-        stamps: dict[float, datetime] = {}
-        out: dict[tuple[str, str], RowState] = {}
+        shared: dict[tuple[str, float], RowState] = {}
+        names: dict[str, str] = {}
+        out: dict[str, dict[str, RowState]] = {}
         for job, client, state, since in rows:
-            stamp = stamps.get(since)
-            if stamp is None:
-                stamp = stamps[since] = datetime.fromtimestamp(since, tz=timezone.utc)
-            out[(job, client)] = RowState(state, stamp)
+            held = shared.get((state, since))
+            if held is None:
+                held = shared[(names.setdefault(state, state), since)] = RowState(
+                    names.setdefault(state, state), datetime.fromtimestamp(since, tz=timezone.utc))
+            of_job = out.get(job)
+            if of_job is None:
+                of_job = out[job] = {}
+            of_job[names.setdefault(client, client)] = held
         return out
 
     def set_row_states(self, db: sqlite3.Connection, changes: Iterable[tuple[str, str, str, datetime]]) -> None:
