@@ -18,6 +18,7 @@ from reconciler.plan import ActionKind, Attempt, Installed, Outcome
 from reconciler.relay.store import (
     DB_NAME,
     MIGRATIONS,
+    RowState,
     Store,
     StoreError,
     hash_token,
@@ -189,6 +190,21 @@ def test_results_update_only_own_dispatched_operations(store: Store) -> None:
     assert op1.finished_at == later
     op2 = store.operation("op-2")
     assert op2 is not None and op2.outcome is Outcome.DISPATCHED
+
+
+def test_row_states_are_read_per_job_sharing_one_object_per_state_and_time(store: Store) -> None:
+    with store.write() as db:
+        store.set_row_states(db, [(f"job-{j}", f"pc-{c}", "Succeeded", T0) for j in "ab" for c in range(3)]
+                             + [("job-a", "pc-9", "Failed", T0 + timedelta(seconds=5))])
+    states = store.row_states()
+    assert {job: sorted(of_job) for job, of_job in states.items()} == {
+        "job-a": ["pc-0", "pc-1", "pc-2", "pc-9"], "job-b": ["pc-0", "pc-1", "pc-2"]}
+    assert states["job-a"]["pc-9"] == RowState("Failed", T0 + timedelta(seconds=5))
+    same = {id(s) for of_job in states.values() for c, s in of_job.items() if c != "pc-9"}
+    assert len(same) == 1 and states["job-b"]["pc-0"] == RowState("Succeeded", T0)
+    client_a = next(c for c in states["job-a"] if c == "pc-1")
+    client_b = next(c for c in states["job-b"] if c == "pc-1")
+    assert client_a is client_b  # one string per client across jobs
 
 
 def test_row_states_upsert_and_delete(store: Store) -> None:

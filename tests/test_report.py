@@ -150,6 +150,21 @@ def test_relay_status_files_and_fields() -> None:
     assert assert_valid_status_files(files) == 4
 
 
+def test_row_times_held_per_job_render_what_a_flat_mapping_renders() -> None:
+    plan, updated, inventory = _sample_plan()
+    by_job: dict[str, dict[str, datetime]] = {}
+    for (job, client), at in updated.items():
+        by_job.setdefault(job, {})[client] = at
+    times = report.RowTimes(by_job)
+    assert dict(times) == dict(updated) and len(times) == len(updated)
+    assert report.render_relay_status("relay-kanto", C1, plan, times, inventory, []) == \
+        report.render_relay_status("relay-kanto", C1, plan, updated, inventory, [])
+    moved = next(iter(updated))
+    times.by_job[moved[0]][moved[1]] += timedelta(minutes=1)  # one row's time moved: its file shows it
+    assert report.render_relay_status("relay-kanto", C1, plan, times, inventory, []) != \
+        report.render_relay_status("relay-kanto", C1, plan, updated, inventory, [])
+
+
 def test_relay_status_is_byte_identical_for_the_same_state_in_any_order() -> None:
     plan, updated, inventory = _sample_plan()
     first = report.render_relay_status("relay-kanto", C1, plan, updated, inventory, [])

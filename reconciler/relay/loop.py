@@ -45,6 +45,7 @@ from reconciler.gitstore import STATUS_PREFIX, GitError, GitStore
 from reconciler.metrics import RelayMetrics
 from reconciler.plan.vocabulary import waits_offline
 from reconciler.reach import reach_of
+from reconciler.relay import native_heap
 from reconciler.relay.artifacts import (
     ArtifactCache,
     packages_to_stage,
@@ -351,6 +352,7 @@ class RelayLoop:
         finally:
             if collecting:
                 gc.enable()
+            native_heap.release_free_memory()  # what the pass freed, back to the system (native_heap)
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.full_pass_seconds.observe(elapsed)

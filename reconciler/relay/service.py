@@ -76,6 +76,7 @@ from reconciler.gitstore import (
 from reconciler.logs import configure_logging
 from reconciler.metrics import RelayMetrics, gauge, row_gauge
 from reconciler.redaction import redact_url
+from reconciler.relay import native_heap
 from reconciler.relay.artifacts import ArtifactCache
 from reconciler.relay.heartbeat import HeartbeatSender
 from reconciler.relay.loop import FOLLOW, HOUSEKEEPING, PUBLISHING, RelayLoop
@@ -296,6 +297,7 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
     except StoreError as e:
         print(f"reconciler relay: {e}", file=sys.stderr)
         return 2
+    native_heap.limit_arenas()  # before any thread starts (see native_heap)
     wake = _Wakeup()
     stop = threading.Event()
     checkin: float | None = getattr(args, "checkin_interval", None)
