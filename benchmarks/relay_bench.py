@@ -417,8 +417,8 @@ def split_by_passes(latencies: list[float], starts: list[float], passes: list[tu
     return during, outside
 
 
-def vm_hwm_mb(pid: int, field: str = "VmHWM") -> float:
-    """The process's peak resident memory (``VmHWM``; or another field such as ``VmRSS``), MB; 0 where
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak resident memory (``VmHWM``; or another field such as ``VmRSS``), MB; 0 where
     ``/proc`` does not say."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -429,9 +429,9 @@ def vm_hwm_mb(pid: int, field: str = "VmHWM") -> float:
     return 0.0
 
 
-def reset_hwm(pid: int) -> bool:
-    """Start the process's ``VmHWM`` again from its current RSS (Linux ``clear_refs``): the peak of the
-    measured window, apart from registering the whole fleet at once before it."""
+def reset_peak(pid: int) -> bool:
+    """Start a process's ``VmHWM`` again from its current RSS (Linux ``clear_refs``), so a phase (here the
+    measured window, apart from registering the whole fleet at once before it) has its own peak."""
     try:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
         return True
@@ -462,10 +462,10 @@ def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
         # Warm-up: every client's first check-in with its token confirms it (a write); a fleet does that
         # once, so the window measures the check-ins that follow.
         run_load(host, clients, args.concurrency, None, register=False, once=True)
-        setup_peak = vm_hwm_mb(proc.pid)
-        print(f"{size:>6} clients: relay RSS {vm_hwm_mb(proc.pid, 'VmRSS'):.0f} MB before the window, "
+        setup_peak = memory_mb(proc.pid)
+        print(f"{size:>6} clients: relay RSS {memory_mb(proc.pid, 'VmRSS'):.0f} MB before the window, "
               f"peak {setup_peak:.0f} MB while the whole fleet registered and confirmed")
-        windowed = reset_hwm(proc.pid)
+        windowed = reset_peak(proc.pid)
         profiler = None
         if args.profile:
             profiler = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--duration",
@@ -509,7 +509,7 @@ def bench(size: int, args: argparse.Namespace) -> dict[str, Any]:
             "relay_cpu_us_per_checkin": cpu / max(len(lat), 1) * 1e6,
         }
         result["tree"] = str(TREE)
-        result["relay_hwm_mb"] = vm_hwm_mb(proc.pid) if windowed else max(setup_peak, vm_hwm_mb(proc.pid))
+        result["relay_hwm_mb"] = memory_mb(proc.pid) if windowed else max(setup_peak, memory_mb(proc.pid))
         result["relay_setup_hwm_mb"] = setup_peak
         if args.pass_commits:
             during, outside = split_by_passes(lat, starts, passes)

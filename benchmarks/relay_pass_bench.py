@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from relay_bench import _env, _git, build_origin  # noqa: E402
+from relay_bench import _env, _git, build_origin, memory_mb, reset_peak  # noqa: E402
 
 from reconciler.gitstore import GitStore  # noqa: E402
 from reconciler.plan.vocabulary import Installed  # noqa: E402
@@ -50,22 +50,6 @@ from reconciler.relay.store import Store  # noqa: E402
 from reconciler.times import utc_now  # noqa: E402
 
 RELAY = "relay-bench"
-
-
-def memory_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> bool:
-    """Start ``VmHWM`` again from the current RSS (Linux: ``/proc/self/clear_refs``), so each phase has its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def populate(store: Store, clients: int, jobs: int) -> None:
@@ -132,6 +116,7 @@ def main() -> int:
     parser.add_argument("--inventory-interval", type=float, default=900.0,
                         help="the relay's --inventory-interval (default 900, as the relay's; 0: refresh at every pass)")
     args = parser.parse_args()
+    me = os.getpid()
     print(f"load average at start: {os.getloadavg()[0]:.2f}; {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="relay-pass-bench-") as tmp:
         base = Path(tmp)
@@ -142,7 +127,7 @@ def main() -> int:
         started = time.perf_counter()
         populate(store, args.clients, args.jobs)
         print(f"{args.clients} clients written in {time.perf_counter() - started:.1f} s; "
-              f"RSS {memory_mb('VmRSS'):.0f} MB")
+              f"RSS {memory_mb(me, 'VmRSS'):.0f} MB")
         state = RelayState(RELAY, store, poll_seconds=30.0, retire_after=timedelta(days=30))
         git = GitStore(str(origin), workdir)
         cache = ArtifactCache(workdir, git)
@@ -150,14 +135,14 @@ def main() -> int:
                    if "inventory_interval" in inspect.signature(RelayLoop).parameters else {})
         loop = RelayLoop(RELAY, git, store, cache, state, publish_interval=0.0, **cadence)
         loop.sync()
-        peaks = reset_peak()
+        peaks = reset_peak(me)
         started = time.perf_counter()
         loop.last_files = loop.full_pass()
         loop.publish(force=True)
-        print(f"first pass + publish: {time.perf_counter() - started:.2f} s; RSS {memory_mb('VmRSS'):.0f} MB, "
-              f"peak {memory_mb('VmHWM'):.0f} MB")
-        overall = memory_mb("VmHWM")
-        reset_peak()
+        print(f"first pass + publish: {time.perf_counter() - started:.2f} s; RSS {memory_mb(me, 'VmRSS'):.0f} MB, "
+              f"peak {memory_mb(me, 'VmHWM'):.0f} MB")
+        overall = memory_mb(me, "VmHWM")
+        reset_peak(me)
 
         steady: list[float] = []
         steady_cpu: list[float] = []
@@ -169,9 +154,9 @@ def main() -> int:
             steady.append(time.perf_counter() - started)
             steady_cpu.append(cpu() - used)
         print(f"steady pass (nothing changed): {span(steady)}; CPU {span(steady_cpu)}; "
-              f"peak {memory_mb('VmHWM'):.0f} MB")
-        overall = max(overall, memory_mb("VmHWM"))
-        reset_peak()
+              f"peak {memory_mb(me, 'VmHWM'):.0f} MB")
+        overall = max(overall, memory_mb(me, "VmHWM"))
+        reset_peak(me)
 
         total: list[float] = []
         total_cpu: list[float] = []
@@ -194,9 +179,9 @@ def main() -> int:
         print(f"commit -> published: {span(total)}  [sync {statistics.median(parts['sync']):.2f} s, "
               f"pass {statistics.median(parts['pass']):.2f} s, publish {statistics.median(parts['publish']):.2f} s]; "
               f"CPU {span(total_cpu)}")
-        print(f"commit passes: peak {memory_mb('VmHWM'):.0f} MB")
-        overall = max(overall, memory_mb("VmHWM"))
-        print(f"memory: RSS {memory_mb('VmRSS'):.0f} MB, peak {overall:.0f} MB"
+        print(f"commit passes: peak {memory_mb(me, 'VmHWM'):.0f} MB")
+        overall = max(overall, memory_mb(me, "VmHWM"))
+        print(f"memory: RSS {memory_mb(me, 'VmRSS'):.0f} MB, peak {overall:.0f} MB"
               + ("" if peaks else " (peaks per phase not available: no /proc/self/clear_refs)"))
         store.close()
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
