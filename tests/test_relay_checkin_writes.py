@@ -8,7 +8,9 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -258,3 +260,39 @@ def test_a_relay_process_writes_what_waits_in_memory_when_it_stops(cluster: Clus
     with sqlite3.connect(relay.workdir / "relay.sqlite3") as db:
         facts = json.loads(db.execute("SELECT facts FROM clients WHERE id = 'pc-1'").fetchone()[0])
     assert facts["freeDiskMB"] == 3000
+
+
+class _WatchedLock:
+    """A lock that tells when someone had to wait for it (the store's write lock, in the test below)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waited = threading.Event()
+
+    def __enter__(self) -> _WatchedLock:
+        if not self.lock.acquire(blocking=False):
+            self.waited.set()
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_a_checkin_waiting_to_write_holds_up_no_checkin_that_writes_nothing(relay: Relay,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    token = converged(relay)
+    lock = _WatchedLock()
+    monkeypatch.setattr(relay.store, "write_lock", lock)
+    relay.clock[0] = T0 + timedelta(seconds=7)
+    with ThreadPoolExecutor(1) as pool:
+        with relay.store.write():  # another writer holds the database: a pass's chunk of row states, a flush
+            registering = pool.submit(checkin, relay, "pc-2", None)
+            assert lock.waited.wait(10), "the registration never waited for the write lock"
+            # Changes nothing: served while the registration waits (check-ins are read one at a time, and a
+            # check-in lets that turn go before it waits to write).
+            reply = checkin(relay, "pc-1", token, inventory=INSTALLED)
+            assert reply["actions"] == [] and not registering.done()
+        assert registering.result(timeout=10)["token"]
+    record = relay.store.client("pc-1")
+    assert record is not None and record.last_seen == T0 + timedelta(seconds=7)

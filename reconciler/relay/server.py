@@ -12,6 +12,18 @@ in a read transaction and takes no write lock at all: the store's in-memory
 overlay remembers when the client was seen (:meth:`Store.flush_seen` writes
 it in batches).
 
+Check-ins are read one at a time (:attr:`RelayApp.checkin_gate`): once the
+request is read and parsed, a check-in takes the gate for authentication and
+the read-only path, and lets it go before it waits for the write lock (so
+writers, one at a time anyway, hold no reader up). The server's threads are
+for slow transfers (bodies, artifact downloads, TLS); the work of a
+check-in is a few hundred microseconds of Python that the GIL runs one
+thread at a time anyway, and each SQLite call in it lets go of the GIL.
+With eight threads working check-ins at once, each of those calls could
+hand the GIL to another thread and back: at times about 70 thread switches
+per check-in, more CPU than the check-ins themselves
+(``benchmarks/RESULTS.md``, "Check-ins read one at a time").
+
 Two rules shape the code:
 
 * **Client input never causes a 5xx or a traceback.** Every request is
@@ -58,7 +70,9 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -286,6 +300,8 @@ class RelayApp:
         self.cache_dir = Path(cache_dir)
         self.webhook = HookGuard(webhook_secret, insecure=insecure_webhook)
         self.now = now
+        # Held by a check-in from its parsed request until it writes or replies (the module's docstring).
+        self.checkin_gate = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -426,6 +442,14 @@ class RelayApp:
         token = _bearer(environ)
         enrolled = self._enrolled(client_id, environ)
         request = parse_checkin(parse_json(self._body(environ, json_required=True)))
+        with ExitStack() as gate:
+            gate.enter_context(self.checkin_gate)
+            return self._checkin(client_id, token, enrolled, request, gate)
+
+    def _checkin(self, client_id: str, token: str | None, enrolled: str | None, request: Checkin,
+                 gate: ExitStack) -> protocol.CheckinReply:
+        """The work of a check-in whose request is read and parsed: under :attr:`checkin_gate` (held by
+        ``gate``) until it is known to write; it lets the gate go before it waits for the write lock."""
         # Authenticate before taking the write lock: a refused client costs one indexed read (which also
         # reads what tells whether this check-in changes anything).
         view = self.store.checkin_view(client_id)
@@ -460,6 +484,7 @@ class RelayApp:
                 if not approved:
                     raise _pending(client_id)
                 return self._reply(*quiet[:2], request, None, quiet[2])
+        gate.close()  # writers wait for the write lock, one at a time anyway; a long wait holds no other up
         changed = False
         new_token: str | None = None
         finished: Sequence[FinishedOperation] = ()
