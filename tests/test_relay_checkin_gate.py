@@ -1,5 +1,6 @@
-"""Check-ins are worked one at a time, once their request is read: the relay app on its real servers
-(waitress for plain HTTP, cheroot for HTTPS) on 127.0.0.1, a real SQLite file, concurrent clients."""
+"""Check-ins are read one at a time once their request is parsed (``RelayApp.checkin_gate``): the relay app
+on its real servers (waitress for plain HTTP, cheroot for HTTPS) on 127.0.0.1, a real SQLite file, concurrent
+clients."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def registered(relay: Relay, client: str) -> str:
     return str(response.json()["token"])
 
 
-def test_concurrent_check_ins_are_worked_one_at_a_time(relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_check_ins_are_read_one_at_a_time(relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
     tokens = {f"pc-{i}": registered(relay, f"pc-{i}") for i in range(CLIENTS)}
     # Every check-in is read by the server and parsed by the app before any goes on: they are in flight at once.
     arrived = threading.Barrier(CLIENTS, timeout=DEADLINE)
