@@ -23,7 +23,8 @@ one did (at least ``--duration`` seconds). A monitor reads the relay's ``GET
 /metrics`` every 0.1 s (``reconciler_relay_full_pass_seconds`` count and
 sum): each new pass ended when its count moved and lasted what its sum grew
 by. Check-ins whose request overlapped a pass are reported apart from the
-others (p50/p99/max), with the relay's peak resident memory (``VmHWM``) and
+others (p50/p99/max), with the relay's peak resident memory (``VmHWM``, its
+process and the one running its full passes) and
 the load average at start and end::
 
     python benchmarks/relay_bench.py --clients 10000,50000 --duration 40 --pass-commits 3
@@ -417,23 +418,53 @@ def split_by_passes(latencies: list[float], starts: list[float], passes: list[tu
     return during, outside
 
 
-def memory_mb(pid: int, field: str = "VmHWM") -> float:
-    """A process's peak resident memory (``VmHWM``; or another field such as ``VmRSS``), MB; 0 where
-    ``/proc`` does not say."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants running the same executable (the relay runs its full passes in a child
+    process; git commands it runs are not counted), from ``/proc``."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+        exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
-        pass
-    return 0.0
+        return [pid]
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        try:
+            if os.readlink(f"/proc/{current}/exe") != exe:
+                continue
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        found.append(current)
+        for task in tasks:
+            try:
+                queue.extend(int(child) for child in (task / "children").read_text().split())
+            except (OSError, ValueError):
+                pass
+    return found
+
+
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """Resident memory of a process and its descendants (each one's ``VmHWM``, or another field such as
+    ``VmRSS``), summed, MB; 0 where ``/proc`` does not say. Summed peaks are an upper bound of the peak of
+    the sum: the processes need not peak at once."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
 
 
 def reset_peak(pid: int) -> bool:
-    """Start a process's ``VmHWM`` again from its current RSS (Linux ``clear_refs``), so a phase (here the
-    measured window, apart from registering the whole fleet at once before it) has its own peak."""
+    """Start the ``VmHWM`` of a process and its descendants again from their current RSS (Linux
+    ``clear_refs``), so a phase (here the measured window, apart from registering the whole fleet at once
+    before it) has its own peak."""
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for member in process_tree(pid):
+            Path(f"/proc/{member}/clear_refs").write_text("5")
         return True
     except OSError:
         return False

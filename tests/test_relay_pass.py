@@ -210,11 +210,11 @@ def test_a_new_commit_renders_only_the_new_jobs_rows(relay: Relay) -> None:
     for n in range(3):
         relay.report(f"pc-{n}", ("app",))
     first = relay.run()
-    cached = dict(relay.loop._job_cache)
+    cached = dict(relay.loop.passes._job_cache)
     relay.origin.commit(specs("app", "tool"))
     relay.origin.accept(relay.hq)
     second = relay.run()
-    assert relay.loop._job_cache["install-app"].part is cached["install-app"].part  # reused, not rendered again
+    assert relay.loop.passes._job_cache["install-app"].part is cached["install-app"].part  # reused, not rendered again
     assert set(rows(second, "install-tool")) == {"pc-0", "pc-1", "pc-2"}
     # the unchanged job's file is the same object, so git is not handed it again; relay.yaml names the commit
     path = f"relays/{RELAY}/jobs/install-app.yaml"

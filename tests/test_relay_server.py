@@ -437,7 +437,7 @@ def test_actions_whose_artifact_is_unavailable_are_held(relay: Relay) -> None:
 
 
 def test_published_free_disk_is_rounded_to_whole_gib() -> None:
-    from reconciler.relay.loop import published_facts
+    from reconciler.relay.full_pass import published_facts
 
     facts = {"os": "linux", "freeDiskMB": 51_300}
     assert published_facts(facts) == {"os": "linux", "freeDiskMB": 51_200}

@@ -7,14 +7,13 @@ its subtree (:mod:`reconciler.relay.artifacts`), and swaps in a new
 :class:`~reconciler.relay.state.Generation` (index and artifacts together)
 for the check-in path to plan with.
 
-A *full pass* plans every client (:func:`reconciler.plan.plan_relay`) from a
-database snapshot, refreshes the rollout counters the check-in path uses,
-records when each row's state changed, and publishes the status files when
-their content changed, at most every ``--publish-interval``. Job rows and
-digests are rendered again only for jobs whose rows changed; per-client
-detail (inventory.json, software.json, client counts) at most every
-``--inventory-interval``. A pass that fails still publishes what it knows
-plus the error.
+A *full pass* (:mod:`reconciler.relay.full_pass`) plans every client from a
+database snapshot, records when each row's state changed and renders the
+status files; the loop publishes them when their content changed, at most
+every ``--publish-interval``. Job rows and digests are rendered again only
+for jobs whose rows changed; per-client detail (inventory.json,
+software.json, client counts) at most every ``--inventory-interval``. A pass
+that fails still publishes what it knows plus the error.
 
 :class:`RelayLoop` holds these steps and the state between them; when to run
 them (wake-ups, timers, signals) is the process's business,
@@ -23,7 +22,6 @@ them (wake-ups, timers, signals) is the process's business,
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -32,7 +30,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from reconciler import plan, report
+from reconciler import report
 from reconciler.errors import (
     Cause,
     Problem,
@@ -43,22 +41,15 @@ from reconciler.errors import (
 )
 from reconciler.gitstore import STATUS_PREFIX, GitError, GitStore
 from reconciler.metrics import RelayMetrics
-from reconciler.plan.vocabulary import waits_offline
 from reconciler.reach import reach_of
-from reconciler.relay import native_heap
 from reconciler.relay.artifacts import (
     ArtifactCache,
     packages_to_stage,
     with_artifact_revisions,
 )
-from reconciler.relay.state import (
-    Generation,
-    RelayState,
-    TrustBundle,
-    make_generation,
-    unplannable_errors,
-)
-from reconciler.relay.store import ClientRecord, RowState, Store
+from reconciler.relay.full_pass import PLANNING, FullPass, Passes
+from reconciler.relay.state import Generation, RelayState, TrustBundle, make_generation
+from reconciler.relay.store import Store
 from reconciler.repo_tree import CommitTree, load_commit, spec_files
 from reconciler.report import HQ_STATUS_REF
 from reconciler.signing import ManifestError, parse_manifest
@@ -68,45 +59,13 @@ from reconciler.times import utc_now
 log = logging.getLogger("reconciler.relay")
 
 # The steps of the loop, in the order the status files list what went wrong in them.
-FOLLOW, ARTIFACTS, PUBLISHING, PLANNING, STATUS_PASS = "following HQ", "staging", "publishing", "planning", "status pass"
+FOLLOW, ARTIFACTS, PUBLISHING, STATUS_PASS = "following HQ", "staging", "publishing", "status pass"
 HOUSEKEEPING = "housekeeping"
 STEPS = (FOLLOW, ARTIFACTS, PUBLISHING, PLANNING, STATUS_PASS, HOUSEKEEPING)
 
 RESTAGE_SECONDS = 5.0  # retry artifacts the parent relay is still staging this often
 OPERATION_RETENTION = timedelta(days=30)  # finished operations kept (the agent's journal keeps 30 days too)
 CACHE_RETENTION_SECONDS = 7 * 24 * 3600.0  # unused artifacts kept this long after their last use
-WRITE_CHUNK = 2000  # row states per write transaction in a full pass
-SOFTWARE_RENDER_FACTOR = 10.0  # software.json is rendered again no sooner than 10x its last render took
-
-
-DISK_GRANULARITY_MB = 1024
-
-
-def published_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
-    """Facts as inventory.json shows them: free disk rounded down to whole GiB.
-
-    Free disk space moves a little at nearly every check-in; published as
-    reported, it would make every pass a new status commit for a fleet where
-    nothing happened. Planning (``minFreeDiskMB``) uses the exact figure.
-    """
-    out = dict(facts)
-    disk = out.get("freeDiskMB")
-    if isinstance(disk, int) and not isinstance(disk, bool):
-        out["freeDiskMB"] = disk // DISK_GRANULARITY_MB * DISK_GRANULARITY_MB
-    return out
-
-
-@dataclass(frozen=True)
-class _Detail:
-    """The per-client part of the status files as last refreshed, and the key of what it shows."""
-
-    key: int
-    detail: report.RelayDetail
-    software: bytes
-
-
-# Rows that wait for time itself: a result due (its timeout), a retry's backoff.
-_TICKING_REASONS = frozenset({plan.Reason.IN_PROGRESS, plan.Reason.RETRY_BACKOFF, plan.Reason.DOWNLOAD_RETRY})
 
 
 @dataclass(frozen=True)
@@ -145,14 +104,13 @@ class RelayLoop:
         self.metrics: RelayMetrics | None = None  # times full passes and publishing when set
         self.last_publish = float("-inf")
         self._specs: Specs | None = None
-        self._fingerprint: int | None = None
-        self.row_state_changes = 0
         self._moves_tip: str | None = None  # the status/hq commit whose moves.yaml was last read
-        self._software: tuple[dict[str, str], bytes] | None = None  # the digests software.json was rendered from
-        self._software_due = float("-inf")  # monotonic time before which software.json is not rendered again
-        self._detail: _Detail | None = None  # the per-client part of the status files, as last refreshed
-        self._detail_due = float("-inf")  # monotonic time from which it may be refreshed again
-        self._job_cache: report.JobCache = {}  # per job: its rows as last rendered (a pass renders changed jobs only)
+        # The full pass and what it keeps between passes; the process runs it in a process of its own
+        # (reconciler.relay.pass_process). _rerender: render again at the next pass (an error was published).
+        self.passes: Passes = FullPass(name, store, state, inventory_interval=inventory_interval, clock=clock,
+                                       monotonic=monotonic)
+        self._rerender = False
+        self._detail_due: float | None = None  # monotonic time from which per-client detail may be refreshed
         # When time alone next changes a row (monotonic; inf: never), and whether rows wait for a timer the
         # plan does not date (results due, retries): the process's business to pass again then.
         self.timer_at = float("inf")
@@ -340,159 +298,34 @@ class RelayLoop:
     # -- the full pass -------------------------------------------------------
 
     def full_pass(self) -> dict[str, bytes]:
-        """Plan every client, refresh rollout counters and row states; return the status files."""
+        """Plan every client, refresh rollout counters and row states; return the status files.
+
+        :attr:`passes` does the work (in this process or its own); what it
+        found is applied here: the counts and errors the metrics and
+        heartbeats show, the timers, the planning error.
+        """
         started = time.perf_counter()
-        # A pass at 10,000 clients allocates millions of short-lived, acyclic objects; the collections
-        # they would trigger scan the whole heap while holding the GIL (100+ ms stalls of every
-        # check-in) and find nothing to free. Refcounting frees them when the pass ends.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            files = self._full_pass()
-        finally:
-            if collecting:
-                gc.enable()
-            native_heap.release_free_memory()  # what the pass freed, back to the system (native_heap)
-        elapsed = time.perf_counter() - started
-        if self.metrics is not None:
-            self.metrics.full_pass_seconds.observe(elapsed)
-        if elapsed > 1.0:
-            log.info("full pass over %d clients took %.1fs", self.state.client_count, elapsed)
-        return files
-
-    def _full_pass(self) -> dict[str, bytes]:
         self.problems.pop(STATUS_PASS, None)
-        now = self.clock()
-        generation = self.state.generation
-        problems = self.status_problems()
-        with self.store.snapshot() as db:
-            self._last_event = self.store.last_event(db)  # what this pass sees needs no pass of its own
-            records = self.store.clients(db)
-            history = self.store.history(db)
-            stored_states = self.store.row_states(db)
-            digests = self.store.software_digests(db)
-        records, moved_away, retired = self._counted(records, now)
-        window = self.state.online_window()
-        online = {r.id: now - r.last_seen <= window for r in records}
-        self.state.client_count = len(records)
-        self.state.clients_online = sum(online.values())
-        the_plan: plan.Plan | None = None
-        updated_at = report.RowTimes()
-        self.row_state_changes = 0
-        try:
-            if generation.index is not None:
-                clients = [
-                    plan.Client(id=r.id, relay=self.name, os=r.facts.get("os"), arch=r.facts.get("arch"),
-                                free_disk_mb=r.facts.get("freeDiskMB"), labels=tuple(sorted(r.labels.items())),
-                                installed=r.inventory, online=online[r.id], last_seen=r.last_seen)
-                    for r in records]
-                index = generation.index
-                try:
-                    planned = plan.plan_relay(index, clients, history, now, self.state.memo_for(index))
-                except Exception:
-                    isolated = self.state.isolate(
-                        generation, lambda alone: plan.plan_relay(alone, clients, history, now))
-                    if isolated is None or isolated.index is None:
-                        raise
-                    planned = plan.plan_relay(isolated.index, clients, history, now,
-                                              self.state.memo_for(isolated.index))
-                    generation = isolated
-                the_plan = planned
-                self.state.row_counts = {(j.job, state): n for j in planned.jobs for state, n in j.counts.items()}
-                del clients  # the pass's peak memory is what is alive at once: let go of what is done
-                updated_at = self._record_row_states(the_plan.rows, stored_states, now)
-            self.settle(PLANNING, None)
-        except Exception as e:  # noqa: BLE001 - always publish what we know, plus the error
-            self.settle(PLANNING, e)
-            the_plan = None
-        del stored_states
-        problems = [*self.status_problems(),
-                    *(problem(Cause.INVALID_SPECS, text) for text in unplannable_errors(generation))]
-        errors = [p.message for p in problems]
-        moved_in = tuple(report.Move(r.id, r.came_from, r.came_at) for r in records
-                         if r.came_from is not None and r.came_at is not None and r.came_from != self.name
-                         and now - r.came_at <= self.state.retire_after)
-        detail = self._refresh_detail(records, online, digests)
-        self._set_timers(the_plan, records, online, now, window, generation)
-        self.state.errors = tuple(errors)
-        # Rendering is O(fleet) and the costliest part of a pass: skip it when nothing it shows changed.
-        fingerprint = hash((
-            generation.commit, the_plan.rows if the_plan is not None else None,
-            tuple((j.job, j.state, tuple(sorted(j.counts.items()))) for j in the_plan.jobs)
-            if the_plan is not None else None, tuple(errors), moved_in, moved_away, retired, detail.key))
-        if fingerprint == self._fingerprint and not self.row_state_changes and self.last_files is not None:
-            return self.last_files
-        named_jobs = {job.name for jobs in generation.index.client_jobs.values() for job in jobs} \
-            if generation.index is not None else set()
-        files = report.render_relay_status(self.name, generation.commit, the_plan, updated_at, (), errors,
-                                           unplannable=generation.unplannable, problems=problems,
-                                           named_jobs=named_jobs, moved_in=moved_in, moved_away=moved_away,
-                                           retired=retired, job_cache=self._job_cache, detail=detail.detail)
-        files[f"{report.relay_prefix(self.name)}{report.SOFTWARE_FILE}"] = detail.software
-        self._fingerprint = fingerprint
-        return files
-
-    def _refresh_detail(self, records: list[ClientRecord], online: Mapping[str, bool],
-                        digests: dict[str, str]) -> _Detail:
-        """The per-client part of the status files, refreshed when ``--inventory-interval`` allows.
-
-        Facts, free disk, online state and installed software change at some
-        client nearly every minute in a large fleet; refreshed at every pass,
-        they would make nearly every pass a status commit. So they are
-        refreshed at most every ``inventory_interval`` seconds, and at once
-        when the number of clients changed (a registration, a retirement):
-        between refreshes the last refresh is published unchanged. Job rows
-        show what a person acts on (an offline client's waiting rows say it)
-        at every pass regardless.
-        """
-        held = self._detail
-        if held is not None and held.detail.clients == len(records) and self.monotonic() < self._detail_due:
-            return held
-        self._detail_due = self.monotonic() + self.inventory_interval
-        inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
-                                           installed=r.inventory, online=online[r.id],
-                                           last_contact=None if online[r.id] else r.last_seen) for r in records]
-        software = self._software_file({r.id for r in records}, digests)
-        key = hash((tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed,
-                           e.online, e.last_contact) for e in inventory), software))
-        if held is not None and held.key == key:
-            return held
-        self._detail = _Detail(key, report.relay_detail(self.name, inventory), software)
-        return self._detail
-
-    def _set_timers(self, the_plan: plan.Plan | None, records: list[ClientRecord], online: Mapping[str, bool],
-                    now: datetime, window: timedelta, generation: Generation) -> None:
-        """When time alone changes what the next pass would find: :attr:`timer_at` and :attr:`ticking`.
-
-        A job's ``notBefore``/``notAfter``; a client going offline whose rows
-        would then say so, or that frees a rollout slot by it; a client
-        reaching ``--retire-after``. Rows waiting for a result or a retry
-        (``inProgress``, ``retryBackoff``, ``downloadRetry``) set
-        :attr:`ticking`: the process passes again after its pass interval.
-        Nothing else changes without a commit or a check-in.
-        """
-        ticking = False
-        waiting: set[str] = set()
-        if the_plan is not None:
-            for row in the_plan.rows:
-                if row.state is plan.ClientState.IN_PROGRESS or waits_offline(row.state, row.reason):
-                    waiting.add(row.client)
-                if row.reason in _TICKING_REASONS:
-                    ticking = True
-        moments: list[datetime] = []
-        if generation.index is not None:
-            moments.extend(t for job in generation.index.jobs for t in (job.not_before, job.not_after)
-                           if t is not None and t > now)
-        moments.extend(r.last_seen + window for r in records if online[r.id] and r.id in waiting)
-        if records:
-            moments.append(min(r.last_seen for r in records) + self.state.retire_after)
-        self.ticking = ticking
-        if moments:
-            # a second late: the pass then finds the change made, never just before it
-            seconds = max(0.0, (min(moments) - now).total_seconds()) + 1.0
-            self.timer_at = self.monotonic() + seconds
-        else:
-            self.timer_at = float("inf")
+        self.problems.pop(PLANNING, None)
+        at = STEPS.index(PLANNING)
+        earlier = [p for where in STEPS[:at] for p in self.problems.get(where, ())]
+        later = [p for where in STEPS[at + 1:] for p in self.problems.get(where, ())] + [
+            p for where, found in self.problems.items() if where not in STEPS for p in found]
+        if self._rerender:
+            self.passes.forget_render()
+            self._rerender = False
+        result = self.passes.run(earlier, later)
+        self.settle(PLANNING, result.planning)
+        self._last_event = result.last_event
+        state = self.state
+        state.client_count, state.clients_online = result.client_count, result.clients_online
+        state.row_counts, state.errors = result.row_counts, result.errors
+        now = self.monotonic()
+        self.timer_at, self.ticking = now + result.timer_in, result.ticking
+        self._detail_due = None if result.detail_in is None else now + result.detail_in
+        if self.metrics is not None:
+            self.metrics.full_pass_seconds.observe(time.perf_counter() - started)
+        return result.files
 
     def clients_changed(self) -> bool:
         """Whether a client event (``reconciler clients approve``/``rekey``/``forget``, a registration) was
@@ -502,51 +335,9 @@ class RelayLoop:
 
     def detail_due_in(self) -> float | None:
         """Seconds until per-client detail may be refreshed; None when it is refreshed at every pass."""
-        if self.inventory_interval <= 0:
-            return None
+        if self._detail_due is None:
+            return None if self.inventory_interval <= 0 else 0.0
         return max(0.0, self._detail_due - self.monotonic())
-
-    def _software_file(self, counted: set[str], digests: dict[str, str]) -> bytes:
-        """``software.json`` of the clients this relay counts: rendered again only when a list changed.
-
-        The digests are read at every pass (one small row per client); the
-        lists themselves only when a digest changed, or a client came or went.
-        A render that took T seconds is not repeated within 10 T (a fleet of
-        50,000 varied lists takes seconds): software lists never hold up
-        check-ins for more than a tenth of the relay's time.
-        """
-        wanted = {client: digest for client, digest in digests.items() if client in counted}
-        if self._software is not None and (self._software[0] == wanted or self.monotonic() < self._software_due):
-            return self._software[1]
-        started = time.perf_counter()
-        lists = self.store.software_lists(wanted)
-        data = report.render_relay_software(self.name, lists)
-        self._software = (wanted, data)
-        self._software_due = self.monotonic() + SOFTWARE_RENDER_FACTOR * (time.perf_counter() - started)
-        return data
-
-    def _counted(self, records: list[ClientRecord], now: datetime,
-                 ) -> tuple[list[ClientRecord], tuple[report.Move, ...], tuple[tuple[str, datetime], ...]]:
-        """The clients this relay counts and plans; those that moved to another relay; those retired.
-
-        A client HQ says moved elsewhere (and not seen here since) counts
-        there; one not heard from for ``retire_after`` is retired. Neither
-        has rows or an inventory entry here; a check-in here brings either
-        back.
-        """
-        retire_before = now - self.state.retire_after
-        counted: list[ClientRecord] = []
-        moved: list[report.Move] = []
-        retired: list[tuple[str, datetime]] = []
-        for r in records:
-            if r.moved_away():
-                assert r.moved_to is not None and r.moved_at is not None
-                moved.append(report.Move(r.id, r.moved_to, r.moved_at))
-            elif r.last_seen < retire_before:
-                retired.append((r.id, r.last_seen))
-            else:
-                counted.append(r)
-        return counted, tuple(moved), tuple(retired)
 
     def follow_moves(self) -> int:
         """Read ``moves.yaml`` on status/hq when it changed; record the clients that left this relay.
@@ -579,42 +370,9 @@ class RelayLoop:
         """Status files when a pass failed outright: at least the commit and the error get published."""
         self.settle(STATUS_PASS, error)
         problems = self.status_problems()
-        self._fingerprint = None
+        self._rerender = True
         return report.render_relay_status(self.name, self.state.generation.commit, None, {}, [],
                                           [p.message for p in problems], problems=problems)
-
-    def _record_row_states(self, rows: tuple[plan.Row, ...], stored: dict[str, dict[str, RowState]],
-                           now: datetime) -> report.RowTimes:
-        """Write the rows whose state moved (compare-and-set against ``stored``, read with the plan's
-        snapshot) and drop rows no longer planned; return when each row last changed state."""
-        times = report.RowTimes()
-        changes = []
-        job: str | None = None
-        of_job: dict[str, RowState] = {}
-        job_times: dict[str, datetime] = {}
-        for row in rows:  # sorted by (job, client): one lookup of the job's dicts per job
-            if row.job != job:
-                job = row.job
-                of_job = stored.get(job, {})
-                job_times = times.by_job.setdefault(job, {})
-            previous = of_job.get(row.client)
-            state = row.state.value
-            if previous is not None and previous.state == state:
-                job_times[row.client] = previous.since
-            else:
-                job_times[row.client] = now
-                changes.append((job, row.client, state, now, None if previous is None else previous.state))
-        stale = [(job, client) for job, of_job in stored.items()
-                 for client in of_job.keys() - times.by_job.get(job, {}).keys()]
-        # Small transactions: check-ins wait for the write lock between chunks, never for a whole fleet.
-        for start in range(0, len(changes), WRITE_CHUNK):
-            with self.store.write() as db:
-                self.store.replace_row_states(db, changes[start:start + WRITE_CHUNK])
-        for start in range(0, len(stale), WRITE_CHUNK):
-            with self.store.write() as db:
-                self.store.delete_row_states(db, stale[start:start + WRITE_CHUNK])
-        self.row_state_changes = len(changes) + len(stale)
-        return times
 
     def housekeeping(self) -> None:
         """Prune old finished operations and artifacts no current package uses."""

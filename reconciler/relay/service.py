@@ -4,7 +4,8 @@ The process holds an exclusive lock on its workdir (two relays must never
 share a database), serves the client API (:class:`~reconciler.relay.server.RelayApp`)
 on :class:`~reconciler.serving.Server`, writes the URL it bound to
 ``<workdir>/listen.url`` (useful with port 0), and runs the
-:class:`~reconciler.relay.loop.RelayLoop` on the main thread.
+:class:`~reconciler.relay.loop.RelayLoop` on the main thread, its full passes
+in a child process (:mod:`reconciler.relay.pass_process`).
 
 Wake-ups: the :class:`~reconciler.gitstore.ChangeWatcher` (a local origin's
 refs change: immediately; ``POST /v1/hooks/git``; or every
@@ -80,6 +81,7 @@ from reconciler.relay import native_heap
 from reconciler.relay.artifacts import ArtifactCache
 from reconciler.relay.heartbeat import HeartbeatSender
 from reconciler.relay.loop import FOLLOW, HOUSEKEEPING, PUBLISHING, RelayLoop
+from reconciler.relay.pass_process import PassProcess, PassSettings
 from reconciler.relay.server import RelayApp, Trust
 from reconciler.relay.state import DEFAULT_POLL_SECONDS, RelayState
 from reconciler.relay.store import SEEN_FLUSH_SECONDS, Store, StoreError
@@ -319,6 +321,13 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
                           parent_session=client_session(tls.outgoing))
     loop = RelayLoop(name, git, store, cache, state, publish_interval=args.publish_interval,
                      inventory_interval=args.inventory_interval)
+    # Full passes run in a process of their own (started at the first pass): check-ins keep this one's GIL.
+    passes: PassProcess | None = None
+    if os.name == "posix":  # a child handed a socket at spawn
+        passes = loop.passes = PassProcess(PassSettings(
+            name=name, workdir=workdir, synchronous=getattr(args, "sqlite_synchronous", None),
+            poll_seconds=poll_seconds, offline_after=args.offline_after, retire_after=state.retire_after,
+            inventory_interval=args.inventory_interval), state, store)
     metrics = relay_metrics(state, cache)
     git.metrics = cache.metrics = loop.metrics = metrics
     watcher = ChangeWatcher(args.origin, args.poll_interval)
@@ -470,6 +479,8 @@ def _run(args: argparse.Namespace, name: str, workdir: Path, tls: TLSSettings) -
             heartbeats.stop()
         watcher.stop()
         server.stop()
+        if passes is not None:
+            passes.close()
         try:
             store.flush_seen()  # served check-ins are done: their last-seen times are written
         except Exception:  # noqa: BLE001

@@ -184,10 +184,19 @@ class RelayState:
         isolated = isolate_unplannable(generation, attempt)
         if isolated is None:
             return None
-        for job, why in sorted(isolated.unplannable.items()):
+        return self.leave_out(generation, isolated.unplannable, isolated)
+
+    def leave_out(self, generation: Generation, unplannable: Mapping[str, str],
+                  isolated: Generation | None = None) -> Generation:
+        """``generation`` without the ``unplannable`` jobs (``isolated`` when the caller has it), served from
+        now on if ``generation`` still is; logged once per job."""
+        for job, why in sorted(unplannable.items()):
             if job not in generation.unplannable:
                 log.error("job %s cannot be planned on relay %s; it is left out until the next commit: %s",
                           job, self.name, why)
+        if isolated is None:
+            isolated = without_jobs(generation, {job: why for job, why in unplannable.items()
+                                                 if job not in generation.unplannable})
         with self._generation_lock:
             if self.generation is generation:
                 self.generation = isolated
