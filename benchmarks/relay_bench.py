@@ -71,6 +71,8 @@ TARGET_P99_MS = 100.0
 
 
 def _env() -> dict[str, str]:
+    """The environment of the reconciler processes: ``TREE``'s package first. They also run in ``TREE``
+    (``cwd``): ``python -m`` puts the working directory before ``PYTHONPATH``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(TREE) + os.pathsep + env.get("PYTHONPATH", "")
     for key, value in (("GIT_AUTHOR_NAME", "bench"), ("GIT_AUTHOR_EMAIL", "bench@example.invalid"),
@@ -135,7 +137,7 @@ def build_origin(base: Path, jobs: int) -> Path:
 
 def accept(base: Path, origin: Path) -> None:
     subprocess.run([sys.executable, "-m", "reconciler", "hq", "--origin", str(origin), "--workdir",
-                    str(base / "hq"), "--once"], check=True, capture_output=True, env=_env())
+                    str(base / "hq"), "--once"], check=True, capture_output=True, env=_env(), cwd=TREE)
 
 
 def push_change(base: Path, origin: Path, round_: int) -> None:
@@ -234,7 +236,7 @@ def start_relay(base: Path, origin: Path, publish_interval: float,
     proc = subprocess.Popen([sys.executable, "-m", "reconciler", "relay", "--name", "relay-bench", "--origin",
                              str(origin), "--workdir", str(workdir), "--listen", "127.0.0.1:0", *serving,
                              "--publish-interval", str(publish_interval), "--enroll-secret-file", str(enroll_file)],
-                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+                            stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=TREE)
     deadline = time.monotonic() + 60
     url_file = workdir / "listen.url"
     while not url_file.is_file():

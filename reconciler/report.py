@@ -768,7 +768,7 @@ def render_relay_status(relay: str, observed_commit: str | None, plan: Plan | No
                 **_reboot_field(part.reboots),
             }
             if job in named:
-                digests[job]["named"] = list(part.clients)
+                digests[job]["named"] = part.clients.split("\n") if part.clients else []
         if job_cache is not None:
             for gone in set(job_cache) - set(by_job):
                 del job_cache[gone]
@@ -827,7 +827,9 @@ class JobPart:
     failures: tuple[Mapping[str, Any], ...]
     why: Mapping[str, Any]
     reboots: int
-    clients: tuple[str, ...]  # sorted
+    # The clients with rows, sorted, one per line: one string rather than one per client, which a relay
+    # keeps between passes and which would pin the memory of the pass around them (client ids hold no newline).
+    clients: str
     newest: datetime | None  # the latest row update
 
 
@@ -879,7 +881,7 @@ def _job_part(rows: Sequence[StatusRow]) -> JobPart:
     return JobPart(
         counts=count_states(r.state for r in rows),
         failures=tuple({**_row_json(r), "message": _cut(r.message)} for r in failures),
-        why=_why(rows), reboots=reboots_waiting(rows), clients=tuple(sorted({r.client for r in rows})),
+        why=_why(rows), reboots=reboots_waiting(rows), clients="\n".join(sorted({r.client for r in rows})),
         newest=newest)
 
 
