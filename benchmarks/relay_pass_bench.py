@@ -16,9 +16,11 @@ reports every job's package installed). Then it times, ``--runs`` times each:
 
 Printed: medians with min/max, the parts of the commit → published path,
 the process's resident memory after the passes and its peak (``VmHWM``;
-target under 400 MB), and the load average at start and end.
+target under 400 MB), and the load average at start and end. With
+``--pass-process`` the passes run in a child process, as ``reconciler relay``
+runs them; memory and CPU are then this process's and the child's, summed.
 
-    python benchmarks/relay_pass_bench.py [--clients 50000] [--jobs 5] [--runs 3]
+    python benchmarks/relay_pass_bench.py [--clients 50000] [--jobs 5] [--runs 3] [--pass-process]
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ import textwrap
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from relay_bench import _env, _git, build_origin, memory_mb, reset_peak  # noqa: E402
+from relay_bench import _env, _git, build_origin, cpu_seconds, memory_mb, reset_peak  # noqa: E402
 
 from reconciler.gitstore import GitStore  # noqa: E402
 from reconciler.plan.vocabulary import Installed  # noqa: E402
@@ -102,10 +105,14 @@ def span(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} s (min {min(values):.2f}, max {max(values):.2f})"
 
 
+CHILDREN: list[Any] = []  # the pass process, with --pass-process
+
+
 def cpu() -> float:
-    """CPU seconds of this process and its finished children (git): what the relay spent, load aside."""
+    """CPU seconds of this process, its finished children (git) and the pass process: what the relay spent,
+    load aside."""
     self_, children = os.times()[:2], os.times()[2:4]
-    return sum(self_) + sum(children)
+    return sum(self_) + sum(children) + sum(cpu_seconds(c.pid) for c in CHILDREN if c.pid is not None)
 
 
 def main() -> int:
@@ -115,6 +122,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--inventory-interval", type=float, default=900.0,
                         help="the relay's --inventory-interval (default 900, as the relay's; 0: refresh at every pass)")
+    parser.add_argument("--pass-process", action="store_true",
+                        help="run the full passes in a child process, as `reconciler relay` does")
     args = parser.parse_args()
     me = os.getpid()
     print(f"load average at start: {os.getloadavg()[0]:.2f}; {os.cpu_count()} cores")
@@ -134,6 +143,12 @@ def main() -> int:
         cadence = ({"inventory_interval": args.inventory_interval}
                    if "inventory_interval" in inspect.signature(RelayLoop).parameters else {})
         loop = RelayLoop(RELAY, git, store, cache, state, publish_interval=0.0, **cadence)
+        if args.pass_process:  # as `reconciler relay` runs them: in a child process
+            from reconciler.relay.pass_process import PassProcess, PassSettings
+            child = loop.passes = PassProcess(PassSettings(
+                name=RELAY, workdir=workdir, synchronous=None, poll_seconds=30.0, offline_after=None,
+                retire_after=timedelta(days=30), inventory_interval=args.inventory_interval), state, store)
+            CHILDREN.append(child)
         loop.sync()
         peaks = reset_peak(me)
         started = time.perf_counter()
@@ -183,6 +198,11 @@ def main() -> int:
         overall = max(overall, memory_mb(me, "VmHWM"))
         print(f"memory: RSS {memory_mb(me, 'VmRSS'):.0f} MB, peak {overall:.0f} MB"
               + ("" if peaks else " (peaks per phase not available: no /proc/self/clear_refs)"))
+        for child in CHILDREN:
+            if child.pid is not None:
+                print(f"  of which the pass process: RSS {memory_mb(child.pid, 'VmRSS'):.0f} MB, "
+                      f"peak since the last phase {memory_mb(child.pid, 'VmHWM'):.0f} MB")
+            child.close()
         store.close()
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0

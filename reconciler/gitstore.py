@@ -35,6 +35,7 @@ Decisions behind it:
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import random
@@ -539,22 +540,30 @@ class GitStore:
         self,
         *args: str,
         input: bytes | None = None,
+        input_file: Path | None = None,
         env: Mapping[str, str] | None = None,
         check: bool = True,
         network: bool = False,
         git_dir: Path | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
+        """Run git on the mirror; its standard input is ``input``, or the file ``input_file``, or nothing."""
         cmd = ["git", f"--git-dir={git_dir or self.repo_path}", *args]
         full_env = self._env if env is None else {**self._env, **env}
         try:
-            proc = subprocess.run(
-                cmd,
-                input=input,
-                stdin=None if input is not None else subprocess.DEVNULL,
-                capture_output=True,
-                env=full_env,
-                timeout=self.network_timeout if network else None,
-            )
+            with contextlib.ExitStack() as stack:
+                stdin: int | BinaryIO | None = subprocess.DEVNULL
+                if input is not None:
+                    stdin = None
+                elif input_file is not None:
+                    stdin = stack.enter_context(open(input_file, "rb"))
+                proc = subprocess.run(
+                    cmd,
+                    input=input,
+                    stdin=stdin,
+                    capture_output=True,
+                    env=full_env,
+                    timeout=self.network_timeout if network else None,
+                )
         except subprocess.TimeoutExpired as e:
             raise self._fail(args[0], f"timed out after {e.timeout:.0f}s") from None
         except OSError as e:
@@ -1296,23 +1305,23 @@ class GitStore:
         # streamed (a 50,000-client relay's status is tens of MB; a pass changes a few files of it).
         known = {path: held[1] for path in paths if (held := self._blobs.get(path)) is not None
                  and held[0] == files[path]}
-        stream = bytearray()
-        for mark, path in enumerate(paths, start=1):
-            if path in known:
-                continue
-            content = files[path]
-            stream += b"blob\nmark :%d\ndata %d\n" % (mark, len(content))
-            stream += content
-            stream += b"\n"
         with tempfile.TemporaryDirectory(prefix="publish-", dir=self.workdir) as tmp:
             shas: dict[int, str] = {}
-            if stream:
+            if len(known) < len(paths):
+                # The stream goes through a file, written piece by piece: never a second copy of tens of MB.
+                stream = Path(tmp, "blobs")
+                with open(stream, "wb") as out:
+                    for mark, path in enumerate(paths, start=1):
+                        if path not in known:
+                            content = files[path]
+                            out.write(b"blob\nmark :%d\ndata %d\n" % (mark, len(content)))
+                            out.write(content)
+                            out.write(b"\n")
                 marks_file = Path(tmp, "marks")
-                self._git("fast-import", "--quiet", f"--export-marks={marks_file}", input=bytes(stream))
+                self._git("fast-import", "--quiet", f"--export-marks={marks_file}", input_file=stream)
                 for line in marks_file.read_text(encoding="ascii").splitlines():
                     label, _, sha = line.partition(" ")
                     shas[int(label[1:])] = sha
-            del stream
             for mark, path in enumerate(paths, start=1):
                 if path not in known:
                     known[path] = shas[mark]

@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -101,7 +101,9 @@ class _Request:
 class _Answer:
     result: PassResult  # its files are empty: ``names`` and ``changed`` carry them
     names: tuple[str, ...]  # the status files, in order
-    changed: Mapping[str, bytes]  # those that differ from the last answer's
+    # Those that differ from the last answer's: their bytes follow, one message each (Connection.send_bytes),
+    # so that neither side holds a second copy of tens of MB in one pickled message.
+    changed: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,13 @@ class PassProcess:
         if isinstance(answer, _Failed):
             raise PassFailed(answer.problem.message, answer.problem.cause)
         assert isinstance(answer, _Answer)
-        files = {name: answer.changed[name] if name in answer.changed else self._files[name]
-                 for name in answer.names}
+        try:
+            changed = {name: conn.recv_bytes() for name in answer.changed}
+        except (EOFError, OSError):
+            self._stop(kill=True)
+            raise PassFailed("the pass process ended while sending the status files; a new one starts at the "
+                             "next pass", Cause.INTERNAL) from None
+        files = {name: changed[name] if name in changed else self._files[name] for name in answer.names}
         self._files = files
         if answer.result.unplannable != dict(generation.unplannable):
             self.state.leave_out(generation, answer.result.unplannable)
@@ -253,6 +260,7 @@ def serve(conn: Connection, settings: PassSettings) -> None:
             if request.rerender:
                 passes.forget_render()
             answer: _Answer | _Failed
+            files: dict[str, bytes] = {}
             try:
                 result = passes.run(request.earlier, request.later)
             except Exception as e:  # noqa: BLE001 - the parent publishes it as the pass's error
@@ -261,12 +269,15 @@ def serve(conn: Connection, settings: PassSettings) -> None:
                 answer = _Failed(found)
             else:
                 files = result.files
-                changed = {name: data for name, data in files.items()
-                           if name not in sent or (sent[name] is not data and sent[name] != data)}
+                changed = tuple(name for name, data in files.items()
+                                if name not in sent or (sent[name] is not data and sent[name] != data))
                 answer = _Answer(replace(result, files={}), tuple(files), changed)
-                sent = files
             try:
                 conn.send(answer)
+                if isinstance(answer, _Answer):
+                    for name in answer.changed:
+                        conn.send_bytes(files[name])
+                    sent = files
             except OSError:
                 return
     finally:
