@@ -199,17 +199,19 @@ def test_a_child_that_does_not_answer_in_time_is_stopped(tmp_path: Path, store: 
     state = RelayState(RELAY, store, poll_seconds=30.0)
     state.generation = generation()
     report(store, "pc-1")
-    passes = PassProcess(settings(tmp_path), state, store, timeout=1.0)
+    passes = PassProcess(settings(tmp_path), state, store, timeout=120.0)
     try:
         passes.run()
         child = passes.pid
         assert child is not None
+        passes.timeout = 1.0
         os.kill(child, signal.SIGSTOP)  # alive, never answering
         with pytest.raises(PassFailed, match="did not answer within 1s"):
             passes.run()
         assert passes.pid is None
         with pytest.raises(ProcessLookupError):
             os.kill(child, 0)
+        passes.timeout = 120.0
         assert job_rows(passes.run().files) == {"pc-1": "Pending"}
     finally:
         passes.close()
@@ -277,3 +279,39 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_every_generation_of_the_example_repo_reaches_the_child_unchanged() -> None:
+    # What the child plans with is a pickled copy: every spec feature the example repo uses must survive it.
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from reconciler.repo_tree import load_repo
+    from reconciler.resources import example_repo_dir
+
+    specs = load_repo(example_repo_dir()).specs
+    assert specs is not None
+    staged = {(p.name, p.version): StagedArtifact("ab" * 32, 1, "tar") for p in specs.packages}
+    for relay in specs.topology.relays:
+        served = make_generation("f" * 40, specs, relay.name, artifacts=staged)
+        copy = pickle.loads(ForkingPickler.dumps(replace(served, trust=None)))
+        assert copy == served, relay.name
+        assert copy.index is not None and served.index is not None
+        assert copy.index.revisions == served.index.revisions and copy.index.revisions
+
+
+def test_a_generation_that_cannot_be_sent_is_planned_in_the_relays_process(
+        passes: PassProcess, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    report(store, "pc-1")
+    lock = threading.Lock()  # cannot be pickled: stands for any value a future spec field might hold
+    passes.state.generation = replace(generation(), unavailable={("other", "9.9"): lock})  # type: ignore[dict-item]
+    with caplog.at_level("ERROR", logger="reconciler.relay"):
+        first = passes.run()
+        again = passes.run()
+    assert job_rows(first.files) == job_rows(again.files) == {"pc-1": "Pending"}
+    told = [r.getMessage() for r in caplog.records if "cannot be handed to the pass process" in r.getMessage()]
+    assert len(told) == 1  # once, not at every pass
+    passes.state.generation = generation("d" * 40)  # one that can be sent goes to the child again
+    third = passes.run()
+    assert yaml.safe_load(third.files[f"relays/{RELAY}/relay.yaml"])["observedCommit"] == "d" * 40
+    assert passes.pid is not None

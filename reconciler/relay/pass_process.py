@@ -31,6 +31,7 @@ show, and the next pass starts a new child.
 from __future__ import annotations
 
 import logging
+import pickle
 import signal
 import socket
 import subprocess
@@ -129,6 +130,8 @@ class PassProcess:
         self._sent: Generation | None = None  # the generation the child plans with
         self._files: dict[str, bytes] = {}  # the files of the last answer
         self._rerender = False
+        self._local: FullPass | None = None  # passes in this process (see _here)
+        self._unsendable: Generation | None = None  # the generation that could not be sent: planned here
 
     @property
     def pid(self) -> int | None:
@@ -141,11 +144,21 @@ class PassProcess:
     def run(self, earlier: Sequence[Problem] = (), later: Sequence[Problem] = ()) -> PassResult:
         self.store.flush_seen()  # the child reads SQLite only
         generation = self.state.generation
+        if generation is self._unsendable:
+            return self._here().run(earlier, later)
         conn = self._start()
         request = _Request(None if generation is self._sent else replace(generation, trust=None),
                            tuple(earlier), tuple(later), self._rerender)
         try:
             conn.send(request)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # nothing was sent: the child waits on
+            log.error("the generation of %s cannot be handed to the pass process (%s: %s): planning in the relay's "
+                      "own process", (generation.commit or "no commit")[:12], type(e).__name__, e)
+            self._unsendable = generation
+            return self._here().run(earlier, later)
+        except OSError:
+            pass  # the child is gone: its answer is missing below
+        try:
             if not conn.poll(self.timeout):
                 self._stop(kill=True)
                 raise PassFailed(f"the pass process did not answer within {self.timeout:g}s: stopped, a new one "
@@ -176,6 +189,17 @@ class PassProcess:
         if answer.result.unplannable != dict(generation.unplannable):
             self.state.leave_out(generation, answer.result.unplannable)
         return replace(answer.result, files=files)
+
+    def _here(self) -> FullPass:
+        """A pass in this process, for what cannot be handed to the child."""
+        if self._local is None:
+            self._local = FullPass(self.settings.name, self.store, self.state,
+                                   inventory_interval=self.settings.inventory_interval, clock=utc_now,
+                                   monotonic=time.monotonic)
+        if self._rerender:
+            self._local.forget_render()
+            self._rerender = False
+        return self._local
 
     def close(self) -> None:
         """Stop the child (it ends when its pipe closes); kill it if it does not end in time."""
