@@ -14,7 +14,9 @@ problems the status files list. The child holds a
 relay's SQLite file, and answers with a
 :class:`~reconciler.relay.full_pass.PassResult` whose files carry only what
 changed since its last answer. Jobs it finds unplannable are left out of the
-generation the relay serves, as an in-process pass would.
+generation the relay serves, as an in-process pass would. A generation that
+cannot be pickled (a bug: specs are plain data) is planned in the relay's
+own process, and said once in the log.
 
 The child reads SQLite only. Before each pass the serving process writes the
 last-seen times it holds in memory (:meth:`~reconciler.relay.store.Store.flush_seen`).
@@ -202,7 +204,7 @@ class PassProcess:
         return self._local
 
     def close(self) -> None:
-        """Stop the child (it ends when its pipe closes); kill it if it does not end in time."""
+        """Stop the child (it ends when its socket closes); kill it if it does not end in time."""
         self._stop(kill=False)
 
     def _start(self) -> Connection:
