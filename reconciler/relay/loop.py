@@ -106,10 +106,9 @@ class RelayLoop:
         self._specs: Specs | None = None
         self._moves_tip: str | None = None  # the status/hq commit whose moves.yaml was last read
         # The full pass and what it keeps between passes; the process runs it in a process of its own
-        # (reconciler.relay.pass_process). _rerender: render again at the next pass (an error was published).
+        # (reconciler.relay.pass_process).
         self.passes: Passes = FullPass(name, store, state, inventory_interval=inventory_interval, clock=clock,
                                        monotonic=monotonic)
-        self._rerender = False
         self._detail_due: float | None = None  # monotonic time from which per-client detail may be refreshed
         # When time alone next changes a row (monotonic; inf: never), and whether rows wait for a timer the
         # plan does not date (results due, retries): the process's business to pass again then.
@@ -307,14 +306,9 @@ class RelayLoop:
         started = time.perf_counter()
         self.problems.pop(STATUS_PASS, None)
         self.problems.pop(PLANNING, None)
-        at = STEPS.index(PLANNING)
-        earlier = [p for where in STEPS[:at] for p in self.problems.get(where, ())]
-        later = [p for where in STEPS[at + 1:] for p in self.problems.get(where, ())] + [
-            p for where, found in self.problems.items() if where not in STEPS for p in found]
-        if self._rerender:
-            self.passes.forget_render()
-            self._rerender = False
-        result = self.passes.run(earlier, later)
+        listed = self.status_problems()  # the pass's own go between the steps before planning and the rest
+        cut = sum(len(self.problems.get(where, ())) for where in STEPS[:STEPS.index(PLANNING)])
+        result = self.passes.run(listed[:cut], listed[cut:])
         self.settle(PLANNING, result.planning)
         self._last_event = result.last_event
         state = self.state
@@ -370,7 +364,7 @@ class RelayLoop:
         """Status files when a pass failed outright: at least the commit and the error get published."""
         self.settle(STATUS_PASS, error)
         problems = self.status_problems()
-        self._rerender = True
+        self.passes.forget_render()
         return report.render_relay_status(self.name, self.state.generation.commit, None, {}, [],
                                           [p.message for p in problems], problems=problems)
 
