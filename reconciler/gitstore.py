@@ -106,6 +106,10 @@ class GitError(ReconcilerError):
         super().__init__(message, cause if cause is not None else git_cause(message))
 
 
+class MissingObjects(GitError):
+    """Files given as :class:`Blob` name objects the mirror no longer holds: write their content again."""
+
+
 class PushRejected(GitError):
     """The origin kept rejecting a non-forced push after every retry."""
 
@@ -126,6 +130,22 @@ SIGNATURE_PROBLEMS: Final[Mapping[str, str]] = {
     "R": "is signed by a revoked key",
 }
 """What each of git's ``%G?`` letters but ``G`` says of a commit, after "commit <sha> "."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A file's content by its blob id, already written to the mirror (:meth:`GitStore.store_blobs`).
+
+    :meth:`GitStore.publish` takes it in place of the content: a process
+    that renders files writes them, and the one that publishes them never
+    holds their bytes.
+    """
+
+    sha: str
+
+
+FileContent = bytes | Blob
+"""What :meth:`GitStore.publish` takes for one file: its bytes, or a :class:`Blob` already written."""
 
 
 @dataclass(frozen=True)
@@ -476,6 +496,17 @@ class GitStore:
 
     def __repr__(self) -> str:
         return f"GitStore(origin={redact_url(self.origin)!r}, workdir={str(self.workdir)!r})"
+
+    @classmethod
+    def adding_objects(cls, workdir: Path) -> GitStore:
+        """A store that writes objects into the mirror another :class:`GitStore` keeps in ``workdir``.
+
+        For a process beside the mirror's owner (a relay's pass process): it
+        never creates, repairs, fetches or pushes; :meth:`store_blobs` only.
+        """
+        store = cls("", workdir)
+        store._ready = True
+        return store
 
     @classmethod
     def reading(cls, git_dir: Path) -> GitStore:
@@ -1226,8 +1257,11 @@ class GitStore:
 
     # -- publishing ---------------------------------------------------------
 
-    def publish(self, ref: str, files: Mapping[str, bytes], message: str) -> str | None:
+    def publish(self, ref: str, files: Mapping[str, FileContent], message: str) -> str | None:
         """Make ``files`` the complete tree of origin's branch ``ref``; return the new commit.
+
+        A file is its bytes, or a :class:`Blob` already in the mirror
+        (:class:`MissingObjects` when it no longer is).
 
         Returns None, committing and pushing nothing, when origin's tip of
         ``ref`` already has exactly this tree. Only ``status/*`` refs may be
@@ -1282,58 +1316,89 @@ class GitStore:
             )
         )
 
-    def _write_tree(self, files: Mapping[str, bytes]) -> str:
-        """Write ``files`` as blobs and a tree; the tree's id.
-
-        The blobs go through one ``git fast-import`` (one pack, in C) rather
-        than one loose object each: a status tree of thousands of small files
-        is written in tens of milliseconds, not a second.
-        """
+    def _write_tree(self, files: Mapping[str, FileContent]) -> str:
+        """Write ``files`` as blobs and a tree; the tree's id."""
         if not files:
             return self._out("hash-object", "-w", "-t", "tree", "--stdin", input=b"") or _EMPTY_TREE
         try:
             return self._write_tree_once(files)
         except GitError:
-            if not self._blobs:
-                raise
-            self._blobs = {}  # a blob written before is gone from the mirror: write them all
-            return self._write_tree_once(files)
+            if self._blobs:
+                self.forget_blobs()  # a blob written before is gone from the mirror: write them all
+                try:
+                    return self._write_tree_once(files)
+                except GitError:
+                    self._check_blobs(files)
+                    raise
+            self._check_blobs(files)
+            raise
 
-    def _write_tree_once(self, files: Mapping[str, bytes]) -> str:
+    def _check_blobs(self, files: Mapping[str, FileContent]) -> None:
+        """:class:`MissingObjects` naming the first file whose :class:`Blob` the mirror does not hold."""
+        given = {path: content.sha for path, content in files.items() if isinstance(content, Blob)}
+        if not given:
+            return
+        out = self._git("cat-file", "--batch-check=%(objectname) %(objecttype)",
+                        input="".join(f"{sha}\n" for sha in given.values()).encode("ascii")).stdout
+        held = {line.split(b" ")[0].decode("ascii") for line in out.splitlines() if line.endswith(b" blob")}
+        for path, sha in sorted(given.items()):
+            if sha not in held:
+                raise MissingObjects(f"{path}: blob {sha} is not in the mirror {self.repo_path}", Cause.GIT)
+
+    def store_blobs(self, files: Mapping[str, FileContent]) -> dict[str, Blob]:
+        """Write the content of ``files`` into the mirror; each file's :class:`Blob`.
+
+        A file with the content it had at the last call keeps its blob: only
+        changed files are written (a 50,000-client relay's status is tens of
+        MB; a pass changes a few files of it), all of them through one ``git
+        fast-import`` (one pack, in C) rather than one loose object each.
+        Files given as a :class:`Blob` are taken as they are.
+        """
         paths = sorted(files)
-        # A file with the content it had at the last publish keeps its blob: only changed files are
-        # streamed (a 50,000-client relay's status is tens of MB; a pass changes a few files of it).
-        known = {path: held[1] for path in paths if (held := self._blobs.get(path)) is not None
-                 and held[0] == files[path]}
-        with tempfile.TemporaryDirectory(prefix="publish-", dir=self.workdir) as tmp:
-            shas: dict[int, str] = {}
-            if len(known) < len(paths):
+        known: dict[str, str] = {}
+        for path in paths:
+            content = files[path]
+            if isinstance(content, Blob):
+                known[path] = content.sha
+            elif (held := self._blobs.get(path)) is not None and (held[0] is content or held[0] == content):
+                known[path] = held[1]
+        if len(known) < len(paths):
+            with tempfile.TemporaryDirectory(prefix="blobs-", dir=self.workdir) as tmp:
                 # The stream goes through a file, written piece by piece: never a second copy of tens of MB.
                 stream = Path(tmp, "blobs")
                 with open(stream, "wb") as out:
                     for mark, path in enumerate(paths, start=1):
                         if path not in known:
                             content = files[path]
+                            assert isinstance(content, bytes)
                             out.write(b"blob\nmark :%d\ndata %d\n" % (mark, len(content)))
                             out.write(content)
                             out.write(b"\n")
                 marks_file = Path(tmp, "marks")
                 self._git("fast-import", "--quiet", f"--export-marks={marks_file}", input_file=stream)
-                for line in marks_file.read_text(encoding="ascii").splitlines():
-                    label, _, sha = line.partition(" ")
-                    shas[int(label[1:])] = sha
+                shas = {int(label[1:]): sha for label, _, sha in
+                        (line.partition(" ") for line in marks_file.read_text(encoding="ascii").splitlines())}
             for mark, path in enumerate(paths, start=1):
                 if path not in known:
                     known[path] = shas[mark]
+        self._blobs = {path: (content, known[path]) for path in paths
+                       if isinstance(content := files[path], bytes)}
+        return {path: Blob(known[path]) for path in paths}
+
+    def forget_blobs(self) -> None:
+        """Write every file again at the next :meth:`store_blobs`, even those whose content did not change."""
+        self._blobs = {}
+
+    def _write_tree_once(self, files: Mapping[str, FileContent]) -> str:
+        blobs = self.store_blobs(files)
+        with tempfile.TemporaryDirectory(prefix="publish-", dir=self.workdir) as tmp:
             index_env = {"GIT_INDEX_FILE": str(Path(tmp, "index"))}
             info = b"".join(
-                f"100644 {known[path]}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"
-                for path in paths
+                f"100644 {blob.sha}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"
+                for path, blob in blobs.items()
             )
             self._git("update-index", "--add", "-z", "--index-info", input=info, env=index_env)
-            tree = self._out("write-tree", env=index_env)
-        self._blobs = {path: (files[path], known[path]) for path in paths}
-        return tree
+            return self._out("write-tree", env=index_env)
 
     def _sync_ref(self, ref: str) -> str | None:
         """Origin's current tip of ``ref``, mirrored locally; None if origin has no such branch."""

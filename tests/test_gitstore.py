@@ -15,10 +15,12 @@ import pytest
 
 from reconciler.gitstore import (
     STATUS_PREFIX,
+    Blob,
     ChangeWatcher,
     GitError,
     GitStore,
     History,
+    MissingObjects,
     PushRejected,
     local_origin_path,
 )
@@ -358,6 +360,29 @@ def test_publish_identical_tree_makes_no_commit(store: GitStore, origin: Path) -
     assert store.publish("status/hq", dict(files), "two") is None
     assert git(f"--git-dir={origin}", "rev-parse", "status/hq") == first
     assert git(f"--git-dir={origin}", "rev-list", "--count", "status/hq") == "1"
+
+
+def test_publish_takes_blobs_another_store_wrote_into_the_mirror(store: GitStore, origin: Path) -> None:
+    store.publish("status/hq", {"a.yaml": b"first"}, "one")  # the mirror exists
+    writer = GitStore.adding_objects(store.workdir)  # as a relay's pass process writes them
+    blobs = writer.store_blobs({"jobs/a.yaml": b"rows\n", "relay.yaml": b"clients: 3\n"})
+    assert set(blobs) == {"jobs/a.yaml", "relay.yaml"} and all(isinstance(b, Blob) for b in blobs.values())
+    again = writer.store_blobs({"jobs/a.yaml": b"rows\n", "relay.yaml": b"clients: 4\n"})
+    assert again["jobs/a.yaml"] == blobs["jobs/a.yaml"] and again["relay.yaml"] != blobs["relay.yaml"]
+    sha = store.publish("status/hq", {**again, "c.yaml": b"bytes beside blobs"}, "two")
+    assert sha is not None
+    assert origin_tree(origin, "status/hq") == {"jobs/a.yaml": "rows", "relay.yaml": "clients: 4",
+                                                "c.yaml": "bytes beside blobs"}
+    assert store.publish("status/hq", {**again, "c.yaml": b"bytes beside blobs"}, "three") is None  # unchanged
+
+
+def test_publish_of_a_blob_the_mirror_does_not_hold_names_the_file(store: GitStore, origin: Path) -> None:
+    store.publish("status/hq", {"a.yaml": b"first"}, "one")
+    gone = Blob("0123456789abcdef0123456789abcdef01234567")
+    with pytest.raises(MissingObjects, match="jobs/b.yaml: blob 0123456789ab"):
+        store.publish("status/hq", {"a.yaml": b"second", "jobs/b.yaml": gone}, "two")
+    assert origin_tree(origin, "status/hq") == {"a.yaml": "first"}  # nothing half-published
+    assert store.publish("status/hq", {"a.yaml": b"second"}, "three") is not None
 
 
 def test_publish_changed_content_extends_history(store: GitStore, origin: Path) -> None:

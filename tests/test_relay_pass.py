@@ -17,10 +17,11 @@ import pytest
 import yaml
 from e2e_helpers import Origin
 
-from reconciler.gitstore import GitStore
+from reconciler.gitstore import Blob, GitStore
 from reconciler.plan import Installed
 from reconciler.relay.artifacts import ArtifactCache
-from reconciler.relay.loop import RelayLoop
+from reconciler.relay.loop import PUBLISHING, RelayLoop
+from reconciler.relay.pass_process import PassProcess, PassSettings
 from reconciler.relay.state import RelayState
 from reconciler.relay.store import Store
 from reconciler.times import format_time
@@ -262,3 +263,30 @@ def test_row_lines_are_what_each_row_renders_to_alone() -> None:
     expected = "".join(f"- {_yaml_flow(_row_json(row))}\n" for row in rows).encode("utf-8")
     assert _row_lines(rows) == expected
     assert yaml.safe_load(b"rows:\n" + _row_lines(rows))["rows"][5]["client"] == rows[5].client
+
+
+def test_blobs_gone_from_the_mirror_before_the_publish_are_written_again_by_the_next_pass(relay: Relay) -> None:
+    loop = relay.loop
+    workdir = loop.git.workdir
+    loop.passes = PassProcess(PassSettings(
+        name=RELAY, workdir=workdir, synchronous=None, poll_seconds=30.0, offline_after=None,
+        retire_after=timedelta(days=30), inventory_interval=900.0), loop.state, relay.store, timeout=120.0)
+    try:
+        relay.report("pc-1", ("app",))
+        loop.sync()
+        loop.last_files = loop.full_pass()
+        blobs = [content for content in loop.last_files.values() if isinstance(content, Blob)]
+        assert len(blobs) == len(loop.last_files)  # the child wrote every file; none is held here
+        for blob in blobs:  # as a gc drops objects nothing referenced yet (few objects: written loose)
+            (workdir / "repo.git" / "objects" / blob.sha[:2] / blob.sha[2:]).unlink()
+        assert loop.publish(force=True) is None
+        assert "is not in the mirror" in loop.problems[PUBLISHING][0].message
+        assert relay.origin.ref(f"status/{RELAY}") is None
+        loop.last_files = loop.full_pass()  # told to write every blob again
+        assert loop.publish(force=True) is not None
+        assert PUBLISHING not in loop.problems
+        assert yaml.safe_load(relay.origin.read(f"status/{RELAY}", f"relays/{RELAY}/jobs/install-app.yaml"))[
+            "rows"][0]["client"] == "pc-1"
+    finally:
+        assert isinstance(loop.passes, PassProcess)
+        loop.passes.close()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,6 +22,7 @@ import yaml
 from e2e_helpers import wait_for
 from test_relay_server import _specs
 
+from reconciler.gitstore import Blob, FileContent, GitStore
 from reconciler.plan import Installed
 from reconciler.relay.full_pass import FullPass, PassResult
 from reconciler.relay.pass_process import PassFailed, PassProcess, PassSettings
@@ -52,6 +53,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def settings(workdir: Path) -> PassSettings:
+    """The child's settings; the relay's git mirror in ``workdir``, as the relay makes it, for its blobs."""
+    GitStore(str(workdir / "no-origin"), workdir).ref_sha("main")
     return PassSettings(name=RELAY, workdir=workdir, synchronous=None, poll_seconds=30.0, offline_after=None,
                         retire_after=timedelta(days=30), inventory_interval=0.0)
 
@@ -82,13 +85,24 @@ def in_process(store: Store, served: Generation) -> PassResult:
     return FullPass(RELAY, store, state, clock=utc_now, monotonic=time.monotonic).run()
 
 
-def job_rows(files: dict[str, bytes], job: str = "install-app") -> dict[str, str]:
-    doc = yaml.safe_load(files[f"relays/{RELAY}/jobs/{job}.yaml"])
+def whole(files: Mapping[str, FileContent], workdir: Path) -> dict[str, bytes]:
+    """The files' bytes: those the child wrote to the mirror in ``workdir`` (a Blob each) read back with git."""
+    out = {}
+    for name, content in files.items():
+        if isinstance(content, Blob):
+            content = subprocess.run(["git", f"--git-dir={workdir / 'repo.git'}", "cat-file", "blob", content.sha],
+                                     check=True, capture_output=True).stdout
+        out[name] = content
+    return out
+
+
+def job_rows(files: Mapping[str, FileContent], workdir: Path, job: str = "install-app") -> dict[str, str]:
+    doc = yaml.safe_load(whole(files, workdir)[f"relays/{RELAY}/jobs/{job}.yaml"])
     return {row["client"]: row["state"] for row in doc["rows"]}
 
 
-def inventory_ids(files: dict[str, bytes]) -> list[str]:
-    return [c["id"] for c in json.loads(files[f"relays/{RELAY}/inventory.json"])["clients"]]
+def inventory_ids(files: Mapping[str, FileContent], workdir: Path) -> list[str]:
+    return [c["id"] for c in json.loads(whole(files, workdir)[f"relays/{RELAY}/inventory.json"])["clients"]]
 
 
 def test_a_pass_in_its_own_process_finds_what_one_in_process_finds(passes: PassProcess, store: Store) -> None:
@@ -98,8 +112,9 @@ def test_a_pass_in_its_own_process_finds_what_one_in_process_finds(passes: PassP
     assert passes.pid is not None and passes.pid != os.getpid()
     local = in_process(store, passes.state.generation)
     assert child.files.keys() == local.files.keys()
-    assert job_rows(child.files) == job_rows(local.files) == {"pc-1": "Pending", "pc-2": "Succeeded"}
-    assert inventory_ids(child.files) == inventory_ids(local.files) == ["pc-1", "pc-2"]
+    work = passes.settings.workdir
+    assert job_rows(child.files, work) == job_rows(local.files, work) == {"pc-1": "Pending", "pc-2": "Succeeded"}
+    assert inventory_ids(child.files, work) == inventory_ids(local.files, work) == ["pc-1", "pc-2"]
     assert (child.client_count, child.clients_online, child.row_counts, child.errors) == (
         local.client_count, local.clients_online, local.row_counts, local.errors)
     assert {key: n for key, n in child.row_counts.items() if n} == {("install-app", "Pending"): 1,
@@ -107,21 +122,28 @@ def test_a_pass_in_its_own_process_finds_what_one_in_process_finds(passes: PassP
     assert child.planning is None and child.last_event == store.last_event()
 
 
-def test_changes_and_a_new_generation_reach_the_child_and_its_files_come_back_whole(
+def test_changes_and_a_new_generation_reach_the_child_and_its_files_come_back_as_blobs(
         passes: PassProcess, store: Store) -> None:
+    work = passes.settings.workdir
     report(store, "pc-1")
     first = passes.run()
+    assert all(isinstance(content, Blob) for content in first.files.values())  # the relay holds no status bytes
     report(store, "pc-2")
-    second = passes.run()  # the child sends only what changed; the files are whole again here
-    assert job_rows(second.files) == {"pc-1": "Pending", "pc-2": "Pending"}
+    second = passes.run()
+    assert job_rows(second.files, work) == {"pc-1": "Pending", "pc-2": "Pending"}
     assert second.files.keys() == first.files.keys()
-    assert second.files == in_process(store, passes.state.generation).files | {
-        name: second.files[name] for name in second.files if name.endswith("relay.yaml")}
+    software = f"relays/{RELAY}/software.json"
+    assert second.files[software] == first.files[software]  # unchanged: the same blob, not written again
+    assert second.files[f"relays/{RELAY}/inventory.json"] != first.files[f"relays/{RELAY}/inventory.json"]
+    # what the child wrote to the mirror is, byte for byte, what a pass in this process renders
+    local = in_process(store, passes.state.generation).files
+    assert whole(second.files, work) == {**local, f"relays/{RELAY}/relay.yaml": whole(second.files, work)[
+        f"relays/{RELAY}/relay.yaml"]}
     passes.state.generation = generation("d" * 40, max_concurrent=1)
     third = passes.run()
-    relay_doc = yaml.safe_load(third.files[f"relays/{RELAY}/relay.yaml"])
+    relay_doc = yaml.safe_load(whole(third.files, work)[f"relays/{RELAY}/relay.yaml"])
     assert relay_doc["observedCommit"] == "d" * 40
-    assert sorted(job_rows(third.files).values()) == ["Pending", "Pending"]
+    assert sorted(job_rows(third.files, work).values()) == ["Pending", "Pending"]
 
 
 def test_last_seen_times_held_in_memory_count_in_the_childs_pass(passes: PassProcess, store: Store) -> None:
@@ -148,7 +170,7 @@ def test_a_job_the_child_cannot_plan_is_left_out_of_what_the_relay_serves(passes
     assert now_served is not served and set(now_served.unplannable) == {"install-app-later"}
     assert now_served.index is not None and "install-app-later" not in now_served.index.revisions
     assert any("install-app-later cannot be planned" in error for error in result.errors)
-    assert job_rows(result.files) == {"pc-1": "Pending"}
+    assert job_rows(result.files, passes.settings.workdir) == {"pc-1": "Pending"}
     assert passes.run().unplannable == result.unplannable  # the next pass plans the served generation
 
 
@@ -161,7 +183,7 @@ def test_a_killed_child_is_replaced_at_the_next_pass(passes: PassProcess, store:
     wait_for(lambda: passes.pid is None, 10, what="the killed child to be gone")
     result = passes.run()  # a new child: the generation and every file are sent again
     assert passes.pid not in (None, first)
-    assert job_rows(result.files) == {"pc-1": "Pending"}
+    assert job_rows(result.files, passes.settings.workdir) == {"pc-1": "Pending"}
 
 
 def test_a_child_killed_during_a_pass_fails_that_pass_with_a_status_error(passes: PassProcess, store: Store) -> None:
@@ -192,7 +214,8 @@ def test_a_child_killed_during_a_pass_fails_that_pass_with_a_status_error(passes
         blocker.close()
     assert len(outcome) == 1 and isinstance(outcome[0], PassFailed), outcome
     assert "ended unexpectedly (killed by SIGKILL)" in outcome[0].message
-    assert job_rows(passes.run().files) == {"pc-1": "Pending", "pc-2": "Pending"}  # a new child, whole files
+    # a new child: every file written again
+    assert job_rows(passes.run().files, passes.settings.workdir) == {"pc-1": "Pending", "pc-2": "Pending"}
 
 
 def test_a_child_that_does_not_answer_in_time_is_stopped(tmp_path: Path, store: Store) -> None:
@@ -212,7 +235,7 @@ def test_a_child_that_does_not_answer_in_time_is_stopped(tmp_path: Path, store: 
         with pytest.raises(ProcessLookupError):
             os.kill(child, 0)
         passes.timeout = 120.0
-        assert job_rows(passes.run().files) == {"pc-1": "Pending"}
+        assert job_rows(passes.run().files, tmp_path) == {"pc-1": "Pending"}
     finally:
         passes.close()
 
@@ -308,10 +331,12 @@ def test_a_generation_that_cannot_be_sent_is_planned_in_the_relays_process(
     with caplog.at_level("ERROR", logger="reconciler.relay"):
         first = passes.run()
         again = passes.run()
-    assert job_rows(first.files) == job_rows(again.files) == {"pc-1": "Pending"}
+    assert job_rows(first.files, passes.settings.workdir) == job_rows(again.files, passes.settings.workdir) == {"pc-1": "Pending"}
     told = [r.getMessage() for r in caplog.records if "cannot be handed to the pass process" in r.getMessage()]
     assert len(told) == 1  # once, not at every pass
     passes.state.generation = generation("d" * 40)  # one that can be sent goes to the child again
     third = passes.run()
-    assert yaml.safe_load(third.files[f"relays/{RELAY}/relay.yaml"])["observedCommit"] == "d" * 40
+    relay_doc = yaml.safe_load(whole(third.files, passes.settings.workdir)[f"relays/{RELAY}/relay.yaml"])
+    assert relay_doc["observedCommit"] == "d" * 40
     assert passes.pid is not None
+

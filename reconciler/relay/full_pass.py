@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from reconciler import plan, report
 from reconciler.errors import Cause, Problem, ReconcilerError, problem, problem_of
+from reconciler.gitstore import FileContent
 from reconciler.plan.vocabulary import waits_offline
 from reconciler.relay import native_heap
 from reconciler.relay.state import Generation, RelayState, unplannable_errors
@@ -68,7 +69,7 @@ class _Detail:
 class PassResult:
     """What one full pass found, for the loop to apply."""
 
-    files: dict[str, bytes]  # the status files
+    files: Mapping[str, FileContent]  # the status files (bytes here; blob ids from a pass process)
     planning: Problem | None  # why planning failed (the files say so too)
     last_event: int  # the newest client event the pass's snapshot saw
     client_count: int  # clients counted (not moved away, not retired)

@@ -39,7 +39,13 @@ from reconciler.errors import (
     problem_of,
     retry_delay,
 )
-from reconciler.gitstore import STATUS_PREFIX, GitError, GitStore
+from reconciler.gitstore import (
+    STATUS_PREFIX,
+    FileContent,
+    GitError,
+    GitStore,
+    MissingObjects,
+)
 from reconciler.metrics import RelayMetrics
 from reconciler.reach import reach_of
 from reconciler.relay.artifacts import (
@@ -99,8 +105,10 @@ class RelayLoop:
         self.problems: dict[str, tuple[Problem, ...]] = {}
         self.retry_at: float | None = None  # monotonic time to retry staging for the same commit
         self._stage_failures = 0  # stagings in a row with downloads worth retrying
-        self.last_files: dict[str, bytes] | None = None
-        self.published_files: dict[str, bytes] | None = None
+        # The status files last rendered and last published: their bytes, or blob ids in the git mirror
+        # when a pass process wrote them there.
+        self.last_files: Mapping[str, FileContent] | None = None
+        self.published_files: Mapping[str, FileContent] | None = None
         self.metrics: RelayMetrics | None = None  # times full passes and publishing when set
         self.last_publish = float("-inf")
         self._specs: Specs | None = None
@@ -296,7 +304,7 @@ class RelayLoop:
 
     # -- the full pass -------------------------------------------------------
 
-    def full_pass(self) -> dict[str, bytes]:
+    def full_pass(self) -> Mapping[str, FileContent]:
         """Plan every client, refresh rollout counters and row states; return the status files.
 
         :attr:`passes` does the work (in this process or its own); what it
@@ -401,6 +409,8 @@ class RelayLoop:
                 self.metrics.publish_seconds.observe(time.perf_counter() - started)
         except (GitError, ValueError) as e:
             cause = e.cause if isinstance(e, GitError) else Cause.INTERNAL
+            if isinstance(e, MissingObjects):  # the pass process's blobs are gone (a gc): the next pass writes them
+                self.passes.forget_render()
             self.settle(PUBLISHING, problem(cause, f"publishing status failed (will retry): {e}"))
             log.error("%s", self.problems[PUBLISHING][0].message)
             return None

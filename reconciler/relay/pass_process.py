@@ -11,10 +11,13 @@ generation the relay serves (only when it changed since the last it sent,
 and without the trust bundle, which planning does not read) and the
 problems the status files list. The child holds a
 :class:`~reconciler.relay.full_pass.FullPass` on its own connection to the
-relay's SQLite file, and answers with a
-:class:`~reconciler.relay.full_pass.PassResult` whose files carry only what
-changed since its last answer. Jobs it finds unplannable are left out of the
-generation the relay serves, as an in-process pass would. A generation that
+relay's SQLite file, writes the status files that changed into the relay's
+git mirror itself (:meth:`~reconciler.gitstore.GitStore.store_blobs`), and
+answers with a :class:`~reconciler.relay.full_pass.PassResult` whose files
+are their blob ids (:class:`~reconciler.gitstore.Blob`): the serving process
+publishes them without ever holding their bytes (tens of MB at 50,000
+clients). Jobs it finds unplannable are left out of the generation the relay
+serves, as an in-process pass would. A generation that
 cannot be pickled (a bug: specs are plain data) is planned in the relay's
 own process, and said once in the log.
 
@@ -49,6 +52,7 @@ from types import MappingProxyType
 from typing import Any
 
 from reconciler.errors import Cause, Problem, ReconcilerError, problem_of
+from reconciler.gitstore import GitStore
 from reconciler.logs import configure_logging
 from reconciler.relay import native_heap
 from reconciler.relay.full_pass import FullPass, PassResult
@@ -84,7 +88,7 @@ class PassSettings:
     """What the child needs to open the relay's database and count its clients as the relay does."""
 
     name: str
-    workdir: Path
+    workdir: Path  # the relay's: its SQLite file and its git mirror
     synchronous: str | None
     poll_seconds: float
     offline_after: float | None
@@ -97,16 +101,7 @@ class _Request:
     generation: Generation | None  # None: the one sent before
     earlier: tuple[Problem, ...]
     later: tuple[Problem, ...]
-    rerender: bool
-
-
-@dataclass(frozen=True)
-class _Answer:
-    result: PassResult  # its files are empty: ``names`` and ``changed`` carry them
-    names: tuple[str, ...]  # the status files, in order
-    # Those that differ from the last answer's: their bytes follow, one message each (Connection.send_bytes),
-    # so that neither side holds a second copy of tens of MB in one pickled message.
-    changed: tuple[str, ...]
+    rerender: bool  # render every file again and write every blob again (one may be gone from the mirror)
 
 
 @dataclass(frozen=True)
@@ -130,7 +125,6 @@ class PassProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._sent: Generation | None = None  # the generation the child plans with
-        self._files: dict[str, bytes] = {}  # the files of the last answer
         self._rerender = False
         self._local: FullPass | None = None  # passes in this process (see _here)
         self._unsendable: Generation | None = None  # the generation that could not be sent: planned here
@@ -179,18 +173,10 @@ class PassProcess:
         self._sent, self._rerender = generation, False
         if isinstance(answer, _Failed):
             raise PassFailed(answer.problem.message, answer.problem.cause)
-        assert isinstance(answer, _Answer)
-        try:
-            changed = {name: conn.recv_bytes() for name in answer.changed}
-        except (EOFError, OSError):
-            self._stop(kill=True)
-            raise PassFailed("the pass process ended while sending the status files; a new one starts at the "
-                             "next pass", Cause.INTERNAL) from None
-        files = {name: changed[name] if name in changed else self._files[name] for name in answer.names}
-        self._files = files
-        if answer.result.unplannable != dict(generation.unplannable):
-            self.state.leave_out(generation, answer.result.unplannable)
-        return replace(answer.result, files=files)
+        assert isinstance(answer, PassResult)
+        if answer.unplannable != dict(generation.unplannable):
+            self.state.leave_out(generation, answer.unplannable)
+        return answer
 
     def _here(self) -> FullPass:
         """A pass in this process, for what cannot be handed to the child."""
@@ -218,7 +204,7 @@ class PassProcess:
                                      pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
         conn = Connection(ours.detach())
         self._child, self._conn = child, conn
-        self._sent, self._files = None, {}
+        self._sent = None
         try:
             conn.send(self.settings)
         except OSError:
@@ -273,7 +259,7 @@ def serve(conn: Connection, settings: PassSettings) -> None:
                        offline_after=settings.offline_after, retire_after=settings.retire_after)
     passes = FullPass(settings.name, store, state, inventory_interval=settings.inventory_interval,
                       clock=utc_now, monotonic=time.monotonic)
-    sent: dict[str, bytes] = {}
+    mirror = GitStore.adding_objects(settings.workdir)
     try:
         while True:
             try:
@@ -285,25 +271,17 @@ def serve(conn: Connection, settings: PassSettings) -> None:
                 state.generation = request.generation
             if request.rerender:
                 passes.forget_render()
-            answer: _Answer | _Failed
-            files: dict[str, bytes] = {}
+                mirror.forget_blobs()
+            answer: PassResult | _Failed
             try:
                 result = passes.run(request.earlier, request.later)
+                answer = replace(result, files=mirror.store_blobs(result.files))
             except Exception as e:  # noqa: BLE001 - the parent publishes it as the pass's error
                 found = problem_of(e)
                 log.error("full pass failed: %s", found.message, exc_info=None if isinstance(e, ReconcilerError) else e)
                 answer = _Failed(found)
-            else:
-                files = result.files
-                changed = tuple(name for name, data in files.items()
-                                if name not in sent or (sent[name] is not data and sent[name] != data))
-                answer = _Answer(replace(result, files={}), tuple(files), changed)
             try:
                 conn.send(answer)
-                if isinstance(answer, _Answer):
-                    for name in answer.changed:
-                        conn.send_bytes(files[name])
-                    sent = files
             except OSError:
                 return
     finally:

@@ -395,11 +395,38 @@ _CLIENT_COLUMNS = ("id, token_hash, facts, labels, inventory, first_seen, last_s
                    "moved_at, approved, confirmed")
 
 
-def _client(r: Sequence[Any], seen: tuple[float, str] | None = None) -> ClientRecord:
+class _Shared:
+    """What a read of many clients decodes once: labels per distinct stored text, one string per distinct fact
+    name and text value.
+
+    A fleet's clients mostly share their labels and most fact values ("linux",
+    "x86_64"); decoded one client at a time, 50,000 of them took 42 MB
+    (tracemalloc), most of it copies of the same few strings and dicts. The
+    records are read-only, so they may share them.
+    """
+
+    def __init__(self) -> None:
+        self._labels: dict[str, Mapping[str, str]] = {}
+        self._strings: dict[str, str] = {}
+
+    def labels(self, raw: str) -> Mapping[str, str]:
+        held = self._labels.get(raw)
+        if held is None:
+            held = self._labels[raw] = json.loads(raw)
+        return held
+
+    def facts(self, raw: str) -> dict[str, Any]:
+        strings = self._strings
+        return {strings.setdefault(key, key): strings.setdefault(value, value) if type(value) is str else value
+                for key, value in json.loads(raw).items()}
+
+
+def _client(r: Sequence[Any], seen: tuple[float, str] | None = None, shared: _Shared | None = None) -> ClientRecord:
     facts, last_seen = r[2], r[6]
     if seen is not None and seen[0] > last_seen:  # the overlay's newer check-in
         last_seen, facts = seen
-    return ClientRecord(r[0], r[1], json.loads(facts), json.loads(r[3]), _inventory(r[4]),
+    return ClientRecord(r[0], r[1], shared.facts(facts) if shared else json.loads(facts),
+                        shared.labels(r[3]) if shared else json.loads(r[3]), _inventory(r[4]),
                         _dt(r[5]), _dt(last_seen), r[7], _dt(r[8]), r[9], _dt(r[10]),  # type: ignore[arg-type]
                         bool(r[11]), bool(r[12]))
 
@@ -701,9 +728,8 @@ class Store:
         where = "" if pending else " WHERE approved = 1"
         rows = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients{where} ORDER BY id")
         overlay = self._overlay()
-        if not overlay:
-            return [_client(r) for r in rows]
-        return [_client(r, overlay.get(r[0])) for r in rows]
+        shared = _Shared()
+        return [_client(r, overlay.get(r[0]) if overlay else None, shared) for r in rows]
 
     def client(self, client_id: str, db: sqlite3.Connection | None = None) -> ClientRecord | None:
         r = (db or self.db).execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE id = ?", (client_id,)).fetchone()
