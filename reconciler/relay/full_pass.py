@@ -230,12 +230,13 @@ class FullPass:
         if held is not None and held.detail.clients == len(records) and self.monotonic() < self._detail_due:
             return held
         self._detail_due = self.monotonic() + self.inventory_interval
-        inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=dict(r.labels),
+        inventory = [report.InventoryEntry(id=r.id, facts=published_facts(r.facts), labels=r.labels,
                                            installed=r.inventory, online=online[r.id],
                                            last_contact=None if online[r.id] else r.last_seen) for r in records]
         software = self._software_file({r.id for r in records}, digests)
-        key = hash((tuple((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed,
-                           e.online, e.last_contact) for e in inventory), software))
+        # hashed client by client: a tuple of 50,000 tuples of tuples would be a peak of its own
+        key = hash((tuple(hash((e.id, tuple(sorted(e.facts.items())), tuple(sorted(e.labels.items())), e.installed,
+                                e.online, e.last_contact)) for e in inventory), software))
         if held is not None and held.key == key:
             return held
         self._detail = _Detail(key, report.relay_detail(self.name, inventory), software)

@@ -14,14 +14,16 @@ problems the status files list. The child holds a
 relay's SQLite file, writes the status files that changed into the relay's
 git mirror itself (:meth:`~reconciler.gitstore.GitStore.store_blobs`), and
 answers with a :class:`~reconciler.relay.full_pass.PassResult` whose files
-are their blob ids (:class:`~reconciler.gitstore.Blob`): the serving process
+are blob ids (:class:`~reconciler.gitstore.Blob`): the serving process
 publishes them without ever holding their bytes (tens of MB at 50,000
-clients). Jobs it finds unplannable are left out of the generation the relay
-serves, as an in-process pass would. A generation that
-cannot be pickled (a bug: specs are plain data) is planned in the relay's
-own process, and said once in the log.
+clients). Should the mirror lose a blob before it is published (a gc), the
+publish fails and the next pass writes every file again. Jobs the child finds
+unplannable are left out of the generation the relay serves, as an
+in-process pass would. A generation that cannot be pickled (a bug: specs are
+plain data) is planned in the relay's own process, and said once in the log.
 
-The child reads SQLite only. Before each pass the serving process writes the
+The child reads SQLite and adds objects to the git mirror; it never writes a
+ref, fetches or pushes. Before each pass the serving process writes the
 last-seen times it holds in memory (:meth:`~reconciler.relay.store.Store.flush_seen`).
 
 The child is ``python -c`` importing this module, in a session of its own (a
