@@ -293,3 +293,19 @@ def test_an_inventory_entry_keeps_its_source(store: Store) -> None:
     assert record is not None and record.inventory == (Installed("app", "1.0", "detected"),)
     stored = store.db.execute("SELECT inventory FROM clients WHERE id = 'pc-1'").fetchone()[0]
     assert json.loads(stored) == [{"name": "app", "version": "1.0", "source": "detected"}]
+
+
+def test_a_read_of_many_clients_shares_their_labels_and_fact_strings(store: Store) -> None:
+    now = datetime.now(timezone.utc)
+    with store.write() as db:
+        for n, dept in ((1, "eng"), (2, "eng"), (3, "sales")):
+            store.register(db, f"pc-{n}", now)
+            store.record_report(db, f"pc-{n}", {"os": "linux", "hostname": f"pc-{n}", "freeDiskMB": n},
+                                {"dept": dept}, [], now)
+    one, two, three = store.clients()
+    assert one.labels is two.labels and one.labels == {"dept": "eng"}  # one decoded dict per stored text
+    assert three.labels == {"dept": "sales"}
+    assert one.facts["os"] is two.facts["os"] is three.facts["os"]
+    assert [r.facts for r in (one, two, three)] == [
+        {"os": "linux", "hostname": f"pc-{n}", "freeDiskMB": n} for n in (1, 2, 3)]
+    assert one.facts is not two.facts  # each client's facts its own

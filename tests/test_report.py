@@ -851,3 +851,15 @@ def test_text_from_relays_never_acts_on_a_terminal_or_becomes_a_link() -> None:
     assert "https://" not in summary and "www.evil" not in summary
     assert "\\\\x1b\\[2J" in summary and "https&#58;//evil.example/login" in summary
     assert report.printable(evil).startswith("boom \\x1b[2J\\x1b]0;pwned\\x07 see https://")
+
+
+def test_inventory_json_has_one_client_per_line_in_id_order_and_reads_back() -> None:
+    entries = [InventoryEntry(id=cid, facts={"os": "linux"}, labels={}, installed=(), online=True)
+               for cid in ("pc-2", "pc-1", "pc-3")]
+    data = report.relay_detail("relay-a", entries).inventory
+    lines = data.decode("utf-8").split("\n")
+    assert lines[0] == '{"clients": [' and lines[-1] == "" and lines[-2].startswith("]")
+    assert [json.loads(line.rstrip(","))["id"] for line in lines[1:-2]] == ["pc-1", "pc-2", "pc-3"]
+    assert json.loads(data)["relay"] == "relay-a"
+    empty = report.relay_detail("relay-a", []).inventory
+    assert json.loads(empty) == {"clients": [], "relay": "relay-a"} and empty.count(b"\n") == 1
