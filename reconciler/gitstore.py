@@ -651,6 +651,11 @@ class GitStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def _scratch(self) -> tempfile.TemporaryDirectory[str]:
+        """A scratch directory beside the mirror, named for this process: one a killed process leaves behind
+        (tens of MB of blobs at a large relay) is removed when a store next opens the mirror."""
+        return tempfile.TemporaryDirectory(prefix=f".{_REPO_DIR}.{os.getpid()}.", suffix=".tmp", dir=self.workdir)
+
     def _remove_stale_temp_dirs(self) -> None:
         for path in self.workdir.glob(f".{_REPO_DIR}.*.tmp"):
             try:
@@ -1363,7 +1368,7 @@ class GitStore:
             elif (held := self._blobs.get(path)) is not None and (held[0] is content or held[0] == content):
                 known[path] = held[1]
         if len(known) < len(paths):
-            with tempfile.TemporaryDirectory(prefix="blobs-", dir=self.workdir) as tmp:
+            with self._scratch() as tmp:
                 # The stream goes through a file, written piece by piece: never a second copy of tens of MB.
                 stream = Path(tmp, "blobs")
                 with open(stream, "wb") as out:
@@ -1391,7 +1396,7 @@ class GitStore:
 
     def _write_tree_once(self, files: Mapping[str, FileContent]) -> str:
         blobs = self.store_blobs(files)
-        with tempfile.TemporaryDirectory(prefix="publish-", dir=self.workdir) as tmp:
+        with self._scratch() as tmp:
             index_env = {"GIT_INDEX_FILE": str(Path(tmp, "index"))}
             info = b"".join(
                 f"100644 {blob.sha}\t".encode() + path.encode("utf-8", "surrogateescape") + b"\0"

@@ -717,6 +717,28 @@ def test_half_created_clone_and_stale_locks_are_recovered(origin: Path, author: 
     assert s2.ref_sha("main") == newer
 
 
+def test_the_scratch_files_of_a_killed_writer_are_removed_when_the_mirror_is_next_opened(
+        origin: Path, author: Author, tmp_path: Path) -> None:
+    author.commit({"a": "1"})
+    work = tmp_path / "w"
+    GitStore(str(origin), work).fetch()
+    # a relay's pass process, killed once it has written its blobs' stream and before git read it
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(PROJECT_ROOT)!r})
+from pathlib import Path
+from reconciler.gitstore import GitStore
+store = GitStore.adding_objects(Path({str(work)!r}))
+store._git = lambda *args, **kwargs: os._exit(9)
+store.store_blobs({{"relays/r/inventory.json": b"x" * 1_000_000}})
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    left = [path for path in work.iterdir() if path.name != "repo.git"]
+    assert left and sum(f.stat().st_size for d in left for f in d.rglob("*") if f.is_file()) >= 1_000_000
+    GitStore(str(origin), work).fetch()  # the next process to open the mirror
+    assert [path.name for path in work.iterdir()] == ["repo.git"]
+
+
 # --------------------------------------------------------------------------
 # change watching
 
