@@ -618,7 +618,7 @@ class GitStore:
                 self.workdir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise GitError(f"cannot create workdir {self.workdir}: {e}") from None
-            self._remove_stale_temp_dirs()
+            self.remove_stale_scratch()
             if self.repo_path.exists() and not self._usable(self.repo_path):
                 trash = self.workdir / f".{_REPO_DIR}.broken-{uuid.uuid4().hex[:8]}"
                 log.warning("git mirror %s is unusable; recreating it", self.repo_path)
@@ -656,7 +656,8 @@ class GitStore:
         (tens of MB of blobs at a large relay) is removed when a store next opens the mirror."""
         return tempfile.TemporaryDirectory(prefix=f".{_REPO_DIR}.{os.getpid()}.", suffix=".tmp", dir=self.workdir)
 
-    def _remove_stale_temp_dirs(self) -> None:
+    def remove_stale_scratch(self) -> None:
+        """Remove the scratch directories beside the mirror of processes that have ended (killed mid-way)."""
         for path in self.workdir.glob(f".{_REPO_DIR}.*.tmp"):
             try:
                 pid = int(path.name.split(".")[3])

@@ -186,6 +186,24 @@ def test_a_killed_child_is_replaced_at_the_next_pass(passes: PassProcess, store:
     assert job_rows(result.files, passes.settings.workdir) == {"pc-1": "Pending"}
 
 
+def test_what_a_killed_child_was_writing_beside_the_mirror_is_removed(passes: PassProcess, store: Store) -> None:
+    report(store, "pc-1")
+    passes.run()
+    child = passes.pid
+    assert child is not None
+    work = passes.settings.workdir
+    # the scratch directory the child names for itself while it streams blobs to git, as a kill leaves it
+    scratch = work / f".repo.git.{child}.abc123_x.tmp"
+    scratch.mkdir()
+    (scratch / "blobs").write_bytes(b"x" * 100_000)
+    mine = work / f".repo.git.{os.getpid()}.abc123_y.tmp"  # a live process's: kept
+    mine.mkdir()
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: passes.pid is None, 10, what="the killed child to be gone")
+    assert job_rows(passes.run().files, work) == {"pc-1": "Pending"}  # a new child
+    assert not scratch.exists() and mine.exists()
+
+
 def test_a_child_killed_during_a_pass_fails_that_pass_with_a_status_error(passes: PassProcess, store: Store) -> None:
     report(store, "pc-1")
     passes.run()

@@ -228,6 +228,7 @@ class PassProcess:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait(STOP_SECONDS)
+        GitStore.adding_objects(self.settings.workdir).remove_stale_scratch()  # what it was writing, if killed
 
     @staticmethod
     def _ended(code: int | None, error: BaseException) -> str:
