@@ -140,7 +140,7 @@ class PassProcess:
         self._rerender = True
 
     def run(self, earlier: Sequence[Problem] = (), later: Sequence[Problem] = ()) -> PassResult:
-        self.store.flush_seen()  # the child reads SQLite only
+        self.store.flush_seen()  # the child reads the clients from SQLite only, not this process's memory
         generation = self.state.generation
         if generation is self._unsendable:
             return self._here().run(earlier, later)

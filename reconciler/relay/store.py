@@ -425,8 +425,8 @@ def _client(r: Sequence[Any], seen: tuple[float, str] | None = None, shared: _Sh
     facts, last_seen = r[2], r[6]
     if seen is not None and seen[0] > last_seen:  # the overlay's newer check-in
         last_seen, facts = seen
-    return ClientRecord(r[0], r[1], shared.facts(facts) if shared else json.loads(facts),
-                        shared.labels(r[3]) if shared else json.loads(r[3]), _inventory(r[4]),
+    return ClientRecord(r[0], r[1], json.loads(facts) if shared is None else shared.facts(facts),
+                        json.loads(r[3]) if shared is None else shared.labels(r[3]), _inventory(r[4]),
                         _dt(r[5]), _dt(last_seen), r[7], _dt(r[8]), r[9], _dt(r[10]),  # type: ignore[arg-type]
                         bool(r[11]), bool(r[12]))
 
